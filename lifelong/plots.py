@@ -1,0 +1,71 @@
+"""Pictures of a run, written as PNGs under ``DIR/plots/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lifelong.run import RunDir
+from probes.metrics import retained_fraction, retention_matrix
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run: RunDir) -> list[Path]:
+    """Retained fraction over steps, and the retention matrix as a heat map."""
+    plt = _pyplot()
+    results = run.results()
+    title = f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for protocol, style in (("es", "-o"), ("exact", "--s")):
+        m = retention_matrix(results, protocol)
+        if len(m.steps):
+            ax.plot(m.steps, retained_fraction(m.values), style, ms=3, label=f"retained fraction ({protocol})")
+            own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
+            ax.plot(m.steps, own, ":", color="grey" if protocol == "es" else "silver",
+                    label=f"efficacy at own step, cumulative mean ({protocol})")
+    ax.set_xlabel("stream step")
+    ax.set_ylabel("fraction of edits so far")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"Retention — {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    written.append(_save(fig, run.plots_dir / "retention.png"))
+    plt.close(fig)
+
+    m = retention_matrix(results, "es")
+    if len(m.steps) and len(m.edit_ids):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#eeeeee")
+        image = ax.imshow(np.ma.masked_invalid(m.values), aspect="auto", cmap=cmap, vmin=0, vmax=1,
+                          interpolation="nearest", origin="lower",
+                          extent=(0.5, len(m.edit_ids) + 0.5, -0.5, len(m.steps) - 0.5))
+        ticks = np.linspace(0, len(m.steps) - 1, min(len(m.steps), 10)).round().astype(int)
+        ax.set_yticks(ticks, [str(m.steps[t]) for t in ticks])
+        ax.set_xlabel("edit (in stream order)")
+        ax.set_ylabel("probed step")
+        ax.set_title(f"Retention matrix A[t, i] (ES; grey: not yet made) — {title}", fontsize=9)
+        fig.colorbar(image, ax=ax, label="edit i holds after step t")
+        fig.tight_layout()
+        written.append(_save(fig, run.plots_dir / "retention_matrix.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path

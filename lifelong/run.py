@@ -1,0 +1,207 @@
+"""A run directory on disk: manifest, per-step results, deltas, plots (DESIGN.md §5).
+
+Layout::
+
+    DIR/manifest.json          what was run (model, editor + hyperparameters, stream hash, probes, seed, versions)
+    DIR/progress.json          the last complete step, per-step timestamps and timings
+    DIR/reference.json         θ0 reference values of the probes, computed once
+    DIR/results/step_*.parquet rows of each completed step (step 0 = θ0)
+    DIR/results.parquet        all rows, one long table (written when the run ends)
+    DIR/deltas/                per-step deltas and editor state (safetensors)
+    DIR/plots/                 PNGs
+
+Every file is written under a temporary name and renamed, so a killed run leaves
+only whole files; a step counts once ``progress.json`` says it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import polars as pl
+
+RESULT_SCHEMA = {
+    "run_id": pl.String,
+    "step": pl.Int64,
+    "timestamp": pl.Datetime("us", "UTC"),
+    "probe": pl.String,
+    "metric": pl.String,
+    "protocol": pl.String,
+    "edit_id": pl.String,
+    "value": pl.Float64,
+}
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked; the message says why."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's results (the CLI's replay options)."""
+
+    model: str = "smollm2-135m"
+    editor: str = "ft"
+    editor_overrides: dict[str, str] = field(default_factory=dict)
+    stream: str = "builtin"
+    steps: int | None = None  # None: the whole stream
+    batch_size: int | None = None  # None: one step per distinct timestamp
+    probe_every: int = 5  # retention schedule; edit quality runs every step
+    seed: int = 0
+    device: str = "cpu"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("lifelong-editing", "torch", "transformers", "polars", "numpy", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    # -- paths
+    manifest_path = property(lambda self: self.path / "manifest.json")
+    progress_path = property(lambda self: self.path / "progress.json")
+    reference_path = property(lambda self: self.path / "reference.json")
+    results_path = property(lambda self: self.path / "results.parquet")
+    parts_dir = property(lambda self: self.path / "results")
+    deltas_dir = property(lambda self: self.path / "deltas")
+    plots_dir = property(lambda self: self.path / "plots")
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    # -- manifest
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise RunDirError(f"{self.path}: not a run directory (no manifest.json)")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{self.manifest_path}: unreadable manifest: {err}") from None
+
+    def start(self, identity: dict) -> dict:
+        """Create the run, or check that an existing one was started with the same identity."""
+        if self.exists():
+            manifest = self.manifest()
+            if manifest["identity"] != identity:
+                diffs = [k for k in sorted(set(identity) | set(manifest["identity"]))
+                         if identity.get(k) != manifest["identity"].get(k)]
+                raise RunDirError(
+                    f"{self.path} holds a different run (differs in: {', '.join(diffs)}); "
+                    "choose another --out or delete it"
+                )
+            return manifest
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+        manifest = {
+            "run_id": run_id(identity),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "identity": identity,
+            "versions": package_versions(),
+        }
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+        return manifest
+
+    # -- progress
+    def progress(self) -> dict:
+        if not self.progress_path.is_file():
+            return {"completed_step": -1, "total_steps": None, "timestamps": {}, "seconds": {}}
+        return json.loads(self.progress_path.read_text())
+
+    def completed_step(self) -> int:
+        return self.progress()["completed_step"]
+
+    def mark_complete(self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int) -> None:
+        progress = self.progress()
+        progress["completed_step"] = step
+        progress["total_steps"] = total
+        progress["timestamps"][str(step)] = timestamp.isoformat() if timestamp else None
+        progress["seconds"][str(step)] = seconds
+        atomic_write_text(self.progress_path, json.dumps(progress, indent=1))
+
+    def step_at(self, when: datetime) -> int:
+        """The last completed step whose timestamp is at or before ``when`` (0 if none)."""
+        best = 0
+        for step, stamp in self.progress()["timestamps"].items():
+            if stamp and datetime.fromisoformat(stamp) <= when:
+                best = max(best, int(step))
+        return best
+
+    # -- reference values
+    def save_reference(self, reference: dict) -> None:
+        atomic_write_text(self.reference_path, json.dumps(reference))
+
+    def load_reference(self) -> dict | None:
+        return json.loads(self.reference_path.read_text()) if self.reference_path.is_file() else None
+
+    # -- results
+    def part_path(self, step: int) -> Path:
+        return self.parts_dir / f"step_{step:06d}.parquet"
+
+    def write_rows(self, step: int, rows: list[dict]) -> None:
+        atomic_write_parquet(pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row"), self.part_path(step))
+
+    def discard_after(self, step: int) -> None:
+        """Remove result parts of steps after ``step`` (leftovers of a killed run)."""
+        for part in self.parts_dir.glob("step_*.parquet"):
+            if int(part.stem.split("_")[1]) > step:
+                part.unlink()
+
+    def consolidate(self) -> pl.DataFrame:
+        """Join the completed steps' parts into ``results.parquet`` and return the table."""
+        done = self.completed_step()
+        parts = [self.part_path(s) for s in range(done + 1) if self.part_path(s).is_file()]
+        table = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
+        atomic_write_parquet(table, self.results_path)
+        return table
+
+    def results(self) -> pl.DataFrame:
+        """The results table: ``results.parquet`` if current, else joined from the parts."""
+        if not self.exists():
+            raise RunDirError(f"{self.path}: not a run directory (no manifest.json)")
+        if self.results_path.is_file() and (
+            not self.progress_path.is_file() or self.results_path.stat().st_mtime >= self.progress_path.stat().st_mtime
+        ):
+            return pl.read_parquet(self.results_path)
+        return self.consolidate()
+
+
+def run_id(identity: dict) -> str:
+    """A stable id: the same configuration always gets the same id (so a resumed run keeps it)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def identity_of(config: RunConfig, **resolved) -> dict:
+    """The fields that must match for a directory to be resumed."""
+    return {**asdict(config), **resolved}

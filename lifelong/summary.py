@@ -1,0 +1,72 @@
+"""The run summary table printed by ``lifelong show`` and at the end of ``lifelong replay``."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+from lifelong.run import RunDir
+from probes.metrics import retention_summary
+
+
+def _mean(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> float:
+    rows = results.filter(
+        (pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol)
+        & ((pl.col("step") > 0) if own_step else (pl.col("step") == 0))
+    )
+    return float(rows["value"].mean()) if rows.height else float("nan")
+
+
+def summary_table(run: RunDir) -> pl.DataFrame:
+    """One row per headline figure: (measure, protocol, value)."""
+    results = run.results()
+    progress = run.progress()
+    table: list[tuple[str, str, float]] = [
+        ("pre-edit efficacy (θ0)", "es", _mean(results, "edit_quality", "efficacy", "es", own_step=False)),
+        ("efficacy at own step", "es", _mean(results, "edit_quality", "efficacy", "es")),
+        ("efficacy at own step", "exact", _mean(results, "edit_quality", "efficacy", "exact")),
+        ("generalization (paraphrases)", "ps", _mean(results, "edit_quality", "generalization", "ps")),
+        ("generalization (paraphrases)", "exact", _mean(results, "edit_quality", "generalization", "exact")),
+        ("locality (neighborhood)", "ns", _mean(results, "edit_quality", "locality", "ns")),
+        ("locality (neighborhood)", "unchanged", _mean(results, "edit_quality", "locality", "unchanged")),
+    ]
+    for protocol in ("es", "exact"):
+        ret = retention_summary(results, protocol)
+        if ret:
+            table += [
+                ("retained fraction at last step", protocol, ret["retained_fraction"]),
+                ("retainability", protocol, ret["retainability"]),
+                ("edits forgotten (count)", protocol, ret["forgotten"]),
+                ("median steps to forget", protocol, ret["median_steps_to_forget"]),
+            ]
+    seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
+    if seconds:
+        table += [
+            ("seconds per step: edit", "wall", sum(s["edit"] for s in seconds) / len(seconds)),
+            ("seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds)),
+        ]
+    return pl.DataFrame(table, schema={"measure": pl.String, "protocol": pl.String, "value": pl.Float64},
+                        orient="row")
+
+
+def format_summary(run: RunDir) -> str:
+    manifest = run.manifest()
+    ident = manifest["identity"]
+    progress = run.progress()
+    hp = ", ".join(f"{k}={v}" for k, v in ident.get("hyperparameters", {}).items())
+    head = [
+        f"run {manifest['run_id']}  ({run.path})",
+        f"model {ident['model']}  editor {ident['editor']} ({hp})",
+        f"stream {ident['stream']} [{ident.get('stream_hash', '?')}]  "
+        f"steps {max(progress['completed_step'], 0)}/{ident.get('stream_steps', '?')}  "
+        f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}",
+        "",
+    ]
+    table = summary_table(run)
+    width = max(len(m) for m in table["measure"]) + 2
+    lines = [f"{'measure':<{width}}{'protocol':<11}value", "-" * (width + 20)]
+    for measure, protocol, value in table.iter_rows():
+        shown = "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
+        lines.append(f"{measure:<{width}}{protocol:<11}{shown}")
+    return "\n".join(head + lines)

@@ -1,0 +1,96 @@
+"""Per-edit quality (METRICS.md §2) and retention over the stream (§3).
+
+Protocols: ``es`` / ``ps`` / ``ns`` are CounterFact's pairwise comparisons of mean
+token NLL; ``exact`` is teacher-forced token exact match; ``unchanged`` asks whether
+the argmax answer tokens on a neighborhood prompt are those of θ0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from probes.base import Probe, ProbeContext, Row
+from streams import Edit
+
+
+def _efficacy_pairs(edits: Sequence[Edit]) -> list[tuple[str, str]]:
+    pairs = []
+    for e in edits:
+        pairs.append((e.rendered_prompt, e.target_new))
+        if e.target_true is not None:
+            pairs.append((e.rendered_prompt, e.target_true))
+    return pairs
+
+
+def efficacy_rows(probe: str, metric: str, ctx: ProbeContext, edits: Sequence[Edit]) -> list[Row]:
+    """ES (new target beats the old one) and exact match of the new target, per edit."""
+    scores = ctx.scorer.score(_efficacy_pairs(edits))
+    rows, j = [], 0
+    for e in edits:
+        nll_new, exact_new = scores.nll[j], scores.exact[j]
+        j += 1
+        if e.target_true is not None:
+            rows.append(Row(probe, metric, "es", float(nll_new < scores.nll[j]), e.id))
+            j += 1
+        rows.append(Row(probe, metric, "exact", float(exact_new), e.id))
+    return rows
+
+
+class EditQualityProbe(Probe):
+    """Efficacy, generalization and locality of each edit, right after its own step."""
+
+    name = "edit_quality"
+    description = "efficacy (ES, exact), paraphrase generalization (PS, exact), neighborhood locality (NS, unchanged)"
+
+    def prepare(self, ctx: ProbeContext):
+        """θ0: each neighborhood prompt's argmax answer tokens, and every edit's pre-edit efficacy."""
+        edits = ctx.upcoming
+        neighbors = sorted({(n.prompt, n.answer) for e in edits for n in e.neighborhood})
+        scores = ctx.scorer.score(neighbors)
+        reference = {"neighbor_argmax": {f"{p}\x1f{a}": list(t) for (p, a), t in zip(neighbors, scores.argmax)}}
+        return reference, efficacy_rows(self.name, "efficacy", ctx, edits)
+
+    def measure(self, ctx: ProbeContext) -> list[Row]:
+        edits = ctx.batch
+        rows = efficacy_rows(self.name, "efficacy", ctx, edits)
+        para = [(p, e.target_new) for e in edits for p in e.paraphrases]
+        para += [(p, e.target_true) for e in edits if e.target_true is not None for p in e.paraphrases]
+        neigh = [(n.prompt, n.answer) for e in edits for n in e.neighborhood]
+        neigh += [(n.prompt, e.target_new) for e in edits for n in e.neighborhood]
+        scores = ctx.scorer.score(para + neigh)
+        lookup = dict(zip(para + neigh, zip(scores.nll, scores.exact, scores.argmax)))
+        ref = ctx.reference.get("neighbor_argmax", {})
+        for e in edits:
+            if e.paraphrases:
+                exact = [lookup[(p, e.target_new)][1] for p in e.paraphrases]
+                rows.append(Row(self.name, "generalization", "exact", float(np.mean(exact)), e.id))
+                if e.target_true is not None:
+                    wins = [lookup[(p, e.target_new)][0] < lookup[(p, e.target_true)][0] for p in e.paraphrases]
+                    rows.append(Row(self.name, "generalization", "ps", float(np.mean(wins)), e.id))
+            if e.neighborhood:
+                keeps = [lookup[(n.prompt, n.answer)][0] < lookup[(n.prompt, e.target_new)][0] for n in e.neighborhood]
+                rows.append(Row(self.name, "locality", "ns", float(np.mean(keeps)), e.id))
+                same = [
+                    list(lookup[(n.prompt, n.answer)][2]) == ref.get(f"{n.prompt}\x1f{n.answer}")
+                    for n in e.neighborhood
+                ]
+                rows.append(Row(self.name, "locality", "unchanged", float(np.mean(same)), e.id))
+        return rows
+
+
+class RetentionProbe(Probe):
+    """Row t of the retention matrix: every edit made so far, scored after step t."""
+
+    name = "retention"
+    description = "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule"
+
+    def measure(self, ctx: ProbeContext) -> list[Row]:
+        edits = [e for _, e in ctx.edits_so_far()]
+        rows = efficacy_rows(self.name, "retention", ctx, edits)
+        for protocol in ("es", "exact"):
+            values = [r.value for r in rows if r.protocol == protocol]
+            if values:
+                rows.append(Row(self.name, "retained_fraction", protocol, float(np.mean(values))))
+        return rows

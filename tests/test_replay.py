@@ -1,0 +1,108 @@
+import json
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from lifelong.models import load_model
+from lifelong.replay import checkout, replay
+from lifelong.run import RunConfig, RunDir, RunDirError
+from tests.conftest import TINY_FT
+
+
+def config(stream_file, **kw):
+    return RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT), **kw)
+
+
+def results_without_id(run):
+    return run.results().drop("run_id").sort(["step", "probe", "metric", "protocol", "edit_id"])
+
+
+@pytest.fixture
+def full_run(tmp_path, stream_file):
+    return replay(config(stream_file), tmp_path / "full", progress=False)
+
+
+def test_replay_writes_results_and_deltas(full_run):
+    run = full_run.run
+    assert full_run.total_steps == 6 and run.completed_step() == 6
+    results = pl.read_parquet(run.results_path)
+    assert results.columns == ["run_id", "step", "timestamp", "probe", "metric", "protocol", "edit_id", "value"]
+    assert set(results["probe"]) == {"edit_quality", "retention"}
+    assert sorted(set(results.filter(pl.col("probe") == "retention")["step"])) == [2, 4, 6]
+    assert results.filter(pl.col("metric") == "retained_fraction")["value"].is_between(0, 1).all()
+    assert len(list(run.deltas_dir.glob("step_*.safetensors"))) == 6
+    manifest = run.manifest()
+    assert manifest["identity"]["stream_steps"] == 6 and manifest["identity"]["hyperparameters"]["layer"] == 1
+    assert not list(run.path.rglob(".*tmp*")), "temporary files left behind"
+
+
+def test_resume_after_kill_gives_same_results(tmp_path, stream_file, full_run):
+    cfg = config(stream_file)
+    part = replay(cfg, tmp_path / "resumed", progress=False, stop_after=2)
+    assert part.run.completed_step() == 2
+    # A kill after the delta and rows of step 3 were written but before the step was marked complete:
+    shutil.copy(full_run.run.deltas_dir / "step_000003.safetensors", part.run.deltas_dir / "step_000003.safetensors")
+    shutil.copy(full_run.run.part_path(3), part.run.part_path(3))
+    replay(cfg, tmp_path / "resumed", progress=False, stop_after=1)
+    done = replay(cfg, tmp_path / "resumed", progress=False)
+    assert done.steps_run == 3
+    assert results_without_id(done.run).equals(results_without_id(full_run.run))
+    assert done.run.manifest()["run_id"] == full_run.run.manifest()["run_id"]
+    again = replay(cfg, tmp_path / "resumed", progress=False)  # already complete: nothing to do
+    assert again.steps_run == 0
+
+
+def test_checkout_equals_live_model(tmp_path, stream_file):
+    lm = load_model("tiny-llama")
+    replay(config(stream_file), tmp_path / "r", lm=lm, progress=False, stop_after=4)
+    live = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    rebuilt = checkout(tmp_path / "r", 4)
+    assert all(torch.equal(p, live[n]) for n, p in rebuilt.model.named_parameters())
+    base = checkout(tmp_path / "r", 0)
+    fresh = load_model("tiny-llama")
+    assert all(torch.equal(p, q) for p, q in zip(base.model.parameters(), fresh.model.parameters()))
+    with pytest.raises(ValueError, match="step 9 is not available"):
+        checkout(tmp_path / "r", 9)
+
+
+def test_step_at_time(full_run):
+    from datetime import datetime, timezone
+
+    run = full_run.run
+    assert run.step_at(datetime(2024, 1, 3, 12, tzinfo=timezone.utc)) == 3
+    assert run.step_at(datetime(2023, 1, 1, tzinfo=timezone.utc)) == 0
+
+
+def test_different_config_in_same_dir_is_refused_and_nothing_lost(tmp_path, stream_file, full_run):
+    before = {p: p.read_bytes() for p in full_run.run.path.rglob("*") if p.is_file()}
+    with pytest.raises(RunDirError, match="differs in: seed"):
+        replay(config(stream_file, seed=1), full_run.run.path, progress=False)
+    assert {p: p.read_bytes() for p in full_run.run.path.rglob("*") if p.is_file()} == before
+
+
+def test_non_run_directory_is_refused(tmp_path, stream_file):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty and is not a run directory"):
+        replay(config(stream_file), tmp_path / "busy", progress=False)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_steps_and_batches(tmp_path, stream_file):
+    r = replay(config(stream_file, steps=2, batch_size=2), tmp_path / "b", progress=False)
+    assert r.total_steps == 2
+    own = r.run.results().filter((pl.col("probe") == "edit_quality") & (pl.col("step") > 0)
+                                 & (pl.col("protocol") == "es"))
+    assert sorted(own["edit_id"]) == ["e0", "e1", "e2", "e3"]
+    with pytest.raises(ValueError, match="has 6 steps; --steps 7 asks for more"):
+        replay(config(stream_file, steps=7), tmp_path / "c", progress=False)
+
+
+def test_gpt2_replay_and_checkout(tmp_path, stream_file):
+    cfg = RunConfig(model="tiny-gpt2", stream=str(stream_file), steps=3, editor_overrides=dict(TINY_FT))
+    lm = load_model("tiny-gpt2")
+    replay(cfg, tmp_path / "g", lm=lm, progress=False)
+    rebuilt = checkout(tmp_path / "g", 3)
+    assert all(torch.equal(p, q) for p, q in zip(rebuilt.model.parameters(), lm.model.parameters()))

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from probes.scorer import Scorer, answer_token_ids
+
+PAIRS = [
+    ("The capital of France is", "Paris"),
+    ("The capital of France is", "Rome"),
+    ("A much longer prompt that needs more positions than the others, about", "New York City"),
+    ("x", "y"),
+    ("The capital of France is", "Paris"),
+]
+
+
+def reference_scores(lm, prompt, answer):
+    """One prompt at a time, full logits: the slow definition the scorer must match."""
+    p = lm.tokenizer(prompt).input_ids
+    a = answer_token_ids(lm.tokenizer, answer)
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([p + a])).logits[0].log_softmax(-1)
+    lps = np.array([logp[len(p) - 1 + j, t].item() for j, t in enumerate(a)])
+    argmax = tuple(logp[len(p) - 1 + j].argmax().item() for j in range(len(a)))
+    return -lps.mean(), lps.sum(), argmax, a
+
+
+@pytest.mark.parametrize("budget", [4096, 40])
+def test_scorer_matches_one_at_a_time_definition(tiny, budget):
+    scores = Scorer(tiny.model, tiny.tokenizer, max_batch_tokens=budget).score(PAIRS)
+    for k, (prompt, answer) in enumerate(PAIRS):
+        nll, logprob, argmax, ids = reference_scores(tiny, prompt, answer)
+        assert scores.nll[k] == pytest.approx(nll, abs=1e-4)
+        assert scores.logprob[k] == pytest.approx(logprob, abs=1e-3)
+        assert scores.argmax[k] == argmax
+        hits = [x == y for x, y in zip(argmax, ids)]
+        assert scores.exact[k] == all(hits)
+        assert scores.token_acc[k] == pytest.approx(np.mean(hits))
+    assert np.allclose(scores.prob, np.exp(-scores.nll))
+
+
+def test_empty_answer_is_refused(tiny):
+    with pytest.raises(ValueError, match="empty answer"):
+        Scorer(tiny.model, tiny.tokenizer).score([("prompt", "  ")])
+
+
+def test_leading_space_piece_is_dropped():
+    class SentencePieceLike:
+        def encode(self, text, add_special_tokens=False):
+            return [29871, 3681] if text.startswith(" ") else [3681]
+
+        def decode(self, ids):
+            return {29871: " ", 3681: "Paris"}[ids[0]]
+
+    assert answer_token_ids(SentencePieceLike(), "Paris") == [3681]
+
+
+def test_empty_input_list(tiny):
+    scores = Scorer(tiny.model, tiny.tokenizer).score([])
+    assert len(scores.nll) == 0
