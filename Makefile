@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/lifelong replay
+	$(VENV)/bin/lifelong replay --steps 60 --probe-every 5 --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

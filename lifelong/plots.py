@@ -33,8 +33,8 @@ def plot_run(run: RunDir) -> list[Path]:
         if len(m.steps):
             ax.plot(m.steps, retained_fraction(m.values), style, ms=3, label=f"retained fraction ({protocol})")
             own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
-            ax.plot(m.steps, own, ":", color="grey" if protocol == "es" else "silver",
-                    label=f"efficacy at own step, cumulative mean ({protocol})")
+            ax.plot(m.steps, own, ":", color="C0" if protocol == "es" else "C1",
+                    label=f"efficacy at own step, mean so far ({protocol})")
     ax.set_xlabel("stream step")
     ax.set_ylabel("fraction of edits so far")
     ax.set_ylim(-0.03, 1.03)
@@ -49,15 +49,14 @@ def plot_run(run: RunDir) -> list[Path]:
     if len(m.steps) and len(m.edit_ids):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#eeeeee")
-        image = ax.imshow(np.ma.masked_invalid(m.values), aspect="auto", cmap=cmap, vmin=0, vmax=1,
-                          interpolation="nearest", origin="lower",
-                          extent=(0.5, len(m.edit_ids) + 0.5, -0.5, len(m.steps) - 0.5))
-        ticks = np.linspace(0, len(m.steps) - 1, min(len(m.steps), 10)).round().astype(int)
-        ax.set_yticks(ticks, [str(m.steps[t]) for t in ticks])
+        # Row k covers the steps since the previous probe, so the y axis is in stream steps.
+        y_edges = np.r_[0, m.steps] + 0.5
+        x_edges = np.arange(len(m.edit_ids) + 1) + 0.5
+        mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(m.values), cmap=cmap, vmin=0, vmax=1)
         ax.set_xlabel("edit (in stream order)")
-        ax.set_ylabel("probed step")
+        ax.set_ylabel("stream step (probed at row tops)")
         ax.set_title(f"Retention matrix A[t, i] (ES; grey: not yet made) — {title}", fontsize=9)
-        fig.colorbar(image, ax=ax, label="edit i holds after step t")
+        fig.colorbar(mesh, ax=ax, label="edit i holds after step t")
         fig.tight_layout()
         written.append(_save(fig, run.plots_dir / "retention_matrix.png"))
         plt.close(fig)

@@ -63,6 +63,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     editor = make_editor(config.editor, config.editor_overrides)
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device)
+    editor.bind(lm)
     run = RunDir(out)
     manifest = run.start(identity_of(
         config, hyperparameters=editor.hyperparameters(), stream_hash=stream.content_hash(),

@@ -48,10 +48,11 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
 class Scorer:
     """Scores (prompt, answer) pairs on a causal LM by teacher forcing.
 
-    ``max_batch_tokens`` bounds padded tokens per forward pass (memory vs. speed).
+    ``max_batch_tokens`` bounds padded tokens per forward pass; on a 2-core CPU 512 ran
+    the default model ~1.6x faster than 4096 (smaller activations stay in cache).
     """
 
-    def __init__(self, model, tokenizer, max_batch_tokens: int = 4096):
+    def __init__(self, model, tokenizer, max_batch_tokens: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens

@@ -56,3 +56,9 @@ def test_registry_errors():
     with pytest.raises(HyperparameterError, match="ft.lr: cannot read 'fast' as float"):
         make_editor("ft", {"lr": "fast"})
     assert make_editor("ft", {"layer": "none", "max_steps": "3"}).params.max_steps == 3
+
+
+def test_default_layer_is_resolved_per_model(tiny):
+    editor = make_editor("ft").bind(tiny)
+    assert editor.params.layer == tiny.num_layers // 5
+    assert editor.hyperparameters()["layer"] == editor.params.layer

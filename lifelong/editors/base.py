@@ -80,5 +80,9 @@ class Editor(ABC):
         if state:
             raise ValueError(f"editor '{self.name}' carries no state but was given {sorted(state)}")
 
+    def bind(self, lm: LoadedModel) -> "Editor":
+        """Fill model-dependent defaults (e.g. ``layer=None``) for ``lm``; returns self."""
+        return self
+
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self.params)

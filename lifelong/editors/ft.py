@@ -8,6 +8,7 @@ Training stops early once every edit's target NLL is below ``stop_loss``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,10 @@ class FTEditor(Editor):
     name = "ft"
     description = "constrained fine-tuning (FT-L) of one MLP output projection, Adam, L-inf bound, early stop"
     Params = FTParams
+
+    def bind(self, lm: LoadedModel) -> "FTEditor":
+        self.params = dataclasses.replace(self.params, layer=self._layer(lm))
+        return self
 
     def _layer(self, lm: LoadedModel) -> int:
         layer = self.params.layer if self.params.layer is not None else default_layer(lm.num_layers)

