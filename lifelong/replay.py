@@ -8,6 +8,7 @@ run gives the same results as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from lifelong.delta import DeltaStore
-from lifelong.editors import make_editor
+from lifelong.editors import Editor, make_editor
 from lifelong.models import LoadedModel, load_model
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer
@@ -52,15 +53,19 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     return ProbeSuite([EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")])
 
 
-def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, progress: bool = True,
-           stop_after: int | None = None) -> ReplayResult:
+def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, editor: Editor | None = None,
+           progress: bool = True, stop_after: int | None = None) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
-    ``lm`` reuses an already loaded base model (it is edited in place); ``stop_after``
-    ends the call after that many new steps, as a kill would (for tests).
+    ``lm`` reuses an already loaded base model (it is edited in place); ``editor`` runs
+    an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
+    ``stop_after`` ends the call after that many new steps, as a kill would (for tests).
     """
     stream, steps = prepare_stream(config)
-    editor = make_editor(config.editor, config.editor_overrides)
+    if editor is None:
+        editor = make_editor(config.editor, config.editor_overrides)
+    elif config.editor != editor.name:
+        config = dataclasses.replace(config, editor=editor.name)
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device)
     editor.bind(lm)

@@ -24,6 +24,8 @@ from .facts import (
     load_fact_set,
     load_stream,
 )
+from .generators import coverage_chains, layout, plain_edits, reverse_chains, round_chains, timestamps
+from .readers import DATASETS, ReadReport, read_dataset
 from .stream import EditStream, StreamFormatError
 
 __all__ = [
@@ -43,4 +45,13 @@ __all__ = [
     "STREAMS",
     "list_streams",
     "load_stream",
+    "DATASETS",
+    "ReadReport",
+    "read_dataset",
+    "plain_edits",
+    "round_chains",
+    "coverage_chains",
+    "reverse_chains",
+    "timestamps",
+    "layout",
 ]

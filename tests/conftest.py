@@ -29,6 +29,19 @@ def make_edits(n: int = 6, start: int = 0) -> list[Edit]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from a second thread, and OpenMP's spinning threads make them
+    several times slower on a busy 2-core machine; tests marked slow keep every thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not request.node.get_closest_marker("slow"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def edits() -> list[Edit]:
     return make_edits()

@@ -85,4 +85,5 @@ class Editor(ABC):
         return self
 
     def hyperparameters(self) -> dict:
-        return dataclasses.asdict(self.params)
+        """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
+        return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}

@@ -1,0 +1,111 @@
+"""Second-moment statistics C = E[k kᵀ] of a layer's MLP keys, cached on disk.
+
+ROME (with its covariance adjustment), MEMIT and AlphaEdit need C per edited layer.
+It is computed once per (model, layer, corpus, token count) and cached under
+``cache_root()/stats``. The corpus is either text sampled from the model itself
+(``model-sample``, the offline default; seeded) or any text file or directory of
+``.txt`` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from lifelong.delta import atomic_save_tensors
+from lifelong.editors.locate import capture_keys
+from lifelong.models import LoadedModel, cache_root
+
+MODEL_SAMPLE = "model-sample"
+_SEEDS = ("The", "In", "A", "It", "When", "He", "She", "This", "We", "There", "After", "Many",
+          "One", "They", "I", "Our", "Today", "Most", "According", "Some")
+
+
+def model_key(lm: LoadedModel) -> str:
+    """Identifies the model by name, config and a sample of every weight (64 KiB each)."""
+    h = hashlib.sha256(lm.name.encode())
+    h.update(lm.model.config.to_json_string(use_diff=False).encode())
+    for name, p in lm.model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes()[:65536])
+    return h.hexdigest()[:16]
+
+
+def corpus_key(corpus: str) -> str:
+    if corpus == MODEL_SAMPLE:
+        return MODEL_SAMPLE
+    files = corpus_files(corpus)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return "text-" + h.hexdigest()[:16]
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    path = Path(corpus)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if files:
+            return files
+        raise FileNotFoundError(f"{corpus}: no .txt files in this directory")
+    raise FileNotFoundError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")
+
+
+def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
+    """Token sequences of ``seq_len`` covering at least ``n_tokens`` tokens."""
+    n_rows = -(-n_tokens // seq_len)
+    if corpus != MODEL_SAMPLE:
+        text = "\n".join(f.read_text(errors="replace") for f in corpus_files(corpus))
+        ids = lm.tokenizer(text).input_ids
+        rows = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        if not rows:
+            raise ValueError(f"covariance corpus {corpus!r} has fewer than {seq_len} tokens")
+        return rows[:n_rows]
+    rows = []
+    with torch.random.fork_rng(devices=[]), tqdm(total=n_rows, desc="sampling covariance text", unit="seq") as bar:
+        torch.manual_seed(seed)
+        while len(rows) < n_rows:
+            batch = min(32, n_rows - len(rows))
+            starts = [lm.tokenizer(_SEEDS[(len(rows) + i) % len(_SEEDS)]).input_ids[-1:] for i in range(batch)]
+            ids = torch.tensor(starts, device=lm.device)
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
+                                    max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                    pad_token_id=lm.tokenizer.pad_token_id or 0)
+            rows += out[:, :seq_len].tolist()
+            bar.update(batch)
+    return rows
+
+
+@torch.no_grad()
+def compute_second_moment(lm: LoadedModel, layer: int, rows: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+    d_in = lm.adapter.out_proj_weight_view(layer).shape[1]
+    total = torch.zeros(d_in, d_in, dtype=torch.float64)
+    count = 0
+    body = getattr(lm.model, lm.model.base_model_prefix)
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"covariance layer {layer}", unit="batch"):
+        ids = torch.tensor(rows[start: start + batch_size], device=lm.device)
+        with capture_keys(lm.adapter, layer) as seen:
+            body(input_ids=ids, use_cache=False)
+        keys = seen[0].reshape(-1, d_in).double().cpu()
+        total += keys.T @ keys
+        count += keys.shape[0]
+    return total / count
+
+
+def key_second_moment(lm: LoadedModel, layer: int, corpus: str = MODEL_SAMPLE, n_tokens: int = 20000,
+                      seq_len: int = 128, seed: int = 0) -> torch.Tensor:
+    """C = E[k kᵀ] (float64, d_in × d_in) for ``layer``, from the cache or computed now."""
+    path = (cache_root() / "stats" / model_key(lm)
+            / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors")
+    if path.is_file():
+        return load_file(str(path))["second_moment"]
+    rows = _token_rows(lm, corpus, n_tokens, seq_len, seed)
+    second = compute_second_moment(lm, layer, rows)
+    atomic_save_tensors({"second_moment": second}, path, {"tokens": str(len(rows) * seq_len), "corpus": corpus})
+    return second

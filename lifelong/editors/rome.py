@@ -1,0 +1,124 @@
+"""ROME (Meng et al. 2022) and r-ROME (Gupta et al. 2024): a rank-one update of one MLP output projection.
+
+With k the subject's last-token key, v* the projection output that yields the new
+target (see ``locate.optimize_value``), C = E[k kᵀ] (identity without the covariance
+adjustment) and u = C⁻¹ k̄ for the key k̄ averaged over context templates:
+
+    ΔW = (v* − W k_x − b) uᵀ / (uᵀ k_x),    so that (W + ΔW) k_x + b = v*.
+
+The original implementation takes k_x = the key of the bare prompt while u uses the
+averaged key; r-ROME uses k_x = k̄ in every part, which avoids the "disabling edits"
+that collapse models in sequential use. A batch is edited one fact after another
+within the step; the step's delta holds the rank-one factors side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lifelong.delta import Delta
+from lifelong.editors.base import Editor
+from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
+from lifelong.editors.locate import CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, prompt_key
+from lifelong.models import LoadedModel
+from streams import Edit
+
+
+@dataclass
+class ROMEParams:
+    layer: int | None = None  # None: num_layers // 5 (layer 6 of SmolLM2's 30)
+    v_steps: int = 20  # ROME's default number of v* optimisation steps
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    stop_nll: float = 0.05
+    templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
+    mom2: bool = True  # covariance adjustment (C = E[kkᵀ]); False: C = I
+    cov_corpus: str = MODEL_SAMPLE
+    cov_tokens: int = 20000
+    cov_reg: float = 1e-3  # ridge added to C, relative to its mean diagonal
+
+
+class ROMEEditor(Editor):
+    name = "rome"
+    description = "ROME: rank-one update of one MLP output projection (key of the bare prompt in the residual)"
+    Params = ROMEParams
+    averaged_key_everywhere = False
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._inverse_cache: dict[int, torch.Tensor] = {}
+
+    def bind(self, lm: LoadedModel) -> "ROMEEditor":
+        layer = self.params.layer if self.params.layer is not None else lm.num_layers // 5
+        if not 0 <= layer < lm.num_layers:
+            raise ValueError(f"{self.name}: layer {layer} out of range for a {lm.num_layers}-layer model")
+        if not 1 <= self.params.templates <= len(CONTEXT_TEMPLATES):
+            raise ValueError(f"{self.name}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
+        self.params = dataclasses.replace(self.params, layer=layer)
+        return self
+
+    def scope(self, lm: LoadedModel) -> list[str]:
+        self.bind(lm)
+        return [lm.adapter.out_proj_param_name(self.params.layer)]
+
+    def _inverse(self, lm: LoadedModel) -> torch.Tensor | None:
+        """(C + reg·I)⁻¹ in float64, computed once per layer (None without the adjustment)."""
+        p = self.params
+        if not p.mom2:
+            return None
+        if p.layer not in self._inverse_cache:
+            c = key_second_moment(lm, p.layer, p.cov_corpus, p.cov_tokens)
+            c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+            self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.device)
+        return self._inverse_cache[p.layer]
+
+    def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
+        p = self.params
+        templates = CONTEXT_TEMPLATES[: p.templates]
+        k_avg = average_key(lm, p.layer, edit, templates)
+        fit = optimize_value(lm, p.layer, edit, templates, steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor,
+                             weight_decay=p.v_weight_decay, clamp_norm=p.clamp_norm, stop_nll=p.stop_nll)
+        k_x = k_avg if self.averaged_key_everywhere else prompt_key(lm, p.layer, edit)
+        weight = lm.adapter.out_proj_weight_view(p.layer).double()
+        bias = lm.adapter.out_proj(p.layer).bias
+        current = weight @ k_x + (bias.double() if bias is not None else 0)
+        inverse = self._inverse(lm)
+        u = inverse @ k_avg if inverse is not None else k_avg
+        right = u / (u @ k_x)
+        return fit.value - current, right, k_x, fit.value
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        if not batch:
+            return Delta.empty()
+        self.bind(lm)
+        name = self.scope(lm)[0]
+        param = lm.model.get_parameter(name)
+        before = param.detach().clone()
+        lefts, rights = [], []
+        for edit in batch:  # one fact after another: each sees the previous ones' change
+            left, right, _, _ = self.rank_one(lm, edit)
+            lefts.append(left)
+            rights.append(right)
+            single = Delta({name: lowrank_change(lm.adapter, left, right, param.dtype)})
+            single.apply(lm.model)
+        # Re-apply the whole step as one delta, so checkout repeats the same float ops.
+        with torch.no_grad():
+            param.copy_(before)
+        change = lowrank_change(lm.adapter, torch.stack(lefts, 1), torch.stack(rights, 1), param.dtype)
+        delta = Delta({name: change})
+        delta.apply(lm.model)
+        return delta
+
+
+class RROMEEditor(ROMEEditor):
+    name = "r-rome"
+    description = "r-ROME: ROME with the template-averaged key in every part of the update (stable when sequential)"
+    averaged_key_everywhere = True
+

@@ -1,0 +1,142 @@
+"""Chain generators (streams/generators.py) on small fact sets built here."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from streams import FactSet
+from streams.facts import Fact, Relation
+from streams.generators import (
+    coverage_chains,
+    layout,
+    plain_edits,
+    reverse_chains,
+    round_chains,
+    round_chains_report,
+    timestamps,
+)
+
+UTC = datetime.timezone.utc
+CAP = Relation("capital", "The capital of {} is", ("{}'s capital is",), ("Paris", "Rome", "Berlin", "Madrid"))
+CAPITAL_OF = Relation("capital_of", "{} is the capital of", (), ("France", "Italy", "Germany", "Spain"))
+TWO = Relation("two", "{} is", (), ("yes", "no"))
+
+
+def facts():
+    return [
+        Fact("fr", "France", CAP, "Paris", "Rome", ()),
+        Fact("de", "Germany", CAP, "Berlin", "Madrid", ()),
+        Fact("x", "X", TWO, "yes", "no", ()),
+    ]
+
+
+def fact_set():
+    return FactSet("t", "test", {r.id: r for r in (CAP, CAPITAL_OF, TWO)}, tuple(facts()))
+
+
+def fillers(n):
+    rel = Relation("colour", "The colour of {} is", (), ("red", "blue"))
+    return plain_edits([Fact(f"f{i}", f"Thing{i}", rel, "red", "blue", ()) for i in range(n)])
+
+
+def test_round_chains_k1():
+    chains = round_chains(facts())
+    assert len(chains) == 3
+    out, back = chains[0]
+    assert (out.target_true, out.target_new, back.target_true, back.target_new) == ("Paris", "Rome", "Rome", "Paris")
+    assert (out.chain.role, back.chain.role) == ("round-out", "round-back")
+    assert out.chain.chain_id == back.chain.chain_id == "round-fr"
+    assert out.paraphrases == ("France's capital is",) and out.candidates == CAP.candidates
+
+
+def test_round_chains_k3_and_left_out():
+    chains, left = round_chains_report(facts(), k=3, seed=1)
+    assert [c[0].chain.chain_id for c in chains] == ["round-fr", "round-de"]
+    assert left == [("x", "relation 'two' has too few candidates for a 3-round edit")]
+    path = [chains[0][0].target_true] + [e.target_new for e in chains[0]]
+    assert path[0] == path[-1] == "Paris" and path[1] == "Rome" and len(set(path[1:-1])) == 3 and "Paris" not in path[1:-1]
+    assert [e.chain.role for e in chains[0]] == ["round-out"] * 3 + ["round-back"]
+    assert all(a.target_new == b.target_true for a, b in zip(chains[0], chains[0][1:]))
+    assert round_chains(facts(), k=3, seed=1) == chains  # seeded
+    with pytest.raises(ValueError):
+        round_chains(facts(), k=0)
+
+
+def test_coverage_chains():
+    chains = coverage_chains(fact_set(), seed=0)
+    assert len(chains) == 2  # the 2-candidate relation cannot cover twice
+    e1, e2 = chains[0]
+    assert (e1.chain.role, e2.chain.role) == ("conflict-e1", "conflict-e2")
+    assert e1.subject == e2.subject and e1.relation_id == e2.relation_id
+    assert e1.target_new == e2.target_true == "Rome" and e2.target_new not in ("Paris", "Rome")
+
+
+def test_reverse_chains():
+    chains = reverse_chains(fact_set(), {"capital": "capital_of"}, seed=0)
+    assert len(chains) == 2
+    e1, e2 = chains[0]
+    assert (e2.subject, e2.relation_id, e2.target_true) == ("Rome", "capital_of", "France")
+    assert e2.target_new in ("Italy", "Germany", "Spain") and e2.rendered_prompt.startswith("Rome is the capital of")
+    assert e2.chain == e1.chain.__class__("reverse-fr", "conflict-e2")
+    with pytest.raises(ValueError):
+        reverse_chains(facts(), {"capital": "capital_of"})
+
+
+@pytest.mark.parametrize("gap", [0, 3, 100])
+def test_layout_gap_between_chain_edits(gap):
+    chains = round_chains(facts()[:2])
+    stream = layout(chains, fillers(2 * gap + 5), gap=gap, name="g")
+    ids = [e.id for e in stream]
+    for chain in chains:
+        a, b = ids.index(chain[0].id), ids.index(chain[1].id)
+        assert b - a == gap + 1
+    assert len(stream) == 4 + 2 * gap + 5 and len(stream.steps()) == len(stream)  # one edit per step
+    assert all(e.chain is not None for e in stream)
+    assert {e.chain.role for e in stream} >= {"round-out", "round-back", "plain"}
+    assert stream.name == "g"
+
+
+def test_layout_gap_range_between_and_errors():
+    chains = round_chains(facts()[:2])
+    stream = layout(chains, fillers(30), gap=(2, 5), between=4, seed=3)
+    ids = [e.id for e in stream]
+    for chain in chains:
+        assert 3 <= ids.index(chain[1].id) - ids.index(chain[0].id) <= 6
+    assert ids.index(chains[1][0].id) - ids.index(chains[0][1].id) == 5
+    with pytest.raises(ValueError, match="not enough filler"):
+        layout(chains, fillers(1), gap=1)
+    with pytest.raises(ValueError):
+        layout(chains, fillers(10), gap=-1)
+
+
+def test_timestamps_regular_poisson_given():
+    start = datetime.datetime(2024, 3, 1, tzinfo=UTC)
+    reg = timestamps(3, start=start, interval=datetime.timedelta(hours=2))
+    assert reg == [start, start + datetime.timedelta(hours=2), start + datetime.timedelta(hours=4)]
+    p1 = timestamps(200, "poisson", start=start, seed=5)
+    assert p1 == timestamps(200, "poisson", start=start, seed=5) and p1 != timestamps(200, "poisson", start=start, seed=6)
+    assert all(b > a for a, b in zip(p1, p1[1:])) and p1[0] == start
+    mean_gap = (p1[-1] - p1[0]).total_seconds() / 199 / 86400
+    assert 0.7 < mean_gap < 1.3
+    chains = round_chains(facts()[:1])
+    given = [start, start + datetime.timedelta(days=9)]
+    stream = layout(chains, times=given)
+    assert [e.timestamp for e in stream] == given
+    with pytest.raises(ValueError):
+        layout(chains, times=[start])
+    with pytest.raises(ValueError):
+        layout(chains, times=[start, start])
+    with pytest.raises(ValueError):
+        timestamps(2, "weekly")
+    assert len(layout(chains, fillers(3), gap=1, times="poisson", seed=2)) == 5
+
+
+def test_builtin_fact_set_rounds():
+    from streams import load_fact_set
+
+    fs = load_fact_set()
+    chains = round_chains(fs, k=2)
+    stream = layout(chains, gap=0)
+    assert len(stream) == 3 * len(chains) and len(chains) > 0

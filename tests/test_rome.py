@@ -1,0 +1,105 @@
+"""ROME and r-ROME against their defining equation, on tiny Llama and GPT-2 models."""
+
+import pytest
+import torch
+
+from lifelong.delta import Delta
+from lifelong.editors import make_editor
+from lifelong.editors.covariance import key_second_moment
+from lifelong.editors.locate import lowrank_change, subject_token_index
+from probes import Scorer
+from tests.conftest import make_edits
+
+FAST = {"v_steps": "8", "templates": "4", "layer": "1"}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+
+
+def output_at(lm, layer, key):
+    module = lm.adapter.out_proj(layer)
+    weight = lm.adapter.out_proj_weight_view(layer).double()
+    bias = module.bias.double() if module.bias is not None else 0
+    return weight @ key + bias
+
+
+@pytest.mark.parametrize("name, mom2", [("rome", "false"), ("r-rome", "false"), ("rome", "true"), ("r-rome", "true")])
+def test_update_writes_key_to_value_with_rank_one(tiny, name, mom2):
+    editor = make_editor(name, {**FAST, "mom2": mom2, "cov_tokens": "2000"}).bind(tiny)
+    edit = make_edits(1)[0]
+    left, right, key, value = editor.rank_one(tiny, edit)  # computed on the unedited model
+    assert not torch.allclose(output_at(tiny, 1, key), value, atol=1e-3)
+    delta = editor.apply(tiny, [edit])
+    (change,) = delta.changes.values()
+    assert change.rank == 1
+    assert torch.linalg.matrix_rank(change.materialize()) == 1  # float32 tolerance
+    # W' k = v*: the defining equation, to float32 tolerance relative to ‖v*‖.
+    err = (output_at(tiny, 1, key) - value).norm() / value.norm()
+    assert err < 1e-4, err
+    expected = lowrank_change(tiny.adapter, left, right, torch.float32).materialize()
+    assert torch.allclose(change.materialize(), expected)
+
+
+def test_rome_and_rrome_differ_only_in_the_key(tiny):
+    edit = make_edits(1)[0]
+    _, _, k_prompt, v1 = make_editor("rome", {**FAST, "mom2": "false"}).bind(tiny).rank_one(tiny, edit)
+    _, _, k_avg, v2 = make_editor("r-rome", {**FAST, "mom2": "false"}).bind(tiny).rank_one(tiny, edit)
+    assert torch.allclose(v1, v2)
+    assert not torch.allclose(k_prompt, k_avg)
+
+
+def test_rome_moves_the_model_toward_the_target(tiny):
+    """Direction only: random tiny models barely carry the subject to the answer position;
+    efficacy itself is checked on the real default model."""
+    edit = make_edits(1)[0]
+    scorer = Scorer(tiny.model, tiny.tokenizer)
+    before = scorer.score([(edit.rendered_prompt, edit.target_new)]).nll[0]
+    editor = make_editor("r-rome", {"layer": "1", "mom2": "false", "v_steps": "20"})
+    outside = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    delta = editor.apply(tiny, [edit])
+    after = scorer.score([(edit.rendered_prompt, edit.target_new)]).nll[0]
+    assert after < before
+    for n, p in tiny.model.named_parameters():
+        if n not in delta.changes:
+            assert torch.equal(p, outside[n])
+
+
+def test_batch_of_two_is_rank_two_and_replayable(tiny):
+    editor = make_editor("rome", {**FAST, "mom2": "false"})
+    base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    delta = editor.apply(tiny, make_edits(2))
+    (name, change), = delta.changes.items()
+    assert change.rank == 2
+    live = tiny.model.get_parameter(name).detach().clone()
+    with torch.no_grad():
+        tiny.model.get_parameter(name).copy_(base[name])
+    Delta({name: change}).apply(tiny.model)
+    assert torch.equal(tiny.model.get_parameter(name), live)
+
+
+def test_second_moment_is_cached_and_symmetric(tiny, tmp_path):
+    first = key_second_moment(tiny, 1, n_tokens=512, seq_len=32)
+    files = list((tmp_path / "cache" / "stats").rglob("*.safetensors"))
+    assert len(files) == 1
+    again = key_second_moment(tiny, 1, n_tokens=512, seq_len=32)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, first.T)
+    assert torch.linalg.eigvalsh(first).min() > -1e-8
+    assert first.shape[0] == tiny.adapter.out_proj_weight_view(1).shape[1]
+
+
+def test_second_moment_from_text_file(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    c = key_second_moment(tiny, 2, corpus=str(corpus), n_tokens=256, seq_len=32)
+    assert torch.isfinite(c).all()
+    with pytest.raises(FileNotFoundError, match="covariance corpus"):
+        key_second_moment(tiny, 2, corpus=str(tmp_path / "missing.txt"))
+
+
+def test_subject_must_occur_in_prompt(tiny):
+    with pytest.raises(ValueError, match="does not occur"):
+        subject_token_index(tiny.tokenizer, "The capital of France is", "Germany")
+    assert subject_token_index(tiny.tokenizer, "Hi Bob is", "Bob") == len(tiny.tokenizer("Hi Bob").input_ids) - 1
