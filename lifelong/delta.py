@@ -67,20 +67,20 @@ class Delta:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for c in self.changes.values() for t in c.tensors().values())
 
-    @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, change in self.changes.items():
-            p = params[name]
-            p.add_(change.materialize().to(device=p.device, dtype=p.dtype))
+        self._add(model, 1.0)
 
-    @torch.no_grad()
     def revert(self, model: nn.Module) -> None:
         """Subtract this delta (approximate in float; use DeltaStore.checkout for exact)."""
+        self._add(model, -1.0)
+
+    @torch.no_grad()
+    def _add(self, model: nn.Module, sign: float) -> None:
         params = dict(model.named_parameters())
         for name, change in self.changes.items():
             p = params[name]
-            p.sub_(change.materialize().to(device=p.device, dtype=p.dtype))
+            update = change.materialize().to(device=p.device, dtype=p.dtype)
+            p.add_(update) if sign > 0 else p.sub_(update)
 
     def save(self, path: Path, metadata: dict | None = None) -> None:
         tensors = {

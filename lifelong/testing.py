@@ -36,9 +36,9 @@ The invariants (:data:`INVARIANTS`; pick a subset by name with ``invariants=[...
 Editor-specific equations apply only to the editors they are registered for
 (:data:`EQUATIONS`, :func:`register_equation`), or that an editor lists itself
 through an optional ``testing_invariants()`` method returning :class:`Invariant` s;
-``rome_writes_key_value`` (‖W'k + b − v*‖/‖v*‖ < 1e-4) is registered for ROME and r-ROME.
-A later editor adds its own, e.g. AlphaEdit "outputs on the preserved null space are
-unchanged", or GRACE "identity outside the codebook radii"::
+``rome_writes_key_value`` (‖W'k + b − v*‖/‖v*‖ < 1e-4) is registered for ROME and r-ROME,
+``alphaedit_preserves_nullspace_outputs`` (ΔW maps preserved keys to ~0) for AlphaEdit.
+A later editor adds its own, e.g. GRACE "identity outside the codebook radii"::
 
     register_equation(MyEditor, Invariant("my_equation", my_check, "what it checks"))
 
@@ -507,6 +507,23 @@ def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
             raise InvariantViolation(f"edit {edit.id}: ‖W'k + b − v*‖/‖v*‖ = {err:.3g} ≥ 1e-4")
 
 
+def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: EditStream) -> None:
+    """AlphaEdit: each step's change maps the preserved keys (C's eigenvectors above the
+    null-space threshold) to ~0, so outputs on preserved knowledge stay unchanged."""
+    lm = subject.fresh_model()
+    editor = subject.fresh_editor(lm)
+    for step, batch in enumerate(stream.steps(), start=1):
+        delta = subject.apply(editor, lm, batch, step)
+        for layer in editor.layers(lm):
+            values, vectors = torch.linalg.eigh(editor.second_moment(lm, layer))
+            preserved = vectors[:, values >= editor.params.nullspace_threshold * values.max()]
+            change = delta.changes[lm.adapter.out_proj_param_name(layer)].materialize().double()
+            change = change.T if lm.adapter.spec.transposed else change  # (out, in)
+            leak = ((change @ preserved).norm() / (change.norm() * preserved.norm() + 1e-300)).item()
+            if not leak < 1e-6:
+                raise InvariantViolation(f"step {step}, layer {layer}: ‖ΔW·K₀‖/(‖ΔW‖‖K₀‖) = {leak:.3g} ≥ 1e-6")
+
+
 def _invariant(fn: Callable, examples: Callable[[int], st.SearchStrategy] | None = None) -> Invariant:
     doc = (fn.__doc__ or "").strip().splitlines()[0]
     return Invariant(fn.__name__, fn, doc, examples) if examples else Invariant(fn.__name__, fn, doc)
@@ -544,6 +561,9 @@ def _register_builtin_equations() -> None:
 
     register_equation(ROMEEditor, _invariant(
         rome_writes_key_value, lambda max_edits: edit_streams(max_edits=max_edits, max_batch=1, conflicts=False)))
+    from lifelong.editors.memit import AlphaEditEditor
+
+    register_equation(AlphaEditEditor, _invariant(alphaedit_preserves_nullspace_outputs))
 
 
 _register_builtin_equations()

@@ -68,3 +68,26 @@ def test_replay_on_default_model(fresh, tmp_path):
     assert "efficacy at own step" in format_summary(result.run)
     sizes = [result.run.deltas_dir.joinpath(f"step_{k:06d}.safetensors").stat().st_size for k in (1, 2, 3)]
     assert np.all(np.array(sizes) > 0)
+
+
+@pytest.mark.parametrize("name", ["rome", "r-rome"])
+def test_rome_single_edits_take_hold(fresh, smollm, base_state, name):
+    """ROME writes built-in counterfacts into the real model (identity covariance, to keep CI short;
+    the covariance path is checked on tiny models)."""
+    import torch
+
+    from lifelong.editors import make_editor
+    from probes import Scorer
+    from streams import load_stream
+
+    editor = make_editor(name, {"mom2": "false"}).bind(smollm)
+    scorer = Scorer(smollm.model, smollm.tokenizer)
+    wins = []
+    for edit in list(load_stream("builtin"))[:3]:
+        with torch.no_grad():
+            for n, p in smollm.model.named_parameters():
+                p.copy_(base_state[n])
+        editor.apply(smollm, [edit])
+        nll = scorer.score([(edit.rendered_prompt, edit.target_new), (edit.rendered_prompt, edit.target_true)]).nll
+        wins.append(nll[0] < nll[1])
+    assert all(wins), wins

@@ -103,3 +103,12 @@ def test_subject_must_occur_in_prompt(tiny):
     with pytest.raises(ValueError, match="does not occur"):
         subject_token_index(tiny.tokenizer, "The capital of France is", "Germany")
     assert subject_token_index(tiny.tokenizer, "Hi Bob is", "Bob") == len(tiny.tokenizer("Hi Bob").input_ids) - 1
+
+
+def test_one_pass_for_several_layers_matches_single_layers(tiny, tmp_path, monkeypatch):
+    from lifelong.editors.covariance import key_second_moments
+
+    both = key_second_moments(tiny, [1, 2], n_tokens=256, seq_len=32)
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "other-cache"))
+    for layer in (1, 2):
+        assert torch.allclose(both[layer], key_second_moment(tiny, layer, n_tokens=256, seq_len=32), atol=1e-10)

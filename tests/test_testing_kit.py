@@ -29,6 +29,9 @@ FAST = {
     "ft": {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "15"},
     "rome": {"layer": "1", "v_steps": "8", "templates": "4", "mom2": "false"},
     "r-rome": {"layer": "1", "v_steps": "8", "templates": "4", "mom2": "false"},
+    "memit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024"},
+    "alphaedit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024",
+                  "nullspace_threshold": "0.1"},
 }
 
 

@@ -84,6 +84,13 @@ class Editor(ABC):
         """Fill model-dependent defaults (e.g. ``layer=None``) for ``lm``; returns self."""
         return self
 
+    def prepare(self, lm: LoadedModel) -> None:
+        """Compute what must come from the base model θ0 (e.g. key covariance statistics).
+
+        The replay calls it on θ0 before the first step and before checking out a step
+        to resume; editors also call it at the start of ``apply`` (it must be idempotent).
+        """
+
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
         return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}

@@ -10,6 +10,7 @@ It is computed once per (model, layer, corpus, token count) and cached under
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -83,29 +84,43 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
 
 
 @torch.no_grad()
-def compute_second_moment(lm: LoadedModel, layer: int, rows: list[list[int]], batch_size: int = 8) -> torch.Tensor:
-    d_in = lm.adapter.out_proj_weight_view(layer).shape[1]
-    total = torch.zeros(d_in, d_in, dtype=torch.float64)
-    count = 0
+def compute_second_moments(lm: LoadedModel, layers: list[int], rows: list[list[int]],
+                           batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """E[k kᵀ] for several layers in one pass over the token rows."""
     body = getattr(lm.model, lm.model.base_model_prefix)
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"covariance layer {layer}", unit="batch"):
+    totals = {layer: 0.0 for layer in layers}
+    count = 0
+    desc = f"covariance layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}"
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         ids = torch.tensor(rows[start: start + batch_size], device=lm.device)
-        with capture_keys(lm.adapter, layer) as seen:
+        with ExitStack() as stack:
+            seen = {layer: stack.enter_context(capture_keys(lm.adapter, layer)) for layer in layers}
             body(input_ids=ids, use_cache=False)
-        keys = seen[0].reshape(-1, d_in).double().cpu()
-        total += keys.T @ keys
-        count += keys.shape[0]
-    return total / count
+        for layer in layers:
+            keys = seen[layer][0].reshape(-1, seen[layer][0].shape[-1]).double().cpu()
+            totals[layer] = totals[layer] + keys.T @ keys
+        count += ids.numel()
+    return {layer: total / count for layer, total in totals.items()}
+
+
+def key_second_moments(lm: LoadedModel, layers: list[int], corpus: str = MODEL_SAMPLE, n_tokens: int = 20000,
+                       seq_len: int = 128, seed: int = 0) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] (float64, d_in × d_in) per layer, from the cache or computed now in one pass."""
+    paths = {layer: (cache_root() / "stats" / model_key(lm)
+                     / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors")
+             for layer in layers}
+    out = {layer: load_file(str(path))["second_moment"] for layer, path in paths.items() if path.is_file()}
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        rows = _token_rows(lm, corpus, n_tokens, seq_len, seed)
+        for layer, second in compute_second_moments(lm, missing, rows).items():
+            atomic_save_tensors({"second_moment": second}, paths[layer],
+                                {"tokens": str(len(rows) * seq_len), "corpus": corpus})
+            out[layer] = second
+    return out
 
 
 def key_second_moment(lm: LoadedModel, layer: int, corpus: str = MODEL_SAMPLE, n_tokens: int = 20000,
                       seq_len: int = 128, seed: int = 0) -> torch.Tensor:
-    """C = E[k kᵀ] (float64, d_in × d_in) for ``layer``, from the cache or computed now."""
-    path = (cache_root() / "stats" / model_key(lm)
-            / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors")
-    if path.is_file():
-        return load_file(str(path))["second_moment"]
-    rows = _token_rows(lm, corpus, n_tokens, seq_len, seed)
-    second = compute_second_moment(lm, layer, rows)
-    atomic_save_tensors({"second_moment": second}, path, {"tokens": str(len(rows) * seq_len), "corpus": corpus})
-    return second
+    """C = E[k kᵀ] for one layer (see :func:`key_second_moments`)."""
+    return key_second_moments(lm, [layer], corpus, n_tokens, seq_len, seed)[layer]

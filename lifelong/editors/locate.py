@@ -9,6 +9,7 @@ frozen (so backward computes no weight gradients).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -110,65 +111,102 @@ class ValueFit:
     nll: float  # final mean target NLL
 
 
+class SuffixBatch:
+    """Prompts split at the subject's last token, for optimising δ injected there.
+
+    Every position before the subject's last token is unaffected by δ at every layer,
+    so that prefix runs once into a KV cache; each optimisation step recomputes only the
+    suffix (subject's last token, rest of the prompt, target). Prefixes are right-padded
+    and run without a padding mask: real tokens come first and see only real tokens
+    (causal), while the padding slots are masked out of the suffix pass.
+    """
+
+    def __init__(self, lm: LoadedModel, sequences: list[tuple[int, ...]], lookup: list[int]):
+        self.lm = lm
+        self.body = getattr(lm.model, lm.model.base_model_prefix)
+        device = lm.device
+        pad = Scorer(lm.model, lm.tokenizer).pad_id
+        self.prefix_len = max(lookup)
+        suffix_len = max(len(seq) - start for seq, start in zip(sequences, lookup))
+        n = len(sequences)
+        prefix = torch.full((n, self.prefix_len), pad, dtype=torch.long)
+        suffix = torch.full((n, suffix_len), pad, dtype=torch.long)
+        mask = torch.zeros((n, self.prefix_len + suffix_len), dtype=torch.long)
+        for r, (seq, start) in enumerate(zip(sequences, lookup)):
+            prefix[r, :start] = torch.tensor(seq[:start], dtype=torch.long)
+            suffix[r, : len(seq) - start] = torch.tensor(seq[start:], dtype=torch.long)
+            mask[r, :start] = 1
+            mask[r, self.prefix_len: self.prefix_len + len(seq) - start] = 1
+        self.suffix_ids = suffix.to(device)
+        self.mask = mask.to(device)
+        self.positions = (torch.tensor(lookup)[:, None] + torch.arange(suffix_len)[None]).to(device)
+        self.cache = None
+        if self.prefix_len:
+            with torch.no_grad():
+                out = self.body(input_ids=prefix.to(device), use_cache=True)
+            self.cache = out.past_key_values
+
+    def hidden(self) -> torch.Tensor:
+        """Final hidden states of the suffix positions, (n, suffix_len, d)."""
+        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        mask = self.mask if cache is not None else self.mask[:, self.prefix_len:]
+        return self.body(input_ids=self.suffix_ids, attention_mask=mask, position_ids=self.positions,
+                          past_key_values=cache, use_cache=cache is not None).last_hidden_state
+
+
 def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str], *, steps: int = 20,
                    lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
                    clamp_norm: float = 4.0, stop_nll: float = 0.05) -> ValueFit:
     """ROME's v*: Adam on δ at the subject's last token, for the target NLL over context
     templates + a KL term keeping "{subject} is a" unchanged + a norm penalty on δ,
-    with ‖δ‖ clamped to ``clamp_norm`` × ‖v_orig‖ and early stopping at ``stop_nll``."""
+    with ‖δ‖ clamped to ``clamp_norm`` × ‖v_orig‖ and early stopping at ``stop_nll``.
+    Only δ has gradients, and only the suffix after the subject is recomputed per step."""
     scorer = Scorer(lm.model, lm.tokenizer)
-    texts = contexts(edit, templates)
-    kl_text = f"{edit.subject} is a"
-    encoded = [scorer.encode(t, edit.target_new) for t in texts]
-    kl_ids = tuple(lm.tokenizer(kl_text).input_ids)
-    batch = scorer.collate(encoded + [(kl_ids[:-1], kl_ids[-1:])])  # the KL prompt rides along
-    n = len(texts)
+    texts = contexts(edit, templates) + [f"{edit.subject} is a"]  # the last one is the KL prompt
+    target = scorer.encode(texts[0], edit.target_new)[1]
+    prompts = [tuple(lm.tokenizer(t).input_ids) for t in texts]
     lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
-    lookup.append(subject_token_index(lm.tokenizer, kl_text, edit.subject))
-    rows = torch.arange(n + 1, device=lm.device)
-    cols = torch.tensor(lookup, device=lm.device)
-    answer = batch.owner < n  # answer positions of the rewriting prompts (not the KL one)
-    owner = torch.as_tensor(batch.owner[answer], device=lm.device)
-    counts = torch.bincount(owner, minlength=n).float()
+    n = len(texts) - 1
+    # The last target token predicts nothing: leave it out of the sequences.
+    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [prompts[n]], lookup)
+
+    # Answer positions of the rewriting prompts, in suffix coordinates.
+    rows = torch.tensor([r for r in range(n) for _ in target], device=lm.device)
+    cols = torch.tensor([len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))],
+                        device=lm.device)
+    targets = torch.tensor(list(target) * n, device=lm.device)
+    every_row = torch.arange(n + 1, device=lm.device)
 
     module = lm.adapter.out_proj(layer)
     delta = torch.zeros(lm.adapter.out_proj_weight_view(layer).shape[0], device=lm.device, requires_grad=True)
     state: dict[str, torch.Tensor] = {}
 
     def inject(mod, args, out):
-        if "original" not in state:
-            state["original"] = out[0, lookup[0]].detach().clone()
+        if "original" not in state:  # v_orig: the output at the bare prompt's subject token
+            state["original"] = out[0, 0].detach().clone()
         out = out.clone()
-        out[rows, cols] = out[rows, cols] + delta
+        out[every_row, 0] = out[every_row, 0] + delta
         return out
 
-    def forward_hidden():
-        return scorer.body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
-
-    # The KL reference: the unedited distribution at the KL prompt's subject token.
-    with torch.no_grad():
-        hidden = forward_hidden()
-        kl_ref = scorer.unembed(hidden[n, lookup[-1]]).float().log_softmax(-1)
+    with torch.no_grad():  # the KL reference: the unedited distribution at the KL prompt's subject token
+        kl_ref = scorer.unembed(batch.hidden()[n, 0]).float().log_softmax(-1)
 
     optimizer = torch.optim.Adam([delta], lr=lr)
     handle = module.register_forward_hook(inject)
     taken, nll_value = 0, float("nan")
     try:
         for taken in range(1, steps + 1):
-            hidden = forward_hidden()
-            logits = scorer.unembed(hidden[batch.rows, batch.cols]).float()
-            token_nll = -logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
-            token_nll = token_nll[torch.as_tensor(answer, device=lm.device)]
-            nll = (torch.zeros(n, device=lm.device).index_add(0, owner, token_nll) / counts).mean()
-            kl_now = scorer.unembed(hidden[n, lookup[-1]]).float().log_softmax(-1)
+            hidden = batch.hidden()
+            logp = scorer.unembed(hidden[rows, cols]).float().log_softmax(-1)
+            nll = -logp.gather(1, targets[:, None]).mean()  # all prompts share the target: a plain mean
+            kl_now = scorer.unembed(hidden[n, 0]).float().log_softmax(-1)
             kl = torch.nn.functional.kl_div(kl_now, kl_ref, log_target=True, reduction="sum")
             penalty = weight_decay * delta.norm() / state["original"].norm() ** 2
-            loss = nll + kl_factor * kl + penalty
             nll_value = nll.item()
             if nll_value < stop_nll:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (nll + kl_factor * kl + penalty).backward()
             optimizer.step()
             with torch.no_grad():
                 limit = clamp_norm * state["original"].norm()

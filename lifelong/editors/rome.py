@@ -67,6 +67,10 @@ class ROMEEditor(Editor):
         self.bind(lm)
         return [lm.adapter.out_proj_param_name(self.params.layer)]
 
+    def prepare(self, lm: LoadedModel) -> None:
+        self.bind(lm)
+        self._inverse(lm)
+
     def _inverse(self, lm: LoadedModel) -> torch.Tensor | None:
         """(C + reg·I)⁻¹ in float64, computed once per layer (None without the adjustment)."""
         p = self.params
@@ -97,7 +101,7 @@ class ROMEEditor(Editor):
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:
             return Delta.empty()
-        self.bind(lm)
+        self.prepare(lm)
         name = self.scope(lm)[0]
         param = lm.model.get_parameter(name)
         before = param.detach().clone()

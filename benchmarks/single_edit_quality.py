@@ -1,0 +1,87 @@
+"""Single-edit quality per editor on the default model, each edit applied to a fresh base.
+
+Efficacy (ES), paraphrase generalization (PS) and neighborhood locality (NS) as in
+METRICS.md §2, on the built-in facts and on the CounterFact records (../shared/data)
+that the default model answers correctly (teacher-forced greedy exact match of the true
+object on the edit prompt), with seconds per edit.
+
+    python benchmarks/single_edit_quality.py --editors rome,r-rome,ft --builtin 20 --counterfact 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lifelong.editors import make_editor
+from lifelong.models import load_model
+from probes.scorer import Scorer
+from streams import load_stream
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def known_counterfact(scorer: Scorer, limit: int) -> list:
+    from streams.readers import read_counterfact_rome
+
+    path = DATA / "counterfact" / "counterfact_rome_500.json"
+    if not path.is_file() or limit == 0:
+        return []
+    stream, _ = read_counterfact_rome(path)
+    edits = list(stream)
+    scores = scorer.score([(e.rendered_prompt, e.target_true) for e in edits])
+    return [e for e, ok in zip(edits, scores.exact) if ok][:limit]
+
+
+def quality(scorer: Scorer, edit) -> tuple[float, float, float]:
+    pairs = [(edit.rendered_prompt, edit.target_new), (edit.rendered_prompt, edit.target_true)]
+    pairs += [(p, edit.target_new) for p in edit.paraphrases] + [(p, edit.target_true) for p in edit.paraphrases]
+    pairs += [(n.prompt, n.answer) for n in edit.neighborhood] + [(n.prompt, edit.target_new) for n in edit.neighborhood]
+    nll = scorer.score(pairs).nll
+    k, m = len(edit.paraphrases), len(edit.neighborhood)
+    es = float(nll[0] < nll[1])
+    ps = float(np.mean(nll[2:2 + k] < nll[2 + k:2 + 2 * k])) if k else float("nan")
+    ns = float(np.mean(nll[2 + 2 * k:2 + 2 * k + m] < nll[2 + 2 * k + m:])) if m else float("nan")
+    return es, ps, ns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--editors", default="rome,r-rome")
+    ap.add_argument("--builtin", type=int, default=20)
+    ap.add_argument("--counterfact", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], help="key=value for every editor")
+    args = ap.parse_args()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+
+    lm = load_model("smollm2-135m")
+    scorer = Scorer(lm.model, lm.tokenizer)
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    sets = {"builtin": list(load_stream("builtin"))[: args.builtin],
+            "counterfact": known_counterfact(scorer, args.counterfact)}
+    print(f"{'editor':<8}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}")
+    for name in args.editors.split(","):
+        editor = make_editor(name, overrides).bind(lm)
+        for set_name, edits in sets.items():
+            if not edits:
+                continue
+            rows, times = [], []
+            for edit in edits:
+                with torch.no_grad():
+                    for n, p in lm.model.named_parameters():
+                        p.copy_(base[n])
+                t0 = time.perf_counter()
+                editor.apply(lm, [edit])
+                times.append(time.perf_counter() - t0)
+                rows.append(quality(scorer, edit))
+            es, ps, ns = np.nanmean(np.array(rows), axis=0)
+            print(f"{name:<8}{set_name:<13}{len(edits):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{np.mean(times):>8.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

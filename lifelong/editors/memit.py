@@ -1,0 +1,206 @@
+"""MEMIT (Meng et al. 2023) and AlphaEdit (Fang et al. 2025): batched updates over a layer range.
+
+For a batch of n edits, z_i = h_i + δ_i is the residual stream wanted at the output of the
+last layer L of the range (δ_i fit as ROME's v* there: the MLP output of layer L adds
+straight into that residual stream). Then, layer by layer upwards, with K (m × n) the
+template-averaged keys on the current model and R = z − h (the remaining residual at L,
+recomputed after each lower layer is updated) spread over the layers still to go:
+
+    MEMIT:      Δ = Rₗ Kᵀ (λC + K Kᵀ)⁻¹                      solved in float64
+    AlphaEdit:  Δ = Rₗ Kᵀ P (Kₚ Kₚᵀ P + K Kᵀ P + I)⁻¹         P: projector on C's null space
+
+P spans the eigenvectors of C = E[kkᵀ] whose eigenvalues fall below a fraction of the largest, so
+Δ·k ≈ 0 for the keys of preserved knowledge; Kₚ holds the keys of earlier edits,
+accumulated across steps as editor state. Deltas are stored as factors of rank ≤ n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lifelong.delta import Delta
+from lifelong.editors.base import Editor
+from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
+from lifelong.editors.locate import (
+    CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, subject_token_index,
+)
+from lifelong.models import LoadedModel
+from streams import Edit
+
+
+@dataclass
+class MEMITParams:
+    layers: str | None = None  # e.g. "4,5,6,7,8"; None: five layers centred on num_layers // 5
+    v_steps: int = 20
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    stop_nll: float = 0.05
+    templates: int = 21
+    mom2_weight: float = 15000.0  # λ in λC + KKᵀ
+    cov_corpus: str = MODEL_SAMPLE
+    cov_tokens: int = 20000
+    nullspace_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C below this × the largest span the null space
+
+
+def default_layers(num_layers: int) -> list[int]:
+    centre = num_layers // 5
+    return [layer for layer in range(centre - 2, centre + 3) if 0 <= layer < num_layers]
+
+
+def parse_layers(spec: str | None, num_layers: int, editor: str) -> list[int]:
+    if spec is None:
+        return default_layers(num_layers)
+    try:
+        layers = sorted({int(x) for x in str(spec).split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"{editor}: layers must be comma-separated integers, got '{spec}'") from None
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"{editor}: layers {spec} out of range for a {num_layers}-layer model")
+    return layers
+
+
+class MEMITEditor(Editor):
+    name = "memit"
+    description = "MEMIT: batched least-squares updates spread over a range of MLP output projections"
+    Params = MEMITParams
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._second_moments: dict[int, torch.Tensor] = {}
+
+    def bind(self, lm: LoadedModel) -> "MEMITEditor":
+        layers = parse_layers(self.params.layers, lm.num_layers, self.name)
+        self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)))
+        return self
+
+    def layers(self, lm: LoadedModel) -> list[int]:
+        return parse_layers(self.params.layers, lm.num_layers, self.name)
+
+    def scope(self, lm: LoadedModel) -> list[str]:
+        return [lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)]
+
+    def prepare(self, lm: LoadedModel) -> None:
+        """Key statistics of every layer in the range, on the model as it is now (θ0)."""
+        self.bind(lm)
+        missing = [layer for layer in self.layers(lm) if layer not in self._second_moments]
+        if missing:  # one pass over the corpus for every layer still missing
+            stats = key_second_moments(lm, missing, self.params.cov_corpus, self.params.cov_tokens)
+            self._second_moments.update({layer: c.to(lm.device) for layer, c in stats.items()})
+
+    def second_moment(self, lm: LoadedModel, layer: int) -> torch.Tensor:
+        if layer not in self._second_moments:
+            self._second_moments[layer] = key_second_moment(
+                lm, layer, self.params.cov_corpus, self.params.cov_tokens).to(lm.device)
+        return self._second_moments[layer]
+
+    def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
+        """Factors (U, V), ΔW = U Vᵀ, for keys K (m × n) and residuals Rₗ (d × n), in float64."""
+        c = self.second_moment(lm, layer)
+        a = self.params.mom2_weight * c + keys @ keys.T
+        return residual, torch.linalg.solve(a, keys)  # Δ = Rₗ Kᵀ A⁻¹ = Rₗ (A⁻¹ K)ᵀ (A symmetric)
+
+    def remember(self, layer: int, keys: torch.Tensor) -> None:
+        """Hook for editors that accumulate the keys of past edits (AlphaEdit)."""
+
+    def _hidden_at(self, lm: LoadedModel, layer: int, edits: Sequence[Edit]) -> torch.Tensor:
+        """Residual stream after ``layer`` at each bare prompt's subject token, (d × n) float64."""
+        from probes.scorer import Scorer
+
+        scorer = Scorer(lm.model, lm.tokenizer)
+        ids = [tuple(lm.tokenizer(e.rendered_prompt).input_ids) for e in edits]
+        width = max(len(x) for x in ids)
+        batch = torch.full((len(ids), width), scorer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for r, x in enumerate(ids):
+            batch[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = 1
+        with torch.no_grad():
+            out = scorer.body(input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device),
+                              output_hidden_states=True, use_cache=False)
+        index = [subject_token_index(lm.tokenizer, e.rendered_prompt, e.subject) for e in edits]
+        rows = torch.arange(len(edits), device=lm.device)
+        return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        if not batch:
+            return Delta.empty()
+        self.prepare(lm)
+        p = self.params
+        layers = self.layers(lm)
+        last = layers[-1]
+        templates = CONTEXT_TEMPLATES[: p.templates]
+        deltas = []
+        for edit in batch:  # δ_i at the top layer of the range, on the unedited (this step) model
+            fit = optimize_value(lm, last, edit, templates, steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor,
+                                 weight_decay=p.v_weight_decay, clamp_norm=p.clamp_norm, stop_nll=p.stop_nll)
+            deltas.append(fit.value - fit.original)
+        targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
+
+        changes = {}
+        for position, layer in enumerate(layers):
+            keys = torch.stack([average_key(lm, layer, e, templates) for e in batch], 1)  # m × n
+            residual = (targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)
+            u, v = self.solve(lm, layer, keys, residual)
+            name = lm.adapter.out_proj_param_name(layer)
+            changes[name] = lowrank_change(lm.adapter, u, v, lm.model.get_parameter(name).dtype)
+            Delta({name: changes[name]}).apply(lm.model)  # each parameter gets exactly this one add
+            self.remember(layer, keys)
+        return Delta(changes)
+
+
+class AlphaEditEditor(MEMITEditor):
+    name = "alphaedit"
+    description = "AlphaEdit: MEMIT's update projected onto the null space of preserved keys, past edits' keys kept"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._projectors: dict[int, torch.Tensor] = {}
+        self._past_keys: dict[int, torch.Tensor] = {}  # layer -> (m × total edits so far), the carried state
+
+    def prepare(self, lm: LoadedModel) -> None:
+        super().prepare(lm)
+        for layer in self.layers(lm):
+            self.projector(lm, layer)
+
+    def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
+        """P = Û Ûᵀ over the eigenvectors of C with eigenvalues below threshold × the largest.
+
+        Relative, so one default fits models whose key scales differ (SmolLM2's layer 6:
+        693 of 1536 directions at 1e-2)."""
+        if layer not in self._projectors:
+            values, vectors = torch.linalg.eigh(self.second_moment(lm, layer))
+            basis = vectors[:, values < self.params.nullspace_threshold * values.max()]
+            if basis.shape[1] == 0:
+                raise ValueError(f"alphaedit: C of layer {layer} has no eigenvalue below "
+                                 f"{self.params.nullspace_threshold} × the largest; raise nullspace_threshold")
+            self._projectors[layer] = basis @ basis.T
+        return self._projectors[layer]
+
+    def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
+        proj = self.projector(lm, layer)
+        past = self._past_keys.get(layer)
+        a = keys @ keys.T @ proj + torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+        if past is not None:
+            a = a + past.to(proj.device) @ past.to(proj.device).T @ proj
+        # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ
+        return residual, torch.linalg.solve(a.T, proj @ keys)
+
+    def remember(self, layer: int, keys: torch.Tensor) -> None:
+        past = self._past_keys.get(layer)
+        keys = keys.detach().cpu()
+        self._past_keys[layer] = keys if past is None else torch.cat([past, keys], 1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._past_keys.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith("past_keys.")]
+        if unknown:
+            raise ValueError(f"alphaedit: unexpected state entries {unknown}")
+        self._past_keys = {int(k.split(".", 1)[1]): v.double() for k, v in state.items()}
