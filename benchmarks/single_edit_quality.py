@@ -63,7 +63,7 @@ def main() -> None:
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     sets = {"builtin": list(load_stream("builtin"))[: args.builtin],
             "counterfact": known_counterfact(scorer, args.counterfact)}
-    print(f"{'editor':<8}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}")
+    print(f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}")
     for name in args.editors.split(","):
         editor = make_editor(name, overrides).bind(lm)
         for set_name, edits in sets.items():
@@ -79,7 +79,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
                 rows.append(quality(scorer, edit))
             es, ps, ns = np.nanmean(np.array(rows), axis=0)
-            print(f"{name:<8}{set_name:<13}{len(edits):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{np.mean(times):>8.2f}",
+            print(f"{name:<11}{set_name:<13}{len(edits):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{np.mean(times):>8.2f}",
                   flush=True)
 
 

@@ -39,6 +39,10 @@ def step_seed(seed: int, step: int) -> int:
 def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
     """The stream cut to ``config.steps`` steps, and those steps."""
     stream = load_stream(config.stream)
+    tied = [e.id for e in stream if e.chain is not None and e.chain.role == "tied-fact"]
+    if tied:
+        raise ValueError(f"stream '{config.stream}' holds {len(tied)} tied-fact records (e.g. {tied[0]}): they are "
+                         "facts to probe, not edits to apply; read it with include_tied_fact=False")
     available = len(stream.steps(config.batch_size))
     if config.steps is not None:
         if config.steps < 1:

@@ -23,6 +23,7 @@ import datetime
 import importlib.resources
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -244,9 +245,16 @@ STREAMS: dict[str, tuple[str, Callable[[], EditStream]]] = {
 """Named streams: name -> (one-line description, factory)."""
 
 
+DATASET_PREFIX = "dataset:"
+
+
 def list_streams() -> list[tuple[str, str]]:
-    """``(name, description)`` of every registered stream, sorted by name."""
-    return sorted((name, desc) for name, (desc, _) in STREAMS.items())
+    """``(name, description)`` of every registered stream and readable dataset, sorted by name."""
+    from .readers import DATASETS
+
+    named = [(name, desc) for name, (desc, _) in STREAMS.items()]
+    named += [(DATASET_PREFIX + name, f"read from the data directory: {rel}") for name, (rel, _) in DATASETS.items()]
+    return sorted(named)
 
 
 def load_stream(spec: str | os.PathLike) -> EditStream:
@@ -254,7 +262,16 @@ def load_stream(spec: str | os.PathLike) -> EditStream:
     spec_str = os.fspath(spec)
     if spec_str in STREAMS:
         return STREAMS[spec_str][1]()
+    if spec_str.startswith(DATASET_PREFIX):
+        from .readers import read_dataset
+
+        stream, report = read_dataset(spec_str[len(DATASET_PREFIX):])
+        if report.skipped:  # never silently: say how many records the reader could not use
+            warnings.warn(f"{spec_str}: {len(report.skipped)} of {report.read} records skipped "
+                          "(streams.readers.read_dataset lists them with reasons)", stacklevel=2)
+        return stream
     if spec_str.endswith(".jsonl"):
         return EditStream.from_jsonl(spec_str)
     names = ", ".join(sorted(STREAMS))
-    raise ValueError(f"unknown stream {spec_str!r}: expected one of {names}, or a path to a .jsonl file")
+    raise ValueError(f"unknown stream {spec_str!r}: expected one of {names}, dataset:NAME "
+                     "(see 'lifelong streams'), or a path to a .jsonl file")

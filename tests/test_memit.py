@@ -81,3 +81,11 @@ def test_layer_spec_errors(tiny):
         make_editor("memit", {"layers": "1,9"}).bind(tiny)
     with pytest.raises(ValueError, match="comma-separated"):
         make_editor("memit", {"layers": "a,b"}).bind(tiny)
+
+
+def test_default_lambda_scales_with_key_width(tiny):
+    editor = make_editor("memit", {"layers": "1"}).bind(tiny)
+    width = tiny.adapter.out_proj_weight_view(1).shape[1]
+    assert editor.params.mom2_weight == pytest.approx(15000 * width / 16384)
+    assert editor.hyperparameters()["mom2_weight"] == editor.params.mom2_weight  # recorded in manifests
+    assert make_editor("memit", {"layers": "1", "mom2_weight": "7"}).bind(tiny).params.mom2_weight == 7

@@ -311,3 +311,13 @@ def test_real_file_values():
     dk, _ = read_dataset("dyknow", DATA)
     amazon = next(e for e in dk if e.target_new == "Andy Jassy")
     assert amazon.timestamp == datetime.datetime(2021, 7, 6, tzinfo=UTC) and amazon.target_true == "Jeff Bezos"
+
+
+@pytest.mark.skipif(not (DATA / "zsre").is_dir(), reason="../shared/data is absent")
+def test_dataset_streams_by_name_warn_about_skipped_records():
+    from streams import list_streams, load_stream
+
+    assert ("dataset:counterfact" in dict(list_streams()))
+    with pytest.warns(UserWarning, match=r"dataset:zsre: \d+ of 1304 records skipped"):
+        stream = load_stream("dataset:zsre")
+    assert len(stream) > 1000

@@ -106,3 +106,17 @@ def test_gpt2_replay_and_checkout(tmp_path, stream_file):
     replay(cfg, tmp_path / "g", lm=lm, progress=False)
     rebuilt = checkout(tmp_path / "g", 3)
     assert all(torch.equal(p, q) for p, q in zip(rebuilt.model.parameters(), lm.model.parameters()))
+
+
+def test_tied_facts_are_not_applied_as_edits(tmp_path):
+    from dataclasses import replace
+
+    from streams import ChainLink, EditStream
+    from tests.conftest import make_edits
+
+    edits = make_edits(2)
+    edits[0] = replace(edits[0], chain=ChainLink("c1", "tied-fact"))
+    EditStream(edits).to_jsonl(tmp_path / "tied.jsonl")
+    with pytest.raises(ValueError, match="1 tied-fact records"):
+        replay(RunConfig(model="tiny-llama", stream=str(tmp_path / "tied.jsonl")), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

@@ -174,7 +174,10 @@ def test_registry_and_list_streams():
     assert isinstance(desc, str) and desc and callable(factory)
     listed = list_streams()
     assert ("builtin", desc) in listed
-    assert [name for name, _ in listed] == sorted(STREAMS)
+    names = [name for name, _ in listed]
+    assert names == sorted(names)
+    assert [n for n in names if not n.startswith("dataset:")] == sorted(STREAMS)
+    assert "dataset:counterfact" in names
 
 
 def test_load_stream_by_name(tiny_builtin):
@@ -192,7 +195,8 @@ def test_load_stream_by_path(tmp_path, tiny_builtin):
 def test_load_stream_unknown():
     with pytest.raises(ValueError) as info:
         load_stream("nope")
-    assert str(info.value) == "unknown stream 'nope': expected one of builtin, or a path to a .jsonl file"
+    assert str(info.value) == ("unknown stream 'nope': expected one of builtin, dataset:NAME "
+                               "(see 'lifelong streams'), or a path to a .jsonl file")
 
 
 def test_load_stream_missing_file(tmp_path):

@@ -73,19 +73,24 @@ def capture_keys(adapter: ArchAdapter, layer: int) -> Iterator[list[torch.Tensor
         handle.remove()
 
 
+def padded_batch(lm: LoadedModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask for ``texts``, on the model's device."""
+    encoded = [lm.tokenizer(t).input_ids for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), Scorer(lm.model, lm.tokenizer).pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(encoded):
+        ids[r, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[r, : len(e)] = 1
+    return ids.to(lm.device), mask.to(lm.device)
+
+
 @torch.no_grad()
 def keys_at(lm: LoadedModel, layer: int, texts: Sequence[str], indices: Sequence[int]) -> torch.Tensor:
     """Keys at one token index per text, shape (len(texts), d_in), in one padded forward."""
-    scorer = Scorer(lm.model, lm.tokenizer)
-    encoded = [tuple(lm.tokenizer(t).input_ids) for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), scorer.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(encoded):
-        ids[r, : len(e)] = torch.tensor(e)
-        mask[r, : len(e)] = 1
+    ids, mask = padded_batch(lm, texts)
     with capture_keys(lm.adapter, layer) as seen:
-        scorer.body(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        lm.adapter.body()(input_ids=ids, attention_mask=mask, use_cache=False)
     rows = torch.arange(len(texts), device=lm.device)
     return seen[0][rows, torch.tensor(list(indices), device=lm.device)].double()
 
