@@ -48,7 +48,6 @@ editor from the factory, so unregistered editors are tested the same way.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import tempfile

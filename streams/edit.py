@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 ROLES = ("plain", "round-out", "round-back", "conflict-e1", "conflict-e2", "tied-fact", "multi-hop")
 """Roles an edit can play in a chain (see :class:`ChainLink`)."""
@@ -235,15 +235,7 @@ class Edit:
         for key in ("paraphrases", "neighborhood", "candidates"):
             if key in fields and not isinstance(fields[key], list):
                 fail(f"{key} must be a list, got {_type_name(fields[key])}")
-        neighbors = []
-        for i, item in enumerate(fields.get("neighborhood", [])):
-            if not isinstance(item, dict) or set(item) != {"prompt", "answer"}:
-                fail(f"neighborhood[{i}] must be an object with exactly 'prompt' and 'answer'")
-            try:
-                neighbors.append(Neighbor(item["prompt"], item["answer"]))
-            except EditError as err:
-                fail(f"neighborhood[{i}]: {err}")
-        fields["neighborhood"] = neighbors
+        fields["neighborhood"] = parse_neighbors(fields.get("neighborhood", []), fail)
 
         chain = fields.get("chain")
         if chain is not None:
@@ -258,3 +250,17 @@ class Edit:
             return cls(**fields)
         except EditError as err:
             raise EditError(f"{where}{err}") from None
+
+
+def parse_neighbors(items: Any, fail: Callable[[str], None], label: str = "") -> list[Neighbor]:
+    """Neighbors from JSON objects ``{"prompt", "answer"}``; ``fail`` reports a bad one (and raises)."""
+    prefix = f"{label}: " if label else ""
+    neighbors = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"prompt", "answer"}:
+            fail(f"{prefix}neighborhood[{i}] must be an object with exactly 'prompt' and 'answer'")
+        try:
+            neighbors.append(Neighbor(item["prompt"], item["answer"]))
+        except EditError as err:
+            fail(f"{prefix}neighborhood[{i}]: {err}")
+    return neighbors

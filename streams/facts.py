@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .edit import UTC, Edit, EditError, Neighbor
+from .edit import UTC, Edit, EditError, Neighbor, parse_neighbors
 from .stream import EditStream
 
 _RELATION_KEYS = {"id", "template", "paraphrases", "candidates"}
@@ -207,14 +207,7 @@ def _parse_fact(item: Any, index: int, relations: dict[str, Relation], fail) -> 
         fail(f"{label}: target_new equals target_true ({item['target_new']!r})")
     if not isinstance(item["neighborhood"], list):
         fail(f"{label}: neighborhood must be a list")
-    neighborhood = []
-    for j, n in enumerate(item["neighborhood"]):
-        if not isinstance(n, dict) or set(n) != {"prompt", "answer"}:
-            fail(f"{label}: neighborhood[{j}] must be an object with exactly 'prompt' and 'answer'")
-        try:
-            neighborhood.append(Neighbor(n["prompt"], n["answer"]))
-        except EditError as err:
-            fail(f"{label}: neighborhood[{j}]: {err}")
+    neighborhood = parse_neighbors(item["neighborhood"], fail, label)
     fact = Fact(item["id"], item["subject"], relation, item["target_true"], item["target_new"], tuple(neighborhood))
     try:  # whatever else an Edit demands, refuse it here, naming the file
         fact.to_edit(datetime.datetime(2000, 1, 1, tzinfo=UTC))

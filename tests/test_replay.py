@@ -1,4 +1,3 @@
-import json
 import shutil
 
 import polars as pl
@@ -7,7 +6,7 @@ import torch
 
 from lifelong.models import load_model
 from lifelong.replay import checkout, replay
-from lifelong.run import RunConfig, RunDir, RunDirError
+from lifelong.run import RunConfig, RunDirError
 from tests.conftest import TINY_FT
 
 
