@@ -9,7 +9,6 @@ directory; later loads read the cache (well under 2 s).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -216,8 +215,3 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, width: int
     model.config.name_or_path = f"tiny-{family}:{seed}"
     return model, tokenizer
 
-
-def model_fingerprint(loaded: LoadedModel) -> str:
-    """A short description of the model recorded in run manifests."""
-    return json.dumps({"name": loaded.name, "family": loaded.adapter.family,
-                       "layers": loaded.num_layers}, sort_keys=True)
