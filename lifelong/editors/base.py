@@ -55,6 +55,21 @@ def _convert(raw, annotation, where: str):
         raise HyperparameterError(f"{where}: cannot read '{raw}' as {getattr(target, '__name__', target)}") from None
 
 
+def default_layer(num_layers: int) -> int:
+    """An early-middle layer, where causal tracing (ROME/MEMIT) finds factual recall in
+    the MLPs, scaled to depth: layer 6 of SmolLM2's 30, which took 6/6 trial FT edits at
+    lr = bound = 1e-2 where layers 3 and 10 kept fewer of them to the end."""
+    return num_layers // 5
+
+
+def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
+    """``layer``, or the default for ``lm`` when None; refused when outside the model."""
+    layer = default_layer(lm.num_layers) if layer is None else layer
+    if not 0 <= layer < lm.num_layers:
+        raise ValueError(f"{editor}: layer {layer} out of range for a {lm.num_layers}-layer model")
+    return layer
+
+
 class Editor(ABC):
     """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``."""
 

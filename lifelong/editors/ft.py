@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta, ParamChange
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, resolve_layer
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -23,18 +23,11 @@ from streams import Edit
 
 @dataclass
 class FTParams:
-    layer: int | None = None  # None: default_layer(model) — see below
+    layer: int | None = None  # None: num_layers // 5 (editors.base.default_layer)
     lr: float = 1e-2
     max_steps: int = 25
     norm_constraint: float = 1e-2  # L∞ bound on the change of each weight, per batch
     stop_loss: float = 0.05  # stop when every edit's mean target NLL is below this
-
-
-def default_layer(num_layers: int) -> int:
-    """An early-middle layer, where causal tracing (ROME/MEMIT) finds factual recall in
-    the MLPs, scaled to depth: layer 6 of SmolLM2's 30, which took 6/6 trial edits at
-    lr = bound = 1e-2 where layers 3 and 10 kept fewer of them to the end."""
-    return num_layers // 5
 
 
 class FTEditor(Editor):
@@ -43,17 +36,11 @@ class FTEditor(Editor):
     Params = FTParams
 
     def bind(self, lm: LoadedModel) -> "FTEditor":
-        self.params = dataclasses.replace(self.params, layer=self._layer(lm))
+        self.params = dataclasses.replace(self.params, layer=resolve_layer(self.params.layer, lm, self.name))
         return self
 
-    def _layer(self, lm: LoadedModel) -> int:
-        layer = self.params.layer if self.params.layer is not None else default_layer(lm.num_layers)
-        if not 0 <= layer < lm.num_layers:
-            raise ValueError(f"ft: layer {layer} out of range for a {lm.num_layers}-layer model")
-        return layer
-
     def scope(self, lm: LoadedModel) -> list[str]:
-        return [lm.adapter.out_proj_param_name(self._layer(lm))]
+        return [lm.adapter.out_proj_param_name(self.bind(lm).params.layer)]
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:

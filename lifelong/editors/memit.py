@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, default_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
     CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, padded_batch, subject_token_index,
@@ -60,7 +60,7 @@ def default_mom2_weight(key_width: int) -> float:
 
 
 def default_layers(num_layers: int) -> list[int]:
-    centre = num_layers // 5
+    centre = default_layer(num_layers)
     return [layer for layer in range(centre - 2, centre + 3) if 0 <= layer < num_layers]
 
 

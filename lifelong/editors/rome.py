@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
 from lifelong.editors.locate import CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, prompt_key
 from lifelong.models import LoadedModel
@@ -55,9 +55,7 @@ class ROMEEditor(Editor):
         self._inverse_cache: dict[int, torch.Tensor] = {}
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
-        layer = self.params.layer if self.params.layer is not None else lm.num_layers // 5
-        if not 0 <= layer < lm.num_layers:
-            raise ValueError(f"{self.name}: layer {layer} out of range for a {lm.num_layers}-layer model")
+        layer = resolve_layer(self.params.layer, lm, self.name)
         if not 1 <= self.params.templates <= len(CONTEXT_TEMPLATES):
             raise ValueError(f"{self.name}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
         self.params = dataclasses.replace(self.params, layer=layer)
