@@ -109,6 +109,24 @@ def prompt_key(lm: LoadedModel, layer: int, edit: Edit) -> torch.Tensor:
 
 
 @dataclass
+class ValueParams:
+    """Hyperparameters of the v* (ROME) / z* (MEMIT) optimisation, at the papers' defaults."""
+
+    v_steps: int = 20  # optimisation steps
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm: float = 4.0
+    stop_nll: float = 0.05
+    templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
+
+    def context_templates(self, editor: str) -> tuple[str, ...]:
+        if not 1 <= self.templates <= len(CONTEXT_TEMPLATES):
+            raise ValueError(f"{editor}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
+        return CONTEXT_TEMPLATES[: self.templates]
+
+
+@dataclass
 class ValueFit:
     value: torch.Tensor  # v* = v_orig + δ (the projection's output that yields the target), float64
     original: torch.Tensor  # v_orig at the bare prompt
@@ -221,6 +239,13 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
         handle.remove()
     original = state["original"].double()
     return ValueFit(value=original + delta.detach().double(), original=original, steps=taken, nll=nll_value)
+
+
+def fit_value(lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, editor: str) -> ValueFit:
+    """:func:`optimize_value` with an editor's :class:`ValueParams`."""
+    return optimize_value(lm, layer, edit, params.context_templates(editor), steps=params.v_steps, lr=params.v_lr,
+                          kl_factor=params.kl_factor, weight_decay=params.v_weight_decay,
+                          clamp_norm=params.clamp_norm, stop_nll=params.stop_nll)
 
 
 def lowrank_change(adapter: ArchAdapter, left_out: torch.Tensor, right_in: torch.Tensor,

@@ -26,22 +26,15 @@ from lifelong.delta import Delta
 from lifelong.editors.base import Editor, default_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
-    CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, padded_batch, subject_token_index,
+    ValueParams, average_key, fit_value, lowrank_change, padded_batch, subject_token_index,
 )
 from lifelong.models import LoadedModel
 from streams import Edit
 
 
 @dataclass
-class MEMITParams:
+class MEMITParams(ValueParams):
     layers: str | None = None  # e.g. "4,5,6,7,8"; None: five layers centred on num_layers // 5
-    v_steps: int = 20
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm: float = 4.0
-    stop_nll: float = 0.05
-    templates: int = 21
     mom2_weight: float | None = None  # λ in λC + KKᵀ; None: 15000·m/16384 (see default_mom2_weight)
     cov_corpus: str = MODEL_SAMPLE
     cov_tokens: int = 20000
@@ -138,11 +131,10 @@ class MEMITEditor(Editor):
         p = self.params
         layers = self.layers(lm)
         last = layers[-1]
-        templates = CONTEXT_TEMPLATES[: p.templates]
+        templates = p.context_templates(self.name)
         deltas = []
         for edit in batch:  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = optimize_value(lm, last, edit, templates, steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor,
-                                 weight_decay=p.v_weight_decay, clamp_norm=p.clamp_norm, stop_nll=p.stop_nll)
+            fit = fit_value(lm, last, edit, p, self.name)
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 

@@ -23,21 +23,14 @@ import torch
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
-from lifelong.editors.locate import CONTEXT_TEMPLATES, average_key, lowrank_change, optimize_value, prompt_key
+from lifelong.editors.locate import ValueParams, average_key, fit_value, lowrank_change, prompt_key
 from lifelong.models import LoadedModel
 from streams import Edit
 
 
 @dataclass
-class ROMEParams:
+class ROMEParams(ValueParams):
     layer: int | None = None  # None: num_layers // 5 (layer 6 of SmolLM2's 30)
-    v_steps: int = 20  # ROME's default number of v* optimisation steps
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm: float = 4.0
-    stop_nll: float = 0.05
-    templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     mom2: bool = True  # covariance adjustment (C = E[kkᵀ]); False: C = I
     cov_corpus: str = MODEL_SAMPLE
     cov_tokens: int = 20000
@@ -56,8 +49,7 @@ class ROMEEditor(Editor):
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
         layer = resolve_layer(self.params.layer, lm, self.name)
-        if not 1 <= self.params.templates <= len(CONTEXT_TEMPLATES):
-            raise ValueError(f"{self.name}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
+        self.params.context_templates(self.name)  # refuse a bad count before any work
         self.params = dataclasses.replace(self.params, layer=layer)
         return self
 
@@ -83,10 +75,8 @@ class ROMEEditor(Editor):
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
         p = self.params
-        templates = CONTEXT_TEMPLATES[: p.templates]
-        k_avg = average_key(lm, p.layer, edit, templates)
-        fit = optimize_value(lm, p.layer, edit, templates, steps=p.v_steps, lr=p.v_lr, kl_factor=p.kl_factor,
-                             weight_decay=p.v_weight_decay, clamp_norm=p.clamp_norm, stop_nll=p.stop_nll)
+        k_avg = average_key(lm, p.layer, edit, p.context_templates(self.name))
+        fit = fit_value(lm, p.layer, edit, p, self.name)
         k_x = k_avg if self.averaged_key_everywhere else prompt_key(lm, p.layer, edit)
         weight = lm.adapter.out_proj_weight_view(p.layer).double()
         bias = lm.adapter.out_proj(p.layer).bias
