@@ -7,6 +7,7 @@ unsupported model) ends in one line ``lifelong: error: ...`` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,7 @@ def cmd_replay(args) -> int:
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,
-        device=args.device,
+        device=args.device, probes=list(args.probe or []),
     )
     out = Path(args.out) if args.out else _default_out(args)
     result = replay(config, out, progress=not args.quiet)
@@ -114,6 +115,8 @@ def cmd_probes(args) -> int:
 
     for name, cls in sorted(PROBES.items()):
         print(f"{name:<14}{cls.description}")
+        options = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)]
+        print(f"{'':<14}schedule={cls.default_schedule}" + "".join(f", {o}" for o in options))
     return 0
 
 
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
+    p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lifelong.delta import DeltaStore
 from lifelong.editors import Editor, make_editor
 from lifelong.models import LoadedModel, load_model
 from lifelong.run import RunConfig, RunDir, identity_of
-from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer
+from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
 from streams import EditStream, load_stream
 
 
@@ -54,7 +55,38 @@ def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
 
 
 def default_suite(config: RunConfig) -> ProbeSuite:
-    return ProbeSuite([EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")])
+    """Edit quality every step, retention every ``probe_every`` steps, then ``config.probes``."""
+    extra = [make_probe(spec) for spec in config.probes]
+    names = ["edit_quality", "retention"] + [p.name for p in extra]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"probe '{twice[0]}' is given twice (edit_quality and retention always run; "
+                         "retention's schedule is --probe-every)")
+    return ProbeSuite([EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}"), *extra])
+
+
+def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: int):
+    """A context-manager factory for :attr:`ProbeContext.model_at`: step k's weights and editor
+    state while the block runs, then the current step's restored bitwise."""
+
+    @contextmanager
+    def at(k: int):
+        if not 0 <= k <= current:
+            raise ValueError(f"cannot check out step {k} from step {current}")
+        params = dict(lm.model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in store.base}
+        state = editor.state_dict()
+        store.checkout(lm.model, k)
+        editor.load_state_dict(store.load_state(k))
+        try:
+            yield lm
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+            editor.load_state_dict(state)
+
+    return at
 
 
 def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, editor: Editor | None = None,
@@ -93,7 +125,8 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     references = run.load_reference()
     if done < 0 or references is None:  # step 0: θ0 references and rows, on the base model
         t0 = time.perf_counter()
-        ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, upcoming=tuple(stream))
+        ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, upcoming=tuple(stream),
+                           base_params=store.base)
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
         run.write_rows(0, rows_for(0, None, rows))
@@ -113,14 +146,17 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         torch.manual_seed(step_seed(config.seed, step))
         t0 = time.perf_counter()
         delta = editor.apply(lm, batch)
+        t_edit = time.perf_counter() - t0
+        # Commit first: probes may check out earlier steps (model_at), which reads the store.
+        store.commit(step, delta, editor.state_dict())
         t1 = time.perf_counter()
         ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
-                           scorer=scorer, is_last=step == len(steps))
+                           scorer=scorer, is_last=step == len(steps), base_params=store.base,
+                           model_at=model_at_step(lm, editor, store, step))
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
-        store.commit(step, delta, editor.state_dict())
         run.write_rows(step, rows_for(step, timestamp, rows))
-        run.mark_complete(step, timestamp, {"edit": t1 - t0, "probe": t2 - t1}, len(steps))
+        run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps))
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]
         if retained:
             bar.set_postfix(retained=f"{retained[0]:.2f}")

@@ -55,6 +55,7 @@ class RunConfig:
     probe_every: int = 5  # retention schedule; edit quality runs every step
     seed: int = 0
     device: str = "cpu"
+    probes: list[str] = field(default_factory=list)  # extra probes: "name" or "name:key=value,..."
 
 
 def atomic_write_text(path: Path, text: str) -> None:

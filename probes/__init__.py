@@ -5,12 +5,33 @@
 
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
 from probes.edit_quality import EditQualityProbe, RetentionProbe
+from probes.options import OptionError, parse_options, split_spec
 from probes.scorer import Scorer, Scores
 
 # The probe registry: every probe is listed here, and only here.
 PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe)}
 
+
+class UnknownProbeError(ValueError):
+    pass
+
+
+def make_probe(spec: str) -> Probe:
+    """A probe from ``name`` or ``name:key=value,...``; the key ``schedule`` (every:K, log, end)
+    sets when it runs, every other key is one of the probe's ``Options``."""
+    name, options = split_spec(spec)
+    if name not in PROBES:
+        raise UnknownProbeError(f"unknown probe '{name}': expected one of {', '.join(sorted(PROBES))}")
+    cls = PROBES[name]
+    schedule = options.pop("schedule", None)
+    try:
+        return cls(schedule, parse_options(cls.Options, options, name))
+    except OptionError:
+        raise
+    except ValueError as err:  # a bad schedule
+        raise OptionError(f"probe '{name}': {err}") from None
+
 __all__ = [
-    "PROBES", "EditQualityProbe", "Probe", "ProbeContext", "ProbeSuite", "RetentionProbe", "Row",
+    "PROBES", "EditQualityProbe", "OptionError", "UnknownProbeError", "make_probe", "Probe", "ProbeContext", "ProbeSuite", "RetentionProbe", "Row",
     "Schedule", "Scorer", "Scores",
 ]

@@ -7,10 +7,12 @@ for the whole run, so they are computed once) and rows for step 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from probes.scorer import Scorer
 from streams import Edit
@@ -39,9 +41,22 @@ class ProbeContext:
     reference: dict[str, Any] = field(default_factory=dict)  # this probe's θ0 values
     upcoming: tuple[Edit, ...] = ()  # at step 0: every edit of the run, for θ0 references
     is_last: bool = False
+    # θ0 values of the parameters the editor may change (weight drift, conflict magnitude).
+    base_params: dict[str, Any] = field(default_factory=dict)
+    # model_at(k): a context manager that puts the live model (weights and editor state) as it
+    # was right after step k, and restores the current step bitwise on exit.
+    model_at: Callable[[int], AbstractContextManager] | None = None
 
     def edits_so_far(self) -> list[tuple[int, Edit]]:
         return [(k, e) for k, batch in enumerate(self.history, start=1) for e in batch]
+
+    def at_step(self, k: int) -> AbstractContextManager:
+        """The live model as it was after step ``k`` for the duration of a ``with`` block."""
+        if k == self.step:
+            return nullcontext()
+        if self.model_at is None:
+            raise RuntimeError(f"this probe context cannot check out step {k} (no delta store attached)")
+        return self.model_at(k)
 
 
 class Schedule:
@@ -70,14 +85,27 @@ class Schedule:
         return f"Schedule({self.spec!r})"
 
 
+@dataclass
+class NoOptions:
+    """Options of a probe that takes none."""
+
+
 class Probe:
-    """Base class: subclasses set ``name`` and implement ``measure`` (and ``prepare`` if they need θ0)."""
+    """Base class: subclasses set ``name`` and implement ``measure`` (and ``prepare`` if they need θ0).
+
+    A probe with settings declares them as the dataclass ``Options`` (typed, with defaults);
+    ``--probe name:key=value,...`` on the command line fills it (see :func:`probes.make_probe`).
+    """
 
     name: str = "probe"
     description: str = ""
+    Options: type = NoOptions
+    default_schedule: str = "every:1"
 
-    def __init__(self, schedule: Schedule | str = "every:1"):
+    def __init__(self, schedule: Schedule | str | None = None, options=None):
+        schedule = self.default_schedule if schedule is None else schedule
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+        self.options = options if options is not None else self.Options()
 
     def prepare(self, ctx: ProbeContext) -> tuple[dict[str, Any], list[Row]]:
         """θ0 reference values (JSON-able) and step-0 rows; runs once, before any edit."""
@@ -87,7 +115,9 @@ class Probe:
         raise NotImplementedError
 
     def config(self) -> dict:
-        return {"name": self.name, "schedule": self.schedule.spec}
+        out = {"name": self.name, "schedule": self.schedule.spec}
+        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        return {**out, "options": options} if options else out
 
 
 class ProbeSuite:

@@ -9,7 +9,6 @@ from step to step (accumulated keys, a codebook, cached statistics) goes through
 from __future__ import annotations
 
 import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
@@ -17,6 +16,7 @@ import torch
 
 from lifelong.delta import Delta
 from lifelong.models import LoadedModel
+from probes.options import parse_options
 from streams import Edit
 
 
@@ -26,33 +26,7 @@ class HyperparameterError(ValueError):
 
 def parse_overrides(params_cls: type, overrides: dict[str, str] | None, editor: str):
     """Build ``params_cls`` from string overrides (CLI ``--set key=value``), converting types."""
-    hints = typing.get_type_hints(params_cls)
-    names = [f.name for f in dataclasses.fields(params_cls)]
-    values = {}
-    for key, raw in (overrides or {}).items():
-        if key not in names:
-            raise HyperparameterError(
-                f"editor '{editor}' has no hyperparameter '{key}': expected one of {', '.join(names)}"
-            )
-        values[key] = _convert(raw, hints[key], f"{editor}.{key}")
-    return params_cls(**values)
-
-
-def _convert(raw, annotation, where: str):
-    if not isinstance(raw, str):
-        return raw
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    target = args[0] if args else annotation
-    if raw.lower() in ("none", "null") and type(None) in typing.get_args(annotation):
-        return None
-    try:
-        if target is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        return target(raw)
-    except (TypeError, ValueError):
-        raise HyperparameterError(f"{where}: cannot read '{raw}' as {getattr(target, '__name__', target)}") from None
+    return parse_options(params_cls, overrides, editor, HyperparameterError, "hyperparameter", "editor")
 
 
 def default_layer(num_layers: int) -> int:

@@ -208,7 +208,7 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
         if "original" not in state:  # v_orig: the output at the bare prompt's subject token
             state["original"] = out[0, 0].detach().clone()
         out = out.clone()
-        out[every_row, 0] = out[every_row, 0] + delta
+        out[every_row, 0] = out[every_row, 0] + delta.to(out.dtype)
         return out
 
     with torch.no_grad():  # the KL reference: the unedited distribution at the KL prompt's subject token
