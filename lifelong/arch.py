@@ -27,13 +27,15 @@ class FamilySpec:
     mlp_out: str  # within a block: the MLP's output projection (down/proj)
     final_norm: str
     transposed: bool = False  # weight stored as (in, out) — GPT-2's Conv1D
+    positions: str | None = None  # a learned absolute position embedding added to the input (GPT-2)
 
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
     "qwen2": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
     "mistral": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
-    "gpt2": FamilySpec("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True),
+    "gpt2": FamilySpec("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True,
+                       positions="transformer.wpe"),
     "gptj": FamilySpec("transformer.h", "mlp.fc_in", "mlp.fc_out", "transformer.ln_f"),
     "gpt_neox": FamilySpec("gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
 }

@@ -154,6 +154,12 @@ class DeltaStore:
         path = self.state_path(step)
         return load_file(str(path)) if step > 0 and path.is_file() else {}
 
+    def step_states(self, step: int, incremental: bool) -> list[dict[str, torch.Tensor]]:
+        """The saved editor states needed to restore ``step``: 1..step if ``incremental``, else step's own."""
+        if step <= 0:
+            return []
+        return [self.load_state(k) for k in range(1, step + 1)] if incremental else [self.load_state(step)]
+
     @torch.no_grad()
     def revert_to_base(self, model: nn.Module) -> None:
         """Restore every scoped parameter to its θ0 value, bitwise."""

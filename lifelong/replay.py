@@ -77,7 +77,7 @@ def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: i
         saved = {name: params[name].detach().clone() for name in store.base}
         state = editor.state_dict()
         store.checkout(lm.model, k)
-        editor.load_state_dict(store.load_state(k))
+        editor.load_step_states(store.step_states(k, editor.incremental_state))
         try:
             yield lm
         finally:
@@ -134,7 +134,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         done = 0
     elif done > 0:
         store.checkout(lm.model, done)
-        editor.load_state_dict(store.load_state(done))
+        editor.load_step_states(store.step_states(done, editor.incremental_state))
 
     todo = range(done + 1, len(steps) + 1)
     if stop_after is not None:
@@ -148,7 +148,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         delta = editor.apply(lm, batch)
         t_edit = time.perf_counter() - t0
         # Commit first: probes may check out earlier steps (model_at), which reads the store.
-        store.commit(step, delta, editor.state_dict())
+        store.commit(step, delta, editor.step_state())
         t1 = time.perf_counter()
         ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
                            scorer=scorer, is_last=step == len(steps), base_params=store.base,

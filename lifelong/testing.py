@@ -306,7 +306,7 @@ def revert_restores_base(subject: EditorUnderTest, stream: EditStream) -> None:
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
         store = DeltaStore.for_scope(Path(tmp), lm.model, editor.scope(lm))
         for step, batch in enumerate(stream.steps(), start=1):
-            store.commit(step, subject.apply(editor, lm, batch, step), editor.state_dict())
+            store.commit(step, subject.apply(editor, lm, batch, step), editor.step_state())
         store.revert_to_base(lm.model)
         _fail_if(_differences(base, lm.model), "revert_to_base did not restore θ0 bitwise")
         store.checkout(lm.model, len(stream.steps()))

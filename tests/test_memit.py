@@ -67,6 +67,12 @@ def test_alphaedit_accumulates_keys_as_state(tiny):
     assert set(first) == {"past_keys.1", "past_keys.2"} and first["past_keys.1"].shape[1] == 1
     editor.apply(tiny, make_edits(2, start=1))
     assert editor.state_dict()["past_keys.2"].shape[1] == 3
+    # A step saves only its own keys; restoring from the steps' states rebuilds the whole.
+    second_step = editor.step_state()
+    assert second_step["past_keys.2"].shape[1] == 2
+    rebuilt = make_editor("alphaedit", FAST)
+    rebuilt.load_step_states([first, second_step])
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in editor.state_dict().items())
     fresh = make_editor("alphaedit", FAST)
     with pytest.raises(ValueError, match="no eigenvalue"):
         make_editor("alphaedit", {**FAST, "nullspace_threshold": "1e-9"}).apply(tiny, make_edits(1))

@@ -62,12 +62,25 @@ class Editor(ABC):
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         """Edit ``lm.model`` in place for ``batch`` and return exactly what changed."""
 
+    # True when each step's saved state holds only what that step added (so run directories
+    # grow linearly, not quadratically); restoring step k then reads the states of steps 1..k.
+    incremental_state: ClassVar[bool] = False
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole state carried between steps (in memory)."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise ValueError(f"editor '{self.name}' carries no state but was given {sorted(state)}")
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        """What the delta store saves with a step: the whole state, or this step's increment."""
+        return self.state_dict()
+
+    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Restore from saved step states: steps 1..k when ``incremental_state``, else step k only."""
+        self.load_state_dict(states[-1] if states else {})
 
     def bind(self, lm: LoadedModel) -> "Editor":
         """Fill model-dependent defaults (e.g. ``layer=None``) for ``lm``; returns self."""

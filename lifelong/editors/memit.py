@@ -26,8 +26,9 @@ from lifelong.delta import Delta
 from lifelong.editors.base import Editor, default_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
-    ValueParams, average_key, fit_value, lowrank_change, padded_batch, subject_token_index,
+    UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch, subject_token_index,
 )
+from lifelong.editors.upper import compute_dtype
 from lifelong.models import LoadedModel
 from streams import Edit
 
@@ -77,6 +78,7 @@ class MEMITEditor(Editor):
     def __init__(self, params=None):
         super().__init__(params)
         self._second_moments: dict[int, torch.Tensor] = {}
+        self._stacks = UpperStacks()
 
     def bind(self, lm: LoadedModel) -> "MEMITEditor":
         layers = parse_layers(self.params.layers, lm.num_layers, self.name)
@@ -84,6 +86,8 @@ class MEMITEditor(Editor):
         if weight is None:
             weight = default_mom2_weight(lm.adapter.out_proj_weight_view(layers[0]).shape[1])
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), mom2_weight=weight)
+        self.params.context_templates(self.name)  # refuse a bad count or dtype before any work
+        compute_dtype(self.params.v_dtype, self.name)
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:
@@ -134,7 +138,7 @@ class MEMITEditor(Editor):
         templates = p.context_templates(self.name)
         deltas = []
         for edit in batch:  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = fit_value(lm, last, edit, p, self.name)
+            fit = fit_value(lm, last, edit, p, self.name, self._stacks)
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 
@@ -159,6 +163,9 @@ class AlphaEditEditor(MEMITEditor):
         super().__init__(params)
         self._projectors: dict[int, torch.Tensor] = {}
         self._past_keys: dict[int, torch.Tensor] = {}  # layer -> (m × total edits so far), the carried state
+        self._step_keys: dict[int, torch.Tensor] = {}  # layer -> (m × edits of the last step): what a step saves
+
+    incremental_state = True
 
     def prepare(self, lm: LoadedModel) -> None:
         super().prepare(lm)
@@ -188,16 +195,33 @@ class AlphaEditEditor(MEMITEditor):
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ
         return residual, torch.linalg.solve(a.T, proj @ keys)
 
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        self._step_keys = {}
+        return super().apply(lm, batch)
+
     def remember(self, layer: int, keys: torch.Tensor) -> None:
         past = self._past_keys.get(layer)
         keys = keys.detach().cpu()
+        self._step_keys[layer] = keys
         self._past_keys[layer] = keys if past is None else torch.cat([past, keys], 1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._past_keys.items()}
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        """Only the keys this step added: a run's saved state grows linearly with its edits."""
+        return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._step_keys.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         unknown = [k for k in state if not k.startswith("past_keys.")]
         if unknown:
             raise ValueError(f"alphaedit: unexpected state entries {unknown}")
         self._past_keys = {int(k.split(".", 1)[1]): v.double() for k, v in state.items()}
+        self._step_keys = {}
+
+    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        merged: dict[str, list[torch.Tensor]] = {}
+        for state in states:
+            for name, keys in state.items():
+                merged.setdefault(name, []).append(keys)
+        self.load_state_dict({name: torch.cat(parts, 1) for name, parts in merged.items()})

@@ -23,7 +23,8 @@ import torch
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
-from lifelong.editors.locate import ValueParams, average_key, fit_value, lowrank_change, prompt_key
+from lifelong.editors.locate import UpperStacks, ValueParams, fit_value, lowrank_change
+from lifelong.editors.upper import compute_dtype
 from lifelong.models import LoadedModel
 from streams import Edit
 
@@ -46,10 +47,12 @@ class ROMEEditor(Editor):
     def __init__(self, params=None):
         super().__init__(params)
         self._inverse_cache: dict[int, torch.Tensor] = {}
+        self._stacks = UpperStacks()
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
         layer = resolve_layer(self.params.layer, lm, self.name)
-        self.params.context_templates(self.name)  # refuse a bad count before any work
+        self.params.context_templates(self.name)  # refuse a bad count or dtype before any work
+        compute_dtype(self.params.v_dtype, self.name)
         self.params = dataclasses.replace(self.params, layer=layer)
         return self
 
@@ -75,9 +78,9 @@ class ROMEEditor(Editor):
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
         p = self.params
-        k_avg = average_key(lm, p.layer, edit, p.context_templates(self.name))
-        fit = fit_value(lm, p.layer, edit, p, self.name)
-        k_x = k_avg if self.averaged_key_everywhere else prompt_key(lm, p.layer, edit)
+        fit = fit_value(lm, p.layer, edit, p, self.name, self._stacks)
+        k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
+        k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
         weight = lm.adapter.out_proj_weight_view(p.layer).double()
         bias = lm.adapter.out_proj(p.layer).bias
         current = weight @ k_x + (bias.double() if bias is not None else 0)

@@ -1,0 +1,105 @@
+"""Locate-and-edit speed on the default model, measured in one run (not a timed test).
+
+Prints, each with its ratio to a plain batched forward pass over 1,024 tokens measured
+in the same run (the yardstick):
+- ROME seconds per edit at the paper's optimisation budget (20 steps, 21 context
+  templates, early stop at NLL 0.05), with the upper layers in bfloat16 (the default)
+  and in float32;
+- MEMIT and AlphaEdit seconds per edit at batch size 1 and 16;
+- covariance statistics for the default corpus: sampling the text, then the pass over it
+  for one layer and for MEMIT's five layers at once.
+Each edit is applied to the base model and reverted, so every edit starts from θ0.
+
+    python benchmarks/bench_locate.py [--edits 5] [--batch 16] [--cov-tokens 20000] [--skip-covariance]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def forward_yardstick(lm, repeats: int = 3) -> float:
+    """Median seconds of one no-grad forward over 8 × 128 = 1,024 tokens (logits included)."""
+    ids = torch.randint(100, lm.tokenizer.vocab_size - 100, (8, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lm.model(input_ids=ids)  # warm-up
+        return statistics.median(timed(lambda: lm.model(input_ids=ids))[1] for _ in range(repeats))
+
+
+def per_edit(lm, editor, batches) -> tuple[float, list[float]]:
+    """Mean seconds per edit over ``batches``, each applied to θ0 and reverted."""
+    editor.prepare(lm)
+    seconds, each = 0.0, []
+    for batch in batches:
+        delta, t = timed(lambda: editor.apply(lm, batch))
+        delta.revert(lm.model)
+        seconds += t
+        each.append(t / len(batch))
+    return seconds / sum(len(b) for b in batches), each
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edits", type=int, default=5, help="edits timed per editor at batch size 1")
+    ap.add_argument("--batch", type=int, default=16, help="the larger batch size for MEMIT and AlphaEdit")
+    ap.add_argument("--cov-tokens", type=int, default=20000)
+    ap.add_argument("--skip-covariance", action="store_true")
+    args = ap.parse_args()
+
+    from lifelong.editors import make_editor
+    from lifelong.editors.covariance import MODEL_SAMPLE, _token_rows, compute_second_moments
+    from lifelong.editors.memit import default_layers
+    from lifelong.models import load_model
+    from streams import load_stream
+
+    lm = load_model("smollm2-135m")
+    edits = list(load_stream("builtin"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {lm.name} ({lm.num_layers} layers)")
+    yard = forward_yardstick(lm)
+    print(f"yardstick: forward over 1,024 tokens {yard:.3f} s ({1024 / yard:.0f} tokens/s)\n")
+
+    def report(label: str, seconds: float, extra: str = "") -> None:
+        print(f"{label:<38}{seconds:7.2f} s/edit  = {seconds / yard:6.2f} × forward(1,024 tok){extra}")
+
+    warm = edits[-1:]  # one untimed edit per editor: covariance inverse, bf16 copy of the upper layers
+    singles = [[e] for e in edits[: args.edits]]
+    for name, overrides in [("rome", {}), ("rome", {"v_dtype": "float32"}), ("r-rome", {})]:
+        editor = make_editor(name, overrides).bind(lm)
+        per_edit(lm, editor, [warm])
+        seconds, each = per_edit(lm, editor, singles)
+        label = f"{name}" + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
+        report(label, seconds, f"   [{', '.join(f'{s:.2f}' for s in each)}]")
+    for name in ("memit", "alphaedit"):
+        editor = make_editor(name).bind(lm)
+        per_edit(lm, editor, [warm])
+        seconds, _ = per_edit(lm, editor, singles)
+        report(f"{name} batch 1", seconds)
+        big = [edits[args.edits: args.edits + args.batch]]
+        seconds, _ = per_edit(lm, editor, big)
+        report(f"{name} batch {len(big[0])}", seconds)
+
+    if not args.skip_covariance:
+        rows, sampling = timed(lambda: _token_rows(lm, MODEL_SAMPLE, args.cov_tokens, 128, 0))
+        print(f"\ncovariance, default corpus ({MODEL_SAMPLE}, {args.cov_tokens} tokens):")
+        print(f"  sampling the text once            {sampling:7.1f} s = {sampling / yard:7.1f} × forward")
+        layer = default_layers(lm.num_layers)[0]
+        _, one = timed(lambda: compute_second_moments(lm, [layer], rows))
+        print(f"  pass for 1 layer                  {one:7.1f} s = {one / yard:7.1f} × forward")
+        layers = default_layers(lm.num_layers)
+        _, five = timed(lambda: compute_second_moments(lm, layers, rows))
+        print(f"  pass for {len(layers)} layers at once          {five:7.1f} s = {five / yard:7.1f} × forward "
+              f"({five / len(layers):.1f} s per layer)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Which layer to edit: single-edit ES/PS/NS per layer on the default model (one run).
+
+How the defaults were chosen: each layer in ``--layers`` edits the same facts (each on a
+fresh base) and the table gives efficacy, paraphrase generalization and neighborhood
+locality; the chosen layer is the one with the best PS + NS among those with ES = 1.
+
+    python benchmarks/layer_sweep.py --editor rome --layers 2,4,6,8,10,14,20 --facts 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from single_edit_quality import quality  # benchmarks/ is on sys.path when run as a script
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--editor", default="rome")
+    ap.add_argument("--layers", default="2,4,6,8,10,14,20")
+    ap.add_argument("--facts", type=int, default=8)
+    ap.add_argument("--set", action="append", default=[], help="key=value for the editor")
+    args = ap.parse_args()
+
+    from lifelong.editors import make_editor
+    from lifelong.models import load_model
+    from probes.scorer import Scorer
+    from streams import load_stream
+
+    lm = load_model("smollm2-135m")
+    scorer = Scorer(lm.model, lm.tokenizer)
+    edits = list(load_stream("builtin"))[:: max(1, 113 // args.facts)][: args.facts]  # spread over relations
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    print(f"{args.editor} on {len(edits)} built-in facts, each edit on a fresh base")
+    print(f"{'layer':>5}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}")
+    for layer in [int(x) for x in args.layers.split(",")]:
+        editor = make_editor(args.editor, {**overrides, "layer": str(layer)}).bind(lm)
+        rows, seconds = [], []
+        for edit in edits:
+            t0 = time.perf_counter()
+            delta = editor.apply(lm, [edit])
+            seconds.append(time.perf_counter() - t0)
+            rows.append(quality(scorer, edit))
+            delta.revert(lm.model)
+        es, ps, ns = np.nanmean(np.array(rows), axis=0)
+        print(f"{layer:>5}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{np.mean(seconds):>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

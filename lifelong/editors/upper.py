@@ -1,0 +1,138 @@
+"""Run only the layers above an edited one, from a given residual stream.
+
+In v*/z* optimisation δ is added to layer l's MLP output, which adds straight into the
+residual stream leaving layer l (in every supported family: pre-norm, GPT-J/NeoX
+parallel blocks alike). Layers 0..l are therefore constant across optimisation steps:
+their output is computed once, and each step runs layers l+1.. only.
+
+The upper stack runs through the family's own body (its masks, rotary embeddings,
+KV cache and final norm) with the layer list cut to l+1..; a learned absolute position
+embedding (GPT-2's ``wpe``) is zeroed there, since the residual already holds it.
+It can run in a lower-precision compute dtype (bfloat16 halves the time of the
+matmuls on CPUs with AVX512-BF16 or AMX): a converted copy of the upper stack,
+rebuilt only when one of its weights changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lifelong.arch import ArchAdapter
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, editor: str) -> torch.dtype:
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{editor}: v_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{name}'")
+    return COMPUTE_DTYPES[name]
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, attr = path.rpartition(".")
+    return parent, attr
+
+
+@contextmanager
+def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily replace submodules of ``root`` (paths relative to it)."""
+    saved = {}
+    try:
+        for path, module in replacements.items():
+            parent, attr = _split(path)
+            owner = root.get_submodule(parent) if parent else root
+            saved[path] = (owner, attr, getattr(owner, attr))
+            setattr(owner, attr, module)
+        yield
+    finally:
+        for owner, attr, module in saved.values():
+            setattr(owner, attr, module)
+
+
+def _zero_positions(module: nn.Embedding) -> nn.Embedding:
+    zero = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device,
+                        dtype=module.weight.dtype)
+    nn.init.zeros_(zero.weight)
+    zero.requires_grad_(False)
+    return zero
+
+
+class UpperStack:
+    """Layers ``start``.. of a model, run from a residual stream given as ``inputs_embeds``."""
+
+    def __init__(self, adapter: ArchAdapter, start: int, dtype: torch.dtype):
+        self.adapter, self.start, self.dtype = adapter, start, dtype
+        self.body = adapter.body()
+        prefix = adapter.model.base_model_prefix + "."
+        self.layers_path = adapter.spec.layers.removeprefix(prefix)  # relative to the body
+        self.positions_path = (adapter.spec.positions or "").removeprefix(prefix) or None
+        self._copy: nn.Module | None = None
+        self._copy_key: tuple | None = None
+
+    def _replacements(self, layers: list[nn.Module], positions: nn.Module | None) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {self.layers_path: nn.ModuleList(layers)}
+        if positions is not None:
+            out[self.positions_path] = _zero_positions(positions)
+        return out
+
+    def _live_layers(self) -> list[nn.Module]:
+        return list(self.body.get_submodule(self.layers_path))[self.start:]
+
+    def _positions(self) -> nn.Module | None:
+        return self.body.get_submodule(self.positions_path) if self.positions_path else None
+
+    def _version(self) -> tuple:
+        """Identity and version of every weight the copy is made of (a changed weight forces a rebuild)."""
+        return tuple((id(p), p._version) for layer in self._live_layers() for p in layer.parameters()) + tuple(
+            (name, id(p), p._version) for name, p in self.body.named_parameters() if not name.startswith(
+                self.layers_path + "."))
+
+    def _converted(self) -> nn.Module:
+        key = self._version()
+        if self._copy is None or self._copy_key != key:
+            # Copy the body with only the upper layers in it (and no token embedding: the
+            # stack is always fed inputs_embeds), then convert the copy.
+            embed = self.adapter.model.get_input_embeddings()
+            embed_path = next(name for name, m in self.body.named_modules() if m is embed)
+            with _swapped(self.body, {self.layers_path: nn.ModuleList(self._live_layers()),
+                                      embed_path: nn.Identity()}):
+                body = copy.deepcopy(self.body)
+            for param in body.parameters():  # parameters only: buffers (rotary inv_freq) keep their precision
+                param.data = param.data.to(self.dtype)
+            if self.positions_path:
+                with torch.no_grad():
+                    body.get_submodule(self.positions_path).weight.zero_()
+            self._copy, self._copy_key = body, key
+        return self._copy
+
+    def cast_cache(self, cache):
+        """The prefix KV cache in the compute dtype (a copy; layers below ``start`` are never read)."""
+        if cache is None or self.dtype == self._model_dtype():
+            return cache
+        cache = copy.deepcopy(cache)
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys = layer.keys.to(self.dtype)
+                layer.values = layer.values.to(self.dtype)
+        return cache
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(self.body.parameters()).dtype
+
+    def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
+        if self.dtype == self._model_dtype():
+            with _swapped(self.body, self._replacements(self._live_layers(), self._positions())):
+                return self.body(inputs_embeds=hidden, **kwargs).last_hidden_state
+        out = self._converted()(inputs_embeds=hidden.to(self.dtype), **kwargs).last_hidden_state
+        return out.to(hidden.dtype)
+
+
+def layer_output(output) -> torch.Tensor:
+    """A decoder layer's hidden-state output (some families return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
