@@ -81,10 +81,16 @@ def test_batch_of_two_is_rank_two_and_replayable(tiny):
 
 def test_second_moment_is_cached_and_symmetric(tiny, tmp_path):
     first = key_second_moment(tiny, 1, n_tokens=512, seq_len=32)
-    files = list((tmp_path / "cache" / "stats").rglob("*.safetensors"))
-    assert len(files) == 1
+    files = sorted(p.name for p in (tmp_path / "cache" / "stats").rglob("*.safetensors"))
+    assert len(files) == 2 and files[1].startswith("model-sample-"), files  # the layer's C and the sampled text
     again = key_second_moment(tiny, 1, n_tokens=512, seq_len=32)
     assert torch.equal(first, again)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the sampled text should come from the cache")
+
+    tiny.model.generate = no_sampling  # another layer: a new pass over the cached text, no new sampling
+    key_second_moment(tiny, 2, n_tokens=512, seq_len=32)
     assert torch.allclose(first, first.T)
     assert torch.linalg.eigvalsh(first).min() > -1e-8
     assert first.shape[0] == tiny.adapter.out_proj_weight_view(1).shape[1]

@@ -68,6 +68,10 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
         if not rows:
             raise ValueError(f"covariance corpus {corpus!r} has fewer than {seq_len} tokens")
         return rows[:n_rows]
+    # Sampling costs far more than the pass over the text: keep the tokens for other layers.
+    path = cache_root() / "stats" / model_key(lm) / f"{MODEL_SAMPLE}-seed{seed}-rows{n_rows}-len{seq_len}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["tokens"].tolist()
     rows = []
     with torch.random.fork_rng(devices=[]), tqdm(total=n_rows, desc="sampling covariance text", unit="seq") as bar:
         torch.manual_seed(seed)
@@ -80,6 +84,7 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
                                     pad_token_id=lm.tokenizer.pad_token_id or 0)
             rows += out[:, :seq_len].tolist()
             bar.update(batch)
+    atomic_save_tensors({"tokens": torch.tensor(rows, dtype=torch.long)}, path)
     return rows
 
 
