@@ -55,14 +55,15 @@ def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
 
 
 def default_suite(config: RunConfig) -> ProbeSuite:
-    """Edit quality every step, retention every ``probe_every`` steps, then ``config.probes``."""
+    """Edit quality every step, retention every ``probe_every`` steps, then ``config.probes``;
+    a ``--probe edit_quality:...`` or ``--probe retention:...`` replaces the default one."""
     extra = [make_probe(spec) for spec in config.probes]
-    names = ["edit_quality", "retention"] + [p.name for p in extra]
+    names = [p.name for p in extra]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"probe '{twice[0]}' is given twice (edit_quality and retention always run; "
-                         "retention's schedule is --probe-every)")
-    return ProbeSuite([EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}"), *extra])
+        raise ValueError(f"probe '{twice[0]}' is given twice")
+    defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
+    return ProbeSuite([p for p in defaults if p.name not in names] + extra)
 
 
 def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: int):

@@ -7,6 +7,8 @@ the argmax answer tokens on a neighborhood prompt are those of θ0.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -80,14 +82,35 @@ class EditQualityProbe(Probe):
         return rows
 
 
+@dataclass
+class RetentionOptions:
+    # Probe a seeded panel of past edits: an edit belongs to it when a hash of (seed, edit id)
+    # falls below this fraction, so the panel is the same at every probed step and grows with
+    # the stream; 1.0 probes every edit so far. Entries probed are exact, the rest are absent.
+    fraction: float = 1.0
+    seed: int = 0
+
+
+def in_panel(edit_id: str, fraction: float, seed: int) -> bool:
+    """Whether ``edit_id`` is in the seeded panel of the given fraction (stable across runs)."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{seed}:{edit_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
 class RetentionProbe(Probe):
-    """Row t of the retention matrix: every edit made so far, scored after step t."""
+    """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = "retention"
     description = "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule"
+    Options = RetentionOptions
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
-        edits = [e for _, e in ctx.edits_so_far()]
+        opts = self.options
+        if not 0.0 < opts.fraction <= 1.0:
+            raise ValueError(f"retention: fraction must be in (0, 1], got {opts.fraction}")
+        edits = [e for _, e in ctx.edits_so_far() if in_panel(e.id, opts.fraction, opts.seed)]
         rows = efficacy_rows(self.name, "retention", ctx, edits)
         for protocol in ("es", "exact"):
             values = [r.value for r in rows if r.protocol == protocol]

@@ -64,9 +64,11 @@ def test_make_probe_types_options_and_schedule(norm_probe):
         make_probe("weight_norm_test:schedule=weekly")
 
 
-def test_a_probe_given_twice_is_refused(norm_probe):
-    with pytest.raises(ValueError, match="probe 'retention' is given twice"):
-        default_suite(RunConfig(probes=["retention"]))
+def test_a_probe_given_twice_is_refused_and_a_default_can_be_replaced(norm_probe):
+    suite = default_suite(RunConfig(probe_every=3, probes=["retention:schedule=log,fraction=0.5"]))
+    assert [p.config() for p in suite.probes] == [
+        {"name": "edit_quality", "schedule": "every:1"},
+        {"name": "retention", "schedule": "log", "options": {"fraction": 0.5, "seed": 0}}]
     with pytest.raises(ValueError, match="probe 'weight_norm_test' is given twice"):
         default_suite(RunConfig(probes=["weight_norm_test", "weight_norm_test:scale=2"]))
 
@@ -84,3 +86,29 @@ def test_extra_probe_sees_earlier_steps_and_theta0(tmp_path, stream_file, norm_p
     assert at1[0] != theta0[0]
     assert result.run.manifest()["identity"]["probes"][-1] == {
         "name": "weight_norm_test", "schedule": "every:2", "options": {"scale": 1.0, "label": "w"}}
+
+
+def test_retention_panel_is_seeded_stable_and_exact_where_probed(tmp_path, stream_file):
+    from probes.edit_quality import in_panel
+
+    ids = [f"e{i}" for i in range(2000)]
+    share = sum(in_panel(i, 0.25, seed=3) for i in ids) / len(ids)
+    assert 0.2 < share < 0.3
+    assert [in_panel(i, 0.25, 3) for i in ids] == [in_panel(i, 0.25, 3) for i in ids]
+    assert [in_panel(i, 0.25, 3) for i in ids] != [in_panel(i, 0.25, 4) for i in ids]
+
+    lm = load_model("tiny-llama")
+    full = replay(RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT)),
+                  tmp_path / "all", lm=lm, progress=False).run.results()
+    lm = load_model("tiny-llama")
+    part = replay(RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT),
+                            probes=["retention:schedule=every:2,fraction=0.5,seed=1"]),
+                  tmp_path / "panel", lm=lm, progress=False).run.results()
+    cols = ["step", "edit_id", "protocol", "value"]
+    pick = (full["probe"] == "retention") & (full["metric"] == "retention")
+    panel = part.filter((part["probe"] == "retention") & (part["metric"] == "retention"))
+    assert 0 < panel.height < full.filter(pick).height
+    assert all(in_panel(e, 0.5, 1) for e in panel["edit_id"])
+    # Every entry probed equals the full matrix's entry.
+    joined = panel.select(cols).join(full.filter(pick).select(cols), on=["step", "edit_id", "protocol"])
+    assert joined.height == panel.height and (joined["value"] == joined["value_right"]).all()
