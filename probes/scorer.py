@@ -136,31 +136,96 @@ class Scorer:
 
     @torch.inference_mode()
     def _score_encoded(self, encoded: list[tuple[tuple[int, ...], tuple[int, ...]]]):
+        """Each distinct prompt runs once; its answers continue from its KV cache.
+
+        Probes mostly score two or more answers per prompt (new vs true target), and most
+        answers are one token, predicted from the prompt's last position: for those the
+        prompt pass is all there is. Longer answers run their remaining tokens in a second
+        pass over the prompt's cache (the :class:`~lifelong.editors.locate.SuffixBatch` idea).
+        """
         n = len(encoded)
-        nll = np.zeros(n)
-        logprob = np.zeros(n)
+        nll, logprob, acc = np.zeros(n), np.zeros(n), np.zeros(n)
         exact = np.zeros(n, dtype=bool)
-        acc = np.zeros(n)
         argmax: list[tuple[int, ...]] = [()] * n
         if n == 0:
             return nll, logprob, exact, acc, argmax
-        lengths = np.array([len(p) + len(a) for p, a in encoded])
+        prompts = list(dict.fromkeys(p for p, _ in encoded))
+        pairs_of: dict[tuple[int, ...], list[int]] = {p: [] for p in prompts}
+        for i, (p, _) in enumerate(encoded):
+            pairs_of[p].append(i)
+        # A prompt's cost in a batch: its own tokens plus its answers' continuations.
+        lengths = np.array([len(p) + max(len(encoded[i][1]) for i in pairs_of[p]) - 1 for p in prompts])
         for batch_idx in self._batches(lengths):
-            batch = self.collate([encoded[i] for i in batch_idx])
-            logits = self.answer_logits(batch)
-            token_lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0].cpu().numpy().astype(np.float64)
-            token_arg = logits.argmax(-1).cpu().numpy()
-            token_hit = token_arg == batch.targets.cpu().numpy()
-            # Pairs occupy contiguous runs of answer positions: reduce each run.
-            bounds = np.flatnonzero(np.r_[True, batch.owner[1:] != batch.owner[:-1], True])
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                i = batch_idx[batch.owner[s]]
-                logprob[i] = token_lp[s:e].sum()
-                nll[i] = -token_lp[s:e].mean()
-                exact[i] = bool(token_hit[s:e].all())
-                acc[i] = token_hit[s:e].mean()
-                argmax[i] = tuple(int(t) for t in token_arg[s:e])
+            batch_prompts = [prompts[j] for j in batch_idx]
+            pair_ids = [i for p in batch_prompts for i in pairs_of[p]]
+            token_lp, token_arg = self._answer_tokens(batch_prompts, [encoded[i] for i in pair_ids])
+            for i, lp, arg in zip(pair_ids, token_lp, token_arg):
+                answer = np.array(encoded[i][1])
+                logprob[i], nll[i] = lp.sum(), -lp.mean()
+                hits = arg == answer
+                exact[i], acc[i] = bool(hits.all()), hits.mean()
+                argmax[i] = tuple(int(t) for t in arg)
         return nll, logprob, exact, acc, argmax
+
+    def _answer_tokens(self, prompts: list[tuple[int, ...]], pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]):
+        """Per pair: log-probabilities and argmax ids of its answer tokens (float64, int arrays)."""
+        device = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p)
+        longer = [k for k, (_, a) in enumerate(pairs) if len(a) > 1]
+        # Right padding needs no mask here: real tokens come first and attend only backwards.
+        out = self.body(input_ids=ids.to(device), use_cache=bool(longer))
+        row_of = {p: r for r, p in enumerate(prompts)}
+        rows = torch.tensor([row_of[p] for p, _ in pairs], device=device)
+        last = torch.tensor([len(p) - 1 for p, _ in pairs], device=device)
+        logits = [self.unembed(out.last_hidden_state[rows, last]).float()]  # predicts each first answer token
+        if longer:
+            logits.append(self._continuations(out.past_key_values, prompts, [pairs[k] for k in longer], row_of))
+        first_targets = torch.tensor([a[0] for _, a in pairs], device=device)
+        lp_first, arg_first = self._pick(logits[0], first_targets)
+        token_lp = [[x] for x in lp_first]
+        token_arg = [[x] for x in arg_first]
+        if longer:
+            rest_targets = torch.tensor([t for k in longer for t in pairs[k][1][1:]], device=device)
+            lp_rest, arg_rest = self._pick(logits[1], rest_targets)
+            j = 0
+            for k in longer:
+                m = len(pairs[k][1]) - 1
+                token_lp[k] += list(lp_rest[j: j + m])
+                token_arg[k] += list(arg_rest[j: j + m])
+                j += m
+        return [np.array(x, dtype=np.float64) for x in token_lp], [np.array(x) for x in token_arg]
+
+    def _continuations(self, cache, prompts, pairs, row_of) -> torch.Tensor:
+        """Logits predicting answer tokens 2.. of ``pairs``, from the prompts' cache (one pass)."""
+        device = self.device
+        width = max(len(p) for p in prompts)
+        steps = max(len(a) - 1 for _, a in pairs)
+        select = torch.tensor([row_of[p] for p, _ in pairs], device=device)
+        for layer in cache.layers:  # one cache row per pair: its prompt's
+            layer.keys, layer.values = layer.keys[select], layer.values[select]
+        ids = torch.full((len(pairs), steps), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width + steps), dtype=torch.long)
+        positions = torch.zeros((len(pairs), steps), dtype=torch.long)
+        rows, cols = [], []
+        for r, (p, a) in enumerate(pairs):
+            m = len(a) - 1
+            ids[r, :m] = torch.tensor(a[:m])
+            mask[r, : len(p)] = 1
+            mask[r, width: width + m] = 1
+            positions[r] = len(p) + torch.arange(steps)
+            rows += [r] * m
+            cols += range(m)
+        hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           past_key_values=cache, use_cache=True).last_hidden_state
+        return self.unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+        return lp.cpu().numpy().astype(np.float64), logits.argmax(-1).cpu().numpy()
 
 
 @dataclass

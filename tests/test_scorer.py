@@ -57,3 +57,29 @@ def test_leading_space_piece_is_dropped():
 def test_empty_input_list(tiny):
     scores = Scorer(tiny.model, tiny.tokenizer).score([])
     assert len(scores.nll) == 0
+
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "Paris", "is", "in", "France", "New", "York", "City", "x"]
+
+
+@pytest.mark.parametrize("budget", [4096, 24])
+def test_shared_prompts_match_the_definition_for_random_pairs(tiny, budget):
+    """Many answers of mixed lengths per prompt, prompts of mixed lengths: still the definition."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    phrase = st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join)
+    prompt_answers = st.tuples(phrase, st.lists(phrase, min_size=1, max_size=4))
+
+    @settings(max_examples=8, deadline=None, derandomize=True)
+    @given(st.lists(prompt_answers, min_size=1, max_size=5))
+    def check(groups):
+        pairs = [(p, a) for p, answers in groups for a in answers]
+        scores = Scorer(tiny.model, tiny.tokenizer, max_batch_tokens=budget).score(pairs)
+        for k, (prompt, answer) in enumerate(pairs):
+            nll, logprob, argmax, _ = reference_scores(tiny, prompt, answer)
+            assert scores.nll[k] == pytest.approx(nll, abs=1e-4)
+            assert scores.logprob[k] == pytest.approx(logprob, abs=1e-3)
+            assert scores.argmax[k] == argmax
+
+    check()
