@@ -142,64 +142,60 @@ class Scorer:
         answers are one token, predicted from the prompt's last position: for those the
         prompt pass is all there is. Longer answers run their remaining tokens in a second
         pass over the prompt's cache (the :class:`~lifelong.editors.locate.SuffixBatch` idea).
+        Per-token results are reduced per pair with array operations, not a Python loop.
         """
         n = len(encoded)
-        nll, logprob, acc = np.zeros(n), np.zeros(n), np.zeros(n)
-        exact = np.zeros(n, dtype=bool)
-        argmax: list[tuple[int, ...]] = [()] * n
         if n == 0:
-            return nll, logprob, exact, acc, argmax
+            return np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0), []
         prompts = list(dict.fromkeys(p for p, _ in encoded))
         pairs_of: dict[tuple[int, ...], list[int]] = {p: [] for p in prompts}
         for i, (p, _) in enumerate(encoded):
             pairs_of[p].append(i)
         # A prompt's cost in a batch: its own tokens plus its answers' continuations.
         lengths = np.array([len(p) + max(len(encoded[i][1]) for i in pairs_of[p]) - 1 for p in prompts])
+        parts = []
         for batch_idx in self._batches(lengths):
             batch_prompts = [prompts[j] for j in batch_idx]
-            pair_ids = [i for p in batch_prompts for i in pairs_of[p]]
-            token_lp, token_arg = self._answer_tokens(batch_prompts, [encoded[i] for i in pair_ids])
-            for i, lp, arg in zip(pair_ids, token_lp, token_arg):
-                answer = np.array(encoded[i][1])
-                logprob[i], nll[i] = lp.sum(), -lp.mean()
-                hits = arg == answer
-                exact[i], acc[i] = bool(hits.all()), hits.mean()
-                argmax[i] = tuple(int(t) for t in arg)
-        return nll, logprob, exact, acc, argmax
+            pair_ids = np.array([i for p in batch_prompts for i in pairs_of[p]])
+            owner, position, lp, arg = self._answer_tokens(batch_prompts, [encoded[i] for i in pair_ids])
+            parts.append((pair_ids[owner], position, lp, arg))
+        owner, position, lp, arg = (np.concatenate(x) for x in zip(*parts))
+        order = np.lexsort((position, owner))  # each pair's tokens together, in answer order
+        owner, lp, arg = owner[order], lp[order], arg[order]
+        target = np.fromiter((t for _, a in encoded for t in a), dtype=np.int64)  # same order: pair, then token
+        count = np.bincount(owner, minlength=n)
+        logprob = np.bincount(owner, weights=lp, minlength=n)
+        hits = np.bincount(owner, weights=(arg == target), minlength=n)
+        argmax = [tuple(x.tolist()) for x in np.split(arg, np.cumsum(count)[:-1])]
+        return -logprob / count, logprob, hits == count, hits / count, argmax
 
     def _answer_tokens(self, prompts: list[tuple[int, ...]], pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]):
-        """Per pair: log-probabilities and argmax ids of its answer tokens (float64, int arrays)."""
+        """Flat per answer token of ``pairs``: (pair index, token position, log-probability, argmax id)."""
         device = self.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p)
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
+                                              padding_value=self.pad_id)
         longer = [k for k, (_, a) in enumerate(pairs) if len(a) > 1]
         # Right padding needs no mask here: real tokens come first and attend only backwards.
         out = self.body(input_ids=ids.to(device), use_cache=bool(longer))
         row_of = {p: r for r, p in enumerate(prompts)}
         rows = torch.tensor([row_of[p] for p, _ in pairs], device=device)
         last = torch.tensor([len(p) - 1 for p, _ in pairs], device=device)
-        logits = [self.unembed(out.last_hidden_state[rows, last]).float()]  # predicts each first answer token
+        logits = self.unembed(out.last_hidden_state[rows, last]).float()  # predicts each first answer token
+        targets = [a[0] for _, a in pairs]
+        owner = list(range(len(pairs)))
+        position = [0] * len(pairs)
         if longer:
-            logits.append(self._continuations(out.past_key_values, prompts, [pairs[k] for k in longer], row_of))
-        first_targets = torch.tensor([a[0] for _, a in pairs], device=device)
-        lp_first, arg_first = self._pick(logits[0], first_targets)
-        token_lp = [[x] for x in lp_first]
-        token_arg = [[x] for x in arg_first]
-        if longer:
-            rest_targets = torch.tensor([t for k in longer for t in pairs[k][1][1:]], device=device)
-            lp_rest, arg_rest = self._pick(logits[1], rest_targets)
-            j = 0
-            for k in longer:
-                m = len(pairs[k][1]) - 1
-                token_lp[k] += list(lp_rest[j: j + m])
-                token_arg[k] += list(arg_rest[j: j + m])
-                j += m
-        return [np.array(x, dtype=np.float64) for x in token_lp], [np.array(x) for x in token_arg]
+            rest = [pairs[k] for k in longer]
+            logits = torch.cat([logits, self._continuations(out.past_key_values, prompts, rest, row_of)])
+            for k, (_, a) in zip(longer, rest):
+                targets += a[1:]
+                owner += [k] * (len(a) - 1)
+                position += range(1, len(a))
+        lp, arg = self._pick(logits, torch.tensor(targets, device=device))
+        return np.array(owner), np.array(position), lp, arg
 
     def _continuations(self, cache, prompts, pairs, row_of) -> torch.Tensor:
-        """Logits predicting answer tokens 2.. of ``pairs``, from the prompts' cache (one pass)."""
+        """Logits predicting answer tokens 2.. of ``pairs`` (pair by pair, in order), from the prompts' cache."""
         device = self.device
         width = max(len(p) for p in prompts)
         steps = max(len(a) - 1 for _, a in pairs)
