@@ -16,7 +16,9 @@ Each edit is applied to the base model and reverted, so every edit starts from Î
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -89,7 +91,14 @@ def main() -> None:
         report(f"{name} batch {len(big[0])}", seconds)
 
     if not args.skip_covariance:
-        rows, sampling = timed(lambda: _token_rows(lm, MODEL_SAMPLE, args.cov_tokens, 128, 0))
+        with tempfile.TemporaryDirectory() as empty:  # sample afresh: the text is cached once made
+            os.environ["LIFELONG_CACHE"], saved = empty, os.environ.get("LIFELONG_CACHE")
+            try:
+                rows, sampling = timed(lambda: _token_rows(lm, MODEL_SAMPLE, args.cov_tokens, 128, 0))
+            finally:
+                os.environ.pop("LIFELONG_CACHE")
+                if saved is not None:
+                    os.environ["LIFELONG_CACHE"] = saved
         print(f"\ncovariance, default corpus ({MODEL_SAMPLE}, {args.cov_tokens} tokens):")
         print(f"  sampling the text once            {sampling:7.1f} s = {sampling / yard:7.1f} Ã— forward")
         layer = default_layers(lm.num_layers)[0]
