@@ -354,3 +354,15 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
     tfd = rows.filter(pl.col("metric") == "tied_fact_damage").filter(pl.col("step") == 7)["value"].item()
     tied = ("The mother of Eps is",)
     assert tfd == pytest.approx(dm.tied_fact_damage(p_at(0, tied, "Zeta"), p_at(7, tied, "Zeta")), rel=1e-6)
+
+    # the summary and the plots include the chain metrics
+    from lifelong.plots import plot_run
+    from lifelong.summary import summary_table
+
+    table = summary_table(result.run)
+    lines = dict(zip(zip(table["measure"], table["protocol"]), table["value"]))
+    cms = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("protocol") == "completion"))["value"]
+    assert lines[("conflict magnitude (CM)", "completion")] == pytest.approx(cms.mean())
+    assert lines[("failure rate (FR)", "completion")] in (0.0, 1.0)  # one round chain
+    assert ("tied fact damage (TFD)", "last") in lines
+    assert result.run.plots_dir / "chains.png" in plot_run(result.run)
