@@ -60,7 +60,47 @@ def plot_run(run: RunDir) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, run.plots_dir / "retention_matrix.png"))
         plt.close(fig)
+    chains = plot_chains(run)
+    if chains is not None:
+        written.append(chains)
     return written
+
+
+def plot_chains(run: RunDir) -> Path | None:
+    """Distortion (and conflict magnitude) over steps from the chain probe's rows; None without them.
+
+    Dots: each chain at its completion step; solid line: running mean of those; dashed line: the mean
+    over the chains re-measured at a step (``remeasure``), which shows whether distortion keeps growing.
+    """
+    import polars as pl
+
+    rows = run.results().filter(pl.col("probe") == "chains")
+    panels = [(m, label) for m, label in (("distortion_js", "distortion D (JS, nats)"),
+                                          ("conflict_magnitude", "conflict magnitude CM"))
+              if rows.filter(pl.col("metric") == m).height]
+    if not panels:
+        return None
+    plt = _pyplot()
+    ident = run.manifest()["identity"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
+        done = rows.filter((pl.col("metric") == metric) & (pl.col("protocol") == "completion")).sort("step")
+        steps, values = done["step"].to_numpy(), done["value"].to_numpy()
+        ax.plot(steps, values, "o", ms=3, alpha=0.5, label="each chain, at completion")
+        ax.plot(steps, np.cumsum(values) / np.arange(1, len(values) + 1), "-", label="running mean at completion")
+        later = (rows.filter((pl.col("metric") == metric) & (pl.col("protocol") == "later"))
+                 .group_by("step").agg(pl.col("value").mean()).sort("step"))
+        if later.height:
+            ax.plot(later["step"], later["value"], "--s", ms=3, label="mean of re-measured chains")
+        ax.set_xlabel("stream step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Chains — {ident['editor']} on {ident['model']}, stream {ident['stream']}", fontsize=10)
+    fig.tight_layout()
+    path = _save(fig, run.plots_dir / "chains.png")
+    plt.close(fig)
+    return path
 
 
 def _save(fig, path: Path) -> Path:

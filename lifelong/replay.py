@@ -37,13 +37,24 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def split_facts(stream: EditStream) -> tuple[EditStream, tuple]:
+    """(the edits to apply, the tied-fact records): tied facts are probed, never applied."""
+    tied = tuple(e for e in stream if e.chain is not None and e.chain.role == "tied-fact")
+    if not tied:
+        return stream, ()
+    ids = {e.id for e in tied}
+    return EditStream([e for e in stream if e.id not in ids], name=stream.name), tied
+
+
 def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
-    """The stream cut to ``config.steps`` steps, and those steps."""
-    stream = load_stream(config.stream)
-    tied = [e.id for e in stream if e.chain is not None and e.chain.role == "tied-fact"]
-    if tied:
-        raise ValueError(f"stream '{config.stream}' holds {len(tied)} tied-fact records (e.g. {tied[0]}): they are "
-                         "facts to probe, not edits to apply; read it with include_tied_fact=False")
+    """The stream cut to ``config.steps`` steps, and those steps (tied-fact records left out)."""
+    return prepare_stream_and_facts(config)[:2]
+
+
+def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple, str]:
+    """:func:`prepare_stream`, plus the tied-fact records for probes and the whole stream's hash."""
+    full = load_stream(config.stream)
+    stream, facts = split_facts(full)
     available = len(stream.steps(config.batch_size))
     if config.steps is not None:
         if config.steps < 1:
@@ -51,7 +62,7 @@ def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
         if config.steps > available:
             raise ValueError(f"stream '{config.stream}' has {available} steps; --steps {config.steps} asks for more")
         stream = stream.head_steps(config.steps, config.batch_size)
-    return stream, stream.steps(config.batch_size)
+    return stream, stream.steps(config.batch_size), facts, full.content_hash()
 
 
 def default_suite(config: RunConfig) -> ProbeSuite:
@@ -98,7 +109,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
     ``stop_after`` ends the call after that many new steps, as a kill would (for tests).
     """
-    stream, steps = prepare_stream(config)
+    stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
     elif config.editor != editor.name:
@@ -109,7 +120,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     editor.prepare(lm)  # on θ0: before any checkout below
     run = RunDir(out)
     manifest = run.start(identity_of(
-        config, hyperparameters=editor.hyperparameters(), stream_hash=stream.content_hash(),
+        config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
     ))
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
@@ -127,7 +138,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     if done < 0 or references is None:  # step 0: θ0 references and rows, on the base model
         t0 = time.perf_counter()
         ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, upcoming=tuple(stream),
-                           base_params=store.base)
+                           base_params=store.base, steps=steps, facts=facts)
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
         run.write_rows(0, rows_for(0, None, rows))
@@ -153,7 +164,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         t1 = time.perf_counter()
         ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
                            scorer=scorer, is_last=step == len(steps), base_params=store.base,
-                           model_at=model_at_step(lm, editor, store, step))
+                           model_at=model_at_step(lm, editor, store, step), steps=steps, facts=facts)
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
         run.write_rows(step, rows_for(step, timestamp, rows))

@@ -18,6 +18,37 @@ def _mean(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_ste
     return float(rows["value"].mean()) if rows.height else float("nan")
 
 
+CHAIN_LINES = (
+    ("round success (Succ)", "round_success"),
+    ("distortion D (JS, nats)", "distortion_js"),
+    ("distortion (Pitfalls variant)", "distortion_js_pitfalls"),
+    ("ignore rate (IR)", "ignore_rate"),
+    ("failure rate (FR)", "failure_rate"),
+    ("conflict score explicit (CS)", "conflict_score_explicit"),
+    ("conflict score implicit (CS)", "conflict_score_implicit"),
+    ("conflict magnitude (CM)", "conflict_magnitude"),
+    ("tied fact damage (TFD)", "tied_fact_damage"),
+)
+
+
+def chain_lines(results: pl.DataFrame) -> list[tuple[str, str, float]]:
+    """Means of the chain probe's rows over chains (METRICS.md §4): at completion, and at the last
+    re-measurement step when there is one; FR is the run-level value at the last such step."""
+    rows = results.filter(pl.col("probe") == "chains")
+    lines = []
+    for protocol in ("completion", "later"):
+        sel = rows.filter(pl.col("protocol") == protocol)
+        if protocol == "later" and sel.height:
+            sel = sel.filter(pl.col("step") == sel["step"].max())
+        for label, metric in CHAIN_LINES:
+            m = sel.filter(pl.col("metric") == metric)
+            if metric == "failure_rate":
+                m = m.sort("step").tail(1)
+            if m.height:
+                lines.append((label, protocol if protocol == "completion" else "last", float(m["value"].mean())))
+    return lines
+
+
 def summary_table(run: RunDir) -> pl.DataFrame:
     """One row per headline figure: (measure, protocol, value)."""
     results = run.results()
@@ -40,6 +71,7 @@ def summary_table(run: RunDir) -> pl.DataFrame:
                 ("edits forgotten (count)", protocol, ret["forgotten"]),
                 ("median steps to forget", protocol, ret["median_steps_to_forget"]),
             ]
+    table += chain_lines(results)
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
         table += [

@@ -4,12 +4,13 @@
 """
 
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
+from probes.chains import ChainProbe
 from probes.edit_quality import EditQualityProbe, RetentionProbe
 from probes.options import OptionError, parse_options, split_spec
 from probes.scorer import Scorer, Scores
 
 # The probe registry: every probe is listed here, and only here.
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe, ChainProbe)}
 
 
 class UnknownProbeError(ValueError):
@@ -17,8 +18,8 @@ class UnknownProbeError(ValueError):
 
 
 def make_probe(spec: str) -> Probe:
-    """A probe from ``name`` or ``name:key=value,...``; the key ``schedule`` (every:K, log, end)
-    sets when it runs, every other key is one of the probe's ``Options``."""
+    """A probe from ``name`` or ``name:key=value,...``; the key ``schedule`` (every:K, log, end,
+    chains) sets when it runs, every other key is one of the probe's ``Options``."""
     name, options = split_spec(spec)
     if name not in PROBES:
         raise UnknownProbeError(f"unknown probe '{name}': expected one of {', '.join(sorted(PROBES))}")
@@ -32,6 +33,6 @@ def make_probe(spec: str) -> Probe:
         raise OptionError(f"probe '{name}': {err}") from None
 
 __all__ = [
-    "PROBES", "EditQualityProbe", "OptionError", "UnknownProbeError", "make_probe", "Probe", "ProbeContext", "ProbeSuite", "RetentionProbe", "Row",
+    "PROBES", "ChainProbe", "EditQualityProbe", "OptionError", "UnknownProbeError", "make_probe", "Probe", "ProbeContext", "ProbeSuite", "RetentionProbe", "Row",
     "Schedule", "Scorer", "Scores",
 ]

@@ -46,9 +46,17 @@ class ProbeContext:
     # model_at(k): a context manager that puts the live model (weights and editor state) as it
     # was right after step k, and restores the current step bitwise on exit.
     model_at: Callable[[int], AbstractContextManager] | None = None
+    # Every step of the run (steps[k-1] is step k), so probes can tell where chains end.
+    steps: Sequence[tuple[Edit, ...]] = ()
+    # Records held for probing only, never applied (e.g. composite conflicts' tied facts).
+    facts: tuple[Edit, ...] = ()
 
     def edits_so_far(self) -> list[tuple[int, Edit]]:
         return [(k, e) for k, batch in enumerate(self.history, start=1) for e in batch]
+
+    def completing_chains(self) -> list[str]:
+        """Ids of the chains (of two or more edits) whose last edit is applied at this step."""
+        return chain_ends(self.steps).get(self.step, []) if self.step > 0 else []
 
     def at_step(self, k: int) -> AbstractContextManager:
         """The live model as it was after step ``k`` for the duration of a ``with`` block."""
@@ -59,22 +67,52 @@ class ProbeContext:
         return self.model_at(k)
 
 
+_CHAIN_ENDS: dict[int, tuple[Sequence, dict[int, list[str]]]] = {}
+
+
+def chain_ends(steps: Sequence[tuple[Edit, ...]]) -> dict[int, list[str]]:
+    """step -> ids of the chains of two or more edits whose last edit lands at that step.
+
+    Cached per ``steps`` object: schedules ask at every step.
+    """
+    hit = _CHAIN_ENDS.get(id(steps))
+    if hit is not None and hit[0] is steps:
+        return hit[1]
+    last: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for k, batch in enumerate(steps, start=1):
+        for e in batch:
+            if e.chain is not None and e.chain.role != "tied-fact":
+                last[e.chain.chain_id] = k
+                size[e.chain.chain_id] = size.get(e.chain.chain_id, 0) + 1
+    ends: dict[int, list[str]] = {}
+    for cid, k in last.items():
+        if size[cid] >= 2:
+            ends.setdefault(k, []).append(cid)
+    _CHAIN_ENDS.clear()  # one run at a time: keep only the latest
+    _CHAIN_ENDS[id(steps)] = (steps, ends)
+    return ends
+
+
 class Schedule:
-    """When a probe runs: ``every:K``, ``log`` (steps 1, 2, 4, 8, ...), or ``end``; always at the last step."""
+    """When a probe runs: ``every:K``, ``log`` (steps 1, 2, 4, 8, ...), ``end``, or ``chains`` (steps where
+    a chain's last edit is applied); always at the last step."""
 
     def __init__(self, spec: str = "every:1"):
         kind, _, arg = spec.partition(":")
         if kind == "every" and arg.isdigit() and int(arg) >= 1:
             self.every = int(arg)
-        elif kind in ("log", "end") and not arg:
+        elif kind in ("log", "end", "chains") and not arg:
             self.every = None
         else:
-            raise ValueError(f"unknown probe schedule '{spec}': expected every:K (K >= 1), log or end")
+            raise ValueError(f"unknown probe schedule '{spec}': expected every:K (K >= 1), log, end or chains")
         self.kind, self.spec = kind, spec
 
-    def due(self, step: int, is_last: bool) -> bool:
+    def due(self, step: int, is_last: bool, ctx: ProbeContext | None = None) -> bool:
         if is_last:
             return True
+        if self.kind == "chains":
+            return ctx is not None and bool(ctx.completing_chains())
         if self.kind == "every":
             return step % self.every == 0
         if self.kind == "log":
@@ -137,7 +175,7 @@ class ProbeSuite:
     def run(self, ctx: ProbeContext, references: dict[str, dict]) -> list[Row]:
         rows = []
         for probe in self.probes:
-            if probe.schedule.due(ctx.step, ctx.is_last):
+            if probe.schedule.due(ctx.step, ctx.is_last, ctx):
                 ctx.reference = references.get(probe.name, {})
                 rows.extend(probe.measure(ctx))
         return rows

@@ -24,7 +24,17 @@ from .facts import (
     load_fact_set,
     load_stream,
 )
-from .generators import coverage_chains, layout, plain_edits, reverse_chains, round_chains, timestamps
+from .generators import (
+    chains_of,
+    composite_chains,
+    coverage_chains,
+    layout,
+    multihop_chains,
+    plain_edits,
+    reverse_chains,
+    round_chains,
+    timestamps,
+)
 from .readers import DATASETS, ReadReport, read_dataset
 from .stream import EditStream, StreamFormatError
 
@@ -52,6 +62,9 @@ __all__ = [
     "round_chains",
     "coverage_chains",
     "reverse_chains",
+    "composite_chains",
+    "multihop_chains",
+    "chains_of",
     "timestamps",
     "layout",
 ]

@@ -8,9 +8,9 @@ chain's consecutive edits are ``gap`` plain edits apart, and gives every edit
 a timestamp (given, regular, or Poisson with a seed). Chains are built with
 placeholder timestamps; only :func:`layout` fixes time.
 
-Composite conflicts need a tied fact and a rule ``r_t ∧ r1 → r2`` that fact
-sets do not describe, so they are not generated here (read them from the
-Pitfalls data with ``streams.readers.read_pitfalls_conflict``).
+Composite conflicts need a rule ``r_t ∧ r1 → r2`` that fact sets do not
+describe: :func:`composite_chains` takes the rules as an argument (the Pitfalls
+data has its own, read by ``streams.readers.read_pitfalls_conflict``).
 """
 
 from __future__ import annotations
@@ -150,6 +150,83 @@ def reverse_chains(
     return chains
 
 
+def composite_chains(
+    facts: FactSet | Iterable[Fact],
+    rules: Sequence[tuple[str, str, str]],
+    relations: Mapping | None = None,
+    seed: int = 0,
+    prefix: str = "composite",
+) -> list[Chain]:
+    """Composite conflicts from rules ``(r_t, r1, r2)`` meaning r_t(s) = x ∧ r1(x) = y → r2(s) = y.
+
+    For a tied fact k_f = (s, r_t, x) and a fact (x, r1, y) of the set: e1 = (x, r1: y → y*) with
+    y* its ``target_new``, e2 = (s, r2: y* → o2*) with o2* a candidate of r2 other than y and y*
+    (drawn with ``seed``); the chain is (k_f as a ``tied-fact`` record, e1, e2). A replay probes
+    k_f and never applies it. ``relations`` (id -> Relation; a FactSet's by default) gives r2.
+    """
+    if relations is None:
+        if not isinstance(facts, FactSet):
+            raise ValueError("pass relations= (id -> Relation) when facts is not a FactSet")
+        relations = facts.relations
+    rng = np.random.default_rng(seed)
+    items = _facts(facts)
+    by_subject: dict[tuple[str, str], Fact] = {(f.subject, f.relation.id): f for f in items}
+    chains = []
+    for r_t, r1, r2_id in rules:
+        r2 = relations.get(r2_id)
+        if r2 is None:
+            raise ValueError(f"rule {r_t} & {r1} -> {r2_id}: relation {r2_id!r} is not in relations")
+        for tied in (f for f in items if f.relation.id == r_t):
+            f1 = by_subject.get((tied.target_true, r1))
+            if f1 is None:
+                continue
+            pool = [c for c in r2.candidates if c not in (f1.target_true, f1.target_new)]
+            if not pool:
+                continue
+            o2_new = pool[int(rng.integers(len(pool)))]
+            cid = f"{prefix}-{tied.id}-{f1.id}"
+            kf = _edit(tied, f"{cid}-tied", None, tied.target_true, ChainLink(cid, "tied-fact"))
+            e1 = _edit(f1, f"{cid}-e1", f1.target_true, f1.target_new, ChainLink(cid, "conflict-e1"))
+            e2 = Edit(
+                id=f"{cid}-e2", timestamp=_EPOCH, subject=tied.subject, relation_id=r2.id, prompt=r2.template,
+                target_new=o2_new, target_true=f1.target_new,
+                paraphrases=tuple(p.replace("{}", tied.subject) for p in r2.paraphrases),
+                candidates=r2.candidates, chain=ChainLink(cid, "conflict-e2"),
+            )
+            chains.append((kf, e1, e2))
+    return chains
+
+
+def multihop_chains(facts: FactSet | Iterable[Fact], prefix: str = "multihop") -> list[Chain]:
+    """Two-hop chains, MQuAKE-style: (s, r1: x → x*) then (x*, r2: y → y*), for facts (s, r1, x) and
+    (x*, r2, y) of the set, so the two-hop answer r2(r1(s)) becomes y*. Both edits have role
+    ``multi-hop``; chain ``<prefix>-<first fact id>-<second fact id>``.
+    """
+    items = _facts(facts)
+    by_subject: dict[str, list[Fact]] = {}
+    for f in items:
+        by_subject.setdefault(f.subject, []).append(f)
+    chains = []
+    for f1 in items:
+        for f2 in by_subject.get(f1.target_new, []):
+            cid = f"{prefix}-{f1.id}-{f2.id}"
+            chains.append((
+                _edit(f1, f"{cid}-0", f1.target_true, f1.target_new, ChainLink(cid, "multi-hop")),
+                _edit(f2, f"{cid}-1", f2.target_true, f2.target_new, ChainLink(cid, "multi-hop")),
+            ))
+    return chains
+
+
+def chains_of(stream: Iterable[Edit]) -> list[Chain]:
+    """A stream's edits grouped into chains (by chain id, in stream order; an edit without a chain is
+    a chain of its own), e.g. to lay dataset chains out again with :func:`layout`."""
+    groups: dict[str, list[Edit]] = {}
+    for e in stream:
+        key = e.chain.chain_id if e.chain is not None else f"\x00{e.id}"
+        groups.setdefault(key, []).append(e)
+    return [tuple(g) for g in groups.values()]
+
+
 def timestamps(
     n: int,
     mode: str = "regular",
@@ -242,6 +319,7 @@ def layout(
 
 
 __all__ = [
-    "Chain", "plain_edits", "round_chains", "round_chains_report", "coverage_chains", "reverse_chains",
+    "Chain", "chains_of", "plain_edits", "round_chains", "round_chains_report", "coverage_chains", "reverse_chains",
+    "composite_chains", "multihop_chains",
     "timestamps", "layout",
 ]

@@ -140,3 +140,38 @@ def test_builtin_fact_set_rounds():
     chains = round_chains(fs, k=2)
     stream = layout(chains, gap=0)
     assert len(stream) == 3 * len(chains) and len(chains) > 0
+
+
+CITY = Relation("city_country", "The city of {} is in the country of", ("{} lies in",), ("France", "Italy", "Spain"))
+CITY_CAP = Relation("city_capital", "The capital of the country of {} is", (), ("Paris", "Rome", "Berlin", "Madrid"))
+
+
+def test_composite_chains_carry_their_tied_fact():
+    from streams.generators import composite_chains
+
+    fs = FactSet("t", "test", {r.id: r for r in (CAP, CITY, CITY_CAP)},
+                 (Fact("lyon", "Lyon", CITY, "France", "Italy", ()), Fact("fr", "France", CAP, "Paris", "Rome", ())))
+    (chain,) = composite_chains(fs, [("city_country", "capital", "city_capital")], seed=1)
+    tied, e1, e2 = chain
+    assert [e.chain.role for e in chain] == ["tied-fact", "conflict-e1", "conflict-e2"]
+    assert len({e.chain.chain_id for e in chain}) == 1
+    assert (tied.subject, tied.target_new, tied.target_true) == ("Lyon", "France", None)
+    assert (e1.subject, e1.target_true, e1.target_new) == ("France", "Paris", "Rome")
+    assert (e2.subject, e2.prompt, e2.target_true) == ("Lyon", CITY_CAP.template, "Rome")
+    assert e2.target_new in ("Berlin", "Madrid")
+    assert composite_chains(fs, [("capital", "city_country", "city_capital")]) == []  # no fact links them
+    with pytest.raises(ValueError, match="'nope' is not in relations"):
+        composite_chains(fs, [("city_country", "capital", "nope")])
+
+
+def test_multihop_chains_follow_the_new_object():
+    from streams.generators import chains_of, multihop_chains
+
+    rome = Fact("rome", "Rome", CAPITAL_OF, "Italy", "Spain", ())
+    chains = multihop_chains([*facts(), rome])
+    assert [[(e.subject, e.target_true, e.target_new) for e in c] for c in chains] == [
+        [("France", "Paris", "Rome"), ("Rome", "Italy", "Spain")]]
+    assert {e.chain.role for e in chains[0]} == {"multi-hop"}
+    stream = layout(chains + plain_edits(facts()[1:2]), gap=0)
+    assert [tuple(e.id for e in c) for c in chains_of(stream)] == [
+        ("multihop-fr-rome-0", "multihop-fr-rome-1"), ("plain-de",)]

@@ -107,7 +107,7 @@ def test_gpt2_replay_and_checkout(tmp_path, stream_file):
     assert all(torch.equal(p, q) for p, q in zip(rebuilt.model.parameters(), lm.model.parameters()))
 
 
-def test_tied_facts_are_not_applied_as_edits(tmp_path):
+def test_tied_facts_are_probed_not_applied(tmp_path):
     from dataclasses import replace
 
     from streams import ChainLink, EditStream
@@ -116,6 +116,7 @@ def test_tied_facts_are_not_applied_as_edits(tmp_path):
     edits = make_edits(2)
     edits[0] = replace(edits[0], chain=ChainLink("c1", "tied-fact"))
     EditStream(edits).to_jsonl(tmp_path / "tied.jsonl")
-    with pytest.raises(ValueError, match="1 tied-fact records"):
-        replay(RunConfig(model="tiny-llama", stream=str(tmp_path / "tied.jsonl")), tmp_path / "r", progress=False)
-    assert not (tmp_path / "r").exists()
+    result = replay(RunConfig(model="tiny-llama", stream=str(tmp_path / "tied.jsonl"), editor_overrides=dict(TINY_FT)),
+                    tmp_path / "r", progress=False)
+    assert result.total_steps == 1 and result.run.manifest()["identity"]["stream_edits"] == 1
+    assert "e0" not in set(result.run.results()["edit_id"].drop_nulls())
