@@ -40,6 +40,7 @@ def summary_table(run: RunDir) -> pl.DataFrame:
                 ("edits forgotten (count)", protocol, ret["forgotten"]),
                 ("median steps to forget", protocol, ret["median_steps_to_forget"]),
             ]
+    table += general_ability_lines(results, run.load_reference() or {})
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
         table += [
@@ -48,6 +49,43 @@ def summary_table(run: RunDir) -> pl.DataFrame:
         ]
     return pl.DataFrame(table, schema={"measure": pl.String, "protocol": pl.String, "value": pl.Float64},
                         orient="row")
+
+
+def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> float:
+    rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
+    return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
+
+
+def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) -> list[tuple[str, str, float]]:
+    """Perplexity ratio and collapse step, downstream drift and weight drift, when those probes ran."""
+    from probes.perplexity import PROTOCOLS, collapse_step
+
+    lines: list[tuple[str, str, float]] = []
+    probes = set(results["probe"].unique())
+    if "perplexity" in probes:
+        ppl = results.filter(pl.col("probe") == "perplexity")
+        threshold = (reference or {}).get("perplexity", {}).get("threshold", 2.0)
+        for protocol in PROTOCOLS:
+            if ppl.filter(pl.col("protocol") == protocol).height:
+                step = collapse_step(results, protocol)
+                lines += [("perplexity at θ0", protocol, _last(results.filter(pl.col("step") == 0), "perplexity",
+                                                              "perplexity", protocol)),
+                          ("perplexity ratio to θ0 at last step", protocol,
+                           _last(results, "perplexity", "ratio", protocol)),
+                          (f"perplexity collapse step (ratio >= {threshold:g})", protocol,
+                           float("nan") if step is None else float(step))]
+    if "downstream" in probes:
+        down = results.filter(pl.col("probe") == "downstream")
+        tasks = sorted(set(down.filter(pl.col("metric") == "score")["protocol"]) - {"mean"})
+        for task in [*tasks, "mean"]:
+            lines += [("downstream score at θ0", task, _last(down.filter(pl.col("step") == 0), "downstream", "score", task)),
+                      ("downstream drift at last step (difference)", task, _last(down, "downstream", "diff", task)),
+                      ("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task))]
+    if "weight_drift" in probes:
+        lines += [("weight drift ||W_t - W_0||_F at last step", "total",
+                   _last(results, "weight_drift", "frobenius", "total")),
+                  ("parameters touched at last step", "total", _last(results, "weight_drift", "touched", "total"))]
+    return lines
 
 
 def format_summary(run: RunDir) -> str:

@@ -6,10 +6,13 @@
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
 from probes.edit_quality import EditQualityProbe, RetentionProbe
 from probes.options import OptionError, parse_options, split_spec
+from probes.perplexity import PerplexityProbe
+from probes.weight_drift import WeightDriftProbe
 from probes.scorer import Scorer, Scores
 
 # The probe registry: every probe is listed here, and only here.
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe,
+                                                             PerplexityProbe, WeightDriftProbe)}
 
 
 class UnknownProbeError(ValueError):
