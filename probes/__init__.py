@@ -4,6 +4,7 @@
 """
 
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
+from probes.downstream import DownstreamProbe
 from probes.edit_quality import EditQualityProbe, RetentionProbe
 from probes.options import OptionError, parse_options, split_spec
 from probes.perplexity import PerplexityProbe
@@ -12,7 +13,7 @@ from probes.scorer import Scorer, Scores
 
 # The probe registry: every probe is listed here, and only here.
 PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe,
-                                                             PerplexityProbe, WeightDriftProbe)}
+                                                             PerplexityProbe, WeightDriftProbe, DownstreamProbe)}
 
 
 class UnknownProbeError(ValueError):
