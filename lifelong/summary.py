@@ -88,6 +88,29 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
     return lines
 
 
+def compare_table(runs: list[RunDir], labels: list[str]) -> pl.DataFrame:
+    """The summary tables of several runs side by side: measure, protocol, one column per run."""
+    joined = None
+    for run, label in zip(runs, labels):
+        table = summary_table(run).rename({"value": label})
+        joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
+                                                          coalesce=True, maintain_order="left")
+    return joined
+
+
+def format_table(table: pl.DataFrame) -> str:
+    """A plain-text table: measure and protocol, then one value column each."""
+    values = table.columns[2:]
+    width = max(len(m) for m in table["measure"]) + 2
+    widths = [max(len(v), 9) + 2 for v in values]
+    head = f"{'measure':<{width}}{'protocol':<11}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths))
+    lines = [head, "-" * len(head)]
+    for row in table.iter_rows():
+        cells = ["n/a" if v is None or math.isnan(v) else f"{v:.4g}" for v in row[2:]]
+        lines.append(f"{row[0]:<{width}}{row[1]:<11}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
 def format_summary(run: RunDir) -> str:
     manifest = run.manifest()
     ident = manifest["identity"]

@@ -273,8 +273,14 @@ def last_number(text: str) -> str | None:
     return value[:-2] if value.endswith(".0") else value
 
 
+def final_number(text: str) -> str | None:
+    """The number after the first 'answer is' (the few-shot format), else the last number."""
+    found = re.search(r"answer is\s*\$?(-?\d[\d,]*(?:\.\d+)?)", text, re.IGNORECASE)
+    return last_number(found.group(1)) if found else last_number(text)
+
+
 def number_match(prediction: str, references: Sequence[str]) -> float:
-    got = last_number(prediction)
+    got = final_number(prediction)
     return float(got is not None and got in {last_number(r) for r in references})
 
 
@@ -329,12 +335,24 @@ def choice_predictions(scorer, items: Sequence[Choice], reduce: str = "mean") ->
     return grid.argmax(1), -scores.nll[starts + gold]
 
 
+class _FirstLineDone:
+    """Stops a row once it holds a newline after some text (leading newlines do not count)."""
+
+    def __init__(self, tokenizer, width: int):
+        self.tokenizer, self.width = tokenizer, width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_batch_tokens: int = 4096,
              max_prompt_tokens: int = 768) -> list[str]:
-    """Greedy continuations up to the first newline; prompts left-padded and batched by length."""
+    """Greedy continuations, cut to their first non-empty line; prompts left-padded and batched by length."""
+    from transformers import StoppingCriteriaList
+
     encoded = [tokenizer(p).input_ids[-max_prompt_tokens:] for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = [t for t in {tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False).input_ids} if t is not None]
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     order = np.argsort([-len(e) for e in encoded], kind="stable")
@@ -351,8 +369,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_
                 ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]):] = 1
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None)
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                                 stopping_criteria=StoppingCriteriaList([_FirstLineDone(tokenizer, width)]))
             for r, i in enumerate(idx):
                 text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
                 out[i] = text.strip().split("\n", 1)[0].strip()

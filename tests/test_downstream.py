@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from lifelong.models import load_model
 from probes import OptionError, ProbeContext, Scorer, make_probe
@@ -79,6 +80,8 @@ def test_gsm8k_final_number():
     assert number_match("so 3 * 4 = 12, the answer is 18", ["18"]) == 1.0
     assert number_match("the answer is 18.0", ["18"]) == 1.0
     assert number_match("18 eggs, then 17", ["18"]) == 0.0
+    # The few-shot format's answer wins over numbers the model rambles on with.
+    assert number_match("5 + 2 = 7. The answer is 7. Then 1. 1. 1.", ["7"]) == 1.0
 
 
 def test_entity_spans_and_f1():
@@ -239,3 +242,29 @@ def test_batched_left_padded_generation_equals_one_at_a_time():
     together = generate(lm.model, lm.tokenizer, prompts, max_new_tokens=6)
     alone = [generate(lm.model, lm.tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert together == alone and all("\n" not in t for t in together)
+
+
+def test_generation_skips_leading_newlines_and_stops_after_the_first_line():
+    lm = load_model("tiny-llama")
+    ids = lm.tokenizer("\n\nab\ncd").input_ids
+
+    class Scripted(torch.nn.Module):
+        """Emits '\n\nab\ncd' then end-of-text; counts how many tokens it was asked for."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = lm.model
+            self.calls = 0
+
+        def generate(self, input_ids, max_new_tokens, stopping_criteria, **kw):
+            out = input_ids
+            for t in ids[:max_new_tokens]:
+                out = torch.cat([out, torch.full((len(out), 1), t)], 1)
+                self.calls += 1
+                if stopping_criteria(out, None).all():
+                    break
+            return out
+
+    model = Scripted()
+    assert generate(model, lm.tokenizer, ["Q:"], max_new_tokens=10) == ["ab"]
+    assert model.calls == 5  # stopped at the newline after 'ab', not at the leading ones
