@@ -97,15 +97,14 @@ def _panels(results) -> list[str]:
 
 
 def _draw_panel(ax, name: str, results, color=None, label: str | None = None, detail: bool = True,
-                threshold: float = 2.0) -> None:
+                threshold: float = 2.0, items: dict | None = None) -> None:
     """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only."""
-    one = lambda proto: label if not detail else proto  # noqa: E731
+    one = lambda protocol: protocol if detail else label  # noqa: E731  (legend entry of one line)
     if name == "retention":
         for protocol, style in (("es", "-"), ("exact", "--")):
             m = retention_matrix(results, protocol)
             if len(m.steps) and (detail or protocol == "es"):
-                ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color,
-                        label=f"{label + ': ' if label and detail else ''}{one(protocol)}" if detail else label)
+                ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color, label=one(protocol))
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("retained fraction of edits so far")
         ax.set_title("Retention (ES: new target beats old; exact: greedy match)" if detail else "Retention (ES)",
@@ -114,7 +113,8 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         for protocol, style in (("corpus", "-"), ("sentence_mean", "--")):
             steps, values = _series(results, "perplexity", "ratio", protocol)
             if len(steps) and (detail or protocol == "corpus"):
-                ax.plot(steps, values, style, marker="o", ms=3, color=color, label=one(protocol))
+                ax.plot(steps, values, style, marker="o", ms=3, color=color,
+                        label=f"{one(protocol)} (last {values[-1]:.3g}x)")
         ax.axhline(threshold, color="crimson", lw=0.8, ls=":", label=f"collapse threshold ({threshold:g}x)")
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_ylabel("perplexity / perplexity at θ0")
@@ -128,27 +128,49 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         if detail:
             tasks = sorted(set(results.filter((pl.col("probe") == "downstream") & (pl.col("metric") == "diff"))
                                ["protocol"]) - {"mean"})
+            markers = "s^vDP*Xph<>"
             for i, task in enumerate(tasks):
                 steps, values = _series(results, "downstream", "diff", task)
-                ax.plot(steps, values, "-", marker=".", ms=4, lw=1, color=f"C{(i + 2) % 10}", alpha=0.8, label=task)
+                # Scores move in steps of 1/items, so tasks often coincide: offset each a little.
+                offset = (i - (len(tasks) - 1) / 2) * 0.12 * max(1, float(results["step"].max()) / 20)
+                ax.plot(steps + offset, values, "-", marker=markers[i % len(markers)], ms=4, lw=0.9,
+                        color=f"C{(i + 2) % 10}", alpha=0.85, label=task)
         steps, values = _series(results, "downstream", "diff", "mean")
         ax.plot(steps, values, "-", marker="o", ms=4, lw=2.2, color=color or "black",
                 label="mean over tasks" if detail else label)
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_ylabel("score − score at θ0")
-        ax.set_title("Downstream drift (task score minus θ0)", fontsize=9)
+        sizes = sorted(set((items or {}).values()))
+        grain = f"; {sizes[0]} items per task: one item = {1 / sizes[0]:.3g}" if len(sizes) == 1 and sizes[0] else ""
+        ax.set_title(f"Downstream drift (task score minus θ0{grain})", fontsize=9)
     elif name == "distortion":
-        steps, values = _series(results, _chain_probe(results), "distortion_js")
-        ax.plot(steps, values, "-", marker="o", ms=3, color=color, label=label or "mean over chains")
+        import polars as pl
+
+        probe = _chain_probe(results)
+        protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == "distortion_js"))
+                               ["protocol"]), key=lambda p: (p != "completion", p))
+        for j, protocol in enumerate(protocols if detail else protocols[:1]):
+            steps, values = _series(results, probe, "distortion_js", protocol)
+            ax.plot(steps, values, "-" if j == 0 else "--", marker="o", ms=3, color=color,
+                    label=f"{protocol} (mean over chains)" if detail else f"{label} ({protocol})")
         ax.set_ylabel("JS divergence (nats)")
-        ax.set_title("Knowledge distortion (mean over chains measured)", fontsize=9)
+        ax.set_title("Knowledge distortion D_JS after round/conflict chains", fontsize=9)
     elif name == "weight_drift":
         steps, values = _series(results, "weight_drift", "frobenius", "total")
         ax.plot(steps, values, "-", color=color, label=label or "all edited matrices")
-        ax.set_ylabel("‖W_t − W_0‖_F")
+        ax.set_ylabel(r"$\|W_t - W_0\|_F$")
         ax.set_title("Weight drift from θ0", fontsize=9)
     ax.set_xlabel("stream step")
     ax.grid(alpha=0.3)
+
+
+def _shared_steps(axes, last_step: int) -> None:
+    """Every panel on the same integer step axis, from θ0 (step 0) to the last step."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.set_xlim(-0.03 * max(last_step, 1), last_step * 1.03 + 0.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 def _chain_probe(results) -> str:
@@ -175,11 +197,13 @@ def plot_dashboard(run: RunDir) -> Path:
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    items = (run.load_reference() or {}).get("downstream", {}).get("items")
     collapse = collapse_step(results)
     for ax, name in zip(axes.flat, panels):
-        _draw_panel(ax, name, results, threshold=threshold)
+        _draw_panel(ax, name, results, threshold=threshold, items=items)
         _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
         ax.legend(fontsize=7, loc="best")
+    _shared_steps(list(axes.flat)[: len(panels)], int(results["step"].max()))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     steps = max(run.completed_step(), 0)
@@ -221,6 +245,7 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
                 _draw_panel(ax, name, results, color=f"C{i}", label=label, detail=False, threshold=threshold)
                 _mark_collapse(ax, collapse_step(results), color=f"C{i}", label=f"{label}: collapse")
         ax.legend(fontsize=7, loc="best")
+    _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}

@@ -88,6 +88,13 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
     return lines
 
 
+def _shown(value) -> str:
+    """A table cell: n/a for missing, 0 for float noise around zero (e.g. a mean of cancelling drifts)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return "0" if abs(value) < 1e-12 else f"{value:.4g}"
+
+
 def compare_table(runs: list[RunDir], labels: list[str]) -> pl.DataFrame:
     """The summary tables of several runs side by side: measure, protocol, one column per run."""
     joined = None
@@ -102,12 +109,13 @@ def format_table(table: pl.DataFrame) -> str:
     """A plain-text table: measure and protocol, then one value column each."""
     values = table.columns[2:]
     width = max(len(m) for m in table["measure"]) + 2
+    pw = max(11, max(len(p) for p in table["protocol"]) + 2)
     widths = [max(len(v), 9) + 2 for v in values]
-    head = f"{'measure':<{width}}{'protocol':<11}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths))
+    head = f"{'measure':<{width}}{'protocol':<{pw}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths))
     lines = [head, "-" * len(head)]
     for row in table.iter_rows():
-        cells = ["n/a" if v is None or math.isnan(v) else f"{v:.4g}" for v in row[2:]]
-        lines.append(f"{row[0]:<{width}}{row[1]:<11}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+        cells = [_shown(v) for v in row[2:]]
+        lines.append(f"{row[0]:<{width}}{row[1]:<{pw}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     return "\n".join(lines)
 
 
@@ -126,8 +134,8 @@ def format_summary(run: RunDir) -> str:
     ]
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
-    lines = [f"{'measure':<{width}}{'protocol':<11}value", "-" * (width + 20)]
+    pw = max(11, max(len(p) for p in table["protocol"]) + 2)
+    lines = [f"{'measure':<{width}}{'protocol':<{pw}}value", "-" * (width + pw + 9)]
     for measure, protocol, value in table.iter_rows():
-        shown = "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
-        lines.append(f"{measure:<{width}}{protocol:<11}{shown}")
+        lines.append(f"{measure:<{width}}{protocol:<{pw}}{_shown(value)}")
     return "\n".join(head + lines)

@@ -51,7 +51,7 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     return [p for p in parts if len(p.split()) >= min_words]
 
 
-def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL of tokens 1.. of each id row (token 0 is context only) and the count of scored tokens.
 
     Rows are batched by length (longest first, at most ``max_batch_tokens`` padded tokens per pass).
