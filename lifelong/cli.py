@@ -71,6 +71,29 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lifelong.plots import plot_compare, run_labels
+    from lifelong.run import RunDir
+    from lifelong.summary import compare_table, format_table
+
+    if len(args.dirs) < 2:
+        raise ValueError("compare needs at least two run directories")
+    runs = [RunDir(d) for d in args.dirs]
+    for run in runs:
+        run.manifest()  # a one-line error for a directory that is not a run
+    labels = run_labels(runs)
+    out = Path(args.out)
+    table = compare_table(runs, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out / "compare.csv")
+    figure = plot_compare(runs, out / "compare.png")
+    if len({r.manifest()["identity"].get("stream_hash") for r in runs}) > 1:
+        print("note: the runs replayed different streams; their figures are not directly comparable")
+    print(format_table(table))
+    print(f"\ntable: {(out / 'compare.csv').resolve()}\nfigure: {figure.resolve()}")
+    return 0
+
+
 def cmd_checkout(args) -> int:
     from lifelong.models import save_model_dir
     from lifelong.replay import checkout
@@ -156,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/")
     p.add_argument("dir")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("compare", help="overlay several runs (editors on one stream): one figure, one table")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", default="compare", help="where compare.png and compare.csv go (default: ./compare)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("checkout", help="write the model at a step as a transformers directory")
     p.add_argument("dir")

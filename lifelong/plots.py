@@ -25,7 +25,7 @@ def plot_run(run: RunDir) -> list[Path]:
     results = run.results()
     title = f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
     run.plots_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = [plot_dashboard(run)]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for protocol, style in (("es", "-o"), ("exact", "--s")):
@@ -107,4 +107,193 @@ def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------- dashboard and comparison
+
+def _series(results, probe: str, metric: str, protocol: str | None = None, edit_id: str | None = None):
+    """(steps, values) of one metric, averaged over edits/items at each step."""
+    import polars as pl
+
+    rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric))
+    if protocol is not None:
+        rows = rows.filter(pl.col("protocol") == protocol)
+    if edit_id is not None:
+        rows = rows.filter(pl.col("edit_id") == edit_id)
+    if not rows.height:
+        return np.array([]), np.array([])
+    agg = rows.group_by("step").agg(pl.col("value").mean()).sort("step")
+    return agg["step"].to_numpy(), agg["value"].to_numpy()
+
+
+def _panels(results) -> list[str]:
+    """Which dashboard panels this run has data for, in a fixed order."""
+    probes = set(results["probe"].unique())
+    has_js = "distortion_js" in set(results["metric"].unique())
+    return [name for name, present in (("retention", "retention" in probes), ("perplexity", "perplexity" in probes),
+                                       ("downstream", "downstream" in probes), ("distortion", has_js),
+                                       ("weight_drift", "weight_drift" in probes)) if present]
+
+
+def _draw_panel(ax, name: str, results, color=None, label: str | None = None, detail: bool = True,
+                threshold: float = 2.0, items: dict | None = None) -> None:
+    """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only."""
+    one = lambda protocol: protocol if detail else label  # noqa: E731  (legend entry of one line)
+    if name == "retention":
+        for protocol, style in (("es", "-"), ("exact", "--")):
+            m = retention_matrix(results, protocol)
+            if len(m.steps) and (detail or protocol == "es"):
+                ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color, label=one(protocol))
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("retained fraction of edits so far")
+        ax.set_title("Retention (ES: new target beats old; exact: greedy match)" if detail else "Retention (ES)",
+                     fontsize=9)
+    elif name == "perplexity":
+        for protocol, style in (("corpus", "-"), ("sentence_mean", "--")):
+            steps, values = _series(results, "perplexity", "ratio", protocol)
+            if len(steps) and (detail or protocol == "corpus"):
+                ax.plot(steps, values, style, marker="o", ms=3, color=color,
+                        label=f"{one(protocol)} (last {values[-1]:.3g}x)")
+        ax.axhline(threshold, color="crimson", lw=0.8, ls=":", label=f"collapse threshold ({threshold:g}x)")
+        ax.axhline(1.0, color="grey", lw=0.6)
+        ax.set_ylabel("perplexity / perplexity at θ0")
+        ax.set_title("Perplexity ratio to θ0" + (" (corpus, sentence_mean)" if detail else " (corpus)"), fontsize=9)
+        top = max([float(np.nanmax(_series(results, "perplexity", "ratio")[1]))] + [threshold])
+        if top > 20:
+            ax.set_yscale("log")
+    elif name == "downstream":
+        import polars as pl
+
+        if detail:
+            tasks = sorted(set(results.filter((pl.col("probe") == "downstream") & (pl.col("metric") == "diff"))
+                               ["protocol"]) - {"mean"})
+            markers = "s^vDP*Xph<>"
+            for i, task in enumerate(tasks):
+                steps, values = _series(results, "downstream", "diff", task)
+                # Scores move in steps of 1/items, so tasks often coincide: offset each a little.
+                offset = (i - (len(tasks) - 1) / 2) * 0.12 * max(1, float(results["step"].max()) / 20)
+                ax.plot(steps + offset, values, "-", marker=markers[i % len(markers)], ms=4, lw=0.9,
+                        color=f"C{(i + 2) % 10}", alpha=0.85, label=task)
+        steps, values = _series(results, "downstream", "diff", "mean")
+        ax.plot(steps, values, "-", marker="o", ms=4, lw=2.2, color=color or "black",
+                label="mean over tasks" if detail else label)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylabel("score − score at θ0")
+        sizes = sorted(set((items or {}).values()))
+        grain = f"; {sizes[0]} items per task: one item = {1 / sizes[0]:.3g}" if len(sizes) == 1 and sizes[0] else ""
+        ax.set_title(f"Downstream drift (task score minus θ0{grain})", fontsize=9)
+    elif name == "distortion":
+        import polars as pl
+
+        probe = _chain_probe(results)
+        protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == "distortion_js"))
+                               ["protocol"]), key=lambda p: (p != "completion", p))
+        for j, protocol in enumerate(protocols if detail else protocols[:1]):
+            steps, values = _series(results, probe, "distortion_js", protocol)
+            ax.plot(steps, values, "-" if j == 0 else "--", marker="o", ms=3, color=color,
+                    label=f"{protocol} (mean over chains)" if detail else f"{label} ({protocol})")
+        ax.set_ylabel("JS divergence (nats)")
+        ax.set_title("Knowledge distortion D_JS after round/conflict chains", fontsize=9)
+    elif name == "weight_drift":
+        steps, values = _series(results, "weight_drift", "frobenius", "total")
+        ax.plot(steps, values, "-", color=color, label=label or "all edited matrices")
+        ax.set_ylabel(r"$\|W_t - W_0\|_F$")
+        ax.set_title("Weight drift from θ0", fontsize=9)
+    ax.set_xlabel("stream step")
+    ax.grid(alpha=0.3)
+
+
+def _shared_steps(axes, last_step: int) -> None:
+    """Every panel on the same integer step axis, from θ0 (step 0) to the last step."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.set_xlim(-0.03 * max(last_step, 1), last_step * 1.03 + 0.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
+def _chain_probe(results) -> str:
+    import polars as pl
+
+    probes = results.filter(pl.col("metric") == "distortion_js")["probe"].unique().to_list()
+    return probes[0] if probes else "chains"
+
+
+def _mark_collapse(ax, step: int | None, color="crimson", label: str | None = "collapse step") -> None:
+    if step is not None:
+        ax.axvline(step, color=color, ls="--", lw=1.2, label=label)
+
+
+def plot_dashboard(run: RunDir) -> Path:
+    """One PNG with every general-ability panel this run has, the collapse step marked on each."""
+    from probes.perplexity import collapse_step
+
+    plt = _pyplot()
+    results = run.results()
+    ident = run.manifest()["identity"]
+    panels = _panels(results)
+    threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
+    cols = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    items = (run.load_reference() or {}).get("downstream", {}).get("items")
+    collapse = collapse_step(results)
+    for ax, name in zip(axes.flat, panels):
+        _draw_panel(ax, name, results, threshold=threshold, items=items)
+        _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
+        ax.legend(fontsize=7, loc="best")
+    _shared_steps(list(axes.flat)[: len(panels)], int(results["step"].max()))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    steps = max(run.completed_step(), 0)
+    note = f"perplexity collapse at step {collapse}" if collapse is not None else (
+        "no perplexity collapse" if "perplexity" in panels else "perplexity not probed")
+    fig.suptitle(f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, "
+                 f"{steps} steps — {note}", fontsize=11)
+    fig.tight_layout()
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    path = _save(fig, run.plots_dir / "dashboard.png")
+    plt.close(fig)
+    return path
+
+
+def run_labels(runs: list[RunDir]) -> list[str]:
+    """Editor names, with the directory name added where two runs share an editor."""
+    editors = [r.manifest()["identity"]["editor"] for r in runs]
+    return [e if editors.count(e) == 1 else f"{e} ({r.path.name})" for e, r in zip(editors, runs)]
+
+
+def plot_compare(runs: list[RunDir], path: Path) -> Path:
+    """Several runs overlaid, one colour per run, one panel per measure any of them has."""
+    from probes.perplexity import collapse_step
+
+    plt = _pyplot()
+    tables = [r.results() for r in runs]
+    labels = run_labels(runs)
+    panels = [p for p in ("retention", "perplexity", "downstream", "distortion", "weight_drift")
+              if any(p in _panels(t) for t in tables)]
+    if not panels:
+        raise ValueError("none of the runs has rows to compare")
+    cols = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        for i, (results, label, run) in enumerate(zip(tables, labels, runs)):
+            if name in _panels(results):
+                threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
+                _draw_panel(ax, name, results, color=f"C{i}", label=label, detail=False, threshold=threshold)
+                _mark_collapse(ax, collapse_step(results), color=f"C{i}", label=f"{label}: collapse")
+        ax.legend(fontsize=7, loc="best")
+    _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}
+    note = "" if len(streams) == 1 else " (different streams!)"
+    fig.suptitle(f"{' vs '.join(labels)} on {runs[0].manifest()['identity']['model']}{note}", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
     return path

@@ -72,6 +72,7 @@ def summary_table(run: RunDir) -> pl.DataFrame:
                 ("median steps to forget", protocol, ret["median_steps_to_forget"]),
             ]
     table += chain_lines(results)
+    table += general_ability_lines(results, run.load_reference() or {})
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
         table += [
@@ -80,6 +81,74 @@ def summary_table(run: RunDir) -> pl.DataFrame:
         ]
     return pl.DataFrame(table, schema={"measure": pl.String, "protocol": pl.String, "value": pl.Float64},
                         orient="row")
+
+
+def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> float:
+    rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
+    return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
+
+
+def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) -> list[tuple[str, str, float]]:
+    """Perplexity ratio and collapse step, downstream drift and weight drift, when those probes ran."""
+    from probes.perplexity import PROTOCOLS, collapse_step
+
+    lines: list[tuple[str, str, float]] = []
+    probes = set(results["probe"].unique())
+    if "perplexity" in probes:
+        ppl = results.filter(pl.col("probe") == "perplexity")
+        threshold = (reference or {}).get("perplexity", {}).get("threshold", 2.0)
+        for protocol in PROTOCOLS:
+            if ppl.filter(pl.col("protocol") == protocol).height:
+                step = collapse_step(results, protocol)
+                lines += [("perplexity at θ0", protocol, _last(results.filter(pl.col("step") == 0), "perplexity",
+                                                              "perplexity", protocol)),
+                          ("perplexity ratio to θ0 at last step", protocol,
+                           _last(results, "perplexity", "ratio", protocol)),
+                          (f"perplexity collapse step (ratio >= {threshold:g})", protocol,
+                           float("nan") if step is None else float(step))]
+    if "downstream" in probes:
+        down = results.filter(pl.col("probe") == "downstream")
+        tasks = sorted(set(down.filter(pl.col("metric") == "score")["protocol"]) - {"mean"})
+        for task in [*tasks, "mean"]:
+            lines += [("downstream score at θ0", task, _last(down.filter(pl.col("step") == 0), "downstream", "score", task)),
+                      ("downstream drift at last step (difference)", task, _last(down, "downstream", "diff", task)),
+                      ("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task))]
+    if "weight_drift" in probes:
+        lines += [("weight drift ||W_t - W_0||_F at last step", "total",
+                   _last(results, "weight_drift", "frobenius", "total")),
+                  ("parameters touched at last step", "total", _last(results, "weight_drift", "touched", "total"))]
+    return lines
+
+
+def _shown(value) -> str:
+    """A table cell: n/a for missing, 0 for float noise around zero (e.g. a mean of cancelling drifts)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return "0" if abs(value) < 1e-12 else f"{value:.4g}"
+
+
+def compare_table(runs: list[RunDir], labels: list[str]) -> pl.DataFrame:
+    """The summary tables of several runs side by side: measure, protocol, one column per run."""
+    joined = None
+    for run, label in zip(runs, labels):
+        table = summary_table(run).rename({"value": label})
+        joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
+                                                          coalesce=True, maintain_order="left")
+    return joined
+
+
+def format_table(table: pl.DataFrame) -> str:
+    """A plain-text table: measure and protocol, then one value column each."""
+    values = table.columns[2:]
+    width = max(len(m) for m in table["measure"]) + 2
+    pw = max(11, max(len(p) for p in table["protocol"]) + 2)
+    widths = [max(len(v), 9) + 2 for v in values]
+    head = f"{'measure':<{width}}{'protocol':<{pw}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths))
+    lines = [head, "-" * len(head)]
+    for row in table.iter_rows():
+        cells = [_shown(v) for v in row[2:]]
+        lines.append(f"{row[0]:<{width}}{row[1]:<{pw}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return "\n".join(lines)
 
 
 def format_summary(run: RunDir) -> str:
@@ -97,8 +166,8 @@ def format_summary(run: RunDir) -> str:
     ]
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
-    lines = [f"{'measure':<{width}}{'protocol':<11}value", "-" * (width + 20)]
+    pw = max(11, max(len(p) for p in table["protocol"]) + 2)
+    lines = [f"{'measure':<{width}}{'protocol':<{pw}}value", "-" * (width + pw + 9)]
     for measure, protocol, value in table.iter_rows():
-        shown = "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
-        lines.append(f"{measure:<{width}}{protocol:<11}{shown}")
+        lines.append(f"{measure:<{width}}{protocol:<{pw}}{_shown(value)}")
     return "\n".join(head + lines)

@@ -1,0 +1,170 @@
+"""Perplexity on a fixed reference corpus, its ratio to θ0 and the collapse step (METRICS.md §5).
+
+Two named variants (protocols):
+- ``corpus``: exp of the mean token NLL over the corpus cut into fixed chunks of
+  ``chunk_tokens`` tokens (each chunk read from a BOS token), the same chunks every step;
+- ``sentence_mean``: the mean over sentences of each sentence's own perplexity, every
+  sentence read alone from a BOS token (the per-sentence variant of Yang et al. 2024).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from probes.base import Probe, ProbeContext, Row
+
+BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
+WIKITEXT = "wikitext/wikitext-2-raw_test.txt"
+PROTOCOLS = ("corpus", "sentence_mean")
+
+
+def corpus_path(spec: str) -> Path:
+    """``builtin``, ``wikitext`` (WikiText-2 test split in the shared data) or a text file."""
+    if spec == "builtin":
+        return BUILTIN_CORPUS
+    if spec == "wikitext":
+        from streams.readers import default_data_dir
+
+        path = default_data_dir() / WIKITEXT
+        if not path.is_file():
+            raise FileNotFoundError(f"perplexity corpus 'wikitext': {path} not found (set $LIFELONG_DATA to the "
+                                    "shared data directory, or give corpus=PATH to a text file)")
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"perplexity corpus '{spec}': no such file")
+    return path
+
+
+def split_sentences(text: str, min_words: int = 3) -> list[str]:
+    """Sentences of ``text``: split after . ! ? before whitespace; headings and fragments dropped."""
+    parts = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip())
+    return [p for p in parts if len(p.split()) >= min_words]
+
+
+def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of tokens 1.. of each id row (token 0 is context only) and the count of scored tokens.
+
+    Rows are batched by length (longest first, at most ``max_batch_tokens`` padded tokens per pass).
+    """
+    lengths = np.array([len(r) for r in rows])
+    total = np.zeros(len(rows))
+    count = np.maximum(lengths - 1, 0)
+    device = next(model.parameters()).device
+    order = np.argsort(-lengths, kind="stable")
+    start = 0
+    with torch.inference_mode():
+        while start < len(order):
+            width = int(lengths[order[start]])
+            size = max(1, max_batch_tokens // max(width, 1))
+            idx = order[start:start + size]
+            start += size
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, : lengths[i]] = torch.tensor(rows[i])
+                mask[r, : lengths[i]] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+            total[idx] = nll.sum(1).double().cpu().numpy()
+    return total, count
+
+
+class PerplexityProbe(Probe):
+    """Reference-corpus perplexity (corpus-level and per-sentence mean), ratio to θ0, collapse flag."""
+
+    name = "perplexity"
+    description = ("perplexity of a reference corpus (corpus, sentence_mean), ratio to θ0, over_threshold "
+                   "(collapse step = first step with ratio >= threshold)")
+    default_schedule = "every:5"
+
+    @dataclass
+    class Options:
+        corpus: str = "builtin"  # builtin, wikitext (shared data) or a text file
+        chunk_tokens: int = 128  # tokens per chunk of the corpus variant (plus BOS)
+        max_tokens: int = 8192  # cut the corpus to its first N tokens (0: all of it)
+        max_sentences: int = 256  # first N sentences for the sentence_mean variant (0: all)
+        threshold: float = 2.0  # collapse: ratio to θ0 at or above this
+
+    def __init__(self, schedule=None, options=None):
+        super().__init__(schedule, options)
+        o = self.options
+        if o.chunk_tokens < 2:
+            raise ValueError(f"chunk_tokens must be at least 2 (got {o.chunk_tokens})")
+        if o.threshold <= 1:
+            raise ValueError(f"threshold must be above 1 (got {o.threshold})")
+        self.path = corpus_path(o.corpus)  # fail at construction: before the run starts
+        self._encoded: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
+
+    @cached_property
+    def text(self) -> str:
+        text = self.path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+        if not text.strip():
+            raise ValueError(f"perplexity corpus {self.path}: the file is empty")
+        return text
+
+    def rows_for(self, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+        """(corpus chunks, sentences) as token-id rows, each starting with the BOS token; cached."""
+        key = id(tokenizer)
+        if key not in self._encoded:
+            o = self.options
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            ids = tokenizer(self.text, add_special_tokens=False).input_ids
+            if o.max_tokens:
+                ids = ids[: o.max_tokens]
+            chunks = [[bos, *ids[i:i + o.chunk_tokens]] for i in range(0, len(ids), o.chunk_tokens)]
+            chunks = [c for c in chunks if len(c) > 1]
+            sentences = split_sentences(self.text)
+            if o.max_sentences:
+                sentences = sentences[: o.max_sentences]
+            encoded = tokenizer(sentences, add_special_tokens=False).input_ids if sentences else []
+            sent_rows = [[bos, *s[: o.chunk_tokens]] for s in encoded if s]
+            self._encoded[key] = (chunks, sent_rows)
+        return self._encoded[key]
+
+    def perplexities(self, model, tokenizer) -> dict[str, float]:
+        chunks, sentences = self.rows_for(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        total, count = token_nll(model, chunks + sentences, pad)
+        n = len(chunks)
+        out = {"corpus": float(np.exp(total[:n].sum() / count[:n].sum()))}
+        if len(sentences):
+            out["sentence_mean"] = float(np.mean(np.exp(total[n:] / np.maximum(count[n:], 1))))
+        return out
+
+    def _rows(self, values: dict[str, float], base: dict[str, float]) -> list[Row]:
+        rows = []
+        for protocol, ppl in values.items():
+            ratio = ppl / base[protocol]
+            rows += [Row(self.name, "perplexity", protocol, ppl), Row(self.name, "ratio", protocol, ratio),
+                     Row(self.name, "over_threshold", protocol, float(ratio >= self.options.threshold))]
+        return rows
+
+    def prepare(self, ctx: ProbeContext):
+        values = self.perplexities(ctx.scorer.model, ctx.scorer.tokenizer)
+        chunks, sentences = self.rows_for(ctx.scorer.tokenizer)
+        reference = {**values, "threshold": self.options.threshold, "chunks": len(chunks),
+                     "sentences": len(sentences), "tokens": int(sum(len(c) - 1 for c in chunks)),
+                     "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16]}
+        return reference, self._rows(values, values)
+
+    def measure(self, ctx: ProbeContext) -> list[Row]:
+        values = self.perplexities(ctx.scorer.model, ctx.scorer.tokenizer)
+        return self._rows(values, ctx.reference)
+
+
+def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None:
+    """The first step at which the perplexity ratio was at or above the run's threshold (None: never)."""
+    hit = results.filter((pl.col("probe") == "perplexity") & (pl.col("metric") == "over_threshold")
+                         & (pl.col("protocol") == protocol) & (pl.col("value") > 0.5))
+    return int(hit["step"].min()) if hit.height else None

@@ -1,0 +1,34 @@
+"""Weight drift (METRICS.md §5): how far the editor's scope parameters have moved from θ0."""
+
+from __future__ import annotations
+
+import torch
+
+from probes.base import Probe, ProbeContext, Row
+
+
+class WeightDriftProbe(Probe):
+    """‖W_t − W_0‖_F and entries changed, per scope parameter (edit_id = parameter name) and in total."""
+
+    name = "weight_drift"
+    description = "Frobenius norm of W_t - W_0 per edited matrix, relative norm, and parameters touched (entries != θ0)"
+    default_schedule = "every:1"
+
+    def measure(self, ctx: ProbeContext) -> list[Row]:
+        params = dict(ctx.scorer.model.named_parameters())
+        rows, total_sq, total_touched = [], 0.0, 0
+        with torch.no_grad():
+            for name in sorted(ctx.base_params):
+                base = ctx.base_params[name]
+                diff = params[name].detach().to(base.device, torch.float64) - base.double()
+                norm = float(torch.linalg.vector_norm(diff))
+                touched = int(torch.count_nonzero(diff))
+                base_norm = float(torch.linalg.vector_norm(base.double()))
+                total_sq += norm * norm
+                total_touched += touched
+                rows += [Row(self.name, "frobenius", "per_matrix", norm, name),
+                         Row(self.name, "relative", "per_matrix", norm / base_norm if base_norm else float("nan"), name),
+                         Row(self.name, "touched", "per_matrix", float(touched), name)]
+        rows += [Row(self.name, "frobenius", "total", total_sq ** 0.5),
+                 Row(self.name, "touched", "total", float(total_touched))]
+        return rows

@@ -1,0 +1,216 @@
+"""Perplexity, its collapse step, and weight drift (METRICS.md §5)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from lifelong.delta import Delta, ParamChange
+from lifelong.editors.base import Editor
+from lifelong.models import load_model
+from lifelong.replay import replay
+from lifelong.run import RunConfig
+from lifelong.summary import summary_table
+from probes import OptionError, make_probe
+from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences, token_nll
+from tests.conftest import SHARED_DATA, TINY_FT
+
+TEXT = ("The red fox runs over the green hill at dawn. A small bird sings in the old oak tree. "
+        "Rain falls on the quiet town and the river grows wide. ") * 3
+
+
+def train_to_repeat(lm, text: str, steps: int = 150) -> None:
+    """Fit ``lm`` to reproduce ``text`` (teacher forcing on one chunk)."""
+    ids = torch.tensor([[0, *lm.tokenizer(text).input_ids]])
+    model = lm.model
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    lm = load_model("tiny-llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        train_to_repeat(lm, TEXT)
+    return lm
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def shuffled(text: str, seed: int = 0) -> str:
+    words = text.split()
+    random.Random(seed).shuffle(words)
+    return " ".join(words)
+
+
+def test_token_nll_matches_the_model_loss_and_ignores_padding():
+    lm = load_model("tiny-llama")
+    rows = [lm.tokenizer("hello world, again").input_ids, lm.tokenizer("a much longer row of text here").input_ids]
+    total, count = token_nll(lm.model, rows, pad_id=0)
+    for row, t, c in zip(rows, total, count):
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            loss = lm.model(input_ids=ids, labels=ids).loss.item()
+        assert c == len(row) - 1
+        assert t / c == pytest.approx(loss, rel=1e-5)
+    # A batch of one gives the same as the padded batch of two.
+    alone, _ = token_nll(lm.model, rows[:1], pad_id=0)
+    assert alone[0] == pytest.approx(total[0], rel=1e-5)
+
+
+def test_trained_text_has_lower_perplexity_than_shuffled(trained, tmp_path, text_file):
+    shuffled_file = tmp_path / "shuffled.txt"
+    shuffled_file.write_text(shuffled(TEXT))
+    spec = "perplexity:chunk_tokens=64,corpus="
+    seen = make_probe(spec + str(text_file)).perplexities(trained.model, trained.tokenizer)
+    scrambled = make_probe(spec + str(shuffled_file)).perplexities(trained.model, trained.tokenizer)
+    # Chunks restart the context, so a text memorised as one sequence is not perfect here.
+    assert 3 * seen["corpus"] < scrambled["corpus"]
+    assert 3 * seen["sentence_mean"] < scrambled["sentence_mean"]
+    # Read as the one sequence it was trained on, the text is nearly certain.
+    whole = make_probe(f"perplexity:chunk_tokens=1024,corpus={text_file}").perplexities(trained.model, trained.tokenizer)
+    assert whole["corpus"] < 1.05
+    # The untrained model sees no difference of that size.
+    fresh = load_model("tiny-llama")
+    a = make_probe(spec + str(text_file)).perplexities(fresh.model, fresh.tokenizer)["corpus"]
+    b = make_probe(spec + str(shuffled_file)).perplexities(fresh.model, fresh.tokenizer)["corpus"]
+    assert 0.7 < a / b < 1.3
+
+
+def test_fixed_chunking_and_options(text_file):
+    lm = load_model("tiny-llama")
+    probe = make_probe(f"perplexity:chunk_tokens=50,max_tokens=120,corpus={text_file}")
+    chunks, sentences = probe.rows_for(lm.tokenizer)
+    assert [len(c) for c in chunks] == [51, 51, 21] and all(c[0] == lm.tokenizer.bos_token_id for c in chunks)
+    assert len(sentences) == len(split_sentences(TEXT)) == 9
+    assert probe.rows_for(lm.tokenizer)[0] is chunks  # encoded once
+    assert split_sentences("Short. This one is kept! And this one? no") == ["This one is kept!", "And this one?"]
+    with pytest.raises(FileNotFoundError, match="perplexity corpus 'nope.txt': no such file"):
+        make_probe("perplexity:corpus=nope.txt")
+    with pytest.raises(OptionError, match="threshold must be above 1"):
+        make_probe("perplexity:threshold=0.5")
+    assert make_probe("perplexity").path == BUILTIN_CORPUS
+
+
+def test_builtin_corpus_is_a_few_thousand_tokens():
+    lm = load_model("tiny-llama")  # byte-level: about 4-5 bytes per subword token
+    text = BUILTIN_CORPUS.read_text()
+    assert len(text.split()) > 1800 and len(split_sentences(text)) > 100
+    chunks, _ = PerplexityProbe().rows_for(lm.tokenizer)
+    assert len(chunks) == 8192 // 128  # cut to max_tokens
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wikitext").is_dir(), reason="no ../shared/data/wikitext")
+def test_wikitext_corpus_reads(monkeypatch):
+    monkeypatch.setenv("LIFELONG_DATA", str(SHARED_DATA))
+    lm = load_model("tiny-llama")
+    probe = make_probe("perplexity:corpus=wikitext,max_tokens=512,max_sentences=8")
+    chunks, sentences = probe.rows_for(lm.tokenizer)
+    assert len(chunks) == 4 and len(sentences) == 8
+    assert "\r" not in probe.text
+
+
+def test_wikitext_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIFELONG_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="perplexity corpus 'wikitext': .*wikitext-2-raw_test.txt not found"):
+        make_probe("perplexity:corpus=wikitext")
+
+
+@dataclass
+class ScrambleParams:
+    at_step: int = 3  # the step (1-based count of apply calls) that scrambles
+    std: float = 1.0
+
+
+class ScramblerEditor(Editor):
+    """Test-only editor: does nothing until its ``at_step``-th batch, then overwrites one MLP output
+    projection with noise."""
+
+    name = "scrambler"
+    description = "randomises one layer (test only)"
+    Params = ScrambleParams
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.calls = 0
+
+    def scope(self, lm):
+        return [lm.adapter.out_proj_param_name(1)]
+
+    def apply(self, lm, batch):
+        self.calls += 1
+        if self.calls != self.params.at_step:
+            return Delta.empty()
+        name = self.scope(lm)[0]
+        weight = lm.model.get_parameter(name)
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(weight.shape, generator=gen) * self.params.std
+        delta = Delta({name: ParamChange(dense=noise - weight.detach())})
+        delta.apply(lm.model)
+        return delta
+
+
+def test_scrambled_layer_crosses_the_threshold_and_collapse_step_is_reported(trained, tmp_path, stream_file, text_file):
+    lm = load_model("tiny-llama")
+    lm.model.load_state_dict(trained.model.state_dict())
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2,
+                    probes=[f"perplexity:schedule=every:1,chunk_tokens=64,corpus={text_file}", "weight_drift"])
+    result = replay(cfg, tmp_path / "run", lm=lm, editor=ScramblerEditor(), progress=False)
+    rows = result.run.results().filter(pl.col("probe") == "perplexity")
+    ratio = rows.filter((pl.col("metric") == "ratio") & (pl.col("protocol") == "corpus")).sort("step")
+    assert ratio["step"].to_list() == [0, 1, 2, 3, 4, 5, 6]
+    assert ratio["value"].to_list()[:3] == [1.0, 1.0, 1.0]
+    assert min(ratio["value"].to_list()[3:]) > 2.0
+    results = result.run.results()
+    assert collapse_step(results) == 3 and collapse_step(results, "sentence_mean") == 3
+    table = {(m, p): v for m, p, v in summary_table(result.run).iter_rows()}
+    assert table[("perplexity collapse step (ratio >= 2)", "corpus")] == 3
+    assert table[("perplexity ratio to θ0 at last step", "corpus")] == pytest.approx(ratio["value"][-1])
+
+    drift = results.filter(pl.col("probe") == "weight_drift")
+    touched = drift.filter((pl.col("metric") == "touched") & (pl.col("protocol") == "total")).sort("step")
+    weight = lm.model.get_parameter(lm.adapter.out_proj_param_name(1))
+    assert touched["value"].to_list() == [0, 0, weight.numel(), weight.numel(), weight.numel(), weight.numel()]
+    norm = drift.filter((pl.col("metric") == "frobenius") & (pl.col("protocol") == "per_matrix")
+                        & (pl.col("step") == 6))["value"][0]
+    base = trained.model.get_parameter(lm.adapter.out_proj_param_name(1)).detach().double()
+    assert norm == pytest.approx(float((weight.detach().double() - base).norm()), rel=1e-9)
+
+
+def test_weight_drift_counts_a_sparse_edit(tmp_path, stream_file):
+    lm = load_model("tiny-llama")
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=3, editor_overrides=dict(TINY_FT),
+                    probes=["weight_drift:schedule=every:3"])
+    result = replay(cfg, tmp_path / "ft", lm=lm, progress=False)
+    drift = result.run.results().filter(pl.col("probe") == "weight_drift")
+    assert sorted(set(drift["step"])) == [3, 6]
+    name = lm.adapter.out_proj_param_name(1)
+    per = drift.filter((pl.col("edit_id") == name) & (pl.col("step") == 6))
+    vals = dict(zip(per["metric"], per["value"]))
+    w = lm.model.get_parameter(name).detach().double()
+    w0 = load_model("tiny-llama").model.get_parameter(name).detach().double()
+    assert vals["touched"] == int((w != w0).sum()) > 0
+    assert vals["frobenius"] == pytest.approx(float((w - w0).norm()), rel=1e-9)
+    assert vals["relative"] == pytest.approx(float((w - w0).norm() / w0.norm()), rel=1e-9)
