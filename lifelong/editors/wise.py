@@ -83,6 +83,7 @@ class WISEEditor(AdaptorEditor):
         self.reset()
         self._training: torch.Tensor | None = None  # the open shard's Δ while it is trained
         self._last = None  # (output change, real-token mask) of the last training forward
+        self.last_routed = torch.zeros(0, dtype=torch.bool)  # per row of the last forward: side memory used
 
     def reset(self) -> None:
         self.edits = 0  # edits made so far
@@ -153,6 +154,7 @@ class WISEEditor(AdaptorEditor):
             self._last = (change, real)
             return out + change.to(out.dtype)
         memories = self.memories()
+        self.last_routed = torch.zeros(x.shape[0], dtype=torch.bool)
         if not memories or not math.isfinite(self.min_act):
             return out
         best_dist = torch.full((x.shape[0],), -1.0, device=x.device)
@@ -164,6 +166,7 @@ class WISEEditor(AdaptorEditor):
             best = torch.where(take[:, None, None], change, best)
             best_dist = torch.where(take, dist, best_dist)
         routed = best_dist >= self.params.act_ratio * self.min_act
+        self.last_routed = routed
         if not bool(routed.any()):
             return out
         return torch.where(routed[:, None, None], out + best, out)
