@@ -117,3 +117,16 @@ def test_resume_and_checkout_equal_live(tmp_path, stream_file):
     assert torch.equal(logits(rebuilt, texts), logits(lm, texts))
     assert not torch.equal(logits(checkout(tmp_path / "full", 0), texts), logits(lm, texts))
     assert scorer_for(rebuilt).rewrite is None
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
+def test_upper_layers_match_the_full_forward(spec):
+    from lifelong.editors.adaptor import UpperLayers
+
+    lm = load_model(spec)
+    scorer = Scorer(lm.model, lm.tokenizer)
+    batch = scorer.collate([scorer.encode(e.rendered_prompt, e.target_new) for e in make_edits(3)])
+    with torch.no_grad():
+        full = scorer.answer_logits(batch)
+        upper = UpperLayers(lm, 2, batch).answer_logits()
+    assert torch.allclose(full, upper, atol=1e-5)

@@ -33,8 +33,8 @@ def test_retrieval_picks_the_subject_not_the_neighbor(lm, memory):
     e = make_edits(4)[2]
     prompts = [e.rendered_prompt, e.paraphrases[0], e.neighborhood[0].prompt, "Nothing to see here"]
     out = memory.rewrite(lm, prompts)
-    assert out[0] == f"New fact: {e.rendered_prompt} {e.target_new}.\n{e.rendered_prompt}"
-    assert out[1].startswith("New fact: The capital of Country2 is Nova2.\n")
+    assert out[0] == f"Fact: {e.rendered_prompt} {e.target_new}.\nQuestion: {e.rendered_prompt}"
+    assert out[1].startswith("Fact: The capital of Country2 is Nova2.\n")
     assert out[2:] == prompts[2:]
 
 
@@ -44,7 +44,7 @@ def test_same_subject_and_relation_replaces(lm, memory):
                               "timestamp": first.timestamp, "neighborhood": first.neighborhood})
     memory.apply(lm, [back])
     assert len(memory.records) == 4
-    assert memory.rewrite(lm, [first.rendered_prompt])[0].startswith("New fact: The capital of Country0 is City0.")
+    assert memory.rewrite(lm, [first.rendered_prompt])[0].startswith("Fact: The capital of Country0 is City0.")
 
 
 def test_answer_positions_follow_the_longer_prompt(lm, memory):

@@ -75,16 +75,56 @@ class AdaptorEditor(Editor):
         raise NotImplementedError
 
 
+class _Stop(Exception):
+    pass
+
+
+class UpperLayers:
+    """Answer logits of a collated batch computed from layer ``start`` up.
+
+    While an adaptor at layer ``start`` is trained, nothing below that layer changes: the
+    inputs of layer ``start`` are captured once (with every argument the model passes it)
+    and each training step runs only layers ``start``.. and the head (6 of SmolLM2's 30
+    layers for the default GRACE/WISE layer).
+    """
+
+    def __init__(self, lm: LoadedModel, start: int, batch):
+        self.lm, self.start, self.batch = lm, start, batch
+        captured: dict = {}
+
+        def grab(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Stop
+
+        handle = lm.adapter.layer(start).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                lm.adapter.body()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        self.args, self.kwargs = captured["args"], captured["kwargs"]
+
+    def answer_logits(self) -> torch.Tensor:
+        hidden = self.args[0]
+        for i in range(self.start, self.lm.num_layers):
+            hidden = self.lm.adapter.layer(i)(hidden, *self.args[1:], **self.kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = self.lm.adapter.final_norm()(hidden)
+        return self.lm.adapter.unembedding()(hidden[self.batch.rows, self.batch.cols]).float()
+
+
 def edit_batch(lm: LoadedModel, edit: Edit):
     """The edit's prompt + new target, collated for teacher-forced training (one row)."""
     scorer = Scorer(lm.model, lm.tokenizer)
     return scorer, scorer.collate([scorer.encode(edit.rendered_prompt, edit.target_new)])
 
 
-def target_nll(scorer: Scorer, batch) -> torch.Tensor:
+def target_nll(upper: UpperLayers) -> torch.Tensor:
     """Mean NLL of the target tokens of a one-row collated batch (differentiable)."""
-    logits = scorer.answer_logits(batch)
-    return -logits.log_softmax(-1).gather(1, batch.targets[:, None]).mean()
+    logits = upper.answer_logits()
+    return -logits.log_softmax(-1).gather(1, upper.batch.targets[:, None]).mean()
 
 
 def label_id(text: str) -> int:

@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.adaptor import AdaptorEditor, edit_batch, label_id, last_prompt_index, target_nll
+from lifelong.editors.adaptor import (AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index,
+                                      target_nll)
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from streams import Edit
@@ -160,12 +161,13 @@ class GRACEEditor(AdaptorEditor):
                 self._bypass = False
         entry = self.add(key, warm, edit.target_new)
 
+        upper = UpperLayers(lm, p.layer, batch)
         value = self.values[entry].clone().to(lm.device).requires_grad_(True)
         optimizer = torch.optim.Adam([value], lr=p.lr)
         self._training = (entry, value)
         try:
             for _ in range(p.max_steps):
-                loss = target_nll(scorer, batch)
+                loss = target_nll(upper)
                 if loss.item() < p.stop_loss or not loss.requires_grad:
                     break
                 optimizer.zero_grad(set_to_none=True)

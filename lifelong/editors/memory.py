@@ -14,10 +14,15 @@ Retrieval scores (``retriever``):
   paraphrase names the subject, a neighborhood prompt names another one;
 - ``hidden``: cosine similarity of the model's mean-pooled last hidden states of the
   prompt and the edit's prompt (one extra forward per probed prompt).
+
+Lexical is the default by measurement (20 built-in facts in memory, SmolLM2): it found the
+right edit for every prompt and paraphrase and retrieved anything for 10% of neighborhood
+prompts; hidden similarity at 0.9 found 89% of paraphrases but fired on 88% of neighbors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -41,9 +46,9 @@ def words(text: str) -> set[str]:
 @dataclass
 class MemoryParams:
     retriever: str = "lexical"  # lexical | hidden
-    threshold: float = 1.0  # lexical: every subject word present; hidden: cosine similarity
+    threshold: float | None = None  # None: 1.0 for lexical (every subject word present), 0.9 cosine for hidden
     top_k: int = 1  # retrieved edits placed in the prompt, best last (nearest the question)
-    template: str = "New fact: {fact}\n"  # how one retrieved edit is written before the prompt
+    template: str = "Fact: {fact}\nQuestion: "  # how one retrieved edit is written before the prompt
 
 
 class MemoryEditor(Editor):
@@ -60,6 +65,9 @@ class MemoryEditor(Editor):
             raise ValueError(f"memory: top_k must be at least 1, got {self.params.top_k}")
         if "{fact}" not in self.params.template:
             raise ValueError("memory: template must contain {fact}")
+        if self.params.threshold is None:
+            threshold = 1.0 if self.params.retriever == "lexical" else 0.9
+            self.params = dataclasses.replace(self.params, threshold=threshold)
         self.records: list[dict] = []
         self._embeddings: dict[str, torch.Tensor] = {}
 
