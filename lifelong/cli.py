@@ -107,6 +107,9 @@ def cmd_checkout(args) -> int:
         when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
         step = RunDir(args.dir).step_at(when)
     lm = checkout(args.dir, step, args.device)
+    if lm.editor is not None and lm.editor.adaptor:
+        raise ValueError(f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
+                         "which a transformers directory cannot hold; use lifelong.replay.checkout in Python")
     save_model_dir(lm.model, lm.tokenizer, Path(args.out))
     print(f"step {step} of {args.dir} written to {Path(args.out).resolve()}")
     return 0

@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: object
     adapter: ArchAdapter
     device: torch.device
+    editor: object = None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
 
     @property
     def num_layers(self) -> int:

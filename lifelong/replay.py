@@ -124,7 +124,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
     ))
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
-    scorer = Scorer(lm.model, lm.tokenizer)
+    scorer = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
     run_id = manifest["run_id"]
 
     def rows_for(step, timestamp, rows):
@@ -179,7 +179,15 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
 
 
 def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedModel:
-    """The model of run ``run_path`` as it was right after ``step``, rebuilt from base + deltas."""
+    """The model of run ``run_path`` as it was right after ``step``, rebuilt from base + deltas.
+
+    An adaptor editor (GRACE, WISE, the in-context memory: edits outside the weights) is
+    rebuilt with the run's hyperparameters, bound to the model with its state at ``step``
+    and kept as ``lm.editor``: GRACE and WISE act through the hooks it installs, the memory
+    through ``lm.editor.prompt_rewriter(lm)`` (see :func:`scorer_for`).
+    """
+    from lifelong.editors import EDITORS, parse_overrides
+
     run = RunDir(run_path)
     identity = run.manifest()["identity"]
     done = run.completed_step()
@@ -187,6 +195,19 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
         raise ValueError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
     lm = load_model(identity["model"], device)
     store = DeltaStore(run.deltas_dir, {})  # a freshly loaded model is the base: apply deltas only
+    cls = EDITORS.get(identity["editor"])
+    if cls is not None and cls.adaptor:  # bound on θ0, before any delta, as replay binds it
+        editor = cls(parse_overrides(cls.Params, identity.get("hyperparameters") or {}, cls.name))
+        editor.bind(lm)
+        lm.editor = editor
     for k in range(1, step + 1):
         store.load_delta(k).apply(lm.model)
+    if lm.editor is not None:
+        lm.editor.load_state_dict(store.load_state(step))
     return lm
+
+
+def scorer_for(lm: LoadedModel, **kwargs) -> Scorer:
+    """A scorer that sees ``lm`` as its editor does (prompts rewritten by an in-context memory)."""
+    rewrite = lm.editor.prompt_rewriter(lm) if lm.editor is not None else None
+    return Scorer(lm.model, lm.tokenizer, rewrite=rewrite, **kwargs)

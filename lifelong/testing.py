@@ -262,8 +262,8 @@ class EditorUnderTest:
         return delta
 
     def replay(self, stream: EditStream, workdir: Path, run_name: str, *,
-               lm: LoadedModel | None = None, stop_after: int | None = None):
-        """The real replay loop with a fresh editor from the factory (registered or not)."""
+               lm: LoadedModel | None = None, stop_after: int | None = None, editor: Editor | None = None):
+        """The real replay loop with ``editor`` or a fresh one from the factory (registered or not)."""
         from lifelong.replay import replay
         from lifelong.run import RunConfig
 
@@ -271,7 +271,7 @@ class EditorUnderTest:
         if not path.exists():
             stream.to_jsonl(path)
         lm = lm or self.fresh_model()
-        editor = self.fresh_editor(lm)
+        editor = editor or self.fresh_editor(lm)
         config = RunConfig(model=self.model, editor=editor.name, stream=str(path), probe_every=1, seed=self.seed)
         return replay(config, workdir / run_name, lm=lm, editor=editor, progress=False, stop_after=stop_after)
 
@@ -315,16 +315,28 @@ def revert_restores_base(subject: EditorUnderTest, stream: EditStream) -> None:
 
 
 def checkout_equals_live(subject: EditorUnderTest, stream: EditStream) -> None:
-    """checkout(run, k) rebuilt from base + deltas equals the live model after k replayed steps (bitwise)."""
-    from lifelong.replay import checkout
+    """checkout(run, k) rebuilt from base + deltas equals the live model after k replayed steps (bitwise),
+    and scores the stream's prompts as the live model and editor do (adaptors, prompt memories)."""
+    from lifelong.replay import checkout, scorer_for
+    from probes import Scorer
 
     steps = len(stream.steps())
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
         lm = subject.fresh_model()
-        subject.replay(stream, Path(tmp), "run", lm=lm)
+        editor = subject.fresh_editor(lm)
+        subject.replay(stream, Path(tmp), "run", lm=lm, editor=editor)
         live = _snapshot(lm)
         rebuilt = checkout(Path(tmp) / "run", steps)
         _fail_if(_differences(live, rebuilt.model), f"checkout({steps}) differs from the live model at step {steps}")
+        pairs = [(p, e.target_new) for e in stream for p in (e.rendered_prompt, *e.paraphrases)]
+        pairs += [(n.prompt, n.answer) for e in stream for n in e.neighborhood]
+        want = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm)).score(pairs).nll
+        got = scorer_for(rebuilt).score(pairs).nll
+        if rebuilt.editor is not None:
+            rebuilt.editor.release()
+        if not (want == got).all():
+            raise InvariantViolation(f"checkout({steps}) scores the stream's prompts differently from the live "
+                                     f"model (max |Δnll| {abs(want - got).max():.3g})")
         base = checkout(Path(tmp) / "run", 0)
         _fail_if(_differences(_snapshot(subject.fresh_model()), base.model), "checkout(0) differs from θ0")
 

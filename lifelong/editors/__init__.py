@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from lifelong.editors.ft import FTEditor
+from lifelong.editors.grace import GRACEEditor
+from lifelong.editors.memory import MemoryEditor
 from lifelong.editors.memit import AlphaEditEditor, MEMITEditor
 from lifelong.editors.rome import ROMEEditor, RROMEEditor
+from lifelong.editors.wise import WISEEditor
 
 EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTEditor, ROMEEditor, RROMEEditor, MEMITEditor, AlphaEditEditor)}
+EDITORS.update({cls.name: cls for cls in (GRACEEditor, WISEEditor, MemoryEditor)})
 
 
 class UnknownEditorError(ValueError):
@@ -22,4 +26,4 @@ def make_editor(name: str, overrides: dict[str, str] | None = None) -> Editor:
     return cls(parse_overrides(cls.Params, overrides, name))
 
 
-__all__ = ["EDITORS", "Editor", "HyperparameterError", "UnknownEditorError", "make_editor"]
+__all__ = ["EDITORS", "Editor", "HyperparameterError", "UnknownEditorError", "make_editor", "parse_overrides"]

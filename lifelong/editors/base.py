@@ -50,6 +50,7 @@ class Editor(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type]
+    adaptor: ClassVar[bool] = False  # True: edits live outside the weights (hooks, prompts), in editor state
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
@@ -92,6 +93,13 @@ class Editor(ABC):
         The replay calls it on θ0 before the first step and before checking out a step
         to resume; editors also call it at the start of ``apply`` (it must be idempotent).
         """
+
+    def prompt_rewriter(self, lm: LoadedModel):
+        """A function mapping a list of probe prompts to the prompts the model sees, or None (unchanged)."""
+        return None
+
+    def release(self) -> None:
+        """Detach whatever ``bind`` attached to a model (hooks); editors without any need nothing."""
 
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""

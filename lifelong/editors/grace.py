@@ -1,0 +1,179 @@
+"""GRACE: a codebook adaptor around one MLP output projection (Hartvigsen et al. 2023).
+
+The codebook holds keys (the projection's input at an edit prompt's last token),
+values (outputs trained per edit) and deferral radii ε. At inference every token
+position whose key lies within ε of its nearest codebook key gets that key's value
+as the projection's output; every other position passes through unchanged (bitwise).
+Adding an edit with key h and label y, against the nearest entry i at distance d:
+
+- d > ε_i + ε_init: a new entry (h, value, ε_init);
+- otherwise, label y_i ≠ y (conflict): a new entry, and both radii split to d/2
+  (the old one a hair less, so the two balls do not touch); when d = 0 (the same
+  key, e.g. a round edit) there is nothing to split: the entry takes the new label;
+- otherwise (same label): ε_i grows to d if d > ε_i ("coverage" expansion), no new key.
+
+The value used for the edit (new or nearest entry) is then trained by Adam on the
+target's NLL, starting from the layer's own output at h ("warm" init, so an untrained
+value changes nothing). The base weights never change; the codebook is editor state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lifelong.delta import Delta
+from lifelong.editors.adaptor import (AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index,
+                                      target_nll)
+from lifelong.editors.locate import capture_keys
+from lifelong.models import LoadedModel
+from streams import Edit
+
+
+@dataclass
+class GRACEParams:
+    layer: int | None = None  # None: 4/5 of the depth (layer 24 of 30 for SmolLM2)
+    eps_init: float = 6.0  # initial deferral radius (L2, key units); see README for how it was chosen
+    lr: float = 1.0  # Adam on the value, as the paper's edit_lr
+    max_steps: int = 100  # the paper's n_iter
+    stop_loss: float = 0.05  # stop once the target's mean token NLL is below this
+
+
+class GRACEEditor(AdaptorEditor):
+    name = "grace"
+    description = "GRACE codebook adaptor on one MLP output projection (keys, trained values, deferral radii)"
+    Params = GRACEParams
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.reset()
+        self._training: tuple[int, torch.Tensor] | None = None  # (entry, value being trained)
+        self._bypass = False  # True: the hook passes everything through (warm-value computation)
+
+    def reset(self) -> None:
+        self.keys = torch.zeros(0, 0)
+        self.values = torch.zeros(0, 0)
+        self.eps = torch.zeros(0)
+        self.labels = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    # -- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not len(self):
+            return {}
+        return {"keys": self.keys.clone(), "values": self.values.clone(), "eps": self.eps.clone(),
+                "labels": self.labels.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.reset()
+            return
+        missing = {"keys", "values", "eps", "labels"} - set(state)
+        if missing:
+            raise ValueError(f"grace: state lacks {sorted(missing)}")
+        self.keys, self.values = state["keys"].float().clone(), state["values"].float().clone()
+        self.eps, self.labels = state["eps"].float().clone(), state["labels"].long().clone()
+
+    # -- the codebook rules
+    def nearest(self, key: torch.Tensor) -> tuple[float, int]:
+        """Distance to and index of the nearest codebook key (inf, -1 when empty)."""
+        if not len(self):
+            return float("inf"), -1
+        d = (self.keys.double() - key.double()[None]).norm(dim=1)
+        i = int(d.argmin())
+        return float(d[i]), i
+
+    def add(self, key: torch.Tensor, value: torch.Tensor, label: str) -> int:
+        """Insert (key, value) for ``label`` by GRACE's add / expand / split rules; returns the entry to train."""
+        key, value = key.detach().float().cpu(), value.detach().float().cpu()
+        eps0, y = self.params.eps_init, label_id(label)
+        d, i = self.nearest(key)
+        if i >= 0 and d <= float(self.eps[i]) + eps0:
+            if int(self.labels[i]) == y:  # same label: expand the nearest ball to cover the key
+                if d > float(self.eps[i]):
+                    self.eps[i] = d
+                return i
+            if d <= 1e-6:  # the very same key: splitting would leave no radius; the newer label wins
+                self.labels[i] = y
+                return i
+            self._append(key, value, d / 2, y)  # conflict: split the two radii
+            self.eps[i] = d / 2 - 1e-5
+            return len(self) - 1
+        self._append(key, value, eps0, y)
+        return len(self) - 1
+
+    def _append(self, key, value, eps, y) -> None:
+        if not len(self):
+            self.keys, self.values = key[None].clone(), value[None].clone()
+        else:
+            self.keys = torch.cat([self.keys, key[None]])
+            self.values = torch.cat([self.values, value[None]])
+        self.eps = torch.cat([self.eps, torch.tensor([eps], dtype=torch.float32)])
+        self.labels = torch.cat([self.labels, torch.tensor([y], dtype=torch.long)])
+
+    # -- inference
+    def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (n, d_in) queries: whether each is within its nearest key's radius, and that key's index."""
+        keys = self.keys.to(queries.device)
+        d = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
+        dist, idx = d.min(1)
+        return dist <= self.eps.to(queries.device)[idx], idx
+
+    def _hook(self, module, args, out):
+        if not len(self) or self._bypass:
+            return out
+        x = args[0]
+        hit, idx = self.lookup(x.reshape(-1, x.shape[-1]))
+        if not bool(hit.any()):
+            return out
+        values = self.values.to(out.device, out.dtype)[idx]
+        if self._training is not None:  # the entry being trained uses its differentiable value
+            entry, value = self._training
+            values = torch.where((idx == entry)[:, None], value.to(out.dtype)[None], values)
+        flat = torch.where(hit[:, None], values, out.reshape(-1, out.shape[-1]))
+        return flat.view_as(out)
+
+    # -- editing
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        self.bind(lm)
+        for edit in batch:
+            self.edit_one(lm, edit)
+        return Delta.empty()
+
+    def edit_one(self, lm: LoadedModel, edit: Edit) -> int:
+        """Add ``edit``'s key to the codebook and train its value; returns the trained entry."""
+        p = self.params
+        scorer, batch = edit_batch(lm, edit)
+        position = last_prompt_index(lm, edit)
+        # The key is the projection's input, which the adaptor does not change; the warm
+        # value is the unadapted output at that key.
+        with torch.no_grad(), capture_keys(lm.adapter, p.layer) as seen:
+            lm.adapter.body()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+            key = seen[0][0, position]
+            self._bypass = True
+            try:
+                warm = lm.adapter.out_proj(p.layer)(key[None])[0]
+            finally:
+                self._bypass = False
+        entry = self.add(key, warm, edit.target_new)
+
+        upper = UpperLayers(lm, p.layer, batch)
+        value = self.values[entry].clone().to(lm.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([value], lr=p.lr)
+        self._training = (entry, value)
+        try:
+            for _ in range(p.max_steps):
+                loss = target_nll(upper)
+                if loss.item() < p.stop_loss or not loss.requires_grad:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            self._training = None
+        self.values[entry] = value.detach().float().cpu()
+        return entry

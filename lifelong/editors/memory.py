@@ -1,0 +1,150 @@
+"""A retrieval in-context memory (IKE/SERAC-style): edits kept as text, retrieved into the prompt.
+
+``apply`` stores each edit as a sentence ("The capital of X is Y.") keyed by subject and
+relation; a later edit of the same subject and relation replaces the earlier one (so a
+round edit restores the old fact instead of leaving two contradicting sentences). At
+probe time the scorer's prompt rewriter scores every stored edit against each prompt
+and prepends the ``top_k`` best whose score reaches ``threshold``; when none does, the
+prompt is returned unchanged, so the model's outputs are exactly the base model's.
+
+Retrieval scores (``retriever``):
+
+- ``lexical`` (default): the fraction of the edit subject's words found in the prompt,
+  plus 0.1 × the Jaccard overlap of prompt and edit-prompt words as a tie-break; a
+  paraphrase names the subject, a neighborhood prompt names another one;
+- ``hidden``: cosine similarity of the model's mean-pooled last hidden states of the
+  prompt and the edit's prompt (one extra forward per probed prompt).
+
+Lexical is the default by measurement (20 built-in facts in memory, SmolLM2): it found the
+right edit for every prompt and paraphrase and retrieved anything for 10% of neighborhood
+prompts; hidden similarity at 0.9 found 89% of paraphrases but fired on 88% of neighbors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lifelong.delta import Delta
+from lifelong.editors.base import Editor
+from lifelong.editors.locate import padded_batch
+from lifelong.models import LoadedModel
+from streams import Edit
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+@dataclass
+class MemoryParams:
+    retriever: str = "lexical"  # lexical | hidden
+    threshold: float | None = None  # None: 1.0 for lexical (every subject word present), 0.9 cosine for hidden
+    top_k: int = 1  # retrieved edits placed in the prompt, best last (nearest the question)
+    template: str = "Fact: {fact}\nQuestion: "  # how one retrieved edit is written before the prompt
+
+
+class MemoryEditor(Editor):
+    name = "memory"
+    description = "retrieval in-context memory: edits stored as text, retrieved into the prompt (IKE/SERAC-style)"
+    Params = MemoryParams
+    adaptor = True  # the weights never change; the edits live in the state and the prompts
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        if self.params.retriever not in ("lexical", "hidden"):
+            raise ValueError(f"memory: retriever must be lexical or hidden, got '{self.params.retriever}'")
+        if self.params.top_k < 1:
+            raise ValueError(f"memory: top_k must be at least 1, got {self.params.top_k}")
+        if "{fact}" not in self.params.template:
+            raise ValueError("memory: template must contain {fact}")
+        if self.params.threshold is None:
+            threshold = 1.0 if self.params.retriever == "lexical" else 0.9
+            self.params = dataclasses.replace(self.params, threshold=threshold)
+        self.records: list[dict] = []
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    def scope(self, lm: LoadedModel) -> list[str]:
+        return []
+
+    # -- state: the records as UTF-8 JSON in a uint8 tensor (state must be tensors)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.records:
+            return {}
+        data = json.dumps(self.records, sort_keys=True).encode()
+        return {"records_json": torch.tensor(list(data), dtype=torch.uint8)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.records = []
+            return
+        if set(state) != {"records_json"}:
+            raise ValueError(f"memory: unexpected state keys {sorted(state)}")
+        self.records = json.loads(bytes(state["records_json"].tolist()).decode())
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        for edit in batch:
+            record = {"subject": edit.subject, "relation": edit.relation_id, "prompt": edit.rendered_prompt,
+                      "fact": f"{edit.rendered_prompt} {edit.target_new}."}
+            self.records = [r for r in self.records
+                            if (r["subject"], r["relation"]) != (record["subject"], record["relation"])]
+            self.records.append(record)
+        return Delta.empty()
+
+    # -- retrieval
+    def scores(self, lm: LoadedModel | None, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), len(records)) retrieval scores."""
+        if self.params.retriever == "lexical":
+            out = torch.zeros(len(prompts), len(self.records), dtype=torch.float64)
+            rec_words = [(words(r["subject"]), words(r["prompt"])) for r in self.records]
+            for i, prompt in enumerate(prompts):
+                q = words(prompt)
+                for j, (subject, text) in enumerate(rec_words):
+                    overlap = len(subject & q) / len(subject) if subject else 0.0
+                    out[i, j] = overlap + 0.1 * len(text & q) / max(1, len(text | q))
+            return out
+        queries = self.embed(lm, prompts)
+        keys = self.embed(lm, [r["prompt"] for r in self.records])
+        return (queries @ keys.T).double()
+
+    @torch.no_grad()
+    def embed(self, lm: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm mean-pooled last hidden states (cached per text: the base model's never change)."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._embeddings]
+        for start in range(0, len(todo), 16):
+            chunk = todo[start:start + 16]
+            ids, mask = padded_batch(lm, chunk)
+            hidden = lm.adapter.body()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            for text, vector in zip(chunk, torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()):
+                self._embeddings[text] = vector
+        return torch.stack([self._embeddings[t] for t in texts])
+
+    def retrieve(self, lm: LoadedModel | None, prompts: Sequence[str]) -> list[list[int]]:
+        """Per prompt, the indices of the retrieved records (best last), possibly none."""
+        if not self.records:
+            return [[] for _ in prompts]
+        scores = self.scores(lm, prompts)
+        out = []
+        for row in scores:
+            order = [int(j) for j in torch.argsort(row, descending=True, stable=True)[: self.params.top_k]]
+            out.append([j for j in reversed(order) if row[j] >= self.params.threshold])
+        return out
+
+    def rewrite(self, lm: LoadedModel | None, prompts: Sequence[str]) -> list[str]:
+        """The prompts with their retrieved edits written in front; untouched when nothing is retrieved."""
+        out = []
+        for prompt, found in zip(prompts, self.retrieve(lm, prompts)):
+            prefix = "".join(self.params.template.replace("{fact}", self.records[j]["fact"]) for j in found)
+            out.append(prefix + prompt if found else prompt)
+        return out
+
+    def prompt_rewriter(self, lm: LoadedModel):
+        return lambda prompts: self.rewrite(lm, prompts)

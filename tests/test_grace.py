@@ -1,0 +1,132 @@
+"""GRACE: codebook rules, pass-through outside every radius, state through store/replay/checkout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lifelong.delta import DeltaStore
+from lifelong.editors import make_editor
+from lifelong.editors.grace import GRACEEditor, GRACEParams
+from lifelong.models import load_model
+from lifelong.replay import checkout, replay, scorer_for
+from lifelong.run import RunConfig
+from probes.scorer import Scorer
+from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
+from tests.conftest import make_edits
+
+SET = {"layer": "2", "eps_init": "1.0", "max_steps": "20"}
+
+
+def key(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def test_codebook_add_expand_split_rules():
+    g = GRACEEditor(GRACEParams(eps_init=1.0))
+    v = torch.zeros(3)
+    assert g.add(key(0, 0), v, "a") == 0 and len(g) == 1 and float(g.eps[0]) == 1.0
+    assert g.add(key(0.5, 0), v, "a") == 0 and len(g) == 1 and float(g.eps[0]) == 1.0  # inside: nothing changes
+    assert g.add(key(1.5, 0), v, "a") == 0 and len(g) == 1  # same label within ε + ε_init: expand
+    assert float(g.eps[0]) == pytest.approx(1.5)
+    assert g.add(key(5, 0), v, "a") == 1 and len(g) == 2 and float(g.eps[1]) == 1.0  # too far: a new key
+    assert g.add(key(5.8, 0), v, "b") == 2 and len(g) == 3  # conflicting label: split
+    assert float(g.eps[1]) == pytest.approx(0.4 - 1e-5) and float(g.eps[2]) == pytest.approx(0.4)
+    assert g.add(key(5.8, 0), v, "c") == 2 and len(g) == 3  # the same key: relabel, no zero-radius split
+    assert int(g.labels[2]) != int(g.labels[1])
+    hit, idx = g.lookup(torch.stack([key(0.2, 0), key(5.1, 0), key(5.7, 0), key(3.2, 0), key(20, 0)]))
+    assert hit.tolist() == [True, True, True, False, False] and idx[:3].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
+def test_weights_bitwise_unchanged_and_edit_prompt_improves(spec):
+    lm = load_model(spec)
+    base = snapshot(lm)
+    edits = make_edits(6)
+    scorer = Scorer(lm.model, lm.tokenizer)
+    pairs = [(e.rendered_prompt, e.target_new) for e in edits]
+    before = scorer.score(pairs).nll
+    editor = make_editor("grace", SET).bind(lm)
+    for e in edits:
+        delta = editor.apply(lm, [e])
+        assert not delta.changes
+    assert_weights_equal(lm, base)
+    after = scorer.score(pairs).nll
+    assert (after < before).all(), (before, after)
+    editor.release()
+    assert (scorer.score(pairs).nll == before).all()  # hooks gone: the base model again
+
+
+@pytest.fixture(scope="module")
+def edited():
+    lm = load_model("tiny-llama")
+    editor = make_editor("grace", SET).bind(lm)
+    editor.apply(lm, make_edits(3))
+    base = load_model("tiny-llama")
+    return lm, editor, base
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40))
+def test_outside_every_radius_outputs_equal_base(edited, text):
+    lm, editor, base = edited
+    with torch.no_grad(), __import__("lifelong.editors.locate", fromlist=["capture_keys"]).capture_keys(
+            lm.adapter, editor.params.layer) as seen:
+        got = logits(lm, [text])
+    hit, _ = editor.lookup(seen[0].reshape(-1, seen[0].shape[-1]))
+    want = logits(base, [text])
+    if not bool(hit.any()):
+        assert torch.equal(got, want)
+    else:  # within a radius: the positions before the first hit are still the base model's
+        first = int(hit.nonzero()[0])
+        assert torch.equal(got[0, :first], want[0, :first])
+
+
+def test_edit_prompt_is_inside_its_radius(edited):
+    lm, editor, base = edited
+    e = make_edits(3)[0]
+    assert not torch.equal(logits(lm, [e.rendered_prompt]), logits(base, [e.rendered_prompt]))
+
+
+def test_state_round_trip_through_store(tmp_path):
+    lm = load_model("tiny-llama")
+    editor = make_editor("grace", SET).bind(lm)
+    store = DeltaStore.for_scope(tmp_path, lm.model, editor.scope(lm))
+    assert editor.state_dict() == {}
+    store.commit(1, editor.apply(lm, make_edits(2)), editor.state_dict())
+    other = make_editor("grace", SET)
+    other.load_state_dict(store.load_state(1))
+    for k, v in editor.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    other.load_state_dict({})
+    assert len(other) == 0
+
+
+def test_resume_and_checkout_equal_live(tmp_path, stream_file):
+    cfg = RunConfig(model="tiny-llama", editor="grace", stream=str(stream_file), probe_every=2, editor_overrides=SET)
+    lm = load_model("tiny-llama")
+    full = replay(cfg, tmp_path / "full", lm=lm, progress=False)
+    replay(cfg, tmp_path / "resumed", progress=False, stop_after=3)
+    resumed = replay(cfg, tmp_path / "resumed", progress=False)
+    cols = ["step", "probe", "metric", "protocol", "edit_id"]
+    assert full.run.results().drop("run_id").sort(cols).equals(resumed.run.results().drop("run_id").sort(cols))
+    rebuilt = checkout(tmp_path / "full", 6)
+    texts = [e.rendered_prompt for e in make_edits(6)]
+    assert torch.equal(logits(rebuilt, texts), logits(lm, texts))
+    assert not torch.equal(logits(checkout(tmp_path / "full", 0), texts), logits(lm, texts))
+    assert scorer_for(rebuilt).rewrite is None
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
+def test_upper_layers_match_the_full_forward(spec):
+    from lifelong.editors.adaptor import UpperLayers
+
+    lm = load_model(spec)
+    scorer = Scorer(lm.model, lm.tokenizer)
+    batch = scorer.collate([scorer.encode(e.rendered_prompt, e.target_new) for e in make_edits(3)])
+    with torch.no_grad():
+        full = scorer.answer_logits(batch)
+        upper = UpperLayers(lm, 2, batch).answer_logits()
+    assert torch.allclose(full, upper, atol=1e-5)
