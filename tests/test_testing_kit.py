@@ -32,6 +32,7 @@ FAST = {
     "memit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024"},
     "alphaedit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024",
                   "nullspace_threshold": "0.1"},
+    "kn": {"layers": "1-2", "ig_steps": "4"},
 }
 
 
