@@ -5,11 +5,12 @@ from __future__ import annotations
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from lifelong.editors.ft import FTEditor
 from lifelong.editors.kn import KNEditor
+from lifelong.editors.mend import MENDEditor
 from lifelong.editors.memit import AlphaEditEditor, MEMITEditor
 from lifelong.editors.rome import ROMEEditor, RROMEEditor
 
 EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTEditor, ROMEEditor, RROMEEditor, MEMITEditor, AlphaEditEditor,
-                                                   KNEditor)}
+                                                   KNEditor, MENDEditor)}
 
 
 class UnknownEditorError(ValueError):

@@ -106,6 +106,10 @@ class Editor(ABC):
         to resume; editors also call it at the start of ``apply`` (it must be idempotent).
         """
 
+    def check_stream(self, stream: Sequence[Edit]) -> None:
+        """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training
+        records, for a trained editor); called by the replay after ``bind``. Default: any stream."""
+
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
         return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
