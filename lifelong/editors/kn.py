@@ -35,7 +35,7 @@ import torch
 
 from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor
-from lifelong.editors.locate import SuffixBatch
+from lifelong.editors.locate import SuffixBatch, capture_keys
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -182,7 +182,7 @@ class KNEditor(Editor):
         scorer = Scorer(lm.model, lm.tokenizer)
         old = self._old_answer(lm, scorer, edit)
         prompts = [edit.rendered_prompt, *edit.paraphrases]
-        scores = [attribution(lm, layers, scorer.encode(text, "x")[0], old, p.ig_steps) for text in prompts]
+        scores = [attribution(lm, layers, scorer.encode(text, edit.target_new)[0], old, p.ig_steps) for text in prompts]
         mask = select_neurons(scores, p.threshold, p.share)
         mean = torch.stack(scores).mean(0)
         if p.max_neurons and int(mask.sum()) > p.max_neurons:
@@ -193,9 +193,8 @@ class KNEditor(Editor):
     @torch.no_grad()
     def _signs(self, lm: LoadedModel, layers: list[int], edit: Edit) -> dict[int, torch.Tensor]:
         """Sign of every neuron's activation at the bare prompt's answer-predicting position, per layer."""
-        from lifelong.editors.locate import capture_keys
-
-        ids = torch.tensor([Scorer(lm.model, lm.tokenizer).encode(edit.rendered_prompt, "x")[0]], device=lm.device)
+        ids = torch.tensor([Scorer(lm.model, lm.tokenizer).encode(edit.rendered_prompt, edit.target_new)[0]],
+                           device=lm.device)
         signs = {}
         for layer in layers:
             with capture_keys(lm.adapter, layer) as seen:
