@@ -35,7 +35,7 @@ import torch
 
 from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor
-from lifelong.editors.locate import SuffixBatch, capture_keys
+from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -91,45 +91,56 @@ def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer
                       steps: int) -> LayerAttribution:
     """Integrated gradients of P(answer token | prefix) w.r.t. layer ``layer``'s intermediate neurons.
 
-    All (answer token, step) pairs run as one batch; the prompt's prefix is computed once
-    into a KV cache (nothing before the scaled position changes)."""
+    All (answer token, step) pairs run as one batch of rows that differ only from layer
+    ``layer`` on: the prompt's prefix runs once into a KV cache, the rest (last prompt token
+    and answer) runs as one row through the layers below and is copied into the batch at
+    that layer's input (the cache of the layers from there on is copied alike)."""
     if steps < 1:
         raise ValueError(f"integrated gradients need at least 1 step (got {steps})")
     prompt, answer = list(prompt), list(answer)
     n_tok = len(answer)
-    seq = tuple(prompt + answer[:-1])
-    start = len(prompt) - 1  # suffix coordinate t predicts answer[t]
+    device = lm.device
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
     # Rows: (token t, step k) for the IG steps, then one α = 1 and one α = 0 row per token.
     row_token = torch.cat([torch.arange(n_tok).repeat_interleave(steps), torch.arange(n_tok), torch.arange(n_tok)])
     row_alpha = torch.cat([alphas.repeat(n_tok), torch.ones(n_tok), torch.zeros(n_tok)])
     n_rows = len(row_token)
-    device = lm.device
     row_token, row_alpha = row_token.to(device), row_alpha.to(device)
-    batch = SuffixBatch(lm, [seq] * n_rows, [start] * n_rows)
-    module = lm.adapter.out_proj(layer)
     rows = torch.arange(n_rows, device=device)
+    body = lm.adapter.body()
+    cache = None
+    if len(prompt) > 1:  # nothing before the last prompt token is affected: compute it once
+        with torch.no_grad():
+            cache = body(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True).past_key_values
+        for cached in cache.layers[layer:]:
+            cached.keys = cached.keys.expand(n_rows, *cached.keys.shape[1:]).contiguous()
+            cached.values = cached.values.expand(n_rows, *cached.values.shape[1:]).contiguous()
+    suffix = torch.tensor([prompt[-1:] + answer[:-1]], device=device)  # position t predicts answer[t]
     state: dict[str, torch.Tensor] = {}
+
+    def widen(mod, args, kwargs):
+        return (args[0].expand(n_rows, *args[0].shape[1:]),) + tuple(args[1:]), kwargs
 
     def scale(mod, args):
         x = args[0]
-        if "base" not in state:  # every row holds the same unscaled activations: take row 0's
-            state["base"] = x[0, :n_tok].detach().clone()
-            state["scaled"] = (row_alpha[:, None] * state["base"][row_token]).requires_grad_(True)
+        state["base"] = x[0, :n_tok].detach().clone()  # every row holds the unscaled activations
+        state["scaled"] = (row_alpha[:, None] * state["base"][row_token]).requires_grad_(True)
         x = x.clone()
         x[rows, row_token] = state["scaled"]
         return (x,) + tuple(args[1:])
 
     scorer = Scorer(lm.model, lm.tokenizer)
     targets = torch.tensor(answer, device=device)[row_token]
-    handle = module.register_forward_pre_hook(scale)
+    handles = [lm.adapter.layer(layer).register_forward_pre_hook(widen, with_kwargs=True),
+               lm.adapter.out_proj(layer).register_forward_pre_hook(scale)]
     try:
         with torch.enable_grad():
-            hidden = batch.hidden()
+            hidden = body(input_ids=suffix, past_key_values=cache, use_cache=cache is not None).last_hidden_state
             probs = scorer.unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
             grad, = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     base = state["base"].float()
     mean_grad = grad[: n_tok * steps].float().view(n_tok, steps, -1).mean(1)
     return LayerAttribution(scores=base * mean_grad, prob_input=probs[n_tok * steps: n_tok * (steps + 1)].detach(),
