@@ -64,7 +64,8 @@ class LayerAttribution:
 def default_layers(num_layers: int) -> list[int]:
     """The top third of the layers (20-29 of SmolLM2's 30). The paper finds knowledge neurons mostly in
     the topmost layers; attributing all 30 layers of SmolLM2 for one built-in fact put 7 of its 8
-    neurons in layers 21-29, at several times the cost (a layer's IG pass runs all the layers above it in a batch of 20 rows per answer token)."""
+    neurons in layers 21-29, at several times the cost (a layer's IG pass runs every layer above it
+    on a batch of 20 rows per answer token)."""
     return list(range(num_layers - max(1, num_layers // 3), num_layers))
 
 
