@@ -64,7 +64,8 @@ class ParamChange:
                              f"expected {tuple(expected)} for {len(self.index)} slices of {self.shape}")
         if len(self.index) and (self.index.min() < 0 or self.index.max() >= self.shape[self.dim]
                                 or not bool((self.index[1:] > self.index[:-1]).all())):
-            raise ValueError(f"sparse ParamChange: index must be sorted, unique and within 0..{self.shape[self.dim] - 1}")
+            raise ValueError("sparse ParamChange: index must be sorted, unique and within "
+                             f"0..{self.shape[self.dim] - 1}")
 
     @property
     def sparse(self) -> bool:
@@ -98,7 +99,8 @@ class ParamChange:
             param.add_(update) if sign > 0 else param.sub_(update)
             return
         if tuple(param.shape) != self.shape:
-            raise ValueError(f"sparse change of shape {self.shape} applied to a parameter of shape {tuple(param.shape)}")
+            raise ValueError(f"sparse change of shape {self.shape} applied to a parameter of shape "
+                             f"{tuple(param.shape)}")
         index = self.index.to(param.device)
         values = self.values.to(device=param.device, dtype=param.dtype)
         current = param.index_select(self.dim, index)

@@ -152,7 +152,8 @@ def edit_gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequenc
     for layer in layers:
         def hook(mod, args, out, layer=layer):
             inputs[layer] = args[0].detach()
-            outputs[layer] = torch.zeros_like(out, requires_grad=True)  # δ = ∂loss/∂(this zero added to the output)
+            # δ = ∂loss/∂(this zero added to the output)
+            outputs[layer] = torch.zeros_like(out, requires_grad=True)
             return out + outputs[layer]
         handles.append(lm.adapter.out_proj(layer).register_forward_hook(hook))
     try:
@@ -199,7 +200,8 @@ class TrainConfig:
 
 
 def _prompt_key(subject: str, prompt: str) -> str:
-    return hashlib.sha256(json.dumps([subject.strip().lower(), " ".join(prompt.lower().split())]).encode()).hexdigest()[:16]
+    text = json.dumps([subject.strip().lower(), " ".join(prompt.lower().split())])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def record_keys(edit: Edit) -> set[str]:
@@ -331,8 +333,8 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     bar.close()
     done = max([done, *todo]) if len(todo) else done
     if done >= config.steps:
-        meta = {"identity": identity, "steps": config.steps, "seconds": round(seconds, 2), "train_ids": [e.id for e in records],
-                "train_keys": keys}
+        meta = {"identity": identity, "steps": config.steps, "seconds": round(seconds, 2),
+                "train_ids": [e.id for e in records], "train_keys": keys}
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         atomic_save_tensors(tensors, final, {"lifelong_mend": json.dumps(meta)})
     return final
@@ -398,7 +400,8 @@ class MENDEditor(Editor):
                 f"(looked in {path}): run `lifelong train-mend --model {lm.name} --layers {spec} "
                 f"--data {self.params.train_data}` first")
         net, meta = load_hypernetwork(path, lm.device)
-        if meta["identity"]["layers"] != layers or (not self.params.hypernet and meta["identity"]["model"] != model_key(lm)):
+        other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
+        if meta["identity"]["layers"] != layers or other_model:
             raise ValueError(f"{path}: hypernetwork trained for model {meta['identity']['model']} layers "
                              f"{meta['identity']['layers']}, not {model_key(lm)} layers {layers}")
         self._net, self._meta = net, meta
