@@ -115,6 +115,22 @@ def cmd_checkout(args) -> int:
     return 0
 
 
+def cmd_train_mend(args) -> int:
+    from lifelong.editors.mend import TrainConfig, load_hypernetwork, resolve_layers, train_hypernetwork
+    from lifelong.models import load_model
+
+    lm = load_model(args.model, args.device)
+    layers = resolve_layers(args.layers or "", lm.num_layers)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    path = train_hypernetwork(lm, layers, args.data, config, directory=args.out, limit=args.limit,
+                              progress=not args.quiet)
+    _, meta = load_hypernetwork(path, lm.device)
+    print(f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}: {meta['steps']} steps, "
+          f"{meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records\n{path.resolve()}")
+    return 0
+
+
 def cmd_editors(args) -> int:
     import dataclasses
 
@@ -195,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_checkout)
+
+    p = sub.add_parser("train-mend", help="train (or resume) MEND's hypernetwork; cached by model, layers and data")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default=None, help="edited layers, e.g. 27-29 (default: the last three)")
+    p.add_argument("--data", default="dataset:zsre_mend",
+                   help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
+    p.add_argument("--rank", type=int, default=64, help="rank of the hypernetwork's low-rank layers")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory (default: the cache, keyed by model, layers and data)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_mend)
 
     for name, func, text in (("editors", cmd_editors, "list editors and their hyperparameters"),
                              ("streams", cmd_streams, "list built-in streams"),

@@ -1,7 +1,8 @@
 """What one stream step changed in the model's weights, and where every step is kept.
 
-A :class:`Delta` holds, per parameter, either a dense difference (fine-tuning) or
-low-rank factors ``U @ V.T`` (ROME is rank one, MEMIT/AlphaEdit rank <= batch), in
+A :class:`Delta` holds, per parameter, either a dense difference (fine-tuning),
+low-rank factors ``U @ V.T`` (ROME is rank one, MEMIT/AlphaEdit rank <= batch), or
+a sparse set of whole rows/columns (Knowledge Neurons touch a few value vectors), in
 the parameter's storage orientation. Editors change the live model *through*
 :meth:`Delta.apply`, so that rebuilding a step from the base plus the stored deltas
 performs the same float operations in the same order and gives a bitwise-equal model.
@@ -22,32 +23,88 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-_DENSE, _U, _V = "dense", "u", "v"
+_DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"
 
 
 @dataclass
 class ParamChange:
-    """The change of one parameter: ``dense``, or ``u @ v.T`` (storage orientation)."""
+    """The change of one parameter, in storage orientation: ``dense``; ``u @ v.T``; or sparse,
+    ``values`` added to the slices ``index`` (unique, sorted) along dimension ``dim`` of a
+    parameter of ``shape`` (``values.shape[dim] == len(index)``)."""
 
     dense: torch.Tensor | None = None
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    dim: int | torch.Tensor | None = None
+    shape: tuple[int, ...] | torch.Tensor | None = None
 
     def __post_init__(self):
-        if (self.dense is None) == (self.u is None or self.v is None):
-            raise ValueError("a ParamChange is either dense or low-rank (u and v), not both or neither")
+        kinds = [self.dense is not None, self.u is not None or self.v is not None,
+                 any(x is not None for x in (self.index, self.values, self.dim, self.shape))]
+        if sum(kinds) != 1 or (kinds[1] and (self.u is None or self.v is None)):
+            raise ValueError("a ParamChange is exactly one of dense, low-rank (u and v) or sparse "
+                             "(index, values, dim, shape)")
+        if kinds[2]:
+            self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        if any(x is None for x in (self.index, self.values, self.dim, self.shape)):
+            raise ValueError("a sparse ParamChange needs index, values, dim and shape")
+        self.dim = int(self.dim)
+        self.shape = tuple(int(n) for n in self.shape)
+        self.index = self.index.to(torch.long)
+        if self.index.dim() != 1 or len(self.shape) != self.values.dim() or not 0 <= self.dim < len(self.shape):
+            raise ValueError(f"sparse ParamChange: index must be 1-D and dim {self.dim} within shape {self.shape}")
+        expected = list(self.shape)
+        expected[self.dim] = len(self.index)
+        if list(self.values.shape) != expected:
+            raise ValueError(f"sparse ParamChange: values have shape {tuple(self.values.shape)}, "
+                             f"expected {tuple(expected)} for {len(self.index)} slices of {self.shape}")
+        if len(self.index) and (self.index.min() < 0 or self.index.max() >= self.shape[self.dim]
+                                or not bool((self.index[1:] > self.index[:-1]).all())):
+            raise ValueError("sparse ParamChange: index must be sorted, unique and within "
+                             f"0..{self.shape[self.dim] - 1}")
+
+    @property
+    def sparse(self) -> bool:
+        return self.index is not None
 
     def materialize(self) -> torch.Tensor:
-        return self.dense if self.dense is not None else self.u @ self.v.T
+        if self.dense is not None:
+            return self.dense
+        if self.sparse:  # zeros elsewhere: x + 0 == x, so adding this is bitwise the sparse add
+            full = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+            return full.index_copy_(self.dim, self.index.to(self.values.device), self.values)
+        return self.u @ self.v.T
 
     @property
     def rank(self) -> int | None:
-        return None if self.dense is not None else self.u.shape[1]
+        return self.u.shape[1] if self.u is not None else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.dense is not None:
             return {_DENSE: self.dense}
+        if self.sparse:
+            return {_INDEX: self.index, _VALUES: self.values, _DIM: torch.tensor(self.dim),
+                    "shape": torch.tensor(self.shape)}
         return {_U: self.u, _V: self.v}
+
+    @torch.no_grad()
+    def add_to(self, param: torch.Tensor, sign: float = 1.0) -> None:
+        """``param += sign * change`` in place; a sparse change touches only its slices."""
+        if not self.sparse:
+            update = self.materialize().to(device=param.device, dtype=param.dtype)
+            param.add_(update) if sign > 0 else param.sub_(update)
+            return
+        if tuple(param.shape) != self.shape:
+            raise ValueError(f"sparse change of shape {self.shape} applied to a parameter of shape "
+                             f"{tuple(param.shape)}")
+        index = self.index.to(param.device)
+        values = self.values.to(device=param.device, dtype=param.dtype)
+        current = param.index_select(self.dim, index)
+        param.index_copy_(self.dim, index, current + values if sign > 0 else current - values)
 
 
 @dataclass
@@ -78,9 +135,7 @@ class Delta:
     def _add(self, model: nn.Module, sign: float) -> None:
         params = dict(model.named_parameters())
         for name, change in self.changes.items():
-            p = params[name]
-            update = change.materialize().to(device=p.device, dtype=p.dtype)
-            p.add_(update) if sign > 0 else p.sub_(update)
+            change.add_to(params[name], sign)
 
     def save(self, path: Path, metadata: dict | None = None) -> None:
         tensors = {

@@ -117,6 +117,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device)
     editor.bind(lm)
+    editor.check_stream(stream)
     editor.prepare(lm)  # on θ0: before any checkout below
     run = RunDir(out)
     manifest = run.start(identity_of(

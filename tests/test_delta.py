@@ -78,3 +78,64 @@ def test_store_unknown_scope_and_missing_step(tmp_path, tiny):
     store = DeltaStore.for_scope(tmp_path, tiny.model, [])
     with pytest.raises(FileNotFoundError, match="step 5"):
         store.load_delta(5)
+
+
+def _sparse_change(p, dim, index, gen):
+    shape = list(p.shape)
+    shape[dim] = len(index)
+    return ParamChange(index=torch.tensor(index), values=torch.randn(shape, generator=gen), dim=dim, shape=p.shape)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_sparse_change_touches_only_its_slices(tiny, dim):
+    name = tiny.adapter.out_proj_param_name(1)
+    p = tiny.model.get_parameter(name)
+    before = p.detach().clone()
+    change = _sparse_change(p, dim, [0, 3, 7], torch.Generator().manual_seed(1))
+    delta = Delta({name: change})
+    delta.apply(tiny.model)
+    assert torch.equal(p, before + change.materialize())  # bitwise: the dense equivalent adds zeros elsewhere
+    untouched = [i for i in range(p.shape[dim]) if i not in (0, 3, 7)]
+    keep = torch.tensor(untouched)
+    assert torch.equal(p.index_select(dim, keep), before.index_select(dim, keep))
+    assert delta.nbytes < p.numel() * 4 // 4
+    delta.revert(tiny.model)
+    assert torch.allclose(p, before, atol=1e-6)
+
+
+def test_sparse_save_load_and_store_checkout_are_exact(tmp_path, tiny):
+    names = [tiny.adapter.out_proj_param_name(i) for i in (1, 2)]
+    base = _weights(tiny)
+    store = DeltaStore.for_scope(tmp_path / "store", tiny.model, names)
+    gen = torch.Generator().manual_seed(0)
+    states = {}
+    for step in range(1, 4):
+        p = tiny.model.get_parameter(names[step % 2])
+        delta = Delta({names[step % 2]: _sparse_change(p, step % 2, [step, step + 2], gen)})
+        delta.save(tmp_path / f"d{step}.safetensors")
+        again = Delta.load(tmp_path / f"d{step}.safetensors").changes[names[step % 2]]
+        original = delta.changes[names[step % 2]]
+        assert again.sparse and again.dim == original.dim and again.shape == tuple(p.shape)
+        assert torch.equal(again.index, original.index) and torch.equal(again.values, original.values)
+        delta.apply(tiny.model)
+        store.commit(step, delta)
+        states[step] = _weights(tiny)
+    for step in (2, 3, 1):
+        store.checkout(tiny.model, step)
+        assert all(torch.equal(p, states[step][n]) for n, p in tiny.model.named_parameters()), step
+    store.checkout(tiny.model, 0)
+    assert all(torch.equal(p, base[n]) for n, p in tiny.model.named_parameters())
+
+
+def test_sparse_change_is_validated():
+    values = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="exactly one of"):
+        ParamChange(dense=torch.zeros(4, 4), index=torch.tensor([0, 1]), values=values, dim=1, shape=(4, 4))
+    with pytest.raises(ValueError, match="needs index, values, dim and shape"):
+        ParamChange(index=torch.tensor([0, 1]), values=values)
+    with pytest.raises(ValueError, match="expected \\(4, 2\\)"):
+        ParamChange(index=torch.tensor([0, 1]), values=torch.zeros(2, 4), dim=1, shape=(4, 4))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        ParamChange(index=torch.tensor([1, 1]), values=values, dim=1, shape=(4, 4))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        ParamChange(index=torch.tensor([0, 4]), values=values, dim=1, shape=(4, 4))

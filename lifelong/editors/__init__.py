@@ -5,13 +5,16 @@ from __future__ import annotations
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from lifelong.editors.ft import FTEditor
 from lifelong.editors.grace import GRACEEditor
+from lifelong.editors.kn import KNEditor
 from lifelong.editors.memory import MemoryEditor
+from lifelong.editors.mend import MENDEditor
 from lifelong.editors.memit import AlphaEditEditor, MEMITEditor
 from lifelong.editors.rome import ROMEEditor, RROMEEditor
 from lifelong.editors.wise import WISEEditor
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTEditor, ROMEEditor, RROMEEditor, MEMITEditor, AlphaEditEditor)}
-EDITORS.update({cls.name: cls for cls in (GRACEEditor, WISEEditor, MemoryEditor)})
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (
+    FTEditor, ROMEEditor, RROMEEditor, MEMITEditor, AlphaEditEditor, KNEditor, MENDEditor,
+    GRACEEditor, WISEEditor, MemoryEditor)}
 
 
 class UnknownEditorError(ValueError):

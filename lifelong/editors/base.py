@@ -101,6 +101,10 @@ class Editor(ABC):
     def release(self) -> None:
         """Detach whatever ``bind`` attached to a model (hooks); editors without any need nothing."""
 
+    def check_stream(self, stream: Sequence[Edit]) -> None:
+        """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training
+        records, for a trained editor); called by the replay after ``bind``. Default: any stream."""
+
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
         return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}

@@ -1,0 +1,106 @@
+"""Knowledge Neurons on tiny models: IG completeness, neuron selection, the sparse value-vector edit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lifelong.delta import DeltaStore
+from lifelong.editors import make_editor
+from lifelong.editors.kn import attribution, layer_attribution, parse_layers, select_neurons
+from probes.scorer import Scorer
+
+FAST_KN = {"layers": "1-2", "ig_steps": "6"}
+
+
+def _completeness_error(lm, layer, prompt, answer, steps):
+    scorer = Scorer(lm.model, lm.tokenizer)
+    r = layer_attribution(lm, layer, *scorer.encode(prompt, answer), steps)
+    return (r.scores.sum(1) - (r.prob_input - r.prob_baseline)).abs().max().item(), r
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_ig_attributions_sum_to_the_output_difference(tiny, layer):
+    coarse, _ = _completeness_error(tiny, layer, "The capital of Country1 is", "Nova1", 4)
+    fine, r = _completeness_error(tiny, layer, "The capital of Country1 is", "Nova1", 32)
+    gap = (r.prob_input - r.prob_baseline).abs().max().item()
+    assert gap > 1e-4  # the check would be empty if zeroing the layer changed nothing
+    assert fine < 0.02 * gap and fine < coarse / 4  # midpoint rule: error shrinks ~ 1/m²
+
+
+def test_ig_probabilities_are_the_models(tiny):
+    scorer = Scorer(tiny.model, tiny.tokenizer)
+    prompt, answer = scorer.encode("Bo speaks", "Dutch")
+    r = layer_attribution(tiny, 1, prompt, answer, 2)
+    nll = scorer.score([("Bo speaks", "Dutch")]).nll[0]
+    assert torch.log(r.prob_input).mean().item() == pytest.approx(-nll, abs=1e-4)
+    assert attribution(tiny, [1, 3], prompt, answer, 2).shape == (2, r.scores.shape[1])
+
+
+def test_selection_by_threshold_and_sharing():
+    a = torch.tensor([[1.0, 0.3, 0.1, 0.0]])
+    b = torch.tensor([[0.9, 0.05, 0.5, 0.0]])
+    c = torch.tensor([[0.2, 1.0, 0.3, -1.0]])
+    mask = select_neurons([a, b, c], threshold=0.25, share=0.5)  # coarse: {0,1}, {0,2}, {1,2}
+    assert mask.tolist() == [[True, True, True, False]]
+    assert select_neurons([a, b, c], threshold=0.25, share=0.7).tolist() == [[False, False, False, False]]
+    assert not select_neurons([-a.abs()], 0.2, 0.5).any()  # no positive attribution: no neurons
+
+
+def test_layer_specs():
+    assert parse_layers("", 30, "kn") == list(range(20, 30))
+    assert parse_layers("all", 4, "kn") == [0, 1, 2, 3]
+    assert parse_layers("1-2,0", 4, "kn") == [0, 1, 2]
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("3-5", 4, "kn")
+    with pytest.raises(ValueError, match="cannot read layers"):
+        parse_layers("x", 4, "kn")
+
+
+def test_edit_moves_only_the_selected_value_vectors(tiny, edits, tmp_path):
+    editor = make_editor("kn", FAST_KN).bind(tiny)
+    edit = edits[1]
+    layers, mask, _ = editor.neurons(tiny, edit)
+    assert mask.any(), "the tiny model should have knowledge neurons for this fact"
+    base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    scorer = Scorer(tiny.model, tiny.tokenizer)
+    before = scorer.score([(edit.rendered_prompt, edit.target_new)]).nll[0]
+    store = DeltaStore.for_scope(tmp_path, tiny.model, editor.scope(tiny))
+    delta = editor.apply(tiny, [edit])
+    store.commit(1, delta)
+    dim = 0 if tiny.adapter.spec.transposed else 1
+    for row, layer in enumerate(layers):
+        name = tiny.adapter.out_proj_param_name(layer)
+        selected = mask[row].nonzero()[:, 0]
+        if not len(selected):
+            assert name not in delta.changes
+            continue
+        change = delta.changes[name]
+        assert change.sparse and change.dim == dim and torch.equal(change.index, selected)
+        param = tiny.model.get_parameter(name)
+        assert torch.equal(param, base[name] + change.materialize())
+        view = tiny.adapter.out_proj_weight_view(layer) - tiny.adapter.as_stored(base[name])
+        assert torch.count_nonzero(view.abs().sum(0)) == len(selected)  # only those (out, in) columns moved
+    assert delta.nbytes < sum(base[n].numel() for n in delta.changes) * 4 / 8
+    after = scorer.score([(edit.rendered_prompt, edit.target_new)]).nll[0]
+    assert after < before
+    store.revert_to_base(tiny.model)
+    assert all(torch.equal(p, base[n]) for n, p in tiny.model.named_parameters())
+
+
+def test_edit_without_a_recorded_old_answer(edits):
+    from dataclasses import replace
+
+    from lifelong.models import load_model
+
+    lm = load_model("tiny-llama")
+    editor = make_editor("kn", FAST_KN).bind(lm)
+    delta = editor.apply(lm, [replace(edits[0], target_true=None)])
+    assert all(c.sparse for c in delta.changes.values())
+
+
+def test_bad_hyperparameters_are_refused(tiny):
+    with pytest.raises(ValueError, match="ig_steps must be at least 1"):
+        make_editor("kn", {"ig_steps": "0"}).bind(tiny)
+    with pytest.raises(ValueError, match="out of range"):
+        make_editor("kn", {"layers": "9"}).bind(tiny)
