@@ -23,6 +23,7 @@ from lifelong.editors import Editor, make_editor
 from lifelong.models import LoadedModel, load_model
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
+from probes.base import chain_ends
 from streams import EditStream, load_stream
 
 
@@ -127,6 +128,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
     scorer = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
     run_id = manifest["run_id"]
+    ends = chain_ends(steps)  # where chains complete, for chain schedules and probes
 
     def rows_for(step, timestamp, rows):
         return [{"run_id": run_id, "step": step, "timestamp": timestamp, "probe": r.probe, "metric": r.metric,
@@ -139,7 +141,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     if done < 0 or references is None:  # step 0: θ0 references and rows, on the base model
         t0 = time.perf_counter()
         ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, upcoming=tuple(stream),
-                           base_params=store.base, steps=steps, facts=facts)
+                           base_params=store.base, steps=steps, facts=facts, chain_end_steps=ends)
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
         run.write_rows(0, rows_for(0, None, rows))
@@ -165,7 +167,8 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         t1 = time.perf_counter()
         ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
                            scorer=scorer, is_last=step == len(steps), base_params=store.base,
-                           model_at=model_at_step(lm, editor, store, step), steps=steps, facts=facts)
+                           model_at=model_at_step(lm, editor, store, step), steps=steps, facts=facts,
+                           chain_end_steps=ends)
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
         run.write_rows(step, rows_for(step, timestamp, rows))
@@ -204,7 +207,7 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
     for k in range(1, step + 1):
         store.load_delta(k).apply(lm.model)
     if lm.editor is not None:
-        lm.editor.load_state_dict(store.load_state(step))
+        lm.editor.load_step_states(store.step_states(step, lm.editor.incremental_state))
     return lm
 
 

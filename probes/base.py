@@ -50,13 +50,19 @@ class ProbeContext:
     steps: Sequence[tuple[Edit, ...]] = ()
     # Records held for probing only, never applied (e.g. composite conflicts' tied facts).
     facts: tuple[Edit, ...] = ()
+    # chain_ends(steps), computed once per run by the caller; None: computed here from ``steps``.
+    chain_end_steps: dict[int, list[str]] | None = None
 
     def edits_so_far(self) -> list[tuple[int, Edit]]:
         return [(k, e) for k, batch in enumerate(self.history, start=1) for e in batch]
 
     def completing_chains(self) -> list[str]:
         """Ids of the chains (of two or more edits) whose last edit is applied at this step."""
-        return chain_ends(self.steps).get(self.step, []) if self.step > 0 else []
+        if self.step <= 0:
+            return []
+        if self.chain_end_steps is None:
+            self.chain_end_steps = chain_ends(self.steps)
+        return self.chain_end_steps.get(self.step, [])
 
     def at_step(self, k: int) -> AbstractContextManager:
         """The live model as it was after step ``k`` for the duration of a ``with`` block."""
@@ -67,17 +73,8 @@ class ProbeContext:
         return self.model_at(k)
 
 
-_CHAIN_ENDS: dict[int, tuple[Sequence, dict[int, list[str]]]] = {}
-
-
 def chain_ends(steps: Sequence[tuple[Edit, ...]]) -> dict[int, list[str]]:
-    """step -> ids of the chains of two or more edits whose last edit lands at that step.
-
-    Cached per ``steps`` object: schedules ask at every step.
-    """
-    hit = _CHAIN_ENDS.get(id(steps))
-    if hit is not None and hit[0] is steps:
-        return hit[1]
+    """step -> ids of the chains of two or more edits whose last edit lands at that step."""
     last: dict[str, int] = {}
     size: dict[str, int] = {}
     for k, batch in enumerate(steps, start=1):
@@ -89,8 +86,6 @@ def chain_ends(steps: Sequence[tuple[Edit, ...]]) -> dict[int, list[str]]:
     for cid, k in last.items():
         if size[cid] >= 2:
             ends.setdefault(k, []).append(cid)
-    _CHAIN_ENDS.clear()  # one run at a time: keep only the latest
-    _CHAIN_ENDS[id(steps)] = (steps, ends)
     return ends
 
 
