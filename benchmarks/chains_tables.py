@@ -4,8 +4,9 @@ RoundEdit: the Pitfalls easy records whose true object the default model answers
 greedy exact match of o on the edit prompt), replayed as a stream (o -> o*, then o* -> o, with
 ``--gap`` plain fillers between the two) with the ``chains`` probe: Succ, D (JS, nats), the
 Pitfalls variant, IR and FR at each chain's completion. ConflictEdit (reverse, composite,
-coverage): records whose e1 true object the model answers, replayed the same way: CS explicit and
-implicit, CM, TFD (composite). Each editor starts from θ0.
+coverage): the first records (or, with --conflict-known, those whose e1 true object the model
+answers), replayed the same way: CS explicit and implicit, CM, TFD (composite). Each editor
+starts from θ0.
 
     python benchmarks/chains_tables.py --editors ft,rome,memit --round 200 --conflict 30
 """
@@ -33,11 +34,14 @@ CONFLICT_COLS = [("conflict_score_explicit", "CS_exp"), ("conflict_score_implici
                  ("conflict_magnitude", "CM"), ("tied_fact_damage", "TFD")]
 
 
-def known_chains(scorer: Scorer, dataset: str, first_role: str, limit: int) -> tuple[list, int]:
+def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: int) -> tuple[list, int]:
     """The first ``limit`` chains of ``dataset`` whose ``first_role`` edit's true object the model
-    answers, and how many records were checked to find them (checked in file order, in chunks)."""
+    answers, and how many records were checked to find them (checked in file order, in chunks);
+    with no scorer, simply the first ``limit`` chains."""
     stream, _ = read_dataset(dataset)
     chains = chains_of(stream)
+    if scorer is None:
+        return chains[:limit], min(limit, len(chains))
     kept, checked = [], 0
     while len(kept) < limit and checked < len(chains):
         chunk = chains[checked: checked + 100]
@@ -90,6 +94,8 @@ def main() -> None:
     ap.add_argument("--round-slow", type=int, default=30, help="RoundEdit chains for editors other than ft")
     ap.add_argument("--conflict", type=int, default=30, help="chains per ConflictEdit set and editor")
     ap.add_argument("--gap", type=int, default=0, help="plain CounterFact edits between a chain's edits")
+    ap.add_argument("--conflict-known", action="store_true",
+                    help="keep only ConflictEdit records whose e1 true object the model answers")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -101,9 +107,11 @@ def main() -> None:
     rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most)
     conflicts = {}
     for kind in ("reverse", "composite", "coverage"):
-        conflicts[kind] = known_chains(scorer, f"pitfalls_{kind}", "conflict-e1", args.conflict)
+        conflicts[kind] = known_chains(scorer if args.conflict_known else None, f"pitfalls_{kind}", "conflict-e1",
+                                       args.conflict)
     print(f"records the model answers, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}); "
-          + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items()) + f"; gap {args.gap}",
+          + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items())
+          + ("" if args.conflict_known else " (conflicts unfiltered)") + f"; gap {args.gap}",
           flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
