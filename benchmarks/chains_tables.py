@@ -34,7 +34,8 @@ CONFLICT_COLS = [("conflict_score_explicit", "CS_exp"), ("conflict_score_implici
                  ("conflict_magnitude", "CM"), ("tied_fact_damage", "TFD")]
 
 
-def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: int) -> tuple[list, int]:
+def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: int,
+                 rule: str = "exact") -> tuple[list, int]:
     """The first ``limit`` chains of ``dataset`` whose ``first_role`` edit's true object the model
     answers, and how many records were checked to find them (checked in file order, in chunks);
     with no scorer, simply the first ``limit`` chains."""
@@ -46,8 +47,12 @@ def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: in
     while len(kept) < limit and checked < len(chains):
         chunk = chains[checked: checked + 100]
         firsts = [next(e for e in c if e.chain.role == first_role) for c in chunk]
-        exact = scorer.score([(e.rendered_prompt, e.target_true) for e in firsts]).exact
-        kept += [c for c, ok in zip(chunk, exact) if ok]
+        if rule == "exact":  # greedy teacher-forced match of the true object
+            ok = scorer.score([(e.rendered_prompt, e.target_true) for e in firsts]).exact
+        else:  # "prefers": the true object's mean token NLL is below the new object's (ES at θ0)
+            nll = scorer.score([(e.rendered_prompt, t) for e in firsts for t in (e.target_true, e.target_new)]).nll
+            ok = nll[0::2] < nll[1::2]
+        kept += [c for c, keep in zip(chunk, ok) if keep]
         checked += len(chunk)
     return kept[:limit], checked
 
@@ -94,6 +99,8 @@ def main() -> None:
     ap.add_argument("--round-slow", type=int, default=30, help="RoundEdit chains for editors other than ft")
     ap.add_argument("--conflict", type=int, default=30, help="chains per ConflictEdit set and editor")
     ap.add_argument("--gap", type=int, default=0, help="plain CounterFact edits between a chain's edits")
+    ap.add_argument("--round-filter", choices=("exact", "prefers"), default="exact",
+                    help="RoundEdit records kept: the model answers o exactly, or prefers o to o* (ES at θ0)")
     ap.add_argument("--conflict-known", action="store_true",
                     help="keep only ConflictEdit records whose e1 true object the model answers")
     args = ap.parse_args()
@@ -104,12 +111,13 @@ def main() -> None:
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     editors = args.editors.split(",")
     most = max(args.round, args.round_slow)
-    rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most)
+    rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most, args.round_filter)
     conflicts = {}
     for kind in ("reverse", "composite", "coverage"):
         conflicts[kind] = known_chains(scorer if args.conflict_known else None, f"pitfalls_{kind}", "conflict-e1",
                                        args.conflict)
-    print(f"records the model answers, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}); "
+    print(f"records kept, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}, "
+          f"filter {args.round_filter}); "
           + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items())
           + ("" if args.conflict_known else " (conflicts unfiltered)") + f"; gap {args.gap}",
           flush=True)
