@@ -4,8 +4,9 @@ RoundEdit: the Pitfalls easy records whose true object the default model answers
 greedy exact match of o on the edit prompt), replayed as a stream (o -> o*, then o* -> o, with
 ``--gap`` plain fillers between the two) with the ``chains`` probe: Succ, D (JS, nats), the
 Pitfalls variant, IR and FR at each chain's completion. ConflictEdit (reverse, composite,
-coverage): records whose e1 true object the model answers, replayed the same way: CS explicit and
-implicit, CM, TFD (composite). Each editor starts from θ0.
+coverage): the first records (or, with --conflict-known, those whose e1 true object the model
+answers), replayed the same way: CS explicit and implicit, CM, TFD (composite). Each editor
+starts from θ0.
 
     python benchmarks/chains_tables.py --editors ft,rome,memit --round 200 --conflict 30
 """
@@ -33,17 +34,25 @@ CONFLICT_COLS = [("conflict_score_explicit", "CS_exp"), ("conflict_score_implici
                  ("conflict_magnitude", "CM"), ("tied_fact_damage", "TFD")]
 
 
-def known_chains(scorer: Scorer, dataset: str, first_role: str, limit: int) -> tuple[list, int]:
+def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: int,
+                 rule: str = "exact") -> tuple[list, int]:
     """The first ``limit`` chains of ``dataset`` whose ``first_role`` edit's true object the model
-    answers, and how many records were checked to find them (checked in file order, in chunks)."""
+    answers, and how many records were checked to find them (checked in file order, in chunks);
+    with no scorer, simply the first ``limit`` chains."""
     stream, _ = read_dataset(dataset)
     chains = chains_of(stream)
+    if scorer is None:
+        return chains[:limit], min(limit, len(chains))
     kept, checked = [], 0
     while len(kept) < limit and checked < len(chains):
         chunk = chains[checked: checked + 100]
         firsts = [next(e for e in c if e.chain.role == first_role) for c in chunk]
-        exact = scorer.score([(e.rendered_prompt, e.target_true) for e in firsts]).exact
-        kept += [c for c, ok in zip(chunk, exact) if ok]
+        if rule == "exact":  # greedy teacher-forced match of the true object
+            ok = scorer.score([(e.rendered_prompt, e.target_true) for e in firsts]).exact
+        else:  # "prefers": the true object's mean token NLL is below the new object's (ES at θ0)
+            nll = scorer.score([(e.rendered_prompt, t) for e in firsts for t in (e.target_true, e.target_new)]).nll
+            ok = nll[0::2] < nll[1::2]
+        kept += [c for c, keep in zip(chunk, ok) if keep]
         checked += len(chunk)
     return kept[:limit], checked
 
@@ -90,6 +99,10 @@ def main() -> None:
     ap.add_argument("--round-slow", type=int, default=30, help="RoundEdit chains for editors other than ft")
     ap.add_argument("--conflict", type=int, default=30, help="chains per ConflictEdit set and editor")
     ap.add_argument("--gap", type=int, default=0, help="plain CounterFact edits between a chain's edits")
+    ap.add_argument("--round-filter", choices=("exact", "prefers"), default="exact",
+                    help="RoundEdit records kept: the model answers o exactly, or prefers o to o* (ES at θ0)")
+    ap.add_argument("--conflict-known", action="store_true",
+                    help="keep only ConflictEdit records whose e1 true object the model answers")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -98,12 +111,15 @@ def main() -> None:
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     editors = args.editors.split(",")
     most = max(args.round, args.round_slow)
-    rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most)
+    rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most, args.round_filter)
     conflicts = {}
     for kind in ("reverse", "composite", "coverage"):
-        conflicts[kind] = known_chains(scorer, f"pitfalls_{kind}", "conflict-e1", args.conflict)
-    print(f"records the model answers, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}); "
-          + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items()) + f"; gap {args.gap}",
+        conflicts[kind] = known_chains(scorer if args.conflict_known else None, f"pitfalls_{kind}", "conflict-e1",
+                                       args.conflict)
+    print(f"records kept, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}, "
+          f"filter {args.round_filter}); "
+          + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items())
+          + ("" if args.conflict_known else " (conflicts unfiltered)") + f"; gap {args.gap}",
           flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
