@@ -64,7 +64,7 @@ def test_replay_on_default_model(fresh, tmp_path):
     assert after.height == 3 and after["value"].mean() >= 2 / 3, after
     assert before.filter(pl.col("edit_id").is_in(after["edit_id"].to_list()))["value"].sum() == 0
     assert set(results.filter(pl.col("probe") == "retention")["step"]) == {1, 2, 3}
-    assert {p.name for p in plot_run(result.run)} == {"retention.png", "retention_matrix.png"}
+    assert {p.name for p in plot_run(result.run)} == {"dashboard.png", "retention.png", "retention_matrix.png"}
     assert "efficacy at own step" in format_summary(result.run)
     sizes = [result.run.deltas_dir.joinpath(f"step_{k:06d}.safetensors").stat().st_size for k in (1, 2, 3)]
     assert np.all(np.array(sizes) > 0)
