@@ -27,7 +27,6 @@ the touched columns are stored.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
