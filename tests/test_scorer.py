@@ -24,15 +24,20 @@ def reference_scores(lm, prompt, answer):
     return -lps.mean(), lps.sum(), argmax, a
 
 
+def assert_matches_definition(lm, scores, k, prompt, answer) -> list[bool]:
+    """Pair k's scores equal the one-at-a-time definition; returns its per-token hits."""
+    nll, logprob, argmax, ids = reference_scores(lm, prompt, answer)
+    assert scores.nll[k] == pytest.approx(nll, abs=1e-4)
+    assert scores.logprob[k] == pytest.approx(logprob, abs=1e-3)
+    assert scores.argmax[k] == argmax
+    return [x == y for x, y in zip(argmax, ids)]
+
+
 @pytest.mark.parametrize("budget", [4096, 40])
 def test_scorer_matches_one_at_a_time_definition(tiny, budget):
     scores = Scorer(tiny.model, tiny.tokenizer, max_batch_tokens=budget).score(PAIRS)
     for k, (prompt, answer) in enumerate(PAIRS):
-        nll, logprob, argmax, ids = reference_scores(tiny, prompt, answer)
-        assert scores.nll[k] == pytest.approx(nll, abs=1e-4)
-        assert scores.logprob[k] == pytest.approx(logprob, abs=1e-3)
-        assert scores.argmax[k] == argmax
-        hits = [x == y for x, y in zip(argmax, ids)]
+        hits = assert_matches_definition(tiny, scores, k, prompt, answer)
         assert scores.exact[k] == all(hits)
         assert scores.token_acc[k] == pytest.approx(np.mean(hits))
     assert np.allclose(scores.prob, np.exp(-scores.nll))
@@ -77,9 +82,6 @@ def test_shared_prompts_match_the_definition_for_random_pairs(tiny, budget):
         pairs = [(p, a) for p, answers in groups for a in answers]
         scores = Scorer(tiny.model, tiny.tokenizer, max_batch_tokens=budget).score(pairs)
         for k, (prompt, answer) in enumerate(pairs):
-            nll, logprob, argmax, _ = reference_scores(tiny, prompt, answer)
-            assert scores.nll[k] == pytest.approx(nll, abs=1e-4)
-            assert scores.logprob[k] == pytest.approx(logprob, abs=1e-3)
-            assert scores.argmax[k] == argmax
+            assert_matches_definition(tiny, scores, k, prompt, answer)
 
     check()

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from lifelong.delta import Delta
 from lifelong.editors.base import Editor
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
@@ -70,6 +71,16 @@ class AdaptorEditor(Editor):
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return []  # no weight is ever changed
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        """Edit the adaptor one fact after another; the weights stay as they are (an empty delta)."""
+        self.bind(lm)
+        for edit in batch:
+            self.edit_one(lm, edit)
+        return Delta.empty()
+
+    def edit_one(self, lm: LoadedModel, edit: Edit):
+        raise NotImplementedError
 
     def _hook(self, module, args, out):
         raise NotImplementedError

@@ -20,11 +20,9 @@ value changes nothing). The base weights never change; the codebook is editor st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
 from lifelong.editors.adaptor import (AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index,
                                       target_nll)
 from lifelong.editors.locate import capture_keys
@@ -138,12 +136,6 @@ class GRACEEditor(AdaptorEditor):
         return flat.view_as(out)
 
     # -- editing
-    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
-        self.bind(lm)
-        for edit in batch:
-            self.edit_one(lm, edit)
-        return Delta.empty()
-
     def edit_one(self, lm: LoadedModel, edit: Edit) -> int:
         """Add ``edit``'s key to the codebook and train its value; returns the trained entry."""
         p = self.params

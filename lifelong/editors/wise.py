@@ -30,7 +30,6 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
 from lifelong.editors.adaptor import AdaptorEditor, UpperLayers
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
@@ -175,12 +174,6 @@ class WISEEditor(AdaptorEditor):
         return torch.where(routed[:, None, None], out + best, out)
 
     # -- editing
-    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
-        self.bind(lm)
-        for edit in batch:
-            self.edit_one(lm, edit)
-        return Delta.empty()
-
     def edit_one(self, lm: LoadedModel, edit: Edit) -> float:
         """Train the open shard on ``edit``; close/merge shards on schedule. Returns the edit's Δact."""
         p = self.params
