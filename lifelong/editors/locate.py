@@ -123,6 +123,11 @@ class ValueParams:
             raise ValueError(f"{editor}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
         return CONTEXT_TEMPLATES[: self.templates]
 
+    def validate(self, editor: str) -> None:
+        """Refuse a bad template count or compute dtype before any work."""
+        self.context_templates(editor)
+        compute_dtype(self.v_dtype, editor)
+
 
 @dataclass
 class ValueFit:

@@ -28,7 +28,6 @@ from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_sec
 from lifelong.editors.locate import (
     UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch, subject_token_index,
 )
-from lifelong.editors.upper import compute_dtype
 from lifelong.models import LoadedModel
 from streams import Edit
 
@@ -86,8 +85,7 @@ class MEMITEditor(Editor):
         if weight is None:
             weight = default_mom2_weight(lm.adapter.out_proj_weight_view(layers[0]).shape[1])
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), mom2_weight=weight)
-        self.params.context_templates(self.name)  # refuse a bad count or dtype before any work
-        compute_dtype(self.params.v_dtype, self.name)
+        self.params.validate(self.name)
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:

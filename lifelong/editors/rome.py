@@ -24,7 +24,6 @@ from lifelong.delta import Delta
 from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
 from lifelong.editors.locate import UpperStacks, ValueParams, fit_value, lowrank_change
-from lifelong.editors.upper import compute_dtype
 from lifelong.models import LoadedModel
 from streams import Edit
 
@@ -51,8 +50,7 @@ class ROMEEditor(Editor):
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
         layer = resolve_layer(self.params.layer, lm, self.name)
-        self.params.context_templates(self.name)  # refuse a bad count or dtype before any work
-        compute_dtype(self.params.v_dtype, self.name)
+        self.params.validate(self.name)
         self.params = dataclasses.replace(self.params, layer=layer)
         return self
 
