@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench_locate import forward_yardstick  # benchmarks/ is on sys.path when run as a script
+from bench_locate import forward_yardstick, restore  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -40,16 +40,12 @@ def main() -> None:
     names = args.editors.split(",") if args.editors else sorted(EDITORS)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     for name in names:
-        with torch.no_grad():
-            for n, p in lm.model.named_parameters():
-                p.copy_(base[n])
+        restore(lm, base)
         try:
             editor = make_editor(name).bind(lm)
             editor.prepare(lm)
             editor.apply(lm, [list(load_stream("builtin"))[-1]])  # untimed warm-up (statistics, copies)
-            with torch.no_grad():
-                for n, p in lm.model.named_parameters():
-                    p.copy_(base[n])
+            restore(lm, base)
             editor = make_editor(name).bind(lm)
             editor.prepare(lm)
         except Exception as err:  # e.g. MEND without a trained hypernetwork

@@ -15,14 +15,8 @@ import time
 import numpy as np
 import torch
 
-from single_edit_quality import quality  # benchmarks/ is on sys.path when run as a script
-
-
-def restore(lm, base) -> None:
-    """θ0 bitwise (subtracting a delta again is not exact, and cached statistics are keyed by the weights)."""
-    with torch.no_grad():
-        for n, p in lm.model.named_parameters():
-            p.copy_(base[n])
+from bench_locate import restore  # benchmarks/ is on sys.path when run as a script
+from single_edit_quality import quality
 
 
 def main() -> None:
