@@ -39,10 +39,14 @@ def forward_yardstick(lm, repeats: int = 3) -> float:
 
 
 def restore(lm, base) -> None:
-    """θ0 bitwise (subtracting a delta again is not exact, and cached statistics are keyed by the weights)."""
+    """θ0 bitwise (subtracting a delta again is not exact, and cached statistics are keyed by the weights).
+
+    Only the tensors that changed are written back, as a replay never touches the others:
+    rewriting them all would make editors rebuild what they cache per weight version."""
     with torch.no_grad():
         for n, p in lm.model.named_parameters():
-            p.copy_(base[n])
+            if not torch.equal(p, base[n]):
+                p.copy_(base[n])
 
 
 def per_edit(lm, editor, batches, base) -> tuple[float, list[float]]:

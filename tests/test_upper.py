@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from lifelong.editors.locate import CONTEXT_TEMPLATES, SuffixBatch, contexts, optimize_value, subject_token_index
+from lifelong.editors.locate import (CONTEXT_TEMPLATES, SuffixBatch, TargetNLL, contexts, optimize_value,
+                                     subject_token_index)
 from lifelong.editors.upper import UpperStack, compute_dtype, layer_output
 from tests.conftest import make_edits
 
@@ -81,3 +82,34 @@ def test_value_fit_agrees_across_compute_dtypes(tiny):
 def test_unknown_compute_dtype_is_refused():
     with pytest.raises(ValueError, match="v_dtype must be one of"):
         compute_dtype("int8", "rome")
+
+
+def test_target_nll_matches_log_softmax_and_its_gradients():
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 50) * 5).requires_grad_()
+    exact = (torch.randn(4) * 5).requires_grad_()
+    targets = torch.tensor([3, 0, 49, 3])
+    weights = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    (TargetNLL.apply(logits, exact, targets) * weights).sum().backward()
+    fused = (logits.grad.clone(), exact.grad.clone())
+    value = TargetNLL.apply(logits, exact, targets)
+
+    logits.grad, exact.grad = None, None
+    onehot = torch.nn.functional.one_hot(targets, 50).bool()
+    patched = torch.where(onehot, exact[:, None], logits)  # the target's logit replaced by the exact one
+    plain = -patched.log_softmax(-1)[torch.arange(4), targets]
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(value, plain.detach())
+    torch.testing.assert_close(fused[0], logits.grad)
+    torch.testing.assert_close(fused[1], exact.grad)
+    assert fused[0][onehot].abs().max() == 0  # the bfloat16 logit of the target gets no gradient
+
+
+def test_upper_stack_logits_follow_the_head(tiny):
+    stack = UpperStack(tiny.adapter, 1, torch.bfloat16)
+    hidden = torch.randn(3, tiny.model.config.hidden_size)
+    head = tiny.model.get_output_embeddings()
+    with torch.no_grad():
+        torch.testing.assert_close(stack.logits(hidden).float(), head(hidden), atol=0.05, rtol=0.02)
+        head.weight.mul_(2.0)  # a changed head weight rebuilds the converted copy
+        torch.testing.assert_close(stack.logits(hidden).float(), head(hidden), atol=0.1, rtol=0.02)

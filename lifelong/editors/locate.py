@@ -185,6 +185,35 @@ class SuffixBatch:
         return self.body(input_ids=self.suffix_ids, **self.forward_kwargs(self.cache)).last_hidden_state
 
 
+class TargetNLL(torch.autograd.Function):
+    """Per-row −log softmax(logits)[target], with each row's target logit given exactly.
+
+    The logits may be bfloat16 (rounding a logit near 20 there moves the NLL by ~0.05, the
+    early-stopping threshold itself), so the target's own logit comes in float32 from its
+    embedding row. Fused by hand because each (rows × vocab) temporary is costly on a CPU:
+    one float32 copy serves the log-sum-exp and, in place, the softmax of the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, exact: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        scores = logits.to(torch.float32, copy=True)
+        rows = torch.arange(len(targets), device=logits.device)
+        scores[rows, targets] = exact
+        lse = torch.logsumexp(scores, -1)
+        ctx.save_for_backward(scores, lse, targets)
+        ctx.logits_dtype = logits.dtype
+        return lse - exact
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, lse, targets = ctx.saved_tensors
+        probs = scores.sub_(lse[:, None]).exp_()  # softmax, in place of the saved copy (backward runs once)
+        rows = torch.arange(len(targets), device=probs.device)
+        target_probs = probs[rows, targets]
+        probs[rows, targets] = 0  # the target's gradient goes to its exact logit instead
+        return probs.mul_(grad[:, None]).to(ctx.logits_dtype), grad * (target_probs - 1), None
+
+
 def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str], *, steps: int = 20,
                    lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
                    clamp_norm: float = 4.0, stop_nll: float = 0.05, stack: UpperStack | None = None) -> ValueFit:
@@ -205,11 +234,13 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     # The last target token predicts nothing: leave it out of the sequences.
     batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [prompts[n]], lookup)
 
-    # Answer positions of the rewriting prompts, in suffix coordinates.
-    rows = torch.tensor([r for r in range(n) for _ in target], device=lm.device)
-    cols = torch.tensor([len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))],
+    # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's
+    # subject token: every row that needs logits goes through one unembedding.
+    rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=lm.device)
+    cols = torch.tensor([len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0],
                         device=lm.device)
     targets = torch.tensor(list(target) * n, device=lm.device)
+    answers = len(targets)
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -231,6 +262,9 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     stack = stack or UpperStack(lm.adapter, layer + 1, residual.dtype)
     cache = stack.cast_cache(batch.cache)
 
+    target_rows = scorer.unembed.weight.detach()[targets].float()  # for the exact target logits
+    target_bias = getattr(scorer.unembed, "bias", None)
+    target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
     delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * original.norm()
@@ -238,11 +272,12 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     for taken in range(1, steps + 1):
         shifted = residual.clone()
         shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
-        hidden = stack(shifted, **batch.forward_kwargs(cache))
-        logp = scorer.unembed(hidden[rows, cols]).float().log_softmax(-1)
-        nll = -logp.gather(1, targets[:, None]).mean()  # all prompts share the target: a plain mean
-        kl_now = scorer.unembed(hidden[n, 0]).float().log_softmax(-1)
-        kl = torch.nn.functional.kl_div(kl_now, kl_ref, log_target=True, reduction="sum")
+        hidden = stack(shifted, **batch.forward_kwargs(cache))[rows, cols]
+        logits = stack.logits(hidden)
+        exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
+        nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
+        kl = torch.nn.functional.kl_div(logits[answers].float().log_softmax(-1), kl_ref, log_target=True,
+                                        reduction="sum")
         penalty = weight_decay * delta.norm() / original.norm() ** 2
         nll_value = nll.item()
         if nll_value < stop_nll:

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lifelong.arch import ArchAdapter
 
@@ -71,7 +72,9 @@ class UpperStack:
         prefix = adapter.model.base_model_prefix + "."
         self.layers_path = adapter.spec.layers.removeprefix(prefix)  # relative to the body
         self.positions_path = (adapter.spec.positions or "").removeprefix(prefix) or None
+        self.head = adapter.model.get_output_embeddings()
         self._copy: nn.Module | None = None
+        self._copy_head: nn.Module | None = None
         self._copy_key: tuple | None = None
 
     def _replacements(self, layers: list[nn.Module], positions: nn.Module | None) -> dict[str, nn.Module]:
@@ -90,7 +93,7 @@ class UpperStack:
         """Identity and version of every weight the copy is made of (a changed weight forces a rebuild)."""
         return tuple((id(p), p._version) for layer in self._live_layers() for p in layer.parameters()) + tuple(
             (name, id(p), p._version) for name, p in self.body.named_parameters() if not name.startswith(
-                self.layers_path + "."))
+                self.layers_path + ".")) + tuple((id(p), p._version) for p in self.head.parameters())
 
     def _converted(self) -> nn.Module:
         key = self._version()
@@ -107,8 +110,25 @@ class UpperStack:
             if self.positions_path:
                 with torch.no_grad():
                     body.get_submodule(self.positions_path).weight.zero_()
-            self._copy, self._copy_key = body, key
+            # The output embedding too: in float32 its product with a few rows is bound by
+            # reading its (vocab × d) weight, twice per step (forward and backward).
+            head = copy.deepcopy(self.head)
+            for param in head.parameters():
+                param.data = param.data.to(self.dtype)
+            self._copy, self._copy_head, self._copy_key = body, head, key
         return self._copy
+
+    @property
+    def converted(self) -> bool:
+        """Whether the stack computes in a dtype other than the model's own."""
+        return self.dtype != self._model_dtype()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states, in the compute dtype."""
+        if not self.converted:
+            return self.head(hidden)
+        self._converted()
+        return self._copy_head(hidden.to(self.dtype))
 
     def cast_cache(self, cache):
         """The prefix KV cache in the compute dtype (a copy; layers below ``start`` are never read)."""
@@ -126,10 +146,13 @@ class UpperStack:
 
     def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
-        if self.dtype == self._model_dtype():
-            with _swapped(self.body, self._replacements(self._live_layers(), self._positions())):
-                return self.body(inputs_embeds=hidden, **kwargs).last_hidden_state
-        out = self._converted()(inputs_embeds=hidden.to(self.dtype), **kwargs).last_hidden_state
+        # A few query tokens against a short cache: the plain attention kernel beats the
+        # flash one there by several times (its blocking overhead dominates such sizes).
+        with sdpa_kernel(SDPBackend.MATH):
+            if not self.converted:
+                with _swapped(self.body, self._replacements(self._live_layers(), self._positions())):
+                    return self.body(inputs_embeds=hidden, **kwargs).last_hidden_state
+            out = self._converted()(inputs_embeds=hidden.to(self.dtype), **kwargs).last_hidden_state
         return out.to(hidden.dtype)
 
 
