@@ -185,6 +185,10 @@ class SuffixBatch:
         return self.body(input_ids=self.suffix_ids, **self.forward_kwargs(self.cache)).last_hidden_state
 
 
+class _StopForward(Exception):
+    """Ends the set-up pass once the edited layer has run."""
+
+
 class TargetNLL(torch.autograd.Function):
     """Per-row −log softmax(logits)[target], with each row's target logit given exactly.
 
@@ -221,10 +225,10 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     templates + a KL term keeping "{subject} is a" unchanged + a norm penalty on δ,
     with ‖δ‖ clamped to ``clamp_norm`` × ‖v_orig‖ and early stopping at ``stop_nll``.
 
-    One full pass (prefix cached) gives the keys, v_orig, the KL reference and the
-    residual stream leaving ``layer``; each step then adds δ there and runs only the
-    suffix through the layers above (``stack``, float32 unless given), with only δ
-    requiring gradients."""
+    One pass up to ``layer`` (prefix cached) gives the keys, v_orig and the residual
+    stream leaving it; each step then adds δ there and runs only the suffix through the
+    layers above (``stack``, float32 unless given), with only δ requiring gradients. The
+    KL reference is the first step's distribution (δ = 0), as in ROME."""
     scorer = Scorer(lm.model, lm.tokenizer)
     texts = contexts(edit, templates) + [f"{edit.subject} is a"]  # the last one is the KL prompt
     target = scorer.encode(texts[0], edit.target_new)[1]
@@ -249,12 +253,15 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
 
     def keep_residual(mod, args, out):
         seen["residual"] = layer_output(out).detach().clone()
+        raise _StopForward  # the layers above run in the optimisation loop
 
     handles = [lm.adapter.out_proj(layer).register_forward_hook(keep_keys),
                lm.adapter.layer(layer).register_forward_hook(keep_residual)]
     try:
-        with torch.no_grad():  # also the KL reference: the unedited distribution at the KL prompt's subject token
-            kl_ref = scorer.unembed(batch.hidden()[n, 0]).float().log_softmax(-1)
+        with torch.no_grad():
+            batch.hidden()
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -268,7 +275,7 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * original.norm()
-    taken, nll_value = 0, float("nan")
+    taken, nll_value, kl_ref = 0, float("nan"), None
     for taken in range(1, steps + 1):
         shifted = residual.clone()
         shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
@@ -276,8 +283,10 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
         logits = stack.logits(hidden)
         exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
         nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
-        kl = torch.nn.functional.kl_div(logits[answers].float().log_softmax(-1), kl_ref, log_target=True,
-                                        reduction="sum")
+        kl_now = logits[answers].float().log_softmax(-1)
+        if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
+            kl_ref = kl_now.detach()
+        kl = torch.nn.functional.kl_div(kl_now, kl_ref, log_target=True, reduction="sum")
         penalty = weight_decay * delta.norm() / original.norm() ** 2
         nll_value = nll.item()
         if nll_value < stop_nll:
