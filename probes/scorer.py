@@ -184,8 +184,13 @@ class Scorer:
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
                                               padding_value=self.pad_id)
         longer = [k for k, (_, a) in enumerate(pairs) if len(a) > 1]
-        # Right padding needs no mask here: real tokens come first and attend only backwards.
-        out = self.body(input_ids=ids.to(device), use_cache=bool(longer))
+        # Right padding needs no mask for the model itself (real tokens come first and attend only
+        # backwards), but hooks that pool over a row's tokens (WISE's routing) must see which are real.
+        lengths = torch.tensor([len(p) for p in prompts])
+        mask = None
+        if bool((lengths < ids.shape[1]).any()):
+            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long().to(device)
+        out = self.body(input_ids=ids.to(device), attention_mask=mask, use_cache=bool(longer))
         row_of = {p: r for r, p in enumerate(prompts)}
         rows = torch.tensor([row_of[p] for p, _ in pairs], device=device)
         last = torch.tensor([len(p) - 1 for p, _ in pairs], device=device)

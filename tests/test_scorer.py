@@ -85,3 +85,18 @@ def test_shared_prompts_match_the_definition_for_random_pairs(tiny, budget):
             assert_matches_definition(tiny, scores, k, prompt, answer)
 
     check()
+
+
+def test_padded_prompt_batches_carry_the_padding_mask(tiny):
+    # Hooks that pool over a row's tokens (WISE's routing) read the body's attention mask.
+    seen = []
+    handle = tiny.adapter.body().register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    prompts = ["A b", "A much longer prompt with more words in it"]
+    try:
+        Scorer(tiny.model, tiny.tokenizer).score([(p, "x") for p in prompts])
+    finally:
+        handle.remove()
+    mask = seen[0]
+    lengths = sorted(len(tiny.tokenizer(p).input_ids) for p in prompts)
+    assert mask is not None and sorted(mask.sum(1).tolist()) == lengths
