@@ -6,7 +6,7 @@ import torch
 
 from lifelong.editors.locate import (CONTEXT_TEMPLATES, SuffixBatch, TargetNLL, contexts, optimize_value,
                                      subject_token_index)
-from lifelong.editors.upper import UpperStack, compute_dtype, layer_output
+from lifelong.editors.upper import FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output
 from tests.conftest import make_edits
 
 
@@ -113,3 +113,118 @@ def test_upper_stack_logits_follow_the_head(tiny):
         torch.testing.assert_close(stack.logits(hidden).float(), head(hidden), atol=0.05, rtol=0.02)
         head.weight.mul_(2.0)  # a changed head weight rebuilds the converted copy
         torch.testing.assert_close(stack.logits(hidden).float(), head(hidden), atol=0.1, rtol=0.02)
+
+
+# ---------------------------------------------------------------- the fused Llama-family stack
+
+def llama_family_model(family: str):
+    """A tiny random Llama or Qwen2 (q/k/v biases) with non-trivial norm weights, so that the
+    fused stack's folding of norm weights and biases is exercised."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from lifelong.arch import ArchAdapter
+    from lifelong.models import LoadedModel, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.15)
+                elif "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                else:  # biases
+                    p.normal_(0.0, 0.1)
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    return LoadedModel(f"tiny-{family}-fused", model, tokenizer, ArchAdapter(model), torch.device("cpu"))
+
+
+def stack_output_and_grad(run, residual, delta):
+    """The stack's output on ``residual`` with δ at each row's first position, and d(loss)/dδ."""
+    delta = delta.clone().requires_grad_()
+    shifted = residual.clone()
+    shifted[:, 0] = shifted[:, 0] + delta
+    out = run(shifted)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()  # a loss with a well-conditioned gradient (Σ out² is ~constant after the norm)
+    return out.detach(), delta.grad
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_stack_computes_what_the_model_layers_compute(family):
+    lm = llama_family_model(family)
+    assert fused_supported(lm.adapter)
+    edit, layer = make_edits(1)[0], 1
+    texts = contexts(edit, CONTEXT_TEMPLATES[:4]) + [f"{edit.subject} is a"]
+    prompts = [tuple(lm.tokenizer(t).input_ids) for t in texts]
+    lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
+    full = SuffixBatch(lm, prompts, lookup)
+    short = SuffixBatch(lm, prompts, lookup, prefix_layers=layer + 1)  # the prefix stops at the edited layer
+    assert short.prefix_residual is not None and short.prefix_residual.shape[:2] == (len(texts), short.prefix_len)
+    seen = {}
+    handle = lm.adapter.layer(layer).register_forward_hook(lambda m, a, o: seen.update(h=layer_output(o)))
+    with torch.no_grad():
+        full.hidden()
+    handle.remove()
+    residual, delta = seen["h"], torch.randn(residual_width := seen["h"].shape[-1]) * 2
+    assert residual_width == lm.model.config.hidden_size
+
+    reference = UpperStack(lm.adapter, layer + 1, torch.float32).bind(full.mask, full.positions, full.cache)
+    want, want_grad = stack_output_and_grad(reference, residual, delta)
+    fused = FusedLlamaStack(lm.adapter, layer + 1, torch.float32)
+    for run in (fused.bind(full.mask, full.positions, full.cache),
+                fused.bind(short.mask, short.positions, short.cache, short.prefix_residual)):
+        got, got_grad = stack_output_and_grad(run, residual, delta)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got_grad, want_grad, atol=2e-5, rtol=1e-4)
+
+    low = FusedLlamaStack(lm.adapter, layer + 1, torch.bfloat16)
+    got, got_grad = stack_output_and_grad(low.bind(short.mask, short.positions, short.cache, short.prefix_residual),
+                                          residual, delta)
+    assert (got - want).norm() < 0.02 * want.norm()
+    assert torch.nn.functional.cosine_similarity(got_grad, want_grad, dim=0) > 0.999
+    with pytest.raises(ValueError, match="KV cache at every layer"):  # the model's layers need the full cache
+        UpperStack(lm.adapter, layer + 1, torch.float32).bind(short.mask, short.positions, short.cache,
+                                                              short.prefix_residual)
+
+
+def test_value_fit_is_the_same_through_the_fused_stack():
+    lm = llama_family_model("llama")
+    edit = make_edits(1)[0]
+    fits = [optimize_value(lm, 1, edit, CONTEXT_TEMPLATES[:3], steps=6, stop_nll=0.0, stack=kind(lm.adapter, 2, torch.float32))
+            for kind in (UpperStack, FusedLlamaStack)]
+    assert fits[0].steps == fits[1].steps == 6
+    torch.testing.assert_close(fits[1].value, fits[0].value, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fits[1].keys, fits[0].keys)
+
+
+def test_fused_stack_follows_weight_changes_above_the_edited_layer():
+    lm = llama_family_model("llama")
+    batch = suffix_batch(lm, make_edits(1)[0])
+    stack = FusedLlamaStack(lm.adapter, 1, torch.float32)
+    residual = torch.randn(batch.suffix_ids.shape + (64,))
+    before = stack.bind(batch.mask, batch.positions, batch.cache)(residual)
+    with torch.no_grad():
+        lm.adapter.out_proj_weight_view(2).mul_(3.0)  # an upper layer's MLP output projection
+    after = stack.bind(batch.mask, batch.positions, batch.cache)(residual)
+    reference = UpperStack(lm.adapter, 1, torch.float32).bind(batch.mask, batch.positions, batch.cache)(residual)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_stack_kind_follows_the_family_and_the_setting(tiny):
+    from lifelong.editors.locate import UpperStacks, ValueParams
+
+    stacks = UpperStacks()
+    fused = stacks.get(tiny, 1, "bfloat16", "rome", "fused")
+    assert isinstance(fused, FusedLlamaStack) == (tiny.adapter.family == "llama")
+    assert type(stacks.get(tiny, 1, "bfloat16", "rome", "model")) is UpperStack
+    with pytest.raises(ValueError, match="v_stack must be one of"):
+        ValueParams(v_stack="compiled").validate("rome")

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
-from lifelong.editors.upper import UpperStack, compute_dtype, layer_output
+from lifelong.editors.upper import FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -103,6 +104,9 @@ def average_key(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str
     return keys_at(lm, layer, texts, idx).mean(0)
 
 
+STACK_KINDS = ("fused", "model")
+
+
 @dataclass
 class ValueParams:
     """Hyperparameters of the v* (ROME) / z* (MEMIT) optimisation, at the papers' defaults."""
@@ -117,6 +121,10 @@ class ValueParams:
     # Compute dtype of the layers above the edited one during the optimisation (bfloat16 about
     # halves its time on CPUs with AVX512-BF16/AMX; the update itself is always solved in float64).
     v_dtype: str = "bfloat16"
+    # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)
+    # through hand-fused layers with the same arithmetic (about 1.3x faster per step on SmolLM2)
+    # and other families through their own; "model" always runs the model's own layers.
+    v_stack: str = "fused"
 
     def context_templates(self, editor: str) -> tuple[str, ...]:
         if not 1 <= self.templates <= len(CONTEXT_TEMPLATES):
@@ -127,6 +135,8 @@ class ValueParams:
         """Refuse a bad template count or compute dtype before any work."""
         self.context_templates(editor)
         compute_dtype(self.v_dtype, editor)
+        if self.v_stack not in STACK_KINDS:
+            raise ValueError(f"{editor}: v_stack must be one of {', '.join(STACK_KINDS)}, got '{self.v_stack}'")
 
 
 @dataclass
@@ -138,6 +148,26 @@ class ValueFit:
     keys: torch.Tensor  # (templates, d_in) float64: the subject's last-token key per context template
 
 
+class _StopForward(Exception):
+    """Ends a pass once the layers it needs have run."""
+
+
+@contextmanager
+def _stop_after(adapter: ArchAdapter, layer: int, seen: dict) -> Iterator[None]:
+    """Within the block, a forward pass ends after layer ``layer``, whose output goes to seen["residual"]."""
+    def stop(mod, args, out):
+        seen["residual"] = layer_output(out).detach().clone()
+        raise _StopForward
+
+    handle = adapter.layer(layer).register_forward_hook(stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 class SuffixBatch:
     """Prompts split at the subject's last token, for optimising δ injected there.
 
@@ -146,9 +176,14 @@ class SuffixBatch:
     suffix (subject's last token, rest of the prompt, target). Prefixes are right-padded
     and run without a padding mask: real tokens come first and see only real tokens
     (causal), while the padding slots are masked out of the suffix pass.
+
+    With ``prefix_layers`` = L the prefix runs through layers 0..L−1 only: the cache then
+    serves suffix passes that stop there too, and ``prefix_residual`` holds the prefix's
+    residual stream leaving layer L−1 (for an upper stack that computes the rest itself).
     """
 
-    def __init__(self, lm: LoadedModel, sequences: list[tuple[int, ...]], lookup: list[int]):
+    def __init__(self, lm: LoadedModel, sequences: list[tuple[int, ...]], lookup: list[int],
+                 prefix_layers: int | None = None):
         self.lm = lm
         self.body = lm.adapter.body()
         device = lm.device
@@ -167,11 +202,18 @@ class SuffixBatch:
         self.suffix_ids = suffix.to(device)
         self.mask = mask.to(device)
         self.positions = (torch.tensor(lookup)[:, None] + torch.arange(suffix_len)[None]).to(device)
-        self.cache = None
+        self.cache, self.prefix_residual = None, None
         if self.prefix_len:
+            cache = DynamicCache(config=lm.model.config)
             with torch.no_grad():
-                out = self.body(input_ids=prefix.to(device), use_cache=True)
-            self.cache = out.past_key_values
+                if prefix_layers is None:
+                    self.body(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
+                else:
+                    seen: dict[str, torch.Tensor] = {}
+                    with _stop_after(lm.adapter, prefix_layers - 1, seen):
+                        self.body(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
+                    self.prefix_residual = seen["residual"]
+            self.cache = cache
 
     def forward_kwargs(self, cache) -> dict:
         """Keyword arguments of a suffix pass over (a fresh copy of) ``cache``."""
@@ -183,10 +225,6 @@ class SuffixBatch:
     def hidden(self) -> torch.Tensor:
         """Final hidden states of the suffix positions through the whole model, (n, suffix_len, d)."""
         return self.body(input_ids=self.suffix_ids, **self.forward_kwargs(self.cache)).last_hidden_state
-
-
-class _StopForward(Exception):
-    """Ends the set-up pass once the edited layer has run."""
 
 
 class TargetNLL(torch.autograd.Function):
@@ -235,8 +273,10 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     prompts = [tuple(lm.tokenizer(t).input_ids) for t in texts]
     lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
     n = len(texts) - 1
+    stack = stack or UpperStack(lm.adapter, layer + 1, lm.model.dtype)
     # The last target token predicts nothing: leave it out of the sequences.
-    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [prompts[n]], lookup)
+    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [prompts[n]], lookup,
+                        prefix_layers=None if stack.full_prefix else layer + 1)
 
     # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's
     # subject token: every row that needs logits goes through one unembedding.
@@ -251,23 +291,14 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     def keep_keys(mod, args, out):  # the subject token is the suffix's first position
         seen["keys"], seen["original"] = args[0][:n, 0].detach().double(), out[0, 0].detach().clone()
 
-    def keep_residual(mod, args, out):
-        seen["residual"] = layer_output(out).detach().clone()
-        raise _StopForward  # the layers above run in the optimisation loop
-
-    handles = [lm.adapter.out_proj(layer).register_forward_hook(keep_keys),
-               lm.adapter.layer(layer).register_forward_hook(keep_residual)]
-    try:
-        with torch.no_grad():
+    handle = lm.adapter.out_proj(layer).register_forward_hook(keep_keys)
+    try:  # the layers above run in the optimisation loop
+        with torch.no_grad(), _stop_after(lm.adapter, layer, seen):
             batch.hidden()
-    except _StopForward:
-        pass
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     original, residual = seen["original"], seen["residual"]
-    stack = stack or UpperStack(lm.adapter, layer + 1, residual.dtype)
-    cache = stack.cast_cache(batch.cache)
+    upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
     target_rows = scorer.unembed.weight.detach()[targets].float()  # for the exact target logits
     target_bias = getattr(scorer.unembed, "bias", None)
@@ -279,7 +310,7 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     for taken in range(1, steps + 1):
         shifted = residual.clone()
         shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
-        hidden = stack(shifted, **batch.forward_kwargs(cache))[rows, cols]
+        hidden = upper(shifted)[rows, cols]
         logits = stack.logits(hidden)
         exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
         nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
@@ -303,23 +334,25 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
 
 
 class UpperStacks:
-    """An editor's upper stacks, one per (model, layer, dtype): a converted copy is built once
-    and reused across edits for as long as its weights do not change."""
+    """An editor's upper stacks, one per (model, layer, dtype, kind): a converted copy is built
+    once and reused across edits for as long as its weights do not change."""
 
     def __init__(self):
         self._stacks: dict[tuple, UpperStack] = {}
 
-    def get(self, lm: LoadedModel, layer: int, dtype_name: str, editor: str) -> UpperStack:
-        key = (id(lm.model), layer, dtype_name)
+    def get(self, lm: LoadedModel, layer: int, dtype_name: str, editor: str, kind: str = "fused") -> UpperStack:
+        key = (id(lm.model), layer, dtype_name, kind)
         if key not in self._stacks:
-            self._stacks[key] = UpperStack(lm.adapter, layer + 1, compute_dtype(dtype_name, editor))
+            dtype = compute_dtype(dtype_name, editor)
+            fused = kind == "fused" and fused_supported(lm.adapter)
+            self._stacks[key] = (FusedLlamaStack if fused else UpperStack)(lm.adapter, layer + 1, dtype)
         return self._stacks[key]
 
 
 def fit_value(lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, editor: str,
               stacks: UpperStacks | None = None) -> ValueFit:
     """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks)."""
-    stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor)
+    stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
     return optimize_value(lm, layer, edit, params.context_templates(editor), steps=params.v_steps, lr=params.v_lr,
                           kl_factor=params.kl_factor, weight_decay=params.v_weight_decay,
                           clamp_norm=params.clamp_norm, stop_nll=params.stop_nll, stack=stack)

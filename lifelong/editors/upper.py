@@ -66,6 +66,8 @@ def _zero_positions(module: nn.Embedding) -> nn.Embedding:
 class UpperStack:
     """Layers ``start``.. of a model, run from a residual stream given as ``inputs_embeds``."""
 
+    full_prefix = True  # bind() needs the model's KV cache over the prefix at every layer
+
     def __init__(self, adapter: ArchAdapter, start: int, dtype: torch.dtype):
         self.adapter, self.start, self.dtype = adapter, start, dtype
         self.body = adapter.body()
@@ -144,6 +146,26 @@ class UpperStack:
     def _model_dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
 
+    def bind(self, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
+             prefix_residual: torch.Tensor | None = None):
+        """A function from the residual stream entering layer ``start`` (n, T, d) to the final
+        normed hidden states, for one batch: rows ``attention_mask`` (n, P + T) over a prefix
+        of P cached tokens (``cache``: the model's KV cache, or None when P = 0), queries at
+        ``position_ids`` (n, T). Whatever is constant across calls is prepared here, once.
+        A stack with ``full_prefix`` False can take the prefix's residual stream entering
+        layer ``start`` instead of the cache's upper layers."""
+        if prefix_residual is not None and self.full_prefix:
+            raise ValueError("this upper stack reads the prefix from the model's KV cache at every layer")
+        cache = self.cast_cache(cache)
+        mask = attention_mask if cache is not None else attention_mask[:, attention_mask.shape[1] - position_ids.shape[1]:]
+
+        def run(hidden: torch.Tensor) -> torch.Tensor:  # the model's layers take a fresh copy of the cache
+            return self(hidden, attention_mask=mask, position_ids=position_ids,
+                        past_key_values=copy.deepcopy(cache) if cache is not None else None,
+                        use_cache=cache is not None)
+
+        return run
+
     def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
         # A few query tokens against a short cache: the plain attention kernel beats the flash
@@ -159,3 +181,157 @@ class UpperStack:
 def layer_output(output) -> torch.Tensor:
     """A decoder layer's hidden-state output (some families return a tuple)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+FUSED_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def fused_supported(adapter: ArchAdapter) -> bool:
+    """Whether :class:`FusedLlamaStack` computes this model's layers exactly as the model does."""
+    config = adapter.model.config
+    return (adapter.family in FUSED_FAMILIES and getattr(config, "hidden_act", None) == "silu"
+            and getattr(config, "pretraining_tp", 1) == 1 and not getattr(config, "mlp_bias", False)
+            and not getattr(config, "use_sliding_window", False))
+
+
+class _FusedLayer:
+    """One decoder layer's weights, converted and fused: q/k/v in one matrix, gate and up in
+    another, each with the RMS norm's weight before it folded into its columns and q pre-scaled
+    by 1/√head_dim (so neither costs an operation per step)."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, scale: float):
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
+        self.qkv = (qkv * norm1).to(dtype)
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.qkv_bias = (torch.cat([biases[0] * scale, biases[1], biases[2]]).to(dtype)
+                         if biases[0] is not None else None)
+        self.o = attn.o_proj.weight.to(dtype)
+        self.o_bias = attn.o_proj.bias.to(dtype) if attn.o_proj.bias is not None else None
+        self.gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * norm2).to(dtype)
+        self.down = mlp.down_proj.weight.to(dtype)
+
+
+class FusedLlamaStack(UpperStack):
+    """The upper stack of a Llama-family model (Llama, Mistral, Qwen2), written out by hand.
+
+    The same arithmetic as the model's layers in a third of the operations: fused q/k/v and
+    gate/up projections, grouped-query attention without repeating K and V per head, and
+    the rotary tables, prefix keys/values and attention mask prepared once per batch
+    (:meth:`bind`). Matmuls run in the compute dtype; the residual stream, norms and softmax
+    in float32. The prefix's keys and values above the edited layer are computed here too,
+    in the compute dtype, so the model's own (float32) pass over the prefix stops at the
+    edited layer.
+    """
+
+    full_prefix = False
+
+    def __init__(self, adapter: ArchAdapter, start: int, dtype: torch.dtype):
+        super().__init__(adapter, start, dtype)
+        config = adapter.model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.window = getattr(config, "sliding_window", None)
+        self._fused: list[_FusedLayer] | None = None
+        self._fused_key: tuple | None = None
+
+    @torch.no_grad()
+    def _layers(self) -> list[_FusedLayer]:
+        key = self._version()
+        if self._fused is None or self._fused_key != key:
+            scale = self.head_dim ** -0.5
+            self._fused = [_FusedLayer(layer, self.dtype, scale) for layer in self._live_layers()]
+            self._final_norm = self.adapter.final_norm().weight.detach().float()
+            head = self.head.weight.detach()
+            self._head = head.to(self.dtype) if self.converted else head
+            self._head_bias = self.head.bias.detach().to(self._head.dtype) if self.head.bias is not None else None
+            self._fused_key = key
+        return self._fused
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._layers()
+        return torch.nn.functional.linear(hidden.to(self._head.dtype), self._head, self._head_bias)
+
+    def cast_cache(self, cache):
+        return cache  # bind() reads the keys and values it needs, converted
+
+    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin, (n, T, 1, head_dim) in the compute dtype: rotate_half(x)·sin
+        equals roll(x, head_dim/2)·(sign·sin), one copy instead of a split, a negation and a cat."""
+        probe = torch.zeros(1, dtype=torch.float32, device=position_ids.device)
+        cos, sin = self.body.rotary_emb(probe, position_ids)
+        half = self.head_dim // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(sin)
+        return cos.to(self.dtype)[:, :, None, :], (sin * sign).to(self.dtype)[:, :, None, :]
+
+    def _mask_bias(self, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
+        """Additive mask (n, 1, groups·T, P + T) hiding padding keys and later positions; query
+        rows are (group, position) pairs, the fold that spares repeating K/V per head."""
+        n, width = attention_mask.shape
+        if self.window is not None and width > self.window:
+            raise ValueError(f"fused upper stack: {width} tokens exceed the sliding window of {self.window}")
+        visible = attention_mask[:, None, :].bool().expand(n, t, width).clone()
+        visible[:, :, width - t:] &= torch.ones(t, t, dtype=torch.bool, device=visible.device).tril()
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        bias.masked_fill_(~visible, torch.finfo(torch.float32).min)
+        return bias.repeat(1, self.heads // self.kv_heads, 1)[:, None]
+
+    def _layer(self, w: _FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None):
+        """One decoder layer on the float32 residual ``x`` (n, T, d); returns it updated, with
+        this layer's own keys and values (n, kv_heads, T, head_dim)."""
+        n, t, _ = x.shape
+        kv, groups, dim, f = self.kv_heads, self.heads // self.kv_heads, self.head_dim, torch.nn.functional
+        qkv = f.linear(f.rms_norm(x, (x.shape[-1],), None, self.eps).to(self.dtype), w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([kv * groups * dim, kv * dim, kv * dim], -1)
+        half = dim // 2
+        q = q.view(n, t, kv * groups, dim)
+        q = (q * cos + q.roll(half, -1) * sin).view(n, t, kv, groups, dim)
+        q = q.permute(0, 2, 3, 1, 4).reshape(n, kv, groups * t, dim)
+        k = k.view(n, t, kv, dim)
+        k = (k * cos + k.roll(half, -1) * sin).transpose(1, 2)
+        v = v.view(n, t, kv, dim).transpose(1, 2)
+        keys, values = (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)) if prefix else (k, v)
+        probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)).float() + bias, -1).to(self.dtype)
+        out = torch.matmul(probs, values).view(n, kv, groups, t, dim).permute(0, 3, 1, 2, 4).reshape(n, t, -1)
+        x = x + f.linear(out, w.o, w.o_bias)
+        gate, up = f.linear(f.rms_norm(x, (x.shape[-1],), None, self.eps).to(self.dtype), w.gate_up).chunk(2, -1)
+        return x + f.linear(f.silu(gate) * up, w.down), (k, v)
+
+    @torch.no_grad()
+    def _prefix_kv(self, layers: list[_FusedLayer], residual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of every upper layer over the prefix, from the residual stream
+        entering layer ``start``. Prefixes are right-padded: real tokens see only real tokens
+        (causal), and the padding slots are masked out wherever they are read."""
+        n, p, _ = residual.shape
+        cos, sin = self._rotary(torch.arange(p, device=residual.device).expand(n, p))
+        bias = self._mask_bias(torch.ones(n, p, dtype=torch.long, device=residual.device), p)
+        x, out = residual.float(), []
+        for w in layers:
+            x, kv = self._layer(w, x, cos, sin, bias, None)
+            out.append(kv)
+        return out
+
+    def bind(self, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
+             prefix_residual: torch.Tensor | None = None):
+        layers = self._layers()
+        with torch.no_grad():
+            if prefix_residual is not None:
+                prefix = self._prefix_kv(layers, prefix_residual)
+            elif cache is not None:
+                prefix = [(cache.layers[self.start + i].keys.to(self.dtype),
+                           cache.layers[self.start + i].values.to(self.dtype)) for i in range(len(layers))]
+            else:
+                prefix = [None] * len(layers)
+            cos, sin = self._rotary(position_ids)
+            bias = self._mask_bias(attention_mask, position_ids.shape[1])
+
+        def run(hidden: torch.Tensor) -> torch.Tensor:
+            x = hidden.float()
+            for w, kv in zip(layers, prefix):
+                x, _ = self._layer(w, x, cos, sin, bias, kv)
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), self._final_norm, self.eps).to(hidden.dtype)
+
+        return run
