@@ -274,8 +274,11 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
     n = len(texts) - 1
     stack = stack or UpperStack(lm.adapter, layer + 1, lm.model.dtype)
-    # The last target token predicts nothing: leave it out of the sequences.
-    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [prompts[n]], lookup,
+    # The last target token predicts nothing: leave it out of the sequences. The KL prompt is
+    # read at the subject's last token, which nothing after it can affect (causal): it ends there,
+    # so its " is a" does not lengthen every row's suffix.
+    kl_prompt = prompts[n][: lookup[n] + 1]
+    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [kl_prompt], lookup,
                         prefix_layers=None if stack.full_prefix else layer + 1)
 
     # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's

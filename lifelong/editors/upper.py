@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -213,6 +214,96 @@ class _FusedLayer:
         self.down = mlp.down_proj.weight.to(dtype)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    kv: int  # key/value heads
+    groups: int  # query heads per key/value head
+    dim: int  # head dimension
+    eps: float  # RMS norm epsilon
+    dtype: torch.dtype  # compute dtype of the matmuls
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/RMS(x) over the last dimension, (…, 1)."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_backward(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Gradient of x·r(x) (r = 1/RMS) given the gradient of its output: r·(g − x·r²·mean(g·x))."""
+    return r * (grad - x * (r * r) * (grad * x).mean(-1, keepdim=True))
+
+
+def _layer_forward(shape: _Shape, w: _FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   bias: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None):
+    """One Llama decoder layer (norm weights folded into w): the updated float32 residual, this
+    layer's keys and values (n, kv, T, dim), and what the backward pass needs."""
+    f, (n, t, _) = torch.nn.functional, x.shape
+    kv, groups, dim, dtype = shape.kv, shape.groups, shape.dim, shape.dtype
+    heads = kv * groups
+    r1 = _rms(x, shape.eps)
+    qkv = f.linear((x * r1).to(dtype), w.qkv, w.qkv_bias)
+    qk, v = qkv.split([(heads + kv) * dim, kv * dim], -1)
+    qk = qk.view(n, t, heads + kv, dim)  # q's heads then k's: one rotation for both
+    qk = qk * cos + qk.roll(dim // 2, -1) * sin
+    q = qk[:, :, :heads].reshape(n, t, kv, groups, dim).permute(0, 2, 3, 1, 4).reshape(n, kv, groups * t, dim)
+    k = qk[:, :, heads:].transpose(1, 2)
+    v = v.view(n, t, kv, dim).transpose(1, 2)
+    keys, values = (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)) if prefix else (k, v)
+    # Scores as (keys × queries): softmax over a non-last dimension is several times faster on a
+    # CPU when the key axis is this short.
+    probs = torch.softmax(torch.matmul(keys, q.transpose(-1, -2)).float() + bias, -2)
+    low = probs.to(dtype)
+    out = torch.matmul(low.transpose(-1, -2), values)
+    out = out.view(n, kv, groups, t, dim).permute(0, 3, 1, 2, 4).reshape(n, t, heads * dim)
+    x2 = x + f.linear(out, w.o, w.o_bias)
+    r2 = _rms(x2, shape.eps)
+    gate, up = f.linear((x2 * r2).to(dtype), w.gate_up).chunk(2, -1)
+    act = f.silu(gate)
+    x3 = x2 + f.linear(act * up, w.down)
+    return x3, (k, v), (x, r1, q, keys, values, probs, low, x2, r2, gate, up, act)
+
+
+def _layer_backward(shape: _Shape, w: _FusedLayer, saved: tuple, rotary: tuple[torch.Tensor, torch.Tensor],
+                    grad: torch.Tensor) -> torch.Tensor:
+    """d(loss)/dx of :func:`_layer_forward` given d(loss)/d(output), both float32 (n, T, d)."""
+    x, r1, q, keys, values, probs, low, x2, r2, gate, up, act = saved
+    (n, t, _), kv, groups, dim, dtype = x.shape, shape.kv, shape.groups, shape.dim, shape.dtype
+    heads, p = kv * groups, keys.shape[2] - x.shape[1]
+    # MLP: x3 = x2 + down(silu(gate) · up), (gate, up) = gate_up(x2 · r2)
+    d_mid = torch.matmul(grad.to(dtype), w.down)
+    d_gate = torch.ops.aten.silu_backward(d_mid * up, gate)
+    d_normed = torch.matmul(torch.cat([d_gate, d_mid * act], -1), w.gate_up)
+    grad = grad + _rms_backward(d_normed.float(), x2, r2)
+    # Attention: x2 = x + o(probsᵀ · values), probs = softmax over keys of keys · qᵀ
+    d_out = torch.matmul(grad.to(dtype), w.o)
+    d_out = d_out.view(n, t, kv, groups, dim).permute(0, 2, 3, 1, 4).reshape(n, kv, groups * t, dim)
+    d_probs = torch.matmul(values, d_out.transpose(-1, -2)).float()
+    d_scores = (probs * (d_probs - (d_probs * probs).sum(-2, keepdim=True))).to(dtype)
+    d_v = torch.matmul(low[:, :, p:], d_out)  # the prefix's keys and values are constants
+    d_k = torch.matmul(d_scores[:, :, p:], q)
+    d_q = torch.matmul(d_scores.transpose(-1, -2), keys)
+    d_q = d_q.view(n, kv, groups, t, dim).permute(0, 3, 1, 2, 4).reshape(n, t, heads, dim)
+    d_qk = torch.cat([d_q, d_k.transpose(1, 2)], 2)
+    cos, sin = rotary  # y = x·cos + roll(x, h)·sin  ⇒  dx = dy·cos + roll(dy·sin, −h)
+    d_qk = d_qk * cos + (d_qk * sin).roll(-(dim // 2), -1)
+    d_qkv = torch.cat([d_qk.reshape(n, t, -1), d_v.transpose(1, 2).reshape(n, t, -1)], -1)
+    return grad + _rms_backward(torch.matmul(d_qkv, w.qkv).float(), x, r1)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """A fused decoder layer as one autograd node (fewer, fused operations in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, w, cos, sin, bias, prefix):
+        out, _, saved = _layer_forward(shape, w, x, cos, sin, bias, prefix)
+        ctx.shape, ctx.w, ctx.saved, ctx.rotary = shape, w, saved, (cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_layer_backward(ctx.shape, ctx.w, ctx.saved, ctx.rotary, grad),) + (None,) * 6
+
+
 class FusedLlamaStack(UpperStack):
     """The upper stack of a Llama-family model (Llama, Mistral, Qwen2), written out by hand.
 
@@ -234,6 +325,7 @@ class FusedLlamaStack(UpperStack):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None)
+        self._shape = _Shape(self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.eps, dtype)
         self._fused: list[_FusedLayer] | None = None
         self._fused_key: tuple | None = None
 
@@ -267,8 +359,8 @@ class FusedLlamaStack(UpperStack):
         return cos.to(self.dtype)[:, :, None, :], (sin * sign).to(self.dtype)[:, :, None, :]
 
     def _mask_bias(self, attention_mask: torch.Tensor, t: int) -> torch.Tensor:
-        """Additive mask (n, 1, groups·T, P + T) hiding padding keys and later positions; query
-        rows are (group, position) pairs, the fold that spares repeating K/V per head."""
+        """Additive mask (n, 1, P + T, groups·T) hiding padding keys and later positions from each
+        query; query columns are (group, position) pairs, the fold that spares repeating K/V per head."""
         n, width = attention_mask.shape
         if self.window is not None and width > self.window:
             raise ValueError(f"fused upper stack: {width} tokens exceed the sliding window of {self.window}")
@@ -276,29 +368,17 @@ class FusedLlamaStack(UpperStack):
         visible[:, :, width - t:] &= torch.ones(t, t, dtype=torch.bool, device=visible.device).tril()
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
         bias.masked_fill_(~visible, torch.finfo(torch.float32).min)
-        return bias.repeat(1, self.heads // self.kv_heads, 1)[:, None]
+        return bias.repeat(1, self.heads // self.kv_heads, 1).transpose(1, 2).contiguous()[:, None]
 
     def _layer(self, w: _FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                prefix: tuple[torch.Tensor, torch.Tensor] | None):
         """One decoder layer on the float32 residual ``x`` (n, T, d); returns it updated, with
-        this layer's own keys and values (n, kv_heads, T, head_dim)."""
-        n, t, _ = x.shape
-        kv, groups, dim, f = self.kv_heads, self.heads // self.kv_heads, self.head_dim, torch.nn.functional
-        qkv = f.linear(f.rms_norm(x, (x.shape[-1],), None, self.eps).to(self.dtype), w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([kv * groups * dim, kv * dim, kv * dim], -1)
-        half = dim // 2
-        q = q.view(n, t, kv * groups, dim)
-        q = (q * cos + q.roll(half, -1) * sin).view(n, t, kv, groups, dim)
-        q = q.permute(0, 2, 3, 1, 4).reshape(n, kv, groups * t, dim)
-        k = k.view(n, t, kv, dim)
-        k = (k * cos + k.roll(half, -1) * sin).transpose(1, 2)
-        v = v.view(n, t, kv, dim).transpose(1, 2)
-        keys, values = (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)) if prefix else (k, v)
-        probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)).float() + bias, -1).to(self.dtype)
-        out = torch.matmul(probs, values).view(n, kv, groups, t, dim).permute(0, 3, 1, 2, 4).reshape(n, t, -1)
-        x = x + f.linear(out, w.o, w.o_bias)
-        gate, up = f.linear(f.rms_norm(x, (x.shape[-1],), None, self.eps).to(self.dtype), w.gate_up).chunk(2, -1)
-        return x + f.linear(f.silu(gate) * up, w.down), (k, v)
+        this layer's own keys and values (n, kv_heads, T, head_dim). When ``x`` needs a gradient
+        the layer runs as one autograd node with a hand-written backward."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _LayerFunction.apply(x, self._shape, w, cos, sin, bias, prefix), None
+        x, kv, _ = _layer_forward(self._shape, w, x, cos, sin, bias, prefix)
+        return x, kv
 
     @torch.no_grad()
     def _prefix_kv(self, layers: list[_FusedLayer], residual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
