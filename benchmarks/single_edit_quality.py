@@ -3,7 +3,8 @@
 Efficacy (ES), paraphrase generalization (PS) and neighborhood locality (NS) as in
 METRICS.md §2, on the built-in facts and on the CounterFact records (../shared/data)
 that the default model answers correctly (teacher-forced greedy exact match of the true
-object on the edit prompt), with seconds per edit.
+object on the edit prompt: the ROME sample's records first, then the EasyEdit split's, for
+``--counterfact`` in all; a line per source and one pooled), with seconds per edit.
 
     python benchmarks/single_edit_quality.py --editors rome,r-rome,ft --builtin 20 --counterfact 20
 
@@ -29,16 +30,32 @@ from streams import load_stream
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def known_counterfact(scorer: Scorer, limit: int) -> list:
-    from streams.readers import read_counterfact_rome
+def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
+    """Up to ``limit`` CounterFact records that the model answers correctly: those of the ROME
+    sample first, then the EasyEdit split's (scanned 500 at a time), skipping any (subject,
+    prompt) already taken. Keyed by source file."""
+    from streams.readers import read_counterfact_easyedit, read_counterfact_rome
 
-    path = DATA / "counterfact" / "counterfact_rome_500.json"
-    if not path.is_file() or limit == 0:
-        return []
-    stream, _ = read_counterfact_rome(path)
-    edits = list(stream)
-    scores = scorer.score([(e.rendered_prompt, e.target_true) for e in edits])
-    return [e for e, ok in zip(edits, scores.exact) if ok][:limit]
+    found: dict[str, list] = {}
+    seen: set[tuple[str, str]] = set()
+    total = 0
+    for name, reader in (("counterfact_rome_500", read_counterfact_rome),
+                         ("counterfact_easyedit_edit", read_counterfact_easyedit)):
+        path = DATA / "counterfact" / f"{name}.json"
+        if not path.is_file() or total >= limit:
+            continue
+        stream, _ = reader(path)
+        edits = [e for e in stream if (e.subject, e.prompt) not in seen]
+        for start in range(0, len(edits), 500):
+            if total >= limit:
+                break
+            chunk = edits[start:start + 500]
+            scores = scorer.score([(e.rendered_prompt, e.target_true) for e in chunk])
+            known = [e for e, ok in zip(chunk, scores.exact) if ok][: limit - total]
+            found.setdefault(name, []).extend(known)
+            seen.update((e.subject, e.prompt) for e in known)
+            total += len(known)
+    return found
 
 
 def quality(scorer: Scorer, edit) -> tuple[float, float, float]:
@@ -66,11 +83,13 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     scorer = Scorer(lm.model, lm.tokenizer)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    counterfact = known_counterfact(scorer, args.counterfact)
     sets = {"builtin": list(load_stream("builtin"))[: args.builtin],
-            "counterfact": known_counterfact(scorer, args.counterfact)}
+            **{"cf-rome" if "rome" in k else "cf-easyedit": v for k, v in counterfact.items()}}
     print(f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}{'probe x':>9}")
     for name in args.editors.split(","):
         editor = make_editor(name, overrides).bind(lm)
+        pooled = []  # CounterFact rows of every source, for one line over all of them
         for set_name, edits in sets.items():
             if not edits:
                 continue
@@ -89,11 +108,19 @@ def main() -> None:
                 rows.append(quality(edited, edit))
                 if editor.adaptor:
                     overhead.append(probe_overhead(lm, editor, edited, edit))
-            es, ps, ns = np.nanmean(np.array(rows), axis=0)
             ratio = f"{np.mean(overhead):>9.2f}" if overhead else f"{'':>9}"
-            print(f"{name:<11}{set_name:<13}{len(edits):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{np.mean(times):>8.2f}{ratio}",
-                  flush=True)
+            print(row_line(name, set_name, rows, f"{np.mean(times):>8.2f}{ratio}"), flush=True)
+            if set_name.startswith("cf-"):
+                pooled += rows
+        if len(counterfact) > 1:
+            print(row_line(name, "cf-all", pooled, ""), flush=True)
         editor.release()
+
+
+def row_line(editor: str, set_name: str, rows: list, extra: str) -> str:
+    """One table line: mean ES / PS / NS over ``rows`` (NaN-skipping: a record may lack paraphrases)."""
+    es, ps, ns = np.nanmean(np.array(rows), axis=0)
+    return f"{editor:<11}{set_name:<13}{len(rows):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{extra}"
 
 
 def probe_overhead(lm, editor, edited: Scorer, edit, repeats: int = 3) -> float:

@@ -313,7 +313,9 @@ class FusedLlamaStack(UpperStack):
     (:meth:`bind`). Matmuls run in the compute dtype; the residual stream, norms and softmax
     in float32. The prefix's keys and values above the edited layer are computed here too,
     in the compute dtype, so the model's own (float32) pass over the prefix stops at the
-    edited layer.
+    edited layer. With gradients on, each layer is one autograd node whose backward is
+    written out (:func:`_layer_backward`); in float32 it matches the model's layers' outputs
+    and gradients to ~1e-6 (tests/test_upper.py).
     """
 
     full_prefix = False
