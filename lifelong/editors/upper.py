@@ -348,9 +348,6 @@ class FusedLlamaStack(UpperStack):
         self._layers()
         return torch.nn.functional.linear(hidden.to(self._head.dtype), self._head, self._head_bias)
 
-    def cast_cache(self, cache):
-        return cache  # bind() reads the keys and values it needs, converted
-
     def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin, (n, T, 1, head_dim) in the compute dtype: rotate_half(x)·sin
         equals roll(x, head_dim/2)·(sign·sin), one copy instead of a split, a negation and a cat."""
