@@ -9,7 +9,6 @@ frozen (so backward computes no weight gradients).
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -19,7 +18,8 @@ from transformers import DynamicCache
 
 from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
-from lifelong.editors.upper import FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output
+from lifelong.editors.upper import (FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output,
+                                    suffix_pass_kwargs)
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -217,10 +217,7 @@ class SuffixBatch:
 
     def forward_kwargs(self, cache) -> dict:
         """Keyword arguments of a suffix pass over (a fresh copy of) ``cache``."""
-        cache = copy.deepcopy(cache) if cache is not None else None
-        mask = self.mask if cache is not None else self.mask[:, self.prefix_len:]
-        return dict(attention_mask=mask, position_ids=self.positions, past_key_values=cache,
-                    use_cache=cache is not None)
+        return suffix_pass_kwargs(self.mask, self.positions, cache)
 
     def hidden(self) -> torch.Tensor:
         """Final hidden states of the suffix positions through the whole model, (n, suffix_len, d)."""

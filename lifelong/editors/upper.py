@@ -158,14 +158,7 @@ class UpperStack:
         if prefix_residual is not None and self.full_prefix:
             raise ValueError("this upper stack reads the prefix from the model's KV cache at every layer")
         cache = self.cast_cache(cache)
-        mask = attention_mask if cache is not None else attention_mask[:, attention_mask.shape[1] - position_ids.shape[1]:]
-
-        def run(hidden: torch.Tensor) -> torch.Tensor:  # the model's layers take a fresh copy of the cache
-            return self(hidden, attention_mask=mask, position_ids=position_ids,
-                        past_key_values=copy.deepcopy(cache) if cache is not None else None,
-                        use_cache=cache is not None)
-
-        return run
+        return lambda hidden: self(hidden, **suffix_pass_kwargs(attention_mask, position_ids, cache))
 
     def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
@@ -177,6 +170,17 @@ class UpperStack:
                     return self.body(inputs_embeds=hidden, **kwargs).last_hidden_state
             out = self._converted()(inputs_embeds=hidden.to(self.dtype), **kwargs).last_hidden_state
         return out.to(hidden.dtype)
+
+
+def suffix_pass_kwargs(attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> dict:
+    """Keyword arguments of a model pass over suffix tokens at ``position_ids`` (n, T) after a
+    prefix held in ``cache`` (a fresh copy each call: a pass appends to it), with
+    ``attention_mask`` (n, P + T) covering both; without a cache only its last T columns apply."""
+    if cache is None:
+        return dict(attention_mask=attention_mask[:, -position_ids.shape[1]:], position_ids=position_ids,
+                    past_key_values=None, use_cache=False)
+    return dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=copy.deepcopy(cache),
+                use_cache=True)
 
 
 def layer_output(output) -> torch.Tensor:
