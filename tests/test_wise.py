@@ -88,4 +88,3 @@ def test_state_round_trip_restores_routing(edited):
 def test_bad_schedule_is_refused():
     with pytest.raises(ValueError, match="multiple of save_freq"):
         make_editor("wise", {"save_freq": "3", "merge_freq": "4"})
-
