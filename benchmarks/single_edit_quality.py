@@ -33,14 +33,14 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
     """Up to ``limit`` CounterFact records that the model answers correctly: those of the ROME
     sample first, then the EasyEdit split's (scanned 500 at a time), skipping any (subject,
-    prompt) already taken. Keyed by source file."""
+    prompt) already taken. Keyed by the source's label in the printed table."""
     from streams.readers import read_counterfact_easyedit, read_counterfact_rome
 
     found: dict[str, list] = {}
     seen: set[tuple[str, str]] = set()
     total = 0
-    for name, reader in (("counterfact_rome_500", read_counterfact_rome),
-                         ("counterfact_easyedit_edit", read_counterfact_easyedit)):
+    for label, name, reader in (("cf-rome", "counterfact_rome_500", read_counterfact_rome),
+                                ("cf-easyedit", "counterfact_easyedit_edit", read_counterfact_easyedit)):
         path = DATA / "counterfact" / f"{name}.json"
         if not path.is_file() or total >= limit:
             continue
@@ -52,7 +52,7 @@ def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
             chunk = edits[start:start + 500]
             scores = scorer.score([(e.rendered_prompt, e.target_true) for e in chunk])
             known = [e for e, ok in zip(chunk, scores.exact) if ok][: limit - total]
-            found.setdefault(name, []).extend(known)
+            found.setdefault(label, []).extend(known)
             seen.update((e.subject, e.prompt) for e in known)
             total += len(known)
     return found
@@ -85,7 +85,7 @@ def main() -> None:
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     counterfact = known_counterfact(scorer, args.counterfact)
     sets = {"builtin": list(load_stream("builtin"))[: args.builtin],
-            **{"cf-rome" if "rome" in k else "cf-easyedit": v for k, v in counterfact.items()}}
+            **counterfact}
     print(f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}{'probe x':>9}")
     for name in args.editors.split(","):
         editor = make_editor(name, overrides).bind(lm)
