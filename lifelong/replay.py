@@ -13,6 +13,7 @@ import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from lifelong.delta import DeltaStore
 from lifelong.editors import Editor, make_editor
+from lifelong.machine import ComputeThreads, cpu_description, thread_policy
 from lifelong.models import LoadedModel, load_model
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
@@ -103,13 +105,21 @@ def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: i
 
 
 def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, editor: Editor | None = None,
-           progress: bool = True, stop_after: int | None = None) -> ReplayResult:
+           progress: bool = True, stop_after: int | None = None, threads: int | str | None = None) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
     ``lm`` reuses an already loaded base model (it is edited in place); ``editor`` runs
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
-    ``stop_after`` ends the call after that many new steps, as a kill would (for tests).
+    ``stop_after`` ends the call after that many new steps, as a kill would (for tests);
+    ``threads`` fixes the compute threads (default: see :func:`lifelong.machine.thread_policy`).
     """
+    policy = thread_policy(threads)  # a bad value is refused before anything is loaded
+    with ComputeThreads(policy) as compute:
+        return _replay(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after, compute=compute)
+
+
+def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None, progress: bool,
+            stop_after: int | None, compute: ComputeThreads) -> ReplayResult:
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
@@ -119,12 +129,15 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     lm = lm or load_model(config.model, config.device)
     editor.bind(lm)
     editor.check_stream(stream)
-    editor.prepare(lm)  # on θ0: before any checkout below
     run = RunDir(out)
+    # The manifest comes before the editor's one-time preparation (key statistics can take
+    # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
     manifest = run.start(identity_of(
         config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
     ))
+    run.record_session(session_info(lm, editor, compute, run.completed_step()))
+    editor.prepare(lm)  # on θ0: before any checkout below
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
     scorer = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
     run_id = manifest["run_id"]
@@ -156,6 +169,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
         todo = todo[:stop_after]
     bar = tqdm(todo, desc=f"replay {config.editor}", unit="step", disable=not progress, initial=done, total=len(steps))
     for step in bar:
+        compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]
         timestamp = batch[-1].timestamp
         torch.manual_seed(step_seed(config.seed, step))
@@ -180,6 +194,15 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     if run.completed_step() == len(steps):
         run.consolidate()
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
+
+
+def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int) -> dict:
+    """What this machine and session bring to a run, for its manifest: the CPU, device, threads
+    and each compute-precision setting as resolved here (none of it changes what is computed,
+    beyond rounding)."""
+    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": max(from_step, 0),
+            "device": str(lm.device), "cpu": cpu_description(), "threads": compute.describe(),
+            "numerics": editor.numerics(lm)}
 
 
 def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedModel:

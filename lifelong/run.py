@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -131,6 +132,19 @@ class RunDir:
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
+
+    def record_session(self, info: dict) -> None:
+        """Append what this session of the run brings (machine, threads, resolved precisions) to the
+        manifest's ``sessions``; say so when a precision resolves differently from the first session."""
+        manifest = self.manifest()
+        sessions = manifest.setdefault("sessions", [])
+        if sessions and sessions[0].get("numerics") != info.get("numerics"):
+            first = {k: v.get("dtype") for k, v in (sessions[0].get("numerics") or {}).items()}
+            now = {k: v.get("dtype") for k, v in (info.get("numerics") or {}).items()}
+            print(f"note: {self.path} started with compute precision {first} and resumes with {now} on this "
+                  "machine; steps from here on differ from an uninterrupted run by rounding", file=sys.stderr)
+        sessions.append(info)
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
 
     # -- progress
     def progress(self) -> dict:

@@ -164,6 +164,17 @@ def format_summary(run: RunDir) -> str:
         f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}",
         "",
     ]
+    sessions = manifest.get("sessions") or []
+    if sessions:
+        last = sessions[-1]
+        numerics = ", ".join(f"{k}={v['dtype']} ({v['setting']})" for k, v in (last.get("numerics") or {}).items())
+        head.insert(-1, f"ran on {last['cpu']['model']} ({last['device']}, {last['threads']['threads']} threads"
+                        + (f", {numerics}" if numerics else "") + ")")
+    if progress["completed_step"] < 0:
+        return "\n".join(head + [
+            f"no step is complete yet: started {manifest['created']}, then stopped before the θ0 reference "
+            "probes finished (they follow the editor's one-time preparation, such as key statistics, which "
+            "are cached as they are computed). Re-run the same replay command to resume."])
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)

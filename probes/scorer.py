@@ -200,7 +200,7 @@ class Scorer:
         position = [0] * len(pairs)
         if longer:
             rest = [pairs[k] for k in longer]
-            logits = torch.cat([logits, self._continuations(out.past_key_values, prompts, rest, row_of)])
+            logits = torch.cat([logits, self._continuations(out.cache, prompts, rest, row_of)])
             for k, (_, a) in zip(longer, rest):
                 targets += a[1:]
                 owner += [k] * (len(a) - 1)
@@ -229,7 +229,7 @@ class Scorer:
             rows += [r] * m
             cols += range(m)
         hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           past_key_values=cache, use_cache=True).last_hidden_state
+                           cache=cache, use_cache=True).last_hidden_state
         return self.unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
 
     @staticmethod

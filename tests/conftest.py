@@ -29,14 +29,30 @@ def make_edits(n: int = 6, start: int = 0) -> list[Edit]:
     ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registered_test_session():
+    """The test session counts as a lifelong run on this machine, so that replays started beside
+    it (and it beside them) share the cores instead of each taking all of them."""
+    from lifelong.machine import RunRegistry
+
+    with RunRegistry().registered() as registry:
+        yield registry
+
+
 @pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
+def one_thread_for_tiny_models(request, monkeypatch, registered_test_session):
     """Tiny models gain nothing from a second thread, and OpenMP's spinning threads make them
-    several times slower on a busy 2-core machine; tests marked slow keep every thread."""
+    several times slower on a busy 2-core machine; tests marked slow take this session's share
+    of the cores (replays inside a test follow LIFELONG_THREADS)."""
     import torch
 
+    from lifelong.machine import THREADS_ENV, thread_policy
+
     threads = torch.get_num_threads()
-    if not request.node.get_closest_marker("slow"):
+    if request.node.get_closest_marker("slow"):
+        torch.set_num_threads(thread_policy().threads(registered_test_session.live()))
+    else:
+        monkeypatch.setenv(THREADS_ENV, "1")
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

@@ -120,3 +120,41 @@ def test_tied_facts_are_probed_not_applied(tmp_path):
                     tmp_path / "r", progress=False)
     assert result.total_steps == 1 and result.run.manifest()["identity"]["stream_edits"] == 1
     assert "e0" not in set(result.run.results()["edit_id"].drop_nulls())
+
+
+def test_manifest_records_each_session_machine_and_precision(tmp_path, stream_file):
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), editor="rome", probe_every=3,
+                    editor_overrides={"layer": "1", "v_steps": "3", "cov_tokens": "256"})
+    replay(cfg, tmp_path / "r", progress=False, stop_after=1)
+    done = replay(cfg, tmp_path / "r", progress=False, stop_after=1, threads=1)
+    sessions = done.run.manifest()["sessions"]
+    assert [s["from_step"] for s in sessions] == [0, 1]
+    assert sessions[1]["threads"] == {"threads": 1, "decided_by": "--threads", "usable_cores": sessions[1]["cpu"]["cores"]}
+    numerics = sessions[0]["numerics"]["v_dtype"]
+    assert numerics["setting"] == "auto" and numerics["dtype"] in ("float32", "bfloat16") and numerics["reason"]
+    assert sessions[0]["cpu"]["model"]
+    assert done.run.manifest()["identity"]["hyperparameters"]["v_dtype"] == "auto"
+
+
+class _InterruptedPreparation(Exception):
+    pass
+
+
+def test_run_interrupted_while_preparing_resumes_and_is_explained(tmp_path, stream_file, monkeypatch):
+    from lifelong.editors.ft import FTEditor
+    from lifelong.run import RunDir
+    from lifelong.summary import format_summary
+
+    def interrupted(self, lm):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FTEditor, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replay(config(stream_file), tmp_path / "r", progress=False)
+    run_dir = tmp_path / "r"
+    assert (run_dir / "manifest.json").is_file()
+    text = format_summary(RunDir(run_dir))
+    assert "no step is complete yet" in text and "Re-run the same replay command to resume" in text
+    monkeypatch.undo()
+    done = replay(config(stream_file), run_dir, progress=False)
+    assert done.run.completed_step() == 6

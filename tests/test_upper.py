@@ -71,12 +71,14 @@ def test_value_fit_agrees_across_compute_dtypes(tiny):
     edit = make_edits(1)[0]
     fits = {name: optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:3], steps=5, stop_nll=0.0,
                                  stack=UpperStack(tiny.adapter, 2, compute_dtype(name, "test")))
-            for name in ("float32", "bfloat16")}
-    a, b = fits["float32"], fits["bfloat16"]
-    torch.testing.assert_close(a.keys, b.keys)  # keys and v_orig come from the full-precision pass
-    torch.testing.assert_close(a.original, b.original)
-    step_a, step_b = a.value - a.original, b.value - b.original
-    assert torch.nn.functional.cosine_similarity(step_a, step_b, dim=0) > 0.95
+            for name in ("float32", "bfloat16", "auto")}
+    a = fits["float32"]
+    for name in ("bfloat16", "auto"):  # auto is one of the two, whichever this machine runs fast
+        b = fits[name]
+        torch.testing.assert_close(a.keys, b.keys)  # keys and v_orig come from the full-precision pass
+        torch.testing.assert_close(a.original, b.original)
+        step_a, step_b = a.value - a.original, b.value - b.original
+        assert torch.nn.functional.cosine_similarity(step_a, step_b, dim=0) > 0.95
 
 
 def test_unknown_compute_dtype_is_refused():

@@ -15,6 +15,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from lifelong.delta import Delta
+from lifelong.machine import choose_dtype
 from lifelong.models import LoadedModel
 from probes.options import parse_options
 from streams import Edit
@@ -104,6 +105,14 @@ class Editor(ABC):
     def check_stream(self, stream: Sequence[Edit]) -> None:
         """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training
         records, for a trained editor); called by the replay after ``bind``. Default: any stream."""
+
+    def numerics(self, lm: LoadedModel) -> dict:
+        """Each compute-precision setting (a ``*_dtype`` hyperparameter, e.g. ``v_dtype=auto``) as
+        it resolves on ``lm``'s device, with the reason: recorded in run manifests."""
+        if not dataclasses.is_dataclass(self.params):
+            return {}
+        return {f.name: choose_dtype(getattr(self.params, f.name), lm.device, f"{self.name}: {f.name}").describe()
+                for f in dataclasses.fields(self.params) if f.name.endswith("_dtype")}
 
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""

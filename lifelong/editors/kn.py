@@ -111,7 +111,7 @@ def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer
     cache = None
     if len(prompt) > 1:  # nothing before the last prompt token is affected: compute it once
         with torch.no_grad():
-            cache = body(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True).past_key_values
+            cache = body(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True).cache
         for cached in cache.layers[layer:]:
             cached.keys = cached.keys.expand(n_rows, *cached.keys.shape[1:]).contiguous()
             cached.values = cached.values.expand(n_rows, *cached.values.shape[1:]).contiguous()
@@ -135,7 +135,7 @@ def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer
                lm.adapter.out_proj(layer).register_forward_pre_hook(scale)]
     try:
         with torch.enable_grad():
-            hidden = body(input_ids=suffix, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            hidden = body(input_ids=suffix, cache=cache, use_cache=cache is not None).last_hidden_state
             probs = scorer.unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
             grad, = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
     finally:

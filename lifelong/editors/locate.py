@@ -20,6 +20,7 @@ from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
 from lifelong.editors.upper import (FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output,
                                     suffix_pass_kwargs)
+from lifelong.machine import check_dtype_setting
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -118,9 +119,11 @@ class ValueParams:
     clamp_norm: float = 4.0
     stop_nll: float = 0.05
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
-    # Compute dtype of the layers above the edited one during the optimisation (bfloat16 about
-    # halves its time on CPUs with AVX512-BF16/AMX; the update itself is always solved in float64).
-    v_dtype: str = "bfloat16"
+    # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
+    # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
+    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.machine).
+    # The update itself is always solved in float64.
+    v_dtype: str = "auto"
     # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)
     # through hand-fused layers with the same arithmetic (ROME on SmolLM2: 2.99 against 4.68 s per edit)
     # and other families through their own; "model" always runs the model's own layers.
@@ -134,7 +137,7 @@ class ValueParams:
     def validate(self, editor: str) -> None:
         """Refuse a bad template count or compute dtype before any work."""
         self.context_templates(editor)
-        compute_dtype(self.v_dtype, editor)
+        check_dtype_setting(self.v_dtype, f"{editor}: v_dtype")
         if self.v_stack not in STACK_KINDS:
             raise ValueError(f"{editor}: v_stack must be one of {', '.join(STACK_KINDS)}, got '{self.v_stack}'")
 
@@ -207,11 +210,11 @@ class SuffixBatch:
             cache = DynamicCache(config=lm.model.config)
             with torch.no_grad():
                 if prefix_layers is None:
-                    self.body(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
+                    self.body(input_ids=prefix.to(device), cache=cache, use_cache=True)
                 else:
                     seen: dict[str, torch.Tensor] = {}
                     with _stop_after(lm.adapter, prefix_layers - 1, seen):
-                        self.body(input_ids=prefix.to(device), past_key_values=cache, use_cache=True)
+                        self.body(input_ids=prefix.to(device), cache=cache, use_cache=True)
                     self.prefix_residual = seen["residual"]
             self.cache = cache
 
@@ -343,7 +346,7 @@ class UpperStacks:
     def get(self, lm: LoadedModel, layer: int, dtype_name: str, editor: str, kind: str = "fused") -> UpperStack:
         key = (id(lm.model), layer, dtype_name, kind)
         if key not in self._stacks:
-            dtype = compute_dtype(dtype_name, editor)
+            dtype = compute_dtype(dtype_name, editor, lm.device)
             fused = kind == "fused" and fused_supported(lm.adapter)
             self._stacks[key] = (FusedLlamaStack if fused else UpperStack)(lm.adapter, layer + 1, dtype)
         return self._stacks[key]

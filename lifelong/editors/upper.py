@@ -9,7 +9,8 @@ The upper stack runs through the family's own body (its masks, rotary embeddings
 KV cache and final norm) with the layer list cut to l+1..; a learned absolute position
 embedding (GPT-2's ``wpe``) is zeroed there, since the residual already holds it.
 It can run in a lower-precision compute dtype (bfloat16 halves the time of the
-matmuls on CPUs with AVX512-BF16 or AMX): a converted copy of the upper stack,
+matmuls on CPUs with AVX512-BF16 or AMX, and costs 30–70× on CPUs without them:
+``auto`` chooses, see :mod:`lifelong.machine`): a converted copy of the upper stack,
 rebuilt only when one of its weights changes.
 """
 
@@ -25,14 +26,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lifelong.arch import ArchAdapter
+from lifelong.machine import choose_dtype
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def compute_dtype(name: str, editor: str) -> torch.dtype:
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"{editor}: v_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{name}'")
-    return COMPUTE_DTYPES[name]
+def compute_dtype(name: str, editor: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype for setting ``name`` (``auto`` or a dtype name) on ``device``."""
+    return choose_dtype(name, device, f"{editor}: v_dtype").dtype
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -178,8 +176,8 @@ def suffix_pass_kwargs(attention_mask: torch.Tensor, position_ids: torch.Tensor,
     ``attention_mask`` (n, P + T) covering both; without a cache only its last T columns apply."""
     if cache is None:
         return dict(attention_mask=attention_mask[:, -position_ids.shape[1]:], position_ids=position_ids,
-                    past_key_values=None, use_cache=False)
-    return dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=copy.deepcopy(cache),
+                    cache=None, use_cache=False)
+    return dict(attention_mask=attention_mask, position_ids=position_ids, cache=copy.deepcopy(cache),
                 use_cache=True)
 
 
