@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from lifelong.machine import runtime_header
 
 from bench_locate import forward_yardstick, restore  # benchmarks/ is on sys.path when run as a script
 
@@ -34,8 +34,7 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     edits = list(load_stream("builtin"))[: args.steps]
     yard = forward_yardstick(lm)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; yardstick: forward over 1,024 tokens "
-          f"{yard:.3f} s\n")
+    print(f"{runtime_header(lm.device)}\nyardstick: forward over 1,024 tokens {yard:.3f} s\n")
     print(f"{'editor':<11}{'s/edit':>8}{'× fwd':>8}{'KiB/step':>10}{'checkout s':>12}{'× fwd':>8}  notes")
     names = args.editors.split(",") if args.editors else sorted(EDITORS)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lifelong.machine import runtime_header
+
 
 def timed(fn):
     t0 = time.perf_counter()
@@ -37,7 +39,7 @@ def main() -> None:
     from probes.scorer import Scorer, answer_token_ids
     from streams import load_stream
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(runtime_header())
     if not args.skip_first_load:
         with tempfile.TemporaryDirectory() as cache:
             old = os.environ.get("LIFELONG_CACHE")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lifelong.machine import runtime_header
+
 
 def rss_mib() -> float:
     """Resident memory now (from /proc), MiB."""
@@ -126,7 +128,7 @@ def main() -> None:
     from lifelong.models import load_model
     from streams import load_stream
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(runtime_header())
     lm = load_model("smollm2-135m")
     throughput(lm, list(load_stream("builtin"))[: args.edits])
     if not args.skip_replay:

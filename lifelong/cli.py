@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 DEFAULT_STEPS_NOTE = "default: the whole stream"
+THREADS_HELP = ("compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable cores "
+                "shared among the lifelong runs alive on this machine)")
 
 
 def _parse_set(values: list[str]) -> dict[str, str]:
@@ -95,12 +97,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_checkout(args) -> int:
-    from lifelong.models import save_model_dir
+    from lifelong.models import check_checkout_target, save_model_dir
     from lifelong.replay import checkout
     from lifelong.run import RunDir
 
     if (args.step is None) == (args.at is None):
         raise ValueError("checkout needs exactly one of --step K or --at TIME")
+    check_checkout_target(Path(args.out))
     step = args.step
     if args.at is not None:
         when = datetime.fromisoformat(args.at)
@@ -110,21 +113,25 @@ def cmd_checkout(args) -> int:
     if lm.editor is not None and lm.editor.adaptor:
         raise ValueError(f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
                          "which a transformers directory cannot hold; use lifelong.replay.checkout in Python")
-    save_model_dir(lm.model, lm.tokenizer, Path(args.out))
+    check_checkout_target(Path(args.out))  # again: it may have changed while the model was rebuilt
+    save_model_dir(lm.model, lm.tokenizer, Path(args.out), marker=f"step {step} of {Path(args.dir).resolve()}\n")
     print(f"step {step} of {args.dir} written to {Path(args.out).resolve()}")
     return 0
 
 
 def cmd_train_mend(args) -> int:
     from lifelong.editors.mend import TrainConfig, load_hypernetwork, resolve_layers, train_hypernetwork
+    from lifelong.machine import ComputeThreads, thread_policy
     from lifelong.models import load_model
 
+    policy = thread_policy(args.threads)
     lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed,
                          checkpoint_every=args.checkpoint_every)
-    path = train_hypernetwork(lm, layers, args.data, config, directory=args.out, limit=args.limit,
-                              progress=not args.quiet)
+    with ComputeThreads(policy):
+        path = train_hypernetwork(lm, layers, args.data, config, directory=args.out, limit=args.limit,
+                                  progress=not args.quiet)
     _, meta = load_hypernetwork(path, lm.device)
     print(f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}: {meta['steps']} steps, "
           f"{meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records\n{path.resolve()}")
@@ -188,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
     p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
-    p.add_argument("--threads", default=None, metavar="N",
-                   help="compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable "
-                        "cores shared among the lifelong runs alive on this machine)")
+    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory (default: the cache, keyed by model, layers and data)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_mend)
 

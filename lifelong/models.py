@@ -143,8 +143,25 @@ def clean_config(config):
     return type(config).from_dict(data)
 
 
-def save_model_dir(model: nn.Module, tokenizer, target: Path) -> Path:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically (temp dir, rename)."""
+CHECKOUT_MARKER = ".lifelong-checkout"  # in every directory `lifelong checkout` writes: it may replace it later
+
+
+def check_checkout_target(target: Path) -> None:
+    """Refuse to write a checkout over anything but nothing, an empty directory or an earlier
+    checkout (which carries :data:`CHECKOUT_MARKER`): a user's files are never deleted."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise ValueError(f"{target} exists and is not a directory; choose another --out (nothing was changed)")
+    if any(target.iterdir()) and not (target / CHECKOUT_MARKER).is_file():
+        raise ValueError(f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
+                         "(nothing was changed)")
+
+
+def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically (temp dir, rename);
+    ``marker``: text of a :data:`CHECKOUT_MARKER` file written with it."""
     from safetensors.torch import save_model
 
     target = Path(target)
@@ -158,6 +175,8 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path) -> Path:
     # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
+    if marker is not None:
+        (tmp / CHECKOUT_MARKER).write_text(marker)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -148,6 +148,7 @@ def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, edito
                  "protocol": r.protocol, "edit_id": r.edit_id, "value": r.value} for r in rows]
 
     done = run.completed_step()
+    run.check_parts(done)  # before any work: a lost part is named, not silently dropped
     run.discard_after(done)
     store.discard_after(max(done, 0))
     references = run.load_reference()

@@ -59,6 +59,11 @@ class RunConfig:
     probes: list[str] = field(default_factory=list)  # extra probes: "name" or "name:key=value,..."
 
 
+def is_temporary(name: str) -> bool:
+    """A file name :func:`atomic_write_text` and friends write before renaming."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -122,8 +127,13 @@ class RunDir:
                     "choose another --out or delete it"
                 )
             return manifest
-        if self.path.exists() and any(self.path.iterdir()):
-            raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+        if self.path.exists():
+            # A kill during the very first write leaves only our own half-written temporary file.
+            leftovers = [p for p in self.path.iterdir() if p.is_file() and is_temporary(p.name)]
+            if len(leftovers) < sum(1 for _ in self.path.iterdir()):
+                raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+            for p in leftovers:
+                p.unlink()
         manifest = {
             "run_id": run_id(identity),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -185,6 +195,15 @@ class RunDir:
     def write_rows(self, step: int, rows: list[dict]) -> None:
         atomic_write_parquet(pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row"), self.part_path(step))
 
+    def check_parts(self, step: int) -> None:
+        """Refuse, naming the file, when a result part of steps 0..``step`` is missing (every
+        completed step wrote one, if only an empty one)."""
+        missing = [p for p in map(self.part_path, range(step + 1)) if not p.is_file()]
+        if missing:
+            raise RunDirError(f"{missing[0]}: result part of a completed step is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + "; its rows cannot be recovered from this directory")
+
     def discard_after(self, step: int) -> None:
         """Remove result parts of steps after ``step`` (leftovers of a killed run)."""
         for part in self.parts_dir.glob("step_*.parquet"):
@@ -194,7 +213,8 @@ class RunDir:
     def consolidate(self) -> pl.DataFrame:
         """Join the completed steps' parts into ``results.parquet`` and return the table."""
         done = self.completed_step()
-        parts = [self.part_path(s) for s in range(done + 1) if self.part_path(s).is_file()]
+        self.check_parts(done)
+        parts = [self.part_path(s) for s in range(done + 1)]
         table = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
         atomic_write_parquet(table, self.results_path)
         return table

@@ -43,6 +43,20 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     assert code == 0, err
     assert json.loads((tmp_path / "m2" / "config.json").read_text())["model_type"] == "llama"
 
+    # An earlier checkout is replaced; anything else at --out is refused and left as it was.
+    code, _, err = run_cli(capsys, "checkout", str(out_dir), "--step", "3", "--out", str(tmp_path / "m2"))
+    assert code == 0, err
+    assert "step 3 of" in (tmp_path / "m2" / ".lifelong-checkout").read_text()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    for target in (victim, out_dir, victim / "notes.txt"):
+        before = sorted(p.name for p in (target if target.is_dir() else target.parent).iterdir())
+        code, _, err = run_cli(capsys, "checkout", str(out_dir), "--step", "1", "--out", str(target))
+        assert code == 2 and "choose another --out (nothing was changed)" in err
+        assert sorted(p.name for p in (target if target.is_dir() else target.parent).iterdir()) == before
+    assert (victim / "notes.txt").read_text() == "mine" and (out_dir / "manifest.json").is_file()
+
 
 @pytest.mark.parametrize("command", ["editors", "streams", "probes", "models"])
 def test_listings(command, capsys):
@@ -107,3 +121,16 @@ def test_bad_set_and_missing_run(capsys, tmp_path, stream_file):
                                                       str(stream_file), "--set", "speed=3")
     assert "not a run directory" in error_line(capsys, "show", str(tmp_path))
     assert "exactly one of --step" in error_line(capsys, "checkout", str(tmp_path), "--out", str(tmp_path / "m"))
+
+
+def test_bad_thread_count_is_refused_before_anything_is_written(capsys, tmp_path, stream_file):
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--threads", "0",
+                      "--out", str(tmp_path / "r"))
+    assert "--threads must be a whole number of threads ≥ 1, got '0'" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_v_dtype_is_refused(capsys, tmp_path, stream_file):
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--editor", "rome", "--stream", str(stream_file),
+                      "--set", "v_dtype=int8", "--out", str(tmp_path / "r"))
+    assert "v_dtype must be one of auto, float32, bfloat16, float16, got 'int8'" in line

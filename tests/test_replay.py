@@ -158,3 +158,18 @@ def test_run_interrupted_while_preparing_resumes_and_is_explained(tmp_path, stre
     monkeypatch.undo()
     done = replay(config(stream_file), run_dir, progress=False)
     assert done.run.completed_step() == 6
+
+
+def test_kill_during_the_first_manifest_write_resumes(tmp_path, stream_file):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / ".manifest.json.tmp-1").write_text('{"run_id": ')  # all a kill there leaves
+    done = replay(config(stream_file), run_dir, progress=False, stop_after=1)
+    assert done.run.completed_step() == 1 and not (run_dir / ".manifest.json.tmp-1").exists()
+
+
+def test_missing_result_part_is_named_not_dropped(tmp_path, stream_file):
+    part = replay(config(stream_file), tmp_path / "r", progress=False, stop_after=3)
+    part.run.part_path(2).unlink()
+    with pytest.raises(RunDirError, match=r"step_000002.parquet: result part of a completed step is missing"):
+        replay(config(stream_file), tmp_path / "r", progress=False)
