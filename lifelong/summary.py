@@ -76,6 +76,8 @@ def summary_table(run: RunDir) -> pl.DataFrame:
                 ("edits forgotten (count)", protocol, ret["forgotten"]),
                 ("median steps to forget", protocol, ret["median_steps_to_forget"]),
             ]
+            if ret["superseded"]:
+                table.append(("edits superseded by a later edit (count)", protocol, ret["superseded"]))
     table += chain_lines(results)
     table += general_ability_lines(results, run.load_reference() or {})
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
