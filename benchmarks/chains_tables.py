@@ -6,7 +6,7 @@ greedy exact match of o on the edit prompt), replayed as a stream (o -> o*, then
 Pitfalls variant, IR and FR at each chain's completion. ConflictEdit (reverse, composite,
 coverage): the first records (or, with --conflict-known, those whose e1 true object the model
 answers), replayed the same way: CS explicit and implicit, CM, TFD (composite). Each editor
-starts from θ0.
+starts from θ0. P uses the chain probe's default p (``meantok``, as the Pitfalls code).
 
     python benchmarks/chains_tables.py --editors ft,rome,memit --round 200 --conflict 30
 """
