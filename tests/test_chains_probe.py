@@ -136,7 +136,8 @@ class Walk:
         return at
 
     def P(self, k: int, prompts, answer, prob: str = "meantok") -> float:
-        """P_θk(answer | prompts) by hand: mean over the prompts of exp(-mean token NLL) (``seq``: exp(joint log-prob))."""
+        """P_θk(answer | prompts) by hand: mean over the prompts of exp(-mean token NLL)
+        (``seq``: of exp(joint log-prob))."""
         now = self.current
         self.set(k)
         s = self.scorer.score([(p, answer) for p in prompts])
@@ -389,7 +390,8 @@ class TokenScorer:
     def score(self, pairs):
         toks = [np.array(self.tables[self.state][pair]) for pair in pairs]
         n = len(pairs)
-        return Scores(nll=np.array([-np.log(t).mean() for t in toks]), logprob=np.array([np.log(t).sum() for t in toks]),
+        nll = np.array([-np.log(t).mean() for t in toks])
+        return Scores(nll=nll, logprob=np.array([np.log(t).sum() for t in toks]),
                       exact=np.zeros(n, bool), token_acc=np.zeros(n), argmax=[()] * n)
 
 

@@ -120,7 +120,10 @@ def test_each_selected_column_moves_by_the_rules_formula(tiny, edits, rule):
     assert mask.any()
     acts = {}
     for layer in layers:  # a_i at the prompt's last position: the output projection's input
-        h = tiny.adapter.out_proj(layer).register_forward_pre_hook(lambda m, a, layer=layer: acts.update({layer: a[0][0, -1].clone()}))
+        def keep(mod, args, layer=layer):
+            acts[layer] = args[0][0, -1].clone()
+
+        h = tiny.adapter.out_proj(layer).register_forward_pre_hook(keep)
         with torch.no_grad():
             tiny.model(input_ids=torch.tensor([prompt]))
         h.remove()

@@ -96,7 +96,8 @@ def test_superseded_edit_is_not_forgotten_and_leaves_the_denominator():
     m = retention_matrix(results)
     assert np.isnan(m.values[1:, 0]).all() and m.superseded[:, 0].tolist() == [False, True, True]
     assert retained_fraction(m.values).tolist() == [1.0, 1.0, 0.5]
-    assert np.isnan(forgotten_at(m)).tolist() == [True, True, True]  # a superseded, b held, c failed only at its own step
+    # a superseded, b held, c failed only at its own step: nobody forgotten
+    assert np.isnan(forgotten_at(m)).tolist() == [True, True, True]
     s = retention_summary(results)
     assert s["retained_fraction"] == 0.5 and s["forgotten"] == 0 and s["superseded"] == 1
 

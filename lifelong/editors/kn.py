@@ -56,7 +56,7 @@ class KNParams:
     threshold: float = 0.2  # t: coarse neurons have Attr > t · max Attr of their prompt (EasyEdit adaptive_threshold)
     prompts: str = "edit"  # "edit": the edit prompt's coarse neurons (toolkit); "paraphrases": shared ones (paper)
     share: float = 0.7  # p (prompts=paraphrases): keep neurons found in more than this fraction of the prompts
-    rule: str = "toolkit"  # value-vector update: "toolkit" (EasyEdit, ±2·e) or "paper" (−1·ē(y) + 8·ē(y′), signed)
+    rule: str = "toolkit"  # value update: "toolkit" (EasyEdit, ±2·e) or "paper" (−1·ē(y) + 8·ē(y′), signed)
     erase: Optional[float] = None  # weight of the old answer's embedding; None: the rule's (toolkit 2, paper 1)
     amplify: Optional[float] = None  # weight of the new answer's embedding; None: the rule's (toolkit 2, paper 8)
     max_neurons: int = 0  # keep at most this many (highest mean attribution); 0: no cap
