@@ -6,7 +6,7 @@ greedy exact match of o on the edit prompt), replayed as a stream (o -> o*, then
 Pitfalls variant, IR and FR at each chain's completion. ConflictEdit (reverse, composite,
 coverage): the first records (or, with --conflict-known, those whose e1 true object the model
 answers), replayed the same way: CS explicit and implicit, CM, TFD (composite). Each editor
-starts from θ0.
+starts from θ0. P uses the chain probe's default p (``meantok``, as the Pitfalls code).
 
     python benchmarks/chains_tables.py --editors ft,rome,memit --round 200 --conflict 30
 """
@@ -85,7 +85,7 @@ def run_stream(lm, base, editor: str, chains: list, gap: int, out: Path, name: s
 def means(rows: pl.DataFrame, cols) -> list[str]:
     out = []
     for metric, _ in cols:
-        sel = rows.filter((pl.col("metric") == metric) & (pl.col("protocol") == "completion"))
+        sel = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion"))
         if metric == "failure_rate":  # cumulative: the value after the last round chain
             sel = sel.sort("step").tail(1)
         out.append(f"{sel['value'].mean():.3f}" if sel.height else "n/a")

@@ -84,11 +84,11 @@ def plot_chains(run: RunDir) -> Path | None:
     ident = run.manifest()["identity"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels):
-        done = rows.filter((pl.col("metric") == metric) & (pl.col("protocol") == "completion")).sort("step")
+        done = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion")).sort("step")
         steps, values = done["step"].to_numpy(), done["value"].to_numpy()
         ax.plot(steps, values, "o", ms=3, alpha=0.5, label="each chain, at completion")
         ax.plot(steps, np.cumsum(values) / np.arange(1, len(values) + 1), "-", label="running mean at completion")
-        later = (rows.filter((pl.col("metric") == metric) & (pl.col("protocol") == "later"))
+        later = (rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("later"))
                  .group_by("step").agg(pl.col("value").mean()).sort("step"))
         if later.height:
             ax.plot(later["step"], later["value"], "--s", ms=3, label="mean of re-measured chains")
@@ -188,7 +188,7 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
 
         probe = _chain_probe(results)
         protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == "distortion_js"))
-                               ["protocol"]), key=lambda p: (p != "completion", p))
+                               ["protocol"]), key=lambda p: (not p.startswith("completion"), p))
         for j, protocol in enumerate(protocols if detail else protocols[:1]):
             steps, values = _series(results, probe, "distortion_js", protocol)
             ax.plot(steps, values, "-" if j == 0 else "--", marker="o", ms=3, color=color,

@@ -33,19 +33,24 @@ CHAIN_LINES = (
 
 def chain_lines(results: pl.DataFrame) -> list[tuple[str, str, float]]:
     """Means of the chain probe's rows over chains (METRICS.md §4): at completion, and at the last
-    re-measurement step when there is one; FR is the run-level value at the last such step."""
+    re-measurement step when there is one; FR is the run-level value at the last such step. The
+    protocol column keeps the probability kind (``completion;p=meantok``; ``later`` shown as ``last``)."""
+    from probes.chains import protocol_when
+
     rows = results.filter(pl.col("probe") == "chains")
     lines = []
-    for protocol in ("completion", "later"):
-        sel = rows.filter(pl.col("protocol") == protocol)
-        if protocol == "later" and sel.height:
-            sel = sel.filter(pl.col("step") == sel["step"].max())
-        for label, metric in CHAIN_LINES:
-            m = sel.filter(pl.col("metric") == metric)
-            if metric == "failure_rate":
-                m = m.sort("step").tail(1)
-            if m.height:
-                lines.append((label, protocol if protocol == "completion" else "last", float(m["value"].mean())))
+    for when in ("completion", "later"):
+        for protocol in sorted(p for p in set(rows["protocol"]) if protocol_when(p) == when):
+            sel = rows.filter(pl.col("protocol") == protocol)
+            if when == "later":
+                sel = sel.filter(pl.col("step") == sel["step"].max())
+            shown = protocol if when == "completion" else "last" + protocol[len("later"):]
+            for label, metric in CHAIN_LINES:
+                m = sel.filter(pl.col("metric") == metric)
+                if metric == "failure_rate":
+                    m = m.sort("step").tail(1)
+                if m.height:
+                    lines.append((label, shown, float(m["value"].mean())))
     return lines
 
 
@@ -71,6 +76,8 @@ def summary_table(run: RunDir) -> pl.DataFrame:
                 ("edits forgotten (count)", protocol, ret["forgotten"]),
                 ("median steps to forget", protocol, ret["median_steps_to_forget"]),
             ]
+            if ret["superseded"]:
+                table.append(("edits superseded by a later edit (count)", protocol, ret["superseded"]))
     table += chain_lines(results)
     table += general_ability_lines(results, run.load_reference() or {})
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]

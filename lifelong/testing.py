@@ -434,8 +434,8 @@ def resume_same_results(subject: EditorUnderTest, stream: EditStream) -> None:
 
 
 METRIC_BOUNDS: dict[str, tuple[float, float]] = {
-    **{m: (0.0, 1.0) for m in ("efficacy", "generalization", "locality", "retention", "retained_fraction",
-                               "round_success", "ignore_rate", "failure_rate", "conflict_score")},
+    **{m: (0.0, 1.0) for m in ("efficacy", "generalization", "locality", "retention", "superseded",
+                               "retained_fraction", "round_success", "ignore_rate", "failure_rate", "conflict_score")},
     **{m: (0.0, math.log(2)) for m in ("distortion", "js", "js_divergence")},
 }
 """The range of every bounded metric by name; metrics not listed here are not checked."""

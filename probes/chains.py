@@ -10,9 +10,12 @@ A chain completes at the step where its last edit is applied. Then, per chain:
   right after e1, checked out of the delta store when not remembered), ``tied_fact_damage``
   (composite chains whose tied fact the stream holds as a ``tied-fact`` record).
 
-P_θ(o | s, r) is the mean of p_θ(o | x) over the edit's prompt and paraphrases. Rows carry
-protocol ``completion`` at the completion step and ``later`` when re-measured (option
-``remeasure``); edit_id is the chain id. The θ0 values (Obj distributions, tied facts) are
+P_θ(o | s, r) is the mean of p_θ(o | x) over the edit's prompt and paraphrases, with p (option
+``prob``) the Pitfalls code's ``meantok`` = exp(−mean token NLL) of the answer (default; its
+``test_batch_prediction``), or ``seq`` = the whole answer's probability (product of its token
+probabilities, a named variant that is not Pitfalls'). Rows carry protocol ``completion;p=KIND``
+at the completion step and ``later;p=KIND`` when re-measured (option ``remeasure``); edit_id is
+the chain id. The θ0 values (Obj distributions, tied facts) are
 computed in :meth:`ChainProbe.prepare` and kept in the run's reference file.
 """
 
@@ -30,24 +33,39 @@ from streams import Edit
 
 Query = tuple[tuple[str, ...], str]  # (prompts, answer): P = mean over prompts of p(answer | prompt)
 
+PROB_KINDS = ("meantok", "seq")  # exp(-mean token NLL) (Pitfalls), whole-answer probability
+PROB_ALIASES = {"token": "meantok", "sequence": "seq"}  # the names these options had before
+
+
+def chain_protocol(when: str, prob: str) -> str:
+    """Row protocol: when the chain is measured (``completion`` / ``later``) and the p used."""
+    return f"{when};p={prob}"
+
+
+def protocol_when(protocol: str) -> str:
+    """``completion`` or ``later`` from a chain row's protocol (old runs wrote it bare)."""
+    return protocol.split(";", 1)[0]
+
 
 @dataclass
 class ChainOptions:
     """``remeasure``: re-measure completed chains every K steps after completion and at the last
     step (0: never); ``ir_threshold``: FR counts round chains with IR above it; ``prob``:
-    ``sequence`` (p of the whole answer) or ``token`` (per-token geometric mean, exp(-NLL))."""
+    ``meantok`` (per-token geometric mean exp(-mean NLL), as the Pitfalls code) or ``seq`` (the
+    whole answer's probability); ``token`` / ``sequence`` are read as these."""
 
     remeasure: int = 0
     ir_threshold: float = 0.5
-    prob: str = "sequence"
+    prob: str = "meantok"
 
     def __post_init__(self):
         if self.remeasure < 0:
             raise ValueError(f"chains.remeasure must be >= 0, got {self.remeasure}")
         if not 0 <= self.ir_threshold <= 1:
             raise ValueError(f"chains.ir_threshold must be in [0, 1], got {self.ir_threshold}")
-        if self.prob not in ("sequence", "token"):
-            raise ValueError(f"chains.prob must be 'sequence' or 'token', got {self.prob!r}")
+        self.prob = PROB_ALIASES.get(self.prob, self.prob)
+        if self.prob not in PROB_KINDS:
+            raise ValueError(f"chains.prob must be 'meantok' or 'seq', got {self.prob!r}")
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,7 @@ class ChainProbe(Probe):
         return self._plans
 
     def _p(self, scores, j: int) -> float:
-        return float(np.exp(scores.logprob[j]) if self.options.prob == "sequence" else np.exp(-scores.nll[j]))
+        return float(np.exp(scores.logprob[j]) if self.options.prob == "seq" else np.exp(-scores.nll[j]))
 
     def score_queries(self, ctx: ProbeContext, queries: Sequence[Query]) -> dict[Query, float]:
         """P for each query on the live model, all prompts in one scorer call."""
@@ -224,14 +242,15 @@ class ChainProbe(Probe):
             self._anchors[p.chain_id] = {q: live[q] for q in p.anchor_queries()}
         anchors = self._anchor_values(ctx, completing + later, live)
         rows = []
-        for protocol, group in (("completion", completing), ("later", later)):
+        for when, group in (("completion", completing), ("later", later)):
+            protocol = chain_protocol(when, self.options.prob)
             irs = []
             for p in group:
                 prow, ir = self._rows(ctx, p, live, anchors[p.chain_id], protocol)
                 rows += prow
                 if ir is not None:
                     irs.append((p.chain_id, ir))
-            if protocol == "completion":
+            if when == "completion":
                 self._ir.update(irs)
                 if any(isinstance(p, RoundPlan) for p in group):
                     done = [p for p in plans.values() if isinstance(p, RoundPlan) and p.end_step <= t]
@@ -309,4 +328,5 @@ def chain_kinds(steps: Sequence[tuple[Edit, ...]], facts: Sequence[Edit] = ()) -
     return {cid: ("round" if isinstance(p, RoundPlan) else p.kind) for cid, p in chain_plans(steps, facts).items()}
 
 
-__all__ = ["ChainOptions", "ChainProbe", "ConflictPlan", "RoundPlan", "chain_kinds", "chain_plans", "prompt_set"]
+__all__ = ["ChainOptions", "ChainProbe", "ConflictPlan", "PROB_KINDS", "RoundPlan", "chain_kinds", "chain_plans",
+           "chain_protocol", "prompt_set", "protocol_when"]

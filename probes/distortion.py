@@ -2,7 +2,9 @@
 
 No model, no torch: probes compute the probabilities P_θ(o | s, r) (mean of
 p_θ(o | x) over the relation prompt and its paraphrase templates) and hand
-them here. Natural logs throughout. Functions that compare two numbers accept
+them here. As in the Pitfalls code, p_θ(o | x) is exp(−mean token NLL) of o
+(the chain probe's default ``p=meantok``; ``p=seq``, the whole answer's
+probability, is a named variant whose values are not Pitfalls'). Natural logs throughout. Functions that compare two numbers accept
 scalars or equal-shaped arrays (vectorised over edits) and return a float for
 scalar input, an array otherwise.
 """

@@ -3,6 +3,12 @@
 Protocols: ``es`` / ``ps`` / ``ns`` are CounterFact's pairwise comparisons of mean
 token NLL; ``exact`` is teacher-forced token exact match; ``unchanged`` asks whether
 the argmax answer tokens on a neighborhood prompt are those of θ0.
+
+Superseded edits (METRICS.md §3): an edit whose (subject, relation) a later edit of the stream
+has changed (round-back, coverage, a newer dated fact) is no longer expected to hold. From the
+step of the superseding edit on, the retention probe scores it under metric ``superseded``
+(same protocols, so one can still see whether the old object lingers) instead of ``retention``:
+it is neither retained nor forgotten, and leaves the retained fraction's denominator.
 """
 
 from __future__ import annotations
@@ -99,21 +105,36 @@ def in_panel(edit_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
+def superseded_ids(edits: Sequence[Edit]) -> set[str]:
+    """Ids of the edits (in stream order) whose (subject, relation) a later one of them edits again."""
+    seen, out = {}, set()
+    for e in edits:
+        key = (e.subject, e.relation_id)
+        if key in seen:
+            out.add(seen[key])
+        seen[key] = e.id
+    return out
+
+
 class RetentionProbe(Probe):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = "retention"
-    description = "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule"
+    description = ("efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
+                   "edits superseded by a later edit of their subject and relation reported apart")
     Options = RetentionOptions
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         opts = self.options
         if not 0.0 < opts.fraction <= 1.0:
             raise ValueError(f"retention: fraction must be in (0, 1], got {opts.fraction}")
-        edits = [e for _, e in ctx.edits_so_far() if in_panel(e.id, opts.fraction, opts.seed)]
-        rows = efficacy_rows(self.name, "retention", ctx, edits)
+        so_far = [e for _, e in ctx.edits_so_far()]
+        replaced = superseded_ids(so_far)  # over every edit so far: the superseding one may be off the panel
+        edits = [e for e in so_far if in_panel(e.id, opts.fraction, opts.seed)]
+        rows = efficacy_rows(self.name, "retention", ctx, [e for e in edits if e.id not in replaced])
+        rows += efficacy_rows(self.name, "superseded", ctx, [e for e in edits if e.id in replaced])
         for protocol in ("es", "exact"):
-            values = [r.value for r in rows if r.protocol == protocol]
+            values = [r.value for r in rows if r.protocol == protocol and r.metric == "retention"]
             if values:
                 rows.append(Row(self.name, "retained_fraction", protocol, float(np.mean(values))))
         return rows

@@ -18,30 +18,37 @@ class RetentionMatrix:
     steps: np.ndarray  # the probed steps, ascending
     edit_ids: list[str]  # edits in the order they were made
     own_step: np.ndarray  # the step at which each edit was made
-    values: np.ndarray  # (len(steps), len(edit_ids)), NaN where not measured
+    values: np.ndarray  # (len(steps), len(edit_ids)), NaN where not measured or superseded
     own_score: np.ndarray  # each edit's score right after its own step
+    superseded: np.ndarray | None = None  # (len(steps), len(edit_ids)) bool: superseded at that step
 
 
 def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMatrix:
-    """Build A[t, i] from the ``retention`` rows and the own-step ``edit_quality`` rows."""
+    """Build A[t, i] from the ``retention`` rows and the own-step ``edit_quality`` rows; an edit's
+    ``superseded`` rows (a later edit changed its subject and relation) leave A[t, i] NaN."""
     own = results.filter(
         (pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy")
         & (pl.col("protocol") == protocol) & (pl.col("step") > 0)
     ).sort("step", maintain_order=True)
     edit_ids = own["edit_id"].to_list()
     index = {e: i for i, e in enumerate(edit_ids)}
-    ret = results.filter(
-        (pl.col("probe") == "retention") & (pl.col("metric") == "retention") & (pl.col("protocol") == protocol)
+    probed = results.filter(
+        (pl.col("probe") == "retention") & pl.col("metric").is_in(["retention", "superseded"])
+        & (pl.col("protocol") == protocol)
     )
-    steps = np.array(sorted(set(ret["step"].to_list())), dtype=int)
+    steps = np.array(sorted(set(probed["step"].to_list())), dtype=int)
     row_of = {s: k for k, s in enumerate(steps)}
     values = np.full((len(steps), len(edit_ids)), np.nan)
-    for step, edit_id, value in ret.select("step", "edit_id", "value").iter_rows():
+    superseded = np.zeros((len(steps), len(edit_ids)), dtype=bool)
+    for step, metric, edit_id, value in probed.select("step", "metric", "edit_id", "value").iter_rows():
         if edit_id in index:
-            values[row_of[step], index[edit_id]] = value
+            if metric == "retention":
+                values[row_of[step], index[edit_id]] = value
+            else:
+                superseded[row_of[step], index[edit_id]] = True
     return RetentionMatrix(
         steps=steps, edit_ids=edit_ids, own_step=own["step"].to_numpy(),
-        values=values, own_score=own["value"].to_numpy().astype(float),
+        values=values, own_score=own["value"].to_numpy().astype(float), superseded=superseded,
     )
 
 
@@ -67,7 +74,8 @@ def retainability(acc_first: float, acc_last: float, num_steps: int) -> float:
 def forgotten_at(m: RetentionMatrix) -> np.ndarray:
     """Per edit, the first probed step after its own where it fails having succeeded at its own step.
 
-    NaN for an edit that never took hold or was never forgotten.
+    NaN for an edit that never took hold or was never forgotten (a superseded edit is not scored, so
+    it is not forgotten from the step it is superseded on).
     """
     out = np.full(len(m.edit_ids), np.nan)
     for i in range(len(m.edit_ids)):
@@ -80,7 +88,8 @@ def forgotten_at(m: RetentionMatrix) -> np.ndarray:
 
 
 def retention_summary(results: pl.DataFrame, protocol: str = "es") -> dict[str, float]:
-    """Retained fraction at the last probed step, retainability, and forgetting counts."""
+    """Retained fraction at the last probed step (superseded edits left out), retainability, forgetting
+    counts, and the number of edits superseded by the last probed step."""
     m = retention_matrix(results, protocol)
     if len(m.edit_ids) == 0:
         return {}
@@ -97,4 +106,5 @@ def retention_summary(results: pl.DataFrame, protocol: str = "es") -> dict[str, 
         "forgotten": float(np.sum(~np.isnan(forgot))),
         "forgotten_share": float(np.mean(~np.isnan(forgot[took]))) if took.any() else float("nan"),
         "median_steps_to_forget": float(np.nanmedian(lag)) if np.any(~np.isnan(lag)) else float("nan"),
+        "superseded": float(m.superseded[-1].sum()) if m.superseded is not None and len(m.steps) else 0.0,
     }

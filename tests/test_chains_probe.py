@@ -24,6 +24,7 @@ from streams import ChainLink, Edit, EditStream
 from tests.conftest import TINY_FT
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+C, L = "completion;p=meantok", "later;p=meantok"  # the default p: exp(-mean token NLL), as the Pitfalls code
 
 
 def ed(eid, day, subject, prompt, new, true, chain=None, role=None, relation="r", paraphrases=(), candidates=()):
@@ -134,13 +135,14 @@ class Walk:
 
         return at
 
-    def P(self, k: int, prompts, answer) -> float:
-        """P_θk(answer | prompts) by hand: mean of exp(joint log-prob) over the prompts."""
+    def P(self, k: int, prompts, answer, prob: str = "meantok") -> float:
+        """P_θk(answer | prompts) by hand: mean over the prompts of exp(-mean token NLL)
+        (``seq``: of exp(joint log-prob))."""
         now = self.current
         self.set(k)
         s = self.scorer.score([(p, answer) for p in prompts])
         self.set(now)
-        return float(np.mean(np.exp(s.logprob)))
+        return float(np.mean(np.exp(s.logprob) if prob == "seq" else np.exp(-s.nll)))
 
 
 def run_probe(walk: Walk, probe: ChainProbe, steps, facts, start: int = 1, reference=None):
@@ -184,40 +186,40 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
     obj = ("City", "Town", "Port")
     p0 = [P(0, pr, o) for o in obj]
     pb = [P(3, pr, o) for o in obj]
-    expected[(3, "round_success", "completion", "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
+    expected[(3, "round_success", C, "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
                                                                             P(3, pr, "City"), P(3, pr, "Nova"))
-    expected[(3, "distortion_js", "completion", "r1")] = dm.js_divergence(pb, p0)
-    expected[(3, "distortion_js_pitfalls", "completion", "r1")] = dm.js_divergence(pb, p0) / 3 * 100
+    expected[(3, "distortion_js", C, "r1")] = dm.js_divergence(pb, p0)
+    expected[(3, "distortion_js_pitfalls", C, "r1")] = dm.js_divergence(pb, p0) / 3 * 100
     ir1 = dm.ignore_rate(p0[1:], pb[1:])
-    expected[(3, "ignore_rate", "completion", "r1")] = ir1
-    expected[(3, "failure_rate", "completion", None)] = float(ir1 > 0.5)
+    expected[(3, "ignore_rate", C, "r1")] = ir1
+    expected[(3, "failure_rate", C, None)] = float(ir1 > 0.5)
     # re-measured at 3 + 4 = 7: θa stays step 1, θb is now step 7
     p7 = [P(7, pr, o) for o in obj]
-    expected[(7, "distortion_js", "later", "r1")] = dm.js_divergence(p7, p0)
-    expected[(7, "round_success", "later", "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
+    expected[(7, "distortion_js", L, "r1")] = dm.js_divergence(p7, p0)
+    expected[(7, "round_success", L, "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
                                                                        P(7, pr, "City"), P(7, pr, "Nova"))
     # reverse: m = 4, b = 5
     e1 = ("The work of Gamma is", "Gamma is known for the work")
     e2 = ("The creator of Opus is",)
     implied = ("The work of Delta is", "Delta is known for the work")
-    expected[(5, "conflict_score_explicit", "completion", "rev")] = float(P(5, e2, "Delta") > P(5, e1, "Opus"))
-    expected[(5, "conflict_score_implicit", "completion", "rev")] = float(P(5, implied, "Opus") > P(5, e1, "Opus"))
-    expected[(5, "conflict_magnitude", "completion", "rev")] = dm.conflict_magnitude(P(4, e1, "Opus"), P(5, e1, "Opus"))
-    expected[(13, "conflict_magnitude", "later", "rev")] = dm.conflict_magnitude(P(4, e1, "Opus"), P(13, e1, "Opus"))
+    expected[(5, "conflict_score_explicit", C, "rev")] = float(P(5, e2, "Delta") > P(5, e1, "Opus"))
+    expected[(5, "conflict_score_implicit", C, "rev")] = float(P(5, implied, "Opus") > P(5, e1, "Opus"))
+    expected[(5, "conflict_magnitude", C, "rev")] = dm.conflict_magnitude(P(4, e1, "Opus"), P(5, e1, "Opus"))
+    expected[(13, "conflict_magnitude", L, "rev")] = dm.conflict_magnitude(P(4, e1, "Opus"), P(13, e1, "Opus"))
     # composite: m = 6, b = 7, tied fact measured at θ0
     c1 = ("The spouse of Zeta is",)
-    expected[(7, "conflict_score_implicit", "completion", "comp")] = float(P(7, c1, "Lambda") > P(7, c1, "Kappa"))
-    expected[(7, "conflict_magnitude", "completion", "comp")] = dm.conflict_magnitude(P(6, c1, "Kappa"), P(7, c1, "Kappa"))
+    expected[(7, "conflict_score_implicit", C, "comp")] = float(P(7, c1, "Lambda") > P(7, c1, "Kappa"))
+    expected[(7, "conflict_magnitude", C, "comp")] = dm.conflict_magnitude(P(6, c1, "Kappa"), P(7, c1, "Kappa"))
     tied = ("The mother of Eps is",)
-    expected[(7, "tied_fact_damage", "completion", "comp")] = dm.tied_fact_damage(P(0, tied, "Zeta"), P(7, tied, "Zeta"))
+    expected[(7, "tied_fact_damage", C, "comp")] = dm.tied_fact_damage(P(0, tied, "Zeta"), P(7, tied, "Zeta"))
     # 2-round chain: a = 11 (o* = Kyiv), b = 12; FR now over both round chains
     pr2 = ("The capital of Omega is",)
     obj2 = ("Rome", "Oslo", "Bern")
     ir2 = dm.ignore_rate([P(0, pr2, o) for o in obj2[1:]], [P(12, pr2, o) for o in obj2[1:]])
-    expected[(12, "round_success", "completion", "r2")] = dm.round_success(P(11, pr2, "Rome"), P(11, pr2, "Kyiv"),
+    expected[(12, "round_success", C, "r2")] = dm.round_success(P(11, pr2, "Rome"), P(11, pr2, "Kyiv"),
                                                                              P(12, pr2, "Rome"), P(12, pr2, "Kyiv"))
-    expected[(12, "ignore_rate", "completion", "r2")] = ir2
-    expected[(12, "failure_rate", "completion", None)] = dm.failure_rate([ir1, ir2])
+    expected[(12, "ignore_rate", C, "r2")] = ir2
+    expected[(12, "failure_rate", C, None)] = dm.failure_rate([ir1, ir2])
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key  # batch composition moves the last float bits
     # the walk is not trivial: the checks above compare varied numbers
@@ -227,12 +229,12 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
 def test_rows_appear_at_completion_and_remeasure_steps_only(walked):
     _, _, _, _, rows = walked
     table = as_table(rows)
-    completion = sorted({(k, e) for (k, m, p, e) in table if p == "completion" and e})
+    completion = sorted({(k, e) for (k, m, p, e) in table if p == C and e})
     assert completion == [(3, "r1"), (5, "rev"), (7, "comp"), (9, "cov"), (12, "r2")]
-    later = sorted({(k, e) for (k, m, p, e) in table if p == "later" and e})
+    later = sorted({(k, e) for (k, m, p, e) in table if p == L and e})
     assert later == [(7, "r1"), (9, "rev"), (11, "comp"), (11, "r1"), (13, "cov"), (13, "rev"),
                      (14, "comp"), (14, "cov"), (14, "r1"), (14, "r2"), (14, "rev")]
-    metrics = {e: {m for (k, m, p, e2) in table if e2 == e and p == "completion"} for e in ("r1", "rev", "comp", "cov")}
+    metrics = {e: {m for (k, m, p, e2) in table if e2 == e and p == C} for e in ("r1", "rev", "comp", "cov")}
     assert metrics["r1"] == {"round_success", "distortion_js", "distortion_js_pitfalls", "ignore_rate"}
     assert metrics["rev"] == {"conflict_score_explicit", "conflict_score_implicit", "conflict_magnitude"}
     assert metrics["comp"] == metrics["rev"] | {"tied_fact_damage"}
@@ -252,22 +254,32 @@ def test_checked_out_anchors_equal_remembered_ones(walked):
     resumed = ChainProbe("every:1", ChainProbe.Options(remeasure=4))
     _, late = run_probe(walk, resumed, steps, facts, start=5, reference=reference)
     late_table = as_table(late)
-    assert late_table[(12, "failure_rate", "completion", None)] == full[(12, "failure_rate", "completion", None)]
+    assert late_table[(12, "failure_rate", C, None)] == full[(12, "failure_rate", C, None)]
     assert late_table == {k: v for k, v in full.items() if k[0] >= 5}
 
 
 def test_sequence_and_token_probabilities_differ_only_in_p(walked):
-    walk, steps, facts, _, _ = walked
-    probe = ChainProbe("chains", ChainProbe.Options(prob="token"))
+    """prob=seq (whole-answer probability) is a named variant with its own protocol; the default is
+    Pitfalls' per-token mean."""
+    walk, steps, facts, _, rows = walked
+    probe = ChainProbe("chains", ChainProbe.Options(prob="seq"))
     _, got = run_probe(walk, probe, steps, facts)
     pr = ("The capital of Alpha is", "Alpha's capital city is")
     walk.set(0)
     s0 = walk.scorer.score([(p, o) for o in ("City", "Town", "Port") for p in pr])
     walk.set(3)
     s3 = walk.scorer.score([(p, o) for o in ("City", "Town", "Port") for p in pr])
+    seq = as_table(got)[(3, "distortion_js", "completion;p=seq", "r1")]
+    assert seq == pytest.approx(dm.js_divergence(np.exp(s3.logprob).reshape(3, 2).mean(1),
+                                                 np.exp(s0.logprob).reshape(3, 2).mean(1)), rel=1e-5)
     p0 = np.exp(-s0.nll).reshape(3, 2).mean(1)
     p3 = np.exp(-s3.nll).reshape(3, 2).mean(1)
-    assert as_table(got)[(3, "distortion_js", "completion", "r1")] == pytest.approx(dm.js_divergence(p3, p0), rel=1e-5)
+    meantok = as_table(rows)[(3, "distortion_js", C, "r1")]
+    assert meantok == pytest.approx(dm.js_divergence(p3, p0), rel=1e-5)
+    assert abs(meantok - seq) > 1e-6  # the tiny model's answers are several tokens: the kinds differ
+    assert ChainProbe.Options(prob="token").prob == "meantok" and ChainProbe.Options(prob="sequence").prob == "seq"
+    with pytest.raises(ValueError, match="meantok"):
+        ChainProbe.Options(prob="joint")
 
 
 class TableScorer:
@@ -314,7 +326,7 @@ def test_metric_bounds_for_any_probabilities(data):
     prompts = ("The capital of Alpha is", "Alpha's capital city is")
     P = lambda k, o: float(np.mean([np.exp(tables[k][(x, o)]) for x in prompts]))  # noqa: E731
     objs = ("City", "Town", "Port")
-    r1 = {r.metric: r.value for r in rows if r.edit_id == "r1" and r.protocol == "completion"}
+    r1 = {r.metric: r.value for r in rows if r.edit_id == "r1" and r.protocol == C}
     assert r1["ignore_rate"] == dm.ignore_rate([P(0, o) for o in objs[1:]], [P(3, o) for o in objs[1:]])
     assert r1["distortion_js"] == dm.js_divergence([P(3, o) for o in objs], [P(0, o) for o in objs])
     by = {}
@@ -338,18 +350,18 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
     result = replay(cfg, tmp_path / "run", progress=False)
     assert result.total_steps == 9
     rows = result.run.results().filter(pl.col("probe") == "chains")
-    done = rows.filter(pl.col("protocol") == "completion").select("step", "edit_id").unique().sort("step")
+    done = rows.filter(pl.col("protocol") == C).select("step", "edit_id").unique().sort("step")
     assert set(done.rows()) == {(3, "r1"), (3, None), (5, "rev"), (7, "comp"), (9, "cov")}
-    assert set(rows.filter(pl.col("protocol") == "later")["step"]) == {5, 7, 9}
+    assert set(rows.filter(pl.col("protocol") == L)["step"]) == {5, 7, 9}
 
     def p_at(step, prompts, answer):
         lm = checkout(result.run.path, step)
         s = Scorer(lm.model, lm.tokenizer).score([(p, answer) for p in prompts])
-        return float(np.mean(np.exp(s.logprob)))
+        return float(np.mean(np.exp(-s.nll)))
 
     e1 = ("The spouse of Zeta is",)
     cm = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("edit_id") == "comp")
-                     & (pl.col("protocol") == "completion"))["value"].item()
+                     & (pl.col("protocol") == C))["value"].item()
     assert cm == pytest.approx(dm.conflict_magnitude(p_at(6, e1, "Kappa"), p_at(7, e1, "Kappa")), rel=1e-5)
     tfd = rows.filter(pl.col("metric") == "tied_fact_damage").filter(pl.col("step") == 7)["value"].item()
     tied = ("The mother of Eps is",)
@@ -361,8 +373,49 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
 
     table = summary_table(result.run)
     lines = dict(zip(zip(table["measure"], table["protocol"]), table["value"]))
-    cms = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("protocol") == "completion"))["value"]
-    assert lines[("conflict magnitude (CM)", "completion")] == pytest.approx(cms.mean())
-    assert lines[("failure rate (FR)", "completion")] in (0.0, 1.0)  # one round chain
-    assert ("tied fact damage (TFD)", "last") in lines
+    cms = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("protocol") == C))["value"]
+    assert lines[("conflict magnitude (CM)", C)] == pytest.approx(cms.mean())
+    assert lines[("failure rate (FR)", C)] in (0.0, 1.0)  # one round chain
+    assert ("tied fact damage (TFD)", "last;p=meantok") in lines
     assert result.run.plots_dir / "chains.png" in plot_run(result.run)
+
+
+class TokenScorer:
+    """Given per-token probabilities of each (prompt, answer) per model state: nll = mean −log p_j,
+    logprob = Σ log p_j, as the real scorer computes them."""
+
+    def __init__(self, tables):
+        self.tables, self.state = tables, 0
+
+    def score(self, pairs):
+        toks = [np.array(self.tables[self.state][pair]) for pair in pairs]
+        n = len(pairs)
+        nll = np.array([-np.log(t).mean() for t in toks])
+        return Scores(nll=nll, logprob=np.array([np.log(t).sum() for t in toks]),
+                      exact=np.zeros(n, bool), token_acc=np.zeros(n), argmax=[()] * n)
+
+
+@pytest.mark.parametrize("prob, cm, cs", [("meantok", 0.5, 0.0), ("seq", 0.875, 1.0)])
+def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
+    """Coverage chain Mu: Xi → Nu (step 1) → Omi (step 2). o1* = Nu is three tokens, each p = 1 after
+    e1 and 0.5 after e2; o2* = Omi is one token, p = 0.3 after e2.
+    meantok (Pitfalls): P_m(Nu) = 1, P_b(Nu) = exp(−mean(−log 0.5)) = 0.5 → CM = (1 − 0.5)/1 = 0.5;
+    CS = 1{0.3 > 0.5} = 0. seq: P_b(Nu) = 0.5³ = 0.125 → CM = 0.875; CS = 1{0.3 > 0.125} = 1."""
+    edits = [ed("e1", 0, "Mu", "The home of {} is", "Nu", "Xi", "cov", "conflict-e1", "home"),
+             ed("e2", 1, "Mu", "The home of {} is", "Omi", "Nu", "cov", "conflict-e2", "home")]
+    steps, facts = split(edits)
+    x = "The home of Mu is"
+    tables = [{}, {(x, "Nu"): (1.0, 1.0, 1.0), (x, "Omi"): (0.1,)}, {(x, "Nu"): (0.5, 0.5, 0.5), (x, "Omi"): (0.3,)}]
+    scorer = TokenScorer(tables)
+    probe = ChainProbe("every:1", ChainProbe.Options(prob=prob))
+    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
+                                              steps=steps, facts=facts))
+    rows = []
+    for k in (1, 2):
+        scorer.state = k
+        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
+                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
+                                           facts=facts))
+    got = {(r.metric, r.protocol): r.value for r in rows}
+    assert got[("conflict_magnitude", f"completion;p={prob}")] == pytest.approx(cm)
+    assert got[("conflict_score_explicit", f"completion;p={prob}")] == cs

@@ -11,6 +11,7 @@ from lifelong.editors.kn import attribution, layer_attribution, parse_layers, se
 from probes.scorer import Scorer
 
 FAST_KN = {"layers": "1-2", "ig_steps": "6"}
+PAPER_KN = {**FAST_KN, "rule": "paper", "prompts": "paraphrases"}  # the paper's rule and selection
 
 
 def _completeness_error(lm, layer, prompt, answer, steps):
@@ -58,7 +59,8 @@ def test_layer_specs():
 
 
 def test_edit_moves_only_the_selected_value_vectors(tiny, edits, tmp_path):
-    editor = make_editor("kn", FAST_KN).bind(tiny)
+    """The paper's rule (λ₂ = 8, signed) on the paraphrase-shared neurons: the new answer gains."""
+    editor = make_editor("kn", PAPER_KN).bind(tiny)
     edit = edits[1]
     layers, mask, _ = editor.neurons(tiny, edit)
     assert mask.any(), "the tiny model should have knowledge neurons for this fact"
@@ -88,6 +90,70 @@ def test_edit_moves_only_the_selected_value_vectors(tiny, edits, tmp_path):
     assert all(torch.equal(p, base[n]) for n, p in tiny.model.named_parameters())
 
 
+def _greedy(lm, ids, n):
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("rule", ["toolkit", "paper"])
+def test_each_selected_column_moves_by_the_rules_formula(tiny, edits, rule):
+    """Hand computation with the input embedding table e: toolkit (default) Δv_i = E(new) − E(greedy old),
+    E = 2·e(t) for one token, Σ_j e(t_j) for more, no sign; paper Δv_i = sign(a_i)·(8·ē(new) − 1·ē(true))."""
+    editor = make_editor("kn", FAST_KN if rule == "toolkit" else PAPER_KN).bind(tiny)
+    assert editor.params.rule == rule
+    edit = edits[1]
+    scorer = Scorer(tiny.model, tiny.tokenizer)
+    prompt, new = scorer.encode(edit.rendered_prompt, edit.target_new)
+    e = tiny.model.get_input_embeddings().weight.detach().clone()
+    if rule == "toolkit":
+        old = _greedy(tiny, prompt, len(new))
+        side = lambda ids: 2 * e[ids[0]] if len(ids) == 1 else e[list(ids)].sum(0)  # noqa: E731
+        expected = side(list(new)) - side(old)
+    else:
+        true = scorer.encode(edit.rendered_prompt, edit.target_true)[1]
+        expected = 8 * e[list(new)].mean(0) - 1 * e[list(true)].mean(0)
+    layers, mask, _ = editor.neurons(tiny, edit)
+    assert mask.any()
+    acts = {}
+    for layer in layers:  # a_i at the prompt's last position: the output projection's input
+        def keep(mod, args, layer=layer):
+            acts[layer] = args[0][0, -1].clone()
+
+        h = tiny.adapter.out_proj(layer).register_forward_pre_hook(keep)
+        with torch.no_grad():
+            tiny.model(input_ids=torch.tensor([prompt]))
+        h.remove()
+    base = {layer: tiny.adapter.out_proj_weight_view(layer).detach().clone() for layer in layers}
+    editor.apply(tiny, [edit])
+    for row, layer in enumerate(layers):
+        moved = tiny.adapter.out_proj_weight_view(layer) - base[layer]
+        for i in range(moved.shape[1]):
+            if not mask[row, i]:
+                assert torch.count_nonzero(moved[:, i]) == 0
+                continue
+            want = expected if rule == "toolkit" else torch.sign(acts[layer][i]) * expected
+            assert torch.allclose(moved[:, i], want, atol=1e-6), (layer, i)
+
+
+def test_toolkit_answer_embedding():
+    from types import SimpleNamespace
+
+    from lifelong.editors.kn import KNEditor
+
+    table = torch.arange(12.0).view(4, 3)
+    lm = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=table)))
+    kn = make_editor("kn", {})
+    assert isinstance(kn, KNEditor) and kn.params.scales() == (2.0, 2.0)
+    assert kn._toolkit_embedding(lm, [2], 2.0).tolist() == [12.0, 14.0, 16.0]  # 2·e(2)
+    assert kn._toolkit_embedding(lm, [1, 3], 2.0).tolist() == [12.0, 14.0, 16.0]  # e(1) + e(3), each once
+    assert make_editor("kn", {"rule": "paper"}).params.scales() == (1.0, 8.0)
+    assert make_editor("kn", {"rule": "paper", "amplify": "2"}).params.scales() == (1.0, 2.0)
+
+
 def test_edit_without_a_recorded_old_answer(edits):
     from dataclasses import replace
 
@@ -104,3 +170,7 @@ def test_bad_hyperparameters_are_refused(tiny):
         make_editor("kn", {"ig_steps": "0"}).bind(tiny)
     with pytest.raises(ValueError, match="out of range"):
         make_editor("kn", {"layers": "9"}).bind(tiny)
+    with pytest.raises(ValueError, match="rule must be"):
+        make_editor("kn", {"rule": "x"}).bind(tiny)
+    with pytest.raises(ValueError, match="prompts must be"):
+        make_editor("kn", {"prompts": "x"}).bind(tiny)

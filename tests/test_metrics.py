@@ -76,3 +76,57 @@ def test_summary_hand_worked():
 def test_retained_fraction_in_unit_interval(rows):
     frac = retained_fraction(np.array(rows))
     assert np.all((frac[~np.isnan(frac)] >= 0) & (frac[~np.isnan(frac)] <= 1))
+
+
+def test_superseded_edit_is_not_forgotten_and_leaves_the_denominator():
+    """Edit a (step 1) is superseded by b (step 2, same subject and relation): from step 2 on it has a
+    ``superseded`` row, not a ``retention`` one. Its score 0 at step 3 is no forgetting; the retained
+    fraction at step 3 is over b and c only: (1 + 0) / 2."""
+    results = table([
+        (1, "edit_quality", "efficacy", "es", "a", 1.0),
+        (2, "edit_quality", "efficacy", "es", "b", 1.0),
+        (3, "edit_quality", "efficacy", "es", "c", 1.0),
+        (1, "retention", "retention", "es", "a", 1.0),
+        (2, "retention", "superseded", "es", "a", 0.0),
+        (2, "retention", "retention", "es", "b", 1.0),
+        (3, "retention", "superseded", "es", "a", 0.0),
+        (3, "retention", "retention", "es", "b", 1.0),
+        (3, "retention", "retention", "es", "c", 0.0),
+    ])
+    m = retention_matrix(results)
+    assert np.isnan(m.values[1:, 0]).all() and m.superseded[:, 0].tolist() == [False, True, True]
+    assert retained_fraction(m.values).tolist() == [1.0, 1.0, 0.5]
+    # a superseded, b held, c failed only at its own step: nobody forgotten
+    assert np.isnan(forgotten_at(m)).tolist() == [True, True, True]
+    s = retention_summary(results)
+    assert s["retained_fraction"] == 0.5 and s["forgotten"] == 0 and s["superseded"] == 1
+
+
+def test_retention_probe_reports_superseded_edits():
+    """A tiny stream: Country0's capital edited at step 1 and again at step 3 (a round-back-like
+    supersession), Country1 at step 2. After step 3 the first edit is scored as ``superseded``."""
+    from dataclasses import replace
+
+    from lifelong.models import load_model
+    from probes import ProbeContext, Scorer
+    from probes.edit_quality import RetentionProbe, superseded_ids
+    from tests.conftest import make_edits
+
+    e0, e1 = make_edits(2)
+    again = replace(e0, id="e0-again", target_new="City0", target_true="Nova0")
+    assert superseded_ids([e0, e1, again]) == {"e0"}
+    lm = load_model("tiny-llama")
+    probe = RetentionProbe()
+    history = [(e0,), (e1,), (again,)]
+    ctx = ProbeContext(step=3, timestamp=None, batch=history[-1], history=history,
+                       scorer=Scorer(lm.model, lm.tokenizer))
+    rows = probe.measure(ctx)
+    by = {(r.metric, r.protocol, r.edit_id): r.value for r in rows}
+    assert {k[2] for k in by if k[0] == "retention"} == {"e1", "e0-again"}
+    assert {k[:2] for k in by if k[2] == "e0"} == {("superseded", "es"), ("superseded", "exact")}
+    for protocol in ("es", "exact"):  # the retained fraction is over the two live edits only
+        live = [by[("retention", protocol, e)] for e in ("e1", "e0-again")]
+        assert by[("retained_fraction", protocol, None)] == pytest.approx(np.mean(live))
+    ctx2 = ProbeContext(step=2, timestamp=None, batch=history[1], history=history[:2],
+                        scorer=Scorer(lm.model, lm.tokenizer))
+    assert not [r for r in probe.measure(ctx2) if r.metric == "superseded"]  # not yet superseded at step 2

@@ -12,23 +12,32 @@ code does), one layer at a time, and the m steps run as one batch. Completeness:
 token at the position predicting each token (teacher forcing) and averaged.
 
 Selection. Per prompt, neurons with Attr > t · max Attr (over all attributed layers)
-are coarse knowledge neurons; over the edit prompt and its paraphrases, those shared
-by more than a fraction p of the prompts are kept (t = 0.2, p = 0.7 in the paper).
+are coarse knowledge neurons (t = 0.2). ``prompts=edit`` (default, as EasyEdit's KN runs
+it: ``refine: false``, one prompt) keeps the edit prompt's coarse neurons;
+``prompts=paraphrases`` (the paper) attributes the edit prompt and its paraphrases and keeps
+the neurons shared by more than a fraction p of them.
 
-Edit. Each selected neuron's value vector (its column of the MLP output projection,
-in (out, in) orientation) moves from the old answer's word embedding to the new one:
-v_i ← v_i − λ₁·e(y) + λ₂·e(y′) (λ₁ = 1, λ₂ = 8 in the paper). Two generalisations for
-decoder models, both identities in the paper's setting: e(·) of a multi-token answer is
-the mean of its tokens' input embeddings, and the change is multiplied by the sign of
-the neuron's activation at the bare prompt (gated MLPs have negative activations; a
-negative a_i would otherwise push the answer the wrong way). The delta is sparse: only
-the touched columns are stored.
+Edit. Each selected neuron's value vector v_i (its column of the MLP output projection, in
+(out, in) orientation) moves from the old answer's input word embedding to the new one's.
+
+* ``rule=toolkit`` (default): EasyEdit's ``KnowledgeNeurons.modify_weights`` (the code the
+  KN numbers in the editing literature come from). The old answer is the unedited model's
+  greedy continuation of the prompt, as many tokens as the new answer has;
+  v_i ← v_i − E(old) + E(new) with E(t) = 2·e(t) for a one-token answer and
+  E(t₁…t_n) = Σ_j e(t_j) for a longer one; no activation sign.
+* ``rule=paper``: the paper's formula with the recorded true answer,
+  v_i ← v_i − λ₁·ē(y) + λ₂·ē(y′) (λ₁ = 1, λ₂ = 8), ē the mean of the answer's token
+  embeddings, times the sign of the neuron's activation at the bare prompt (gated MLPs have
+  negative activations). On SmolLM2 this moves last-layer neurons that fire on every token
+  by 8·e and one edit multiplies the corpus perplexity by ~10¹⁶ (the toolkit rule: ~1.05).
+
+The delta is sparse: only the touched columns are stored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -42,13 +51,22 @@ from streams import Edit
 
 @dataclass
 class KNParams:
-    layers: str = ""  # layers to attribute, e.g. "20-29", "3,5" or "all"; empty: the top third (default_layers)
-    ig_steps: int = 20  # Riemann steps m of the integrated gradients (one batch)
-    threshold: float = 0.2  # t: coarse neurons have Attr > t · max Attr of their prompt
-    share: float = 0.7  # p: keep neurons found in more than this fraction of the prompts
-    erase: float = 1.0  # λ₁: weight of the old answer's embedding removed
-    amplify: float = 8.0  # λ₂: weight of the new answer's embedding added
+    layers: str = "all"  # layers to attribute, e.g. "20-29", "3,5" or "all" (the toolkit's); "": the top third
+    ig_steps: int = 20  # Riemann steps m of the integrated gradients (one batch); EasyEdit's gpt2-xl setting
+    threshold: float = 0.2  # t: coarse neurons have Attr > t · max Attr of their prompt (EasyEdit adaptive_threshold)
+    prompts: str = "edit"  # "edit": the edit prompt's coarse neurons (toolkit); "paraphrases": shared ones (paper)
+    share: float = 0.7  # p (prompts=paraphrases): keep neurons found in more than this fraction of the prompts
+    rule: str = "toolkit"  # value update: "toolkit" (EasyEdit, ±2·e) or "paper" (−1·ē(y) + 8·ē(y′), signed)
+    erase: Optional[float] = None  # weight of the old answer's embedding; None: the rule's (toolkit 2, paper 1)
+    amplify: Optional[float] = None  # weight of the new answer's embedding; None: the rule's (toolkit 2, paper 8)
     max_neurons: int = 0  # keep at most this many (highest mean attribution); 0: no cap
+
+    RULE_SCALES: ClassVar[dict[str, tuple[float, float]]] = {"toolkit": (2.0, 2.0), "paper": (1.0, 8.0)}
+
+    def scales(self) -> tuple[float, float]:
+        """(erase, amplify): the given weights, else the rule's."""
+        erase, amplify = self.RULE_SCALES[self.rule]
+        return (erase if self.erase is None else self.erase, amplify if self.amplify is None else self.amplify)
 
 
 @dataclass
@@ -162,13 +180,18 @@ def select_neurons(scores: Sequence[torch.Tensor], threshold: float, share: floa
 
 class KNEditor(Editor):
     name = "kn"
-    description = "Knowledge Neurons: integrated-gradients neuron attribution, value vectors moved to the new answer"
+    description = ("Knowledge Neurons: integrated-gradients neuron attribution, value vectors moved from the old "
+                   "prediction's embedding to the new answer's (EasyEdit's ±2·e rule; rule=paper: −1·e + 8·e)")
     Params = KNParams
 
     def bind(self, lm: LoadedModel) -> "KNEditor":
         parse_layers(self.params.layers, lm.num_layers, self.name)
         if self.params.ig_steps < 1:
             raise ValueError(f"{self.name}: ig_steps must be at least 1 (got {self.params.ig_steps})")
+        if self.params.rule not in KNParams.RULE_SCALES:
+            raise ValueError(f"{self.name}: rule must be 'toolkit' or 'paper' (got {self.params.rule!r})")
+        if self.params.prompts not in ("edit", "paraphrases"):
+            raise ValueError(f"{self.name}: prompts must be 'edit' or 'paraphrases' (got {self.params.prompts!r})")
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:
@@ -192,7 +215,7 @@ class KNEditor(Editor):
         layers = self.layers(lm)
         scorer = Scorer(lm.model, lm.tokenizer)
         old = self._old_answer(lm, scorer, edit)
-        prompts = [edit.rendered_prompt, *edit.paraphrases]
+        prompts = [edit.rendered_prompt] + (list(edit.paraphrases) if p.prompts == "paraphrases" else [])
         scores = [attribution(lm, layers, scorer.encode(text, edit.target_new)[0], old, p.ig_steps) for text in prompts]
         mask = select_neurons(scores, p.threshold, p.share)
         mean = torch.stack(scores).mean(0)
@@ -217,27 +240,55 @@ class KNEditor(Editor):
         table = lm.model.get_input_embeddings().weight
         return table[torch.tensor(list(ids), device=table.device)].mean(0).detach()
 
+    def _toolkit_embedding(self, lm: LoadedModel, ids: Sequence[int], weight: float) -> torch.Tensor:
+        """E(answer) of the toolkit rule: weight·e(t) for one token, Σ_j e(t_j) (each once) for more."""
+        table = lm.model.get_input_embeddings().weight
+        rows = table[torch.tensor(list(ids), device=table.device)].detach()
+        return weight * rows[0] if len(ids) == 1 else rows.sum(0)
+
+    @torch.no_grad()
+    def greedy_answer(self, lm: LoadedModel, prompt_ids: Sequence[int], n: int) -> tuple[int, ...]:
+        """The model's greedy continuation of ``prompt_ids``, ``n`` tokens (the toolkit's 'original prediction')."""
+        ids, out = list(prompt_ids), []
+        scorer = Scorer(lm.model, lm.tokenizer)
+        for _ in range(n):
+            hidden = scorer.body(input_ids=torch.tensor([ids], device=lm.device), use_cache=False).last_hidden_state
+            out.append(int(scorer.unembed(hidden[0, -1]).argmax()))
+            ids.append(out[-1])
+        return tuple(out)
+
+    def value_change(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, bool]:
+        """(the vector added to each selected value vector, whether it is multiplied by the activation sign)."""
+        p = self.params
+        erase, amplify = p.scales()
+        scorer = Scorer(lm.model, lm.tokenizer)
+        prompt, new = scorer.encode(edit.rendered_prompt, edit.target_new)
+        if p.rule == "toolkit":
+            old = self.greedy_answer(lm, prompt, len(new))
+            return self._toolkit_embedding(lm, new, amplify) - self._toolkit_embedding(lm, old, erase), False
+        change = amplify * self._embedding(lm, new) - erase * self._embedding(lm, self._old_answer(lm, scorer, edit))
+        return change, True
+
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:
             return Delta.empty()
-        p = self.params
-        scorer = Scorer(lm.model, lm.tokenizer)
         names = {layer: lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)}
         before = {layer: lm.model.get_parameter(name).detach().clone() for layer, name in names.items()}
         touched: dict[int, set[int]] = {}
         for edit in batch:  # one fact after another: each sees the previous ones' change
             layers, mask, _ = self.neurons(lm, edit)
-            change = p.amplify * self._embedding(lm, scorer.encode(edit.rendered_prompt, edit.target_new)[1])
-            change = change - p.erase * self._embedding(lm, self._old_answer(lm, scorer, edit))
-            signs = self._signs(lm, [layers[i] for i in mask.any(1).nonzero()[:, 0].tolist()], edit)
+            change, signed = self.value_change(lm, edit)  # from the model as it is before this fact's edit
+            signs = self._signs(lm, [layers[i] for i in mask.any(1).nonzero()[:, 0].tolist()], edit) if signed else {}
             with torch.no_grad():
                 for row, layer in enumerate(layers):
                     index = mask[row].nonzero()[:, 0]
                     if not len(index):
                         continue
                     weight = lm.adapter.out_proj_weight_view(layer)  # (out, in): neuron i's value is column i
-                    sign = signs[layer][index].to(weight.dtype)
-                    weight[:, index] += change.to(weight.dtype)[:, None] * sign[None, :]
+                    column = change.to(weight.dtype)[:, None].expand(-1, len(index))
+                    if signed:
+                        column = column * signs[layer][index].to(weight.dtype)[None, :]
+                    weight[:, index] += column
                     touched.setdefault(layer, set()).update(index.tolist())
         # Re-apply the step as one sparse delta from the weights before it, so checkout repeats the same ops.
         changes = {}
