@@ -3,7 +3,7 @@
 Prints, each with its ratio to a plain batched forward pass over 1,024 tokens measured
 in the same run (the yardstick):
 - ROME seconds per edit at the paper's optimisation budget (20 steps, 21 context
-  templates, early stop at NLL 0.05), with the upper layers fused and in bfloat16 (the
+  templates, early stop at total loss 0.05), with the upper layers fused and in bfloat16 (the
   default), through the model's own layers (v_stack=model), and in float32;
 - MEMIT and AlphaEdit seconds per edit at batch size 1 and 16;
 - covariance statistics for the default corpus: sampling the text, then the pass over it

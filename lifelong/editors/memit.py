@@ -190,7 +190,8 @@ class MEMITEditor(Editor):
 
 class AlphaEditEditor(MEMITEditor):
     name = "alphaedit"
-    description = "AlphaEdit: MEMIT's update projected onto the null space of preserved keys, past edits' keys kept"
+    description = ("AlphaEdit: MEMIT's update projected onto the null space of preserved keys "
+                   "(C's singular values below 2e-2), past edits' keys kept")
     Params = AlphaEditParams
 
     def __init__(self, params=None):
