@@ -3,8 +3,8 @@
 Prints, each with its ratio to a plain batched forward pass over 1,024 tokens measured
 in the same run (the yardstick):
 - ROME seconds per edit at the paper's optimisation budget (20 steps, 21 context
-  templates, early stop), with the upper layers fused in the default precision (``auto``:
-  bfloat16 where this machine runs it natively and fast, else float32), in float32 and in
+  templates, early stop at total loss 0.05), with the upper layers fused in the default
+  precision (``auto``: bfloat16 where this machine runs it natively and fast, else float32), in float32 and in
   bfloat16 explicitly, and through the model's own layers (v_stack=model); then ``auto``'s
   time as a ratio to the faster explicit dtype on the same edits. A variant that is clearly
   slow (emulated bfloat16: 30–70×) stops being timed once it has spent --variant-budget s;

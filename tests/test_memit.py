@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lifelong.editors import make_editor
+from lifelong.editors.locate import CONTEXT_TEMPLATES, average_key, capture_keys, contexts, fit_value, subject_token_index
 from tests.conftest import make_edits
 
 FAST = {"v_steps": "5", "templates": "3", "layers": "1,2", "cov_tokens": "1024"}
@@ -44,14 +45,18 @@ def test_memit_batch_updates_every_layer_with_rank_at_most_batch(tiny):
             assert torch.equal(p, before[name])
 
 
+# Random tiny models have flat key spectra: tiny-llama's C has no eigenvalue below the original's
+# 2e-2 (its smallest is ~0.11), so the tests raise the absolute threshold.
+ALPHA = {**FAST, "nullspace_threshold": "0.5"}
+
+
 def test_alphaedit_leaves_preserved_keys_outputs_unchanged(tiny):
-    # Random tiny models have flat key spectra: a larger fraction still leaves a null space.
-    editor = make_editor("alphaedit", {**FAST, "nullspace_threshold": "0.1"}).bind(tiny)
+    editor = make_editor("alphaedit", ALPHA).bind(tiny)
     delta = editor.apply(tiny, make_edits(2))
     for layer in (1, 2):
         c = editor.second_moment(tiny, layer)
-        values, vectors = torch.linalg.eigh(c)
-        preserved = vectors[:, values >= editor.params.nullspace_threshold * values.max()]  # preserved keys
+        u, s, _ = torch.linalg.svd(c)
+        preserved = u[:, s >= 0.5]  # preserved keys: singular values at or above the absolute threshold
         assert preserved.shape[1] > 0
         change = dense(delta.changes[tiny.adapter.out_proj_param_name(layer)])
         change = change.T if tiny.adapter.spec.transposed else change  # (out, in)
@@ -60,7 +65,7 @@ def test_alphaedit_leaves_preserved_keys_outputs_unchanged(tiny):
 
 
 def test_alphaedit_accumulates_keys_as_state(tiny):
-    editor = make_editor("alphaedit", {**FAST, "nullspace_threshold": "0.1"})
+    editor = make_editor("alphaedit", ALPHA)
     assert editor.state_dict() == {}
     editor.apply(tiny, make_edits(1))
     first = editor.state_dict()
@@ -70,11 +75,11 @@ def test_alphaedit_accumulates_keys_as_state(tiny):
     # A step saves only its own keys; restoring from the steps' states rebuilds the whole.
     second_step = editor.step_state()
     assert second_step["past_keys.2"].shape[1] == 2
-    rebuilt = make_editor("alphaedit", FAST)
+    rebuilt = make_editor("alphaedit", ALPHA)
     rebuilt.load_step_states([first, second_step])
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in editor.state_dict().items())
-    fresh = make_editor("alphaedit", FAST)
-    with pytest.raises(ValueError, match="no eigenvalue"):
+    fresh = make_editor("alphaedit", ALPHA)
+    with pytest.raises(ValueError, match="no eigenvalue below 1e-09; raise"):
         make_editor("alphaedit", {**FAST, "nullspace_threshold": "1e-9"}).apply(tiny, make_edits(1))
     fresh.load_state_dict(first)
     assert torch.equal(fresh.state_dict()["past_keys.1"], first["past_keys.1"])
@@ -95,3 +100,84 @@ def test_default_lambda_scales_with_key_width(tiny):
     assert editor.params.mom2_weight == pytest.approx(15000 * width / 16384)
     assert editor.hyperparameters()["mom2_weight"] == editor.params.mom2_weight  # recorded in manifests
     assert make_editor("memit", {"layers": "1", "mom2_weight": "7"}).bind(tiny).params.mom2_weight == 7
+
+
+def test_alphaedit_projector_from_svd_with_absolute_threshold(tiny):
+    """P = U_s U_sᵀ over the left singular vectors of C whose singular values are below the threshold
+    (AlphaEdit's get_project); nullspace_rule=relative compares them with threshold × the largest."""
+    for settings, limit in ((ALPHA, lambda s: 0.5), ({**FAST, "nullspace_rule": "relative",
+                                                      "nullspace_threshold": "0.1"}, lambda s: 0.1 * s.max())):
+        editor = make_editor("alphaedit", settings).bind(tiny)
+        for layer in (1, 2):
+            u, s, _ = torch.linalg.svd(editor.second_moment(tiny, layer))
+            basis = u[:, s < limit(s)]
+            assert 0 < basis.shape[1] < len(s)
+            torch.testing.assert_close(editor.projector(tiny, layer), basis @ basis.T, atol=1e-8, rtol=0)
+
+
+def test_alphaedit_solve_is_the_original_equation(tiny):
+    """ΔWᵀ = (P(K Kᵀ + Kₚ Kₚᵀ) + L2·I)⁻¹ P K Rᵀ with L2 = 10 (AlphaEdit_main.py)."""
+    editor = make_editor("alphaedit", ALPHA).bind(tiny)
+    assert editor.params.l2 == 10
+    m = tiny.adapter.out_proj_weight_view(1).shape[1]
+    d = tiny.adapter.out_proj_weight_view(1).shape[0]
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    past = torch.randn(m, 4, generator=gen, dtype=torch.float64)
+    residual = torch.randn(d, 3, generator=gen, dtype=torch.float64)
+    editor._past_keys[1] = past
+    u, v = editor.solve(tiny, 1, keys, residual)
+    p = editor.projector(tiny, 1)
+    expected = torch.linalg.solve(p @ (keys @ keys.T + past @ past.T) + 10 * torch.eye(m, dtype=torch.float64),
+                                  p @ keys @ residual.T)
+    torch.testing.assert_close((u @ v.T).T, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_original_defaults(tiny):
+    """hparams/MEMIT/*.json and hparams/AlphaEdit/Llama3-8B.json: clamp 0.75 of the layer output's norm,
+    6 context templates with grouped keys; AlphaEdit's absolute 2e-2 threshold and L2 = 10."""
+    memit = make_editor("memit", {}).params
+    assert (memit.clamp_norm, memit.v_scale, memit.templates, memit.key_average, memit.stop_on) == (
+        0.75, "layer_output", 6, "grouped", "total")
+    alpha = make_editor("alphaedit", {"layers": "1"}).bind(tiny).params
+    assert (alpha.nullspace_rule, alpha.nullspace_threshold, alpha.l2, alpha.clamp_norm) == ("absolute", 2e-2, 10, 0.75)
+    relative = make_editor("alphaedit", {"layers": "1", "nullspace_rule": "relative"}).bind(tiny).params
+    assert relative.nullspace_threshold == 1e-2
+    with pytest.raises(ValueError, match="nullspace_rule must be one of absolute, relative"):
+        make_editor("alphaedit", {"nullspace_rule": "fraction"}).bind(tiny)
+    with pytest.raises(ValueError, match="key_average must be one of uniform, grouped"):
+        make_editor("memit", {"key_average": "median"}).bind(tiny)
+
+
+def key_by_hand(lm, layer, text, subject):
+    with capture_keys(lm.adapter, layer) as seen, torch.no_grad():
+        lm.model(input_ids=torch.tensor([lm.tokenizer(text).input_ids]))
+    return seen[0][0, subject_token_index(lm.tokenizer, text, subject)].double()
+
+
+def test_grouped_key_average_weighs_bare_prompt_half(tiny):
+    """MEMIT's compute_ks: mean within each template group, then over the groups ([bare], [prefixed])."""
+    edit = make_edits(1)[0]
+    templates = CONTEXT_TEMPLATES[:6]
+    keys = [key_by_hand(tiny, 1, text, edit.subject) for text in contexts(edit, templates)]
+    grouped = 0.5 * keys[0] + 0.5 * torch.stack(keys[1:]).mean(0)
+    torch.testing.assert_close(average_key(tiny, 1, edit, templates, "grouped"), grouped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(average_key(tiny, 1, edit, templates), torch.stack(keys).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(average_key(tiny, 1, edit, templates[:1], "grouped"), keys[0], atol=1e-5, rtol=1e-5)
+
+
+def test_memit_z_is_scaled_by_the_layer_output(tiny):
+    """compute_z clamps ‖δ‖ to clamp_norm × ‖h‖ and adds weight_decay·‖δ‖/‖h‖², h the residual stream
+    leaving the layer at the bare prompt's subject token (not the MLP output, as ROME)."""
+    editor = make_editor("memit", {**FAST, "clamp_norm": "0.01", "v_dtype": "float32"}).bind(tiny)
+    edit = make_edits(1)[0]
+    fit = fit_value(tiny, 2, edit, editor.params, "memit")
+    ids = torch.tensor([tiny.tokenizer(edit.rendered_prompt).input_ids])
+    with torch.no_grad():
+        hidden = tiny.adapter.body()(input_ids=ids, output_hidden_states=True).hidden_states[3]  # leaving layer 2
+    h = hidden[0, subject_token_index(tiny.tokenizer, edit.rendered_prompt, edit.subject)].double()
+    delta = fit.value - fit.original
+    assert not torch.allclose(h.norm(), fit.original.norm(), rtol=0.05)  # the two scales differ
+    torch.testing.assert_close(fit.scale, h, atol=1e-5, rtol=1e-5)
+    assert delta.norm().item() == pytest.approx(0.01 * h.norm().item(), rel=1e-5)  # the clamp binds
+    assert fit.penalty == pytest.approx(0.5 * delta.norm().item() / h.norm().item() ** 2, rel=1e-5)

@@ -118,3 +118,27 @@ def test_one_pass_for_several_layers_matches_single_layers(tiny, tmp_path, monke
     monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "other-cache"))
     for layer in (1, 2):
         assert torch.allclose(both[layer], key_second_moment(tiny, layer, n_tokens=256, seq_len=32), atol=1e-10)
+
+
+def test_rome_v_is_scaled_by_the_mlp_output(tiny):
+    """ROME's compute_v: ‖δ‖ ≤ clamp_norm_factor × ‖v_orig‖ and the norm term weight_decay·‖δ‖/‖v_orig‖²,
+    v_orig the MLP output at the bare prompt's subject token (MEMIT's z* uses the layer output instead)."""
+    from lifelong.editors.locate import fit_value
+
+    defaults = make_editor("rome", {}).params
+    assert (defaults.clamp_norm, defaults.v_scale, defaults.templates, defaults.stop_on) == (
+        4.0, "mlp_output", 21, "total")
+    editor = make_editor("rome", {**FAST, "mom2": "false", "clamp_norm": "0.01", "v_dtype": "float32"}).bind(tiny)
+    edit = make_edits(1)[0]
+    fit = fit_value(tiny, 1, edit, editor.params, "rome")
+    seen = []
+    handle = tiny.adapter.out_proj(1).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        tiny.model(input_ids=torch.tensor([tiny.tokenizer(edit.rendered_prompt).input_ids]))
+    handle.remove()
+    v_orig = seen[0][0, subject_token_index(tiny.tokenizer, edit.rendered_prompt, edit.subject)].double()
+    delta = fit.value - fit.original
+    torch.testing.assert_close(fit.scale, v_orig, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fit.original, v_orig, atol=1e-5, rtol=1e-5)
+    assert delta.norm().item() == pytest.approx(0.01 * v_orig.norm().item(), rel=1e-5)
+    assert fit.penalty == pytest.approx(0.5 * delta.norm().item() / v_orig.norm().item() ** 2, rel=1e-5)

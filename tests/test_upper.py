@@ -69,7 +69,7 @@ def test_bfloat16_copy_is_rebuilt_when_an_upper_weight_changes(tiny):
 
 def test_value_fit_agrees_across_compute_dtypes(tiny):
     edit = make_edits(1)[0]
-    fits = {name: optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:3], steps=5, stop_nll=0.0,
+    fits = {name: optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:3], steps=5, stop_loss=0.0,
                                  stack=UpperStack(tiny.adapter, 2, compute_dtype(name, "test")))
             for name in ("float32", "bfloat16", "auto")}
     a = fits["float32"]
@@ -200,7 +200,7 @@ def test_fused_stack_computes_what_the_model_layers_compute(family):
 def test_value_fit_is_the_same_through_the_fused_stack():
     lm = llama_family_model("llama")
     edit = make_edits(1)[0]
-    fits = [optimize_value(lm, 1, edit, CONTEXT_TEMPLATES[:3], steps=6, stop_nll=0.0, stack=kind(lm.adapter, 2, torch.float32))
+    fits = [optimize_value(lm, 1, edit, CONTEXT_TEMPLATES[:3], steps=6, stop_loss=0.0, stack=kind(lm.adapter, 2, torch.float32))
             for kind in (UpperStack, FusedLlamaStack)]
     assert fits[0].steps == fits[1].steps == 6
     torch.testing.assert_close(fits[1].value, fits[0].value, atol=1e-4, rtol=1e-4)
@@ -230,3 +230,71 @@ def test_stack_kind_follows_the_family_and_the_setting(tiny):
     assert type(stacks.get(tiny, 1, "bfloat16", "rome", "model")) is UpperStack
     with pytest.raises(ValueError, match="v_stack must be one of"):
         ValueParams(v_stack="compiled").validate("rome")
+
+
+# ---------------------------------------------------------------- the v*/z* objective, against its formula
+
+def fit_float32(lm, edit, layer=1, **kwargs):
+    stack = UpperStack(lm.adapter, layer + 1, torch.float32)
+    return optimize_value(lm, layer, edit, CONTEXT_TEMPLATES[:3], stack=stack, **kwargs)
+
+
+def logprobs_with_delta(lm, layer, text, index, delta):
+    """log p(· | text) at token ``index`` through the whole model, δ added to layer ``layer``'s output there."""
+    def add(mod, args, out):
+        hidden = layer_output(out).clone()
+        hidden[:, index] += delta.to(hidden.dtype)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    ids = torch.tensor([lm.tokenizer(text).input_ids])
+    handle = lm.adapter.layer(layer).register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, index]
+    finally:
+        handle.remove()
+    return logits.double().log_softmax(-1)
+
+
+def test_kl_term_is_kl_of_edited_from_unedited_distribution(tiny):
+    """The originals' kl_div(log p_0, log p_δ, log_target=True, reduction="batchmean") is
+    KL(p_δ ‖ p_0) = Σ p_δ (log p_δ − log p_0) over one prompt: checked by hand through the model."""
+    edit = make_edits(1)[0]
+    fit = fit_float32(tiny, edit, steps=6, stop_loss=0.0)
+    delta = fit.value - fit.original
+    text = f"{edit.subject} is a"
+    index = subject_token_index(tiny.tokenizer, text, edit.subject)
+    now = logprobs_with_delta(tiny, 1, text, index, delta)
+    ref = logprobs_with_delta(tiny, 1, text, index, torch.zeros_like(delta))
+    by_hand = (now.exp() * (now - ref)).sum().item()
+    reverse = (ref.exp() * (ref - now)).sum().item()
+    assert by_hand > 1e-3 and abs(by_hand - reverse) > 5e-3 * by_hand  # the two directions differ here
+    assert abs(fit.kl - by_hand) < 0.1 * abs(by_hand - reverse), (fit.kl, by_hand, reverse)
+    assert fit.loss == pytest.approx(fit.nll + 0.0625 * fit.kl + fit.penalty, rel=1e-6)
+
+
+def test_early_stop_is_on_the_total_loss_by_default(tiny):
+    """Stop once NLL + KL + norm term < stop_loss (the originals); stop_on=nll stops on the NLL alone.
+    The last evaluation takes no gradient step, so `steps` evaluations return their own terms."""
+    edit = make_edits(1)[0]
+    reference = fit_float32(tiny, edit, steps=6, stop_loss=0.0)
+    assert reference.steps == 6 and reference.loss > reference.nll
+    threshold = reference.nll + 0.5 * (reference.loss - reference.nll)  # between the two at evaluation 6
+    on_nll = fit_float32(tiny, edit, steps=7, stop_loss=threshold, stop_on="nll")
+    on_total = fit_float32(tiny, edit, steps=7, stop_loss=threshold)
+    assert on_nll.steps <= 6 and on_nll.nll < threshold
+    assert on_total.steps == 7 or on_total.loss < threshold
+    assert on_total.steps > on_nll.steps
+    once = fit_float32(tiny, edit, steps=1, stop_loss=0.0)  # one evaluation, no step: δ = 0
+    assert torch.equal(once.value, once.original) and once.kl == 0 and once.penalty == 0
+
+
+def test_unknown_value_rules_are_refused(tiny):
+    from lifelong.editors import make_editor
+
+    with pytest.raises(ValueError, match="stop_on must be one of total, nll"):
+        make_editor("rome", {"stop_on": "loss"}).bind(tiny)
+    with pytest.raises(ValueError, match="v_scale must be one of mlp_output, layer_output"):
+        make_editor("memit", {"v_scale": "residual"}).bind(tiny)
+    with pytest.raises(ValueError, match="stop_on must be one of"):
+        optimize_value(tiny, 1, make_edits(1)[0], CONTEXT_TEMPLATES[:1], stop_on="kl")

@@ -98,26 +98,53 @@ def keys_at(lm: LoadedModel, layer: int, texts: Sequence[str], indices: Sequence
     return seen[0][rows, torch.tensor(list(indices), device=lm.device)].double()
 
 
-def average_key(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str]) -> torch.Tensor:
-    """ROME's key: the subject's last-token key averaged over context templates."""
+KEY_AVERAGES = ("uniform", "grouped")
+
+
+def key_weights(count: int, rule: str) -> torch.Tensor:
+    """Weights of the ``count`` context templates' keys in the averaged key (float64, sum 1).
+
+    "uniform": 1/count each (ROME's compute_u). "grouped": MEMIT's compute_ks, which averages
+    within each group of templates and then over the groups; its groups are the bare prompt and
+    the prefixed ones, so the bare prompt weighs ½ and each of the count − 1 others ½/(count − 1)."""
+    if rule not in KEY_AVERAGES:
+        raise ValueError(f"key_average must be one of {', '.join(KEY_AVERAGES)}, got '{rule}'")
+    if rule == "uniform" or count == 1:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    weights = torch.full((count,), 0.5 / (count - 1), dtype=torch.float64)
+    weights[0] = 0.5
+    return weights
+
+
+def average_key(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str],
+                rule: str = "uniform") -> torch.Tensor:
+    """The subject's last-token key averaged over context templates (the first is the bare
+    prompt), weighted by ``rule`` (see :func:`key_weights`)."""
     texts = contexts(edit, templates)
     idx = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
-    return keys_at(lm, layer, texts, idx).mean(0)
+    keys = keys_at(lm, layer, texts, idx)
+    return key_weights(len(texts), rule).to(keys.device) @ keys
 
 
 STACK_KINDS = ("fused", "model")
+STOP_RULES = ("total", "nll")
+# The vector whose norm scales δ's clamp and weight-decay term: ROME's v_orig (the MLP output at
+# the subject's last token) or, as MEMIT's compute_z, the residual stream leaving the layer there.
+SCALE_VECTORS = ("mlp_output", "layer_output")
 
 
 @dataclass
 class ValueParams:
     """Hyperparameters of the v* (ROME) / z* (MEMIT) optimisation, at the papers' defaults."""
 
-    v_steps: int = 20  # optimisation steps
+    v_steps: int = 20  # loss evaluations (the originals' v_num_grad_steps: a gradient step after each but the last)
     v_lr: float = 0.5
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
-    clamp_norm: float = 4.0
-    stop_nll: float = 0.05
+    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm × ‖scale vector‖
+    stop_loss: float = 0.05  # early stop once the loss named by stop_on falls below this
+    stop_on: str = "total"  # "total": NLL + KL + norm terms (the originals); "nll": the target NLL alone
+    v_scale: str = "mlp_output"  # the vector of SCALE_VECTORS scaling the clamp and the norm term
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
     # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
@@ -140,15 +167,28 @@ class ValueParams:
         check_dtype_setting(self.v_dtype, f"{editor}: v_dtype")
         if self.v_stack not in STACK_KINDS:
             raise ValueError(f"{editor}: v_stack must be one of {', '.join(STACK_KINDS)}, got '{self.v_stack}'")
+        check_value_rules(self.stop_on, self.v_scale, editor)
+
+
+def check_value_rules(stop_on: str, scale: str, editor: str) -> None:
+    """Refuse an unknown stopping rule or scale vector with a one-line message."""
+    if stop_on not in STOP_RULES:
+        raise ValueError(f"{editor}: stop_on must be one of {', '.join(STOP_RULES)}, got '{stop_on}'")
+    if scale not in SCALE_VECTORS:
+        raise ValueError(f"{editor}: v_scale must be one of {', '.join(SCALE_VECTORS)}, got '{scale}'")
 
 
 @dataclass
 class ValueFit:
     value: torch.Tensor  # v* = v_orig + δ (the projection's output that yields the target), float64
     original: torch.Tensor  # v_orig at the bare prompt
-    steps: int  # optimisation steps taken
+    steps: int  # loss evaluations (forward passes); the last one takes no gradient step
     nll: float  # final mean target NLL
     keys: torch.Tensor  # (templates, d_in) float64: the subject's last-token key per context template
+    kl: float = float("nan")  # final KL(p_δ ‖ p_0) on "{subject} is a", before kl_factor
+    penalty: float = float("nan")  # final weight_decay × ‖δ‖ / ‖scale‖²
+    loss: float = float("nan")  # final NLL + kl_factor × KL + penalty
+    scale: torch.Tensor | None = None  # the vector scaling the clamp and the norm term, float64
 
 
 class _StopForward(Exception):
@@ -258,15 +298,25 @@ class TargetNLL(torch.autograd.Function):
 
 def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str], *, steps: int = 20,
                    lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
-                   clamp_norm: float = 4.0, stop_nll: float = 0.05, stack: UpperStack | None = None) -> ValueFit:
-    """ROME's v*: Adam on δ at the subject's last token, for the target NLL over context
-    templates + a KL term keeping "{subject} is a" unchanged + a norm penalty on δ,
-    with ‖δ‖ clamped to ``clamp_norm`` × ‖v_orig‖ and early stopping at ``stop_nll``.
+                   clamp_norm: float = 4.0, stop_loss: float = 0.05, stop_on: str = "total",
+                   scale: str = "mlp_output", stack: UpperStack | None = None) -> ValueFit:
+    """ROME's v* / MEMIT's z*: Adam on δ at the subject's last token for
+
+        loss = NLL(target | context templates) + kl_factor · KL(p_δ ‖ p_0) + weight_decay · ‖δ‖ / ‖s‖²,
+
+    the KL on "{subject} is a" at the subject's last token (PyTorch's ``kl_div(log p_0, log p_δ,
+    log_target=True, reduction="batchmean")``, as the originals write it), with ‖δ‖ clamped to
+    ``clamp_norm`` × ‖s‖ after each step. s is ``scale``: ROME's v_orig ("mlp_output") or the
+    residual stream leaving the layer ("layer_output", MEMIT's compute_z), both at the bare
+    prompt's subject token. As in the originals, at most ``steps`` evaluations with a gradient
+    step after each but the last, stopping early once the loss named by ``stop_on`` ("total"
+    or "nll") is below ``stop_loss``.
 
     One pass up to ``layer`` (prefix cached) gives the keys, v_orig and the residual
     stream leaving it; each step then adds δ there and runs only the suffix through the
     layers above (``stack``, float32 unless given), with only δ requiring gradients. The
     KL reference is the first step's distribution (δ = 0), as in ROME."""
+    check_value_rules(stop_on, scale, "optimize_value")
     scorer = Scorer(lm.model, lm.tokenizer)
     texts = contexts(edit, templates) + [f"{edit.subject} is a"]  # the last one is the KL prompt
     target = scorer.encode(texts[0], edit.target_new)[1]
@@ -301,6 +351,7 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     finally:
         handle.remove()
     original, residual = seen["original"], seen["residual"]
+    anchor = (original if scale == "mlp_output" else residual[0, 0]).detach().clone()  # row 0: the bare prompt
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
     target_rows = scorer.unembed.weight.detach()[targets].float()  # for the exact target logits
@@ -308,8 +359,9 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
     delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
-    limit = clamp_norm * original.norm()
-    taken, nll_value, kl_ref = 0, float("nan"), None
+    limit = clamp_norm * anchor.norm()
+    taken, kl_ref = 0, None
+    terms = {"nll": float("nan"), "kl": float("nan"), "penalty": float("nan"), "loss": float("nan")}
     for taken in range(1, steps + 1):
         shifted = residual.clone()
         shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
@@ -317,23 +369,25 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
         logits = stack.logits(hidden)
         exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
         nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
-        kl_now = logits[answers].float().log_softmax(-1)
+        kl_now = logits[answers:].float().log_softmax(-1)  # (1, vocab): one KL prompt, as "batchmean" expects
         if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
             kl_ref = kl_now.detach()
-        kl = torch.nn.functional.kl_div(kl_now, kl_ref, log_target=True, reduction="sum")
-        penalty = weight_decay * delta.norm() / original.norm() ** 2
-        nll_value = nll.item()
-        if nll_value < stop_nll:
-            break
+        # kl_div(input, target) = Σ p_target (log p_target − input): KL(p_δ ‖ p_0), the originals' order.
+        kl = torch.nn.functional.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
+        penalty = weight_decay * delta.norm() / anchor.norm() ** 2
+        loss = nll + kl_factor * kl + penalty
+        terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
+        if terms["loss" if stop_on == "total" else "nll"] < stop_loss or taken == steps:
+            break  # the last evaluation takes no step: the terms above are those of the δ returned
         optimizer.zero_grad(set_to_none=True)
-        (nll + kl_factor * kl + penalty).backward()
+        loss.backward()
         optimizer.step()
         with torch.no_grad():
             if delta.norm() > limit:
                 delta.mul_(limit / delta.norm())
     original = original.double()
-    return ValueFit(value=original + delta.detach().double(), original=original, steps=taken, nll=nll_value,
-                    keys=seen["keys"])
+    return ValueFit(value=original + delta.detach().double(), original=original, steps=taken, keys=seen["keys"],
+                    scale=anchor.double(), **terms)
 
 
 class UpperStacks:
@@ -358,7 +412,8 @@ def fit_value(lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, edit
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
     return optimize_value(lm, layer, edit, params.context_templates(editor), steps=params.v_steps, lr=params.v_lr,
                           kl_factor=params.kl_factor, weight_decay=params.v_weight_decay,
-                          clamp_norm=params.clamp_norm, stop_nll=params.stop_nll, stack=stack)
+                          clamp_norm=params.clamp_norm, stop_loss=params.stop_loss, stop_on=params.stop_on,
+                          scale=params.v_scale, stack=stack)
 
 
 def lowrank_change(adapter: ArchAdapter, left_out: torch.Tensor, right_in: torch.Tensor,

@@ -6,12 +6,17 @@ straight into that residual stream). Then, layer by layer upwards, with K (m × 
 template-averaged keys on the current model and R = z − h (the remaining residual at L,
 recomputed after each lower layer is updated) spread over the layers still to go:
 
-    MEMIT:      Δ = Rₗ Kᵀ (λC + K Kᵀ)⁻¹                      solved in float64
-    AlphaEdit:  Δ = Rₗ Kᵀ P (Kₚ Kₚᵀ P + K Kᵀ P + I)⁻¹         P: projector on C's null space
+    MEMIT:      Δ = Rₗ Kᵀ (λC + K Kᵀ)⁻¹                        solved in float64
+    AlphaEdit:  Δ = Rₗ Kᵀ P (Kₚ Kₚᵀ P + K Kᵀ P + L2·I)⁻¹        P: projector on C's null space
 
-P spans the eigenvectors of C = E[kkᵀ] whose eigenvalues fall below a fraction of the largest, so
-Δ·k ≈ 0 for the keys of preserved knowledge; Kₚ holds the keys of earlier edits,
+P spans the eigenvectors of C = E[kkᵀ] whose eigenvalues (its singular values) fall below 2e-2,
+as the original's absolute threshold (``nullspace_rule=relative``: below a fraction of the
+largest), so Δ·k ≈ 0 for the keys of preserved knowledge; Kₚ holds the keys of earlier edits,
 accumulated across steps as editor state. Deltas are stored as factors of rank ≤ n.
+
+As in the original compute_z, δ's clamp (0.75 ×) and norm term are scaled by the residual stream
+leaving layer L at the subject's last token, not by the MLP output as in ROME; keys are averaged
+with the bare prompt weighing ½ and the prefixed templates ½ (compute_ks).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from lifelong.delta import Delta
 from lifelong.editors.base import Editor, default_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
-    UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch, subject_token_index,
+    KEY_AVERAGES, UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch,
+    subject_token_index,
 )
 from lifelong.models import LoadedModel
 from streams import Edit
@@ -34,15 +40,45 @@ from streams import Edit
 
 @dataclass
 class MEMITParams(ValueParams):
+    """MEMIT's settings where they differ from ROME's (hparams/MEMIT/*.json, memit_main.py):
+    z* clamped to 0.75 × the norm of the residual stream leaving the layer, which also scales its
+    norm term (compute_z), over 6 context templates (the bare prompt and 5 prefixed ones, as
+    MEMIT's get_context_templates), keys averaged bare ½ / prefixed ½ (compute_ks)."""
+
+    clamp_norm: float = 0.75
+    v_scale: str = "layer_output"
+    templates: int = 6
+    key_average: str = "grouped"  # "grouped": MEMIT's compute_ks; "uniform": every template alike
     layers: str | None = None  # e.g. "4,5,6,7,8"; None: five layers centred on num_layers // 5
     mom2_weight: float | None = None  # λ in λC + KKᵀ; None: 15000·m/16384 (see default_mom2_weight)
     cov_corpus: str = MODEL_SAMPLE
     cov_tokens: int = 20000
 
+    def validate(self, editor: str) -> None:
+        super().validate(editor)
+        if self.key_average not in KEY_AVERAGES:
+            raise ValueError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, "
+                             f"got '{self.key_average}'")
+
+
+NULLSPACE_RULES = {"absolute": 2e-2, "relative": 1e-2}  # rule -> its default threshold
+
 
 @dataclass
 class AlphaEditParams(MEMITParams):
-    nullspace_threshold: float = 1e-2  # eigenvalues of C below this × the largest span the null space
+    """AlphaEdit's own settings (hparams/AlphaEdit/Llama3-8B.json, AlphaEdit_main.py)."""
+
+    # "absolute": directions of C whose singular values fall below nullspace_threshold (the original,
+    # 2e-2); "relative": below nullspace_threshold × the largest (ours before, 1e-2).
+    nullspace_rule: str = "absolute"
+    nullspace_threshold: float | None = None  # None: the rule's default (NULLSPACE_RULES)
+    l2: float = 10.0  # the L2 · I term inside AlphaEdit's solve
+
+    def validate(self, editor: str) -> None:
+        super().validate(editor)
+        if self.nullspace_rule not in NULLSPACE_RULES:
+            raise ValueError(f"{editor}: nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, "
+                             f"got '{self.nullspace_rule}'")
 
 
 def default_mom2_weight(key_width: int) -> float:
@@ -142,7 +178,7 @@ class MEMITEditor(Editor):
 
         changes = {}
         for position, layer in enumerate(layers):
-            keys = torch.stack([average_key(lm, layer, e, templates) for e in batch], 1)  # m × n
+            keys = torch.stack([average_key(lm, layer, e, templates, p.key_average) for e in batch], 1)  # m × n
             residual = (targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)
             u, v = self.solve(lm, layer, keys, residual)
             name = lm.adapter.out_proj_param_name(layer)
@@ -154,7 +190,8 @@ class MEMITEditor(Editor):
 
 class AlphaEditEditor(MEMITEditor):
     name = "alphaedit"
-    description = "AlphaEdit: MEMIT's update projected onto the null space of preserved keys, past edits' keys kept"
+    description = ("AlphaEdit: MEMIT's update projected onto the null space of preserved keys "
+                   "(C's singular values below 2e-2), past edits' keys kept")
     Params = AlphaEditParams
 
     def __init__(self, params=None):
@@ -165,29 +202,44 @@ class AlphaEditEditor(MEMITEditor):
 
     incremental_state = True
 
+    def bind(self, lm: LoadedModel) -> "AlphaEditEditor":
+        super().bind(lm)
+        if self.params.nullspace_threshold is None:
+            self.params = dataclasses.replace(self.params,
+                                              nullspace_threshold=NULLSPACE_RULES[self.params.nullspace_rule])
+        return self
+
     def prepare(self, lm: LoadedModel) -> None:
         super().prepare(lm)
         for layer in self.layers(lm):
             self.projector(lm, layer)
 
-    def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
-        """P = Û Ûᵀ over the eigenvectors of C with eigenvalues below threshold × the largest.
+    def null_directions(self, values: torch.Tensor) -> torch.Tensor:
+        """Which of C's eigenvalues (= its singular values, C being symmetric PSD) span the null
+        space: below the threshold ("absolute", as the original) or below threshold × the largest."""
+        p = self.params
+        threshold = NULLSPACE_RULES[p.nullspace_rule] if p.nullspace_threshold is None else p.nullspace_threshold
+        limit = threshold * values.abs().max() if p.nullspace_rule == "relative" else threshold
+        return values.abs() < limit
 
-        Relative, so one default fits models whose key scales differ (SmolLM2's layer 6:
-        693 of 1536 directions at 1e-2)."""
+    def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
+        """P = Û Ûᵀ over the eigenvectors of C = E[kkᵀ] in its null space (see null_directions)."""
         if layer not in self._projectors:
             values, vectors = torch.linalg.eigh(self.second_moment(lm, layer))
-            basis = vectors[:, values < self.params.nullspace_threshold * values.max()]
+            basis = vectors[:, self.null_directions(values)]
             if basis.shape[1] == 0:
+                p = self.params
+                scale = " × the largest" if p.nullspace_rule == "relative" else ""
                 raise ValueError(f"alphaedit: C of layer {layer} has no eigenvalue below "
-                                 f"{self.params.nullspace_threshold} × the largest; raise nullspace_threshold")
+                                 f"{p.nullspace_threshold}{scale}; raise nullspace_threshold")
             self._projectors[layer] = basis @ basis.T
         return self._projectors[layer]
 
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
+        """AlphaEdit's ΔWᵀ = (P(K Kᵀ + Kₚ Kₚᵀ) + L2·I)⁻¹ P K Rᵀ, as factors (U, V) with ΔW = U Vᵀ."""
         proj = self.projector(lm, layer)
         past = self._past_keys.get(layer)
-        a = keys @ keys.T @ proj + torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+        a = keys @ keys.T @ proj + self.params.l2 * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
         if past is not None:
             a = a + past.to(proj.device) @ past.to(proj.device).T @ proj
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ
