@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from lifelong.delta import DeltaStore
 from lifelong.editors import make_editor
+from lifelong.editors.adaptor import label_id
 from lifelong.editors.grace import GRACEEditor, GRACEParams
 from lifelong.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
@@ -34,10 +35,52 @@ def test_codebook_add_expand_split_rules():
     assert g.add(key(5, 0), v, "a") == 1 and len(g) == 2 and float(g.eps[1]) == 1.0  # too far: a new key
     assert g.add(key(5.8, 0), v, "b") == 2 and len(g) == 3  # conflicting label: split
     assert float(g.eps[1]) == pytest.approx(0.4 - 1e-5) and float(g.eps[2]) == pytest.approx(0.4)
-    assert g.add(key(5.8, 0), v, "c") == 2 and len(g) == 3  # the same key: relabel, no zero-radius split
-    assert int(g.labels[2]) != int(g.labels[1])
     hit, idx = g.lookup(torch.stack([key(0.2, 0), key(5.1, 0), key(5.7, 0), key(3.2, 0), key(20, 0)]))
     assert hit.tolist() == [True, True, True, False, False] and idx[:3].tolist() == [0, 1, 2]
+    # The same key with another label: the original splits at d = 0 too (old ε = 0/2 − 1e-5, new ε = 0),
+    # and the older of two equal keys wins the lookup, so the key is served by neither edit.
+    assert g.add(key(5.8, 0), v, "c") == 3 and len(g) == 4
+    assert float(g.eps[2]) == pytest.approx(-1e-5) and float(g.eps[3]) == 0.0
+    hit, idx = g.lookup(key(5.8, 0)[None])
+    assert idx.tolist() == [2] and hit.tolist() == [False]
+
+
+def test_same_key_relabel_setting():
+    g = GRACEEditor(GRACEParams(eps_init=1.0, same_key="relabel"))
+    v = torch.zeros(3)
+    g.add(key(0, 0), v, "a")
+    assert g.add(key(0, 0), v, "b") == 0 and len(g) == 1 and float(g.eps[0]) == 1.0  # the entry takes "b"
+    assert int(g.labels[0]) == label_id("b")
+
+
+def _hooked(query):
+    """A 2-entry codebook on a bare hooked Linear, for hand checks of the query position."""
+    g = GRACEEditor(GRACEParams(eps_init=0.5, query=query))
+    g.add(key(1, 0), torch.tensor([10.0, 10.0]), "a")
+    layer = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.eye_(layer.weight)
+    layer.register_forward_hook(g._hook)
+    return g, layer
+
+
+@pytest.mark.parametrize("query", ["last", "every"])
+def test_query_position_by_hand(query):
+    g, layer = _hooked(query)
+    x = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [1.1, 0.0]],  # last token within ε of the key
+                      [[1.0, 0.0], [3.0, 0.0], [3.0, 1.0]]])  # only an earlier token within ε
+    with torch.no_grad():
+        y = layer(x)
+    want = x.clone()
+    want[0, 2] = 10.0  # the original (replace_last): the row's last token only
+    if query == "every":
+        want[0, 0] = want[1, 0] = 10.0  # our earlier rule: every position within ε
+    assert torch.equal(y, want)
+    g._mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # right padding: row 1's last real token is position 0
+    with torch.no_grad():
+        y = layer(x)
+    if query == "last":
+        want[1, 0] = 10.0
+    assert torch.equal(y, want)
 
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
@@ -75,13 +118,11 @@ def test_outside_every_radius_outputs_equal_base(edited, text):
     with torch.no_grad(), __import__("lifelong.editors.locate", fromlist=["capture_keys"]).capture_keys(
             lm.adapter, editor.params.layer) as seen:
         got = logits(lm, [text])
-    hit, _ = editor.lookup(seen[0].reshape(-1, seen[0].shape[-1]))
+    hit, _ = editor.lookup(seen[0][:, -1])  # the one query: the last token
     want = logits(base, [text])
+    assert torch.equal(got[0, :-1], want[0, :-1])  # only the last position can change
     if not bool(hit.any()):
         assert torch.equal(got, want)
-    else:  # within a radius: the positions before the first hit are still the base model's
-        first = int(hit.nonzero()[0])
-        assert torch.equal(got[0, :first], want[0, :first])
 
 
 def test_edit_prompt_is_inside_its_radius(edited):

@@ -1,15 +1,21 @@
 """GRACE: a codebook adaptor around one MLP output projection (Hartvigsen et al. 2023).
 
 The codebook holds keys (the projection's input at an edit prompt's last token),
-values (outputs trained per edit) and deferral radii ε. At inference every token
-position whose key lies within ε of its nearest codebook key gets that key's value
-as the projection's output; every other position passes through unchanged (bitwise).
+values (outputs trained per edit) and deferral radii ε. At inference, as in the public
+GRACE code (Thartvigsen/GRACE ``grace/editors/grace.py``, EasyEdit ``models/grace``), each
+row of a forward has one query: its last real token (EasyEdit's ``key_id = -1``; in a
+scorer's prompt pass, the prompt's last token; when generating, the new token); when the
+query lies within ε of its nearest key, that position's output becomes the key's value
+(``replacement: replace_last``, EasyEdit's hparams) and every other position passes
+through unchanged (bitwise). ``query=every`` (our earlier rule) looks up every position.
 Adding an edit with key h and label y, against the nearest entry i at distance d:
 
 - d > ε_i + ε_init: a new entry (h, value, ε_init);
 - otherwise, label y_i ≠ y (conflict): a new entry, and both radii split to d/2
-  (the old one a hair less, so the two balls do not touch); when d = 0 (the same
-  key, e.g. a round edit) there is nothing to split: the entry takes the new label;
+  (the old one a hair less, so the two balls do not touch). As in the original this
+  holds at d = 0 too (the same key, e.g. a round edit): the old radius becomes −1e-5,
+  the new one 0, and the older key wins the tie at lookup, so neither edit is served.
+  ``same_key=relabel`` (our earlier rule) lets the entry take the new label instead;
 - otherwise (same label): ε_i grows to d if d > ε_i ("coverage" expansion), no new key.
 
 The value used for the edit (new or nearest entry) is then trained by Adam on the
@@ -37,6 +43,8 @@ class GRACEParams:
     lr: float = 1.0  # Adam on the value, as the paper's edit_lr
     max_steps: int = 100  # the paper's n_iter
     stop_loss: float = 0.05  # stop once the target's mean token NLL is below this
+    query: str = "last"  # last: one query per row, its last token (original); every: every position
+    same_key: str = "split"  # split: the original's rule at d = 0 too; relabel: the entry takes the new label
 
 
 class GRACEEditor(AdaptorEditor):
@@ -46,8 +54,13 @@ class GRACEEditor(AdaptorEditor):
 
     def __init__(self, params=None):
         super().__init__(params)
+        if self.params.query not in ("last", "every"):
+            raise ValueError(f"grace: query must be last or every, got '{self.params.query}'")
+        if self.params.same_key not in ("split", "relabel"):
+            raise ValueError(f"grace: same_key must be split or relabel, got '{self.params.same_key}'")
         self.reset()
         self._training: tuple[int, torch.Tensor] | None = None  # (entry, value being trained)
+        self._query_at: int | None = None  # while training: the edit prompt's last position (the key's)
         self._bypass = False  # True: the hook passes everything through (warm-value computation)
 
     def reset(self) -> None:
@@ -95,7 +108,7 @@ class GRACEEditor(AdaptorEditor):
                 if d > float(self.eps[i]):
                     self.eps[i] = d
                 return i
-            if d <= 1e-6:  # the very same key: splitting would leave no radius; the newer label wins
+            if d <= 1e-6 and self.params.same_key == "relabel":  # the same key: the newer label wins
                 self.labels[i] = y
                 return i
             self._append(key, value, d / 2, y)  # conflict: split the two radii
@@ -115,7 +128,8 @@ class GRACEEditor(AdaptorEditor):
 
     # -- inference
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For (n, d_in) queries: whether each is within its nearest key's radius, and that key's index."""
+        """For (n, d_in) queries: whether each is within its nearest key's radius, and that key's index
+        (the first, i.e. oldest, of equally near keys, as the original's ``min``)."""
         keys = self.keys.to(queries.device)
         d = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
         dist, idx = d.min(1)
@@ -125,15 +139,36 @@ class GRACEEditor(AdaptorEditor):
         if not len(self) or self._bypass:
             return out
         x = args[0]
-        hit, idx = self.lookup(x.reshape(-1, x.shape[-1]))
+        if self.params.query == "every":
+            hit, idx = self.lookup(x.reshape(-1, x.shape[-1]))
+            if not bool(hit.any()):
+                return out
+            flat = torch.where(hit[:, None], self._values(idx, out), out.reshape(-1, out.shape[-1]))
+            return flat.view_as(out)
+        rows, length = x.shape[0], x.shape[1]
+        if self._query_at is not None:  # an edit's training forward: the key's own position
+            cols = torch.full((rows,), self._query_at, dtype=torch.long)
+            present = torch.ones(rows, dtype=torch.bool)
+        else:  # each row's last real token
+            real = self.token_mask(x.shape[:2])
+            present = real.any(1)
+            cols = (real.long() * torch.arange(1, length + 1)).argmax(1)
+        cols, present = cols.to(x.device), present.to(x.device)
+        hit, idx = self.lookup(x[torch.arange(rows, device=x.device), cols])
+        hit = hit & present
         if not bool(hit.any()):
             return out
+        at = torch.zeros(rows, length, dtype=torch.bool, device=x.device)
+        at[torch.arange(rows, device=x.device), cols] = hit
+        return torch.where(at[..., None], self._values(idx, out)[:, None, :], out)
+
+    def _values(self, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Codebook values of entries ``idx``; the entry being trained uses its differentiable value."""
         values = self.values.to(out.device, out.dtype)[idx]
-        if self._training is not None:  # the entry being trained uses its differentiable value
+        if self._training is not None:
             entry, value = self._training
             values = torch.where((idx == entry)[:, None], value.to(out.dtype)[None], values)
-        flat = torch.where(hit[:, None], values, out.reshape(-1, out.shape[-1]))
-        return flat.view_as(out)
+        return values
 
     # -- editing
     def edit_one(self, lm: LoadedModel, edit: Edit) -> int:
@@ -156,7 +191,7 @@ class GRACEEditor(AdaptorEditor):
         upper = UpperLayers(lm, p.layer, batch)
         value = self.values[entry].clone().to(lm.device).requires_grad_(True)
         optimizer = torch.optim.Adam([value], lr=p.lr)
-        self._training = (entry, value)
+        self._training, self._query_at = (entry, value), position
         try:
             for _ in range(p.max_steps):
                 loss = target_nll(upper)
@@ -166,6 +201,6 @@ class GRACEEditor(AdaptorEditor):
                 loss.backward()
                 optimizer.step()
         finally:
-            self._training = None
+            self._training, self._query_at = None, None
         self.values[entry] = value.detach().float().cpu()
         return entry
