@@ -8,7 +8,9 @@ A chain completes at the step where its last edit is applied. Then, per chain:
 * conflict chains (``conflict-e1`` then ``conflict-e2``): ``conflict_score_explicit``,
   ``conflict_score_implicit`` (reverse and composite only), ``conflict_magnitude`` (θm, the model
   right after e1, checked out of the delta store when not remembered), ``tied_fact_damage``
-  (composite chains whose tied fact the stream holds as a ``tied-fact`` record).
+  (composite chains whose tied fact the stream holds as a ``tied-fact`` record; its protocol adds
+  the reference model, ``;ref=theta0`` (default, as the Pitfalls code's ``summarize.py``) or
+  ``;ref=thetam`` (the model right after e1, as the paper's equation); option ``tfd_ref``).
 
 P_θ(o | s, r) is the mean of p_θ(o | x) over the edit's prompt and paraphrases, with p (option
 ``prob``) the Pitfalls code's ``meantok`` = exp(−mean token NLL) of the answer (default; its
@@ -35,11 +37,17 @@ Query = tuple[tuple[str, ...], str]  # (prompts, answer): P = mean over prompts 
 
 PROB_KINDS = ("meantok", "seq")  # exp(-mean token NLL) (Pitfalls), whole-answer probability
 PROB_ALIASES = {"token": "meantok", "sequence": "seq"}  # the names these options had before
+TFD_REFS = ("theta0", "thetam")  # tied-fact damage's reference model: θ0 (Pitfalls code), θm (paper's equation)
 
 
 def chain_protocol(when: str, prob: str) -> str:
     """Row protocol: when the chain is measured (``completion`` / ``later``) and the p used."""
     return f"{when};p={prob}"
+
+
+def tfd_protocol(protocol: str, ref: str) -> str:
+    """A tied-fact damage row's protocol: the chain protocol plus its reference model, ``;ref=theta0|thetam``."""
+    return f"{protocol};ref={ref}"
 
 
 def protocol_when(protocol: str) -> str:
@@ -52,11 +60,14 @@ class ChainOptions:
     """``remeasure``: re-measure completed chains every K steps after completion and at the last
     step (0: never); ``ir_threshold``: FR counts round chains with IR above it; ``prob``:
     ``meantok`` (per-token geometric mean exp(-mean NLL), as the Pitfalls code) or ``seq`` (the
-    whole answer's probability); ``token`` / ``sequence`` are read as these."""
+    whole answer's probability); ``token`` / ``sequence`` are read as these; ``tfd_ref``: the
+    reference of tied-fact damage, ``theta0`` (the Pitfalls code's ``summarize.py``: (P_θ0 − P_θb) /
+    P_θ0, default), ``thetam`` (the model right after e1, as the paper's equation) or ``both``."""
 
     remeasure: int = 0
     ir_threshold: float = 0.5
     prob: str = "meantok"
+    tfd_ref: str = "theta0"
 
     def __post_init__(self):
         if self.remeasure < 0:
@@ -66,6 +77,12 @@ class ChainOptions:
         self.prob = PROB_ALIASES.get(self.prob, self.prob)
         if self.prob not in PROB_KINDS:
             raise ValueError(f"chains.prob must be 'meantok' or 'seq', got {self.prob!r}")
+        if self.tfd_ref not in (*TFD_REFS, "both"):
+            raise ValueError(f"chains.tfd_ref must be 'theta0', 'thetam' or 'both', got {self.tfd_ref!r}")
+
+    @property
+    def tfd_refs(self) -> tuple[str, ...]:
+        return TFD_REFS if self.tfd_ref == "both" else (self.tfd_ref,)
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ class ConflictPlan:
     end_step: int
 
     def anchor_queries(self) -> list[Query]:
-        return [self.e1]
+        return [self.e1] + ([self.tied] if self.tied is not None else [])  # θm: CM, and TFD with ref=thetam
 
     def queries(self) -> list[Query]:
         return [q for q in (self.e1, self.e2, self.implied, self.tied) if q is not None]
@@ -317,9 +334,13 @@ class ChainProbe(Probe):
             rows.append(row("conflict_score_implicit", dm.conflict_score_implicit(now[p.implied], e1_now)))
         if anchor[p.e1] > 0:
             rows.append(row("conflict_magnitude", dm.conflict_magnitude(anchor[p.e1], e1_now)))
-        p0 = ctx.reference.get("tied_p0", {}).get(p.chain_id)
-        if p.tied is not None and p0 is not None and p0 > 0:
-            rows.append(row("tied_fact_damage", dm.tied_fact_damage(p0, now[p.tied])))
+        if p.tied is not None:
+            refs = {"theta0": ctx.reference.get("tied_p0", {}).get(p.chain_id), "thetam": anchor.get(p.tied)}
+            for ref in self.options.tfd_refs:
+                p_ref = refs[ref]
+                if p_ref is not None and p_ref > 0:
+                    rows.append(Row(self.name, "tied_fact_damage", tfd_protocol(protocol, ref),
+                                    float(dm.tied_fact_damage(p_ref, now[p.tied])), p.chain_id))
         return rows, None
 
 
@@ -329,4 +350,4 @@ def chain_kinds(steps: Sequence[tuple[Edit, ...]], facts: Sequence[Edit] = ()) -
 
 
 __all__ = ["ChainOptions", "ChainProbe", "ConflictPlan", "PROB_KINDS", "RoundPlan", "chain_kinds", "chain_plans",
-           "chain_protocol", "prompt_set", "protocol_when"]
+           "TFD_REFS", "chain_protocol", "prompt_set", "protocol_when", "tfd_protocol"]

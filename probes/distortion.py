@@ -167,10 +167,15 @@ def conflict_magnitude(p_m, p_b):
     return _out(np.maximum(_ratio(p_m - np.asarray(p_b, dtype=float), p_m, "p_m"), -1.0))
 
 
-def tied_fact_damage(p0, pb):
-    """TFD = (P_θ0(k_f) − P_θb(k_f)) / P_θ0(k_f), unclamped (a gain gives a negative value)."""
-    p0 = np.asarray(p0, dtype=float)
-    return _out(_ratio(p0 - np.asarray(pb, dtype=float), p0, "p0"))
+def tied_fact_damage(p_ref, pb):
+    """TFD = (P_ref(k_f) − P_θb(k_f)) / P_ref(k_f), unclamped (a gain gives a negative value).
+
+    The reference is the caller's choice, and rows name it: θ0, the unedited model, as the
+    Pitfalls code computes it (``summarize.py``: ``(fact_0 - fact_2) / fact_0``; the default), or
+    θm, the model right after e1, as the paper's equation writes it (protocol ``ref=thetam``).
+    """
+    p_ref = np.asarray(p_ref, dtype=float)
+    return _out(_ratio(p_ref - np.asarray(pb, dtype=float), p_ref, "p_ref"))
 
 
 __all__ = [

@@ -211,7 +211,8 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
     expected[(7, "conflict_score_implicit", C, "comp")] = float(P(7, c1, "Lambda") > P(7, c1, "Kappa"))
     expected[(7, "conflict_magnitude", C, "comp")] = dm.conflict_magnitude(P(6, c1, "Kappa"), P(7, c1, "Kappa"))
     tied = ("The mother of Eps is",)
-    expected[(7, "tied_fact_damage", C, "comp")] = dm.tied_fact_damage(P(0, tied, "Zeta"), P(7, tied, "Zeta"))
+    expected[(7, "tied_fact_damage", C + ";ref=theta0", "comp")] = dm.tied_fact_damage(P(0, tied, "Zeta"),
+                                                                                        P(7, tied, "Zeta"))
     # 2-round chain: a = 11 (o* = Kyiv), b = 12; FR now over both round chains
     pr2 = ("The capital of Omega is",)
     obj2 = ("Rome", "Oslo", "Bern")
@@ -237,7 +238,9 @@ def test_rows_appear_at_completion_and_remeasure_steps_only(walked):
     metrics = {e: {m for (k, m, p, e2) in table if e2 == e and p == C} for e in ("r1", "rev", "comp", "cov")}
     assert metrics["r1"] == {"round_success", "distortion_js", "distortion_js_pitfalls", "ignore_rate"}
     assert metrics["rev"] == {"conflict_score_explicit", "conflict_score_implicit", "conflict_magnitude"}
-    assert metrics["comp"] == metrics["rev"] | {"tied_fact_damage"}
+    assert metrics["comp"] == metrics["rev"]  # TFD rows name their reference model: protocol C + ";ref=theta0"
+    assert {m for (k, m, p, e) in table if e == "comp" and p == C + ";ref=theta0"} == {"tied_fact_damage"}
+    assert not any(p.endswith("ref=thetam") for (k, m, p, e) in table)  # θm is the named variant, off by default
     assert metrics["cov"] == {"conflict_score_explicit", "conflict_magnitude"}
 
 
@@ -376,7 +379,7 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
     cms = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("protocol") == C))["value"]
     assert lines[("conflict magnitude (CM)", C)] == pytest.approx(cms.mean())
     assert lines[("failure rate (FR)", C)] in (0.0, 1.0)  # one round chain
-    assert ("tied fact damage (TFD)", "last;p=meantok") in lines
+    assert ("tied fact damage (TFD)", "last;p=meantok;ref=theta0") in lines
     assert result.run.plots_dir / "chains.png" in plot_run(result.run)
 
 
@@ -419,3 +422,34 @@ def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
     got = {(r.metric, r.protocol): r.value for r in rows}
     assert got[("conflict_magnitude", f"completion;p={prob}")] == pytest.approx(cm)
     assert got[("conflict_score_explicit", f"completion;p={prob}")] == cs
+
+
+@pytest.mark.parametrize("tfd_ref, expected", [("theta0", {"theta0": 0.75}), ("thetam", {"thetam": 0.5}),
+                                                ("both", {"theta0": 0.75, "thetam": 0.5})])
+def test_tied_fact_damage_reference_by_hand(tfd_ref, expected):
+    """Composite chain: tied fact k_f = (Eps, mother, Zeta) at P 0.4 under θ0, 0.2 after e1 (θm, step 1),
+    0.1 after e2 (θb, step 2). ref=theta0 (the Pitfalls code's summarize.py, default):
+    (0.4 − 0.1)/0.4 = 0.75; ref=thetam (the paper's equation): (0.2 − 0.1)/0.2 = 0.5."""
+    edits = [ed("t", 0, "Eps", "The mother of {} is", "Zeta", None, "comp", "tied-fact", "mother"),
+             ed("e1", 0, "Zeta", "The spouse of {} is", "Kappa", "Iota", "comp", "conflict-e1", "spouse"),
+             ed("e2", 1, "Eps", "The father of {} is", "Lambda", "Kappa", "comp", "conflict-e2", "father")]
+    steps, facts = split(edits)
+    t, c1, c2 = "The mother of Eps is", "The spouse of Zeta is", "The father of Eps is"
+    base = {(c1, "Kappa"): (0.1,), (c1, "Lambda"): (0.1,), (c2, "Lambda"): (0.1,)}
+    tables = [base | {(t, "Zeta"): (0.4,)}, base | {(t, "Zeta"): (0.2,)}, base | {(t, "Zeta"): (0.1,)}]
+    scorer = TokenScorer(tables)
+    probe = ChainProbe("every:1", ChainProbe.Options(tfd_ref=tfd_ref))
+    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
+                                              steps=steps, facts=facts))
+    rows = []
+    for k in (1, 2):
+        scorer.state = k
+        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
+                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
+                                           facts=facts))
+    got = {r.protocol.rsplit("ref=", 1)[1]: r.value for r in rows if r.metric == "tied_fact_damage"}
+    assert got == pytest.approx(expected)
+    assert {r.protocol for r in rows if r.metric == "tied_fact_damage"} == {f"completion;p=meantok;ref={ref}"
+                                                                            for ref in expected}
+    with pytest.raises(ValueError, match="tfd_ref"):
+        ChainProbe.Options(tfd_ref="theta1")

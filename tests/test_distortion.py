@@ -114,6 +114,15 @@ def test_conflict_magnitude_clamps_at_minus_one():
         conflict_magnitude(0.0, 0.1)
 
 
+def test_tied_fact_damage_reference_is_the_callers():
+    """Hand case: P_θ0(k_f) = 0.5, P_θm(k_f) = 0.4 (after e1), P_θb(k_f) = 0.3 (after e2).
+    θ0 reference (Pitfalls code): (0.5 − 0.3)/0.5 = 0.4; θm reference (paper): (0.4 − 0.3)/0.4 = 0.25."""
+    assert tied_fact_damage(0.5, 0.3) == pytest.approx(0.4)
+    assert tied_fact_damage(0.4, 0.3) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="p_ref"):
+        tied_fact_damage(0.0, 0.3)
+
+
 def test_tied_fact_damage_is_unclamped():
     assert tied_fact_damage(0.4, 0.1) == pytest.approx(0.75)
     assert tied_fact_damage(0.1, 0.15) == pytest.approx(-0.5)
