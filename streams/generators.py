@@ -54,37 +54,65 @@ def plain_edits(facts: FactSet | Iterable[Fact], prefix: str = "plain") -> list[
     return out
 
 
-def round_chains(facts: FactSet | Iterable[Fact], k: int = 1, seed: int = 0, prefix: str = "round") -> list[Chain]:
+ROUND_OBJ = ("true", "relation")  # Obj of a generated round chain: true objects of (s, r) (Pitfalls), or the old rule
+
+
+def round_chains(
+    facts: FactSet | Iterable[Fact], k: int = 1, seed: int = 0, prefix: str = "round", obj: str = "true"
+) -> list[Chain]:
     """Round edits o → o1* → … → ok* → o, one chain per fact.
 
     o1* is the fact's ``target_new``; for k > 1 the further ok* are distinct
-    candidates of the relation drawn with ``seed``. Every edit that moves away
-    from o has role ``round-out``; the final return to o is ``round-back``.
-    Facts whose relation has too few candidates for k new objects are left
-    out (see :func:`round_chains_report` for which).
+    candidates of the relation drawn with ``seed`` (never a true object of the
+    subject). Every edit that moves away from o has role ``round-out``; the
+    final return to o is ``round-back``. Facts whose relation has too few
+    candidates for k new objects are left out (see :func:`round_chains_report`).
+
+    Each edit's ``candidates`` hold Obj followed by the chain's new objects, as
+    the Pitfalls reader lays them out; the chain probe's Obj is ``candidates``
+    without the new objects. ``obj="true"`` (default, as Pitfalls RoundEdit):
+    Obj = the true objects of (s, r), o first — every fact in ``facts`` with the
+    same subject and relation adds its ``target_true`` (a 1-to-N relation); with
+    one fact per (s, r), Obj = {o} and the probe reports no distortion or ignore
+    rate for the chain. ``obj="relation"`` (the former rule, not Pitfalls'): Obj =
+    o and the relation's other candidates, which are false objects of s.
     """
-    return round_chains_report(facts, k, seed, prefix)[0]
+    return round_chains_report(facts, k, seed, prefix, obj)[0]
 
 
 def round_chains_report(
-    facts: FactSet | Iterable[Fact], k: int = 1, seed: int = 0, prefix: str = "round"
+    facts: FactSet | Iterable[Fact], k: int = 1, seed: int = 0, prefix: str = "round", obj: str = "true"
 ) -> tuple[list[Chain], list[tuple[str, str]]]:
     """:func:`round_chains` plus the (fact id, reason) of facts left out."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if obj not in ROUND_OBJ:
+        raise ValueError(f"obj must be 'true' or 'relation', got {obj!r}")
     rng = np.random.default_rng(seed)
+    facts = _facts(facts)
+    trues: dict[tuple[str, str], list[str]] = {}
+    for f in facts:
+        trues.setdefault((f.subject, f.relation.id), []).append(f.target_true)
     chains, left = [], []
-    for f in _facts(facts):
-        extra = _other_objects(f, (f.target_true, f.target_new), k - 1, rng)
+    for f in facts:
+        true_objects = list(dict.fromkeys([f.target_true, *trues[(f.subject, f.relation.id)]]))
+        if f.target_new in true_objects:
+            left.append((f.id, f"target_new {f.target_new!r} is a true object of ({f.subject!r}, {f.relation.id!r})"))
+            continue
+        extra = _other_objects(f, (*true_objects, f.target_new), k - 1, rng)
         if extra is None:
             left.append((f.id, f"relation {f.relation.id!r} has too few candidates for a {k}-round edit"))
             continue
+        new = [f.target_new, *extra]
+        base = true_objects if obj == "true" else [f.target_true, *f.relation.candidates]
+        candidates = tuple(dict.fromkeys([*(c for c in base if c not in new), *new]))
         cid = f"{prefix}-{f.id}"
-        path = [f.target_true, f.target_new, *extra, f.target_true]
+        path = [f.target_true, *new, f.target_true]
         edits = []
         for j in range(len(path) - 1):
             role = "round-back" if j == len(path) - 2 else "round-out"
-            edits.append(_edit(f, f"{cid}-{j}", path[j], path[j + 1], ChainLink(cid, role)))
+            edit = _edit(f, f"{cid}-{j}", path[j], path[j + 1], ChainLink(cid, role))
+            edits.append(replace(edit, candidates=candidates))
         chains.append(tuple(edits))
     return chains, left
 
@@ -319,7 +347,7 @@ def layout(
 
 
 __all__ = [
-    "Chain", "chains_of", "plain_edits", "round_chains", "round_chains_report", "coverage_chains", "reverse_chains",
+    "Chain", "ROUND_OBJ", "chains_of", "plain_edits", "round_chains", "round_chains_report", "coverage_chains", "reverse_chains",
     "composite_chains", "multihop_chains",
     "timestamps", "layout",
 ]

@@ -48,7 +48,45 @@ def test_round_chains_k1():
     assert (out.target_true, out.target_new, back.target_true, back.target_new) == ("Paris", "Rome", "Rome", "Paris")
     assert (out.chain.role, back.chain.role) == ("round-out", "round-back")
     assert out.chain.chain_id == back.chain.chain_id == "round-fr"
-    assert out.paraphrases == ("France's capital is",) and out.candidates == CAP.candidates
+    assert out.paraphrases == ("France's capital is",)
+    # Obj = the true objects of (s, r), o first, then the chain's new objects (as the Pitfalls reader);
+    # this test used to pin candidates == the relation's candidates (false objects of France), the
+    # former rule, now obj="relation"
+    assert out.candidates == back.candidates == ("Paris", "Rome")
+
+
+def test_round_chains_obj_is_the_true_objects_of_subject_and_relation():
+    """A 1-to-N relation: France's 'city' facts give Obj = (Paris, Lyon), o first; o* = Rome stays out
+    of Obj and is no true object; k = 2 draws its extra object among false candidates only."""
+    from probes.chains import chain_plans
+
+    city = Relation("city", "A city of {} is", (), ("Paris", "Lyon", "Rome", "Berlin", "Madrid"))
+    fs = [Fact("fr1", "France", city, "Paris", "Rome", ()), Fact("fr2", "France", city, "Lyon", "Madrid", ()),
+          Fact("de", "Germany", city, "Berlin", "Paris", ())]
+    chains = round_chains(fs)
+    assert [c[0].candidates for c in chains] == [("Paris", "Lyon", "Rome"), ("Lyon", "Paris", "Madrid"),
+                                                 ("Berlin", "Paris")]
+    plans = chain_plans([(e,) for c in chains for e in c])
+    assert [plans[c[0].chain.chain_id].objects for c in chains] == [("Paris", "Lyon"), ("Lyon", "Paris"), ("Berlin",)]
+    for seed in range(5):
+        two = round_chains(fs[:2], k=2, seed=seed)
+        assert two[0][1].target_new in ("Berlin", "Madrid")  # never Lyon, France's other true object
+        assert plans_objects(two[0]) == ("Paris", "Lyon")
+    # the former rule, named: Obj = o and the relation's other candidates
+    old = round_chains(fs, obj="relation")
+    assert plans_objects(old[0]) == ("Paris", "Lyon", "Berlin", "Madrid")
+    assert [e.target_new for e in old[0]] == [e.target_new for e in chains[0]]
+    # o* among the subject's true objects is no round edit away from the truth: left out, with a reason
+    _, left = round_chains_report([Fact("a", "France", city, "Paris", "Lyon", ()), fs[1]])
+    assert left == [("a", "target_new 'Lyon' is a true object of ('France', 'city')")]
+    with pytest.raises(ValueError, match="obj"):
+        round_chains(fs, obj="false")
+
+
+def plans_objects(chain):
+    from probes.chains import chain_plans
+
+    return chain_plans([(e,) for e in chain])[chain[0].chain.chain_id].objects
 
 
 def test_round_chains_k3_and_left_out():
