@@ -5,6 +5,16 @@ ROUGE-L or entity F1), ``diff`` = score(θt) − score(θ0), ``ratio`` = score(�
 (NaN when θ0 scored 0); likelihood tasks add ``gold_logprob`` (mean token log-probability of the
 right choice: moves before accuracy does) and its ``gold_logprob_diff``; ROUGE tasks add
 ``rouge1``/``rouge2``/``rougeL``.
+
+Two named protocols (option ``protocol``):
+
+* ``likelihood`` (default; rows' protocol = the task name, as before): choices by answer
+  log-likelihood, open QA by exact match, summaries by ROUGE-L F1 (stemmed);
+* ``seed`` (rows' protocol = ``<task>;seed``, ``mean;seed``): the seed study's (Gu et al., "Model
+  Editing Harms General Abilities …", code JasonForJoy/Model-Editing-Hurt) — every task answered by
+  greedy generation; a choice answer that gives no valid option is wrong (``score`` over all items,
+  so it can reach 0; extra row ``valid``); open QA hits when a run of words of the normalised answer
+  equals a normalised reference; summaries score the mean of ROUGE-1/2/L F1 (0 when empty).
 """
 
 from __future__ import annotations
@@ -14,10 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
-from probes.tasks import ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, generate, load_task, score_generations
+from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, generate, load_task,
+                          score_choice_generations, score_generations)
 
 # Generation length per metric: short answers, a worked solution, a one-sentence summary, an entity list.
-MAX_NEW_TOKENS = {"em": 16, "number": 96, "rouge": 48, "entity_f1": 48}
+MAX_NEW_TOKENS = {"em": 16, "number": 96, "rouge": 48, "entity_f1": 48, "choice": 4}
+PROTOCOLS = ("likelihood", "seed")
 
 
 def split_list(value: str) -> list[str]:
@@ -39,6 +51,7 @@ class DownstreamProbe(Probe):
         items: int = 40  # first N items of each task (0: all)
         choice_score: str = "mean"  # mean or sum token log-probability picks the choice
         max_new_tokens: int = 0  # generation length (0: per-metric default)
+        protocol: str = "likelihood"  # likelihood (default) or seed (generation with validity; see the module doc)
 
     def __init__(self, schedule=None, options=None):
         super().__init__(schedule, options)
@@ -50,6 +63,8 @@ class DownstreamProbe(Probe):
                              f"joined by '+' from {', '.join(ALL_TASKS)}")
         if o.choice_score not in ("mean", "sum"):
             raise ValueError(f"choice_score must be mean or sum (got '{o.choice_score}')")
+        if o.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be likelihood or seed (got '{o.protocol}')")
         if o.items < 0:
             raise ValueError(f"items must be 0 (all) or more (got {o.items})")
         # Read now: a missing file fails before the run starts.
@@ -62,7 +77,14 @@ class DownstreamProbe(Probe):
         """Per task: score and extras. Every likelihood task goes through one scorer call."""
         out: dict[str, dict[str, float]] = {}
         choice_tasks = [n for n, items in self.tasks.items() if items and isinstance(items[0], Choice)]
-        if choice_tasks:
+        seed = self.options.protocol == "seed"
+        if choice_tasks and seed:
+            for n in choice_tasks:
+                items = self.tasks[n]
+                limit = self.options.max_new_tokens or MAX_NEW_TOKENS["choice"]
+                predictions = generate(ctx.scorer.model, ctx.scorer.tokenizer, [it.prompt for it in items], limit)
+                out[n] = score_choice_generations(items, predictions)
+        elif choice_tasks:
             all_items = [it for n in choice_tasks for it in self.tasks[n]]
             predicted, gold_lp = choice_predictions(ctx.scorer, all_items, self.options.choice_score)
             start = 0
@@ -78,22 +100,24 @@ class DownstreamProbe(Probe):
             model, tokenizer = ctx.scorer.model, ctx.scorer.tokenizer
             limit = self.options.max_new_tokens or MAX_NEW_TOKENS[items[0].metric]
             predictions = generate(model, tokenizer, [it.prompt for it in items], limit)
-            out[n] = score_generations(items, predictions)
+            out[n] = score_generations(items, predictions, self.options.protocol)
         return out
 
     def _rows(self, scores: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> list[Row]:
         rows = []
+        tag = "" if self.options.protocol == "likelihood" else f";{self.options.protocol}"
         for task, values in [*scores.items(), ("mean", _mean(scores))]:
             ref = base.get(task, {})
             s, s0 = values["score"], ref.get("score", float("nan"))
-            rows += [Row(self.name, "score", task, s), Row(self.name, "diff", task, s - s0),
-                     Row(self.name, "ratio", task, s / s0 if s0 else float("nan"))]
+            protocol = task + tag
+            rows += [Row(self.name, "score", protocol, s), Row(self.name, "diff", protocol, s - s0),
+                     Row(self.name, "ratio", protocol, s / s0 if s0 else float("nan"))]
             for key, value in values.items():
                 if key == "score":
                     continue
-                rows.append(Row(self.name, key, task, value))
+                rows.append(Row(self.name, key, protocol, value))
                 if key == "gold_logprob":
-                    rows.append(Row(self.name, "gold_logprob_diff", task, value - ref.get(key, float("nan"))))
+                    rows.append(Row(self.name, "gold_logprob_diff", protocol, value - ref.get(key, float("nan"))))
         return rows
 
     def prepare(self, ctx: ProbeContext):

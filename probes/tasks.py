@@ -318,6 +318,67 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in _rouge.score(reference, prediction).items()}
 
 
+# ---------------------------------------------------------------------- the seed study's generation protocol
+# Gu et al., "Model Editing Harms General Abilities of Large Language Models" (code: JasonForJoy/
+# Model-Editing-Hurt, test-task-code/*.py). Tasks are answered by greedy generation; an answer that
+# is no valid option counts as wrong (accuracy over all items, so a score can reach 0); open QA
+# counts a hit when a run of words of the normalised answer equals a normalised reference; a
+# summary scores the mean of ROUGE-1/2/L F1, and an (almost) empty one scores 0.
+
+def choice_from_generation(prediction: str, choices: Sequence[str]) -> int | None:
+    """The option a generated answer gives, or None when it gives no valid option.
+
+    The answer must begin with an option (case-insensitive except for one-letter options such as
+    MMLU's A-D, leading spaces and punctuation ignored, ending at a word boundary); where several
+    options match, the longest wins. The seed
+    code checks whether a one-token answer contains the option word; starting with it is the same
+    test for answers of several tokens, without reading 'A' into any answer that holds an 'a'.
+    """
+    raw = prediction.strip().lstrip(string.punctuation + " ")
+    best = None
+    for k, c in enumerate(choices):
+        c = c.strip()
+        text = raw if len(c) == 1 else raw.lower()
+        c = c if len(c) == 1 else c.lower()
+        if c and text.startswith(c) and (len(text) == len(c) or not text[len(c)].isalnum()):
+            if best is None or len(c) > len(choices[best].strip()):
+                best = k
+    return best
+
+
+def score_choice_generations(items: Sequence[Choice], predictions: Sequence[str]) -> dict[str, float]:
+    """Seed protocol on choice items: ``score`` = right answers / all items (an invalid answer is
+    wrong), ``valid`` = share of answers that give an option."""
+    got = [choice_from_generation(p, it.choices) for it, p in zip(items, predictions)]
+    return {"score": float(np.mean([g == it.answer for it, g in zip(items, got)])),
+            "valid": float(np.mean([g is not None for g in got]))}
+
+
+def span_match(prediction: str, references: Sequence[str]) -> float:
+    """1 if some run of consecutive words of the normalised prediction equals a normalised reference
+    (the seed study's open-QA hit; exact match of the whole answer is one such run)."""
+    words = normalize_answer(prediction).split()
+    refs = {normalize_answer(r) for r in references} - {""}
+    return float(any(" ".join(words[i:j]) in refs for i in range(len(words)) for j in range(i + 1, len(words) + 1)))
+
+
+_rouge_plain = None
+
+
+def rouge_mean_seed(prediction: str, reference: str) -> dict[str, float]:
+    """The seed study's summary score: mean of ROUGE-1/2/L F1 (no stemming); 0 for a prediction of at
+    most one character. Also returns the three parts."""
+    global _rouge_plain
+    if len(prediction.strip()) <= 1:
+        return {"score": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    if _rouge_plain is None:
+        from rouge_score import rouge_scorer
+
+        _rouge_plain = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    parts = {k: v.fmeasure for k, v in _rouge_plain.score(reference, prediction).items()}
+    return {"score": float(np.mean(list(parts.values()))), **parts}
+
+
 def choice_predictions(scorer, items: Sequence[Choice], reduce: str = "mean") -> tuple[np.ndarray, np.ndarray]:
     """Predicted choice index per item and the gold choice's mean token log-probability, in one scorer call."""
     if reduce not in ("mean", "sum"):
@@ -378,9 +439,19 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_
     return out
 
 
-def score_generations(items: Sequence[Generate], predictions: Sequence[str]) -> dict[str, float]:
-    """Task score (and extra scores) of generated answers; ``metric`` is the same for all items."""
+def score_generations(items: Sequence[Generate], predictions: Sequence[str], protocol: str = "likelihood"
+                      ) -> dict[str, float]:
+    """Task score (and extra scores) of generated answers; ``metric`` is the same for all items.
+
+    ``protocol="seed"`` scores open QA by :func:`span_match` and summaries by :func:`rouge_mean_seed`
+    (the seed study's rules); GSM8K and CoNLL-03 are scored the same under both protocols.
+    """
     metric = items[0].metric
+    if protocol == "seed" and metric == "em":
+        return {"score": float(np.mean([span_match(p, it.references) for it, p in zip(items, predictions)]))}
+    if protocol == "seed" and metric == "rouge":
+        scores = [rouge_mean_seed(p, it.references[0]) for it, p in zip(items, predictions)]
+        return {k: float(np.mean([s[k] for s in scores])) for k in ("score", "rouge1", "rouge2", "rougeL")}
     if metric == "em":
         return {"score": float(np.mean([exact_match(p, it.references) for it, p in zip(items, predictions)]))}
     if metric == "number":

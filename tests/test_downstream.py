@@ -268,3 +268,85 @@ def test_generation_skips_leading_newlines_and_stops_after_the_first_line():
     model = Scripted()
     assert generate(model, lm.tokenizer, ["Q:"], max_new_tokens=10) == ["ab"]
     assert model.calls == 5  # stopped at the newline after 'ab', not at the leading ones
+
+
+# ---------------------------------------------------------------------- the seed study's protocol
+
+def test_seed_choice_answers_outside_the_options_score_zero():
+    from probes.tasks import choice_from_generation, score_choice_generations
+
+    assert choice_from_generation(" Positive.", ("negative", "positive")) == 1
+    assert choice_from_generation("B) because", ("A", "B", "C", "D")) == 1
+    assert choice_from_generation("a lot of things", ("A", "B")) is None  # 'a' the article is no option
+    assert choice_from_generation("neutral", ("negative", "positive")) is None
+    assert choice_from_generation("", ("no", "yes")) is None
+    assert choice_from_generation("yes indeed", ("yes", "yes indeed")) == 1  # the longest option wins
+    items = [Choice("a", ("negative", "positive"), 1), Choice("b", ("negative", "positive"), 0),
+             Choice("c", ("negative", "positive"), 0), Choice("d", ("negative", "positive"), 1)]
+    # right, wrong, invalid, invalid: accuracy over all four items, half the answers valid
+    assert score_choice_generations(items, ["positive", "positive", "maybe", "The"]) == {"score": 0.25, "valid": 0.5}
+    assert score_choice_generations(items, ["?"] * 4) == {"score": 0.0, "valid": 0.0}  # a score can reach 0
+
+
+def test_seed_open_qa_span_match_and_summary_rouge_mean():
+    from probes.tasks import rouge_mean_seed, span_match
+
+    assert span_match("I think it is the Eiffel Tower, in Paris", ["Eiffel Tower"]) == 1.0
+    assert span_match("Paris.", ["paris"]) == 1.0 and exact_match("Paris.", ["paris"]) == 1.0
+    assert span_match("Eiffel", ["Eiffel Tower"]) == 0.0 and span_match("", ["x"]) == 0.0
+    # Hand case: prediction "the cat sat", reference "the cat sat down": unigrams 3/3 and 3/4 -> F1 6/7;
+    # bigrams 2/2, 2/3 -> F1 4/5; LCS 3 -> F1 6/7; mean (6/7 + 4/5 + 6/7) / 3.
+    got = rouge_mean_seed("the cat sat", "the cat sat down")
+    assert got["rouge1"] == pytest.approx(6 / 7) and got["rouge2"] == pytest.approx(4 / 5)
+    assert got["score"] == pytest.approx((6 / 7 + 4 / 5 + 6 / 7) / 3)
+    assert rouge_mean_seed(" ", "the cat sat down")["score"] == 0.0 and rouge_mean_seed("x", "x")["score"] == 0.0
+    items = [Generate("q", ("Eiffel Tower",), "em"), Generate("q2", ("Rome",), "em")]
+    assert score_generations(items, ["the Eiffel Tower of course", "Rome"], "seed") == {"score": 1.0}
+    assert score_generations(items, ["the Eiffel Tower of course", "Rome"]) == {"score": 0.5}  # likelihood: EM
+    summ = [Generate("d", ("the cat sat down",), "rouge")]
+    assert score_generations(summ, ["the cat sat"], "seed")["score"] == pytest.approx(got["score"])
+    assert score_generations(summ, ["the cat sat"])["score"] == pytest.approx(6 / 7)  # likelihood: ROUGE-L
+
+
+def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch):
+    import probes.downstream as ds
+
+    answers = {"a": "good", "b": "I'd say good", "c": "bad", "q": "the answer is Rome"}
+    monkeypatch.setattr(ds, "generate", lambda model, tok, prompts, limit: [answers[p] for p in prompts])
+    seed = make_probe("downstream:tasks=sentiment+nq,items=3,protocol=seed")
+    tasks = {"sentiment": [Choice("a", ("good", "bad"), 0), Choice("b", ("good", "bad"), 0),
+                           Choice("c", ("bad", "good"), 1)],
+             "nq": [Generate("q", ("Rome",), "em")]}
+    seed.tasks = tasks
+
+    class Gen(TableScorer):
+        model = tokenizer = None
+
+    ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[],
+                       scorer=Gen({"good": (0.1, 1), "bad": (2.0, 1)}))
+    _, rows = seed.prepare(ctx)
+    by = {(r.metric, r.protocol): r.value for r in rows}
+    # 'a' right; 'b' gives no option at its start (invalid, 0); 'c' valid but wrong
+    assert by[("score", "sentiment;seed")] == pytest.approx(1 / 3)
+    assert by[("valid", "sentiment;seed")] == pytest.approx(2 / 3)
+    assert by[("score", "nq;seed")] == 1.0 and by[("score", "mean;seed")] == pytest.approx(2 / 3)
+    assert {p for _, p in by} == {"sentiment;seed", "nq;seed", "mean;seed"}
+    likelihood = make_probe("downstream:tasks=sentiment+nq,items=3")
+    likelihood.tasks = tasks
+    _, rows = likelihood.prepare(ctx)
+    by = {(r.metric, r.protocol): r.value for r in rows}
+    assert by[("score", "sentiment")] == 1.0 and by[("score", "nq")] == 0.0  # "good" wins by likelihood; EM of the whole answer
+    assert {p for _, p in by} == {"sentiment", "nq", "mean"}
+    with pytest.raises(OptionError, match="protocol must be likelihood or seed"):
+        make_probe("downstream:protocol=gen")
+
+
+def test_seed_protocol_on_a_tiny_model_has_no_drift():
+    lm = load_model("tiny-llama")
+    probe = make_probe("downstream:tasks=sentiment+arithmetic,items=4,protocol=seed")
+    ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=Scorer(lm.model, lm.tokenizer))
+    reference, rows = probe.prepare(ctx)
+    assert all(0 <= r.value <= 1 for r in rows if r.metric in ("score", "valid"))
+    assert {r.protocol for r in rows} == {"sentiment;seed", "arithmetic;seed", "mean;seed"}
+    ctx.reference = json.loads(json.dumps(reference))
+    assert all(r.value == 0 for r in probe.measure(ctx) if r.metric == "diff")
