@@ -137,4 +137,5 @@ def format_estimate(e: Estimate) -> str:
 
 
 def _short(x: float) -> str:
-    return "0" if abs(x) < 1e-12 else (f"{x:.3f}" if 0.001 <= abs(x) < 10 else f"{x:.4g}")
+    x = 0.0 if abs(x) < 1e-12 else x  # float noise around zero
+    return f"{x:.3f}" if x == 0 or 0.001 <= abs(x) < 10 else f"{x:.4g}"

@@ -56,6 +56,7 @@ def test_newcombe_difference_hand_worked():
 
 def test_format_estimate():
     assert format_estimate(Estimate(0.8, 10, *wilson(8, 10))) == "0.8 [0.490, 0.943] n=10"
+    assert format_estimate(Estimate(0.0, 10, *wilson(0, 10))) == "0 [0.000, 0.278] n=10"
     assert format_estimate(Estimate(3.0, 5)) == "3 n=5"
     assert format_estimate(Estimate(float("nan"), 0)) == "n/a n=0"
     assert format_estimate(Estimate(1.25)) == "1.25"
