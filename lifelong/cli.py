@@ -76,7 +76,7 @@ def cmd_plot(args) -> int:
 def cmd_compare(args) -> int:
     from lifelong.plots import plot_compare, run_labels
     from lifelong.run import RunDir
-    from lifelong.summary import compare_table, format_table
+    from lifelong.summary import compare_table, configuration_labels, configurations, format_table
 
     if len(args.dirs) < 2:
         raise ValueError("compare needs at least two run directories")
@@ -91,7 +91,15 @@ def cmd_compare(args) -> int:
     figure = plot_compare(runs, out / "compare.png")
     if len({r.manifest()["identity"].get("stream_hash") for r in runs}) > 1:
         print("note: the runs replayed different streams; their figures are not directly comparable")
+    for label, group in zip(configuration_labels(runs, configurations(runs)), configurations(runs)):
+        if len(group) > 1:
+            seeds = ", ".join(str(runs[i].manifest()["identity"]["seed"]) for i in group)
+            print(f"{label}: {len(group)} runs differ only in seed ({seeds}): 'pooled' = their items as one "
+                  "sample (Wilson/bootstrap, rates over items only); 'seed mean' = mean over seeds ± 95% t "
+                  "interval, n = seeds")
     print(format_table(table))
+    print("\neach cell: value [95% interval] n; intervals over items: Wilson for 0/1 outcomes, bootstrap "
+          "(2,000 resamples, seeded) for continuous values")
     print(f"\ntable: {(out / 'compare.csv').resolve()}\nfigure: {figure.resolve()}")
     return 0
 

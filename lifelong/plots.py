@@ -7,7 +7,28 @@ from pathlib import Path
 import numpy as np
 
 from lifelong.run import RunDir
+from lifelong.stats import rate
 from probes.metrics import retained_fraction, retention_matrix
+
+BAND_ALPHA = 0.15
+
+
+def rate_band(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Per point, the 95% interval of a rate over that point's items (NaN = not measured): Wilson for 0/1
+    items, bootstrap otherwise; NaN where a point has no interval."""
+    low, high = [], []
+    for row in rows:
+        e = rate(row)
+        low.append(np.nan if e.low is None else e.low)
+        high.append(np.nan if e.high is None else e.high)
+    return np.array(low, dtype=float), np.array(high, dtype=float)
+
+
+def _band(ax, x, rows, color=None) -> None:
+    """Shade the 95% interval of a curve that is a rate over items at each step."""
+    low, high = rate_band(rows)
+    if len(x) and not np.all(np.isnan(low)):
+        ax.fill_between(np.asarray(x, dtype=float), low, high, color=color, alpha=BAND_ALPHA, lw=0)
 
 
 def _pyplot():
@@ -20,7 +41,8 @@ def _pyplot():
 
 
 def plot_run(run: RunDir) -> list[Path]:
-    """Retained fraction over steps, and the retention matrix as a heat map."""
+    """Retained fraction over steps (shaded: 95% Wilson band over the edits at each step), and the
+    retention matrix as a heat map."""
     plt = _pyplot()
     results = run.results()
     title = f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
@@ -31,10 +53,12 @@ def plot_run(run: RunDir) -> list[Path]:
     for protocol, style in (("es", "-o"), ("exact", "--s")):
         m = retention_matrix(results, protocol)
         if len(m.steps):
-            ax.plot(m.steps, retained_fraction(m.values), style, ms=3, label=f"retained fraction ({protocol})")
+            color = "C0" if protocol == "es" else "C1"
+            ax.plot(m.steps, retained_fraction(m.values), style, ms=3, color=color,
+                    label=f"retained fraction ({protocol}, 95% band)")
+            _band(ax, m.steps, m.values, color)
             own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
-            ax.plot(m.steps, own, ":", color="C0" if protocol == "es" else "C1",
-                    label=f"efficacy at own step, mean so far ({protocol})")
+            ax.plot(m.steps, own, ":", color=color, label=f"efficacy at own step, mean so far ({protocol})")
     ax.set_xlabel("stream step")
     ax.set_ylabel("fraction of edits so far")
     ax.set_ylim(-0.03, 1.03)
@@ -144,11 +168,13 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         for protocol, style in (("es", "-"), ("exact", "--")):
             m = retention_matrix(results, protocol)
             if len(m.steps) and (detail or protocol == "es"):
-                ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color, label=one(protocol))
+                line, = ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color,
+                                label=one(protocol))
+                _band(ax, m.steps, m.values, line.get_color())
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("retained fraction of edits so far")
-        ax.set_title("Retention (ES: new target beats old; exact: greedy match)" if detail else "Retention (ES)",
-                     fontsize=9)
+        ax.set_title("Retention (ES: new target beats old; exact: greedy match; 95% Wilson bands)" if detail
+                     else "Retention (ES; 95% Wilson bands)", fontsize=9)
     elif name == "perplexity":
         for protocol, style in (("corpus", "-"), ("sentence_mean", "--")):
             steps, values = _series(results, "perplexity", "ratio", protocol)
@@ -265,12 +291,18 @@ def run_labels(runs: list[RunDir]) -> list[str]:
 
 
 def plot_compare(runs: list[RunDir], path: Path) -> Path:
-    """Several runs overlaid, one colour per run, one panel per measure any of them has."""
+    """Several runs overlaid, one colour per configuration (seeds of one configuration share it and its
+    legend entry), one panel per measure any of them has."""
+    from lifelong.summary import configuration_labels, configurations
     from probes.perplexity import collapse_step
 
     plt = _pyplot()
     tables = [r.results() for r in runs]
-    labels = run_labels(runs)
+    groups = configurations(runs)
+    group_of = {i: j for j, g in enumerate(groups) for i in g}
+    names = configuration_labels(runs, groups)
+    single = run_labels(runs)
+    labels = [single[i] if len(groups[group_of[i]]) == 1 else names[group_of[i]] for i in range(len(runs))]
     panels = [p for p in ("retention", "perplexity", "downstream", "distortion", "weight_drift")
               if any(p in _panels(t) for t in tables)]
     if not panels:
@@ -282,15 +314,19 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
         for i, (results, label, run) in enumerate(zip(tables, labels, runs)):
             if name in _panels(results):
                 threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
-                _draw_panel(ax, name, results, color=f"C{i}", label=label, detail=False, threshold=threshold)
-                _mark_collapse(ax, collapse_step(results), color=f"C{i}", label=f"{label}: collapse")
+                first = groups[group_of[i]][0] == i  # one legend entry per configuration
+                color = f"C{group_of[i] % 10}"
+                _draw_panel(ax, name, results, color=color, label=label if first else "_nolegend_", detail=False,
+                            threshold=threshold)
+                _mark_collapse(ax, collapse_step(results), color=color,
+                               label=f"{label}: collapse" if first else "_nolegend_")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}
     note = "" if len(streams) == 1 else " (different streams!)"
-    fig.suptitle(f"{' vs '.join(labels)} on {runs[0].manifest()['identity']['model']}{note}", fontsize=11)
+    fig.suptitle(f"{' vs '.join(dict.fromkeys(labels))} on {runs[0].manifest()['identity']['model']}{note}", fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

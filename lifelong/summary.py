@@ -1,21 +1,51 @@
-"""The run summary table printed by ``lifelong show`` and at the end of ``lifelong replay``."""
+"""The run summary table printed by ``lifelong show`` and at the end of ``lifelong replay``.
+
+Every rate over items carries its n and a 95% interval (``lifelong.stats``): Wilson where the items are
+0/1 outcomes, a seeded bootstrap over items where they are continuous. Counts, corpus-level figures
+(perplexity) and timings carry their n where one exists and no interval.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from lifelong.run import RunDir
-from probes.metrics import retention_summary
+from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate
+from probes.metrics import forgotten_at, retained_fraction, retention_matrix, retention_summary
+
+SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
+          "high": pl.Float64}
 
 
-def _mean(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> float:
+@dataclass
+class Line:
+    """One headline figure; ``items`` holds its per-item values where it is a mean over items (for pooling)."""
+
+    measure: str
+    protocol: str
+    estimate: Estimate
+    items: np.ndarray | None = None
+
+
+def rate_line(measure: str, protocol: str, values) -> Line:
+    items = np.asarray(values, dtype=float)
+    return Line(measure, protocol, rate(items), items[~np.isnan(items)])
+
+
+def plain_line(measure: str, protocol: str, value: float, n: int | None = None) -> Line:
+    return Line(measure, protocol, Estimate(float(value), n))
+
+
+def _items(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> np.ndarray:
     rows = results.filter(
         (pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol)
         & ((pl.col("step") > 0) if own_step else (pl.col("step") == 0))
     )
-    return float(rows["value"].mean()) if rows.height else float("nan")
+    return rows["value"].to_numpy().astype(float)
 
 
 CHAIN_LINES = (
@@ -31,10 +61,19 @@ CHAIN_LINES = (
 )
 
 
-def chain_lines(results: pl.DataFrame) -> list[tuple[str, str, float]]:
+def _counted(measure: str, protocol: str, value: float, n: int) -> Line:
+    """A share value = k/n of n items: Wilson, with the 0/1 items rebuilt for pooling; else the value alone."""
+    k = round(value * n) if n and not math.isnan(value) else None
+    if k is None or abs(k / n - value) > 1e-9:
+        return plain_line(measure, protocol, value)
+    return rate_line(measure, protocol, np.r_[np.ones(k), np.zeros(n - k)])
+
+
+def chain_lines(results: pl.DataFrame) -> list[Line]:
     """Means of the chain probe's rows over chains (METRICS.md §4): at completion, and at the last
-    re-measurement step when there is one; FR is the run-level value at the last such step. The
-    protocol column keeps the probability kind (``completion;p=meantok``; ``later`` shown as ``last``)."""
+    re-measurement step when there is one; FR is the run-level value at the last such step, its n the
+    round chains it counts. The protocol column keeps the probability kind (``completion;p=meantok``;
+    ``later`` shown as ``last``)."""
     from probes.chains import protocol_when
 
     rows = results.filter(pl.col("probe") == "chains")
@@ -47,47 +86,100 @@ def chain_lines(results: pl.DataFrame) -> list[tuple[str, str, float]]:
             shown = protocol if when == "completion" else "last" + protocol[len("later"):]
             for label, metric in CHAIN_LINES:
                 m = sel.filter(pl.col("metric") == metric)
+                if not m.height:
+                    continue
                 if metric == "failure_rate":
                     m = m.sort("step").tail(1)
-                if m.height:
-                    lines.append((label, shown, float(m["value"].mean())))
+                    irs = sel.filter((pl.col("metric") == "ignore_rate") & (pl.col("step") <= m["step"][0]))
+                    lines.append(_counted(label, shown, float(m["value"][0]), irs.height))
+                else:
+                    lines.append(rate_line(label, shown, m["value"].to_numpy()))
     return lines
 
 
-def summary_table(run: RunDir) -> pl.DataFrame:
-    """One row per headline figure: (measure, protocol, value)."""
+def _retainability_interval(m, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap over edits of (Acc_T − Acc_1)/(T − 1): resample the matrix's edit columns."""
+    steps = len(np.unique(m.own_step))
+    if steps < 2 or len(m.edit_ids) < 2 or not len(m.steps) or m.steps[-1] != int(m.own_step.max()):
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(m.edit_ids), size=(resamples, len(m.edit_ids)))
+    first = (m.own_step == m.own_step.min()).astype(float)[idx]
+    acc_first = (m.own_score[idx] * first).sum(1) / np.where(first.sum(1) > 0, first.sum(1), np.nan)
+    last = m.values[-1][idx]
+    seen = ~np.isnan(last)
+    acc_last = np.where(seen, last, 0).sum(1) / np.where(seen.sum(1) > 0, seen.sum(1), np.nan)
+    values = (acc_last - acc_first) / (steps - 1)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return (math.nan, math.nan)
+    low, high = np.quantile(values, [0.025, 0.975])
+    return (float(low), float(high))
+
+
+def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
+    ret = retention_summary(results, protocol)
+    if not ret:
+        return []
+    m = retention_matrix(results, protocol)
+    last = m.values[-1] if len(m.steps) and m.steps[-1] == int(m.own_step.max()) else np.array([])
+    took = m.own_score == 1
+    forgot = ~np.isnan(forgotten_at(m))
+    low, high = _retainability_interval(m)
+    lines = [
+        rate_line("retained fraction at last step", protocol, last) if len(last)
+        else plain_line("retained fraction at last step", protocol, ret["retained_fraction"]),
+        Line("retainability", protocol, Estimate(ret["retainability"], len(m.edit_ids),
+                                                 None if math.isnan(low) else low, None if math.isnan(high) else high,
+                                                 "bootstrap" if not math.isnan(low) else "")),
+        plain_line("edits forgotten (count)", protocol, ret["forgotten"], int(took.sum())),
+        rate_line("edits forgotten (share of those that took hold)", protocol, forgot[took].astype(float)),
+        plain_line("median steps to forget", protocol, ret["median_steps_to_forget"], int(forgot.sum())),
+    ]
+    if ret["superseded"]:
+        lines.append(plain_line("edits superseded by a later edit (count)", protocol, ret["superseded"],
+                                len(m.edit_ids)))
+    return lines
+
+
+def summary_lines(run: RunDir) -> list[Line]:
+    """The headline figures of one run, each with its n and interval where it has them."""
     results = run.results()
     progress = run.progress()
-    table: list[tuple[str, str, float]] = [
-        ("pre-edit efficacy (θ0)", "es", _mean(results, "edit_quality", "efficacy", "es", own_step=False)),
-        ("efficacy at own step", "es", _mean(results, "edit_quality", "efficacy", "es")),
-        ("efficacy at own step", "exact", _mean(results, "edit_quality", "efficacy", "exact")),
-        ("generalization (paraphrases)", "ps", _mean(results, "edit_quality", "generalization", "ps")),
-        ("generalization (paraphrases)", "exact", _mean(results, "edit_quality", "generalization", "exact")),
-        ("locality (neighborhood)", "ns", _mean(results, "edit_quality", "locality", "ns")),
-        ("locality (neighborhood)", "unchanged", _mean(results, "edit_quality", "locality", "unchanged")),
+    lines = [
+        rate_line("pre-edit efficacy (θ0)", "es", _items(results, "edit_quality", "efficacy", "es", own_step=False)),
+        rate_line("efficacy at own step", "es", _items(results, "edit_quality", "efficacy", "es")),
+        rate_line("efficacy at own step", "exact", _items(results, "edit_quality", "efficacy", "exact")),
+        rate_line("generalization (paraphrases)", "ps", _items(results, "edit_quality", "generalization", "ps")),
+        rate_line("generalization (paraphrases)", "exact",
+                  _items(results, "edit_quality", "generalization", "exact")),
+        rate_line("locality (neighborhood)", "ns", _items(results, "edit_quality", "locality", "ns")),
+        rate_line("locality (neighborhood)", "unchanged", _items(results, "edit_quality", "locality", "unchanged")),
     ]
     for protocol in ("es", "exact"):
-        ret = retention_summary(results, protocol)
-        if ret:
-            table += [
-                ("retained fraction at last step", protocol, ret["retained_fraction"]),
-                ("retainability", protocol, ret["retainability"]),
-                ("edits forgotten (count)", protocol, ret["forgotten"]),
-                ("median steps to forget", protocol, ret["median_steps_to_forget"]),
-            ]
-            if ret["superseded"]:
-                table.append(("edits superseded by a later edit (count)", protocol, ret["superseded"]))
-    table += chain_lines(results)
-    table += general_ability_lines(results, run.load_reference() or {})
+        lines += retention_lines(results, protocol)
+    lines += chain_lines(results)
+    lines += general_ability_lines(results, run.load_reference() or {})
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
-        table += [
-            ("seconds per step: edit", "wall", sum(s["edit"] for s in seconds) / len(seconds)),
-            ("seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds)),
+        lines += [
+            plain_line("seconds per step: edit", "wall", sum(s["edit"] for s in seconds) / len(seconds), len(seconds)),
+            plain_line("seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds),
+                       len(seconds)),
         ]
-    return pl.DataFrame(table, schema={"measure": pl.String, "protocol": pl.String, "value": pl.Float64},
-                        orient="row")
+    return lines
+
+
+def lines_table(lines: list[Line]) -> pl.DataFrame:
+    rows = [(ln.measure, ln.protocol, ln.estimate.value, ln.estimate.n, ln.estimate.low, ln.estimate.high)
+            for ln in lines]
+    return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+def summary_table(run: RunDir) -> pl.DataFrame:
+    """One row per headline figure: measure, protocol, value, and its n and 95% interval (low, high;
+    null where the figure is not a rate over items)."""
+    return lines_table(summary_lines(run))
 
 
 def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> float:
@@ -95,11 +187,36 @@ def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> floa
     return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
 
 
-def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) -> list[tuple[str, str, float]]:
+def _downstream_lines(down: pl.DataFrame, reference: dict) -> list[Line]:
+    """Task scores are shares of items right (n from the reference's item counts): Wilson at θ0, Newcombe's
+    interval (two samples taken as independent) for the drift; the mean over tasks gets them when every task
+    has the same n (then it is the pooled share)."""
+    sizes = dict((reference.get("downstream") or {}).get("items") or {})
+    tasks = sorted(set(down.filter(pl.col("metric") == "score")["protocol"]) - {"mean"})
+    if tasks and all(sizes.get(t) for t in tasks) and len({sizes[t] for t in tasks}) == 1:
+        sizes["mean"] = sizes[tasks[0]] * len(tasks)
+    lines = []
+    for task in [*tasks, "mean"]:
+        s0 = _last(down.filter(pl.col("step") == 0), "downstream", "score", task)
+        s = _last(down, "downstream", "score", task)
+        n = sizes.get(task)
+        base = _counted("downstream score at θ0", task, s0, n) if n else plain_line("downstream score at θ0", task, s0)
+        diff = _last(down, "downstream", "diff", task)
+        drift = plain_line("downstream drift at last step (difference)", task, diff)
+        if n and base.items is not None and not math.isnan(s) and abs(round(s * n) / n - s) < 1e-9:
+            low, high = newcombe_difference(round(s * n), n, round(s0 * n), n)
+            drift = Line(drift.measure, task, Estimate(diff, n, low, high, "newcombe"))
+        lines += [base, drift,
+                  plain_line("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task),
+                             n)]
+    return lines
+
+
+def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) -> list[Line]:
     """Perplexity ratio and collapse step, downstream drift and weight drift, when those probes ran."""
     from probes.perplexity import PROTOCOLS, collapse_step
 
-    lines: list[tuple[str, str, float]] = []
+    lines: list[Line] = []
     probes = set(results["probe"].unique())
     if "perplexity" in probes:
         ppl = results.filter(pl.col("probe") == "perplexity")
@@ -107,54 +224,113 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
         for protocol in PROTOCOLS:
             if ppl.filter(pl.col("protocol") == protocol).height:
                 step = collapse_step(results, protocol)
-                lines += [("perplexity at θ0", protocol, _last(results.filter(pl.col("step") == 0), "perplexity",
-                                                              "perplexity", protocol)),
-                          ("perplexity ratio to θ0 at last step", protocol,
-                           _last(results, "perplexity", "ratio", protocol)),
-                          (f"perplexity collapse step (ratio >= {threshold:g})", protocol,
-                           float("nan") if step is None else float(step))]
+                lines += [plain_line("perplexity at θ0", protocol,
+                                     _last(results.filter(pl.col("step") == 0), "perplexity", "perplexity", protocol)),
+                          plain_line("perplexity ratio to θ0 at last step", protocol,
+                                     _last(results, "perplexity", "ratio", protocol)),
+                          plain_line(f"perplexity collapse step (ratio >= {threshold:g})", protocol,
+                                     float("nan") if step is None else float(step))]
     if "downstream" in probes:
-        down = results.filter(pl.col("probe") == "downstream")
-        tasks = sorted(set(down.filter(pl.col("metric") == "score")["protocol"]) - {"mean"})
-        for task in [*tasks, "mean"]:
-            lines += [("downstream score at θ0", task, _last(down.filter(pl.col("step") == 0), "downstream", "score", task)),
-                      ("downstream drift at last step (difference)", task, _last(down, "downstream", "diff", task)),
-                      ("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task))]
+        lines += _downstream_lines(results.filter(pl.col("probe") == "downstream"), reference or {})
     if "weight_drift" in probes:
-        lines += [("weight drift ||W_t - W_0||_F at last step", "total",
-                   _last(results, "weight_drift", "frobenius", "total")),
-                  ("parameters touched at last step", "total", _last(results, "weight_drift", "touched", "total"))]
+        lines += [plain_line("weight drift ||W_t - W_0||_F at last step", "total",
+                             _last(results, "weight_drift", "frobenius", "total")),
+                  plain_line("parameters touched at last step", "total",
+                             _last(results, "weight_drift", "touched", "total"))]
     return lines
 
 
-def _shown(value) -> str:
-    """A table cell: n/a for missing, 0 for float noise around zero (e.g. a mean of cancelling drifts)."""
-    if value is None or math.isnan(value):
-        return "n/a"
-    return "0" if abs(value) < 1e-12 else f"{value:.4g}"
+def _cell(value, n, low, high) -> str:
+    """``0.85 [0.74, 0.92] n=40``: a value with its interval and n, as far as it has them."""
+    return format_estimate(Estimate(math.nan if value is None else value, n, low, high))
 
 
-def compare_table(runs: list[RunDir], labels: list[str]) -> pl.DataFrame:
-    """The summary tables of several runs side by side: measure, protocol, one column per run."""
+def configurations(runs: list[RunDir]) -> list[list[int]]:
+    """Indices of runs grouped into configurations: runs whose manifest identities differ only in ``seed``
+    are one configuration (seeds of it). Groups keep the order of their first run."""
+    groups: dict[str, list[int]] = {}
+    import json
+
+    for i, run in enumerate(runs):
+        ident = {k: v for k, v in run.manifest()["identity"].items() if k != "seed"}
+        groups.setdefault(json.dumps(ident, sort_keys=True, default=str), []).append(i)
+    return list(groups.values())
+
+
+def configuration_labels(runs: list[RunDir], groups: list[list[int]]) -> list[str]:
+    """Editor names; the first run's directory name added where two configurations share an editor;
+    ``(k seeds)`` for a configuration replayed with several seeds."""
+    editors = [runs[g[0]].manifest()["identity"]["editor"] for g in groups]
+    labels = []
+    for editor, g in zip(editors, groups):
+        label = editor if editors.count(editor) == 1 else f"{editor} ({runs[g[0]].path.name})"
+        labels.append(label if len(g) == 1 else f"{label} ({len(g)} seeds)")
+    return labels
+
+
+def _columns(table: pl.DataFrame, name: str) -> pl.DataFrame:
+    return table.rename({"value": name, "n": f"{name} n", "low": f"{name} low", "high": f"{name} high"})
+
+
+def _seed_table(per_run: list[list[Line]], name: str) -> pl.DataFrame:
+    """One configuration over seeds: the pooled item-level figure (items of every seed together; only for
+    rates over items) and the mean over seeds with a t interval (n = seeds)."""
+    keys: list[tuple[str, str]] = []
+    found: dict[tuple[str, str], list[Line]] = {}
+    for lines in per_run:
+        for ln in lines:
+            key = (ln.measure, ln.protocol)
+            if key not in found:
+                keys.append(key)
+                found[key] = []
+            found[key].append(ln)
+    rows = []
+    for key in keys:
+        lines = found[key]
+        if all(ln.items is not None for ln in lines):
+            pooled = rate(np.concatenate([ln.items for ln in lines]))
+        else:
+            pooled = Estimate(math.nan)
+        seeds = over_seeds([ln.estimate.value for ln in lines])
+        rows.append((*key, pooled.value, pooled.n, pooled.low, pooled.high, seeds.value, seeds.n, seeds.low,
+                     seeds.high))
+    return pl.DataFrame(rows, schema={"measure": pl.String, "protocol": pl.String,
+                                      f"{name} pooled": pl.Float64, f"{name} pooled n": pl.Int64,
+                                      f"{name} pooled low": pl.Float64, f"{name} pooled high": pl.Float64,
+                                      f"{name} seed mean": pl.Float64, f"{name} seeds n": pl.Int64,
+                                      f"{name} seed low": pl.Float64, f"{name} seed high": pl.Float64},
+                        orient="row")
+
+
+def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.DataFrame:
+    """The summary tables of several runs side by side: measure, protocol, then four columns per entry
+    (value, n, low, high). An entry is a run, or a configuration replayed with several seeds: that one gets
+    ``pooled`` columns (the items of all its seeds as one sample) and ``seed mean`` columns (mean over
+    seeds ± a 95% t interval, n = seeds). ``labels`` name single runs (default: their editors)."""
+    groups = configurations(runs)
+    names = configuration_labels(runs, groups)
     joined = None
-    for run, label in zip(runs, labels):
-        table = summary_table(run).rename({"value": label})
+    for name, g in zip(names, groups):
+        if len(g) == 1:
+            table = _columns(summary_table(runs[g[0]]), labels[g[0]] if labels else name)
+        else:
+            table = _seed_table([summary_lines(runs[i]) for i in g], name)
         joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
                                                           coalesce=True, maintain_order="left")
     return joined
 
 
 def format_table(table: pl.DataFrame) -> str:
-    """A plain-text table: measure and protocol, then one value column each."""
-    values = table.columns[2:]
+    """A plain-text table: measure and protocol, then one cell per entry (value [low, high] n=…)."""
+    entries = table.columns[2::4]
+    cells = [[_cell(*row[2 + 4 * j: 6 + 4 * j]) for j in range(len(entries))] for row in table.iter_rows()]
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
-    widths = [max(len(v), 9) + 2 for v in values]
-    head = f"{'measure':<{width}}{'protocol':<{pw}}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths))
+    widths = [max([len(v), 9] + [len(c[j]) for c in cells]) + 2 for j, v in enumerate(entries)]
+    head = f"{'measure':<{width}}{'protocol':<{pw}}" + "".join(f"{v:>{w}}" for v, w in zip(entries, widths))
     lines = [head, "-" * len(head)]
-    for row in table.iter_rows():
-        cells = [_shown(v) for v in row[2:]]
-        lines.append(f"{row[0]:<{width}}{row[1]:<{pw}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    for row, cs in zip(table.iter_rows(), cells):
+        lines.append(f"{row[0]:<{width}}{row[1]:<{pw}}" + "".join(f"{c:>{w}}" for c, w in zip(cs, widths)))
     return "\n".join(lines)
 
 
@@ -185,7 +361,9 @@ def format_summary(run: RunDir) -> str:
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
-    lines = [f"{'measure':<{width}}{'protocol':<{pw}}value", "-" * (width + pw + 9)]
-    for measure, protocol, value in table.iter_rows():
-        lines.append(f"{measure:<{width}}{protocol:<{pw}}{_shown(value)}")
-    return "\n".join(head + lines)
+    lines = [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
+    for measure, protocol, *figure in table.iter_rows():
+        lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
+    notes = ("intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
+             "continuous values;", "n: the items (edits, chains, task items) or steps a figure is over.")
+    return "\n".join(head + lines + ["", *notes])

@@ -2,6 +2,7 @@
 
 import json
 
+import polars as pl
 import pytest
 
 from lifelong.cli import main
@@ -30,6 +31,18 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
 
     code, out, _ = run_cli(capsys, "show", str(out_dir))
     assert code == 0 and "steps 4/4" in out
+    # every rate over edits carries its n and a 95% interval (issue #15)
+    from lifelong.run import RunDir
+    from lifelong.stats import wilson
+    from lifelong.summary import summary_table
+
+    table = summary_table(RunDir(out_dir))
+    assert table.columns == ["measure", "protocol", "value", "n", "low", "high"]
+    es = table.filter((pl.col("measure") == "efficacy at own step") & (pl.col("protocol") == "es")).row(0, named=True)
+    assert es["n"] == 4 and (es["low"], es["high"]) == pytest.approx(wilson(round(es["value"] * 4), 4))
+    line = next(x for x in out.splitlines() if x.startswith("efficacy at own step") and " es " in x)
+    assert line.rstrip().endswith(f"[{es['low']:.3f}, {es['high']:.3f}] n=4")
+    assert "retained fraction at last step" in out and "value [95% interval] n" in out
 
     code, out, _ = run_cli(capsys, "plot", str(out_dir))
     assert code == 0 and "retention.png" in out

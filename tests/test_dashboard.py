@@ -70,10 +70,40 @@ def test_compare_overlays_runs_and_writes_one_table(two_runs, tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
     table = pl.read_csv(tmp_path / "cmp" / "compare.csv")
-    assert table.columns == ["measure", "protocol", "ft (a)", "ft (b)"]
+    # each run's figure comes with its n and 95% interval (issue #15)
+    assert table.columns == ["measure", "protocol", "ft (a)", "ft (a) n", "ft (a) low", "ft (a) high",
+                             "ft (b)", "ft (b) n", "ft (b) low", "ft (b) high"]
+    es = table.filter((pl.col("measure") == "efficacy at own step") & (pl.col("protocol") == "es"))
+    assert es["ft (a) n"][0] == 4 and es["ft (a) low"][0] <= es["ft (a)"][0] <= es["ft (a) high"][0]
     row = table.filter((pl.col("measure") == "perplexity ratio to θ0 at last step") & (pl.col("protocol") == "corpus"))
     assert row.height == 1 and row["ft (a)"][0] > 0 and row["ft (a)"][0] != row["ft (b)"][0]
     assert "ft (a)" in out and "perplexity ratio to θ0 at last step" in out
+    assert f"n={es['ft (a) n'][0]}" in out
+
+
+def test_compare_aggregates_seeds_of_one_configuration(tmp_path, stream_file, capsys):
+    sets = [f"--set={k}={v}" for k, v in TINY_FT.items()]
+    for seed in (0, 1):
+        assert main(["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "3",
+                     "--probe-every", "3", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"), "--quiet",
+                     *sets]) == 0
+    capsys.readouterr()
+    code = main(["compare", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "cmp")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    table = pl.read_csv(tmp_path / "cmp" / "compare.csv")
+    name = "ft (2 seeds)"
+    assert table.columns == ["measure", "protocol"] + [f"{name} {c}" for c in (
+        "pooled", "pooled n", "pooled low", "pooled high", "seed mean", "seeds n", "seed low", "seed high")]
+    es = table.filter((pl.col("measure") == "efficacy at own step") & (pl.col("protocol") == "es")).row(0, named=True)
+    per_seed = [RunDir(tmp_path / f"s{s}").results().filter(
+        (pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy") & (pl.col("protocol") == "es")
+        & (pl.col("step") > 0))["value"] for s in (0, 1)]
+    assert es[f"{name} pooled n"] == 6 and es[f"{name} seeds n"] == 2
+    assert es[f"{name} pooled"] == pytest.approx(float(pl.concat(per_seed).mean()))
+    assert es[f"{name} seed mean"] == pytest.approx((per_seed[0].mean() + per_seed[1].mean()) / 2)
+    assert es[f"{name} pooled low"] <= es[f"{name} pooled"] <= es[f"{name} pooled high"]
+    assert "2 runs differ only in seed (0, 1)" in out and "pooled" in out and "seed mean" in out
 
 
 def test_compare_errors(two_runs, tmp_path, capsys):

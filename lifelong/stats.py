@@ -1,0 +1,141 @@
+"""95% intervals for the rates the summary and comparison report (METRICS.md §3: every rate with its n).
+
+- Means of 0/1 outcomes over items: Wilson score interval (good coverage at small n and near 0 or 1,
+  where the normal approximation fails).
+- Means of continuous per-item values: percentile bootstrap over items, seeded, so the same table
+  always prints the same interval.
+- Means over seeds (one value per run of one configuration): Student t interval, n = seeds.
+- Difference of two rates measured on separate item samples: Newcombe's hybrid score interval.
+
+Which kind a set of values is gets decided from the values themselves: all in {0, 1} means Wilson.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure with its n and interval; ``method`` names how the interval was made ('' for none)."""
+
+    value: float
+    n: int | None = None
+    low: float | None = None
+    high: float | None = None
+    method: str = ""
+
+
+def _z(confidence: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
+def wilson(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion successes/n."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    z = _z(confidence)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)  # exact at the ends, not float noise
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return (low, high)
+
+
+def bootstrap_mean(values, resamples: int = RESAMPLES, seed: int = 0,
+                   confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over items; NaN for fewer than two items."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return (float(low), float(high))
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student t interval of the mean (for means over seeds); NaN for fewer than two values."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    half = float(t.ppf(0.5 + confidence / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    mean = float(x.mean())
+    return (mean - half, mean + half)
+
+
+def newcombe_difference(k1: float, n1: int, k2: float, n2: int,
+                        confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (method 10) of k1/n1 − k2/n2 for two independent samples."""
+    if n1 <= 0 or n2 <= 0:
+        return (math.nan, math.nan)
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, confidence)
+    l2, u2 = wilson(k2, n2, confidence)
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def is_binary(values) -> bool:
+    x = np.asarray(values, dtype=float)
+    return bool(len(x)) and bool(np.all((x == 0) | (x == 1)))
+
+
+def rate(values, seed: int = 0) -> Estimate:
+    """The mean of per-item values with n and a 95% interval: Wilson for 0/1 outcomes, else a bootstrap.
+
+    NaN items (not measured) are left out of n."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return Estimate(math.nan, 0)
+    if is_binary(x):
+        low, high = wilson(float(x.sum()), len(x))
+        return Estimate(float(x.mean()), len(x), low, high, "wilson")
+    low, high = bootstrap_mean(x, seed=seed)
+    return Estimate(float(x.mean()), len(x), _num(low), _num(high), "bootstrap" if len(x) > 1 else "")
+
+
+def over_seeds(values) -> Estimate:
+    """Mean over seeds (one figure per run) with a t interval, n = seeds with a figure."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[~np.isnan(x)]
+    if not len(x):
+        return Estimate(math.nan, 0)
+    low, high = t_interval(x)
+    return Estimate(float(x.mean()), len(x), _num(low), _num(high), "t" if len(x) > 1 else "")
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def format_estimate(e: Estimate) -> str:
+    """``0.85 [0.74, 0.92] n=40``; ``n/a`` for a missing figure; the interval left out when there is none."""
+    if e.value is None or math.isnan(e.value):
+        text = "n/a"
+    else:
+        text = "0" if abs(e.value) < 1e-12 else f"{e.value:.4g}"
+    if e.low is not None and e.high is not None and not (math.isnan(e.low) or math.isnan(e.high)):
+        text += f" [{_short(e.low)}, {_short(e.high)}]"
+    if e.n is not None:
+        text += f" n={e.n}"
+    return text
+
+
+def _short(x: float) -> str:
+    x = 0.0 if abs(x) < 1e-12 else x  # float noise around zero
+    return f"{x:.3f}" if x == 0 or 0.001 <= abs(x) < 10 else f"{x:.4g}"
