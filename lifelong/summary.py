@@ -15,7 +15,7 @@ import polars as pl
 
 from lifelong.run import RunDir
 from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate
-from probes.metrics import forgotten_at, retained_fraction, retention_matrix, retention_summary
+from probes.metrics import forgotten_at, retention_matrix, retention_summary
 
 SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
           "high": pl.Float64}
