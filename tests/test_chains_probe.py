@@ -398,6 +398,20 @@ class TokenScorer:
                       exact=np.zeros(n, bool), token_acc=np.zeros(n), argmax=[()] * n)
 
 
+def two_step_rows(probe, tables, steps, facts) -> list:
+    """The probe's rows over a two-step stream scored from ``tables`` (θ0, after step 1, after step 2)."""
+    scorer = TokenScorer(tables)
+    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
+                                              steps=steps, facts=facts))
+    rows = []
+    for k in (1, 2):
+        scorer.state = k
+        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
+                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
+                                           facts=facts))
+    return rows
+
+
 @pytest.mark.parametrize("prob, cm, cs", [("meantok", 0.5, 0.0), ("seq", 0.875, 1.0)])
 def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
     """Coverage chain Mu: Xi → Nu (step 1) → Omi (step 2). o1* = Nu is three tokens, each p = 1 after
@@ -409,16 +423,7 @@ def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
     steps, facts = split(edits)
     x = "The home of Mu is"
     tables = [{}, {(x, "Nu"): (1.0, 1.0, 1.0), (x, "Omi"): (0.1,)}, {(x, "Nu"): (0.5, 0.5, 0.5), (x, "Omi"): (0.3,)}]
-    scorer = TokenScorer(tables)
-    probe = ChainProbe("every:1", ChainProbe.Options(prob=prob))
-    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
-                                              steps=steps, facts=facts))
-    rows = []
-    for k in (1, 2):
-        scorer.state = k
-        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
-                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
-                                           facts=facts))
+    rows = two_step_rows(ChainProbe("every:1", ChainProbe.Options(prob=prob)), tables, steps, facts)
     got = {(r.metric, r.protocol): r.value for r in rows}
     assert got[("conflict_magnitude", f"completion;p={prob}")] == pytest.approx(cm)
     assert got[("conflict_score_explicit", f"completion;p={prob}")] == cs
@@ -437,16 +442,7 @@ def test_tied_fact_damage_reference_by_hand(tfd_ref, expected):
     t, c1, c2 = "The mother of Eps is", "The spouse of Zeta is", "The father of Eps is"
     base = {(c1, "Kappa"): (0.1,), (c1, "Lambda"): (0.1,), (c2, "Lambda"): (0.1,)}
     tables = [base | {(t, "Zeta"): (0.4,)}, base | {(t, "Zeta"): (0.2,)}, base | {(t, "Zeta"): (0.1,)}]
-    scorer = TokenScorer(tables)
-    probe = ChainProbe("every:1", ChainProbe.Options(tfd_ref=tfd_ref))
-    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
-                                              steps=steps, facts=facts))
-    rows = []
-    for k in (1, 2):
-        scorer.state = k
-        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
-                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
-                                           facts=facts))
+    rows = two_step_rows(ChainProbe("every:1", ChainProbe.Options(tfd_ref=tfd_ref)), tables, steps, facts)
     got = {r.protocol.rsplit("ref=", 1)[1]: r.value for r in rows if r.metric == "tied_fact_damage"}
     assert got == pytest.approx(expected)
     assert {r.protocol for r in rows if r.metric == "tied_fact_damage"} == {f"completion;p=meantok;ref={ref}"
