@@ -313,6 +313,7 @@ def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch)
 
     answers = {"a": "good", "b": "I'd say good", "c": "bad", "q": "the answer is Rome"}
     monkeypatch.setattr(ds, "generate", lambda model, tok, prompts, limit: [answers[p] for p in prompts])
+    monkeypatch.setattr(ds, "load_task", lambda name: [])  # the items are set below: no data files needed
     seed = make_probe("downstream:tasks=sentiment+nq,items=3,protocol=seed")
     tasks = {"sentiment": [Choice("a", ("good", "bad"), 0), Choice("b", ("good", "bad"), 0),
                            Choice("c", ("bad", "good"), 1)],
