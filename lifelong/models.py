@@ -8,6 +8,7 @@ directory; later loads read the cache (well under 2 s).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -43,6 +44,17 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return self.adapter.num_layers
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
+    so that a run is never resumed or checked out on other weights (about 1 s per GB)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        tensor = p.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
@@ -102,9 +114,18 @@ def _load_hf_dir(directory: Path):
             "supported families are " + ", ".join(sorted(FAMILIES))
         )
     # safetensors only: never unpickle weights from a directory we did not write.
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+        output_loading_info=True,
     )
+    # A weight the files lack would be left at its random initialisation: refuse rather than run on it.
+    problems = [(kind.replace("_keys", ""), list(info.get(kind) or ()))
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")]
+    problems = [(kind, keys) for kind, keys in problems if keys]
+    if problems:
+        raise ModelLoadError(f"{directory}: the weight files do not match the config ("
+                             + "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]!s}" for kind, keys in problems)
+                             + "): refusing to run on randomly initialised weights")
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return model, tokenizer
 

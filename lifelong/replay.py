@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lifelong.delta import DeltaStore
 from lifelong.editors import Editor, make_editor
 from lifelong.machine import ComputeThreads, cpu_description, thread_policy
-from lifelong.models import LoadedModel, load_model
+from lifelong.models import LoadedModel, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
 from probes.base import chain_ends
@@ -120,6 +120,13 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
 
 def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None, progress: bool,
             stop_after: int | None, compute: ComputeThreads) -> ReplayResult:
+    with ExitStack() as held:  # holds the run's writer lock once the inputs are validated
+        return _replay_locked(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after,
+                              compute=compute, held=held)
+
+
+def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
+                   progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack) -> ReplayResult:
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
@@ -127,14 +134,17 @@ def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, edito
         config = dataclasses.replace(config, editor=editor.name)
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device)
+    base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
     editor.bind(lm)
     editor.check_stream(stream)
     run = RunDir(out)
+    held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
     # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
     manifest = run.start(identity_of(
         config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
+        base_weights=base_fingerprint,
     ))
     run.record_session(session_info(lm, editor, compute, run.completed_step()))
     editor.prepare(lm)  # on θ0: before any checkout below
@@ -222,6 +232,9 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
     if not 0 <= step <= done:
         raise ValueError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
     lm = load_model(identity["model"], device)
+    if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
+        raise ValueError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
+                         "started from (their fingerprint differs); a checkout on them would be wrong")
     store = DeltaStore(run.deltas_dir, {})  # a freshly loaded model is the base: apply deltas only
     cls = EDITORS.get(identity["editor"])
     if cls is not None and cls.adaptor:  # bound on θ0, before any delta, as replay binds it

@@ -20,10 +20,12 @@ import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 
@@ -37,6 +39,9 @@ RESULT_SCHEMA = {
     "edit_id": pl.String,
     "value": pl.Float64,
 }
+
+
+LOCK_NAME = ".lock"  # held by the process writing to a run directory (see RunDir.writer_lock)
 
 
 class RunDirError(ValueError):
@@ -115,6 +120,30 @@ class RunDir:
         except json.JSONDecodeError as err:
             raise RunDirError(f"{self.manifest_path}: unreadable manifest: {err}") from None
 
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the run's writer lock (an OS file lock on ``DIR/.lock``, released when the process
+        ends, however it ends): a second replay into the same directory is refused in one line."""
+        import fcntl
+
+        if self.path.exists() and not self.exists() and any(
+                not (p.name == LOCK_NAME or (p.is_file() and is_temporary(p.name))) for p in self.path.iterdir()):
+            raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunDirError(f"{self.path}: another process (pid {holder}) is writing to this run; "
+                                  "wait for it to end or choose another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def start(self, identity: dict) -> dict:
         """Create the run, or check that an existing one was started with the same identity."""
         if self.exists():
@@ -130,7 +159,7 @@ class RunDir:
         if self.path.exists():
             # A kill during the very first write leaves only our own half-written temporary file.
             leftovers = [p for p in self.path.iterdir() if p.is_file() and is_temporary(p.name)]
-            if len(leftovers) < sum(1 for _ in self.path.iterdir()):
+            if len(leftovers) < sum(1 for p in self.path.iterdir() if p.name != LOCK_NAME):
                 raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
             for p in leftovers:
                 p.unlink()

@@ -70,3 +70,33 @@ def test_cuda_request_without_cuda_is_clear():
         pytest.skip("CUDA is available here")
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         load_model("tiny-llama", device="cuda")
+
+
+@pytest.mark.parametrize("damage", ["drop_one", "empty", "extra"])
+def test_weights_missing_from_the_files_are_refused(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    lm = load_model("tiny-llama")
+    path = save_model_dir(lm.model, lm.tokenizer, tmp_path / "m") / "model.safetensors"
+    tensors = load_file(str(path))
+    if damage == "drop_one":
+        tensors.pop(next(k for k in tensors if "mlp.down_proj" in k))
+    elif damage == "empty":
+        tensors = {}
+    else:
+        tensors["model.layers.0.mlp.spare.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    kind = {"drop_one": "1 missing", "empty": "missing", "extra": "1 unexpected"}[damage]
+    with pytest.raises(ModelLoadError, match=f"do not match the config.*{kind}.*randomly initialised"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_fingerprint_follows_every_weight(tiny):
+    from lifelong.models import weights_fingerprint
+
+    before = weights_fingerprint(tiny.model)
+    assert weights_fingerprint(tiny.model) == before
+    with torch.no_grad():
+        param = list(tiny.model.parameters())[-1]
+        param.view(-1)[-1] += 1e-3  # the very last value of the last weight
+    assert weights_fingerprint(tiny.model) != before

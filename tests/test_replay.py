@@ -173,3 +173,39 @@ def test_missing_result_part_is_named_not_dropped(tmp_path, stream_file):
     part.run.part_path(2).unlink()
     with pytest.raises(RunDirError, match=r"step_000002.parquet: result part of a completed step is missing"):
         replay(config(stream_file), tmp_path / "r", progress=False)
+
+
+def test_resume_and_checkout_refuse_other_base_weights(tmp_path, stream_file):
+    from lifelong.models import save_model_dir
+
+    model_dir = tmp_path / "model"
+    first = load_model("tiny-llama")
+    save_model_dir(first.model, first.tokenizer, model_dir)
+    cfg = RunConfig(model=str(model_dir), stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT))
+    replay(cfg, tmp_path / "r", progress=False, stop_after=1)
+    other = load_model("tiny-llama:1")  # same architecture, other weights, saved over the first
+    save_model_dir(other.model, other.tokenizer, model_dir)
+    with pytest.raises(RunDirError, match=r"holds a different run \(differs in: base_weights\)"):
+        replay(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="not the ones this run started from"):
+        checkout(tmp_path / "r", 1)
+
+
+def test_second_writer_is_refused(tmp_path, stream_file):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from lifelong.run import RunDir\n"
+        f"with RunDir({str(run_dir)!r}).writer_lock():\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=rf"another process \(pid {holder.pid}\) is writing to this run"):
+            replay(config(stream_file), run_dir, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    done = replay(config(stream_file), run_dir, progress=False, stop_after=1)  # a dead holder holds nothing
+    assert done.run.completed_step() == 1
