@@ -48,7 +48,8 @@ class LoadedModel:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
-    so that a run is never resumed or checked out on other weights (about 1 s per GB)."""
+    so that a run is never resumed or checked out on other weights (1.4 s for the default
+    model's 540 MB on a 2-core machine)."""
     h = hashlib.blake2b(digest_size=16)
     for name, p in model.named_parameters():
         tensor = p.detach().cpu().contiguous()

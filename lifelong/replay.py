@@ -68,6 +68,12 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
     return stream, stream.steps(config.batch_size), facts, full.content_hash()
 
 
+def stream_label(spec: str) -> str:
+    """How a run's identity names its stream: a stream file by its name alone, since its content
+    hash identifies it (``good.jsonl``, ``./good.jsonl`` and ``/abs/good.jsonl`` are one stream)."""
+    return Path(spec).name if spec.endswith(".jsonl") else spec
+
+
 def default_suite(config: RunConfig) -> ProbeSuite:
     """Edit quality every step, retention every ``probe_every`` steps, then ``config.probes``;
     a ``--probe edit_quality:...`` or ``--probe retention:...`` replaces the default one."""
@@ -144,7 +150,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     manifest = run.start(identity_of(
         config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
-        base_weights=base_fingerprint,
+        base_weights=base_fingerprint, stream=stream_label(config.stream),
     ))
     run.record_session(session_info(lm, editor, compute, run.completed_step()))
     editor.prepare(lm)  # on θ0: before any checkout below

@@ -209,3 +209,13 @@ def test_second_writer_is_refused(tmp_path, stream_file):
         holder.wait()
     done = replay(config(stream_file), run_dir, progress=False, stop_after=1)  # a dead holder holds nothing
     assert done.run.completed_step() == 1
+
+
+def test_stream_file_spelled_differently_is_the_same_run(tmp_path, stream_file, monkeypatch):
+    import os
+
+    replay(config(stream_file), tmp_path / "r", progress=False, stop_after=1)
+    monkeypatch.chdir(stream_file.parent.parent)
+    relative = os.path.join(".", stream_file.parent.name, "..", stream_file.parent.name, stream_file.name)
+    done = replay(config(relative), tmp_path / "r", progress=False, stop_after=1)
+    assert done.run.completed_step() == 2
