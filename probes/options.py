@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 
@@ -22,7 +23,31 @@ def parse_options(cls: type, overrides: dict[str, str] | None, owner: str, error
             expected = f"expected one of {', '.join(names)}" if names else f"it takes no {noun}s"
             raise error(f"{kind} '{owner}' has no {noun} '{key}': {expected}")
         values[key] = convert(raw, hints[key], f"{owner}.{key}", error)
+        check_range(key, values[key], f"{owner}.{key}", error)
     return cls(**values)
+
+
+# The declared ranges of settings, by name, shared by every editor and probe that uses the name
+# (a name means the same thing wherever it appears). Every float must also be finite.
+_AT_LEAST_ONE = ("steps", "max_steps", "v_steps", "templates", "top_k", "batch_size", "rank", "cov_tokens",
+                 "save_freq", "merge_freq")
+_NOT_NEGATIVE = ("norm_constraint", "clamp_norm", "weight_decay", "v_weight_decay", "kl_factor", "eps_init", "l2",
+                 "mom2_weight", "cov_reg", "max_tokens", "items", "stop_loss")
+_POSITIVE = ("lr", "v_lr", "edit_lr")
+
+
+def check_range(name: str, value, where: str, error: type[ValueError] = OptionError) -> None:
+    """Refuse a setting outside its declared range (see the tables above), naming it."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{where}: must be a finite number, got {value}")
+    if name in _AT_LEAST_ONE and value < 1:
+        raise error(f"{where}: must be at least 1, got {value}")
+    if name in _NOT_NEGATIVE and value < 0:
+        raise error(f"{where}: must not be negative, got {value}")
+    if name in _POSITIVE and value <= 0:
+        raise error(f"{where}: must be greater than 0, got {value}")
 
 
 def convert(raw, annotation, where: str, error: type[ValueError] = OptionError):

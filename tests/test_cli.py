@@ -147,3 +147,23 @@ def test_bad_v_dtype_is_refused(capsys, tmp_path, stream_file):
     line = error_line(capsys, "replay", "--model", "tiny-llama", "--editor", "rome", "--stream", str(stream_file),
                       "--set", "v_dtype=int8", "--out", str(tmp_path / "r"))
     assert "v_dtype must be one of auto, float32, bfloat16, float16, got 'int8'" in line
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("norm_constraint=-1", "ft.norm_constraint: must not be negative, got -1.0"),
+    ("max_steps=-5", "ft.max_steps: must be at least 1, got -5"),
+    ("lr=inf", "ft.lr: must be a finite number, got inf"),
+    ("lr=nan", "ft.lr: must be a finite number, got nan"),
+    ("lr=0", "ft.lr: must be greater than 0, got 0.0"),
+])
+def test_out_of_range_settings_are_refused_before_anything_is_written(capsys, tmp_path, stream_file, setting,
+                                                                        message):
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", setting,
+                      "--out", str(tmp_path / "r"))
+    assert message in line and not (tmp_path / "r").exists()
+
+
+def test_out_of_range_probe_option_is_refused(capsys, tmp_path, stream_file):
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file),
+                      "--probe", "perplexity:max_tokens=-5", "--out", str(tmp_path / "r"))
+    assert "perplexity.max_tokens: must not be negative, got -5" in line and not (tmp_path / "r").exists()
