@@ -29,10 +29,12 @@ def parse_options(cls: type, overrides: dict[str, str] | None, owner: str, error
 
 # The declared ranges of settings, by name, shared by every editor and probe that uses the name
 # (a name means the same thing wherever it appears). Every float must also be finite.
-_AT_LEAST_ONE = ("steps", "max_steps", "v_steps", "templates", "top_k", "batch_size", "rank", "cov_tokens",
-                 "save_freq", "merge_freq")
+# ("templates" is not here: ROME counts the bare prompt among them, WISE does not, and each editor
+# checks its own; a negative stop_loss is a way to say "never stop early".)
+_AT_LEAST_ONE = ("steps", "max_steps", "v_steps", "top_k", "batch_size", "rank", "cov_tokens", "save_freq",
+                 "merge_freq")
 _NOT_NEGATIVE = ("norm_constraint", "clamp_norm", "weight_decay", "v_weight_decay", "kl_factor", "eps_init", "l2",
-                 "mom2_weight", "cov_reg", "max_tokens", "items", "stop_loss")
+                 "mom2_weight", "cov_reg", "max_tokens", "items")
 _POSITIVE = ("lr", "v_lr", "edit_lr")
 
 
