@@ -14,13 +14,14 @@ editor may touch and rebuilds any step from them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 _DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"
@@ -149,18 +150,52 @@ class Delta:
     @classmethod
     def load(cls, path: Path) -> "Delta":
         grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in load_file(str(path)).items():
+        for key, t in load_tensors(path).items():
             name, _, kind = key.rpartition("::")
             grouped.setdefault(name, {})[kind] = t
         return cls({name: ParamChange(**parts) for name, parts in grouped.items()})
 
 
+DIGEST_KEY = "lifelong_blake2b"  # metadata entry: a hash of every tensor's name, dtype, shape and bytes
+
+
+class DamagedFileError(ValueError):
+    """A stored file that cannot be read back as written (truncated, or its bytes changed)."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors write to a temporary name, then rename: a killed run never leaves half a file."""
+    """safetensors write to a temporary name, then rename: a killed run never leaves half a file.
+    The file carries a digest of its tensors, which :func:`load_tensors` checks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)})
     os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file :func:`atomic_save_tensors` wrote, refused (naming the file) when it
+    is unreadable or its tensors no longer match the digest stored with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(DIGEST_KEY)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises several kinds for a truncated or garbled file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedFileError(f"{path}: damaged file, cannot be read ({reason})") from None
+    if stored is not None and stored != tensors_digest(tensors):
+        raise DamagedFileError(f"{path}: damaged file: its contents no longer match the checksum stored with them")
+    return tensors
 
 
 class DeltaStore:
@@ -207,7 +242,7 @@ class DeltaStore:
 
     def load_state(self, step: int) -> dict[str, torch.Tensor]:
         path = self.state_path(step)
-        return load_file(str(path)) if step > 0 and path.is_file() else {}
+        return load_tensors(path) if step > 0 and path.is_file() else {}
 
     def step_states(self, step: int, incremental: bool) -> list[dict[str, torch.Tensor]]:
         """The saved editor states needed to restore ``step``: 1..step if ``incremental``, else step's own."""

@@ -54,7 +54,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         tensor = p.detach().cpu().contiguous()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
     return h.hexdigest()
 
 

@@ -139,3 +139,42 @@ def test_sparse_change_is_validated():
         ParamChange(index=torch.tensor([1, 1]), values=values, dim=1, shape=(4, 4))
     with pytest.raises(ValueError, match="sorted, unique"):
         ParamChange(index=torch.tensor([0, 4]), values=values, dim=1, shape=(4, 4))
+
+
+def _flip_last_data_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # the last byte is tensor data (safetensors puts the header first)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("editor, overrides, damaged", [
+    ("ft", {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "5"}, "step_000002.safetensors"),
+    ("grace", {"layer": "2"}, "state_000003.safetensors"),
+])
+def test_damaged_delta_or_state_is_named_on_resume_and_checkout(tmp_path, stream_file, editor, overrides, damaged):
+    from lifelong.delta import DamagedFileError
+    from lifelong.replay import checkout, replay
+    from lifelong.run import RunConfig
+
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), editor=editor, probe_every=2,
+                    editor_overrides=overrides)
+    run = replay(cfg, tmp_path / "r", progress=False, stop_after=3).run
+    _flip_last_data_byte(run.deltas_dir / damaged)
+    with pytest.raises(DamagedFileError, match=rf"{damaged}: damaged file.*checksum"):
+        replay(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(DamagedFileError, match=rf"{damaged}: damaged file"):
+        checkout(tmp_path / "r", 3)
+
+
+def test_truncated_delta_is_named(tmp_path):
+    from lifelong.delta import DamagedFileError, Delta, ParamChange
+
+    path = tmp_path / "step_000001.safetensors"
+    Delta({"w": ParamChange(dense=torch.ones(3, 3))}).save(path)
+    assert torch.equal(Delta.load(path).changes["w"].dense, torch.ones(3, 3))
+    _flip_last_data_byte(path)
+    with pytest.raises(DamagedFileError, match="checksum"):
+        Delta.load(path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DamagedFileError, match="cannot be read"):
+        Delta.load(path)

@@ -14,11 +14,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lifelong.delta import atomic_save_tensors
+from lifelong.delta import atomic_save_tensors, load_tensors
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel, cache_root
 
@@ -73,7 +72,7 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
     name = f"{corpus_key(corpus)}-seed{seed}-rows{n_rows}-len{seq_len}"
     path = cache_root() / "stats" / model_key(lm) / f"{name}.safetensors"
     if path.is_file():
-        return load_file(str(path))["tokens"].tolist()
+        return load_tensors(path)["tokens"].tolist()
     rows = sample_rows(lm, n_rows, seq_len, seed, path.with_name(f"{name}-partial.safetensors"))
     atomic_save_tensors({"tokens": torch.tensor(rows, dtype=torch.long)}, path)
     path.with_name(f"{name}-partial.safetensors").unlink(missing_ok=True)
@@ -104,7 +103,7 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     complete, so an interrupted first run continues where it stopped, with the same result."""
     chunks = -(-n_rows // SAMPLE_BATCH)
     sizes = [n_rows // chunks + (1 if c < n_rows % chunks else 0) for c in range(chunks)]
-    rows: list[list[int]] = load_file(str(partial))["tokens"].tolist() if partial.is_file() else []
+    rows: list[list[int]] = load_tensors(partial)["tokens"].tolist() if partial.is_file() else []
     done = next((c for c in range(chunks + 1) if sum(sizes[:c]) == len(rows)), None)
     if done is None:  # not a chunk boundary: not ours, start afresh
         rows, done = [], 0
@@ -155,7 +154,7 @@ def key_second_moments(lm: LoadedModel, layers: list[int], corpus: str = MODEL_S
     paths = {layer: (cache_root() / "stats" / model_key(lm)
                      / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors")
              for layer in layers}
-    out = {layer: load_file(str(path))["second_moment"] for layer, path in paths.items() if path.is_file()}
+    out = {layer: load_tensors(path)["second_moment"] for layer, path in paths.items() if path.is_file()}
     missing = [layer for layer in layers if layer not in out]
     if missing:
         rows = _token_rows(lm, corpus, n_tokens, seq_len, seed)
