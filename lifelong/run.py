@@ -120,15 +120,25 @@ class RunDir:
         except json.JSONDecodeError as err:
             raise RunDirError(f"{self.manifest_path}: unreadable manifest: {err}") from None
 
+    def _refuse_foreign_files(self) -> list[Path]:
+        """Refuse a directory holding anything but our lock and our own half-written temporary
+        files (all a kill during the very first write leaves); returns those temporary files."""
+        if not self.path.exists():
+            return []
+        entries = list(self.path.iterdir())
+        leftovers = [p for p in entries if p.is_file() and is_temporary(p.name)]
+        if len(leftovers) < sum(1 for p in entries if p.name != LOCK_NAME):
+            raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+        return leftovers
+
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
         """Hold the run's writer lock (an OS file lock on ``DIR/.lock``, released when the process
         ends, however it ends): a second replay into the same directory is refused in one line."""
         import fcntl
 
-        if self.path.exists() and not self.exists() and any(
-                not (p.name == LOCK_NAME or (p.is_file() and is_temporary(p.name))) for p in self.path.iterdir()):
-            raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
+        if not self.exists():
+            self._refuse_foreign_files()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -156,13 +166,8 @@ class RunDir:
                     "choose another --out or delete it"
                 )
             return manifest
-        if self.path.exists():
-            # A kill during the very first write leaves only our own half-written temporary file.
-            leftovers = [p for p in self.path.iterdir() if p.is_file() and is_temporary(p.name)]
-            if len(leftovers) < sum(1 for p in self.path.iterdir() if p.name != LOCK_NAME):
-                raise RunDirError(f"{self.path} exists, is not empty and is not a run directory; choose another --out")
-            for p in leftovers:
-                p.unlink()
+        for p in self._refuse_foreign_files():
+            p.unlink()
         manifest = {
             "run_id": run_id(identity),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
