@@ -134,7 +134,8 @@ def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, edito
 def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
                    progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack) -> ReplayResult:
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
-    if editor is None:
+    owned = editor is None
+    if owned:
         editor = make_editor(config.editor, config.editor_overrides)
     elif config.editor != editor.name:
         config = dataclasses.replace(config, editor=editor.name)
@@ -142,6 +143,8 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     lm = lm or load_model(config.model, config.device)
     base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
     editor.bind(lm)
+    if owned:  # an editor made here is released on the way out: a reused ``lm`` keeps no hooks of it
+        held.callback(editor.release)
     editor.check_stream(stream)
     run = RunDir(out)
     held.enter_context(run.writer_lock())  # one writer per run directory

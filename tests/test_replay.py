@@ -219,3 +219,15 @@ def test_stream_file_spelled_differently_is_the_same_run(tmp_path, stream_file, 
     relative = os.path.join(".", stream_file.parent.name, "..", stream_file.parent.name, stream_file.name)
     done = replay(config(relative), tmp_path / "r", progress=False, stop_after=1)
     assert done.run.completed_step() == 2
+
+
+def test_replay_releases_the_editor_it_made(tmp_path, stream_file):
+    """A reused model keeps no hooks of an adaptor editor from an earlier replay (a second GRACE
+    run on the same model once met the first run's codebook hook and crashed)."""
+    lm = load_model("tiny-llama")
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())  # noqa: E731
+    before = hooks()
+    for seed in (0, 1):
+        replay(RunConfig(model="tiny-llama", editor="grace", stream=str(stream_file), seed=seed),
+               tmp_path / f"g{seed}", lm=lm, progress=False)
+        assert hooks() == before
