@@ -40,7 +40,8 @@ def plain_line(measure: str, protocol: str, value: float, n: int | None = None) 
     return Line(measure, protocol, Estimate(float(value), n))
 
 
-def _items(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> np.ndarray:
+def item_values(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> np.ndarray:
+    """One probe metric's per-item values: at each edit's own step (or at θ0 with own_step False)."""
     rows = results.filter(
         (pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol)
         & ((pl.col("step") > 0) if own_step else (pl.col("step") == 0))
@@ -147,14 +148,14 @@ def summary_lines(run: RunDir) -> list[Line]:
     results = run.results()
     progress = run.progress()
     lines = [
-        rate_line("pre-edit efficacy (θ0)", "es", _items(results, "edit_quality", "efficacy", "es", own_step=False)),
-        rate_line("efficacy at own step", "es", _items(results, "edit_quality", "efficacy", "es")),
-        rate_line("efficacy at own step", "exact", _items(results, "edit_quality", "efficacy", "exact")),
-        rate_line("generalization (paraphrases)", "ps", _items(results, "edit_quality", "generalization", "ps")),
+        rate_line("pre-edit efficacy (θ0)", "es", item_values(results, "edit_quality", "efficacy", "es", own_step=False)),
+        rate_line("efficacy at own step", "es", item_values(results, "edit_quality", "efficacy", "es")),
+        rate_line("efficacy at own step", "exact", item_values(results, "edit_quality", "efficacy", "exact")),
+        rate_line("generalization (paraphrases)", "ps", item_values(results, "edit_quality", "generalization", "ps")),
         rate_line("generalization (paraphrases)", "exact",
-                  _items(results, "edit_quality", "generalization", "exact")),
-        rate_line("locality (neighborhood)", "ns", _items(results, "edit_quality", "locality", "ns")),
-        rate_line("locality (neighborhood)", "unchanged", _items(results, "edit_quality", "locality", "unchanged")),
+                  item_values(results, "edit_quality", "generalization", "exact")),
+        rate_line("locality (neighborhood)", "ns", item_values(results, "edit_quality", "locality", "ns")),
+        rate_line("locality (neighborhood)", "unchanged", item_values(results, "edit_quality", "locality", "unchanged")),
     ]
     for protocol in ("es", "exact"):
         lines += retention_lines(results, protocol)

@@ -1,0 +1,590 @@
+"""Reproduce the seed papers' findings on one model, with intervals: writes docs/REPRODUCTION.md.
+
+One row per claim (KN/MEND and general abilities, ROME and MEMIT under sequential editing,
+round edits, conflicts, AlphaEdit against MEMIT, GRACE, WISE, the key-statistics corpus): the
+paper's figure, ours as the mean over seeds with a 95% t interval (each seed draws its own sample
+of edits from the data set and is its own run), the items behind each seed's figure, and a
+verdict by a rule stated in the row. Runs are ordinary run directories under ``--work`` and
+resume: an interrupted reproduction carries on where it stopped, and ``--report-only`` rewrites
+the document from the runs already made (missing ones are reported as such, never guessed).
+
+    python benchmarks/reproduce.py                      # standard scale (hours on a 2-core CPU)
+    python benchmarks/reproduce.py --scale quick        # fewer edits per seed (about an hour)
+    python benchmarks/reproduce.py --claims round,conflicts --seeds 5
+    python benchmarks/reproduce.py --report-only        # the document from the finished runs
+
+The README's result table between ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` is
+rewritten from the same figures (``--readme ''`` leaves it alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from lifelong.stats import Estimate, format_estimate, over_seeds  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = DATA / "wikitext" / "wikitext-2-raw_test.txt"
+PPL = "perplexity:max_tokens=2048"  # the perplexity probe on 2,048 tokens of its built-in corpus
+
+
+# ----------------------------------------------------------------------------- what is run
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of a claim; it runs once per seed, each seed on its own sample of items."""
+
+    key: str  # short name, unique within the claim (the run directory's name)
+    editor: str
+    source: str  # counterfact | zsre | round | reverse | composite
+    items: dict[str, int]  # items per seed by scale: edits, or chains for round/reverse/composite
+    overrides: dict[str, str] = field(default_factory=dict)
+    probes: tuple[str, ...] = ()
+    probe_every: int = 5  # retention schedule
+    batch: int | None = None  # edits per step (None: one)
+
+    def count(self, scale: str) -> int:
+        """Items per seed at ``scale``; a scale of the form ``items=N`` gives every arm N (smoke tests)."""
+        return int(scale.split("=", 1)[1]) if scale.startswith("items=") else self.items[scale]
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    title: str
+    paper: str  # what the paper reports, with its source
+    arms: tuple[Arm, ...]
+    figures: Callable[[dict[str, list[pl.DataFrame]]], list[tuple[str, Estimate, str]]]
+    verdict: Callable[[dict[str, Estimate]], tuple[str, str]]  # figures by label -> (verdict, why)
+    headline: tuple[str, ...] = ()  # the figures shown in the summary table (default: the first three)
+    note: str = ""
+
+
+def per_seed(runs: list[pl.DataFrame], measure: Callable[[pl.DataFrame], float]) -> Estimate:
+    """One figure per seed's run, then their mean with a t interval (n = seeds)."""
+    return over_seeds([measure(r) for r in runs])
+
+
+def items_per_seed(runs: list[pl.DataFrame], values: Callable[[pl.DataFrame], np.ndarray]) -> str:
+    counts = sorted({len(values(r)) for r in runs})
+    return "/".join(str(c) for c in counts) if counts else "0"
+
+
+# ----------------------------------------------------------------------------- measures of one run
+
+def own_step_mean(probe: str, metric: str, protocol: str) -> Callable[[pl.DataFrame], float]:
+    from lifelong.summary import item_values
+
+    def measure(results: pl.DataFrame) -> float:
+        x = item_values(results, probe, metric, protocol)
+        return float(np.nanmean(x)) if len(x) else math.nan
+    return measure
+
+
+def own_step_values(probe: str, metric: str, protocol: str) -> Callable[[pl.DataFrame], np.ndarray]:
+    from lifelong.summary import item_values
+
+    return lambda results: item_values(results, probe, metric, protocol)
+
+
+def retained_last(results: pl.DataFrame) -> float:
+    from probes.metrics import retention_summary
+
+    return retention_summary(results, "es").get("retained_fraction", math.nan)
+
+
+def ppl_ratio(step: int | None = None) -> Callable[[pl.DataFrame], float]:
+    """Perplexity ratio to θ0 at ``step`` (None: the last step the probe ran)."""
+    def measure(results: pl.DataFrame) -> float:
+        rows = results.filter((pl.col("probe") == "perplexity") & (pl.col("metric") == "ratio")
+                              & (pl.col("protocol") == "corpus")).sort("step")
+        if step is not None:
+            rows = rows.filter(pl.col("step") <= step)
+        return float(rows["value"][-1]) if rows.height else math.nan
+    return measure
+
+
+def chain_mean(metric: str) -> Callable[[pl.DataFrame], float]:
+    """Mean over chains at completion (FR: the run's value after its last round chain)."""
+    def measure(results: pl.DataFrame) -> float:
+        rows = results.filter((pl.col("probe") == "chains") & (pl.col("metric") == metric)
+                              & pl.col("protocol").str.starts_with("completion"))
+        if metric == "failure_rate":
+            rows = rows.sort("step").tail(1)
+        return float(rows["value"].mean()) if rows.height else math.nan
+    return measure
+
+
+def chain_count(metric: str) -> Callable[[pl.DataFrame], np.ndarray]:
+    return lambda results: results.filter(
+        (pl.col("probe") == "chains") & (pl.col("metric") == metric)
+        & pl.col("protocol").str.starts_with("completion"))["value"].to_numpy()
+
+
+def last_step(results: pl.DataFrame) -> int:
+    return int(results["step"].max()) if results.height else 0
+
+
+# ----------------------------------------------------------------------------- verdict rules
+
+def above(e: Estimate, threshold: float) -> str:
+    """'yes' when the whole interval is above ``threshold``, 'no' when it is wholly at or below, else '?'."""
+    if e.n is None or e.n == 0 or e.value is None or math.isnan(e.value):
+        return "n/a"
+    if e.low is None or e.high is None:
+        return "?"
+    return "yes" if e.low > threshold else "no" if e.high <= threshold else "?"
+
+
+def below(e: Estimate, threshold: float) -> str:
+    flipped = Estimate(-e.value, e.n, None if e.high is None else -e.high, None if e.low is None else -e.low)
+    return above(flipped, -threshold)
+
+
+def combine(parts: list[str]) -> str:
+    """'holds' when every part says yes, 'does not hold' when any says no, else 'inconclusive'."""
+    if not parts or "n/a" in parts:
+        return "not run"
+    if all(p == "yes" for p in parts):
+        return "holds"
+    if "no" in parts:
+        return "does not hold"
+    return "inconclusive"
+
+
+def paired_difference(a: list[float], b: list[float]) -> Estimate:
+    """Mean over seeds of a − b (same seed, same edits), t interval."""
+    return over_seeds([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))])
+
+
+# ----------------------------------------------------------------------------- the claims
+
+def _general_figures(arm: str, ppl_steps: tuple[int, ...]):
+    def figures(runs):
+        out = []
+        for step in ppl_steps:
+            out.append((f"{arm}: perplexity ratio at step {step}", per_seed(runs[arm], ppl_ratio(step)),
+                        "ratio to θ0, builtin corpus (2,048 tokens)"))
+        out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
+                    f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
+        return out
+    return figures
+
+
+def _hurts_verdict(arm: str, step: int):
+    def verdict(f):
+        e = f[f"{arm}: perplexity ratio at step {step}"]
+        return combine([above(e, 1.05)]), f"rule: perplexity ratio at step {step} above 1.05 (interval over seeds)"
+    return verdict
+
+
+def _rome_memit_figures(runs):
+    out = []
+    for arm in ("rome", "memit"):
+        for step in (10, None):
+            label = f"{arm}: perplexity ratio at step {step or 'last'}"
+            out.append((label, per_seed(runs[arm], ppl_ratio(step)), "ratio to θ0"))
+        out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last),
+                    "share of earlier edits still preferred over the true object"))
+    rome = [ppl_ratio()(r) for r in runs["rome"]]
+    memit = [ppl_ratio()(r) for r in runs["memit"]]
+    out.append(("rome − memit: perplexity ratio at last step", paired_difference(rome, memit), "paired by seed"))
+    return out
+
+
+def _rome_memit_verdict(f):
+    degrades = above(f["rome: perplexity ratio at step last"], 1.05)
+    later = above(f["rome − memit: perplexity ratio at last step"], 0.0)
+    return combine([degrades, later]), ("rule: ROME's perplexity ratio at the last step above 1.05, and above MEMIT's "
+                                        "(paired difference over seeds above 0)")
+
+
+def _round_figures(runs):
+    out = []
+    for metric, label in (("round_success", "Succ"), ("distortion_js", "D (JS, nats)"),
+                          ("ignore_rate", "IR"), ("failure_rate", "FR")):
+        out.append((f"rome: {label}", per_seed(runs["rome"], chain_mean(metric)),
+                    f"{items_per_seed(runs['rome'], chain_count('distortion_js'))} round chains per seed"))
+    return out
+
+
+def _round_verdict(f):
+    parts = [above(f["rome: D (JS, nats)"], 0.0), above(f["rome: IR"], 0.0), above(f["rome: FR"], 0.0)]
+    return combine(parts), "rule: D, IR and FR after o comes back each above 0 (interval over seeds)"
+
+
+def _conflict_figures(runs):
+    out = []
+    for arm in ("reverse", "composite"):
+        for metric, label in (("conflict_score_explicit", "CS (explicit)"), ("conflict_magnitude", "CM")):
+            out.append((f"{arm}: {label}", per_seed(runs[arm], chain_mean(metric)),
+                        f"{items_per_seed(runs[arm], chain_count(metric))} chains per seed"))
+    out.append(("composite: TFD", per_seed(runs["composite"], chain_mean("tied_fact_damage")),
+                f"{items_per_seed(runs['composite'], chain_count('tied_fact_damage'))} chains per seed"))
+    return out
+
+
+def _conflict_verdict(f):
+    parts = [above(f["reverse: CM"], 0.0), above(f["composite: CM"], 0.0), above(f["composite: TFD"], 0.0)]
+    return combine(parts), ("rule: the second edit lowers the first's probability (CM > 0, reverse and composite) "
+                            "and damages the tied fact (TFD > 0), each interval over seeds above 0")
+
+
+def _alpha_figures(runs):
+    out = []
+    for arm in ("memit", "alphaedit"):
+        out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
+                    f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
+        out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
+        out.append((f"{arm}: perplexity ratio at last step", per_seed(runs[arm], ppl_ratio()), "ratio to θ0"))
+    out.append(("alphaedit − memit: retained fraction", paired_difference(
+        [retained_last(r) for r in runs["alphaedit"]], [retained_last(r) for r in runs["memit"]]), "paired by seed"))
+    out.append(("memit − alphaedit: perplexity ratio", paired_difference(
+        [ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]), "paired by seed"))
+    return out
+
+
+def _alpha_verdict(f):
+    parts = [above(f["alphaedit − memit: retained fraction"], 0.0), above(f["memit − alphaedit: perplexity ratio"], 0.0)]
+    return combine(parts), ("rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is "
+                            "lower than MEMIT's (paired difference above 0)")
+
+
+QUALITY = (("efficacy", "es", "ES"), ("efficacy", "exact", "ES exact"), ("generalization", "ps", "PS"),
+           ("generalization", "exact", "PS exact"), ("locality", "ns", "NS"), ("locality", "unchanged", "NS unchanged"))
+
+
+def _quality_figures(arms: tuple[str, ...]):
+    """ES/PS/NS at each edit's own step (the 'exact' and 'unchanged' protocols are the nearest to the WISE
+    tables' Rel./Gen./Loc.: teacher-forced exact answer, unchanged prediction), and retention at the end."""
+    def figures(runs):
+        out = []
+        for arm in arms:
+            for metric, protocol, label in QUALITY:
+                out.append((f"{arm}: {label} at own step", per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
+                            f"{items_per_seed(runs[arm], own_step_values('edit_quality', metric, protocol))} "
+                            "prompts per seed"))
+            out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
+        return out
+    return figures
+
+
+def _grace_verdict(f):
+    parts = [above(f["grace: NS unchanged at own step"], 0.9), below(f["grace: PS exact at own step"], 0.5)]
+    return combine(parts), ("rule: neighborhood predictions unchanged above 0.9 and paraphrases answered exactly "
+                            "below 0.5 (intervals over seeds)")
+
+
+def _wise_verdict(f):
+    parts = [above(f["wise: NS unchanged at own step"], 0.9), above(f["wise: retained fraction at last step"], 0.5)]
+    return combine(parts), ("rule: neighborhood predictions unchanged above 0.9 and retained fraction at the last "
+                            "step above 0.5")
+
+
+def _corpus_figures(runs):
+    out = []
+    for arm in ("rome-sample", "rome-wikitext", "alphaedit-sample", "alphaedit-wikitext"):
+        for metric, protocol, label in QUALITY[::2]:
+            out.append((f"{arm}: {label} at own step", per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
+                        ""))
+        out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
+    for editor in ("rome", "alphaedit"):
+        out.append((f"{editor}: sample − wikitext, retained fraction", paired_difference(
+            [retained_last(r) for r in runs[f"{editor}-sample"]],
+            [retained_last(r) for r in runs[f"{editor}-wikitext"]]), "paired by seed"))
+    return out
+
+
+def _corpus_verdict(f):
+    parts = []
+    for editor in ("rome", "alphaedit"):
+        e = f[f"{editor}: sample − wikitext, retained fraction"]
+        parts.append("n/a" if not e.n else "yes" if above(e, -0.1) == "yes" else "no" if below(e, -0.1) == "yes" else "?")
+    return combine(parts), ("rule (a measurement, not a paper's claim): the model-sampled C retains at least as well "
+                            "as WikiText-2's, within 0.1 (paired difference over seeds above −0.1)")
+
+
+SEQ = {"quick": 20, "standard": 40}  # sequential edits per seed
+FEW = {"quick": 10, "standard": 20}
+CHAINS = {"quick": 8, "standard": 20}
+CONFLICTS = {"quick": 6, "standard": 15}
+BATCHED = {"quick": 30, "standard": 300}  # MEMIT/AlphaEdit edits per seed, in batches of 10
+ADAPTOR = {"quick": 30, "standard": 100}
+
+# What each paper reports, from its own text (tables read as images only are not quoted).
+GU = ("Gu et al., EMNLP 2024 (arXiv 2401.04700): KN, MEND, ROME, MEMIT on GPT-2 XL, LLaMA-1/2 7B, ZsRE edits, "
+      "8 downstream tasks. Text: KN drops LLaMA-1 7B to nearly 0 on all tasks with a single edit; under sequential "
+      "editing performance 'shows a downward trend as the number of edits increases'. Per-method edit counts are "
+      "only in the paper's figures")
+GUPTA = ("Gupta, Rao, Anumanchipalli, ACL Findings 2024 (arXiv 2401.07453): sequential ROME and MEMIT on GPT2-XL and "
+         "GPT-J, CounterFact: edited models forget earlier edits and downstream ability gradually, then abruptly")
+WISE_T = ("Wang et al., NeurIPS 2024 (WISE, arXiv 2405.14768), Table 2, ZsRE, LLaMA-2-7B, sequential, Rel./Gen./Loc.")
+PITFALLS = ("Li et al., ICLR 2024 (arXiv 2310.02129), Pitfalls, GPT2-XL and GPT-J; its result tables are published as "
+            "images only, so no figure is quoted here")
+
+CLAIMS = (
+    Claim("grace", "GRACE keeps locality but not generalization",
+          f"{WISE_T}: GRACE 0.99/0.36/1.00 at T=1, 0.96/0.16/1.00 at T=10, 0.93/0.08/1.00 at T=1000",
+          (Arm("grace", "grace", "zsre", ADAPTOR),),
+          _quality_figures(("grace",)), _grace_verdict,
+          headline=("grace: ES exact at own step", "grace: PS exact at own step", "grace: NS unchanged at own step")),
+    Claim("wise", "WISE keeps locality and retains its edits",
+          f"{WISE_T}: WISE 0.98/0.92/1.00 at T=1, 0.94/0.88/1.00 at T=10, 0.77/0.72/1.00 at T=1000",
+          (Arm("wise", "wise", "zsre", {"quick": 20, "standard": 100}),),
+          _quality_figures(("wise",)), _wise_verdict,
+          headline=("wise: ES exact at own step", "wise: NS unchanged at own step",
+                    "wise: retained fraction at last step")),
+    Claim("round", "Round edits o→o*→o leave distortion, ignored and failed objects",
+          f"{PITFALLS}; its text: a round edit does not restore the object distribution (D > 0), with ignored "
+          "objects (IR) and failed round edits (FR)",
+          (Arm("rome", "rome", "round", CHAINS, probes=("chains",), probe_every=10**6),),
+          _round_figures, _round_verdict, headline=("rome: D (JS, nats)", "rome: IR", "rome: FR")),
+    Claim("kn", "KN hurts general abilities within a few edits", GU,
+          (Arm("kn", "kn", "counterfact", FEW, probes=(PPL,)),),
+          _general_figures("kn", (5, 10)), _hurts_verdict("kn", 10)),
+    Claim("conflicts", "Conflicting edits leave contradictions (CS, CM, TFD)",
+          f"{PITFALLS}; its text: ROME and MEMIT fail reverse edits, and most methods damage tied facts (TFD)",
+          (Arm("reverse", "rome", "reverse", CONFLICTS, probes=("chains",), probe_every=10**6),
+           Arm("composite", "rome", "composite", CONFLICTS, probes=("chains",), probe_every=10**6)),
+          _conflict_figures, _conflict_verdict, headline=("reverse: CM", "composite: CM", "composite: TFD")),
+    Claim("rome-memit", "ROME degrades after ~10 sequential edits, MEMIT later",
+          f"{GU}. {GUPTA}. {WISE_T}: ROME (seq.) 0.85/0.80/0.99 at T=1, 0.64/0.62/0.75 at T=10, 0.23/0.22/0.04 at "
+          "T=100; MEMIT (seq.) 0.84/0.81/0.99, 0.58/0.58/0.85, 0.02/0.02/0.02",
+          (Arm("rome", "rome", "counterfact", SEQ, probes=(PPL,)),
+           Arm("memit", "memit", "counterfact", SEQ, probes=(PPL,))),
+          _rome_memit_figures, _rome_memit_verdict,
+          headline=("rome: perplexity ratio at step last", "memit: perplexity ratio at step last",
+                    "rome − memit: perplexity ratio at last step")),
+    Claim("alphaedit", "AlphaEdit keeps retention and perplexity where MEMIT loses them",
+          "Fang et al., ICLR 2025 (AlphaEdit, arXiv 2410.02355), Table 1, CounterFact, 2,000 edits in batches of 100, "
+          "Eff./Gen./Spe.: LLaMA3-8B MEMIT 65.65/64.65/51.56, AlphaEdit 98.90/94.22/67.88; GPT2-XL MEMIT "
+          "94.70/85.82/60.50, AlphaEdit 99.50/93.95/66.39; fluency LLaMA3 437.43 (MEMIT) vs 622.49 (AlphaEdit), "
+          "635.23 unedited",
+          (Arm("memit", "memit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
+           Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10)),
+          _alpha_figures, _alpha_verdict,
+          headline=("alphaedit − memit: retained fraction", "memit − alphaedit: perplexity ratio"),
+          note="batches of 10, not the paper's 100: a batch of 100 takes ~10 min per step on a 2-core CPU"),
+    Claim("corpus", "Key statistics C: model-sampled text against WikiText-2",
+          "issue #15's measurement, not a paper's claim: ROME's C comes from 100,000 Wikipedia samples, ours by "
+          "default from 20,000 tokens sampled from the model",
+          (Arm("rome-sample", "rome", "counterfact", FEW),
+           Arm("rome-wikitext", "rome", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)}),
+           Arm("alphaedit-sample", "alphaedit", "counterfact", FEW),
+           Arm("alphaedit-wikitext", "alphaedit", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)})),
+          _corpus_figures, _corpus_verdict,
+          headline=("rome: sample − wikitext, retained fraction", "alphaedit: sample − wikitext, retained fraction")),
+    Claim("mend", "MEND hurts general abilities within a few edits", GU,
+          (Arm("mend", "mend", "counterfact", FEW, probes=(PPL,)),),
+          _general_figures("mend", (5, 10)), _hurts_verdict("mend", 10),
+          note="needs a trained hypernetwork (`lifelong train-mend`); this command does not train one"),
+)
+
+
+# ----------------------------------------------------------------------------- streams and runs
+
+def build_stream(source: str, count: int, seed: int):
+    """``count`` items of ``source`` drawn with ``seed``: plain edits, or whole chains laid out
+    one after another (round, reverse, composite)."""
+    from streams import read_dataset
+    from streams.generators import chains_of, layout
+
+    datasets = {"counterfact": "counterfact", "zsre": "zsre", "round": "pitfalls_round_easy",
+                "reverse": "pitfalls_reverse", "composite": "pitfalls_composite"}
+    stream, _ = read_dataset(datasets[source])
+    rng = np.random.default_rng(seed)
+    if source in ("counterfact", "zsre"):
+        picked = sorted(rng.choice(len(stream), size=min(count, len(stream)), replace=False))
+        return layout([(stream[int(i)],) for i in picked], name=f"{source}-seed{seed}")
+    chains = chains_of(stream)
+    picked = sorted(rng.choice(len(chains), size=min(count, len(chains)), replace=False))
+    return layout([chains[int(i)] for i in picked], name=f"{source}-seed{seed}")
+
+
+def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: str, threads) -> pl.DataFrame:
+    """The arm's run for ``seed`` (resumed or made), from θ0; its results."""
+    import torch
+
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+
+    streams = work / "streams"
+    streams.mkdir(parents=True, exist_ok=True)
+    path = streams / f"{arm.source}-{arm.count(scale)}-seed{seed}.jsonl"
+    if not path.exists():
+        build_stream(arm.source, arm.count(scale), seed).to_jsonl(path)
+    with torch.no_grad():  # every run starts from θ0
+        for name, p in lm.model.named_parameters():
+            p.copy_(base[name])
+    config = RunConfig(model=model, editor=arm.editor, editor_overrides=dict(arm.overrides), stream=str(path),
+                       batch_size=arm.batch, probe_every=arm.probe_every, seed=seed, probes=list(arm.probes))
+    result = replay(config, run_dir(work, scale, arm, seed), lm=lm, threads=threads)
+    return result.run.results()
+
+
+def run_dir(work: Path, scale: str, arm: Arm, seed: int) -> Path:
+    return work / scale / f"{arm.editor}-{arm.key}-{arm.source}{arm.count(scale)}-seed{seed}"
+
+
+def stored_results(work: Path, scale: str, arm: Arm, seed: int) -> pl.DataFrame | None:
+    """A finished run's results, or None (absent or incomplete)."""
+    from lifelong.run import RunDir
+
+    run = RunDir(run_dir(work, scale, arm, seed))
+    if not run.exists():
+        return None
+    progress = run.progress()
+    if progress["total_steps"] is None or progress["completed_step"] < progress["total_steps"]:
+        return None
+    return run.results()
+
+
+# ----------------------------------------------------------------------------- the document
+
+def claim_rows(claim: Claim, runs: dict[str, list[pl.DataFrame]], seeds: int) -> tuple[list, str, str]:
+    complete = all(len(runs.get(a.key, [])) == seeds for a in claim.arms)
+    if not complete:
+        done = sum(len(runs.get(a.key, [])) for a in claim.arms)
+        return [], "not run", f"{done} of {seeds * len(claim.arms)} runs finished"
+    figures = claim.figures(runs)
+    verdict, why = claim.verdict({label: e for label, e, _ in figures})
+    return figures, verdict, why
+
+
+def render(claims: list[Claim], results: dict, args, seconds: float, header: str) -> tuple[str, str]:
+    """(the whole document, the README's summary table)."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Reproduction of the seed papers' findings",
+        "",
+        f"Generated by `python benchmarks/reproduce.py --scale {args.scale} --seeds {args.seeds}` on {now}, "
+        f"model `{args.model}`. Do not edit by hand: rerun the command. Machine:",
+        "",
+        "```",
+        header,
+        "```",
+        "",
+        "Every figure is the mean over seeds with its 95% t interval and n = seeds; each seed is its own run on its "
+        "own sample of edits drawn from the data set (CounterFact: the ROME sample of 500; zsRE: the KnowEdit test "
+        "split; Pitfalls: the GPT-2 XL files). Verdicts follow the rule in each row; 'inconclusive' means the "
+        "interval spans the rule's threshold (more seeds or edits would decide). The originals were measured on "
+        "GPT-2 XL, GPT-J or 7–8B models; ours on a 135M model, so a claim that does not hold here may still "
+        "hold at the papers' scale.",
+        "",
+        f"Wall time of this invocation: {seconds / 60:.1f} min (runs already finished are read, not rerun).",
+        "",
+        "| claim | paper | ours (mean [95% CI] n=seeds) | verdict |",
+        "|---|---|---|---|",
+    ]
+    summary = ["| claim | ours (mean [95% CI] n=seeds) | verdict |", "|---|---|---|"]
+    details = []
+    for claim in claims:
+        figures, verdict, why = results[claim.key]
+        shown = [f for f in figures if f[0] in claim.headline] if claim.headline else figures[:3]
+        headline = "<br>".join(f"{label} {format_estimate(e)}" for label, e, _ in shown) or why
+        lines.append(f"| {claim.title} | {claim.paper} | {headline} | **{verdict}** |")
+        summary.append(f"| {claim.title} | {headline} | {verdict} |")
+        details += ["", f"## {claim.title} (`--claims {claim.key}`)", "", f"Paper: {claim.paper}.", ""]
+        for arm in claim.arms:
+            opts = ", ".join(f"{k}={v}" for k, v in arm.overrides.items())
+            details.append(f"- arm `{arm.key}`: editor `{arm.editor}`{f' ({opts})' if opts else ''}, "
+                           f"{arm.count(args.scale)} {'chains' if arm.source in ('round', 'reverse', 'composite') else 'edits'} "
+                           f"of {arm.source} per seed, batch {arm.batch or 1}, probes {', '.join(arm.probes) or 'default'}")
+        if claim.note:
+            details.append(f"- note: {claim.note}")
+        details += ["", f"Verdict: **{verdict}** ({why}).", ""]
+        if figures:
+            details += ["| figure | mean [95% CI] n=seeds | items |", "|---|---|---|"]
+            details += [f"| {label} | {format_estimate(e)} | {items} |" for label, e, items in figures]
+    return "\n".join(lines + details) + "\n", "\n".join(summary)
+
+
+def update_readme(readme: Path, table: str, doc: str) -> None:
+    begin, end = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} … {end} block to rewrite (pass --readme '' to leave it alone)")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    block = f"{begin}\nFrom [{doc}]({doc}) (regenerated by `python benchmarks/reproduce.py`):\n\n{table}\n{end}"
+    readme.write_text(head + block + tail)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="standard",
+                    help="quick, standard, or items=N (N items per seed in every arm: a smoke test)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--claims", default="all", help="comma-separated claim keys: " + ",".join(c.key for c in CLAIMS))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce", help="where the runs live (resumed)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose reproduce block is rewritten")
+    ap.add_argument("--report-only", action="store_true", help="write the document from finished runs; run nothing")
+    ap.add_argument("--threads", default=None)
+    args = ap.parse_args(argv)
+    if args.scale not in ("quick", "standard") and not (args.scale.startswith("items=")
+                                                         and args.scale[6:].isdigit() and int(args.scale[6:]) > 0):
+        ap.error(f"--scale {args.scale!r}: expected quick, standard or items=N with N ≥ 1")
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    known = {c.key: c for c in CLAIMS}
+    wanted = list(known) if args.claims == "all" else [k.strip() for k in args.claims.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in known]
+    if unknown:
+        ap.error(f"unknown claim(s) {', '.join(unknown)}: expected {', '.join(known)}")
+    if not DATA.is_dir() and not args.report_only:
+        ap.error(f"the data sets are not at {DATA}: the reproduction reads CounterFact, zsRE and Pitfalls from there")
+    claims = [known[k] for k in wanted]
+
+    from lifelong.machine import runtime_header
+
+    t0 = time.perf_counter()
+    lm = base = None
+    results = {}
+    for claim in claims:
+        runs: dict[str, list[pl.DataFrame]] = {}
+        for arm in claim.arms:
+            for seed in range(args.seeds):
+                stored = stored_results(args.work, args.scale, arm, seed)
+                if stored is None and not args.report_only:
+                    if lm is None:
+                        from lifelong.models import load_model
+
+                        lm = load_model(args.model)
+                        base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+                    print(f"[{claim.key}] {arm.key} seed {seed}", flush=True)
+                    try:
+                        stored = run_arm(lm, base, arm, args.scale, seed, args.work, args.model, args.threads)
+                    except Exception as err:  # one arm that cannot run (e.g. MEND untrained) is reported, not fatal
+                        print(f"[{claim.key}] {arm.key} seed {seed}: not run: {err}", file=sys.stderr, flush=True)
+                        break
+                if stored is not None:
+                    runs.setdefault(arm.key, []).append(stored)
+        results[claim.key] = claim_rows(claim, runs, args.seeds)
+    device = "cpu" if lm is None else lm.device
+    doc, table = render(claims, results, args, time.perf_counter() - t0, runtime_header(device))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(doc)
+    print(f"wrote {args.out}")
+    if args.readme:
+        update_readme(Path(args.readme), table, str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT)
+                      else str(args.out))
+
+
+if __name__ == "__main__":
+    main()
