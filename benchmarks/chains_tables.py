@@ -85,7 +85,8 @@ def run_stream(lm, base, editor: str, chains: list, gap: int, out: Path, name: s
 def means(rows: pl.DataFrame, cols) -> list[str]:
     out = []
     for metric, _ in cols:
-        sel = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion"))
+        sel = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion")
+                          & ~pl.col("protocol").str.ends_with(";ref=thetam"))  # TFD: the θ0 reference only
         if metric == "failure_rate":  # cumulative: the value after the last round chain
             sel = sel.sort("step").tail(1)
         out.append(f"{sel['value'].mean():.3f}" if sel.height else "n/a")
