@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +35,22 @@ def _default_out(args) -> Path:
     return Path("runs") / f"{model}-{args.editor}-{stream}-seed{args.seed}"
 
 
+@contextmanager
+def quiet_bars(quiet: bool):
+    """With ``quiet``, no progress bar at all, the one-time ones (key statistics, θ0 probes) too: tqdm
+    reads its defaults from TQDM_* variables. The variable is restored afterwards."""
+    saved = os.environ.get("TQDM_DISABLE")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
 def cmd_replay(args) -> int:
     from lifelong.plots import plot_run
     from lifelong.replay import replay
@@ -45,7 +63,8 @@ def cmd_replay(args) -> int:
         device=args.device, probes=list(args.probe or []),
     )
     out = Path(args.out) if args.out else _default_out(args)
-    result = replay(config, out, progress=not args.quiet, threads=args.threads)
+    with quiet_bars(args.quiet):
+        result = replay(config, out, progress=not args.quiet, threads=args.threads)
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
@@ -133,11 +152,12 @@ def cmd_train_mend(args) -> int:
     from lifelong.models import load_model
 
     policy = thread_policy(args.threads)
-    lm = load_model(args.model, args.device)
+    with quiet_bars(args.quiet):
+        lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed,
                          checkpoint_every=args.checkpoint_every)
-    with ComputeThreads(policy):
+    with ComputeThreads(policy), quiet_bars(args.quiet):
         path = train_hypernetwork(lm, layers, args.data, config, directory=args.out, limit=args.limit,
                                   progress=not args.quiet)
     _, meta = load_hypernetwork(path, lm.device)
@@ -146,24 +166,66 @@ def cmd_train_mend(args) -> int:
     return 0
 
 
-def cmd_editors(args) -> int:
-    import dataclasses
+def field_notes(cls: type) -> dict[str, str]:
+    """What each field of a dataclass means, from its source: the field's trailing ``# comment``, else
+    the comment block right above it; a subclass's note wins over its bases'."""
+    import inspect
 
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("#").strip())
+                continue
+            name, sep, rest = text.partition(":")
+            if sep and name.isidentifier() and line.startswith("    ") and not line.startswith("     "):
+                code, hash_, comment = rest.partition("  # ")
+                note = comment.strip() if hash_ else " ".join(above)
+                if note:
+                    notes[name] = note
+            above = []
+    return notes
+
+
+def _setting_lines(cls: type, indent: str, prefix: str = "") -> list[str]:
+    """One line per field of ``cls``: ``prefix``name=default, its type, and its source comment."""
+    notes = field_notes(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        note = notes.get(f.name, "")
+        lines.append(f"{indent}{prefix}{f.name}={f.default!r}  [{kind}]" + (f"  {note}" if note else ""))
+    return lines
+
+
+def cmd_editors(args) -> int:
     from lifelong.editors import EDITORS
 
     for name, cls in sorted(EDITORS.items()):
-        print(f"{name:<10}{cls.description}")
-        for f in dataclasses.fields(cls.Params):
-            print(f"{'':<12}--set {f.name}=  (default {f.default})")
+        print(f"{name:<11} {cls.description}")
+        print("\n".join(_setting_lines(cls.Params, " " * 12, "--set ")))
     return 0
 
 
 def cmd_streams(args) -> int:
     from streams import list_streams
+    from streams.readers import DATASETS, default_data_dir
 
-    for name, description in list_streams():
-        print(f"{name:<12}{description}")
-    print(f"{'PATH.jsonl':<12}a stream file in the JSONL format of streams/FORMAT.md")
+    data = default_data_dir()
+    rows = list_streams() + [("PATH.jsonl", "a stream file in the JSONL format of streams/FORMAT.md")]
+    width = max(len(name) for name, _ in rows) + 2
+    for name, description in rows:
+        dataset = DATASETS.get(name.removeprefix("dataset:")) if name.startswith("dataset:") else None
+        if dataset is not None:
+            present = (data / dataset[0]).is_file()
+            description = f"{dataset[0]} ({'present' if present else 'absent'} in {data})"
+        print(f"{name:<{width}}{description}")
     return 0
 
 
@@ -172,8 +234,11 @@ def cmd_probes(args) -> int:
 
     for name, cls in sorted(PROBES.items()):
         print(f"{name:<14}{cls.description}")
-        options = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Options)]
-        print(f"{'':<14}schedule={cls.default_schedule}" + "".join(f", {o}" for o in options))
+        schedule = cls.default_schedule
+        if name == "retention":
+            schedule += " (a replay uses every:K from --probe-every)"
+        print(f"{'':<14}schedule={schedule}")
+        print("\n".join(_setting_lines(cls.Options, " " * 14)))
     return 0
 
 
@@ -188,8 +253,9 @@ def cmd_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lifelong", description="Sequential lifelong knowledge-editing simulator")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
 
-    p = sub.add_parser("replay", help="replay an edit stream through an editor, probing after each step")
+    p = sub.add_parser("replay", formatter_class=defaults, help="replay an edit stream through an editor, probing after each step")
     p.add_argument("--model", default="smollm2-135m", help="registered model name or local HF directory")
     p.add_argument("--editor", default="ft", help="editor name (see 'lifelong editors')")
     p.add_argument("--stream", default="builtin", help="stream name (see 'lifelong streams') or a .jsonl file")
@@ -204,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("show", help="print a run's summary table")
@@ -215,12 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("compare", help="overlay several runs (editors on one stream): one figure, one table")
+    p = sub.add_parser("compare", formatter_class=defaults, help="overlay several runs (editors on one stream): one figure, one table")
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--out", default="compare", help="where compare.png and compare.csv go (default: ./compare)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("checkout", help="write the model at a step as a transformers directory")
+    p = sub.add_parser("checkout", formatter_class=defaults, help="write the model at a step as a transformers directory")
     p.add_argument("dir")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--at", default=None, help="ISO time: the last step at or before it")
@@ -228,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_checkout)
 
-    p = sub.add_parser("train-mend", help="train (or resume) MEND's hypernetwork; cached by model, layers and data")
+    p = sub.add_parser("train-mend", formatter_class=defaults, help="train (or resume) MEND's hypernetwork; cached by model, layers and data")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default=None, help="edited layers, e.g. 27-29 (default: the last three)")
     p.add_argument("--data", default="dataset:zsre_mend",
@@ -242,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory (default: the cache, keyed by model, layers and data)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_mend)
 
     for name, func, text in (("editors", cmd_editors, "list editors and their hyperparameters"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps))
         done = 0
     elif done > 0:
+        if progress:
+            tqdm.write(f"resuming {run.path} after step {done} of {len(steps)}", file=sys.stderr)
         store.checkout(lm.model, done)
         editor.load_step_states(store.step_states(done, editor.incremental_state))
 

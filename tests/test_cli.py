@@ -77,6 +77,35 @@ def test_listings(command, capsys):
     assert code == 0 and out.strip()
 
 
+def test_listings_are_aligned_and_explain_every_setting(capsys):
+    _, out, _ = run_cli(capsys, "streams")
+    lines = out.splitlines()
+    starts = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}
+    assert len(starts) == 1, "descriptions start in one column"
+    assert all(("present in" in line) or ("absent in" in line) for line in lines if line.startswith("dataset:"))
+    _, out, _ = run_cli(capsys, "editors")
+    settings = [line.strip() for line in out.splitlines() if line.startswith(" ") and "--set" in line]
+    assert settings and all("[" in s and "]  " in s for s in settings), "every setting has a type and a note"
+    assert "template='Fact: {fact}\\nQuestion: '" in out, "string defaults are quoted, newlines escaped"
+    _, out, _ = run_cli(capsys, "probes")
+    assert "--probe-every" in out
+
+
+def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_file):
+    argv = ["replay", "--model", "tiny-llama", "--editor", "rome", "--stream", str(stream_file), "--steps", "1",
+            "--out", str(tmp_path / "q"), "--set", "cov_tokens=2000", "--set", "v_steps=2"]
+    code, _, err = run_cli(capsys, *argv, "--quiet")
+    assert code == 0 and "%|" not in err, err  # the key-statistics bars too
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT))
+    replay(config, tmp_path / "r", stop_after=1, progress=False)
+    capsys.readouterr()
+    replay(config, tmp_path / "r", stop_after=1, progress=True)
+    assert "resuming" in capsys.readouterr().err
+
+
 def error_line(capsys, *argv):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2

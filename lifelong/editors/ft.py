@@ -24,8 +24,8 @@ from streams import Edit
 @dataclass
 class FTParams:
     layer: int | None = None  # None: num_layers // 5 (editors.base.default_layer)
-    lr: float = 1e-2
-    max_steps: int = 25
+    lr: float = 1e-2  # Adam learning rate
+    max_steps: int = 25  # optimisation steps per batch at most
     norm_constraint: float = 1e-2  # L∞ bound on the change of each weight, per batch
     stop_loss: float = 0.05  # stop when every edit's mean target NLL is below this
 

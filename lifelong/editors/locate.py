@@ -138,9 +138,9 @@ class ValueParams:
     """Hyperparameters of the v* (ROME) / z* (MEMIT) optimisation, at the papers' defaults."""
 
     v_steps: int = 20  # loss evaluations (the originals' v_num_grad_steps: a gradient step after each but the last)
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
+    v_lr: float = 0.5  # Adam learning rate on δ
+    kl_factor: float = 0.0625  # weight of KL(p_δ ‖ p_0) on "{subject} is a"
+    v_weight_decay: float = 0.5  # weight of the norm term ‖δ‖ / ‖scale vector‖²
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm × ‖scale vector‖
     stop_loss: float = 0.05  # early stop once the loss named by stop_on falls below this
     stop_on: str = "total"  # "total": NLL + KL + norm terms (the originals); "nll": the target NLL alone

@@ -45,14 +45,14 @@ class MEMITParams(ValueParams):
     norm term (compute_z), over 6 context templates (the bare prompt and 5 prefixed ones, as
     MEMIT's get_context_templates), keys averaged bare ½ / prefixed ½ (compute_ks)."""
 
-    clamp_norm: float = 0.75
-    v_scale: str = "layer_output"
-    templates: int = 6
+    clamp_norm: float = 0.75  # ‖δ‖ ≤ 0.75 × ‖residual leaving the layer‖ (compute_z)
+    v_scale: str = "layer_output"  # the residual stream leaving the layer scales clamp and norm term
+    templates: int = 6  # the bare prompt and 5 prefixed ones
     key_average: str = "grouped"  # "grouped": MEMIT's compute_ks; "uniform": every template alike
     layers: str | None = None  # e.g. "4,5,6,7,8"; None: five layers centred on num_layers // 5
     mom2_weight: float | None = None  # λ in λC + KKᵀ; None: 15000·m/16384 (see default_mom2_weight)
-    cov_corpus: str = MODEL_SAMPLE
-    cov_tokens: int = 20000
+    cov_corpus: str = MODEL_SAMPLE  # text for C: "model-sample" (seeded text from the model) or a .txt file/dir
+    cov_tokens: int = 20000  # tokens of that text C is estimated from
 
     def validate(self, editor: str) -> None:
         super().validate(editor)

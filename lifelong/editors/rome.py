@@ -32,8 +32,8 @@ from streams import Edit
 class ROMEParams(ValueParams):
     layer: int | None = None  # None: num_layers // 5 (layer 6 of SmolLM2's 30)
     mom2: bool = True  # covariance adjustment (C = E[kkᵀ]); False: C = I
-    cov_corpus: str = MODEL_SAMPLE
-    cov_tokens: int = 20000
+    cov_corpus: str = MODEL_SAMPLE  # text for C: "model-sample" (seeded text from the model) or a .txt file/dir
+    cov_tokens: int = 20000  # tokens of that text C is estimated from
     cov_reg: float = 1e-3  # ridge added to C, relative to its mean diagonal
 
 
