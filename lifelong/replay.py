@@ -50,13 +50,9 @@ def split_facts(stream: EditStream) -> tuple[EditStream, tuple]:
     return EditStream([e for e in stream if e.id not in ids], name=stream.name), tied
 
 
-def prepare_stream(config: RunConfig) -> tuple[EditStream, list]:
-    """The stream cut to ``config.steps`` steps, and those steps (tied-fact records left out)."""
-    return prepare_stream_and_facts(config)[:2]
-
-
 def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple, str]:
-    """:func:`prepare_stream`, plus the tied-fact records for probes and the whole stream's hash."""
+    """The stream cut to ``config.steps`` steps, those steps (tied-fact records left out), the tied-fact
+    records for probes, and the whole stream's hash."""
     full = load_stream(config.stream)
     stream, facts = split_facts(full)
     available = len(stream.steps(config.batch_size))

@@ -356,7 +356,8 @@ class WISEEditor(AdaptorEditor):
         losses: list[float] = []
         in_scope = 0.0
         try:
-            for self.last_steps in range(p.max_steps):
+            for step in range(p.max_steps):
+                self.last_steps = step  # read by tests: the forwards this edit took, less one
                 logits = upper.answer_logits()
                 lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
                 row_nll = torch.zeros(rows, device=lp.device).index_add(0, owner[in_rows], -lp[in_rows]) / per_row
@@ -366,10 +367,9 @@ class WISEEditor(AdaptorEditor):
                 inside, outside = dist[:rows], dist[rows:]
                 margin = margin_loss(inside, outside, p.alpha, p.beta, p.gamma)
                 loss = nll + margin
-                self.last_losses = (nll.item(), margin.item(), outside.max().item())
                 stop = (len(losses) >= 2 and losses[-1] <= p.stop_loss
                         and abs(losses[-1] - losses[-2]) <= p.stop_delta)
-                if stop or self.last_steps == p.max_steps - 1:  # the original records Δact of this forward
+                if stop or step == p.max_steps - 1:  # the original records Δact of this forward
                     in_scope = float(inside.detach().mean())
                 if stop:
                     break
