@@ -1,7 +1,7 @@
 """Single-edit quality per editor on the default model, each edit applied to a fresh base.
 
 Efficacy (ES), paraphrase generalization (PS) and neighborhood locality (NS) as in
-METRICS.md §2, on the built-in facts and on the CounterFact records (../shared/data)
+docs/METRICS.md §2, on the built-in facts and on the CounterFact records (../shared/data)
 that the default model answers correctly (teacher-forced greedy exact match of the true
 object on the edit prompt: the ROME sample's records first, then the EasyEdit split's, for
 ``--counterfact`` in all; a line per source and one pooled), with seconds per edit.

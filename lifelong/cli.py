@@ -77,9 +77,14 @@ def cmd_replay(args) -> int:
 
 def cmd_show(args) -> int:
     from lifelong.run import RunDir
-    from lifelong.summary import format_summary
+    from lifelong.summary import format_summary, summary_json
 
-    print(format_summary(RunDir(args.dir)))
+    if args.json:
+        import json
+
+        print(json.dumps(summary_json(RunDir(args.dir)), indent=1, default=str))
+    else:
+        print(format_summary(RunDir(args.dir)))
     return 0
 
 
@@ -275,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a run's summary table")
     p.add_argument("dir")
+    p.add_argument("--json", action="store_true",
+                   help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/")

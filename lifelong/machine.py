@@ -1,7 +1,7 @@
 """What this machine is, and how a run uses it: the CPU's model and features, the cores a
 run may use, compute threads, and which precision its matmuls run fast in.
 
-Two rules (DESIGN.md §6), both measured here:
+Two rules (docs/DESIGN.md §6), both measured here:
 
 - **Threads fit the cores the run has.** Several torch processes that each take every
   core slow each other 20–40× (OpenMP threads spinning against each other). A run's

@@ -1,4 +1,4 @@
-"""The replay loop: stream steps -> editor -> delta store -> probes -> results (DESIGN.md §2).
+"""The replay loop: stream steps -> editor -> delta store -> probes -> results (docs/DESIGN.md §2).
 
 Resumable: each step's delta, editor state and rows are written before the step is
 marked complete; re-running the same command checks the model out at the last

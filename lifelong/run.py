@@ -1,4 +1,4 @@
-"""A run directory on disk: manifest, per-step results, deltas, plots (DESIGN.md §5).
+"""A run directory on disk: manifest, per-step results, deltas, plots (docs/DESIGN.md §5).
 
 Layout::
 
@@ -90,7 +90,28 @@ def package_versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             pass
+    commit = git_commit()
+    if commit:
+        out["git"] = commit
     return out
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this code runs from (``+dirty`` with uncommitted changes), or None
+    when it is not a git checkout (an installed package) or git is missing."""
+    import subprocess
+
+    where = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 class RunDir:

@@ -1,4 +1,4 @@
-"""95% intervals for the rates the summary and comparison report (METRICS.md §3: every rate with its n).
+"""95% intervals for the rates the summary and comparison report (docs/METRICS.md §3: every rate with its n).
 
 - Means of 0/1 outcomes over items: Wilson score interval (good coverage at small n and near 0 or 1,
   where the normal approximation fails).

@@ -71,7 +71,7 @@ def _counted(measure: str, protocol: str, value: float, n: int) -> Line:
 
 
 def chain_lines(results: pl.DataFrame) -> list[Line]:
-    """Means of the chain probe's rows over chains (METRICS.md §4): at completion, and at the last
+    """Means of the chain probe's rows over chains (docs/METRICS.md §4): at completion, and at the last
     re-measurement step when there is one; FR is the run-level value at the last such step, its n the
     round chains it counts. The protocol column keeps the probability kind (``completion;p=meantok``;
     ``later`` shown as ``last``)."""
@@ -333,6 +333,30 @@ def format_table(table: pl.DataFrame) -> str:
     for row, cs in zip(table.iter_rows(), cells):
         lines.append(f"{row[0]:<{width}}{row[1]:<{pw}}" + "".join(f"{c:>{w}}" for c, w in zip(cs, widths)))
     return "\n".join(lines)
+
+
+def summary_json(run: RunDir) -> dict:
+    """The run as one machine-readable record, shaped like lm-evaluation-harness's results file:
+    ``results`` (measure -> protocol -> value, n, 95% interval and how it was made), ``config`` (the
+    run's identity), ``versions`` (packages and the code's git commit, as recorded when the run
+    started), progress and the machine of the last session."""
+    manifest, progress = run.manifest(), run.progress()
+
+    def number(x):
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+    results: dict[str, dict] = {}
+    if progress["completed_step"] >= 0:
+        for line in summary_lines(run):
+            e = line.estimate
+            results.setdefault(line.measure, {})[line.protocol] = {
+                "value": number(e.value), "n": e.n, "low": number(e.low), "high": number(e.high),
+                "interval": e.method or None, "confidence": 0.95 if e.method else None}
+    sessions = manifest.get("sessions") or []
+    return {"run_id": manifest["run_id"], "created": manifest.get("created"), "config": manifest["identity"],
+            "versions": manifest.get("versions", {}),
+            "progress": {"completed_step": progress["completed_step"], "total_steps": progress["total_steps"]},
+            "machine": sessions[-1] if sessions else None, "results": results}
 
 
 def format_summary(run: RunDir) -> str:

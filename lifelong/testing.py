@@ -1,7 +1,7 @@
 """A property-testing kit for editors: hypothesis strategies, tiny models and invariant checks.
 
 Any :class:`~lifelong.editors.base.Editor` — one of ours or your own — can be checked
-against the contract of DESIGN.md §3/§5 on tiny seeded models in a few seconds::
+against the contract of docs/DESIGN.md §3/§5 on tiny seeded models in a few seconds::
 
     from lifelong.testing import check_editor
     from lifelong.editors import make_editor

@@ -1,4 +1,4 @@
-"""What is measured: the batched scorer, probes and suites, metrics (METRICS.md).
+"""What is measured: the batched scorer, probes and suites, metrics (docs/METRICS.md).
 
 ``probes`` may import ``streams`` (the Edit type) but never ``lifelong``.
 """

@@ -1,4 +1,4 @@
-"""Chain probes (METRICS.md §4): round edits and conflicting edits, measured when a chain completes.
+"""Chain probes (docs/METRICS.md §4): round edits and conflicting edits, measured when a chain completes.
 
 A chain completes at the step where its last edit is applied. Then, per chain:
 

@@ -1,4 +1,4 @@
-"""Round-edit, conflict and distortion metrics (METRICS.md §4) as pure functions of numbers.
+"""Round-edit, conflict and distortion metrics (docs/METRICS.md §4) as pure functions of numbers.
 
 No model, no torch: probes compute the probabilities P_θ(o | s, r) (mean of
 p_θ(o | x) over the relation prompt and its paraphrase templates) and hand

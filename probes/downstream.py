@@ -1,4 +1,4 @@
-"""Downstream drift (METRICS.md §5): task scores after each step against θ0, as difference and ratio.
+"""Downstream drift (docs/METRICS.md §5): task scores after each step against θ0, as difference and ratio.
 
 Rows (protocol = task name, plus ``mean`` over the tasks): ``score`` (accuracy, exact match,
 ROUGE-L or entity F1), ``diff`` = score(θt) − score(θ0), ``ratio`` = score(θt) / score(θ0)

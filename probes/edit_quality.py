@@ -1,10 +1,10 @@
-"""Per-edit quality (METRICS.md §2) and retention over the stream (§3).
+"""Per-edit quality (docs/METRICS.md §2) and retention over the stream (§3).
 
 Protocols: ``es`` / ``ps`` / ``ns`` are CounterFact's pairwise comparisons of mean
 token NLL; ``exact`` is teacher-forced token exact match; ``unchanged`` asks whether
 the argmax answer tokens on a neighborhood prompt are those of θ0.
 
-Superseded edits (METRICS.md §3): an edit whose (subject, relation) a later edit of the stream
+Superseded edits (docs/METRICS.md §3): an edit whose (subject, relation) a later edit of the stream
 has changed (round-back, coverage, a newer dated fact) is no longer expected to hold. From the
 step of the superseding edit on, the retention probe scores it under metric ``superseded``
 (same protocols, so one can still see whether the old object lingers) instead of ``retention``:

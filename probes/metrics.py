@@ -1,4 +1,4 @@
-"""Retention metrics of METRICS.md §3, derived from the result rows.
+"""Retention metrics of docs/METRICS.md §3, derived from the result rows.
 
 The retention matrix A[t, i] holds edit i's score after step t, at the probed steps
 (NaN where not measured, including t < own step of i). Pure functions of numpy

@@ -1,4 +1,4 @@
-"""Perplexity on a fixed reference corpus, its ratio to θ0 and the collapse step (METRICS.md §5).
+"""Perplexity on a fixed reference corpus, its ratio to θ0 and the collapse step (docs/METRICS.md §5).
 
 Two named variants (protocols):
 - ``corpus``: exp of the mean token NLL over the corpus cut into fixed chunks of

@@ -1,4 +1,4 @@
-"""The scoring primitive of METRICS.md §1: teacher-forced answer scores, many prompts per pass.
+"""The scoring primitive of docs/METRICS.md §1: teacher-forced answer scores, many prompts per pass.
 
 Prompt and answer are tokenized separately and their ids concatenated (re-tokenizing
 the joined string can merge tokens across the boundary and misalign the answer).

@@ -1,4 +1,4 @@
-"""Downstream tasks for general-ability drift (METRICS.md §5): items, readers and scorers.
+"""Downstream tasks for general-ability drift (docs/METRICS.md §5): items, readers and scorers.
 
 Every task is a list of items of one kind:
 - :class:`Choice` — classification and multiple choice, scored by answer log-likelihood:

@@ -1,4 +1,4 @@
-"""Weight drift (METRICS.md §5): how far the editor's scope parameters have moved from θ0."""
+"""Weight drift (docs/METRICS.md §5): how far the editor's scope parameters have moved from θ0."""
 
 from __future__ import annotations
 

@@ -44,6 +44,14 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     assert line.rstrip().endswith(f"[{es['low']:.3f}, {es['high']:.3f}] n=4")
     assert "retained fraction at last step" in out and "value [95% interval] n" in out
 
+    code, out, _ = run_cli(capsys, "show", "--json", str(out_dir))
+    record = json.loads(out)
+    assert code == 0 and record["config"]["seed"] == 3 and record["progress"]["completed_step"] == 4
+    cell = record["results"]["efficacy at own step"]["es"]
+    assert cell["n"] == 4 and cell["interval"] == "wilson" and (cell["low"], cell["high"]) == pytest.approx(
+        (es["low"], es["high"]))
+    assert "torch" in record["versions"] and record["machine"]["threads"]["threads"] >= 1
+
     code, out, _ = run_cli(capsys, "plot", str(out_dir))
     assert code == 0 and "retention.png" in out
 

@@ -1,4 +1,4 @@
-"""Round-edit, conflict and distortion metrics (probes/distortion.py) against METRICS.md §4."""
+"""Round-edit, conflict and distortion metrics (probes/distortion.py) against docs/METRICS.md §4."""
 
 from __future__ import annotations
 

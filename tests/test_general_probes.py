@@ -1,4 +1,4 @@
-"""Perplexity, its collapse step, and weight drift (METRICS.md §5)."""
+"""Perplexity, its collapse step, and weight drift (docs/METRICS.md §5)."""
 
 from __future__ import annotations
 

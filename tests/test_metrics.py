@@ -1,4 +1,4 @@
-"""Retention metrics against hand-worked cases (METRICS.md §3)."""
+"""Retention metrics against hand-worked cases (docs/METRICS.md §3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The editor contract (DESIGN.md §3) and typed hyperparameters.
+"""The editor contract (docs/DESIGN.md §3) and typed hyperparameters.
 
 An editor changes the live model in place for one batch of edits and returns the
 :class:`~lifelong.delta.Delta` of exactly what it changed. Anything it carries
