@@ -39,6 +39,10 @@ def cmd_replay(args) -> int:
     from lifelong.run import RunConfig
     from lifelong.summary import format_summary
 
+    if args.probe_every < 1:
+        raise ValueError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,

@@ -167,3 +167,42 @@ def test_out_of_range_probe_option_is_refused(capsys, tmp_path, stream_file):
     line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file),
                       "--probe", "perplexity:max_tokens=-5", "--out", str(tmp_path / "r"))
     assert "perplexity.max_tokens: must not be negative, got -5" in line and not (tmp_path / "r").exists()
+
+
+def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_path, stream_file):
+    """#17 item 9: stream, settings, device and prompt lengths are all checked before anything is
+    written; so the corrected command then runs in the same --out (it is not a 'different run')."""
+    from dataclasses import replace
+
+    from streams import ChainLink, EditStream
+    from tests.conftest import make_edits
+
+    tied = tmp_path / "tied.jsonl"
+    EditStream([replace(e, chain=ChainLink(f"c{i}", "tied-fact")) for i, e in enumerate(make_edits(2))]).to_jsonl(tied)
+    long = tmp_path / "long.jsonl"
+    edits = make_edits(3)
+    edits[1] = replace(edits[1], neighborhood=(), paraphrases=("x" * 600,))
+    EditStream(edits).to_jsonl(long)
+    out = tmp_path / "r"
+    good = ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "2", "--quiet",
+            "--out", str(out), *TINY_SET]
+    for change, message in [
+        (["--stream", str(tied)], "holds only tied facts (2 edits with chain role tied-fact"),
+        (["--set", "lr=-1"], "ft.lr: must be greater than 0, got -1.0"),
+        (["--set", "lr=nan"], "ft.lr: must be a finite number, got nan"),
+        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
+        (["--device", "meta"], "device 'meta' cannot run a model here"),
+        (["--stream", str(long)], "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "
+                                  "512-token context of model 'tiny-llama'"),
+        (["--probe-every", "0"], "--probe-every must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--probe", "perplexity:max_tokens=-5"], "perplexity.max_tokens: must not be negative"),
+    ]:
+        assert message in error_line(capsys, *good, *change)
+        assert not out.exists(), change
+    code, _, err = run_cli(capsys, *good)
+    assert code == 0, err
+    from lifelong.run import RunDir
+
+    assert RunDir(out).completed_step() == 2
