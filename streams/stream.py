@@ -186,7 +186,14 @@ class EditStream:
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the rename (a power cut)
             os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # and the rename before this returns
+            finally:
+                os.close(dir_fd)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
