@@ -69,10 +69,18 @@ def cmd_show(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    import os
+
     from lifelong.plots import plot_run
     from lifelong.run import RunDir
 
-    for path in plot_run(RunDir(args.dir)):
+    run = RunDir(args.dir)
+    run.manifest()  # a one-line error for a directory that is not a run
+    directory = Path(args.out) if args.out else run.plots_dir
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{existing} is not writable: write the plots elsewhere with --out DIR")
+    for path in plot_run(run, directory):
         print(path)
     return 0
 
@@ -87,6 +95,9 @@ def cmd_compare(args) -> int:
     runs = [RunDir(d) for d in args.dirs]
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
+        if run.completed_step() < 1:
+            raise ValueError(f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
+                             "resume it with its replay command first")
     labels = run_labels(runs)
     out = Path(args.out)
     table = compare_table(runs, labels)
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/")
     p.add_argument("dir")
+    p.add_argument("--out", default=None, help="write them here instead (e.g. for a read-only run)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("compare", help="overlay several runs (editors on one stream): one figure, one table")

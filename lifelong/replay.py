@@ -181,6 +181,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
         base_weights=base_fingerprint, stream=stream_label(config.stream),
     ))
+    run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step()))
     editor.prepare(lm)  # on θ0: before any checkout below
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
