@@ -46,3 +46,150 @@ def test_each_write_is_flushed_before_its_rename_and_its_directory_after(tmp_pat
     events.clear()
     atomic_write_text(tmp_path / "x" / "y" / "z.txt", "z")
     assert [e for e in events if e[0] == "fsync"][:2] == [("fsync", str(tmp_path)), ("fsync", str(tmp_path / "x"))]
+
+
+# -- a kill at every write point (#17 item 5) ------------------------------------------------------
+
+# One process imports everything once (the imports take most of a process's start) and forks a
+# fresh child per run, before it has started any thread pool (polars and torch pools do not
+# survive a fork): the uninterrupted run, then per write point k a run that dies at its k-th
+# os.replace (os._exit(9), as kill -9: no cleanup, no finally) and the resume that follows it.
+WORKER = r"""
+import json, os, sys, time, traceback
+t_start = time.perf_counter()
+times = []
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from lifelong.replay import replay
+from lifelong.run import RunConfig
+
+job = json.loads(sys.argv[2])
+config = RunConfig(**job["config"])
+root = job["root"]
+real_replace = os.replace
+
+# Warm up what every child would otherwise import and initialise again (no thread pool starts).
+from lifelong.editors import make_editor
+from lifelong.models import load_model
+from lifelong.replay import default_suite, prepare_stream_and_facts
+
+lm = load_model(config.model)
+with torch.no_grad():
+    lm.model(torch.tensor([lm.tokenizer("warm up").input_ids]))
+make_editor(config.editor, config.editor_overrides)
+default_suite(config)
+prepare_stream_and_facts(config)
+del lm
+t_warm = time.perf_counter()
+
+
+def in_child(body):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def run(out, die_at=None, record=None):
+    def body():
+        calls = 0
+
+        def replace(src, dst, **kw):
+            nonlocal calls
+            calls += 1
+            if calls == die_at:
+                os._exit(9)
+            real_replace(src, dst, **kw)
+            if record:
+                with open(record, "a") as f:
+                    f.write(os.path.basename(dst) + "\n")
+
+        os.replace = replace
+        replay(config, out, progress=False, threads=1)
+    t0 = time.perf_counter()
+    status = in_child(body)
+    times.append(round(time.perf_counter() - t0, 2))
+    return status
+
+
+names = os.path.join(root, "writes.txt")
+report = {"whole": run(os.path.join(root, "whole"), record=names)}
+writes = open(names).read().split()
+report["writes"] = writes
+report["killed"] = [run(os.path.join(root, f"killed-{k}"), die_at=k) for k in range(1, len(writes) + 1)]
+report["left"] = [sorted(os.path.relpath(os.path.join(d, n), root) for d, _, files in os.walk(os.path.join(root, f"killed-{k}"))
+                         for n in files) for k in range(1, len(writes) + 1)]
+report["resumed"] = [run(os.path.join(root, f"killed-{k}")) for k in range(1, len(writes) + 1)]
+report["seconds"] = {"start": round(t_warm - t_start, 2), "runs": times}
+print(json.dumps(report))
+"""
+
+
+def _tensor_file(path: Path) -> tuple:
+    """A safetensors file as (metadata, {name: (dtype, shape, bytes)}): everything in it but the
+    order of its header's metadata entries, which safetensors writes in a per-process hash order."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                              for k in f.keys() for t in [f.get_tensor(k)]}
+
+
+def _bitwise_state(run_path: Path, steps: int) -> dict:
+    import polars as pl
+
+    from lifelong.replay import checkout
+
+    table = pl.read_parquet(run_path / "results.parquet")
+    deltas = {p.name: _tensor_file(p) for p in sorted((run_path / "deltas").glob("*.safetensors"))}
+    model = checkout(run_path, steps).model
+    return {"results": table, "deltas": deltas,
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.slow  # about a minute: 25 tiny replays in forked processes
+def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path, stream_file):
+    """Kill the replay (``os._exit(9)`` in a separate process) at each of its file renames in
+    turn; after each, re-running the same replay gives a run bitwise equal to an uninterrupted one:
+    the same results table, the same delta files (tensors and metadata), the same checked-out
+    weights, and no temporary file left behind."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from lifelong.run import RunConfig, RunDir, is_temporary
+    from tests.conftest import TINY_FT
+
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1,
+                       editor_overrides=dict(TINY_FT))
+    job = {"config": dataclasses.asdict(config), "root": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFELONG_THREADS": "1"}
+    (tmp_path / "worker.py").write_text(WORKER)
+    done = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(Path(__file__).parents[1]),
+                           json.dumps(job)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    writes = report["writes"]
+    assert report["whole"] == 0 and len(writes) >= 10 and writes[-1] == "results.parquet", (report, done.stderr)
+    assert report["killed"] == [9] * len(writes), (report["killed"], done.stderr[-3000:])
+    assert report["resumed"] == [0] * len(writes), (report["resumed"], done.stderr[-3000:])
+    expected = _bitwise_state(tmp_path / "whole", 2)
+    for k, (name, left) in enumerate(zip(writes, report["left"]), start=1):
+        out = tmp_path / f"killed-{k}"
+        assert any(is_temporary(Path(n).name) for n in left), f"write {k} ({name}) left no temporary file: {left}"
+        assert RunDir(out).completed_step() == 2
+        assert not [p for p in out.rglob("*") if is_temporary(p.name)], f"temporary files left after a kill at {name}"
+        got = _bitwise_state(out, 2)
+        assert got["results"].equals(expected["results"]), f"results differ after a kill at write {k} ({name})"
+        assert got["deltas"] == expected["deltas"], f"delta files differ after a kill at write {k} ({name})"
+        assert all(torch.equal(got["weights"][n], w) for n, w in expected["weights"].items()), name
