@@ -278,8 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lifelong: error: {message}", file=sys.stderr)
+        print(f"lifelong: error: {one_line(str(message))}", file=sys.stderr)
         return 2
+
+
+def one_line(text: str) -> str:
+    """``text`` with what would break the one-line promise, or not print, escaped: line breaks and
+    other control characters a user's input may carry, and lone surrogates (a non-UTF-8 byte in argv)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}" for c in text)
 
 
 if __name__ == "__main__":

@@ -287,3 +287,12 @@ def test_resume_removes_temporary_files_of_dead_writers(tmp_path, stream_file):
     done = replay(cfg, tmp_path / "r", progress=False)
     assert done.run.completed_step() == 3
     assert not any(p.exists() for p in stale) and alive.exists()
+
+
+def test_an_error_echoing_a_line_break_or_a_stray_byte_stays_one_line(capsys, stream_file):
+    """Found by tests/test_faults.py's fuzzing: a message quoting the user's input printed its
+    line breaks; a non-UTF-8 byte in argv arrives as a lone surrogate."""
+    line = error_line(capsys, "replay", "--stream", str(stream_file), "--set", "a\nb\r")
+    assert line == r"lifelong: error: --set expects key=value, got 'a\nb\r'"
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", "lr=\udcff")
+    assert line == r"lifelong: error: ft.lr: cannot read '\udcff' as float"

@@ -193,3 +193,108 @@ def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path,
         assert got["results"].equals(expected["results"]), f"results differ after a kill at write {k} ({name})"
         assert got["deltas"] == expected["deltas"], f"delta files differ after a kill at write {k} ({name})"
         assert all(torch.equal(got["weights"][n], w) for n, w in expected["weights"].items()), name
+
+
+# -- fuzzing what a user can type (#17 item 6) ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Any text, lone surrogates included (what a non-UTF-8 byte in argv becomes).
+_TEXT = st.text(st.characters(blacklist_categories=()), max_size=12)
+_NUMBERS = st.sampled_from(["0", "-1", "1", "2", "3", "15", "1e-3", "1e30", "-1e30", "nan", "inf", "-inf", "none",
+                            "true", "", " ", "1_000", "0x10", "+5", "99999999999999999999"])
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                     max_leaves=6)
+_FIELDS = ["id", "timestamp", "subject", "relation_id", "prompt", "target_new", "target_true", "paraphrases",
+           "neighborhood", "candidates", "chain", "colour"]
+
+
+@st.composite
+def _stream_text(draw) -> bytes:
+    """A one- or two-edit stream file, its lines valid, mutated, or raw bytes."""
+    from tests.conftest import make_edits
+
+    lines = []
+    for edit in make_edits(draw(st.integers(1, 2))):
+        record = edit.to_dict()
+        kind = draw(st.sampled_from(["valid"] * 4 + ["field", "field", "drop", "raw"]))
+        if kind == "field":
+            record[draw(st.sampled_from(_FIELDS))] = draw(_JSON | st.sampled_from(
+                ["9999-12-31T23:00:00-05:00", "2024-02-30", "The {} is", "x" * 70_000, "\ud800", None]))
+        elif kind == "drop":
+            record.pop(draw(st.sampled_from(_FIELDS[:6])))
+        line = (json.dumps(record) if kind != "raw" else draw(_TEXT)).encode("utf-8", "surrogatepass")
+        lines.append(draw(st.sampled_from([line, line, line[: len(line) // 2], b"\xff" + line])) if kind == "raw"
+                     else line)
+    return b"\n".join(lines) + b"\n"
+
+
+_SETS = st.tuples(
+    st.lists(st.tuples(st.sampled_from(["lr", "max_steps", "layer", "norm_constraint", "stop_loss", "speed"]),
+                       _NUMBERS | _NUMBERS | _TEXT).map(lambda kv: f"{kv[0]}={kv[1]}"), max_size=2),
+    st.lists(_TEXT, max_size=1) | st.just([]) | st.just([]),  # now and then an item that is not key=value
+).map(lambda parts: parts[0] + parts[1])
+_PROBES = st.lists(st.tuples(
+    st.sampled_from(["weight_drift", "retention", "perplexity", "edit_quality", "nope"]),
+    st.lists(st.tuples(st.sampled_from(["schedule", "max_tokens", "fraction", "seed", "chunk_tokens", "zzz"]),
+                       _NUMBERS | st.sampled_from(["every:0", "every:2", "log", "end", "chains"]) | _TEXT),
+             max_size=2),
+).map(lambda p: p[0] + (":" + ",".join(f"{k}={v}" for k, v in p[1]) if p[1] else "")), max_size=1)
+
+
+def _tree(directory: Path) -> dict:
+    return {p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+import json  # noqa: E402
+
+_FUZZ = {"n": 0}
+
+
+@pytest.mark.slow  # about a minute: a few of the 25 inputs run a replay
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(stream=_stream_text(), sets=_SETS, probes=_PROBES)
+def test_any_input_runs_or_is_refused_in_one_line_leaving_nothing(tmp_path, capsys, stream, sets, probes):
+    """Every stream file, --set and --probe a user can give either runs, or is refused with one
+    line and exit status 2, and then no run directory was created and an existing one is unchanged."""
+    from lifelong.cli import main
+    from tests.conftest import TINY_FT
+
+    _FUZZ["n"] += 1
+    path = tmp_path / f"s{_FUZZ['n']}.jsonl"
+    path.write_bytes(stream)
+    argv = ["replay", "--model", "tiny-llama", "--stream", str(path), "--steps", "1", "--probe-every", "1", "--quiet",
+            *[f"--set={k}={v}" for k, v in TINY_FT.items() if not any(s.startswith(k + "=") for s in sets)],
+            *[f"--set={s}" for s in sets], *[f"--probe={p}" for p in probes]]
+    existing = tmp_path / "existing"
+    if not existing.exists():  # one finished run, shared by the examples
+        assert main(["replay", "--model", "tiny-llama", "--stream", str(_good_stream(tmp_path)), "--steps", "1",
+                     "--quiet", "--out", str(existing), *[f"--set={k}={v}" for k, v in TINY_FT.items()]]) == 0
+        capsys.readouterr()
+    out = tmp_path / f"r{_FUZZ['n']}"
+    code = main([*argv, "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code in (0, 2), (code, err)
+    if code == 0:
+        assert (out / "results.parquet").is_file()
+        return
+    assert len(err.strip().splitlines()) == 1 and err.startswith("lifelong: error: "), err
+    assert not out.exists(), err
+    before = _tree(existing)
+    assert main([*argv, "--out", str(existing)]) == 2
+    capsys.readouterr()
+    assert _tree(existing) == before
+
+
+def _good_stream(tmp_path: Path) -> Path:
+    from streams import EditStream
+    from tests.conftest import make_edits
+
+    path = tmp_path / "good.jsonl"
+    EditStream(make_edits(1)).to_jsonl(path)
+    return path
