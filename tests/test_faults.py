@@ -1,11 +1,14 @@
-"""Nothing lost, nothing silently wrong (#17): durable writes, and kills at every write point."""
+"""Nothing lost, nothing silently wrong (#17): durable writes, a kill at every write point, fuzzed input."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def test_each_write_is_flushed_before_its_rename_and_its_directory_after(tmp_path, monkeypatch):
@@ -123,8 +126,9 @@ report = {"whole": run(os.path.join(root, "whole"), record=names)}
 writes = open(names).read().split()
 report["writes"] = writes
 report["killed"] = [run(os.path.join(root, f"killed-{k}"), die_at=k) for k in range(1, len(writes) + 1)]
-report["left"] = [sorted(os.path.relpath(os.path.join(d, n), root) for d, _, files in os.walk(os.path.join(root, f"killed-{k}"))
-                         for n in files) for k in range(1, len(writes) + 1)]
+report["left"] = [sorted(os.path.relpath(os.path.join(d, n), root)
+                         for d, _, files in os.walk(os.path.join(root, f"killed-{k}")) for n in files)
+                  for k in range(1, len(writes) + 1)]
 report["resumed"] = [run(os.path.join(root, f"killed-{k}")) for k in range(1, len(writes) + 1)]
 report["seconds"] = {"start": round(t_warm - t_start, 2), "runs": times}
 print(json.dumps(report))
@@ -138,8 +142,9 @@ def _tensor_file(path: Path) -> tuple:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return f.metadata(), {k: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-                              for k in f.keys() for t in [f.get_tensor(k)]}
+        tensors = {k: f.get_tensor(k).contiguous() for k in f.keys()}
+        return f.metadata(), {k: (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+                              for k, t in tensors.items()}
 
 
 def _bitwise_state(run_path: Path, steps: int) -> dict:
@@ -161,7 +166,6 @@ def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path,
     the same results table, the same delta files (tensors and metadata), the same checked-out
     weights, and no temporary file left behind."""
     import dataclasses
-    import json
     import subprocess
     import sys
 
@@ -196,9 +200,6 @@ def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path,
 
 
 # -- fuzzing what a user can type (#17 item 6) ----------------------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # Any text, lone surrogates included (what a non-UTF-8 byte in argv becomes).
 _TEXT = st.text(st.characters(blacklist_categories=()), max_size=12)
@@ -248,8 +249,6 @@ def _tree(directory: Path) -> dict:
     return {p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != ".lock"}
 
-
-import json  # noqa: E402
 
 _FUZZ = {"n": 0}
 
