@@ -57,6 +57,10 @@ def cmd_replay(args) -> int:
     from lifelong.run import RunConfig
     from lifelong.summary import format_summary
 
+    if args.probe_every < 1:
+        raise ValueError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,
@@ -89,10 +93,18 @@ def cmd_show(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    import os
+
     from lifelong.plots import plot_run
     from lifelong.run import RunDir
 
-    for path in plot_run(RunDir(args.dir)):
+    run = RunDir(args.dir)
+    run.manifest()  # a one-line error for a directory that is not a run
+    directory = Path(args.out) if args.out else run.plots_dir
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{existing} is not writable: write the plots elsewhere with --out DIR")
+    for path in plot_run(run, directory):
         print(path)
     return 0
 
@@ -107,6 +119,9 @@ def cmd_compare(args) -> int:
     runs = [RunDir(d) for d in args.dirs]
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
+        if run.completed_step() < 1:
+            raise ValueError(f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
+                             "resume it with its replay command first")
     labels = run_labels(runs)
     out = Path(args.out)
     table = compare_table(runs, labels)
@@ -286,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/")
     p.add_argument("dir")
+    p.add_argument("--out", default=None, help="write them here instead (e.g. for a read-only run)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("compare", formatter_class=defaults, help="overlay several runs (editors on one stream): one figure, one table")
@@ -335,8 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, KeyError, FileNotFoundError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lifelong: error: {message}", file=sys.stderr)
+        print(f"lifelong: error: {one_line(str(message))}", file=sys.stderr)
         return 2
+
+
+def one_line(text: str) -> str:
+    """``text`` with what would break the one-line promise, or not print, escaped: line breaks and
+    other control characters a user's input may carry, and lone surrogates (a non-UTF-8 byte in argv)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}" for c in text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lifelong.durable import make_dirs, publish
+
 _DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"
 
 
@@ -175,10 +177,10 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors write to a temporary name, then rename: a killed run never leaves half a file.
     The file carries a digest of its tensors, which :func:`load_tensors` checks."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)})
-    os.replace(tmp, path)
+    publish(tmp, path)  # flushed before and after the rename: a power cut cannot leave it half-written
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -206,8 +208,7 @@ class DeltaStore:
     """
 
     def __init__(self, directory: Path, base: dict[str, torch.Tensor]):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = make_dirs(directory)
         self.base = {name: t.detach().clone() for name, t in base.items()}
 
     @classmethod

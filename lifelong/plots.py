@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,15 @@ def _pyplot():
     return plt
 
 
-def plot_run(run: RunDir) -> list[Path]:
+def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
     """Retained fraction over steps (shaded: 95% Wilson band over the edits at each step), and the
-    retention matrix as a heat map."""
+    retention matrix as a heat map; in ``directory`` (default: the run's ``plots/``)."""
     plt = _pyplot()
     results = run.results()
     title = f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
-    run.plots_dir.mkdir(parents=True, exist_ok=True)
-    written = [plot_dashboard(run)]
+    directory = Path(directory) if directory is not None else run.plots_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [plot_dashboard(run, directory)]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for protocol, style in (("es", "-o"), ("exact", "--s")):
@@ -66,7 +68,7 @@ def plot_run(run: RunDir) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    written.append(_save(fig, run.plots_dir / "retention.png"))
+    written.append(_save(fig, directory / "retention.png"))
     plt.close(fig)
 
     m = retention_matrix(results, "es")
@@ -82,15 +84,15 @@ def plot_run(run: RunDir) -> list[Path]:
         ax.set_title(f"Retention matrix A[t, i] (ES; grey: not yet made) — {title}", fontsize=9)
         fig.colorbar(mesh, ax=ax, label="edit i holds after step t")
         fig.tight_layout()
-        written.append(_save(fig, run.plots_dir / "retention_matrix.png"))
+        written.append(_save(fig, directory / "retention_matrix.png"))
         plt.close(fig)
-    chains = plot_chains(run)
+    chains = plot_chains(run, directory)
     if chains is not None:
         written.append(chains)
     return written
 
 
-def plot_chains(run: RunDir) -> Path | None:
+def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
     """Distortion (and conflict magnitude) over steps from the chain probe's rows; None without them.
 
     Dots: each chain at its completion step; solid line: running mean of those; dashed line: the mean
@@ -122,14 +124,14 @@ def plot_chains(run: RunDir) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Chains — {ident['editor']} on {ident['model']}, stream {ident['stream']}", fontsize=10)
     fig.tight_layout()
-    path = _save(fig, run.plots_dir / "chains.png")
+    path = _save(fig, Path(directory or run.plots_dir) / "chains.png")
     plt.close(fig)
     return path
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # cleaned up by a resume if left behind
+    fig.savefig(tmp, dpi=120, format="png")
     tmp.replace(path)
     return path
 
@@ -251,7 +253,7 @@ def _mark_collapse(ax, step: int | None, color="crimson", label: str | None = "c
         ax.axvline(step, color=color, ls="--", lw=1.2, label=label)
 
 
-def plot_dashboard(run: RunDir) -> Path:
+def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
     """One PNG with every general-ability panel this run has, the collapse step marked on each."""
     from probes.perplexity import collapse_step
 
@@ -278,8 +280,9 @@ def plot_dashboard(run: RunDir) -> Path:
     fig.suptitle(f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, "
                  f"{steps} steps — {note}", fontsize=11)
     fig.tight_layout()
-    run.plots_dir.mkdir(parents=True, exist_ok=True)
-    path = _save(fig, run.plots_dir / "dashboard.png")
+    directory = Path(directory or run.plots_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = _save(fig, directory / "dashboard.png")
     plt.close(fig)
     return path
 

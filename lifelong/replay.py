@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lifelong.delta import DeltaStore
 from lifelong.editors import Editor, make_editor
 from lifelong.machine import ComputeThreads, cpu_description, thread_policy
-from lifelong.models import LoadedModel, load_model, weights_fingerprint
+from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
 from probes.base import chain_ends
@@ -55,6 +55,9 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
     records for probes, and the whole stream's hash."""
     full = load_stream(config.stream)
     stream, facts = split_facts(full)
+    if not len(stream):
+        raise ValueError(f"stream '{config.stream}' holds only tied facts ({len(facts)} edits with chain role "
+                         "tied-fact, which are probed, never applied): nothing to edit")
     available = len(stream.steps(config.batch_size))
     if config.steps is not None:
         if config.steps < 1:
@@ -63,6 +66,31 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
             raise ValueError(f"stream '{config.stream}' has {available} steps; --steps {config.steps} asks for more")
         stream = stream.head_steps(config.steps, config.batch_size)
     return stream, stream.steps(config.batch_size), facts, full.content_hash()
+
+
+def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
+    """Refuse, naming the edit, a prompt that with its answer is longer than the model's context
+    (scored anyway it would fail, or be read past the positions the model was trained on)."""
+    from probes.scorer import answer_token_ids
+
+    limit = context_length(lm.model)
+    if limit is None:
+        return
+    for edit in (*stream, *facts):
+        texts = [("prompt", edit.rendered_prompt, edit.target_new)]
+        if edit.target_true is not None:
+            texts.append(("prompt", edit.rendered_prompt, edit.target_true))
+        texts += [(f"paraphrases[{i}]", p, edit.target_new) for i, p in enumerate(edit.paraphrases)]
+        texts += [(f"neighborhood[{i}]", n.prompt, n.answer) for i, n in enumerate(edit.neighborhood)]
+        for what, prompt, answer in texts:
+            # Every token covers at least a byte, so only texts of about the context's length in
+            # bytes can be too long: the rest are not tokenized here.
+            if len(prompt.encode()) + len(answer.encode()) + 8 <= limit:
+                continue
+            n = len(lm.tokenizer(prompt).input_ids) + len(answer_token_ids(lm.tokenizer, answer))
+            if n > limit:
+                raise ValueError(f"stream '{spec}': edit {edit.id!r}: {what} with its answer is {n} tokens, longer "
+                                 f"than the {limit}-token context of model '{lm.name}'")
 
 
 def stream_label(spec: str) -> str:
@@ -139,11 +167,12 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device)
     base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
+    check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
     if owned:  # an editor made here is released on the way out: a reused ``lm`` keeps no hooks of it
         held.callback(editor.release)
     editor.check_stream(stream)
-    run = RunDir(out)
+    run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
     held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
     # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
@@ -152,6 +181,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
         base_weights=base_fingerprint, stream=stream_label(config.stream),
     ))
+    run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step()))
     editor.prepare(lm)  # on θ0: before any checkout below
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))

@@ -10,8 +10,9 @@ Layout::
     DIR/deltas/                per-step deltas and editor state (safetensors)
     DIR/plots/                 PNGs
 
-Every file is written under a temporary name and renamed, so a killed run leaves
-only whole files; a step counts once ``progress.json`` says it is complete.
+Every file is written under a temporary name, flushed to disk and renamed (and the
+directory flushed: :mod:`lifelong.durable`), so a killed run or a power cut leaves only
+whole files; a step counts once ``progress.json`` says it is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 import polars as pl
+
+from lifelong.durable import make_dirs, publish
 
 RESULT_SCHEMA = {
     "run_id": pl.String,
@@ -69,18 +72,22 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a file is written before it is renamed to ``path`` (see :func:`is_temporary`)."""
+    make_dirs(path.parent)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     tmp.write_text(text)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     df.write_parquet(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -136,10 +143,10 @@ class RunDir:
     def manifest(self) -> dict:
         if not self.exists():
             raise RunDirError(f"{self.path}: not a run directory (no manifest.json)")
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{self.manifest_path}: unreadable manifest: {err}") from None
+        manifest = _read_json(self.manifest_path, "manifest")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("identity"), dict):
+            raise RunDirError(f"{self.manifest_path}: damaged manifest (no run identity in it)")
+        return manifest
 
     def _refuse_foreign_files(self) -> list[Path]:
         """Refuse a directory holding anything but our lock and our own half-written temporary
@@ -160,7 +167,7 @@ class RunDir:
 
         if not self.exists():
             self._refuse_foreign_files()
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -211,11 +218,27 @@ class RunDir:
         sessions.append(info)
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files (``.NAME.tmp-PID``) that writers which are no longer alive
+        left anywhere in the run directory (a kill between a write and its rename); returns them."""
+        stale = []
+        for path in self.path.rglob(".*.tmp-*"):
+            pid = path.name.rpartition(".tmp-")[2]
+            if path.is_file() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
+                stale.append(path)
+        return stale
+
     # -- progress
     def progress(self) -> dict:
         if not self.progress_path.is_file():
             return {"completed_step": -1, "total_steps": None, "timestamps": {}, "seconds": {}}
-        return json.loads(self.progress_path.read_text())
+        progress = _read_json(self.progress_path, "progress file")
+        if not (isinstance(progress, dict) and isinstance(progress.get("completed_step"), int)
+                and isinstance(progress.get("timestamps"), dict) and isinstance(progress.get("seconds"), dict)):
+            raise RunDirError(f"{self.progress_path}: damaged progress file (not the object a run writes); "
+                              "it cannot say which steps are complete")
+        return progress
 
     def completed_step(self) -> int:
         return self.progress()["completed_step"]
@@ -241,7 +264,7 @@ class RunDir:
         atomic_write_text(self.reference_path, json.dumps(reference))
 
     def load_reference(self) -> dict | None:
-        return json.loads(self.reference_path.read_text()) if self.reference_path.is_file() else None
+        return _read_json(self.reference_path, "reference file") if self.reference_path.is_file() else None
 
     # -- results
     def part_path(self, step: int) -> Path:
@@ -265,24 +288,55 @@ class RunDir:
             if int(part.stem.split("_")[1]) > step:
                 part.unlink()
 
-    def consolidate(self) -> pl.DataFrame:
-        """Join the completed steps' parts into ``results.parquet`` and return the table."""
+    def joined_parts(self) -> pl.DataFrame:
+        """The completed steps' parts as one table (read only)."""
         done = self.completed_step()
         self.check_parts(done)
         parts = [self.part_path(s) for s in range(done + 1)]
-        table = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
+        return pl.concat([_read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
+
+    def consolidate(self) -> pl.DataFrame:
+        """Join the completed steps' parts into ``results.parquet`` and return the table."""
+        table = self.joined_parts()
         atomic_write_parquet(table, self.results_path)
         return table
 
     def results(self) -> pl.DataFrame:
-        """The results table: ``results.parquet`` if current, else joined from the parts."""
+        """The results table: ``results.parquet`` if current, else joined from the parts. Never
+        writes: ``show``, ``plot --out`` and ``compare`` work on a read-only run directory."""
         if not self.exists():
             raise RunDirError(f"{self.path}: not a run directory (no manifest.json)")
         if self.results_path.is_file() and (
             not self.progress_path.is_file() or self.results_path.stat().st_mtime >= self.progress_path.stat().st_mtime
         ):
-            return pl.read_parquet(self.results_path)
-        return self.consolidate()
+            return _read_parquet(self.results_path)
+        return self.joined_parts()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise RunDirError(f"{path}: damaged {what}, cannot be read ({reason})") from None
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except Exception as err:  # polars raises several kinds for a truncated or garbled file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunDirError(f"{path}: damaged results file, cannot be read ({reason})") from None
 
 
 def run_id(identity: dict) -> str:

@@ -93,7 +93,10 @@ def parse_timestamp(text: str) -> datetime.datetime:
     if len(text) == 10:  # a plain date: midnight UTC
         day = datetime.date.fromisoformat(text)
         return datetime.datetime(day.year, day.month, day.day, tzinfo=UTC)
-    return to_utc(datetime.datetime.fromisoformat(text))
+    try:
+        return to_utc(datetime.datetime.fromisoformat(text))
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00 is past the last representable UTC time
+        raise ValueError(f"timestamp {text!r} is out of range in UTC (years 1..9999)") from None
 
 
 def format_timestamp(ts: datetime.datetime) -> str:
@@ -229,7 +232,9 @@ class Edit:
             fail(f"timestamp must be an ISO 8601 string, got {_type_name(stamp)}")
         try:
             fields["timestamp"] = parse_timestamp(stamp)
-        except ValueError:
+        except ValueError as err:
+            if "out of range" in str(err):
+                fail(str(err))
             fail(f"timestamp {stamp!r} is not ISO 8601 (e.g. '2024-01-05' or '2024-01-05T12:00:00Z')")
 
         for key in ("paraphrases", "neighborhood", "candidates"):

@@ -186,7 +186,14 @@ class EditStream:
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes reach the disk before the rename (a power cut)
             os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # and the rename before this returns
+            finally:
+                os.close(dir_fd)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -197,39 +204,113 @@ class EditStream:
 
         The whole file is checked before anything is returned: the first bad
         line raises :class:`StreamFormatError` ``"path:line: reason"``. Blank
-        lines are allowed. ``name`` defaults to the file's stem.
+        lines are allowed. ``name`` defaults to the file's stem. The file is read
+        line by line, and a line longer than :data:`MAX_LINE_BYTES` is refused
+        without being read whole (see :data:`MAX_STRING_CHARS`, :data:`MAX_DEPTH`).
         """
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise StreamFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
         edits: list[Edit] = []
         first_line: dict[str, int] = {}
-        # Split on "\n" only: str.splitlines() would also split on U+2028 and friends,
-        # which JSON strings may contain unescaped.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}: "
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StreamFormatError(f"{where}invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise StreamFormatError(f"{where}expected a JSON object, got {type(record).__name__}")
-            try:
-                edit = Edit.from_dict(record, where=where)
-            except EditError as err:
-                raise StreamFormatError(str(err)) from None
-            if edit.id in first_line:
-                raise StreamFormatError(
-                    f"{where}duplicate edit id {edit.id!r} (first on line {first_line[edit.id]})"
-                )
-            first_line[edit.id] = lineno
-            edits.append(edit)
+        # Split on "\n" only (binary readline): str.splitlines() would also split on
+        # U+2028 and friends, which JSON strings may contain unescaped.
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(_bounded_lines(f, path), start=1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                    raw = raw[3:]
+                where = f"{path}:{lineno}: "
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise StreamFormatError(f"{where}not UTF-8 text ({err.reason} at byte {err.start} of "
+                                            "the line)") from None
+                if not line.strip():
+                    continue
+                record = _parse_line(line, where)
+                try:
+                    edit = Edit.from_dict(record, where=where)
+                except EditError as err:
+                    raise StreamFormatError(str(err)) from None
+                if edit.id in first_line:
+                    raise StreamFormatError(
+                        f"{where}duplicate edit id {edit.id!r} (first on line {first_line[edit.id]})"
+                    )
+                first_line[edit.id] = lineno
+                edits.append(edit)
 
         if not edits:
             raise StreamFormatError(f"{path}: no edits")
         return cls(edits, name=path.stem if name is None else name)
+
+
+MAX_LINE_BYTES = 1 << 20
+"""The longest line a stream file may have (1 MiB, newline excluded): a real edit is a few KB."""
+MAX_STRING_CHARS = 1 << 16
+"""The longest string field (65,536 characters): a prompt or answer, never a document."""
+MAX_DEPTH = 4
+"""The deepest nesting of JSON objects and lists in a line: an edit needs 3 (edit, neighborhood, neighbor)."""
+
+def _bounded_lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of binary file ``f``, each at most :data:`MAX_LINE_BYTES` plus its newline; a
+    longer line is refused after reading only that much of it."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 2)  # room for "\r\n"
+        if not raw:
+            return
+        lineno += 1
+        content = raw[:-1] if raw.endswith(b"\n") else raw
+        if len(content[:-1] if content.endswith(b"\r") else content) > MAX_LINE_BYTES:
+            raise StreamFormatError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes "
+                                    "(an edit is a few KB; see streams/FORMAT.md)")
+        yield raw
+
+
+def _depth(value) -> int:
+    """How deeply objects and lists nest in a decoded JSON value (a scalar is 0)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_line(line: str, where: str) -> dict:
+    """One line's JSON object, refused (naming ``where``) when it is not JSON, nests deeper than
+    :data:`MAX_DEPTH`, or holds a string longer than :data:`MAX_STRING_CHARS` or one that is
+    not Unicode text (a lone surrogate escape such as ``"\\ud800"``)."""
+    too_deep = f"{where}JSON nests deeper than {MAX_DEPTH} levels (an edit needs 3)"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise StreamFormatError(f"{where}invalid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise StreamFormatError(too_deep) from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise StreamFormatError(f"{where}invalid JSON: {str(err).splitlines()[0]}") from None
+    if _depth(record) > MAX_DEPTH:
+        raise StreamFormatError(too_deep)
+    if not isinstance(record, dict):
+        raise StreamFormatError(f"{where}expected a JSON object, got {type(record).__name__}")
+    _check_strings(record, where, "")
+    return record
+
+
+def _check_strings(value, where: str, at: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, where, f"{at}key {key[:40]!r}")
+            _check_strings(item, where, f"{at}.{key[:40]}" if at else key[:40])
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, where, f"{at}[{i}]")
+    elif isinstance(value, str):
+        if len(value) > MAX_STRING_CHARS:
+            raise StreamFormatError(f"{where}{at}: string of {len(value):,} characters, longer than "
+                                    f"{MAX_STRING_CHARS:,}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StreamFormatError(f"{where}{at}: string holds a lone surrogate escape (\\ud800-\\udfff "
+                                    "without its pair), which is not Unicode text") from None

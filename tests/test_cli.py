@@ -204,3 +204,132 @@ def test_out_of_range_probe_option_is_refused(capsys, tmp_path, stream_file):
     line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file),
                       "--probe", "perplexity:max_tokens=-5", "--out", str(tmp_path / "r"))
     assert "perplexity.max_tokens: must not be negative, got -5" in line and not (tmp_path / "r").exists()
+
+
+def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_path, stream_file):
+    """#17 item 9: stream, settings, device and prompt lengths are all checked before anything is
+    written; so the corrected command then runs in the same --out (it is not a 'different run')."""
+    from dataclasses import replace
+
+    from streams import ChainLink, EditStream
+    from tests.conftest import make_edits
+
+    tied = tmp_path / "tied.jsonl"
+    EditStream([replace(e, chain=ChainLink(f"c{i}", "tied-fact")) for i, e in enumerate(make_edits(2))]).to_jsonl(tied)
+    long = tmp_path / "long.jsonl"
+    edits = make_edits(3)
+    edits[1] = replace(edits[1], neighborhood=(), paraphrases=("x" * 600,))
+    EditStream(edits).to_jsonl(long)
+    out = tmp_path / "r"
+    good = ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "2", "--quiet",
+            "--out", str(out), *TINY_SET]
+    for change, message in [
+        (["--stream", str(tied)], "holds only tied facts (2 edits with chain role tied-fact"),
+        (["--set", "lr=-1"], "ft.lr: must be greater than 0, got -1.0"),
+        (["--set", "lr=nan"], "ft.lr: must be a finite number, got nan"),
+        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
+        (["--device", "meta"], "device 'meta' cannot run a model here"),
+        (["--stream", str(long)], "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "
+                                  "512-token context of model 'tiny-llama'"),
+        (["--probe-every", "0"], "--probe-every must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--probe", "perplexity:max_tokens=-5"], "perplexity.max_tokens: must not be negative"),
+    ]:
+        assert message in error_line(capsys, *good, *change)
+        assert not out.exists(), change
+    code, _, err = run_cli(capsys, *good)
+    assert code == 0, err
+    from lifelong.run import RunDir
+
+    assert RunDir(out).completed_step() == 2
+
+
+@pytest.fixture
+def two_step_run(tmp_path, stream_file):
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from tests.conftest import TINY_FT
+
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1,
+                    editor_overrides=dict(TINY_FT))
+    return replay(cfg, tmp_path / "run", progress=False).run
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def test_show_compare_and_plot_elsewhere_leave_the_run_as_it_was(capsys, tmp_path, two_step_run):
+    """#17: reading a run never writes into it (a read-only run can be shown, compared, plotted
+    with --out), even when results.parquet must be joined again from the parts."""
+    run = two_step_run
+    run.results_path.unlink()
+    before = snapshot(run.path)
+    code, out, err = run_cli(capsys, "show", str(run.path))
+    assert code == 0 and "steps 2/2" in out, err
+    code, out, err = run_cli(capsys, "plot", str(run.path), "--out", str(tmp_path / "plots"))
+    assert code == 0 and (tmp_path / "plots" / "retention.png").is_file(), err
+    code, _, err = run_cli(capsys, "compare", str(run.path), str(run.path), "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    assert snapshot(run.path) == before
+
+
+def test_damaged_progress_and_manifest_are_named(capsys, tmp_path, stream_file, two_step_run):
+    run = two_step_run
+    good = run.progress_path.read_text()
+    for text in ('{"completed_step": 2, "time', "[1, 2]", '{"completed_step": "two"}'):
+        run.progress_path.write_text(text)
+        line = error_line(capsys, "show", str(run.path))
+        assert f"{run.progress_path}: damaged progress file" in line
+        line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "2",
+                          "--probe-every", "1", "--out", str(run.path), "--quiet", *TINY_SET)
+        assert f"{run.progress_path}: damaged progress file" in line
+    run.progress_path.write_text(good)
+    run.manifest_path.write_text(run.manifest_path.read_text()[:-20])
+    assert f"{run.manifest_path}: damaged manifest, cannot be read" in error_line(capsys, "show", str(run.path))
+
+
+def test_compare_on_a_run_without_steps_is_one_line(capsys, tmp_path, two_step_run):
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(two_step_run.manifest_path, empty / "manifest.json")
+    line = error_line(capsys, "compare", str(two_step_run.path), str(empty), "--out", str(tmp_path / "c"))
+    assert f"{empty}: no edit step of this run is complete yet" in line
+
+
+def test_resume_removes_temporary_files_of_dead_writers(tmp_path, stream_file):
+    import os
+    import subprocess
+    import sys
+
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from tests.conftest import TINY_FT
+
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=3, probe_every=1,
+                    editor_overrides=dict(TINY_FT))
+    run = replay(cfg, tmp_path / "r", progress=False, stop_after=1).run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [run.parts_dir / f".step_000002.parquet.tmp-{dead}", run.deltas_dir / f".step_000002.safetensors.tmp-{dead}",
+             run.path / f".progress.json.tmp-{dead}", run.path / "plots" / f".retention.png.tmp-{dead}"]
+    alive = run.path / f".reference.json.tmp-{os.getppid()}"  # a live process's: not ours to remove
+    for path in (*stale, alive):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    done = replay(cfg, tmp_path / "r", progress=False)
+    assert done.run.completed_step() == 3
+    assert not any(p.exists() for p in stale) and alive.exists()
+
+
+def test_an_error_echoing_a_line_break_or_a_stray_byte_stays_one_line(capsys, stream_file):
+    """Found by tests/test_faults.py's fuzzing: a message quoting the user's input printed its
+    line breaks; a non-UTF-8 byte in argv arrives as a lone surrogate."""
+    line = error_line(capsys, "replay", "--stream", str(stream_file), "--set", "a\nb\r")
+    assert line == r"lifelong: error: --set expects key=value, got 'a\nb\r'"
+    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", "lr=\udcff")
+    assert line == r"lifelong: error: ft.lr: cannot read '\udcff' as float"

@@ -384,3 +384,84 @@ def test_not_utf8(tmp_path):
 
 def test_stream_format_error_is_value_error():
     assert issubclass(StreamFormatError, ValueError)
+
+
+# -- bounds (issue #17 item 8): every oversized or pathological line is one clear line naming file and line
+
+
+def test_line_longer_than_the_bound_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    from streams import stream as stream_module
+
+    path = tmp_path / "stream.jsonl"
+    huge = line(5, paraphrases=["x" * 1000] * 1200)  # ~1.2 MB on one line
+    write_lines(path, [line(0), huge, line(1)])
+    sizes = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, size=-1):
+            out = self.f.readline(size)
+            sizes.append((size, len(out)))
+            return out
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(stream_module, "open", lambda p, mode: Spy(real_open(p, mode)), raising=False)
+    with pytest.raises(StreamFormatError) as info:
+        EditStream.from_jsonl(path)
+    assert str(info.value) == (f"{path}:2: line longer than {stream_module.MAX_LINE_BYTES:,} bytes "
+                               "(an edit is a few KB; see streams/FORMAT.md)")
+    assert all(0 < size <= stream_module.MAX_LINE_BYTES + 2 and n <= size for size, n in sizes)
+
+
+def test_line_of_exactly_the_bound_is_read(tmp_path):
+    from streams.stream import MAX_LINE_BYTES
+
+    text = line(0, paraphrases=["y" * 70_000])
+    text = text[:-1] + " " * (MAX_LINE_BYTES - len(text.encode())) + "}"
+    assert len(text.encode()) == MAX_LINE_BYTES
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(text.encode() + b"\r\n")
+    with pytest.raises(StreamFormatError, match=r"s.jsonl:1: paraphrases\[0\]: string of 70,000 characters, "
+                                                r"longer than 65,536"):
+        EditStream.from_jsonl(path)  # the line itself is accepted; its one long string is not
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (line(9, subject="S" * 70_000), "subject: string of 70,000 characters, longer than 65,536"),
+    (line(9, neighborhood=[{"prompt": "p", "answer": "a" * 65_537}]), "neighborhood[0].answer: string of 65,537"),
+    ('{"id": "e9", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nests deeper than 4 levels"),
+    ('{"id": "e9", "x": [[[[1]]]]}', "JSON nests deeper than 4 levels"),
+    ('{"id": "e9", "n": 1' + "0" * 5000 + "}", "invalid JSON: Exceeds the limit"),
+    (line(9, timestamp="9999-12-31T23:00:00-05:00"), "edit 'e9': timestamp '9999-12-31T23:00:00-05:00' is out of range"),
+    (line(9, timestamp="0001-01-01T00:00:00+01:00"), "is out of range in UTC"),
+    (line(9).replace('"Subject 9"', '"Subject \\ud800"', 1), "subject: string holds a lone surrogate escape"),
+    (line(9).replace('"id"', '"\\udfff"', 1), "key '\\udfff': string holds a lone surrogate escape"),
+])
+def test_pathological_line_is_one_clear_line(tmp_path, bad, reason):
+    path = write_lines(tmp_path / "stream.jsonl", [line(0), bad])
+    with pytest.raises(StreamFormatError) as info:
+        EditStream.from_jsonl(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:2: ") and reason in text and "\n" not in text
+    text.encode("utf-8")  # printable as it is
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(line(0).encode() + b"\n" + line(1).encode().replace(b"Subject 1", b"Subject \xff1") + b"\n")
+    with pytest.raises(StreamFormatError, match=r"s.jsonl:2: not UTF-8 text"):
+        EditStream.from_jsonl(path)
+
+
+def test_byte_order_mark_and_crlf_are_read(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (line(0) + "\r\n" + line(1) + "\r\n").encode())
+    assert ids(EditStream.from_jsonl(path)) == ["e0", "e1"]

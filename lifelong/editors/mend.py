@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lifelong.delta import Delta, atomic_save_tensors
+from lifelong.durable import publish
 from lifelong.editors.base import Editor
 from lifelong.editors.kn import parse_layers
 from lifelong.editors.locate import lowrank_change
@@ -273,7 +274,7 @@ def training_step(lm: LoadedModel, net: Hypernetwork, batch: Sequence[Edit], loc
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config: TrainConfig, *,

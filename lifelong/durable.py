@@ -1,0 +1,55 @@
+"""Durable publication of files: once a write returns, a power cut cannot undo it (#17 item 12).
+
+Every file of a run directory is written under a temporary name and renamed into place, so a
+killed process leaves only whole files. A rename alone does not survive a power cut, though: the
+kernel may persist the rename before the file's bytes (a whole-looking file of zeros), or lose the
+rename itself. :func:`publish` therefore flushes the temporary file to disk before the rename and
+the directory after it, and :func:`make_dirs` flushes each directory it creates into its parent.
+Since the replay loop publishes a step's delta and rows before the ``progress.json`` that marks
+the step complete, a step that ``progress.json`` names as complete is on disk whole.
+
+The cost was measured on a tiny-model replay (see README "What a run promises").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or directory's contents (for a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path | str) -> Path:
+    """``mkdir -p``, with each directory it creates flushed into its parent."""
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_path(created.parent)
+    return path
+
+
+def publish(tmp: Path | str, path: Path | str) -> None:
+    """Rename the finished temporary file (or directory tree) ``tmp`` to ``path``, durably:
+    ``tmp``'s contents reach the disk before the rename, the rename before this returns."""
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir():
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                fsync_path(Path(root) / name)
+            fsync_path(root)
+    else:
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
