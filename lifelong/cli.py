@@ -51,16 +51,47 @@ def quiet_bars(quiet: bool):
             os.environ["TQDM_DISABLE"] = saved
 
 
+def check_replay_args(args) -> None:
+    """What can be refused before torch and transformers are imported (a typo ends in a second, not
+    after a minute of loading): names, numbers, the stream's spelling and whether its file exists."""
+    from lifelong.names import unknown_editor, unknown_probe
+
+    problem = unknown_editor(args.editor) or next(filter(None, map(unknown_probe, args.probe or [])), None)
+    if problem:
+        raise ValueError(problem)
+    if args.probe_every < 1:
+        raise ValueError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    _parse_set(args.set)
+    from streams.facts import DATASET_PREFIX, STREAMS
+
+    if args.stream.endswith(".jsonl"):
+        if not Path(args.stream).is_file():
+            raise ValueError(f"stream file {args.stream} does not exist")
+    elif args.stream.startswith(DATASET_PREFIX):
+        from streams.readers import DATASETS, default_data_dir
+
+        name = args.stream[len(DATASET_PREFIX):]
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
+        if not (default_data_dir() / DATASETS[name][0]).is_file():
+            raise ValueError(f"dataset {name!r} needs {default_data_dir() / DATASETS[name][0]}, which does not "
+                             "exist (set LIFELONG_DATA)")
+    elif args.stream not in STREAMS:
+        raise ValueError(f"unknown stream {args.stream!r}: expected one of {', '.join(sorted(STREAMS))}, "
+                         "dataset:NAME (see 'lifelong streams'), or a path to a .jsonl file")
+
+
 def cmd_replay(args) -> int:
+    check_replay_args(args)
     from lifelong.plots import plot_run
     from lifelong.replay import replay
     from lifelong.run import RunConfig
     from lifelong.summary import format_summary
 
-    if args.probe_every < 1:
-        raise ValueError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,

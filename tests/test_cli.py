@@ -114,6 +114,25 @@ def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_
     assert "resuming" in capsys.readouterr().err
 
 
+def test_typos_are_refused_before_torch_is_imported():
+    """A mistyped editor, probe or stream is refused without importing torch (in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from lifelong.editors import EDITORS
+    from lifelong.names import EDITOR_CLASSES, PROBE_NAMES
+    from probes import PROBES
+
+    assert sorted(PROBE_NAMES) == sorted(PROBES) and sorted(EDITOR_CLASSES) == sorted(EDITORS)
+    for argv in (["--editor", "rmoe"], ["--probe", "perplx"], ["--stream", "missing.jsonl"], ["--stream", "nope"],
+                 ["--stream", "dataset:nope"], ["--steps", "0"], ["--set", "lr"]):
+        code = ("import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
+                "print(rc, 'torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+        assert done.stdout.split() == ["2", "False"], (argv, done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("lifelong: error: "), done.stderr
+
+
 def error_line(capsys, *argv):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2

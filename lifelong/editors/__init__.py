@@ -1,20 +1,20 @@
-"""The editor registry: every editor is listed here, and only here."""
+"""The editor registry, built from the one list of editors in :mod:`lifelong.names`."""
 
 from __future__ import annotations
 
-from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
-from lifelong.editors.ft import FTEditor
-from lifelong.editors.grace import GRACEEditor
-from lifelong.editors.kn import KNEditor
-from lifelong.editors.memory import MemoryEditor
-from lifelong.editors.mend import MENDEditor
-from lifelong.editors.memit import AlphaEditEditor, MEMITEditor
-from lifelong.editors.rome import ROMEEditor, RROMEEditor
-from lifelong.editors.wise import WISEEditor
+import importlib
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (
-    FTEditor, ROMEEditor, RROMEEditor, MEMITEditor, AlphaEditEditor, KNEditor, MENDEditor,
-    GRACEEditor, WISEEditor, MemoryEditor)}
+from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
+from lifelong.names import EDITOR_CLASSES, unknown_editor
+
+
+def _load(path: str) -> type[Editor]:
+    module, _, cls = path.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_CLASSES.items()}
+"""Every registered editor by name, from :data:`lifelong.names.EDITOR_CLASSES` (the one list)."""
 
 
 class UnknownEditorError(ValueError):
@@ -24,7 +24,7 @@ class UnknownEditorError(ValueError):
 def make_editor(name: str, overrides: dict[str, str] | None = None) -> Editor:
     """An editor by registered name, with hyperparameter overrides given as strings."""
     if name not in EDITORS:
-        raise UnknownEditorError(f"unknown editor '{name}': expected one of {', '.join(sorted(EDITORS))}")
+        raise UnknownEditorError(unknown_editor(name))
     cls = EDITORS[name]
     return cls(parse_overrides(cls.Params, overrides, name))
 
