@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -159,8 +160,10 @@ def cmd_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "compare.csv")
     figure = plot_compare(runs, out / "compare.png")
-    if len({r.manifest()["identity"].get("stream_hash") for r in runs}) > 1:
-        print("note: the runs replayed different streams; their figures are not directly comparable")
+    for key, what in (("stream_hash", "replayed different streams"), ("model", "edited different models"),
+                      ("probes", "ran different probes")):
+        if len({json.dumps(r.manifest()["identity"].get(key), sort_keys=True) for r in runs}) > 1:
+            print(f"note: the runs {what}; their figures are not directly comparable")
     for label, group in zip(configuration_labels(runs, configurations(runs)), configurations(runs)):
         if len(group) > 1:
             seeds = ", ".join(str(runs[i].manifest()["identity"]["seed"]) for i in group)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,13 @@ def _band(ax, x, rows, color=None) -> None:
     low, high = rate_band(rows)
     if len(x) and not np.all(np.isnan(low)):
         ax.fill_between(np.asarray(x, dtype=float), low, high, color=color, alpha=BAND_ALPHA, lw=0)
+
+
+def wrapped(title: str, inches: float) -> str:
+    """A figure title broken into lines that fit ``inches`` of width at the 11-point title font."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width=max(20, int(inches * 10.5))))
 
 
 def _pyplot():
@@ -73,23 +81,65 @@ def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
 
     m = retention_matrix(results, "es")
     if len(m.steps) and len(m.edit_ids):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#eeeeee")
-        # Row k covers the steps since the previous probe, so the y axis is in stream steps.
-        y_edges = np.r_[0, m.steps] + 0.5
-        x_edges = np.arange(len(m.edit_ids) + 1) + 0.5
-        mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(m.values), cmap=cmap, vmin=0, vmax=1)
-        ax.set_xlabel("edit (in stream order)")
-        ax.set_ylabel("stream step (probed at row tops)")
-        ax.set_title(f"Retention matrix A[t, i] (ES; grey: not yet made) — {title}", fontsize=9)
-        fig.colorbar(mesh, ax=ax, label="edit i holds after step t")
-        fig.tight_layout()
-        written.append(_save(fig, directory / "retention_matrix.png"))
-        plt.close(fig)
+        written.append(plot_retention_matrix(m, title, directory / "retention_matrix.png"))
     chains = plot_chains(run, directory)
     if chains is not None:
         written.append(chains)
     return written
+
+
+MATRIX_COLUMNS = 60  # more edits than this are binned: each column then shows a bin's share of edits holding
+
+
+def matrix_cells(values: np.ndarray, columns: int = MATRIX_COLUMNS) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The retention matrix as painted: one row per probed step, one column per edit, or per bin of
+    consecutive edits (their mean, NaN where none was made yet) when there are more than ``columns``;
+    and each column's (first, last) edit index."""
+    n = values.shape[1]
+    if n <= columns:
+        return values, [(i, i) for i in range(n)]
+    edges = np.linspace(0, n, columns + 1).round().astype(int)
+    spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bin no edit of which was made yet: NaN
+        binned = np.stack([np.nanmean(values[:, a:b + 1], axis=1) for a, b in spans], axis=1)
+    return binned, spans
+
+
+def plot_retention_matrix(m, title: str, path: Path) -> Path:
+    """A[t, i]: a row per probed step only (steps between probes are not painted: nothing was measured
+    there), a column per edit labelled by its id (binned beyond MATRIX_COLUMNS edits), blank where
+    edit i was not made yet; two colours for held / lost, or a share-held scale for bins."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    cells, spans = matrix_cells(m.values)
+    binned = len(spans) < len(m.edit_ids)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(m.steps) + 1.5)))
+    masked = np.ma.masked_invalid(cells)
+    if binned:
+        mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=plt.get_cmap("RdYlGn"), vmin=0,
+                         vmax=1)
+        fig.colorbar(mesh, ax=ax, label="share of the bin's edits holding")
+    else:
+        ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#d7301f", "#1a9850"]),
+                  vmin=0, vmax=1)
+        ax.legend(handles=[Patch(color="#1a9850", label="holds"), Patch(color="#d7301f", label="lost"),
+                           Patch(facecolor="white", edgecolor="#999999", label="not measured: not made\nyet, or superseded")],
+                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_yticks(range(len(m.steps)), [str(s) for s in m.steps], fontsize=7)
+    every = max(1, len(spans) // 30)  # at most ~30 labels
+    ticks = list(range(0, len(spans), every))
+    labels = [m.edit_ids[spans[j][0]] if not binned else f"{spans[j][0] + 1}-{spans[j][1] + 1}" for j in ticks]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
+    ax.set_xlabel("edit id, in stream order" if not binned else "edits (by position in the stream), binned")
+    ax.set_ylabel("probed step")
+    ax.set_title(f"Retention matrix A[t, i] (ES), rows: probed steps only — {title}", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
 
 
 def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
@@ -277,8 +327,9 @@ def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
     steps = max(run.completed_step(), 0)
     note = f"perplexity collapse at step {collapse}" if collapse is not None else (
         "no perplexity collapse" if "perplexity" in panels else "perplexity not probed")
-    fig.suptitle(f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, "
-                 f"{steps} steps — {note}", fontsize=11)
+    title = (f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, "
+             f"{steps} steps — {note}")
+    fig.suptitle(wrapped(title, 6.2 * cols), fontsize=11)
     fig.tight_layout()
     directory = Path(directory or run.plots_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,8 +379,10 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}
+    models = list(dict.fromkeys(str(r.manifest()["identity"]["model"]) for r in runs))
     note = "" if len(streams) == 1 else " (different streams!)"
-    fig.suptitle(f"{' vs '.join(dict.fromkeys(labels))} on {runs[0].manifest()['identity']['model']}{note}", fontsize=11)
+    on = models[0] if len(models) == 1 else f"{' / '.join(models)} (different models!)"
+    fig.suptitle(wrapped(f"{' vs '.join(dict.fromkeys(labels))} on {on}{note}", 6.2 * cols), fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,45 @@ def test_compare_errors(two_runs, tmp_path, capsys):
     assert "compare needs at least two run directories" in capsys.readouterr().err
     assert main(["compare", str(two_runs[0]), str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_compare_warns_about_different_models(two_runs, tmp_path, stream_file, capsys):
+    other = tmp_path / "gpt2"
+    code = main(["replay", "--model", "tiny-gpt2", "--stream", str(stream_file), "--steps", "2", "--out", str(other),
+                 "--quiet", *[f"--set={k}={v}" for k, v in TINY_FT.items()]])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["compare", str(two_runs[0]), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "edited different models" in out and "replayed different streams" in out
+
+
+def test_retention_matrix_paints_only_measured_cells(tmp_path):
+    """Retention every 5 steps: the matrix has rows for steps 5 and 10 only (steps 1-4 are not painted as
+    if measured), edit 7 is blank at step 5, held/lost cells keep their 0/1 values; beyond
+    MATRIX_COLUMNS edits the columns are bins holding the share of their edits that hold."""
+    import numpy as np
+
+    from lifelong.plots import MATRIX_COLUMNS, matrix_cells, plot_retention_matrix
+    from probes.metrics import retention_matrix
+
+    rows = []
+    for step in (5, 10):
+        for i in range(1, step + 1):
+            rows.append({"step": step, "probe": "retention", "metric": "retention", "protocol": "es",
+                         "edit_id": f"e{i}", "value": float(i % 3 != 0)})
+    for i in range(1, 11):
+        rows.append({"step": i, "probe": "edit_quality", "metric": "efficacy", "protocol": "es",
+                     "edit_id": f"e{i}", "value": 1.0})
+    m = retention_matrix(pl.DataFrame(rows))
+    cells, spans = matrix_cells(m.values)
+    assert list(m.steps) == [5, 10] and cells.shape == (2, 10) and spans[6] == (6, 6)
+    col = m.edit_ids.index("e7")
+    assert np.isnan(cells[0, col]) and cells[1, col] == 1.0 and cells[1, m.edit_ids.index("e3")] == 0.0
+    assert plot_retention_matrix(m, "t", tmp_path / "m.png").stat().st_size > 1000
+
+    wide = np.tile(np.array([[1.0, 0.0, np.nan]]), (2, 70))  # 210 edits
+    binned, spans = matrix_cells(wide)
+    assert binned.shape == (2, MATRIX_COLUMNS) and spans[0][0] == 0 and spans[-1][1] == 209
+    a, b = spans[0]
+    assert binned[0, 0] == pytest.approx(np.nanmean(wide[0, a:b + 1]))
