@@ -184,7 +184,11 @@ def summary_table(run: RunDir) -> pl.DataFrame:
 
 
 def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> float:
+    """The value at the last step the probe ran (NaN if never). A change against θ0 (ratio, diff) counts
+    only steps after an edit: a run stopped before its first probed edit step has none yet."""
     rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
+    if metric in ("ratio", "diff"):
+        rows = rows.filter(pl.col("step") > 0)
     return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
 
 

@@ -213,3 +213,21 @@ def test_weight_drift_counts_a_sparse_edit(tmp_path, stream_file):
     assert vals["touched"] == int((w != w0).sum()) > 0
     assert vals["frobenius"] == pytest.approx(float((w - w0).norm()), rel=1e-9)
     assert vals["relative"] == pytest.approx(float((w - w0).norm() / w0.norm()), rel=1e-9)
+
+
+def test_ratio_at_last_step_is_not_the_theta0_value_before_any_edit_step():
+    """A run stopped before its first probed edit step has no ratio yet (not θ0's 1.0)."""
+    import math
+
+    import polars as pl
+
+    from lifelong.summary import general_ability_lines
+
+    row = {"probe": "perplexity", "protocol": "corpus", "edit_id": None}
+    results = pl.DataFrame([{**row, "step": 0, "metric": "perplexity", "value": 20.0},
+                            {**row, "step": 0, "metric": "ratio", "value": 1.0}])
+    lines = {ln.measure: ln.estimate.value for ln in general_ability_lines(results) if ln.protocol == "corpus"}
+    assert lines["perplexity at θ0"] == 20.0 and math.isnan(lines["perplexity ratio to θ0 at last step"])
+    later = pl.concat([results, pl.DataFrame([{**row, "step": 5, "metric": "ratio", "value": 1.5}])])
+    lines = {ln.measure: ln.estimate.value for ln in general_ability_lines(later) if ln.protocol == "corpus"}
+    assert lines["perplexity ratio to θ0 at last step"] == 1.5
