@@ -60,6 +60,7 @@ SPEC_KEYS = ("model", "stream", "steps", "probe_every", "batch_size", "device", 
 RETRIES = 2  # submissions again of a cell whose task raised (worker deaths: Ray's max_retries below)
 WORKER_RETRIES = 2  # Ray re-runs of a task whose worker process died
 STATES = ("pending", "running", "done", "failed")
+LOCK_WAIT = 120.0  # seconds a task waits for an earlier worker of its cell to release the run directory
 # Test hook (tests/test_sweep.py): a path; the first cell to create that file runs one step, then its
 # worker process exits at once (os._exit), as a killed worker would. Read by the driver, passed to tasks.
 CRASH_ENV = "LIFELONG_SWEEP_TEST_CRASH_ONCE"
@@ -389,16 +390,30 @@ def run_cell(config: dict, path: str, threads: int, crash_marker: str | None = N
     os.environ["TQDM_DISABLE"] = "1"  # no bars in workers, the one-time ones included
     from lifelong.replay import replay
 
+    from lifelong.run import RunDirError
+
     cfg = RunConfig(**config)
     if crash_marker:  # test hook (CRASH_ENV): the first cell to claim the marker dies after one step
         try:
-            os.close(os.open(crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pass
         else:
+            os.write(fd, path.encode())
+            os.close(fd)
             replay(cfg, path, progress=False, threads=threads, stop_after=1)
             os._exit(17)
-    result = replay(cfg, path, progress=False, threads=threads)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            result = replay(cfg, path, progress=False, threads=threads)
+            break
+        except RunDirError as err:
+            # The cell's previous worker (its driver killed, or its task cancelled) may still be ending:
+            # its OS lock goes with its process, so wait for it rather than fail the attempt.
+            if "is writing to this run" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     return {"completed": result.run.completed_step(), "total": result.total_steps, "steps_run": result.steps_run}
 
 
