@@ -350,12 +350,22 @@ class SweepDir:
             rows = run.results()
             extra = [pl.lit(c["id"]).alias("cell"), pl.lit(c["editor"]).alias("editor"),
                      pl.lit(c["stream"]).alias("stream"), pl.lit(c["seed"], pl.Int64).alias("seed")]
-            extra += [pl.lit(_typed(c["settings"].get(k), kinds[k]), kinds[k]).alias(k) for k in swept]
+            extra += [pl.lit(_typed(c["settings"].get(k), kinds[k]), kinds[k]).alias(setting_column(k)) for k in swept]
             tables.append(rows.select(extra + [pl.col(n) for n in rows.columns]))
         if not tables:
             return None
         atomic_write_parquet(pl.concat(tables), self.results_path)
         return self.results_path
+
+
+RESERVED_COLUMNS = ("cell", "editor", "stream", "seed", "run_id", "step", "timestamp", "probe", "metric", "protocol",
+                    "edit_id", "value")
+
+
+def setting_column(name: str) -> str:
+    """The results column of a swept setting: its name, or ``set_NAME`` where that names another column
+    (an editor's own ``seed`` hyperparameter)."""
+    return f"set_{name}" if name in RESERVED_COLUMNS else name
 
 
 def _column_type(values: list):
@@ -529,12 +539,16 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
             queue = list(todo)
             running: dict[Any, dict] = {}
 
+            def cell_steps(c: dict) -> int:
+                if c["state"] == "done":
+                    return c["steps"]
+                run = RunDir(sweep.cell_dir(c["id"]))
+                return max(0, run.completed_step()) if run.exists() else 0
+
+            idle = {c["id"]: cell_steps(c) for c in state["cells"]}  # cells not running: read once
+
             def done_steps() -> int:
-                n = 0
-                for c in state["cells"]:
-                    n += c["steps"] if c["state"] == "done" else max(0, RunDir(sweep.cell_dir(c["id"])).completed_step()
-                                                                     if RunDir(sweep.cell_dir(c["id"])).exists() else 0)
-                return n
+                return sum(cell_steps(c) if c["state"] in ("running", "done") else idle[c["id"]] for c in state["cells"])
 
             total = sum(c["steps"] for c in state["cells"])
             bar = tqdm(total=total, initial=done_steps(), desc="sweep", unit="step", disable=not progress,
@@ -580,6 +594,7 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
                         else:
                             cell["state"] = "done"
                             cell["error"] = None
+                        idle[cell["id"]] = cell_steps(cell)
                         sweep.save(state)
                     show()
             except BaseException:

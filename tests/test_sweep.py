@@ -209,3 +209,79 @@ def test_driver_killed_mid_sweep_then_rerun_gives_the_same_results(cluster, spec
     for cell in state["cells"]:
         if cell["id"] in first:  # kept, not run again
             assert cell["attempts"] == 1 and len(RunDir(out / cell["dir"]).manifest()["sessions"]) == 1
+
+
+# -- the driver's bookkeeping, on a stand-in for Ray that runs each task at once in this process
+
+
+class _Ref:
+    def __init__(self, fn, args):
+        self.value, self.error = None, None
+        try:
+            self.value = fn(*args)
+        except Exception as err:  # noqa: BLE001 — handed to the driver, as ray.get would
+            self.error = err
+
+
+class _Task:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, *args):
+        return _Ref(self.fn, args)
+
+
+class _InlineRay:
+    """The few calls run_sweep makes, with tasks run in order in this process."""
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 2.0}}]
+
+    def remote(self, fn):
+        return _Task(fn)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+
+def test_a_failing_cell_is_retried_then_marked_failed_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    import lifelong.sweep as sweep_module
+
+    @contextmanager
+    def inline(address, device):
+        yield _InlineRay()
+
+    monkeypatch.setattr(sweep_module, "ray_session", inline)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # run_cell sets it; restored after the test
+    # layer 99 passes the spec's checks (the model's depth is known only once it is loaded) and fails in the task
+    text = SPEC.replace("layer = 1", "layer = [1, 99]").replace("seeds = [0, 1]", "seeds = [0]").replace(
+        '"ft", "memory"', '"ft"')
+    spec = write_spec(tmp_path / "spec", text)
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1
+    printed = capsys.readouterr()
+    cells = {c["id"]: c for c in SweepDir(out).state()["cells"]}
+    bad, good = cells["ft-tiny-layer=99-max_steps=15-seed0"], cells["ft-tiny-layer=1-max_steps=15-seed0"]
+    assert (bad["state"], bad["attempts"]) == ("failed", 3) and "out of range" in bad["error"]
+    assert (good["state"], good["attempts"], good["error"]) == ("done", 1, None)
+    assert "failed after 3 attempts" in printed.err and "1 cell(s) failed" in printed.out
+    assert "error: ValueError" in format_sweep(out)
+    table = pl.read_parquet(out / "results.parquet")
+    assert set(table["cell"]) == {good["id"]} and table.schema["layer"] == pl.Int64
+    # run again: the failed cell is tried again (and fails again), the done one is kept
+    assert cli.main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1
+    again = {c["id"]: c for c in SweepDir(out).state()["cells"]}
+    assert again[bad["id"]]["attempts"] == 6 and again[good["id"]]["attempts"] == 1
