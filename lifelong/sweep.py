@@ -459,6 +459,22 @@ def _initial_state(spec: Spec, sweep: SweepDir) -> dict:
             "cells": cells}
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, in one line, a ``HOST:PORT`` or ``ray://HOST:PORT`` where nothing answers (Ray itself would
+    retry for minutes); ``auto`` and None are left to Ray."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
+
+
 @contextmanager
 def ray_session(address: str | None, device: str) -> Iterator[Any]:
     """The Ray instance to run on: the one this process is already connected to, an existing cluster
@@ -519,6 +535,7 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
         raise ValueError(f"--workers must be at least 1, got {workers}")
     sweep = SweepDir(out)
     sweep.check_target(spec)  # before anything is written
+    check_address(address)
     with sweep.lock():
         state = _initial_state(spec, sweep)
         sweep.save(state)

@@ -285,3 +285,12 @@ def test_a_failing_cell_is_retried_then_marked_failed_and_the_others_go_on(tmp_p
     assert cli.main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1
     again = {c["id"]: c for c in SweepDir(out).state()["cells"]}
     assert again[bad["id"]]["attempts"] == 6 and again[good["id"]]["attempts"] == 1
+
+
+def test_an_address_where_nothing_answers_is_refused_in_one_line(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec")
+    for address, message in (("127.0.0.1:1", "no Ray cluster answers there"), ("nonsense", "--address must be")):
+        assert cli.main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", address]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lifelong: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
