@@ -111,32 +111,80 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lifelong.sweep import format_sweep, load_spec, run_sweep
+
+    spec = load_spec(args.spec)  # a bad spec is refused here, before anything is written
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    with quiet_bars(args.quiet):
+        result = run_sweep(spec, args.out, address=args.address, workers=args.workers, progress=not args.quiet)
+    print(format_sweep(result.dir.path))
+    counts = result.counts()
+    print(f"\nsweep directory: {result.dir.path.resolve()}  (results.parquet, sweep.json, cells/)")
+    if counts["failed"] or counts["pending"]:
+        print(f"{counts['failed']} cell(s) failed, {counts['pending']} pending; re-run the same command to retry them")
+        return 1
+    return 0
+
+
+def expand_sweeps(dirs: list[str]) -> list[str]:
+    """Run directories, a sweep directory standing for its done cells."""
+    from lifelong.sweep import SweepDir, is_sweep_dir
+
+    out = []
+    for d in dirs:
+        if is_sweep_dir(d):
+            runs = SweepDir(d).runs()
+            if not runs:
+                raise ValueError(f"{d}: no cell of this sweep is done yet")
+            out += [str(r.path) for r in runs]
+        else:
+            out.append(d)
+    return out
+
+
 def cmd_show(args) -> int:
     from lifelong.run import RunDir
     from lifelong.summary import format_summary, summary_json
+    from lifelong.sweep import format_sweep, is_sweep_dir
 
-    if args.json:
-        import json
-
+    if is_sweep_dir(args.dir):
+        if args.json:
+            raise ValueError(f"{args.dir} is a sweep: show --json takes one of its cells (DIR/cells/NAME)")
+        print(format_sweep(args.dir))
+    elif args.json:
         print(json.dumps(summary_json(RunDir(args.dir)), indent=1, default=str))
     else:
         print(format_summary(RunDir(args.dir)))
     return 0
 
 
-def cmd_plot(args) -> int:
-    import os
-
-    from lifelong.plots import plot_run
-    from lifelong.run import RunDir
-
-    run = RunDir(args.dir)
-    run.manifest()  # a one-line error for a directory that is not a run
-    directory = Path(args.out) if args.out else run.plots_dir
+def _writable(directory: Path) -> Path:
+    """``directory``, refused in one line when the nearest existing part of it cannot be written."""
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise ValueError(f"{existing} is not writable: write the plots elsewhere with --out DIR")
-    for path in plot_run(run, directory):
+    return directory
+
+
+def cmd_plot(args) -> int:
+    from lifelong.plots import plot_compare, plot_run
+    from lifelong.run import RunDir
+    from lifelong.sweep import is_sweep_dir
+
+    if is_sweep_dir(args.dir):
+        dirs = expand_sweeps([args.dir])
+        out = Path(args.out) if args.out else Path(args.dir) / "plots"
+        for d in dirs:
+            for path in plot_run(RunDir(d), _writable(out / Path(d).name if args.out else RunDir(d).plots_dir)):
+                print(path)
+        if len(dirs) > 1:
+            print(plot_compare([RunDir(d) for d in dirs], _writable(out) / "compare.png"))
+        return 0
+    run = RunDir(args.dir)
+    run.manifest()  # a one-line error for a directory that is not a run
+    for path in plot_run(run, _writable(Path(args.out) if args.out else run.plots_dir)):
         print(path)
     return 0
 
@@ -146,9 +194,10 @@ def cmd_compare(args) -> int:
     from lifelong.run import RunDir
     from lifelong.summary import compare_table, configuration_labels, configurations, format_table
 
-    if len(args.dirs) < 2:
-        raise ValueError("compare needs at least two run directories")
-    runs = [RunDir(d) for d in args.dirs]
+    dirs = expand_sweeps(args.dirs)
+    if len(dirs) < 2:
+        raise ValueError("compare needs at least two run directories (or a sweep directory with two done cells)")
+    runs = [RunDir(d) for d in dirs]
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
         if run.completed_step() < 1:
@@ -327,19 +376,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("show", help="print a run's summary table")
+    p = sub.add_parser("sweep", formatter_class=defaults,
+                       help="run every combination of a TOML spec (editors x streams x seeds x settings) on Ray")
+    p.add_argument("spec", metavar="SPEC.toml", help="the sweep spec (see README, 'Sweeps')")
+    p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume it)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray "
+                        "instance sized to this machine)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="cells at once (default: one per CPU of the cluster, one per GPU with device cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("show", help="print a run's summary table (a sweep's: one line per cell, mean over seeds)")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true",
                    help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/")
+    p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/ (a sweep's: each done cell's, and compare.png)")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="write them here instead (e.g. for a read-only run)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("compare", formatter_class=defaults, help="overlay several runs (editors on one stream): one figure, one table")
-    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories; a sweep directory stands for its done cells")
     p.add_argument("--out", default="compare", help="where compare.png and compare.csv go (default: ./compare)")
     p.set_defaults(func=cmd_compare)
 

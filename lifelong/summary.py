@@ -325,6 +325,20 @@ def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.Dat
     return joined
 
 
+def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str]) -> pl.DataFrame:
+    """Configurations side by side (``groups`` of ``runs``, e.g. from :func:`configurations`, named by ``names``):
+    measure, protocol, then value, n, low, high per configuration: the mean of each summary figure over its
+    seeds ± a 95% t interval, n = seeds (a configuration of one seed: its value, n = 1, no interval)."""
+    joined = None
+    for name, g in zip(names, groups):
+        table = _seed_table([summary_lines(runs[i]) for i in g], name).select(
+            "measure", "protocol", pl.col(f"{name} seed mean").alias(name), pl.col(f"{name} seeds n").alias(f"{name} n"),
+            pl.col(f"{name} seed low").alias(f"{name} low"), pl.col(f"{name} seed high").alias(f"{name} high"))
+        joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
+                                                          coalesce=True, maintain_order="left")
+    return joined
+
+
 def format_table(table: pl.DataFrame) -> str:
     """A plain-text table: measure and protocol, then one cell per entry (value [low, high] n=…)."""
     entries = table.columns[2::4]
