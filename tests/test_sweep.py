@@ -3,7 +3,6 @@ same runs replayed one by one, after a worker killed mid-cell and after a driver
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
