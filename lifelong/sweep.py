@@ -130,7 +130,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     Relative stream files and model directories are taken from ``base`` (the spec file's folder)."""
     from lifelong.editors import EDITORS, parse_overrides
     from lifelong.models import DEFAULT_MODEL, TINY_MODELS
-    from lifelong.replay import default_suite, prepare_stream
+    from lifelong.replay import default_suite, prepare_stream_and_facts
 
     def bad(key: str, message: str) -> SpecError:
         return SpecError(f"{where}: key '{key}': {message}")
@@ -227,7 +227,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     lengths = {}
     for stream in streams:
         try:
-            lengths[stream] = len(prepare_stream(RunConfig(stream=stream, steps=steps, batch_size=batch_size))[1])
+            lengths[stream] = len(prepare_stream_and_facts(RunConfig(stream=stream, steps=steps, batch_size=batch_size))[1])
         except (ValueError, FileNotFoundError, OSError) as err:
             raise bad("steps" if "--steps" in str(err) else "stream", str(err)) from None
 
