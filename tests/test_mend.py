@@ -158,6 +158,7 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
     editor = make_editor("mend", {"train_data": str(data)}).bind(lm)
     hyper = editor.hyperparameters()
     assert hyper["hypernet_steps"] == 2 and hyper["params"] == "gate,up,down"  # resolved, for the manifest
+    assert hyper["layers"] == "1,2,3"
     assert hyper["edited_weights"] == [f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS
                                        for k in ("gate", "up", "down")]
     assert editor.apply(lm, make_edits(1, start=50))

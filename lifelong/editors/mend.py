@@ -633,8 +633,8 @@ class MENDEditor(Editor):
 
     def bind(self, lm: LoadedModel) -> "MENDEditor":
         layers, kinds = self.layers(lm), self.kinds(lm)
-        # the resolved edited weights go to the manifest: params by role, edited_weights by name
-        self.params = dataclasses.replace(self.params, params=",".join(kinds))
+        # the resolved edited weights go to the manifest: layers and params by role, edited_weights by name
+        self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), params=",".join(kinds))
         self._weights = [target_param_name(lm, t) for t in edit_targets(layers, kinds)]
         if self._net is not None:
             return self
