@@ -130,6 +130,9 @@ def test_training_resumes_to_the_same_result(tmp_path):
     whole = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "a", progress=False)
     partial = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False, stop_after=2)
     assert not partial.exists() and (tmp_path / "b" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="checkpoint at step 2, past the 1 steps asked for"):
+        train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=1, checkpoint_every=1, rank=4),
+                           directory=tmp_path / "b", progress=False)
     resumed = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False)
     a, meta = load_hypernetwork(whole, lm.device)
     b, _ = load_hypernetwork(resumed, lm.device)

@@ -510,6 +510,9 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         done, seconds = int(saved["step"]), float(saved["seconds"])
+        if done > config.steps:
+            raise ValueError(f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
+                             f"ask for {done} steps to finish there")
     curve = [row for row in read_curve(curve_path) if row["step"] <= done] if done else []
 
     def evaluate(row: dict) -> None:
