@@ -28,12 +28,13 @@ class FamilySpec:
     final_norm: str
     transposed: bool = False  # weight stored as (in, out) — GPT-2's Conv1D
     positions: str | None = None  # a learned absolute position embedding added to the input (GPT-2)
+    mlp_gate: str | None = None  # within a block: the gated MLP's gate projection (Llama-style families)
 
 
 FAMILIES: dict[str, FamilySpec] = {
-    "llama": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
-    "qwen2": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
-    "mistral": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm"),
+    "llama": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
+    "qwen2": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
+    "mistral": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
     "gpt2": FamilySpec("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True,
                        positions="transformer.wpe"),
     "gptj": FamilySpec("transformer.h", "mlp.fc_in", "mlp.fc_out", "transformer.ln_f"),
@@ -87,6 +88,27 @@ class ArchAdapter:
     def as_stored(self, matrix: torch.Tensor) -> torch.Tensor:
         """Turn an (out, in) matrix into the parameter's storage orientation."""
         return matrix.T if self.spec.transposed else matrix
+
+    def mlp_kinds(self) -> tuple[str, ...]:
+        """The MLP's projections by role: ("gate", "up", "down") for gated MLPs, else ("up", "down").
+
+        "up" is the input projection (up_proj, c_fc, fc_in, dense_h_to_4h), "down" the output one."""
+        return ("gate", "up", "down") if self.spec.mlp_gate else ("up", "down")
+
+    def mlp_proj_name(self, index: int, kind: str) -> str:
+        """Module path of layer ``index``'s MLP projection ``kind`` (one of :meth:`mlp_kinds`)."""
+        paths = {"gate": self.spec.mlp_gate, "up": self.spec.mlp_in, "down": self.spec.mlp_out}
+        if kind not in self.mlp_kinds():
+            raise ValueError(f"a {self.family} MLP has no '{kind}' projection: it has {', '.join(self.mlp_kinds())}")
+        return f"{self.spec.layers}.{index}.{paths[kind]}"
+
+    def mlp_proj(self, index: int, kind: str) -> nn.Module:
+        return _get(self.model, self.mlp_proj_name(index, kind))
+
+    def mlp_weight_view(self, index: int, kind: str) -> torch.Tensor:
+        """Layer ``index``'s MLP projection ``kind`` as an (out, in) view of the live weight."""
+        weight = self.mlp_proj(index, kind).weight
+        return weight.T if self.spec.transposed else weight
 
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.spec.final_norm)

@@ -250,7 +250,15 @@ def cmd_checkout(args) -> int:
 
 
 def cmd_train_mend(args) -> int:
-    from lifelong.editors.mend import TrainConfig, load_hypernetwork, resolve_layers, train_hypernetwork
+    from lifelong.editors.mend import (
+        TrainConfig,
+        format_curve,
+        load_hypernetwork,
+        read_curve,
+        resolve_layers,
+        resolve_params,
+        train_hypernetwork,
+    )
     from lifelong.machine import ComputeThreads, thread_policy
     from lifelong.models import load_model
 
@@ -258,14 +266,21 @@ def cmd_train_mend(args) -> int:
     with quiet_bars(args.quiet):
         lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
+    kinds = resolve_params(args.params or "", lm.adapter)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, holdout=args.holdout,
+                         eval_every=args.eval_every or args.checkpoint_every)
     with ComputeThreads(policy), quiet_bars(args.quiet):
-        path = train_hypernetwork(lm, layers, args.data, config, directory=args.out, limit=args.limit,
+        path = train_hypernetwork(lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit,
                                   progress=not args.quiet)
+    curve = read_curve(path.parent / "curve.csv")
+    if curve:
+        print(f"learning curve ({path.parent / 'curve.csv'}; losses averaged since the previous evaluation):")
+        print(format_curve(curve))
     _, meta = load_hypernetwork(path, lm.device)
-    print(f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}: {meta['steps']} steps, "
-          f"{meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records\n{path.resolve()}")
+    print(f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
+          f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
+          f"\n{path.resolve()}")
     return 0
 
 
@@ -412,9 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_checkout)
 
-    p = sub.add_parser("train-mend", formatter_class=defaults, help="train (or resume) MEND's hypernetwork; cached by model, layers and data")
+    p = sub.add_parser("train-mend", formatter_class=defaults,
+                       help="train (or resume) MEND's hypernetwork; cached by model, layers, params and data")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default=None, help="edited layers, e.g. 27-29 (default: the last three)")
+    p.add_argument("--params", default=None,
+                   help="edited MLP weights per layer, comma-separated gate, up, down (default: all; "
+                        "'down': the former down-only hypernetwork)")
     p.add_argument("--data", default="dataset:zsre_mend",
                    help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
@@ -422,8 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
     p.add_argument("--rank", type=int, default=64, help="rank of the hypernetwork's low-rank layers")
     p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--holdout", type=int, default=20,
+                   help="keep the last N training records out, for the learning curve's held-out edit success")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations "
+                   "(default: --checkpoint-every)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory (default: the cache, keyed by model, layers and data)")
+    p.add_argument("--out", default=None,
+                   help="directory (default: the cache, keyed by model, layers, params and data)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,12 +1,17 @@
-"""MEND on tiny models: the hypernetwork's structure, training (resumable, cached), low-rank deltas, overlap refusal."""
+"""MEND on tiny models: the hypernetwork's structure, training (resumable, cached), low-rank deltas, overlap refusal,
+the edited weights (gate, up and down by default; down alone as before) and the learning curve."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import pytest
 import torch
 
 from lifelong.cli import main
 from lifelong.editors import make_editor
+from lifelong.delta import atomic_save_tensors
 from lifelong.editors.mend import (
     GradientTransform,
     MENDEditor,
@@ -14,8 +19,15 @@ from lifelong.editors.mend import (
     OverlapError,
     RunningNorm,
     TrainConfig,
+    _ids_mask,
+    _mean_nll,
+    build_hypernetwork,
+    edit_gradient_factors,
+    edit_targets,
     hypernet_dir,
     load_hypernetwork,
+    model_key,
+    read_curve,
     train_hypernetwork,
 )
 from lifelong.models import load_model
@@ -78,7 +90,8 @@ def test_update_is_low_rank_with_one_term_per_token(trained):
     tokens = sum(len(p) + len(a) for p, a in (scorer.encode(e.rendered_prompt, e.target_new) for e in batch))
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     delta = editor.apply(lm, batch)
-    assert sorted(delta.changes) == sorted(lm.adapter.out_proj_param_name(x) for x in LAYERS)
+    assert sorted(delta.changes) == sorted(f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS
+                                           for k in ("gate", "up", "down"))
     for name, change in delta.changes.items():
         assert change.dense is None and change.rank == tokens  # stored as factors, one column per token
         dense = change.u.double() @ change.v.double().T  # float64, so float32 rounding adds no rank
@@ -117,6 +130,9 @@ def test_training_resumes_to_the_same_result(tmp_path):
     whole = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "a", progress=False)
     partial = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False, stop_after=2)
     assert not partial.exists() and (tmp_path / "b" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="checkpoint at step 2, past the 1 steps asked for"):
+        train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=1, checkpoint_every=1, rank=4),
+                           directory=tmp_path / "b", progress=False)
     resumed = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False)
     a, meta = load_hypernetwork(whole, lm.device)
     b, _ = load_hypernetwork(resumed, lm.device)
@@ -131,16 +147,30 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model("tiny-llama")
-    with pytest.raises(FileNotFoundError, match="run `lifelong train-mend --model tiny-llama --layers 1,2,3"):
+    with pytest.raises(FileNotFoundError, match="run `lifelong train-mend --model tiny-llama --layers 1,2,3 "
+                                                "--params gate,up,down"):
         make_editor("mend", {"train_data": str(data)}).bind(lm)
     assert main(["train-mend", "--model", "tiny-llama", "--data", str(data), "--steps", "2", "--rank", "4",
-                 "--quiet"]) == 0
+                 "--holdout", "2", "--eval-every", "1", "--quiet"]) == 0
     path = hypernet_dir(lm, LAYERS, str(data)) / "hypernet.safetensors"
-    assert str(path.resolve()) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(path.resolve()) in out and "held-out ES" in out
     assert hypernet_dir(lm, [2, 3], str(data)) != path.parent and hypernet_dir(lm, LAYERS, "builtin") != path.parent
+    assert hypernet_dir(lm, LAYERS, str(data), "down") != path.parent  # the edited weights are part of the key
+    assert hypernet_dir(lm, LAYERS, str(data), "gate,up,down") == path.parent
     editor = make_editor("mend", {"train_data": str(data)}).bind(lm)
-    assert editor.hyperparameters()["hypernet_steps"] == 2
+    hyper = editor.hyperparameters()
+    assert hyper["hypernet_steps"] == 2 and hyper["params"] == "gate,up,down"  # resolved, for the manifest
+    assert hyper["layers"] == "1,2,3"
+    assert hyper["edited_weights"] == [f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS
+                                       for k in ("gate", "up", "down")]
     assert editor.apply(lm, make_edits(1, start=50))
+    _, meta = load_hypernetwork(path, lm.device)
+    assert meta["train_ids"] == [e.id for e in make_edits(6)] and meta["heldout_ids"] == ["e6", "e7"]
+    curve = read_curve(path.parent / "curve.csv")  # the learning curve: every step, held-out scores at each eval
+    assert [r["step"] for r in curve] == [0, 1, 2]
+    assert all(r["heldout_es"] is not None and 0 <= r["heldout_es"] <= 1 for r in curve)
+    assert curve[0]["edit_loss"] is None and all(r["edit_loss"] > 0 and r["loc_loss"] >= 0 for r in curve[1:])
 
 
 def test_replay_refuses_a_stream_overlapping_the_training_records(trained, tmp_path, capsys):
@@ -162,3 +192,160 @@ def test_replay_refuses_a_stream_overlapping_the_training_records(trained, tmp_p
                  "--set", f"hypernet={paths[0]}", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "overlaps" in err
+
+
+# ------------------------------------------------------------------------------------- the edited weights
+
+
+def _plain_gradient(lm, edit) -> dict[str, torch.Tensor]:
+    """∇W of the edit's mean target NLL for every parameter, by autograd, as the parameter is stored."""
+    scorer = Scorer(lm.model, lm.tokenizer)
+    named = dict(lm.model.named_parameters())
+    flags = {n: p.requires_grad for n, p in named.items()}
+    try:
+        for p in named.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = _mean_nll(scorer, _ids_mask(scorer, [(edit.rendered_prompt, edit.target_new)]), 1)
+            grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    finally:
+        for n, p in named.items():
+            p.requires_grad_(flags[n])
+    return {n: g for n, g in zip(named, grads) if g is not None}
+
+
+def _mlp_inputs_by_hand(lm, layers, edit) -> dict[tuple[int, str], torch.Tensor]:
+    """What enters each MLP weight, from the MLP's own input: x (after the norm) for gate and up, the
+    activation product act(gate x) ⊙ (up x) (GPT-2: act(c_fc x)) for down; real tokens only."""
+    scorer = Scorer(lm.model, lm.tokenizer)
+    data = _ids_mask(scorer, [(edit.rendered_prompt, edit.target_new)])
+    seen = {}
+    handles = [lm.adapter.layer(x).mlp.register_forward_pre_hook(lambda m, a, x=x: seen.__setitem__(x, a[0].detach()))
+               for x in layers]
+    with torch.no_grad():
+        lm.model(input_ids=data.ids, attention_mask=data.mask)
+    for h in handles:
+        h.remove()
+    out, real = {}, data.mask.bool()
+    with torch.no_grad():
+        for x in layers:
+            mlp, h = lm.adapter.layer(x).mlp, seen[x][real]
+            if lm.adapter.family == "gpt2":
+                out[(x, "up")], out[(x, "down")] = h, mlp.act(mlp.c_fc(h))
+            else:
+                out[(x, "gate")] = out[(x, "up")] = h
+                out[(x, "down")] = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+    return out
+
+
+@pytest.mark.parametrize("model,kinds", [("tiny-llama", ("gate", "up", "down")), ("tiny-gpt2", ("up", "down"))])
+def test_gradient_factors_are_the_rank_one_terms_of_each_weights_gradient(model, kinds):
+    lm = load_model(model)
+    edit = make_edits(1, start=100)[0]
+    targets = edit_targets(LAYERS, kinds)
+    assert [t[1] for t in targets[:len(kinds)]] == list(kinds) and len(targets) == 3 * len(kinds)
+    factors = edit_gradient_factors(lm, targets, [(edit.rendered_prompt, edit.target_new)])
+    by_hand, grads = _mlp_inputs_by_hand(lm, LAYERS, edit), _plain_gradient(lm, edit)
+    for target, (u, delta) in zip(targets, factors):
+        assert torch.allclose(u, by_hand[target], atol=1e-5), target
+        weight = lm.adapter.mlp_weight_view(*target)
+        assert delta.shape[1] == weight.shape[0] and u.shape[1] == weight.shape[1]
+        name = lm.adapter.mlp_proj_name(*target) + ".weight"
+        grad = grads[name].T if lm.adapter.spec.transposed else grads[name]  # (out, in)
+        assert torch.allclose(delta.T @ u, grad, atol=1e-6, rtol=1e-4), target
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_untrained_hypernetwork_steps_along_minus_alpha_times_the_gradient(model, tmp_path):
+    """Identity init, no normalisation statistics yet: ΔW = −edit_lr ∇W for every edited weight, nothing else."""
+    data = tmp_path / "train.jsonl"
+    EditStream(make_edits(8)).to_jsonl(data)
+    lm = load_model(model)
+    path = train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=0, rank=4), directory=tmp_path / "h",
+                              progress=False)
+    edit = make_edits(1, start=100)[0]
+    grads = _plain_gradient(lm, edit)
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    delta = MENDEditor(MENDParams(layers="1-3", hypernet=str(path))).apply(lm, [edit])
+    names = {lm.adapter.mlp_proj_name(x, k) + ".weight" for x in LAYERS for k in lm.adapter.mlp_kinds()}
+    assert set(delta.changes) == names and len(names) == 3 * len(lm.adapter.mlp_kinds())
+    for n, p in lm.model.named_parameters():  # exactly the intended weights moved, each by −α ∇W
+        if n in names:
+            change = delta.changes[n].materialize()
+            assert torch.allclose(change, -TrainConfig.edit_lr * grads[n], atol=1e-9, rtol=1e-4), n
+            assert torch.equal(p, base[n] + change)
+        else:
+            assert torch.equal(p, base[n]), n
+
+
+def test_update_is_minus_alpha_times_transformed_factors_per_weight(trained):
+    """Trained: ΔW = −α_w Σ δ̃ ũᵀ, (ũ, δ̃) from the shape's shared network in weight w's mode."""
+    _, paths = trained
+    lm = load_model("tiny-llama")
+    net, _ = load_hypernetwork(paths[40], lm.device)
+    # gate and up share one network (64 → 128), down has another (128 → 64); one mode per weight
+    assert len(net.transforms) == 2 and net.transforms[0].n_modes == 6 and net.transforms[1].n_modes == 3
+    assert net.group == [0, 0, 1] * 3 and net.mode == [0, 1, 0, 2, 3, 1, 4, 5, 2]
+    assert net.transforms[0].scale1.shape == (6, 64 + 128)
+    edit = make_edits(1, start=100)[0]
+    by_hand = _mlp_inputs_by_hand(lm, LAYERS, edit)
+    factors = edit_gradient_factors(lm, net.targets, [(edit.rendered_prompt, edit.target_new)])
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    delta = MENDEditor(MENDParams(layers="1-3", hypernet=str(paths[40]))).apply(lm, [edit])
+    for i, (target, (_, d)) in enumerate(zip(net.targets, factors)):
+        g = net.transforms[net.group[i]]
+        z = torch.cat([g.norm_u(by_hand[target]), g.norm_delta(d)], -1)  # the network written out
+        m = net.mode[i]
+        h = z + torch.relu((z @ g.v1.T @ g.u1.T + g.b1) * g.scale1[m] + g.shift1[m])
+        out = h + (h @ g.v2.T @ g.u2.T + g.b2) * g.scale2[m] + g.shift2[m]
+        u_t, d_t = out[:, :g.d_in], out[:, g.d_in:]
+        expected = -net.log_lr[i].exp() * torch.einsum("to,ti->oi", d_t, u_t)
+        name = lm.adapter.mlp_proj_name(*target) + ".weight"
+        assert torch.allclose(delta.changes[name].materialize(), expected, atol=1e-6, rtol=1e-4), target
+        assert torch.equal(lm.model.get_parameter(name), base[name] + delta.changes[name].materialize())
+
+
+def test_down_only_setting_keeps_the_former_key_format_and_still_loads(tmp_path):
+    data = tmp_path / "train.jsonl"
+    EditStream(make_edits(8)).to_jsonl(data)
+    lm = load_model("tiny-llama")
+    path = train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=2, rank=4), params="down", progress=False)
+    # the cache directory the down-only editor always had: key (model, layers, data), no params in it
+    digest = hashlib.sha256(json.dumps([model_key(lm), LAYERS, str(data)]).encode()).hexdigest()[:12]
+    assert path.parent.name == f"tiny-llama-L1_2_3-{digest}" and path.parent == hypernet_dir(lm, LAYERS, str(data),
+                                                                                              "down")
+    # a file as the former editor wrote it: one unshared network per layer, metadata without targets/params
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    assert sorted({k.split(".")[1] for k in tensors if k.startswith("transforms.")}) == ["0", "1", "2"]
+    assert tensors["log_lr"].shape == (3,) and "transforms.0.scale1" not in tensors
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lifelong_mend"])
+    assert "params" not in meta["identity"]
+    for key in ("targets", "shapes", "heldout_ids"):
+        del meta[key]
+    atomic_save_tensors(tensors, path, {"lifelong_mend": json.dumps(meta)})
+    editor = make_editor("mend", {"train_data": str(data), "params": "down"}).bind(lm)
+    assert editor.hyperparameters()["edited_weights"] == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
+    base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    delta = editor.apply(lm, make_edits(1, start=100))
+    assert sorted(delta.changes) == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
+    assert all(torch.equal(p, base[n]) for n, p in lm.model.named_parameters() if n not in delta.changes)
+    with pytest.raises(FileNotFoundError, match="--params gate,up,down"):  # the default does not pick it up
+        make_editor("mend", {"train_data": str(data)}).bind(lm)
+    with pytest.raises(ValueError, match="weights 1.down 2.down 3.down, not .* 1.gate 1.up 1.down"):
+        make_editor("mend", {"hypernet": str(path), "layers": "1-3"}).bind(lm)
+    with pytest.raises(ValueError, match=r"params must be comma-separated MLP projections of a gpt2 model \(up, d"):
+        make_editor("mend", {"params": "gate"}).bind(load_model("tiny-gpt2"))
+
+
+def test_untrained_network_is_the_identity_in_every_mode():
+    lm = load_model("tiny-llama")
+    net = build_hypernetwork(lm, LAYERS, ("gate", "up", "down"), rank=4, edit_lr=1e-4)
+    u, d = torch.randn(5, 64), torch.randn(5, 128)
+    for i in range(len(net.targets)):
+        if net.group[i] == 0:
+            left, right = net.factors(i, u, d)
+            assert torch.equal(right, u.T) and torch.allclose(left, -1e-4 * d.T)

@@ -1,28 +1,58 @@
 """MEND (Mitchell et al., ICLR 2022): a trained hypernetwork turns an edit's fine-tuning gradient into the update.
 
-For an MLP output projection W (out, in), the gradient of the edit loss is a sum of
-rank-one terms over tokens, ∇W = Σ_t δ_t u_tᵀ (u_t: the projection's input, δ_t: the
-loss gradient w.r.t. its output). MEND maps each (u_t, δ_t) through a small network
-g_ℓ, one per edited layer: the concatenation z = [u; δ] is normalised with running
-statistics from training, then
+For a linear map W (out, in) inside the MLP, the gradient of the edit loss is a sum of
+rank-one terms over tokens, ∇W = Σ_t δ_t u_tᵀ (u_t: the map's input, δ_t: the loss
+gradient w.r.t. its output). For the gate and up projections u_t is the MLP's input
+(the hidden state after the block's second norm); for the down projection it is the
+activation product act(gate) ⊙ up. MEND maps each (u_t, δ_t) through a small network g:
+the concatenation z = [u; δ] is normalised with running statistics from training, then
 
-    h = z + ReLU(U₁V₁z + b₁),    g(z) = h + U₂V₂h + b₂,    [ũ_t; δ̃_t] = g(z_t),
+    h = z + ReLU(s₁ ⊙ (U₁V₁z + b₁) + t₁),   g(z) = h + s₂ ⊙ (U₂V₂h + b₂) + t₂,   [ũ_t; δ̃_t] = g(z_t),
 
 with low-rank U_iV_i (rank r) and U_i initialised to zero, so g starts as the identity.
-The update is W̃ = W − α_ℓ Σ_t δ̃_t ũ_tᵀ with a learned step α_ℓ per layer; it is
-stored as its factors (−α_ℓ δ̃, ũ), never as the dense product.
+The update is W̃ = W − α_w Σ_t δ̃_t ũ_tᵀ with a learned step α_w per edited weight w
+(initialised to ``edit_lr`` = 1e-4, as the original's ``edit_lrs``); it is stored as its
+factors (−α_w δ̃, ũ), never as the dense product.
+
+Which weights (``params``): by default, as the original MEND (``inner_params`` of its
+``config/model/*.yaml``: ``mlp.c_fc`` and ``mlp.c_proj`` of GPT-2's last three layers) and
+EasyEdit's MEND for Llama (``gate_proj``, ``up_proj``, ``down_proj`` of the last three),
+every MLP projection of the last three layers: gate, up and down for gated (Llama-style)
+MLPs, up (``c_fc``/``fc_in``/…) and down (``c_proj``/…) otherwise. As the original's
+``mend.shared: true``, one network g is shared by all edited weights of the same shape
+(gate and up: one, down: another), its normalisation statistics included, and the
+per-weight conditioning is the original's ``n_modes`` scale and shift (s, t: one row per
+weight of that shape, initialised to 1 and 0) on each layer's pre-activation.
+
+``params=down`` is this editor as it was before: the down projections only, one unshared
+network per layer and no per-weight scale/shift. Its cache key is the former one, so
+hypernetworks trained before keep loading under that setting.
+
+Differences from the original (``algs/mend.py``, ``nn.py``), named here:
+* the second layer of g has no ReLU (the original clamps every layer's output at 0 before
+  the residual); the low-rank layers have rank r = 64 by default (the original: 1920);
+* the update is W − α δ̃ũᵀ with α > 0 (kept as log α); the original adds ``edit_lrs × g``;
+* normalisation statistics are merged per batch exactly (Chan et al.), not per token by
+  Welford updates (the same numbers up to rounding), and they stop at the end of training;
+* training is a fixed number of steps of Adam on a CPU-sized budget (the original: up to
+  500k steps with early stopping on validation), with the edit loss on the prompt and its
+  paraphrases and the locality loss on neighborhood prompts, as below.
 
 Training (:func:`train_hypernetwork`, the ``lifelong train-mend`` command) minimises
 c_edit·L_edit + c_loc·L_loc over an editing dataset: L_edit is the new target's NLL
 on the edit prompt and its paraphrases after the update, L_loc the KL divergence of
 the unedited from the edited model's predictions on locality prompts. Only the
 hypernetworks and α learn; the model stays frozen. The result is cached under the
-cache root keyed by model, layers and training data, with the training records'
-prompts, so that a replay can refuse an evaluation stream that overlaps them.
+cache root keyed by model, layers, edited weights and training data, with the training
+records' prompts, so that a replay can refuse an evaluation stream that overlaps them.
+Training writes its learning curve (per step: edit and locality loss; every
+``eval_every`` steps: edit success on ``holdout`` records kept out of training) to
+``curve.csv`` beside the hypernetwork.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -58,6 +88,32 @@ def resolve_layers(spec: str, num_layers: int, editor: str = "mend") -> list[int
     return default_layers(num_layers) if not spec.strip() else parse_layers(spec, num_layers, editor)
 
 
+LEGACY_PARAMS = ("down",)  # the former editor: down projections only, one unshared network per layer
+
+
+def resolve_params(spec: str | Sequence[str] | None, adapter, editor: str = "mend") -> tuple[str, ...]:
+    """The edited MLP projections, in the adapter's order: every one when ``spec`` is empty."""
+    kinds = adapter.mlp_kinds()
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return kinds
+    names = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [x for x in names if x]
+    bad = [x for x in names if x not in kinds]
+    if bad or not names:
+        raise ValueError(f"{editor}: params must be comma-separated MLP projections of a {adapter.family} model "
+                         f"({', '.join(kinds)}), got '{spec}'")
+    return tuple(k for k in kinds if k in names)
+
+
+def edit_targets(layers: Sequence[int], kinds: Sequence[str]) -> list[tuple[int, str]]:
+    """(layer, projection) of every edited weight, layer by layer (the original's inner_params order)."""
+    return [(layer, kind) for layer in layers for kind in kinds]
+
+
+def target_param_name(lm: LoadedModel, target: tuple[int, str]) -> str:
+    return lm.adapter.mlp_proj_name(*target) + ".weight"
+
+
 # ------------------------------------------------------------------------------------- the network
 
 
@@ -91,9 +147,9 @@ class RunningNorm(nn.Module):
 class GradientTransform(nn.Module):
     """g_ℓ: [u; δ] -> [ũ; δ̃] through a normalised, low-rank, identity-initialised two-layer MLP."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, seed: int = 0):
+    def __init__(self, d_in: int, d_out: int, rank: int, seed: int = 0, n_modes: int | None = None):
         super().__init__()
-        self.d_in, self.d_out = d_in, d_out
+        self.d_in, self.d_out, self.n_modes = d_in, d_out, n_modes
         width = d_in + d_out
         gen = torch.Generator().manual_seed(seed)
         self.norm_u, self.norm_delta = RunningNorm(d_in), RunningNorm(d_out)
@@ -103,26 +159,59 @@ class GradientTransform(nn.Module):
         self.v2 = nn.Parameter(torch.randn(rank, width, generator=gen) / math.sqrt(width))
         self.u2 = nn.Parameter(torch.zeros(width, rank))
         self.b2 = nn.Parameter(torch.zeros(width))
+        if n_modes is not None:  # the original's mode_scale / mode_shift embeddings, one row per shared weight
+            self.scale1 = nn.Parameter(torch.ones(n_modes, width))
+            self.shift1 = nn.Parameter(torch.zeros(n_modes, width))
+            self.scale2 = nn.Parameter(torch.ones(n_modes, width))
+            self.shift2 = nn.Parameter(torch.zeros(n_modes, width))
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (mode is None) != (self.n_modes is None):
+            raise ValueError(f"GradientTransform with n_modes={self.n_modes} called with mode={mode}")
         z = torch.cat([self.norm_u(u), self.norm_delta(delta)], -1)
-        h = z + torch.relu(z @ self.v1.T @ self.u1.T + self.b1)
-        g = h + h @ self.v2.T @ self.u2.T + self.b2
+        a = z @ self.v1.T @ self.u1.T + self.b1
+        if mode is not None:
+            a = a * self.scale1[mode] + self.shift1[mode]
+        h = z + torch.relu(a)
+        b = h @ self.v2.T @ self.u2.T + self.b2
+        if mode is not None:
+            b = b * self.scale2[mode] + self.shift2[mode]
+        g = h + b
         return g[..., : self.d_in], g[..., self.d_in:]
 
 
 class Hypernetwork(nn.Module):
-    """One :class:`GradientTransform` and one learned log step size per edited layer."""
+    """The :class:`GradientTransform` networks and one learned log step size per edited weight.
 
-    def __init__(self, layers: Sequence[int], d_in: int, d_out: int, rank: int, edit_lr: float, seed: int = 0):
+    ``targets`` are the edited weights as (layer, projection), ``shapes`` their (d_in, d_out).
+    ``shared``: one network per distinct shape, each weight a mode of it (the original's
+    ``shared: true``); otherwise one network per weight (the ``params=down`` editor)."""
+
+    def __init__(self, targets: Sequence[tuple[int, str]], shapes: Sequence[tuple[int, int]], rank: int,
+                 edit_lr: float, seed: int = 0, shared: bool = True):
         super().__init__()
-        self.layers = list(layers)
-        self.transforms = nn.ModuleList(GradientTransform(d_in, d_out, rank, seed + i) for i, _ in enumerate(layers))
-        self.log_lr = nn.Parameter(torch.full((len(layers),), math.log(edit_lr)))
+        self.targets = [(int(layer), str(kind)) for layer, kind in targets]
+        self.shapes = [(int(a), int(b)) for a, b in shapes]
+        self.shared = shared
+        if shared:
+            keys = list(dict.fromkeys(self.shapes))
+            self.group = [keys.index(s) for s in self.shapes]
+            self.mode = [self.shapes[:i].count(s) for i, s in enumerate(self.shapes)]
+            self.transforms = nn.ModuleList(GradientTransform(*key, rank, seed + g, n_modes=self.shapes.count(key))
+                                            for g, key in enumerate(keys))
+        else:
+            self.group, self.mode = list(range(len(self.targets))), [None] * len(self.targets)
+            self.transforms = nn.ModuleList(GradientTransform(*shape, rank, seed + i)
+                                            for i, shape in enumerate(self.shapes))
+        self.log_lr = nn.Parameter(torch.full((len(self.targets),), math.log(edit_lr)))
+
+    def transform(self, i: int) -> GradientTransform:
+        return self.transforms[self.group[i]]
 
     def factors(self, i: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(left (out, N), right (in, N)) with ΔW = left @ right.T = −α Σ_t δ̃_t ũ_tᵀ for N token rows."""
-        u_t, delta_t = self.transforms[i](u, delta)
+        u_t, delta_t = self.transform(i)(u, delta, self.mode[i])
         return -self.log_lr[i].exp() * delta_t.T, u_t.T
 
 
@@ -142,38 +231,41 @@ def _mean_nll(scorer: Scorer, data, n: int) -> torch.Tensor:
     return (torch.zeros(n, device=token_nll.device).index_add(0, owner, token_nll) / counts).mean()
 
 
-def edit_gradient_factors(lm: LoadedModel, layers: Sequence[int], pairs: Sequence[tuple[str, str]]
+def edit_gradient_factors(lm: LoadedModel, targets: Sequence[tuple[int, str]], pairs: Sequence[tuple[str, str]]
                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, (u, δ) of every real token of the edit sequences: ∇W of the mean target NLL = Σ δ uᵀ."""
+    """Per edited weight, (u, δ) of every real token of the edit sequences: ∇W of the mean target NLL = Σ δ uᵀ.
+
+    u is what enters the projection (for gate and up: the normed MLP input; for down: the
+    activation product), δ the loss gradient w.r.t. its output; all from one backward pass."""
     scorer = Scorer(lm.model, lm.tokenizer)
     data = _ids_mask(scorer, pairs)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in layers:
-        def hook(mod, args, out, layer=layer):
-            inputs[layer] = args[0].detach()
+    for i, target in enumerate(targets):
+        def hook(mod, args, out, i=i):
+            inputs[i] = args[0].detach()
             # δ = ∂loss/∂(this zero added to the output)
-            outputs[layer] = torch.zeros_like(out, requires_grad=True)
-            return out + outputs[layer]
-        handles.append(lm.adapter.out_proj(layer).register_forward_hook(hook))
+            outputs[i] = torch.zeros_like(out, requires_grad=True)
+            return out + outputs[i]
+        handles.append(lm.adapter.mlp_proj(*target).register_forward_hook(hook))
     try:
         with torch.enable_grad():
             loss = _mean_nll(scorer, data, len(pairs))
-            grads = torch.autograd.grad(loss, [outputs[layer] for layer in layers])
+            grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(targets))])
     finally:
         for h in handles:
             h.remove()
     real = data.mask.bool()
-    return [(inputs[layer][real], g[real]) for layer, g in zip(layers, grads)]
+    return [(inputs[i][real], g[real]) for i, g in enumerate(grads)]
 
 
 @contextmanager
-def lowrank_added(lm: LoadedModel, layers: Sequence[int], factors: Sequence[tuple[torch.Tensor, torch.Tensor]]
-                  ) -> Iterator[None]:
-    """Forwards inside run with W + left @ right.T at each layer, as x @ right @ left.T (differentiable)."""
-    handles = [lm.adapter.out_proj(layer).register_forward_hook(
-        lambda mod, args, out, f=f: out + (args[0] @ f[1]) @ f[0].T) for layer, f in zip(layers, factors)]
+def lowrank_added(lm: LoadedModel, targets: Sequence[tuple[int, str]],
+                  factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Forwards inside run with W + left @ right.T at each weight, as x @ right @ left.T (differentiable)."""
+    handles = [lm.adapter.mlp_proj(*target).register_forward_hook(
+        lambda mod, args, out, f=f: out + (args[0] @ f[1]) @ f[0].T) for target, f in zip(targets, factors)]
     try:
         yield
     finally:
@@ -198,6 +290,12 @@ class TrainConfig:
     c_loc: float = 1.0
     seed: int = 0
     checkpoint_every: int = 25
+    holdout: int = 0  # the last N records are kept out of training, for the learning curve's edit success
+    eval_every: int = 25  # steps between held-out evaluations (and before the first step)
+
+
+# TrainConfig fields that do not change the trained network (left out of a checkpoint's identity)
+_NOT_IDENTITY = ("steps", "checkpoint_every", "eval_every")
 
 
 def _prompt_key(subject: str, prompt: str) -> str:
@@ -229,12 +327,22 @@ def model_key(lm: LoadedModel) -> str:
     return str(Path(name).resolve()) if os.path.isdir(name) else name
 
 
-def hypernet_dir(lm: LoadedModel, layers: Sequence[int], data: str) -> Path:
-    """Cache directory of the hypernetwork for (model, layers, training data)."""
-    key = json.dumps([model_key(lm), list(layers), data])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+def hypernet_dir(lm: LoadedModel, layers: Sequence[int], data: str, params: str | Sequence[str] | None = None
+                 ) -> Path:
+    """Cache directory of the hypernetwork for (model, layers, edited weights, training data).
+
+    ``params`` None or empty: every MLP projection (the default). ``params=down`` keeps the
+    key and name the down-only editor had, so its trained hypernetworks are found again."""
+    kinds = resolve_params(params, lm.adapter)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key(lm)).name)
-    return cache_root() / "mend" / f"{safe}-L{'_'.join(map(str, layers))}-{digest}"
+    name = f"{safe}-L{'_'.join(map(str, layers))}"
+    if kinds == LEGACY_PARAMS:
+        key = json.dumps([model_key(lm), list(layers), data])
+    else:
+        key = json.dumps([model_key(lm), list(layers), data, list(kinds)])
+        name += "-" + "_".join(kinds)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root() / "mend" / f"{name}-{digest}"
 
 
 def _locality_pairs(records: Sequence[Edit], index: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -254,21 +362,97 @@ def training_step(lm: LoadedModel, net: Hypernetwork, batch: Sequence[Edit], loc
                   config: TrainConfig) -> dict[str, float]:
     """MEND's loss for one batch of edits; returns its parts (call backward through the returned total)."""
     scorer = Scorer(lm.model, lm.tokenizer)
-    grads = edit_gradient_factors(lm, net.layers, [(e.rendered_prompt, e.target_new) for e in batch])
-    for i, (u, delta) in enumerate(grads):
-        net.transforms[i].norm_u.update(u)
-        net.transforms[i].norm_delta.update(delta)
+    grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new) for e in batch])
+    for i, (u, delta) in enumerate(grads):  # a shared network's statistics pool all its weights' rows
+        net.transform(i).norm_u.update(u)
+        net.transform(i).norm_delta.update(delta)
     factors = [net.factors(i, u, delta) for i, (u, delta) in enumerate(grads)]
     edit_pairs = [p for e in batch for p in _edit_pairs(e)]
     loc = _ids_mask(scorer, loc_pairs)
     with torch.no_grad():
         base_logp = scorer.answer_logits(loc).log_softmax(-1)
-    with lowrank_added(lm, net.layers, factors):
+    with lowrank_added(lm, net.targets, factors):
         edit_loss = _mean_nll(scorer, _ids_mask(scorer, edit_pairs), len(edit_pairs))
         new_logp = scorer.answer_logits(loc).log_softmax(-1)
     loc_loss = torch.nn.functional.kl_div(new_logp, base_logp, log_target=True, reduction="batchmean")
     total = config.c_edit * edit_loss + config.c_loc * loc_loss
     return {"total": total, "edit": edit_loss.item(), "loc": loc_loss.item()}
+
+
+def heldout_success(lm: LoadedModel, net: Hypernetwork, edits: Sequence[Edit]) -> dict[str, float]:
+    """Each edit applied alone through ``net``: mean token accuracy of the new target (MEND's edit
+    success) on the prompt (``es``) and on its paraphrases (``gen``), the share of prompts with every
+    target token right (``exact``), and the prompt's mean target-token NLL (``nll``)."""
+    scorer = Scorer(lm.model, lm.tokenizer)
+    es, gen, exact, nll = [], [], [], []
+    for e in edits:
+        grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new)])
+        with torch.no_grad():
+            factors = [net.factors(i, u, delta) for i, (u, delta) in enumerate(grads)]
+        with lowrank_added(lm, net.targets, factors):
+            scores = scorer.score(_edit_pairs(e))
+        es.append(float(scores.token_acc[0]))
+        exact.append(float(scores.exact[0]))
+        nll.append(float(scores.nll[0]))
+        gen.extend(float(x) for x in scores.token_acc[1:])
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"es": mean(es), "gen": mean(gen), "exact": mean(exact), "nll": mean(nll)}
+
+
+CURVE_FIELDS = ("step", "seconds", "edit_loss", "loc_loss", "total", "heldout_es", "heldout_gen", "heldout_exact",
+                "heldout_nll")
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """Rows of a ``curve.csv`` (empty cells: not evaluated at that step) as floats (None when empty)."""
+    import csv
+
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _write_curve(path: Path, rows: Sequence[dict]) -> None:
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CURVE_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_FIELDS})
+    os.replace(tmp, path)
+
+
+def curve_summary(rows: Sequence[dict]) -> list[dict[str, float]]:
+    """One line per held-out evaluation: its step, the mean edit and locality losses and the mean
+    seconds per step over the steps since the previous evaluation, and the held-out scores."""
+    out, window, last_seconds = [], [], 0.0
+    for row in rows:
+        if row["step"] > 0:
+            window.append(row)
+        if row.get("heldout_es") is not None:
+            seconds = row["seconds"] if row["seconds"] is not None else last_seconds
+            out.append({"step": int(row["step"]),
+                        "edit_loss": float(np.mean([r["edit_loss"] for r in window])) if window else None,
+                        "loc_loss": float(np.mean([r["loc_loss"] for r in window])) if window else None,
+                        "s_per_step": (seconds - last_seconds) / len(window) if window else None,
+                        "es": row["heldout_es"], "gen": row["heldout_gen"], "exact": row["heldout_exact"],
+                        "nll": row["heldout_nll"]})
+            window, last_seconds = [], seconds
+    return out
+
+
+def format_curve(rows: Sequence[dict]) -> str:
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    lines = [f"{'step':>6} {'edit loss':>10} {'loc loss':>9} {'s/step':>7} {'held-out ES':>12} {'gen':>6} "
+             f"{'exact':>6} {'NLL':>6}"]
+    for r in curve_summary(rows):
+        lines.append(f"{r['step']:>6} {fmt(r['edit_loss'], '.3f'):>10} {fmt(r['loc_loss'], '.4f'):>9} "
+                     f"{fmt(r['s_per_step'], '.2f'):>7} {fmt(r['es'], '.3f'):>12} {fmt(r['gen'], '.3f'):>6} "
+                     f"{fmt(r['exact'], '.3f'):>6} {fmt(r['nll'], '.2f'):>6}")
+    return "\n".join(lines)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -277,29 +461,48 @@ def _atomic_torch_save(obj, path: Path) -> None:
     publish(tmp, path)
 
 
-def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config: TrainConfig, *,
-                       directory: Path | None = None, limit: int | None = None, progress: bool = True,
-                       stop_after: int | None = None) -> Path:
-    """Train (or resume training) the hypernetwork for ``lm``'s ``layers`` on ``data``; returns its file.
+def build_hypernetwork(lm: LoadedModel, layers: Sequence[int], kinds: Sequence[str], rank: int, edit_lr: float,
+                       seed: int = 0) -> Hypernetwork:
+    """An untrained (identity) hypernetwork for ``kinds`` of ``layers``: shared per shape, except ``down`` alone."""
+    targets = edit_targets(layers, kinds)
+    shapes = [tuple(lm.adapter.mlp_weight_view(*t).shape[::-1]) for t in targets]  # (d_in, d_out)
+    return Hypernetwork(targets, shapes, rank, edit_lr, seed, shared=tuple(kinds) != LEGACY_PARAMS)
 
-    A checkpoint is written every ``config.checkpoint_every`` steps, so a killed run resumes
-    where it stopped; batches are drawn from (seed, step), so resuming gives the same result."""
+
+def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config: TrainConfig, *,
+                       params: str | Sequence[str] | None = None, directory: Path | None = None,
+                       limit: int | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train (or resume training) the hypernetwork for ``lm``'s ``params`` of ``layers`` on ``data``; returns its file.
+
+    ``params`` None: every MLP projection. A checkpoint is written every ``config.checkpoint_every``
+    steps, so a killed run resumes where it stopped; batches are drawn from (seed, step), so
+    resuming gives the same result. The learning curve goes to ``curve.csv`` in the same directory."""
     from tqdm import tqdm
 
+    kinds = resolve_params(params, lm.adapter)
     records = load_training_records(data, limit)
+    heldout: list[Edit] = []
+    if config.holdout:
+        if config.holdout > len(records) - 2:
+            raise ValueError(f"holdout {config.holdout} leaves fewer than 2 of {len(records)} training records")
+        records, heldout = records[: -config.holdout], records[-config.holdout:]
     keys = sorted(set().union(*(record_keys(e) for e in records)))
     content = hashlib.sha256(json.dumps([e.to_dict() for e in records], sort_keys=True, default=str)
                              .encode()).hexdigest()[:16]
-    directory = Path(directory) if directory else hypernet_dir(lm, layers, data)
+    directory = Path(directory) if directory else hypernet_dir(lm, layers, data, kinds)
     directory.mkdir(parents=True, exist_ok=True)
-    final, ckpt = directory / "hypernet.safetensors", directory / "checkpoint.pt"
-    weight = lm.adapter.out_proj_weight_view(layers[0])
-    net = Hypernetwork(layers, weight.shape[1], weight.shape[0], config.rank, config.edit_lr, config.seed).to(lm.device)
+    final, ckpt, curve_path = directory / "hypernet.safetensors", directory / "checkpoint.pt", directory / "curve.csv"
+    net = build_hypernetwork(lm, layers, kinds, config.rank, config.edit_lr, config.seed).to(lm.device)
     groups = [{"params": [p for n, p in net.named_parameters() if n != "log_lr"], "lr": config.lr},
               {"params": [net.log_lr], "lr": config.lr_lr}]
     optimizer = torch.optim.Adam(groups)
+    setup = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
+    if not config.holdout:
+        del setup["holdout"]  # as before holdout existed, so such checkpoints still resume
     identity = {"model": model_key(lm), "layers": list(layers), "data": data, "limit": limit, "content": content,
-                "config": {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}}
+                "config": setup}
+    if kinds != LEGACY_PARAMS:
+        identity["params"] = list(kinds)
     done, seconds = 0, 0.0
     if ckpt.is_file():
         saved = torch.load(ckpt, weights_only=True)
@@ -308,6 +511,15 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         done, seconds = int(saved["step"]), float(saved["seconds"])
+        if done > config.steps:
+            raise ValueError(f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
+                             f"ask for {done} steps to finish there")
+    curve = [row for row in read_curve(curve_path) if row["step"] <= done] if done else []
+
+    def evaluate(row: dict) -> None:
+        if heldout:
+            scores = heldout_success(lm, net, heldout)
+            row.update({f"heldout_{k}": v for k, v in scores.items()})
 
     def save_checkpoint(step: int) -> None:
         _atomic_torch_save({"identity": json.dumps(identity), "net": net.state_dict(), "step": step,
@@ -316,6 +528,10 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     todo = range(done + 1, config.steps + 1)
     if stop_after is not None:
         todo = todo[:stop_after]
+    if done == 0 and len(todo):  # the untrained (identity) network's scores start the curve
+        curve = [{"step": 0, "seconds": 0.0}]
+        evaluate(curve[0])
+        _write_curve(curve_path, curve)
     bar = tqdm(todo, desc="train-mend", unit="step", initial=done, total=config.steps, disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
@@ -328,13 +544,22 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         losses["total"].backward()
         optimizer.step()
         seconds += time.perf_counter() - t0
-        bar.set_postfix(edit=f"{losses['edit']:.2f}", loc=f"{losses['loc']:.3f}")
+        row = {"step": step, "seconds": round(seconds, 3), "edit_loss": losses["edit"], "loc_loss": losses["loc"],
+               "total": losses["total"].item()}
+        if step % config.eval_every == 0 or step == config.steps:
+            evaluate(row)
+        curve.append(row)
+        _write_curve(curve_path, curve)
+        bar.set_postfix(edit=f"{losses['edit']:.2f}", loc=f"{losses['loc']:.3f}",
+                        **({"es": f"{row['heldout_es']:.2f}"} if "heldout_es" in row else {}))
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(step)
     bar.close()
     done = max([done, *todo]) if len(todo) else done
     if done >= config.steps:
         meta = {"identity": identity, "steps": config.steps, "seconds": round(seconds, 2),
+                "targets": [list(t) for t in net.targets], "shapes": [list(s) for s in net.shapes],
+                "heldout_ids": [e.id for e in heldout],
                 "train_ids": [e.id for e in records], "train_keys": keys}
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         atomic_save_tensors(tensors, final, {"lifelong_mend": json.dumps(meta)})
@@ -347,8 +572,15 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
 @dataclass
 class MENDParams:
     layers: str = ""  # e.g. "27-29"; empty: the last three layers
+    # edited MLP weights of each layer: comma-separated gate, up, down; empty: all of them (gate,up,down
+    # for Llama-style MLPs, up,down = c_fc,c_proj for GPT-2); "down": the former down-only editor
+    params: str = ""
     train_data: str = DEFAULT_TRAIN_DATA  # which trained hypernetwork to use (its training source)
     hypernet: str = ""  # an explicit hypernetwork file instead of the cached one
+
+
+def _describe(targets: Sequence[tuple[int, str]]) -> str:
+    return " ".join(f"{layer}.{kind}" for layer, kind in targets)
 
 
 class OverlapError(ValueError):
@@ -364,9 +596,16 @@ def load_hypernetwork(path: Path, device: torch.device) -> tuple[Hypernetwork, d
     if not meta:
         raise ValueError(f"{path}: not a MEND hypernetwork file")
     tensors = load_file(str(path))
-    d_in, d_out = tensors["transforms.0.norm_u.mean"].numel(), tensors["transforms.0.norm_delta.mean"].numel()
     rank = tensors["transforms.0.v1"].shape[0]
-    net = Hypernetwork(meta["identity"]["layers"], d_in, d_out, rank, 1.0)
+    kinds = tuple(meta["identity"].get("params", LEGACY_PARAMS))  # files from before params existed: down only
+    if "targets" in meta:
+        targets, shapes = [tuple(t) for t in meta["targets"]], [tuple(s) for s in meta["shapes"]]
+    else:
+        layers = meta["identity"]["layers"]
+        targets = edit_targets(layers, kinds)
+        shapes = [(tensors[f"transforms.{i}.norm_u.mean"].numel(), tensors[f"transforms.{i}.norm_delta.mean"].numel())
+                  for i in range(len(layers))]
+    net = Hypernetwork(targets, shapes, rank, 1.0, shared=kinds != LEGACY_PARAMS)
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False), meta
 
@@ -380,36 +619,49 @@ class MENDEditor(Editor):
         super().__init__(params)
         self._net: Hypernetwork | None = None
         self._meta: dict = {}
+        self._weights: list[str] = []
 
     def layers(self, lm: LoadedModel) -> list[int]:
         return resolve_layers(self.params.layers, lm.num_layers, self.name)
 
+    def kinds(self, lm: LoadedModel) -> tuple[str, ...]:
+        return resolve_params(self.params.params, lm.adapter, self.name)
+
+    def targets(self, lm: LoadedModel) -> list[tuple[int, str]]:
+        return edit_targets(self.layers(lm), self.kinds(lm))
+
     def hypernet_path(self, lm: LoadedModel) -> Path:
         if self.params.hypernet:
             return Path(self.params.hypernet)
-        return hypernet_dir(lm, self.layers(lm), self.params.train_data) / "hypernet.safetensors"
+        return hypernet_dir(lm, self.layers(lm), self.params.train_data, self.kinds(lm)) / "hypernet.safetensors"
 
     def bind(self, lm: LoadedModel) -> "MENDEditor":
-        layers = self.layers(lm)
+        layers, kinds = self.layers(lm), self.kinds(lm)
+        # the resolved edited weights go to the manifest: layers and params by role, edited_weights by name
+        self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), params=",".join(kinds))
+        self._weights = [target_param_name(lm, t) for t in edit_targets(layers, kinds)]
         if self._net is not None:
             return self
         path = self.hypernet_path(lm)
         if not path.is_file():
             spec = ",".join(map(str, layers))
             raise FileNotFoundError(
-                f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, data '{self.params.train_data}' "
-                f"(looked in {path}): run `lifelong train-mend --model {lm.name} --layers {spec} "
-                f"--data {self.params.train_data}` first")
+                f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
+                f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-mend --model {lm.name} "
+                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data}` first")
         net, meta = load_hypernetwork(path, lm.device)
         other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
-        if meta["identity"]["layers"] != layers or other_model:
-            raise ValueError(f"{path}: hypernetwork trained for model {meta['identity']['model']} layers "
-                             f"{meta['identity']['layers']}, not {model_key(lm)} layers {layers}")
+        if net.targets != edit_targets(layers, kinds) or other_model:
+            raise ValueError(f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
+                             f"{_describe(net.targets)}, not {model_key(lm)} weights "
+                             f"{_describe(edit_targets(layers, kinds))}")
         self._net, self._meta = net, meta
         return self
 
     def hyperparameters(self) -> dict:
         out = asdict(self.params)
+        if self._weights:
+            out["edited_weights"] = list(self._weights)
         if self._meta:  # what the run used: the hypernetwork's training set-up
             out["hypernet_identity"] = self._meta["identity"]
             out["hypernet_steps"] = self._meta["steps"]
@@ -429,20 +681,20 @@ class MENDEditor(Editor):
                 f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or train-mend on other data")
 
     def scope(self, lm: LoadedModel) -> list[str]:
-        return [lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)]
+        return [target_param_name(lm, t) for t in self.targets(lm)]
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:
             return Delta.empty()
         self.bind(lm)
         net = self._net
-        grads = edit_gradient_factors(lm, net.layers, [(e.rendered_prompt, e.target_new) for e in batch])
+        grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new) for e in batch])
         changes = {}
         with torch.no_grad():
-            for i, (layer, (u, delta)) in enumerate(zip(net.layers, grads)):
+            for i, (target, (u, delta)) in enumerate(zip(net.targets, grads)):
                 left, right = net.factors(i, u, delta)
-                param = lm.model.get_parameter(lm.adapter.out_proj_param_name(layer))
-                changes[lm.adapter.out_proj_param_name(layer)] = lowrank_change(lm.adapter, left, right, param.dtype)
+                name = target_param_name(lm, target)
+                changes[name] = lowrank_change(lm.adapter, left, right, lm.model.get_parameter(name).dtype)
         delta = Delta(changes)
         delta.apply(lm.model)
         return delta
