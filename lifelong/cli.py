@@ -389,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="options from a TOML file, or a run's manifest.json (or run directory) to repeat that run; "
+                        "options given here win, --set adds to the file's settings")
     p.set_defaults(func=cmd_replay)
+    parser.replay_parser = p  # main() reads which options a command line gave (they win over --config)
 
     p = sub.add_parser("sweep", formatter_class=defaults,
                        help="run every combination of a TOML spec (editors x streams x seeds x settings) on Ray")
@@ -461,9 +465,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options ``argv`` spells out (abbreviations included)."""
+    names = parser._option_string_actions
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            option = token.split("=", 1)[0]
+            matches = [a for name, a in names.items() if name == option] or \
+                [a for name, a in names.items() if name.startswith(option)]
+            if len(matches) == 1:
+                given.add(matches[0].dest)
+    return given
+
+
+def apply_config(args, parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Fill ``args`` from ``--config`` wherever the command line gave nothing."""
+    from lifelong.config import read_config
+
+    given = given_options(parser, argv)
+    for key, value in read_config(args.config).items():
+        if key == "set":
+            args.set = list(value) + list(args.set or [])
+        elif key not in given:
+            setattr(args, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            apply_config(args, parser.replay_parser, argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; re-run the same command to resume", file=sys.stderr)

@@ -182,7 +182,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         base_weights=base_fingerprint, stream=stream_label(config.stream),
     ))
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
-    run.record_session(session_info(lm, editor, compute, run.completed_step()))
+    run.record_session(session_info(lm, editor, compute, run.completed_step(), config.stream))
     editor.prepare(lm)  # on θ0: before any checkout below
     store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
     scorer = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
@@ -245,13 +245,14 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
 
 
-def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int) -> dict:
+def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int, stream: str) -> dict:
     """What this machine and session bring to a run, for its manifest: the CPU, device, threads
     and each compute-precision setting as resolved here (none of it changes what is computed,
-    beyond rounding)."""
+    beyond rounding), and where the stream was read from (``--config MANIFEST`` reads it there)."""
+    source = str(Path(stream).resolve()) if stream.endswith(".jsonl") else stream
     return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": max(from_step, 0),
             "device": str(lm.device), "cpu": cpu_description(), "threads": compute.describe(),
-            "numerics": editor.numerics(lm)}
+            "numerics": editor.numerics(lm), "stream": source}
 
 
 def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedModel:

@@ -133,6 +133,35 @@ def test_typos_are_refused_before_torch_is_imported():
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("lifelong: error: "), done.stderr
 
 
+def test_config_file_and_repeating_a_run_from_its_manifest(capsys, tmp_path, stream_file):
+    first = tmp_path / "first"
+    code, _, err = run_cli(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "3",
+                           "--out", str(first), "--seed", "4", "--quiet", "--probe",
+                           "perplexity:schedule=every:2,chunk_tokens=32,max_tokens=128", *TINY_SET)
+    assert code == 0, err
+    again = tmp_path / "again"
+    code, _, err = run_cli(capsys, "replay", "--config", str(first / "manifest.json"), "--out", str(again), "--quiet")
+    assert code == 0, err
+    from lifelong.run import RunDir
+
+    a, b = RunDir(first), RunDir(again)
+    assert a.manifest()["identity"] == b.manifest()["identity"] and a.manifest()["run_id"] == b.manifest()["run_id"]
+    assert a.results().equals(b.results())  # the same rows, bitwise
+
+    config = tmp_path / "run.toml"
+    sets = "\n".join(f"{k} = {v}" for k, v in TINY_FT.items())
+    config.write_text(f'model = "tiny-llama"\nstream = "{stream_file}"\nsteps = 2\nseed = 4\n[set]\n{sets}\n')
+    code, _, err = run_cli(capsys, "replay", "--config", str(config), "--steps", "1", "--out", str(tmp_path / "t"),
+                           "--quiet")
+    assert code == 0, err
+    ident = RunDir(tmp_path / "t").manifest()["identity"]
+    assert ident["steps"] == 1 and ident["seed"] == 4 and ident["editor_overrides"] == {k: str(v) for k, v in
+                                                                                          TINY_FT.items()}
+    config.write_text('editr = "ft"\n')
+    line = error_line(capsys, "replay", "--config", str(config), "--out", str(tmp_path / "u"))
+    assert "unknown key 'editr'" in line and not (tmp_path / "u").exists()
+
+
 def error_line(capsys, *argv):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
