@@ -233,7 +233,9 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
             if len(steps) and (detail or protocol == "corpus"):
                 ax.plot(steps, values, style, marker="o", ms=3, color=color,
                         label=f"{one(protocol)} (last {values[-1]:.3g}x)")
-        ax.axhline(threshold, color="crimson", lw=0.8, ls=":", label=f"collapse threshold ({threshold:g}x)")
+        shown = f"collapse threshold ({threshold:g}x)"
+        ax.axhline(threshold, color="crimson", lw=0.8, ls=":",  # one legend entry, however many runs
+                   label="_nolegend_" if shown in ax.get_legend_handles_labels()[1] else shown)
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_ylabel("perplexity / perplexity at θ0")
         ax.set_title("Perplexity ratio to θ0" + (" (corpus, sentence_mean)" if detail else " (corpus)"), fontsize=9)
@@ -344,6 +346,33 @@ def run_labels(runs: list[RunDir]) -> list[str]:
     return [e if editors.count(e) == 1 else f"{e} ({r.path.name})" for e, r in zip(editors, runs)]
 
 
+QUALITY_BARS = (("efficacy", "es", "ES"), ("generalization", "ps", "PS"), ("locality", "ns", "NS"))
+
+
+def _draw_quality(ax, tables, groups, names, single) -> None:
+    """Edit quality at each edit's own step, one bar group per measure and one bar per configuration
+    (its seeds' items pooled), with a 95% Wilson interval."""
+    from lifelong.summary import item_values
+
+    width = 0.8 / len(groups)
+    for j, group in enumerate(groups):
+        means, lows, highs = [], [], []
+        for metric, protocol, _ in QUALITY_BARS:
+            values = np.concatenate([item_values(tables[i], "edit_quality", metric, protocol) for i in group])
+            e = rate(values)
+            means.append(e.value)
+            lows.append(e.value - (e.low if e.low is not None else e.value))
+            highs.append((e.high if e.high is not None else e.value) - e.value)
+        x = np.arange(len(QUALITY_BARS)) + (j - (len(groups) - 1) / 2) * width
+        label = names[j] if len(group) > 1 else single[group[0]]
+        ax.bar(x, means, width, yerr=[lows, highs], capsize=2, color=f"C{j % 10}", label=label)
+    ax.set_xticks(range(len(QUALITY_BARS)), [label for *_, label in QUALITY_BARS])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of prompts, at the edit's own step")
+    ax.set_title("Edit quality (95% Wilson intervals)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+
+
 def plot_compare(runs: list[RunDir], path: Path) -> Path:
     """Several runs overlaid, one colour per configuration (seeds of one configuration share it and its
     legend entry), one panel per measure any of them has."""
@@ -361,9 +390,12 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
               if any(p in _panels(t) for t in tables)]
     if not panels:
         raise ValueError("none of the runs has rows to compare")
-    cols = 2 if len(panels) > 1 else 1
-    rows = (len(panels) + cols - 1) // cols
+    quality = any((t["probe"] == "edit_quality").any() for t in tables)
+    cols = 2 if len(panels) + quality > 1 else 1
+    rows = (len(panels) + quality + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    if quality:
+        _draw_quality(axes.flat[len(panels)], tables, groups, names, single)
     for ax, name in zip(axes.flat, panels):
         for i, (results, label, run) in enumerate(zip(tables, labels, runs)):
             if name in _panels(results):
@@ -376,7 +408,7 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
                                label=f"{label}: collapse" if first else "_nolegend_")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) + quality:]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}
     models = list(dict.fromkeys(str(r.manifest()["identity"]["model"]) for r in runs))
