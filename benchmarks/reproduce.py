@@ -433,6 +433,7 @@ def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: 
     """The arm's run for ``seed`` (resumed or made), from θ0; its results."""
     import torch
 
+    from lifelong.editors import make_editor
     from lifelong.replay import replay
     from lifelong.run import RunConfig
 
@@ -446,7 +447,11 @@ def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: 
             p.copy_(base[name])
     config = RunConfig(model=model, editor=arm.editor, editor_overrides=dict(arm.overrides), stream=str(path),
                        batch_size=arm.batch, probe_every=arm.probe_every, seed=seed, probes=list(arm.probes))
-    result = replay(config, run_dir(work, scale, arm, seed), lm=lm, threads=threads)
+    editor = make_editor(arm.editor, dict(arm.overrides))
+    try:  # the model is reused by the next run: an adaptor's hooks must not stay on it
+        result = replay(config, run_dir(work, scale, arm, seed), lm=lm, editor=editor, threads=threads)
+    finally:
+        editor.release()
     return result.run.results()
 
 

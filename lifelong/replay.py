@@ -139,7 +139,8 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
            progress: bool = True, stop_after: int | None = None, threads: int | str | None = None) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
-    ``lm`` reuses an already loaded base model (it is edited in place); ``editor`` runs
+    ``lm`` reuses an already loaded base model (it is edited in place, and an adaptor editor's hooks
+    stay on it: to reuse it for another run, pass ``editor`` and call its ``release()``); ``editor`` runs
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
     ``stop_after`` ends the call after that many new steps, as a kill would (for tests);
     ``threads`` fixes the compute threads (default: see :func:`lifelong.machine.thread_policy`).
@@ -159,8 +160,7 @@ def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, edito
 def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
                    progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack) -> ReplayResult:
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
-    owned = editor is None
-    if owned:
+    if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
     elif config.editor != editor.name:
         config = dataclasses.replace(config, editor=editor.name)
@@ -169,8 +169,6 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
     check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
-    if owned:  # an editor made here is released on the way out: a reused ``lm`` keeps no hooks of it
-        held.callback(editor.release)
     editor.check_stream(stream)
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
     held.enter_context(run.writer_lock())  # one writer per run directory

@@ -97,3 +97,19 @@ def test_weights_state_resume_checkout(tmp_path, stream_file, capsys):
     assert main(["checkout", str(tmp_path / "full"), "--step", "3", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "editor 'memory' keeps its edits outside the weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_step_saves_only_the_records_it_added(tmp_path, stream_file):
+    import json
+
+    from lifelong.delta import DeltaStore
+
+    run = replay(RunConfig(model="tiny-llama", editor="memory", stream=str(stream_file), steps=4), tmp_path / "m",
+                 progress=False).run
+    states = DeltaStore(run.deltas_dir, {}).step_states(4, incremental=True)
+    assert [len(json.loads(bytes(s["records_json"].tolist()))) for s in states] == [1, 1, 1, 1]
+    editor = make_editor("memory")
+    editor.load_step_states(states)
+    whole = make_editor("memory")
+    whole.load_step_states([editor.state_dict(), editor.state_dict()])  # runs that saved whole states
+    assert editor.records == whole.records and len(editor.records) == 4

@@ -26,11 +26,13 @@ value changes nothing). The base weights never change; the codebook is editor st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from lifelong.editors.adaptor import (AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index,
                                       target_nll)
+from lifelong.delta import Delta
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from streams import Edit
@@ -73,6 +75,59 @@ class GRACEEditor(AdaptorEditor):
         return self.keys.shape[0]
 
     # -- state
+    # A step saves only the codebook entries it added or changed (rows of keys, values, eps and labels
+    # with their indices) and the codebook's size: run directories grow linearly with the edits.
+    incremental_state = True
+    ROWS = ("keys", "values", "eps", "labels")
+
+    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        before = {name: getattr(self, name).clone() for name in self.ROWS}
+        delta = super().apply(lm, batch)
+        n0, n = len(before["eps"]), len(self)
+        changed = torch.zeros(n, dtype=torch.bool)
+        changed[n0:] = True
+        for name in self.ROWS:
+            if n0:
+                old, new = before[name], getattr(self, name)[:n0]
+                changed[:n0] |= (old != new).reshape(n0, -1).any(1)
+        index = changed.nonzero()[:, 0]
+        self._step = {} if not len(index) else {
+            "index": index, "size": torch.tensor(n), **{name: getattr(self, name)[index].clone() for name in self.ROWS}}
+        return delta
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        return dict(getattr(self, "_step", {}))
+
+    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Steps 1..k's changed rows written in order over a growing codebook; a whole state (as runs
+        before incremental saving wrote every step) replaces the codebook."""
+        self.reset()
+        for state in states:
+            if not state:
+                continue
+            if "index" not in state:
+                self.load_state_dict(state)
+                continue
+            size, index = int(state["size"]), state["index"].long()
+            if size > len(self):
+                self._grow(size, state)
+            for name in self.ROWS:
+                getattr(self, name)[index] = state[name].to(getattr(self, name).dtype)
+        self._step = {}
+
+    def _grow(self, size: int, state: dict[str, torch.Tensor]) -> None:
+        """Extend the codebook to ``size`` rows (zeros, overwritten by the step's rows)."""
+        extra = size - len(self)
+        if not len(self):
+            self.keys = torch.zeros(size, state["keys"].shape[1])
+            self.values = torch.zeros(size, state["values"].shape[1])
+            self.eps, self.labels = torch.zeros(size), torch.zeros(size, dtype=torch.long)
+            return
+        self.keys = torch.cat([self.keys, torch.zeros(extra, self.keys.shape[1])])
+        self.values = torch.cat([self.values, torch.zeros(extra, self.values.shape[1])])
+        self.eps = torch.cat([self.eps, torch.zeros(extra)])
+        self.labels = torch.cat([self.labels, torch.zeros(extra, dtype=torch.long)])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not len(self):
             return {}

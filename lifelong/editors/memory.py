@@ -69,33 +69,65 @@ class MemoryEditor(Editor):
             threshold = 1.0 if self.params.retriever == "lexical" else 0.9
             self.params = dataclasses.replace(self.params, threshold=threshold)
         self.records: list[dict] = []
+        self._added: list[dict] = []  # the records the last apply() added: what a step saves
         self._embeddings: dict[str, torch.Tensor] = {}
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return []
 
     # -- state: the records as UTF-8 JSON in a uint8 tensor (state must be tensors)
+    incremental_state = True  # a step saves only the records it added: run directories grow linearly
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if not self.records:
+        return self._packed(self.records)
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        return self._packed(self._added)
+
+    @staticmethod
+    def _packed(records: list[dict]) -> dict[str, torch.Tensor]:
+        if not records:
             return {}
-        data = json.dumps(self.records, sort_keys=True).encode()
+        data = json.dumps(records, sort_keys=True).encode()
         return {"records_json": torch.tensor(list(data), dtype=torch.uint8)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            self.records = []
+    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Steps 1..k's added records, stored again in order with apply's rule (a record replaces one of
+        the same subject and relation). Whole states, as runs before incremental saving wrote them,
+        give the same records: storing a list over itself leaves it as it was."""
+        self.records = []
+        for state in states:
+            self.load_state_dict(state, into=self.records)
+        self._added = []
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], into: list[dict] | None = None) -> None:
+        records = self._unpacked(state)
+        if into is None:
+            self.records, self._added = records, []
             return
+        for record in records:
+            self._store(into, record)
+
+    @staticmethod
+    def _store(records: list[dict], record: dict) -> None:
+        records[:] = [r for r in records if (r["subject"], r["relation"]) != (record["subject"], record["relation"])]
+        records.append(record)
+
+    @staticmethod
+    def _unpacked(state: dict[str, torch.Tensor]) -> list[dict]:
+        if not state:
+            return []
         if set(state) != {"records_json"}:
             raise ValueError(f"memory: unexpected state keys {sorted(state)}")
-        self.records = json.loads(bytes(state["records_json"].tolist()).decode())
+        return json.loads(bytes(state["records_json"].tolist()).decode())
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        self._added = []
         for edit in batch:
             record = {"subject": edit.subject, "relation": edit.relation_id, "prompt": edit.rendered_prompt,
                       "fact": f"{edit.rendered_prompt} {edit.target_new}."}
-            self.records = [r for r in self.records
-                            if (r["subject"], r["relation"]) != (record["subject"], record["relation"])]
-            self.records.append(record)
+            self._store(self.records, record)
+            self._added.append(record)
         return Delta.empty()
 
     # -- retrieval
