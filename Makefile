@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/lifelong replay --steps 60 --probe-every 5 --out runs/demo
+	$(VENV)/bin/lifelong replay --steps 60 --probe-every 5 --out runs/demo \
+		--probe perplexity:schedule=every:10,max_tokens=2048 --probe downstream:schedule=every:20,items=20
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
