@@ -171,6 +171,24 @@ def combine(parts: list[str]) -> str:
     return "inconclusive"
 
 
+def geometric(values: list[float]) -> Estimate:
+    """Ratios (perplexity to θ0) over seeds: they span orders of magnitude once a model collapses, so
+    the mean and its t interval are taken on their logarithms and returned as ratios (a geometric mean)."""
+    logs = over_seeds([math.log(v) if v > 0 else math.nan for v in values])
+    back = lambda x: None if x is None else math.exp(min(x, 700.0))  # noqa: E731
+    return Estimate(back(logs.value) if logs.n else math.nan, logs.n, back(logs.low), back(logs.high),
+                    "t (log)" if logs.method else "")
+
+
+def ratio_per_seed(runs: list[pl.DataFrame], step: int | None = None) -> Estimate:
+    return geometric([ppl_ratio(step)(r) for r in runs])
+
+
+def paired_ratio(a: list[float], b: list[float]) -> Estimate:
+    """Geometric mean over seeds of a / b (same seed, same edits), t interval on the log scale."""
+    return geometric([x / y for x, y in zip(a, b) if x > 0 and y > 0])
+
+
 def paired_difference(a: list[float], b: list[float]) -> Estimate:
     """Mean over seeds of a − b (same seed, same edits), t interval."""
     return over_seeds([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))])
@@ -182,8 +200,8 @@ def _general_figures(arm: str, ppl_steps: tuple[int, ...]):
     def figures(runs):
         out = []
         for step in ppl_steps:
-            out.append((f"{arm}: perplexity ratio at step {step}", per_seed(runs[arm], ppl_ratio(step)),
-                        "ratio to θ0, builtin corpus (2,048 tokens)"))
+            out.append((f"{arm}: perplexity ratio at step {step}", ratio_per_seed(runs[arm], step),
+                        "ratio to θ0, builtin corpus (2,048 tokens); geometric mean over seeds"))
         out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
                     f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
         return out
@@ -193,7 +211,8 @@ def _general_figures(arm: str, ppl_steps: tuple[int, ...]):
 def _hurts_verdict(arm: str, step: int):
     def verdict(f):
         e = f[f"{arm}: perplexity ratio at step {step}"]
-        return combine([above(e, 1.05)]), f"rule: perplexity ratio at step {step} above 1.05 (interval over seeds)"
+        return combine([above(e, 1.05)]), (f"rule: perplexity ratio at step {step}, the first probed step, above 1.05 "
+                                           "(interval over seeds, on the log scale)")
     return verdict
 
 
@@ -202,20 +221,21 @@ def _rome_memit_figures(runs):
     for arm in ("rome", "memit"):
         for step in (10, None):
             label = f"{arm}: perplexity ratio at {f'step {step}' if step else 'the last step'}"
-            out.append((label, per_seed(runs[arm], ppl_ratio(step)), "ratio to θ0"))
+            out.append((label, ratio_per_seed(runs[arm], step), "ratio to θ0; geometric mean over seeds"))
         out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last),
                     "share of earlier edits still preferred over the true object"))
     rome = [ppl_ratio()(r) for r in runs["rome"]]
     memit = [ppl_ratio()(r) for r in runs["memit"]]
-    out.append(("rome − memit: perplexity ratio at last step", paired_difference(rome, memit), "paired by seed"))
+    out.append(("rome / memit: perplexity ratio at last step", paired_ratio(rome, memit),
+                "paired by seed; geometric mean"))
     return out
 
 
 def _rome_memit_verdict(f):
     degrades = above(f["rome: perplexity ratio at the last step"], 1.05)
-    later = above(f["rome − memit: perplexity ratio at last step"], 0.0)
+    later = above(f["rome / memit: perplexity ratio at last step"], 1.0)
     return combine([degrades, later]), ("rule: ROME's perplexity ratio at the last step above 1.05, and above MEMIT's "
-                                        "(paired difference over seeds above 0)")
+                                        "(their paired ratio over seeds above 1; log-scale intervals)")
 
 
 def _round_figures(runs):
@@ -255,18 +275,20 @@ def _alpha_figures(runs):
         out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
                     f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
         out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
-        out.append((f"{arm}: perplexity ratio at last step", per_seed(runs[arm], ppl_ratio()), "ratio to θ0"))
+        out.append((f"{arm}: perplexity ratio at last step", ratio_per_seed(runs[arm]),
+                    "ratio to θ0; geometric mean over seeds"))
     out.append(("alphaedit − memit: retained fraction", paired_difference(
         [retained_last(r) for r in runs["alphaedit"]], [retained_last(r) for r in runs["memit"]]), "paired by seed"))
-    out.append(("memit − alphaedit: perplexity ratio", paired_difference(
-        [ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]), "paired by seed"))
+    out.append(("memit / alphaedit: perplexity ratio", paired_ratio(
+        [ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]),
+        "paired by seed; geometric mean"))
     return out
 
 
 def _alpha_verdict(f):
-    parts = [above(f["alphaedit − memit: retained fraction"], 0.0), above(f["memit − alphaedit: perplexity ratio"], 0.0)]
+    parts = [above(f["alphaedit − memit: retained fraction"], 0.0), above(f["memit / alphaedit: perplexity ratio"], 1.0)]
     return combine(parts), ("rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is "
-                            "lower than MEMIT's (paired difference above 0)")
+                            "lower than MEMIT's (paired ratio above 1; log-scale intervals)")
 
 
 QUALITY = (("efficacy", "es", "ES"), ("efficacy", "exact", "ES exact"), ("generalization", "ps", "PS"),
@@ -363,7 +385,7 @@ CLAIMS = (
           headline=("rome: D (JS, nats)", "rome: IR", "rome: FR")),
     Claim("kn", "KN hurts general abilities within a few edits", GU,
           (Arm("kn", "kn", "counterfact", FEW, probes=(PPL,)),),
-          _general_figures("kn", (5, 10)), _hurts_verdict("kn", 10),
+          _general_figures("kn", (5, 10)), _hurts_verdict("kn", 5),
           cite="Gu et al. 2024: KN takes LLaMA-1 7B to ~0 on all tasks after one edit"),
     Claim("conflicts", "Conflicting edits leave contradictions (CS, CM, TFD)",
           f"{PITFALLS}; its text: ROME and MEMIT fail reverse edits, and most methods damage tied facts (TFD)",
@@ -380,7 +402,7 @@ CLAIMS = (
           _rome_memit_figures, _rome_memit_verdict,
           cite="WISE Table 2 (LLaMA-2-7B): ROME Loc. 0.99 → 0.75 at T=10; MEMIT 0.85 at T=10, 0.02 at T=100",
           headline=("rome: perplexity ratio at the last step", "memit: perplexity ratio at the last step",
-                    "rome − memit: perplexity ratio at last step")),
+                    "rome / memit: perplexity ratio at last step")),
     Claim("alphaedit", "AlphaEdit keeps retention and perplexity where MEMIT loses them",
           "Fang et al., ICLR 2025 (AlphaEdit, arXiv 2410.02355), Table 1, CounterFact, 2,000 edits in batches of 100, "
           "Eff./Gen./Spe.: LLaMA3-8B MEMIT 65.65/64.65/51.56, AlphaEdit 98.90/94.22/67.88; GPT2-XL MEMIT "
@@ -390,7 +412,7 @@ CLAIMS = (
            Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10)),
           _alpha_figures, _alpha_verdict,
           cite="AlphaEdit Table 1 (LLaMA3-8B, 2,000 edits): Eff. 65.65 (MEMIT) vs 98.90; fluency 437 vs 622 (635 unedited)",
-          headline=("alphaedit − memit: retained fraction", "memit − alphaedit: perplexity ratio"),
+          headline=("alphaedit − memit: retained fraction", "memit / alphaedit: perplexity ratio"),
           note="batches of 10, not the paper's 100: a batch of 100 takes ~10 min per step on a 2-core CPU"),
     Claim("corpus", "Key statistics C: model-sampled text against WikiText-2",
           "issue #15's measurement, not a paper's claim: ROME's C comes from 100,000 Wikipedia samples, ours by "
@@ -403,7 +425,7 @@ CLAIMS = (
           headline=("rome: sample − wikitext, retained fraction", "alphaedit: sample − wikitext, retained fraction")),
     Claim("mend", "MEND hurts general abilities within a few edits", GU,
           (Arm("mend", "mend", "counterfact", FEW, probes=(PPL,)),),
-          _general_figures("mend", (5, 10)), _hurts_verdict("mend", 10),
+          _general_figures("mend", (5, 10)), _hurts_verdict("mend", 5),
           cite="Gu et al. 2024: downward trend with the number of edits (figures only)",
           note="needs a trained hypernetwork (`lifelong train-mend`); this command does not train one"),
 )
@@ -474,6 +496,19 @@ def stored_results(work: Path, scale: str, arm: Arm, seed: int) -> pl.DataFrame 
 
 # ----------------------------------------------------------------------------- the document
 
+def run_minutes(work: Path, scale: str, claim: Claim, seeds: int) -> float:
+    """Minutes the claim's runs have spent so far (edits and probes, every session; finished or not)."""
+    from lifelong.run import RunDir
+
+    total = 0.0
+    for arm in claim.arms:
+        for seed in range(seeds):
+            run = RunDir(run_dir(work, scale, arm, seed))
+            if run.exists():
+                total += sum(sum(v.values()) for v in run.progress()["seconds"].values())
+    return total / 60
+
+
 def claim_rows(claim: Claim, runs: dict[str, list[pl.DataFrame]], seeds: int) -> tuple[list, str, str]:
     complete = all(len(runs.get(a.key, [])) == seeds for a in claim.arms)
     if not complete:
@@ -497,7 +532,9 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         header,
         "```",
         "",
-        "Every figure is the mean over seeds with its 95% t interval and n = seeds; each seed is its own run on its "
+        "Every figure is the mean over seeds with its 95% t interval and n = seeds (perplexity ratios: the geometric "
+        "mean, the interval taken on their logarithms, since a collapsed model's ratio spans orders of magnitude); "
+        "each seed is its own run on its "
         "own sample of edits drawn from the data set (CounterFact: the ROME sample of 500; zsRE: the KnowEdit test "
         "split; Pitfalls: the GPT-2 XL files). Verdicts follow the rule in each row; 'inconclusive' means the "
         "interval spans the rule's threshold (more seeds or edits would decide). The originals were measured on "
@@ -525,7 +562,8 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
                            f"of {arm.source} per seed, batch {arm.batch or 1}, probes {', '.join(arm.probes) or 'default'}")
         if claim.note:
             details.append(f"- note: {claim.note}")
-        details += ["", f"Verdict: **{verdict}** ({why}).", ""]
+        details += ["", f"Verdict: **{verdict}** ({why}). Compute so far: "
+                    f"{run_minutes(args.work, args.scale, claim, args.seeds):.0f} min of edits and probes.", ""]
         if figures:
             details += ["| figure | mean [95% CI] n=seeds | items |", "|---|---|---|"]
             details += [f"| {label} | {format_estimate(e)} | {items} |" for label, e, items in figures]
