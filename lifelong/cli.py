@@ -67,23 +67,9 @@ def check_replay_args(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
     _parse_set(args.set)
-    from streams.facts import DATASET_PREFIX, STREAMS
+    from streams.facts import check_stream_spec
 
-    if args.stream.endswith(".jsonl"):
-        if not Path(args.stream).is_file():
-            raise ValueError(f"stream file {args.stream} does not exist")
-    elif args.stream.startswith(DATASET_PREFIX):
-        from streams.readers import DATASETS, default_data_dir
-
-        name = args.stream[len(DATASET_PREFIX):]
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
-        if not (default_data_dir() / DATASETS[name][0]).is_file():
-            raise ValueError(f"dataset {name!r} needs {default_data_dir() / DATASETS[name][0]}, which does not "
-                             "exist (set LIFELONG_DATA)")
-    elif args.stream not in STREAMS:
-        raise ValueError(f"unknown stream {args.stream!r}: expected one of {', '.join(sorted(STREAMS))}, "
-                         "dataset:NAME (see 'lifelong streams'), or a path to a .jsonl file")
+    check_stream_spec(args.stream)
 
 
 def cmd_replay(args) -> int:

@@ -250,9 +250,28 @@ def list_streams() -> list[tuple[str, str]]:
     return sorted(named)
 
 
+def check_stream_spec(spec: str | os.PathLike) -> None:
+    """Refuse, in one line and without reading it, a stream that is not registered, a dataset that is
+    unknown or absent, or a ``.jsonl`` file that does not exist."""
+    spec_str = os.fspath(spec)
+    if spec_str in STREAMS:
+        return
+    if spec_str.startswith(DATASET_PREFIX):
+        from .readers import dataset_path
+
+        dataset_path(spec_str[len(DATASET_PREFIX):])
+    elif spec_str.endswith(".jsonl"):
+        if not os.path.isfile(spec_str):
+            raise FileNotFoundError(f"stream file {spec_str} does not exist")
+    else:
+        raise ValueError(f"unknown stream {spec_str!r}: expected one of {', '.join(sorted(STREAMS))}, dataset:NAME "
+                         "(see 'lifelong streams'), or a path to a .jsonl file")
+
+
 def load_stream(spec: str | os.PathLike) -> EditStream:
     """A registered stream by name, or a stream read from a ``.jsonl`` file path."""
     spec_str = os.fspath(spec)
+    check_stream_spec(spec_str)
     if spec_str in STREAMS:
         return STREAMS[spec_str][1]()
     if spec_str.startswith(DATASET_PREFIX):
@@ -263,8 +282,4 @@ def load_stream(spec: str | os.PathLike) -> EditStream:
             warnings.warn(f"{spec_str}: {len(report.skipped)} of {report.read} records skipped "
                           "(streams.readers.read_dataset lists them with reasons)", stacklevel=2)
         return stream
-    if spec_str.endswith(".jsonl"):
-        return EditStream.from_jsonl(spec_str)
-    names = ", ".join(sorted(STREAMS))
-    raise ValueError(f"unknown stream {spec_str!r}: expected one of {names}, dataset:NAME "
-                     "(see 'lifelong streams'), or a path to a .jsonl file")
+    return EditStream.from_jsonl(spec_str)

@@ -676,17 +676,22 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def read_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[EditStream, ReadReport]:
-    """Read a dataset by name (see :data:`DATASETS`) from ``data_dir`` (default :func:`default_data_dir`)."""
+def dataset_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The file dataset ``name`` is read from; refused in one line when unknown or absent."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
-    rel, reader = DATASETS[name]
-    path = (Path(data_dir) if data_dir is not None else default_data_dir()) / rel
+    path = (Path(data_dir) if data_dir is not None else default_data_dir()) / DATASETS[name][0]
     if not path.exists():
         raise FileNotFoundError(
             f"dataset {name!r} needs {path}, which does not exist (set LIFELONG_DATA or pass data_dir)"
         )
-    return reader(path)
+    return path
+
+
+def read_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[EditStream, ReadReport]:
+    """Read a dataset by name (see :data:`DATASETS`) from ``data_dir`` (default :func:`default_data_dir`)."""
+    path = dataset_path(name, data_dir)
+    return DATASETS[name][1](path)
 
 
 __all__: Sequence[str] = [
