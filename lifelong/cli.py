@@ -67,6 +67,9 @@ def check_replay_args(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
     _parse_set(args.set)
+    from lifelong.keep import KeepPolicy
+
+    KeepPolicy.parse(args.keep_deltas)
     from streams.facts import check_stream_spec
 
     check_stream_spec(args.stream)
@@ -82,7 +85,7 @@ def cmd_replay(args) -> int:
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,
-        device=args.device, probes=list(args.probe or []),
+        device=args.device, probes=list(args.probe or []), keep_deltas=args.keep_deltas,
     )
     out = Path(args.out) if args.out else _default_out(args)
     with quiet_bars(args.quiet):
@@ -374,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
+    p.add_argument("--keep-deltas", default="all", metavar="POLICY",
+                   help="steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step "
+                        "is always kept, so resume stays exact. Bounds disk on long runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="options from a TOML file, or a run's manifest.json (or run directory) to repeat that run; "

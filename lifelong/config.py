@@ -2,7 +2,7 @@
 
 A TOML config names any of the replay options (``model``, ``editor``, ``stream``, ``steps``,
 ``batch_size``, ``probe_every``, ``seed``, ``device``, ``probes`` as a list of ``--probe`` strings,
-``out``, ``threads``) and the editor's settings in a ``[set]`` table::
+``out``, ``threads``, ``keep_deltas``) and the editor's settings in a ``[set]`` table::
 
     model = "smollm2-135m"
     editor = "rome"
@@ -30,7 +30,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SCALARS = {"model": str, "editor": str, "stream": str, "steps": int, "batch_size": int, "probe_every": int,
-           "seed": int, "device": str, "out": str, "threads": (int, str)}
+           "seed": int, "device": str, "out": str, "threads": (int, str), "keep_deltas": str}
 
 
 def read_config(path: str | Path) -> dict:
@@ -79,7 +79,7 @@ def _from_manifest(path: Path) -> dict:
         raise ValueError(f"config {path}: the run's stream file {stream} is not here; give it with --stream")
     out = {"model": ident["model"], "editor": ident["editor"], "stream": stream, "steps": ident.get("steps"),
            "batch_size": ident.get("batch_size"), "probe_every": ident["probe_every"], "seed": ident["seed"],
-           "device": ident.get("device", "cpu"),
+           "device": ident.get("device", "cpu"), "keep_deltas": ident.get("keep_deltas", "all"),
            "set": [f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
            "probe": [probe_spec(p) for p in ident.get("probes") or []]}
     return out

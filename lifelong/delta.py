@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lifelong.durable import make_dirs, publish
+from lifelong.keep import KeepPolicy
 
 _DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"
 
@@ -200,24 +201,34 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class StepNotKept(ValueError):
+    """A checkout of a step whose weights the run's retention policy did not keep."""
+
+
 class DeltaStore:
     """Per-step deltas and editor state on disk, plus the base values needed for exact checkout.
 
-    ``base`` holds the θ0 values of every parameter the editor may touch (its scope);
-    any step is rebuilt as base + delta_1 + ... + delta_k, applied in order.
+    ``base`` holds the θ0 values of every parameter the editor may touch (its scope). Under the
+    ``all`` policy any step is rebuilt as base + delta_1 + ... + delta_k, applied in order. Under
+    any other policy each step also writes a snapshot of the scope's values, and :meth:`prune`
+    removes the files of steps the policy does not keep: a kept step checks out bitwise from its
+    snapshot, the latest step is always kept (resume), and disk stays bounded by the kept steps.
+    Editors whose state is saved incrementally keep every step's state (each is one step's increment).
     """
 
-    def __init__(self, directory: Path, base: dict[str, torch.Tensor]):
+    def __init__(self, directory: Path, base: dict[str, torch.Tensor], policy: "KeepPolicy | str | None" = None):
         self.directory = make_dirs(directory)
         self.base = {name: t.detach().clone() for name, t in base.items()}
+        self.policy = KeepPolicy.parse(policy)
 
     @classmethod
-    def for_scope(cls, directory: Path, model: nn.Module, scope: list[str]) -> "DeltaStore":
+    def for_scope(cls, directory: Path, model: nn.Module, scope: list[str],
+                  policy: "KeepPolicy | str | None" = None) -> "DeltaStore":
         params = dict(model.named_parameters())
         missing = [name for name in scope if name not in params]
         if missing:
             raise KeyError(f"editor scope names unknown parameters: {', '.join(missing)}")
-        return cls(directory, {name: params[name] for name in scope})
+        return cls(directory, {name: params[name] for name in scope}, policy)
 
     def delta_path(self, step: int) -> Path:
         return self.directory / f"step_{step:06d}.safetensors"
@@ -225,15 +236,47 @@ class DeltaStore:
     def state_path(self, step: int) -> Path:
         return self.directory / f"state_{step:06d}.safetensors"
 
-    def commit(self, step: int, delta: Delta, state: dict[str, torch.Tensor] | None = None) -> None:
+    def snapshot_path(self, step: int) -> Path:
+        return self.directory / f"snap_{step:06d}.safetensors"
+
+    def commit(self, step: int, delta: Delta, state: dict[str, torch.Tensor] | None = None,
+               model: nn.Module | None = None) -> None:
+        """Save step ``step``: its delta, the editor's state, and (under a policy other than
+        ``all``) a snapshot of ``model``'s scoped parameters, which must already hold the step."""
         outside = [name for name in delta.changes if name not in self.base]
         if outside:
             raise ValueError(f"step {step}: delta touches parameters outside the editor's scope: {outside}")
+        if not self.policy.keeps_all:
+            if model is None:
+                raise ValueError(f"step {step}: the {self.policy} policy snapshots the model: pass it to commit")
+            params = dict(model.named_parameters())
+            atomic_save_tensors({name: params[name].detach().cpu().contiguous() for name in self.base},
+                                self.snapshot_path(step))
         delta.save(self.delta_path(step), {"step": step})
         if state:
             atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, self.state_path(step))
         elif self.state_path(step).exists():
             self.state_path(step).unlink()
+
+    def prune(self, head: int, incremental_state: bool) -> None:
+        """Remove what the policy does not keep of the steps before ``head`` (the latest completed step:
+        call it only once that step is recorded as complete, so a kill in between loses nothing)."""
+        if self.policy.keeps_all:
+            return
+        for path in self.directory.glob("*_*.safetensors"):
+            kind, _, number = path.stem.partition("_")
+            step = int(number)
+            if step < head and not self.policy.keeps(step, head) and not (kind == "state" and incremental_state):
+                path.unlink()
+
+    def kept_steps(self) -> list[int]:
+        """The steps that can be checked out, from the files on disk (0, the base, always can)."""
+        snaps = {int(p.stem.split("_")[1]) for p in self.directory.glob("snap_*.safetensors")}
+        deltas = {int(p.stem.split("_")[1]) for p in self.directory.glob("step_*.safetensors")}
+        run = 0
+        while run + 1 in deltas:
+            run += 1
+        return sorted({0, *range(1, run + 1), *snaps})
 
     def load_delta(self, step: int) -> Delta:
         path = self.delta_path(step)
@@ -258,17 +301,37 @@ class DeltaStore:
         for name, value in self.base.items():
             params[name].copy_(value)
 
+    @torch.no_grad()
     def checkout(self, model: nn.Module, step: int) -> None:
-        """Put ``model`` in the state it had right after ``step`` (0 = the base)."""
+        """Put ``model`` in the state it had right after ``step`` (0 = the base): from the step's
+        snapshot when there is one, else base + every delta up to it. A store made with an empty
+        base takes ``model`` to be the base (a freshly loaded model)."""
+        snapshot = self.snapshot_path(step)
+        if step > 0 and snapshot.is_file():
+            params = dict(model.named_parameters())
+            for name, value in load_tensors(snapshot).items():
+                params[name].copy_(value)
+            return
+        missing = [k for k in range(1, step + 1) if not self.delta_path(k).is_file()]
+        if missing:
+            kept = self.kept_steps()
+            shown = ", ".join(map(str, kept[:12])) + (f", ... {kept[-1]}" if len(kept) > 12 else "")
+            raise StepNotKept(f"{self.directory.parent}: step {step} was not kept (this run keeps deltas "
+                              f"{self.policy}); steps that can be checked out: {shown}")
         self.revert_to_base(model)
         for k in range(1, step + 1):
             self.load_delta(k).apply(model)
 
     def nbytes_on_disk(self, step: int) -> int:
-        return sum(p.stat().st_size for p in (self.delta_path(step), self.state_path(step)) if p.exists())
+        paths = (self.delta_path(step), self.state_path(step), self.snapshot_path(step))
+        return sum(p.stat().st_size for p in paths if p.exists())
+
+    def nbytes_total(self) -> int:
+        """Bytes of every delta, state and snapshot file the store holds now."""
+        return sum(p.stat().st_size for p in self.directory.glob("*_*.safetensors"))
 
     def discard_after(self, step: int) -> None:
-        """Remove deltas and state of steps after ``step`` (leftovers of a killed run)."""
+        """Remove deltas, state and snapshots of steps after ``step`` (leftovers of a killed run)."""
         for path in self.directory.glob("*_*.safetensors"):
             if int(path.stem.split("_")[-1]) > step:
                 path.unlink()

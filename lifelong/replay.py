@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lifelong.delta import DeltaStore
+from lifelong.delta import DeltaStore, KeepPolicy
 from lifelong.editors import Editor, make_editor
 from lifelong.machine import ComputeThreads, cpu_description, thread_policy
 from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
@@ -159,6 +159,11 @@ def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, edito
 
 def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
                    progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack) -> ReplayResult:
+    keep = KeepPolicy.parse(config.keep_deltas)
+    config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
+    if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
+        raise ValueError(f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
+                         "which needs every step kept; use --keep-deltas all")
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
@@ -182,7 +187,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step(), config.stream))
     editor.prepare(lm)  # on θ0: before any checkout below
-    store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm))
+    store = DeltaStore.for_scope(run.deltas_dir, lm.model, editor.scope(lm), config.keep_deltas)
     scorer = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
     run_id = manifest["run_id"]
     ends = chain_ends(steps)  # where chains complete, for chain schedules and probes
@@ -224,7 +229,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         delta = editor.apply(lm, batch)
         t_edit = time.perf_counter() - t0
         # Commit first: probes may check out earlier steps (model_at), which reads the store.
-        store.commit(step, delta, editor.step_state())
+        store.commit(step, delta, editor.step_state(), lm.model)
         t1 = time.perf_counter()
         ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
                            scorer=scorer, is_last=step == len(steps), base_params=store.base,
@@ -234,6 +239,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         t2 = time.perf_counter()
         run.write_rows(step, rows_for(step, timestamp, rows))
         run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps))
+        store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]
         if retained:
             bar.set_postfix(retained=f"{retained[0]:.2f}")
@@ -272,14 +278,14 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
     if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
         raise ValueError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
                          "started from (their fingerprint differs); a checkout on them would be wrong")
-    store = DeltaStore(run.deltas_dir, {})  # a freshly loaded model is the base: apply deltas only
+    # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
+    store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
     cls = EDITORS.get(identity["editor"])
     if cls is not None and cls.adaptor:  # bound on θ0, before any delta, as replay binds it
         editor = cls(parse_overrides(cls.Params, identity.get("hyperparameters") or {}, cls.name))
         editor.bind(lm)
         lm.editor = editor
-    for k in range(1, step + 1):
-        store.load_delta(k).apply(lm.model)
+    store.checkout(lm.model, step)
     if lm.editor is not None:
         lm.editor.load_step_states(store.step_states(step, lm.editor.incremental_state))
     return lm

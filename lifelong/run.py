@@ -65,6 +65,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     probes: list[str] = field(default_factory=list)  # extra probes: "name" or "name:key=value,..."
+    # Which steps stay available for checkout (lifelong.delta.KeepPolicy): storage, not results; part
+    # of the identity only when not "all", so a run resumes under the policy it started with.
+    keep_deltas: str = "all"
 
 
 def is_temporary(name: str) -> bool:
@@ -348,4 +351,7 @@ def run_id(identity: dict) -> str:
 
 def identity_of(config: RunConfig, **resolved) -> dict:
     """The fields that must match for a directory to be resumed."""
-    return {**asdict(config), **resolved}
+    identity = {**asdict(config), **resolved}
+    if identity.get("keep_deltas") == "all":  # runs from before retention policies have no such field
+        del identity["keep_deltas"]
+    return identity

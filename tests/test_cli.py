@@ -282,6 +282,7 @@ def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_
         (["--probe-every", "0"], "--probe-every must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--keep-deltas", "every:0"], "--keep-deltas 'every:0': expected all, log, every:K or last:N"),
         (["--probe", "perplexity:max_tokens=-5"], "perplexity.max_tokens: must not be negative"),
     ]:
         assert message in error_line(capsys, *good, *change)

@@ -68,21 +68,24 @@ def test_alphaedit_accumulates_keys_as_state(tiny):
     editor = make_editor("alphaedit", ALPHA)
     assert editor.state_dict() == {}
     editor.apply(tiny, make_edits(1))
-    first = editor.state_dict()
+    first = editor.step_state()
     assert set(first) == {"past_keys.1", "past_keys.2"} and first["past_keys.1"].shape[1] == 1
     editor.apply(tiny, make_edits(2, start=1))
-    assert editor.state_dict()["past_keys.2"].shape[1] == 3
+    m = first["past_keys.2"].shape[0]
+    assert set(editor.state_dict()) == {"past_cov.1", "past_cov.2"}
+    assert editor.state_dict()["past_cov.2"].shape == (m, m)  # Σ K Kᵀ: the same size after any number of edits
     # A step saves only its own keys; restoring from the steps' states rebuilds the whole.
     second_step = editor.step_state()
     assert second_step["past_keys.2"].shape[1] == 2
     rebuilt = make_editor("alphaedit", ALPHA)
     rebuilt.load_step_states([first, second_step])
-    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in editor.state_dict().items())
+    for k, v in editor.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v, atol=1e-9, rtol=1e-9)
     fresh = make_editor("alphaedit", ALPHA)
     with pytest.raises(ValueError, match="no eigenvalue below 1e-09; raise"):
         make_editor("alphaedit", {**FAST, "nullspace_threshold": "1e-9"}).apply(tiny, make_edits(1))
-    fresh.load_state_dict(first)
-    assert torch.equal(fresh.state_dict()["past_keys.1"], first["past_keys.1"])
+    fresh.load_state_dict(editor.state_dict())
+    assert torch.equal(fresh.state_dict()["past_cov.1"], editor.state_dict()["past_cov.1"])
     with pytest.raises(ValueError, match="unexpected state"):
         fresh.load_state_dict({"codebook": torch.zeros(1)})
 
@@ -125,12 +128,43 @@ def test_alphaedit_solve_is_the_original_equation(tiny):
     keys = torch.randn(m, 3, generator=gen, dtype=torch.float64)
     past = torch.randn(m, 4, generator=gen, dtype=torch.float64)
     residual = torch.randn(d, 3, generator=gen, dtype=torch.float64)
-    editor._past_keys[1] = past
+    editor.load_state_dict({"past_keys.1": past})  # summed into Σ Kₚ Kₚᵀ
     u, v = editor.solve(tiny, 1, keys, residual)
     p = editor.projector(tiny, 1)
     expected = torch.linalg.solve(p @ (keys @ keys.T + past @ past.T) + 10 * torch.eye(m, dtype=torch.float64),
                                   p @ keys @ residual.T)
     torch.testing.assert_close((u @ v.T).T, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_alphaedit_compact_state_equals_the_key_list(tiny):
+    """Σ Kₚ Kₚᵀ carried step by step (saved as each step's keys, restored by summing them) gives the
+    update the whole key list gives, to float tolerance, and its size does not grow with the edits."""
+    editor = make_editor("alphaedit", ALPHA).bind(tiny)
+    m = tiny.adapter.out_proj_weight_view(1).shape[1]
+    d = tiny.adapter.out_proj_weight_view(1).shape[0]
+    gen = torch.Generator().manual_seed(1)
+    steps = [torch.randn(m, 3, generator=gen, dtype=torch.float32) for _ in range(5)]
+    saved = []
+    for keys in steps:
+        editor._step_keys = {}
+        editor.remember(1, keys)
+        saved.append(editor.step_state())
+    assert [s["past_keys.1"].shape for s in saved] == [(m, 3)] * 5  # one step's keys each
+    assert editor.state_dict()["past_cov.1"].shape == (m, m)
+    keys, residual = torch.randn(m, 2, generator=gen, dtype=torch.float64), torch.randn(d, 2, generator=gen, dtype=torch.float64)
+    live = editor.solve(tiny, 1, keys, residual)
+    restored = make_editor("alphaedit", ALPHA).bind(tiny)
+    restored.load_step_states(saved)
+    again = restored.solve(tiny, 1, keys, residual)
+    whole = torch.cat(steps, 1).double()
+    p = editor.projector(tiny, 1)
+    expected = torch.linalg.solve(p @ (keys @ keys.T + whole @ whole.T) + 10 * torch.eye(m, dtype=torch.float64),
+                                  p @ keys @ residual.T)
+    for u, v in (live, again):
+        torch.testing.assert_close((u @ v.T).T, expected, atol=1e-9, rtol=1e-7)
+    old = make_editor("alphaedit", ALPHA).bind(tiny)
+    old.load_state_dict({"past_keys.1": torch.cat(steps, 1)})  # a whole key list, as older runs saved
+    torch.testing.assert_close(old.state_dict()["past_cov.1"], editor.state_dict()["past_cov.1"])
 
 
 def test_original_defaults(tiny):

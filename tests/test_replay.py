@@ -239,3 +239,50 @@ def test_a_model_reused_after_releasing_the_editor_keeps_no_hooks(tmp_path, stre
         finally:
             editor.release()
         assert hooks() == before
+
+
+def test_keep_policy_rules():
+    from lifelong.delta import KeepPolicy
+
+    assert [k for k in range(1, 11) if KeepPolicy.parse("every:3").keeps(k, 10)] == [3, 6, 9, 10]
+    assert [k for k in range(1, 11) if KeepPolicy.parse("last:3").keeps(k, 10)] == [8, 9, 10]
+    assert [k for k in range(1, 11) if KeepPolicy.parse("log").keeps(k, 10)] == [1, 2, 4, 8, 10]
+    assert all(KeepPolicy.parse(None).keeps(k, 10) for k in range(11))
+    assert str(KeepPolicy.parse(" every:05 ")) == "every:5"
+    for bad in ("every", "every:0", "last:-1", "log:2", "sometimes"):
+        with pytest.raises(ValueError, match="expected all, log, every:K or last:N"):
+            KeepPolicy.parse(bad)
+
+
+@pytest.mark.parametrize("policy", ["every:2", "last:2", "log"])
+def test_kept_steps_check_out_bitwise_and_resume_exactly(tmp_path, stream_file, full_run, policy):
+    """Under a retention policy, disk holds the kept steps and the latest one; each kept step checks
+    out bitwise equal to the run that keeps all; a killed run resumes to the same results."""
+    from lifelong.delta import DeltaStore, KeepPolicy, StepNotKept
+
+    cfg = config(stream_file, keep_deltas=policy)
+    lm = load_model("tiny-llama")
+    part = replay(cfg, tmp_path / "kept", lm=lm, progress=False, stop_after=3)
+    kept_at_3 = [k for k in range(1, 4) if KeepPolicy.parse(policy).keeps(k, 3)]
+    assert DeltaStore(part.run.deltas_dir, {}).kept_steps() == [0, *kept_at_3]
+    done = replay(cfg, tmp_path / "kept", progress=False)  # resumed from step 3's snapshot
+    assert results_without_id(done.run).equals(results_without_id(full_run.run))
+    kept = [k for k in range(1, 7) if KeepPolicy.parse(policy).keeps(k, 6)]
+    store = DeltaStore(done.run.deltas_dir, {})
+    assert store.kept_steps() == [0, *kept]
+    assert {int(p.stem.split("_")[1]) for p in done.run.deltas_dir.glob("*.safetensors")} == set(kept)
+    for k in kept:
+        ours, theirs = checkout(done.run.path, k), checkout(full_run.run.path, k)
+        assert all(torch.equal(p, q) for p, q in zip(ours.model.parameters(), theirs.model.parameters())), k
+    lost = next(k for k in range(1, 7) if k not in kept)
+    with pytest.raises(StepNotKept, match=rf"step {lost} was not kept \(this run keeps deltas {policy}\); "
+                                          r"steps that can be checked out: 0, "):
+        checkout(done.run.path, lost)
+    with pytest.raises(RunDirError, match="differs in: keep_deltas"):  # the policy a run started with stays
+        replay(config(stream_file), done.run.path, progress=False)
+
+
+def test_keep_policy_refuses_the_chains_probe_before_writing(tmp_path, stream_file):
+    with pytest.raises(ValueError, match="chains probe checks out earlier steps"):
+        replay(config(stream_file, keep_deltas="every:2", probes=["chains"]), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()

@@ -197,7 +197,9 @@ class AlphaEditEditor(MEMITEditor):
     def __init__(self, params=None):
         super().__init__(params)
         self._projectors: dict[int, torch.Tensor] = {}
-        self._past_keys: dict[int, torch.Tensor] = {}  # layer -> (m × total edits so far), the carried state
+        # layer -> Σ Kₚ Kₚᵀ over every past edit's keys (m × m, float64): all the update needs of
+        # them, as the original's cache_c; its size does not grow with the number of edits.
+        self._past_cov: dict[int, torch.Tensor] = {}
         self._step_keys: dict[int, torch.Tensor] = {}  # layer -> (m × edits of the last step): what a step saves
 
     incremental_state = True
@@ -238,10 +240,10 @@ class AlphaEditEditor(MEMITEditor):
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
         """AlphaEdit's ΔWᵀ = (P(K Kᵀ + Kₚ Kₚᵀ) + L2·I)⁻¹ P K Rᵀ, as factors (U, V) with ΔW = U Vᵀ."""
         proj = self.projector(lm, layer)
-        past = self._past_keys.get(layer)
+        past = self._past_cov.get(layer)
         a = keys @ keys.T @ proj + self.params.l2 * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
         if past is not None:
-            a = a + past.to(proj.device) @ past.to(proj.device).T @ proj
+            a = a + past.to(device=proj.device, dtype=proj.dtype) @ proj
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ
         return residual, torch.linalg.solve(a.T, proj @ keys)
 
@@ -250,28 +252,41 @@ class AlphaEditEditor(MEMITEditor):
         return super().apply(lm, batch)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
-        past = self._past_keys.get(layer)
         keys = keys.detach().cpu()
         self._step_keys[layer] = keys
-        self._past_keys[layer] = keys if past is None else torch.cat([past, keys], 1)
+        self._add_keys(layer, keys)
+
+    def _add_keys(self, layer: int, keys: torch.Tensor) -> None:
+        keys = keys.double()
+        past = self._past_cov.get(layer)
+        self._past_cov[layer] = keys @ keys.T if past is None else past + keys @ keys.T
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._past_keys.items()}
+        return {f"past_cov.{layer}": cov for layer, cov in self._past_cov.items()}
 
     def step_state(self) -> dict[str, torch.Tensor]:
-        """Only the keys this step added: a run's saved state grows linearly with its edits."""
+        """Only the keys this step added: a run's saved state grows linearly with its edits, and
+        restoring step k sums steps 1..k's keys into Σ Kₚ Kₚᵀ."""
         return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._step_keys.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        unknown = [k for k in state if not k.startswith("past_keys.")]
+        """A whole state: Σ Kₚ Kₚᵀ per layer (``past_cov.L``), or the key lists that runs before the
+        compact state saved (``past_keys.L``, summed here)."""
+        unknown = [k for k in state if not k.startswith(("past_keys.", "past_cov."))]
         if unknown:
             raise ValueError(f"alphaedit: unexpected state entries {unknown}")
-        self._past_keys = {int(k.split(".", 1)[1]): v.double() for k, v in state.items()}
-        self._step_keys = {}
+        self._past_cov, self._step_keys = {}, {}
+        for name, value in state.items():
+            kind, layer = name.split(".", 1)
+            if kind == "past_cov":
+                self._past_cov[int(layer)] = value.double()
+            else:
+                self._add_keys(int(layer), value)
 
     def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
-        merged: dict[str, list[torch.Tensor]] = {}
-        for state in states:
+        self._past_cov, self._step_keys = {}, {}
+        for state in states:  # in step order, as the run added them
             for name, keys in state.items():
-                merged.setdefault(name, []).append(keys)
-        self.load_state_dict({name: torch.cat(parts, 1) for name, parts in merged.items()})
+                if not name.startswith("past_keys."):
+                    raise ValueError(f"alphaedit: unexpected step state entry {name}")
+                self._add_keys(int(name.split(".", 1)[1]), keys)
