@@ -40,6 +40,27 @@ def make_dirs(path: Path | str) -> Path:
     return path
 
 
+def append_line(path: Path | str, line: str) -> None:
+    """Append one line to a log file, durably. A line half-written by a killed writer is cut off
+    first, so every line before the new one is whole."""
+    path = Path(path)
+    existed = path.exists()
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+        f.seek(0, os.SEEK_END)
+        f.write(line.rstrip("\n").encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if not existed:
+        fsync_path(path.parent)
+
+
 def publish(tmp: Path | str, path: Path | str) -> None:
     """Rename the finished temporary file (or directory tree) ``tmp`` to ``path``, durably:
     ``tmp``'s contents reach the disk before the rename, the rename before this returns."""

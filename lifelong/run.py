@@ -30,7 +30,7 @@ from typing import Iterator
 
 import polars as pl
 
-from lifelong.durable import make_dirs, publish
+from lifelong.durable import append_line, make_dirs, publish
 
 RESULT_SCHEMA = {
     "run_id": pl.String,
@@ -133,6 +133,9 @@ class RunDir:
     # -- paths
     manifest_path = property(lambda self: self.path / "manifest.json")
     progress_path = property(lambda self: self.path / "progress.json")
+    # One line per completed step (timestamp, timings), appended: progress.json stays small, so
+    # marking a step complete costs the same at step 10,000 as at step 1.
+    step_log_path = property(lambda self: self.path / "steps.jsonl")
     reference_path = property(lambda self: self.path / "reference.json")
     results_path = property(lambda self: self.path / "results.parquet")
     parts_dir = property(lambda self: self.path / "results")
@@ -233,7 +236,7 @@ class RunDir:
         return stale
 
     # -- progress
-    def progress(self) -> dict:
+    def _progress_file(self) -> dict:
         if not self.progress_path.is_file():
             return {"completed_step": -1, "total_steps": None, "timestamps": {}, "seconds": {}}
         progress = _read_json(self.progress_path, "progress file")
@@ -243,15 +246,38 @@ class RunDir:
                               "it cannot say which steps are complete")
         return progress
 
+    def progress(self) -> dict:
+        """completed_step, total_steps, and per completed step its timestamp and timings (from
+        steps.jsonl; runs from before it kept them in progress.json itself)."""
+        progress = self._progress_file()
+        done = progress["completed_step"]
+        if self.step_log_path.is_file():
+            lines = self.step_log_path.read_bytes().split(b"\n")
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    step = int(entry["step"])
+                except (ValueError, KeyError, TypeError):
+                    if number >= len(lines) - 1:  # the last line, cut by a kill: its step is not complete
+                        break
+                    raise RunDirError(f"{self.step_log_path}:{number}: damaged line; restore the file") from None
+                if step <= done:  # a later line for the same step (a redone step) wins
+                    progress["timestamps"][str(step)] = entry.get("timestamp")
+                    progress["seconds"][str(step)] = entry.get("seconds") or {}
+        return progress
+
     def completed_step(self) -> int:
-        return self.progress()["completed_step"]
+        return self._progress_file()["completed_step"]
 
     def mark_complete(self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int) -> None:
-        progress = self.progress()
+        """Record ``step`` as complete: its line in steps.jsonl first, then progress.json (the commit)."""
+        append_line(self.step_log_path, json.dumps(
+            {"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}))
+        progress = self._progress_file()
         progress["completed_step"] = step
         progress["total_steps"] = total
-        progress["timestamps"][str(step)] = timestamp.isoformat() if timestamp else None
-        progress["seconds"][str(step)] = seconds
         atomic_write_text(self.progress_path, json.dumps(progress, indent=1))
 
     def step_at(self, when: datetime) -> int:

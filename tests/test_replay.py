@@ -286,3 +286,40 @@ def test_keep_policy_refuses_the_chains_probe_before_writing(tmp_path, stream_fi
     with pytest.raises(ValueError, match="chains probe checks out earlier steps"):
         replay(config(stream_file, keep_deltas="every:2", probes=["chains"]), tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_step_log_survives_a_cut_line_and_old_progress_files_still_read(tmp_path):
+    """Per-step timings live in steps.jsonl (progress.json stays small); a line cut by a kill is
+    ignored and cut off before the next append; a redone step's later line wins; a run written
+    before the log, with timings inside progress.json, reads as it did."""
+    import json
+    from datetime import datetime, timezone
+
+    from lifelong.run import RunDir
+
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    day = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    for step in (0, 1):
+        run.mark_complete(step, day if step else None, {"edit": float(step)}, 3)
+    with open(run.step_log_path, "ab") as f:  # step 2's line, cut by a kill before progress.json
+        f.write(b'{"step": 2, "timest')
+    assert run.progress()["seconds"] == {"0": {"edit": 0.0}, "1": {"edit": 1.0}}
+    run.mark_complete(2, day, {"edit": 2.5}, 3)  # the step redone
+    assert run.progress()["seconds"]["2"] == {"edit": 2.5} and run.completed_step() == 2
+    assert all(json.loads(line) for line in run.step_log_path.read_text().splitlines())
+    assert len(json.loads(run.progress_path.read_text())["seconds"]) == 0  # not rewritten per step
+    with open(run.step_log_path, "a") as f:  # a line for a step not yet marked complete
+        f.write(json.dumps({"step": 3, "timestamp": None, "seconds": {"edit": 9.0}}) + "\n")
+    assert "3" not in run.progress()["seconds"]
+    lines = run.step_log_path.read_text().splitlines()
+    run.step_log_path.write_text("\n".join(["garbage", *lines]) + "\n")
+    with pytest.raises(RunDirError, match=r"steps.jsonl:1: damaged line"):
+        run.progress()
+    old = RunDir(tmp_path / "old")
+    old.path.mkdir()
+    old.progress_path.write_text(json.dumps({"completed_step": 1, "total_steps": 2, "timestamps": {"1": None},
+                                             "seconds": {"0": {"probe": 1.0}, "1": {"edit": 2.0}}}))
+    assert old.progress()["seconds"]["1"] == {"edit": 2.0}
+    old.mark_complete(2, None, {"edit": 3.0}, 2)
+    assert old.progress()["seconds"] == {"0": {"probe": 1.0}, "1": {"edit": 2.0}, "2": {"edit": 3.0}}
