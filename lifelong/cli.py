@@ -312,9 +312,11 @@ def _setting_lines(cls: type, indent: str, prefix: str = "") -> list[str]:
 
 
 def cmd_editors(args) -> int:
-    from lifelong.editors import EDITORS
+    from lifelong.editors import EDITORS, editor_class
+    from lifelong.names import installed_editors
 
-    for name, cls in sorted(EDITORS.items()):
+    for name in sorted({*EDITORS, *installed_editors()}):
+        cls = editor_class(name)
         print(f"{name:<11} {cls.description}")
         print("\n".join(_setting_lines(cls.Params, " " * 12, "--set ")))
     return 0

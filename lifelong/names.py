@@ -22,14 +22,36 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "memory": "lifelong.editors.memory:MemoryEditor",
 }
 
+ENTRY_POINT_GROUP = "lifelong.editors"  # an installed package's editors: name = "module:Class"
+
+
+def installed_editors() -> dict[str, str]:
+    """Editors that installed packages declare in the ``lifelong.editors`` entry-point group
+    (``[project.entry-points."lifelong.editors"] mine = "mypkg.editor:MyEditor"``), read from
+    package metadata without importing them; a built-in name cannot be taken over."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in EDITOR_CLASSES}
+
+
+def is_class_path(name: str) -> bool:
+    """``module.path:Class``: an editor class named by where it lives (no registration needed)."""
+    module, sep, cls = name.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and cls.isidentifier()
+
+
 PROBE_NAMES: tuple[str, ...] = ("chains", "downstream", "edit_quality", "perplexity", "retention", "weight_drift")
 
 
 def unknown_editor(name: str) -> str | None:
     """The one-line refusal for an editor name that is not registered, else None."""
-    if name in EDITOR_CLASSES:
+    if name in EDITOR_CLASSES or is_class_path(name):
         return None
-    return f"unknown editor '{name}': expected one of {', '.join(sorted(EDITOR_CLASSES))}"
+    known = {**EDITOR_CLASSES, **installed_editors()}
+    if name in known:
+        return None
+    return (f"unknown editor '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class "
+            "for an editor class of your own")
 
 
 def unknown_probe(spec: str) -> str | None:

@@ -267,7 +267,7 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
     and kept as ``lm.editor``: GRACE and WISE act through the hooks it installs, the memory
     through ``lm.editor.prompt_rewriter(lm)`` (see :func:`scorer_for`).
     """
-    from lifelong.editors import EDITORS, parse_overrides
+    from lifelong.editors import editor_class, parse_overrides
 
     run = RunDir(run_path)
     identity = run.manifest()["identity"]
@@ -280,8 +280,8 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
                          "started from (their fingerprint differs); a checkout on them would be wrong")
     # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
     store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
-    cls = EDITORS.get(identity["editor"])
-    if cls is not None and cls.adaptor:  # bound on θ0, before any delta, as replay binds it
+    cls = editor_class(identity["editor"])  # refused when not importable here: it may act outside the weights
+    if cls.adaptor:  # bound on θ0, before any delta, as replay binds it
         editor = cls(parse_overrides(cls.Params, identity.get("hyperparameters") or {}, cls.name))
         editor.bind(lm)
         lm.editor = editor

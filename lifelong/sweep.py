@@ -128,7 +128,7 @@ def _scalar(value) -> bool:
 def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec:
     """Check a spec's TOML text and make its cells; a bad spec raises :class:`SpecError` naming the key.
     Relative stream files and model directories are taken from ``base`` (the spec file's folder)."""
-    from lifelong.editors import EDITORS, parse_overrides
+    from lifelong.editors import UnknownEditorError, editor_class, parse_overrides
     from lifelong.models import DEFAULT_MODEL, TINY_MODELS
     from lifelong.replay import default_suite, prepare_stream_and_facts
 
@@ -183,8 +183,10 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     if not isinstance(editors, list) or not editors or not all(isinstance(e, str) for e in editors):
         raise bad("editors", "must be a non-empty list of editor names")
     for e in editors:
-        if e not in EDITORS:
-            raise bad("editors", f"unknown editor '{e}': expected one of {', '.join(sorted(EDITORS))}")
+        try:
+            editor_class(e)
+        except UnknownEditorError as err:
+            raise bad("editors", str(err)) from None
     if len(set(editors)) < len(editors):
         raise bad("editors", "lists an editor twice")
     seeds = raw.get("seeds", [0])
@@ -219,7 +221,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
                 raise bad(f"{key}.{name}", "lists a value twice")
             for v in values:
                 try:
-                    parse_overrides(EDITORS[editor].Params, {name: _as_override(v)}, editor)
+                    parse_overrides(editor_class(editor).Params, {name: _as_override(v)}, editor)
                 except ValueError as err:
                     raise bad(f"{key}.{name}", str(err)) from None
             (swept if isinstance(value, list) else fixed)[name] = values if isinstance(value, list) else value

@@ -1,32 +1,70 @@
-"""The editor registry, built from the one list of editors in :mod:`lifelong.names`."""
+"""The editor registry: the built-in editors of :mod:`lifelong.names` (the one list), editors that
+installed packages declare in the ``lifelong.editors`` entry-point group, and editors registered at
+run time with :func:`register_editor`. An editor class can also be named by its path,
+``module.path:Class``, anywhere a name is accepted (``--editor``, sweeps, :func:`make_editor`)."""
 
 from __future__ import annotations
 
 import importlib
 
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
-from lifelong.names import EDITOR_CLASSES, unknown_editor
+from lifelong.names import EDITOR_CLASSES, installed_editors, is_class_path, unknown_editor
 
 
 def _load(path: str) -> type[Editor]:
     module, _, cls = path.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise UnknownEditorError(f"editor class {path}: cannot be loaded ({err})") from None
+    if not (isinstance(found, type) and issubclass(found, Editor)):
+        raise UnknownEditorError(f"editor class {path}: not a subclass of lifelong.editors.Editor")
+    return found
 
 
 EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_CLASSES.items()}
-"""Every registered editor by name, from :data:`lifelong.names.EDITOR_CLASSES` (the one list)."""
+"""Every built-in editor by name (from :data:`lifelong.names.EDITOR_CLASSES`), plus any added by
+:func:`register_editor`; installed packages' editors join on first use (:func:`editor_class`)."""
 
 
 class UnknownEditorError(ValueError):
     pass
 
 
+def register_editor(cls: type[Editor], name: str | None = None) -> type[Editor]:
+    """Make ``cls`` available by ``name`` (default: ``cls.name``) to :func:`make_editor` and
+    :func:`lifelong.replay.replay` in this process. Usable as a class decorator. A built-in name
+    cannot be replaced. For the command line, declare the class in the ``lifelong.editors``
+    entry-point group of an installed package, or pass ``--editor module.path:Class``."""
+    if not (isinstance(cls, type) and issubclass(cls, Editor)):
+        raise TypeError(f"register_editor: {cls!r} is not a subclass of lifelong.editors.Editor")
+    name = name or getattr(cls, "name", None)
+    if not name:
+        raise ValueError(f"register_editor: {cls.__name__} needs a name (set its class attribute 'name')")
+    if name in EDITOR_CLASSES and EDITORS[name] is not cls:
+        raise ValueError(f"register_editor: '{name}' is a built-in editor; choose another name")
+    EDITORS[name] = cls
+    return cls
+
+
+def editor_class(name: str) -> type[Editor]:
+    """The editor class for a registered or installed name, or a ``module.path:Class``."""
+    if name in EDITORS:
+        return EDITORS[name]
+    if is_class_path(name):
+        return _load(name)
+    installed = installed_editors()
+    if name in installed:
+        EDITORS[name] = _load(installed[name])
+        return EDITORS[name]
+    raise UnknownEditorError(unknown_editor(name) or f"unknown editor '{name}'")
+
+
 def make_editor(name: str, overrides: dict[str, str] | None = None) -> Editor:
-    """An editor by registered name, with hyperparameter overrides given as strings."""
-    if name not in EDITORS:
-        raise UnknownEditorError(unknown_editor(name))
-    cls = EDITORS[name]
-    return cls(parse_overrides(cls.Params, overrides, name))
+    """An editor by registered name (or ``module.path:Class``), with hyperparameter overrides as strings."""
+    cls = editor_class(name)
+    return cls(parse_overrides(cls.Params, overrides, getattr(cls, "name", name)))
 
 
-__all__ = ["EDITORS", "Editor", "HyperparameterError", "UnknownEditorError", "make_editor", "parse_overrides"]
+__all__ = ["EDITORS", "Editor", "HyperparameterError", "UnknownEditorError", "editor_class", "make_editor",
+           "parse_overrides", "register_editor"]
