@@ -126,7 +126,8 @@ def in_panel(edit_id: str, fraction: float, seed: int) -> bool:
 def capped(edits: Sequence[Edit], sample: int | None, seed: int) -> list[Edit]:
     """At most ``sample`` of ``edits`` (in their order): those of smallest hash rank. A simple random
     sample without replacement, and stable as the stream grows: an edit leaves it only when a newer
-    one of smaller rank takes its place (or it is superseded), never comes back after."""
+    one of smaller rank takes its place (or it is superseded), and comes back only if a superseded
+    edit frees a place."""
     if sample is None or len(edits) <= sample:
         return list(edits)
     keep = {e.id for e in heapq.nsmallest(sample, edits, key=lambda e: (panel_rank(e.id, seed), e.id))}
