@@ -9,26 +9,31 @@ from pathlib import Path
 import numpy as np
 
 from lifelong.run import RunDir
-from lifelong.stats import rate
+from lifelong.stats import Estimate, rate, sampled_wilson
 from probes.metrics import retained_fraction, retention_matrix
 
 BAND_ALPHA = 0.15
 
 
-def rate_band(rows) -> tuple[np.ndarray, np.ndarray]:
+def rate_band(rows, population=None) -> tuple[np.ndarray, np.ndarray]:
     """Per point, the 95% interval of a rate over that point's items (NaN = not measured): Wilson for 0/1
-    items, bootstrap otherwise; NaN where a point has no interval."""
+    items, bootstrap otherwise; NaN where a point has no interval. ``population`` (per point, NaN where
+    the items are all there are): the items are a sample of that many, so Wilson with the finite-population
+    correction."""
     low, high = [], []
-    for row in rows:
+    for k, row in enumerate(rows):
         e = rate(row)
+        if population is not None and not np.isnan(population[k]) and e.method == "wilson":
+            lo, hi = sampled_wilson(e.value * e.n, e.n, int(population[k]))
+            e = Estimate(e.value, e.n, lo, hi)
         low.append(np.nan if e.low is None else e.low)
         high.append(np.nan if e.high is None else e.high)
     return np.array(low, dtype=float), np.array(high, dtype=float)
 
 
-def _band(ax, x, rows, color=None) -> None:
+def _band(ax, x, rows, color=None, population=None) -> None:
     """Shade the 95% interval of a curve that is a rate over items at each step."""
-    low, high = rate_band(rows)
+    low, high = rate_band(rows, population)
     if len(x) and not np.all(np.isnan(low)):
         ax.fill_between(np.asarray(x, dtype=float), low, high, color=color, alpha=BAND_ALPHA, lw=0)
 
@@ -66,7 +71,7 @@ def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
             color = "C0" if protocol == "es" else "C1"
             ax.plot(m.steps, retained_fraction(m.values), style, ms=3, color=color,
                     label=f"retained fraction ({protocol}, 95% band)")
-            _band(ax, m.steps, m.values, color)
+            _band(ax, m.steps, m.values, color, m.population)
             own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
             ax.plot(m.steps, own, ":", color=color, label=f"efficacy at own step, mean so far ({protocol})")
     ax.set_xlabel("stream step")
@@ -126,7 +131,7 @@ def plot_retention_matrix(m, title: str, path: Path) -> Path:
         ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#d7301f", "#1a9850"]),
                   vmin=0, vmax=1)
         ax.legend(handles=[Patch(color="#1a9850", label="holds"), Patch(color="#d7301f", label="lost"),
-                           Patch(facecolor="white", edgecolor="#999999", label="not measured: not made\nyet, or superseded")],
+                           Patch(facecolor="white", edgecolor="#999999", label="not measured: not made\nyet, superseded" + (",\nor not sampled" if m.sampled.any() else ""))],
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_yticks(range(len(m.steps)), [str(s) for s in m.steps], fontsize=7)
     every = max(1, len(spans) // 30)  # at most ~30 labels

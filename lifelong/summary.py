@@ -3,6 +3,11 @@
 Every rate over items carries its n and a 95% interval (``lifelong.stats``): Wilson where the items are
 0/1 outcomes, a seeded bootstrap over items where they are continuous. Counts, corpus-level figures
 (perplexity) and timings carry their n where one exists and no interval.
+
+A sampled retention panel (the probe's ``sample`` cap, or ``fraction`` < 1): the retained fraction is the
+sample's estimate with a finite-population Wilson interval; retainability's bootstrap resamples the scored
+edits; forgetting counts only the edits the panel looked at after their own step (edits never probed
+again are neither kept nor forgotten), so the count is a lower bound and the share is over those edits.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from lifelong.run import RunDir
-from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate
-from probes.metrics import forgotten_at, retention_matrix, retention_summary
+from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate, sampled_wilson
+from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 
 SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
           "high": pl.Float64}
@@ -118,17 +123,30 @@ def _retainability_interval(m, resamples: int = 2000, seed: int = 0) -> tuple[fl
     return (float(low), float(high))
 
 
+def _last_retained(m, protocol: str, last: np.ndarray) -> Line:
+    """The retained fraction at the last probed step over the edits scored there: Wilson over them, or,
+    where the probe scored a sample of the live edits, Wilson with the finite-population correction
+    (the estimate is of the share over all of them)."""
+    items = last[~np.isnan(last)]
+    population = m.population[-1] if m.population is not None else math.nan
+    if math.isnan(population) or not len(items):
+        return rate_line("retained fraction at last step", protocol, last)
+    low, high = sampled_wilson(float(items.sum()), len(items), int(population))
+    return Line("retained fraction at last step", protocol,
+                Estimate(float(items.mean()), len(items), low, high, "wilson, sampled"), items)
+
+
 def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
     ret = retention_summary(results, protocol)
     if not ret:
         return []
     m = retention_matrix(results, protocol)
     last = m.values[-1] if len(m.steps) and m.steps[-1] == int(m.own_step.max()) else np.array([])
-    took = m.own_score == 1
+    took = (m.own_score == 1) & observed(m)  # with a sampled panel: the edits it saw again
     forgot = ~np.isnan(forgotten_at(m))
     low, high = _retainability_interval(m)
     lines = [
-        rate_line("retained fraction at last step", protocol, last) if len(last)
+        _last_retained(m, protocol, last) if len(last)
         else plain_line("retained fraction at last step", protocol, ret["retained_fraction"]),
         Line("retainability", protocol, Estimate(ret["retainability"], len(m.edit_ids),
                                                  None if math.isnan(low) else low, None if math.isnan(high) else high,
@@ -409,4 +427,9 @@ def format_summary(run: RunDir) -> str:
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
     notes = ("intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
              "continuous values;", "n: the items (edits, chains, task items) or steps a figure is over.")
+    drawn = run.results().filter((pl.col("probe") == "retention") & (pl.col("metric") == "sample_population"))
+    if drawn.height:
+        notes += ("retention scored a seeded sample of the live edits at some steps: the retained fraction there "
+                  "is an estimate (finite-population Wilson interval), forgetting counts only the edits sampled "
+                  "after their own step.",)
     return "\n".join(head + lines + ["", *notes])

@@ -13,7 +13,9 @@ it is neither retained nor forgotten, and leaves the retained fraction's denomin
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,14 +97,41 @@ class RetentionOptions:
     # the stream; 1.0 probes every edit so far. Entries probed are exact, the rest are absent.
     fraction: float = 1.0
     seed: int = 0
+    # Cap on the past edits scored per probed step, so a long stream's probe cost stays bounded:
+    # beyond it, the `sample` panel edits of smallest hash rank (stable from step to step) are
+    # scored and the retained fraction is an estimate (its n and the edits it is drawn from are
+    # rows too; the summary gives a 95% Wilson interval). Default 500: exact up to 500 edits.
+    # none: no cap.
+    sample: int | None = 500
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"retention: fraction must be in (0, 1], got {self.fraction}")
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"retention: sample must be at least 1 (or none), got {self.sample}")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def panel_rank(edit_id: str, seed: int) -> float:
+    """The edit's seeded hash rank in [0, 1): uniform over ids, the same in every run."""
+    digest = hashlib.sha256(f"{seed}:{edit_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
 
 
 def in_panel(edit_id: str, fraction: float, seed: int) -> bool:
     """Whether ``edit_id`` is in the seeded panel of the given fraction (stable across runs)."""
-    if fraction >= 1.0:
-        return True
-    digest = hashlib.sha256(f"{seed}:{edit_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+    return fraction >= 1.0 or panel_rank(edit_id, seed) < fraction
+
+
+def capped(edits: Sequence[Edit], sample: int | None, seed: int) -> list[Edit]:
+    """At most ``sample`` of ``edits`` (in their order): those of smallest hash rank. A simple random
+    sample without replacement, and stable as the stream grows: an edit leaves it only when a newer
+    one of smaller rank takes its place (or it is superseded), and comes back only if a superseded
+    edit frees a place."""
+    if sample is None or len(edits) <= sample:
+        return list(edits)
+    keep = {e.id for e in heapq.nsmallest(sample, edits, key=lambda e: (panel_rank(e.id, seed), e.id))}
+    return [e for e in edits if e.id in keep]
 
 
 def superseded_ids(edits: Sequence[Edit]) -> set[str]:
@@ -126,15 +155,22 @@ class RetentionProbe(Probe):
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         opts = self.options
-        if not 0.0 < opts.fraction <= 1.0:
-            raise ValueError(f"retention: fraction must be in (0, 1], got {opts.fraction}")
+        opts.__post_init__()  # options built in code rather than from the command line
         so_far = [e for _, e in ctx.edits_so_far()]
         replaced = superseded_ids(so_far)  # over every edit so far: the superseding one may be off the panel
-        edits = [e for e in so_far if in_panel(e.id, opts.fraction, opts.seed)]
-        rows = efficacy_rows(self.name, "retention", ctx, [e for e in edits if e.id not in replaced])
-        rows += efficacy_rows(self.name, "superseded", ctx, [e for e in edits if e.id in replaced])
+        panel = [e for e in so_far if in_panel(e.id, opts.fraction, opts.seed)]
+        live = [e for e in panel if e.id not in replaced]
+        eligible = [e for e in so_far if e.id not in replaced]
+        rows = efficacy_rows(self.name, "retention", ctx, capped(live, opts.sample, opts.seed))
+        rows += efficacy_rows(self.name, "superseded", ctx,
+                              capped([e for e in panel if e.id in replaced], opts.sample, opts.seed))
         for protocol in ("es", "exact"):
             values = [r.value for r in rows if r.protocol == protocol and r.metric == "retention"]
             if values:
                 rows.append(Row(self.name, "retained_fraction", protocol, float(np.mean(values))))
+            # The edits the fraction estimates over (ES needs an old target to compare with).
+            population = sum(protocol == "exact" or e.target_true is not None for e in eligible)
+            if values and len(values) < population:  # a sample: say so, with its n and what it is drawn from
+                rows.append(Row(self.name, "sample_size", protocol, float(len(values))))
+                rows.append(Row(self.name, "sample_population", protocol, float(population)))
         return rows

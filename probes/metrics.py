@@ -21,6 +21,16 @@ class RetentionMatrix:
     values: np.ndarray  # (len(steps), len(edit_ids)), NaN where not measured or superseded
     own_score: np.ndarray  # each edit's score right after its own step
     superseded: np.ndarray | None = None  # (len(steps), len(edit_ids)) bool: superseded at that step
+    # Per probed step, the live edits a sampled panel was drawn from (NaN: every live edit was scored).
+    # A NaN cell of a sampled step is "not in the sample", never "forgotten".
+    population: np.ndarray | None = None
+
+    @property
+    def sampled(self) -> np.ndarray:
+        """Per probed step, whether the retention probe scored a sample of the live edits."""
+        if self.population is None:
+            return np.zeros(len(self.steps), dtype=bool)
+        return ~np.isnan(self.population)
 
 
 def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMatrix:
@@ -46,9 +56,16 @@ def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMa
                 values[row_of[step], index[edit_id]] = value
             else:
                 superseded[row_of[step], index[edit_id]] = True
+    population = np.full(len(steps), np.nan)
+    drawn = results.filter((pl.col("probe") == "retention") & (pl.col("metric") == "sample_population")
+                           & (pl.col("protocol") == protocol))
+    for step, value in drawn.select("step", "value").iter_rows():
+        if step in row_of:
+            population[row_of[step]] = value
     return RetentionMatrix(
         steps=steps, edit_ids=edit_ids, own_step=own["step"].to_numpy(),
         values=values, own_score=own["value"].to_numpy().astype(float), superseded=superseded,
+        population=population,
     )
 
 
@@ -71,6 +88,16 @@ def retainability(acc_first: float, acc_last: float, num_steps: int) -> float:
     return (acc_last - acc_first) / (num_steps - 1)
 
 
+def observed(m: RetentionMatrix) -> np.ndarray:
+    """Per edit, whether the probe saw it after its own step whenever it could: False for an edit left
+    out of a sampled (or fractional) panel at every later probed step where it was live, so that
+    forgetting shares count only edits that could have been seen forgotten. All True for a full panel."""
+    later = m.steps[:, None] > m.own_step[None, :]
+    live = later & ~(m.superseded if m.superseded is not None else np.zeros_like(later))
+    seen = (later & ~np.isnan(m.values)).any(axis=0)
+    return seen | ~live.any(axis=0)
+
+
 def forgotten_at(m: RetentionMatrix) -> np.ndarray:
     """Per edit, the first probed step after its own where it fails having succeeded at its own step.
 
@@ -89,7 +116,9 @@ def forgotten_at(m: RetentionMatrix) -> np.ndarray:
 
 def retention_summary(results: pl.DataFrame, protocol: str = "es") -> dict[str, float]:
     """Retained fraction at the last probed step (superseded edits left out), retainability, forgetting
-    counts, and the number of edits superseded by the last probed step."""
+    counts, and the number of edits superseded by the last probed step. With a sampled panel the
+    retained fraction is the sample's estimate, and forgetting counts only edits the panel observed
+    after their own step (a lower bound on the count: an edit that left the sample is not seen again)."""
     m = retention_matrix(results, protocol)
     if len(m.edit_ids) == 0:
         return {}
@@ -98,7 +127,7 @@ def retention_summary(results: pl.DataFrame, protocol: str = "es") -> dict[str, 
     acc_first = float(np.mean(m.own_score[m.own_step == m.own_step.min()]))
     acc_last = float(frac[-1]) if len(frac) and m.steps[-1] == last_step else float("nan")
     forgot = forgotten_at(m)
-    took = m.own_score == 1
+    took = (m.own_score == 1) & observed(m)  # an edit the panel never looked at again is not "kept"
     lag = forgot - m.own_step
     return {
         "retained_fraction": acc_last,

@@ -68,7 +68,7 @@ def test_a_probe_given_twice_is_refused_and_a_default_can_be_replaced(norm_probe
     suite = default_suite(RunConfig(probe_every=3, probes=["retention:schedule=log,fraction=0.5"]))
     assert [p.config() for p in suite.probes] == [
         {"name": "edit_quality", "schedule": "every:1"},
-        {"name": "retention", "schedule": "log", "options": {"fraction": 0.5, "seed": 0}}]
+        {"name": "retention", "schedule": "log", "options": {"fraction": 0.5, "seed": 0, "sample": 500}}]
     with pytest.raises(ValueError, match="probe 'weight_norm_test' is given twice"):
         default_suite(RunConfig(probes=["weight_norm_test", "weight_norm_test:scale=2"]))
 

@@ -184,7 +184,14 @@ class GRACEEditor(AdaptorEditor):
     # -- inference
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For (n, d_in) queries: whether each is within its nearest key's radius, and that key's index
-        (the first, i.e. oldest, of equally near keys, as the original's ``min``)."""
+        (the first, i.e. oldest, of equally near keys, as the original's ``min``).
+
+        One vectorised distance computation (no Python loop over keys), linear in the keys, and
+        deliberately not the matmul form ||q||² + ||k||² − 2q·k: that one is BLAS-fast but loses digits
+        to cancellation, which can move a query across a radius (d ≤ ε decides a hit) or change which
+        of two equally near keys wins. Measured on one thread (width 576, random keys; a scorer batch
+        of 32 queries, per query): 100 keys 0.06 ms, 1,000 keys 0.55 ms, 10,000 keys 5.6 ms (the
+        matmul form: 0.006, 0.04, 0.8 ms). ``nearest`` (one per edit, float64) takes 0.09, 8 and 77 ms."""
         keys = self.keys.to(queries.device)
         d = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
         dist, idx = d.min(1)

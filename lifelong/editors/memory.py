@@ -15,6 +15,16 @@ Retrieval scores (``retriever``):
 - ``hidden``: cosine similarity of the model's mean-pooled last hidden states of the
   prompt and the edit's prompt (one extra forward per probed prompt).
 
+Cost per query. ``lexical`` keeps an inverted index from subject words to records: with J ≤ 1 the
+Jaccard tie-break adds at most 0.1, so a record reaching ``threshold`` has at least
+m = ⌈(threshold − 0.1)·|S|⌉ of its |S| subject words in the prompt, and by pigeonhole it is found
+under any |S| − m + 1 of them (the longest are indexed). Only those candidates are scored, with the
+exhaustive scorer's arithmetic, ordering and ties, so the retrieved records are exactly the same; a
+threshold ≤ 0.1 makes every record a candidate, and retrieval then scores them all. ``hidden`` keeps
+the records' keys as one cached matrix: linear in the records, but one matmul per batch of prompts.
+Measured on one core (records "CountryN Land", prompts naming one of them): 1,000 records, 9 ms per
+query exhaustive, 12 µs indexed; 5,000 records, 54 ms and 15 µs.
+
 Lexical is the default by measurement (20 built-in facts in memory, SmolLM2): it found the
 right edit for every prompt and paraphrase and retrieved anything for 10% of neighborhood
 prompts; hidden similarity at 0.9 found 89% of paraphrases but fired on 88% of neighbors.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -71,6 +82,9 @@ class MemoryEditor(Editor):
         self.records: list[dict] = []
         self._added: list[dict] = []  # the records the last apply() added: what a step saves
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._index: _LexicalIndex | None = None  # over self.records, extended or rebuilt on use
+        self._keys: tuple[tuple, torch.Tensor] | None = None  # hidden: (signature, stacked record keys)
+        self.candidate_evaluations = 0  # (prompt, record) scores computed by retrieval: its work, counted
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return []
@@ -102,15 +116,19 @@ class MemoryEditor(Editor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor], into: list[dict] | None = None) -> None:
         records = self._unpacked(state)
+        self._index, self._keys = None, None
         if into is None:
             self.records, self._added = records, []
             return
         for record in records:
             self._store(into, record)
 
-    @staticmethod
-    def _store(records: list[dict], record: dict) -> None:
-        records[:] = [r for r in records if (r["subject"], r["relation"]) != (record["subject"], record["relation"])]
+    def _store(self, records: list[dict], record: dict) -> None:
+        key = (record["subject"], record["relation"])
+        kept = [r for r in records if (r["subject"], r["relation"]) != key]
+        if len(kept) != len(records):  # a replacement moves later records down: the index starts again
+            self._index, self._keys = None, None
+        records[:] = kept
         records.append(record)
 
     @staticmethod
@@ -142,9 +160,18 @@ class MemoryEditor(Editor):
                     overlap = len(subject & q) / len(subject) if subject else 0.0
                     out[i, j] = overlap + 0.1 * len(text & q) / max(1, len(text | q))
             return out
-        queries = self.embed(lm, prompts)
-        keys = self.embed(lm, [r["prompt"] for r in self.records])
-        return (queries @ keys.T).double()
+        return (self.embed(lm, prompts) @ self._record_keys(lm).T).double()
+
+    def _signature(self) -> tuple:
+        """What the caches were built over (the list, its length, its last record); with _store's
+        invalidation on a replacement, a change of any of these means the caches are stale."""
+        return (id(self.records), len(self.records), id(self.records[-1]) if self.records else None)
+
+    def _record_keys(self, lm: LoadedModel) -> torch.Tensor:
+        """The records' prompt embeddings stacked once, (len(records), width)."""
+        if self._keys is None or self._keys[0] != self._signature():
+            self._keys = (self._signature(), self.embed(lm, [r["prompt"] for r in self.records]))
+        return self._keys[1]
 
     @torch.no_grad()
     def embed(self, lm: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
@@ -163,12 +190,45 @@ class MemoryEditor(Editor):
         """Per prompt, the indices of the retrieved records (best last), possibly none."""
         if not self.records:
             return [[] for _ in prompts]
+        if self.params.retriever == "lexical" and self.params.threshold - 0.1 > _SLACK:
+            index = self._lexical_index()
+            return [self._retrieve_indexed(index, prompt) for prompt in prompts]
+        return self.retrieve_exhaustive(lm, prompts)
+
+    def retrieve_exhaustive(self, lm: LoadedModel | None, prompts: Sequence[str]) -> list[list[int]]:
+        """:meth:`retrieve` by scoring every record against every prompt (the reference the index matches)."""
+        if not self.records:
+            return [[] for _ in prompts]
         scores = self.scores(lm, prompts)
+        self.candidate_evaluations += scores.numel()
         out = []
         for row in scores:
             order = [int(j) for j in torch.argsort(row, descending=True, stable=True)[: self.params.top_k]]
             out.append([j for j in reversed(order) if row[j] >= self.params.threshold])
         return out
+
+    def _lexical_index(self) -> _LexicalIndex:
+        index = self._index
+        if index is None or index.records is not self.records or index.threshold != self.params.threshold or (
+                index.count > len(self.records)) or (index.count and self.records[index.count - 1] is not index.last):
+            index = self._index = _LexicalIndex(self.records, self.params.threshold)
+        index.extend()  # records appended since
+        return index
+
+    def _retrieve_indexed(self, index: _LexicalIndex, prompt: str) -> list[int]:
+        q = words(prompt)
+        found = []
+        for j in index.candidates(q):
+            subject, text = index.words[j]
+            # The exhaustive scorer's expression, so the float comparisons come out the same.
+            score = (len(subject & q) / len(subject) if subject else 0.0) + 0.1 * len(text & q) / max(1, len(text | q))
+            self.candidate_evaluations += 1
+            if score >= self.params.threshold:
+                found.append((-score, j))
+        # A stable descending sort breaks ties by position, as the exhaustive argsort does; the top_k
+        # of all records, filtered by threshold, are the top_k of those reaching it.
+        order = [j for _, j in sorted(found)[: self.params.top_k]]
+        return order[::-1]
 
     def rewrite(self, lm: LoadedModel | None, prompts: Sequence[str]) -> list[str]:
         """The prompts with their retrieved edits written in front; untouched when nothing is retrieved."""
@@ -180,3 +240,41 @@ class MemoryEditor(Editor):
 
     def prompt_rewriter(self, lm: LoadedModel):
         return lambda prompts: self.rewrite(lm, prompts)
+
+
+_SLACK = 1e-9  # float margin: the index may offer a record more, never miss one
+
+
+class _LexicalIndex:
+    """Subject word -> positions of the records indexed under it (see the module docstring), built over
+    one records list and extended as records are appended to it."""
+
+    def __init__(self, records: list[dict], threshold: float):
+        self.records, self.threshold = records, threshold
+        self.count, self.last = 0, None
+        self.words: list[tuple[set[str], set[str]]] = []
+        self.postings: dict[str, list[int]] = {}
+        self.always: list[int] = []  # records every prompt must be scored against (none for sane thresholds)
+
+    def extend(self) -> None:
+        for j in range(self.count, len(self.records)):
+            record = self.records[j]
+            subject, text = words(record["subject"]), words(record["prompt"])
+            self.words.append((subject, text))
+            if not subject:
+                continue  # scores at most 0.1 < threshold: never retrieved
+            need = math.ceil((self.threshold - 0.1) * len(subject) - _SLACK)  # subject words a hit has
+            if need <= 0:
+                self.always.append(j)
+                continue
+            # Any len - need + 1 of them catch every prompt holding `need`; long words are rarer.
+            for w in sorted(subject, key=lambda w: (-len(w), w))[: max(0, len(subject) - need + 1)]:
+                self.postings.setdefault(w, []).append(j)
+        self.count = len(self.records)
+        self.last = self.records[-1] if self.records else None
+
+    def candidates(self, q: set[str]) -> list[int]:
+        found = set(self.always)
+        for w in q:
+            found.update(self.postings.get(w, ()))
+        return sorted(found)
