@@ -1,4 +1,4 @@
-"""The ``lifelong`` command: replay, show, plot, checkout, and listings.
+"""The ``lifelong`` command: replay, show, plot, checkout, inspect, and listings.
 
 Every failure the user can cause (bad stream file, unknown editor, bad option,
 unsupported model) ends in one line ``lifelong: error: ...`` and exit status 2.
@@ -238,6 +238,15 @@ def cmd_checkout(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from lifelong.inspect import before_after, format_before_after
+
+    chosen, rows, _ = before_after(args.dir, edit_ids=args.edit or None, count=args.edits, tokens=args.tokens,
+                                   device=args.device, stream=args.stream)
+    print(format_before_after(chosen, rows))
+    return 0
+
+
 def cmd_train_mend(args) -> int:
     from lifelong.editors.mend import (
         TrainConfig,
@@ -424,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_checkout)
+
+    p = sub.add_parser("inspect", formatter_class=defaults,
+                       help="before/after: greedy continuations of a few edits' prompt, paraphrase and neighbour "
+                            "at θ0, after the edit and at the last step")
+    p.add_argument("dir")
+    p.add_argument("--edits", type=int, default=3, help="how many edits, spread over the run")
+    p.add_argument("--edit", action="append", metavar="ID", help="an edit by id (repeatable; instead of --edits)")
+    p.add_argument("--tokens", type=int, default=12, help="greedy tokens per continuation")
+    p.add_argument("--stream", default=None, help="the run's stream file, where it is not at the recorded path")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train-mend", formatter_class=defaults,
                        help="train (or resume) MEND's hypernetwork; cached by model, layers, params and data")

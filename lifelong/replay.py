@@ -111,6 +111,18 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     return ProbeSuite([p for p in defaults if p.name not in names] + extra)
 
 
+def probes_identity(suite: ProbeSuite, edits: int) -> list[dict]:
+    """The suite's configuration as a run records it. Retention's ``sample`` cap is left out when the
+    stream has no more edits than the cap: it changes nothing then, and runs from before the cap
+    existed (all exact) keep resuming."""
+    out = suite.config()
+    for probe in out:
+        options = probe.get("options") or {}
+        if probe["name"] == "retention" and options.get("sample") is not None and edits <= options["sample"]:
+            del options["sample"]
+    return out
+
+
 def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: int):
     """A context-manager factory for :attr:`ProbeContext.model_at`: step k's weights and editor
     state while the block runs, then the current step's restored bitwise."""
@@ -181,7 +193,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
     manifest = run.start(identity_of(
         config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
-        stream_edits=len(stream), stream_steps=len(steps), probes=suite.config(), model_family=lm.adapter.family,
+        stream_edits=len(stream), stream_steps=len(steps), probes=probes_identity(suite, len(stream)), model_family=lm.adapter.family,
         base_weights=base_fingerprint, stream=stream_label(config.stream),
     ))
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)

@@ -323,3 +323,14 @@ def test_step_log_survives_a_cut_line_and_old_progress_files_still_read(tmp_path
     assert old.progress()["seconds"]["1"] == {"edit": 2.0}
     old.mark_complete(2, None, {"edit": 3.0}, 2)
     assert old.progress()["seconds"] == {"0": {"probe": 1.0}, "1": {"edit": 2.0}, "2": {"edit": 3.0}}
+
+
+def test_retention_sample_is_in_the_identity_only_where_it_acts(tmp_path, stream_file, full_run):
+    """A stream of no more edits than the cap is probed exactly, as before the cap existed: the
+    identity leaves it out (older runs keep resuming); a cap that acts is recorded."""
+    retention = next(p for p in full_run.run.manifest()["identity"]["probes"] if p["name"] == "retention")
+    assert "sample" not in retention["options"]
+    capped = replay(config(stream_file, probes=["retention:schedule=every:2,sample=3"]), tmp_path / "capped",
+                    progress=False, stop_after=1)
+    retention = next(p for p in capped.run.manifest()["identity"]["probes"] if p["name"] == "retention")
+    assert retention["options"]["sample"] == 3
