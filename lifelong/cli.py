@@ -85,7 +85,7 @@ def cmd_replay(args) -> int:
     config = RunConfig(
         model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
         steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,
-        device=args.device, probes=list(args.probe or []), keep_deltas=args.keep_deltas,
+        device=args.device, probes=list(args.probe or []), keep_deltas=args.keep_deltas, dtype=args.dtype,
     )
     out = Path(args.out) if args.out else _default_out(args)
     with quiet_bars(args.quiet):
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-EDITOR-STREAM-seedS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without "
+                        "native support: see 'Machines' in the README)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
     p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")

@@ -30,7 +30,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SCALARS = {"model": str, "editor": str, "stream": str, "steps": int, "batch_size": int, "probe_every": int,
-           "seed": int, "device": str, "out": str, "threads": (int, str), "keep_deltas": str}
+           "seed": int, "device": str, "out": str, "threads": (int, str), "keep_deltas": str,
+           "dtype": str}
 
 
 def read_config(path: str | Path) -> dict:
@@ -80,6 +81,7 @@ def _from_manifest(path: Path) -> dict:
     out = {"model": ident["model"], "editor": ident["editor"], "stream": stream, "steps": ident.get("steps"),
            "batch_size": ident.get("batch_size"), "probe_every": ident["probe_every"], "seed": ident["seed"],
            "device": ident.get("device", "cpu"), "keep_deltas": ident.get("keep_deltas", "all"),
+           "dtype": ident.get("dtype", "float32"),
            "set": [f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
            "probe": [probe_spec(p) for p in ident.get("probes") or []]}
     return out

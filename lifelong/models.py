@@ -45,6 +45,23 @@ class LoadedModel:
     def num_layers(self) -> int:
         return self.adapter.num_layers
 
+    @classmethod
+    def from_hf(cls, model: nn.Module, tokenizer, name: str | None = None) -> "LoadedModel":
+        """Wrap a transformers causal LM already in memory (and its tokenizer) for replay, editors and
+        probes: frozen and in eval mode, on the device its weights are on. Its family must be a
+        supported one (``lifelong models``). ``name`` labels runs (default: the config's name_or_path).
+
+        A run records its model by this name only: ``lifelong checkout`` and ``--config MANIFEST``
+        reload a run by name, so for those, save the model as a directory and pass its path."""
+        adapter = ArchAdapter(model)  # refuses an unsupported architecture in one line
+        if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # batched scoring pads; most causal LMs have no pad token
+        model.eval()
+        model.requires_grad_(False)
+        device = next(model.parameters()).device
+        label = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        return cls(name=str(label), model=model, tokenizer=tokenizer, adapter=adapter, device=device)
+
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
@@ -72,9 +89,25 @@ def available_models() -> list[tuple[str, str]]:
     ]
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model by registered name or local directory, frozen, in eval mode, on ``device``."""
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_load_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for ``--dtype name`` on ``device``, or a one-line refusal. float16 needs a
+    GPU: CPU kernels for it are missing or emulated. bfloat16 runs everywhere; on a CPU without
+    native support (see ``lifelong.machine``) it is much slower than float32."""
+    if name not in LOAD_DTYPES:
+        raise ModelLoadError(f"unknown --dtype {name!r}: expected one of {', '.join(LOAD_DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise ModelLoadError("--dtype float16 needs a GPU (cuda or mps); on a CPU use float32 or bfloat16")
+    return LOAD_DTYPES[name]
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a model by registered name or local directory, frozen, in eval mode, on ``device``, its
+    weights in ``dtype`` (float32, bfloat16, or float16 on a GPU)."""
     device = _resolve_device(device)
+    weights_dtype = resolve_load_dtype(dtype, device)
     if spec == DEFAULT_MODEL:
         directory = _default_model_dir()
         model, tokenizer = _load_hf_dir(directory)
@@ -88,7 +121,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu") ->
             f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 "
             "or a local Hugging Face directory"
         )
-    model.to(device).eval()
+    model.to(device=device, dtype=weights_dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=ArchAdapter(model), device=device)
 

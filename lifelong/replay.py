@@ -182,7 +182,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     elif config.editor != editor.name:
         config = dataclasses.replace(config, editor=editor.name)
     suite = default_suite(config)
-    lm = lm or load_model(config.model, config.device)
+    lm = lm or load_model(config.model, config.device, config.dtype)
     base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
     check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
@@ -286,7 +286,7 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
     done = run.completed_step()
     if not 0 <= step <= done:
         raise ValueError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
-    lm = load_model(identity["model"], device)
+    lm = load_model(identity["model"], device, identity.get("dtype", "float32"))
     if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
         raise ValueError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
                          "started from (their fingerprint differs); a checkout on them would be wrong")

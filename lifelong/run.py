@@ -68,6 +68,7 @@ class RunConfig:
     # Which steps stay available for checkout (lifelong.delta.KeepPolicy): storage, not results; part
     # of the identity only when not "all", so a run resumes under the policy it started with.
     keep_deltas: str = "all"
+    dtype: str = "float32"  # the weights' dtype as loaded (lifelong.models.LOAD_DTYPES); in the identity unless float32
 
 
 def is_temporary(name: str) -> bool:
@@ -378,6 +379,7 @@ def run_id(identity: dict) -> str:
 def identity_of(config: RunConfig, **resolved) -> dict:
     """The fields that must match for a directory to be resumed."""
     identity = {**asdict(config), **resolved}
-    if identity.get("keep_deltas") == "all":  # runs from before retention policies have no such field
-        del identity["keep_deltas"]
+    for key, default in (("keep_deltas", "all"), ("dtype", "float32")):  # runs from before these options lack them
+        if identity.get(key) == default:
+            del identity[key]
     return identity

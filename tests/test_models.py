@@ -100,3 +100,53 @@ def test_fingerprint_follows_every_weight(tiny):
         param = list(tiny.model.parameters())[-1]
         param.view(-1)[-1] += 1e-3  # the very last value of the last weight
     assert weights_fingerprint(tiny.model) != before
+
+
+def test_a_model_in_memory_runs_as_loaded(tmp_path, stream_file):
+    """LoadedModel.from_hf: a transformers model built elsewhere replays as the registered one does."""
+    from lifelong.models import LoadedModel
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from tests.conftest import TINY_FT
+
+    model, tokenizer = tiny_model("llama")
+    model.train()
+    lm = LoadedModel.from_hf(model, tokenizer, name="tiny-llama")
+    assert not model.training and not any(p.requires_grad for p in model.parameters()) and lm.device.type == "cpu"
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT), probe_every=2)
+    ours = replay(config, tmp_path / "a", lm=lm, progress=False, stop_after=2).run.results()
+    theirs = replay(config, tmp_path / "b", progress=False, stop_after=2).run.results()
+    assert ours.drop("run_id").equals(theirs.drop("run_id"))
+
+    class Fake(torch.nn.Module):
+        class config:
+            model_type = "t5"
+
+    with pytest.raises(UnsupportedArchitectureError, match="'t5'"):
+        LoadedModel.from_hf(Fake(), tokenizer)
+
+
+def test_load_dtype_runs_checks_out_bitwise_and_is_recorded(tmp_path, stream_file):
+    """--dtype bfloat16: the weights load in it, a replay runs, checkout rebuilds the live model bitwise
+    and the run records the dtype (so checkout and resume load it again); float16 needs a GPU."""
+    from lifelong.replay import checkout, replay
+    from lifelong.run import RunConfig
+    from tests.conftest import TINY_FT
+
+    lm = load_model("tiny-llama", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT), probe_every=2,
+                       dtype="bfloat16")
+    run = replay(config, tmp_path / "bf16", lm=lm, progress=False, stop_after=2).run
+    assert run.manifest()["identity"]["dtype"] == "bfloat16"
+    assert "dtype" not in replay(RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT)),
+                                 tmp_path / "f32", progress=False, stop_after=1).run.manifest()["identity"]
+    rebuilt = checkout(run.path, 2)
+    assert all(torch.equal(p, q) for p, q in zip(rebuilt.model.parameters(), lm.model.parameters()))
+    assert run.results()["value"].is_finite().all()
+    with pytest.raises(ModelLoadError, match="--dtype float16 needs a GPU"):
+        replay(RunConfig(model="tiny-llama", stream=str(stream_file), dtype="float16"), tmp_path / "f16",
+               progress=False)
+    assert not (tmp_path / "f16").exists()
+    with pytest.raises(ModelLoadError, match="unknown --dtype 'int8'"):
+        load_model("tiny-llama", dtype="int8")
