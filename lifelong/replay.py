@@ -26,6 +26,7 @@ from lifelong.machine import ComputeThreads, cpu_description, thread_policy
 from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
+from probes.bars import bar as progress_bar
 from probes.base import chain_ends
 from streams import EditStream, load_stream
 
@@ -231,7 +232,8 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     todo = range(done + 1, len(steps) + 1)
     if stop_after is not None:
         todo = todo[:stop_after]
-    bar = tqdm(todo, desc=f"replay {config.editor}", unit="step", disable=not progress, initial=done, total=len(steps))
+    bar = progress_bar(todo, show=progress, desc=f"replay {config.editor}", unit="step", initial=done,
+                       total=len(steps))
     for step in bar:
         compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]

@@ -533,6 +533,8 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
     """Run every cell of ``spec`` not yet done into sweep directory ``out`` (see the module's docstring)."""
     from tqdm import tqdm
 
+    from probes.bars import bar as progress_bar
+
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     sweep = SweepDir(out)
@@ -570,8 +572,8 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
                 return sum(cell_steps(c) if c["state"] in ("running", "done") else idle[c["id"]] for c in state["cells"])
 
             total = sum(c["steps"] for c in state["cells"])
-            bar = tqdm(total=total, initial=done_steps(), desc="sweep", unit="step", disable=not progress,
-                       dynamic_ncols=True)
+            bar = progress_bar(total=total, initial=done_steps(), desc="sweep", unit="step", show=progress,
+                               dynamic_ncols=True)
 
             shown: list = [None]
 

@@ -153,6 +153,14 @@ class Probe:
         return {**out, "options": options} if options else out
 
 
+def _probe_bar(due: Sequence["Probe"]):
+    """A transient bar naming the probe that runs, when several are due (perplexity and downstream
+    probes take minutes on a CPU); silent for one, and under --quiet (TQDM_DISABLE)."""
+    from probes.bars import bar
+
+    return bar(total=len(due), unit="probe", leave=False, show=len(due) >= 2)
+
+
 class ProbeSuite:
     """Runs a list of probes, each on its own schedule."""
 
@@ -169,10 +177,14 @@ class ProbeSuite:
 
     def run(self, ctx: ProbeContext, references: dict[str, dict]) -> list[Row]:
         rows = []
-        for probe in self.probes:
-            if probe.schedule.due(ctx.step, ctx.is_last, ctx):
-                ctx.reference = references.get(probe.name, {})
-                rows.extend(probe.measure(ctx))
+        due = [p for p in self.probes if p.schedule.due(ctx.step, ctx.is_last, ctx)]
+        bar = _probe_bar(due)
+        for probe in due:
+            bar.set_description_str(f"  probing {probe.name}")
+            ctx.reference = references.get(probe.name, {})
+            rows.extend(probe.measure(ctx))
+            bar.update()
+        bar.close()
         return rows
 
     def config(self) -> list[dict]:

@@ -382,3 +382,18 @@ def test_an_error_echoing_a_line_break_or_a_stray_byte_stays_one_line(capsys, st
     assert line == r"lifelong: error: --set expects key=value, got 'a\nb\r'"
     line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", "lr=\udcff")
     assert line == r"lifelong: error: ft.lr: cannot read '\udcff' as float"
+
+
+def test_a_step_of_several_edits_shows_its_own_progress_unless_quiet(capsys, monkeypatch):
+    """Inside a long step (a batch of edits, several probes due) a transient bar moves; --quiet's
+    TQDM_DISABLE silences it even though it is set after tqdm was imported."""
+    from lifelong.editors.base import each_edit
+    from probes.bars import bar
+
+    list(each_edit(["a", "b", "c"], "z* fits"))
+    assert "z* fits" in capsys.readouterr().err
+    assert each_edit(["a"], "z* fits") == ["a"]  # one edit: the step bar says enough
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    list(each_edit(["a", "b", "c"], "z* fits"))
+    bar(range(3), desc="anything").close()
+    assert capsys.readouterr().err == ""

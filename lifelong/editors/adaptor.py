@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, each_edit
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -75,7 +75,7 @@ class AdaptorEditor(Editor):
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         """Edit the adaptor one fact after another; the weights stay as they are (an empty delta)."""
         self.bind(lm)
-        for edit in batch:
+        for edit in each_edit(batch, f"{self.name} edits"):
             self.edit_one(lm, edit)
         return Delta.empty()
 

@@ -45,6 +45,17 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     return layer
 
 
+def each_edit(batch: Sequence[Edit], what: str) -> Sequence[Edit]:
+    """``batch``, with a transient progress bar (ETA) under the replay's when it holds several edits:
+    a step of 100 MEMIT edits takes minutes, and the step bar alone would not move. Silenced by
+    ``--quiet`` (TQDM_DISABLE) like every bar."""
+    if len(batch) < 2:
+        return batch
+    from probes.bars import bar
+
+    return bar(batch, desc=f"  {what}", unit="edit", leave=False)
+
+
 class Editor(ABC):
     """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``."""
 

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from probes.bars import bar as progress_bar
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lifelong.delta import atomic_save_tensors, load_tensors
@@ -108,8 +108,8 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     if done is None:  # not a chunk boundary: not ours, start afresh
         rows, done = [], 0
     desc = "sampling text for key statistics (once per model, cached)"
-    with torch.random.fork_rng(devices=[]), tqdm(total=n_rows * (seq_len - 1), initial=len(rows) * (seq_len - 1),
-                                                 desc=desc, unit="tok", unit_scale=True) as bar:
+    with torch.random.fork_rng(devices=[]), progress_bar(total=n_rows * (seq_len - 1), initial=len(rows) * (seq_len - 1),
+                                                          desc=desc, unit="tok", unit_scale=True) as bar:
         for c in range(done, chunks):
             torch.manual_seed(seed * 1_000_003 + c)
             first = sum(sizes[:c])
@@ -133,7 +133,7 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], rows: list[list[i
     totals = {layer: 0.0 for layer in layers}
     count = 0
     desc = f"key statistics, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))} (cached)"
-    bar = tqdm(total=sum(len(r) for r in rows), desc=desc, unit="tok", unit_scale=True)
+    bar = progress_bar(total=sum(len(r) for r in rows), desc=desc, unit="tok", unit_scale=True)
     for start in range(0, len(rows), batch_size):
         ids = torch.tensor(rows[start: start + batch_size], device=lm.device)
         with ExitStack() as stack:

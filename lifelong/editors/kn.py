@@ -42,7 +42,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from lifelong.delta import Delta, ParamChange
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, each_edit
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
@@ -275,7 +275,7 @@ class KNEditor(Editor):
         names = {layer: lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)}
         before = {layer: lm.model.get_parameter(name).detach().clone() for layer, name in names.items()}
         touched: dict[int, set[int]] = {}
-        for edit in batch:  # one fact after another: each sees the previous ones' change
+        for edit in each_edit(batch, "neurons located and moved"):  # each sees the previous one's change
             layers, mask, _ = self.neurons(lm, edit)
             change, signed = self.value_change(lm, edit)  # from the model as it is before this fact's edit
             signs = self._signs(lm, [layers[i] for i in mask.any(1).nonzero()[:, 0].tolist()], edit) if signed else {}

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor, default_layer
+from lifelong.editors.base import Editor, default_layer, each_edit
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
     KEY_AVERAGES, UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch,
@@ -171,7 +171,7 @@ class MEMITEditor(Editor):
         last = layers[-1]
         templates = p.context_templates(self.name)
         deltas = []
-        for edit in batch:  # δ_i at the top layer of the range, on the unedited (this step) model
+        for edit in each_edit(batch, "z* fits"):  # δ_i at the top layer of the range, on the unedited (this step) model
             fit = fit_value(lm, last, edit, p, self.name, self._stacks)
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)

@@ -477,7 +477,7 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     ``params`` None: every MLP projection. A checkpoint is written every ``config.checkpoint_every``
     steps, so a killed run resumes where it stopped; batches are drawn from (seed, step), so
     resuming gives the same result. The learning curve goes to ``curve.csv`` in the same directory."""
-    from tqdm import tqdm
+    from probes.bars import bar as progress_bar
 
     kinds = resolve_params(params, lm.adapter)
     records = load_training_records(data, limit)
@@ -532,7 +532,7 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         curve = [{"step": 0, "seconds": 0.0}]
         evaluate(curve[0])
         _write_curve(curve_path, curve)
-    bar = tqdm(todo, desc="train-mend", unit="step", initial=done, total=config.steps, disable=not progress)
+    bar = progress_bar(todo, show=progress, desc="train-mend", unit="step", initial=done, total=config.steps)
     for step in bar:
         t0 = time.perf_counter()
         rng = np.random.default_rng([config.seed, step])

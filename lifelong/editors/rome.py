@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor, resolve_layer
+from lifelong.editors.base import Editor, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
 from lifelong.editors.locate import UpperStacks, ValueParams, fit_value, lowrank_change
 from lifelong.models import LoadedModel
@@ -95,7 +95,7 @@ class ROMEEditor(Editor):
         param = lm.model.get_parameter(name)
         before = param.detach().clone()
         lefts, rights = [], []
-        for edit in batch:  # one fact after another: each sees the previous ones' change
+        for edit in each_edit(batch, "rank-one updates"):  # one fact after another: each sees the previous one's change
             left, right, _, _ = self.rank_one(lm, edit)
             lefts.append(left)
             rights.append(right)

@@ -1,0 +1,24 @@
+"""Progress bars for the whole program, silenced by ``--quiet`` at the moment they are made.
+
+tqdm reads ``TQDM_*`` variables once, when it is imported, so setting ``TQDM_DISABLE`` later (as
+``--quiet`` does, and sweep workers) would not reach bars made after. :func:`bar` reads it at each
+call. It lives in ``probes`` because ``lifelong`` imports ``probes`` and not the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet() -> bool:
+    """Whether bars are off now (``TQDM_DISABLE`` set to anything but empty, 0 or false)."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+
+
+def bar(iterable=None, *, show: bool = True, **kwargs):
+    """``tqdm(iterable, **kwargs)``, off when ``show`` is False or bars are off (:func:`quiet`)."""
+    from tqdm import tqdm
+
+    if not show or quiet():
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
