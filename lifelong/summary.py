@@ -15,6 +15,7 @@ import polars as pl
 
 from lifelong.run import RunDir
 from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate
+from probes import metric_table as mt
 from probes.metrics import forgotten_at, retention_matrix, retention_summary
 
 SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
@@ -50,15 +51,15 @@ def item_values(results: pl.DataFrame, probe: str, metric: str, protocol: str, o
 
 
 CHAIN_LINES = (
-    ("round success (Succ)", "round_success"),
-    ("distortion D (JS, nats)", "distortion_js"),
-    ("distortion (Pitfalls variant)", "distortion_js_pitfalls"),
-    ("ignore rate (IR)", "ignore_rate"),
-    ("failure rate (FR)", "failure_rate"),
-    ("conflict score explicit (CS)", "conflict_score_explicit"),
-    ("conflict score implicit (CS)", "conflict_score_implicit"),
-    ("conflict magnitude (CM)", "conflict_magnitude"),
-    ("tied fact damage (TFD)", "tied_fact_damage"),
+    ("round success (Succ)", mt.ROUND_SUCCESS),
+    ("distortion D (JS, nats)", mt.DISTORTION_JS),
+    ("distortion (Pitfalls variant)", mt.DISTORTION_JS_PITFALLS),
+    ("ignore rate (IR)", mt.IGNORE_RATE),
+    ("failure rate (FR)", mt.FAILURE_RATE),
+    ("conflict score explicit (CS)", mt.CONFLICT_SCORE_EXPLICIT),
+    ("conflict score implicit (CS)", mt.CONFLICT_SCORE_IMPLICIT),
+    ("conflict magnitude (CM)", mt.CONFLICT_MAGNITUDE),
+    ("tied fact damage (TFD)", mt.TIED_FACT_DAMAGE),
 )
 
 
@@ -77,7 +78,7 @@ def chain_lines(results: pl.DataFrame) -> list[Line]:
     ``later`` shown as ``last``)."""
     from probes.chains import protocol_when
 
-    rows = results.filter(pl.col("probe") == "chains")
+    rows = results.filter(pl.col("probe") == mt.CHAINS)
     lines = []
     for when in ("completion", "later"):
         for protocol in sorted(p for p in set(rows["protocol"]) if protocol_when(p) == when):
@@ -89,9 +90,9 @@ def chain_lines(results: pl.DataFrame) -> list[Line]:
                 m = sel.filter(pl.col("metric") == metric)
                 if not m.height:
                     continue
-                if metric == "failure_rate":
+                if metric == mt.FAILURE_RATE:
                     m = m.sort("step").tail(1)
-                    irs = sel.filter((pl.col("metric") == "ignore_rate") & (pl.col("step") <= m["step"][0]))
+                    irs = sel.filter((pl.col("metric") == mt.IGNORE_RATE) & (pl.col("step") <= m["step"][0]))
                     lines.append(_counted(label, shown, float(m["value"][0]), irs.height))
                 else:
                     lines.append(rate_line(label, shown, m["value"].to_numpy()))
@@ -187,7 +188,7 @@ def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> floa
     """The value at the last step the probe ran (NaN if never). A change against θ0 (ratio, diff) counts
     only steps after an edit: a run stopped before its first probed edit step has none yet."""
     rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
-    if metric in ("ratio", "diff"):
+    if metric in (mt.RATIO, mt.DIFF):
         rows = rows.filter(pl.col("step") > 0)
     return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
 
