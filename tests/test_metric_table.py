@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 import polars as pl
 import pytest
@@ -12,8 +13,8 @@ import pytest
 from lifelong.run import RunConfig
 from probes import PROBES, Probe, ProbeSuite, Row
 from probes.metric_table import (CHAINS, DISTORTION_JS, DOWNSTREAM, FAILURE_RATE, METRICS, ROUGE1, ROUGE2, ROUGE_L,
-                                 out_of_range)
-from streams import EditStream, Neighbor
+                                 ROUND_SUCCESS, Metric, out_of_range)
+from streams import ChainLink, Edit, EditStream, Neighbor
 from tests.conftest import TINY_FT
 from tests.test_chains_probe import chain_stream
 
@@ -80,7 +81,8 @@ def test_kit_fails_an_out_of_range_distortion(value, fails, monkeypatch, tmp_pat
     default_suite = lifelong.replay.default_suite
     monkeypatch.setattr(FakeDistortion, "value", value)
     monkeypatch.setattr(lifelong.replay, "default_suite",
-                        lambda config: ProbeSuite([*default_suite(config).probes, FakeDistortion()]))
+                        lambda config: ProbeSuite([p for p in default_suite(config).probes if p.name != CHAINS]
+                                                  + [FakeDistortion()]))  # in place of the kit's chain probe
     report = check_editor(ToyEditor, invariants=["metric_bounds"], max_examples=1, shrink=False)
     if fails:
         assert report.failed == ["metric_bounds"]
@@ -88,3 +90,24 @@ def test_kit_fails_an_out_of_range_distortion(value, fails, monkeypatch, tmp_pat
         assert "not in [0, ln 2]" in report.failures[0].message
     else:
         assert report.passed == ["metric_bounds"]
+
+
+def test_kit_replays_with_the_chain_probe_and_checks_its_rows(monkeypatch, tmp_path):
+    """A round chain through the kit's own replay: with round_success's range made impossible, the kit
+    names the chain probe's row (so chain rows are there, and checked)."""
+    from lifelong.testing import EditorUnderTest, InvariantViolation
+    from lifelong.testing.invariants import metric_bounds
+    from tests.test_testing_kit import ToyEditor
+
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+    day = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    out = Edit(id="e0", timestamp=day, subject="Ada", relation_id="capital", prompt="The capital of {} is",
+               target_new="Oslo", target_true="Rome", candidates=("Rome", "Oslo", "Lima", "Bern"),
+               chain=ChainLink("c0", "round-out"))
+    back = replace(out, id="e1", timestamp=day + timedelta(days=1), target_new="Rome", target_true="Oslo",
+                   chain=ChainLink("c0", "round-back"))
+    stream = EditStream([out, back])
+    metric_bounds(EditorUnderTest(ToyEditor), stream)  # in range as tabled
+    monkeypatch.setitem(METRICS, (CHAINS, ROUND_SUCCESS), Metric(CHAINS, ROUND_SUCCESS, 2, 3, "no value fits"))
+    with pytest.raises(InvariantViolation, match=r"chains/round_success/completion;p=meantok edit c0 step 2"):
+        metric_bounds(EditorUnderTest(ToyEditor), stream)

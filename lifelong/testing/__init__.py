@@ -30,8 +30,9 @@ The invariants (:data:`INVARIANTS`; pick a subset by name with ``invariants=[...
 - ``delta_matches_change``: live weights after a step == weights before + the returned Delta;
 - ``resume_same_results``: a replay killed after some steps and resumed by a fresh process
   (fresh model, fresh editor, state from ``state_dict``) ends with the same results table;
-- ``metric_bounds``: every score in the results lies in its range in ``probes.metric_table``
-  ([0, 1] for fractions, [0, ln 2] for Jensen-Shannon distortion, ...).
+- ``metric_bounds``: every score of a replay with the default probes and the chain probe lies in
+  its range in ``probes.metric_table`` ([0, 1] for fractions, [0, ln 2] for Jensen-Shannon
+  distortion, ...).
 
 Editor-specific equations apply only to the editors they are registered for
 (:data:`EQUATIONS`, :func:`register_equation`), or that an editor lists itself

@@ -90,8 +90,10 @@ class EditorUnderTest:
         return delta
 
     def replay(self, stream: EditStream, workdir: Path, run_name: str, *,
-               lm: LoadedModel | None = None, stop_after: int | None = None, editor: Editor | None = None):
-        """The real replay loop with ``editor`` or a fresh one from the factory (registered or not)."""
+               lm: LoadedModel | None = None, stop_after: int | None = None, editor: Editor | None = None,
+               probes: Sequence[str] = ()):
+        """The real replay loop with ``editor`` or a fresh one from the factory (registered or not), the
+        default probes and ``probes``."""
         from lifelong.replay import replay
         from lifelong.run import RunConfig
 
@@ -100,7 +102,8 @@ class EditorUnderTest:
             stream.to_jsonl(path)
         lm = lm or self.fresh_model()
         editor = editor or self.fresh_editor(lm)
-        config = RunConfig(model=self.model, editor=editor.name, stream=str(path), probe_every=1, seed=self.seed)
+        config = RunConfig(model=self.model, editor=editor.name, stream=str(path), probe_every=1, seed=self.seed,
+                           probes=list(probes))
         return replay(config, workdir / run_name, lm=lm, editor=editor, progress=False, stop_after=stop_after)
 
 
@@ -262,11 +265,12 @@ def resume_same_results(subject: EditorUnderTest, stream: EditStream) -> None:
 
 
 def metric_bounds(subject: EditorUnderTest, stream: EditStream) -> None:
-    """Every score in the results is in its range in probes.metric_table (fractions in [0, 1], JS distortion
-    in [0, ln 2], ...), and JS distortion and IR recomputed on each edit's candidates are too."""
+    """Every score of a replay with the chain probe is in its range in probes.metric_table (fractions in
+    [0, 1], JS distortion in [0, ln 2], ...), and JS distortion and IR recomputed on each edit's candidates are too."""
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
         lm = subject.fresh_model()
-        done = subject.replay(stream, Path(tmp), "run", lm=lm)
+        # The drawn streams hold round and conflict chains: the chain probe scores them.
+        done = subject.replay(stream, Path(tmp), "run", lm=lm, probes=[CHAINS])
         results = done.run.results()
         rows = results.select("probe", "metric", "protocol", "edit_id", "step", "value").iter_rows()
         _fail_if(out_of_range(rows), "scores out of range")
