@@ -10,6 +10,7 @@ import numpy as np
 
 from lifelong.run import RunDir
 from lifelong.stats import Estimate, rate, sampled_wilson
+from probes import metric_table as mt
 from probes.metrics import retained_fraction, retention_matrix
 
 BAND_ALPHA = 0.15
@@ -155,9 +156,9 @@ def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
     """
     import polars as pl
 
-    rows = run.results().filter(pl.col("probe") == "chains")
-    panels = [(m, label) for m, label in (("distortion_js", "distortion D (JS, nats)"),
-                                          ("conflict_magnitude", "conflict magnitude CM"))
+    rows = run.results().filter(pl.col("probe") == mt.CHAINS)
+    panels = [(m, label) for m, label in ((mt.DISTORTION_JS, "distortion D (JS, nats)"),
+                                          (mt.CONFLICT_MAGNITUDE, "conflict magnitude CM"))
               if rows.filter(pl.col("metric") == m).height]
     if not panels:
         return None
@@ -211,7 +212,7 @@ def _series(results, probe: str, metric: str, protocol: str | None = None, edit_
 def _panels(results) -> list[str]:
     """Which dashboard panels this run has data for, in a fixed order."""
     probes = set(results["probe"].unique())
-    has_js = "distortion_js" in set(results["metric"].unique())
+    has_js = mt.DISTORTION_JS in set(results["metric"].unique())
     return [name for name, present in (("retention", "retention" in probes), ("perplexity", "perplexity" in probes),
                                        ("downstream", "downstream" in probes), ("distortion", has_js),
                                        ("weight_drift", "weight_drift" in probes)) if present]
@@ -272,10 +273,10 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         import polars as pl
 
         probe = _chain_probe(results)
-        protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == "distortion_js"))
+        protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == mt.DISTORTION_JS))
                                ["protocol"]), key=lambda p: (not p.startswith("completion"), p))
         for j, protocol in enumerate(protocols if detail else protocols[:1]):
-            steps, values = _series(results, probe, "distortion_js", protocol)
+            steps, values = _series(results, probe, mt.DISTORTION_JS, protocol)
             ax.plot(steps, values, "-" if j == 0 else "--", marker="o", ms=3, color=color,
                     label=f"{protocol} (mean over chains)" if detail else f"{label} ({protocol})")
         ax.set_ylabel("JS divergence (nats)")
@@ -301,8 +302,8 @@ def _shared_steps(axes, last_step: int) -> None:
 def _chain_probe(results) -> str:
     import polars as pl
 
-    probes = results.filter(pl.col("metric") == "distortion_js")["probe"].unique().to_list()
-    return probes[0] if probes else "chains"
+    probes = results.filter(pl.col("metric") == mt.DISTORTION_JS)["probe"].unique().to_list()
+    return probes[0] if probes else mt.CHAINS
 
 
 def _mark_collapse(ax, step: int | None, color="crimson", label: str | None = "collapse step") -> None:

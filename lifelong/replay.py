@@ -273,15 +273,18 @@ def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_
             "numerics": editor.numerics(lm), "stream": source}
 
 
-def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedModel:
+def checkout(run_path: Path | str, step: int, device: str = "cpu", editor_class: type[Editor] | None = None
+             ) -> LoadedModel:
     """The model of run ``run_path`` as it was right after ``step``, rebuilt from base + deltas.
 
     An adaptor editor (GRACE, WISE, the in-context memory: edits outside the weights) is
     rebuilt with the run's hyperparameters, bound to the model with its state at ``step``
     and kept as ``lm.editor``: GRACE and WISE act through the hooks it installs, the memory
-    through ``lm.editor.prompt_rewriter(lm)`` (see :func:`scorer_for`).
+    through ``lm.editor.prompt_rewriter(lm)`` (see :func:`scorer_for`). ``editor_class``: the
+    editor's class, for a run made with an editor instance that no name or class path finds.
     """
-    from lifelong.editors import editor_class, parse_overrides
+    from lifelong.editors import editor_class as find_editor_class
+    from lifelong.editors import parse_overrides
 
     run = RunDir(run_path)
     identity = run.manifest()["identity"]
@@ -294,7 +297,9 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu") -> LoadedMode
                          "started from (their fingerprint differs); a checkout on them would be wrong")
     # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
     store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
-    cls = editor_class(identity["editor"])  # refused when not importable here: it may act outside the weights
+    # The run's editor class, refused when it cannot be loaded here (it may act outside the weights);
+    # ``editor_class`` gives it for a run of an unregistered editor instance.
+    cls = editor_class or find_editor_class(identity["editor"])
     if cls.adaptor:  # bound on θ0, before any delta, as replay binds it
         editor = cls(parse_overrides(cls.Params, identity.get("hyperparameters") or {}, cls.name))
         editor.bind(lm)

@@ -20,6 +20,7 @@ import polars as pl
 
 from lifelong.run import RunDir
 from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate, sampled_wilson
+from probes import metric_table as mt
 from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 
 SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
@@ -55,15 +56,15 @@ def item_values(results: pl.DataFrame, probe: str, metric: str, protocol: str, o
 
 
 CHAIN_LINES = (
-    ("round success (Succ)", "round_success"),
-    ("distortion D (JS, nats)", "distortion_js"),
-    ("distortion (Pitfalls variant)", "distortion_js_pitfalls"),
-    ("ignore rate (IR)", "ignore_rate"),
-    ("failure rate (FR)", "failure_rate"),
-    ("conflict score explicit (CS)", "conflict_score_explicit"),
-    ("conflict score implicit (CS)", "conflict_score_implicit"),
-    ("conflict magnitude (CM)", "conflict_magnitude"),
-    ("tied fact damage (TFD)", "tied_fact_damage"),
+    ("round success (Succ)", mt.ROUND_SUCCESS),
+    ("distortion D (JS, nats)", mt.DISTORTION_JS),
+    ("distortion (Pitfalls variant)", mt.DISTORTION_JS_PITFALLS),
+    ("ignore rate (IR)", mt.IGNORE_RATE),
+    ("failure rate (FR)", mt.FAILURE_RATE),
+    ("conflict score explicit (CS)", mt.CONFLICT_SCORE_EXPLICIT),
+    ("conflict score implicit (CS)", mt.CONFLICT_SCORE_IMPLICIT),
+    ("conflict magnitude (CM)", mt.CONFLICT_MAGNITUDE),
+    ("tied fact damage (TFD)", mt.TIED_FACT_DAMAGE),
 )
 
 
@@ -82,7 +83,7 @@ def chain_lines(results: pl.DataFrame) -> list[Line]:
     ``later`` shown as ``last``)."""
     from probes.chains import protocol_when
 
-    rows = results.filter(pl.col("probe") == "chains")
+    rows = results.filter(pl.col("probe") == mt.CHAINS)
     lines = []
     for when in ("completion", "later"):
         for protocol in sorted(p for p in set(rows["protocol"]) if protocol_when(p) == when):
@@ -94,9 +95,9 @@ def chain_lines(results: pl.DataFrame) -> list[Line]:
                 m = sel.filter(pl.col("metric") == metric)
                 if not m.height:
                     continue
-                if metric == "failure_rate":
+                if metric == mt.FAILURE_RATE:
                     m = m.sort("step").tail(1)
-                    irs = sel.filter((pl.col("metric") == "ignore_rate") & (pl.col("step") <= m["step"][0]))
+                    irs = sel.filter((pl.col("metric") == mt.IGNORE_RATE) & (pl.col("step") <= m["step"][0]))
                     lines.append(_counted(label, shown, float(m["value"][0]), irs.height))
                 else:
                     lines.append(rate_line(label, shown, m["value"].to_numpy()))
@@ -205,7 +206,7 @@ def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> floa
     """The value at the last step the probe ran (NaN if never). A change against θ0 (ratio, diff) counts
     only steps after an edit: a run stopped before its first probed edit step has none yet."""
     rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
-    if metric in ("ratio", "diff"):
+    if metric in (mt.RATIO, mt.DIFF):
         rows = rows.filter(pl.col("step") > 0)
     return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
 
@@ -427,7 +428,7 @@ def format_summary(run: RunDir) -> str:
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
     notes = ("intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
              "continuous values;", "n: the items (edits, chains, task items) or steps a figure is over.")
-    drawn = run.results().filter((pl.col("probe") == "retention") & (pl.col("metric") == "sample_population"))
+    drawn = run.results().filter((pl.col("probe") == mt.RETENTION_PROBE) & (pl.col("metric") == mt.SAMPLE_POPULATION))
     if drawn.height:
         notes += ("retention scored a seeded sample of the live edits at some steps: the retained fraction there "
                   "is an estimate (finite-population Wilson interval), forgetting counts only the edits sampled "

@@ -31,6 +31,9 @@ import numpy as np
 
 from probes import distortion as dm
 from probes.base import Probe, ProbeContext, Row
+from probes.metric_table import (CHAINS, CONFLICT_MAGNITUDE, CONFLICT_SCORE_EXPLICIT, CONFLICT_SCORE_IMPLICIT,
+                                 DISTORTION_JS, DISTORTION_JS_PITFALLS, FAILURE_RATE, IGNORE_RATE, ROUND_SUCCESS,
+                                 TIED_FACT_DAMAGE)
 from streams import Edit
 
 Query = tuple[tuple[str, ...], str]  # (prompts, answer): P = mean over prompts of p(answer | prompt)
@@ -188,7 +191,7 @@ def _conflict_plan(cid: str, items: list[tuple[int, Edit]], tied: Edit | None) -
 class ChainProbe(Probe):
     """Round-edit success, distortion, ignore/failure rate, conflict score and magnitude, tied-fact damage."""
 
-    name = "chains"
+    name = CHAINS
     description = ("round success, distortion (JS nats; Pitfalls variant), ignore/failure rate, conflict score "
                    "(explicit, implicit), conflict magnitude, tied-fact damage, when a chain completes")
     Options = ChainOptions
@@ -273,7 +276,7 @@ class ChainProbe(Probe):
                     done = [p for p in plans.values() if isinstance(p, RoundPlan) and p.end_step <= t]
                     rows.append(self._failure_rate(ctx, done, protocol))
             elif any(isinstance(p, RoundPlan) for p in group):
-                rows.append(Row(self.name, "failure_rate", protocol,
+                rows.append(Row(self.name, FAILURE_RATE, protocol,
                                 dm.failure_rate([v for _, v in irs], self.options.ir_threshold)))
         return rows
 
@@ -304,7 +307,7 @@ class ChainProbe(Probe):
                 if p.end_step == k and p.chain_id not in self._ir:
                     self._ir[p.chain_id] = self._ignore_rate(ctx, p, values)
         irs = [self._ir[p.chain_id] for p in done]
-        return Row(self.name, "failure_rate", protocol, dm.failure_rate(irs, self.options.ir_threshold))
+        return Row(self.name, FAILURE_RATE, protocol, dm.failure_rate(irs, self.options.ir_threshold))
 
     def _ignore_rate(self, ctx: ProbeContext, p: RoundPlan, now) -> float:
         p0 = ctx.reference["round_p0"][p.chain_id]
@@ -317,29 +320,29 @@ class ChainProbe(Probe):
         rows = []
         if isinstance(p, RoundPlan):
             (q_o, q_new) = p.anchor_queries()
-            rows.append(row("round_success", dm.round_success(anchor[q_o], anchor[q_new], now[q_o], now[q_new])))
+            rows.append(row(ROUND_SUCCESS, dm.round_success(anchor[q_o], anchor[q_new], now[q_o], now[q_new])))
             if len(p.objects) < 2:  # Obj = {o}: q is a point mass, D and IR say nothing
                 return rows, None
             p0 = ctx.reference["round_p0"][p.chain_id]
             pb = [now[(p.prompts, o)] for o in p.objects]
             if sum(p0) > 0 and sum(pb) > 0:
-                rows.append(row("distortion_js", dm.js_divergence(pb, p0)))
-                rows.append(row("distortion_js_pitfalls", dm.js_pitfalls(pb, p0)))
+                rows.append(row(DISTORTION_JS, dm.js_divergence(pb, p0)))
+                rows.append(row(DISTORTION_JS_PITFALLS, dm.js_pitfalls(pb, p0)))
             ir = self._ignore_rate(ctx, p, now)
-            rows.append(row("ignore_rate", ir))
+            rows.append(row(IGNORE_RATE, ir))
             return rows, ir
         e1_now = now[p.e1]
-        rows.append(row("conflict_score_explicit", dm.conflict_score_explicit(now[p.e2], e1_now)))
+        rows.append(row(CONFLICT_SCORE_EXPLICIT, dm.conflict_score_explicit(now[p.e2], e1_now)))
         if p.implied is not None:
-            rows.append(row("conflict_score_implicit", dm.conflict_score_implicit(now[p.implied], e1_now)))
+            rows.append(row(CONFLICT_SCORE_IMPLICIT, dm.conflict_score_implicit(now[p.implied], e1_now)))
         if anchor[p.e1] > 0:
-            rows.append(row("conflict_magnitude", dm.conflict_magnitude(anchor[p.e1], e1_now)))
+            rows.append(row(CONFLICT_MAGNITUDE, dm.conflict_magnitude(anchor[p.e1], e1_now)))
         if p.tied is not None:
             refs = {"theta0": ctx.reference.get("tied_p0", {}).get(p.chain_id), "thetam": anchor.get(p.tied)}
             for ref in self.options.tfd_refs:
                 p_ref = refs[ref]
                 if p_ref is not None and p_ref > 0:
-                    rows.append(Row(self.name, "tied_fact_damage", tfd_protocol(protocol, ref),
+                    rows.append(Row(self.name, TIED_FACT_DAMAGE, tfd_protocol(protocol, ref),
                                     float(dm.tied_fact_damage(p_ref, now[p.tied])), p.chain_id))
         return rows, None
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
+from probes.metric_table import DIFF, DOWNSTREAM, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, RATIO, SCORE
 from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, generate, load_task,
                           score_choice_generations, score_generations)
 
@@ -40,7 +41,7 @@ def split_list(value: str) -> list[str]:
 class DownstreamProbe(Probe):
     """Task scores and their drift from θ0 on a built-in suite or the shared-data task readers."""
 
-    name = "downstream"
+    name = DOWNSTREAM
     description = ("downstream task scores (likelihood choice accuracy, EM, GSM8K number, ROUGE, entity F1) "
                    "and drift vs θ0 (diff, ratio); tasks=a+b+c, items=N")
     default_schedule = "every:10"
@@ -110,14 +111,14 @@ class DownstreamProbe(Probe):
             ref = base.get(task, {})
             s, s0 = values["score"], ref.get("score", float("nan"))
             protocol = task + tag
-            rows += [Row(self.name, "score", protocol, s), Row(self.name, "diff", protocol, s - s0),
-                     Row(self.name, "ratio", protocol, s / s0 if s0 else float("nan"))]
+            rows += [Row(self.name, SCORE, protocol, s), Row(self.name, DIFF, protocol, s - s0),
+                     Row(self.name, RATIO, protocol, s / s0 if s0 else float("nan"))]
             for key, value in values.items():
-                if key == "score":
+                if key == SCORE:
                     continue
                 rows.append(Row(self.name, key, protocol, value))
-                if key == "gold_logprob":
-                    rows.append(Row(self.name, "gold_logprob_diff", protocol, value - ref.get(key, float("nan"))))
+                if key == GOLD_LOGPROB:
+                    rows.append(Row(self.name, GOLD_LOGPROB_DIFF, protocol, value - ref.get(key, float("nan"))))
         return rows
 
     def prepare(self, ctx: ProbeContext):

@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
+from probes.metric_table import (EDIT_QUALITY, EFFICACY, GENERALIZATION, LOCALITY, RETAINED_FRACTION, RETENTION,
+                                 RETENTION_PROBE, SAMPLE_POPULATION, SAMPLE_SIZE, SUPERSEDED)
 from streams import Edit
 
 
@@ -51,7 +53,7 @@ def efficacy_rows(probe: str, metric: str, ctx: ProbeContext, edits: Sequence[Ed
 class EditQualityProbe(Probe):
     """Efficacy, generalization and locality of each edit, right after its own step."""
 
-    name = "edit_quality"
+    name = EDIT_QUALITY
     description = "efficacy (ES, exact), paraphrase generalization (PS, exact), neighborhood locality (NS, unchanged)"
 
     def prepare(self, ctx: ProbeContext):
@@ -60,11 +62,11 @@ class EditQualityProbe(Probe):
         neighbors = sorted({(n.prompt, n.answer) for e in edits for n in e.neighborhood})
         scores = ctx.scorer.score(neighbors)
         reference = {"neighbor_argmax": {f"{p}\x1f{a}": list(t) for (p, a), t in zip(neighbors, scores.argmax)}}
-        return reference, efficacy_rows(self.name, "efficacy", ctx, edits)
+        return reference, efficacy_rows(self.name, EFFICACY, ctx, edits)
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         edits = ctx.batch
-        rows = efficacy_rows(self.name, "efficacy", ctx, edits)
+        rows = efficacy_rows(self.name, EFFICACY, ctx, edits)
         para = [(p, e.target_new) for e in edits for p in e.paraphrases]
         para += [(p, e.target_true) for e in edits if e.target_true is not None for p in e.paraphrases]
         neigh = [(n.prompt, n.answer) for e in edits for n in e.neighborhood]
@@ -75,18 +77,18 @@ class EditQualityProbe(Probe):
         for e in edits:
             if e.paraphrases:
                 exact = [lookup[(p, e.target_new)][1] for p in e.paraphrases]
-                rows.append(Row(self.name, "generalization", "exact", float(np.mean(exact)), e.id))
+                rows.append(Row(self.name, GENERALIZATION, "exact", float(np.mean(exact)), e.id))
                 if e.target_true is not None:
                     wins = [lookup[(p, e.target_new)][0] < lookup[(p, e.target_true)][0] for p in e.paraphrases]
-                    rows.append(Row(self.name, "generalization", "ps", float(np.mean(wins)), e.id))
+                    rows.append(Row(self.name, GENERALIZATION, "ps", float(np.mean(wins)), e.id))
             if e.neighborhood:
                 keeps = [lookup[(n.prompt, n.answer)][0] < lookup[(n.prompt, e.target_new)][0] for n in e.neighborhood]
-                rows.append(Row(self.name, "locality", "ns", float(np.mean(keeps)), e.id))
+                rows.append(Row(self.name, LOCALITY, "ns", float(np.mean(keeps)), e.id))
                 same = [
                     list(lookup[(n.prompt, n.answer)][2]) == ref.get(f"{n.prompt}\x1f{n.answer}")
                     for n in e.neighborhood
                 ]
-                rows.append(Row(self.name, "locality", "unchanged", float(np.mean(same)), e.id))
+                rows.append(Row(self.name, LOCALITY, "unchanged", float(np.mean(same)), e.id))
         return rows
 
 
@@ -148,7 +150,7 @@ def superseded_ids(edits: Sequence[Edit]) -> set[str]:
 class RetentionProbe(Probe):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
-    name = "retention"
+    name = RETENTION_PROBE
     description = ("efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
                    "edits superseded by a later edit of their subject and relation reported apart")
     Options = RetentionOptions
@@ -161,16 +163,16 @@ class RetentionProbe(Probe):
         panel = [e for e in so_far if in_panel(e.id, opts.fraction, opts.seed)]
         live = [e for e in panel if e.id not in replaced]
         eligible = [e for e in so_far if e.id not in replaced]
-        rows = efficacy_rows(self.name, "retention", ctx, capped(live, opts.sample, opts.seed))
-        rows += efficacy_rows(self.name, "superseded", ctx,
+        rows = efficacy_rows(self.name, RETENTION, ctx, capped(live, opts.sample, opts.seed))
+        rows += efficacy_rows(self.name, SUPERSEDED, ctx,
                               capped([e for e in panel if e.id in replaced], opts.sample, opts.seed))
         for protocol in ("es", "exact"):
-            values = [r.value for r in rows if r.protocol == protocol and r.metric == "retention"]
+            values = [r.value for r in rows if r.protocol == protocol and r.metric == RETENTION]
             if values:
-                rows.append(Row(self.name, "retained_fraction", protocol, float(np.mean(values))))
+                rows.append(Row(self.name, RETAINED_FRACTION, protocol, float(np.mean(values))))
             # The edits the fraction estimates over (ES needs an old target to compare with).
             population = sum(protocol == "exact" or e.target_true is not None for e in eligible)
             if values and len(values) < population:  # a sample: say so, with its n and what it is drawn from
-                rows.append(Row(self.name, "sample_size", protocol, float(len(values))))
-                rows.append(Row(self.name, "sample_population", protocol, float(population)))
+                rows.append(Row(self.name, SAMPLE_SIZE, protocol, float(len(values))))
+                rows.append(Row(self.name, SAMPLE_POPULATION, protocol, float(population)))
         return rows

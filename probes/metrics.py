@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from probes.metric_table import EDIT_QUALITY, EFFICACY, RETENTION, RETENTION_PROBE, SAMPLE_POPULATION, SUPERSEDED
+
 
 @dataclass
 class RetentionMatrix:
@@ -37,13 +39,13 @@ def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMa
     """Build A[t, i] from the ``retention`` rows and the own-step ``edit_quality`` rows; an edit's
     ``superseded`` rows (a later edit changed its subject and relation) leave A[t, i] NaN."""
     own = results.filter(
-        (pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy")
+        (pl.col("probe") == EDIT_QUALITY) & (pl.col("metric") == EFFICACY)
         & (pl.col("protocol") == protocol) & (pl.col("step") > 0)
     ).sort("step", maintain_order=True)
     edit_ids = own["edit_id"].to_list()
     index = {e: i for i, e in enumerate(edit_ids)}
     probed = results.filter(
-        (pl.col("probe") == "retention") & pl.col("metric").is_in(["retention", "superseded"])
+        (pl.col("probe") == RETENTION_PROBE) & pl.col("metric").is_in([RETENTION, SUPERSEDED])
         & (pl.col("protocol") == protocol)
     )
     steps = np.array(sorted(set(probed["step"].to_list())), dtype=int)
@@ -52,12 +54,12 @@ def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMa
     superseded = np.zeros((len(steps), len(edit_ids)), dtype=bool)
     for step, metric, edit_id, value in probed.select("step", "metric", "edit_id", "value").iter_rows():
         if edit_id in index:
-            if metric == "retention":
+            if metric == RETENTION:
                 values[row_of[step], index[edit_id]] = value
             else:
                 superseded[row_of[step], index[edit_id]] = True
     population = np.full(len(steps), np.nan)
-    drawn = results.filter((pl.col("probe") == "retention") & (pl.col("metric") == "sample_population")
+    drawn = results.filter((pl.col("probe") == RETENTION_PROBE) & (pl.col("metric") == SAMPLE_POPULATION)
                            & (pl.col("protocol") == protocol))
     for step, value in drawn.select("step", "value").iter_rows():
         if step in row_of:

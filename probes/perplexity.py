@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from probes.base import Probe, ProbeContext, Row
+from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
 WIKITEXT = "wikitext/wikitext-2-raw_test.txt"
@@ -83,7 +84,7 @@ def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int =
 class PerplexityProbe(Probe):
     """Reference-corpus perplexity (corpus-level and per-sentence mean), ratio to θ0, collapse flag."""
 
-    name = "perplexity"
+    name = PERPLEXITY_PROBE
     description = ("perplexity of a reference corpus (corpus, sentence_mean), ratio to θ0, over_threshold "
                    "(collapse step = first step with ratio >= threshold)")
     default_schedule = "every:5"
@@ -146,8 +147,8 @@ class PerplexityProbe(Probe):
         rows = []
         for protocol, ppl in values.items():
             ratio = ppl / base[protocol]
-            rows += [Row(self.name, "perplexity", protocol, ppl), Row(self.name, "ratio", protocol, ratio),
-                     Row(self.name, "over_threshold", protocol, float(ratio >= self.options.threshold))]
+            rows += [Row(self.name, PERPLEXITY, protocol, ppl), Row(self.name, RATIO, protocol, ratio),
+                     Row(self.name, OVER_THRESHOLD, protocol, float(ratio >= self.options.threshold))]
         return rows
 
     def prepare(self, ctx: ProbeContext):
@@ -165,6 +166,6 @@ class PerplexityProbe(Probe):
 
 def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None:
     """The first step at which the perplexity ratio was at or above the run's threshold (None: never)."""
-    hit = results.filter((pl.col("probe") == "perplexity") & (pl.col("metric") == "over_threshold")
+    hit = results.filter((pl.col("probe") == PERPLEXITY_PROBE) & (pl.col("metric") == OVER_THRESHOLD)
                          & (pl.col("protocol") == protocol) & (pl.col("value") > 0.5))
     return int(hit["step"].min()) if hit.height else None

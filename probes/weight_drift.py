@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from probes.base import Probe, ProbeContext, Row
+from probes.metric_table import FROBENIUS, RELATIVE, TOUCHED, WEIGHT_DRIFT
 
 
 class WeightDriftProbe(Probe):
     """‖W_t − W_0‖_F and entries changed, per scope parameter (edit_id = parameter name) and in total."""
 
-    name = "weight_drift"
+    name = WEIGHT_DRIFT
     description = "Frobenius norm of W_t - W_0 per edited matrix, relative norm, and parameters touched (entries != θ0)"
     default_schedule = "every:1"
 
@@ -26,9 +27,9 @@ class WeightDriftProbe(Probe):
                 base_norm = float(torch.linalg.vector_norm(base.double()))
                 total_sq += norm * norm
                 total_touched += touched
-                rows += [Row(self.name, "frobenius", "per_matrix", norm, name),
-                         Row(self.name, "relative", "per_matrix", norm / base_norm if base_norm else float("nan"), name),
-                         Row(self.name, "touched", "per_matrix", float(touched), name)]
-        rows += [Row(self.name, "frobenius", "total", total_sq ** 0.5),
-                 Row(self.name, "touched", "total", float(total_touched))]
+                rows += [Row(self.name, FROBENIUS, "per_matrix", norm, name),
+                         Row(self.name, RELATIVE, "per_matrix", norm / base_norm if base_norm else float("nan"), name),
+                         Row(self.name, TOUCHED, "per_matrix", float(touched), name)]
+        rows += [Row(self.name, FROBENIUS, "total", total_sq ** 0.5),
+                 Row(self.name, TOUCHED, "total", float(total_touched))]
         return rows

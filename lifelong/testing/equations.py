@@ -1,0 +1,91 @@
+"""Editor-specific equation checks (:data:`EQUATIONS`): registered per editor class, or an editor's own.
+
+``rome_writes_key_value`` is registered for ROME and r-ROME, ``alphaedit_preserves_nullspace_outputs``
+for AlphaEdit; :func:`register_equation` adds more.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lifelong.editors.base import Editor
+from lifelong.testing.invariants import EditorUnderTest, Invariant, InvariantViolation, _invariant
+from streams import EditStream
+
+
+def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
+    """ROME/r-ROME: after apply, the edited projection maps the edit's key k to v*: ‖W'k + b − v*‖/‖v*‖ < 1e-4."""
+    lm = subject.fresh_model()
+    editor = subject.fresh_editor(lm)
+    layer = editor.params.layer
+    for step, edit in enumerate(stream, start=1):  # one edit per step: the equation holds for the last one
+        from lifelong.replay import step_seed
+
+        torch.manual_seed(step_seed(subject.seed, step))  # the seed apply will see: the same v*
+        _, _, key, value = editor.rank_one(lm, edit)
+        subject.apply(editor, lm, [edit], step)
+        weight = lm.adapter.out_proj_weight_view(layer).double()
+        bias = lm.adapter.out_proj(layer).bias
+        out = weight @ key + (bias.double() if bias is not None else 0)
+        err = ((out - value).norm() / value.norm()).item()
+        if not err < 1e-4:
+            raise InvariantViolation(f"edit {edit.id}: ‖W'k + b − v*‖/‖v*‖ = {err:.3g} ≥ 1e-4")
+
+
+def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: EditStream) -> None:
+    """AlphaEdit: each step's change maps the preserved keys (C's eigenvectors outside the
+    null space, by the editor's nullspace_rule) to ~0, so outputs on preserved knowledge stay unchanged."""
+    lm = subject.fresh_model()
+    editor = subject.fresh_editor(lm)
+    for step, batch in enumerate(stream.steps(), start=1):
+        delta = subject.apply(editor, lm, batch, step)
+        for layer in editor.layers(lm):
+            values, vectors = torch.linalg.eigh(editor.second_moment(lm, layer))
+            preserved = vectors[:, ~editor.null_directions(values)]
+            change = delta.changes[lm.adapter.out_proj_param_name(layer)].materialize().double()
+            change = change.T if lm.adapter.spec.transposed else change  # (out, in)
+            leak = ((change @ preserved).norm() / (change.norm() * preserved.norm() + 1e-300)).item()
+            if not leak < 1e-6:
+                raise InvariantViolation(f"step {step}, layer {layer}: ‖ΔW·K₀‖/(‖ΔW‖‖K₀‖) = {leak:.3g} ≥ 1e-6")
+
+
+EQUATIONS: dict[type, dict[str, Invariant]] = {}
+"""Editor-specific equation checks: editor class -> {name: Invariant}; subclasses inherit them."""
+
+
+def register_equation(editor_cls: type, invariant: Invariant) -> Invariant:
+    """Register an equation check for ``editor_cls`` (and its subclasses); returns the invariant."""
+    EQUATIONS.setdefault(editor_cls, {})[invariant.name] = invariant
+    return invariant
+
+
+def _one_edit_steps(max_edits: int):
+    """The streams ROME's equation is checked on: one edit per step, no conflict chains."""
+    from lifelong.testing.strategies import edit_streams
+
+    return edit_streams(max_edits=max_edits, max_batch=1, conflicts=False)
+
+
+def _register_builtin_equations() -> None:
+    from lifelong.editors.rome import ROMEEditor
+
+    register_equation(ROMEEditor, _invariant(rome_writes_key_value, _one_edit_steps))
+    from lifelong.editors.memit import AlphaEditEditor
+
+    register_equation(AlphaEditEditor, _invariant(alphaedit_preserves_nullspace_outputs))
+
+
+_register_builtin_equations()
+
+
+def invariants_for(editor: Editor) -> dict[str, Invariant]:
+    """The equation checks that apply to ``editor``: registered for its class (or a base), or its own."""
+    out: dict[str, Invariant] = {}
+    for cls in reversed(type(editor).__mro__):
+        out.update(EQUATIONS.get(cls, {}))
+    own = getattr(editor, "testing_invariants", None)
+    if callable(own):
+        out.update({inv.name: inv for inv in own()})
+    return out
+
+
