@@ -27,6 +27,7 @@ from lifelong.models import LoadedModel, context_length, load_model, weights_fin
 from lifelong.run import RunConfig, RunDir, identity_of
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
 from probes.bars import bar as progress_bar
+from probes.bars import showing as bars_showing
 from probes.base import chain_ends
 from streams import EditStream, load_stream
 
@@ -165,7 +166,7 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
 
 def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None, progress: bool,
             stop_after: int | None, compute: ComputeThreads) -> ReplayResult:
-    with ExitStack() as held:  # holds the run's writer lock once the inputs are validated
+    with ExitStack() as held, bars_showing(progress):  # held: the run's writer lock, once inputs are validated
         return _replay_locked(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after,
                               compute=compute, held=held)
 

@@ -8,11 +8,26 @@ call. It lives in ``probes`` because ``lifelong`` imports ``probes`` and not the
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+
+_shown = [True]  # a stack: the innermost showing() wins
+
+
+@contextmanager
+def showing(flag: bool):
+    """Bars made inside the block (an editor's, a probe suite's) show only if ``flag``: a replay run
+    with ``progress=False`` keeps the transient bars of its steps quiet too."""
+    _shown.append(flag and _shown[-1])
+    try:
+        yield
+    finally:
+        _shown.pop()
 
 
 def quiet() -> bool:
-    """Whether bars are off now (``TQDM_DISABLE`` set to anything but empty, 0 or false)."""
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    """Whether bars are off now: ``TQDM_DISABLE`` set (to anything but empty, 0 or false), or inside
+    ``showing(False)``."""
+    return not _shown[-1] or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
 
 
 def bar(iterable=None, *, show: bool = True, **kwargs):
