@@ -11,13 +11,14 @@ from probes.options import OptionError, parse_options, split_spec
 from probes.perplexity import PerplexityProbe
 from probes.weight_drift import WeightDriftProbe
 from probes.scorer import Scorer, Scores
+from streams.errors import UserError
 
 # The probe registry: every probe is listed here, and only here.
 PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe, ChainProbe,
                                                              PerplexityProbe, WeightDriftProbe, DownstreamProbe)}
 
 
-class UnknownProbeError(ValueError):
+class UnknownProbeError(UserError):
     pass
 
 
