@@ -164,7 +164,10 @@ def _load_hf_dir(directory: Path):
 
     if not (Path(directory) / "config.json").is_file():
         raise ModelLoadError(f"{directory}: not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except ValueError as err:  # e.g. a config.json without a model_type transformers knows
+        raise ModelLoadError(f"{directory}: {str(err).splitlines()[0] if str(err) else 'unreadable config.json'}") from None
     if config.model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"{directory}: unsupported model architecture '{config.model_type}': "

@@ -479,3 +479,11 @@ def test_the_user_facing_errors_are_user_errors_and_still_value_errors():
 def test_a_bad_checkout_time_is_one_line(capsys, tmp_path):
     line = error_line(capsys, "checkout", str(tmp_path), "--at", "yesterday", "--out", str(tmp_path / "m"))
     assert line == "lifelong: error: --at 'yesterday': expected an ISO time such as 2024-05-01T12:00"
+
+
+def test_a_model_config_transformers_cannot_read_is_one_line(capsys, tmp_path, stream_file):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"hidden_size": 4}))  # no model_type
+    line = error_line(capsys, "replay", "--model", str(tmp_path / "m"), "--stream", str(stream_file),
+                      "--out", str(tmp_path / "x"))
+    assert f"{tmp_path / 'm'}: Unrecognized model" in line and not (tmp_path / "x").exists()
