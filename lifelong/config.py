@@ -76,6 +76,13 @@ def _from_manifest(path: Path) -> dict:
         ident = manifest["identity"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"config {path}: not a run manifest ({err})") from None
+    try:
+        return _manifest_options(path, manifest, ident)
+    except (KeyError, TypeError, AttributeError) as err:  # a manifest not written by a replay (or edited)
+        raise UserError(f"config {path}: not a run manifest ({type(err).__name__}: {err})") from None
+
+
+def _manifest_options(path: Path, manifest: dict, ident: dict) -> dict:
     sessions = manifest.get("sessions") or []
     stream = next((s["stream"] for s in reversed(sessions) if s.get("stream")), ident["stream"])
     if stream.endswith(".jsonl") and not Path(stream).is_file():

@@ -487,3 +487,10 @@ def test_a_model_config_transformers_cannot_read_is_one_line(capsys, tmp_path, s
     line = error_line(capsys, "replay", "--model", str(tmp_path / "m"), "--stream", str(stream_file),
                       "--out", str(tmp_path / "x"))
     assert f"{tmp_path / 'm'}: Unrecognized model" in line and not (tmp_path / "x").exists()
+
+
+def test_a_config_manifest_missing_a_key_is_one_line(capsys, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"identity": {"editor": "ft", "stream": "builtin"}}))  # no model
+    line = error_line(capsys, "replay", "--config", str(manifest), "--out", str(tmp_path / "x"))
+    assert line == f"lifelong: error: config {manifest}: not a run manifest (KeyError: 'model')"
