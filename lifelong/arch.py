@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from streams.errors import UserError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(UserError):
     """The model's family has no adapter."""
 
 
@@ -99,7 +101,7 @@ class ArchAdapter:
         """Module path of layer ``index``'s MLP projection ``kind`` (one of :meth:`mlp_kinds`)."""
         paths = {"gate": self.spec.mlp_gate, "up": self.spec.mlp_in, "down": self.spec.mlp_out}
         if kind not in self.mlp_kinds():
-            raise ValueError(f"a {self.family} MLP has no '{kind}' projection: it has {', '.join(self.mlp_kinds())}")
+            raise UserError(f"a {self.family} MLP has no '{kind}' projection: it has {', '.join(self.mlp_kinds())}")
         return f"{self.spec.layers}.{index}.{paths[kind]}"
 
     def mlp_proj(self, index: int, kind: str) -> nn.Module:

@@ -1,7 +1,10 @@
 """The ``lifelong`` command: replay, show, plot, checkout, inspect, and listings.
 
 Every failure the user can cause (bad stream file, unknown editor, bad option,
-unsupported model) ends in one line ``lifelong: error: ...`` and exit status 2.
+unsupported model) is a ``streams.errors.UserError`` and ends in one line
+``lifelong: error: ...`` and exit status 2, as does an ``OSError`` of the file system
+(permission denied, disk full: the message names the path). Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from streams.errors import UserError
+
 DEFAULT_STEPS_NOTE = "default: the whole stream"
 THREADS_HELP = ("compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable cores "
                 "shared among the lifelong runs alive on this machine)")
@@ -25,7 +30,7 @@ def _parse_set(values: list[str]) -> dict[str, str]:
     for item in values or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got '{item}'")
+            raise UserError(f"--set expects key=value, got '{item}'")
         out[key.strip()] = value.strip()
     return out
 
@@ -59,13 +64,13 @@ def check_replay_args(args) -> None:
 
     problem = unknown_editor(args.editor) or next(filter(None, map(unknown_probe, args.probe or [])), None)
     if problem:
-        raise ValueError(problem)
+        raise UserError(problem)
     if args.probe_every < 1:
-        raise ValueError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
+        raise UserError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
     if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
+        raise UserError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+        raise UserError(f"--steps must be at least 1 (got {args.steps})")
     _parse_set(args.set)
     from lifelong.keep import KeepPolicy
 
@@ -105,7 +110,7 @@ def cmd_sweep(args) -> int:
 
     spec = load_spec(args.spec)  # a bad spec is refused here, before anything is written
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     with quiet_bars(args.quiet):
         result = run_sweep(spec, args.out, address=args.address, workers=args.workers, progress=not args.quiet)
     print(format_sweep(result.dir.path))
@@ -126,7 +131,7 @@ def expand_sweeps(dirs: list[str]) -> list[str]:
         if is_sweep_dir(d):
             runs = SweepDir(d).runs()
             if not runs:
-                raise ValueError(f"{d}: no cell of this sweep is done yet")
+                raise UserError(f"{d}: no cell of this sweep is done yet")
             out += [str(r.path) for r in runs]
         else:
             out.append(d)
@@ -140,7 +145,7 @@ def cmd_show(args) -> int:
 
     if is_sweep_dir(args.dir):
         if args.json:
-            raise ValueError(f"{args.dir} is a sweep: show --json takes one of its cells (DIR/cells/NAME)")
+            raise UserError(f"{args.dir} is a sweep: show --json takes one of its cells (DIR/cells/NAME)")
         print(format_sweep(args.dir))
     elif args.json:
         print(json.dumps(summary_json(RunDir(args.dir)), indent=1, default=str))
@@ -153,7 +158,7 @@ def _writable(directory: Path) -> Path:
     """``directory``, refused in one line when the nearest existing part of it cannot be written."""
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not os.access(existing, os.W_OK):
-        raise ValueError(f"{existing} is not writable: write the plots elsewhere with --out DIR")
+        raise UserError(f"{existing} is not writable: write the plots elsewhere with --out DIR")
     return directory
 
 
@@ -185,13 +190,13 @@ def cmd_compare(args) -> int:
 
     dirs = expand_sweeps(args.dirs)
     if len(dirs) < 2:
-        raise ValueError("compare needs at least two run directories (or a sweep directory with two done cells)")
+        raise UserError("compare needs at least two run directories (or a sweep directory with two done cells)")
     runs = [RunDir(d) for d in dirs]
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
         if run.completed_step() < 1:
-            raise ValueError(f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
-                             "resume it with its replay command first")
+            raise UserError(f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
+                            "resume it with its replay command first")
     labels = run_labels(runs)
     out = Path(args.out)
     table = compare_table(runs, labels)
@@ -221,17 +226,20 @@ def cmd_checkout(args) -> int:
     from lifelong.run import RunDir
 
     if (args.step is None) == (args.at is None):
-        raise ValueError("checkout needs exactly one of --step K or --at TIME")
+        raise UserError("checkout needs exactly one of --step K or --at TIME")
     check_checkout_target(Path(args.out))
     step = args.step
     if args.at is not None:
-        when = datetime.fromisoformat(args.at)
+        try:
+            when = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise UserError(f"--at {args.at!r}: expected an ISO time such as 2024-05-01T12:00") from None
         when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
         step = RunDir(args.dir).step_at(when)
     lm = checkout(args.dir, step, args.device)
     if lm.editor is not None and lm.editor.adaptor:
-        raise ValueError(f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
-                         "which a transformers directory cannot hold; use lifelong.replay.checkout in Python")
+        raise UserError(f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
+                        "which a transformers directory cannot hold; use lifelong.replay.checkout in Python")
     check_checkout_target(Path(args.out))  # again: it may have changed while the model was rebuilt
     save_model_dir(lm.model, lm.tokenizer, Path(args.out), marker=f"step {step} of {Path(args.dir).resolve()}\n")
     print(f"step {step} of {args.dir} written to {Path(args.out).resolve()}")
@@ -519,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; re-run the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lifelong: error: {one_line(str(message))}", file=sys.stderr)
+    except (UserError, OSError) as err:  # the user's input, or the user's file system (permissions, a full disk)
+        print(f"lifelong: error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    # Anything else is a bug (ours or an editor's): it propagates with its traceback, exit status 1.
 
 
 def one_line(text: str) -> str:

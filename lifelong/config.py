@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from streams.errors import MissingFileError, UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -41,30 +43,30 @@ def read_config(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
-        raise ValueError(f"config {path}: no such file")
+        raise MissingFileError(f"config {path}: no such file")
     if path.suffix == ".json":
         return _from_manifest(path)
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"config {path}: not valid TOML: {err}") from None
+        raise UserError(f"config {path}: not valid TOML: {err}") from None
     out: dict = {}
     for key, value in raw.items():
         if key in SCALARS:
             if not isinstance(value, SCALARS[key]) or isinstance(value, bool):
-                raise ValueError(f"config {path}: key '{key}' must be {_kind(SCALARS[key])}, got {value!r}")
+                raise UserError(f"config {path}: key '{key}' must be {_kind(SCALARS[key])}, got {value!r}")
             out[key] = value
         elif key == "probes":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"config {path}: key 'probes' must be a list of probe strings")
+                raise UserError(f"config {path}: key 'probes' must be a list of probe strings")
             out["probe"] = value
         elif key == "set":
             if not isinstance(value, dict):
-                raise ValueError(f"config {path}: key 'set' must be a table of editor settings")
+                raise UserError(f"config {path}: key 'set' must be a table of editor settings")
             out["set"] = [f"{k}={_text(v)}" for k, v in value.items()]
         else:
-            raise ValueError(f"config {path}: unknown key '{key}' (expected one of "
-                             f"{', '.join([*SCALARS, 'probes', 'set'])})")
+            raise UserError(f"config {path}: unknown key '{key}' (expected one of "
+                            f"{', '.join([*SCALARS, 'probes', 'set'])})")
     return out
 
 
@@ -73,11 +75,18 @@ def _from_manifest(path: Path) -> dict:
         manifest = json.loads(path.read_text())
         ident = manifest["identity"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"config {path}: not a run manifest ({err})") from None
+        raise UserError(f"config {path}: not a run manifest ({err})") from None
+    try:
+        return _manifest_options(path, manifest, ident)
+    except (KeyError, TypeError, AttributeError) as err:  # a manifest not written by a replay (or edited)
+        raise UserError(f"config {path}: not a run manifest ({type(err).__name__}: {err})") from None
+
+
+def _manifest_options(path: Path, manifest: dict, ident: dict) -> dict:
     sessions = manifest.get("sessions") or []
     stream = next((s["stream"] for s in reversed(sessions) if s.get("stream")), ident["stream"])
     if stream.endswith(".jsonl") and not Path(stream).is_file():
-        raise ValueError(f"config {path}: the run's stream file {stream} is not here; give it with --stream")
+        raise UserError(f"config {path}: the run's stream file {stream} is not here; give it with --stream")
     out = {"model": ident["model"], "editor": ident["editor"], "stream": stream, "steps": ident.get("steps"),
            "batch_size": ident.get("batch_size"), "probe_every": ident["probe_every"], "seed": ident["seed"],
            "device": ident.get("device", "cpu"), "keep_deltas": ident.get("keep_deltas", "all"),

@@ -26,6 +26,7 @@ from torch import nn
 
 from lifelong.durable import make_dirs, publish
 from lifelong.keep import KeepPolicy
+from streams.errors import MissingFileError, UserError
 
 _DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"
 
@@ -162,7 +163,7 @@ class Delta:
 DIGEST_KEY = "lifelong_blake2b"  # metadata entry: a hash of every tensor's name, dtype, shape and bytes
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(UserError):
     """A stored file that cannot be read back as written (truncated, or its bytes changed)."""
 
 
@@ -201,7 +202,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class StepNotKept(ValueError):
+class StepNotKept(UserError):
     """A checkout of a step whose weights the run's retention policy did not keep."""
 
 
@@ -281,7 +282,7 @@ class DeltaStore:
     def load_delta(self, step: int) -> Delta:
         path = self.delta_path(step)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no delta stored for step {step}")
+            raise MissingFileError(f"{path}: no delta stored for step {step}")
         return Delta.load(path)
 
     def load_state(self, step: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifelong.run import RunDir, RunConfig
+from streams.errors import UserError
 
 
 @dataclass
@@ -61,10 +62,10 @@ def choose_edits(steps, edit_ids: list[str] | None, count: int) -> list[tuple[in
         by_id = {e.id: (k, e) for k, e in placed}
         missing = [i for i in edit_ids if i not in by_id]
         if missing:
-            raise ValueError(f"inspect: no edit {missing[0]!r} in the run's completed steps")
+            raise UserError(f"inspect: no edit {missing[0]!r} in the run's completed steps")
         return [by_id[i] for i in edit_ids]
     if count < 1:
-        raise ValueError(f"inspect: --edits must be at least 1, got {count}")
+        raise UserError(f"inspect: --edits must be at least 1, got {count}")
     if len(placed) <= count:
         return placed
     return [placed[round(i * (len(placed) - 1) / (count - 1))] for i in range(count)] if count > 1 else placed[:1]
@@ -80,11 +81,11 @@ def before_after(run_path: Path | str, edit_ids: list[str] | None = None, count:
     run = RunDir(run_path)
     done = run.completed_step()
     if done < 1:
-        raise ValueError(f"{run.path}: no completed edit step to inspect yet")
+        raise UserError(f"{run.path}: no completed edit step to inspect yet")
     stream_now, steps, facts, full_hash = prepare_stream_and_facts(run_config(run, stream))
     recorded = run.manifest()["identity"].get("stream_hash")
     if recorded not in (None, full_hash if facts else stream_now.content_hash()):
-        raise ValueError(f"{run.path}: the stream read now is not the one this run replayed (its hash differs)")
+        raise UserError(f"{run.path}: the stream read now is not the one this run replayed (its hash differs)")
     chosen = choose_edits(steps[:done], edit_ids, count)
     rows = []
     for _, edit in chosen:

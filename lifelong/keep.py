@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from streams.errors import UserError
+
 
 @dataclass(frozen=True)
 class KeepPolicy:
@@ -29,7 +31,7 @@ class KeepPolicy:
             return cls(kind)
         if kind in ("every", "last") and arg.isdigit() and int(arg) >= 1:
             return cls(kind, int(arg))
-        raise ValueError(f"--keep-deltas {text!r}: expected all, log, every:K or last:N (K, N >= 1)")
+        raise UserError(f"--keep-deltas {text!r}: expected all, log, every:K or last:N (K, N >= 1)")
 
     def __str__(self) -> str:
         return self.kind if self.kind in ("all", "log") else f"{self.kind}:{self.n}"

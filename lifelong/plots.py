@@ -12,6 +12,7 @@ from lifelong.run import RunDir
 from lifelong.stats import Estimate, rate, sampled_wilson
 from probes import metric_table as mt
 from probes.metrics import retained_fraction, retention_matrix
+from streams.errors import UserError
 
 BAND_ALPHA = 0.15
 
@@ -395,7 +396,7 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
     panels = [p for p in ("retention", "perplexity", "downstream", "distortion", "weight_drift")
               if any(p in _panels(t) for t in tables)]
     if not panels:
-        raise ValueError("none of the runs has rows to compare")
+        raise UserError("none of the runs has rows to compare")
     quality = any((t["probe"] == "edit_quality").any() for t in tables)
     cols = 2 if len(panels) + quality > 1 else 1
     rows = (len(panels) + quality + cols - 1) // cols

@@ -30,6 +30,7 @@ from probes.bars import bar as progress_bar
 from probes.bars import showing as bars_showing
 from probes.base import chain_ends
 from streams import EditStream, load_stream
+from streams.errors import UserError
 
 
 @dataclass
@@ -58,14 +59,14 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
     full = load_stream(config.stream)
     stream, facts = split_facts(full)
     if not len(stream):
-        raise ValueError(f"stream '{config.stream}' holds only tied facts ({len(facts)} edits with chain role "
-                         "tied-fact, which are probed, never applied): nothing to edit")
+        raise UserError(f"stream '{config.stream}' holds only tied facts ({len(facts)} edits with chain role "
+                        "tied-fact, which are probed, never applied): nothing to edit")
     available = len(stream.steps(config.batch_size))
     if config.steps is not None:
         if config.steps < 1:
-            raise ValueError(f"--steps must be at least 1 (got {config.steps})")
+            raise UserError(f"--steps must be at least 1 (got {config.steps})")
         if config.steps > available:
-            raise ValueError(f"stream '{config.stream}' has {available} steps; --steps {config.steps} asks for more")
+            raise UserError(f"stream '{config.stream}' has {available} steps; --steps {config.steps} asks for more")
         stream = stream.head_steps(config.steps, config.batch_size)
     return stream, stream.steps(config.batch_size), facts, full.content_hash()
 
@@ -91,8 +92,8 @@ def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) 
                 continue
             n = len(lm.tokenizer(prompt).input_ids) + len(answer_token_ids(lm.tokenizer, answer))
             if n > limit:
-                raise ValueError(f"stream '{spec}': edit {edit.id!r}: {what} with its answer is {n} tokens, longer "
-                                 f"than the {limit}-token context of model '{lm.name}'")
+                raise UserError(f"stream '{spec}': edit {edit.id!r}: {what} with its answer is {n} tokens, longer "
+                                f"than the {limit}-token context of model '{lm.name}'")
 
 
 def stream_label(spec: str) -> str:
@@ -108,7 +109,7 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     names = [p.name for p in extra]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"probe '{twice[0]}' is given twice")
+        raise UserError(f"probe '{twice[0]}' is given twice")
     defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
     return ProbeSuite([p for p in defaults if p.name not in names] + extra)
 
@@ -176,8 +177,8 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     keep = KeepPolicy.parse(config.keep_deltas)
     config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
     if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
-        raise ValueError(f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
-                         "which needs every step kept; use --keep-deltas all")
+        raise UserError(f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
+                        "which needs every step kept; use --keep-deltas all")
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
@@ -291,11 +292,11 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu", editor_class:
     identity = run.manifest()["identity"]
     done = run.completed_step()
     if not 0 <= step <= done:
-        raise ValueError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
+        raise UserError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
     lm = load_model(identity["model"], device, identity.get("dtype", "float32"))
     if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
-        raise ValueError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
-                         "started from (their fingerprint differs); a checkout on them would be wrong")
+        raise UserError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
+                        "started from (their fingerprint differs); a checkout on them would be wrong")
     # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
     store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
     # The run's editor class, refused when it cannot be loaded here (it may act outside the weights);

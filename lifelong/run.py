@@ -31,6 +31,7 @@ from typing import Iterator
 import polars as pl
 
 from lifelong.durable import append_line, make_dirs, publish
+from streams.errors import UserError
 
 RESULT_SCHEMA = {
     "run_id": pl.String,
@@ -47,7 +48,7 @@ RESULT_SCHEMA = {
 LOCK_NAME = ".lock"  # held by the process writing to a run directory (see RunDir.writer_lock)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory that cannot be used as asked; the message says why."""
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lifelong.run import RunConfig, RunDir, atomic_write_parquet, atomic_write_text
+from streams.errors import UserError
 
 try:
     import tomllib
@@ -66,7 +67,7 @@ LOCK_WAIT = 120.0  # seconds a task waits for an earlier worker of its cell to r
 CRASH_ENV = "LIFELONG_SWEEP_TEST_CRASH_ONCE"
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A sweep spec that cannot be run; the message names the file and the key."""
 
 
@@ -288,11 +289,11 @@ class SweepDir:
 
     def state(self) -> dict:
         if not self.state_path.is_file():
-            raise ValueError(f"{self.path}: not a sweep directory (no sweep.json)")
+            raise UserError(f"{self.path}: not a sweep directory (no sweep.json)")
         try:
             return json.loads(self.state_path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.state_path}: unreadable: {err}") from None
+            raise UserError(f"{self.state_path}: unreadable: {err}") from None
 
     def save(self, state: dict) -> None:
         state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -311,16 +312,16 @@ class SweepDir:
         if not self.path.exists():
             return
         if not self.path.is_dir():
-            raise ValueError(f"{self.path} is not a directory; choose another --out")
+            raise UserError(f"{self.path} is not a directory; choose another --out")
         if not self.state_path.is_file():
             if any(p.name != ".lock" for p in self.path.iterdir()):
-                raise ValueError(f"{self.path} exists, is not empty and is not a sweep directory; choose another --out")
+                raise UserError(f"{self.path} exists, is not empty and is not a sweep directory; choose another --out")
             return
         old = self.state().get("spec")
         if old != json.loads(json.dumps(spec.values)):
             diffs = [k for k in SPEC_KEYS if (old or {}).get(k) != json.loads(json.dumps(spec.values)).get(k)]
-            raise ValueError(f"{self.path} holds a sweep of another spec (differs in: {', '.join(diffs) or '?'}); "
-                             "choose another --out or delete it")
+            raise UserError(f"{self.path} holds a sweep of another spec (differs in: {', '.join(diffs) or '?'}); "
+                            "choose another --out or delete it")
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -333,7 +334,7 @@ class SweepDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ValueError(f"{self.path}: another sweep driver is running on this directory") from None
+                raise UserError(f"{self.path}: another sweep driver is running on this directory") from None
             yield
         finally:
             os.close(fd)
@@ -470,11 +471,11 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got '{address}'")
+        raise UserError(f"--address must be auto, HOST:PORT or ray://HOST:PORT, got '{address}'")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise ValueError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
+        raise UserError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 @contextmanager
@@ -536,7 +537,7 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
     from probes.bars import bar as progress_bar
 
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}")
     sweep = SweepDir(out)
     sweep.check_target(spec)  # before anything is written
     check_address(address)

@@ -11,13 +11,14 @@ from probes.options import OptionError, parse_options, split_spec
 from probes.perplexity import PerplexityProbe
 from probes.weight_drift import WeightDriftProbe
 from probes.scorer import Scorer, Scores
+from streams.errors import MissingFileError, UserError
 
 # The probe registry: every probe is listed here, and only here.
 PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe, ChainProbe,
                                                              PerplexityProbe, WeightDriftProbe, DownstreamProbe)}
 
 
-class UnknownProbeError(ValueError):
+class UnknownProbeError(UserError):
     pass
 
 
@@ -31,7 +32,7 @@ def make_probe(spec: str) -> Probe:
     schedule = options.pop("schedule", None)
     try:
         return cls(schedule, parse_options(cls.Options, options, name))
-    except OptionError:
+    except (OptionError, MissingFileError):  # a missing corpus or task file is named as it is
         raise
     except ValueError as err:  # a bad schedule
         raise OptionError(f"probe '{name}': {err}") from None

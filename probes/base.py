@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from probes.scorer import Scorer
 from streams import Edit
+from streams.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Schedule:
         elif kind in ("log", "end", "chains") and not arg:
             self.every = None
         else:
-            raise ValueError(f"unknown probe schedule '{spec}': expected every:K (K >= 1), log, end or chains")
+            raise UserError(f"unknown probe schedule '{spec}': expected every:K (K >= 1), log, end or chains")
         self.kind, self.spec = kind, spec
 
     def due(self, step: int, is_last: bool, ctx: ProbeContext | None = None) -> bool:

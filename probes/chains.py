@@ -35,6 +35,7 @@ from probes.metric_table import (CHAINS, CONFLICT_MAGNITUDE, CONFLICT_SCORE_EXPL
                                  DISTORTION_JS, DISTORTION_JS_PITFALLS, FAILURE_RATE, IGNORE_RATE, ROUND_SUCCESS,
                                  TIED_FACT_DAMAGE)
 from streams import Edit
+from streams.errors import UserError
 
 Query = tuple[tuple[str, ...], str]  # (prompts, answer): P = mean over prompts of p(answer | prompt)
 
@@ -74,14 +75,14 @@ class ChainOptions:
 
     def __post_init__(self):
         if self.remeasure < 0:
-            raise ValueError(f"chains.remeasure must be >= 0, got {self.remeasure}")
+            raise UserError(f"chains.remeasure must be >= 0, got {self.remeasure}")
         if not 0 <= self.ir_threshold <= 1:
-            raise ValueError(f"chains.ir_threshold must be in [0, 1], got {self.ir_threshold}")
+            raise UserError(f"chains.ir_threshold must be in [0, 1], got {self.ir_threshold}")
         self.prob = PROB_ALIASES.get(self.prob, self.prob)
         if self.prob not in PROB_KINDS:
-            raise ValueError(f"chains.prob must be 'meantok' or 'seq', got {self.prob!r}")
+            raise UserError(f"chains.prob must be 'meantok' or 'seq', got {self.prob!r}")
         if self.tfd_ref not in (*TFD_REFS, "both"):
-            raise ValueError(f"chains.tfd_ref must be 'theta0', 'thetam' or 'both', got {self.tfd_ref!r}")
+            raise UserError(f"chains.tfd_ref must be 'theta0', 'thetam' or 'both', got {self.tfd_ref!r}")
 
     @property
     def tfd_refs(self) -> tuple[str, ...]:

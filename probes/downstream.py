@@ -27,6 +27,7 @@ from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import DIFF, DOWNSTREAM, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, RATIO, SCORE
 from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, generate, load_task,
                           score_choice_generations, score_generations)
+from streams.errors import UserError
 
 # Generation length per metric: short answers, a worked solution, a one-sentence summary, an entity list.
 MAX_NEW_TOKENS = {"em": 16, "number": 96, "rouge": 48, "entity_f1": 48, "choice": 4}
@@ -60,14 +61,14 @@ class DownstreamProbe(Probe):
         self.task_names = split_list(o.tasks)
         unknown = [t for t in self.task_names if t not in ALL_TASKS]
         if unknown or not self.task_names:
-            raise ValueError(f"unknown downstream task '{unknown[0] if unknown else o.tasks}': expected names "
-                             f"joined by '+' from {', '.join(ALL_TASKS)}")
+            raise UserError(f"unknown downstream task '{unknown[0] if unknown else o.tasks}': expected names "
+                            f"joined by '+' from {', '.join(ALL_TASKS)}")
         if o.choice_score not in ("mean", "sum"):
-            raise ValueError(f"choice_score must be mean or sum (got '{o.choice_score}')")
+            raise UserError(f"choice_score must be mean or sum (got '{o.choice_score}')")
         if o.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be likelihood or seed (got '{o.protocol}')")
+            raise UserError(f"protocol must be likelihood or seed (got '{o.protocol}')")
         if o.items < 0:
-            raise ValueError(f"items must be 0 (all) or more (got {o.items})")
+            raise UserError(f"items must be 0 (all) or more (got {o.items})")
         # Read now: a missing file fails before the run starts.
         self.tasks = {}
         for name in self.task_names:

@@ -25,6 +25,7 @@ from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import (EDIT_QUALITY, EFFICACY, GENERALIZATION, LOCALITY, RETAINED_FRACTION, RETENTION,
                                  RETENTION_PROBE, SAMPLE_POPULATION, SAMPLE_SIZE, SUPERSEDED)
 from streams import Edit
+from streams.errors import UserError
 
 
 def _efficacy_pairs(edits: Sequence[Edit]) -> list[tuple[str, str]]:
@@ -108,9 +109,9 @@ class RetentionOptions:
 
     def __post_init__(self):
         if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"retention: fraction must be in (0, 1], got {self.fraction}")
+            raise UserError(f"retention: fraction must be in (0, 1], got {self.fraction}")
         if self.sample is not None and self.sample < 1:
-            raise ValueError(f"retention: sample must be at least 1 (or none), got {self.sample}")
+            raise UserError(f"retention: sample must be at least 1 (or none), got {self.sample}")
 
 
 @functools.lru_cache(maxsize=1 << 16)

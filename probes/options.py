@@ -7,8 +7,10 @@ import dataclasses
 import math
 import typing
 
+from streams.errors import UserError
 
-class OptionError(ValueError):
+
+class OptionError(UserError):
     """A ``key=value`` option that does not fit the dataclass it is meant for."""
 
 

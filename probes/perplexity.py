@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO
+from streams.errors import MissingFileError, UserError
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
 WIKITEXT = "wikitext/wikitext-2-raw_test.txt"
@@ -37,12 +38,12 @@ def corpus_path(spec: str) -> Path:
 
         path = default_data_dir() / WIKITEXT
         if not path.is_file():
-            raise FileNotFoundError(f"perplexity corpus 'wikitext': {path} not found (set $LIFELONG_DATA to the "
-                                    "shared data directory, or give corpus=PATH to a text file)")
+            raise MissingFileError(f"perplexity corpus 'wikitext': {path} not found (set $LIFELONG_DATA to the "
+                                   "shared data directory, or give corpus=PATH to a text file)")
         return path
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"perplexity corpus '{spec}': no such file")
+        raise MissingFileError(f"perplexity corpus '{spec}': no such file")
     return path
 
 
@@ -101,9 +102,9 @@ class PerplexityProbe(Probe):
         super().__init__(schedule, options)
         o = self.options
         if o.chunk_tokens < 2:
-            raise ValueError(f"chunk_tokens must be at least 2 (got {o.chunk_tokens})")
+            raise UserError(f"chunk_tokens must be at least 2 (got {o.chunk_tokens})")
         if o.threshold <= 1:
-            raise ValueError(f"threshold must be above 1 (got {o.threshold})")
+            raise UserError(f"threshold must be above 1 (got {o.threshold})")
         self.path = corpus_path(o.corpus)  # fail at construction: before the run starts
         self._encoded: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
 
@@ -111,7 +112,7 @@ class PerplexityProbe(Probe):
     def text(self) -> str:
         text = self.path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         if not text.strip():
-            raise ValueError(f"perplexity corpus {self.path}: the file is empty")
+            raise UserError(f"perplexity corpus {self.path}: the file is empty")
         return text
 
     def rows_for(self, tokenizer) -> tuple[list[list[int]], list[list[int]]]:

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from streams.errors import MissingFileError, UserError
+
 TASK_DIR = Path(__file__).resolve().parent / "data" / "tasks"
 
 
@@ -43,7 +45,7 @@ class Generate:
     metric: str  # em, number, rouge, entity_f1
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError):
     """A task file that cannot be read; the message names the file and record."""
 
 
@@ -238,14 +240,14 @@ def load_task(name: str, data_dir: Path | None = None) -> list:
     if name in BUILTIN_TASKS:
         return read_builtin(name)
     if name not in DATA_TASKS:
-        raise ValueError(f"unknown downstream task '{name}': expected one of {', '.join(ALL_TASKS)}")
+        raise UserError(f"unknown downstream task '{name}': expected one of {', '.join(ALL_TASKS)}")
     from streams.readers import default_data_dir
 
     rel, reader = DATA_TASKS[name]
     path = Path(data_dir or default_data_dir()) / rel
     if not path.is_file():
-        raise FileNotFoundError(f"downstream task '{name}': {path} not found (set $LIFELONG_DATA to the shared "
-                                "data directory)")
+        raise MissingFileError(f"downstream task '{name}': {path} not found (set $LIFELONG_DATA to the shared "
+                               "data directory)")
     return reader(path)
 
 

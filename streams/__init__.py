@@ -13,6 +13,7 @@ The JSONL format is documented in ``streams/FORMAT.md``.
 """
 
 from .edit import ROLES, ChainLink, Edit, EditError, Neighbor
+from .errors import MissingFileError, UserError
 from .facts import (
     STREAMS,
     Fact,
@@ -39,6 +40,8 @@ from .readers import DATASETS, ReadReport, read_dataset
 from .stream import EditStream, StreamFormatError
 
 __all__ = [
+    "UserError",
+    "MissingFileError",
     "ROLES",
     "ChainLink",
     "Edit",

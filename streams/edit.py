@@ -17,6 +17,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import UserError
+
 ROLES = ("plain", "round-out", "round-back", "conflict-e1", "conflict-e2", "tied-fact", "multi-hop")
 """Roles an edit can play in a chain (see :class:`ChainLink`)."""
 
@@ -26,7 +28,7 @@ _REQUIRED_FIELDS = ("id", "timestamp", "subject", "relation_id", "prompt", "targ
 _OPTIONAL_FIELDS = ("target_true", "paraphrases", "neighborhood", "candidates", "chain")
 
 
-class EditError(ValueError):
+class EditError(UserError):
     """A record that cannot be an edit; the message is one line and names the edit."""
 
 
@@ -96,7 +98,7 @@ def parse_timestamp(text: str) -> datetime.datetime:
     try:
         return to_utc(datetime.datetime.fromisoformat(text))
     except OverflowError:  # e.g. 9999-12-31T23:00-05:00 is past the last representable UTC time
-        raise ValueError(f"timestamp {text!r} is out of range in UTC (years 1..9999)") from None
+        raise UserError(f"timestamp {text!r} is out of range in UTC (years 1..9999)") from None
 
 
 def format_timestamp(ts: datetime.datetime) -> str:

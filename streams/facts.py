@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .edit import UTC, Edit, EditError, Neighbor, parse_neighbors
+from .errors import MissingFileError, UserError
 from .stream import EditStream
 
 _RELATION_KEYS = {"id", "template", "paraphrases", "candidates"}
@@ -38,7 +39,7 @@ _FACT_KEYS = {"id", "subject", "relation", "target_true", "target_new", "neighbo
 _TOP_KEYS = {"name", "description", "relations", "facts"}
 
 
-class FactSetError(ValueError):
+class FactSetError(UserError):
     """A fact-set file that cannot be loaded; one line naming the file and the relation or fact."""
 
 
@@ -262,10 +263,10 @@ def check_stream_spec(spec: str | os.PathLike) -> None:
         dataset_path(spec_str[len(DATASET_PREFIX):])
     elif spec_str.endswith(".jsonl"):
         if not os.path.isfile(spec_str):
-            raise FileNotFoundError(f"stream file {spec_str} does not exist")
+            raise MissingFileError(f"stream file {spec_str} does not exist")
     else:
-        raise ValueError(f"unknown stream {spec_str!r}: expected one of {', '.join(sorted(STREAMS))}, dataset:NAME "
-                         "(see 'lifelong streams'), or a path to a .jsonl file")
+        raise UserError(f"unknown stream {spec_str!r}: expected one of {', '.join(sorted(STREAMS))}, dataset:NAME "
+                        "(see 'lifelong streams'), or a path to a .jsonl file")
 
 
 def load_stream(spec: str | os.PathLike) -> EditStream:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .edit import UTC, ChainLink, Edit, EditError, Neighbor
+from .errors import MissingFileError, UserError
 from .stream import EditStream
 
 DEFAULT_START = datetime.datetime(2024, 1, 1, tzinfo=UTC)
@@ -113,13 +114,13 @@ def _load_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+        raise UserError(f"{path}: invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
 
 
 def _load_list(path: Path) -> list:
     data = _load_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
 
 
@@ -395,11 +396,11 @@ def _prompt_file(path: Path, given: str | os.PathLike | None, default_name: str)
     p = Path(given) if given is not None else path.parent / default_name
     if not p.exists():
         if given is not None:
-            raise FileNotFoundError(f"prompt-template file {p} not found")
+            raise MissingFileError(f"prompt-template file {p} not found")
         return {}
     data = _load_json(p)
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected an object of relation id -> templates")
+        raise UserError(f"{p}: expected an object of relation id -> templates")
     return data
 
 
@@ -614,7 +615,7 @@ def read_dyknow_facts(path: str | os.PathLike) -> tuple[EditStream, ReadReport]:
     path = Path(path)
     data = _load_json(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object of domains")
+        raise UserError(f"{path}: expected an object of domains")
     b = _Builder(f"dyknow_{path.stem}", DEFAULT_START, DAY)
     for domain, element, attribute, node in _grc_facts(data):
         key = f"{domain}/{element}" + (f"/{attribute}" if attribute != domain else "")
@@ -679,10 +680,10 @@ def default_data_dir() -> Path:
 def dataset_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The file dataset ``name`` is read from; refused in one line when unknown or absent."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
+        raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
     path = (Path(data_dir) if data_dir is not None else default_data_dir()) / DATASETS[name][0]
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"dataset {name!r} needs {path}, which does not exist (set LIFELONG_DATA or pass data_dir)"
         )
     return path

@@ -22,9 +22,10 @@ from typing import Iterable, Iterator, overload
 import numpy as np
 
 from .edit import Edit, EditError, to_utc
+from .errors import UserError
 
 
-class StreamFormatError(ValueError):
+class StreamFormatError(UserError):
     """A stream file that cannot be loaded; the message is one line, ``path:line: reason``."""
 
 

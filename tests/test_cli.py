@@ -397,3 +397,100 @@ def test_a_step_of_several_edits_shows_its_own_progress_unless_quiet(capsys, mon
     list(each_edit(["a", "b", "c"], "z* fits"))
     bar(range(3), desc="anything").close()
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- user mistakes and bugs (#18)
+def _replay_argv(tmp_path, stream_file):
+    return ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--out", str(tmp_path / "r"), "--quiet",
+            *TINY_SET]
+
+
+@pytest.mark.parametrize("error", [KeyError("edits"), ValueError("an internal check failed"), TypeError("no")])
+def test_an_internal_error_is_not_a_user_error(capsys, monkeypatch, tmp_path, stream_file, error):
+    """Only a UserError (and the file system's OSError) is printed as one line: an exception from
+    the project's own code, here from a function the replay calls, is a bug and propagates."""
+    import lifelong.replay
+
+    def broken(config):
+        raise error
+
+    monkeypatch.setattr(lifelong.replay, "prepare_stream_and_facts", broken)
+    with pytest.raises(type(error)) as raised:
+        main(_replay_argv(tmp_path, stream_file))
+    assert raised.value is error
+    assert "lifelong: error" not in capsys.readouterr().err
+
+
+def test_an_internal_error_exits_1_with_its_traceback(tmp_path, stream_file):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nimport lifelong.replay\n"
+            "def broken(config):\n    raise KeyError('edits')\n"
+            "lifelong.replay.prepare_stream_and_facts = broken\n"
+            "from lifelong.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, *_replay_argv(tmp_path, stream_file)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "KeyError: 'edits'" in done.stderr
+    assert "lifelong: error" not in done.stderr
+
+
+@pytest.mark.parametrize("error, shown", [
+    ("user", "lifelong: error: stream 's': edit 'e1' cannot be used (found late)"),
+    ("missing", "lifelong: error: dataset 'zsre' needs /data/zsre.json, which does not exist"),
+    ("os", "lifelong: error: [Errno 13] Permission denied: '/data/runs/r/manifest.json'"),
+])
+def test_a_user_mistake_found_deep_is_still_one_line(capsys, monkeypatch, tmp_path, stream_file, error, shown):
+    import lifelong.replay
+    from streams.errors import MissingFileError, UserError
+
+    raised = {"user": UserError("stream 's': edit 'e1' cannot be used (found late)"),
+              "missing": MissingFileError("dataset 'zsre' needs /data/zsre.json, which does not exist"),
+              "os": PermissionError(13, "Permission denied", "/data/runs/r/manifest.json")}[error]
+
+    def refused(config):
+        raise raised
+
+    monkeypatch.setattr(lifelong.replay, "prepare_stream_and_facts", refused)
+    assert error_line(capsys, *_replay_argv(tmp_path, stream_file)) == shown
+
+
+def test_the_user_facing_errors_are_user_errors_and_still_value_errors():
+    from lifelong.arch import UnsupportedArchitectureError
+    from lifelong.delta import DamagedFileError, StepNotKept
+    from lifelong.editors import HyperparameterError, UnknownEditorError
+    from lifelong.editors.mend import OverlapError
+    from lifelong.models import ModelLoadError
+    from lifelong.run import RunDirError
+    from lifelong.sweep import SpecError
+    from probes import OptionError, UnknownProbeError
+    from probes.tasks import TaskDataError
+    from streams import EditError, FactSetError, MissingFileError, StreamFormatError, UserError
+
+    for cls in (UnsupportedArchitectureError, DamagedFileError, StepNotKept, HyperparameterError, UnknownEditorError,
+                OverlapError, ModelLoadError, RunDirError, SpecError, OptionError, UnknownProbeError, TaskDataError,
+                EditError, FactSetError, StreamFormatError, MissingFileError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
+    assert issubclass(MissingFileError, FileNotFoundError)
+
+
+def test_a_bad_checkout_time_is_one_line(capsys, tmp_path):
+    line = error_line(capsys, "checkout", str(tmp_path), "--at", "yesterday", "--out", str(tmp_path / "m"))
+    assert line == "lifelong: error: --at 'yesterday': expected an ISO time such as 2024-05-01T12:00"
+
+
+def test_a_model_config_transformers_cannot_read_is_one_line(capsys, tmp_path, stream_file):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"hidden_size": 4}))  # no model_type
+    line = error_line(capsys, "replay", "--model", str(tmp_path / "m"), "--stream", str(stream_file),
+                      "--out", str(tmp_path / "x"))
+    assert f"{tmp_path / 'm'}: Unrecognized model" in line and not (tmp_path / "x").exists()
+
+
+def test_a_config_manifest_missing_a_key_is_one_line(capsys, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"identity": {"editor": "ft", "stream": "builtin"}}))  # no model
+    line = error_line(capsys, "replay", "--config", str(manifest), "--out", str(tmp_path / "x"))
+    assert line == f"lifelong: error: config {manifest}: not a run manifest (KeyError: 'model')"

@@ -277,7 +277,7 @@ def test_a_failing_cell_is_retried_then_marked_failed_and_the_others_go_on(tmp_p
     assert (bad["state"], bad["attempts"]) == ("failed", 3) and "out of range" in bad["error"]
     assert (good["state"], good["attempts"], good["error"]) == ("done", 1, None)
     assert "failed after 3 attempts" in printed.err and "1 cell(s) failed" in printed.out
-    assert "error: ValueError" in format_sweep(out)
+    assert "error: UserError" in format_sweep(out)  # layer 99: a user mistake, found in the task
     table = pl.read_parquet(out / "results.parquet")
     assert set(table["cell"]) == {good["id"]} and table.schema["layer"] == pl.Int64
     # run again: the failed cell is tried again (and fails again), the done one is kept

@@ -9,6 +9,7 @@ import importlib
 
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from lifelong.names import EDITOR_CLASSES, installed_editors, is_class_path, unknown_editor
+from streams.errors import UserError
 
 
 def _load(path: str) -> type[Editor]:
@@ -27,7 +28,7 @@ EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_C
 :func:`register_editor`; installed packages' editors join on first use (:func:`editor_class`)."""
 
 
-class UnknownEditorError(ValueError):
+class UnknownEditorError(UserError):
     pass
 
 

@@ -18,6 +18,7 @@ from lifelong.editors.base import Editor, each_edit
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
+from streams.errors import UserError
 
 
 def default_adaptor_layer(num_layers: int) -> int:
@@ -41,7 +42,7 @@ class AdaptorEditor(Editor):
         layer = self.params.layer
         layer = default_adaptor_layer(lm.num_layers) if layer is None else layer
         if not 0 <= layer < lm.num_layers:
-            raise ValueError(f"{self.name}: layer {layer} out of range for a {lm.num_layers}-layer model")
+            raise UserError(f"{self.name}: layer {layer} out of range for a {lm.num_layers}-layer model")
         self.params = dataclasses.replace(self.params, layer=layer)
         if self._bound_to is not lm.model:
             self.release()

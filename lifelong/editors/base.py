@@ -19,9 +19,10 @@ from lifelong.machine import choose_dtype
 from lifelong.models import LoadedModel
 from probes.options import parse_options
 from streams import Edit
+from streams.errors import UserError
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(UserError):
     """A ``--set key=value`` override that does not fit the editor's hyperparameters."""
 
 
@@ -41,7 +42,7 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     """``layer``, or the default for ``lm`` when None; refused when outside the model."""
     layer = default_layer(lm.num_layers) if layer is None else layer
     if not 0 <= layer < lm.num_layers:
-        raise ValueError(f"{editor}: layer {layer} out of range for a {lm.num_layers}-layer model")
+        raise UserError(f"{editor}: layer {layer} out of range for a {lm.num_layers}-layer model")
     return layer
 
 

@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from lifelong.delta import atomic_save_tensors, load_tensors
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel, cache_root
+from streams.errors import MissingFileError, UserError
 
 MODEL_SAMPLE = "model-sample"
 _SEEDS = ("The", "In", "A", "It", "When", "He", "She", "This", "We", "There", "After", "Many",
@@ -54,8 +55,8 @@ def corpus_files(corpus: str) -> list[Path]:
         files = sorted(path.rglob("*.txt"))
         if files:
             return files
-        raise FileNotFoundError(f"{corpus}: no .txt files in this directory")
-    raise FileNotFoundError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")
+        raise MissingFileError(f"{corpus}: no .txt files in this directory")
+    raise MissingFileError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")
 
 
 def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
@@ -66,7 +67,7 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
         ids = lm.tokenizer(text).input_ids
         rows = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
         if not rows:
-            raise ValueError(f"covariance corpus {corpus!r} has fewer than {seq_len} tokens")
+            raise UserError(f"covariance corpus {corpus!r} has fewer than {seq_len} tokens")
         return rows[:n_rows]
     # Sampling costs far more than the pass over the text: keep the tokens for other layers.
     name = f"{corpus_key(corpus)}-seed{seed}-rows{n_rows}-len{seq_len}"

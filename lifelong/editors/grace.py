@@ -36,6 +36,7 @@ from lifelong.delta import Delta
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from streams import Edit
+from streams.errors import UserError
 
 
 @dataclass
@@ -57,9 +58,9 @@ class GRACEEditor(AdaptorEditor):
     def __init__(self, params=None):
         super().__init__(params)
         if self.params.query not in ("last", "every"):
-            raise ValueError(f"grace: query must be last or every, got '{self.params.query}'")
+            raise UserError(f"grace: query must be last or every, got '{self.params.query}'")
         if self.params.same_key not in ("split", "relabel"):
-            raise ValueError(f"grace: same_key must be split or relabel, got '{self.params.same_key}'")
+            raise UserError(f"grace: same_key must be split or relabel, got '{self.params.same_key}'")
         self.reset()
         self._training: tuple[int, torch.Tensor] | None = None  # (entry, value being trained)
         self._query_at: int | None = None  # while training: the edit prompt's last position (the key's)

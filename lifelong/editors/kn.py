@@ -47,6 +47,7 @@ from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
+from streams.errors import UserError
 
 
 @dataclass
@@ -98,10 +99,10 @@ def parse_layers(spec: str, num_layers: int, editor: str) -> list[int]:
             lo, sep, hi = part.strip().partition("-")
             layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
     except ValueError:
-        raise ValueError(f"{editor}: cannot read layers '{spec}': expected e.g. '3,5' or '20-29'") from None
+        raise UserError(f"{editor}: cannot read layers '{spec}': expected e.g. '3,5' or '20-29'") from None
     bad = [x for x in layers if not 0 <= x < num_layers]
     if bad or not layers:
-        raise ValueError(f"{editor}: layers '{spec}' out of range for a {num_layers}-layer model")
+        raise UserError(f"{editor}: layers '{spec}' out of range for a {num_layers}-layer model")
     return sorted(set(layers))
 
 
@@ -187,11 +188,11 @@ class KNEditor(Editor):
     def bind(self, lm: LoadedModel) -> "KNEditor":
         parse_layers(self.params.layers, lm.num_layers, self.name)
         if self.params.ig_steps < 1:
-            raise ValueError(f"{self.name}: ig_steps must be at least 1 (got {self.params.ig_steps})")
+            raise UserError(f"{self.name}: ig_steps must be at least 1 (got {self.params.ig_steps})")
         if self.params.rule not in KNParams.RULE_SCALES:
-            raise ValueError(f"{self.name}: rule must be 'toolkit' or 'paper' (got {self.params.rule!r})")
+            raise UserError(f"{self.name}: rule must be 'toolkit' or 'paper' (got {self.params.rule!r})")
         if self.params.prompts not in ("edit", "paraphrases"):
-            raise ValueError(f"{self.name}: prompts must be 'edit' or 'paraphrases' (got {self.params.prompts!r})")
+            raise UserError(f"{self.name}: prompts must be 'edit' or 'paraphrases' (got {self.params.prompts!r})")
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:

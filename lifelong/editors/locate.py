@@ -24,6 +24,7 @@ from lifelong.machine import check_dtype_setting
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
+from streams.errors import UserError
 
 # Neutral prefixes written for this project; ROME averages keys and fits v* over such
 # contexts so that the edit holds whatever precedes the prompt. "{}" is the bare prompt.
@@ -158,7 +159,7 @@ class ValueParams:
 
     def context_templates(self, editor: str) -> tuple[str, ...]:
         if not 1 <= self.templates <= len(CONTEXT_TEMPLATES):
-            raise ValueError(f"{editor}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
+            raise UserError(f"{editor}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
         return CONTEXT_TEMPLATES[: self.templates]
 
     def validate(self, editor: str) -> None:
@@ -166,16 +167,16 @@ class ValueParams:
         self.context_templates(editor)
         check_dtype_setting(self.v_dtype, f"{editor}: v_dtype")
         if self.v_stack not in STACK_KINDS:
-            raise ValueError(f"{editor}: v_stack must be one of {', '.join(STACK_KINDS)}, got '{self.v_stack}'")
+            raise UserError(f"{editor}: v_stack must be one of {', '.join(STACK_KINDS)}, got '{self.v_stack}'")
         check_value_rules(self.stop_on, self.v_scale, editor)
 
 
 def check_value_rules(stop_on: str, scale: str, editor: str) -> None:
     """Refuse an unknown stopping rule or scale vector with a one-line message."""
     if stop_on not in STOP_RULES:
-        raise ValueError(f"{editor}: stop_on must be one of {', '.join(STOP_RULES)}, got '{stop_on}'")
+        raise UserError(f"{editor}: stop_on must be one of {', '.join(STOP_RULES)}, got '{stop_on}'")
     if scale not in SCALE_VECTORS:
-        raise ValueError(f"{editor}: v_scale must be one of {', '.join(SCALE_VECTORS)}, got '{scale}'")
+        raise UserError(f"{editor}: v_scale must be one of {', '.join(SCALE_VECTORS)}, got '{scale}'")
 
 
 @dataclass

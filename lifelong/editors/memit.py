@@ -36,6 +36,7 @@ from lifelong.editors.locate import (
 )
 from lifelong.models import LoadedModel
 from streams import Edit
+from streams.errors import UserError
 
 
 @dataclass
@@ -57,8 +58,8 @@ class MEMITParams(ValueParams):
     def validate(self, editor: str) -> None:
         super().validate(editor)
         if self.key_average not in KEY_AVERAGES:
-            raise ValueError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, "
-                             f"got '{self.key_average}'")
+            raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, "
+                            f"got '{self.key_average}'")
 
 
 NULLSPACE_RULES = {"absolute": 2e-2, "relative": 1e-2}  # rule -> its default threshold
@@ -77,8 +78,8 @@ class AlphaEditParams(MEMITParams):
     def validate(self, editor: str) -> None:
         super().validate(editor)
         if self.nullspace_rule not in NULLSPACE_RULES:
-            raise ValueError(f"{editor}: nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, "
-                             f"got '{self.nullspace_rule}'")
+            raise UserError(f"{editor}: nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, "
+                            f"got '{self.nullspace_rule}'")
 
 
 def default_mom2_weight(key_width: int) -> float:
@@ -99,9 +100,9 @@ def parse_layers(spec: str | None, num_layers: int, editor: str) -> list[int]:
     try:
         layers = sorted({int(x) for x in str(spec).split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"{editor}: layers must be comma-separated integers, got '{spec}'") from None
+        raise UserError(f"{editor}: layers must be comma-separated integers, got '{spec}'") from None
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"{editor}: layers {spec} out of range for a {num_layers}-layer model")
+        raise UserError(f"{editor}: layers {spec} out of range for a {num_layers}-layer model")
     return layers
 
 
@@ -232,8 +233,8 @@ class AlphaEditEditor(MEMITEditor):
             if basis.shape[1] == 0:
                 p = self.params
                 scale = " × the largest" if p.nullspace_rule == "relative" else ""
-                raise ValueError(f"alphaedit: C of layer {layer} has no eigenvalue below "
-                                 f"{p.nullspace_threshold}{scale}; raise nullspace_threshold")
+                raise UserError(f"alphaedit: C of layer {layer} has no eigenvalue below "
+                                f"{p.nullspace_threshold}{scale}; raise nullspace_threshold")
             self._projectors[layer] = basis @ basis.T
         return self._projectors[layer]
 

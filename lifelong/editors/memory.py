@@ -46,6 +46,7 @@ from lifelong.editors.base import Editor
 from lifelong.editors.locate import padded_batch
 from lifelong.models import LoadedModel
 from streams import Edit
+from streams.errors import UserError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -71,11 +72,11 @@ class MemoryEditor(Editor):
     def __init__(self, params=None):
         super().__init__(params)
         if self.params.retriever not in ("lexical", "hidden"):
-            raise ValueError(f"memory: retriever must be lexical or hidden, got '{self.params.retriever}'")
+            raise UserError(f"memory: retriever must be lexical or hidden, got '{self.params.retriever}'")
         if self.params.top_k < 1:
-            raise ValueError(f"memory: top_k must be at least 1, got {self.params.top_k}")
+            raise UserError(f"memory: top_k must be at least 1, got {self.params.top_k}")
         if "{fact}" not in self.params.template:
-            raise ValueError("memory: template must contain {fact}")
+            raise UserError("memory: template must contain {fact}")
         if self.params.threshold is None:
             threshold = 1.0 if self.params.retriever == "lexical" else 0.9
             self.params = dataclasses.replace(self.params, threshold=threshold)

@@ -75,6 +75,7 @@ from lifelong.editors.locate import lowrank_change
 from lifelong.models import LoadedModel, cache_root
 from probes.scorer import Scorer
 from streams import Edit, EditStream
+from streams.errors import MissingFileError, UserError
 
 DEFAULT_TRAIN_DATA = "dataset:zsre_mend"  # MEND's own zsRE training sample; disjoint from the built-in facts
 
@@ -100,8 +101,8 @@ def resolve_params(spec: str | Sequence[str] | None, adapter, editor: str = "men
     names = [x for x in names if x]
     bad = [x for x in names if x not in kinds]
     if bad or not names:
-        raise ValueError(f"{editor}: params must be comma-separated MLP projections of a {adapter.family} model "
-                         f"({', '.join(kinds)}), got '{spec}'")
+        raise UserError(f"{editor}: params must be comma-separated MLP projections of a {adapter.family} model "
+                        f"({', '.join(kinds)}), got '{spec}'")
     return tuple(k for k in kinds if k in names)
 
 
@@ -318,7 +319,7 @@ def load_training_records(spec: str, limit: int | None = None) -> list[Edit]:
     if limit:
         records = records[:limit]
     if len(records) < 2:
-        raise ValueError(f"MEND training data '{spec}' has {len(records)} records: at least 2 are needed")
+        raise UserError(f"MEND training data '{spec}' has {len(records)} records: at least 2 are needed")
     return records
 
 
@@ -484,7 +485,7 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     heldout: list[Edit] = []
     if config.holdout:
         if config.holdout > len(records) - 2:
-            raise ValueError(f"holdout {config.holdout} leaves fewer than 2 of {len(records)} training records")
+            raise UserError(f"holdout {config.holdout} leaves fewer than 2 of {len(records)} training records")
         records, heldout = records[: -config.holdout], records[-config.holdout:]
     keys = sorted(set().union(*(record_keys(e) for e in records)))
     content = hashlib.sha256(json.dumps([e.to_dict() for e in records], sort_keys=True, default=str)
@@ -507,13 +508,13 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     if ckpt.is_file():
         saved = torch.load(ckpt, weights_only=True)
         if json.loads(saved["identity"]) != identity:
-            raise ValueError(f"{ckpt}: checkpoint of a different training set-up; delete {directory} to start over")
+            raise UserError(f"{ckpt}: checkpoint of a different training set-up; delete {directory} to start over")
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         done, seconds = int(saved["step"]), float(saved["seconds"])
         if done > config.steps:
-            raise ValueError(f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
-                             f"ask for {done} steps to finish there")
+            raise UserError(f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
+                            f"ask for {done} steps to finish there")
     curve = [row for row in read_curve(curve_path) if row["step"] <= done] if done else []
 
     def evaluate(row: dict) -> None:
@@ -583,7 +584,7 @@ def _describe(targets: Sequence[tuple[int, str]]) -> str:
     return " ".join(f"{layer}.{kind}" for layer, kind in targets)
 
 
-class OverlapError(ValueError):
+class OverlapError(UserError):
     """The evaluation stream shares records with the hypernetwork's training data."""
 
 
@@ -594,7 +595,7 @@ def load_hypernetwork(path: Path, device: torch.device) -> tuple[Hypernetwork, d
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("lifelong_mend", "{}"))
     if not meta:
-        raise ValueError(f"{path}: not a MEND hypernetwork file")
+        raise UserError(f"{path}: not a MEND hypernetwork file")
     tensors = load_file(str(path))
     rank = tensors["transforms.0.v1"].shape[0]
     kinds = tuple(meta["identity"].get("params", LEGACY_PARAMS))  # files from before params existed: down only
@@ -645,16 +646,16 @@ class MENDEditor(Editor):
         path = self.hypernet_path(lm)
         if not path.is_file():
             spec = ",".join(map(str, layers))
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
                 f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-mend --model {lm.name} "
                 f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data}` first")
         net, meta = load_hypernetwork(path, lm.device)
         other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
         if net.targets != edit_targets(layers, kinds) or other_model:
-            raise ValueError(f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
-                             f"{_describe(net.targets)}, not {model_key(lm)} weights "
-                             f"{_describe(edit_targets(layers, kinds))}")
+            raise UserError(f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
+                            f"{_describe(net.targets)}, not {model_key(lm)} weights "
+                            f"{_describe(edit_targets(layers, kinds))}")
         self._net, self._meta = net, meta
         return self
 

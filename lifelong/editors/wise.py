@@ -48,6 +48,7 @@ from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
+from streams.errors import UserError
 
 # Irrelevant text for the out-of-scope margin (written for the project; not probe data).
 IRRELEVANT = (
@@ -97,7 +98,7 @@ def mlp_activation(lm: LoadedModel):
     config = lm.model.config
     name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if name is None:
-        raise ValueError("wise: the model config names no MLP activation (hidden_act / activation_function)")
+        raise UserError("wise: the model config names no MLP activation (hidden_act / activation_function)")
     return ACT2FN[name]
 
 
@@ -141,17 +142,17 @@ class WISEEditor(AdaptorEditor):
         super().__init__(params)
         p = self.params
         if not 0 < p.mask_ratio <= 1 or not 0 < p.density <= 1:
-            raise ValueError("wise: mask_ratio and density must be in (0, 1]")
+            raise UserError("wise: mask_ratio and density must be in (0, 1]")
         if p.save_freq < 1 or p.merge_freq < p.save_freq or p.merge_freq % p.save_freq:
-            raise ValueError(f"wise: merge_freq ({p.merge_freq}) must be a positive multiple of save_freq ({p.save_freq})")
+            raise UserError(f"wise: merge_freq ({p.merge_freq}) must be a positive multiple of save_freq ({p.save_freq})")
         if p.variant not in ("merge", "retrieve"):
-            raise ValueError(f"wise: variant must be merge or retrieve, got '{p.variant}'")
+            raise UserError(f"wise: variant must be merge or retrieve, got '{p.variant}'")
         if p.activation not in ("model", "none"):
-            raise ValueError(f"wise: activation must be model or none, got '{p.activation}'")
+            raise UserError(f"wise: activation must be model or none, got '{p.activation}'")
         if p.irrelevant not in ("pool", "neighborhood"):
-            raise ValueError(f"wise: irrelevant must be pool or neighborhood, got '{p.irrelevant}'")
+            raise UserError(f"wise: irrelevant must be pool or neighborhood, got '{p.irrelevant}'")
         if not 0 <= p.templates <= len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS):
-            raise ValueError(f"wise: templates must be in 0..{len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS)}")
+            raise UserError(f"wise: templates must be in 0..{len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS)}")
         self.reset()
         self._training: torch.Tensor | None = None  # the open shard's Δ while it is trained
         self._last = None  # (base output, output change, real-token mask) of the last training forward
@@ -429,7 +430,7 @@ def ties_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], density
             continue
         k = int(density * d.numel())
         if k <= 0:
-            raise ValueError("wise: density keeps no entry of a shard")
+            raise UserError("wise: density keeps no entry of a shard")
         keep = torch.zeros(d.numel(), dtype=torch.bool)
         keep[d.abs().flatten().float().topk(k).indices] = True
         trimmed.append(torch.where(keep.view_as(d), d, torch.zeros_like(d)))
