@@ -18,7 +18,6 @@ unique), which needs no data.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -76,7 +75,7 @@ def main() -> None:
     from lifelong.cli import _parse_set as parse_set_items
     from lifelong.machine import ComputeThreads, runtime_header, thread_policy
     from lifelong.replay import prepare_stream_and_facts, replay
-    from lifelong.run import RunConfig
+    from lifelong.run import RunConfig, RunDir
 
     with ComputeThreads(thread_policy(args.threads)):
         print(runtime_header())
@@ -102,7 +101,7 @@ def main() -> None:
         t0 = time.perf_counter()
         replay(config, out, progress=False, stop_after=mark - done, threads=args.threads)
         wall = time.perf_counter() - t0
-        seconds = json.loads((out / "progress.json").read_text())["seconds"]
+        seconds = RunDir(out).progress()["seconds"]
         stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
         row = {"step": mark, "per_step": wall / (mark - done),
                "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from lifelong.machine import THREADS_ENV, available_cores, runtime_header
+from lifelong.run import RunDir
 
 
 def start(out: Path, args, threads: int | None) -> subprocess.Popen:
@@ -46,7 +47,7 @@ def run_together(root: Path, name: str, count: int, args, threads: int | None) -
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"replay in {directory} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-        seconds = json.loads((directory / "progress.json").read_text())["seconds"]
+        seconds = RunDir(directory).progress()["seconds"]
         steps = sum(sum(v.values()) for k, v in seconds.items() if int(k) > 0)
         threads_used = json.loads((directory / "manifest.json").read_text())["sessions"][-1]["threads"]["threads"]
         out.append((wall, steps, threads_used))
