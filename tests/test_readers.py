@@ -289,7 +289,7 @@ def test_real_files(name):
     assert len(stream) == report.edits
     assert (report.read, report.used, report.edits) == EXPECTED[name]
     assert all(e.timestamp.tzinfo is not None for e in stream)
-    for file, where, reason in report.skipped:
+    for file, _where, reason in report.skipped:
         assert Path(file).exists() and reason
 
 

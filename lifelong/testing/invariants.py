@@ -250,7 +250,7 @@ def resume_same_results(subject: EditorUnderTest, stream: EditStream) -> None:
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
         work = Path(tmp)
         full = subject.replay(stream, work, "full")
-        for k in range(1, steps):  # kill after every step in turn, each resume in a fresh process
+        for _ in range(1, steps):  # kill after every step in turn, each resume in a fresh process
             subject.replay(stream, work, "resumed", stop_after=1)
         resumed = subject.replay(stream, work, "resumed")
         cols = ["step", "probe", "metric", "protocol", "edit_id"]

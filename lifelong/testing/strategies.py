@@ -81,7 +81,7 @@ def edit_streams(draw, *, min_edits: int = 1, max_edits: int = 4, max_batch: int
     wanted = draw(st.lists(st.sampled_from(kinds), min_size=min_edits, max_size=max_edits))
     # Episodes: each is a list of (fact, true, new, role) in the order they must happen.
     episodes, budget = [], max_edits
-    for n, kind in enumerate(wanted):
+    for kind in wanted:
         if budget == 0:
             break
         if budget == 1:  # a chain does not fit any more: a plain edit instead
