@@ -75,8 +75,7 @@ def before_after(run_path: Path | str, edit_ids: list[str] | None = None, count:
                  device: str = "cpu", stream: str | None = None) -> tuple[list[tuple[int, object]], list[Continuation], list[int]]:
     """The chosen (step, edit) pairs, their continuations at θ0, their own step and the last
     completed step, and those steps in order."""
-    from lifelong.replay import checkout, prepare_stream_and_facts
-    from probes.tasks import generate
+    from lifelong.replay import checkout, prepare_stream_and_facts, scorer_for
 
     run = RunDir(run_path)
     done = run.completed_step()
@@ -97,10 +96,8 @@ def before_after(run_path: Path | str, edit_ids: list[str] | None = None, count:
     wanted = sorted({0, done, *(k for k, _ in chosen)})
     for step in wanted:
         lm = checkout(run.path, step, device)
-        rewrite = lm.editor.prompt_rewriter(lm) if lm.editor is not None else None
-        prompts = [r.text for r in rows]
-        shown = rewrite(prompts) if rewrite is not None else prompts
-        for row, text in zip(rows, generate(lm.model, lm.tokenizer, shown, tokens)):
+        # As the editor shows prompts to the model (an in-context memory rewrites them).
+        for row, text in zip(rows, scorer_for(lm).generate([r.text for r in rows], tokens)):
             row.by_step[step] = text
         if lm.editor is not None:
             lm.editor.release()

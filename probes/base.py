@@ -38,7 +38,7 @@ class ProbeContext:
     timestamp: datetime | None
     batch: tuple[Edit, ...]  # edits applied at this step (empty at step 0)
     history: list[tuple[Edit, ...]]  # batches of steps 1..step (history[k-1] is step k)
-    scorer: Scorer
+    scorer: Scorer  # the one handle on the model: score, generate, rolling_nll, weights
     reference: dict[str, Any] = field(default_factory=dict)  # this probe's θ0 values
     upcoming: tuple[Edit, ...] = ()  # at step 0: every edit of the run, for θ0 references
     is_last: bool = False

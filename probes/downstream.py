@@ -15,6 +15,9 @@ Two named protocols (option ``protocol``):
   greedy generation; a choice answer that gives no valid option is wrong (``score`` over all items,
   so it can reach 0; extra row ``valid``); open QA hits when a run of words of the normalised answer
   equals a normalised reference; summaries score the mean of ROUGE-1/2/L F1 (0 when empty).
+
+Both paths ask the model through the run's scorer (``score`` and ``generate``), so an in-context
+editor's prompt rewriter sees every task prompt, scored or generated from.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import DIFF, DOWNSTREAM, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, RATIO, SCORE
-from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, generate, load_task,
+from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, load_task,
                           score_choice_generations, score_generations)
 from streams.errors import UserError
 
@@ -84,7 +87,7 @@ class DownstreamProbe(Probe):
             for n in choice_tasks:
                 items = self.tasks[n]
                 limit = self.options.max_new_tokens or MAX_NEW_TOKENS["choice"]
-                predictions = generate(ctx.scorer.model, ctx.scorer.tokenizer, [it.prompt for it in items], limit)
+                predictions = ctx.scorer.generate([it.prompt for it in items], limit)
                 out[n] = score_choice_generations(items, predictions)
         elif choice_tasks:
             all_items = [it for n in choice_tasks for it in self.tasks[n]]
@@ -99,9 +102,8 @@ class DownstreamProbe(Probe):
         for n, items in self.tasks.items():
             if n in out or not items:
                 continue
-            model, tokenizer = ctx.scorer.model, ctx.scorer.tokenizer
             limit = self.options.max_new_tokens or MAX_NEW_TOKENS[items[0].metric]
-            predictions = generate(model, tokenizer, [it.prompt for it in items], limit)
+            predictions = ctx.scorer.generate([it.prompt for it in items], limit)
             out[n] = score_generations(items, predictions, self.options.protocol)
         return out
 

@@ -5,6 +5,9 @@ Two named variants (protocols):
   ``chunk_tokens`` tokens (each chunk read from a BOS token), the same chunks every step;
 - ``sentence_mean``: the mean over sentences of each sentence's own perplexity, every
   sentence read alone from a BOS token (the per-sentence variant of Yang et al. 2024).
+
+The model is read through the run's scorer (``Scorer.rolling_nll``); an in-context editor's
+prompt rewriter does not apply to a corpus (the reason is in that method's docstring).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
-import torch.nn.functional as F
 
 from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO
 from streams.errors import MissingFileError, UserError
+from probes.model_access import token_nll  # noqa: F401  (re-exported: it lived here)
+from probes.scorer import Scorer
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
 WIKITEXT = "wikitext/wikitext-2-raw_test.txt"
@@ -51,35 +54,6 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     """Sentences of ``text``: split after . ! ? before whitespace; headings and fragments dropped."""
     parts = re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip())
     return [p for p in parts if len(p.split()) >= min_words]
-
-
-def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL of tokens 1.. of each id row (token 0 is context only) and the count of scored tokens.
-
-    Rows are batched by length (longest first, at most ``max_batch_tokens`` padded tokens per pass).
-    """
-    lengths = np.array([len(r) for r in rows])
-    total = np.zeros(len(rows))
-    count = np.maximum(lengths - 1, 0)
-    device = next(model.parameters()).device
-    order = np.argsort(-lengths, kind="stable")
-    start = 0
-    with torch.inference_mode():
-        while start < len(order):
-            width = int(lengths[order[start]])
-            size = max(1, max_batch_tokens // max(width, 1))
-            idx = order[start:start + size]
-            start += size
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : lengths[i]] = torch.tensor(rows[i])
-                mask[r, : lengths[i]] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
-            total[idx] = nll.sum(1).double().cpu().numpy()
-    return total, count
 
 
 class PerplexityProbe(Probe):
@@ -134,10 +108,10 @@ class PerplexityProbe(Probe):
             self._encoded[key] = (chunks, sent_rows)
         return self._encoded[key]
 
-    def perplexities(self, model, tokenizer) -> dict[str, float]:
-        chunks, sentences = self.rows_for(tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        total, count = token_nll(model, chunks + sentences, pad)
+    def perplexities(self, scorer: Scorer) -> dict[str, float]:
+        """Both variants on the model behind ``scorer`` (its rolling NLL: no prompt rewriting)."""
+        chunks, sentences = self.rows_for(scorer.codec.tokenizer)
+        total, count = scorer.rolling_nll(chunks + sentences)
         n = len(chunks)
         out = {"corpus": float(np.exp(total[:n].sum() / count[:n].sum()))}
         if len(sentences):
@@ -153,15 +127,15 @@ class PerplexityProbe(Probe):
         return rows
 
     def prepare(self, ctx: ProbeContext):
-        values = self.perplexities(ctx.scorer.model, ctx.scorer.tokenizer)
-        chunks, sentences = self.rows_for(ctx.scorer.tokenizer)
+        values = self.perplexities(ctx.scorer)
+        chunks, sentences = self.rows_for(ctx.scorer.codec.tokenizer)
         reference = {**values, "threshold": self.options.threshold, "chunks": len(chunks),
                      "sentences": len(sentences), "tokens": int(sum(len(c) - 1 for c in chunks)),
                      "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16]}
         return reference, self._rows(values, values)
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
-        values = self.perplexities(ctx.scorer.model, ctx.scorer.tokenizer)
+        values = self.perplexities(ctx.scorer)
         return self._rows(values, ctx.reference)
 
 

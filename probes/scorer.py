@@ -1,20 +1,28 @@
-"""The scoring primitive of docs/METRICS.md §1: teacher-forced answer scores, many prompts per pass.
+"""The one handle probes have on a model (:class:`Scorer`), and the scoring primitive of
+docs/METRICS.md §1: teacher-forced answer scores, many prompts per pass.
 
 Prompt and answer are tokenized separately and their ids concatenated (re-tokenizing
 the joined string can merge tokens across the boundary and misalign the answer).
 Sequences are bucketed by length, right-padded, and run through the model body once;
 the unembedding is applied only at the positions that predict answer tokens, since
 computing it everywhere costs about a fifth of the model's FLOPs.
+
+Probes use the model only through a scorer's methods (``score``, ``generate``,
+``rolling_nll``, ``weights``), so an editor's prompt rewriter reaches every probe that asks
+the model a question; the tokenizer-only part is :class:`probes.model_access.Codec`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from probes import model_access
+# Re-exported: callers import these from here.
+from probes.model_access import Codec, Collated, answer_token_ids  # noqa: F401
 
 
 @dataclass
@@ -33,26 +41,16 @@ class Scores:
         return np.exp(-self.nll)
 
 
-def answer_token_ids(tokenizer, answer: str) -> list[int]:
-    """Token ids of ``" " + answer``, without special tokens.
-
-    SentencePiece tokenizers turn the leading space into a lone '▁' token of their
-    own; that token is dropped so the answer starts with its real first piece.
-    """
-    ids = tokenizer.encode(" " + answer, add_special_tokens=False)
-    if len(ids) > 1 and tokenizer.decode(ids[:1]).strip() == "":
-        ids = ids[1:]
-    return ids
-
-
 class Scorer:
-    """Scores (prompt, answer) pairs on a causal LM by teacher forcing.
+    """A causal LM as probes see it: scores (prompt, answer) pairs by teacher forcing, generates
+    greedy answers, reads a corpus's token NLL and the weights.
 
     ``max_batch_tokens`` bounds padded tokens per forward pass; on a 2-core CPU 512 ran
     the default model ~1.6x faster than 4096 (smaller activations stay in cache).
-    ``rewrite`` (optional) maps the list of prompts of one :meth:`score` call to the
-    prompts the model actually sees (an in-context memory prepends retrieved edits);
-    answers are appended after the rewritten prompt, so their positions stay right.
+    ``rewrite`` (optional) maps a list of prompts to the prompts the model actually sees (an
+    in-context memory prepends retrieved edits). It applies to :meth:`score` (answers are
+    appended after the rewritten prompt, so their positions stay right) and :meth:`generate`,
+    not to :meth:`rolling_nll` over a corpus (see there why).
     """
 
     def __init__(self, model, tokenizer, max_batch_tokens: int = 512, rewrite=None):
@@ -62,25 +60,41 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.body = getattr(model, model.base_model_prefix)
         self.unembed = model.get_output_embeddings()
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        # Tokenization is a pure function of the string: cache it across probe rounds.
-        self._prompt_ids = lru_cache(maxsize=65536)(self._encode_prompt)
-        self._answer_ids = lru_cache(maxsize=65536)(self._encode_answer)
-
-    def _encode_prompt(self, prompt: str) -> tuple[int, ...]:
-        ids = self.tokenizer(prompt).input_ids
-        if not ids:  # an empty prompt still needs one position to predict from
-            ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
-        return tuple(ids)
-
-    def _encode_answer(self, answer: str) -> tuple[int, ...]:
-        if not answer.strip():
-            raise ValueError("cannot score an empty answer")
-        return tuple(answer_token_ids(self.tokenizer, answer))
+        self.codec = Codec(tokenizer)
+        self.pad_id = self.codec.pad_id
 
     def encode(self, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return self._prompt_ids(prompt), self._answer_ids(answer)
+        return self.codec.encode(prompt, answer)
+
+    def shown(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts as the model sees them: rewritten by the editor's rewriter, if any."""
+        prompts = list(prompts)
+        if self.rewrite is None or not prompts:
+            return prompts
+        out = list(self.rewrite(prompts))
+        if len(out) != len(prompts):
+            raise ValueError(f"prompt rewriter returned {len(out)} prompts for {len(prompts)}")
+        return out
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, **kwargs) -> list[str]:
+        """Greedy continuations of the prompts as the model sees them (:func:`model_access.generate`):
+        a generation task asks the model a question just as a scored prompt does."""
+        return model_access.generate(self.model, self.tokenizer, self.shown(prompts), max_new_tokens, **kwargs)
+
+    def rolling_nll(self, rows: list[list[int]], max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """Summed NLL and scored-token count per token-id row (:func:`model_access.token_nll`).
+
+        Not rewritten: the rows are a reference corpus, not questions. A retrieval memory picks
+        edits by the words of a question and writes them in front of it; in front of a corpus
+        chunk they would change the text being measured (and fire whenever a chunk happens to
+        name an edited subject), so corpus perplexity measures the model itself. Hooks an editor
+        put on the model (GRACE, WISE) act here as everywhere.
+        """
+        return model_access.token_nll(self.model, rows, self.pad_id, max_batch_tokens)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model's parameters by name, as they are now (read, never changed)."""
+        return dict(self.model.named_parameters())
 
     @property
     def device(self) -> torch.device:
@@ -89,11 +103,7 @@ class Scorer:
     def score(self, pairs: Sequence[tuple[str, str]]) -> Scores:
         """Score every (prompt, answer) pair; identical pairs are computed once."""
         unique = list(dict.fromkeys(pairs))
-        prompts = [p for p, _ in unique]
-        if self.rewrite is not None and prompts:
-            prompts = list(self.rewrite(prompts))
-            if len(prompts) != len(unique):
-                raise ValueError(f"prompt rewriter returned {len(prompts)} prompts for {len(unique)}")
+        prompts = self.shown([p for p, _ in unique])
         encoded = [self.encode(p, a) for p, (_, a) in zip(prompts, unique)]
         results = self._score_encoded(encoded)
         index = {pair: i for i, pair in enumerate(unique)}
@@ -118,27 +128,11 @@ class Scorer:
             batches.append(np.array(current))
         return batches
 
-    def collate(self, encoded: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> "Collated":
-        """Right-padded ids for encoded (prompt, answer) pairs and where their answers sit."""
-        width = max(len(p) + len(a) for p, a in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        rows, cols, targets, owner = [], [], [], []
-        for r, (prompt, answer) in enumerate(encoded):
-            seq = prompt + answer
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            start = len(prompt) - 1  # the position that predicts the first answer token
-            rows.extend([r] * len(answer))
-            cols.extend(range(start, start + len(answer)))
-            targets.extend(answer)
-            owner.extend([r] * len(answer))
-        device = self.device
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return Collated(ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols),
-                        as_tensor(targets), np.array(owner))
+    def collate(self, encoded: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> Collated:
+        """Right-padded ids for encoded (prompt, answer) pairs and where their answers sit, on the model's device."""
+        return self.codec.collate(encoded, self.device)
 
-    def answer_logits(self, batch: "Collated") -> torch.Tensor:
+    def answer_logits(self, batch: Collated) -> torch.Tensor:
         """Logits at the answer positions only (differentiable when grad is enabled)."""
         hidden = self.body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).last_hidden_state
         return self.unembed(hidden[batch.rows, batch.cols]).float()
@@ -237,14 +231,3 @@ class Scorer:
         lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
         return lp.cpu().numpy().astype(np.float64), logits.argmax(-1).cpu().numpy()
 
-
-@dataclass
-class Collated:
-    """A padded batch of prompt+answer ids; (rows[j], cols[j]) predicts targets[j] of pair owner[j]."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
-    targets: torch.Tensor
-    owner: np.ndarray

@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
+
+# Greedy generation lives with the other model operations; probes call it through
+# ``Scorer.generate``, which applies the editor's prompt rewriter. Re-exported for callers.
+from probes.model_access import generate  # noqa: F401
 
 from streams.errors import MissingFileError, UserError
 
@@ -396,49 +399,6 @@ def choice_predictions(scorer, items: Sequence[Choice], reduce: str = "mean") ->
     grid[np.repeat(np.arange(len(items)), sizes), cols] = values
     gold = np.array([it.answer for it in items])
     return grid.argmax(1), -scores.nll[starts + gold]
-
-
-class _FirstLineDone:
-    """Stops a row once it holds a newline after some text (leading newlines do not count)."""
-
-    def __init__(self, tokenizer, width: int):
-        self.tokenizer, self.width = tokenizer, width
-
-    def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
-
-
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_batch_tokens: int = 4096,
-             max_prompt_tokens: int = 768) -> list[str]:
-    """Greedy continuations, cut to their first non-empty line; prompts left-padded and batched by length."""
-    from transformers import StoppingCriteriaList
-
-    encoded = [tokenizer(p).input_ids[-max_prompt_tokens:] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(prompts)
-    order = np.argsort([-len(e) for e in encoded], kind="stable")
-    start = 0
-    with torch.inference_mode():
-        while start < len(order):
-            width = len(encoded[order[start]])
-            size = max(1, max_batch_tokens // (width + max_new_tokens))
-            idx = order[start:start + size]
-            start += size
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                                 stopping_criteria=StoppingCriteriaList([_FirstLineDone(tokenizer, width)]))
-            for r, i in enumerate(idx):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                out[i] = text.strip().split("\n", 1)[0].strip()
-    return out
 
 
 def score_generations(items: Sequence[Generate], predictions: Sequence[str], protocol: str = "likelihood"

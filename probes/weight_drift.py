@@ -16,7 +16,7 @@ class WeightDriftProbe(Probe):
     default_schedule = "every:1"
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
-        params = dict(ctx.scorer.model.named_parameters())
+        params = ctx.scorer.weights()
         rows, total_sq, total_touched = [], 0.0, 0
         with torch.no_grad():
             for name in sorted(ctx.base_params):

@@ -100,11 +100,12 @@ def test_one_kn_edit_keeps_perplexity(fresh):
     (~70 s on a busy core; most of it is the integrated gradients over 30 layers)."""
     from lifelong.editors import make_editor
     from probes.perplexity import PerplexityProbe
+    from probes.scorer import Scorer
     from streams import load_stream
 
     probe = PerplexityProbe(options=PerplexityProbe.Options(max_tokens=256, max_sentences=0))
-    base = probe.perplexities(fresh.model, fresh.tokenizer)["corpus"]
+    base = probe.perplexities(Scorer(fresh.model, fresh.tokenizer))["corpus"]
     delta = make_editor("kn", {}).bind(fresh).apply(fresh, list(load_stream("builtin"))[:1])
     assert delta.changes, "KN found no knowledge neurons for the first built-in fact"
-    ratio = probe.perplexities(fresh.model, fresh.tokenizer)["corpus"] / base
+    ratio = probe.perplexities(Scorer(fresh.model, fresh.tokenizer))["corpus"] / base
     assert ratio < 1.5, ratio

@@ -312,7 +312,6 @@ def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch)
     import probes.downstream as ds
 
     answers = {"a": "good", "b": "I'd say good", "c": "bad", "q": "the answer is Rome"}
-    monkeypatch.setattr(ds, "generate", lambda model, tok, prompts, limit: [answers[p] for p in prompts])
     monkeypatch.setattr(ds, "load_task", lambda name: [])  # the items are set below: no data files needed
     seed = make_probe("downstream:tasks=sentiment+nq,items=3,protocol=seed")
     tasks = {"sentiment": [Choice("a", ("good", "bad"), 0), Choice("b", ("good", "bad"), 0),
@@ -321,7 +320,8 @@ def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch)
     seed.tasks = tasks
 
     class Gen(TableScorer):
-        model = tokenizer = None
+        def generate(self, prompts, limit):  # the probe generates only through the scorer
+            return [answers[p] for p in prompts]
 
     ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[],
                        scorer=Gen({"good": (0.1, 1), "bad": (2.0, 1)}))

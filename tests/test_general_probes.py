@@ -15,7 +15,7 @@ from lifelong.models import load_model
 from lifelong.replay import replay
 from lifelong.run import RunConfig
 from lifelong.summary import summary_table
-from probes import OptionError, make_probe
+from probes import OptionError, Scorer, make_probe
 from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences, token_nll
 from tests.conftest import SHARED_DATA, TINY_FT
 
@@ -83,18 +83,18 @@ def test_trained_text_has_lower_perplexity_than_shuffled(trained, tmp_path, text
     shuffled_file = tmp_path / "shuffled.txt"
     shuffled_file.write_text(shuffled(TEXT))
     spec = "perplexity:chunk_tokens=64,corpus="
-    seen = make_probe(spec + str(text_file)).perplexities(trained.model, trained.tokenizer)
-    scrambled = make_probe(spec + str(shuffled_file)).perplexities(trained.model, trained.tokenizer)
+    seen = make_probe(spec + str(text_file)).perplexities(Scorer(trained.model, trained.tokenizer))
+    scrambled = make_probe(spec + str(shuffled_file)).perplexities(Scorer(trained.model, trained.tokenizer))
     # Chunks restart the context, so a text memorised as one sequence is not perfect here.
     assert 3 * seen["corpus"] < scrambled["corpus"]
     assert 3 * seen["sentence_mean"] < scrambled["sentence_mean"]
     # Read as the one sequence it was trained on, the text is nearly certain.
-    whole = make_probe(f"perplexity:chunk_tokens=1024,corpus={text_file}").perplexities(trained.model, trained.tokenizer)
+    whole = make_probe(f"perplexity:chunk_tokens=1024,corpus={text_file}").perplexities(Scorer(trained.model, trained.tokenizer))
     assert whole["corpus"] < 1.05
     # The untrained model sees no difference of that size.
     fresh = load_model("tiny-llama")
-    a = make_probe(spec + str(text_file)).perplexities(fresh.model, fresh.tokenizer)["corpus"]
-    b = make_probe(spec + str(shuffled_file)).perplexities(fresh.model, fresh.tokenizer)["corpus"]
+    a = make_probe(spec + str(text_file)).perplexities(Scorer(fresh.model, fresh.tokenizer))["corpus"]
+    b = make_probe(spec + str(shuffled_file)).perplexities(Scorer(fresh.model, fresh.tokenizer))["corpus"]
     assert 0.7 < a / b < 1.3
 
 

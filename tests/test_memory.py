@@ -113,3 +113,38 @@ def test_a_step_saves_only_the_records_it_added(tmp_path, stream_file):
     whole = make_editor("memory")
     whole.load_step_states([editor.state_dict(), editor.state_dict()])  # runs that saved whole states
     assert editor.records == whole.records and len(editor.records) == 4
+
+
+def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
+    """The downstream probe's generation path asks the model through the scorer, so the memory's
+    rewriter applies there too (it did not: generation read the model past the rewriter)."""
+    from probes import ProbeContext, make_probe
+    from probes.model_access import generate
+    from probes.tasks import Generate
+
+    e = make_edits(4)[3]
+    item = Generate(e.rendered_prompt, (e.target_new,), "em")
+    probe = make_probe("downstream:tasks=facts,items=1,max_new_tokens=8")
+    probe.tasks = {"facts": [item]}
+    seen: list[list[str]] = []  # prompts and continuations model.generate was given and produced
+    original = lm.model.generate
+
+    def spy(input_ids, **kwargs):
+        out = original(input_ids=input_ids, **kwargs)
+        width = input_ids.shape[1]
+        seen.append([lm.tokenizer.decode(row, skip_special_tokens=True) for row in input_ids]
+                    + [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out])
+        return out
+
+    monkeypatch.setattr(lm.model, "generate", spy)
+    for rewrite in (None, memory.prompt_rewriter(lm)):
+        probe.scores(ProbeContext(step=0, timestamp=None, batch=(), history=[],
+                                  scorer=Scorer(lm.model, lm.tokenizer, rewrite=rewrite)))
+    (base_prompt, base_out), (edited_prompt, edited_out) = seen
+    assert base_prompt == e.rendered_prompt
+    assert edited_prompt == f"Fact: {e.rendered_prompt} {e.target_new}.\nQuestion: {e.rendered_prompt}"
+    assert edited_out != base_out  # the continuation is not θ0's
+    monkeypatch.undo()
+    got = Scorer(lm.model, lm.tokenizer, rewrite=memory.prompt_rewriter(lm)).generate([e.rendered_prompt], 8)
+    assert got == generate(lm.model, lm.tokenizer, [edited_prompt], 8) != generate(lm.model, lm.tokenizer,
+                                                                                    [e.rendered_prompt], 8)

@@ -100,3 +100,34 @@ def test_padded_prompt_batches_carry_the_padding_mask(tiny):
     mask = seen[0]
     lengths = sorted(len(tiny.tokenizer(p).input_ids) for p in prompts)
     assert mask is not None and sorted(mask.sum(1).tolist()) == lengths
+
+
+def test_generate_rewrites_and_rolling_nll_reads_the_model(tiny):
+    from probes.model_access import generate, token_nll
+
+    rewrite = lambda prompts: ["Known: " + p for p in prompts]  # noqa: E731
+    scorer = Scorer(tiny.model, tiny.tokenizer, rewrite=rewrite)
+    prompts = ["The capital of France is", "x"]
+    assert scorer.generate(prompts, 5) == generate(tiny.model, tiny.tokenizer, rewrite(prompts), 5)
+    rows = [tiny.tokenizer(p).input_ids for p in [PAIRS[2][0], *prompts]]
+    # Token rows of a corpus are not prompts: no rewriting, the model's own NLL.
+    total, count = scorer.rolling_nll(rows)
+    want_total, want_count = token_nll(tiny.model, rows, scorer.pad_id)
+    assert np.array_equal(total, want_total) and np.array_equal(count, want_count)
+    weights = scorer.weights()
+    assert all(weights[n] is p for n, p in tiny.model.named_parameters())
+    with pytest.raises(ValueError, match="prompt rewriter returned 1 prompts for 2"):
+        Scorer(tiny.model, tiny.tokenizer, rewrite=lambda ps: ps[:1]).generate(prompts, 5)
+
+
+def test_probes_reach_the_model_only_through_the_scorer():
+    """A probe reading ``scorer.model`` (or its tokenizer, body, head) skips the editor's prompt rewriter."""
+    import re
+    from pathlib import Path
+
+    import probes
+
+    pattern = re.compile(r"scorer\.(model|tokenizer|body|unembed)\b")
+    found = [f"{path.name}:{n}" for path in sorted(Path(probes.__file__).parent.glob("*.py")) if path.name != "scorer.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

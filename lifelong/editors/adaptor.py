@@ -16,7 +16,7 @@ import torch
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, each_edit
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 
@@ -129,8 +129,8 @@ class UpperLayers:
 
 def edit_batch(lm: LoadedModel, edit: Edit):
     """The edit's prompt + new target, collated for teacher-forced training (one row)."""
-    scorer = Scorer(lm.model, lm.tokenizer)
-    return scorer, scorer.collate([scorer.encode(edit.rendered_prompt, edit.target_new)])
+    codec = Codec(lm.tokenizer)
+    return codec.collate([codec.encode(edit.rendered_prompt, edit.target_new)], lm.device)
 
 
 def target_nll(upper: UpperLayers) -> torch.Tensor:
@@ -147,7 +147,7 @@ def label_id(text: str) -> int:
 
 
 def last_prompt_index(lm: LoadedModel, edit: Edit) -> int:
-    return len(Scorer(lm.model, lm.tokenizer).encode(edit.rendered_prompt, edit.target_new)[0]) - 1
+    return len(Codec(lm.tokenizer).prompt_ids(edit.rendered_prompt)) - 1
 
 
 __all__: Sequence[str] = ("AdaptorEditor", "default_adaptor_layer", "edit_batch", "target_nll", "label_id")

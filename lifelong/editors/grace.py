@@ -237,7 +237,7 @@ class GRACEEditor(AdaptorEditor):
     def edit_one(self, lm: LoadedModel, edit: Edit) -> int:
         """Add ``edit``'s key to the codebook and train its value; returns the trained entry."""
         p = self.params
-        scorer, batch = edit_batch(lm, edit)
+        batch = edit_batch(lm, edit)
         position = last_prompt_index(lm, edit)
         # The key is the projection's input, which the adaptor does not change; the warm
         # value is the unadapted output at that key.

@@ -45,7 +45,7 @@ from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, each_edit
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 
@@ -148,14 +148,14 @@ def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer
         x[rows, row_token] = state["scaled"]
         return (x,) + tuple(args[1:])
 
-    scorer = Scorer(lm.model, lm.tokenizer)
+    unembed = lm.adapter.unembedding()
     targets = torch.tensor(answer, device=device)[row_token]
     handles = [lm.adapter.layer(layer).register_forward_pre_hook(widen, with_kwargs=True),
                lm.adapter.out_proj(layer).register_forward_pre_hook(scale)]
     try:
         with torch.enable_grad():
             hidden = body(input_ids=suffix, cache=cache, use_cache=cache is not None).last_hidden_state
-            probs = scorer.unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
+            probs = unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
             grad, = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
     finally:
         for h in handles:
@@ -201,23 +201,23 @@ class KNEditor(Editor):
     def scope(self, lm: LoadedModel) -> list[str]:
         return [lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)]
 
-    def _old_answer(self, lm: LoadedModel, scorer: Scorer, edit: Edit) -> tuple[int, ...]:
+    def _old_answer(self, lm: LoadedModel, codec: Codec, edit: Edit) -> tuple[int, ...]:
         if edit.target_true is not None:
-            return scorer.encode(edit.rendered_prompt, edit.target_true)[1]
+            return codec.answer_ids(edit.target_true)
         # No recorded old answer: take the token the model predicts now.
         with torch.no_grad():
-            ids = torch.tensor([scorer.encode(edit.rendered_prompt, edit.target_new)[0]], device=lm.device)
-            hidden = scorer.body(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
-            return (int(scorer.unembed(hidden).argmax()),)
+            ids = torch.tensor([codec.prompt_ids(edit.rendered_prompt)], device=lm.device)
+            hidden = lm.adapter.body()(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
+            return (int(lm.adapter.unembedding()(hidden).argmax()),)
 
     def neurons(self, lm: LoadedModel, edit: Edit) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(layers, mask of selected neurons (layers, d_ff), mean attribution) for one edit."""
         p = self.params
         layers = self.layers(lm)
-        scorer = Scorer(lm.model, lm.tokenizer)
-        old = self._old_answer(lm, scorer, edit)
+        codec = Codec(lm.tokenizer)
+        old = self._old_answer(lm, codec, edit)
         prompts = [edit.rendered_prompt] + (list(edit.paraphrases) if p.prompts == "paraphrases" else [])
-        scores = [attribution(lm, layers, scorer.encode(text, edit.target_new)[0], old, p.ig_steps) for text in prompts]
+        scores = [attribution(lm, layers, codec.prompt_ids(text), old, p.ig_steps) for text in prompts]
         mask = select_neurons(scores, p.threshold, p.share)
         mean = torch.stack(scores).mean(0)
         if p.max_neurons and int(mask.sum()) > p.max_neurons:
@@ -228,8 +228,7 @@ class KNEditor(Editor):
     @torch.no_grad()
     def _signs(self, lm: LoadedModel, layers: list[int], edit: Edit) -> dict[int, torch.Tensor]:
         """Sign of every neuron's activation at the bare prompt's answer-predicting position, per layer."""
-        ids = torch.tensor([Scorer(lm.model, lm.tokenizer).encode(edit.rendered_prompt, edit.target_new)[0]],
-                           device=lm.device)
+        ids = torch.tensor([Codec(lm.tokenizer).prompt_ids(edit.rendered_prompt)], device=lm.device)
         signs = {}
         for layer in layers:
             with capture_keys(lm.adapter, layer) as seen:
@@ -251,10 +250,10 @@ class KNEditor(Editor):
     def greedy_answer(self, lm: LoadedModel, prompt_ids: Sequence[int], n: int) -> tuple[int, ...]:
         """The model's greedy continuation of ``prompt_ids``, ``n`` tokens (the toolkit's 'original prediction')."""
         ids, out = list(prompt_ids), []
-        scorer = Scorer(lm.model, lm.tokenizer)
+        body, unembed = lm.adapter.body(), lm.adapter.unembedding()
         for _ in range(n):
-            hidden = scorer.body(input_ids=torch.tensor([ids], device=lm.device), use_cache=False).last_hidden_state
-            out.append(int(scorer.unembed(hidden[0, -1]).argmax()))
+            hidden = body(input_ids=torch.tensor([ids], device=lm.device), use_cache=False).last_hidden_state
+            out.append(int(unembed(hidden[0, -1]).argmax()))
             ids.append(out[-1])
         return tuple(out)
 
@@ -262,12 +261,12 @@ class KNEditor(Editor):
         """(the vector added to each selected value vector, whether it is multiplied by the activation sign)."""
         p = self.params
         erase, amplify = p.scales()
-        scorer = Scorer(lm.model, lm.tokenizer)
-        prompt, new = scorer.encode(edit.rendered_prompt, edit.target_new)
+        codec = Codec(lm.tokenizer)
+        prompt, new = codec.encode(edit.rendered_prompt, edit.target_new)
         if p.rule == "toolkit":
             old = self.greedy_answer(lm, prompt, len(new))
             return self._toolkit_embedding(lm, new, amplify) - self._toolkit_embedding(lm, old, erase), False
-        change = amplify * self._embedding(lm, new) - erase * self._embedding(lm, self._old_answer(lm, scorer, edit))
+        change = amplify * self._embedding(lm, new) - erase * self._embedding(lm, self._old_answer(lm, codec, edit))
         return change, True
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:

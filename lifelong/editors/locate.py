@@ -22,7 +22,7 @@ from lifelong.editors.upper import (FusedLlamaStack, UpperStack, compute_dtype, 
                                     suffix_pass_kwargs)
 from lifelong.machine import check_dtype_setting
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 
@@ -79,14 +79,7 @@ def capture_keys(adapter: ArchAdapter, layer: int) -> Iterator[list[torch.Tensor
 
 def padded_batch(lm: LoadedModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids and attention mask for ``texts``, on the model's device."""
-    encoded = [lm.tokenizer(t).input_ids for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), Scorer(lm.model, lm.tokenizer).pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(encoded):
-        ids[r, : len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[r, : len(e)] = 1
-    return ids.to(lm.device), mask.to(lm.device)
+    return Codec(lm.tokenizer).padded(texts, lm.device)
 
 
 @torch.no_grad()
@@ -231,7 +224,7 @@ class SuffixBatch:
         self.lm = lm
         self.body = lm.adapter.body()
         device = lm.device
-        pad = Scorer(lm.model, lm.tokenizer).pad_id
+        pad = Codec(lm.tokenizer).pad_id
         self.prefix_len = max(lookup)
         suffix_len = max(len(seq) - start for seq, start in zip(sequences, lookup))
         n = len(sequences)
@@ -318,9 +311,8 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     layers above (``stack``, float32 unless given), with only δ requiring gradients. The
     KL reference is the first step's distribution (δ = 0), as in ROME."""
     check_value_rules(stop_on, scale, "optimize_value")
-    scorer = Scorer(lm.model, lm.tokenizer)
     texts = contexts(edit, templates) + [f"{edit.subject} is a"]  # the last one is the KL prompt
-    target = scorer.encode(texts[0], edit.target_new)[1]
+    target = Codec(lm.tokenizer).answer_ids(edit.target_new)
     prompts = [tuple(lm.tokenizer(t).input_ids) for t in texts]
     lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
     n = len(texts) - 1
@@ -355,8 +347,9 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     anchor = (original if scale == "mlp_output" else residual[0, 0]).detach().clone()  # row 0: the bare prompt
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
-    target_rows = scorer.unembed.weight.detach()[targets].float()  # for the exact target logits
-    target_bias = getattr(scorer.unembed, "bias", None)
+    unembed = lm.adapter.unembedding()
+    target_rows = unembed.weight.detach()[targets].float()  # for the exact target logits
+    target_bias = getattr(unembed, "bias", None)
     target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
     delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)

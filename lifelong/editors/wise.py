@@ -46,7 +46,7 @@ import torch
 
 from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 
@@ -340,11 +340,11 @@ class WISEEditor(AdaptorEditor):
         if self.current is None:
             self.current = torch.zeros(weight.shape)
         mask = self.mask(self.shard_index, weight.shape).to(lm.device)
-        scorer = Scorer(lm.model, lm.tokenizer)
+        codec = Codec(lm.tokenizer)
         templates = self.context_templates(lm)
-        encoded = [scorer.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates]
-        encoded.append(scorer.encode(*self.irrelevant_pair(edit)))
-        batch = scorer.collate(encoded)
+        encoded = [codec.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates]
+        encoded.append(codec.encode(*self.irrelevant_pair(edit)))
+        batch = codec.collate(encoded, lm.device)
         upper = UpperLayers(lm, p.layer, batch)
         rows = len(templates)
         owner = torch.as_tensor(batch.owner, device=lm.device)
