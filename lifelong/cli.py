@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lifelong.export import EXPORT_HELP
 from streams.errors import UserError
 
 DEFAULT_STEPS_NOTE = "default: the whole stream"
@@ -75,6 +76,10 @@ def check_replay_args(args) -> None:
     from lifelong.keep import KeepPolicy
 
     KeepPolicy.parse(args.keep_deltas)
+    from lifelong.export import check_export_spec
+
+    for spec in args.export or []:
+        check_export_spec(spec)
     from streams.facts import check_stream_spec
 
     check_stream_spec(args.stream)
@@ -93,8 +98,15 @@ def cmd_replay(args) -> int:
         device=args.device, probes=list(args.probe or []), keep_deltas=args.keep_deltas, dtype=args.dtype,
     )
     out = Path(args.out) if args.out else _default_out(args)
-    with quiet_bars(args.quiet):
-        result = replay(config, out, progress=not args.quiet, threads=args.threads)
+    from lifelong.export import make_exporter
+
+    exporters = [make_exporter(spec) for spec in args.export or []]
+    try:
+        with quiet_bars(args.quiet):
+            result = replay(config, out, progress=not args.quiet, threads=args.threads, exporters=exporters)
+    finally:
+        for exporter in exporters:
+            exporter.close()
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
@@ -243,6 +255,14 @@ def cmd_checkout(args) -> int:
     check_checkout_target(Path(args.out))  # again: it may have changed while the model was rebuilt
     save_model_dir(lm.model, lm.tokenizer, Path(args.out), marker=f"step {step} of {Path(args.dir).resolve()}\n")
     print(f"step {step} of {args.dir} written to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lifelong.export import export_run
+
+    count = export_run(args.dir, args.to)
+    print(f"{count} step-level figures of {args.dir} written to {args.to}")
     return 0
 
 
@@ -403,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step "
                         "is always kept, so resume stays exact. Bounds disk on long runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--export", action="append", metavar="SPEC", help=f"stream step-level figures to a tracker: {EXPORT_HELP}")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="options from a TOML file, or a run's manifest.json (or run directory) to repeat that run; "
                         "options given here win, --set adds to the file's settings")
@@ -444,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_checkout)
+
+    p = sub.add_parser("export", formatter_class=defaults, help="write a run's step-level figures to a tracker")
+    p.add_argument("dir")
+    p.add_argument("--to", required=True, metavar="SPEC", help=EXPORT_HELP)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", formatter_class=defaults,
                        help="before/after: greedy continuations of a few edits' prompt, paraphrase and neighbour "

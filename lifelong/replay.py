@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -151,29 +152,33 @@ def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: i
 
 
 def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, editor: Editor | None = None,
-           progress: bool = True, stop_after: int | None = None, threads: int | str | None = None) -> ReplayResult:
+           progress: bool = True, stop_after: int | None = None, threads: int | str | None = None,
+           exporters: Sequence = ()) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
     ``lm`` reuses an already loaded base model (it is edited in place, and an adaptor editor's hooks
     stay on it: to reuse it for another run, pass ``editor`` and call its ``release()``); ``editor`` runs
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
     ``stop_after`` ends the call after that many new steps, as a kill would (for tests);
-    ``threads`` fixes the compute threads (default: see :func:`lifelong.machine.thread_policy`).
+    ``threads`` fixes the compute threads (default: see :func:`lifelong.machine.thread_policy`);
+    ``exporters`` (:mod:`lifelong.export`) receive each step's rows as they are written (the caller closes them).
     """
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
     with ComputeThreads(policy) as compute:
-        return _replay(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after, compute=compute)
+        return _replay(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after, compute=compute,
+                       exporters=exporters)
 
 
 def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None, progress: bool,
-            stop_after: int | None, compute: ComputeThreads) -> ReplayResult:
+            stop_after: int | None, compute: ComputeThreads, exporters: Sequence = ()) -> ReplayResult:
     with ExitStack() as held, bars_showing(progress):  # held: the run's writer lock, once inputs are validated
         return _replay_locked(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after,
-                              compute=compute, held=held)
+                              compute=compute, held=held, exporters=exporters)
 
 
 def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
-                   progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack) -> ReplayResult:
+                   progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack,
+                   exporters: Sequence = ()) -> ReplayResult:
     keep = KeepPolicy.parse(config.keep_deltas)
     config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
     if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
@@ -222,7 +227,10 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
                            base_params=store.base, steps=steps, facts=facts, chain_end_steps=ends)
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
-        run.write_rows(0, rows_for(0, None, rows))
+        written = rows_for(0, None, rows)
+        run.write_rows(0, written)
+        for exporter in exporters:
+            exporter.write(0, written)
         run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps))
         done = 0
     elif done > 0:
@@ -253,7 +261,10 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
                            chain_end_steps=ends)
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
-        run.write_rows(step, rows_for(step, timestamp, rows))
+        written = rows_for(step, timestamp, rows)
+        run.write_rows(step, written)
+        for exporter in exporters:
+            exporter.write(step, written)
         run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps))
         store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]
