@@ -39,3 +39,4 @@ def test_compare_notebook_executes(tmp_path, stream_file, monkeypatch):
     assert (tmp_path / "nb" / "compare.png").stat().st_size > 10_000
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the comparison and one dashboard per editor
+    assert "after its step" in outputs and "θ0" in outputs  # the before/after view
