@@ -27,7 +27,8 @@ Workers read the model, the streams and write the run directories through paths 
 (a shared filesystem), and import the same version of this package as the driver.
 
 Faults: Ray re-runs a task whose worker died (``max_retries``); a cell whose task raised is
-submitted again up to ``retries`` times; then it is marked failed with its error, and the other
+submitted again up to ``retries`` times (not when it raised a user error, which would recur); then it
+is marked failed with its error, and the other
 cells go on. Re-running the same sweep keeps the done cells, resumes the interrupted ones from
 their last complete step (replay resumes a run directory) and tries the failed ones again.
 """
@@ -529,6 +530,14 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1] if text else ''}".strip()
 
 
+def _is_user_error(err: BaseException) -> bool:
+    """Whether a task failed on a user mistake (bad setting, missing file): it would fail again."""
+    from streams.errors import UserError
+
+    cause = getattr(err, "cause", None)
+    return isinstance(cause if isinstance(cause, BaseException) else err, UserError)
+
+
 def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, workers: int | None = None,
               progress: bool = True) -> SweepResult:
     """Run every cell of ``spec`` not yet done into sweep directory ``out`` (see the module's docstring)."""
@@ -606,7 +615,7 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
                             ray.get(ref)
                         except Exception as err:  # the task raised, or its worker died more often than retried
                             cell["error"] = _error_text(err)
-                            if tries[cell["id"]] <= retries:
+                            if tries[cell["id"]] <= retries and not _is_user_error(err):
                                 cell["state"] = "pending"
                                 queue.append(cell)
                             else:
