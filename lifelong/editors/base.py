@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -44,6 +44,30 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"{editor}: layer {layer} out of range for a {lm.num_layers}-layer model")
     return layer
+
+
+def parse_layers(spec: str | int | None, num_layers: int, editor: str,
+                 default: Callable[[int], list[int]] | None = None) -> list[int]:
+    """Every editor's layer-range spelling: None or '' -> ``default(num_layers)``; 'all'; '6'; '4-8';
+    '4,5,6'; or a mix ('1-2,7') -> those layers, sorted, each once, checked against the model."""
+    text = "" if spec is None else str(spec).strip()
+    if not text:
+        if default is None:
+            raise UserError(f"{editor}: layers must be given (e.g. '6', '4-8', '4,5,6' or 'all')")
+        return default(num_layers)
+    if text == "all":
+        return list(range(num_layers))
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise UserError(f"{editor}: cannot read layers '{spec}': expected e.g. '6', '4-8', '4,5,6' or 'all'") from None
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise UserError(f"{editor}: layers '{spec}' out of range for a {num_layers}-layer model")
+    return sorted(set(layers))
 
 
 def each_edit(batch: Sequence[Edit], what: str) -> Sequence[Edit]:

@@ -43,6 +43,7 @@ import torch
 
 from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, each_edit
+from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from probes.model_access import Codec
@@ -87,23 +88,9 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(num_layers - max(1, num_layers // 3), num_layers))
 
 
-def parse_layers(spec: str, num_layers: int, editor: str) -> list[int]:
-    """'' -> :func:`default_layers`; 'all'; '3,5' or '20-29' (or a mix) -> those layers, checked against the model."""
-    if not spec.strip():
-        return default_layers(num_layers)
-    if spec.strip() == "all":
-        return list(range(num_layers))
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    except ValueError:
-        raise UserError(f"{editor}: cannot read layers '{spec}': expected e.g. '3,5' or '20-29'") from None
-    bad = [x for x in layers if not 0 <= x < num_layers]
-    if bad or not layers:
-        raise UserError(f"{editor}: layers '{spec}' out of range for a {num_layers}-layer model")
-    return sorted(set(layers))
+def parse_layers(spec: str | None, num_layers: int, editor: str = "kn") -> list[int]:
+    """KN's layers: :func:`lifelong.editors.base.parse_layers` with :func:`default_layers`."""
+    return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
 def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer: Sequence[int],

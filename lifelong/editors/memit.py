@@ -29,6 +29,7 @@ import torch
 
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, default_layer, each_edit
+from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
     KEY_AVERAGES, UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch,
@@ -50,7 +51,7 @@ class MEMITParams(ValueParams):
     v_scale: str = "layer_output"  # the residual stream leaving the layer scales clamp and norm term
     templates: int = 6  # the bare prompt and 5 prefixed ones
     key_average: str = "grouped"  # "grouped": MEMIT's compute_ks; "uniform": every template alike
-    layers: str | None = None  # e.g. "4,5,6,7,8"; None: five layers centred on num_layers // 5
+    layers: str | None = None  # e.g. "4-8", "4,5,6" or "all"; None: five layers centred on num_layers // 5
     mom2_weight: float | None = None  # λ in λC + KKᵀ; None: 15000·m/16384 (see default_mom2_weight)
     cov_corpus: str = MODEL_SAMPLE  # text for C: "model-sample" (seeded text from the model) or a .txt file/dir
     cov_tokens: int = 20000  # tokens of that text C is estimated from
@@ -94,16 +95,9 @@ def default_layers(num_layers: int) -> list[int]:
     return [layer for layer in range(centre - 2, centre + 3) if 0 <= layer < num_layers]
 
 
-def parse_layers(spec: str | None, num_layers: int, editor: str) -> list[int]:
-    if spec is None:
-        return default_layers(num_layers)
-    try:
-        layers = sorted({int(x) for x in str(spec).split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"{editor}: layers must be comma-separated integers, got '{spec}'") from None
-    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise UserError(f"{editor}: layers {spec} out of range for a {num_layers}-layer model")
-    return layers
+def parse_layers(spec: str | None, num_layers: int, editor: str = "memit") -> list[int]:
+    """MEMIT/AlphaEdit's layers: :func:`lifelong.editors.base.parse_layers` with :func:`default_layers`."""
+    return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
 class MEMITEditor(Editor):

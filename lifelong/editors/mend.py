@@ -70,7 +70,7 @@ from torch import nn
 from lifelong.delta import Delta, atomic_save_tensors
 from lifelong.durable import publish
 from lifelong.editors.base import Editor
-from lifelong.editors.kn import parse_layers
+from lifelong.editors.base import parse_layers
 from lifelong.editors.locate import lowrank_change
 from lifelong.models import LoadedModel, cache_root
 from probes.scorer import Scorer
@@ -85,8 +85,9 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(max(0, num_layers - 3), num_layers))
 
 
-def resolve_layers(spec: str, num_layers: int, editor: str = "mend") -> list[int]:
-    return default_layers(num_layers) if not spec.strip() else parse_layers(spec, num_layers, editor)
+def resolve_layers(spec: str | None, num_layers: int, editor: str = "mend") -> list[int]:
+    """MEND's layers: :func:`lifelong.editors.base.parse_layers` with :func:`default_layers`."""
+    return parse_layers(spec, num_layers, editor, default_layers)
 
 
 LEGACY_PARAMS = ("down",)  # the former editor: down projections only, one unshared network per layer
@@ -572,7 +573,7 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
 
 @dataclass
 class MENDParams:
-    layers: str = ""  # e.g. "27-29"; empty: the last three layers
+    layers: str = ""  # e.g. "27-29", "28,29" or "all"; empty: the last three layers
     # edited MLP weights of each layer: comma-separated gate, up, down; empty: all of them (gate,up,down
     # for Llama-style MLPs, up,down = c_fc,c_proj for GPT-2); "down": the former down-only editor
     params: str = ""
