@@ -286,9 +286,17 @@ def _alpha_figures(runs):
 
 
 def _alpha_verdict(f):
+    rule = ("rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is lower than "
+            "MEMIT's (paired ratio above 1; log-scale intervals); the claim is only tested once MEMIT has lost "
+            "something (its retained fraction's interval below 0.9, or its perplexity ratio's above 1.1). That "
+            "condition was added after the quick runs (30 edits) showed both editors at ceiling")
+    memit_retained, memit_ppl = f["memit: retained fraction at last step"], f["memit: perplexity ratio at last step"]
+    if "n/a" in (above(memit_retained, 0.0), above(memit_ppl, 0.0)):
+        return "not run", rule
+    if below(memit_retained, 0.9) != "yes" and above(memit_ppl, 1.1) != "yes":
+        return "not tested at this scale (MEMIT has not degraded yet)", rule
     parts = [above(f["alphaedit − memit: retained fraction"], 0.0), above(f["memit / alphaedit: perplexity ratio"], 1.0)]
-    return combine(parts), ("rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is "
-                            "lower than MEMIT's (paired ratio above 1; log-scale intervals)")
+    return combine(parts), rule
 
 
 QUALITY = (("efficacy", "es", "ES"), ("efficacy", "exact", "ES exact"), ("generalization", "ps", "PS"),
