@@ -73,11 +73,15 @@ def read_config(path: str | Path) -> dict:
 def _from_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
-        ident = manifest["identity"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except json.JSONDecodeError as err:
         raise UserError(f"config {path}: not a run manifest ({err})") from None
+    return options_from_manifest(path, manifest)
+
+
+def options_from_manifest(path: Path, manifest: dict) -> dict:
+    """The replay options of a parsed manifest (``path`` names it in errors)."""
     try:
-        return _manifest_options(path, manifest, ident)
+        return _manifest_options(path, manifest, manifest["identity"])
     except (KeyError, TypeError, AttributeError) as err:  # a manifest not written by a replay (or edited)
         raise UserError(f"config {path}: not a run manifest ({type(err).__name__}: {err})") from None
 

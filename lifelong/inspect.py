@@ -42,17 +42,11 @@ def run_config(run: RunDir, stream: str | None = None) -> RunConfig:
 
 def read_config_with_stream(run: RunDir, manifest: dict, stream: str) -> dict:
     """The manifest's options with its stream replaced (the manifest's own file may be elsewhere)."""
-    import json
-    import tempfile
-
-    from lifelong.config import read_config
+    from lifelong.config import options_from_manifest
 
     moved = {**manifest, "identity": {**manifest["identity"], "stream": stream},
              "sessions": [{**s, "stream": stream} for s in manifest.get("sessions") or []]}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "manifest.json"
-        path.write_text(json.dumps(moved))
-        return read_config(path)
+    return options_from_manifest(run.manifest_path, moved)
 
 
 def choose_edits(steps, edit_ids: list[str] | None, count: int) -> list[tuple[int, object]]:
