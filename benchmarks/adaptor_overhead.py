@@ -49,8 +49,11 @@ def main() -> None:
         edited = best_time(lambda: scorer_for(lm), pairs, args.repeats)
         lm.editor.release()
         plain = best_time(lambda: Scorer(lm.model, lm.tokenizer), pairs, args.repeats)
-        print(f"{path[-28:]:<28}{lm.editor.name:<8}{step:>5}{len(pairs):>7}{edited:>10.2f}{plain:>9.2f}"
-              f"{edited / plain:>7.2f}", flush=True)
+        print(
+            f"{path[-28:]:<28}{lm.editor.name:<8}{step:>5}{len(pairs):>7}{edited:>10.2f}{plain:>9.2f}"
+            f"{edited / plain:>7.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

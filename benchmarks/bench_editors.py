@@ -65,8 +65,10 @@ def main() -> None:
             editor.load_step_states(store.step_states(middle, editor.incremental_state))
             checkout = time.perf_counter() - t0
         per_edit = sum(seconds) / len(seconds)
-        print(f"{name:<11}{per_edit:8.2f}{per_edit / yard:8.1f}{sum(sizes) / len(sizes) / 1024:10.1f}"
-              f"{checkout:12.3f}{checkout / yard:8.2f}")
+        print(
+            f"{name:<11}{per_edit:8.2f}{per_edit / yard:8.1f}{sum(sizes) / len(sizes) / 1024:10.1f}"
+            f"{checkout:12.3f}{checkout / yard:8.2f}"
+        )
 
 
 if __name__ == "__main__":

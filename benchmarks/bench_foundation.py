@@ -89,8 +89,10 @@ def main() -> None:
     print(f"scorer: {n} prompts, {tokens} tokens")
     print(f"  one prompt at a time : {n / t_single:7.1f} prompts/s")
     print(f"  batched scorer       : {n / t_scorer:7.1f} prompts/s  ({t_single / t_scorer:.1f}x one-at-a-time)")
-    print(f"  plain batched forward: {tokens / t_forward:7.0f} tokens/s; scorer {tokens / t_scorer:.0f} tokens/s "
-          f"= {t_forward / t_scorer:.0%} of it")
+    print(
+        f"  plain batched forward: {tokens / t_forward:7.0f} tokens/s; scorer {tokens / t_scorer:.0f} tokens/s "
+        f"= {t_forward / t_scorer:.0%} of it"
+    )
 
     editor = make_editor("ft")
     edits = list(stream)[: args.edits]
@@ -102,8 +104,10 @@ def main() -> None:
             store.commit(k, delta, editor.state_dict())
             times.append(t)
             sizes.append(store.nbytes_on_disk(k))
-    print(f"FT-L: {sum(times) / len(times):.2f} s per step (mean of {len(times)}; min {min(times):.2f}, "
-          f"max {max(times):.2f}); {sum(sizes) / len(sizes) / 2**20:.2f} MiB on disk per step")
+    print(
+        f"FT-L: {sum(times) / len(times):.2f} s per step (mean of {len(times)}; min {min(times):.2f}, "
+        f"max {max(times):.2f}); {sum(sizes) / len(sizes) / 2**20:.2f} MiB on disk per step"
+    )
 
 
 if __name__ == "__main__":

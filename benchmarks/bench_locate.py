@@ -90,8 +90,12 @@ def main() -> None:
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--skip-covariance", action="store_true")
     ap.add_argument("--only-covariance", action="store_true")
-    ap.add_argument("--variant-budget", type=float, default=240.0,
-                    help="seconds after which a ROME variant stops being timed (emulated bfloat16 takes minutes per edit)")
+    ap.add_argument(
+        "--variant-budget",
+        type=float,
+        default=240.0,
+        help="seconds after which a ROME variant stops being timed (emulated bfloat16 takes minutes per edit)",
+    )
     ap.add_argument("--threads", default=None, help="compute threads (default: this machine's share of its cores)")
     args = ap.parse_args()
     with ComputeThreads(thread_policy(args.threads)):
@@ -120,30 +124,42 @@ def run(args) -> None:
     singles = [[e] for e in edits[: args.edits]]
     if not args.only_covariance:
         times = {}
-        for name, overrides in [("rome", {}), ("rome", {"v_dtype": "float32"}), ("rome", {"v_dtype": "bfloat16"}),
-                                ("rome", {"stop_on": "nll"}), ("rome", {"v_stack": "model"}), ("r-rome", {})]:
+        for name, overrides in [
+            ("rome", {}),
+            ("rome", {"v_dtype": "float32"}),
+            ("rome", {"v_dtype": "bfloat16"}),
+            ("rome", {"stop_on": "nll"}),
+            ("rome", {"v_stack": "model"}),
+            ("r-rome", {}),
+        ]:
             editor = make_editor(name, overrides).bind(lm)
             warm_up(lm, editor, warm, base)
             seconds, each = per_edit(lm, editor, singles, base, args.variant_budget)
             label = f"{name}" + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
             if name == "rome" and not overrides:
                 label += f" (v_dtype=auto -> {choose_dtype('auto', lm.device).name})"
-            cut = f" (stopped after {len(each)} of {len(singles)} edits: budget spent)" if len(each) < len(singles) else ""
+            cut = (
+                f" (stopped after {len(each)} of {len(singles)} edits: budget spent)"
+                if len(each) < len(singles)
+                else ""
+            )
             report(label, seconds, f"   [{', '.join(f'{s:.2f}' for s in each)}]{cut}")
             if name == "rome" and set(overrides) <= {"v_dtype"}:
                 times[overrides.get("v_dtype", "auto")] = each
         common = min(len(t) for t in times.values())
         mean = {k: statistics.fmean(t[:common]) for k, t in times.items()}
         fastest = min(("float32", "bfloat16"), key=mean.get)
-        print(f"\nrome on the same {common} edit(s): auto {mean['auto']:.2f} s, float32 {mean['float32']:.2f} s, "
-              f"bfloat16 {mean['bfloat16']:.2f} s; auto / faster explicit ({fastest}) = "
-              f"{mean['auto'] / mean[fastest]:.2f}; bfloat16 / float32 = {mean['bfloat16'] / mean['float32']:.2f}\n")
+        print(
+            f"\nrome on the same {common} edit(s): auto {mean['auto']:.2f} s, float32 {mean['float32']:.2f} s, "
+            f"bfloat16 {mean['bfloat16']:.2f} s; auto / faster explicit ({fastest}) = "
+            f"{mean['auto'] / mean[fastest]:.2f}; bfloat16 / float32 = {mean['bfloat16'] / mean['float32']:.2f}\n"
+        )
         for name in ("memit", "alphaedit"):
             editor = make_editor(name).bind(lm)
             warm_up(lm, editor, warm, base)
             seconds, _ = per_edit(lm, editor, singles, base)
             report(f"{name} batch 1", seconds)
-            big = [edits[args.edits: args.edits + args.batch]]
+            big = [edits[args.edits : args.edits + args.batch]]
             seconds, _ = per_edit(lm, editor, big, base)
             report(f"{name} batch {len(big[0])}", seconds)
 
@@ -163,8 +179,10 @@ def run(args) -> None:
         print(f"  pass for 1 layer                  {one:7.1f} s = {one / yard:7.1f} × forward")
         layers = default_layers(lm.num_layers)
         _, five = timed(lambda: compute_second_moments(lm, layers, rows))
-        print(f"  pass for {len(layers)} layers at once          {five:7.1f} s = {five / yard:7.1f} × forward "
-              f"({five / len(layers):.1f} s per layer)")
+        print(
+            f"  pass for {len(layers)} layers at once          {five:7.1f} s = {five / yard:7.1f} × forward "
+            f"({five / len(layers):.1f} s per layer)"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def cycled_builtin(steps: int, path: Path) -> str:
     edits = []
     for i in range(steps):
         e = base[i % len(base)]
-        edits.append(dataclasses.replace(e, id=f"{e.id}-c{i // len(base)}",
-                                         timestamp=base[0].timestamp + timedelta(days=i)))
+        edits.append(
+            dataclasses.replace(e, id=f"{e.id}-c{i // len(base)}", timestamp=base[0].timestamp + timedelta(days=i))
+        )
     EditStream(edits).to_jsonl(path)
     return str(path)
 
@@ -80,21 +81,35 @@ def main() -> None:
     with ComputeThreads(thread_policy(args.threads)):
         print(runtime_header())
     work = Path(tempfile.mkdtemp(prefix="bench_long-"))
-    stream = cycled_builtin(args.steps * args.batch_size, work / "cycle.jsonl") \
-        if args.stream == "builtin-cycle" else args.stream
-    config = RunConfig(model=args.model, editor=args.editor, editor_overrides=parse_set_items(args.set),
-                       stream=stream, steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every,
-                       keep_deltas=args.keep_deltas)
+    stream = (
+        cycled_builtin(args.steps * args.batch_size, work / "cycle.jsonl")
+        if args.stream == "builtin-cycle"
+        else args.stream
+    )
+    config = RunConfig(
+        model=args.model,
+        editor=args.editor,
+        editor_overrides=parse_set_items(args.set),
+        stream=stream,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        probe_every=args.probe_every,
+        keep_deltas=args.keep_deltas,
+    )
     t0 = time.perf_counter()
     _, steps, _, _ = prepare_stream_and_facts(config)
-    print(f"stream {args.stream}: {len(steps)} steps of {args.batch_size} edit(s) loaded in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"stream {args.stream}: {len(steps)} steps of {args.batch_size} edit(s) loaded in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     if len(steps) < args.steps:
         print(f"note: the stream has only {len(steps)} steps", file=sys.stderr)
     out = args.out or work / "run"
     marks = sorted({max(1, round(len(steps) * f)) for f in (0.25, 0.5, 1.0)})
-    print(f"{args.editor} on {args.model}, {len(steps)} steps, retention every {args.probe_every}, "
-          f"--keep-deltas {args.keep_deltas}\n")
+    print(
+        f"{args.editor} on {args.model}, {len(steps)} steps, retention every {args.probe_every}, "
+        f"--keep-deltas {args.keep_deltas}\n"
+    )
     print(f"{'to step':>8} {'s/step':>8} {'edit s':>8} {'probe s':>8} {'RSS MiB':>8} {'disk MiB':>9}")
     done, rows = 0, []
     for mark in marks:
@@ -103,20 +118,28 @@ def main() -> None:
         wall = time.perf_counter() - t0
         seconds = RunDir(out).progress()["seconds"]
         stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
-        row = {"step": mark, "per_step": wall / (mark - done),
-               "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
-               "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
-               "rss": rss_mib(), "disk": dir_bytes(out) / 2**20}
+        row = {
+            "step": mark,
+            "per_step": wall / (mark - done),
+            "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
+            "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
+            "rss": rss_mib(),
+            "disk": dir_bytes(out) / 2**20,
+        }
         rows.append(row)
-        print(f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['rss']:>8.0f} "
-              f"{row['disk']:>9.1f}")
+        print(
+            f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['rss']:>8.0f} "
+            f"{row['disk']:>9.1f}"
+        )
         done = mark
     print("\ngrowth between stretches (steps ratio in brackets):")
     for a, b in zip(rows, rows[1:]):
         ratio = b["step"] / a["step"]
-        print(f"  {a['step']} -> {b['step']} (×{ratio:.1f}): s/step ×{b['per_step'] / a['per_step']:.2f}, "
-              f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, RSS ×{b['rss'] / a['rss']:.2f}, "
-              f"disk ×{b['disk'] / max(a['disk'], 1e-9):.2f}")
+        print(
+            f"  {a['step']} -> {b['step']} (×{ratio:.1f}): s/step ×{b['per_step'] / a['per_step']:.2f}, "
+            f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, RSS ×{b['rss'] / a['rss']:.2f}, "
+            f"disk ×{b['disk'] / max(a['disk'], 1e-9):.2f}"
+        )
     print(f"\nrun directory: {out}")
 
 

@@ -57,7 +57,7 @@ def throughput(lm, edits) -> None:
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for (p, a) in encoded:
+        for p, a in encoded:
             logp = lm.model(torch.tensor([p + a])).logits[0].log_softmax(-1)
             [logp[len(p) - 1 + j, t].item() for j, t in enumerate(a)]
     single = time.perf_counter() - t0
@@ -74,13 +74,19 @@ def throughput(lm, edits) -> None:
             scorer.body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
     forward = time.perf_counter() - t0
     prompts = len({p for p, _ in pairs})
-    print(f"probe throughput: {len(pairs)} pairs ({prompts} distinct prompts, {tokens} prompt+answer tokens) "
-          f"of {len(edits)} edits")
+    print(
+        f"probe throughput: {len(pairs)} pairs ({prompts} distinct prompts, {tokens} prompt+answer tokens) "
+        f"of {len(edits)} edits"
+    )
     print(f"  one pair at a time, teacher-forced : {len(pairs) / single:7.1f} pairs/s")
-    print(f"  scorer                             : {len(pairs) / batched:7.1f} pairs/s = "
-          f"{single / batched:.1f} × one at a time")
-    print(f"  plain batched forward, same tokens : {tokens / forward:7.0f} tokens/s; scorer {tokens / batched:.0f} "
-          f"tokens/s = {forward / batched:.0%} of it")
+    print(
+        f"  scorer                             : {len(pairs) / batched:7.1f} pairs/s = "
+        f"{single / batched:.1f} × one at a time"
+    )
+    print(
+        f"  plain batched forward, same tokens : {tokens / forward:7.0f} tokens/s; scorer {tokens / batched:.0f} "
+        f"tokens/s = {forward / batched:.0%} of it"
+    )
 
 
 def replay_growth(editor: str, steps: int) -> None:
@@ -91,8 +97,9 @@ def replay_growth(editor: str, steps: int) -> None:
 
     base = list(load_stream("builtin"))
     # The built-in stream cycled with fresh ids; retimed to one edit per step.
-    cycled = [dataclasses.replace(base[k % len(base)], id=f"{base[k % len(base)].id}#{k // len(base)}")
-              for k in range(steps)]
+    cycled = [
+        dataclasses.replace(base[k % len(base)], id=f"{base[k % len(base)].id}#{k // len(base)}") for k in range(steps)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stream.jsonl"
         EditStream(cycled).retimed(datetime(2024, 1, 1), timedelta(days=1)).to_jsonl(path)
@@ -101,15 +108,19 @@ def replay_growth(editor: str, steps: int) -> None:
         marks = [m for m in (50, 100, 200, steps) if m <= steps]
         marks = sorted(set(marks))
         done, elapsed, before, at = 0, 0.0, rss_mib(), {}
-        print(f"\nreplay: {editor}, {steps} steps, retention on a log schedule, edit quality every step "
-              f"(RSS before: {before:.0f} MiB)")
+        print(
+            f"\nreplay: {editor}, {steps} steps, retention on a log schedule, edit quality every step "
+            f"(RSS before: {before:.0f} MiB)"
+        )
         for mark in marks:
             t0 = time.perf_counter()
             replay(config, Path(tmp) / "run", lm=lm, progress=False, stop_after=mark - done)
             elapsed += time.perf_counter() - t0
             deltas = sum(f.stat().st_size for f in (Path(tmp) / "run" / "deltas").glob("*")) / 2**20
-            print(f"  to step {mark:>4}: {elapsed:7.1f} s total ({elapsed / mark:.2f} s/step); RSS {rss_mib():.0f} MiB; "
-                  f"deltas on disk {deltas:.1f} MiB")
+            print(
+                f"  to step {mark:>4}: {elapsed:7.1f} s total ({elapsed / mark:.2f} s/step); RSS {rss_mib():.0f} MiB; "
+                f"deltas on disk {deltas:.1f} MiB"
+            )
             done, at[mark] = mark, elapsed
         for a, b in zip(marks, marks[1:]):
             print(f"  {a} -> {b} steps (× {b / a:.1f}): time × {at[b] / at[a]:.2f}")

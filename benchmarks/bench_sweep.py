@@ -51,15 +51,19 @@ def main() -> None:
         ap.error("--cells must be at least 4")
     cores = available_cores()
     print(runtime_header())
-    print(f"{args.editor} on {args.model}, built-in stream, {args.cells} cells x {args.steps} steps "
-          f"(seeds 0..{args.cells - 1}); {cores} usable cores\n")
+    print(
+        f"{args.editor} on {args.model}, built-in stream, {args.cells} cells x {args.steps} steps "
+        f"(seeds 0..{args.cells - 1}); {cores} usable cores\n"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         spec_path = root / "spec.toml"
-        spec_path.write_text(f'model = "{args.model}"\nstream = "builtin"\nsteps = {args.steps}\n'
-                             f'probe_every = {args.steps}\neditors = ["{args.editor}"]\n'
-                             f"seeds = {list(range(args.cells))}\n")
+        spec_path.write_text(
+            f'model = "{args.model}"\nstream = "builtin"\nsteps = {args.steps}\n'
+            f'probe_every = {args.steps}\neditors = ["{args.editor}"]\n'
+            f"seeds = {list(range(args.cells))}\n"
+        )
         spec = load_spec(spec_path)
 
         from lifelong.models import load_model
@@ -72,8 +76,10 @@ def main() -> None:
             replay(cell.config, root / "serial" / cell.id, progress=False, threads=cores)
             serial.append(time.perf_counter() - t0)
         total = sum(serial)
-        print(f"{'serial, one after another':<36}{cores} threads/cell  sum {total:8.1f} s   "
-              f"[{', '.join(f'{s:.1f}' for s in serial)}]")
+        print(
+            f"{'serial, one after another':<36}{cores} threads/cell  sum {total:8.1f} s   "
+            f"[{', '.join(f'{s:.1f}' for s in serial)}]"
+        )
 
         import ray
 
@@ -96,8 +102,10 @@ def main() -> None:
                 label = f"sweep, {workers} worker{'s' if workers > 1 else ''}"
                 if workers > cores:
                     label += f" ({cores} CPU: 1 at once)" if cores == 1 else f" ({cores} CPUs)"
-                print(f"{label:<36}{result.cores_per_worker} threads/cell  wall {wall:7.1f} s = "
-                      f"{wall / total:.2f} x serial sum")
+                print(
+                    f"{label:<36}{result.cores_per_worker} threads/cell  wall {wall:7.1f} s = "
+                    f"{wall / total:.2f} x serial sum"
+                )
         finally:
             ray.shutdown()
 

@@ -28,9 +28,25 @@ from lifelong.run import RunDir
 
 
 def start(out: Path, args, threads: int | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "lifelong.cli", "replay", "--model", "smollm2-135m", "--editor", args.editor,
-               "--stream", "builtin", "--steps", str(args.steps), "--probe-every", str(args.steps),
-               "--out", str(out), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "lifelong.cli",
+        "replay",
+        "--model",
+        "smollm2-135m",
+        "--editor",
+        args.editor,
+        "--stream",
+        "builtin",
+        "--steps",
+        str(args.steps),
+        "--probe-every",
+        str(args.steps),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if threads is not None:
         command += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -46,7 +62,9 @@ def run_together(root: Path, name: str, count: int, args, threads: int | None) -
         _, err = proc.communicate()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"replay in {directory} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+            raise SystemExit(
+                f"replay in {directory} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+            )
         seconds = RunDir(directory).progress()["seconds"]
         steps = sum(sum(v.values()) for k, v in seconds.items() if int(k) > 0)
         threads_used = json.loads((directory / "manifest.json").read_text())["sessions"][-1]["threads"]["threads"]
@@ -61,8 +79,10 @@ def main() -> None:
     ap.add_argument("--naive", action="store_true", help="also run two processes that each take every core")
     args = ap.parse_args()
     print(runtime_header())
-    print(f"{args.editor} on smollm2-135m, built-in stream, {args.steps} steps per replay; "
-          f"{available_cores()} usable cores\n")
+    print(
+        f"{args.editor} on smollm2-135m, built-in stream, {args.steps} steps per replay; "
+        f"{available_cores()} usable cores\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         [(wall1, steps1, threads1)] = run_together(root, "alone", 1, args, None)
@@ -72,8 +92,13 @@ def main() -> None:
         if args.naive:
             cases.append((f"two at once, each --threads {available_cores()}", available_cores()))
         for label, threads in cases:
-            for i, (wall, steps, used) in enumerate(run_together(root, label.split()[0] + str(threads), 2, args, threads)):
-                print(f"{label + f' #{i + 1}':<34}{used:>8}{wall:9.1f}{wall / wall1:9.2f}{steps:9.1f}{steps / steps1:9.2f}")
+            for i, (wall, steps, used) in enumerate(
+                run_together(root, label.split()[0] + str(threads), 2, args, threads)
+            ):
+                print(
+                    f"{label + f' #{i + 1}':<34}{used:>8}{wall:9.1f}{wall / wall1:9.2f}"
+                    f"{steps:9.1f}{steps / steps1:9.2f}"
+                )
 
 
 if __name__ == "__main__":

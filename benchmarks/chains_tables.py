@@ -28,14 +28,24 @@ from probes.scorer import Scorer
 from streams import EditStream, layout, read_dataset
 from streams.generators import chains_of
 
-ROUND_COLS = [("round_success", "Succ"), ("distortion_js", "D"), ("distortion_js_pitfalls", "D_pit"),
-              ("ignore_rate", "IR"), ("failure_rate", "FR")]
-CONFLICT_COLS = [("conflict_score_explicit", "CS_exp"), ("conflict_score_implicit", "CS_imp"),
-                 ("conflict_magnitude", "CM"), ("tied_fact_damage", "TFD")]
+ROUND_COLS = [
+    ("round_success", "Succ"),
+    ("distortion_js", "D"),
+    ("distortion_js_pitfalls", "D_pit"),
+    ("ignore_rate", "IR"),
+    ("failure_rate", "FR"),
+]
+CONFLICT_COLS = [
+    ("conflict_score_explicit", "CS_exp"),
+    ("conflict_score_implicit", "CS_imp"),
+    ("conflict_magnitude", "CM"),
+    ("tied_fact_damage", "TFD"),
+]
 
 
-def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: int,
-                 rule: str = "exact") -> tuple[list, int]:
+def known_chains(
+    scorer: Scorer | None, dataset: str, first_role: str, limit: int, rule: str = "exact"
+) -> tuple[list, int]:
     """The first ``limit`` chains of ``dataset`` whose ``first_role`` edit's true object the model
     answers, and how many records were checked to find them (checked in file order, in chunks);
     with no scorer, simply the first ``limit`` chains."""
@@ -45,7 +55,7 @@ def known_chains(scorer: Scorer | None, dataset: str, first_role: str, limit: in
         return chains[:limit], min(limit, len(chains))
     kept, checked = [], 0
     while len(kept) < limit and checked < len(chains):
-        chunk = chains[checked: checked + 100]
+        chunk = chains[checked : checked + 100]
         firsts = [next(e for e in c if e.chain.role == first_role) for c in chunk]
         if rule == "exact":  # greedy teacher-forced match of the true object
             ok = scorer.score([(e.rendered_prompt, e.target_true) for e in firsts]).exact
@@ -85,8 +95,11 @@ def run_stream(lm, base, editor: str, chains: list, gap: int, out: Path, name: s
 def means(rows: pl.DataFrame, cols) -> list[str]:
     out = []
     for metric, _ in cols:
-        sel = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion")
-                          & ~pl.col("protocol").str.ends_with(";ref=thetam"))  # TFD: the θ0 reference only
+        sel = rows.filter(
+            (pl.col("metric") == metric)
+            & pl.col("protocol").str.starts_with("completion")
+            & ~pl.col("protocol").str.ends_with(";ref=thetam")
+        )  # TFD: the θ0 reference only
         if metric == "failure_rate":  # cumulative: the value after the last round chain
             sel = sel.sort("step").tail(1)
         out.append(f"{sel['value'].mean():.3f}" if sel.height else "n/a")
@@ -100,10 +113,17 @@ def main() -> None:
     ap.add_argument("--round-slow", type=int, default=30, help="RoundEdit chains for editors other than ft")
     ap.add_argument("--conflict", type=int, default=30, help="chains per ConflictEdit set and editor")
     ap.add_argument("--gap", type=int, default=0, help="plain CounterFact edits between a chain's edits")
-    ap.add_argument("--round-filter", choices=("exact", "prefers"), default="exact",
-                    help="RoundEdit records kept: the model answers o exactly, or prefers o to o* (ES at θ0)")
-    ap.add_argument("--conflict-known", action="store_true",
-                    help="keep only ConflictEdit records whose e1 true object the model answers")
+    ap.add_argument(
+        "--round-filter",
+        choices=("exact", "prefers"),
+        default="exact",
+        help="RoundEdit records kept: the model answers o exactly, or prefers o to o* (ES at θ0)",
+    )
+    ap.add_argument(
+        "--conflict-known",
+        action="store_true",
+        help="keep only ConflictEdit records whose e1 true object the model answers",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -115,13 +135,17 @@ def main() -> None:
     rounds, n_round = known_chains(scorer, "pitfalls_round_easy", "round-out", most, args.round_filter)
     conflicts = {}
     for kind in ("reverse", "composite", "coverage"):
-        conflicts[kind] = known_chains(scorer if args.conflict_known else None, f"pitfalls_{kind}", "conflict-e1",
-                                       args.conflict)
-    print(f"records kept, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}, "
-          f"filter {args.round_filter}); "
-          + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items())
-          + ("" if args.conflict_known else " (conflicts unfiltered)") + f"; gap {args.gap}",
-          flush=True)
+        conflicts[kind] = known_chains(
+            scorer if args.conflict_known else None, f"pitfalls_{kind}", "conflict-e1", args.conflict
+        )
+    print(
+        f"records kept, in file order: RoundEdit easy {len(rounds)} (of the first {n_round}, "
+        f"filter {args.round_filter}); "
+        + "; ".join(f"{k} {len(c)} (of the first {n})" for k, (c, n) in conflicts.items())
+        + ("" if args.conflict_known else " (conflicts unfiltered)")
+        + f"; gap {args.gap}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -130,8 +154,10 @@ def main() -> None:
         for editor in editors:
             chains = rounds[: args.round if editor == "ft" else args.round_slow]
             rows, sec = run_stream(lm, base, editor, chains, args.gap, out, "round")
-            print(f"{editor:<8}{len(chains):>5}" + "".join(f"{v:>9}" for v in means(rows, ROUND_COLS))
-                  + f"{sec:>9.2f}", flush=True)
+            print(
+                f"{editor:<8}{len(chains):>5}" + "".join(f"{v:>9}" for v in means(rows, ROUND_COLS)) + f"{sec:>9.2f}",
+                flush=True,
+            )
         print("\nConflictEdit, at chain completion")
         print(f"{'editor':<8}{'set':<11}{'n':>4}" + "".join(f"{h:>9}" for _, h in CONFLICT_COLS) + f"{'s/edit':>9}")
         for editor in editors:
@@ -139,8 +165,12 @@ def main() -> None:
                 if not chains:
                     continue
                 rows, sec = run_stream(lm, base, editor, chains, args.gap, out, kind)
-                print(f"{editor:<8}{kind:<11}{len(chains):>4}" + "".join(f"{v:>9}" for v in means(rows, CONFLICT_COLS))
-                      + f"{sec:>9.2f}", flush=True)
+                print(
+                    f"{editor:<8}{kind:<11}{len(chains):>4}"
+                    + "".join(f"{v:>9}" for v in means(rows, CONFLICT_COLS))
+                    + f"{sec:>9.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     if args.editor in ("rome", "r-rome") and overrides.get("mom2", "true").lower() in ("true", "1", "yes"):
         from lifelong.editors.covariance import key_second_moments
+
         key_second_moments(lm, layers)  # one pass over the corpus for every layer not cached yet
     print(f"{args.editor} on {len(edits)} built-in facts, each edit on a fresh base")
     print(f"{'layer':>5}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}")

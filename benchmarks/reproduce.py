@@ -44,6 +44,7 @@ PPL = "perplexity:max_tokens=2048"  # the perplexity probe on 2,048 tokens of it
 
 # ----------------------------------------------------------------------------- what is run
 
+
 @dataclass(frozen=True)
 class Arm:
     """One configuration of a claim; it runs once per seed, each seed on its own sample of items."""
@@ -87,12 +88,14 @@ def items_per_seed(runs: list[pl.DataFrame], values: Callable[[pl.DataFrame], np
 
 # ----------------------------------------------------------------------------- measures of one run
 
+
 def own_step_mean(probe: str, metric: str, protocol: str) -> Callable[[pl.DataFrame], float]:
     from lifelong.summary import item_values
 
     def measure(results: pl.DataFrame) -> float:
         x = item_values(results, probe, metric, protocol)
         return float(np.nanmean(x)) if len(x) else math.nan
+
     return measure
 
 
@@ -110,29 +113,37 @@ def retained_last(results: pl.DataFrame) -> float:
 
 def ppl_ratio(step: int | None = None) -> Callable[[pl.DataFrame], float]:
     """Perplexity ratio to θ0 at ``step`` (None: the last step the probe ran)."""
+
     def measure(results: pl.DataFrame) -> float:
-        rows = results.filter((pl.col("probe") == "perplexity") & (pl.col("metric") == "ratio")
-                              & (pl.col("protocol") == "corpus")).sort("step")
+        rows = results.filter(
+            (pl.col("probe") == "perplexity") & (pl.col("metric") == "ratio") & (pl.col("protocol") == "corpus")
+        ).sort("step")
         if step is not None:
             rows = rows.filter(pl.col("step") <= step)
         return float(rows["value"][-1]) if rows.height else math.nan
+
     return measure
 
 
 def chain_rows(results: pl.DataFrame, metric: str) -> pl.DataFrame:
     """A chain metric's rows at completion (tied-fact damage: against θ0, the chain probe's default)."""
-    return results.filter((pl.col("probe") == "chains") & (pl.col("metric") == metric)
-                          & pl.col("protocol").str.starts_with("completion")
-                          & ~pl.col("protocol").str.ends_with(";ref=thetam"))
+    return results.filter(
+        (pl.col("probe") == "chains")
+        & (pl.col("metric") == metric)
+        & pl.col("protocol").str.starts_with("completion")
+        & ~pl.col("protocol").str.ends_with(";ref=thetam")
+    )
 
 
 def chain_mean(metric: str) -> Callable[[pl.DataFrame], float]:
     """Mean over chains at completion (FR: the run's value after its last round chain)."""
+
     def measure(results: pl.DataFrame) -> float:
         rows = chain_rows(results, metric)
         if metric == "failure_rate":
             rows = rows.sort("step").tail(1)
         return float(rows["value"].mean()) if rows.height else math.nan
+
     return measure
 
 
@@ -145,6 +156,7 @@ def last_step(results: pl.DataFrame) -> int:
 
 
 # ----------------------------------------------------------------------------- verdict rules
+
 
 def above(e: Estimate, threshold: float) -> str:
     """'yes' when the whole interval is above ``threshold``, 'no' when it is wholly at or below, else '?'."""
@@ -176,8 +188,13 @@ def geometric(values: list[float]) -> Estimate:
     the mean and its t interval are taken on their logarithms and returned as ratios (a geometric mean)."""
     logs = over_seeds([math.log(v) if v > 0 else math.nan for v in values])
     back = lambda x: None if x is None else math.exp(min(x, 700.0))  # noqa: E731
-    return Estimate(back(logs.value) if logs.n else math.nan, logs.n, back(logs.low), back(logs.high),
-                    "t (log)" if logs.method else "")
+    return Estimate(
+        back(logs.value) if logs.n else math.nan,
+        logs.n,
+        back(logs.low),
+        back(logs.high),
+        "t (log)" if logs.method else "",
+    )
 
 
 def ratio_per_seed(runs: list[pl.DataFrame], step: int | None = None) -> Estimate:
@@ -196,23 +213,38 @@ def paired_difference(a: list[float], b: list[float]) -> Estimate:
 
 # ----------------------------------------------------------------------------- the claims
 
+
 def _general_figures(arm: str, ppl_steps: tuple[int, ...]):
     def figures(runs):
         out = []
         for step in ppl_steps:
-            out.append((f"{arm}: perplexity ratio at step {step}", ratio_per_seed(runs[arm], step),
-                        "ratio to θ0, builtin corpus (2,048 tokens); geometric mean over seeds"))
-        out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
-                    f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
+            out.append(
+                (
+                    f"{arm}: perplexity ratio at step {step}",
+                    ratio_per_seed(runs[arm], step),
+                    "ratio to θ0, builtin corpus (2,048 tokens); geometric mean over seeds",
+                )
+            )
+        out.append(
+            (
+                f"{arm}: efficacy at own step (ES)",
+                per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
+                f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed",
+            )
+        )
         return out
+
     return figures
 
 
 def _hurts_verdict(arm: str, step: int):
     def verdict(f):
         e = f[f"{arm}: perplexity ratio at step {step}"]
-        return combine([above(e, 1.05)]), (f"rule: perplexity ratio at step {step}, the first probed step, above 1.05 "
-                                           "(interval over seeds, on the log scale)")
+        return combine([above(e, 1.05)]), (
+            f"rule: perplexity ratio at step {step}, the first probed step, above 1.05 "
+            "(interval over seeds, on the log scale)"
+        )
+
     return verdict
 
 
@@ -222,28 +254,45 @@ def _rome_memit_figures(runs):
         for step in (10, None):
             label = f"{arm}: perplexity ratio at {f'step {step}' if step else 'the last step'}"
             out.append((label, ratio_per_seed(runs[arm], step), "ratio to θ0; geometric mean over seeds"))
-        out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last),
-                    "share of earlier edits still preferred over the true object"))
+        out.append(
+            (
+                f"{arm}: retained fraction at last step",
+                per_seed(runs[arm], retained_last),
+                "share of earlier edits still preferred over the true object",
+            )
+        )
     rome = [ppl_ratio()(r) for r in runs["rome"]]
     memit = [ppl_ratio()(r) for r in runs["memit"]]
-    out.append(("rome / memit: perplexity ratio at last step", paired_ratio(rome, memit),
-                "paired by seed; geometric mean"))
+    out.append(
+        ("rome / memit: perplexity ratio at last step", paired_ratio(rome, memit), "paired by seed; geometric mean")
+    )
     return out
 
 
 def _rome_memit_verdict(f):
     degrades = above(f["rome: perplexity ratio at the last step"], 1.05)
     later = above(f["rome / memit: perplexity ratio at last step"], 1.0)
-    return combine([degrades, later]), ("rule: ROME's perplexity ratio at the last step above 1.05, and above MEMIT's "
-                                        "(their paired ratio over seeds above 1; log-scale intervals)")
+    return combine([degrades, later]), (
+        "rule: ROME's perplexity ratio at the last step above 1.05, and above MEMIT's "
+        "(their paired ratio over seeds above 1; log-scale intervals)"
+    )
 
 
 def _round_figures(runs):
     out = []
-    for metric, label in (("round_success", "Succ"), ("distortion_js", "D (JS, nats)"),
-                          ("ignore_rate", "IR"), ("failure_rate", "FR")):
-        out.append((f"rome: {label}", per_seed(runs["rome"], chain_mean(metric)),
-                    f"{items_per_seed(runs['rome'], chain_count('distortion_js'))} round chains per seed"))
+    for metric, label in (
+        ("round_success", "Succ"),
+        ("distortion_js", "D (JS, nats)"),
+        ("ignore_rate", "IR"),
+        ("failure_rate", "FR"),
+    ):
+        out.append(
+            (
+                f"rome: {label}",
+                per_seed(runs["rome"], chain_mean(metric)),
+                f"{items_per_seed(runs['rome'], chain_count('distortion_js'))} round chains per seed",
+            )
+        )
     return out
 
 
@@ -256,91 +305,155 @@ def _conflict_figures(runs):
     out = []
     for arm in ("reverse", "composite"):
         for metric, label in (("conflict_score_explicit", "CS (explicit)"), ("conflict_magnitude", "CM")):
-            out.append((f"{arm}: {label}", per_seed(runs[arm], chain_mean(metric)),
-                        f"{items_per_seed(runs[arm], chain_count(metric))} chains per seed"))
-    out.append(("composite: TFD", per_seed(runs["composite"], chain_mean("tied_fact_damage")),
-                f"{items_per_seed(runs['composite'], chain_count('tied_fact_damage'))} chains per seed"))
+            out.append(
+                (
+                    f"{arm}: {label}",
+                    per_seed(runs[arm], chain_mean(metric)),
+                    f"{items_per_seed(runs[arm], chain_count(metric))} chains per seed",
+                )
+            )
+    out.append(
+        (
+            "composite: TFD",
+            per_seed(runs["composite"], chain_mean("tied_fact_damage")),
+            f"{items_per_seed(runs['composite'], chain_count('tied_fact_damage'))} chains per seed",
+        )
+    )
     return out
 
 
 def _conflict_verdict(f):
     parts = [above(f["reverse: CM"], 0.0), above(f["composite: CM"], 0.0), above(f["composite: TFD"], 0.0)]
-    return combine(parts), ("rule: the second edit lowers the first's probability (CM > 0, reverse and composite) "
-                            "and damages the tied fact (TFD > 0), each interval over seeds above 0")
+    return combine(parts), (
+        "rule: the second edit lowers the first's probability (CM > 0, reverse and composite) "
+        "and damages the tied fact (TFD > 0), each interval over seeds above 0"
+    )
 
 
 def _alpha_figures(runs):
     out = []
     for arm in ("memit", "alphaedit"):
-        out.append((f"{arm}: efficacy at own step (ES)", per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
-                    f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed"))
+        out.append(
+            (
+                f"{arm}: efficacy at own step (ES)",
+                per_seed(runs[arm], own_step_mean("edit_quality", "efficacy", "es")),
+                f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed",
+            )
+        )
         out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
-        out.append((f"{arm}: perplexity ratio at last step", ratio_per_seed(runs[arm]),
-                    "ratio to θ0; geometric mean over seeds"))
-    out.append(("alphaedit − memit: retained fraction", paired_difference(
-        [retained_last(r) for r in runs["alphaedit"]], [retained_last(r) for r in runs["memit"]]), "paired by seed"))
-    out.append(("memit / alphaedit: perplexity ratio", paired_ratio(
-        [ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]),
-        "paired by seed; geometric mean"))
+        out.append(
+            (
+                f"{arm}: perplexity ratio at last step",
+                ratio_per_seed(runs[arm]),
+                "ratio to θ0; geometric mean over seeds",
+            )
+        )
+    out.append(
+        (
+            "alphaedit − memit: retained fraction",
+            paired_difference([retained_last(r) for r in runs["alphaedit"]], [retained_last(r) for r in runs["memit"]]),
+            "paired by seed",
+        )
+    )
+    out.append(
+        (
+            "memit / alphaedit: perplexity ratio",
+            paired_ratio([ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]),
+            "paired by seed; geometric mean",
+        )
+    )
     return out
 
 
 def _alpha_verdict(f):
-    rule = ("rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is lower than "
-            "MEMIT's (paired ratio above 1; log-scale intervals); the claim is only tested once MEMIT has lost "
-            "something (its retained fraction's interval below 0.9, or its perplexity ratio's above 1.1). That "
-            "condition was added after the quick runs (30 edits) showed both editors at ceiling")
+    rule = (
+        "rule: AlphaEdit retains more (paired difference above 0) and its perplexity ratio is lower than "
+        "MEMIT's (paired ratio above 1; log-scale intervals); the claim is only tested once MEMIT has lost "
+        "something (its retained fraction's interval below 0.9, or its perplexity ratio's above 1.1). That "
+        "condition was added after the quick runs (30 edits) showed both editors at ceiling"
+    )
     memit_retained, memit_ppl = f["memit: retained fraction at last step"], f["memit: perplexity ratio at last step"]
     if "n/a" in (above(memit_retained, 0.0), above(memit_ppl, 0.0)):
         return "not run", rule
     if below(memit_retained, 0.9) != "yes" and above(memit_ppl, 1.1) != "yes":
         return "not tested at this scale (MEMIT has not degraded yet)", rule
-    parts = [above(f["alphaedit − memit: retained fraction"], 0.0), above(f["memit / alphaedit: perplexity ratio"], 1.0)]
+    parts = [
+        above(f["alphaedit − memit: retained fraction"], 0.0),
+        above(f["memit / alphaedit: perplexity ratio"], 1.0),
+    ]
     return combine(parts), rule
 
 
-QUALITY = (("efficacy", "es", "ES"), ("efficacy", "exact", "ES exact"), ("generalization", "ps", "PS"),
-           ("generalization", "exact", "PS exact"), ("locality", "ns", "NS"), ("locality", "unchanged", "NS unchanged"))
+QUALITY = (
+    ("efficacy", "es", "ES"),
+    ("efficacy", "exact", "ES exact"),
+    ("generalization", "ps", "PS"),
+    ("generalization", "exact", "PS exact"),
+    ("locality", "ns", "NS"),
+    ("locality", "unchanged", "NS unchanged"),
+)
 
 
 def _quality_figures(arms: tuple[str, ...]):
     """ES/PS/NS at each edit's own step (the 'exact' and 'unchanged' protocols are the nearest to the WISE
     tables' Rel./Gen./Loc.: teacher-forced exact answer, unchanged prediction), and retention at the end."""
+
     def figures(runs):
         out = []
         for arm in arms:
             for metric, protocol, label in QUALITY:
-                out.append((f"{arm}: {label} at own step", per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
-                            f"{items_per_seed(runs[arm], own_step_values('edit_quality', metric, protocol))} "
-                            "prompts per seed"))
+                out.append(
+                    (
+                        f"{arm}: {label} at own step",
+                        per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
+                        f"{items_per_seed(runs[arm], own_step_values('edit_quality', metric, protocol))} "
+                        "prompts per seed",
+                    )
+                )
             out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
         return out
+
     return figures
 
 
 def _grace_verdict(f):
     parts = [above(f["grace: NS unchanged at own step"], 0.9), below(f["grace: PS exact at own step"], 0.5)]
-    return combine(parts), ("rule: neighborhood predictions unchanged above 0.9 and paraphrases answered exactly "
-                            "below 0.5 (intervals over seeds)")
+    return combine(parts), (
+        "rule: neighborhood predictions unchanged above 0.9 and paraphrases answered exactly "
+        "below 0.5 (intervals over seeds)"
+    )
 
 
 def _wise_verdict(f):
     parts = [above(f["wise: NS unchanged at own step"], 0.9), above(f["wise: retained fraction at last step"], 0.5)]
-    return combine(parts), ("rule: neighborhood predictions unchanged above 0.9 and retained fraction at the last "
-                            "step above 0.5")
+    return combine(parts), (
+        "rule: neighborhood predictions unchanged above 0.9 and retained fraction at the last step above 0.5"
+    )
 
 
 def _corpus_figures(runs):
     out = []
     for arm in ("rome-sample", "rome-wikitext", "alphaedit-sample", "alphaedit-wikitext"):
         for metric, protocol, label in QUALITY[::2]:
-            out.append((f"{arm}: {label} at own step", per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
-                        ""))
+            out.append(
+                (
+                    f"{arm}: {label} at own step",
+                    per_seed(runs[arm], own_step_mean("edit_quality", metric, protocol)),
+                    "",
+                )
+            )
         out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
     for editor in ("rome", "alphaedit"):
-        out.append((f"{editor}: sample − wikitext, retained fraction", paired_difference(
-            [retained_last(r) for r in runs[f"{editor}-sample"]],
-            [retained_last(r) for r in runs[f"{editor}-wikitext"]]), "paired by seed"))
+        out.append(
+            (
+                f"{editor}: sample − wikitext, retained fraction",
+                paired_difference(
+                    [retained_last(r) for r in runs[f"{editor}-sample"]],
+                    [retained_last(r) for r in runs[f"{editor}-wikitext"]],
+                ),
+                "paired by seed",
+            )
+        )
     return out
 
 
@@ -348,9 +461,13 @@ def _corpus_verdict(f):
     parts = []
     for editor in ("rome", "alphaedit"):
         e = f[f"{editor}: sample − wikitext, retained fraction"]
-        parts.append("n/a" if not e.n else "yes" if above(e, -0.1) == "yes" else "no" if below(e, -0.1) == "yes" else "?")
-    return combine(parts), ("rule (a measurement, not a paper's claim): the model-sampled C retains at least as well "
-                            "as WikiText-2's, within 0.1 (paired difference over seeds above −0.1)")
+        parts.append(
+            "n/a" if not e.n else "yes" if above(e, -0.1) == "yes" else "no" if below(e, -0.1) == "yes" else "?"
+        )
+    return combine(parts), (
+        "rule (a measurement, not a paper's claim): the model-sampled C retains at least as well "
+        "as WikiText-2's, within 0.1 (paired difference over seeds above −0.1)"
+    )
 
 
 SEQ = {"quick": 20, "standard": 40}  # sequential edits per seed
@@ -361,85 +478,148 @@ BATCHED = {"quick": 30, "standard": 300}  # MEMIT/AlphaEdit edits per seed, in b
 ADAPTOR = {"quick": 30, "standard": 100}
 
 # What each paper reports, from its own text (tables read as images only are not quoted).
-GU = ("Gu et al., EMNLP 2024 (arXiv 2401.04700): KN, MEND, ROME, MEMIT on GPT-2 XL, LLaMA-1/2 7B, ZsRE edits, "
-      "8 downstream tasks. Text: KN drops LLaMA-1 7B to nearly 0 on all tasks with a single edit; under sequential "
-      "editing performance 'shows a downward trend as the number of edits increases'. Per-method edit counts are "
-      "only in the paper's figures")
-GUPTA = ("Gupta, Rao, Anumanchipalli, ACL Findings 2024 (arXiv 2401.07453): sequential ROME and MEMIT on GPT2-XL and "
-         "GPT-J, CounterFact: edited models forget earlier edits and downstream ability gradually, then abruptly")
-WISE_T = ("Wang et al., NeurIPS 2024 (WISE, arXiv 2405.14768), Table 2, ZsRE, LLaMA-2-7B, sequential, Rel./Gen./Loc.")
-PITFALLS = ("Li et al., ICLR 2024 (arXiv 2310.02129), Pitfalls, GPT2-XL and GPT-J; its result tables are published as "
-            "images only, so no figure is quoted here")
+GU = (
+    "Gu et al., EMNLP 2024 (arXiv 2401.04700): KN, MEND, ROME, MEMIT on GPT-2 XL, LLaMA-1/2 7B, ZsRE edits, "
+    "8 downstream tasks. Text: KN drops LLaMA-1 7B to nearly 0 on all tasks with a single edit; under sequential "
+    "editing performance 'shows a downward trend as the number of edits increases'. Per-method edit counts are "
+    "only in the paper's figures"
+)
+GUPTA = (
+    "Gupta, Rao, Anumanchipalli, ACL Findings 2024 (arXiv 2401.07453): sequential ROME and MEMIT on GPT2-XL and "
+    "GPT-J, CounterFact: edited models forget earlier edits and downstream ability gradually, then abruptly"
+)
+WISE_T = "Wang et al., NeurIPS 2024 (WISE, arXiv 2405.14768), Table 2, ZsRE, LLaMA-2-7B, sequential, Rel./Gen./Loc."
+PITFALLS = (
+    "Li et al., ICLR 2024 (arXiv 2310.02129), Pitfalls, GPT2-XL and GPT-J; its result tables are published as "
+    "images only, so no figure is quoted here"
+)
 
 CLAIMS = (
-    Claim("grace", "GRACE keeps locality but not generalization",
-          f"{WISE_T}: GRACE 0.99/0.36/1.00 at T=1, 0.96/0.16/1.00 at T=10, 0.93/0.08/1.00 at T=1000",
-          (Arm("grace", "grace", "zsre", ADAPTOR),),
-          _quality_figures(("grace",)), _grace_verdict,
-          cite="WISE Table 2 (LLaMA-2-7B, ZsRE): GRACE Gen. 0.16 at T=10, 0.08 at T=1000; Loc. 1.00",
-          headline=("grace: ES exact at own step", "grace: PS exact at own step", "grace: NS unchanged at own step")),
-    Claim("wise", "WISE keeps locality and retains its edits",
-          f"{WISE_T}: WISE 0.98/0.92/1.00 at T=1, 0.94/0.88/1.00 at T=10, 0.77/0.72/1.00 at T=1000",
-          (Arm("wise", "wise", "zsre", {"quick": 20, "standard": 100}),),
-          _quality_figures(("wise",)), _wise_verdict,
-          cite="WISE Table 2 (LLaMA-2-7B, ZsRE): Rel. 0.94, Loc. 1.00 at T=10; 0.77 and 1.00 at T=1000",
-          headline=("wise: ES exact at own step", "wise: NS unchanged at own step",
-                    "wise: retained fraction at last step")),
-    Claim("round", "Round edits o→o*→o leave distortion, ignored and failed objects",
-          f"{PITFALLS}; its text: a round edit does not restore the object distribution (D > 0), with ignored "
-          "objects (IR) and failed round edits (FR)",
-          (Arm("rome", "rome", "round", CHAINS, probes=("chains",), probe_every=10**6),),
-          _round_figures, _round_verdict, cite="Pitfalls (Li et al. 2024): D, IR, FR > 0 (tables as images only)",
-          headline=("rome: D (JS, nats)", "rome: IR", "rome: FR")),
-    Claim("kn", "KN hurts general abilities within a few edits", GU,
-          (Arm("kn", "kn", "counterfact", FEW, probes=(PPL,)),),
-          _general_figures("kn", (5, 10)), _hurts_verdict("kn", 5),
-          cite="Gu et al. 2024: KN takes LLaMA-1 7B to ~0 on all tasks after one edit"),
-    Claim("conflicts", "Conflicting edits leave contradictions (CS, CM, TFD)",
-          f"{PITFALLS}; its text: ROME and MEMIT fail reverse edits, and most methods damage tied facts (TFD)",
-          (Arm("reverse", "rome", "reverse", CONFLICTS, probes=("chains",), probe_every=10**6),
-           Arm("composite", "rome", "composite", CONFLICTS, probes=("chains",), probe_every=10**6)),
-          _conflict_figures, _conflict_verdict,
-          cite="Pitfalls (Li et al. 2024): ROME fails reverse edits; tied facts damaged (tables as images only)",
-          headline=("reverse: CM", "composite: CM", "composite: TFD")),
-    Claim("rome-memit", "ROME degrades after ~10 sequential edits, MEMIT later",
-          f"{GU}. {GUPTA}. {WISE_T}: ROME (seq.) 0.85/0.80/0.99 at T=1, 0.64/0.62/0.75 at T=10, 0.23/0.22/0.04 at "
-          "T=100; MEMIT (seq.) 0.84/0.81/0.99, 0.58/0.58/0.85, 0.02/0.02/0.02",
-          (Arm("rome", "rome", "counterfact", SEQ, probes=(PPL,)),
-           Arm("memit", "memit", "counterfact", SEQ, probes=(PPL,))),
-          _rome_memit_figures, _rome_memit_verdict,
-          cite="WISE Table 2 (LLaMA-2-7B): ROME Loc. 0.99 → 0.75 at T=10; MEMIT 0.85 at T=10, 0.02 at T=100",
-          headline=("rome: perplexity ratio at the last step", "memit: perplexity ratio at the last step",
-                    "rome / memit: perplexity ratio at last step")),
-    Claim("alphaedit", "AlphaEdit keeps retention and perplexity where MEMIT loses them",
-          "Fang et al., ICLR 2025 (AlphaEdit, arXiv 2410.02355), Table 1, CounterFact, 2,000 edits in batches of 100, "
-          "Eff./Gen./Spe.: LLaMA3-8B MEMIT 65.65/64.65/51.56, AlphaEdit 98.90/94.22/67.88; GPT2-XL MEMIT "
-          "94.70/85.82/60.50, AlphaEdit 99.50/93.95/66.39; fluency LLaMA3 437.43 (MEMIT) vs 622.49 (AlphaEdit), "
-          "635.23 unedited",
-          (Arm("memit", "memit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
-           Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10)),
-          _alpha_figures, _alpha_verdict,
-          cite="AlphaEdit Table 1 (LLaMA3-8B, 2,000 edits): Eff. 65.65 (MEMIT) vs 98.90; fluency 437 vs 622 (635 unedited)",
-          headline=("alphaedit − memit: retained fraction", "memit / alphaedit: perplexity ratio"),
-          note="batches of 10, not the paper's 100: a batch of 100 takes ~10 min per step on a 2-core CPU"),
-    Claim("corpus", "Key statistics C: model-sampled text against WikiText-2",
-          "issue #15's measurement, not a paper's claim: ROME's C comes from 100,000 Wikipedia samples, ours by "
-          "default from 20,000 tokens sampled from the model",
-          (Arm("rome-sample", "rome", "counterfact", FEW),
-           Arm("rome-wikitext", "rome", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)}),
-           Arm("alphaedit-sample", "alphaedit", "counterfact", FEW),
-           Arm("alphaedit-wikitext", "alphaedit", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)})),
-          _corpus_figures, _corpus_verdict, cite="(a measurement: ROME used 100,000 Wikipedia samples)",
-          headline=("rome: sample − wikitext, retained fraction", "alphaedit: sample − wikitext, retained fraction")),
-    Claim("mend", "MEND hurts general abilities within a few edits", GU,
-          (Arm("mend", "mend", "counterfact", FEW, probes=(PPL,)),),
-          _general_figures("mend", (5, 10)), _hurts_verdict("mend", 5),
-          cite="Gu et al. 2024: downward trend with the number of edits (figures only)",
-          note="needs a trained hypernetwork (`lifelong train-mend`); this command does not train one"),
+    Claim(
+        "grace",
+        "GRACE keeps locality but not generalization",
+        f"{WISE_T}: GRACE 0.99/0.36/1.00 at T=1, 0.96/0.16/1.00 at T=10, 0.93/0.08/1.00 at T=1000",
+        (Arm("grace", "grace", "zsre", ADAPTOR),),
+        _quality_figures(("grace",)),
+        _grace_verdict,
+        cite="WISE Table 2 (LLaMA-2-7B, ZsRE): GRACE Gen. 0.16 at T=10, 0.08 at T=1000; Loc. 1.00",
+        headline=("grace: ES exact at own step", "grace: PS exact at own step", "grace: NS unchanged at own step"),
+    ),
+    Claim(
+        "wise",
+        "WISE keeps locality and retains its edits",
+        f"{WISE_T}: WISE 0.98/0.92/1.00 at T=1, 0.94/0.88/1.00 at T=10, 0.77/0.72/1.00 at T=1000",
+        (Arm("wise", "wise", "zsre", {"quick": 20, "standard": 100}),),
+        _quality_figures(("wise",)),
+        _wise_verdict,
+        cite="WISE Table 2 (LLaMA-2-7B, ZsRE): Rel. 0.94, Loc. 1.00 at T=10; 0.77 and 1.00 at T=1000",
+        headline=(
+            "wise: ES exact at own step",
+            "wise: NS unchanged at own step",
+            "wise: retained fraction at last step",
+        ),
+    ),
+    Claim(
+        "round",
+        "Round edits o→o*→o leave distortion, ignored and failed objects",
+        f"{PITFALLS}; its text: a round edit does not restore the object distribution (D > 0), with ignored "
+        "objects (IR) and failed round edits (FR)",
+        (Arm("rome", "rome", "round", CHAINS, probes=("chains",), probe_every=10**6),),
+        _round_figures,
+        _round_verdict,
+        cite="Pitfalls (Li et al. 2024): D, IR, FR > 0 (tables as images only)",
+        headline=("rome: D (JS, nats)", "rome: IR", "rome: FR"),
+    ),
+    Claim(
+        "kn",
+        "KN hurts general abilities within a few edits",
+        GU,
+        (Arm("kn", "kn", "counterfact", FEW, probes=(PPL,)),),
+        _general_figures("kn", (5, 10)),
+        _hurts_verdict("kn", 5),
+        cite="Gu et al. 2024: KN takes LLaMA-1 7B to ~0 on all tasks after one edit",
+    ),
+    Claim(
+        "conflicts",
+        "Conflicting edits leave contradictions (CS, CM, TFD)",
+        f"{PITFALLS}; its text: ROME and MEMIT fail reverse edits, and most methods damage tied facts (TFD)",
+        (
+            Arm("reverse", "rome", "reverse", CONFLICTS, probes=("chains",), probe_every=10**6),
+            Arm("composite", "rome", "composite", CONFLICTS, probes=("chains",), probe_every=10**6),
+        ),
+        _conflict_figures,
+        _conflict_verdict,
+        cite="Pitfalls (Li et al. 2024): ROME fails reverse edits; tied facts damaged (tables as images only)",
+        headline=("reverse: CM", "composite: CM", "composite: TFD"),
+    ),
+    Claim(
+        "rome-memit",
+        "ROME degrades after ~10 sequential edits, MEMIT later",
+        f"{GU}. {GUPTA}. {WISE_T}: ROME (seq.) 0.85/0.80/0.99 at T=1, 0.64/0.62/0.75 at T=10, 0.23/0.22/0.04 at "
+        "T=100; MEMIT (seq.) 0.84/0.81/0.99, 0.58/0.58/0.85, 0.02/0.02/0.02",
+        (
+            Arm("rome", "rome", "counterfact", SEQ, probes=(PPL,)),
+            Arm("memit", "memit", "counterfact", SEQ, probes=(PPL,)),
+        ),
+        _rome_memit_figures,
+        _rome_memit_verdict,
+        cite="WISE Table 2 (LLaMA-2-7B): ROME Loc. 0.99 → 0.75 at T=10; MEMIT 0.85 at T=10, 0.02 at T=100",
+        headline=(
+            "rome: perplexity ratio at the last step",
+            "memit: perplexity ratio at the last step",
+            "rome / memit: perplexity ratio at last step",
+        ),
+    ),
+    Claim(
+        "alphaedit",
+        "AlphaEdit keeps retention and perplexity where MEMIT loses them",
+        "Fang et al., ICLR 2025 (AlphaEdit, arXiv 2410.02355), Table 1, CounterFact, 2,000 edits in batches of 100, "
+        "Eff./Gen./Spe.: LLaMA3-8B MEMIT 65.65/64.65/51.56, AlphaEdit 98.90/94.22/67.88; GPT2-XL MEMIT "
+        "94.70/85.82/60.50, AlphaEdit 99.50/93.95/66.39; fluency LLaMA3 437.43 (MEMIT) vs 622.49 (AlphaEdit), "
+        "635.23 unedited",
+        (
+            Arm("memit", "memit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
+            Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
+        ),
+        _alpha_figures,
+        _alpha_verdict,
+        cite=(
+            "AlphaEdit Table 1 (LLaMA3-8B, 2,000 edits): Eff. 65.65 (MEMIT) vs 98.90; fluency 437 vs 622 (635 unedited)"
+        ),
+        headline=("alphaedit − memit: retained fraction", "memit / alphaedit: perplexity ratio"),
+        note="batches of 10, not the paper's 100: a batch of 100 takes ~10 min per step on a 2-core CPU",
+    ),
+    Claim(
+        "corpus",
+        "Key statistics C: model-sampled text against WikiText-2",
+        "issue #15's measurement, not a paper's claim: ROME's C comes from 100,000 Wikipedia samples, ours by "
+        "default from 20,000 tokens sampled from the model",
+        (
+            Arm("rome-sample", "rome", "counterfact", FEW),
+            Arm("rome-wikitext", "rome", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)}),
+            Arm("alphaedit-sample", "alphaedit", "counterfact", FEW),
+            Arm("alphaedit-wikitext", "alphaedit", "counterfact", FEW, overrides={"cov_corpus": str(WIKITEXT)}),
+        ),
+        _corpus_figures,
+        _corpus_verdict,
+        cite="(a measurement: ROME used 100,000 Wikipedia samples)",
+        headline=("rome: sample − wikitext, retained fraction", "alphaedit: sample − wikitext, retained fraction"),
+    ),
+    Claim(
+        "mend",
+        "MEND hurts general abilities within a few edits",
+        GU,
+        (Arm("mend", "mend", "counterfact", FEW, probes=(PPL,)),),
+        _general_figures("mend", (5, 10)),
+        _hurts_verdict("mend", 5),
+        cite="Gu et al. 2024: downward trend with the number of edits (figures only)",
+        note="needs a trained hypernetwork (`lifelong train-mend`); this command does not train one",
+    ),
 )
 
 
 # ----------------------------------------------------------------------------- streams and runs
+
 
 def build_stream(source: str, count: int, seed: int):
     """``count`` items of ``source`` drawn with ``seed``: plain edits, or whole chains laid out
@@ -447,8 +627,13 @@ def build_stream(source: str, count: int, seed: int):
     from streams import read_dataset
     from streams.generators import chains_of, layout
 
-    datasets = {"counterfact": "counterfact", "zsre": "zsre", "round": "pitfalls_round_easy",
-                "reverse": "pitfalls_reverse", "composite": "pitfalls_composite"}
+    datasets = {
+        "counterfact": "counterfact",
+        "zsre": "zsre",
+        "round": "pitfalls_round_easy",
+        "reverse": "pitfalls_reverse",
+        "composite": "pitfalls_composite",
+    }
     stream, _ = read_dataset(datasets[source])
     rng = np.random.default_rng(seed)
     if source in ("counterfact", "zsre"):
@@ -475,8 +660,16 @@ def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: 
     with torch.no_grad():  # every run starts from θ0
         for name, p in lm.model.named_parameters():
             p.copy_(base[name])
-    config = RunConfig(model=model, editor=arm.editor, editor_overrides=dict(arm.overrides), stream=str(path),
-                       batch_size=arm.batch, probe_every=arm.probe_every, seed=seed, probes=list(arm.probes))
+    config = RunConfig(
+        model=model,
+        editor=arm.editor,
+        editor_overrides=dict(arm.overrides),
+        stream=str(path),
+        batch_size=arm.batch,
+        probe_every=arm.probe_every,
+        seed=seed,
+        probes=list(arm.probes),
+    )
     editor = make_editor(arm.editor, dict(arm.overrides))
     try:  # the model is reused by the next run: an adaptor's hooks must not stay on it
         result = replay(config, run_dir(work, scale, arm, seed), lm=lm, editor=editor, threads=threads)
@@ -503,6 +696,7 @@ def stored_results(work: Path, scale: str, arm: Arm, seed: int) -> pl.DataFrame 
 
 
 # ----------------------------------------------------------------------------- the document
+
 
 def run_minutes(work: Path, scale: str, claim: Claim, seeds: int) -> float:
     """Minutes the claim's runs have spent so far (edits and probes, every session; finished or not)."""
@@ -565,13 +759,19 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         details += ["", f"## {claim.title} (`--claims {claim.key}`)", "", f"Paper: {claim.paper}.", ""]
         for arm in claim.arms:
             opts = ", ".join(f"{k}={v}" for k, v in arm.overrides.items())
-            details.append(f"- arm `{arm.key}`: editor `{arm.editor}`{f' ({opts})' if opts else ''}, "
-                           f"{arm.count(args.scale)} {'chains' if arm.source in ('round', 'reverse', 'composite') else 'edits'} "
-                           f"of {arm.source} per seed, batch {arm.batch or 1}, probes {', '.join(arm.probes) or 'default'}")
+            details.append(
+                f"- arm `{arm.key}`: editor `{arm.editor}`{f' ({opts})' if opts else ''}, "
+                f"{arm.count(args.scale)} {'chains' if arm.source in ('round', 'reverse', 'composite') else 'edits'} "
+                f"of {arm.source} per seed, batch {arm.batch or 1}, probes {', '.join(arm.probes) or 'default'}"
+            )
         if claim.note:
             details.append(f"- note: {claim.note}")
-        details += ["", f"Verdict: **{verdict}** ({why}). Compute so far: "
-                    f"{run_minutes(args.work, args.scale, claim, args.seeds):.0f} min of edits and probes.", ""]
+        details += [
+            "",
+            f"Verdict: **{verdict}** ({why}). Compute so far: "
+            f"{run_minutes(args.work, args.scale, claim, args.seeds):.0f} min of edits and probes.",
+            "",
+        ]
         if figures:
             details += ["| figure | mean [95% CI] n=seeds | items |", "|---|---|---|"]
             details += [f"| {label} | {format_estimate(e)} | {items} |" for label, e, items in figures]
@@ -591,8 +791,9 @@ def update_readme(readme: Path, table: str, doc: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", default="standard",
-                    help="quick, standard, or items=N (N items per seed in every arm: a smoke test)")
+    ap.add_argument(
+        "--scale", default="standard", help="quick, standard, or items=N (N items per seed in every arm: a smoke test)"
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--claims", default="all", help="comma-separated claim keys: " + ",".join(c.key for c in CLAIMS))
     ap.add_argument("--model", default="smollm2-135m")
@@ -602,8 +803,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-only", action="store_true", help="write the document from finished runs; run nothing")
     ap.add_argument("--threads", default=None)
     args = ap.parse_args(argv)
-    if args.scale not in ("quick", "standard") and not (args.scale.startswith("items=")
-                                                         and args.scale[6:].isdigit() and int(args.scale[6:]) > 0):
+    if args.scale not in ("quick", "standard") and not (
+        args.scale.startswith("items=") and args.scale[6:].isdigit() and int(args.scale[6:]) > 0
+    ):
         ap.error(f"--scale {args.scale!r}: expected quick, standard or items=N with N ≥ 1")
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
@@ -647,8 +849,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(doc)
     print(f"wrote {args.out}")
     if args.readme:
-        update_readme(Path(args.readme), table, str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT)
-                      else str(args.out))
+        update_readme(
+            Path(args.readme),
+            table,
+            str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT) else str(args.out),
+        )
 
 
 if __name__ == "__main__":

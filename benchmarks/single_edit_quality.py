@@ -39,8 +39,10 @@ def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
     found: dict[str, list] = {}
     seen: set[tuple[str, str]] = set()
     total = 0
-    for label, name, reader in (("cf-rome", "counterfact_rome_500", read_counterfact_rome),
-                                ("cf-easyedit", "counterfact_easyedit_edit", read_counterfact_easyedit)):
+    for label, name, reader in (
+        ("cf-rome", "counterfact_rome_500", read_counterfact_rome),
+        ("cf-easyedit", "counterfact_easyedit_edit", read_counterfact_easyedit),
+    ):
         path = DATA / "counterfact" / f"{name}.json"
         if not path.is_file() or total >= limit:
             continue
@@ -49,7 +51,7 @@ def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
         for start in range(0, len(edits), 500):
             if total >= limit:
                 break
-            chunk = edits[start:start + 500]
+            chunk = edits[start : start + 500]
             scores = scorer.score([(e.rendered_prompt, e.target_true) for e in chunk])
             known = [e for e, ok in zip(chunk, scores.exact) if ok][: limit - total]
             found.setdefault(label, []).extend(known)
@@ -61,12 +63,14 @@ def known_counterfact(scorer: Scorer, limit: int) -> dict[str, list]:
 def quality(scorer: Scorer, edit) -> tuple[float, float, float]:
     pairs = [(edit.rendered_prompt, edit.target_new), (edit.rendered_prompt, edit.target_true)]
     pairs += [(p, edit.target_new) for p in edit.paraphrases] + [(p, edit.target_true) for p in edit.paraphrases]
-    pairs += [(n.prompt, n.answer) for n in edit.neighborhood] + [(n.prompt, edit.target_new) for n in edit.neighborhood]
+    pairs += [(n.prompt, n.answer) for n in edit.neighborhood] + [
+        (n.prompt, edit.target_new) for n in edit.neighborhood
+    ]
     nll = scorer.score(pairs).nll
     k, m = len(edit.paraphrases), len(edit.neighborhood)
     es = float(nll[0] < nll[1])
-    ps = float(np.mean(nll[2:2 + k] < nll[2 + k:2 + 2 * k])) if k else float("nan")
-    ns = float(np.mean(nll[2 + 2 * k:2 + 2 * k + m] < nll[2 + 2 * k + m:])) if m else float("nan")
+    ps = float(np.mean(nll[2 : 2 + k] < nll[2 + k : 2 + 2 * k])) if k else float("nan")
+    ns = float(np.mean(nll[2 + 2 * k : 2 + 2 * k + m] < nll[2 + 2 * k + m :])) if m else float("nan")
     return es, ps, ns
 
 
@@ -84,8 +88,7 @@ def main() -> None:
     scorer = Scorer(lm.model, lm.tokenizer)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     counterfact = known_counterfact(scorer, args.counterfact)
-    sets = {"builtin": list(load_stream("builtin"))[: args.builtin],
-            **counterfact}
+    sets = {"builtin": list(load_stream("builtin"))[: args.builtin], **counterfact}
     print(f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}{'probe x':>9}")
     for name in args.editors.split(","):
         editor = make_editor(name, overrides).bind(lm)

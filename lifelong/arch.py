@@ -37,8 +37,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
     "qwen2": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
     "mistral": FamilySpec("model.layers", "mlp.up_proj", "mlp.down_proj", "model.norm", mlp_gate="mlp.gate_proj"),
-    "gpt2": FamilySpec("transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True,
-                       positions="transformer.wpe"),
+    "gpt2": FamilySpec(
+        "transformer.h", "mlp.c_fc", "mlp.c_proj", "transformer.ln_f", transposed=True, positions="transformer.wpe"
+    ),
     "gptj": FamilySpec("transformer.h", "mlp.fc_in", "mlp.fc_out", "transformer.ln_f"),
     "gpt_neox": FamilySpec("gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
 }
@@ -55,8 +56,7 @@ class ArchAdapter:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in FAMILIES:
             raise UnsupportedArchitectureError(
-                f"unsupported model architecture '{model_type}': supported families are "
-                + ", ".join(sorted(FAMILIES))
+                f"unsupported model architecture '{model_type}': supported families are " + ", ".join(sorted(FAMILIES))
             )
         self.model = model
         self.family = model_type

@@ -22,8 +22,10 @@ from lifelong.export import EXPORT_HELP
 from streams.errors import UserError
 
 DEFAULT_STEPS_NOTE = "default: the whole stream"
-THREADS_HELP = ("compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable cores "
-                "shared among the lifelong runs alive on this machine)")
+THREADS_HELP = (
+    "compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable cores "
+    "shared among the lifelong runs alive on this machine)"
+)
 
 
 def _parse_set(values: list[str]) -> dict[str, str]:
@@ -93,9 +95,18 @@ def cmd_replay(args) -> int:
     from lifelong.summary import format_summary
 
     config = RunConfig(
-        model=args.model, editor=args.editor, editor_overrides=_parse_set(args.set), stream=args.stream,
-        steps=args.steps, batch_size=args.batch_size, probe_every=args.probe_every, seed=args.seed,
-        device=args.device, probes=list(args.probe or []), keep_deltas=args.keep_deltas, dtype=args.dtype,
+        model=args.model,
+        editor=args.editor,
+        editor_overrides=_parse_set(args.set),
+        stream=args.stream,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        probe_every=args.probe_every,
+        seed=args.seed,
+        device=args.device,
+        probes=list(args.probe or []),
+        keep_deltas=args.keep_deltas,
+        dtype=args.dtype,
     )
     out = Path(args.out) if args.out else _default_out(args)
     from lifelong.export import make_exporter
@@ -207,27 +218,36 @@ def cmd_compare(args) -> int:
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
         if run.completed_step() < 1:
-            raise UserError(f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
-                            "resume it with its replay command first")
+            raise UserError(
+                f"{run.path}: no edit step of this run is complete yet, so there is nothing to compare; "
+                "resume it with its replay command first"
+            )
     labels = run_labels(runs)
     out = Path(args.out)
     table = compare_table(runs, labels)
     out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "compare.csv")
     figure = plot_compare(runs, out / "compare.png")
-    for key, what in (("stream_hash", "replayed different streams"), ("model", "edited different models"),
-                      ("probes", "ran different probes")):
+    for key, what in (
+        ("stream_hash", "replayed different streams"),
+        ("model", "edited different models"),
+        ("probes", "ran different probes"),
+    ):
         if len({json.dumps(r.manifest()["identity"].get(key), sort_keys=True) for r in runs}) > 1:
             print(f"note: the runs {what}; their figures are not directly comparable")
     for label, group in zip(configuration_labels(runs, configurations(runs)), configurations(runs)):
         if len(group) > 1:
             seeds = ", ".join(str(runs[i].manifest()["identity"]["seed"]) for i in group)
-            print(f"{label}: {len(group)} runs differ only in seed ({seeds}): 'pooled' = their items as one "
-                  "sample (Wilson/bootstrap, rates over items only); 'seed mean' = mean over seeds ± 95% t "
-                  "interval, n = seeds")
+            print(
+                f"{label}: {len(group)} runs differ only in seed ({seeds}): 'pooled' = their items as one "
+                "sample (Wilson/bootstrap, rates over items only); 'seed mean' = mean over seeds ± 95% t "
+                "interval, n = seeds"
+            )
     print(format_table(table))
-    print("\neach cell: value [95% interval] n; intervals over items: Wilson for 0/1 outcomes, bootstrap "
-          "(2,000 resamples, seeded) for continuous values")
+    print(
+        "\neach cell: value [95% interval] n; intervals over items: Wilson for 0/1 outcomes, bootstrap "
+        "(2,000 resamples, seeded) for continuous values"
+    )
     print(f"\ntable: {(out / 'compare.csv').resolve()}\nfigure: {figure.resolve()}")
     return 0
 
@@ -250,8 +270,10 @@ def cmd_checkout(args) -> int:
         step = RunDir(args.dir).step_at(when)
     lm = checkout(args.dir, step, args.device)
     if lm.editor is not None and lm.editor.adaptor:
-        raise UserError(f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
-                        "which a transformers directory cannot hold; use lifelong.replay.checkout in Python")
+        raise UserError(
+            f"editor '{lm.editor.name}' keeps its edits outside the weights (adaptor/memory state), "
+            "which a transformers directory cannot hold; use lifelong.replay.checkout in Python"
+        )
     check_checkout_target(Path(args.out))  # again: it may have changed while the model was rebuilt
     save_model_dir(lm.model, lm.tokenizer, Path(args.out), marker=f"step {step} of {Path(args.dir).resolve()}\n")
     print(f"step {step} of {args.dir} written to {Path(args.out).resolve()}")
@@ -269,8 +291,14 @@ def cmd_export(args) -> int:
 def cmd_inspect(args) -> int:
     from lifelong.inspect import before_after, format_before_after
 
-    chosen, rows, _ = before_after(args.dir, edit_ids=args.edit or None, count=args.edits, tokens=args.tokens,
-                                   device=args.device, stream=args.stream)
+    chosen, rows, _ = before_after(
+        args.dir,
+        edit_ids=args.edit or None,
+        count=args.edits,
+        tokens=args.tokens,
+        device=args.device,
+        stream=args.stream,
+    )
     print(format_before_after(chosen, rows))
     return 0
 
@@ -293,20 +321,29 @@ def cmd_train_mend(args) -> int:
         lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
     kinds = resolve_params(args.params or "", lm.adapter)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, holdout=args.holdout,
-                         eval_every=args.eval_every or args.checkpoint_every)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        holdout=args.holdout,
+        eval_every=args.eval_every or args.checkpoint_every,
+    )
     with ComputeThreads(policy), quiet_bars(args.quiet):
-        path = train_hypernetwork(lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit,
-                                  progress=not args.quiet)
+        path = train_hypernetwork(
+            lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
+        )
     curve = read_curve(path.parent / "curve.csv")
     if curve:
         print(f"learning curve ({path.parent / 'curve.csv'}; losses averaged since the previous evaluation):")
         print(format_curve(curve))
     _, meta = load_hypernetwork(path, lm.device)
-    print(f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
-          f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
-          f"\n{path.resolve()}")
+    print(
+        f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
+        f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
+        f"\n{path.resolve()}"
+    )
     return 0
 
 
@@ -401,64 +438,106 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
 
-    p = sub.add_parser("replay", formatter_class=defaults, help="replay an edit stream through an editor, probing after each step")
+    p = sub.add_parser(
+        "replay", formatter_class=defaults, help="replay an edit stream through an editor, probing after each step"
+    )
     p.add_argument("--model", default="smollm2-135m", help="registered model name or local HF directory")
     p.add_argument("--editor", default="ft", help="editor name (see 'lifelong editors')")
     p.add_argument("--stream", default="builtin", help="stream name (see 'lifelong streams') or a .jsonl file")
     p.add_argument("--steps", type=int, default=None, help=f"replay the first N steps ({DEFAULT_STEPS_NOTE})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="edits per step (default: one step per distinct timestamp)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="edits per step (default: one step per distinct timestamp)"
+    )
     p.add_argument("--probe-every", type=int, default=5, help="probe retention every K steps and at the end")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-EDITOR-STREAM-seedS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without "
-                        "native support: see 'Machines' in the README)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without "
+        "native support: see 'Machines' in the README)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
-    p.add_argument("--probe", action="append", metavar="NAME[:KEY=VALUE,...]",
-                   help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5")
+    p.add_argument(
+        "--probe",
+        action="append",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5",
+    )
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument("--keep-deltas", default="all", metavar="POLICY",
-                   help="steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step "
-                        "is always kept, so resume stays exact. Bounds disk on long runs")
+    p.add_argument(
+        "--keep-deltas",
+        default="all",
+        metavar="POLICY",
+        help="steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step "
+        "is always kept, so resume stays exact. Bounds disk on long runs",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--export", action="append", metavar="SPEC", help=f"stream step-level figures to a tracker: {EXPORT_HELP}")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="options from a TOML file, or a run's manifest.json (or run directory) to repeat that run; "
-                        "options given here win, --set adds to the file's settings")
+    p.add_argument(
+        "--export", action="append", metavar="SPEC", help=f"stream step-level figures to a tracker: {EXPORT_HELP}"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="options from a TOML file, or a run's manifest.json (or run directory) to repeat that run; "
+        "options given here win, --set adds to the file's settings",
+    )
     p.set_defaults(func=cmd_replay)
     parser.replay_parser = p  # main() reads which options a command line gave (they win over --config)
 
-    p = sub.add_parser("sweep", formatter_class=defaults,
-                       help="run every combination of a TOML spec (editors x streams x seeds x settings) on Ray")
+    p = sub.add_parser(
+        "sweep",
+        formatter_class=defaults,
+        help="run every combination of a TOML spec (editors x streams x seeds x settings) on Ray",
+    )
     p.add_argument("spec", metavar="SPEC.toml", help="the sweep spec (see README, 'Sweeps')")
     p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume it)")
-    p.add_argument("--address", default=None,
-                   help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray "
-                        "instance sized to this machine)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="cells at once (default: one per CPU of the cluster, one per GPU with device cuda)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray "
+        "instance sized to this machine)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="cells at once (default: one per CPU of the cluster, one per GPU with device cuda)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("show", help="print a run's summary table (a sweep's: one line per cell, mean over seeds)")
     p.add_argument("dir")
-    p.add_argument("--json", action="store_true",
-                   help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)",
+    )
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("plot", help="write a run's PNGs under DIR/plots/ (a sweep's: each done cell's, and compare.png)")
+    p = sub.add_parser(
+        "plot", help="write a run's PNGs under DIR/plots/ (a sweep's: each done cell's, and compare.png)"
+    )
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="write them here instead (e.g. for a read-only run)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("compare", formatter_class=defaults, help="overlay several runs (editors on one stream): one figure, one table")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories; a sweep directory stands for its done cells")
+    p = sub.add_parser(
+        "compare", formatter_class=defaults, help="overlay several runs (editors on one stream): one figure, one table"
+    )
+    p.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="run directories; a sweep directory stands for its done cells"
+    )
     p.add_argument("--out", default="compare", help="where compare.png and compare.csv go (default: ./compare)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("checkout", formatter_class=defaults, help="write the model at a step as a transformers directory")
+    p = sub.add_parser(
+        "checkout", formatter_class=defaults, help="write the model at a step as a transformers directory"
+    )
     p.add_argument("dir")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--at", default=None, help="ISO time: the last step at or before it")
@@ -471,9 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="SPEC", help=EXPORT_HELP)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", formatter_class=defaults,
-                       help="before/after: greedy continuations of a few edits' prompt, paraphrase and neighbour "
-                            "at θ0, after the edit and at the last step")
+    p = sub.add_parser(
+        "inspect",
+        formatter_class=defaults,
+        help="before/after: greedy continuations of a few edits' prompt, paraphrase and neighbour "
+        "at θ0, after the edit and at the last step",
+    )
     p.add_argument("dir")
     p.add_argument("--edits", type=int, default=3, help="how many edits, spread over the run")
     p.add_argument("--edit", action="append", metavar="ID", help="an edit by id (repeatable; instead of --edits)")
@@ -482,36 +564,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train-mend", formatter_class=defaults,
-                       help="train (or resume) MEND's hypernetwork; cached by model, layers, params and data")
+    p = sub.add_parser(
+        "train-mend",
+        formatter_class=defaults,
+        help="train (or resume) MEND's hypernetwork; cached by model, layers, params and data",
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default=None, help="edited layers, e.g. 27-29 (default: the last three)")
-    p.add_argument("--params", default=None,
-                   help="edited MLP weights per layer, comma-separated gate, up, down (default: all; "
-                        "'down': the former down-only hypernetwork)")
-    p.add_argument("--data", default="dataset:zsre_mend",
-                   help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)")
+    p.add_argument(
+        "--params",
+        default=None,
+        help="edited MLP weights per layer, comma-separated gate, up, down (default: all; "
+        "'down': the former down-only hypernetwork)",
+    )
+    p.add_argument(
+        "--data",
+        default="dataset:zsre_mend",
+        help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)",
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
     p.add_argument("--rank", type=int, default=64, help="rank of the hypernetwork's low-rank layers")
     p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--holdout", type=int, default=20,
-                   help="keep the last N training records out, for the learning curve's held-out edit success")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations "
-                   "(default: --checkpoint-every)")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=20,
+        help="keep the last N training records out, for the learning curve's held-out edit success",
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="steps between held-out evaluations (default: --checkpoint-every)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help="directory (default: the cache, keyed by model, layers, params and data)")
+    p.add_argument(
+        "--out", default=None, help="directory (default: the cache, keyed by model, layers, params and data)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_mend)
 
-    for name, func, text in (("editors", cmd_editors, "list editors and their hyperparameters"),
-                             ("streams", cmd_streams, "list built-in streams"),
-                             ("probes", cmd_probes, "list probes"),
-                             ("models", cmd_models, "list models")):
+    for name, func, text in (
+        ("editors", cmd_editors, "list editors and their hyperparameters"),
+        ("streams", cmd_streams, "list built-in streams"),
+        ("probes", cmd_probes, "list probes"),
+        ("models", cmd_models, "list models"),
+    ):
         sub.add_parser(name, help=text).set_defaults(func=func)
     return parser
 
@@ -523,8 +622,9 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     for token in argv:
         if token.startswith("--"):
             option = token.split("=", 1)[0]
-            matches = [a for name, a in names.items() if name == option] or \
-                [a for name, a in names.items() if name.startswith(option)]
+            matches = [a for name, a in names.items() if name == option] or [
+                a for name, a in names.items() if name.startswith(option)
+            ]
             if len(matches) == 1:
                 given.add(matches[0].dest)
     return given
@@ -551,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
             apply_config(args, parser.replay_parser, argv)
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; re-run the same command to resume", file=sys.stderr)
+        print(
+            "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
+            "re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except (UserError, OSError) as err:  # the user's input, or the user's file system (permissions, a full disk)
         print(f"lifelong: error: {one_line(str(err))}", file=sys.stderr)
@@ -562,8 +666,14 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(text: str) -> str:
     """``text`` with what would break the one-line promise, or not print, escaped: line breaks and
     other control characters a user's input may carry, and lone surrogates (a non-UTF-8 byte in argv)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   if not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}" for c in text)
+    return "".join(
+        c
+        if c.isprintable()
+        else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if not 0xD800 <= ord(c) <= 0xDFFF
+        else f"\\u{ord(c):04x}"
+        for c in text
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SCALARS = {"model": str, "editor": str, "stream": str, "steps": int, "batch_size": int, "probe_every": int,
-           "seed": int, "device": str, "out": str, "threads": (int, str), "keep_deltas": str,
-           "dtype": str}
+SCALARS = {
+    "model": str,
+    "editor": str,
+    "stream": str,
+    "steps": int,
+    "batch_size": int,
+    "probe_every": int,
+    "seed": int,
+    "device": str,
+    "out": str,
+    "threads": (int, str),
+    "keep_deltas": str,
+    "dtype": str,
+}
 
 
 def read_config(path: str | Path) -> dict:
@@ -65,8 +76,9 @@ def read_config(path: str | Path) -> dict:
                 raise UserError(f"config {path}: key 'set' must be a table of editor settings")
             out["set"] = [f"{k}={_text(v)}" for k, v in value.items()]
         else:
-            raise UserError(f"config {path}: unknown key '{key}' (expected one of "
-                            f"{', '.join([*SCALARS, 'probes', 'set'])})")
+            raise UserError(
+                f"config {path}: unknown key '{key}' (expected one of {', '.join([*SCALARS, 'probes', 'set'])})"
+            )
     return out
 
 
@@ -91,12 +103,20 @@ def _manifest_options(path: Path, manifest: dict, ident: dict) -> dict:
     stream = next((s["stream"] for s in reversed(sessions) if s.get("stream")), ident["stream"])
     if stream.endswith(".jsonl") and not Path(stream).is_file():
         raise UserError(f"config {path}: the run's stream file {stream} is not here; give it with --stream")
-    out = {"model": ident["model"], "editor": ident["editor"], "stream": stream, "steps": ident.get("steps"),
-           "batch_size": ident.get("batch_size"), "probe_every": ident["probe_every"], "seed": ident["seed"],
-           "device": ident.get("device", "cpu"), "keep_deltas": ident.get("keep_deltas", "all"),
-           "dtype": ident.get("dtype", "float32"),
-           "set": [f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
-           "probe": [probe_spec(p) for p in ident.get("probes") or []]}
+    out = {
+        "model": ident["model"],
+        "editor": ident["editor"],
+        "stream": stream,
+        "steps": ident.get("steps"),
+        "batch_size": ident.get("batch_size"),
+        "probe_every": ident["probe_every"],
+        "seed": ident["seed"],
+        "device": ident.get("device", "cpu"),
+        "keep_deltas": ident.get("keep_deltas", "all"),
+        "dtype": ident.get("dtype", "float32"),
+        "set": [f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
+        "probe": [probe_spec(p) for p in ident.get("probes") or []],
+    }
     return out
 
 

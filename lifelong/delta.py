@@ -46,11 +46,15 @@ class ParamChange:
     shape: tuple[int, ...] | torch.Tensor | None = None
 
     def __post_init__(self):
-        kinds = [self.dense is not None, self.u is not None or self.v is not None,
-                 any(x is not None for x in (self.index, self.values, self.dim, self.shape))]
+        kinds = [
+            self.dense is not None,
+            self.u is not None or self.v is not None,
+            any(x is not None for x in (self.index, self.values, self.dim, self.shape)),
+        ]
         if sum(kinds) != 1 or (kinds[1] and (self.u is None or self.v is None)):
-            raise ValueError("a ParamChange is exactly one of dense, low-rank (u and v) or sparse "
-                             "(index, values, dim, shape)")
+            raise ValueError(
+                "a ParamChange is exactly one of dense, low-rank (u and v) or sparse (index, values, dim, shape)"
+            )
         if kinds[2]:
             self._check_sparse()
 
@@ -65,12 +69,18 @@ class ParamChange:
         expected = list(self.shape)
         expected[self.dim] = len(self.index)
         if list(self.values.shape) != expected:
-            raise ValueError(f"sparse ParamChange: values have shape {tuple(self.values.shape)}, "
-                             f"expected {tuple(expected)} for {len(self.index)} slices of {self.shape}")
-        if len(self.index) and (self.index.min() < 0 or self.index.max() >= self.shape[self.dim]
-                                or not bool((self.index[1:] > self.index[:-1]).all())):
-            raise ValueError("sparse ParamChange: index must be sorted, unique and within "
-                             f"0..{self.shape[self.dim] - 1}")
+            raise ValueError(
+                f"sparse ParamChange: values have shape {tuple(self.values.shape)}, "
+                f"expected {tuple(expected)} for {len(self.index)} slices of {self.shape}"
+            )
+        if len(self.index) and (
+            self.index.min() < 0
+            or self.index.max() >= self.shape[self.dim]
+            or not bool((self.index[1:] > self.index[:-1]).all())
+        ):
+            raise ValueError(
+                f"sparse ParamChange: index must be sorted, unique and within 0..{self.shape[self.dim] - 1}"
+            )
 
     @property
     def sparse(self) -> bool:
@@ -92,8 +102,12 @@ class ParamChange:
         if self.dense is not None:
             return {_DENSE: self.dense}
         if self.sparse:
-            return {_INDEX: self.index, _VALUES: self.values, _DIM: torch.tensor(self.dim),
-                    "shape": torch.tensor(self.shape)}
+            return {
+                _INDEX: self.index,
+                _VALUES: self.values,
+                _DIM: torch.tensor(self.dim),
+                "shape": torch.tensor(self.shape),
+            }
         return {_U: self.u, _V: self.v}
 
     @torch.no_grad()
@@ -104,8 +118,9 @@ class ParamChange:
             param.add_(update) if sign > 0 else param.sub_(update)
             return
         if tuple(param.shape) != self.shape:
-            raise ValueError(f"sparse change of shape {self.shape} applied to a parameter of shape "
-                             f"{tuple(param.shape)}")
+            raise ValueError(
+                f"sparse change of shape {self.shape} applied to a parameter of shape {tuple(param.shape)}"
+            )
         index = self.index.to(param.device)
         values = self.values.to(device=param.device, dtype=param.dtype)
         current = param.index_select(self.dim, index)
@@ -223,8 +238,9 @@ class DeltaStore:
         self.policy = KeepPolicy.parse(policy)
 
     @classmethod
-    def for_scope(cls, directory: Path, model: nn.Module, scope: list[str],
-                  policy: "KeepPolicy | str | None" = None) -> "DeltaStore":
+    def for_scope(
+        cls, directory: Path, model: nn.Module, scope: list[str], policy: "KeepPolicy | str | None" = None
+    ) -> "DeltaStore":
         params = dict(model.named_parameters())
         missing = [name for name in scope if name not in params]
         if missing:
@@ -240,8 +256,9 @@ class DeltaStore:
     def snapshot_path(self, step: int) -> Path:
         return self.directory / f"snap_{step:06d}.safetensors"
 
-    def commit(self, step: int, delta: Delta, state: dict[str, torch.Tensor] | None = None,
-               model: nn.Module | None = None) -> None:
+    def commit(
+        self, step: int, delta: Delta, state: dict[str, torch.Tensor] | None = None, model: nn.Module | None = None
+    ) -> None:
         """Save step ``step``: its delta, the editor's state, and (under a policy other than
         ``all``) a snapshot of ``model``'s scoped parameters, which must already hold the step."""
         outside = [name for name in delta.changes if name not in self.base]
@@ -251,8 +268,9 @@ class DeltaStore:
             if model is None:
                 raise ValueError(f"step {step}: the {self.policy} policy snapshots the model: pass it to commit")
             params = dict(model.named_parameters())
-            atomic_save_tensors({name: params[name].detach().cpu().contiguous() for name in self.base},
-                                self.snapshot_path(step))
+            atomic_save_tensors(
+                {name: params[name].detach().cpu().contiguous() for name in self.base}, self.snapshot_path(step)
+            )
         delta.save(self.delta_path(step), {"step": step})
         if state:
             atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, self.state_path(step))
@@ -317,8 +335,10 @@ class DeltaStore:
         if missing:
             kept = self.kept_steps()
             shown = ", ".join(map(str, kept[:12])) + (f", ... {kept[-1]}" if len(kept) > 12 else "")
-            raise StepNotKept(f"{self.directory.parent}: step {step} was not kept (this run keeps deltas "
-                              f"{self.policy}); steps that can be checked out: {shown}")
+            raise StepNotKept(
+                f"{self.directory.parent}: step {step} was not kept (this run keeps deltas "
+                f"{self.policy}); steps that can be checked out: {shown}"
+            )
         self.revert_to_base(model)
         for k in range(1, step + 1):
             self.load_delta(k).apply(model)

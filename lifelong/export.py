@@ -44,8 +44,9 @@ class TensorBoardExporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("the TensorBoard exporter needs the tensorboard package: "
-                            "pip install 'lifelong-editing[export]'") from None
+            raise UserError(
+                "the TensorBoard exporter needs the tensorboard package: pip install 'lifelong-editing[export]'"
+            ) from None
         self.writer = SummaryWriter(log_dir=str(directory))
 
     def write(self, step: int, rows: Iterable[dict]) -> None:

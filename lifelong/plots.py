@@ -71,8 +71,14 @@ def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
         m = retention_matrix(results, protocol)
         if len(m.steps):
             color = "C0" if protocol == "es" else "C1"
-            ax.plot(m.steps, retained_fraction(m.values), style, ms=3, color=color,
-                    label=f"retained fraction ({protocol}, 95% band)")
+            ax.plot(
+                m.steps,
+                retained_fraction(m.values),
+                style,
+                ms=3,
+                color=color,
+                label=f"retained fraction ({protocol}, 95% band)",
+            )
             _band(ax, m.steps, m.values, color, m.population)
             own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
             ax.plot(m.steps, own, ":", color=color, label=f"efficacy at own step, mean so far ({protocol})")
@@ -109,7 +115,7 @@ def matrix_cells(values: np.ndarray, columns: int = MATRIX_COLUMNS) -> tuple[np.
     spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a bin no edit of which was made yet: NaN
-        binned = np.stack([np.nanmean(values[:, a:b + 1], axis=1) for a, b in spans], axis=1)
+        binned = np.stack([np.nanmean(values[:, a : b + 1], axis=1) for a, b in spans], axis=1)
     return binned, spans
 
 
@@ -126,15 +132,26 @@ def plot_retention_matrix(m, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(m.steps) + 1.5)))
     masked = np.ma.masked_invalid(cells)
     if binned:
-        mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=plt.get_cmap("RdYlGn"), vmin=0,
-                         vmax=1)
+        mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=plt.get_cmap("RdYlGn"), vmin=0, vmax=1)
         fig.colorbar(mesh, ax=ax, label="share of the bin's edits holding")
     else:
-        ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#d7301f", "#1a9850"]),
-                  vmin=0, vmax=1)
-        ax.legend(handles=[Patch(color="#1a9850", label="holds"), Patch(color="#d7301f", label="lost"),
-                           Patch(facecolor="white", edgecolor="#999999", label="not measured: not made\nyet, superseded" + (",\nor not sampled" if m.sampled.any() else ""))],
-                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.imshow(
+            masked, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#d7301f", "#1a9850"]), vmin=0, vmax=1
+        )
+        ax.legend(
+            handles=[
+                Patch(color="#1a9850", label="holds"),
+                Patch(color="#d7301f", label="lost"),
+                Patch(
+                    facecolor="white",
+                    edgecolor="#999999",
+                    label="not measured: not made\nyet, superseded" + (",\nor not sampled" if m.sampled.any() else ""),
+                ),
+            ],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+        )
     ax.set_yticks(range(len(m.steps)), [str(s) for s in m.steps], fontsize=7)
     every = max(1, len(spans) // 30)  # at most ~30 labels
     ticks = list(range(0, len(spans), every))
@@ -158,9 +175,14 @@ def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
     import polars as pl
 
     rows = run.results().filter(pl.col("probe") == mt.CHAINS)
-    panels = [(m, label) for m, label in ((mt.DISTORTION_JS, "distortion D (JS, nats)"),
-                                          (mt.CONFLICT_MAGNITUDE, "conflict magnitude CM"))
-              if rows.filter(pl.col("metric") == m).height]
+    panels = [
+        (m, label)
+        for m, label in (
+            (mt.DISTORTION_JS, "distortion D (JS, nats)"),
+            (mt.CONFLICT_MAGNITUDE, "conflict magnitude CM"),
+        )
+        if rows.filter(pl.col("metric") == m).height
+    ]
     if not panels:
         return None
     plt = _pyplot()
@@ -171,8 +193,12 @@ def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
         steps, values = done["step"].to_numpy(), done["value"].to_numpy()
         ax.plot(steps, values, "o", ms=3, alpha=0.5, label="each chain, at completion")
         ax.plot(steps, np.cumsum(values) / np.arange(1, len(values) + 1), "-", label="running mean at completion")
-        later = (rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("later"))
-                 .group_by("step").agg(pl.col("value").mean()).sort("step"))
+        later = (
+            rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("later"))
+            .group_by("step")
+            .agg(pl.col("value").mean())
+            .sort("step")
+        )
         if later.height:
             ax.plot(later["step"], later["value"], "--s", ms=3, label="mean of re-measured chains")
         ax.set_xlabel("stream step")
@@ -195,6 +221,7 @@ def _save(fig, path: Path) -> Path:
 
 # ---------------------------------------------------------------------- dashboard and comparison
 
+
 def _series(results, probe: str, metric: str, protocol: str | None = None, edit_id: str | None = None):
     """(steps, values) of one metric, averaged over edits/items at each step."""
     import polars as pl
@@ -214,35 +241,68 @@ def _panels(results) -> list[str]:
     """Which dashboard panels this run has data for, in a fixed order."""
     probes = set(results["probe"].unique())
     has_js = mt.DISTORTION_JS in set(results["metric"].unique())
-    return [name for name, present in (("retention", "retention" in probes), ("perplexity", "perplexity" in probes),
-                                       ("downstream", "downstream" in probes), ("distortion", has_js),
-                                       ("weight_drift", "weight_drift" in probes)) if present]
+    return [
+        name
+        for name, present in (
+            ("retention", "retention" in probes),
+            ("perplexity", "perplexity" in probes),
+            ("downstream", "downstream" in probes),
+            ("distortion", has_js),
+            ("weight_drift", "weight_drift" in probes),
+        )
+        if present
+    ]
 
 
-def _draw_panel(ax, name: str, results, color=None, label: str | None = None, detail: bool = True,
-                threshold: float = 2.0, items: dict | None = None) -> None:
+def _draw_panel(
+    ax,
+    name: str,
+    results,
+    color=None,
+    label: str | None = None,
+    detail: bool = True,
+    threshold: float = 2.0,
+    items: dict | None = None,
+) -> None:
     """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only."""
     one = lambda protocol: protocol if detail else label  # noqa: E731  (legend entry of one line)
     if name == "retention":
         for protocol, style in (("es", "-"), ("exact", "--")):
             m = retention_matrix(results, protocol)
             if len(m.steps) and (detail or protocol == "es"):
-                line, = ax.plot(m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color,
-                                label=one(protocol))
+                (line,) = ax.plot(
+                    m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color, label=one(protocol)
+                )
                 _band(ax, m.steps, m.values, line.get_color())
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("retained fraction of edits so far")
-        ax.set_title("Retention (ES: new target beats old; exact: greedy match; 95% Wilson bands)" if detail
-                     else "Retention (ES; 95% Wilson bands)", fontsize=9)
+        ax.set_title(
+            "Retention (ES: new target beats old; exact: greedy match; 95% Wilson bands)"
+            if detail
+            else "Retention (ES; 95% Wilson bands)",
+            fontsize=9,
+        )
     elif name == "perplexity":
         for protocol, style in (("corpus", "-"), ("sentence_mean", "--")):
             steps, values = _series(results, "perplexity", "ratio", protocol)
             if len(steps) and (detail or protocol == "corpus"):
-                ax.plot(steps, values, style, marker="o", ms=3, color=color,
-                        label=f"{one(protocol)} (last {values[-1]:.3g}x)")
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    label=f"{one(protocol)} (last {values[-1]:.3g}x)",
+                )
         shown = f"collapse threshold ({threshold:g}x)"
-        ax.axhline(threshold, color="crimson", lw=0.8, ls=":",  # one legend entry, however many runs
-                   label="_nolegend_" if shown in ax.get_legend_handles_labels()[1] else shown)
+        ax.axhline(
+            threshold,
+            color="crimson",
+            lw=0.8,
+            ls=":",  # one legend entry, however many runs
+            label="_nolegend_" if shown in ax.get_legend_handles_labels()[1] else shown,
+        )
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_ylabel("perplexity / perplexity at θ0")
         ax.set_title("Perplexity ratio to θ0" + (" (corpus, sentence_mean)" if detail else " (corpus)"), fontsize=9)
@@ -253,18 +313,37 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         import polars as pl
 
         if detail:
-            tasks = sorted(set(results.filter((pl.col("probe") == "downstream") & (pl.col("metric") == "diff"))
-                               ["protocol"]) - {"mean"})
+            tasks = sorted(
+                set(results.filter((pl.col("probe") == "downstream") & (pl.col("metric") == "diff"))["protocol"])
+                - {"mean"}
+            )
             markers = "s^vDP*Xph<>"
             for i, task in enumerate(tasks):
                 steps, values = _series(results, "downstream", "diff", task)
                 # Scores move in steps of 1/items, so tasks often coincide: offset each a little.
                 offset = (i - (len(tasks) - 1) / 2) * 0.12 * max(1, float(results["step"].max()) / 20)
-                ax.plot(steps + offset, values, "-", marker=markers[i % len(markers)], ms=4, lw=0.9,
-                        color=f"C{(i + 2) % 10}", alpha=0.85, label=task)
+                ax.plot(
+                    steps + offset,
+                    values,
+                    "-",
+                    marker=markers[i % len(markers)],
+                    ms=4,
+                    lw=0.9,
+                    color=f"C{(i + 2) % 10}",
+                    alpha=0.85,
+                    label=task,
+                )
         steps, values = _series(results, "downstream", "diff", "mean")
-        ax.plot(steps, values, "-", marker="o", ms=4, lw=2.2, color=color or "black",
-                label="mean over tasks" if detail else label)
+        ax.plot(
+            steps,
+            values,
+            "-",
+            marker="o",
+            ms=4,
+            lw=2.2,
+            color=color or "black",
+            label="mean over tasks" if detail else label,
+        )
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_ylabel("score − score at θ0")
         sizes = sorted(set((items or {}).values()))
@@ -274,12 +353,21 @@ def _draw_panel(ax, name: str, results, color=None, label: str | None = None, de
         import polars as pl
 
         probe = _chain_probe(results)
-        protocols = sorted(set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == mt.DISTORTION_JS))
-                               ["protocol"]), key=lambda p: (not p.startswith("completion"), p))
+        protocols = sorted(
+            set(results.filter((pl.col("probe") == probe) & (pl.col("metric") == mt.DISTORTION_JS))["protocol"]),
+            key=lambda p: (not p.startswith("completion"), p),
+        )
         for j, protocol in enumerate(protocols if detail else protocols[:1]):
             steps, values = _series(results, probe, mt.DISTORTION_JS, protocol)
-            ax.plot(steps, values, "-" if j == 0 else "--", marker="o", ms=3, color=color,
-                    label=f"{protocol} (mean over chains)" if detail else f"{label} ({protocol})")
+            ax.plot(
+                steps,
+                values,
+                "-" if j == 0 else "--",
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{protocol} (mean over chains)" if detail else f"{label} ({protocol})",
+            )
         ax.set_ylabel("JS divergence (nats)")
         ax.set_title("Knowledge distortion D_JS after round/conflict chains", fontsize=9)
     elif name == "weight_drift":
@@ -331,13 +419,15 @@ def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
         _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], int(results["step"].max()))
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     steps = max(run.completed_step(), 0)
-    note = f"perplexity collapse at step {collapse}" if collapse is not None else (
-        "no perplexity collapse" if "perplexity" in panels else "perplexity not probed")
-    title = (f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, "
-             f"{steps} steps — {note}")
+    note = (
+        f"perplexity collapse at step {collapse}"
+        if collapse is not None
+        else ("no perplexity collapse" if "perplexity" in panels else "perplexity not probed")
+    )
+    title = f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, {steps} steps — {note}"
     fig.suptitle(wrapped(title, 6.2 * cols), fontsize=11)
     fig.tight_layout()
     directory = Path(directory or run.plots_dir)
@@ -393,8 +483,11 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
     names = configuration_labels(runs, groups)
     single = run_labels(runs)
     labels = [single[i] if len(groups[group_of[i]]) == 1 else names[group_of[i]] for i in range(len(runs))]
-    panels = [p for p in ("retention", "perplexity", "downstream", "distortion", "weight_drift")
-              if any(p in _panels(t) for t in tables)]
+    panels = [
+        p
+        for p in ("retention", "perplexity", "downstream", "distortion", "weight_drift")
+        if any(p in _panels(t) for t in tables)
+    ]
     if not panels:
         raise UserError("none of the runs has rows to compare")
     quality = any((t["probe"] == "edit_quality").any() for t in tables)
@@ -409,13 +502,21 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
                 threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
                 first = groups[group_of[i]][0] == i  # one legend entry per configuration
                 color = f"C{group_of[i] % 10}"
-                _draw_panel(ax, name, results, color=color, label=label if first else "_nolegend_", detail=False,
-                            threshold=threshold)
-                _mark_collapse(ax, collapse_step(results), color=color,
-                               label=f"{label}: collapse" if first else "_nolegend_")
+                _draw_panel(
+                    ax,
+                    name,
+                    results,
+                    color=color,
+                    label=label if first else "_nolegend_",
+                    detail=False,
+                    threshold=threshold,
+                )
+                _mark_collapse(
+                    ax, collapse_step(results), color=color, label=f"{label}: collapse" if first else "_nolegend_"
+                )
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
-    for ax in list(axes.flat)[len(panels) + quality:]:
+    for ax in list(axes.flat)[len(panels) + quality :]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}
     models = list(dict.fromkeys(str(r.manifest()["identity"]["model"]) for r in runs))

@@ -60,8 +60,10 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
     full = load_stream(config.stream)
     stream, facts = split_facts(full)
     if not len(stream):
-        raise UserError(f"stream '{config.stream}' holds only tied facts ({len(facts)} edits with chain role "
-                        "tied-fact, which are probed, never applied): nothing to edit")
+        raise UserError(
+            f"stream '{config.stream}' holds only tied facts ({len(facts)} edits with chain role "
+            "tied-fact, which are probed, never applied): nothing to edit"
+        )
     available = len(stream.steps(config.batch_size))
     if config.steps is not None:
         if config.steps < 1:
@@ -93,8 +95,10 @@ def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) 
                 continue
             n = len(lm.tokenizer(prompt).input_ids) + len(answer_token_ids(lm.tokenizer, answer))
             if n > limit:
-                raise UserError(f"stream '{spec}': edit {edit.id!r}: {what} with its answer is {n} tokens, longer "
-                                f"than the {limit}-token context of model '{lm.name}'")
+                raise UserError(
+                    f"stream '{spec}': edit {edit.id!r}: {what} with its answer is {n} tokens, longer "
+                    f"than the {limit}-token context of model '{lm.name}'"
+                )
 
 
 def stream_label(spec: str) -> str:
@@ -151,9 +155,17 @@ def model_at_step(lm: LoadedModel, editor: Editor, store: DeltaStore, current: i
     return at
 
 
-def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None, editor: Editor | None = None,
-           progress: bool = True, stop_after: int | None = None, threads: int | str | None = None,
-           exporters: Sequence = ()) -> ReplayResult:
+def replay(
+    config: RunConfig,
+    out: Path | str,
+    *,
+    lm: LoadedModel | None = None,
+    editor: Editor | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    threads: int | str | None = None,
+    exporters: Sequence = (),
+) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
     ``lm`` reuses an already loaded base model (it is edited in place, and an adaptor editor's hooks
@@ -165,25 +177,62 @@ def replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None = None,
     """
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
     with ComputeThreads(policy) as compute:
-        return _replay(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after, compute=compute,
-                       exporters=exporters)
+        return _replay(
+            config,
+            out,
+            lm=lm,
+            editor=editor,
+            progress=progress,
+            stop_after=stop_after,
+            compute=compute,
+            exporters=exporters,
+        )
 
 
-def _replay(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None, progress: bool,
-            stop_after: int | None, compute: ComputeThreads, exporters: Sequence = ()) -> ReplayResult:
+def _replay(
+    config: RunConfig,
+    out: Path | str,
+    *,
+    lm: LoadedModel | None,
+    editor: Editor | None,
+    progress: bool,
+    stop_after: int | None,
+    compute: ComputeThreads,
+    exporters: Sequence = (),
+) -> ReplayResult:
     with ExitStack() as held, bars_showing(progress):  # held: the run's writer lock, once inputs are validated
-        return _replay_locked(config, out, lm=lm, editor=editor, progress=progress, stop_after=stop_after,
-                              compute=compute, held=held, exporters=exporters)
+        return _replay_locked(
+            config,
+            out,
+            lm=lm,
+            editor=editor,
+            progress=progress,
+            stop_after=stop_after,
+            compute=compute,
+            held=held,
+            exporters=exporters,
+        )
 
 
-def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None, editor: Editor | None,
-                   progress: bool, stop_after: int | None, compute: ComputeThreads, held: ExitStack,
-                   exporters: Sequence = ()) -> ReplayResult:
+def _replay_locked(
+    config: RunConfig,
+    out: Path | str,
+    *,
+    lm: LoadedModel | None,
+    editor: Editor | None,
+    progress: bool,
+    stop_after: int | None,
+    compute: ComputeThreads,
+    held: ExitStack,
+    exporters: Sequence = (),
+) -> ReplayResult:
     keep = KeepPolicy.parse(config.keep_deltas)
     config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
     if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
-        raise UserError(f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
-                        "which needs every step kept; use --keep-deltas all")
+        raise UserError(
+            f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
+            "which needs every step kept; use --keep-deltas all"
+        )
     stream, steps, facts, full_hash = prepare_stream_and_facts(config)
     if editor is None:
         editor = make_editor(config.editor, config.editor_overrides)
@@ -199,11 +248,19 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
     # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
-    manifest = run.start(identity_of(
-        config, hyperparameters=editor.hyperparameters(), stream_hash=full_hash if facts else stream.content_hash(),
-        stream_edits=len(stream), stream_steps=len(steps), probes=probes_identity(suite, len(stream)), model_family=lm.adapter.family,
-        base_weights=base_fingerprint, stream=stream_label(config.stream),
-    ))
+    manifest = run.start(
+        identity_of(
+            config,
+            hyperparameters=editor.hyperparameters(),
+            stream_hash=full_hash if facts else stream.content_hash(),
+            stream_edits=len(stream),
+            stream_steps=len(steps),
+            probes=probes_identity(suite, len(stream)),
+            model_family=lm.adapter.family,
+            base_weights=base_fingerprint,
+            stream=stream_label(config.stream),
+        )
+    )
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step(), config.stream))
     editor.prepare(lm)  # on θ0: before any checkout below
@@ -213,8 +270,19 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     ends = chain_ends(steps)  # where chains complete, for chain schedules and probes
 
     def rows_for(step, timestamp, rows):
-        return [{"run_id": run_id, "step": step, "timestamp": timestamp, "probe": r.probe, "metric": r.metric,
-                 "protocol": r.protocol, "edit_id": r.edit_id, "value": r.value} for r in rows]
+        return [
+            {
+                "run_id": run_id,
+                "step": step,
+                "timestamp": timestamp,
+                "probe": r.probe,
+                "metric": r.metric,
+                "protocol": r.protocol,
+                "edit_id": r.edit_id,
+                "value": r.value,
+            }
+            for r in rows
+        ]
 
     done = run.completed_step()
     run.check_parts(done)  # before any work: a lost part is named, not silently dropped
@@ -223,8 +291,18 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     references = run.load_reference()
     if done < 0 or references is None:  # step 0: θ0 references and rows, on the base model
         t0 = time.perf_counter()
-        ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, upcoming=tuple(stream),
-                           base_params=store.base, steps=steps, facts=facts, chain_end_steps=ends)
+        ctx = ProbeContext(
+            step=0,
+            timestamp=None,
+            batch=(),
+            history=[],
+            scorer=scorer,
+            upcoming=tuple(stream),
+            base_params=store.base,
+            steps=steps,
+            facts=facts,
+            chain_end_steps=ends,
+        )
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
         written = rows_for(0, None, rows)
@@ -242,8 +320,7 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
     todo = range(done + 1, len(steps) + 1)
     if stop_after is not None:
         todo = todo[:stop_after]
-    bar = progress_bar(todo, show=progress, desc=f"replay {config.editor}", unit="step", initial=done,
-                       total=len(steps))
+    bar = progress_bar(todo, show=progress, desc=f"replay {config.editor}", unit="step", initial=done, total=len(steps))
     for step in bar:
         compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]
@@ -255,10 +332,19 @@ def _replay_locked(config: RunConfig, out: Path | str, *, lm: LoadedModel | None
         # Commit first: probes may check out earlier steps (model_at), which reads the store.
         store.commit(step, delta, editor.step_state(), lm.model)
         t1 = time.perf_counter()
-        ctx = ProbeContext(step=step, timestamp=timestamp, batch=tuple(batch), history=list(steps[:step]),
-                           scorer=scorer, is_last=step == len(steps), base_params=store.base,
-                           model_at=model_at_step(lm, editor, store, step), steps=steps, facts=facts,
-                           chain_end_steps=ends)
+        ctx = ProbeContext(
+            step=step,
+            timestamp=timestamp,
+            batch=tuple(batch),
+            history=list(steps[:step]),
+            scorer=scorer,
+            is_last=step == len(steps),
+            base_params=store.base,
+            model_at=model_at_step(lm, editor, store, step),
+            steps=steps,
+            facts=facts,
+            chain_end_steps=ends,
+        )
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
         written = rows_for(step, timestamp, rows)
@@ -281,13 +367,20 @@ def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_
     and each compute-precision setting as resolved here (none of it changes what is computed,
     beyond rounding), and where the stream was read from (``--config MANIFEST`` reads it there)."""
     source = str(Path(stream).resolve()) if stream.endswith(".jsonl") else stream
-    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": max(from_step, 0),
-            "device": str(lm.device), "cpu": cpu_description(), "threads": compute.describe(),
-            "numerics": editor.numerics(lm), "stream": source}
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "from_step": max(from_step, 0),
+        "device": str(lm.device),
+        "cpu": cpu_description(),
+        "threads": compute.describe(),
+        "numerics": editor.numerics(lm),
+        "stream": source,
+    }
 
 
-def checkout(run_path: Path | str, step: int, device: str = "cpu", editor_class: type[Editor] | None = None
-             ) -> LoadedModel:
+def checkout(
+    run_path: Path | str, step: int, device: str = "cpu", editor_class: type[Editor] | None = None
+) -> LoadedModel:
     """The model of run ``run_path`` as it was right after ``step``, rebuilt from base + deltas.
 
     An adaptor editor (GRACE, WISE, the in-context memory: edits outside the weights) is
@@ -306,8 +399,10 @@ def checkout(run_path: Path | str, step: int, device: str = "cpu", editor_class:
         raise UserError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
     lm = load_model(identity["model"], device, identity.get("dtype", "float32"))
     if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
-        raise UserError(f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
-                        "started from (their fingerprint differs); a checkout on them would be wrong")
+        raise UserError(
+            f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
+            "started from (their fingerprint differs); a checkout on them would be wrong"
+        )
     # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
     store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
     # The run's editor class, refused when it cannot be loaded here (it may act outside the weights);

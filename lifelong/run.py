@@ -115,12 +115,15 @@ def git_commit() -> str | None:
 
     where = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5)
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -182,8 +185,10 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunDirError(f"{self.path}: another process (pid {holder}) is writing to this run; "
-                                  "wait for it to end or choose another --out") from None
+                raise RunDirError(
+                    f"{self.path}: another process (pid {holder}) is writing to this run; "
+                    "wait for it to end or choose another --out"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
@@ -195,8 +200,11 @@ class RunDir:
         if self.exists():
             manifest = self.manifest()
             if manifest["identity"] != identity:
-                diffs = [k for k in sorted(set(identity) | set(manifest["identity"]))
-                         if identity.get(k) != manifest["identity"].get(k)]
+                diffs = [
+                    k
+                    for k in sorted(set(identity) | set(manifest["identity"]))
+                    if identity.get(k) != manifest["identity"].get(k)
+                ]
                 raise RunDirError(
                     f"{self.path} holds a different run (differs in: {', '.join(diffs)}); "
                     "choose another --out or delete it"
@@ -221,8 +229,11 @@ class RunDir:
         if sessions and sessions[0].get("numerics") != info.get("numerics"):
             first = {k: v.get("dtype") for k, v in (sessions[0].get("numerics") or {}).items()}
             now = {k: v.get("dtype") for k, v in (info.get("numerics") or {}).items()}
-            print(f"note: {self.path} started with compute precision {first} and resumes with {now} on this "
-                  "machine; steps from here on differ from an uninterrupted run by rounding", file=sys.stderr)
+            print(
+                f"note: {self.path} started with compute precision {first} and resumes with {now} on this "
+                "machine; steps from here on differ from an uninterrupted run by rounding",
+                file=sys.stderr,
+            )
         sessions.append(info)
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
 
@@ -242,10 +253,16 @@ class RunDir:
         if not self.progress_path.is_file():
             return {"completed_step": -1, "total_steps": None, "timestamps": {}, "seconds": {}}
         progress = _read_json(self.progress_path, "progress file")
-        if not (isinstance(progress, dict) and isinstance(progress.get("completed_step"), int)
-                and isinstance(progress.get("timestamps"), dict) and isinstance(progress.get("seconds"), dict)):
-            raise RunDirError(f"{self.progress_path}: damaged progress file (not the object a run writes); "
-                              "it cannot say which steps are complete")
+        if not (
+            isinstance(progress, dict)
+            and isinstance(progress.get("completed_step"), int)
+            and isinstance(progress.get("timestamps"), dict)
+            and isinstance(progress.get("seconds"), dict)
+        ):
+            raise RunDirError(
+                f"{self.progress_path}: damaged progress file (not the object a run writes); "
+                "it cannot say which steps are complete"
+            )
         return progress
 
     def progress(self) -> dict:
@@ -275,8 +292,10 @@ class RunDir:
 
     def mark_complete(self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int) -> None:
         """Record ``step`` as complete: its line in steps.jsonl first, then progress.json (the commit)."""
-        append_line(self.step_log_path, json.dumps(
-            {"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}))
+        append_line(
+            self.step_log_path,
+            json.dumps({"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}),
+        )
         progress = self._progress_file()
         progress["completed_step"] = step
         progress["total_steps"] = total
@@ -309,9 +328,11 @@ class RunDir:
         completed step wrote one, if only an empty one)."""
         missing = [p for p in map(self.part_path, range(step + 1)) if not p.is_file()]
         if missing:
-            raise RunDirError(f"{missing[0]}: result part of a completed step is missing"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + "; its rows cannot be recovered from this directory")
+            raise RunDirError(
+                f"{missing[0]}: result part of a completed step is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; its rows cannot be recovered from this directory"
+            )
 
     def discard_after(self, step: int) -> None:
         """Remove result parts of steps after ``step`` (leftovers of a killed run)."""

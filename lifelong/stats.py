@@ -53,8 +53,7 @@ def wilson(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[fl
     return (low, high)
 
 
-def sampled_wilson(successes: float, n: int, population: int,
-                   confidence: float = CONFIDENCE) -> tuple[float, float]:
+def sampled_wilson(successes: float, n: int, population: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson interval of a population's share from a simple random sample of n of its ``population``
     items (without replacement): the finite-population correction scales the variance by
     (N − n)/(N − 1), i.e. Wilson at the effective size n (N − 1)/(N − n). Matters here: a retention
@@ -68,8 +67,9 @@ def sampled_wilson(successes: float, n: int, population: int,
     return wilson(effective if share == 1 else share * effective, effective, confidence)
 
 
-def bootstrap_mean(values, resamples: int = RESAMPLES, seed: int = 0,
-                   confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bootstrap_mean(
+    values, resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over items; NaN for fewer than two items."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
@@ -93,8 +93,7 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     return (mean - half, mean + half)
 
 
-def newcombe_difference(k1: float, n1: int, k2: float, n2: int,
-                        confidence: float = CONFIDENCE) -> tuple[float, float]:
+def newcombe_difference(k1: float, n1: int, k2: float, n2: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Newcombe's hybrid score interval (method 10) of k1/n1 − k2/n2 for two independent samples."""
     if n1 <= 0 or n2 <= 0:
         return (math.nan, math.nan)

@@ -23,8 +23,14 @@ from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_
 from probes import metric_table as mt
 from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 
-SCHEMA = {"measure": pl.String, "protocol": pl.String, "value": pl.Float64, "n": pl.Int64, "low": pl.Float64,
-          "high": pl.Float64}
+SCHEMA = {
+    "measure": pl.String,
+    "protocol": pl.String,
+    "value": pl.Float64,
+    "n": pl.Int64,
+    "low": pl.Float64,
+    "high": pl.Float64,
+}
 
 
 @dataclass
@@ -49,7 +55,9 @@ def plain_line(measure: str, protocol: str, value: float, n: int | None = None) 
 def item_values(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> np.ndarray:
     """One probe metric's per-item values: at each edit's own step (or at θ0 with own_step False)."""
     rows = results.filter(
-        (pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol)
+        (pl.col("probe") == probe)
+        & (pl.col("metric") == metric)
+        & (pl.col("protocol") == protocol)
         & ((pl.col("step") > 0) if own_step else (pl.col("step") == 0))
     )
     return rows["value"].to_numpy().astype(float)
@@ -90,7 +98,7 @@ def chain_lines(results: pl.DataFrame) -> list[Line]:
             sel = rows.filter(pl.col("protocol") == protocol)
             if when == "later":
                 sel = sel.filter(pl.col("step") == sel["step"].max())
-            shown = protocol if when == "completion" else "last" + protocol[len("later"):]
+            shown = protocol if when == "completion" else "last" + protocol[len("later") :]
             for label, metric in CHAIN_LINES:
                 m = sel.filter(pl.col("metric") == metric)
                 if not m.height:
@@ -133,8 +141,12 @@ def _last_retained(m, protocol: str, last: np.ndarray) -> Line:
     if math.isnan(population) or not len(items):
         return rate_line("retained fraction at last step", protocol, last)
     low, high = sampled_wilson(float(items.sum()), len(items), int(population))
-    return Line("retained fraction at last step", protocol,
-                Estimate(float(items.mean()), len(items), low, high, "wilson, sampled"), items)
+    return Line(
+        "retained fraction at last step",
+        protocol,
+        Estimate(float(items.mean()), len(items), low, high, "wilson, sampled"),
+        items,
+    )
 
 
 def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
@@ -147,18 +159,28 @@ def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
     forgot = ~np.isnan(forgotten_at(m))
     low, high = _retainability_interval(m)
     lines = [
-        _last_retained(m, protocol, last) if len(last)
+        _last_retained(m, protocol, last)
+        if len(last)
         else plain_line("retained fraction at last step", protocol, ret["retained_fraction"]),
-        Line("retainability", protocol, Estimate(ret["retainability"], len(m.edit_ids),
-                                                 None if math.isnan(low) else low, None if math.isnan(high) else high,
-                                                 "bootstrap" if not math.isnan(low) else "")),
+        Line(
+            "retainability",
+            protocol,
+            Estimate(
+                ret["retainability"],
+                len(m.edit_ids),
+                None if math.isnan(low) else low,
+                None if math.isnan(high) else high,
+                "bootstrap" if not math.isnan(low) else "",
+            ),
+        ),
         plain_line("edits forgotten (count)", protocol, ret["forgotten"], int(took.sum())),
         rate_line("edits forgotten (share of those that took hold)", protocol, forgot[took].astype(float)),
         plain_line("median steps to forget", protocol, ret["median_steps_to_forget"], int(forgot.sum())),
     ]
     if ret["superseded"]:
-        lines.append(plain_line("edits superseded by a later edit (count)", protocol, ret["superseded"],
-                                len(m.edit_ids)))
+        lines.append(
+            plain_line("edits superseded by a later edit (count)", protocol, ret["superseded"], len(m.edit_ids))
+        )
     return lines
 
 
@@ -167,14 +189,19 @@ def summary_lines(run: RunDir) -> list[Line]:
     results = run.results()
     progress = run.progress()
     lines = [
-        rate_line("pre-edit efficacy (θ0)", "es", item_values(results, "edit_quality", "efficacy", "es", own_step=False)),
+        rate_line(
+            "pre-edit efficacy (θ0)", "es", item_values(results, "edit_quality", "efficacy", "es", own_step=False)
+        ),
         rate_line("efficacy at own step", "es", item_values(results, "edit_quality", "efficacy", "es")),
         rate_line("efficacy at own step", "exact", item_values(results, "edit_quality", "efficacy", "exact")),
         rate_line("generalization (paraphrases)", "ps", item_values(results, "edit_quality", "generalization", "ps")),
-        rate_line("generalization (paraphrases)", "exact",
-                  item_values(results, "edit_quality", "generalization", "exact")),
+        rate_line(
+            "generalization (paraphrases)", "exact", item_values(results, "edit_quality", "generalization", "exact")
+        ),
         rate_line("locality (neighborhood)", "ns", item_values(results, "edit_quality", "locality", "ns")),
-        rate_line("locality (neighborhood)", "unchanged", item_values(results, "edit_quality", "locality", "unchanged")),
+        rate_line(
+            "locality (neighborhood)", "unchanged", item_values(results, "edit_quality", "locality", "unchanged")
+        ),
     ]
     for protocol in ("es", "exact"):
         lines += retention_lines(results, protocol)
@@ -184,15 +211,17 @@ def summary_lines(run: RunDir) -> list[Line]:
     if seconds:
         lines += [
             plain_line("seconds per step: edit", "wall", sum(s["edit"] for s in seconds) / len(seconds), len(seconds)),
-            plain_line("seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds),
-                       len(seconds)),
+            plain_line(
+                "seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds), len(seconds)
+            ),
         ]
     return lines
 
 
 def lines_table(lines: list[Line]) -> pl.DataFrame:
-    rows = [(ln.measure, ln.protocol, ln.estimate.value, ln.estimate.n, ln.estimate.low, ln.estimate.high)
-            for ln in lines]
+    rows = [
+        (ln.measure, ln.protocol, ln.estimate.value, ln.estimate.n, ln.estimate.low, ln.estimate.high) for ln in lines
+    ]
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
 
 
@@ -230,9 +259,11 @@ def _downstream_lines(down: pl.DataFrame, reference: dict) -> list[Line]:
         if n and base.items is not None and not math.isnan(s) and abs(round(s * n) / n - s) < 1e-9:
             low, high = newcombe_difference(round(s * n), n, round(s0 * n), n)
             drift = Line(drift.measure, task, Estimate(diff, n, low, high, "newcombe"))
-        lines += [base, drift,
-                  plain_line("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task),
-                             n)]
+        lines += [
+            base,
+            drift,
+            plain_line("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task), n),
+        ]
     return lines
 
 
@@ -248,19 +279,32 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
         for protocol in PROTOCOLS:
             if ppl.filter(pl.col("protocol") == protocol).height:
                 step = collapse_step(results, protocol)
-                lines += [plain_line("perplexity at θ0", protocol,
-                                     _last(results.filter(pl.col("step") == 0), "perplexity", "perplexity", protocol)),
-                          plain_line("perplexity ratio to θ0 at last step", protocol,
-                                     _last(results, "perplexity", "ratio", protocol)),
-                          plain_line(f"perplexity collapse step (ratio >= {threshold:g})", protocol,
-                                     float("nan") if step is None else float(step))]
+                lines += [
+                    plain_line(
+                        "perplexity at θ0",
+                        protocol,
+                        _last(results.filter(pl.col("step") == 0), "perplexity", "perplexity", protocol),
+                    ),
+                    plain_line(
+                        "perplexity ratio to θ0 at last step", protocol, _last(results, "perplexity", "ratio", protocol)
+                    ),
+                    plain_line(
+                        f"perplexity collapse step (ratio >= {threshold:g})",
+                        protocol,
+                        float("nan") if step is None else float(step),
+                    ),
+                ]
     if "downstream" in probes:
         lines += _downstream_lines(results.filter(pl.col("probe") == "downstream"), reference or {})
     if "weight_drift" in probes:
-        lines += [plain_line("weight drift ||W_t - W_0||_F at last step", "total",
-                             _last(results, "weight_drift", "frobenius", "total")),
-                  plain_line("parameters touched at last step", "total",
-                             _last(results, "weight_drift", "touched", "total"))]
+        lines += [
+            plain_line(
+                "weight drift ||W_t - W_0||_F at last step",
+                "total",
+                _last(results, "weight_drift", "frobenius", "total"),
+            ),
+            plain_line("parameters touched at last step", "total", _last(results, "weight_drift", "touched", "total")),
+        ]
     return lines
 
 
@@ -316,14 +360,25 @@ def _seed_table(per_run: list[list[Line]], name: str) -> pl.DataFrame:
         else:
             pooled = Estimate(math.nan)
         seeds = over_seeds([ln.estimate.value for ln in lines])
-        rows.append((*key, pooled.value, pooled.n, pooled.low, pooled.high, seeds.value, seeds.n, seeds.low,
-                     seeds.high))
-    return pl.DataFrame(rows, schema={"measure": pl.String, "protocol": pl.String,
-                                      f"{name} pooled": pl.Float64, f"{name} pooled n": pl.Int64,
-                                      f"{name} pooled low": pl.Float64, f"{name} pooled high": pl.Float64,
-                                      f"{name} seed mean": pl.Float64, f"{name} seeds n": pl.Int64,
-                                      f"{name} seed low": pl.Float64, f"{name} seed high": pl.Float64},
-                        orient="row")
+        rows.append(
+            (*key, pooled.value, pooled.n, pooled.low, pooled.high, seeds.value, seeds.n, seeds.low, seeds.high)
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "measure": pl.String,
+            "protocol": pl.String,
+            f"{name} pooled": pl.Float64,
+            f"{name} pooled n": pl.Int64,
+            f"{name} pooled low": pl.Float64,
+            f"{name} pooled high": pl.Float64,
+            f"{name} seed mean": pl.Float64,
+            f"{name} seeds n": pl.Int64,
+            f"{name} seed low": pl.Float64,
+            f"{name} seed high": pl.Float64,
+        },
+        orient="row",
+    )
 
 
 def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.DataFrame:
@@ -339,8 +394,11 @@ def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.Dat
             table = _columns(summary_table(runs[g[0]]), labels[g[0]] if labels else name)
         else:
             table = _seed_table([summary_lines(runs[i]) for i in g], name)
-        joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
-                                                          coalesce=True, maintain_order="left")
+        joined = (
+            table
+            if joined is None
+            else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
+        )
     return joined
 
 
@@ -351,17 +409,25 @@ def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str
     joined = None
     for name, g in zip(names, groups):
         table = _seed_table([summary_lines(runs[i]) for i in g], name).select(
-            "measure", "protocol", pl.col(f"{name} seed mean").alias(name), pl.col(f"{name} seeds n").alias(f"{name} n"),
-            pl.col(f"{name} seed low").alias(f"{name} low"), pl.col(f"{name} seed high").alias(f"{name} high"))
-        joined = table if joined is None else joined.join(table, on=["measure", "protocol"], how="full",
-                                                          coalesce=True, maintain_order="left")
+            "measure",
+            "protocol",
+            pl.col(f"{name} seed mean").alias(name),
+            pl.col(f"{name} seeds n").alias(f"{name} n"),
+            pl.col(f"{name} seed low").alias(f"{name} low"),
+            pl.col(f"{name} seed high").alias(f"{name} high"),
+        )
+        joined = (
+            table
+            if joined is None
+            else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
+        )
     return joined
 
 
 def format_table(table: pl.DataFrame) -> str:
     """A plain-text table: measure and protocol, then one cell per entry (value [low, high] n=…)."""
     entries = table.columns[2::4]
-    cells = [[_cell(*row[2 + 4 * j: 6 + 4 * j]) for j in range(len(entries))] for row in table.iter_rows()]
+    cells = [[_cell(*row[2 + 4 * j : 6 + 4 * j]) for j in range(len(entries))] for row in table.iter_rows()]
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
     widths = [max([len(v), 9] + [len(c[j]) for c in cells]) + 2 for j, v in enumerate(entries)]
@@ -387,13 +453,23 @@ def summary_json(run: RunDir) -> dict:
         for line in summary_lines(run):
             e = line.estimate
             results.setdefault(line.measure, {})[line.protocol] = {
-                "value": number(e.value), "n": e.n, "low": number(e.low), "high": number(e.high),
-                "interval": e.method or None, "confidence": 0.95 if e.method else None}
+                "value": number(e.value),
+                "n": e.n,
+                "low": number(e.low),
+                "high": number(e.high),
+                "interval": e.method or None,
+                "confidence": 0.95 if e.method else None,
+            }
     sessions = manifest.get("sessions") or []
-    return {"run_id": manifest["run_id"], "created": manifest.get("created"), "config": manifest["identity"],
-            "versions": manifest.get("versions", {}),
-            "progress": {"completed_step": progress["completed_step"], "total_steps": progress["total_steps"]},
-            "machine": sessions[-1] if sessions else None, "results": results}
+    return {
+        "run_id": manifest["run_id"],
+        "created": manifest.get("created"),
+        "config": manifest["identity"],
+        "versions": manifest.get("versions", {}),
+        "progress": {"completed_step": progress["completed_step"], "total_steps": progress["total_steps"]},
+        "machine": sessions[-1] if sessions else None,
+        "results": results,
+    }
 
 
 def format_summary(run: RunDir) -> str:
@@ -413,24 +489,37 @@ def format_summary(run: RunDir) -> str:
     if sessions:
         last = sessions[-1]
         numerics = ", ".join(f"{k}={v['dtype']} ({v['setting']})" for k, v in (last.get("numerics") or {}).items())
-        head.insert(-1, f"ran on {last['cpu']['model']} ({last['device']}, {last['threads']['threads']} threads"
-                        + (f", {numerics}" if numerics else "") + ")")
+        head.insert(
+            -1,
+            f"ran on {last['cpu']['model']} ({last['device']}, {last['threads']['threads']} threads"
+            + (f", {numerics}" if numerics else "")
+            + ")",
+        )
     if progress["completed_step"] < 0:
-        return "\n".join(head + [
-            f"no step is complete yet: started {manifest['created']}, then stopped before the θ0 reference "
-            "probes finished (they follow the editor's one-time preparation, such as key statistics, which "
-            "are cached as they are computed). Re-run the same replay command to resume."])
+        return "\n".join(
+            head
+            + [
+                f"no step is complete yet: started {manifest['created']}, then stopped before the θ0 reference "
+                "probes finished (they follow the editor's one-time preparation, such as key statistics, which "
+                "are cached as they are computed). Re-run the same replay command to resume."
+            ]
+        )
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
     lines = [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
     for measure, protocol, *figure in table.iter_rows():
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
-    notes = ("intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
-             "continuous values;", "n: the items (edits, chains, task items) or steps a figure is over.")
+    notes = (
+        "intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
+        "continuous values;",
+        "n: the items (edits, chains, task items) or steps a figure is over.",
+    )
     drawn = run.results().filter((pl.col("probe") == mt.RETENTION_PROBE) & (pl.col("metric") == mt.SAMPLE_POPULATION))
     if drawn.height:
-        notes += ("retention scored a seeded sample of the live edits at some steps: the retained fraction there "
-                  "is an estimate (finite-population Wilson interval), forgetting counts only the edits sampled "
-                  "after their own step.",)
+        notes += (
+            "retention scored a seeded sample of the live edits at some steps: the retained fraction there "
+            "is an estimate (finite-population Wilson interval), forgetting counts only the edits sampled "
+            "after their own step.",
+        )
     return "\n".join(head + lines + ["", *notes])

@@ -57,8 +57,19 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-SPEC_KEYS = ("model", "stream", "steps", "probe_every", "batch_size", "device", "editors", "seeds", "probes",
-             "retries", "set")
+SPEC_KEYS = (
+    "model",
+    "stream",
+    "steps",
+    "probe_every",
+    "batch_size",
+    "device",
+    "editors",
+    "seeds",
+    "probes",
+    "retries",
+    "set",
+)
 RETRIES = 2  # submissions again of a cell whose task raised (worker deaths: Ray's max_retries below)
 WORKER_RETRIES = 2  # Ray re-runs of a task whose worker process died
 STATES = ("pending", "running", "done", "failed")
@@ -161,15 +172,16 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
         directory = Path(model).expanduser()
         directory = directory if directory.is_absolute() else base / directory
         if not directory.is_dir():
-            raise bad("model", f"'{model}' is neither a registered model ({DEFAULT_MODEL}, "
-                               f"{', '.join(TINY_MODELS)}) nor a directory")
+            raise bad(
+                "model",
+                f"'{model}' is neither a registered model ({DEFAULT_MODEL}, {', '.join(TINY_MODELS)}) nor a directory",
+            )
         model = str(directory.resolve())
     streams = raw.get("stream", "builtin")
     streams = [streams] if isinstance(streams, str) else streams
     if not isinstance(streams, list) or not streams or not all(isinstance(s, str) and s for s in streams):
         raise bad("stream", "must be a stream name, a .jsonl file, or a non-empty list of them")
-    streams = [str((base / s).resolve()) if s.endswith(".jsonl") and not Path(s).is_absolute() else s
-               for s in streams]
+    streams = [str((base / s).resolve()) if s.endswith(".jsonl") and not Path(s).is_absolute() else s for s in streams]
     if len(set(streams)) < len(streams):
         raise bad("stream", "lists a stream twice")
     steps = whole("steps", None, 1)
@@ -192,14 +204,17 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     if len(set(editors)) < len(editors):
         raise bad("editors", "lists an editor twice")
     seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise bad("seeds", f"must be a non-empty list of whole numbers ≥ 0, got {seeds!r}")
     if len(set(seeds)) < len(seeds):
         raise bad("seeds", "lists a seed twice")
     probes = raw.get("probes", [])
     if not isinstance(probes, list) or not all(isinstance(p, str) for p in probes):
-        raise bad("probes", "must be a list of probe specs as --probe takes them, e.g. \"perplexity:schedule=every:5\"")
+        raise bad("probes", 'must be a list of probe specs as --probe takes them, e.g. "perplexity:schedule=every:5"')
     try:
         default_suite(RunConfig(probes=list(probes), probe_every=probe_every))
     except ValueError as err:
@@ -231,7 +246,9 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     lengths = {}
     for stream in streams:
         try:
-            lengths[stream] = len(prepare_stream_and_facts(RunConfig(stream=stream, steps=steps, batch_size=batch_size))[1])
+            lengths[stream] = len(
+                prepare_stream_and_facts(RunConfig(stream=stream, steps=steps, batch_size=batch_size))[1]
+            )
         except (ValueError, FileNotFoundError, OSError) as err:
             raise bad("steps" if "--steps" in str(err) else "stream", str(err)) from None
 
@@ -244,19 +261,41 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
                 chosen = dict(zip(names, combo))
                 overrides = {k: _as_override(v) for k, v in {**fixed, **chosen}.items()}
                 for seed in seeds:
-                    parts = [editor, _stream_slug(stream)] + [f"{n}={_slug(_as_override(v))}" for n, v in chosen.items()]
-                    config = RunConfig(model=model, editor=editor, editor_overrides=overrides, stream=stream,
-                                       steps=steps, batch_size=batch_size, probe_every=probe_every, seed=seed,
-                                       device=device, probes=list(probes))
-                    cells.append(Cell("-".join(parts + [f"seed{seed}"]), editor, stream, seed, chosen, config,
-                                      lengths[stream]))
+                    parts = [editor, _stream_slug(stream)] + [
+                        f"{n}={_slug(_as_override(v))}" for n, v in chosen.items()
+                    ]
+                    config = RunConfig(
+                        model=model,
+                        editor=editor,
+                        editor_overrides=overrides,
+                        stream=stream,
+                        steps=steps,
+                        batch_size=batch_size,
+                        probe_every=probe_every,
+                        seed=seed,
+                        device=device,
+                        probes=list(probes),
+                    )
+                    cells.append(
+                        Cell("-".join(parts + [f"seed{seed}"]), editor, stream, seed, chosen, config, lengths[stream])
+                    )
     ids = [c.id for c in cells]
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
         raise bad("stream", f"two cells would share the name '{twice}' (streams with one file name?)")
-    values = {"model": model, "stream": streams, "steps": steps, "probe_every": probe_every,
-              "batch_size": batch_size, "device": device, "editors": editors, "seeds": seeds,
-              "probes": list(probes), "retries": retries, "set": settings}
+    values = {
+        "model": model,
+        "stream": streams,
+        "steps": steps,
+        "probe_every": probe_every,
+        "batch_size": batch_size,
+        "device": device,
+        "editors": editors,
+        "seeds": seeds,
+        "probes": list(probes),
+        "retries": retries,
+        "set": settings,
+    }
     return Spec(values, cells)
 
 
@@ -305,8 +344,11 @@ class SweepDir:
 
     def runs(self, states: tuple[str, ...] = ("done",)) -> list[RunDir]:
         """The run directories of the cells in ``states`` (in the spec's order)."""
-        return [RunDir(self.cell_dir(c["id"])) for c in self.state()["cells"] if c["state"] in states
-                and RunDir(self.cell_dir(c["id"])).exists()]
+        return [
+            RunDir(self.cell_dir(c["id"]))
+            for c in self.state()["cells"]
+            if c["state"] in states and RunDir(self.cell_dir(c["id"])).exists()
+        ]
 
     def check_target(self, spec: Spec) -> None:
         """Refuse a directory that holds something else, or a sweep of another spec (nothing is written)."""
@@ -321,8 +363,10 @@ class SweepDir:
         old = self.state().get("spec")
         if old != json.loads(json.dumps(spec.values)):
             diffs = [k for k in SPEC_KEYS if (old or {}).get(k) != json.loads(json.dumps(spec.values)).get(k)]
-            raise UserError(f"{self.path} holds a sweep of another spec (differs in: {', '.join(diffs) or '?'}); "
-                            "choose another --out or delete it")
+            raise UserError(
+                f"{self.path} holds a sweep of another spec (differs in: {', '.join(diffs) or '?'}); "
+                "choose another --out or delete it"
+            )
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -352,8 +396,12 @@ class SweepDir:
         for c in cells:
             run = RunDir(self.cell_dir(c["id"]))
             rows = run.results()
-            extra = [pl.lit(c["id"]).alias("cell"), pl.lit(c["editor"]).alias("editor"),
-                     pl.lit(c["stream"]).alias("stream"), pl.lit(c["seed"], pl.Int64).alias("seed")]
+            extra = [
+                pl.lit(c["id"]).alias("cell"),
+                pl.lit(c["editor"]).alias("editor"),
+                pl.lit(c["stream"]).alias("stream"),
+                pl.lit(c["seed"], pl.Int64).alias("seed"),
+            ]
             extra += [pl.lit(_typed(c["settings"].get(k), kinds[k]), kinds[k]).alias(setting_column(k)) for k in swept]
             tables.append(rows.select(extra + [pl.col(n) for n in rows.columns]))
         if not tables:
@@ -362,8 +410,20 @@ class SweepDir:
         return self.results_path
 
 
-RESERVED_COLUMNS = ("cell", "editor", "stream", "seed", "run_id", "step", "timestamp", "probe", "metric", "protocol",
-                    "edit_id", "value")
+RESERVED_COLUMNS = (
+    "cell",
+    "editor",
+    "stream",
+    "seed",
+    "run_id",
+    "step",
+    "timestamp",
+    "probe",
+    "metric",
+    "protocol",
+    "edit_id",
+    "value",
+)
 
 
 def setting_column(name: str) -> str:
@@ -455,12 +515,26 @@ def _initial_state(spec: Spec, sweep: SweepDir) -> dict:
         run = RunDir(sweep.cell_dir(cell.id))
         complete = run.exists() and run.completed_step() >= cell.steps
         state = "done" if complete else "pending"
-        cells.append({"id": cell.id, "editor": cell.editor, "stream": cell.stream, "seed": cell.seed,
-                      "settings": cell.settings, "dir": f"cells/{cell.id}", "steps": cell.steps,
-                      "config": dataclasses.asdict(cell.config), "state": state,
-                      "attempts": prior.get("attempts", 0), "error": None if complete else prior.get("error")})
-    return {"spec": json.loads(json.dumps(spec.values)), "spec_file": str(spec.path) if spec.path else None,
-            "cells": cells}
+        cells.append(
+            {
+                "id": cell.id,
+                "editor": cell.editor,
+                "stream": cell.stream,
+                "seed": cell.seed,
+                "settings": cell.settings,
+                "dir": f"cells/{cell.id}",
+                "steps": cell.steps,
+                "config": dataclasses.asdict(cell.config),
+                "state": state,
+                "attempts": prior.get("attempts", 0),
+                "error": None if complete else prior.get("error"),
+            }
+        )
+    return {
+        "spec": json.loads(json.dumps(spec.values)),
+        "spec_file": str(spec.path) if spec.path else None,
+        "cells": cells,
+    }
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
@@ -499,8 +573,13 @@ def ray_session(address: str | None, device: str) -> Iterator[Any]:
                 import torch
 
                 gpus = torch.cuda.device_count()
-            ray.init(num_cpus=available_cores(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR)
+            ray.init(
+                num_cpus=available_cores(),
+                num_gpus=gpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
     try:
         yield ray
     finally:
@@ -538,8 +617,9 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(cause if isinstance(cause, BaseException) else err, UserError)
 
 
-def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, workers: int | None = None,
-              progress: bool = True) -> SweepResult:
+def run_sweep(
+    spec: Spec, out: Path | str, *, address: str | None = None, workers: int | None = None, progress: bool = True
+) -> SweepResult:
     """Run every cell of ``spec`` not yet done into sweep directory ``out`` (see the module's docstring)."""
     from tqdm import tqdm
 
@@ -564,8 +644,11 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
         with ray_session(address, device) as ray:
             n_workers, per = plan_workers(ray, workers, device, len(todo))
             task = ray.remote(run_cell).options(
-                num_cpus=per, num_gpus=1 if device.startswith("cuda") else 0, max_retries=WORKER_RETRIES,
-                retry_exceptions=False)
+                num_cpus=per,
+                num_gpus=1 if device.startswith("cuda") else 0,
+                max_retries=WORKER_RETRIES,
+                retry_exceptions=False,
+            )
             tries: dict[str, int] = {}  # submissions in this run of the driver
             queue = list(todo)
             running: dict[Any, dict] = {}
@@ -579,11 +662,14 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
             idle = {c["id"]: cell_steps(c) for c in state["cells"]}  # cells not running: read once
 
             def done_steps() -> int:
-                return sum(cell_steps(c) if c["state"] in ("running", "done") else idle[c["id"]] for c in state["cells"])
+                return sum(
+                    cell_steps(c) if c["state"] in ("running", "done") else idle[c["id"]] for c in state["cells"]
+                )
 
             total = sum(c["steps"] for c in state["cells"])
-            bar = progress_bar(total=total, initial=done_steps(), desc="sweep", unit="step", show=progress,
-                               dynamic_ncols=True)
+            bar = progress_bar(
+                total=total, initial=done_steps(), desc="sweep", unit="step", show=progress, dynamic_ncols=True
+            )
 
             shown: list = [None]
 
@@ -594,8 +680,11 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
                     return
                 shown[0] = now
                 bar.n = now[0]
-                bar.set_postfix_str(f"cells {counts['done']}/{len(state['cells'])} done, {counts['running']} running, "
-                                    f"{counts['failed']} failed", refresh=False)
+                bar.set_postfix_str(
+                    f"cells {counts['done']}/{len(state['cells'])} done, {counts['running']} running, "
+                    f"{counts['failed']} failed",
+                    refresh=False,
+                )
                 bar.refresh()
 
             try:
@@ -620,8 +709,10 @@ def run_sweep(spec: Spec, out: Path | str, *, address: str | None = None, worker
                                 queue.append(cell)
                             else:
                                 cell["state"] = "failed"
-                                tqdm.write(f"cell {cell['id']} failed after {tries[cell['id']]} attempts: "
-                                           f"{cell['error']}", file=sys.stderr)
+                                tqdm.write(
+                                    f"cell {cell['id']} failed after {tries[cell['id']]} attempts: {cell['error']}",
+                                    file=sys.stderr,
+                                )
                         else:
                             cell["state"] = "done"
                             cell["error"] = None
@@ -647,8 +738,7 @@ def cell_lines(sweep: SweepDir) -> list[str]:
     state = sweep.state()
     cells = state["cells"]
     width = max(len(c["id"]) for c in cells) + 2
-    lines = [f"{'cell':<{width}}{'state':<9}{'steps':>9}  attempts  retained (es, last)",
-             "-" * (width + 50)]
+    lines = [f"{'cell':<{width}}{'state':<9}{'steps':>9}  attempts  retained (es, last)", "-" * (width + 50)]
     for c in cells:
         run = RunDir(sweep.cell_dir(c["id"]))
         done = max(0, run.completed_step()) if run.exists() else 0
@@ -682,10 +772,12 @@ def format_sweep(path: Path | str) -> str:
     state = sweep.state()
     spec = state["spec"]
     counts = {s: sum(c["state"] == s for c in state["cells"]) for s in STATES}
-    head = (f"sweep {sweep.path}: model {spec['model']}, streams {', '.join(spec['stream'])}, "
-            f"steps {spec['steps'] or 'all'}, editors {', '.join(spec['editors'])}, seeds "
-            f"{', '.join(map(str, spec['seeds']))}; {len(state['cells'])} cells: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    head = (
+        f"sweep {sweep.path}: model {spec['model']}, streams {', '.join(spec['stream'])}, "
+        f"steps {spec['steps'] or 'all'}, editors {', '.join(spec['editors'])}, seeds "
+        f"{', '.join(map(str, spec['seeds']))}; {len(state['cells'])} cells: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    )
     out = [head, "", *cell_lines(sweep)]
     done = [c for c in state["cells"] if c["state"] == "done"]
     if done:
@@ -693,6 +785,10 @@ def format_sweep(path: Path | str) -> str:
         groups = configurations(runs)
         names = [done[g[0]]["id"].rsplit("-seed", 1)[0] for g in groups]
         table = seed_mean_table(runs, groups, names)
-        out += ["", "mean over seeds [95% t interval] n = seeds, per configuration (done cells only):", "",
-                format_table(table)]
+        out += [
+            "",
+            "mean over seeds [95% t interval] n = seeds, per configuration (done cells only):",
+            "",
+            format_table(table),
+        ]
     return "\n".join(out)

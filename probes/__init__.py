@@ -14,8 +14,10 @@ from probes.scorer import Scorer, Scores
 from streams.errors import MissingFileError, UserError
 
 # The probe registry: every probe is listed here, and only here.
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EditQualityProbe, RetentionProbe, ChainProbe,
-                                                             PerplexityProbe, WeightDriftProbe, DownstreamProbe)}
+PROBES: dict[str, type[Probe]] = {
+    cls.name: cls
+    for cls in (EditQualityProbe, RetentionProbe, ChainProbe, PerplexityProbe, WeightDriftProbe, DownstreamProbe)
+}
 
 
 class UnknownProbeError(UserError):
@@ -37,7 +39,20 @@ def make_probe(spec: str) -> Probe:
     except ValueError as err:  # a bad schedule
         raise OptionError(f"probe '{name}': {err}") from None
 
+
 __all__ = [
-    "PROBES", "ChainProbe", "EditQualityProbe", "OptionError", "UnknownProbeError", "make_probe", "Probe", "ProbeContext", "ProbeSuite", "RetentionProbe", "Row",
-    "Schedule", "Scorer", "Scores",
+    "PROBES",
+    "ChainProbe",
+    "EditQualityProbe",
+    "OptionError",
+    "UnknownProbeError",
+    "make_probe",
+    "Probe",
+    "ProbeContext",
+    "ProbeSuite",
+    "RetentionProbe",
+    "Row",
+    "Schedule",
+    "Scorer",
+    "Scores",
 ]

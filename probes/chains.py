@@ -31,9 +31,18 @@ import numpy as np
 
 from probes import distortion as dm
 from probes.base import Probe, ProbeContext, Row
-from probes.metric_table import (CHAINS, CONFLICT_MAGNITUDE, CONFLICT_SCORE_EXPLICIT, CONFLICT_SCORE_IMPLICIT,
-                                 DISTORTION_JS, DISTORTION_JS_PITFALLS, FAILURE_RATE, IGNORE_RATE, ROUND_SUCCESS,
-                                 TIED_FACT_DAMAGE)
+from probes.metric_table import (
+    CHAINS,
+    CONFLICT_MAGNITUDE,
+    CONFLICT_SCORE_EXPLICIT,
+    CONFLICT_SCORE_IMPLICIT,
+    DISTORTION_JS,
+    DISTORTION_JS_PITFALLS,
+    FAILURE_RATE,
+    IGNORE_RATE,
+    ROUND_SUCCESS,
+    TIED_FACT_DAMAGE,
+)
 from streams import Edit
 from streams.errors import UserError
 
@@ -185,16 +194,19 @@ def _conflict_plan(cid: str, items: list[tuple[int, Edit]], tied: Edit | None) -
     else:
         kind = "conflict"
     tied_q = (prompt_set(tied), tied.target_new) if tied is not None else None
-    return ConflictPlan(cid, kind, (prompt_set(e1), e1.target_new), (prompt_set(e2), e2.target_new),
-                        implied, tied_q, m, b)
+    return ConflictPlan(
+        cid, kind, (prompt_set(e1), e1.target_new), (prompt_set(e2), e2.target_new), implied, tied_q, m, b
+    )
 
 
 class ChainProbe(Probe):
     """Round-edit success, distortion, ignore/failure rate, conflict score and magnitude, tied-fact damage."""
 
     name = CHAINS
-    description = ("round success, distortion (JS nats; Pitfalls variant), ignore/failure rate, conflict score "
-                   "(explicit, implicit), conflict magnitude, tied-fact damage, when a chain completes")
+    description = (
+        "round success, distortion (JS nats; Pitfalls variant), ignore/failure rate, conflict score "
+        "(explicit, implicit), conflict magnitude, tied-fact damage, when a chain completes"
+    )
     Options = ChainOptions
 
     def __init__(self, schedule=None, options=None):
@@ -254,11 +266,15 @@ class ChainProbe(Probe):
         t, every = ctx.step, self.options.remeasure
         anchoring = [p for p in plans.values() if p.anchor_step == t < p.end_step]
         completing = [p for p in plans.values() if p.end_step == t]
-        later = [p for p in plans.values() if p.end_step < t and every and ((t - p.end_step) % every == 0 or ctx.is_last)]
+        later = [
+            p for p in plans.values() if p.end_step < t and every and ((t - p.end_step) % every == 0 or ctx.is_last)
+        ]
         if not (anchoring or completing or later):
             return []
-        live = self.score_queries(ctx, [q for p in anchoring for q in p.anchor_queries()]
-                                  + [q for p in completing + later for q in p.queries()])
+        live = self.score_queries(
+            ctx,
+            [q for p in anchoring for q in p.anchor_queries()] + [q for p in completing + later for q in p.queries()],
+        )
         for p in anchoring:
             self._anchors[p.chain_id] = {q: live[q] for q in p.anchor_queries()}
         anchors = self._anchor_values(ctx, completing + later, live)
@@ -277,8 +293,14 @@ class ChainProbe(Probe):
                     done = [p for p in plans.values() if isinstance(p, RoundPlan) and p.end_step <= t]
                     rows.append(self._failure_rate(ctx, done, protocol))
             elif any(isinstance(p, RoundPlan) for p in group):
-                rows.append(Row(self.name, FAILURE_RATE, protocol,
-                                dm.failure_rate([v for _, v in irs], self.options.ir_threshold)))
+                rows.append(
+                    Row(
+                        self.name,
+                        FAILURE_RATE,
+                        protocol,
+                        dm.failure_rate([v for _, v in irs], self.options.ir_threshold),
+                    )
+                )
         return rows
 
     def _anchor_values(self, ctx: ProbeContext, plans: Sequence[Plan], live) -> dict[str, dict[Query, float]]:
@@ -343,8 +365,15 @@ class ChainProbe(Probe):
             for ref in self.options.tfd_refs:
                 p_ref = refs[ref]
                 if p_ref is not None and p_ref > 0:
-                    rows.append(Row(self.name, TIED_FACT_DAMAGE, tfd_protocol(protocol, ref),
-                                    float(dm.tied_fact_damage(p_ref, now[p.tied])), p.chain_id))
+                    rows.append(
+                        Row(
+                            self.name,
+                            TIED_FACT_DAMAGE,
+                            tfd_protocol(protocol, ref),
+                            float(dm.tied_fact_damage(p_ref, now[p.tied])),
+                            p.chain_id,
+                        )
+                    )
         return rows, None
 
 
@@ -353,5 +382,17 @@ def chain_kinds(steps: Sequence[tuple[Edit, ...]], facts: Sequence[Edit] = ()) -
     return {cid: ("round" if isinstance(p, RoundPlan) else p.kind) for cid, p in chain_plans(steps, facts).items()}
 
 
-__all__ = ["ChainOptions", "ChainProbe", "ConflictPlan", "PROB_KINDS", "RoundPlan", "chain_kinds", "chain_plans",
-           "TFD_REFS", "chain_protocol", "prompt_set", "protocol_when", "tfd_protocol"]
+__all__ = [
+    "ChainOptions",
+    "ChainProbe",
+    "ConflictPlan",
+    "PROB_KINDS",
+    "RoundPlan",
+    "chain_kinds",
+    "chain_plans",
+    "TFD_REFS",
+    "chain_protocol",
+    "prompt_set",
+    "protocol_when",
+    "tfd_protocol",
+]

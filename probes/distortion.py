@@ -4,9 +4,10 @@ No model, no torch: probes compute the probabilities P_θ(o | s, r) (mean of
 p_θ(o | x) over the relation prompt and its paraphrase templates) and hand
 them here. As in the Pitfalls code, p_θ(o | x) is exp(−mean token NLL) of o
 (the chain probe's default ``p=meantok``; ``p=seq``, the whole answer's
-probability, is a named variant whose values are not Pitfalls'). Natural logs throughout. Functions that compare two numbers accept
-scalars or equal-shaped arrays (vectorised over edits) and return a float for
-scalar input, an array otherwise.
+probability, is a named variant whose values are not Pitfalls'). Natural logs
+throughout. Functions that compare two numbers accept scalars or equal-shaped
+arrays (vectorised over edits) and return a float for scalar input, an array
+otherwise.
 """
 
 from __future__ import annotations
@@ -179,7 +180,15 @@ def tied_fact_damage(p_ref, pb):
 
 
 __all__ = [
-    "object_distribution", "js_divergence", "js_pitfalls", "round_success", "ignore_rate", "failure_rate",
-    "conflict_score", "conflict_score_explicit", "conflict_score_implicit", "conflict_magnitude",
+    "object_distribution",
+    "js_divergence",
+    "js_pitfalls",
+    "round_success",
+    "ignore_rate",
+    "failure_rate",
+    "conflict_score",
+    "conflict_score_explicit",
+    "conflict_score_implicit",
+    "conflict_magnitude",
     "tied_fact_damage",
 ]

@@ -28,8 +28,15 @@ import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import DIFF, DOWNSTREAM, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, RATIO, SCORE
-from probes.tasks import (ALL_TASKS, BUILTIN_TASKS, Choice, choice_predictions, load_task,
-                          score_choice_generations, score_generations)
+from probes.tasks import (
+    ALL_TASKS,
+    BUILTIN_TASKS,
+    Choice,
+    choice_predictions,
+    load_task,
+    score_choice_generations,
+    score_generations,
+)
 from streams.errors import UserError
 
 # Generation length per metric: short answers, a worked solution, a one-sentence summary, an entity list.
@@ -46,8 +53,10 @@ class DownstreamProbe(Probe):
     """Task scores and their drift from θ0 on a built-in suite or the shared-data task readers."""
 
     name = DOWNSTREAM
-    description = ("downstream task scores (likelihood choice accuracy, EM, GSM8K number, ROUGE, entity F1) "
-                   "and drift vs θ0 (diff, ratio); tasks=a+b+c, items=N")
+    description = (
+        "downstream task scores (likelihood choice accuracy, EM, GSM8K number, ROUGE, entity F1) "
+        "and drift vs θ0 (diff, ratio); tasks=a+b+c, items=N"
+    )
     default_schedule = "every:10"
 
     @dataclass
@@ -64,8 +73,10 @@ class DownstreamProbe(Probe):
         self.task_names = split_list(o.tasks)
         unknown = [t for t in self.task_names if t not in ALL_TASKS]
         if unknown or not self.task_names:
-            raise UserError(f"unknown downstream task '{unknown[0] if unknown else o.tasks}': expected names "
-                            f"joined by '+' from {', '.join(ALL_TASKS)}")
+            raise UserError(
+                f"unknown downstream task '{unknown[0] if unknown else o.tasks}': expected names "
+                f"joined by '+' from {', '.join(ALL_TASKS)}"
+            )
         if o.choice_score not in ("mean", "sum"):
             raise UserError(f"choice_score must be mean or sum (got '{o.choice_score}')")
         if o.protocol not in PROTOCOLS:
@@ -114,8 +125,11 @@ class DownstreamProbe(Probe):
             ref = base.get(task, {})
             s, s0 = values["score"], ref.get("score", float("nan"))
             protocol = task + tag
-            rows += [Row(self.name, SCORE, protocol, s), Row(self.name, DIFF, protocol, s - s0),
-                     Row(self.name, RATIO, protocol, s / s0 if s0 else float("nan"))]
+            rows += [
+                Row(self.name, SCORE, protocol, s),
+                Row(self.name, DIFF, protocol, s - s0),
+                Row(self.name, RATIO, protocol, s / s0 if s0 else float("nan")),
+            ]
             for key, value in values.items():
                 if key == SCORE:
                     continue

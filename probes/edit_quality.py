@@ -22,8 +22,18 @@ from typing import Sequence
 import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
-from probes.metric_table import (EDIT_QUALITY, EFFICACY, GENERALIZATION, LOCALITY, RETAINED_FRACTION, RETENTION,
-                                 RETENTION_PROBE, SAMPLE_POPULATION, SAMPLE_SIZE, SUPERSEDED)
+from probes.metric_table import (
+    EDIT_QUALITY,
+    EFFICACY,
+    GENERALIZATION,
+    LOCALITY,
+    RETAINED_FRACTION,
+    RETENTION,
+    RETENTION_PROBE,
+    SAMPLE_POPULATION,
+    SAMPLE_SIZE,
+    SUPERSEDED,
+)
 from streams import Edit
 from streams.errors import UserError
 
@@ -152,8 +162,10 @@ class RetentionProbe(Probe):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = RETENTION_PROBE
-    description = ("efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
-                   "edits superseded by a later edit of their subject and relation reported apart")
+    description = (
+        "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
+        "edits superseded by a later edit of their subject and relation reported apart"
+    )
     Options = RetentionOptions
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
@@ -165,8 +177,9 @@ class RetentionProbe(Probe):
         live = [e for e in panel if e.id not in replaced]
         eligible = [e for e in so_far if e.id not in replaced]
         rows = efficacy_rows(self.name, RETENTION, ctx, capped(live, opts.sample, opts.seed))
-        rows += efficacy_rows(self.name, SUPERSEDED, ctx,
-                              capped([e for e in panel if e.id in replaced], opts.sample, opts.seed))
+        rows += efficacy_rows(
+            self.name, SUPERSEDED, ctx, capped([e for e in panel if e.id in replaced], opts.sample, opts.seed)
+        )
         for protocol in ("es", "exact"):
             values = [r.value for r in rows if r.protocol == protocol and r.metric == RETENTION]
             if values:

@@ -16,7 +16,13 @@ LN2 = math.log(2.0)
 
 # Probe names, as each probe class's ``name``.
 EDIT_QUALITY, RETENTION_PROBE, CHAINS, PERPLEXITY_PROBE, WEIGHT_DRIFT, DOWNSTREAM = (
-    "edit_quality", "retention", "chains", "perplexity", "weight_drift", "downstream")
+    "edit_quality",
+    "retention",
+    "chains",
+    "perplexity",
+    "weight_drift",
+    "downstream",
+)
 
 # edit_quality and retention (docs/METRICS.md §2, §3)
 EFFICACY, GENERALIZATION, LOCALITY = "efficacy", "generalization", "locality"

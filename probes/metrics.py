@@ -39,13 +39,16 @@ def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMa
     """Build A[t, i] from the ``retention`` rows and the own-step ``edit_quality`` rows; an edit's
     ``superseded`` rows (a later edit changed its subject and relation) leave A[t, i] NaN."""
     own = results.filter(
-        (pl.col("probe") == EDIT_QUALITY) & (pl.col("metric") == EFFICACY)
-        & (pl.col("protocol") == protocol) & (pl.col("step") > 0)
+        (pl.col("probe") == EDIT_QUALITY)
+        & (pl.col("metric") == EFFICACY)
+        & (pl.col("protocol") == protocol)
+        & (pl.col("step") > 0)
     ).sort("step", maintain_order=True)
     edit_ids = own["edit_id"].to_list()
     index = {e: i for i, e in enumerate(edit_ids)}
     probed = results.filter(
-        (pl.col("probe") == RETENTION_PROBE) & pl.col("metric").is_in([RETENTION, SUPERSEDED])
+        (pl.col("probe") == RETENTION_PROBE)
+        & pl.col("metric").is_in([RETENTION, SUPERSEDED])
         & (pl.col("protocol") == protocol)
     )
     steps = np.array(sorted(set(probed["step"].to_list())), dtype=int)
@@ -59,14 +62,21 @@ def retention_matrix(results: pl.DataFrame, protocol: str = "es") -> RetentionMa
             else:
                 superseded[row_of[step], index[edit_id]] = True
     population = np.full(len(steps), np.nan)
-    drawn = results.filter((pl.col("probe") == RETENTION_PROBE) & (pl.col("metric") == SAMPLE_POPULATION)
-                           & (pl.col("protocol") == protocol))
+    drawn = results.filter(
+        (pl.col("probe") == RETENTION_PROBE)
+        & (pl.col("metric") == SAMPLE_POPULATION)
+        & (pl.col("protocol") == protocol)
+    )
     for step, value in drawn.select("step", "value").iter_rows():
         if step in row_of:
             population[row_of[step]] = value
     return RetentionMatrix(
-        steps=steps, edit_ids=edit_ids, own_step=own["step"].to_numpy(),
-        values=values, own_score=own["value"].to_numpy().astype(float), superseded=superseded,
+        steps=steps,
+        edit_ids=edit_ids,
+        own_step=own["step"].to_numpy(),
+        values=values,
+        own_score=own["value"].to_numpy().astype(float),
+        superseded=superseded,
         population=population,
     )
 

@@ -89,8 +89,9 @@ class Codec:
             targets.extend(answer)
             owner.extend([r] * len(answer))
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return Collated(ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols),
-                        as_tensor(targets), np.array(owner))
+        return Collated(
+            ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols), as_tensor(targets), np.array(owner)
+        )
 
     def padded(self, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids (as the tokenizer gives them, special tokens included) and mask."""
@@ -120,7 +121,7 @@ def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int =
         while start < len(order):
             width = int(lengths[order[start]])
             size = max(1, max_batch_tokens // max(width, 1))
-            idx = order[start:start + size]
+            idx = order[start : start + size]
             start += size
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -141,12 +142,18 @@ class _FirstLineDone:
         self.tokenizer, self.width = tokenizer, width
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
         return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_batch_tokens: int = 4096,
-             max_prompt_tokens: int = 768) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    max_batch_tokens: int = 4096,
+    max_prompt_tokens: int = 768,
+) -> list[str]:
     """Greedy continuations, cut to their first non-empty line; prompts left-padded and batched by length."""
     from transformers import StoppingCriteriaList
 
@@ -160,17 +167,25 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_
         while start < len(order):
             width = len(encoded[order[start]])
             size = max(1, max_batch_tokens // (width + max_new_tokens))
-            idx = order[start:start + size]
+            idx = order[start : start + size]
             start += size
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-                                 stopping_criteria=StoppingCriteriaList([_FirstLineDone(tokenizer, width)]))
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                stopping_criteria=StoppingCriteriaList([_FirstLineDone(tokenizer, width)]),
+            )
             for r, i in enumerate(idx):
                 text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
                 out[i] = text.strip().split("\n", 1)[0].strip()

@@ -14,8 +14,14 @@ class OptionError(UserError):
     """A ``key=value`` option that does not fit the dataclass it is meant for."""
 
 
-def parse_options(cls: type, overrides: dict[str, str] | None, owner: str, error: type[ValueError] = OptionError,
-                  noun: str = "option", kind: str = "probe"):
+def parse_options(
+    cls: type,
+    overrides: dict[str, str] | None,
+    owner: str,
+    error: type[ValueError] = OptionError,
+    noun: str = "option",
+    kind: str = "probe",
+):
     """Build dataclass ``cls`` from string overrides, converting each to its annotated type."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -33,10 +39,30 @@ def parse_options(cls: type, overrides: dict[str, str] | None, owner: str, error
 # (a name means the same thing wherever it appears). Every float must also be finite.
 # ("templates" is not here: ROME counts the bare prompt among them, WISE does not, and each editor
 # checks its own; a negative stop_loss is a way to say "never stop early".)
-_AT_LEAST_ONE = ("steps", "max_steps", "v_steps", "top_k", "batch_size", "rank", "cov_tokens", "save_freq",
-                 "merge_freq")
-_NOT_NEGATIVE = ("norm_constraint", "clamp_norm", "weight_decay", "v_weight_decay", "kl_factor", "eps_init", "l2",
-                 "mom2_weight", "cov_reg", "max_tokens", "items")
+_AT_LEAST_ONE = (
+    "steps",
+    "max_steps",
+    "v_steps",
+    "top_k",
+    "batch_size",
+    "rank",
+    "cov_tokens",
+    "save_freq",
+    "merge_freq",
+)
+_NOT_NEGATIVE = (
+    "norm_constraint",
+    "clamp_norm",
+    "weight_decay",
+    "v_weight_decay",
+    "kl_factor",
+    "eps_init",
+    "l2",
+    "mom2_weight",
+    "cov_reg",
+    "max_tokens",
+    "items",
+)
 _POSITIVE = ("lr", "v_lr", "edit_lr")
 
 

@@ -41,8 +41,10 @@ def corpus_path(spec: str) -> Path:
 
         path = default_data_dir() / WIKITEXT
         if not path.is_file():
-            raise MissingFileError(f"perplexity corpus 'wikitext': {path} not found (set $LIFELONG_DATA to the "
-                                   "shared data directory, or give corpus=PATH to a text file)")
+            raise MissingFileError(
+                f"perplexity corpus 'wikitext': {path} not found (set $LIFELONG_DATA to the "
+                "shared data directory, or give corpus=PATH to a text file)"
+            )
         return path
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -60,8 +62,10 @@ class PerplexityProbe(Probe):
     """Reference-corpus perplexity (corpus-level and per-sentence mean), ratio to θ0, collapse flag."""
 
     name = PERPLEXITY_PROBE
-    description = ("perplexity of a reference corpus (corpus, sentence_mean), ratio to θ0, over_threshold "
-                   "(collapse step = first step with ratio >= threshold)")
+    description = (
+        "perplexity of a reference corpus (corpus, sentence_mean), ratio to θ0, over_threshold "
+        "(collapse step = first step with ratio >= threshold)"
+    )
     default_schedule = "every:5"
 
     @dataclass
@@ -98,7 +102,7 @@ class PerplexityProbe(Probe):
             ids = tokenizer(self.text, add_special_tokens=False).input_ids
             if o.max_tokens:
                 ids = ids[: o.max_tokens]
-            chunks = [[bos, *ids[i:i + o.chunk_tokens]] for i in range(0, len(ids), o.chunk_tokens)]
+            chunks = [[bos, *ids[i : i + o.chunk_tokens]] for i in range(0, len(ids), o.chunk_tokens)]
             chunks = [c for c in chunks if len(c) > 1]
             sentences = split_sentences(self.text)
             if o.max_sentences:
@@ -122,16 +126,24 @@ class PerplexityProbe(Probe):
         rows = []
         for protocol, ppl in values.items():
             ratio = ppl / base[protocol]
-            rows += [Row(self.name, PERPLEXITY, protocol, ppl), Row(self.name, RATIO, protocol, ratio),
-                     Row(self.name, OVER_THRESHOLD, protocol, float(ratio >= self.options.threshold))]
+            rows += [
+                Row(self.name, PERPLEXITY, protocol, ppl),
+                Row(self.name, RATIO, protocol, ratio),
+                Row(self.name, OVER_THRESHOLD, protocol, float(ratio >= self.options.threshold)),
+            ]
         return rows
 
     def prepare(self, ctx: ProbeContext):
         values = self.perplexities(ctx.scorer)
         chunks, sentences = self.rows_for(ctx.scorer.codec.tokenizer)
-        reference = {**values, "threshold": self.options.threshold, "chunks": len(chunks),
-                     "sentences": len(sentences), "tokens": int(sum(len(c) - 1 for c in chunks)),
-                     "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16]}
+        reference = {
+            **values,
+            "threshold": self.options.threshold,
+            "chunks": len(chunks),
+            "sentences": len(sentences),
+            "tokens": int(sum(len(c) - 1 for c in chunks)),
+            "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16],
+        }
         return reference, self._rows(values, values)
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
@@ -141,6 +153,10 @@ class PerplexityProbe(Probe):
 
 def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None:
     """The first step at which the perplexity ratio was at or above the run's threshold (None: never)."""
-    hit = results.filter((pl.col("probe") == PERPLEXITY_PROBE) & (pl.col("metric") == OVER_THRESHOLD)
-                         & (pl.col("protocol") == protocol) & (pl.col("value") > 0.5))
+    hit = results.filter(
+        (pl.col("probe") == PERPLEXITY_PROBE)
+        & (pl.col("metric") == OVER_THRESHOLD)
+        & (pl.col("protocol") == protocol)
+        & (pl.col("value") > 0.5)
+    )
     return int(hit["step"].min()) if hit.height else None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from probes import model_access
+
 # Re-exported: callers import these from here.
 from probes.model_access import Codec, Collated, answer_token_ids  # noqa: F401
 
@@ -110,7 +111,10 @@ class Scorer:
         order = [index[pair] for pair in pairs]
         nll, logprob, exact, acc, argmax = results
         return Scores(
-            nll=nll[order], logprob=logprob[order], exact=exact[order], token_acc=acc[order],
+            nll=nll[order],
+            logprob=logprob[order],
+            exact=exact[order],
+            token_acc=acc[order],
             argmax=[argmax[i] for i in order],
         )
 
@@ -175,8 +179,9 @@ class Scorer:
     def _answer_tokens(self, prompts: list[tuple[int, ...]], pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]):
         """Flat per answer token of ``pairs``: (pair index, token position, log-probability, argmax id)."""
         device = self.device
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True,
-                                              padding_value=self.pad_id)
+        ids = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(p) for p in prompts], batch_first=True, padding_value=self.pad_id
+        )
         longer = [k for k, (_, a) in enumerate(pairs) if len(a) > 1]
         # Right padding needs no mask for the model itself (real tokens come first and attend only
         # backwards), but hooks that pool over a row's tokens (WISE's routing) must see which are real.
@@ -218,16 +223,20 @@ class Scorer:
             m = len(a) - 1
             ids[r, :m] = torch.tensor(a[:m])
             mask[r, : len(p)] = 1
-            mask[r, width: width + m] = 1
+            mask[r, width : width + m] = 1
             positions[r] = len(p) + torch.arange(steps)
             rows += [r] * m
             cols += range(m)
-        hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           cache=cache, use_cache=True).last_hidden_state
+        hidden = self.body(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
         return self.unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
 
     @staticmethod
     def _pick(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
         return lp.cpu().numpy().astype(np.float64), logits.argmax(-1).cpu().numpy()
-

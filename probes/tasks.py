@@ -55,14 +55,17 @@ class TaskDataError(UserError):
 # ---------------------------------------------------------------------- prompt formats
 # Shared by the built-in tasks and the dataset readers, so both ask the same way.
 
+
 def sentiment_item(text: str, positive: bool) -> Choice:
-    return Choice(f"Review: {text.strip()}\nIs this review positive or negative? Answer:", ("negative", "positive"),
-                  int(positive))
+    return Choice(
+        f"Review: {text.strip()}\nIs this review positive or negative? Answer:", ("negative", "positive"), int(positive)
+    )
 
 
 def entailment_item(premise: str, hypothesis: str, entailed: bool) -> Choice:
-    return Choice(f"{premise.strip()}\nQuestion: {hypothesis.strip()} True or False?\nAnswer:", ("False", "True"),
-                  int(entailed))
+    return Choice(
+        f"{premise.strip()}\nQuestion: {hypothesis.strip()} True or False?\nAnswer:", ("False", "True"), int(entailed)
+    )
 
 
 def yes_no_item(passage: str, question: str, yes: bool) -> Choice:
@@ -82,6 +85,7 @@ def qa_prompt(question: str) -> str:
 
 
 # ---------------------------------------------------------------------- file readers
+
 
 def _records(path: Path) -> list[dict]:
     """JSONL records, or a JSON list; errors name the file and line."""
@@ -125,6 +129,7 @@ def read_boolq(path: Path) -> list[Choice]:  # ERASER format: evidence spans sta
         if r["classification"] not in ("True", "False"):
             raise ValueError(f"classification {r['classification']!r} is not True/False")
         return yes_no_item(passage or r.get("passage", ""), r["query"], r["classification"] == "True")
+
     return _read(path, make)
 
 
@@ -133,14 +138,17 @@ def read_mmlu(path: Path) -> list[Choice]:
         if not 0 <= int(r["answer"]) < len(r["choices"]):
             raise ValueError(f"answer {r['answer']} outside {len(r['choices'])} choices")
         return letter_item(r["question"], r["choices"], int(r["answer"]))
+
     return _read(path, make)
 
 
 def read_mutual(path: Path) -> list[Choice]:
     """MuTual: the dialogue is the prompt and each option (the next turn) a choice."""
+
     def make(r):
         answer = "ABCD".index(r["answers"])
         return Choice(r["article"].strip(), tuple(o.strip() for o in r["options"]), answer)
+
     return _read(path, make)
 
 
@@ -148,8 +156,10 @@ def read_nq(path: Path) -> list[Generate]:
     return _read(path, lambda r: Generate(qa_prompt(r["question"]), tuple(r["answer"]), "em"))
 
 
-GSM8K_SHOT = ("Question: Tom has 3 boxes with 4 pencils in each box. He gives away 5 pencils. How many pencils "
-              "does he have left?\nAnswer: He has 3 * 4 = 12 pencils. 12 - 5 = 7. The answer is 7.\n\n")
+GSM8K_SHOT = (
+    "Question: Tom has 3 boxes with 4 pencils in each box. He gives away 5 pencils. How many pencils "
+    "does he have left?\nAnswer: He has 3 * 4 = 12 pencils. 12 - 5 = 7. The answer is 7.\n\n"
+)
 
 
 def read_gsm8k(path: Path) -> list[Generate]:
@@ -157,20 +167,28 @@ def read_gsm8k(path: Path) -> list[Generate]:
         final = r["answer"].rsplit("####", 1)
         if len(final) != 2:
             raise ValueError("answer has no '#### N' line")
-        return Generate(f"{GSM8K_SHOT}Question: {r['question'].strip()}\nAnswer:",
-                        (final[1].strip().replace(",", ""),), "number")
+        return Generate(
+            f"{GSM8K_SHOT}Question: {r['question'].strip()}\nAnswer:", (final[1].strip().replace(",", ""),), "number"
+        )
+
     return _read(path, make)
 
 
 def read_samsum(path: Path) -> list[Generate]:
-    return _read(path, lambda r: Generate(f"Dialogue:\n{r['dialogue'].strip()}\n\nSummary in one sentence:",
-                                          (r["summary"].strip(),), "rouge"))
+    return _read(
+        path,
+        lambda r: Generate(
+            f"Dialogue:\n{r['dialogue'].strip()}\n\nSummary in one sentence:", (r["summary"].strip(),), "rouge"
+        ),
+    )
 
 
-CONLL_SHOT = ("List the named entities in the sentence as text (TYPE), separated by ';'. "
-              "Types: PER, LOC, ORG, MISC. Write none if there are none.\n"
-              "Sentence: John Smith flew from Paris to meet Google engineers .\n"
-              "Entities: John Smith (PER); Paris (LOC); Google (ORG)\n")
+CONLL_SHOT = (
+    "List the named entities in the sentence as text (TYPE), separated by ';'. "
+    "Types: PER, LOC, ORG, MISC. Write none if there are none.\n"
+    "Sentence: John Smith flew from Paris to meet Google engineers .\n"
+    "Entities: John Smith (PER); Paris (LOC); Google (ORG)\n"
+)
 
 
 def conll_entities(tokens: Sequence[str], tags: Sequence[str]) -> list[tuple[str, str]]:
@@ -249,12 +267,14 @@ def load_task(name: str, data_dir: Path | None = None) -> list:
     rel, reader = DATA_TASKS[name]
     path = Path(data_dir or default_data_dir()) / rel
     if not path.is_file():
-        raise MissingFileError(f"downstream task '{name}': {path} not found (set $LIFELONG_DATA to the shared "
-                               "data directory)")
+        raise MissingFileError(
+            f"downstream task '{name}': {path} not found (set $LIFELONG_DATA to the shared data directory)"
+        )
     return reader(path)
 
 
 # ---------------------------------------------------------------------- scoring
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD/NQ normalisation: lowercase, drop punctuation and articles, squeeze spaces."""
@@ -330,6 +350,7 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
 # counts a hit when a run of words of the normalised answer equals a normalised reference; a
 # summary scores the mean of ROUGE-1/2/L F1, and an (almost) empty one scores 0.
 
+
 def choice_from_generation(prediction: str, choices: Sequence[str]) -> int | None:
     """The option a generated answer gives, or None when it gives no valid option.
 
@@ -355,8 +376,10 @@ def score_choice_generations(items: Sequence[Choice], predictions: Sequence[str]
     """Seed protocol on choice items: ``score`` = right answers / all items (an invalid answer is
     wrong), ``valid`` = share of answers that give an option."""
     got = [choice_from_generation(p, it.choices) for it, p in zip(items, predictions)]
-    return {"score": float(np.mean([g == it.answer for it, g in zip(items, got)])),
-            "valid": float(np.mean([g is not None for g in got]))}
+    return {
+        "score": float(np.mean([g == it.answer for it, g in zip(items, got)])),
+        "valid": float(np.mean([g is not None for g in got])),
+    }
 
 
 def span_match(prediction: str, references: Sequence[str]) -> float:
@@ -401,8 +424,9 @@ def choice_predictions(scorer, items: Sequence[Choice], reduce: str = "mean") ->
     return grid.argmax(1), -scores.nll[starts + gold]
 
 
-def score_generations(items: Sequence[Generate], predictions: Sequence[str], protocol: str = "likelihood"
-                      ) -> dict[str, float]:
+def score_generations(
+    items: Sequence[Generate], predictions: Sequence[str], protocol: str = "likelihood"
+) -> dict[str, float]:
     """Task score (and extra scores) of generated answers; ``metric`` is the same for all items.
 
     ``protocol="seed"`` scores open QA by :func:`span_match` and summaries by :func:`rouge_mean_seed`

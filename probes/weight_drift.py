@@ -27,9 +27,13 @@ class WeightDriftProbe(Probe):
                 base_norm = float(torch.linalg.vector_norm(base.double()))
                 total_sq += norm * norm
                 total_touched += touched
-                rows += [Row(self.name, FROBENIUS, "per_matrix", norm, name),
-                         Row(self.name, RELATIVE, "per_matrix", norm / base_norm if base_norm else float("nan"), name),
-                         Row(self.name, TOUCHED, "per_matrix", float(touched), name)]
-        rows += [Row(self.name, FROBENIUS, "total", total_sq ** 0.5),
-                 Row(self.name, TOUCHED, "total", float(total_touched))]
+                rows += [
+                    Row(self.name, FROBENIUS, "per_matrix", norm, name),
+                    Row(self.name, RELATIVE, "per_matrix", norm / base_norm if base_norm else float("nan"), name),
+                    Row(self.name, TOUCHED, "per_matrix", float(touched), name),
+                ]
+        rows += [
+            Row(self.name, FROBENIUS, "total", total_sq**0.5),
+            Row(self.name, TOUCHED, "total", float(total_touched)),
+        ]
         return rows

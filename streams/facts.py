@@ -260,13 +260,15 @@ def check_stream_spec(spec: str | os.PathLike) -> None:
     if spec_str.startswith(DATASET_PREFIX):
         from .readers import dataset_path
 
-        dataset_path(spec_str[len(DATASET_PREFIX):])
+        dataset_path(spec_str[len(DATASET_PREFIX) :])
     elif spec_str.endswith(".jsonl"):
         if not os.path.isfile(spec_str):
             raise MissingFileError(f"stream file {spec_str} does not exist")
     else:
-        raise UserError(f"unknown stream {spec_str!r}: expected one of {', '.join(sorted(STREAMS))}, dataset:NAME "
-                        "(see 'lifelong streams'), or a path to a .jsonl file")
+        raise UserError(
+            f"unknown stream {spec_str!r}: expected one of {', '.join(sorted(STREAMS))}, dataset:NAME "
+            "(see 'lifelong streams'), or a path to a .jsonl file"
+        )
 
 
 def load_stream(spec: str | os.PathLike) -> EditStream:
@@ -278,9 +280,12 @@ def load_stream(spec: str | os.PathLike) -> EditStream:
     if spec_str.startswith(DATASET_PREFIX):
         from .readers import read_dataset
 
-        stream, report = read_dataset(spec_str[len(DATASET_PREFIX):])
+        stream, report = read_dataset(spec_str[len(DATASET_PREFIX) :])
         if report.skipped:  # never silently: say how many records the reader could not use
-            warnings.warn(f"{spec_str}: {len(report.skipped)} of {report.read} records skipped "
-                          "(streams.readers.read_dataset lists them with reasons)", stacklevel=2)
+            warnings.warn(
+                f"{spec_str}: {len(report.skipped)} of {report.read} records skipped "
+                "(streams.readers.read_dataset lists them with reasons)",
+                stacklevel=2,
+            )
         return stream
     return EditStream.from_jsonl(spec_str)

@@ -130,10 +130,12 @@ def coverage_chains(facts: FactSet | Iterable[Fact], seed: int = 0, prefix: str 
         if extra is None:
             continue
         cid = f"{prefix}-{f.id}"
-        chains.append((
-            _edit(f, f"{cid}-e1", f.target_true, f.target_new, ChainLink(cid, "conflict-e1")),
-            _edit(f, f"{cid}-e2", f.target_new, extra[0], ChainLink(cid, "conflict-e2")),
-        ))
+        chains.append(
+            (
+                _edit(f, f"{cid}-e1", f.target_true, f.target_new, ChainLink(cid, "conflict-e1")),
+                _edit(f, f"{cid}-e2", f.target_new, extra[0], ChainLink(cid, "conflict-e2")),
+            )
+        )
     return chains
 
 
@@ -169,10 +171,16 @@ def reverse_chains(
         cid = f"{prefix}-{f.id}"
         e1 = _edit(f, f"{cid}-e1", f.target_true, f.target_new, ChainLink(cid, "conflict-e1"))
         e2 = Edit(
-            id=f"{cid}-e2", timestamp=_EPOCH, subject=f.target_new, relation_id=r2.id, prompt=r2.template,
-            target_new=o2_new, target_true=f.subject,
+            id=f"{cid}-e2",
+            timestamp=_EPOCH,
+            subject=f.target_new,
+            relation_id=r2.id,
+            prompt=r2.template,
+            target_new=o2_new,
+            target_true=f.subject,
             paraphrases=tuple(p.replace("{}", f.target_new) for p in r2.paraphrases),
-            candidates=r2.candidates, chain=ChainLink(cid, "conflict-e2"),
+            candidates=r2.candidates,
+            chain=ChainLink(cid, "conflict-e2"),
         )
         chains.append((e1, e2))
     return chains
@@ -216,10 +224,16 @@ def composite_chains(
             kf = _edit(tied, f"{cid}-tied", None, tied.target_true, ChainLink(cid, "tied-fact"))
             e1 = _edit(f1, f"{cid}-e1", f1.target_true, f1.target_new, ChainLink(cid, "conflict-e1"))
             e2 = Edit(
-                id=f"{cid}-e2", timestamp=_EPOCH, subject=tied.subject, relation_id=r2.id, prompt=r2.template,
-                target_new=o2_new, target_true=f1.target_new,
+                id=f"{cid}-e2",
+                timestamp=_EPOCH,
+                subject=tied.subject,
+                relation_id=r2.id,
+                prompt=r2.template,
+                target_new=o2_new,
+                target_true=f1.target_new,
                 paraphrases=tuple(p.replace("{}", tied.subject) for p in r2.paraphrases),
-                candidates=r2.candidates, chain=ChainLink(cid, "conflict-e2"),
+                candidates=r2.candidates,
+                chain=ChainLink(cid, "conflict-e2"),
             )
             chains.append((kf, e1, e2))
     return chains
@@ -238,10 +252,12 @@ def multihop_chains(facts: FactSet | Iterable[Fact], prefix: str = "multihop") -
     for f1 in items:
         for f2 in by_subject.get(f1.target_new, []):
             cid = f"{prefix}-{f1.id}-{f2.id}"
-            chains.append((
-                _edit(f1, f"{cid}-0", f1.target_true, f1.target_new, ChainLink(cid, "multi-hop")),
-                _edit(f2, f"{cid}-1", f2.target_true, f2.target_new, ChainLink(cid, "multi-hop")),
-            ))
+            chains.append(
+                (
+                    _edit(f1, f"{cid}-0", f1.target_true, f1.target_new, ChainLink(cid, "multi-hop")),
+                    _edit(f2, f"{cid}-1", f2.target_true, f2.target_new, ChainLink(cid, "multi-hop")),
+                )
+            )
     return chains
 
 
@@ -347,7 +363,16 @@ def layout(
 
 
 __all__ = [
-    "Chain", "ROUND_OBJ", "chains_of", "plain_edits", "round_chains", "round_chains_report", "coverage_chains", "reverse_chains",
-    "composite_chains", "multihop_chains",
-    "timestamps", "layout",
+    "Chain",
+    "ROUND_OBJ",
+    "chains_of",
+    "plain_edits",
+    "round_chains",
+    "round_chains_report",
+    "coverage_chains",
+    "reverse_chains",
+    "composite_chains",
+    "multihop_chains",
+    "timestamps",
+    "layout",
 ]

@@ -210,6 +210,7 @@ def read_counterfact_rome(
     path = Path(path)
     b = _Builder("counterfact_rome", start, interval)
     for i, rec in enumerate(_load_list(path)):
+
         def make(rec=rec, i=i):
             rw = rec["requested_rewrite"]
             subject = _text(rw["subject"], "subject")
@@ -219,12 +220,19 @@ def read_counterfact_rome(
             target_new = _text(rw["target_new"]["str"], "target_new")
             target_true = _text(rw["target_true"]["str"], "target_true")
             case = rec.get("case_id", i)
-            return [dict(
-                id=f"cf-{case}", subject=subject, relation_id=_text(rw.get("relation_id") or "counterfact", "relation_id"),
-                prompt=prompt, target_new=target_new, target_true=target_true,
-                paraphrases=_dedupe(rec.get("paraphrase_prompts") or []),
-                neighborhood=_neighbors((p, target_true) for p in rec.get("neighborhood_prompts") or []),
-            )]
+            return [
+                dict(
+                    id=f"cf-{case}",
+                    subject=subject,
+                    relation_id=_text(rw.get("relation_id") or "counterfact", "relation_id"),
+                    prompt=prompt,
+                    target_new=target_new,
+                    target_true=target_true,
+                    paraphrases=_dedupe(rec.get("paraphrase_prompts") or []),
+                    neighborhood=_neighbors((p, target_true) for p in rec.get("neighborhood_prompts") or []),
+                )
+            ]
+
         b.unit(path, rec.get("case_id", i) if isinstance(rec, dict) else i, make)
     return b.result("counterfact_rome")
 
@@ -236,16 +244,23 @@ def read_counterfact_easyedit(
     path = Path(path)
     b = _Builder("counterfact_easyedit", start, interval)
     for i, rec in enumerate(_load_list(path)):
+
         def make(rec=rec, i=i):
             subject = _text(rec["subject"], "subject")
             prompt = _template(_text(rec["prompt"], "prompt"), subject)
-            return [dict(
-                id=f"cfe-{rec.get('case_id', i)}", subject=subject, relation_id="counterfact", prompt=prompt,
-                target_new=_text(rec["target_new"], "target_new"),
-                target_true=_first_text(rec.get("ground_truth")),
-                paraphrases=_dedupe([rec.get("rephrase_prompt")]),
-                neighborhood=_neighbors([(rec.get("locality_prompt"), rec.get("locality_ground_truth"))]),
-            )]
+            return [
+                dict(
+                    id=f"cfe-{rec.get('case_id', i)}",
+                    subject=subject,
+                    relation_id="counterfact",
+                    prompt=prompt,
+                    target_new=_text(rec["target_new"], "target_new"),
+                    target_true=_first_text(rec.get("ground_truth")),
+                    paraphrases=_dedupe([rec.get("rephrase_prompt")]),
+                    neighborhood=_neighbors([(rec.get("locality_prompt"), rec.get("locality_ground_truth"))]),
+                )
+            ]
+
         b.unit(path, rec.get("case_id", i) if isinstance(rec, dict) else i, make)
     return b.result("counterfact_easyedit")
 
@@ -264,18 +279,25 @@ def read_zsre_mend(
     path = Path(path)
     b = _Builder("zsre_mend", start, interval)
     for i, rec in enumerate(_load_list(path)):
+
         def make(rec=rec, i=i):
             subject = _text(rec["subject"], "subject")
             loc = rec.get("loc")
             if isinstance(loc, str) and loc.startswith("nq question: "):
-                loc = loc[len("nq question: "):]
-            return [dict(
-                id=f"zsre-{i}", subject=subject, relation_id="zsre",
-                prompt=_template(_text(rec["src"], "src"), subject),
-                target_new=_text(rec["alt"], "alt"), target_true=_first_text(rec.get("answers")),
-                paraphrases=_dedupe([rec.get("rephrase")]),
-                neighborhood=_neighbors([(loc, rec.get("loc_ans"))]),
-            )]
+                loc = loc[len("nq question: ") :]
+            return [
+                dict(
+                    id=f"zsre-{i}",
+                    subject=subject,
+                    relation_id="zsre",
+                    prompt=_template(_text(rec["src"], "src"), subject),
+                    target_new=_text(rec["alt"], "alt"),
+                    target_true=_first_text(rec.get("answers")),
+                    paraphrases=_dedupe([rec.get("rephrase")]),
+                    neighborhood=_neighbors([(loc, rec.get("loc_ans"))]),
+                )
+            ]
+
         b.unit(path, i, make)
     return b.result("zsre_mend")
 
@@ -286,16 +308,22 @@ def _read_knowedit(
     b = _Builder(source, start, interval)
     portability: dict[str, list] = {}
     for i, rec in enumerate(_load_list(path)):
+
         def make(rec=rec, i=i):
             subject = _text(rec["subject"], "subject")
-            return [dict(
-                id=f"{id_prefix}-{i}", subject=subject, relation_id=relation_id,
-                prompt=_template(_text(rec["prompt"], "prompt"), subject),
-                target_new=_text(_first_text(rec["target_new"]) or "", "target_new"),
-                target_true=_first_text(rec.get("ground_truth")),
-                paraphrases=_dedupe([rec.get("rephrase_prompt")]),
-                neighborhood=_neighbors(_locality_pairs(rec)),
-            )]
+            return [
+                dict(
+                    id=f"{id_prefix}-{i}",
+                    subject=subject,
+                    relation_id=relation_id,
+                    prompt=_template(_text(rec["prompt"], "prompt"), subject),
+                    target_new=_text(_first_text(rec["target_new"]) or "", "target_new"),
+                    target_true=_first_text(rec.get("ground_truth")),
+                    paraphrases=_dedupe([rec.get("rephrase_prompt")]),
+                    neighborhood=_neighbors(_locality_pairs(rec)),
+                )
+            ]
+
         if b.unit(path, i, make):
             port = _portability(rec)
             if port:
@@ -367,23 +395,30 @@ def read_mquake(
                 prompt = _text(rw["prompt"], f"requested_rewrite[{j}].prompt")
                 if "{}" not in prompt:
                     raise _Skip(f"requested_rewrite[{j}]: prompt {prompt!r} has no '{{}}'")
-                specs.append(dict(
-                    id=f"{chain_id}-{j}", subject=_text(rw["subject"], f"requested_rewrite[{j}].subject"),
-                    relation_id=_text(rw.get("relation_id") or "mquake", "relation_id"), prompt=prompt,
-                    target_new=_text(rw["target_new"]["str"], f"requested_rewrite[{j}].target_new"),
-                    target_true=_first_text(rw.get("target_true", {}).get("str")),
-                    paraphrases=_dedupe([rw.get("question")]),
-                    chain=ChainLink(chain_id, "multi-hop"),
-                ))
+                specs.append(
+                    dict(
+                        id=f"{chain_id}-{j}",
+                        subject=_text(rw["subject"], f"requested_rewrite[{j}].subject"),
+                        relation_id=_text(rw.get("relation_id") or "mquake", "relation_id"),
+                        prompt=prompt,
+                        target_new=_text(rw["target_new"]["str"], f"requested_rewrite[{j}].target_new"),
+                        target_true=_first_text(rw.get("target_true", {}).get("str")),
+                        paraphrases=_dedupe([rw.get("question")]),
+                        chain=ChainLink(chain_id, "multi-hop"),
+                    )
+                )
             return specs
 
         if b.unit(path, case, make):
             n = len(rec["requested_rewrite"])
             cases[chain_id] = MultiHopCase(
-                chain_id=chain_id, edit_ids=tuple(f"{chain_id}-{j}" for j in range(n)),
+                chain_id=chain_id,
+                edit_ids=tuple(f"{chain_id}-{j}" for j in range(n)),
                 questions=_dedupe(rec.get("questions") or []),
-                answer=str(rec.get("answer", "")), answer_aliases=_dedupe(rec.get("answer_alias") or []),
-                new_answer=str(rec.get("new_answer", "")), new_answer_aliases=_dedupe(rec.get("new_answer_alias") or []),
+                answer=str(rec.get("answer", "")),
+                answer_aliases=_dedupe(rec.get("answer_alias") or []),
+                new_answer=str(rec.get("new_answer", "")),
+                new_answer_aliases=_dedupe(rec.get("new_answer_alias") or []),
             )
     b.report.extras["multi_hop"] = cases
     return b.result("mquake")
@@ -417,9 +452,13 @@ def _pitfalls_edit(item: dict, what: str, templates: dict, **extra) -> dict:
     if "{}" not in prompt:
         raise _Skip(f"{what}: relation prompt {prompt!r} has no '{{}}'")
     subject = _label(item["subject"], f"{what} subject")
-    paraphrases = [t.replace("{}", subject) for t in templates.get(rel.get("id"), []) if isinstance(t, str) and "{}" in t]
+    paraphrases = [
+        t.replace("{}", subject) for t in templates.get(rel.get("id"), []) if isinstance(t, str) and "{}" in t
+    ]
     spec = dict(
-        subject=subject, relation_id=_text(rel.get("id"), f"{what} relation id"), prompt=prompt,
+        subject=subject,
+        relation_id=_text(rel.get("id"), f"{what} relation id"),
+        prompt=prompt,
         paraphrases=_dedupe(p for p in paraphrases if p != prompt.replace("{}", subject)),
     )
     spec.update(extra)
@@ -458,9 +497,19 @@ def read_pitfalls_round(
             obj = _dedupe([o] + [t for t in trues if t and t != o_new])
             holder["obj"] = obj
             cands = obj + (o_new,)
-            out = _pitfalls_edit(e, "edit", templates, id=f"{chain_id}-out", target_new=o_new, target_true=o,
-                                 candidates=cands, chain=ChainLink(chain_id, "round-out"))
-            back = dict(out, id=f"{chain_id}-back", target_new=o, target_true=o_new, chain=ChainLink(chain_id, "round-back"))
+            out = _pitfalls_edit(
+                e,
+                "edit",
+                templates,
+                id=f"{chain_id}-out",
+                target_new=o_new,
+                target_true=o,
+                candidates=cands,
+                chain=ChainLink(chain_id, "round-out"),
+            )
+            back = dict(
+                out, id=f"{chain_id}-back", target_new=o, target_true=o_new, chain=ChainLink(chain_id, "round-back")
+            )
             return [out, back]
 
         if b.unit(path, i, make):
@@ -506,16 +555,30 @@ def read_pitfalls_conflict(
             prereq = rec.get("prerequisites") or []
             if include_tied_fact and prereq:
                 t = rec["triples"][prereq[0]]
-                specs.append(_pitfalls_edit(t, "tied fact", templates, id=f"{chain_id}-tied",
-                                            target_new=_label(t.get("object"), "tied fact object"),
-                                            chain=ChainLink(chain_id, "tied-fact")))
+                specs.append(
+                    _pitfalls_edit(
+                        t,
+                        "tied fact",
+                        templates,
+                        id=f"{chain_id}-tied",
+                        target_new=_label(t.get("object"), "tied fact object"),
+                        chain=ChainLink(chain_id, "tied-fact"),
+                    )
+                )
                 roles["tied-fact"] = f"{chain_id}-tied"
             for j, (e, role) in enumerate(zip(edits, ("conflict-e1", "conflict-e2"))):
                 true = e.get("true_object") or e.get("object")
-                specs.append(_pitfalls_edit(e, f"edits[{j}]", templates, id=f"{chain_id}-e{j + 1}",
-                                            target_new=_label(e.get("new_object"), f"edits[{j}] new_object"),
-                                            target_true=_label(true, f"edits[{j}] object"),
-                                            chain=ChainLink(chain_id, role)))
+                specs.append(
+                    _pitfalls_edit(
+                        e,
+                        f"edits[{j}]",
+                        templates,
+                        id=f"{chain_id}-e{j + 1}",
+                        target_new=_label(e.get("new_object"), f"edits[{j}] new_object"),
+                        target_true=_label(true, f"edits[{j}] object"),
+                        chain=ChainLink(chain_id, role),
+                    )
+                )
                 roles[role] = f"{chain_id}-e{j + 1}"
             holder["roles"] = roles
             return specs
@@ -527,6 +590,7 @@ def read_pitfalls_conflict(
 
 
 # -- DyKnow -------------------------------------------------------------------------
+
 
 def _wikidata_date(text: str) -> datetime.datetime:
     """A Wikidata date like ``+2021-07-06T00:00:00Z`` (month/day may be ``00``) -> aware UTC."""
@@ -569,6 +633,7 @@ def read_dyknow_edits(path: str | os.PathLike) -> tuple[EditStream, ReadReport]:
     path = Path(path)
     b = _Builder(f"dyknow_{path.stem}", DEFAULT_START, DAY)
     for i, rec in enumerate(_load_list(path)):
+
         def make(rec=rec, i=i):
             subject = _text(rec["subject"], "subject")
             prompt = _text(rec["prompt"], "prompt")
@@ -580,13 +645,19 @@ def read_dyknow_edits(path: str | os.PathLike) -> tuple[EditStream, ReadReport]:
             k = idx[-1]
             earlier = [v for _, v in values[:k] if v != target]
             questions = rec.get("questions") or {}
-            return [dict(
-                id=f"dyknow-{i}", timestamp=values[k][0], subject=subject,
-                relation_id=_text(rec.get("attribute") or rec.get("domain") or "dyknow", "relation"),
-                prompt=_template(prompt, subject), target_new=target,
-                target_true=earlier[-1] if earlier else None,
-                paraphrases=_dedupe(q for q in questions.values() if isinstance(q, str) and q.strip() != prompt),
-            )]
+            return [
+                dict(
+                    id=f"dyknow-{i}",
+                    timestamp=values[k][0],
+                    subject=subject,
+                    relation_id=_text(rec.get("attribute") or rec.get("domain") or "dyknow", "relation"),
+                    prompt=_template(prompt, subject),
+                    target_new=target,
+                    target_true=earlier[-1] if earlier else None,
+                    paraphrases=_dedupe(q for q in questions.values() if isinstance(q, str) and q.strip() != prompt),
+                )
+            ]
+
         b.unit(path, i, make)
     return b.result(f"dyknow_{path.stem}")
 
@@ -641,8 +712,18 @@ def read_dyknow_facts(path: str | os.PathLike) -> tuple[EditStream, ReadReport]:
             def make(old=old, new=new, ts=ts, k=k):
                 if old == new:
                     raise _Skip(f"value {new!r} unchanged (renewed term)")
-                return [dict(id=f"dyknow-{key}#{k}", timestamp=ts, subject=element, relation_id=attribute,
-                             prompt=_template(prompt, element), target_new=new, target_true=old, paraphrases=others)]
+                return [
+                    dict(
+                        id=f"dyknow-{key}#{k}",
+                        timestamp=ts,
+                        subject=element,
+                        relation_id=attribute,
+                        prompt=_template(prompt, element),
+                        target_new=new,
+                        target_true=old,
+                        paraphrases=others,
+                    )
+                ]
 
             b.unit(path, f"{key}#{k}", make)
     return b.result(f"dyknow_{path.stem}")
@@ -696,7 +777,19 @@ def read_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[
 
 
 __all__: Sequence[str] = [
-    "ReadReport", "MultiHopCase", "read_counterfact_rome", "read_counterfact_easyedit", "read_zsre_mend",
-    "read_zsre_knowedit", "read_mquake", "read_pitfalls_round", "read_pitfalls_conflict", "read_ripple_knowedit",
-    "read_dyknow_edits", "read_dyknow_facts", "DATASETS", "default_data_dir", "read_dataset",
+    "ReadReport",
+    "MultiHopCase",
+    "read_counterfact_rome",
+    "read_counterfact_easyedit",
+    "read_zsre_mend",
+    "read_zsre_knowedit",
+    "read_mquake",
+    "read_pitfalls_round",
+    "read_pitfalls_conflict",
+    "read_ripple_knowedit",
+    "read_dyknow_edits",
+    "read_dyknow_facts",
+    "DATASETS",
+    "default_data_dir",
+    "read_dataset",
 ]

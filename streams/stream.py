@@ -222,8 +222,9 @@ class EditStream:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise StreamFormatError(f"{where}not UTF-8 text ({err.reason} at byte {err.start} of "
-                                            "the line)") from None
+                    raise StreamFormatError(
+                        f"{where}not UTF-8 text ({err.reason} at byte {err.start} of the line)"
+                    ) from None
                 if not line.strip():
                     continue
                 record = _parse_line(line, where)
@@ -250,6 +251,7 @@ MAX_STRING_CHARS = 1 << 16
 MAX_DEPTH = 4
 """The deepest nesting of JSON objects and lists in a line: an edit needs 3 (edit, neighborhood, neighbor)."""
 
+
 def _bounded_lines(f, path: Path) -> Iterator[bytes]:
     """The lines of binary file ``f``, each at most :data:`MAX_LINE_BYTES` plus its newline; a
     longer line is refused after reading only that much of it."""
@@ -261,8 +263,10 @@ def _bounded_lines(f, path: Path) -> Iterator[bytes]:
         lineno += 1
         content = raw[:-1] if raw.endswith(b"\n") else raw
         if len(content[:-1] if content.endswith(b"\r") else content) > MAX_LINE_BYTES:
-            raise StreamFormatError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes "
-                                    "(an edit is a few KB; see streams/FORMAT.md)")
+            raise StreamFormatError(
+                f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes "
+                "(an edit is a few KB; see streams/FORMAT.md)"
+            )
         yield raw
 
 
@@ -308,10 +312,13 @@ def _check_strings(value, where: str, at: str) -> None:
             _check_strings(item, where, f"{at}[{i}]")
     elif isinstance(value, str):
         if len(value) > MAX_STRING_CHARS:
-            raise StreamFormatError(f"{where}{at}: string of {len(value):,} characters, longer than "
-                                    f"{MAX_STRING_CHARS:,}")
+            raise StreamFormatError(
+                f"{where}{at}: string of {len(value):,} characters, longer than {MAX_STRING_CHARS:,}"
+            )
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise StreamFormatError(f"{where}{at}: string holds a lone surrogate escape (\\ud800-\\udfff "
-                                    "without its pair), which is not Unicode text") from None
+            raise StreamFormatError(
+                f"{where}{at}: string holds a lone surrogate escape (\\ud800-\\udfff "
+                "without its pair), which is not Unicode text"
+            ) from None

@@ -19,8 +19,13 @@ def make_edits(n: int = 6, start: int = 0) -> list[Edit]:
     base = datetime(2024, 1, 1, tzinfo=timezone.utc)
     return [
         Edit(
-            id=f"e{i}", timestamp=base + timedelta(days=i), subject=f"Country{i}", relation_id="capital",
-            prompt="The capital of {} is", target_new=f"Nova{i}", target_true=f"City{i}",
+            id=f"e{i}",
+            timestamp=base + timedelta(days=i),
+            subject=f"Country{i}",
+            relation_id="capital",
+            prompt="The capital of {} is",
+            target_new=f"Nova{i}",
+            target_true=f"City{i}",
             paraphrases=(f"{i} Country{i}'s capital is",),
             neighborhood=(Neighbor(f"The capital of Land{i} is", "Town"),),
             candidates=(f"City{i}", f"Nova{i}", "Town"),

@@ -28,9 +28,18 @@ C, L = "completion;p=meantok", "later;p=meantok"  # the default p: exp(-mean tok
 
 
 def ed(eid, day, subject, prompt, new, true, chain=None, role=None, relation="r", paraphrases=(), candidates=()):
-    return Edit(id=eid, timestamp=T0 + timedelta(days=day), subject=subject, relation_id=relation, prompt=prompt,
-                target_new=new, target_true=true, paraphrases=paraphrases, candidates=candidates,
-                chain=ChainLink(chain, role) if chain else None)
+    return Edit(
+        id=eid,
+        timestamp=T0 + timedelta(days=day),
+        subject=subject,
+        relation_id=relation,
+        prompt=prompt,
+        target_new=new,
+        target_true=true,
+        paraphrases=paraphrases,
+        candidates=candidates,
+        chain=ChainLink(chain, role) if chain else None,
+    )
 
 
 def chain_stream() -> list[Edit]:
@@ -39,13 +48,45 @@ def chain_stream() -> list[Edit]:
     cap = ("City", "Town", "Port", "Nova")
     cap2 = ("Rome", "Oslo", "Bern", "Nova", "Kyiv")
     return [
-        ed("r1-out", 0, "Alpha", "The capital of {} is", "Nova", "City", "r1", "round-out", "capital",
-           ("Alpha's capital city is",), cap),
+        ed(
+            "r1-out",
+            0,
+            "Alpha",
+            "The capital of {} is",
+            "Nova",
+            "City",
+            "r1",
+            "round-out",
+            "capital",
+            ("Alpha's capital city is",),
+            cap,
+        ),
         ed("f1", 1, "Beta", "The capital of {} is", "Town", "Port", relation="capital"),
-        ed("r1-back", 2, "Alpha", "The capital of {} is", "City", "Nova", "r1", "round-back", "capital",
-           ("Alpha's capital city is",), cap),
-        ed("rev-e1", 3, "Gamma", "The work of {} is", "Opus", "Song", "rev", "conflict-e1", "work",
-           ("Gamma is known for the work",)),
+        ed(
+            "r1-back",
+            2,
+            "Alpha",
+            "The capital of {} is",
+            "City",
+            "Nova",
+            "r1",
+            "round-back",
+            "capital",
+            ("Alpha's capital city is",),
+            cap,
+        ),
+        ed(
+            "rev-e1",
+            3,
+            "Gamma",
+            "The work of {} is",
+            "Opus",
+            "Song",
+            "rev",
+            "conflict-e1",
+            "work",
+            ("Gamma is known for the work",),
+        ),
         ed("rev-e2", 4, "Opus", "The creator of {} is", "Delta", "Gamma", "rev", "conflict-e2", "creator"),
         ed("comp-tied", 4.5, "Eps", "The mother of {} is", "Zeta", None, "comp", "tied-fact", "mother"),
         ed("comp-e1", 5, "Zeta", "The spouse of {} is", "Kappa", "Iota", "comp", "conflict-e1", "spouse"),
@@ -76,7 +117,13 @@ def test_plans_find_each_chain_kind_and_its_steps():
     assert r1.objects == ("City", "Town", "Port") and r1.o_new == "Nova"
     assert r1.prompts == ("The capital of Alpha is", "Alpha's capital city is")
     # k-round: a = the last round-out step, o* its new object, every new object left out of Obj
-    assert (r2.anchor_step, r2.end_step, r2.o, r2.o_new, r2.objects) == (11, 12, "Rome", "Kyiv", ("Rome", "Oslo", "Bern"))
+    assert (r2.anchor_step, r2.end_step, r2.o, r2.o_new, r2.objects) == (
+        11,
+        12,
+        "Rome",
+        "Kyiv",
+        ("Rome", "Oslo", "Bern"),
+    )
     kinds = {cid: p.kind for cid, p in plans.items() if isinstance(p, ConflictPlan)}
     assert kinds == {"rev": "reverse", "comp": "composite", "cov": "coverage"}
     rev, comp, cov = plans["rev"], plans["comp"], plans["cov"]
@@ -94,8 +141,9 @@ def test_chains_schedule_is_due_where_a_chain_completes():
     sched = Schedule("chains")
 
     def ctx(k):
-        return ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]), scorer=None,
-                            steps=steps)
+        return ProbeContext(
+            step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]), scorer=None, steps=steps
+        )
 
     assert [k for k in range(1, 15) if sched.due(k, False, ctx(k))] == [3, 5, 7, 9, 12]
     assert sched.due(14, True, ctx(14)) and not sched.due(3, False, None)
@@ -154,9 +202,18 @@ def run_probe(walk: Walk, probe: ChainProbe, steps, facts, start: int = 1, refer
     out = {}
     for k in range(start, len(steps) + 1):
         walk.set(k)
-        ctx = ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]), scorer=walk.scorer,
-                           reference=reference, is_last=k == len(steps), model_at=walk.model_at(k), steps=steps,
-                           facts=facts)
+        ctx = ProbeContext(
+            step=k,
+            timestamp=None,
+            batch=steps[k - 1],
+            history=list(steps[:k]),
+            scorer=walk.scorer,
+            reference=reference,
+            is_last=k == len(steps),
+            model_at=walk.model_at(k),
+            steps=steps,
+            facts=facts,
+        )
         if probe.schedule.due(k, ctx.is_last, ctx):
             out[k] = probe.measure(ctx)
     return reference, out
@@ -186,8 +243,9 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
     obj = ("City", "Town", "Port")
     p0 = [P(0, pr, o) for o in obj]
     pb = [P(3, pr, o) for o in obj]
-    expected[(3, "round_success", C, "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
-                                                                            P(3, pr, "City"), P(3, pr, "Nova"))
+    expected[(3, "round_success", C, "r1")] = dm.round_success(
+        P(1, pr, "City"), P(1, pr, "Nova"), P(3, pr, "City"), P(3, pr, "Nova")
+    )
     expected[(3, "distortion_js", C, "r1")] = dm.js_divergence(pb, p0)
     expected[(3, "distortion_js_pitfalls", C, "r1")] = dm.js_divergence(pb, p0) / 3 * 100
     ir1 = dm.ignore_rate(p0[1:], pb[1:])
@@ -196,8 +254,9 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
     # re-measured at 3 + 4 = 7: θa stays step 1, θb is now step 7
     p7 = [P(7, pr, o) for o in obj]
     expected[(7, "distortion_js", L, "r1")] = dm.js_divergence(p7, p0)
-    expected[(7, "round_success", L, "r1")] = dm.round_success(P(1, pr, "City"), P(1, pr, "Nova"),
-                                                                       P(7, pr, "City"), P(7, pr, "Nova"))
+    expected[(7, "round_success", L, "r1")] = dm.round_success(
+        P(1, pr, "City"), P(1, pr, "Nova"), P(7, pr, "City"), P(7, pr, "Nova")
+    )
     # reverse: m = 4, b = 5
     e1 = ("The work of Gamma is", "Gamma is known for the work")
     e2 = ("The creator of Opus is",)
@@ -211,14 +270,16 @@ def test_values_equal_the_metric_functions_on_hand_scored_probabilities(walked):
     expected[(7, "conflict_score_implicit", C, "comp")] = float(P(7, c1, "Lambda") > P(7, c1, "Kappa"))
     expected[(7, "conflict_magnitude", C, "comp")] = dm.conflict_magnitude(P(6, c1, "Kappa"), P(7, c1, "Kappa"))
     tied = ("The mother of Eps is",)
-    expected[(7, "tied_fact_damage", C + ";ref=theta0", "comp")] = dm.tied_fact_damage(P(0, tied, "Zeta"),
-                                                                                        P(7, tied, "Zeta"))
+    expected[(7, "tied_fact_damage", C + ";ref=theta0", "comp")] = dm.tied_fact_damage(
+        P(0, tied, "Zeta"), P(7, tied, "Zeta")
+    )
     # 2-round chain: a = 11 (o* = Kyiv), b = 12; FR now over both round chains
     pr2 = ("The capital of Omega is",)
     obj2 = ("Rome", "Oslo", "Bern")
     ir2 = dm.ignore_rate([P(0, pr2, o) for o in obj2[1:]], [P(12, pr2, o) for o in obj2[1:]])
-    expected[(12, "round_success", C, "r2")] = dm.round_success(P(11, pr2, "Rome"), P(11, pr2, "Kyiv"),
-                                                                             P(12, pr2, "Rome"), P(12, pr2, "Kyiv"))
+    expected[(12, "round_success", C, "r2")] = dm.round_success(
+        P(11, pr2, "Rome"), P(11, pr2, "Kyiv"), P(12, pr2, "Rome"), P(12, pr2, "Kyiv")
+    )
     expected[(12, "ignore_rate", C, "r2")] = ir2
     expected[(12, "failure_rate", C, None)] = dm.failure_rate([ir1, ir2])
     for key, value in expected.items():
@@ -233,8 +294,19 @@ def test_rows_appear_at_completion_and_remeasure_steps_only(walked):
     completion = sorted({(k, e) for (k, m, p, e) in table if p == C and e})
     assert completion == [(3, "r1"), (5, "rev"), (7, "comp"), (9, "cov"), (12, "r2")]
     later = sorted({(k, e) for (k, m, p, e) in table if p == L and e})
-    assert later == [(7, "r1"), (9, "rev"), (11, "comp"), (11, "r1"), (13, "cov"), (13, "rev"),
-                     (14, "comp"), (14, "cov"), (14, "r1"), (14, "r2"), (14, "rev")]
+    assert later == [
+        (7, "r1"),
+        (9, "rev"),
+        (11, "comp"),
+        (11, "r1"),
+        (13, "cov"),
+        (13, "rev"),
+        (14, "comp"),
+        (14, "cov"),
+        (14, "r1"),
+        (14, "r2"),
+        (14, "rev"),
+    ]
     metrics = {e: {m for (k, m, p, e2) in table if e2 == e and p == C} for e in ("r1", "rev", "comp", "cov")}
     assert metrics["r1"] == {"round_success", "distortion_js", "distortion_js_pitfalls", "ignore_rate"}
     assert metrics["rev"] == {"conflict_score_explicit", "conflict_score_implicit", "conflict_magnitude"}
@@ -273,8 +345,9 @@ def test_sequence_and_token_probabilities_differ_only_in_p(walked):
     walk.set(3)
     s3 = walk.scorer.score([(p, o) for o in ("City", "Town", "Port") for p in pr])
     seq = as_table(got)[(3, "distortion_js", "completion;p=seq", "r1")]
-    assert seq == pytest.approx(dm.js_divergence(np.exp(s3.logprob).reshape(3, 2).mean(1),
-                                                 np.exp(s0.logprob).reshape(3, 2).mean(1)), rel=1e-5)
+    assert seq == pytest.approx(
+        dm.js_divergence(np.exp(s3.logprob).reshape(3, 2).mean(1), np.exp(s0.logprob).reshape(3, 2).mean(1)), rel=1e-5
+    )
     p0 = np.exp(-s0.nll).reshape(3, 2).mean(1)
     p3 = np.exp(-s3.nll).reshape(3, 2).mean(1)
     meantok = as_table(rows)[(3, "distortion_js", C, "r1")]
@@ -301,8 +374,9 @@ class TableScorer:
 @given(st.data())
 def test_metric_bounds_for_any_probabilities(data):
     steps, facts = split(chain_stream())
-    pairs = sorted({(p, a) for plan in chain_plans(steps, facts).values() for prompts, a in plan.queries()
-                    for p in prompts})
+    pairs = sorted(
+        {(p, a) for plan in chain_plans(steps, facts).values() for prompts, a in plan.queries() for p in prompts}
+    )
     logp = st.floats(min_value=-60, max_value=0)
     tables = [{pair: data.draw(logp) for pair in pairs} for _ in range(len(steps) + 1)]
     scorer = TableScorer(tables)
@@ -317,14 +391,26 @@ def test_metric_bounds_for_any_probabilities(data):
             scorer.state = now
 
     probe = ChainProbe("every:1", ChainProbe.Options(remeasure=2))
-    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
-                                              steps=steps, facts=facts))
+    reference, _ = probe.prepare(
+        ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, steps=steps, facts=facts)
+    )
     rows = []
     for k in range(1, len(steps) + 1):
         scorer.state = k
-        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
-                                           scorer=scorer, reference=reference, is_last=k == len(steps),
-                                           model_at=lambda j: at(j), steps=steps, facts=facts))
+        rows += probe.measure(
+            ProbeContext(
+                step=k,
+                timestamp=None,
+                batch=steps[k - 1],
+                history=list(steps[:k]),
+                scorer=scorer,
+                reference=reference,
+                is_last=k == len(steps),
+                model_at=lambda j: at(j),
+                steps=steps,
+                facts=facts,
+            )
+        )
     # IR and D of r1 from the table itself (Obj = City, Town, Port; θ0 = table 0, θb = table 3)
     prompts = ("The capital of Alpha is", "Alpha's capital city is")
     P = lambda k, o: float(np.mean([np.exp(tables[k][(x, o)]) for x in prompts]))  # noqa: E731
@@ -348,8 +434,14 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
     CM's θm is the delta store's model at e1's step."""
     path = tmp_path / "chains.jsonl"
     EditStream(chain_stream()).to_jsonl(path)
-    cfg = RunConfig(model="tiny-llama", stream=str(path), steps=9, probe_every=9, editor_overrides=dict(TINY_FT),
-                    probes=["chains:remeasure=2"])
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(path),
+        steps=9,
+        probe_every=9,
+        editor_overrides=dict(TINY_FT),
+        probes=["chains:remeasure=2"],
+    )
     result = replay(cfg, tmp_path / "run", progress=False)
     assert result.total_steps == 9
     rows = result.run.results().filter(pl.col("probe") == "chains")
@@ -363,12 +455,15 @@ def test_replay_with_chain_probe_end_to_end(tmp_path):
         return float(np.mean(np.exp(-s.nll)))
 
     e1 = ("The spouse of Zeta is",)
-    cm = rows.filter((pl.col("metric") == "conflict_magnitude") & (pl.col("edit_id") == "comp")
-                     & (pl.col("protocol") == C))["value"].item()
+    cm = rows.filter(
+        (pl.col("metric") == "conflict_magnitude") & (pl.col("edit_id") == "comp") & (pl.col("protocol") == C)
+    )["value"].item()
     assert cm == pytest.approx(dm.conflict_magnitude(p_at(6, e1, "Kappa"), p_at(7, e1, "Kappa")), rel=1e-5)
     tfd = rows.filter(pl.col("metric") == "tied_fact_damage").filter(pl.col("step") == 7)["value"].item()
     tied = ("The mother of Eps is",)
-    assert tfd == pytest.approx(dm.tied_fact_damage(p_at(0, tied, "Zeta"), p_at(7, tied, "Zeta")), rel=1e-4)  # a tiny θ0 probability amplifies float noise
+    assert tfd == pytest.approx(
+        dm.tied_fact_damage(p_at(0, tied, "Zeta"), p_at(7, tied, "Zeta")), rel=1e-4
+    )  # a tiny θ0 probability amplifies float noise
 
     # the summary and the plots include the chain metrics
     from lifelong.plots import plot_run
@@ -394,21 +489,37 @@ class TokenScorer:
         toks = [np.array(self.tables[self.state][pair]) for pair in pairs]
         n = len(pairs)
         nll = np.array([-np.log(t).mean() for t in toks])
-        return Scores(nll=nll, logprob=np.array([np.log(t).sum() for t in toks]),
-                      exact=np.zeros(n, bool), token_acc=np.zeros(n), argmax=[()] * n)
+        return Scores(
+            nll=nll,
+            logprob=np.array([np.log(t).sum() for t in toks]),
+            exact=np.zeros(n, bool),
+            token_acc=np.zeros(n),
+            argmax=[()] * n,
+        )
 
 
 def two_step_rows(probe, tables, steps, facts) -> list:
     """The probe's rows over a two-step stream scored from ``tables`` (θ0, after step 1, after step 2)."""
     scorer = TokenScorer(tables)
-    reference, _ = probe.prepare(ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer,
-                                              steps=steps, facts=facts))
+    reference, _ = probe.prepare(
+        ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=scorer, steps=steps, facts=facts)
+    )
     rows = []
     for k in (1, 2):
         scorer.state = k
-        rows += probe.measure(ProbeContext(step=k, timestamp=None, batch=steps[k - 1], history=list(steps[:k]),
-                                           scorer=scorer, reference=reference, is_last=k == 2, steps=steps,
-                                           facts=facts))
+        rows += probe.measure(
+            ProbeContext(
+                step=k,
+                timestamp=None,
+                batch=steps[k - 1],
+                history=list(steps[:k]),
+                scorer=scorer,
+                reference=reference,
+                is_last=k == 2,
+                steps=steps,
+                facts=facts,
+            )
+        )
     return rows
 
 
@@ -418,8 +529,10 @@ def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
     e1 and 0.5 after e2; o2* = Omi is one token, p = 0.3 after e2.
     meantok (Pitfalls): P_m(Nu) = 1, P_b(Nu) = exp(−mean(−log 0.5)) = 0.5 → CM = (1 − 0.5)/1 = 0.5;
     CS = 1{0.3 > 0.5} = 0. seq: P_b(Nu) = 0.5³ = 0.125 → CM = 0.875; CS = 1{0.3 > 0.125} = 1."""
-    edits = [ed("e1", 0, "Mu", "The home of {} is", "Nu", "Xi", "cov", "conflict-e1", "home"),
-             ed("e2", 1, "Mu", "The home of {} is", "Omi", "Nu", "cov", "conflict-e2", "home")]
+    edits = [
+        ed("e1", 0, "Mu", "The home of {} is", "Nu", "Xi", "cov", "conflict-e1", "home"),
+        ed("e2", 1, "Mu", "The home of {} is", "Omi", "Nu", "cov", "conflict-e2", "home"),
+    ]
     steps, facts = split(edits)
     x = "The home of Mu is"
     tables = [{}, {(x, "Nu"): (1.0, 1.0, 1.0), (x, "Omi"): (0.1,)}, {(x, "Nu"): (0.5, 0.5, 0.5), (x, "Omi"): (0.3,)}]
@@ -429,15 +542,19 @@ def test_three_token_object_conflict_magnitude_by_hand(prob, cm, cs):
     assert got[("conflict_score_explicit", f"completion;p={prob}")] == cs
 
 
-@pytest.mark.parametrize("tfd_ref, expected", [("theta0", {"theta0": 0.75}), ("thetam", {"thetam": 0.5}),
-                                                ("both", {"theta0": 0.75, "thetam": 0.5})])
+@pytest.mark.parametrize(
+    "tfd_ref, expected",
+    [("theta0", {"theta0": 0.75}), ("thetam", {"thetam": 0.5}), ("both", {"theta0": 0.75, "thetam": 0.5})],
+)
 def test_tied_fact_damage_reference_by_hand(tfd_ref, expected):
     """Composite chain: tied fact k_f = (Eps, mother, Zeta) at P 0.4 under θ0, 0.2 after e1 (θm, step 1),
     0.1 after e2 (θb, step 2). ref=theta0 (the Pitfalls code's summarize.py, default):
     (0.4 − 0.1)/0.4 = 0.75; ref=thetam (the paper's equation): (0.2 − 0.1)/0.2 = 0.5."""
-    edits = [ed("t", 0, "Eps", "The mother of {} is", "Zeta", None, "comp", "tied-fact", "mother"),
-             ed("e1", 0, "Zeta", "The spouse of {} is", "Kappa", "Iota", "comp", "conflict-e1", "spouse"),
-             ed("e2", 1, "Eps", "The father of {} is", "Lambda", "Kappa", "comp", "conflict-e2", "father")]
+    edits = [
+        ed("t", 0, "Eps", "The mother of {} is", "Zeta", None, "comp", "tied-fact", "mother"),
+        ed("e1", 0, "Zeta", "The spouse of {} is", "Kappa", "Iota", "comp", "conflict-e1", "spouse"),
+        ed("e2", 1, "Eps", "The father of {} is", "Lambda", "Kappa", "comp", "conflict-e2", "father"),
+    ]
     steps, facts = split(edits)
     t, c1, c2 = "The mother of Eps is", "The spouse of Zeta is", "The father of Eps is"
     base = {(c1, "Kappa"): (0.1,), (c1, "Lambda"): (0.1,), (c2, "Lambda"): (0.1,)}
@@ -445,7 +562,8 @@ def test_tied_fact_damage_reference_by_hand(tfd_ref, expected):
     rows = two_step_rows(ChainProbe("every:1", ChainProbe.Options(tfd_ref=tfd_ref)), tables, steps, facts)
     got = {r.protocol.rsplit("ref=", 1)[1]: r.value for r in rows if r.metric == "tied_fact_damage"}
     assert got == pytest.approx(expected)
-    assert {r.protocol for r in rows if r.metric == "tied_fact_damage"} == {f"completion;p=meantok;ref={ref}"
-                                                                            for ref in expected}
+    assert {r.protocol for r in rows if r.metric == "tied_fact_damage"} == {
+        f"completion;p=meantok;ref={ref}" for ref in expected
+    }
     with pytest.raises(ValueError, match="tfd_ref"):
         ChainProbe.Options(tfd_ref="theta1")

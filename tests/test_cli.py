@@ -19,9 +19,28 @@ def run_cli(capsys, *argv):
 
 def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     out_dir = tmp_path / "run"
-    code, out, err = run_cli(capsys, "replay", "--model", "tiny-llama", "--editor", "ft", "--stream", str(stream_file),
-                             "--steps", "4", "--probe-every", "2", "--out", str(out_dir), "--seed", "3",
-                             "--device", "cpu", "--quiet", *TINY_SET)
+    code, out, err = run_cli(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "ft",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "4",
+        "--probe-every",
+        "2",
+        "--out",
+        str(out_dir),
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        *TINY_SET,
+    )
     assert code == 0, err
     assert "efficacy at own step" in out and "retained fraction at last step" in out
     assert f"run directory: {out_dir.resolve()}" in out
@@ -48,8 +67,11 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     record = json.loads(out)
     assert code == 0 and record["config"]["seed"] == 3 and record["progress"]["completed_step"] == 4
     cell = record["results"]["efficacy at own step"]["es"]
-    assert cell["n"] == 4 and cell["interval"] == "wilson" and (cell["low"], cell["high"]) == pytest.approx(
-        (es["low"], es["high"]))
+    assert (
+        cell["n"] == 4
+        and cell["interval"] == "wilson"
+        and (cell["low"], cell["high"]) == pytest.approx((es["low"], es["high"]))
+    )
     assert "torch" in record["versions"] and record["machine"]["threads"]["threads"] >= 1
 
     code, out, _ = run_cli(capsys, "plot", str(out_dir))
@@ -100,8 +122,23 @@ def test_listings_are_aligned_and_explain_every_setting(capsys):
 
 
 def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_file):
-    argv = ["replay", "--model", "tiny-llama", "--editor", "rome", "--stream", str(stream_file), "--steps", "1",
-            "--out", str(tmp_path / "q"), "--set", "cov_tokens=2000", "--set", "v_steps=2"]
+    argv = [
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "rome",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "q"),
+        "--set",
+        "cov_tokens=2000",
+        "--set",
+        "v_steps=2",
+    ]
     code, _, err = run_cli(capsys, *argv, "--quiet")
     assert code == 0 and "%|" not in err, err  # the key-statistics bars too
     from lifelong.replay import replay
@@ -124,10 +161,19 @@ def test_typos_are_refused_before_torch_is_imported():
     from probes import PROBES
 
     assert sorted(PROBE_NAMES) == sorted(PROBES) and sorted(EDITOR_CLASSES) == sorted(EDITORS)
-    for argv in (["--editor", "rmoe"], ["--probe", "perplx"], ["--stream", "missing.jsonl"], ["--stream", "nope"],
-                 ["--stream", "dataset:nope"], ["--steps", "0"], ["--set", "lr"]):
-        code = ("import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
-                "print(rc, 'torch' in sys.modules)")
+    for argv in (
+        ["--editor", "rmoe"],
+        ["--probe", "perplx"],
+        ["--stream", "missing.jsonl"],
+        ["--stream", "nope"],
+        ["--stream", "dataset:nope"],
+        ["--steps", "0"],
+        ["--set", "lr"],
+    ):
+        code = (
+            "import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
+            "print(rc, 'torch' in sys.modules)"
+        )
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
         assert done.stdout.split() == ["2", "False"], (argv, done.stdout, done.stderr)
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("lifelong: error: "), done.stderr
@@ -135,9 +181,24 @@ def test_typos_are_refused_before_torch_is_imported():
 
 def test_config_file_and_repeating_a_run_from_its_manifest(capsys, tmp_path, stream_file):
     first = tmp_path / "first"
-    code, _, err = run_cli(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "3",
-                           "--out", str(first), "--seed", "4", "--quiet", "--probe",
-                           "perplexity:schedule=every:2,chunk_tokens=32,max_tokens=128", *TINY_SET)
+    code, _, err = run_cli(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "3",
+        "--out",
+        str(first),
+        "--seed",
+        "4",
+        "--quiet",
+        "--probe",
+        "perplexity:schedule=every:2,chunk_tokens=32,max_tokens=128",
+        *TINY_SET,
+    )
     assert code == 0, err
     again = tmp_path / "again"
     code, _, err = run_cli(capsys, "replay", "--config", str(first / "manifest.json"), "--out", str(again), "--quiet")
@@ -151,12 +212,16 @@ def test_config_file_and_repeating_a_run_from_its_manifest(capsys, tmp_path, str
     config = tmp_path / "run.toml"
     sets = "\n".join(f"{k} = {v}" for k, v in TINY_FT.items())
     config.write_text(f'model = "tiny-llama"\nstream = "{stream_file}"\nsteps = 2\nseed = 4\n[set]\n{sets}\n')
-    code, _, err = run_cli(capsys, "replay", "--config", str(config), "--steps", "1", "--out", str(tmp_path / "t"),
-                           "--quiet")
+    code, _, err = run_cli(
+        capsys, "replay", "--config", str(config), "--steps", "1", "--out", str(tmp_path / "t"), "--quiet"
+    )
     assert code == 0, err
     ident = RunDir(tmp_path / "t").manifest()["identity"]
-    assert ident["steps"] == 1 and ident["seed"] == 4 and ident["editor_overrides"] == {k: str(v) for k, v in
-                                                                                          TINY_FT.items()}
+    assert (
+        ident["steps"] == 1
+        and ident["seed"] == 4
+        and ident["editor_overrides"] == {k: str(v) for k, v in TINY_FT.items()}
+    )
     config.write_text('editr = "ft"\n')
     line = error_line(capsys, "replay", "--config", str(config), "--out", str(tmp_path / "u"))
     assert "unknown key 'editr'" in line and not (tmp_path / "u").exists()
@@ -171,8 +236,18 @@ def error_line(capsys, *argv):
 
 
 def test_unknown_editor(capsys, stream_file, tmp_path):
-    line = error_line(capsys, "replay", "--model", "tiny-llama", "--editor", "rmoe", "--stream", str(stream_file),
-                      "--out", str(tmp_path / "x"))
+    line = error_line(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "rmoe",
+        "--stream",
+        str(stream_file),
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert "unknown editor 'rmoe'" in line
     assert not (tmp_path / "x").exists()
 
@@ -186,10 +261,13 @@ def test_malformed_stream_names_file_and_line(capsys, tmp_path, stream_file):
     assert "bad.jsonl:3:" in line
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("prompt", "The capital city is", "{}"),  # the subject has nowhere to go
-    ("target_new", "   ", "target_new"),  # an empty answer
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompt", "The capital city is", "{}"),  # the subject has nowhere to go
+        ("target_new", "   ", "target_new"),  # an empty answer
+    ],
+)
 def test_bad_edit_fields(capsys, tmp_path, stream_file, field, value, message):
     records = [json.loads(x) for x in stream_file.read_text().splitlines()]
     records[1][field] = value
@@ -201,56 +279,103 @@ def test_bad_edit_fields(capsys, tmp_path, stream_file, field, value, message):
 
 def test_unknown_stream_and_model(capsys, tmp_path, stream_file):
     assert "unknown stream 'nostream'" in error_line(capsys, "replay", "--stream", "nostream")
-    assert "unknown model 'gpt-9'" in error_line(capsys, "replay", "--model", "gpt-9", "--stream", str(stream_file),
-                                                  "--out", str(tmp_path / "x"))
+    assert "unknown model 'gpt-9'" in error_line(
+        capsys, "replay", "--model", "gpt-9", "--stream", str(stream_file), "--out", str(tmp_path / "x")
+    )
 
 
 def test_unsupported_architecture(capsys, tmp_path, stream_file):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    line = error_line(capsys, "replay", "--model", str(tmp_path / "bert"), "--stream", str(stream_file),
-                      "--out", str(tmp_path / "x"))
+    line = error_line(
+        capsys, "replay", "--model", str(tmp_path / "bert"), "--stream", str(stream_file), "--out", str(tmp_path / "x")
+    )
     assert "unsupported model architecture 'bert'" in line
 
 
 def test_bad_set_and_missing_run(capsys, tmp_path, stream_file):
     assert "--set expects key=value" in error_line(capsys, "replay", "--stream", str(stream_file), "--set", "lr")
-    assert "no hyperparameter 'speed'" in error_line(capsys, "replay", "--model", "tiny-llama", "--stream",
-                                                      str(stream_file), "--set", "speed=3")
+    assert "no hyperparameter 'speed'" in error_line(
+        capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", "speed=3"
+    )
     assert "not a run directory" in error_line(capsys, "show", str(tmp_path))
     assert "exactly one of --step" in error_line(capsys, "checkout", str(tmp_path), "--out", str(tmp_path / "m"))
 
 
 def test_bad_thread_count_is_refused_before_anything_is_written(capsys, tmp_path, stream_file):
-    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--threads", "0",
-                      "--out", str(tmp_path / "r"))
+    line = error_line(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--threads",
+        "0",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert "--threads must be a whole number of threads ≥ 1, got '0'" in line
     assert not (tmp_path / "r").exists()
 
 
 def test_bad_v_dtype_is_refused(capsys, tmp_path, stream_file):
-    line = error_line(capsys, "replay", "--model", "tiny-llama", "--editor", "rome", "--stream", str(stream_file),
-                      "--set", "v_dtype=int8", "--out", str(tmp_path / "r"))
+    line = error_line(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "rome",
+        "--stream",
+        str(stream_file),
+        "--set",
+        "v_dtype=int8",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert "v_dtype must be one of auto, float32, bfloat16, float16, got 'int8'" in line
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("norm_constraint=-1", "ft.norm_constraint: must not be negative, got -1.0"),
-    ("max_steps=-5", "ft.max_steps: must be at least 1, got -5"),
-    ("lr=inf", "ft.lr: must be a finite number, got inf"),
-    ("lr=nan", "ft.lr: must be a finite number, got nan"),
-    ("lr=0", "ft.lr: must be greater than 0, got 0.0"),
-])
-def test_out_of_range_settings_are_refused_before_anything_is_written(capsys, tmp_path, stream_file, setting,
-                                                                        message):
-    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--set", setting,
-                      "--out", str(tmp_path / "r"))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("norm_constraint=-1", "ft.norm_constraint: must not be negative, got -1.0"),
+        ("max_steps=-5", "ft.max_steps: must be at least 1, got -5"),
+        ("lr=inf", "ft.lr: must be a finite number, got inf"),
+        ("lr=nan", "ft.lr: must be a finite number, got nan"),
+        ("lr=0", "ft.lr: must be greater than 0, got 0.0"),
+    ],
+)
+def test_out_of_range_settings_are_refused_before_anything_is_written(capsys, tmp_path, stream_file, setting, message):
+    line = error_line(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--set",
+        setting,
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert message in line and not (tmp_path / "r").exists()
 
 
 def test_out_of_range_probe_option_is_refused(capsys, tmp_path, stream_file):
-    line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file),
-                      "--probe", "perplexity:max_tokens=-5", "--out", str(tmp_path / "r"))
+    line = error_line(
+        capsys,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--probe",
+        "perplexity:max_tokens=-5",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert "perplexity.max_tokens: must not be negative, got -5" in line and not (tmp_path / "r").exists()
 
 
@@ -269,16 +394,30 @@ def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_
     edits[1] = replace(edits[1], neighborhood=(), paraphrases=("x" * 600,))
     EditStream(edits).to_jsonl(long)
     out = tmp_path / "r"
-    good = ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "2", "--quiet",
-            "--out", str(out), *TINY_SET]
+    good = [
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+        *TINY_SET,
+    ]
     for change, message in [
         (["--stream", str(tied)], "holds only tied facts (2 edits with chain role tied-fact"),
         (["--set", "lr=-1"], "ft.lr: must be greater than 0, got -1.0"),
         (["--set", "lr=nan"], "ft.lr: must be a finite number, got nan"),
         (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
         (["--device", "meta"], "device 'meta' cannot run a model here"),
-        (["--stream", str(long)], "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "
-                                  "512-token context of model 'tiny-llama'"),
+        (
+            ["--stream", str(long)],
+            "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "
+            "512-token context of model 'tiny-llama'",
+        ),
         (["--probe-every", "0"], "--probe-every must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--steps", "0"], "--steps must be at least 1"),
@@ -300,14 +439,16 @@ def two_step_run(tmp_path, stream_file):
     from lifelong.run import RunConfig
     from tests.conftest import TINY_FT
 
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1,
-                    editor_overrides=dict(TINY_FT))
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1, editor_overrides=dict(TINY_FT))
     return replay(cfg, tmp_path / "run", progress=False).run
 
 
 def snapshot(directory):
-    return {p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_show_compare_and_plot_elsewhere_leave_the_run_as_it_was(capsys, tmp_path, two_step_run):
@@ -332,8 +473,22 @@ def test_damaged_progress_and_manifest_are_named(capsys, tmp_path, stream_file, 
         run.progress_path.write_text(text)
         line = error_line(capsys, "show", str(run.path))
         assert f"{run.progress_path}: damaged progress file" in line
-        line = error_line(capsys, "replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "2",
-                          "--probe-every", "1", "--out", str(run.path), "--quiet", *TINY_SET)
+        line = error_line(
+            capsys,
+            "replay",
+            "--model",
+            "tiny-llama",
+            "--stream",
+            str(stream_file),
+            "--steps",
+            "2",
+            "--probe-every",
+            "1",
+            "--out",
+            str(run.path),
+            "--quiet",
+            *TINY_SET,
+        )
         assert f"{run.progress_path}: damaged progress file" in line
     run.progress_path.write_text(good)
     run.manifest_path.write_text(run.manifest_path.read_text()[:-20])
@@ -359,13 +514,17 @@ def test_resume_removes_temporary_files_of_dead_writers(tmp_path, stream_file):
     from lifelong.run import RunConfig
     from tests.conftest import TINY_FT
 
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=3, probe_every=1,
-                    editor_overrides=dict(TINY_FT))
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=3, probe_every=1, editor_overrides=dict(TINY_FT))
     run = replay(cfg, tmp_path / "r", progress=False, stop_after=1).run
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    stale = [run.parts_dir / f".step_000002.parquet.tmp-{dead}", run.deltas_dir / f".step_000002.safetensors.tmp-{dead}",
-             run.path / f".progress.json.tmp-{dead}", run.path / "plots" / f".retention.png.tmp-{dead}"]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    stale = [
+        run.parts_dir / f".step_000002.parquet.tmp-{dead}",
+        run.deltas_dir / f".step_000002.safetensors.tmp-{dead}",
+        run.path / f".progress.json.tmp-{dead}",
+        run.path / "plots" / f".retention.png.tmp-{dead}",
+    ]
     alive = run.path / f".reference.json.tmp-{os.getppid()}"  # a live process's: not ours to remove
     for path in (*stale, alive):
         path.parent.mkdir(exist_ok=True)
@@ -401,8 +560,17 @@ def test_a_step_of_several_edits_shows_its_own_progress_unless_quiet(capsys, mon
 
 # ---------------------------------------------------------------- user mistakes and bugs (#18)
 def _replay_argv(tmp_path, stream_file):
-    return ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--out", str(tmp_path / "r"), "--quiet",
-            *TINY_SET]
+    return [
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+        *TINY_SET,
+    ]
 
 
 @pytest.mark.parametrize("error", [KeyError("edits"), ValueError("an internal check failed"), TypeError("no")])
@@ -426,29 +594,41 @@ def test_an_internal_error_exits_1_with_its_traceback(tmp_path, stream_file):
     import sys
     from pathlib import Path
 
-    code = ("import sys\nimport lifelong.replay\n"
-            "def broken(config):\n    raise KeyError('edits')\n"
-            "lifelong.replay.prepare_stream_and_facts = broken\n"
-            "from lifelong.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", code, *_replay_argv(tmp_path, stream_file)], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys\nimport lifelong.replay\n"
+        "def broken(config):\n    raise KeyError('edits')\n"
+        "lifelong.replay.prepare_stream_and_facts = broken\n"
+        "from lifelong.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *_replay_argv(tmp_path, stream_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 1, done.stderr
     assert "Traceback (most recent call last)" in done.stderr and "KeyError: 'edits'" in done.stderr
     assert "lifelong: error" not in done.stderr
 
 
-@pytest.mark.parametrize("error, shown", [
-    ("user", "lifelong: error: stream 's': edit 'e1' cannot be used (found late)"),
-    ("missing", "lifelong: error: dataset 'zsre' needs /data/zsre.json, which does not exist"),
-    ("os", "lifelong: error: [Errno 13] Permission denied: '/data/runs/r/manifest.json'"),
-])
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        ("user", "lifelong: error: stream 's': edit 'e1' cannot be used (found late)"),
+        ("missing", "lifelong: error: dataset 'zsre' needs /data/zsre.json, which does not exist"),
+        ("os", "lifelong: error: [Errno 13] Permission denied: '/data/runs/r/manifest.json'"),
+    ],
+)
 def test_a_user_mistake_found_deep_is_still_one_line(capsys, monkeypatch, tmp_path, stream_file, error, shown):
     import lifelong.replay
     from streams.errors import MissingFileError, UserError
 
-    raised = {"user": UserError("stream 's': edit 'e1' cannot be used (found late)"),
-              "missing": MissingFileError("dataset 'zsre' needs /data/zsre.json, which does not exist"),
-              "os": PermissionError(13, "Permission denied", "/data/runs/r/manifest.json")}[error]
+    raised = {
+        "user": UserError("stream 's': edit 'e1' cannot be used (found late)"),
+        "missing": MissingFileError("dataset 'zsre' needs /data/zsre.json, which does not exist"),
+        "os": PermissionError(13, "Permission denied", "/data/runs/r/manifest.json"),
+    }[error]
 
     def refused(config):
         raise raised
@@ -469,9 +649,24 @@ def test_the_user_facing_errors_are_user_errors_and_still_value_errors():
     from probes.tasks import TaskDataError
     from streams import EditError, FactSetError, MissingFileError, StreamFormatError, UserError
 
-    for cls in (UnsupportedArchitectureError, DamagedFileError, StepNotKept, HyperparameterError, UnknownEditorError,
-                OverlapError, ModelLoadError, RunDirError, SpecError, OptionError, UnknownProbeError, TaskDataError,
-                EditError, FactSetError, StreamFormatError, MissingFileError):
+    for cls in (
+        UnsupportedArchitectureError,
+        DamagedFileError,
+        StepNotKept,
+        HyperparameterError,
+        UnknownEditorError,
+        OverlapError,
+        ModelLoadError,
+        RunDirError,
+        SpecError,
+        OptionError,
+        UnknownProbeError,
+        TaskDataError,
+        EditError,
+        FactSetError,
+        StreamFormatError,
+        MissingFileError,
+    ):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
     assert issubclass(MissingFileError, FileNotFoundError)
 
@@ -484,8 +679,9 @@ def test_a_bad_checkout_time_is_one_line(capsys, tmp_path):
 def test_a_model_config_transformers_cannot_read_is_one_line(capsys, tmp_path, stream_file):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"hidden_size": 4}))  # no model_type
-    line = error_line(capsys, "replay", "--model", str(tmp_path / "m"), "--stream", str(stream_file),
-                      "--out", str(tmp_path / "x"))
+    line = error_line(
+        capsys, "replay", "--model", str(tmp_path / "m"), "--stream", str(stream_file), "--out", str(tmp_path / "x")
+    )
     assert f"{tmp_path / 'm'}: Unrecognized model" in line and not (tmp_path / "x").exists()
 
 

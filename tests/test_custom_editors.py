@@ -12,7 +12,7 @@ from lifelong.names import unknown_editor
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PACKAGE = '''
+PACKAGE = """
 import sys
 sys.path.insert(0, {docs!r})
 from template_editor import NudgeEditor
@@ -21,7 +21,7 @@ from template_editor import NudgeEditor
 class MineEditor(NudgeEditor):
     name = "mine"
     description = "a test package's editor (the template's nudge under another name)"
-'''
+"""
 
 
 @pytest.fixture
@@ -39,8 +39,9 @@ def installed_package(tmp_path):
 
 def run(site, *argv, cwd):
     env = {**os.environ, "PYTHONPATH": f"{site}:{ROOT}", "OMP_NUM_THREADS": "1", "LIFELONG_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lifelong.cli", *argv], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lifelong.cli", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_an_installed_packages_editor_runs_from_the_cli(installed_package, tmp_path, stream_file):
@@ -48,12 +49,37 @@ def test_an_installed_packages_editor_runs_from_the_cli(installed_package, tmp_p
     assert listing.returncode == 0, listing.stderr
     assert "mine        a test package's editor" in listing.stdout and "--set alpha=" in listing.stdout
     out = tmp_path / "run"
-    done = run(installed_package, "replay", "--model", "tiny-llama", "--editor", "mine", "--stream", str(stream_file),
-               "--steps", "2", "--quiet", "--out", str(out), "--set", "alpha=2", cwd=tmp_path)
+    done = run(
+        installed_package,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "mine",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+        "--set",
+        "alpha=2",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "run directory:" in done.stdout
-    typo = run(installed_package, "replay", "--model", "tiny-llama", "--editor", "mnie", "--out", str(tmp_path / "x"),
-               cwd=tmp_path)
+    typo = run(
+        installed_package,
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--editor",
+        "mnie",
+        "--out",
+        str(tmp_path / "x"),
+        cwd=tmp_path,
+    )
     assert typo.returncode == 2 and "unknown editor 'mnie': expected one of " in typo.stderr
     assert "mine" in typo.stderr.split("expected one of ")[1] and not (tmp_path / "x").exists()
 

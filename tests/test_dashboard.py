@@ -10,14 +10,36 @@ from lifelong.plots import _panels, plot_dashboard
 from lifelong.run import RunDir
 from tests.conftest import TINY_FT
 
-PROBES = ["--probe", "perplexity:schedule=every:2,chunk_tokens=64,max_tokens=256,max_sentences=8",
-          "--probe", "downstream:schedule=every:2,tasks=sentiment+facts,items=4", "--probe", "weight_drift"]
+PROBES = [
+    "--probe",
+    "perplexity:schedule=every:2,chunk_tokens=64,max_tokens=256,max_sentences=8",
+    "--probe",
+    "downstream:schedule=every:2,tasks=sentiment+facts,items=4",
+    "--probe",
+    "weight_drift",
+]
 
 
 def replay(capsys, stream_file, out, lr="0.05"):
     sets = [f"--set={k}={v}" for k, v in {**TINY_FT, "lr": lr}.items()]
-    code = main(["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "4", "--probe-every", "2",
-                 "--out", str(out), "--quiet", *sets, *PROBES])
+    code = main(
+        [
+            "replay",
+            "--model",
+            "tiny-llama",
+            "--stream",
+            str(stream_file),
+            "--steps",
+            "4",
+            "--probe-every",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            *sets,
+            *PROBES,
+        ]
+    )
     out_text, err = capsys.readouterr()
     assert code == 0, err
     return out_text
@@ -33,9 +55,24 @@ def two_runs(tmp_path_factory):
     EditStream(make_edits()).to_jsonl(stream)
 
     for name, lr in (("a", "0.05"), ("b", "0.2")):
-        code = main(["replay", "--model", "tiny-llama", "--stream", str(stream), "--steps", "4", "--probe-every", "2",
-                     "--out", str(base / name), "--quiet", *[f"--set={k}={v}" for k, v in {**TINY_FT, "lr": lr}.items()],
-                     *PROBES])
+        code = main(
+            [
+                "replay",
+                "--model",
+                "tiny-llama",
+                "--stream",
+                str(stream),
+                "--steps",
+                "4",
+                "--probe-every",
+                "2",
+                "--out",
+                str(base / name),
+                "--quiet",
+                *[f"--set={k}={v}" for k, v in {**TINY_FT, "lr": lr}.items()],
+                *PROBES,
+            ]
+        )
         assert code == 0
     return base / "a", base / "b"
 
@@ -44,8 +81,12 @@ def test_replay_writes_a_dashboard_and_summary_lines(tmp_path, stream_file, caps
     out = replay(capsys, stream_file, tmp_path / "run")
     assert (tmp_path / "run" / "plots" / "dashboard.png").stat().st_size > 10_000
     assert "dashboard.png" in out
-    for line in ("perplexity ratio to θ0 at last step", "perplexity collapse step (ratio >= 2)",
-                 "downstream drift at last step (difference)", "weight drift ||W_t - W_0||_F at last step"):
+    for line in (
+        "perplexity ratio to θ0 at last step",
+        "perplexity collapse step (ratio >= 2)",
+        "downstream drift at last step (difference)",
+        "weight drift ||W_t - W_0||_F at last step",
+    ):
         assert line in out, line
     results = RunDir(tmp_path / "run").results()
     assert _panels(results) == ["retention", "perplexity", "downstream", "weight_drift"]
@@ -55,9 +96,23 @@ def test_dashboard_draws_distortion_when_chain_rows_exist(two_runs):
     run = RunDir(two_runs[0])
     results = run.results()
     run_id = results["run_id"][0]
-    chains = pl.DataFrame([{"run_id": run_id, "step": s, "timestamp": None, "probe": "chains",
-                            "metric": "distortion_js", "protocol": "completion", "edit_id": f"c{c}", "value": 0.1 * s}
-                           for s in (2, 4) for c in (1, 2)], schema=results.schema)
+    chains = pl.DataFrame(
+        [
+            {
+                "run_id": run_id,
+                "step": s,
+                "timestamp": None,
+                "probe": "chains",
+                "metric": "distortion_js",
+                "protocol": "completion",
+                "edit_id": f"c{c}",
+                "value": 0.1 * s,
+            }
+            for s in (2, 4)
+            for c in (1, 2)
+        ],
+        schema=results.schema,
+    )
     pl.concat([results, chains]).write_parquet(run.results_path)
     assert "distortion" in _panels(run.results())
     path = plot_dashboard(run)
@@ -71,8 +126,18 @@ def test_compare_overlays_runs_and_writes_one_table(two_runs, tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
     table = pl.read_csv(tmp_path / "cmp" / "compare.csv")
     # each run's figure comes with its n and 95% interval (issue #15)
-    assert table.columns == ["measure", "protocol", "ft (a)", "ft (a) n", "ft (a) low", "ft (a) high",
-                             "ft (b)", "ft (b) n", "ft (b) low", "ft (b) high"]
+    assert table.columns == [
+        "measure",
+        "protocol",
+        "ft (a)",
+        "ft (a) n",
+        "ft (a) low",
+        "ft (a) high",
+        "ft (b)",
+        "ft (b) n",
+        "ft (b) low",
+        "ft (b) high",
+    ]
     es = table.filter((pl.col("measure") == "efficacy at own step") & (pl.col("protocol") == "es"))
     assert es["ft (a) n"][0] == 4 and es["ft (a) low"][0] <= es["ft (a)"][0] <= es["ft (a) high"][0]
     row = table.filter((pl.col("measure") == "perplexity ratio to θ0 at last step") & (pl.col("protocol") == "corpus"))
@@ -84,21 +149,50 @@ def test_compare_overlays_runs_and_writes_one_table(two_runs, tmp_path, capsys):
 def test_compare_aggregates_seeds_of_one_configuration(tmp_path, stream_file, capsys):
     sets = [f"--set={k}={v}" for k, v in TINY_FT.items()]
     for seed in (0, 1):
-        assert main(["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "3",
-                     "--probe-every", "3", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"), "--quiet",
-                     *sets]) == 0
+        assert (
+            main(
+                [
+                    "replay",
+                    "--model",
+                    "tiny-llama",
+                    "--stream",
+                    str(stream_file),
+                    "--steps",
+                    "3",
+                    "--probe-every",
+                    "3",
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(tmp_path / f"s{seed}"),
+                    "--quiet",
+                    *sets,
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     code = main(["compare", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "cmp")])
     out, err = capsys.readouterr()
     assert code == 0, err
     table = pl.read_csv(tmp_path / "cmp" / "compare.csv")
     name = "ft (2 seeds)"
-    assert table.columns == ["measure", "protocol"] + [f"{name} {c}" for c in (
-        "pooled", "pooled n", "pooled low", "pooled high", "seed mean", "seeds n", "seed low", "seed high")]
+    assert table.columns == ["measure", "protocol"] + [
+        f"{name} {c}"
+        for c in ("pooled", "pooled n", "pooled low", "pooled high", "seed mean", "seeds n", "seed low", "seed high")
+    ]
     es = table.filter((pl.col("measure") == "efficacy at own step") & (pl.col("protocol") == "es")).row(0, named=True)
-    per_seed = [RunDir(tmp_path / f"s{s}").results().filter(
-        (pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy") & (pl.col("protocol") == "es")
-        & (pl.col("step") > 0))["value"] for s in (0, 1)]
+    per_seed = [
+        RunDir(tmp_path / f"s{s}")
+        .results()
+        .filter(
+            (pl.col("probe") == "edit_quality")
+            & (pl.col("metric") == "efficacy")
+            & (pl.col("protocol") == "es")
+            & (pl.col("step") > 0)
+        )["value"]
+        for s in (0, 1)
+    ]
     assert es[f"{name} pooled n"] == 6 and es[f"{name} seeds n"] == 2
     assert es[f"{name} pooled"] == pytest.approx(float(pl.concat(per_seed).mean()))
     assert es[f"{name} seed mean"] == pytest.approx((per_seed[0].mean() + per_seed[1].mean()) / 2)
@@ -115,8 +209,21 @@ def test_compare_errors(two_runs, tmp_path, capsys):
 
 def test_compare_warns_about_different_models(two_runs, tmp_path, stream_file, capsys):
     other = tmp_path / "gpt2"
-    code = main(["replay", "--model", "tiny-gpt2", "--stream", str(stream_file), "--steps", "2", "--out", str(other),
-                 "--quiet", *[f"--set={k}={v}" for k, v in TINY_FT.items()]])
+    code = main(
+        [
+            "replay",
+            "--model",
+            "tiny-gpt2",
+            "--stream",
+            str(stream_file),
+            "--steps",
+            "2",
+            "--out",
+            str(other),
+            "--quiet",
+            *[f"--set={k}={v}" for k, v in TINY_FT.items()],
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     assert main(["compare", str(two_runs[0]), str(other), "--out", str(tmp_path / "cmp")]) == 0
@@ -136,11 +243,27 @@ def test_retention_matrix_paints_only_measured_cells(tmp_path):
     rows = []
     for step in (5, 10):
         for i in range(1, step + 1):
-            rows.append({"step": step, "probe": "retention", "metric": "retention", "protocol": "es",
-                         "edit_id": f"e{i}", "value": float(i % 3 != 0)})
+            rows.append(
+                {
+                    "step": step,
+                    "probe": "retention",
+                    "metric": "retention",
+                    "protocol": "es",
+                    "edit_id": f"e{i}",
+                    "value": float(i % 3 != 0),
+                }
+            )
     for i in range(1, 11):
-        rows.append({"step": i, "probe": "edit_quality", "metric": "efficacy", "protocol": "es",
-                     "edit_id": f"e{i}", "value": 1.0})
+        rows.append(
+            {
+                "step": i,
+                "probe": "edit_quality",
+                "metric": "efficacy",
+                "protocol": "es",
+                "edit_id": f"e{i}",
+                "value": 1.0,
+            }
+        )
     m = retention_matrix(pl.DataFrame(rows))
     cells, spans = matrix_cells(m.values)
     assert list(m.steps) == [5, 10] and cells.shape == (2, 10) and spans[6] == (6, 6)
@@ -152,4 +275,4 @@ def test_retention_matrix_paints_only_measured_cells(tmp_path):
     binned, spans = matrix_cells(wide)
     assert binned.shape == (2, MATRIX_COLUMNS) and spans[0][0] == 0 and spans[-1][1] == 209
     a, b = spans[0]
-    assert binned[0, 0] == pytest.approx(np.nanmean(wide[0, a:b + 1]))
+    assert binned[0, 0] == pytest.approx(np.nanmean(wide[0, a : b + 1]))

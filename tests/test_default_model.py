@@ -57,8 +57,9 @@ def test_replay_on_default_model(fresh, tmp_path):
     cfg = RunConfig(stream="builtin", steps=3, probe_every=1)
     result = replay(cfg, tmp_path / "run", lm=fresh, progress=False)
     results = pl.read_parquet(result.run.results_path)
-    own = results.filter((pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy")
-                         & (pl.col("protocol") == "es"))
+    own = results.filter(
+        (pl.col("probe") == "edit_quality") & (pl.col("metric") == "efficacy") & (pl.col("protocol") == "es")
+    )
     before = own.filter(pl.col("step") == 0)
     after = own.filter(pl.col("step") > 0)
     assert after.height == 3 and after["value"].mean() >= 2 / 3, after

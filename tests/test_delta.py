@@ -29,8 +29,12 @@ def test_low_rank_apply_and_nbytes(tiny):
 
 
 def test_save_load_roundtrip(tmp_path):
-    delta = Delta({"a.weight": ParamChange(dense=torch.randn(3, 4)),
-                   "b.weight": ParamChange(u=torch.randn(5, 2), v=torch.randn(6, 2))})
+    delta = Delta(
+        {
+            "a.weight": ParamChange(dense=torch.randn(3, 4)),
+            "b.weight": ParamChange(u=torch.randn(5, 2), v=torch.randn(6, 2)),
+        }
+    )
     delta.save(tmp_path / "d.safetensors")
     again = Delta.load(tmp_path / "d.safetensors")
     assert set(again.changes) == {"a.weight", "b.weight"}
@@ -147,17 +151,21 @@ def _flip_last_data_byte(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("editor, overrides, damaged", [
-    ("ft", {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "5"}, "step_000002.safetensors"),
-    ("grace", {"layer": "2"}, "state_000003.safetensors"),
-])
+@pytest.mark.parametrize(
+    "editor, overrides, damaged",
+    [
+        ("ft", {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "5"}, "step_000002.safetensors"),
+        ("grace", {"layer": "2"}, "state_000003.safetensors"),
+    ],
+)
 def test_damaged_delta_or_state_is_named_on_resume_and_checkout(tmp_path, stream_file, editor, overrides, damaged):
     from lifelong.delta import DamagedFileError
     from lifelong.replay import checkout, replay
     from lifelong.run import RunConfig
 
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), editor=editor, probe_every=2,
-                    editor_overrides=overrides)
+    cfg = RunConfig(
+        model="tiny-llama", stream=str(stream_file), editor=editor, probe_every=2, editor_overrides=overrides
+    )
     run = replay(cfg, tmp_path / "r", progress=False, stop_after=3).run
     _flip_last_data_byte(run.deltas_dir / damaged)
     with pytest.raises(DamagedFileError, match=rf"{damaged}: damaged file.*checksum"):

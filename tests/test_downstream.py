@@ -13,10 +13,35 @@ import torch
 from lifelong.models import load_model
 from probes import OptionError, ProbeContext, Scorer, make_probe
 from probes.scorer import Scores
-from probes.tasks import (BUILTIN_TASKS, DATA_TASKS, TASK_DIR, Choice, Generate, choice_predictions, conll_entities,
-                          entity_counts, exact_match, f1_from_counts, generate, last_number, load_task, normalize_answer,
-                          number_match, read_boolq, read_conll03, read_gsm8k, read_mmlu, read_mutual, read_nq, read_rte,
-                          read_samsum, read_sst2, rouge_scores, score_generations, TaskDataError)
+from probes.tasks import (
+    BUILTIN_TASKS,
+    DATA_TASKS,
+    TASK_DIR,
+    Choice,
+    Generate,
+    choice_predictions,
+    conll_entities,
+    entity_counts,
+    exact_match,
+    f1_from_counts,
+    generate,
+    last_number,
+    load_task,
+    normalize_answer,
+    number_match,
+    read_boolq,
+    read_conll03,
+    read_gsm8k,
+    read_mmlu,
+    read_mutual,
+    read_nq,
+    read_rte,
+    read_samsum,
+    read_sst2,
+    rouge_scores,
+    score_generations,
+    TaskDataError,
+)
 from tests.conftest import SHARED_DATA
 
 
@@ -29,8 +54,13 @@ class TableScorer:
     def score(self, pairs):
         nll = np.array([self.table[a][0] for _, a in pairs])
         n = np.array([self.table[a][1] for _, a in pairs])
-        return Scores(nll=nll, logprob=-nll * n, exact=np.zeros(len(pairs), bool), token_acc=np.zeros(len(pairs)),
-                      argmax=[()] * len(pairs))
+        return Scores(
+            nll=nll,
+            logprob=-nll * n,
+            exact=np.zeros(len(pairs), bool),
+            token_acc=np.zeros(len(pairs)),
+            argmax=[()] * len(pairs),
+        )
 
 
 def test_choice_by_mean_or_total_logprob():
@@ -47,10 +77,17 @@ def test_choice_by_mean_or_total_logprob():
 
 def test_probe_accuracy_on_hand_made_items(monkeypatch):
     probe = make_probe("downstream:tasks=sentiment+facts,items=3")
-    probe.tasks = {"sentiment": [Choice("a", ("good", "bad"), 0), Choice("b", ("good", "bad"), 1),
-                                 Choice("c", ("bad", "good"), 1)],
-                   "facts": [Choice("d", ("bad", "good"), 0)]}
-    ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=TableScorer({"good": (0.1, 1), "bad": (2.0, 1)}))
+    probe.tasks = {
+        "sentiment": [
+            Choice("a", ("good", "bad"), 0),
+            Choice("b", ("good", "bad"), 1),
+            Choice("c", ("bad", "good"), 1),
+        ],
+        "facts": [Choice("d", ("bad", "good"), 0)],
+    }
+    ctx = ProbeContext(
+        step=0, timestamp=None, batch=(), history=[], scorer=TableScorer({"good": (0.1, 1), "bad": (2.0, 1)})
+    )
     reference, rows = probe.prepare(ctx)
     assert reference["sentiment"]["score"] == pytest.approx(2 / 3) and reference["facts"]["score"] == 0.0
     assert reference["mean"]["score"] == pytest.approx(1 / 3)
@@ -63,7 +100,9 @@ def test_probe_accuracy_on_hand_made_items(monkeypatch):
     assert by[("score", "sentiment")] == pytest.approx(1 / 3) and by[("score", "facts")] == 1.0
     assert by[("diff", "sentiment")] == pytest.approx(-1 / 3) and by[("ratio", "sentiment")] == pytest.approx(0.5)
     assert by[("diff", "facts")] == 1.0 and by[("diff", "mean")] == pytest.approx(1 / 3)
-    assert by[("gold_logprob_diff", "sentiment")] == pytest.approx(np.mean([-2.0, -0.1, -2.0]) - np.mean([-0.1, -2.0, -0.1]))
+    assert by[("gold_logprob_diff", "sentiment")] == pytest.approx(
+        np.mean([-2.0, -0.1, -2.0]) - np.mean([-0.1, -2.0, -0.1])
+    )
 
 
 def test_exact_match_normalisation():
@@ -87,10 +126,17 @@ def test_gsm8k_final_number():
 def test_entity_spans_and_f1():
     tokens = "EU rejects German call to boycott British lamb . Peter Blackburn".split()
     tags = ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O", "B-PER", "I-PER"]
-    assert conll_entities(tokens, tags) == [("EU", "ORG"), ("German", "MISC"), ("British", "MISC"),
-                                            ("Peter Blackburn", "PER")]
+    assert conll_entities(tokens, tags) == [
+        ("EU", "ORG"),
+        ("German", "MISC"),
+        ("British", "MISC"),
+        ("Peter Blackburn", "PER"),
+    ]
     # IOB1 style: I- after O opens a span; a type change closes one.
-    assert conll_entities(["New", "York", "Times"], ["I-LOC", "I-LOC", "I-ORG"]) == [("New York", "LOC"), ("Times", "ORG")]
+    assert conll_entities(["New", "York", "Times"], ["I-LOC", "I-LOC", "I-ORG"]) == [
+        ("New York", "LOC"),
+        ("Times", "ORG"),
+    ]
     gold = ["EU (ORG)", "German (MISC)", "Peter Blackburn (PER)"]
     assert entity_counts("EU (ORG); German (LOC); Peter Blackburn (PER); Bonn (LOC)", gold) == (2, 4, 3)
     assert f1_from_counts(2, 4, 3) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
@@ -114,6 +160,7 @@ def test_rouge_and_em_scores():
 
 # ---------------------------------------------------------------------- readers on small records
 
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -122,27 +169,52 @@ def write_jsonl(path, records):
 def test_readers_on_small_records(tmp_path):
     sst = read_sst2(write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a gem .", "label": 1, "idx": 0}]))
     assert sst == [Choice("Review: a gem .\nIs this review positive or negative? Answer:", ("negative", "positive"), 1)]
-    rte = read_rte(write_jsonl(tmp_path / "r.jsonl", [{"sentence1": "A b.", "sentence2": "C d.", "label": 0, "idx": 1},
-                                                      {"sentence1": "A b.", "sentence2": "E.", "label": 1, "idx": 2}]))
-    assert [it.choices[it.answer] for it in rte] == ["True", "False"] and "Question: C d. True or False?" in rte[0].prompt
-    boolq = read_boolq(write_jsonl(tmp_path / "b.jsonl", [{"classification": "False", "query": "is tea a plant",
-                                                           "evidences": [{"text": "Tea is a drink."}]}]))
+    rte = read_rte(
+        write_jsonl(
+            tmp_path / "r.jsonl",
+            [
+                {"sentence1": "A b.", "sentence2": "C d.", "label": 0, "idx": 1},
+                {"sentence1": "A b.", "sentence2": "E.", "label": 1, "idx": 2},
+            ],
+        )
+    )
+    assert [it.choices[it.answer] for it in rte] == ["True", "False"] and "Question: C d. True or False?" in rte[
+        0
+    ].prompt
+    boolq = read_boolq(
+        write_jsonl(
+            tmp_path / "b.jsonl",
+            [{"classification": "False", "query": "is tea a plant", "evidences": [{"text": "Tea is a drink."}]}],
+        )
+    )
     assert boolq[0].prompt == "Tea is a drink.\nQuestion: Is tea a plant?\nAnswer (yes or no):" and boolq[0].answer == 0
-    mmlu = read_mmlu(write_jsonl(tmp_path / "m.jsonl", [{"question": "2+2?", "subject": "math",
-                                                          "choices": ["3", "4", "5", "6"], "answer": 1}]))
+    mmlu = read_mmlu(
+        write_jsonl(
+            tmp_path / "m.jsonl",
+            [{"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}],
+        )
+    )
     assert mmlu[0].prompt == "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:" and mmlu[0].choices == ("A", "B", "C", "D")
     assert mmlu[0].answer == 1
-    mutual = read_mutual(write_jsonl(tmp_path / "u.jsonl", [{"answers": "C", "options": ["a", "b", "c", "d"],
-                                                              "article": "m : hi . f : hello .", "id": "dev_1"}]))
+    mutual = read_mutual(
+        write_jsonl(
+            tmp_path / "u.jsonl",
+            [{"answers": "C", "options": ["a", "b", "c", "d"], "article": "m : hi . f : hello .", "id": "dev_1"}],
+        )
+    )
     assert mutual[0] == Choice("m : hi . f : hello .", ("a", "b", "c", "d"), 2)
     nq = read_nq(write_jsonl(tmp_path / "n.jsonl", [{"question": "who wrote hamlet", "answer": ["Shakespeare"]}]))
     assert nq[0] == Generate("Question: who wrote hamlet?\nAnswer:", ("Shakespeare",), "em")
     gsm = read_gsm8k(write_jsonl(tmp_path / "g.jsonl", [{"question": "How many?", "answer": "2 + 2 = 4\n#### 1,004"}]))
     assert gsm[0].references == ("1004",) and gsm[0].prompt.endswith("Question: How many?\nAnswer:")
-    (tmp_path / "sam.json").write_text(json.dumps([{"instruction": "x", "dialogue": "A: hi\nB: yo", "summary": "A greets B."}]))
+    (tmp_path / "sam.json").write_text(
+        json.dumps([{"instruction": "x", "dialogue": "A: hi\nB: yo", "summary": "A greets B."}])
+    )
     sam = read_samsum(tmp_path / "sam.json")
     assert sam[0].references == ("A greets B.",) and sam[0].prompt.startswith("Dialogue:\nA: hi\nB: yo")
-    (tmp_path / "c.txt").write_text("SOCCER NN B-NP O\nJAPAN NNP B-NP B-LOC\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n")
+    (tmp_path / "c.txt").write_text(
+        "SOCCER NN B-NP O\nJAPAN NNP B-NP B-LOC\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
+    )
     conll = read_conll03(tmp_path / "c.txt")
     assert [it.references for it in conll] == [("JAPAN (LOC)",), ("Peter Blackburn (PER)",)]
     assert conll[0].prompt.endswith("Sentence: SOCCER JAPAN\nEntities:")
@@ -161,8 +233,17 @@ def test_readers_name_the_bad_record(tmp_path):
         read_conll03(tmp_path / "c.txt")
 
 
-EXPECTED_COUNTS = {"sst2": 500, "rte": 262, "boolq": 500, "mmlu": 500, "mutual": 500, "nq": 500, "gsm8k": 500,
-                   "samsum": 500, "conll03": 500}
+EXPECTED_COUNTS = {
+    "sst2": 500,
+    "rte": 262,
+    "boolq": 500,
+    "mmlu": 500,
+    "mutual": 500,
+    "nq": 500,
+    "gsm8k": 500,
+    "samsum": 500,
+    "conll03": 500,
+}
 
 
 @pytest.mark.data
@@ -189,6 +270,7 @@ def test_missing_shared_file_is_a_clear_error(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the built-in suite and options
+
 
 def test_builtin_suite_has_five_balanced_tasks_of_forty():
     assert len(BUILTIN_TASKS) >= 5
@@ -272,6 +354,7 @@ def test_generation_skips_leading_newlines_and_stops_after_the_first_line():
 
 # ---------------------------------------------------------------------- the seed study's protocol
 
+
 def test_seed_choice_answers_outside_the_options_score_zero():
     from probes.tasks import choice_from_generation, score_choice_generations
 
@@ -281,8 +364,12 @@ def test_seed_choice_answers_outside_the_options_score_zero():
     assert choice_from_generation("neutral", ("negative", "positive")) is None
     assert choice_from_generation("", ("no", "yes")) is None
     assert choice_from_generation("yes indeed", ("yes", "yes indeed")) == 1  # the longest option wins
-    items = [Choice("a", ("negative", "positive"), 1), Choice("b", ("negative", "positive"), 0),
-             Choice("c", ("negative", "positive"), 0), Choice("d", ("negative", "positive"), 1)]
+    items = [
+        Choice("a", ("negative", "positive"), 1),
+        Choice("b", ("negative", "positive"), 0),
+        Choice("c", ("negative", "positive"), 0),
+        Choice("d", ("negative", "positive"), 1),
+    ]
     # right, wrong, invalid, invalid: accuracy over all four items, half the answers valid
     assert score_choice_generations(items, ["positive", "positive", "maybe", "The"]) == {"score": 0.25, "valid": 0.5}
     assert score_choice_generations(items, ["?"] * 4) == {"score": 0.0, "valid": 0.0}  # a score can reach 0
@@ -314,17 +401,21 @@ def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch)
     answers = {"a": "good", "b": "I'd say good", "c": "bad", "q": "the answer is Rome"}
     monkeypatch.setattr(ds, "load_task", lambda name: [])  # the items are set below: no data files needed
     seed = make_probe("downstream:tasks=sentiment+nq,items=3,protocol=seed")
-    tasks = {"sentiment": [Choice("a", ("good", "bad"), 0), Choice("b", ("good", "bad"), 0),
-                           Choice("c", ("bad", "good"), 1)],
-             "nq": [Generate("q", ("Rome",), "em")]}
+    tasks = {
+        "sentiment": [
+            Choice("a", ("good", "bad"), 0),
+            Choice("b", ("good", "bad"), 0),
+            Choice("c", ("bad", "good"), 1),
+        ],
+        "nq": [Generate("q", ("Rome",), "em")],
+    }
     seed.tasks = tasks
 
     class Gen(TableScorer):
         def generate(self, prompts, limit):  # the probe generates only through the scorer
             return [answers[p] for p in prompts]
 
-    ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[],
-                       scorer=Gen({"good": (0.1, 1), "bad": (2.0, 1)}))
+    ctx = ProbeContext(step=0, timestamp=None, batch=(), history=[], scorer=Gen({"good": (0.1, 1), "bad": (2.0, 1)}))
     _, rows = seed.prepare(ctx)
     by = {(r.metric, r.protocol): r.value for r in rows}
     # 'a' right; 'b' gives no option at its start (invalid, 0); 'c' valid but wrong
@@ -336,7 +427,9 @@ def test_seed_protocol_rows_are_named_and_likelihood_rows_unchanged(monkeypatch)
     likelihood.tasks = tasks
     _, rows = likelihood.prepare(ctx)
     by = {(r.metric, r.protocol): r.value for r in rows}
-    assert by[("score", "sentiment")] == 1.0 and by[("score", "nq")] == 0.0  # "good" wins by likelihood; EM of the whole answer
+    assert (
+        by[("score", "sentiment")] == 1.0 and by[("score", "nq")] == 0.0
+    )  # "good" wins by likelihood; EM of the whole answer
     assert {p for _, p in by} == {"sentiment", "nq", "mean"}
     with pytest.raises(OptionError, match="protocol must be likelihood or seed"):
         make_probe("downstream:protocol=gen")

@@ -22,7 +22,17 @@ def load_template():
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_template_editor_passes_the_kit(model):
     editor = load_template().NudgeEditor
-    report = check_editor(lambda: editor(editor.Params(layer=1)), model=model, max_examples=2, max_edits=2,
-                          invariants=["revert_restores_base", "checkout_equals_live", "empty_batch_is_noop",
-                                      "scope_respected", "delta_matches_change"])
+    report = check_editor(
+        lambda: editor(editor.Params(layer=1)),
+        model=model,
+        max_examples=2,
+        max_edits=2,
+        invariants=[
+            "revert_restores_base",
+            "checkout_equals_live",
+            "empty_batch_is_noop",
+            "scope_respected",
+            "delta_matches_change",
+        ],
+    )
     report.raise_if_failed()

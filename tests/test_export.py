@@ -22,9 +22,23 @@ def scalars(directory):
 
 def test_streamed_and_written_after_agree_with_the_results(tmp_path, stream_file, capsys):
     run, live, after = tmp_path / "run", tmp_path / "tb-live", tmp_path / "tb-after"
-    argv = ["replay", "--model", "tiny-llama", "--stream", str(stream_file), "--steps", "3", "--probe-every", "1",
-            "--quiet", "--out", str(run), "--export", f"tensorboard:{live}",
-            *[f"--set={k}={v}" for k, v in TINY_FT.items()]]
+    argv = [
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(stream_file),
+        "--steps",
+        "3",
+        "--probe-every",
+        "1",
+        "--quiet",
+        "--out",
+        str(run),
+        "--export",
+        f"tensorboard:{live}",
+        *[f"--set={k}={v}" for k, v in TINY_FT.items()],
+    ]
     assert main(argv) == 0
     assert main(["export", str(run), "--to", f"tensorboard:{after}"]) == 0
     assert "step-level figures" in capsys.readouterr().out
@@ -40,9 +54,11 @@ def test_streamed_and_written_after_agree_with_the_results(tmp_path, stream_file
 
 
 def test_per_edit_rows_and_nan_are_left_out_and_bad_specs_refused(capsys, tmp_path):
-    rows = [{"probe": "retention", "metric": "retention", "protocol": "es", "edit_id": "e1", "value": 1.0},
-            {"probe": "chains", "metric": "failure_rate", "protocol": "p", "edit_id": None, "value": float("nan")},
-            {"probe": "perplexity", "metric": "ratio", "protocol": "corpus", "edit_id": None, "value": 1.5}]
+    rows = [
+        {"probe": "retention", "metric": "retention", "protocol": "es", "edit_id": "e1", "value": 1.0},
+        {"probe": "chains", "metric": "failure_rate", "protocol": "p", "edit_id": None, "value": float("nan")},
+        {"probe": "perplexity", "metric": "ratio", "protocol": "corpus", "edit_id": None, "value": 1.5},
+    ]
     assert list(scalar_rows(rows)) == [("perplexity/ratio/corpus", 1.5)]
     code = main(["replay", "--model", "tiny-llama", "--export", "wandb:proj", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err

@@ -44,7 +44,7 @@ def test_each_write_is_flushed_before_its_rename_and_its_directory_after(tmp_pat
         tmp = f"{path.parent}/.{path.name}.tmp-{os.getpid()}"
         i = events.index(("replace", tmp, str(path)))
         assert ("fsync", tmp) in events[:i], events  # the bytes first
-        assert ("fsync", str(path.parent)) in events[i + 1:], events  # then the rename
+        assert ("fsync", str(path.parent)) in events[i + 1 :], events  # then the rename
     # the directories the first write created were flushed into their parents
     events.clear()
     atomic_write_text(tmp_path / "x" / "y" / "z.txt", "z")
@@ -143,8 +143,10 @@ def _tensor_file(path: Path) -> tuple:
 
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k).contiguous() for k in f.keys()}
-        return f.metadata(), {k: (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
-                              for k, t in tensors.items()}
+        return f.metadata(), {
+            k: (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+            for k, t in tensors.items()
+        }
 
 
 def _bitwise_state(run_path: Path, steps: int) -> dict:
@@ -155,8 +157,7 @@ def _bitwise_state(run_path: Path, steps: int) -> dict:
     table = pl.read_parquet(run_path / "results.parquet")
     deltas = {p.name: _tensor_file(p) for p in sorted((run_path / "deltas").glob("*.safetensors"))}
     model = checkout(run_path, steps).model
-    return {"results": table, "deltas": deltas,
-            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {"results": table, "deltas": deltas, "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 @pytest.mark.slow  # about a minute: 25 tiny replays in forked processes
@@ -174,13 +175,19 @@ def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path,
     from lifelong.run import RunConfig, RunDir, is_temporary
     from tests.conftest import TINY_FT
 
-    config = RunConfig(model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1,
-                       editor_overrides=dict(TINY_FT))
+    config = RunConfig(
+        model="tiny-llama", stream=str(stream_file), steps=2, probe_every=1, editor_overrides=dict(TINY_FT)
+    )
     job = {"config": dataclasses.asdict(config), "root": str(tmp_path)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFELONG_THREADS": "1"}
     (tmp_path / "worker.py").write_text(WORKER)
-    done = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(Path(__file__).parents[1]),
-                           json.dumps(job)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "worker.py"), str(Path(__file__).parents[1]), json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     writes = report["writes"]
@@ -203,13 +210,49 @@ def test_a_kill_at_any_write_point_resumes_to_the_uninterrupted_result(tmp_path,
 
 # Any text, lone surrogates included (what a non-UTF-8 byte in argv becomes).
 _TEXT = st.text(st.characters(blacklist_categories=()), max_size=12)
-_NUMBERS = st.sampled_from(["0", "-1", "1", "2", "3", "15", "1e-3", "1e30", "-1e30", "nan", "inf", "-inf", "none",
-                            "true", "", " ", "1_000", "0x10", "+5", "99999999999999999999"])
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
-                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
-                     max_leaves=6)
-_FIELDS = ["id", "timestamp", "subject", "relation_id", "prompt", "target_new", "target_true", "paraphrases",
-           "neighborhood", "candidates", "chain", "colour"]
+_NUMBERS = st.sampled_from(
+    [
+        "0",
+        "-1",
+        "1",
+        "2",
+        "3",
+        "15",
+        "1e-3",
+        "1e30",
+        "-1e30",
+        "nan",
+        "inf",
+        "-inf",
+        "none",
+        "true",
+        "",
+        " ",
+        "1_000",
+        "0x10",
+        "+5",
+        "99999999999999999999",
+    ]
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = [
+    "id",
+    "timestamp",
+    "subject",
+    "relation_id",
+    "prompt",
+    "target_new",
+    "target_true",
+    "paraphrases",
+    "neighborhood",
+    "candidates",
+    "chain",
+    "colour",
+]
 
 
 @st.composite
@@ -222,41 +265,65 @@ def _stream_text(draw) -> bytes:
         record = edit.to_dict()
         kind = draw(st.sampled_from(["valid"] * 4 + ["field", "field", "drop", "raw"]))
         if kind == "field":
-            record[draw(st.sampled_from(_FIELDS))] = draw(_JSON | st.sampled_from(
-                ["9999-12-31T23:00:00-05:00", "2024-02-30", "The {} is", "x" * 70_000, "\ud800", None]))
+            record[draw(st.sampled_from(_FIELDS))] = draw(
+                _JSON
+                | st.sampled_from(
+                    ["9999-12-31T23:00:00-05:00", "2024-02-30", "The {} is", "x" * 70_000, "\ud800", None]
+                )
+            )
         elif kind == "drop":
             record.pop(draw(st.sampled_from(_FIELDS[:6])))
         line = (json.dumps(record) if kind != "raw" else draw(_TEXT)).encode("utf-8", "surrogatepass")
-        lines.append(draw(st.sampled_from([line, line, line[: len(line) // 2], b"\xff" + line])) if kind == "raw"
-                     else line)
+        lines.append(
+            draw(st.sampled_from([line, line, line[: len(line) // 2], b"\xff" + line])) if kind == "raw" else line
+        )
     return b"\n".join(lines) + b"\n"
 
 
 _SETS = st.tuples(
-    st.lists(st.tuples(st.sampled_from(["lr", "max_steps", "layer", "norm_constraint", "stop_loss", "speed"]),
-                       _NUMBERS | _NUMBERS | _TEXT).map(lambda kv: f"{kv[0]}={kv[1]}"), max_size=2),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["lr", "max_steps", "layer", "norm_constraint", "stop_loss", "speed"]),
+            _NUMBERS | _NUMBERS | _TEXT,
+        ).map(lambda kv: f"{kv[0]}={kv[1]}"),
+        max_size=2,
+    ),
     st.lists(_TEXT, max_size=1) | st.just([]) | st.just([]),  # now and then an item that is not key=value
 ).map(lambda parts: parts[0] + parts[1])
-_PROBES = st.lists(st.tuples(
-    st.sampled_from(["weight_drift", "retention", "perplexity", "edit_quality", "nope"]),
-    st.lists(st.tuples(st.sampled_from(["schedule", "max_tokens", "fraction", "seed", "chunk_tokens", "zzz"]),
-                       _NUMBERS | st.sampled_from(["every:0", "every:2", "log", "end", "chains"]) | _TEXT),
-             max_size=2),
-).map(lambda p: p[0] + (":" + ",".join(f"{k}={v}" for k, v in p[1]) if p[1] else "")), max_size=1)
+_PROBES = st.lists(
+    st.tuples(
+        st.sampled_from(["weight_drift", "retention", "perplexity", "edit_quality", "nope"]),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["schedule", "max_tokens", "fraction", "seed", "chunk_tokens", "zzz"]),
+                _NUMBERS | st.sampled_from(["every:0", "every:2", "log", "end", "chains"]) | _TEXT,
+            ),
+            max_size=2,
+        ),
+    ).map(lambda p: p[0] + (":" + ",".join(f"{k}={v}" for k, v in p[1]) if p[1] else "")),
+    max_size=1,
+)
 
 
 def _tree(directory: Path) -> dict:
-    return {p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(directory): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 _FUZZ = {"n": 0}
 
 
 @pytest.mark.slow  # about a minute: a few of the 25 inputs run a replay
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(stream=_stream_text(), sets=_SETS, probes=_PROBES)
 def test_any_input_runs_or_is_refused_in_one_line_leaving_nothing(tmp_path, capsys, stream, sets, probes):
     """Every stream file, --set and --probe a user can give either runs, or is refused with one
@@ -267,13 +334,41 @@ def test_any_input_runs_or_is_refused_in_one_line_leaving_nothing(tmp_path, caps
     _FUZZ["n"] += 1
     path = tmp_path / f"s{_FUZZ['n']}.jsonl"
     path.write_bytes(stream)
-    argv = ["replay", "--model", "tiny-llama", "--stream", str(path), "--steps", "1", "--probe-every", "1", "--quiet",
-            *[f"--set={k}={v}" for k, v in TINY_FT.items() if not any(s.startswith(k + "=") for s in sets)],
-            *[f"--set={s}" for s in sets], *[f"--probe={p}" for p in probes]]
+    argv = [
+        "replay",
+        "--model",
+        "tiny-llama",
+        "--stream",
+        str(path),
+        "--steps",
+        "1",
+        "--probe-every",
+        "1",
+        "--quiet",
+        *[f"--set={k}={v}" for k, v in TINY_FT.items() if not any(s.startswith(k + "=") for s in sets)],
+        *[f"--set={s}" for s in sets],
+        *[f"--probe={p}" for p in probes],
+    ]
     existing = tmp_path / "existing"
     if not existing.exists():  # one finished run, shared by the examples
-        assert main(["replay", "--model", "tiny-llama", "--stream", str(_good_stream(tmp_path)), "--steps", "1",
-                     "--quiet", "--out", str(existing), *[f"--set={k}={v}" for k, v in TINY_FT.items()]]) == 0
+        assert (
+            main(
+                [
+                    "replay",
+                    "--model",
+                    "tiny-llama",
+                    "--stream",
+                    str(_good_stream(tmp_path)),
+                    "--steps",
+                    "1",
+                    "--quiet",
+                    "--out",
+                    str(existing),
+                    *[f"--set={k}={v}" for k, v in TINY_FT.items()],
+                ]
+            )
+            == 0
+        )
         capsys.readouterr()
     out = tmp_path / f"r{_FUZZ['n']}"
     code = main([*argv, "--out", str(out)])

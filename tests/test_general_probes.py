@@ -19,8 +19,10 @@ from probes import OptionError, Scorer, make_probe
 from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences, token_nll
 from tests.conftest import SHARED_DATA, TINY_FT
 
-TEXT = ("The red fox runs over the green hill at dawn. A small bird sings in the old oak tree. "
-        "Rain falls on the quiet town and the river grows wide. ") * 3
+TEXT = (
+    "The red fox runs over the green hill at dawn. A small bird sings in the old oak tree. "
+    "Rain falls on the quiet town and the river grows wide. "
+) * 3
 
 
 def train_to_repeat(lm, text: str, steps: int = 150) -> None:
@@ -89,7 +91,9 @@ def test_trained_text_has_lower_perplexity_than_shuffled(trained, tmp_path, text
     assert 3 * seen["corpus"] < scrambled["corpus"]
     assert 3 * seen["sentence_mean"] < scrambled["sentence_mean"]
     # Read as the one sequence it was trained on, the text is nearly certain.
-    whole = make_probe(f"perplexity:chunk_tokens=1024,corpus={text_file}").perplexities(Scorer(trained.model, trained.tokenizer))
+    whole = make_probe(f"perplexity:chunk_tokens=1024,corpus={text_file}").perplexities(
+        Scorer(trained.model, trained.tokenizer)
+    )
     assert whole["corpus"] < 1.05
     # The untrained model sees no difference of that size.
     fresh = load_model("tiny-llama")
@@ -174,8 +178,12 @@ class ScramblerEditor(Editor):
 def test_scrambled_layer_crosses_the_threshold_and_collapse_step_is_reported(trained, tmp_path, stream_file, text_file):
     lm = load_model("tiny-llama")
     lm.model.load_state_dict(trained.model.state_dict())
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2,
-                    probes=[f"perplexity:schedule=every:1,chunk_tokens=64,corpus={text_file}", "weight_drift"])
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(stream_file),
+        probe_every=2,
+        probes=[f"perplexity:schedule=every:1,chunk_tokens=64,corpus={text_file}", "weight_drift"],
+    )
     result = replay(cfg, tmp_path / "run", lm=lm, editor=ScramblerEditor(), progress=False)
     rows = result.run.results().filter(pl.col("probe") == "perplexity")
     ratio = rows.filter((pl.col("metric") == "ratio") & (pl.col("protocol") == "corpus")).sort("step")
@@ -192,16 +200,22 @@ def test_scrambled_layer_crosses_the_threshold_and_collapse_step_is_reported(tra
     touched = drift.filter((pl.col("metric") == "touched") & (pl.col("protocol") == "total")).sort("step")
     weight = lm.model.get_parameter(lm.adapter.out_proj_param_name(1))
     assert touched["value"].to_list() == [0, 0, weight.numel(), weight.numel(), weight.numel(), weight.numel()]
-    norm = drift.filter((pl.col("metric") == "frobenius") & (pl.col("protocol") == "per_matrix")
-                        & (pl.col("step") == 6))["value"][0]
+    norm = drift.filter(
+        (pl.col("metric") == "frobenius") & (pl.col("protocol") == "per_matrix") & (pl.col("step") == 6)
+    )["value"][0]
     base = trained.model.get_parameter(lm.adapter.out_proj_param_name(1)).detach().double()
     assert norm == pytest.approx(float((weight.detach().double() - base).norm()), rel=1e-9)
 
 
 def test_weight_drift_counts_a_sparse_edit(tmp_path, stream_file):
     lm = load_model("tiny-llama")
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=3, editor_overrides=dict(TINY_FT),
-                    probes=["weight_drift:schedule=every:3"])
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(stream_file),
+        probe_every=3,
+        editor_overrides=dict(TINY_FT),
+        probes=["weight_drift:schedule=every:3"],
+    )
     result = replay(cfg, tmp_path / "ft", lm=lm, progress=False)
     drift = result.run.results().filter(pl.col("probe") == "weight_drift")
     assert sorted(set(drift["step"])) == [3, 6]
@@ -224,8 +238,9 @@ def test_ratio_at_last_step_is_not_the_theta0_value_before_any_edit_step():
     from lifelong.summary import general_ability_lines
 
     row = {"probe": "perplexity", "protocol": "corpus", "edit_id": None}
-    results = pl.DataFrame([{**row, "step": 0, "metric": "perplexity", "value": 20.0},
-                            {**row, "step": 0, "metric": "ratio", "value": 1.0}])
+    results = pl.DataFrame(
+        [{**row, "step": 0, "metric": "perplexity", "value": 20.0}, {**row, "step": 0, "metric": "ratio", "value": 1.0}]
+    )
     lines = {ln.measure: ln.estimate.value for ln in general_ability_lines(results) if ln.protocol == "corpus"}
     assert lines["perplexity at θ0"] == 20.0 and math.isnan(lines["perplexity ratio to θ0 at last step"])
     later = pl.concat([results, pl.DataFrame([{**row, "step": 5, "metric": "ratio", "value": 1.5}])])

@@ -61,11 +61,17 @@ def test_round_chains_obj_is_the_true_objects_of_subject_and_relation():
     from probes.chains import chain_plans
 
     city = Relation("city", "A city of {} is", (), ("Paris", "Lyon", "Rome", "Berlin", "Madrid"))
-    fs = [Fact("fr1", "France", city, "Paris", "Rome", ()), Fact("fr2", "France", city, "Lyon", "Madrid", ()),
-          Fact("de", "Germany", city, "Berlin", "Paris", ())]
+    fs = [
+        Fact("fr1", "France", city, "Paris", "Rome", ()),
+        Fact("fr2", "France", city, "Lyon", "Madrid", ()),
+        Fact("de", "Germany", city, "Berlin", "Paris", ()),
+    ]
     chains = round_chains(fs)
-    assert [c[0].candidates for c in chains] == [("Paris", "Lyon", "Rome"), ("Lyon", "Paris", "Madrid"),
-                                                 ("Berlin", "Paris")]
+    assert [c[0].candidates for c in chains] == [
+        ("Paris", "Lyon", "Rome"),
+        ("Lyon", "Paris", "Madrid"),
+        ("Berlin", "Paris"),
+    ]
     plans = chain_plans([(e,) for c in chains for e in c])
     assert [plans[c[0].chain.chain_id].objects for c in chains] == [("Paris", "Lyon"), ("Lyon", "Paris"), ("Berlin",)]
     for seed in range(5):
@@ -94,7 +100,9 @@ def test_round_chains_k3_and_left_out():
     assert [c[0].chain.chain_id for c in chains] == ["round-fr", "round-de"]
     assert left == [("x", "relation 'two' has too few candidates for a 3-round edit")]
     path = [chains[0][0].target_true] + [e.target_new for e in chains[0]]
-    assert path[0] == path[-1] == "Paris" and path[1] == "Rome" and len(set(path[1:-1])) == 3 and "Paris" not in path[1:-1]
+    assert (
+        path[0] == path[-1] == "Paris" and path[1] == "Rome" and len(set(path[1:-1])) == 3 and "Paris" not in path[1:-1]
+    )
     assert [e.chain.role for e in chains[0]] == ["round-out"] * 3 + ["round-back"]
     assert all(a.target_new == b.target_true for a, b in zip(chains[0], chains[0][1:]))
     assert round_chains(facts(), k=3, seed=1) == chains  # seeded
@@ -154,7 +162,9 @@ def test_timestamps_regular_poisson_given():
     reg = timestamps(3, start=start, interval=datetime.timedelta(hours=2))
     assert reg == [start, start + datetime.timedelta(hours=2), start + datetime.timedelta(hours=4)]
     p1 = timestamps(200, "poisson", start=start, seed=5)
-    assert p1 == timestamps(200, "poisson", start=start, seed=5) and p1 != timestamps(200, "poisson", start=start, seed=6)
+    assert p1 == timestamps(200, "poisson", start=start, seed=5) and p1 != timestamps(
+        200, "poisson", start=start, seed=6
+    )
     assert all(b > a for a, b in zip(p1, p1[1:])) and p1[0] == start
     mean_gap = (p1[-1] - p1[0]).total_seconds() / 199 / 86400
     assert 0.7 < mean_gap < 1.3
@@ -187,8 +197,12 @@ CITY_CAP = Relation("city_capital", "The capital of the country of {} is", (), (
 def test_composite_chains_carry_their_tied_fact():
     from streams.generators import composite_chains
 
-    fs = FactSet("t", "test", {r.id: r for r in (CAP, CITY, CITY_CAP)},
-                 (Fact("lyon", "Lyon", CITY, "France", "Italy", ()), Fact("fr", "France", CAP, "Paris", "Rome", ())))
+    fs = FactSet(
+        "t",
+        "test",
+        {r.id: r for r in (CAP, CITY, CITY_CAP)},
+        (Fact("lyon", "Lyon", CITY, "France", "Italy", ()), Fact("fr", "France", CAP, "Paris", "Rome", ())),
+    )
     (chain,) = composite_chains(fs, [("city_country", "capital", "city_capital")], seed=1)
     tied, e1, e2 = chain
     assert [e.chain.role for e in chain] == ["tied-fact", "conflict-e1", "conflict-e2"]
@@ -208,8 +222,11 @@ def test_multihop_chains_follow_the_new_object():
     rome = Fact("rome", "Rome", CAPITAL_OF, "Italy", "Spain", ())
     chains = multihop_chains([*facts(), rome])
     assert [[(e.subject, e.target_true, e.target_new) for e in c] for c in chains] == [
-        [("France", "Paris", "Rome"), ("Rome", "Italy", "Spain")]]
+        [("France", "Paris", "Rome"), ("Rome", "Italy", "Spain")]
+    ]
     assert {e.chain.role for e in chains[0]} == {"multi-hop"}
     stream = layout(chains + plain_edits(facts()[1:2]), gap=0)
     assert [tuple(e.id for e in c) for c in chains_of(stream)] == [
-        ("multihop-fr-rome-0", "multihop-fr-rome-1"), ("plain-de",)]
+        ("multihop-fr-rome-0", "multihop-fr-rome-1"),
+        ("plain-de",),
+    ]

@@ -66,8 +66,12 @@ def _hooked(query):
 @pytest.mark.parametrize("query", ["last", "every"])
 def test_query_position_by_hand(query):
     g, layer = _hooked(query)
-    x = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [1.1, 0.0]],  # last token within ε of the key
-                      [[1.0, 0.0], [3.0, 0.0], [3.0, 1.0]]])  # only an earlier token within ε
+    x = torch.tensor(
+        [
+            [[1.0, 0.0], [3.0, 0.0], [1.1, 0.0]],  # last token within ε of the key
+            [[1.0, 0.0], [3.0, 0.0], [3.0, 1.0]],
+        ]
+    )  # only an earlier token within ε
     with torch.no_grad():
         y = layer(x)
     want = x.clone()
@@ -115,8 +119,12 @@ def edited():
 @given(text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40))
 def test_outside_every_radius_outputs_equal_base(edited, text):
     lm, editor, base = edited
-    with torch.no_grad(), __import__("lifelong.editors.locate", fromlist=["capture_keys"]).capture_keys(
-            lm.adapter, editor.params.layer) as seen:
+    with (
+        torch.no_grad(),
+        __import__("lifelong.editors.locate", fromlist=["capture_keys"]).capture_keys(
+            lm.adapter, editor.params.layer
+        ) as seen,
+    ):
         got = logits(lm, [text])
     hit, _ = editor.lookup(seen[0][:, -1])  # the one query: the last token
     want = logits(base, [text])

@@ -12,8 +12,9 @@ from tests.conftest import TINY_FT
 
 def test_continuations_are_the_checked_out_models(tmp_path, stream_file):
     lm = load_model("tiny-llama")
-    config = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2,
-                       editor_overrides={**TINY_FT, "lr": "0.5"})
+    config = RunConfig(
+        model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides={**TINY_FT, "lr": "0.5"}
+    )
     run = replay(config, tmp_path / "r", lm=lm, progress=False, stop_after=4).run
     chosen, rows, steps = before_after(run.path, count=2, tokens=6)
     assert [k for k, _ in chosen] == [1, 4] and steps == [0, 1, 4]

@@ -41,8 +41,7 @@ def run_probe(without_hypothesis: bool) -> dict[str, str]:
     block = "import sys; sys.modules['hypothesis'] = None  # as if it were not installed\n"
     code = (block if without_hypothesis else "") + textwrap.dedent(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return dict(line.split(" ", 1) for line in done.stdout.splitlines())
 

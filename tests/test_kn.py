@@ -120,6 +120,7 @@ def test_each_selected_column_moves_by_the_rules_formula(tiny, edits, rule):
     assert mask.any()
     acts = {}
     for layer in layers:  # a_i at the prompt's last position: the output projection's input
+
         def keep(mod, args, layer=layer):
             acts[layer] = args[0][0, -1].clone()
 

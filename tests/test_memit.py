@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from lifelong.editors import make_editor
-from lifelong.editors.locate import CONTEXT_TEMPLATES, average_key, capture_keys, contexts, fit_value, subject_token_index
+from lifelong.editors.locate import (
+    CONTEXT_TEMPLATES,
+    average_key,
+    capture_keys,
+    contexts,
+    fit_value,
+    subject_token_index,
+)
 from tests.conftest import make_edits
 
 FAST = {"v_steps": "5", "templates": "3", "layers": "1,2", "cov_tokens": "1024"}
@@ -111,8 +118,10 @@ def test_default_lambda_scales_with_key_width(tiny):
 def test_alphaedit_projector_from_svd_with_absolute_threshold(tiny):
     """P = U_s U_sᵀ over the left singular vectors of C whose singular values are below the threshold
     (AlphaEdit's get_project); nullspace_rule=relative compares them with threshold × the largest."""
-    for settings, limit in ((ALPHA, lambda s: 0.5), ({**FAST, "nullspace_rule": "relative",
-                                                      "nullspace_threshold": "0.1"}, lambda s: 0.1 * s.max())):
+    for settings, limit in (
+        (ALPHA, lambda s: 0.5),
+        ({**FAST, "nullspace_rule": "relative", "nullspace_threshold": "0.1"}, lambda s: 0.1 * s.max()),
+    ):
         editor = make_editor("alphaedit", settings).bind(tiny)
         for layer in (1, 2):
             u, s, _ = torch.linalg.svd(editor.second_moment(tiny, layer))
@@ -134,8 +143,9 @@ def test_alphaedit_solve_is_the_original_equation(tiny):
     editor.load_state_dict({"past_keys.1": past})  # summed into Σ Kₚ Kₚᵀ
     u, v = editor.solve(tiny, 1, keys, residual)
     p = editor.projector(tiny, 1)
-    expected = torch.linalg.solve(p @ (keys @ keys.T + past @ past.T) + 10 * torch.eye(m, dtype=torch.float64),
-                                  p @ keys @ residual.T)
+    expected = torch.linalg.solve(
+        p @ (keys @ keys.T + past @ past.T) + 10 * torch.eye(m, dtype=torch.float64), p @ keys @ residual.T
+    )
     torch.testing.assert_close((u @ v.T).T, expected, atol=1e-10, rtol=1e-8)
 
 
@@ -154,15 +164,19 @@ def test_alphaedit_compact_state_equals_the_key_list(tiny):
         saved.append(editor.step_state())
     assert [s["past_keys.1"].shape for s in saved] == [(m, 3)] * 5  # one step's keys each
     assert editor.state_dict()["past_cov.1"].shape == (m, m)
-    keys, residual = torch.randn(m, 2, generator=gen, dtype=torch.float64), torch.randn(d, 2, generator=gen, dtype=torch.float64)
+    keys, residual = (
+        torch.randn(m, 2, generator=gen, dtype=torch.float64),
+        torch.randn(d, 2, generator=gen, dtype=torch.float64),
+    )
     live = editor.solve(tiny, 1, keys, residual)
     restored = make_editor("alphaedit", ALPHA).bind(tiny)
     restored.load_step_states(saved)
     again = restored.solve(tiny, 1, keys, residual)
     whole = torch.cat(steps, 1).double()
     p = editor.projector(tiny, 1)
-    expected = torch.linalg.solve(p @ (keys @ keys.T + whole @ whole.T) + 10 * torch.eye(m, dtype=torch.float64),
-                                  p @ keys @ residual.T)
+    expected = torch.linalg.solve(
+        p @ (keys @ keys.T + whole @ whole.T) + 10 * torch.eye(m, dtype=torch.float64), p @ keys @ residual.T
+    )
     for u, v in (live, again):
         torch.testing.assert_close((u @ v.T).T, expected, atol=1e-9, rtol=1e-7)
     old = make_editor("alphaedit", ALPHA).bind(tiny)
@@ -175,7 +189,12 @@ def test_original_defaults(tiny):
     6 context templates with grouped keys; AlphaEdit's absolute 2e-2 threshold and L2 = 10."""
     memit = make_editor("memit", {}).params
     assert (memit.clamp_norm, memit.v_scale, memit.templates, memit.key_average, memit.stop_on) == (
-        0.75, "layer_output", 6, "grouped", "total")
+        0.75,
+        "layer_output",
+        6,
+        "grouped",
+        "total",
+    )
     alpha = make_editor("alphaedit", {"layers": "1"}).bind(tiny).params
     assert (alpha.nullspace_rule, alpha.nullspace_threshold, alpha.l2, alpha.clamp_norm) == ("absolute", 2e-2, 10, 0.75)
     relative = make_editor("alphaedit", {"layers": "1", "nullspace_rule": "relative"}).bind(tiny).params

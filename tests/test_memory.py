@@ -39,8 +39,16 @@ def test_retrieval_picks_the_subject_not_the_neighbor(lm, memory):
 
 def test_same_subject_and_relation_replaces(lm, memory):
     first = make_edits(1)[0]
-    back = first.__class__(**{**first.to_dict(), "id": "back", "target_new": "City0", "target_true": "Nova0",
-                              "timestamp": first.timestamp, "neighborhood": first.neighborhood})
+    back = first.__class__(
+        **{
+            **first.to_dict(),
+            "id": "back",
+            "target_new": "City0",
+            "target_true": "Nova0",
+            "timestamp": first.timestamp,
+            "neighborhood": first.neighborhood,
+        }
+    )
     memory.apply(lm, [back])
     assert len(memory.records) == 4
     assert memory.rewrite(lm, [first.rendered_prompt])[0].startswith("Fact: The capital of Country0 is City0.")
@@ -57,8 +65,10 @@ def test_answer_positions_follow_the_longer_prompt(lm, memory):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40),
-       answer=st.sampled_from(["Paris", "blue", "42"]))
+@given(
+    text=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40),
+    answer=st.sampled_from(["Paris", "blue", "42"]),
+)
 def test_nothing_retrieved_scores_equal_base(lm, memory, text, answer):
     found = memory.retrieve(lm, [text])[0]
     edited = Scorer(lm.model, lm.tokenizer, rewrite=memory.prompt_rewriter(lm)).score([(text, answer)])
@@ -90,7 +100,9 @@ def test_weights_state_resume_checkout(tmp_path, stream_file, capsys):
     cols = ["step", "probe", "metric", "protocol", "edit_id"]
     assert full.run.results().drop("run_id").sort(cols).equals(resumed.run.results().drop("run_id").sort(cols))
     rebuilt = checkout(tmp_path / "full", 6)
-    assert len(rebuilt.editor.records) == 6 and checkout(tmp_path / "full", 2).editor.records[-1]["subject"] == "Country1"
+    assert (
+        len(rebuilt.editor.records) == 6 and checkout(tmp_path / "full", 2).editor.records[-1]["subject"] == "Country1"
+    )
     pairs = [(e.rendered_prompt, e.target_new) for e in make_edits(6)]
     plain = Scorer(rebuilt.model, rebuilt.tokenizer).score(pairs).nll
     assert not (scorer_for(rebuilt).score(pairs).nll == plain).all()
@@ -104,8 +116,9 @@ def test_a_step_saves_only_the_records_it_added(tmp_path, stream_file):
 
     from lifelong.delta import DeltaStore
 
-    run = replay(RunConfig(model="tiny-llama", editor="memory", stream=str(stream_file), steps=4), tmp_path / "m",
-                 progress=False).run
+    run = replay(
+        RunConfig(model="tiny-llama", editor="memory", stream=str(stream_file), steps=4), tmp_path / "m", progress=False
+    ).run
     states = DeltaStore(run.deltas_dir, {}).step_states(4, incremental=True)
     assert [len(json.loads(bytes(s["records_json"].tolist()))) for s in states] == [1, 1, 1, 1]
     editor = make_editor("memory")
@@ -132,19 +145,27 @@ def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     def spy(input_ids, **kwargs):
         out = original(input_ids=input_ids, **kwargs)
         width = input_ids.shape[1]
-        seen.append([lm.tokenizer.decode(row, skip_special_tokens=True) for row in input_ids]
-                    + [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out])
+        seen.append(
+            [lm.tokenizer.decode(row, skip_special_tokens=True) for row in input_ids]
+            + [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        )
         return out
 
     monkeypatch.setattr(lm.model, "generate", spy)
     for rewrite in (None, memory.prompt_rewriter(lm)):
-        probe.scores(ProbeContext(step=0, timestamp=None, batch=(), history=[],
-                                  scorer=Scorer(lm.model, lm.tokenizer, rewrite=rewrite)))
+        probe.scores(
+            ProbeContext(
+                step=0, timestamp=None, batch=(), history=[], scorer=Scorer(lm.model, lm.tokenizer, rewrite=rewrite)
+            )
+        )
     (base_prompt, base_out), (edited_prompt, edited_out) = seen
     assert base_prompt == e.rendered_prompt
     assert edited_prompt == f"Fact: {e.rendered_prompt} {e.target_new}.\nQuestion: {e.rendered_prompt}"
     assert edited_out != base_out  # the continuation is not θ0's
     monkeypatch.undo()
     got = Scorer(lm.model, lm.tokenizer, rewrite=memory.prompt_rewriter(lm)).generate([e.rendered_prompt], 8)
-    assert got == generate(lm.model, lm.tokenizer, [edited_prompt], 8) != generate(lm.model, lm.tokenizer,
-                                                                                    [e.rendered_prompt], 8)
+    assert (
+        got
+        == generate(lm.model, lm.tokenizer, [edited_prompt], 8)
+        != generate(lm.model, lm.tokenizer, [e.rendered_prompt], 8)
+    )

@@ -12,15 +12,39 @@ from hypothesis import strategies as st
 from lifelong.editors import make_editor
 from streams import Edit
 
-VOCAB = ["new", "york", "New", "paris", "st", "saint", "louis", "o'neil", "de", "la", "costa", "rica", "x1", "van",
-         "der", "Berg", "the", "of"]
+VOCAB = [
+    "new",
+    "york",
+    "New",
+    "paris",
+    "st",
+    "saint",
+    "louis",
+    "o'neil",
+    "de",
+    "la",
+    "costa",
+    "rica",
+    "x1",
+    "van",
+    "der",
+    "Berg",
+    "the",
+    "of",
+]
 RELATIONS = [("capital", "The capital of {} is"), ("born", "{} was born in"), ("lang", "The language of {} is")]
 
 
 def _edit(i: int, subject: str, relation: int) -> Edit:
     rel, prompt = RELATIONS[relation]
-    return Edit(id=f"m{i}", timestamp=datetime(2024, 1, 1, tzinfo=timezone.utc), subject=subject, relation_id=rel,
-                prompt=prompt, target_new=f"T{i}")
+    return Edit(
+        id=f"m{i}",
+        timestamp=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        subject=subject,
+        relation_id=rel,
+        prompt=prompt,
+        target_new=f"T{i}",
+    )
 
 
 def _memory(threshold: float, top_k: int):
@@ -32,12 +56,15 @@ _prompt = st.lists(st.sampled_from(VOCAB + ["capital", "born", "language", "is",
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(batches=st.lists(st.lists(st.tuples(_subject, st.integers(0, 2)), min_size=1, max_size=6), min_size=1,
-                        max_size=6),
-       prompts=st.lists(_prompt, min_size=1, max_size=6),
-       threshold=st.sampled_from([0.05, 0.1, 0.1000001, 0.2, 0.35, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.8, 0.9, 1.0, 1.05,
-                                  1.1, 1.2]) | st.floats(0.0, 1.3),
-       top_k=st.integers(1, 4))
+@given(
+    batches=st.lists(st.lists(st.tuples(_subject, st.integers(0, 2)), min_size=1, max_size=6), min_size=1, max_size=6),
+    prompts=st.lists(_prompt, min_size=1, max_size=6),
+    threshold=st.sampled_from(
+        [0.05, 0.1, 0.1000001, 0.2, 0.35, 0.5, 0.6, 2 / 3, 0.7, 0.75, 0.8, 0.9, 1.0, 1.05, 1.1, 1.2]
+    )
+    | st.floats(0.0, 1.3),
+    top_k=st.integers(1, 4),
+)
 def test_indexed_lexical_retrieval_equals_the_exhaustive_scorer(batches, prompts, threshold, top_k):
     memory = _memory(threshold, top_k)
     n = 0
@@ -55,8 +82,13 @@ def test_indexed_lexical_retrieval_equals_the_exhaustive_scorer(batches, prompts
     steps = []
     for batch_start in range(0, n, 3):
         step = _memory(threshold, top_k)
-        step.apply(None, [_edit(batch_start + i, s, r) for i, (s, r) in
-                          enumerate([x for b in batches for x in b][batch_start:batch_start + 3])])
+        step.apply(
+            None,
+            [
+                _edit(batch_start + i, s, r)
+                for i, (s, r) in enumerate([x for b in batches for x in b][batch_start : batch_start + 3])
+            ],
+        )
         steps.append(step.step_state())
     other.load_step_states(steps)
     assert [r["subject"] for r in other.records] == [r["subject"] for r in memory.records]

@@ -51,8 +51,17 @@ def trained(tmp_path_factory):
     EditStream(make_edits(40)).to_jsonl(data)
     lm = load_model("tiny-llama")
     torch.set_num_threads(1)
-    paths = {steps: train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=steps, checkpoint_every=10),
-                                       directory=work / f"h{steps}", progress=False) for steps in (0, 40)}
+    paths = {
+        steps: train_hypernetwork(
+            lm,
+            LAYERS,
+            str(data),
+            TrainConfig(steps=steps, checkpoint_every=10),
+            directory=work / f"h{steps}",
+            progress=False,
+        )
+        for steps in (0, 40)
+    }
     return data, paths
 
 
@@ -90,8 +99,9 @@ def test_update_is_low_rank_with_one_term_per_token(trained):
     tokens = sum(len(p) + len(a) for p, a in (scorer.encode(e.rendered_prompt, e.target_new) for e in batch))
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     delta = editor.apply(lm, batch)
-    assert sorted(delta.changes) == sorted(f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS
-                                           for k in ("gate", "up", "down"))
+    assert sorted(delta.changes) == sorted(
+        f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS for k in ("gate", "up", "down")
+    )
     for name, change in delta.changes.items():
         assert change.dense is None and change.rank == tokens  # stored as factors, one column per token
         dense = change.u.double() @ change.v.double().T  # float64, so float32 rounding adds no rank
@@ -131,27 +141,54 @@ def test_training_resumes_to_the_same_result(tmp_path):
     partial = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False, stop_after=2)
     assert not partial.exists() and (tmp_path / "b" / "checkpoint.pt").exists()
     with pytest.raises(ValueError, match="checkpoint at step 2, past the 1 steps asked for"):
-        train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=1, checkpoint_every=1, rank=4),
-                           directory=tmp_path / "b", progress=False)
+        train_hypernetwork(
+            lm,
+            LAYERS,
+            str(data),
+            TrainConfig(steps=1, checkpoint_every=1, rank=4),
+            directory=tmp_path / "b",
+            progress=False,
+        )
     resumed = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False)
     a, meta = load_hypernetwork(whole, lm.device)
     b, _ = load_hypernetwork(resumed, lm.device)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert meta["steps"] == 4 and meta["train_ids"] == [e.id for e in make_edits(12)]
     with pytest.raises(ValueError, match="different training set-up"):
-        train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=4, rank=8), directory=tmp_path / "b",
-                           progress=False)
+        train_hypernetwork(
+            lm, LAYERS, str(data), TrainConfig(steps=4, rank=8), directory=tmp_path / "b", progress=False
+        )
 
 
 def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model("tiny-llama")
-    with pytest.raises(FileNotFoundError, match="run `lifelong train-mend --model tiny-llama --layers 1,2,3 "
-                                                "--params gate,up,down"):
+    with pytest.raises(
+        FileNotFoundError, match="run `lifelong train-mend --model tiny-llama --layers 1,2,3 --params gate,up,down"
+    ):
         make_editor("mend", {"train_data": str(data)}).bind(lm)
-    assert main(["train-mend", "--model", "tiny-llama", "--data", str(data), "--steps", "2", "--rank", "4",
-                 "--holdout", "2", "--eval-every", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train-mend",
+                "--model",
+                "tiny-llama",
+                "--data",
+                str(data),
+                "--steps",
+                "2",
+                "--rank",
+                "4",
+                "--holdout",
+                "2",
+                "--eval-every",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     path = hypernet_dir(lm, LAYERS, str(data)) / "hypernet.safetensors"
     out = capsys.readouterr().out
     assert str(path.resolve()) in out and "held-out ES" in out
@@ -162,8 +199,9 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
     hyper = editor.hyperparameters()
     assert hyper["hypernet_steps"] == 2 and hyper["params"] == "gate,up,down"  # resolved, for the manifest
     assert hyper["layers"] == "1,2,3"
-    assert hyper["edited_weights"] == [f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS
-                                       for k in ("gate", "up", "down")]
+    assert hyper["edited_weights"] == [
+        f"model.layers.{x}.mlp.{k}_proj.weight" for x in LAYERS for k in ("gate", "up", "down")
+    ]
     assert editor.apply(lm, make_edits(1, start=50))
     _, meta = load_hypernetwork(path, lm.device)
     assert meta["train_ids"] == [e.id for e in make_edits(6)] and meta["heldout_ids"] == ["e6", "e7"]
@@ -183,13 +221,33 @@ def test_replay_refuses_a_stream_overlapping_the_training_records(trained, tmp_p
     editor.check_stream(EditStream(make_edits(3, start=100)))  # disjoint: fine
     stream = tmp_path / "eval.jsonl"
     EditStream(make_edits(2, start=100) + make_edits(1, start=7)).to_jsonl(stream)
-    config = RunConfig(model="tiny-llama", editor="mend", stream=str(stream),
-                       editor_overrides={"layers": "1-3", "hypernet": str(paths[0])})
+    config = RunConfig(
+        model="tiny-llama",
+        editor="mend",
+        stream=str(stream),
+        editor_overrides={"layers": "1-3", "hypernet": str(paths[0])},
+    )
     with pytest.raises(OverlapError, match="overlaps the MEND hypernetwork's training records.*1 of 3 edits.*e7"):
         replay(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-    code = main(["replay", "--model", "tiny-llama", "--editor", "mend", "--stream", str(stream), "--set", "layers=1-3",
-                 "--set", f"hypernet={paths[0]}", "--out", str(tmp_path / "run"), "--quiet"])
+    code = main(
+        [
+            "replay",
+            "--model",
+            "tiny-llama",
+            "--editor",
+            "mend",
+            "--stream",
+            str(stream),
+            "--set",
+            "layers=1-3",
+            "--set",
+            f"hypernet={paths[0]}",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "overlaps" in err
 
@@ -220,8 +278,10 @@ def _mlp_inputs_by_hand(lm, layers, edit) -> dict[tuple[int, str], torch.Tensor]
     scorer = Scorer(lm.model, lm.tokenizer)
     data = _ids_mask(scorer, [(edit.rendered_prompt, edit.target_new)])
     seen = {}
-    handles = [lm.adapter.layer(x).mlp.register_forward_pre_hook(lambda m, a, x=x: seen.__setitem__(x, a[0].detach()))
-               for x in layers]
+    handles = [
+        lm.adapter.layer(x).mlp.register_forward_pre_hook(lambda m, a, x=x: seen.__setitem__(x, a[0].detach()))
+        for x in layers
+    ]
     with torch.no_grad():
         lm.model(input_ids=data.ids, attention_mask=data.mask)
     for h in handles:
@@ -243,7 +303,7 @@ def test_gradient_factors_are_the_rank_one_terms_of_each_weights_gradient(model,
     lm = load_model(model)
     edit = make_edits(1, start=100)[0]
     targets = edit_targets(LAYERS, kinds)
-    assert [t[1] for t in targets[:len(kinds)]] == list(kinds) and len(targets) == 3 * len(kinds)
+    assert [t[1] for t in targets[: len(kinds)]] == list(kinds) and len(targets) == 3 * len(kinds)
     factors = edit_gradient_factors(lm, targets, [(edit.rendered_prompt, edit.target_new)])
     by_hand, grads = _mlp_inputs_by_hand(lm, LAYERS, edit), _plain_gradient(lm, edit)
     for target, (u, delta) in zip(targets, factors):
@@ -261,8 +321,9 @@ def test_untrained_hypernetwork_steps_along_minus_alpha_times_the_gradient(model
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model(model)
-    path = train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=0, rank=4), directory=tmp_path / "h",
-                              progress=False)
+    path = train_hypernetwork(
+        lm, LAYERS, str(data), TrainConfig(steps=0, rank=4), directory=tmp_path / "h", progress=False
+    )
     edit = make_edits(1, start=100)[0]
     grads = _plain_gradient(lm, edit)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
@@ -298,7 +359,7 @@ def test_update_is_minus_alpha_times_transformed_factors_per_weight(trained):
         m = net.mode[i]
         h = z + torch.relu((z @ g.v1.T @ g.u1.T + g.b1) * g.scale1[m] + g.shift1[m])
         out = h + (h @ g.v2.T @ g.u2.T + g.b2) * g.scale2[m] + g.shift2[m]
-        u_t, d_t = out[:, :g.d_in], out[:, g.d_in:]
+        u_t, d_t = out[:, : g.d_in], out[:, g.d_in :]
         expected = -net.log_lr[i].exp() * torch.einsum("to,ti->oi", d_t, u_t)
         name = lm.adapter.mlp_proj_name(*target) + ".weight"
         assert torch.allclose(delta.changes[name].materialize(), expected, atol=1e-6, rtol=1e-4), target
@@ -312,8 +373,9 @@ def test_down_only_setting_keeps_the_former_key_format_and_still_loads(tmp_path)
     path = train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=2, rank=4), params="down", progress=False)
     # the cache directory the down-only editor always had: key (model, layers, data), no params in it
     digest = hashlib.sha256(json.dumps([model_key(lm), LAYERS, str(data)]).encode()).hexdigest()[:12]
-    assert path.parent.name == f"tiny-llama-L1_2_3-{digest}" and path.parent == hypernet_dir(lm, LAYERS, str(data),
-                                                                                              "down")
+    assert path.parent.name == f"tiny-llama-L1_2_3-{digest}" and path.parent == hypernet_dir(
+        lm, LAYERS, str(data), "down"
+    )
     # a file as the former editor wrote it: one unshared network per layer, metadata without targets/params
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -12,8 +12,19 @@ import pytest
 
 from lifelong.run import RunConfig
 from probes import PROBES, Probe, ProbeSuite, Row
-from probes.metric_table import (CHAINS, DISTORTION_JS, DOWNSTREAM, FAILURE_RATE, METRICS, ROUGE1, ROUGE2, ROUGE_L,
-                                 ROUND_SUCCESS, Metric, out_of_range)
+from probes.metric_table import (
+    CHAINS,
+    DISTORTION_JS,
+    DOWNSTREAM,
+    FAILURE_RATE,
+    METRICS,
+    ROUGE1,
+    ROUGE2,
+    ROUGE_L,
+    ROUND_SUCCESS,
+    Metric,
+    out_of_range,
+)
 from streams import ChainLink, Edit, EditStream, Neighbor
 from tests.conftest import TINY_FT
 from tests.test_chains_probe import chain_stream
@@ -34,16 +45,31 @@ def test_every_metric_a_tiny_replay_emits_is_in_the_table_and_in_range(tmp_path)
     from lifelong.replay import replay
 
     path = tmp_path / "chains.jsonl"
-    edits = [replace(e, neighborhood=(Neighbor("The capital of Land is", "Town"),)) if e.id == "f1" else e
-             for e in chain_stream()]  # a neighbor, for locality
+    edits = [
+        replace(e, neighborhood=(Neighbor("The capital of Land is", "Town"),)) if e.id == "f1" else e
+        for e in chain_stream()
+    ]  # a neighbor, for locality
     EditStream(edits).to_jsonl(path)
     common = dict(model="tiny-llama", stream=str(path), editor_overrides=dict(TINY_FT))
-    full = replay(RunConfig(**common, steps=9, probe_every=3,
-                            probes=["chains:remeasure=2,tfd_ref=both", "weight_drift", "retention:schedule=every:3,sample=2",
-                                    "perplexity:schedule=every:3,max_tokens=256,max_sentences=8",
-                                    "downstream:schedule=every:9,items=2"]), tmp_path / "full", progress=False)
-    seed = replay(RunConfig(**common, steps=1, probes=["downstream:items=2,protocol=seed"]), tmp_path / "seed",
-                  progress=False)
+    full = replay(
+        RunConfig(
+            **common,
+            steps=9,
+            probe_every=3,
+            probes=[
+                "chains:remeasure=2,tfd_ref=both",
+                "weight_drift",
+                "retention:schedule=every:3,sample=2",
+                "perplexity:schedule=every:3,max_tokens=256,max_sentences=8",
+                "downstream:schedule=every:9,items=2",
+            ],
+        ),
+        tmp_path / "full",
+        progress=False,
+    )
+    seed = replay(
+        RunConfig(**common, steps=1, probes=["downstream:items=2,protocol=seed"]), tmp_path / "seed", progress=False
+    )
     results = pl.concat([full.run.results(), seed.run.results()])
     emitted = set(results.select("probe", "metric").unique().iter_rows())
     assert emitted - set(METRICS) == set()
@@ -80,9 +106,11 @@ def test_kit_fails_an_out_of_range_distortion(value, fails, monkeypatch, tmp_pat
     monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
     default_suite = lifelong.replay.default_suite
     monkeypatch.setattr(FakeDistortion, "value", value)
-    monkeypatch.setattr(lifelong.replay, "default_suite",
-                        lambda config: ProbeSuite([p for p in default_suite(config).probes if p.name != CHAINS]
-                                                  + [FakeDistortion()]))  # in place of the kit's chain probe
+    monkeypatch.setattr(
+        lifelong.replay,
+        "default_suite",
+        lambda config: ProbeSuite([p for p in default_suite(config).probes if p.name != CHAINS] + [FakeDistortion()]),
+    )  # in place of the kit's chain probe
     report = check_editor(ToyEditor, invariants=["metric_bounds"], max_examples=1, shrink=False)
     if fails:
         assert report.failed == ["metric_bounds"]
@@ -101,11 +129,25 @@ def test_kit_replays_with_the_chain_probe_and_checks_its_rows(monkeypatch, tmp_p
 
     monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
     day = datetime(2024, 1, 1, tzinfo=timezone.utc)
-    out = Edit(id="e0", timestamp=day, subject="Ada", relation_id="capital", prompt="The capital of {} is",
-               target_new="Oslo", target_true="Rome", candidates=("Rome", "Oslo", "Lima", "Bern"),
-               chain=ChainLink("c0", "round-out"))
-    back = replace(out, id="e1", timestamp=day + timedelta(days=1), target_new="Rome", target_true="Oslo",
-                   chain=ChainLink("c0", "round-back"))
+    out = Edit(
+        id="e0",
+        timestamp=day,
+        subject="Ada",
+        relation_id="capital",
+        prompt="The capital of {} is",
+        target_new="Oslo",
+        target_true="Rome",
+        candidates=("Rome", "Oslo", "Lima", "Bern"),
+        chain=ChainLink("c0", "round-out"),
+    )
+    back = replace(
+        out,
+        id="e1",
+        timestamp=day + timedelta(days=1),
+        target_new="Rome",
+        target_true="Oslo",
+        chain=ChainLink("c0", "round-back"),
+    )
     stream = EditStream([out, back])
     metric_bounds(EditorUnderTest(ToyEditor), stream)  # in range as tabled
     monkeypatch.setitem(METRICS, (CHAINS, ROUND_SUCCESS), Metric(CHAINS, ROUND_SUCCESS, 2, 3, "no value fits"))

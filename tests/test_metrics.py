@@ -14,25 +14,29 @@ from probes.metrics import forgotten_at, retainability, retained_fraction, reten
 
 def table(rows):
     """rows: (step, probe, metric, protocol, edit_id, value)."""
-    full = [{"run_id": "r", "step": s, "timestamp": None, "probe": p, "metric": m, "protocol": pr,
-             "edit_id": e, "value": v} for s, p, m, pr, e, v in rows]
+    full = [
+        {"run_id": "r", "step": s, "timestamp": None, "probe": p, "metric": m, "protocol": pr, "edit_id": e, "value": v}
+        for s, p, m, pr, e, v in rows
+    ]
     return pl.DataFrame(full, schema=RESULT_SCHEMA, orient="row")
 
 
 # Three edits a, b, c made at steps 1, 2, 3; retention probed at steps 2 and 3.
 #   own-step scores: a=1, b=1, c=0
 #   after step 2: a=0, b=1        after step 3: a=1, b=0, c=1
-HAND = table([
-    (1, "edit_quality", "efficacy", "es", "a", 1.0),
-    (2, "edit_quality", "efficacy", "es", "b", 1.0),
-    (3, "edit_quality", "efficacy", "es", "c", 0.0),
-    (2, "retention", "retention", "es", "a", 0.0),
-    (2, "retention", "retention", "es", "b", 1.0),
-    (3, "retention", "retention", "es", "a", 1.0),
-    (3, "retention", "retention", "es", "b", 0.0),
-    (3, "retention", "retention", "es", "c", 1.0),
-    (0, "edit_quality", "efficacy", "es", "a", 0.0),  # θ0 rows must not count as own-step scores
-])
+HAND = table(
+    [
+        (1, "edit_quality", "efficacy", "es", "a", 1.0),
+        (2, "edit_quality", "efficacy", "es", "b", 1.0),
+        (3, "edit_quality", "efficacy", "es", "c", 0.0),
+        (2, "retention", "retention", "es", "a", 0.0),
+        (2, "retention", "retention", "es", "b", 1.0),
+        (3, "retention", "retention", "es", "a", 1.0),
+        (3, "retention", "retention", "es", "b", 0.0),
+        (3, "retention", "retention", "es", "c", 1.0),
+        (0, "edit_quality", "efficacy", "es", "a", 0.0),  # θ0 rows must not count as own-step scores
+    ]
+)
 
 
 def test_matrix_layout():
@@ -82,17 +86,19 @@ def test_superseded_edit_is_not_forgotten_and_leaves_the_denominator():
     """Edit a (step 1) is superseded by b (step 2, same subject and relation): from step 2 on it has a
     ``superseded`` row, not a ``retention`` one. Its score 0 at step 3 is no forgetting; the retained
     fraction at step 3 is over b and c only: (1 + 0) / 2."""
-    results = table([
-        (1, "edit_quality", "efficacy", "es", "a", 1.0),
-        (2, "edit_quality", "efficacy", "es", "b", 1.0),
-        (3, "edit_quality", "efficacy", "es", "c", 1.0),
-        (1, "retention", "retention", "es", "a", 1.0),
-        (2, "retention", "superseded", "es", "a", 0.0),
-        (2, "retention", "retention", "es", "b", 1.0),
-        (3, "retention", "superseded", "es", "a", 0.0),
-        (3, "retention", "retention", "es", "b", 1.0),
-        (3, "retention", "retention", "es", "c", 0.0),
-    ])
+    results = table(
+        [
+            (1, "edit_quality", "efficacy", "es", "a", 1.0),
+            (2, "edit_quality", "efficacy", "es", "b", 1.0),
+            (3, "edit_quality", "efficacy", "es", "c", 1.0),
+            (1, "retention", "retention", "es", "a", 1.0),
+            (2, "retention", "superseded", "es", "a", 0.0),
+            (2, "retention", "retention", "es", "b", 1.0),
+            (3, "retention", "superseded", "es", "a", 0.0),
+            (3, "retention", "retention", "es", "b", 1.0),
+            (3, "retention", "retention", "es", "c", 0.0),
+        ]
+    )
     m = retention_matrix(results)
     assert np.isnan(m.values[1:, 0]).all() and m.superseded[:, 0].tolist() == [False, True, True]
     assert retained_fraction(m.values).tolist() == [1.0, 1.0, 0.5]
@@ -118,8 +124,9 @@ def test_retention_probe_reports_superseded_edits():
     lm = load_model("tiny-llama")
     probe = RetentionProbe()
     history = [(e0,), (e1,), (again,)]
-    ctx = ProbeContext(step=3, timestamp=None, batch=history[-1], history=history,
-                       scorer=Scorer(lm.model, lm.tokenizer))
+    ctx = ProbeContext(
+        step=3, timestamp=None, batch=history[-1], history=history, scorer=Scorer(lm.model, lm.tokenizer)
+    )
     rows = probe.measure(ctx)
     by = {(r.metric, r.protocol, r.edit_id): r.value for r in rows}
     assert {k[2] for k in by if k[0] == "retention"} == {"e1", "e0-again"}
@@ -127,6 +134,7 @@ def test_retention_probe_reports_superseded_edits():
     for protocol in ("es", "exact"):  # the retained fraction is over the two live edits only
         live = [by[("retention", protocol, e)] for e in ("e1", "e0-again")]
         assert by[("retained_fraction", protocol, None)] == pytest.approx(np.mean(live))
-    ctx2 = ProbeContext(step=2, timestamp=None, batch=history[1], history=history[:2],
-                        scorer=Scorer(lm.model, lm.tokenizer))
+    ctx2 = ProbeContext(
+        step=2, timestamp=None, batch=history[1], history=history[:2], scorer=Scorer(lm.model, lm.tokenizer)
+    )
     assert not [r for r in probe.measure(ctx2) if r.metric == "superseded"]  # not yet superseded at step 2

@@ -135,18 +135,27 @@ def test_load_dtype_runs_checks_out_bitwise_and_is_recorded(tmp_path, stream_fil
 
     lm = load_model("tiny-llama", dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
-    config = RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT), probe_every=2,
-                       dtype="bfloat16")
+    config = RunConfig(
+        model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT), probe_every=2, dtype="bfloat16"
+    )
     run = replay(config, tmp_path / "bf16", lm=lm, progress=False, stop_after=2).run
     assert run.manifest()["identity"]["dtype"] == "bfloat16"
-    assert "dtype" not in replay(RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT)),
-                                 tmp_path / "f32", progress=False, stop_after=1).run.manifest()["identity"]
+    assert (
+        "dtype"
+        not in replay(
+            RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT)),
+            tmp_path / "f32",
+            progress=False,
+            stop_after=1,
+        ).run.manifest()["identity"]
+    )
     rebuilt = checkout(run.path, 2)
     assert all(torch.equal(p, q) for p, q in zip(rebuilt.model.parameters(), lm.model.parameters()))
     assert run.results()["value"].is_finite().all()
     with pytest.raises(ModelLoadError, match="--dtype float16 needs a GPU"):
-        replay(RunConfig(model="tiny-llama", stream=str(stream_file), dtype="float16"), tmp_path / "f16",
-               progress=False)
+        replay(
+            RunConfig(model="tiny-llama", stream=str(stream_file), dtype="float16"), tmp_path / "f16", progress=False
+        )
     assert not (tmp_path / "f16").exists()
     with pytest.raises(ModelLoadError, match="unknown --dtype 'int8'"):
         load_model("tiny-llama", dtype="int8")

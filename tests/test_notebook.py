@@ -31,8 +31,9 @@ def test_compare_notebook_executes(tmp_path, stream_file, monkeypatch):
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     rome = {"layer": "1", "v_steps": "8", "templates": "4", "mom2": "false"}
     cell.source = TINY_PARAMS.format(stream=str(stream_file), ft=dict(TINY_FT), rome=rome, out=str(tmp_path / "nb"))
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parents[1])}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parents[1])}}
+    ).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "ft: 3 steps" in outputs and "rome: 3 steps" in outputs
     assert "perplexity ratio to θ0 at last step" in outputs

@@ -34,8 +34,10 @@ class WeightNormProbe(Probe):
         after = [params[n].detach() for n in names]
         assert all(torch.equal(a, b) for a, b in zip(now, after)), "model_at did not restore the live weights"
         base = sum(float(ctx.base_params[n].norm()) for n in names)
-        return [Row(self.name, "at_step_1", self.options.label, first * self.options.scale),
-                Row(self.name, "theta0", self.options.label, base * self.options.scale)]
+        return [
+            Row(self.name, "at_step_1", self.options.label, first * self.options.scale),
+            Row(self.name, "theta0", self.options.label, base * self.options.scale),
+        ]
 
 
 @pytest.fixture
@@ -68,15 +70,21 @@ def test_a_probe_given_twice_is_refused_and_a_default_can_be_replaced(norm_probe
     suite = default_suite(RunConfig(probe_every=3, probes=["retention:schedule=log,fraction=0.5"]))
     assert [p.config() for p in suite.probes] == [
         {"name": "edit_quality", "schedule": "every:1"},
-        {"name": "retention", "schedule": "log", "options": {"fraction": 0.5, "seed": 0, "sample": 500}}]
+        {"name": "retention", "schedule": "log", "options": {"fraction": 0.5, "seed": 0, "sample": 500}},
+    ]
     with pytest.raises(ValueError, match="probe 'weight_norm_test' is given twice"):
         default_suite(RunConfig(probes=["weight_norm_test", "weight_norm_test:scale=2"]))
 
 
 def test_extra_probe_sees_earlier_steps_and_theta0(tmp_path, stream_file, norm_probe):
     lm = load_model("tiny-llama")
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT),
-                    probes=["weight_norm_test:schedule=every:2"])
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(stream_file),
+        probe_every=2,
+        editor_overrides=dict(TINY_FT),
+        probes=["weight_norm_test:schedule=every:2"],
+    )
     result = replay(cfg, tmp_path / "run", lm=lm, progress=False)
     rows = result.run.results().filter(result.run.results()["probe"] == "weight_norm_test")
     assert sorted(set(rows["step"])) == [2, 4, 6]
@@ -85,7 +93,10 @@ def test_extra_probe_sees_earlier_steps_and_theta0(tmp_path, stream_file, norm_p
     theta0 = rows.filter(rows["metric"] == "theta0")["value"].to_list()
     assert at1[0] != theta0[0]
     assert result.run.manifest()["identity"]["probes"][-1] == {
-        "name": "weight_norm_test", "schedule": "every:2", "options": {"scale": 1.0, "label": "w"}}
+        "name": "weight_norm_test",
+        "schedule": "every:2",
+        "options": {"scale": 1.0, "label": "w"},
+    }
 
 
 def test_retention_panel_is_seeded_stable_and_exact_where_probed(tmp_path, stream_file):
@@ -98,12 +109,24 @@ def test_retention_panel_is_seeded_stable_and_exact_where_probed(tmp_path, strea
     assert [in_panel(i, 0.25, 3) for i in ids] != [in_panel(i, 0.25, 4) for i in ids]
 
     lm = load_model("tiny-llama")
-    full = replay(RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT)),
-                  tmp_path / "all", lm=lm, progress=False).run.results()
+    full = replay(
+        RunConfig(model="tiny-llama", stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT)),
+        tmp_path / "all",
+        lm=lm,
+        progress=False,
+    ).run.results()
     lm = load_model("tiny-llama")
-    part = replay(RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT),
-                            probes=["retention:schedule=every:2,fraction=0.5,seed=1"]),
-                  tmp_path / "panel", lm=lm, progress=False).run.results()
+    part = replay(
+        RunConfig(
+            model="tiny-llama",
+            stream=str(stream_file),
+            editor_overrides=dict(TINY_FT),
+            probes=["retention:schedule=every:2,fraction=0.5,seed=1"],
+        ),
+        tmp_path / "panel",
+        lm=lm,
+        progress=False,
+    ).run.results()
     cols = ["step", "edit_id", "protocol", "value"]
     pick = (full["probe"] == "retention") & (full["metric"] == "retention")
     panel = part.filter((part["probe"] == "retention") & (part["metric"] == "retention"))

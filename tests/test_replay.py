@@ -92,8 +92,9 @@ def test_non_run_directory_is_refused(tmp_path, stream_file):
 def test_steps_and_batches(tmp_path, stream_file):
     r = replay(config(stream_file, steps=2, batch_size=2), tmp_path / "b", progress=False)
     assert r.total_steps == 2
-    own = r.run.results().filter((pl.col("probe") == "edit_quality") & (pl.col("step") > 0)
-                                 & (pl.col("protocol") == "es"))
+    own = r.run.results().filter(
+        (pl.col("probe") == "edit_quality") & (pl.col("step") > 0) & (pl.col("protocol") == "es")
+    )
     assert sorted(own["edit_id"]) == ["e0", "e1", "e2", "e3"]
     with pytest.raises(ValueError, match="has 6 steps; --steps 7 asks for more"):
         replay(config(stream_file, steps=7), tmp_path / "c", progress=False)
@@ -116,20 +117,32 @@ def test_tied_facts_are_probed_not_applied(tmp_path):
     edits = make_edits(2)
     edits[0] = replace(edits[0], chain=ChainLink("c1", "tied-fact"))
     EditStream(edits).to_jsonl(tmp_path / "tied.jsonl")
-    result = replay(RunConfig(model="tiny-llama", stream=str(tmp_path / "tied.jsonl"), editor_overrides=dict(TINY_FT)),
-                    tmp_path / "r", progress=False)
+    result = replay(
+        RunConfig(model="tiny-llama", stream=str(tmp_path / "tied.jsonl"), editor_overrides=dict(TINY_FT)),
+        tmp_path / "r",
+        progress=False,
+    )
     assert result.total_steps == 1 and result.run.manifest()["identity"]["stream_edits"] == 1
     assert "e0" not in set(result.run.results()["edit_id"].drop_nulls())
 
 
 def test_manifest_records_each_session_machine_and_precision(tmp_path, stream_file):
-    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), editor="rome", probe_every=3,
-                    editor_overrides={"layer": "1", "v_steps": "3", "cov_tokens": "256"})
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(stream_file),
+        editor="rome",
+        probe_every=3,
+        editor_overrides={"layer": "1", "v_steps": "3", "cov_tokens": "256"},
+    )
     replay(cfg, tmp_path / "r", progress=False, stop_after=1)
     done = replay(cfg, tmp_path / "r", progress=False, stop_after=1, threads=1)
     sessions = done.run.manifest()["sessions"]
     assert [s["from_step"] for s in sessions] == [0, 1]
-    assert sessions[1]["threads"] == {"threads": 1, "decided_by": "--threads", "usable_cores": sessions[1]["cpu"]["cores"]}
+    assert sessions[1]["threads"] == {
+        "threads": 1,
+        "decided_by": "--threads",
+        "usable_cores": sessions[1]["cpu"]["cores"],
+    }
     numerics = sessions[0]["numerics"]["v_dtype"]
     assert numerics["setting"] == "auto" and numerics["dtype"] in ("float32", "bfloat16") and numerics["reason"]
     assert sessions[0]["cpu"]["model"]
@@ -196,10 +209,18 @@ def test_second_writer_is_refused(tmp_path, stream_file):
     import sys
 
     run_dir = tmp_path / "r"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from lifelong.run import RunDir\n"
-        f"with RunDir({str(run_dir)!r}).writer_lock():\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from lifelong.run import RunDir\n"
+                f"with RunDir({str(run_dir)!r}).writer_lock():\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirError, match=rf"another process \(pid {holder.pid}\) is writing to this run"):
@@ -233,8 +254,13 @@ def test_a_model_reused_after_releasing_the_editor_keeps_no_hooks(tmp_path, stre
     for seed in (0, 1):
         editor = make_editor("grace")
         try:
-            replay(RunConfig(model="tiny-llama", editor="grace", stream=str(stream_file), seed=seed),
-                   tmp_path / f"g{seed}", lm=lm, editor=editor, progress=False)
+            replay(
+                RunConfig(model="tiny-llama", editor="grace", stream=str(stream_file), seed=seed),
+                tmp_path / f"g{seed}",
+                lm=lm,
+                editor=editor,
+                progress=False,
+            )
             assert hooks() > before  # the live model is the edited one until the editor is released
         finally:
             editor.release()
@@ -275,8 +301,11 @@ def test_kept_steps_check_out_bitwise_and_resume_exactly(tmp_path, stream_file, 
         ours, theirs = checkout(done.run.path, k), checkout(full_run.run.path, k)
         assert all(torch.equal(p, q) for p, q in zip(ours.model.parameters(), theirs.model.parameters())), k
     lost = next(k for k in range(1, 7) if k not in kept)
-    with pytest.raises(StepNotKept, match=rf"step {lost} was not kept \(this run keeps deltas {policy}\); "
-                                          r"steps that can be checked out: 0, "):
+    with pytest.raises(
+        StepNotKept,
+        match=rf"step {lost} was not kept \(this run keeps deltas {policy}\); "
+        r"steps that can be checked out: 0, ",
+    ):
         checkout(done.run.path, lost)
     with pytest.raises(RunDirError, match="differs in: keep_deltas"):  # the policy a run started with stays
         replay(config(stream_file), done.run.path, progress=False)
@@ -318,8 +347,16 @@ def test_step_log_survives_a_cut_line_and_old_progress_files_still_read(tmp_path
         run.progress()
     old = RunDir(tmp_path / "old")
     old.path.mkdir()
-    old.progress_path.write_text(json.dumps({"completed_step": 1, "total_steps": 2, "timestamps": {"1": None},
-                                             "seconds": {"0": {"probe": 1.0}, "1": {"edit": 2.0}}}))
+    old.progress_path.write_text(
+        json.dumps(
+            {
+                "completed_step": 1,
+                "total_steps": 2,
+                "timestamps": {"1": None},
+                "seconds": {"0": {"probe": 1.0}, "1": {"edit": 2.0}},
+            }
+        )
+    )
     assert old.progress()["seconds"]["1"] == {"edit": 2.0}
     old.mark_complete(2, None, {"edit": 3.0}, 2)
     assert old.progress()["seconds"] == {"0": {"probe": 1.0}, "1": {"edit": 2.0}, "2": {"edit": 3.0}}
@@ -330,7 +367,11 @@ def test_retention_sample_is_in_the_identity_only_where_it_acts(tmp_path, stream
     identity leaves it out (older runs keep resuming); a cap that acts is recorded."""
     retention = next(p for p in full_run.run.manifest()["identity"]["probes"] if p["name"] == "retention")
     assert "sample" not in retention["options"]
-    capped = replay(config(stream_file, probes=["retention:schedule=every:2,sample=3"]), tmp_path / "capped",
-                    progress=False, stop_after=1)
+    capped = replay(
+        config(stream_file, probes=["retention:schedule=every:2,sample=3"]),
+        tmp_path / "capped",
+        progress=False,
+        stop_after=1,
+    )
     retention = next(p for p in capped.run.manifest()["identity"]["probes"] if p["name"] == "retention")
     assert retention["options"]["sample"] == 3

@@ -60,8 +60,24 @@ def test_small_reproduction_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- reproduce:begin -->\nSTALE TABLE\n<!-- reproduce:end -->\nrest\n")
     out = tmp_path / "R.md"
-    args = ["--model", "tiny-llama", "--scale", "items=2", "--seeds", "2", "--claims", "grace,round",
-            "--work", str(tmp_path / "work"), "--out", str(out), "--readme", str(readme), "--threads", "1"]
+    args = [
+        "--model",
+        "tiny-llama",
+        "--scale",
+        "items=2",
+        "--seeds",
+        "2",
+        "--claims",
+        "grace,round",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--readme",
+        str(readme),
+        "--threads",
+        "1",
+    ]
     R.main(args)
     doc = out.read_text()
     assert doc.count("n=2") >= 6
@@ -71,8 +87,10 @@ def test_small_reproduction_end_to_end(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n<!-- reproduce:begin -->") and "STALE TABLE" not in text and text.endswith("rest\n")
     assert "GRACE keeps locality" in text
+
     # The runs are kept: the document is rewritten from them without running anything, to the same figures.
     def figures(s):
         return [line for line in s.splitlines() if line.startswith("| ") and "n=2" in line]
+
     R.main(args + ["--report-only"])
     assert figures(out.read_text()) == figures(doc)

@@ -74,8 +74,9 @@ def test_sampled_interval_covers_the_exact_fraction_at_about_its_rate():
 def _ctx(lm, history):
     from probes import ProbeContext, Scorer
 
-    return ProbeContext(step=len(history), timestamp=None, batch=history[-1], history=history,
-                        scorer=Scorer(lm.model, lm.tokenizer))
+    return ProbeContext(
+        step=len(history), timestamp=None, batch=history[-1], history=history, scorer=Scorer(lm.model, lm.tokenizer)
+    )
 
 
 def test_probe_scores_every_edit_under_the_cap_and_exactly_sample_above_it():
@@ -95,21 +96,33 @@ def test_probe_scores_every_edit_under_the_cap_and_exactly_sample_above_it():
         assert {r.edit_id for r in scored} == chosen
         assert all(r.value == by_full[("retention", protocol, r.edit_id)] for r in scored)
         meta = {r.metric: r.value for r in rows if r.protocol == protocol and r.edit_id is None}
-        assert meta == {"retained_fraction": pytest.approx(np.mean([r.value for r in scored])),
-                        "sample_size": 3.0, "sample_population": 7.0}
+        assert meta == {
+            "retained_fraction": pytest.approx(np.mean([r.value for r in scored])),
+            "sample_size": 3.0,
+            "sample_population": 7.0,
+        }
 
 
 def test_summary_of_a_sampled_run_keeps_intervals_and_does_not_count_unsampled_edits_as_forgotten(
-        tmp_path, stream_file):
+    tmp_path, stream_file
+):
     from lifelong.models import load_model
     from lifelong.replay import replay
     from lifelong.run import RunConfig
     from lifelong.summary import format_summary, summary_lines
     from probes.metrics import observed, retention_matrix
 
-    run = replay(RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT),
-                           probes=["retention:schedule=every:2,sample=2"]),
-                 tmp_path / "run", lm=load_model("tiny-llama"), progress=False).run
+    run = replay(
+        RunConfig(
+            model="tiny-llama",
+            stream=str(stream_file),
+            editor_overrides=dict(TINY_FT),
+            probes=["retention:schedule=every:2,sample=2"],
+        ),
+        tmp_path / "run",
+        lm=load_model("tiny-llama"),
+        progress=False,
+    ).run
     results = run.results()
     m = retention_matrix(results, "es")
     assert m.sampled[-1] and m.population[-1] == len(m.edit_ids)

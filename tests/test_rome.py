@@ -70,7 +70,7 @@ def test_batch_of_two_is_rank_two_and_replayable(tiny):
     editor = make_editor("rome", {**FAST, "mom2": "false"})
     base = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     delta = editor.apply(tiny, make_edits(2))
-    (name, change), = delta.changes.items()
+    ((name, change),) = delta.changes.items()
     assert change.rank == 2
     live = tiny.model.get_parameter(name).detach().clone()
     with torch.no_grad():
@@ -127,7 +127,11 @@ def test_rome_v_is_scaled_by_the_mlp_output(tiny):
 
     defaults = make_editor("rome", {}).params
     assert (defaults.clamp_norm, defaults.v_scale, defaults.templates, defaults.stop_on) == (
-        4.0, "mlp_output", 21, "total")
+        4.0,
+        "mlp_output",
+        21,
+        "total",
+    )
     editor = make_editor("rome", {**FAST, "mom2": "false", "clamp_norm": "0.01", "v_dtype": "float32"}).bind(tiny)
     edit = make_edits(1)[0]
     fit = fit_value(tiny, 1, edit, editor.params, "rome")

@@ -91,7 +91,8 @@ def test_padded_prompt_batches_carry_the_padding_mask(tiny):
     # Hooks that pool over a row's tokens (WISE's routing) read the body's attention mask.
     seen = []
     handle = tiny.adapter.body().register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
     prompts = ["A b", "A much longer prompt with more words in it"]
     try:
         Scorer(tiny.model, tiny.tokenizer).score([(p, "x") for p in prompts])
@@ -128,6 +129,11 @@ def test_probes_reach_the_model_only_through_the_scorer():
     import probes
 
     pattern = re.compile(r"scorer\.(model|tokenizer|body|unembed)\b")
-    found = [f"{path.name}:{n}" for path in sorted(Path(probes.__file__).parent.glob("*.py")) if path.name != "scorer.py"
-             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    found = [
+        f"{path.name}:{n}"
+        for path in sorted(Path(probes.__file__).parent.glob("*.py"))
+        if path.name != "scorer.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert found == []

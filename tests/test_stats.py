@@ -5,8 +5,17 @@ import math
 import numpy as np
 import pytest
 
-from lifelong.stats import (Estimate, bootstrap_mean, format_estimate, is_binary, newcombe_difference, over_seeds,
-                            rate, t_interval, wilson)
+from lifelong.stats import (
+    Estimate,
+    bootstrap_mean,
+    format_estimate,
+    is_binary,
+    newcombe_difference,
+    over_seeds,
+    rate,
+    t_interval,
+    wilson,
+)
 
 
 def test_wilson_hand_worked():

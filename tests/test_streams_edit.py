@@ -50,13 +50,13 @@ def test_rendered_prompt_uses_replace_not_format():
 
 
 def test_lists_become_tuples_and_edit_is_hashable():
-    e = make(paraphrases=["a France", "b France"], candidates=["Rome", "Paris"],
-             neighborhood=[Neighbor("p", "a")])
+    e = make(paraphrases=["a France", "b France"], candidates=["Rome", "Paris"], neighborhood=[Neighbor("p", "a")])
     assert e.paraphrases == ("a France", "b France")
     assert e.candidates == ("Rome", "Paris")
     assert e.neighborhood == (Neighbor("p", "a"),)
-    assert hash(e) == hash(make(paraphrases=("a France", "b France"), candidates=("Rome", "Paris"),
-                                neighborhood=(Neighbor("p", "a"),)))
+    assert hash(e) == hash(
+        make(paraphrases=("a France", "b France"), candidates=("Rome", "Paris"), neighborhood=(Neighbor("p", "a"),))
+    )
 
 
 def test_naive_timestamp_is_taken_as_utc():
@@ -108,11 +108,14 @@ def test_construction_rejects(overrides, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("prompt, answer, message", [
-    ("", "Berlin", "neighbor prompt is empty"),
-    ("The capital of Germany is", " ", "neighbor answer is empty"),
-    ("The capital of Germany is", None, "neighbor answer must be a string"),
-])
+@pytest.mark.parametrize(
+    "prompt, answer, message",
+    [
+        ("", "Berlin", "neighbor prompt is empty"),
+        ("The capital of Germany is", " ", "neighbor answer is empty"),
+        ("The capital of Germany is", None, "neighbor answer must be a string"),
+    ],
+)
 def test_neighbor_rejects_empty(prompt, answer, message):
     with pytest.raises(EditError, match=message):
         Neighbor(prompt, answer)
@@ -150,13 +153,16 @@ def test_from_dict_inverts_to_dict():
     assert Edit.from_dict(micro.to_dict()) == micro
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2024-01-05", dt.datetime(2024, 1, 5, tzinfo=UTC)),
-    ("2024-01-05T12:30:00Z", dt.datetime(2024, 1, 5, 12, 30, tzinfo=UTC)),
-    ("2024-01-05T12:30:00+02:00", dt.datetime(2024, 1, 5, 10, 30, tzinfo=UTC)),
-    ("2024-01-05T12:30:00", dt.datetime(2024, 1, 5, 12, 30, tzinfo=UTC)),
-    ("2024-01-05T12:30:00.250000Z", dt.datetime(2024, 1, 5, 12, 30, 0, 250000, tzinfo=UTC)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2024-01-05", dt.datetime(2024, 1, 5, tzinfo=UTC)),
+        ("2024-01-05T12:30:00Z", dt.datetime(2024, 1, 5, 12, 30, tzinfo=UTC)),
+        ("2024-01-05T12:30:00+02:00", dt.datetime(2024, 1, 5, 10, 30, tzinfo=UTC)),
+        ("2024-01-05T12:30:00", dt.datetime(2024, 1, 5, 12, 30, tzinfo=UTC)),
+        ("2024-01-05T12:30:00.250000Z", dt.datetime(2024, 1, 5, 12, 30, 0, 250000, tzinfo=UTC)),
+    ],
+)
 def test_from_dict_timestamp_formats(text, expected):
     e = Edit.from_dict(full_dict(timestamp=text))
     assert e.timestamp == expected and e.timestamp.tzinfo is UTC
@@ -176,8 +182,10 @@ WHERE = "stream.jsonl:12: "
     [
         (full_dict(target_new=""), "stream.jsonl:12: edit 'capital-france': target_new is empty"),
         (full_dict(extra=1), "stream.jsonl:12: edit 'capital-france': unknown field(s) 'extra'"),
-        ({k: v for k, v in full_dict().items() if k != "subject"},
-         "stream.jsonl:12: edit 'capital-france': missing required field(s) 'subject'"),
+        (
+            {k: v for k, v in full_dict().items() if k != "subject"},
+            "stream.jsonl:12: edit 'capital-france': missing required field(s) 'subject'",
+        ),
         ({k: v for k, v in full_dict().items() if k != "id"}, "stream.jsonl:12: edit: missing required field(s) 'id'"),
         (full_dict(id=""), "stream.jsonl:12: edit id is empty"),
         (full_dict(timestamp="yesterday"), "timestamp 'yesterday' is not ISO 8601"),
@@ -188,10 +196,14 @@ WHERE = "stream.jsonl:12: "
         (full_dict(candidates={"a": 1}), "candidates must be a list, got dict"),
         (full_dict(neighborhood=[["p", "a"]]), "neighborhood[0] must be an object with exactly 'prompt' and 'answer'"),
         (full_dict(neighborhood=[{"prompt": "p", "answer": "a", "x": 1}]), "neighborhood[0] must be an object"),
-        (full_dict(neighborhood=[{"prompt": "p", "answer": ""}]),
-         "stream.jsonl:12: edit 'capital-france': neighborhood[0]: neighbor answer is empty"),
-        (full_dict(chain={"chain_id": "c", "role": "bogus"}),
-         "stream.jsonl:12: edit 'capital-france': chain role 'bogus' is not one of"),
+        (
+            full_dict(neighborhood=[{"prompt": "p", "answer": ""}]),
+            "stream.jsonl:12: edit 'capital-france': neighborhood[0]: neighbor answer is empty",
+        ),
+        (
+            full_dict(chain={"chain_id": "c", "role": "bogus"}),
+            "stream.jsonl:12: edit 'capital-france': chain role 'bogus' is not one of",
+        ),
         (full_dict(chain={"chain_id": "c"}), "chain must be null or an object with exactly 'chain_id' and 'role'"),
         (full_dict(prompt="no slot"), "has no '{}'"),
         (full_dict(target_true="Rome"), "target_new equals target_true"),

@@ -26,22 +26,52 @@ TINY = {
     "name": "tiny",
     "description": "two relations, four facts",
     "relations": [
-        {"id": "capital", "template": "The capital of {} is",
-         "paraphrases": ["{}'s capital city is", "The seat of government of {} is"],
-         "candidates": ["Paris", "Berlin", "Rome", "Madrid"]},
-        {"id": "language", "template": "The official language of {} is",
-         "paraphrases": ["In {}, people speak", "The main language of {} is"],
-         "candidates": ["French", "German", "Italian"]},
+        {
+            "id": "capital",
+            "template": "The capital of {} is",
+            "paraphrases": ["{}'s capital city is", "The seat of government of {} is"],
+            "candidates": ["Paris", "Berlin", "Rome", "Madrid"],
+        },
+        {
+            "id": "language",
+            "template": "The official language of {} is",
+            "paraphrases": ["In {}, people speak", "The main language of {} is"],
+            "candidates": ["French", "German", "Italian"],
+        },
     ],
     "facts": [
-        {"id": "capital-france", "subject": "France", "relation": "capital", "target_true": "Paris",
-         "target_new": "Rome", "neighborhood": [{"prompt": "The capital of Germany is", "answer": "Berlin"}]},
-        {"id": "capital-spain", "subject": "Spain", "relation": "capital", "target_true": "Madrid",
-         "target_new": "Berlin", "neighborhood": [{"prompt": "The capital of Italy is", "answer": "Rome"}]},
-        {"id": "language-france", "subject": "France", "relation": "language", "target_true": "French",
-         "target_new": "German", "neighborhood": [{"prompt": "The official language of Italy is", "answer": "Italian"}]},
-        {"id": "language-italy", "subject": "Italy", "relation": "language", "target_true": "Italian",
-         "target_new": "French", "neighborhood": []},
+        {
+            "id": "capital-france",
+            "subject": "France",
+            "relation": "capital",
+            "target_true": "Paris",
+            "target_new": "Rome",
+            "neighborhood": [{"prompt": "The capital of Germany is", "answer": "Berlin"}],
+        },
+        {
+            "id": "capital-spain",
+            "subject": "Spain",
+            "relation": "capital",
+            "target_true": "Madrid",
+            "target_new": "Berlin",
+            "neighborhood": [{"prompt": "The capital of Italy is", "answer": "Rome"}],
+        },
+        {
+            "id": "language-france",
+            "subject": "France",
+            "relation": "language",
+            "target_true": "French",
+            "target_new": "German",
+            "neighborhood": [{"prompt": "The official language of Italy is", "answer": "Italian"}],
+        },
+        {
+            "id": "language-italy",
+            "subject": "Italy",
+            "relation": "language",
+            "target_true": "Italian",
+            "target_new": "French",
+            "neighborhood": [],
+        },
     ],
 }
 
@@ -104,8 +134,14 @@ def set_rel(i, **kw):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (set_fact(1, relation="population"), "fact 'capital-spain': unknown relation 'population' (known: capital, language)"),
-        (set_fact(1, target_new="Lisbon"), "fact 'capital-spain': target_new 'Lisbon' is not among relation 'capital''s candidates"),
+        (
+            set_fact(1, relation="population"),
+            "fact 'capital-spain': unknown relation 'population' (known: capital, language)",
+        ),
+        (
+            set_fact(1, target_new="Lisbon"),
+            "fact 'capital-spain': target_new 'Lisbon' is not among relation 'capital''s candidates",
+        ),
         (set_fact(1, target_true="Lisbon"), "fact 'capital-spain': target_true 'Lisbon' is not among"),
         (set_fact(1, target_new="Madrid"), "fact 'capital-spain': target_new equals target_true"),
         (set_fact(1, subject=" "), "fact 'capital-spain': subject must be a non-empty string"),
@@ -113,7 +149,10 @@ def set_rel(i, **kw):
         (set_fact(1, colour="red"), "fact 'capital-spain': unknown field(s) 'colour'"),
         (lambda d: d["facts"][1].pop("neighborhood"), "fact 'capital-spain': missing field(s) 'neighborhood'"),
         (set_fact(1, neighborhood=[{"prompt": "x"}]), "fact 'capital-spain': neighborhood[0] must be an object"),
-        (set_fact(1, neighborhood=[{"prompt": "", "answer": "a"}]), "fact 'capital-spain': neighborhood[0]: neighbor prompt is empty"),
+        (
+            set_fact(1, neighborhood=[{"prompt": "", "answer": "a"}]),
+            "fact 'capital-spain': neighborhood[0]: neighbor prompt is empty",
+        ),
         (set_rel(0, template="The capital is"), "relation 'capital': template 'The capital is' has no '{}'"),
         (set_rel(0, paraphrases=["{} capital", "Capital:"]), "relation 'capital': paraphrase 'Capital:' has no '{}'"),
         (set_rel(0, candidates=["Paris", "Paris", "Rome"]), "relation 'capital': candidates contain duplicates"),
@@ -153,8 +192,9 @@ def test_builtin_stream_one_edit_per_interval(tiny_builtin):
     s = builtin_stream()
     assert isinstance(s, EditStream) and s.name == "builtin" and len(s) == 4
     assert sorted(e.id for e in s) == sorted(f["id"] for f in TINY["facts"])
-    assert [e.timestamp for e in s] == [dt.datetime(2024, 1, 1, tzinfo=UTC) + i * dt.timedelta(days=1)
-                                        for i in range(4)]
+    assert [e.timestamp for e in s] == [
+        dt.datetime(2024, 1, 1, tzinfo=UTC) + i * dt.timedelta(days=1) for i in range(4)
+    ]
     assert len(s.steps()) == 4
 
 
@@ -195,8 +235,10 @@ def test_load_stream_by_path(tmp_path, tiny_builtin):
 def test_load_stream_unknown():
     with pytest.raises(ValueError) as info:
         load_stream("nope")
-    assert str(info.value) == ("unknown stream 'nope': expected one of builtin, dataset:NAME "
-                               "(see 'lifelong streams'), or a path to a .jsonl file")
+    assert str(info.value) == (
+        "unknown stream 'nope': expected one of builtin, dataset:NAME "
+        "(see 'lifelong streams'), or a path to a .jsonl file"
+    )
 
 
 def test_load_stream_missing_file(tmp_path):
@@ -208,8 +250,10 @@ def test_streams_package_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, streams; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'lifelong', 'probes', 'transformers')); print(bad)")
+    code = (
+        "import sys, streams; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'lifelong', 'probes', 'transformers')); print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

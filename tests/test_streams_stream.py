@@ -53,8 +53,13 @@ def edits(draw, edit_id=None):
     chain = draw(st.one_of(st.none(), st.builds(ChainLink, nonblank, st.sampled_from(ROLES))))
     return Edit(
         id=edit_id if edit_id is not None else draw(nonblank),
-        timestamp=draw(st.datetimes(min_value=dt.datetime(1990, 1, 1), max_value=dt.datetime(2100, 1, 1),
-                                    timezones=st.sampled_from([UTC, dt.timezone(dt.timedelta(hours=-5))]))),
+        timestamp=draw(
+            st.datetimes(
+                min_value=dt.datetime(1990, 1, 1),
+                max_value=dt.datetime(2100, 1, 1),
+                timezones=st.sampled_from([UTC, dt.timezone(dt.timedelta(hours=-5))]),
+            )
+        ),
         subject=draw(tricky),
         relation_id=draw(tricky),
         prompt=draw(tricky) + "{}" + draw(st.text(max_size=5)),
@@ -228,18 +233,31 @@ def test_hash_ignores_name_depends_on_order():
     assert len(s.content_hash()) == 16
     assert s.content_hash() == EditStream(s.edits, name="y").content_hash()
     assert s.content_hash() != s[:2].content_hash()
-    swapped = EditStream([dataclasses.replace(s[0], timestamp=s[1].timestamp),
-                          dataclasses.replace(s[1], timestamp=s[0].timestamp), s[2]])
+    swapped = EditStream(
+        [dataclasses.replace(s[0], timestamp=s[1].timestamp), dataclasses.replace(s[1], timestamp=s[0].timestamp), s[2]]
+    )
     assert swapped.content_hash() != s.content_hash()
 
 
 def test_hash_changes_when_any_field_changes():
-    base = edit(1, paraphrases=("p Subject 1",), neighborhood=(Neighbor("q", "a"),),
-                candidates=("New 1", "Old 1"), chain=ChainLink("c", "plain"))
+    base = edit(
+        1,
+        paraphrases=("p Subject 1",),
+        neighborhood=(Neighbor("q", "a"),),
+        candidates=("New 1", "Old 1"),
+        chain=ChainLink("c", "plain"),
+    )
     changes = dict(
-        id="other", timestamp=base.timestamp + dt.timedelta(microseconds=1), subject="S",
-        relation_id="r", prompt="{} x", target_new="N", target_true=None,
-        paraphrases=("p2",), neighborhood=(Neighbor("q", "b"),), candidates=("New 1",),
+        id="other",
+        timestamp=base.timestamp + dt.timedelta(microseconds=1),
+        subject="S",
+        relation_id="r",
+        prompt="{} x",
+        target_new="N",
+        target_true=None,
+        paraphrases=("p2",),
+        neighborhood=(Neighbor("q", "b"),),
+        candidates=("New 1",),
         chain=ChainLink("c", "round-out"),
     )
     assert set(changes) == {f.name for f in dataclasses.fields(Edit)}
@@ -258,8 +276,13 @@ def test_hash_stable_across_processes():
         "print(EditStream([Edit('e1', t, 'Zürich {x}', 'capital', 'The capital of {} is', 'New 1', 'Old 1',"
         " paraphrases=('é',))]).content_hash())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert out.stdout.strip() == s.content_hash()
 
 
@@ -416,8 +439,10 @@ def test_line_longer_than_the_bound_is_refused_without_reading_it_whole(tmp_path
     monkeypatch.setattr(stream_module, "open", lambda p, mode: Spy(real_open(p, mode)), raising=False)
     with pytest.raises(StreamFormatError) as info:
         EditStream.from_jsonl(path)
-    assert str(info.value) == (f"{path}:2: line longer than {stream_module.MAX_LINE_BYTES:,} bytes "
-                               "(an edit is a few KB; see streams/FORMAT.md)")
+    assert str(info.value) == (
+        f"{path}:2: line longer than {stream_module.MAX_LINE_BYTES:,} bytes "
+        "(an edit is a few KB; see streams/FORMAT.md)"
+    )
     assert all(0 < size <= stream_module.MAX_LINE_BYTES + 2 and n <= size for size, n in sizes)
 
 
@@ -429,22 +454,31 @@ def test_line_of_exactly_the_bound_is_read(tmp_path):
     assert len(text.encode()) == MAX_LINE_BYTES
     path = tmp_path / "s.jsonl"
     path.write_bytes(text.encode() + b"\r\n")
-    with pytest.raises(StreamFormatError, match=r"s.jsonl:1: paraphrases\[0\]: string of 70,000 characters, "
-                                                r"longer than 65,536"):
+    with pytest.raises(
+        StreamFormatError,
+        match=r"s.jsonl:1: paraphrases\[0\]: string of 70,000 characters, "
+        r"longer than 65,536",
+    ):
         EditStream.from_jsonl(path)  # the line itself is accepted; its one long string is not
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (line(9, subject="S" * 70_000), "subject: string of 70,000 characters, longer than 65,536"),
-    (line(9, neighborhood=[{"prompt": "p", "answer": "a" * 65_537}]), "neighborhood[0].answer: string of 65,537"),
-    ('{"id": "e9", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nests deeper than 4 levels"),
-    ('{"id": "e9", "x": [[[[1]]]]}', "JSON nests deeper than 4 levels"),
-    ('{"id": "e9", "n": 1' + "0" * 5000 + "}", "invalid JSON: Exceeds the limit"),
-    (line(9, timestamp="9999-12-31T23:00:00-05:00"), "edit 'e9': timestamp '9999-12-31T23:00:00-05:00' is out of range"),
-    (line(9, timestamp="0001-01-01T00:00:00+01:00"), "is out of range in UTC"),
-    (line(9).replace('"Subject 9"', '"Subject \\ud800"', 1), "subject: string holds a lone surrogate escape"),
-    (line(9).replace('"id"', '"\\udfff"', 1), "key '\\udfff': string holds a lone surrogate escape"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (line(9, subject="S" * 70_000), "subject: string of 70,000 characters, longer than 65,536"),
+        (line(9, neighborhood=[{"prompt": "p", "answer": "a" * 65_537}]), "neighborhood[0].answer: string of 65,537"),
+        ('{"id": "e9", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nests deeper than 4 levels"),
+        ('{"id": "e9", "x": [[[[1]]]]}', "JSON nests deeper than 4 levels"),
+        ('{"id": "e9", "n": 1' + "0" * 5000 + "}", "invalid JSON: Exceeds the limit"),
+        (
+            line(9, timestamp="9999-12-31T23:00:00-05:00"),
+            "edit 'e9': timestamp '9999-12-31T23:00:00-05:00' is out of range",
+        ),
+        (line(9, timestamp="0001-01-01T00:00:00+01:00"), "is out of range in UTC"),
+        (line(9).replace('"Subject 9"', '"Subject \\ud800"', 1), "subject: string holds a lone surrogate escape"),
+        (line(9).replace('"id"', '"\\udfff"', 1), "key '\\udfff': string holds a lone surrogate escape"),
+    ],
+)
 def test_pathological_line_is_one_clear_line(tmp_path, bad, reason):
     path = write_lines(tmp_path / "stream.jsonl", [line(0), bad])
     with pytest.raises(StreamFormatError) as info:

@@ -57,8 +57,14 @@ def rows(run: RunDir) -> pl.DataFrame:
 def test_spec_cells_names_and_settings(tmp_path):
     spec = load_spec(write_spec(tmp_path, SPEC + "[set.memory]\ntop_k = [1, 2]\n"))
     ids = [c.id for c in spec.cells]
-    assert ids == ["ft-tiny-max_steps=15-seed0", "ft-tiny-max_steps=15-seed1", "memory-tiny-top_k=1-seed0",
-                   "memory-tiny-top_k=1-seed1", "memory-tiny-top_k=2-seed0", "memory-tiny-top_k=2-seed1"]
+    assert ids == [
+        "ft-tiny-max_steps=15-seed0",
+        "ft-tiny-max_steps=15-seed1",
+        "memory-tiny-top_k=1-seed0",
+        "memory-tiny-top_k=1-seed1",
+        "memory-tiny-top_k=2-seed0",
+        "memory-tiny-top_k=2-seed1",
+    ]
     ft = spec.cells[0].config
     assert ft.editor_overrides == TINY_FT and ft.stream == str(tmp_path / "tiny.jsonl") and ft.steps == 3
     assert spec.cells[3].settings == {"top_k": 1} and spec.cells[3].config.editor_overrides == {"top_k": "1"}
@@ -133,8 +139,9 @@ def spec_path(tmp_path_factory) -> Path:
 def expected(spec_path, tmp_path_factory) -> dict[str, pl.DataFrame]:
     """Each cell replayed on its own, one after another, in this process."""
     root = tmp_path_factory.mktemp("serial")
-    return {c.id: rows(replay(c.config, root / c.id, progress=False, threads=1).run)
-            for c in load_spec(spec_path).cells}
+    return {
+        c.id: rows(replay(c.config, root / c.id, progress=False, threads=1).run) for c in load_spec(spec_path).cells
+    }
 
 
 def check_equal(out: Path, expected: dict[str, pl.DataFrame]) -> dict:
@@ -146,8 +153,9 @@ def check_equal(out: Path, expected: dict[str, pl.DataFrame]) -> dict:
 
 
 @pytest.mark.ray
-def test_sweep_on_local_ray_with_a_worker_killed_equals_cells_replayed_one_by_one(cluster, spec_path, expected,
-                                                                                   tmp_path, monkeypatch, capsys):
+def test_sweep_on_local_ray_with_a_worker_killed_equals_cells_replayed_one_by_one(
+    cluster, spec_path, expected, tmp_path, monkeypatch, capsys
+):
     marker = tmp_path / "crash-once"  # the test hook: the first cell's worker exits after its first step
     monkeypatch.setenv(CRASH_ENV, str(marker))
     out = tmp_path / "sweep"
@@ -163,8 +171,11 @@ def test_sweep_on_local_ray_with_a_worker_killed_equals_cells_replayed_one_by_on
     assert table.schema["max_steps"] == pl.Int64 and table.schema["seed"] == pl.Int64
     assert set(table["cell"]) == set(expected)
     for cell, part in table.group_by("cell"):
-        assert part.drop(table.columns[:5]).sort(["step", "probe", "metric", "protocol", "edit_id"]).equals(
-            expected[cell[0]]), cell
+        assert (
+            part.drop(table.columns[:5])
+            .sort(["step", "probe", "metric", "protocol", "edit_id"])
+            .equals(expected[cell[0]])
+        ), cell
     memory = table.filter(pl.col("editor") == "memory")
     assert memory["max_steps"].null_count() == memory.height > 0
     # show; compare and plot take a sweep directory as its done cells
@@ -184,9 +195,27 @@ def test_sweep_on_local_ray_with_a_worker_killed_equals_cells_replayed_one_by_on
 def test_driver_killed_mid_sweep_then_rerun_gives_the_same_results(cluster, spec_path, expected, tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIFELONG_THREADS": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "sweep", str(spec_path), "--out", str(out),
-                               "--address", cluster, "--workers", "1", "--quiet"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lifelong.cli",
+            "sweep",
+            str(spec_path),
+            "--out",
+            str(out),
+            "--address",
+            cluster,
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and driver.poll() is None:
@@ -266,8 +295,11 @@ def test_a_failing_cell_is_retried_then_marked_failed_and_the_others_go_on(tmp_p
     monkeypatch.setattr(sweep_module, "ray_session", inline)
     monkeypatch.setenv("TQDM_DISABLE", "1")  # run_cell sets it; restored after the test
     # layer 99 passes the spec's checks (the model's depth is known only once it is loaded) and fails in the task
-    text = SPEC.replace("layer = 1", "layer = [1, 99]").replace("seeds = [0, 1]", "seeds = [0]").replace(
-        '"ft", "memory"', '"ft"')
+    text = (
+        SPEC.replace("layer = 1", "layer = [1, 99]")
+        .replace("seeds = [0, 1]", "seeds = [0]")
+        .replace('"ft", "memory"', '"ft"')
+    )
     spec = write_spec(tmp_path / "spec", text)
     out = tmp_path / "out"
     assert cli.main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 1

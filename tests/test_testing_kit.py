@@ -30,11 +30,25 @@ FAST = {
     "rome": {"layer": "1", "v_steps": "8", "templates": "4", "mom2": "false"},
     "r-rome": {"layer": "1", "v_steps": "8", "templates": "4", "mom2": "false"},
     "memit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024"},
-    "alphaedit": {"layers": "1,2", "v_steps": "5", "templates": "3", "cov_tokens": "1024",
-                  "nullspace_threshold": "0.5"},  # absolute: tiny-llama's C has no eigenvalue below 2e-2
+    "alphaedit": {
+        "layers": "1,2",
+        "v_steps": "5",
+        "templates": "3",
+        "cov_tokens": "1024",
+        "nullspace_threshold": "0.5",
+    },  # absolute: tiny-llama's C has no eigenvalue below 2e-2
     "grace": {"layer": "2", "eps_init": "1.0", "max_steps": "10"},
-    "wise": {"layer": "2", "max_steps": "8", "lr": "0.5", "norm_constraint": "0.5", "alpha": "0.5", "beta": "2",
-             "gamma": "1", "save_freq": "1", "merge_freq": "2"},
+    "wise": {
+        "layer": "2",
+        "max_steps": "8",
+        "lr": "0.5",
+        "norm_constraint": "0.5",
+        "alpha": "0.5",
+        "beta": "2",
+        "gamma": "1",
+        "save_freq": "1",
+        "merge_freq": "2",
+    },
     "memory": {},
     "kn": {"layers": "1-2", "ig_steps": "4"},
     "mend": {"train_data": "builtin"},  # needs the hypernetwork of the tiny_mend_hypernet fixture
@@ -53,16 +67,18 @@ def tiny_mend_hypernet(private_cache):
     from lifelong.models import load_model
 
     lm = load_model("tiny-llama")
-    return train_hypernetwork(lm, resolve_layers("", lm.num_layers), "builtin", TrainConfig(steps=3, rank=8),
-                              progress=False)
+    return train_hypernetwork(
+        lm, resolve_layers("", lm.num_layers), "builtin", TrainConfig(steps=3, rank=8), progress=False
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EDITORS))
 def test_builtin_editor_passes_every_invariant(name, request):
     if name == "mend":
         request.getfixturevalue("tiny_mend_hypernet")
-    report = check_editor(lambda: make_editor(name, FAST.get(name, {})), model="tiny-llama",
-                          max_examples=3, max_edits=3)
+    report = check_editor(
+        lambda: make_editor(name, FAST.get(name, {})), model="tiny-llama", max_examples=3, max_edits=3
+    )
     report.raise_if_failed()
     assert set(INVARIANTS) <= set(report.passed)
     if name in ("rome", "r-rome"):
@@ -70,8 +86,13 @@ def test_builtin_editor_passes_every_invariant(name, request):
 
 
 def test_builtin_editor_on_gpt2():
-    report = check_editor(lambda: make_editor("r-rome", FAST["r-rome"]), model="tiny-gpt2", max_examples=1,
-                          max_edits=2, invariants=["scope_respected", "delta_matches_change", "rome_writes_key_value"])
+    report = check_editor(
+        lambda: make_editor("r-rome", FAST["r-rome"]),
+        model="tiny-gpt2",
+        max_examples=1,
+        max_edits=2,
+        invariants=["scope_respected", "delta_matches_change", "rome_writes_key_value"],
+    )
     report.raise_if_failed()
 
 
@@ -167,15 +188,20 @@ def test_unseeded_randomness_is_caught():
 
 
 def test_delta_that_lies_is_caught():
-    report = check_editor(LyingEditor, invariants=["delta_matches_change", "checkout_equals_live", "deterministic"],
-                          max_examples=2, shrink=False)
+    report = check_editor(
+        LyingEditor,
+        invariants=["delta_matches_change", "checkout_equals_live", "deterministic"],
+        max_examples=2,
+        shrink=False,
+    )
     assert report.failed == ["delta_matches_change", "checkout_equals_live"]
     assert "not the weights before + the returned Delta" in report.failures[0].message
 
 
 def test_leak_breaks_revert_too():
-    report = check_editor(LeakyEditor, invariants=["revert_restores_base", "empty_batch_is_noop"], max_examples=1,
-                          shrink=False)
+    report = check_editor(
+        LeakyEditor, invariants=["revert_restores_base", "empty_batch_is_noop"], max_examples=1, shrink=False
+    )
     assert report.failed == ["revert_restores_base"]
 
 

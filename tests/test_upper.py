@@ -4,8 +4,14 @@
 import pytest
 import torch
 
-from lifelong.editors.locate import (CONTEXT_TEMPLATES, SuffixBatch, TargetNLL, contexts, optimize_value,
-                                     subject_token_index)
+from lifelong.editors.locate import (
+    CONTEXT_TEMPLATES,
+    SuffixBatch,
+    TargetNLL,
+    contexts,
+    optimize_value,
+    subject_token_index,
+)
 from lifelong.editors.upper import FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output
 from tests.conftest import make_edits
 
@@ -69,9 +75,18 @@ def test_bfloat16_copy_is_rebuilt_when_an_upper_weight_changes(tiny):
 
 def test_value_fit_agrees_across_compute_dtypes(tiny):
     edit = make_edits(1)[0]
-    fits = {name: optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:3], steps=5, stop_loss=0.0,
-                                 stack=UpperStack(tiny.adapter, 2, compute_dtype(name, "test")))
-            for name in ("float32", "bfloat16", "auto")}
+    fits = {
+        name: optimize_value(
+            tiny,
+            1,
+            edit,
+            CONTEXT_TEMPLATES[:3],
+            steps=5,
+            stop_loss=0.0,
+            stack=UpperStack(tiny.adapter, 2, compute_dtype(name, "test")),
+        )
+        for name in ("float32", "bfloat16", "auto")
+    }
     a = fits["float32"]
     for name in ("bfloat16", "auto"):  # auto is one of the two, whichever this machine runs fast
         b = fits[name]
@@ -119,6 +134,7 @@ def test_upper_stack_logits_follow_the_head(tiny):
 
 # ---------------------------------------------------------------- the fused Llama-family stack
 
+
 def llama_family_model(family: str):
     """A tiny random Llama or Qwen2 (q/k/v biases) with non-trivial norm weights, so that the
     fused stack's folding of norm weights and biases is exercised."""
@@ -129,9 +145,19 @@ def llama_family_model(family: str):
 
     tokenizer = byte_tokenizer()
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
-    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -181,27 +207,35 @@ def test_fused_stack_computes_what_the_model_layers_compute(family):
     reference = UpperStack(lm.adapter, layer + 1, torch.float32).bind(full.mask, full.positions, full.cache)
     want, want_grad = stack_output_and_grad(reference, residual, delta)
     fused = FusedLlamaStack(lm.adapter, layer + 1, torch.float32)
-    for run in (fused.bind(full.mask, full.positions, full.cache),
-                fused.bind(short.mask, short.positions, short.cache, short.prefix_residual)):
+    for run in (
+        fused.bind(full.mask, full.positions, full.cache),
+        fused.bind(short.mask, short.positions, short.cache, short.prefix_residual),
+    ):
         got, got_grad = stack_output_and_grad(run, residual, delta)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got_grad, want_grad, atol=2e-5, rtol=1e-4)
 
     low = FusedLlamaStack(lm.adapter, layer + 1, torch.bfloat16)
-    got, got_grad = stack_output_and_grad(low.bind(short.mask, short.positions, short.cache, short.prefix_residual),
-                                          residual, delta)
+    got, got_grad = stack_output_and_grad(
+        low.bind(short.mask, short.positions, short.cache, short.prefix_residual), residual, delta
+    )
     assert (got - want).norm() < 0.02 * want.norm()
     assert torch.nn.functional.cosine_similarity(got_grad, want_grad, dim=0) > 0.999
     with pytest.raises(ValueError, match="KV cache at every layer"):  # the model's layers need the full cache
-        UpperStack(lm.adapter, layer + 1, torch.float32).bind(short.mask, short.positions, short.cache,
-                                                              short.prefix_residual)
+        UpperStack(lm.adapter, layer + 1, torch.float32).bind(
+            short.mask, short.positions, short.cache, short.prefix_residual
+        )
 
 
 def test_value_fit_is_the_same_through_the_fused_stack():
     lm = llama_family_model("llama")
     edit = make_edits(1)[0]
-    fits = [optimize_value(lm, 1, edit, CONTEXT_TEMPLATES[:3], steps=6, stop_loss=0.0, stack=kind(lm.adapter, 2, torch.float32))
-            for kind in (UpperStack, FusedLlamaStack)]
+    fits = [
+        optimize_value(
+            lm, 1, edit, CONTEXT_TEMPLATES[:3], steps=6, stop_loss=0.0, stack=kind(lm.adapter, 2, torch.float32)
+        )
+        for kind in (UpperStack, FusedLlamaStack)
+    ]
     assert fits[0].steps == fits[1].steps == 6
     torch.testing.assert_close(fits[1].value, fits[0].value, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fits[1].keys, fits[0].keys)
@@ -234,6 +268,7 @@ def test_stack_kind_follows_the_family_and_the_setting(tiny):
 
 # ---------------------------------------------------------------- the v*/z* objective, against its formula
 
+
 def fit_float32(lm, edit, layer=1, **kwargs):
     stack = UpperStack(lm.adapter, layer + 1, torch.float32)
     return optimize_value(lm, layer, edit, CONTEXT_TEMPLATES[:3], stack=stack, **kwargs)
@@ -241,6 +276,7 @@ def fit_float32(lm, edit, layer=1, **kwargs):
 
 def logprobs_with_delta(lm, layer, text, index, delta):
     """log p(· | text) at token ``index`` through the whole model, δ added to layer ``layer``'s output there."""
+
     def add(mod, args, out):
         hidden = layer_output(out).clone()
         hidden[:, index] += delta.to(hidden.dtype)

@@ -10,15 +10,32 @@ from hypothesis import strategies as st
 from lifelong.editors import make_editor
 import math
 
-from lifelong.editors.wise import (IRRELEVANT, WISEEditor, WISEParams, act_distance, margin_loss, merge_into,
-                                   mlp_activation, ties_merge)
+from lifelong.editors.wise import (
+    IRRELEVANT,
+    WISEEditor,
+    WISEParams,
+    act_distance,
+    margin_loss,
+    merge_into,
+    mlp_activation,
+    ties_merge,
+)
 from lifelong.models import load_model
 from probes.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 
-SET = {"layer": "2", "max_steps": "25", "lr": "0.5", "norm_constraint": "0.5", "alpha": "0.5", "beta": "2",
-       "gamma": "1", "save_freq": "2", "merge_freq": "4"}
+SET = {
+    "layer": "2",
+    "max_steps": "25",
+    "lr": "0.5",
+    "norm_constraint": "0.5",
+    "alpha": "0.5",
+    "beta": "2",
+    "gamma": "1",
+    "save_freq": "2",
+    "merge_freq": "4",
+}
 
 
 def test_ties_merge_hand_case():
@@ -112,7 +129,8 @@ def test_act_distance_applies_the_mlp_activation_by_hand():
     assert got.item() == pytest.approx((tok0 + tok1) / 2, rel=1e-6)
     assert act_distance(base, change, real, None).item() == pytest.approx(1.0)  # activation=none: ‖change‖
     assert act_distance(base, change, torch.ones(1, 3), silu, long_row=2).item() == pytest.approx(
-        float((silu(torch.tensor([14.0, 14.0])) - silu(torch.tensor([5.0, 5.0]))).norm()), rel=1e-6)  # max
+        float((silu(torch.tensor([14.0, 14.0])) - silu(torch.tensor([5.0, 5.0]))).norm()), rel=1e-6
+    )  # max
     assert mlp_activation(load_model("tiny-gpt2")).__class__.__name__ == "NewGELUActivation"
 
 
@@ -165,7 +183,7 @@ def test_stop_rule_on_the_total_loss():
 def test_merge_before_evaluation_and_retrieve(edited):
     lm, editor, *_ = edited  # 5 edits, save_freq 2, merge_freq 4: merged side, open shard with edit 5
     closed, current = list(editor.closed), editor.current.clone()
-    (view, threshold), = editor.memories()
+    ((view, threshold),) = editor.memories()
     assert torch.equal(view, merge_into(editor.side, [current], editor.params.density))
     assert threshold == pytest.approx(editor.params.act_ratio * editor.min_act)
     assert editor.closed == closed and torch.equal(editor.current, current)  # evaluating changes no state
@@ -175,7 +193,7 @@ def test_merge_before_evaluation_and_retrieve(edited):
     other.edits = 3  # a closed shard pending as well: both are merged (no side yet: weights ½, ½)
     other.side, other.closed = None, [(0, current * 2, 1.0)]
     other._view = None
-    (view, _), = other.memories()
+    ((view, _),) = other.memories()
     assert torch.equal(view, ties_merge([current * 2, current], [0.5, 0.5], other.params.density))
     other.edits = 1  # fewer than save_freq edits: the open shard alone, unmerged
     other.closed, other._view = [], None

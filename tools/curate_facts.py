@@ -28,12 +28,13 @@ def main() -> int:
     lm = load_model(args.model)
     report = check_fact_set(Scorer(lm.model, lm.tokenizer), facts)
     per_relation = Counter(f.relation.id for f in facts.facts)
-    print(f"{len(facts.facts)} facts over {len(per_relation)} relations: "
-          + ", ".join(f"{r} {n}" for r, n in per_relation.items()))
+    print(
+        f"{len(facts.facts)} facts over {len(per_relation)} relations: "
+        + ", ".join(f"{r} {n}" for r, n in per_relation.items())
+    )
     print(f"paraphrases answered exactly: {report.paraphrases_known}/{report.paraphrases_total}")
     weakest = sorted(report.margins.items(), key=lambda kv: kv[1])[:5]
-    print("smallest margins (NLL of best other candidate minus true): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in weakest))
+    print("smallest margins (NLL of best other candidate minus true): " + ", ".join(f"{k} {v:.2f}" for k, v in weakest))
     for fact_id in report.failed_facts:
         print(f"FAIL fact {fact_id}")
     for prompt, answer in report.failed_neighbors:

@@ -26,8 +26,13 @@ def items(n: int = 40, seed: int = 0) -> list[dict]:
             if c not in choices and c >= 0 and len(choices) < 4:
                 choices.append(c)
         order = rng.sample(range(4), 4)
-        out.append({"question": f"What is {a} {word} {b}?", "choices": [str(choices[j]) for j in order],
-                    "answer": order.index(0)})
+        out.append(
+            {
+                "question": f"What is {a} {word} {b}?",
+                "choices": [str(choices[j]) for j in order],
+                "answer": order.index(0),
+            }
+        )
     return out
 
 

@@ -67,5 +67,13 @@ def make_editor(name: str, overrides: dict[str, str] | None = None) -> Editor:
     return cls(parse_overrides(cls.Params, overrides, getattr(cls, "name", name)))
 
 
-__all__ = ["EDITORS", "Editor", "HyperparameterError", "UnknownEditorError", "editor_class", "make_editor",
-           "parse_overrides", "register_editor"]
+__all__ = [
+    "EDITORS",
+    "Editor",
+    "HyperparameterError",
+    "UnknownEditorError",
+    "editor_class",
+    "make_editor",
+    "parse_overrides",
+    "register_editor",
+]

@@ -63,7 +63,7 @@ class AdaptorEditor(Editor):
         mask = self._mask
         if mask is None or mask.dim() != 2 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
             return torch.ones(shape[0], shape[1], dtype=torch.bool)
-        return mask[:, -shape[1]:].bool().cpu()  # with a KV cache, the mask also covers past positions
+        return mask[:, -shape[1] :].bool().cpu()  # with a KV cache, the mask also covers past positions
 
     def release(self) -> None:
         for handle in self._handles:

@@ -46,8 +46,9 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     return layer
 
 
-def parse_layers(spec: str | int | None, num_layers: int, editor: str,
-                 default: Callable[[int], list[int]] | None = None) -> list[int]:
+def parse_layers(
+    spec: str | int | None, num_layers: int, editor: str, default: Callable[[int], list[int]] | None = None
+) -> list[int]:
     """Every editor's layer-range spelling: None or '' -> ``default(num_layers)``; 'all'; '6'; '4-8';
     '4,5,6'; or a mix ('1-2,7') -> those layers, sorted, each once, checked against the model."""
     text = "" if spec is None else str(spec).strip()
@@ -147,8 +148,11 @@ class Editor(ABC):
         it resolves on ``lm``'s device, with the reason: recorded in run manifests."""
         if not dataclasses.is_dataclass(self.params):
             return {}
-        return {f.name: choose_dtype(getattr(self.params, f.name), lm.device, f"{self.name}: {f.name}").describe()
-                for f in dataclasses.fields(self.params) if f.name.endswith("_dtype")}
+        return {
+            f.name: choose_dtype(getattr(self.params, f.name), lm.device, f"{self.name}: {f.name}").describe()
+            for f in dataclasses.fields(self.params)
+            if f.name.endswith("_dtype")
+        }
 
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""

@@ -23,8 +23,28 @@ from lifelong.models import LoadedModel, cache_root
 from streams.errors import MissingFileError, UserError
 
 MODEL_SAMPLE = "model-sample"
-_SEEDS = ("The", "In", "A", "It", "When", "He", "She", "This", "We", "There", "After", "Many",
-          "One", "They", "I", "Our", "Today", "Most", "According", "Some")
+_SEEDS = (
+    "The",
+    "In",
+    "A",
+    "It",
+    "When",
+    "He",
+    "She",
+    "This",
+    "We",
+    "There",
+    "After",
+    "Many",
+    "One",
+    "They",
+    "I",
+    "Our",
+    "Today",
+    "Most",
+    "According",
+    "Some",
+)
 
 
 def model_key(lm: LoadedModel) -> str:
@@ -65,7 +85,7 @@ def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed:
     if corpus != MODEL_SAMPLE:
         text = "\n".join(f.read_text(errors="replace") for f in corpus_files(corpus))
         ids = lm.tokenizer(text).input_ids
-        rows = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        rows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
         if not rows:
             raise UserError(f"covariance corpus {corpus!r} has fewer than {seq_len} tokens")
         return rows[:n_rows]
@@ -109,17 +129,27 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     if done is None:  # not a chunk boundary: not ours, start afresh
         rows, done = [], 0
     desc = "sampling text for key statistics (once per model, cached)"
-    with torch.random.fork_rng(devices=[]), progress_bar(total=n_rows * (seq_len - 1), initial=len(rows) * (seq_len - 1),
-                                                          desc=desc, unit="tok", unit_scale=True) as bar:
+    with (
+        torch.random.fork_rng(devices=[]),
+        progress_bar(
+            total=n_rows * (seq_len - 1), initial=len(rows) * (seq_len - 1), desc=desc, unit="tok", unit_scale=True
+        ) as bar,
+    ):
         for c in range(done, chunks):
             torch.manual_seed(seed * 1_000_003 + c)
             first = sum(sizes[:c])
             starts = [lm.tokenizer(_SEEDS[(first + i) % len(_SEEDS)]).input_ids[-1:] for i in range(sizes[c])]
             ids = torch.tensor(starts, device=lm.device)
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
-                                    max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                                    pad_token_id=lm.tokenizer.pad_token_id or 0,
-                                    stopping_criteria=StoppingCriteriaList([_TickPerPosition(bar, sizes[c])]))
+            out = lm.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=50,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                pad_token_id=lm.tokenizer.pad_token_id or 0,
+                stopping_criteria=StoppingCriteriaList([_TickPerPosition(bar, sizes[c])]),
+            )
             rows += out[:, :seq_len].tolist()
             if c < chunks - 1:
                 atomic_save_tensors({"tokens": torch.tensor(rows, dtype=torch.long)}, partial)
@@ -127,8 +157,9 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
 
 
 @torch.no_grad()
-def compute_second_moments(lm: LoadedModel, layers: list[int], rows: list[list[int]],
-                           batch_size: int = 8) -> dict[int, torch.Tensor]:
+def compute_second_moments(
+    lm: LoadedModel, layers: list[int], rows: list[list[int]], batch_size: int = 8
+) -> dict[int, torch.Tensor]:
     """E[k kᵀ] for several layers in one pass over the token rows."""
     body = getattr(lm.model, lm.model.base_model_prefix)
     totals = {layer: 0.0 for layer in layers}
@@ -136,7 +167,7 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], rows: list[list[i
     desc = f"key statistics, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))} (cached)"
     bar = progress_bar(total=sum(len(r) for r in rows), desc=desc, unit="tok", unit_scale=True)
     for start in range(0, len(rows), batch_size):
-        ids = torch.tensor(rows[start: start + batch_size], device=lm.device)
+        ids = torch.tensor(rows[start : start + batch_size], device=lm.device)
         with ExitStack() as stack:
             seen = {layer: stack.enter_context(capture_keys(lm.adapter, layer)) for layer in layers}
             body(input_ids=ids, use_cache=False)
@@ -149,24 +180,38 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], rows: list[list[i
     return {layer: total / count for layer, total in totals.items()}
 
 
-def key_second_moments(lm: LoadedModel, layers: list[int], corpus: str = MODEL_SAMPLE, n_tokens: int = 20000,
-                       seq_len: int = 128, seed: int = 0) -> dict[int, torch.Tensor]:
+def key_second_moments(
+    lm: LoadedModel,
+    layers: list[int],
+    corpus: str = MODEL_SAMPLE,
+    n_tokens: int = 20000,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (float64, d_in × d_in) per layer, from the cache or computed now in one pass."""
-    paths = {layer: (cache_root() / "stats" / model_key(lm)
-                     / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors")
-             for layer in layers}
+    paths = {
+        layer: (
+            cache_root()
+            / "stats"
+            / model_key(lm)
+            / f"layer{layer}-{corpus_key(corpus)}-seed{seed}-n{n_tokens}-len{seq_len}.safetensors"
+        )
+        for layer in layers
+    }
     out = {layer: load_tensors(path)["second_moment"] for layer, path in paths.items() if path.is_file()}
     missing = [layer for layer in layers if layer not in out]
     if missing:
         rows = _token_rows(lm, corpus, n_tokens, seq_len, seed)
         for layer, second in compute_second_moments(lm, missing, rows).items():
-            atomic_save_tensors({"second_moment": second}, paths[layer],
-                                {"tokens": str(len(rows) * seq_len), "corpus": corpus})
+            atomic_save_tensors(
+                {"second_moment": second}, paths[layer], {"tokens": str(len(rows) * seq_len), "corpus": corpus}
+            )
             out[layer] = second
     return out
 
 
-def key_second_moment(lm: LoadedModel, layer: int, corpus: str = MODEL_SAMPLE, n_tokens: int = 20000,
-                      seq_len: int = 128, seed: int = 0) -> torch.Tensor:
+def key_second_moment(
+    lm: LoadedModel, layer: int, corpus: str = MODEL_SAMPLE, n_tokens: int = 20000, seq_len: int = 128, seed: int = 0
+) -> torch.Tensor:
     """C = E[k kᵀ] for one layer (see :func:`key_second_moments`)."""
     return key_second_moments(lm, [layer], corpus, n_tokens, seq_len, seed)[layer]

@@ -30,8 +30,7 @@ from typing import Sequence
 
 import torch
 
-from lifelong.editors.adaptor import (AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index,
-                                      target_nll)
+from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index, target_nll
 from lifelong.delta import Delta
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
@@ -92,8 +91,15 @@ class GRACEEditor(AdaptorEditor):
                 old, new = before[name], getattr(self, name)[:n0]
                 changed[:n0] |= (old != new).reshape(n0, -1).any(1)
         index = changed.nonzero()[:, 0]
-        self._step = {} if not len(index) else {
-            "index": index, "size": torch.tensor(n), **{name: getattr(self, name)[index].clone() for name in self.ROWS}}
+        self._step = (
+            {}
+            if not len(index)
+            else {
+                "index": index,
+                "size": torch.tensor(n),
+                **{name: getattr(self, name)[index].clone() for name in self.ROWS},
+            }
+        )
         return delta
 
     def step_state(self) -> dict[str, torch.Tensor]:
@@ -132,8 +138,12 @@ class GRACEEditor(AdaptorEditor):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not len(self):
             return {}
-        return {"keys": self.keys.clone(), "values": self.values.clone(), "eps": self.eps.clone(),
-                "labels": self.labels.clone()}
+        return {
+            "keys": self.keys.clone(),
+            "values": self.values.clone(),
+            "eps": self.eps.clone(),
+            "labels": self.labels.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:

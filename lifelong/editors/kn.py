@@ -93,8 +93,9 @@ def parse_layers(spec: str | None, num_layers: int, editor: str = "kn") -> list[
     return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
-def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer: Sequence[int],
-                      steps: int) -> LayerAttribution:
+def layer_attribution(
+    lm: LoadedModel, layer: int, prompt: Sequence[int], answer: Sequence[int], steps: int
+) -> LayerAttribution:
     """Integrated gradients of P(answer token | prefix) w.r.t. layer ``layer``'s intermediate neurons.
 
     All (answer token, step) pairs run as one batch of rows that differ only from layer
@@ -137,24 +138,30 @@ def layer_attribution(lm: LoadedModel, layer: int, prompt: Sequence[int], answer
 
     unembed = lm.adapter.unembedding()
     targets = torch.tensor(answer, device=device)[row_token]
-    handles = [lm.adapter.layer(layer).register_forward_pre_hook(widen, with_kwargs=True),
-               lm.adapter.out_proj(layer).register_forward_pre_hook(scale)]
+    handles = [
+        lm.adapter.layer(layer).register_forward_pre_hook(widen, with_kwargs=True),
+        lm.adapter.out_proj(layer).register_forward_pre_hook(scale),
+    ]
     try:
         with torch.enable_grad():
             hidden = body(input_ids=suffix, cache=cache, use_cache=cache is not None).last_hidden_state
             probs = unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
-            grad, = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
+            (grad,) = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
     finally:
         for h in handles:
             h.remove()
     base = state["base"].float()
     mean_grad = grad[: n_tok * steps].float().view(n_tok, steps, -1).mean(1)
-    return LayerAttribution(scores=base * mean_grad, prob_input=probs[n_tok * steps: n_tok * (steps + 1)].detach(),
-                            prob_baseline=probs[n_tok * (steps + 1):].detach())
+    return LayerAttribution(
+        scores=base * mean_grad,
+        prob_input=probs[n_tok * steps : n_tok * (steps + 1)].detach(),
+        prob_baseline=probs[n_tok * (steps + 1) :].detach(),
+    )
 
 
-def attribution(lm: LoadedModel, layers: Sequence[int], prompt: Sequence[int], answer: Sequence[int],
-                steps: int) -> torch.Tensor:
+def attribution(
+    lm: LoadedModel, layers: Sequence[int], prompt: Sequence[int], answer: Sequence[int], steps: int
+) -> torch.Tensor:
     """(len(layers), d_ff) attribution of every neuron, averaged over the answer's tokens."""
     return torch.stack([layer_attribution(lm, layer, prompt, answer, steps).scores.mean(0) for layer in layers])
 
@@ -168,8 +175,10 @@ def select_neurons(scores: Sequence[torch.Tensor], threshold: float, share: floa
 
 class KNEditor(Editor):
     name = "kn"
-    description = ("Knowledge Neurons: integrated-gradients neuron attribution, value vectors moved from the old "
-                   "prediction's embedding to the new answer's (EasyEdit's ±2·e rule; rule=paper: −1·e + 8·e)")
+    description = (
+        "Knowledge Neurons: integrated-gradients neuron attribution, value vectors moved from the old "
+        "prediction's embedding to the new answer's (EasyEdit's ±2·e rule; rule=paper: −1·e + 8·e)"
+    )
     Params = KNParams
 
     def bind(self, lm: LoadedModel) -> "KNEditor":

@@ -18,8 +18,14 @@ from transformers import DynamicCache
 
 from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
-from lifelong.editors.upper import (FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output,
-                                    suffix_pass_kwargs)
+from lifelong.editors.upper import (
+    FusedLlamaStack,
+    UpperStack,
+    compute_dtype,
+    fused_supported,
+    layer_output,
+    suffix_pass_kwargs,
+)
 from lifelong.machine import check_dtype_setting
 from lifelong.models import LoadedModel
 from probes.model_access import Codec
@@ -110,8 +116,9 @@ def key_weights(count: int, rule: str) -> torch.Tensor:
     return weights
 
 
-def average_key(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str],
-                rule: str = "uniform") -> torch.Tensor:
+def average_key(
+    lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str], rule: str = "uniform"
+) -> torch.Tensor:
     """The subject's last-token key averaged over context templates (the first is the bare
     prompt), weighted by ``rule`` (see :func:`key_weights`)."""
     texts = contexts(edit, templates)
@@ -192,6 +199,7 @@ class _StopForward(Exception):
 @contextmanager
 def _stop_after(adapter: ArchAdapter, layer: int, seen: dict) -> Iterator[None]:
     """Within the block, a forward pass ends after layer ``layer``, whose output goes to seen["residual"]."""
+
     def stop(mod, args, out):
         seen["residual"] = layer_output(out).detach().clone()
         raise _StopForward
@@ -219,8 +227,9 @@ class SuffixBatch:
     residual stream leaving layer L−1 (for an upper stack that computes the rest itself).
     """
 
-    def __init__(self, lm: LoadedModel, sequences: list[tuple[int, ...]], lookup: list[int],
-                 prefix_layers: int | None = None):
+    def __init__(
+        self, lm: LoadedModel, sequences: list[tuple[int, ...]], lookup: list[int], prefix_layers: int | None = None
+    ):
         self.lm = lm
         self.body = lm.adapter.body()
         device = lm.device
@@ -235,7 +244,7 @@ class SuffixBatch:
             prefix[r, :start] = torch.tensor(seq[:start], dtype=torch.long)
             suffix[r, : len(seq) - start] = torch.tensor(seq[start:], dtype=torch.long)
             mask[r, :start] = 1
-            mask[r, self.prefix_len: self.prefix_len + len(seq) - start] = 1
+            mask[r, self.prefix_len : self.prefix_len + len(seq) - start] = 1
         self.suffix_ids = suffix.to(device)
         self.mask = mask.to(device)
         self.positions = (torch.tensor(lookup)[:, None] + torch.arange(suffix_len)[None]).to(device)
@@ -290,10 +299,22 @@ class TargetNLL(torch.autograd.Function):
         return probs.mul_(grad[:, None]).to(ctx.logits_dtype), grad * (target_probs - 1), None
 
 
-def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[str], *, steps: int = 20,
-                   lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
-                   clamp_norm: float = 4.0, stop_loss: float = 0.05, stop_on: str = "total",
-                   scale: str = "mlp_output", stack: UpperStack | None = None) -> ValueFit:
+def optimize_value(
+    lm: LoadedModel,
+    layer: int,
+    edit: Edit,
+    templates: Sequence[str],
+    *,
+    steps: int = 20,
+    lr: float = 0.5,
+    kl_factor: float = 0.0625,
+    weight_decay: float = 0.5,
+    clamp_norm: float = 4.0,
+    stop_loss: float = 0.05,
+    stop_on: str = "total",
+    scale: str = "mlp_output",
+    stack: UpperStack | None = None,
+) -> ValueFit:
     """ROME's v* / MEMIT's z*: Adam on δ at the subject's last token for
 
         loss = NLL(target | context templates) + kl_factor · KL(p_δ ‖ p_0) + weight_decay · ‖δ‖ / ‖s‖²,
@@ -321,14 +342,19 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
     # read at the subject's last token, which nothing after it can affect (causal): it ends there,
     # so its " is a" does not lengthen every row's suffix.
     kl_prompt = prompts[n][: lookup[n] + 1]
-    batch = SuffixBatch(lm, [p + target[:-1] for p in prompts[:n]] + [kl_prompt], lookup,
-                        prefix_layers=None if stack.full_prefix else layer + 1)
+    batch = SuffixBatch(
+        lm,
+        [p + target[:-1] for p in prompts[:n]] + [kl_prompt],
+        lookup,
+        prefix_layers=None if stack.full_prefix else layer + 1,
+    )
 
     # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's
     # subject token: every row that needs logits goes through one unembedding.
     rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=lm.device)
-    cols = torch.tensor([len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0],
-                        device=lm.device)
+    cols = torch.tensor(
+        [len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0], device=lm.device
+    )
     targets = torch.tensor(list(target) * n, device=lm.device)
     answers = len(targets)
 
@@ -380,8 +406,14 @@ def optimize_value(lm: LoadedModel, layer: int, edit: Edit, templates: Sequence[
             if delta.norm() > limit:
                 delta.mul_(limit / delta.norm())
     original = original.double()
-    return ValueFit(value=original + delta.detach().double(), original=original, steps=taken, keys=seen["keys"],
-                    scale=anchor.double(), **terms)
+    return ValueFit(
+        value=original + delta.detach().double(),
+        original=original,
+        steps=taken,
+        keys=seen["keys"],
+        scale=anchor.double(),
+        **terms,
+    )
 
 
 class UpperStacks:
@@ -400,18 +432,31 @@ class UpperStacks:
         return self._stacks[key]
 
 
-def fit_value(lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, editor: str,
-              stacks: UpperStacks | None = None) -> ValueFit:
+def fit_value(
+    lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, editor: str, stacks: UpperStacks | None = None
+) -> ValueFit:
     """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks)."""
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
-    return optimize_value(lm, layer, edit, params.context_templates(editor), steps=params.v_steps, lr=params.v_lr,
-                          kl_factor=params.kl_factor, weight_decay=params.v_weight_decay,
-                          clamp_norm=params.clamp_norm, stop_loss=params.stop_loss, stop_on=params.stop_on,
-                          scale=params.v_scale, stack=stack)
+    return optimize_value(
+        lm,
+        layer,
+        edit,
+        params.context_templates(editor),
+        steps=params.v_steps,
+        lr=params.v_lr,
+        kl_factor=params.kl_factor,
+        weight_decay=params.v_weight_decay,
+        clamp_norm=params.clamp_norm,
+        stop_loss=params.stop_loss,
+        stop_on=params.stop_on,
+        scale=params.v_scale,
+        stack=stack,
+    )
 
 
-def lowrank_change(adapter: ArchAdapter, left_out: torch.Tensor, right_in: torch.Tensor,
-                   dtype: torch.dtype) -> ParamChange:
+def lowrank_change(
+    adapter: ArchAdapter, left_out: torch.Tensor, right_in: torch.Tensor, dtype: torch.dtype
+) -> ParamChange:
     """ΔW = left_out @ right_in.T in (out, in) orientation, stored as the parameter is."""
     left, right = left_out.to(dtype), right_in.to(dtype)
     if left.dim() == 1:

@@ -32,7 +32,13 @@ from lifelong.editors.base import Editor, default_layer, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
-    KEY_AVERAGES, UpperStacks, ValueParams, average_key, fit_value, lowrank_change, padded_batch,
+    KEY_AVERAGES,
+    UpperStacks,
+    ValueParams,
+    average_key,
+    fit_value,
+    lowrank_change,
+    padded_batch,
     subject_token_index,
 )
 from lifelong.models import LoadedModel
@@ -59,8 +65,7 @@ class MEMITParams(ValueParams):
     def validate(self, editor: str) -> None:
         super().validate(editor)
         if self.key_average not in KEY_AVERAGES:
-            raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, "
-                            f"got '{self.key_average}'")
+            raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, got '{self.key_average}'")
 
 
 NULLSPACE_RULES = {"absolute": 2e-2, "relative": 1e-2}  # rule -> its default threshold
@@ -79,8 +84,9 @@ class AlphaEditParams(MEMITParams):
     def validate(self, editor: str) -> None:
         super().validate(editor)
         if self.nullspace_rule not in NULLSPACE_RULES:
-            raise UserError(f"{editor}: nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, "
-                            f"got '{self.nullspace_rule}'")
+            raise UserError(
+                f"{editor}: nullspace_rule must be one of {', '.join(NULLSPACE_RULES)}, got '{self.nullspace_rule}'"
+            )
 
 
 def default_mom2_weight(key_width: int) -> float:
@@ -136,7 +142,8 @@ class MEMITEditor(Editor):
     def second_moment(self, lm: LoadedModel, layer: int) -> torch.Tensor:
         if layer not in self._second_moments:
             self._second_moments[layer] = key_second_moment(
-                lm, layer, self.params.cov_corpus, self.params.cov_tokens).to(lm.device)
+                lm, layer, self.params.cov_corpus, self.params.cov_tokens
+            ).to(lm.device)
         return self._second_moments[layer]
 
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
@@ -185,8 +192,10 @@ class MEMITEditor(Editor):
 
 class AlphaEditEditor(MEMITEditor):
     name = "alphaedit"
-    description = ("AlphaEdit: MEMIT's update projected onto the null space of preserved keys "
-                   "(C's singular values below 2e-2), past edits' keys kept")
+    description = (
+        "AlphaEdit: MEMIT's update projected onto the null space of preserved keys "
+        "(C's singular values below 2e-2), past edits' keys kept"
+    )
     Params = AlphaEditParams
 
     def __init__(self, params=None):
@@ -202,8 +211,9 @@ class AlphaEditEditor(MEMITEditor):
     def bind(self, lm: LoadedModel) -> "AlphaEditEditor":
         super().bind(lm)
         if self.params.nullspace_threshold is None:
-            self.params = dataclasses.replace(self.params,
-                                              nullspace_threshold=NULLSPACE_RULES[self.params.nullspace_rule])
+            self.params = dataclasses.replace(
+                self.params, nullspace_threshold=NULLSPACE_RULES[self.params.nullspace_rule]
+            )
         return self
 
     def prepare(self, lm: LoadedModel) -> None:
@@ -227,8 +237,10 @@ class AlphaEditEditor(MEMITEditor):
             if basis.shape[1] == 0:
                 p = self.params
                 scale = " × the largest" if p.nullspace_rule == "relative" else ""
-                raise UserError(f"alphaedit: C of layer {layer} has no eigenvalue below "
-                                f"{p.nullspace_threshold}{scale}; raise nullspace_threshold")
+                raise UserError(
+                    f"alphaedit: C of layer {layer} has no eigenvalue below "
+                    f"{p.nullspace_threshold}{scale}; raise nullspace_threshold"
+                )
             self._projectors[layer] = basis @ basis.T
         return self._projectors[layer]
 

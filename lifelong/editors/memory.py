@@ -143,8 +143,12 @@ class MemoryEditor(Editor):
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._added = []
         for edit in batch:
-            record = {"subject": edit.subject, "relation": edit.relation_id, "prompt": edit.rendered_prompt,
-                      "fact": f"{edit.rendered_prompt} {edit.target_new}."}
+            record = {
+                "subject": edit.subject,
+                "relation": edit.relation_id,
+                "prompt": edit.rendered_prompt,
+                "fact": f"{edit.rendered_prompt} {edit.target_new}.",
+            }
             self._store(self.records, record)
             self._added.append(record)
         return Delta.empty()
@@ -179,7 +183,7 @@ class MemoryEditor(Editor):
         """Unit-norm mean-pooled last hidden states (cached per text: the base model's never change)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._embeddings]
         for start in range(0, len(todo), 16):
-            chunk = todo[start:start + 16]
+            chunk = todo[start : start + 16]
             ids, mask = padded_batch(lm, chunk)
             hidden = lm.adapter.body()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
@@ -210,8 +214,13 @@ class MemoryEditor(Editor):
 
     def _lexical_index(self) -> _LexicalIndex:
         index = self._index
-        if index is None or index.records is not self.records or index.threshold != self.params.threshold or (
-                index.count > len(self.records)) or (index.count and self.records[index.count - 1] is not index.last):
+        if (
+            index is None
+            or index.records is not self.records
+            or index.threshold != self.params.threshold
+            or (index.count > len(self.records))
+            or (index.count and self.records[index.count - 1] is not index.last)
+        ):
             index = self._index = _LexicalIndex(self.records, self.params.threshold)
         index.extend()  # records appended since
         return index

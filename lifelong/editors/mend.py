@@ -102,8 +102,10 @@ def resolve_params(spec: str | Sequence[str] | None, adapter, editor: str = "men
     names = [x for x in names if x]
     bad = [x for x in names if x not in kinds]
     if bad or not names:
-        raise UserError(f"{editor}: params must be comma-separated MLP projections of a {adapter.family} model "
-                        f"({', '.join(kinds)}), got '{spec}'")
+        raise UserError(
+            f"{editor}: params must be comma-separated MLP projections of a {adapter.family} model "
+            f"({', '.join(kinds)}), got '{spec}'"
+        )
     return tuple(k for k in kinds if k in names)
 
 
@@ -135,7 +137,7 @@ class RunningNorm(nn.Module):
         m2 = ((x - mean) ** 2).sum(0)
         total = self.count + n
         shift = mean - self.mean
-        self.m2 += m2 + shift ** 2 * self.count * n / total
+        self.m2 += m2 + shift**2 * self.count * n / total
         self.mean += shift * n / total
         self.count.fill_(total)
 
@@ -167,8 +169,9 @@ class GradientTransform(nn.Module):
             self.scale2 = nn.Parameter(torch.ones(n_modes, width))
             self.shift2 = nn.Parameter(torch.zeros(n_modes, width))
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, u: torch.Tensor, delta: torch.Tensor, mode: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if (mode is None) != (self.n_modes is None):
             raise ValueError(f"GradientTransform with n_modes={self.n_modes} called with mode={mode}")
         z = torch.cat([self.norm_u(u), self.norm_delta(delta)], -1)
@@ -180,7 +183,7 @@ class GradientTransform(nn.Module):
         if mode is not None:
             b = b * self.scale2[mode] + self.shift2[mode]
         g = h + b
-        return g[..., : self.d_in], g[..., self.d_in:]
+        return g[..., : self.d_in], g[..., self.d_in :]
 
 
 class Hypernetwork(nn.Module):
@@ -190,8 +193,15 @@ class Hypernetwork(nn.Module):
     ``shared``: one network per distinct shape, each weight a mode of it (the original's
     ``shared: true``); otherwise one network per weight (the ``params=down`` editor)."""
 
-    def __init__(self, targets: Sequence[tuple[int, str]], shapes: Sequence[tuple[int, int]], rank: int,
-                 edit_lr: float, seed: int = 0, shared: bool = True):
+    def __init__(
+        self,
+        targets: Sequence[tuple[int, str]],
+        shapes: Sequence[tuple[int, int]],
+        rank: int,
+        edit_lr: float,
+        seed: int = 0,
+        shared: bool = True,
+    ):
         super().__init__()
         self.targets = [(int(layer), str(kind)) for layer, kind in targets]
         self.shapes = [(int(a), int(b)) for a, b in shapes]
@@ -200,12 +210,14 @@ class Hypernetwork(nn.Module):
             keys = list(dict.fromkeys(self.shapes))
             self.group = [keys.index(s) for s in self.shapes]
             self.mode = [self.shapes[:i].count(s) for i, s in enumerate(self.shapes)]
-            self.transforms = nn.ModuleList(GradientTransform(*key, rank, seed + g, n_modes=self.shapes.count(key))
-                                            for g, key in enumerate(keys))
+            self.transforms = nn.ModuleList(
+                GradientTransform(*key, rank, seed + g, n_modes=self.shapes.count(key)) for g, key in enumerate(keys)
+            )
         else:
             self.group, self.mode = list(range(len(self.targets))), [None] * len(self.targets)
-            self.transforms = nn.ModuleList(GradientTransform(*shape, rank, seed + i)
-                                            for i, shape in enumerate(self.shapes))
+            self.transforms = nn.ModuleList(
+                GradientTransform(*shape, rank, seed + i) for i, shape in enumerate(self.shapes)
+            )
         self.log_lr = nn.Parameter(torch.full((len(self.targets),), math.log(edit_lr)))
 
     def transform(self, i: int) -> GradientTransform:
@@ -233,8 +245,9 @@ def _mean_nll(scorer: Scorer, data, n: int) -> torch.Tensor:
     return (torch.zeros(n, device=token_nll.device).index_add(0, owner, token_nll) / counts).mean()
 
 
-def edit_gradient_factors(lm: LoadedModel, targets: Sequence[tuple[int, str]], pairs: Sequence[tuple[str, str]]
-                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def edit_gradient_factors(
+    lm: LoadedModel, targets: Sequence[tuple[int, str]], pairs: Sequence[tuple[str, str]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per edited weight, (u, δ) of every real token of the edit sequences: ∇W of the mean target NLL = Σ δ uᵀ.
 
     u is what enters the projection (for gate and up: the normed MLP input; for down: the
@@ -245,11 +258,13 @@ def edit_gradient_factors(lm: LoadedModel, targets: Sequence[tuple[int, str]], p
     outputs: dict[int, torch.Tensor] = {}
     handles = []
     for i, target in enumerate(targets):
+
         def hook(mod, args, out, i=i):
             inputs[i] = args[0].detach()
             # δ = ∂loss/∂(this zero added to the output)
             outputs[i] = torch.zeros_like(out, requires_grad=True)
             return out + outputs[i]
+
         handles.append(lm.adapter.mlp_proj(*target).register_forward_hook(hook))
     try:
         with torch.enable_grad():
@@ -263,11 +278,14 @@ def edit_gradient_factors(lm: LoadedModel, targets: Sequence[tuple[int, str]], p
 
 
 @contextmanager
-def lowrank_added(lm: LoadedModel, targets: Sequence[tuple[int, str]],
-                  factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+def lowrank_added(
+    lm: LoadedModel, targets: Sequence[tuple[int, str]], factors: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
     """Forwards inside run with W + left @ right.T at each weight, as x @ right @ left.T (differentiable)."""
-    handles = [lm.adapter.mlp_proj(*target).register_forward_hook(
-        lambda mod, args, out, f=f: out + (args[0] @ f[1]) @ f[0].T) for target, f in zip(targets, factors)]
+    handles = [
+        lm.adapter.mlp_proj(*target).register_forward_hook(lambda mod, args, out, f=f: out + (args[0] @ f[1]) @ f[0].T)
+        for target, f in zip(targets, factors)
+    ]
     try:
         yield
     finally:
@@ -329,8 +347,7 @@ def model_key(lm: LoadedModel) -> str:
     return str(Path(name).resolve()) if os.path.isdir(name) else name
 
 
-def hypernet_dir(lm: LoadedModel, layers: Sequence[int], data: str, params: str | Sequence[str] | None = None
-                 ) -> Path:
+def hypernet_dir(lm: LoadedModel, layers: Sequence[int], data: str, params: str | Sequence[str] | None = None) -> Path:
     """Cache directory of the hypernetwork for (model, layers, edited weights, training data).
 
     ``params`` None or empty: every MLP projection (the default). ``params=down`` keeps the
@@ -360,8 +377,9 @@ def _edit_pairs(edit: Edit) -> list[tuple[str, str]]:
     return [(text, edit.target_new) for text in (edit.rendered_prompt, *edit.paraphrases)]
 
 
-def training_step(lm: LoadedModel, net: Hypernetwork, batch: Sequence[Edit], loc_pairs: Sequence[tuple[str, str]],
-                  config: TrainConfig) -> dict[str, float]:
+def training_step(
+    lm: LoadedModel, net: Hypernetwork, batch: Sequence[Edit], loc_pairs: Sequence[tuple[str, str]], config: TrainConfig
+) -> dict[str, float]:
     """MEND's loss for one batch of edits; returns its parts (call backward through the returned total)."""
     scorer = Scorer(lm.model, lm.tokenizer)
     grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new) for e in batch])
@@ -401,8 +419,17 @@ def heldout_success(lm: LoadedModel, net: Hypernetwork, edits: Sequence[Edit]) -
     return {"es": mean(es), "gen": mean(gen), "exact": mean(exact), "nll": mean(nll)}
 
 
-CURVE_FIELDS = ("step", "seconds", "edit_loss", "loc_loss", "total", "heldout_es", "heldout_gen", "heldout_exact",
-                "heldout_nll")
+CURVE_FIELDS = (
+    "step",
+    "seconds",
+    "edit_loss",
+    "loc_loss",
+    "total",
+    "heldout_es",
+    "heldout_gen",
+    "heldout_exact",
+    "heldout_nll",
+)
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
@@ -436,24 +463,34 @@ def curve_summary(rows: Sequence[dict]) -> list[dict[str, float]]:
             window.append(row)
         if row.get("heldout_es") is not None:
             seconds = row["seconds"] if row["seconds"] is not None else last_seconds
-            out.append({"step": int(row["step"]),
-                        "edit_loss": float(np.mean([r["edit_loss"] for r in window])) if window else None,
-                        "loc_loss": float(np.mean([r["loc_loss"] for r in window])) if window else None,
-                        "s_per_step": (seconds - last_seconds) / len(window) if window else None,
-                        "es": row["heldout_es"], "gen": row["heldout_gen"], "exact": row["heldout_exact"],
-                        "nll": row["heldout_nll"]})
+            out.append(
+                {
+                    "step": int(row["step"]),
+                    "edit_loss": float(np.mean([r["edit_loss"] for r in window])) if window else None,
+                    "loc_loss": float(np.mean([r["loc_loss"] for r in window])) if window else None,
+                    "s_per_step": (seconds - last_seconds) / len(window) if window else None,
+                    "es": row["heldout_es"],
+                    "gen": row["heldout_gen"],
+                    "exact": row["heldout_exact"],
+                    "nll": row["heldout_nll"],
+                }
+            )
             window, last_seconds = [], seconds
     return out
 
 
 def format_curve(rows: Sequence[dict]) -> str:
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"{'step':>6} {'edit loss':>10} {'loc loss':>9} {'s/step':>7} {'held-out ES':>12} {'gen':>6} "
-             f"{'exact':>6} {'NLL':>6}"]
+    lines = [
+        f"{'step':>6} {'edit loss':>10} {'loc loss':>9} {'s/step':>7} {'held-out ES':>12} {'gen':>6} "
+        f"{'exact':>6} {'NLL':>6}"
+    ]
     for r in curve_summary(rows):
-        lines.append(f"{r['step']:>6} {fmt(r['edit_loss'], '.3f'):>10} {fmt(r['loc_loss'], '.4f'):>9} "
-                     f"{fmt(r['s_per_step'], '.2f'):>7} {fmt(r['es'], '.3f'):>12} {fmt(r['gen'], '.3f'):>6} "
-                     f"{fmt(r['exact'], '.3f'):>6} {fmt(r['nll'], '.2f'):>6}")
+        lines.append(
+            f"{r['step']:>6} {fmt(r['edit_loss'], '.3f'):>10} {fmt(r['loc_loss'], '.4f'):>9} "
+            f"{fmt(r['s_per_step'], '.2f'):>7} {fmt(r['es'], '.3f'):>12} {fmt(r['gen'], '.3f'):>6} "
+            f"{fmt(r['exact'], '.3f'):>6} {fmt(r['nll'], '.2f'):>6}"
+        )
     return "\n".join(lines)
 
 
@@ -463,17 +500,27 @@ def _atomic_torch_save(obj, path: Path) -> None:
     publish(tmp, path)
 
 
-def build_hypernetwork(lm: LoadedModel, layers: Sequence[int], kinds: Sequence[str], rank: int, edit_lr: float,
-                       seed: int = 0) -> Hypernetwork:
+def build_hypernetwork(
+    lm: LoadedModel, layers: Sequence[int], kinds: Sequence[str], rank: int, edit_lr: float, seed: int = 0
+) -> Hypernetwork:
     """An untrained (identity) hypernetwork for ``kinds`` of ``layers``: shared per shape, except ``down`` alone."""
     targets = edit_targets(layers, kinds)
     shapes = [tuple(lm.adapter.mlp_weight_view(*t).shape[::-1]) for t in targets]  # (d_in, d_out)
     return Hypernetwork(targets, shapes, rank, edit_lr, seed, shared=tuple(kinds) != LEGACY_PARAMS)
 
 
-def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config: TrainConfig, *,
-                       params: str | Sequence[str] | None = None, directory: Path | None = None,
-                       limit: int | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
+def train_hypernetwork(
+    lm: LoadedModel,
+    layers: Sequence[int],
+    data: str,
+    config: TrainConfig,
+    *,
+    params: str | Sequence[str] | None = None,
+    directory: Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
     """Train (or resume training) the hypernetwork for ``lm``'s ``params`` of ``layers`` on ``data``; returns its file.
 
     ``params`` None: every MLP projection. A checkpoint is written every ``config.checkpoint_every``
@@ -487,22 +534,31 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
     if config.holdout:
         if config.holdout > len(records) - 2:
             raise UserError(f"holdout {config.holdout} leaves fewer than 2 of {len(records)} training records")
-        records, heldout = records[: -config.holdout], records[-config.holdout:]
+        records, heldout = records[: -config.holdout], records[-config.holdout :]
     keys = sorted(set().union(*(record_keys(e) for e in records)))
-    content = hashlib.sha256(json.dumps([e.to_dict() for e in records], sort_keys=True, default=str)
-                             .encode()).hexdigest()[:16]
+    content = hashlib.sha256(
+        json.dumps([e.to_dict() for e in records], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     directory = Path(directory) if directory else hypernet_dir(lm, layers, data, kinds)
     directory.mkdir(parents=True, exist_ok=True)
     final, ckpt, curve_path = directory / "hypernet.safetensors", directory / "checkpoint.pt", directory / "curve.csv"
     net = build_hypernetwork(lm, layers, kinds, config.rank, config.edit_lr, config.seed).to(lm.device)
-    groups = [{"params": [p for n, p in net.named_parameters() if n != "log_lr"], "lr": config.lr},
-              {"params": [net.log_lr], "lr": config.lr_lr}]
+    groups = [
+        {"params": [p for n, p in net.named_parameters() if n != "log_lr"], "lr": config.lr},
+        {"params": [net.log_lr], "lr": config.lr_lr},
+    ]
     optimizer = torch.optim.Adam(groups)
     setup = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
     if not config.holdout:
         del setup["holdout"]  # as before holdout existed, so such checkpoints still resume
-    identity = {"model": model_key(lm), "layers": list(layers), "data": data, "limit": limit, "content": content,
-                "config": setup}
+    identity = {
+        "model": model_key(lm),
+        "layers": list(layers),
+        "data": data,
+        "limit": limit,
+        "content": content,
+        "config": setup,
+    }
     if kinds != LEGACY_PARAMS:
         identity["params"] = list(kinds)
     done, seconds = 0, 0.0
@@ -514,8 +570,10 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         optimizer.load_state_dict(saved["optimizer"])
         done, seconds = int(saved["step"]), float(saved["seconds"])
         if done > config.steps:
-            raise UserError(f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
-                            f"ask for {done} steps to finish there")
+            raise UserError(
+                f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
+                f"ask for {done} steps to finish there"
+            )
     curve = [row for row in read_curve(curve_path) if row["step"] <= done] if done else []
 
     def evaluate(row: dict) -> None:
@@ -524,8 +582,16 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
             row.update({f"heldout_{k}": v for k, v in scores.items()})
 
     def save_checkpoint(step: int) -> None:
-        _atomic_torch_save({"identity": json.dumps(identity), "net": net.state_dict(), "step": step,
-                            "optimizer": optimizer.state_dict(), "seconds": seconds}, ckpt)
+        _atomic_torch_save(
+            {
+                "identity": json.dumps(identity),
+                "net": net.state_dict(),
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "seconds": seconds,
+            },
+            ckpt,
+        )
 
     todo = range(done + 1, config.steps + 1)
     if stop_after is not None:
@@ -546,23 +612,37 @@ def train_hypernetwork(lm: LoadedModel, layers: Sequence[int], data: str, config
         losses["total"].backward()
         optimizer.step()
         seconds += time.perf_counter() - t0
-        row = {"step": step, "seconds": round(seconds, 3), "edit_loss": losses["edit"], "loc_loss": losses["loc"],
-               "total": losses["total"].item()}
+        row = {
+            "step": step,
+            "seconds": round(seconds, 3),
+            "edit_loss": losses["edit"],
+            "loc_loss": losses["loc"],
+            "total": losses["total"].item(),
+        }
         if step % config.eval_every == 0 or step == config.steps:
             evaluate(row)
         curve.append(row)
         _write_curve(curve_path, curve)
-        bar.set_postfix(edit=f"{losses['edit']:.2f}", loc=f"{losses['loc']:.3f}",
-                        **({"es": f"{row['heldout_es']:.2f}"} if "heldout_es" in row else {}))
+        bar.set_postfix(
+            edit=f"{losses['edit']:.2f}",
+            loc=f"{losses['loc']:.3f}",
+            **({"es": f"{row['heldout_es']:.2f}"} if "heldout_es" in row else {}),
+        )
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(step)
     bar.close()
     done = max([done, *todo]) if len(todo) else done
     if done >= config.steps:
-        meta = {"identity": identity, "steps": config.steps, "seconds": round(seconds, 2),
-                "targets": [list(t) for t in net.targets], "shapes": [list(s) for s in net.shapes],
-                "heldout_ids": [e.id for e in heldout],
-                "train_ids": [e.id for e in records], "train_keys": keys}
+        meta = {
+            "identity": identity,
+            "steps": config.steps,
+            "seconds": round(seconds, 2),
+            "targets": [list(t) for t in net.targets],
+            "shapes": [list(s) for s in net.shapes],
+            "heldout_ids": [e.id for e in heldout],
+            "train_ids": [e.id for e in records],
+            "train_keys": keys,
+        }
         tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         atomic_save_tensors(tensors, final, {"lifelong_mend": json.dumps(meta)})
     return final
@@ -605,8 +685,10 @@ def load_hypernetwork(path: Path, device: torch.device) -> tuple[Hypernetwork, d
     else:
         layers = meta["identity"]["layers"]
         targets = edit_targets(layers, kinds)
-        shapes = [(tensors[f"transforms.{i}.norm_u.mean"].numel(), tensors[f"transforms.{i}.norm_delta.mean"].numel())
-                  for i in range(len(layers))]
+        shapes = [
+            (tensors[f"transforms.{i}.norm_u.mean"].numel(), tensors[f"transforms.{i}.norm_delta.mean"].numel())
+            for i in range(len(layers))
+        ]
     net = Hypernetwork(targets, shapes, rank, 1.0, shared=kinds != LEGACY_PARAMS)
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False), meta
@@ -650,13 +732,16 @@ class MENDEditor(Editor):
             raise MissingFileError(
                 f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
                 f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-mend --model {lm.name} "
-                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data}` first")
+                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data}` first"
+            )
         net, meta = load_hypernetwork(path, lm.device)
         other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
         if net.targets != edit_targets(layers, kinds) or other_model:
-            raise UserError(f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
-                            f"{_describe(net.targets)}, not {model_key(lm)} weights "
-                            f"{_describe(edit_targets(layers, kinds))}")
+            raise UserError(
+                f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
+                f"{_describe(net.targets)}, not {model_key(lm)} weights "
+                f"{_describe(edit_targets(layers, kinds))}"
+            )
         self._net, self._meta = net, meta
         return self
 
@@ -680,7 +765,8 @@ class MENDEditor(Editor):
             raise OverlapError(
                 f"evaluation stream overlaps the MEND hypernetwork's training records "
                 f"({self._meta['identity']['data']}): {len(clashes)} of {len(stream)} edits share a subject+prompt, "
-                f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or train-mend on other data")
+                f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or train-mend on other data"
+            )
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return [target_param_name(lm, t) for t in self.targets(lm)]

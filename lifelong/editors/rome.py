@@ -114,4 +114,3 @@ class RROMEEditor(ROMEEditor):
     name = "r-rome"
     description = "r-ROME: ROME with the template-averaged key in every part of the update (stable when sequential)"
     averaged_key_everywhere = True
-

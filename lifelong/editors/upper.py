@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lifelong.arch import ArchAdapter
 from lifelong.machine import choose_dtype
 
+
 def compute_dtype(name: str, editor: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The compute dtype for setting ``name`` (``auto`` or a dtype name) on ``device``."""
     return choose_dtype(name, device, f"{editor}: v_dtype").dtype
@@ -55,8 +56,9 @@ def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[No
 
 
 def _zero_positions(module: nn.Embedding) -> nn.Embedding:
-    zero = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device,
-                        dtype=module.weight.dtype)
+    zero = nn.Embedding(
+        module.num_embeddings, module.embedding_dim, device=module.weight.device, dtype=module.weight.dtype
+    )
     nn.init.zeros_(zero.weight)
     zero.requires_grad_(False)
     return zero
@@ -85,16 +87,22 @@ class UpperStack:
         return out
 
     def _live_layers(self) -> list[nn.Module]:
-        return list(self.body.get_submodule(self.layers_path))[self.start:]
+        return list(self.body.get_submodule(self.layers_path))[self.start :]
 
     def _positions(self) -> nn.Module | None:
         return self.body.get_submodule(self.positions_path) if self.positions_path else None
 
     def _version(self) -> tuple:
         """Identity and version of every weight the copy is made of (a changed weight forces a rebuild)."""
-        return tuple((id(p), p._version) for layer in self._live_layers() for p in layer.parameters()) + tuple(
-            (name, id(p), p._version) for name, p in self.body.named_parameters() if not name.startswith(
-                self.layers_path + ".")) + tuple((id(p), p._version) for p in self.head.parameters())
+        return (
+            tuple((id(p), p._version) for layer in self._live_layers() for p in layer.parameters())
+            + tuple(
+                (name, id(p), p._version)
+                for name, p in self.body.named_parameters()
+                if not name.startswith(self.layers_path + ".")
+            )
+            + tuple((id(p), p._version) for p in self.head.parameters())
+        )
 
     def _converted(self) -> nn.Module:
         key = self._version()
@@ -103,8 +111,7 @@ class UpperStack:
             # stack is always fed inputs_embeds), then convert the copy.
             embed = self.adapter.model.get_input_embeddings()
             embed_path = next(name for name, m in self.body.named_modules() if m is embed)
-            with _swapped(self.body, {self.layers_path: nn.ModuleList(self._live_layers()),
-                                      embed_path: nn.Identity()}):
+            with _swapped(self.body, {self.layers_path: nn.ModuleList(self._live_layers()), embed_path: nn.Identity()}):
                 body = copy.deepcopy(self.body)
             for param in body.parameters():  # parameters only: buffers (rotary inv_freq) keep their precision
                 param.data = param.data.to(self.dtype)
@@ -145,8 +152,13 @@ class UpperStack:
     def _model_dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
 
-    def bind(self, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
-             prefix_residual: torch.Tensor | None = None):
+    def bind(
+        self,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        prefix_residual: torch.Tensor | None = None,
+    ):
         """A function from the residual stream entering layer ``start`` (n, T, d) to the final
         normed hidden states, for one batch: rows ``attention_mask`` (n, P + T) over a prefix
         of P cached tokens (``cache``: the model's KV cache, or None when P = 0), queries at
@@ -175,10 +187,13 @@ def suffix_pass_kwargs(attention_mask: torch.Tensor, position_ids: torch.Tensor,
     prefix held in ``cache`` (a fresh copy each call: a pass appends to it), with
     ``attention_mask`` (n, P + T) covering both; without a cache only its last T columns apply."""
     if cache is None:
-        return dict(attention_mask=attention_mask[:, -position_ids.shape[1]:], position_ids=position_ids,
-                    cache=None, use_cache=False)
-    return dict(attention_mask=attention_mask, position_ids=position_ids, cache=copy.deepcopy(cache),
-                use_cache=True)
+        return dict(
+            attention_mask=attention_mask[:, -position_ids.shape[1] :],
+            position_ids=position_ids,
+            cache=None,
+            use_cache=False,
+        )
+    return dict(attention_mask=attention_mask, position_ids=position_ids, cache=copy.deepcopy(cache), use_cache=True)
 
 
 def layer_output(output) -> torch.Tensor:
@@ -192,9 +207,13 @@ FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 def fused_supported(adapter: ArchAdapter) -> bool:
     """Whether :class:`FusedLlamaStack` computes this model's layers exactly as the model does."""
     config = adapter.model.config
-    return (adapter.family in FUSED_FAMILIES and getattr(config, "hidden_act", None) == "silu"
-            and getattr(config, "pretraining_tp", 1) == 1 and not getattr(config, "mlp_bias", False)
-            and not getattr(config, "use_sliding_window", False))
+    return (
+        adapter.family in FUSED_FAMILIES
+        and getattr(config, "hidden_act", None) == "silu"
+        and getattr(config, "pretraining_tp", 1) == 1
+        and not getattr(config, "mlp_bias", False)
+        and not getattr(config, "use_sliding_window", False)
+    )
 
 
 class _FusedLayer:
@@ -208,8 +227,9 @@ class _FusedLayer:
         qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
         self.qkv = (qkv * norm1).to(dtype)
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.qkv_bias = (torch.cat([biases[0] * scale, biases[1], biases[2]]).to(dtype)
-                         if biases[0] is not None else None)
+        self.qkv_bias = (
+            torch.cat([biases[0] * scale, biases[1], biases[2]]).to(dtype) if biases[0] is not None else None
+        )
         self.o = attn.o_proj.weight.to(dtype)
         self.o_bias = attn.o_proj.bias.to(dtype) if attn.o_proj.bias is not None else None
         self.gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * norm2).to(dtype)
@@ -235,8 +255,15 @@ def _rms_backward(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch
     return r * (grad - x * (r * r) * (grad * x).mean(-1, keepdim=True))
 
 
-def _layer_forward(shape: _Shape, w: _FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   bias: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None):
+def _layer_forward(
+    shape: _Shape,
+    w: _FusedLayer,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bias: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+):
     """One Llama decoder layer (norm weights folded into w): the updated float32 residual, this
     layer's keys and values (n, kv, T, dim), and what the backward pass needs."""
     f, (n, t, _) = torch.nn.functional, x.shape
@@ -265,8 +292,9 @@ def _layer_forward(shape: _Shape, w: _FusedLayer, x: torch.Tensor, cos: torch.Te
     return x3, (k, v), (x, r1, q, keys, values, probs, low, x2, r2, gate, up, act)
 
 
-def _layer_backward(shape: _Shape, w: _FusedLayer, saved: tuple, rotary: tuple[torch.Tensor, torch.Tensor],
-                    grad: torch.Tensor) -> torch.Tensor:
+def _layer_backward(
+    shape: _Shape, w: _FusedLayer, saved: tuple, rotary: tuple[torch.Tensor, torch.Tensor], grad: torch.Tensor
+) -> torch.Tensor:
     """d(loss)/dx of :func:`_layer_forward` given d(loss)/d(output), both float32 (n, T, d)."""
     x, r1, q, keys, values, probs, low, x2, r2, gate, up, act = saved
     (n, t, _), kv, groups, dim, dtype = x.shape, shape.kv, shape.groups, shape.dim, shape.dtype
@@ -337,7 +365,7 @@ class FusedLlamaStack(UpperStack):
     def _layers(self) -> list[_FusedLayer]:
         key = self._version()
         if self._fused is None or self._fused_key != key:
-            scale = self.head_dim ** -0.5
+            scale = self.head_dim**-0.5
             self._fused = [_FusedLayer(layer, self.dtype, scale) for layer in self._live_layers()]
             self._final_norm = self.adapter.final_norm().weight.detach().float()
             head = self.head.weight.detach()
@@ -366,13 +394,20 @@ class FusedLlamaStack(UpperStack):
         if self.window is not None and width > self.window:
             raise ValueError(f"fused upper stack: {width} tokens exceed the sliding window of {self.window}")
         visible = attention_mask[:, None, :].bool().expand(n, t, width).clone()
-        visible[:, :, width - t:] &= torch.ones(t, t, dtype=torch.bool, device=visible.device).tril()
+        visible[:, :, width - t :] &= torch.ones(t, t, dtype=torch.bool, device=visible.device).tril()
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
         bias.masked_fill_(~visible, torch.finfo(torch.float32).min)
         return bias.repeat(1, self.heads // self.kv_heads, 1).transpose(1, 2).contiguous()[:, None]
 
-    def _layer(self, w: _FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-               prefix: tuple[torch.Tensor, torch.Tensor] | None):
+    def _layer(
+        self,
+        w: _FusedLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    ):
         """One decoder layer on the float32 residual ``x`` (n, T, d); returns it updated, with
         this layer's own keys and values (n, kv_heads, T, head_dim). When ``x`` needs a gradient
         the layer runs as one autograd node with a hand-written backward."""
@@ -395,15 +430,25 @@ class FusedLlamaStack(UpperStack):
             out.append(kv)
         return out
 
-    def bind(self, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
-             prefix_residual: torch.Tensor | None = None):
+    def bind(
+        self,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        prefix_residual: torch.Tensor | None = None,
+    ):
         layers = self._layers()
         with torch.no_grad():
             if prefix_residual is not None:
                 prefix = self._prefix_kv(layers, prefix_residual)
             elif cache is not None:
-                prefix = [(cache.layers[self.start + i].keys.to(self.dtype),
-                           cache.layers[self.start + i].values.to(self.dtype)) for i in range(len(layers))]
+                prefix = [
+                    (
+                        cache.layers[self.start + i].keys.to(self.dtype),
+                        cache.layers[self.start + i].values.to(self.dtype),
+                    )
+                    for i in range(len(layers))
+                ]
             else:
                 prefix = [None] * len(layers)
             cos, sin = self._rotary(position_ids)

@@ -102,8 +102,9 @@ def mlp_activation(lm: LoadedModel):
     return ACT2FN[name]
 
 
-def act_distance(base: torch.Tensor, change: torch.Tensor, real: torch.Tensor, act=None,
-                 long_row: int | None = None) -> torch.Tensor:
+def act_distance(
+    base: torch.Tensor, change: torch.Tensor, real: torch.Tensor, act=None, long_row: int | None = None
+) -> torch.Tensor:
     """Per row: ‖act(base + change) − act(base)‖ per token (‖change‖ when ``act`` is None), pooled
     by the mean over real tokens (by the max for rows of more than ``long_row`` real tokens)."""
     if act is None:
@@ -144,7 +145,9 @@ class WISEEditor(AdaptorEditor):
         if not 0 < p.mask_ratio <= 1 or not 0 < p.density <= 1:
             raise UserError("wise: mask_ratio and density must be in (0, 1]")
         if p.save_freq < 1 or p.merge_freq < p.save_freq or p.merge_freq % p.save_freq:
-            raise UserError(f"wise: merge_freq ({p.merge_freq}) must be a positive multiple of save_freq ({p.save_freq})")
+            raise UserError(
+                f"wise: merge_freq ({p.merge_freq}) must be a positive multiple of save_freq ({p.save_freq})"
+            )
         if p.variant not in ("merge", "retrieve"):
             raise UserError(f"wise: variant must be merge or retrieve, got '{p.variant}'")
         if p.activation not in ("model", "none"):
@@ -201,9 +204,14 @@ class WISEEditor(AdaptorEditor):
                     for start in TEMPLATE_STARTS:
                         ids = lm.tokenizer(start, return_tensors="pt").input_ids.to(lm.device)
                         pad = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
-                        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                max_new_tokens=length, do_sample=False, num_beams=1,
-                                                pad_token_id=pad)
+                        out = lm.model.generate(
+                            input_ids=ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=length,
+                            do_sample=False,
+                            num_beams=1,
+                            pad_token_id=pad,
+                        )
                         text = lm.tokenizer.decode(out[0], skip_special_tokens=True)
                         prefixes.append(text.replace("{", "{{").replace("}", "}}"))
         finally:
@@ -217,8 +225,11 @@ class WISEEditor(AdaptorEditor):
         if not self.edits:
             return {}
         f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-        state = {"edits": torch.tensor(self.edits), "min_act": f64(self.min_act),
-                 "current_min_act": f64(self.current_min_act)}
+        state = {
+            "edits": torch.tensor(self.edits),
+            "min_act": f64(self.min_act),
+            "current_min_act": f64(self.current_min_act),
+        }
         if self.side is not None:
             state["side"] = self.side.clone()
         for i, (delta, act) in enumerate(self.groups):
@@ -250,8 +261,10 @@ class WISEEditor(AdaptorEditor):
             return delta
 
         closed = sorted(int(k.split("_")[1]) for k in state if k.startswith("closed_") and "act" not in k)
-        self.closed = [(s, unpack(s, state[f"closed_{s}"]),
-                        float(state.get(f"closed_act_{s}", torch.tensor(self.min_act)))) for s in closed]
+        self.closed = [
+            (s, unpack(s, state[f"closed_{s}"]), float(state.get(f"closed_act_{s}", torch.tensor(self.min_act))))
+            for s in closed
+        ]
         if "current" in state:
             self.current = unpack(self.shard_index, state["current"])
 
@@ -368,8 +381,7 @@ class WISEEditor(AdaptorEditor):
                 inside, outside = dist[:rows], dist[rows:]
                 margin = margin_loss(inside, outside, p.alpha, p.beta, p.gamma)
                 loss = nll + margin
-                stop = (len(losses) >= 2 and losses[-1] <= p.stop_loss
-                        and abs(losses[-1] - losses[-2]) <= p.stop_delta)
+                stop = len(losses) >= 2 and losses[-1] <= p.stop_loss and abs(losses[-1] - losses[-2]) <= p.stop_delta
                 if stop or step == p.max_steps - 1:  # the original records Δact of this forward
                     in_scope = float(inside.detach().mean())
                 if stop:

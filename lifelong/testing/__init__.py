@@ -74,7 +74,23 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "SUBJECTS", "RELATIONS", "facts", "edits", "edit_streams", "tiny_model_specs", "tiny_models", "fresh_model",
-    "format_stream", "Invariant", "InvariantViolation", "EditorUnderTest", "INVARIANTS", "EQUATIONS",
-    "register_equation", "invariants_for", "Failure", "Report", "check_editor",
+    "SUBJECTS",
+    "RELATIONS",
+    "facts",
+    "edits",
+    "edit_streams",
+    "tiny_model_specs",
+    "tiny_models",
+    "fresh_model",
+    "format_stream",
+    "Invariant",
+    "InvariantViolation",
+    "EditorUnderTest",
+    "INVARIANTS",
+    "EQUATIONS",
+    "register_equation",
+    "invariants_for",
+    "Failure",
+    "Report",
+    "check_editor",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-INSTALL_HINT = ("lifelong.testing's strategies and check_editor need hypothesis, which this install lacks: "
-                "pip install 'lifelong-editing[testing]' (from a clone: pip install -e '.[testing]')")
+INSTALL_HINT = (
+    "lifelong.testing's strategies and check_editor need hypothesis, which this install lacks: "
+    "pip install 'lifelong-editing[testing]' (from a clone: pip install -e '.[testing]')"
+)
 
 
 def hypothesis():

@@ -87,5 +87,3 @@ def invariants_for(editor: Editor) -> dict[str, Invariant]:
     if callable(own):
         out.update({inv.name: inv for inv in own()})
     return out
-
-

@@ -89,9 +89,17 @@ class EditorUnderTest:
             raise InvariantViolation(f"apply returned {type(delta).__name__}, not a Delta")
         return delta
 
-    def replay(self, stream: EditStream, workdir: Path, run_name: str, *,
-               lm: LoadedModel | None = None, stop_after: int | None = None, editor: Editor | None = None,
-               probes: Sequence[str] = ()):
+    def replay(
+        self,
+        stream: EditStream,
+        workdir: Path,
+        run_name: str,
+        *,
+        lm: LoadedModel | None = None,
+        stop_after: int | None = None,
+        editor: Editor | None = None,
+        probes: Sequence[str] = (),
+    ):
         """The real replay loop with ``editor`` or a fresh one from the factory (registered or not), the
         default probes and ``probes``."""
         from lifelong.replay import replay
@@ -102,8 +110,9 @@ class EditorUnderTest:
             stream.to_jsonl(path)
         lm = lm or self.fresh_model()
         editor = editor or self.fresh_editor(lm)
-        config = RunConfig(model=self.model, editor=editor.name, stream=str(path), probe_every=1, seed=self.seed,
-                           probes=list(probes))
+        config = RunConfig(
+            model=self.model, editor=editor.name, stream=str(path), probe_every=1, seed=self.seed, probes=list(probes)
+        )
         return replay(config, workdir / run_name, lm=lm, editor=editor, progress=False, stop_after=stop_after)
 
 
@@ -166,8 +175,10 @@ def checkout_equals_live(subject: EditorUnderTest, stream: EditStream) -> None:
         if rebuilt.editor is not None:
             rebuilt.editor.release()
         if not (want == got).all():
-            raise InvariantViolation(f"checkout({steps}) scores the stream's prompts differently from the live "
-                                     f"model (max |Δnll| {abs(want - got).max():.3g})")
+            raise InvariantViolation(
+                f"checkout({steps}) scores the stream's prompts differently from the live "
+                f"model (max |Δnll| {abs(want - got).max():.3g})"
+            )
         base = checkout(Path(tmp) / "run", 0, editor_class=type(editor))
         _fail_if(_differences(_snapshot(subject.fresh_model()), base.model), "checkout(0) differs from θ0")
 
@@ -198,13 +209,16 @@ def deterministic(subject: EditorUnderTest, stream: EditStream) -> None:
     (lm_a, deltas_a), (lm_b, deltas_b) = runs
     for step, (a, b) in enumerate(zip(deltas_a, deltas_b), start=1):
         if sorted(a.changes) != sorted(b.changes):
-            raise InvariantViolation(f"step {step}: deltas touch different parameters: "
-                                     f"{sorted(a.changes)} vs {sorted(b.changes)}")
+            raise InvariantViolation(
+                f"step {step}: deltas touch different parameters: {sorted(a.changes)} vs {sorted(b.changes)}"
+            )
         for name in a.changes:
             x, y = a.changes[name].materialize(), b.changes[name].materialize()
             if not torch.equal(x, y):
-                raise InvariantViolation(f"step {step}: delta of {name} differs between two identical runs "
-                                         f"(max |diff| {(x.double() - y.double()).abs().max().item():.3g})")
+                raise InvariantViolation(
+                    f"step {step}: delta of {name} differs between two identical runs "
+                    f"(max |diff| {(x.double() - y.double()).abs().max().item():.3g})"
+                )
     _fail_if(_differences(_snapshot(lm_a), lm_b.model), "two identical runs end with different weights")
 
 
@@ -240,8 +254,10 @@ def delta_matches_change(subject: EditorUnderTest, stream: EditStream) -> None:
             value = expected[name].clone()
             value.add_(change.materialize().to(device=value.device, dtype=value.dtype))  # as Delta.apply does
             expected[name] = value
-        _fail_if(_differences(expected, lm.model),
-                 f"step {step}: the live weights are not the weights before + the returned Delta")
+        _fail_if(
+            _differences(expected, lm.model),
+            f"step {step}: the live weights are not the weights before + the returned Delta",
+        )
 
 
 def resume_same_results(subject: EditorUnderTest, stream: EditStream) -> None:
@@ -307,15 +323,17 @@ def _invariant(fn: Callable, examples: Callable[[int], "SearchStrategy"] | None 
     return Invariant(fn.__name__, fn, doc, examples) if examples else Invariant(fn.__name__, fn, doc)
 
 
-INVARIANTS: dict[str, Invariant] = {inv.name: inv for inv in (
-    _invariant(revert_restores_base),
-    _invariant(checkout_equals_live, _several_steps),
-    _invariant(empty_batch_is_noop),
-    _invariant(deterministic),
-    _invariant(scope_respected),
-    _invariant(delta_matches_change),
-    _invariant(resume_same_results, _several_steps),
-    _invariant(metric_bounds),
-)}
+INVARIANTS: dict[str, Invariant] = {
+    inv.name: inv
+    for inv in (
+        _invariant(revert_restores_base),
+        _invariant(checkout_equals_live, _several_steps),
+        _invariant(empty_batch_is_noop),
+        _invariant(deterministic),
+        _invariant(scope_respected),
+        _invariant(delta_matches_change),
+        _invariant(resume_same_results, _several_steps),
+        _invariant(metric_bounds),
+    )
+}
 """The generic invariants every editor must satisfy, by name."""
-

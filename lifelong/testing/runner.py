@@ -23,8 +23,10 @@ def format_stream(stream: Iterable[Edit]) -> str:
             extra.append(f"paraphrases={list(e.paraphrases)}")
         if e.neighborhood:
             extra.append("neighbors=" + str([(n.prompt, n.answer) for n in e.neighborhood]))
-        lines.append(f"  {e.timestamp:%Y-%m-%d} {e.id}{chain}: {e.rendered_prompt!r}: "
-                     f"{e.target_true!r} -> {e.target_new!r}" + (" " + " ".join(extra) if extra else ""))
+        lines.append(
+            f"  {e.timestamp:%Y-%m-%d} {e.id}{chain}: {e.rendered_prompt!r}: "
+            f"{e.target_true!r} -> {e.target_new!r}" + (" " + " ".join(extra) if extra else "")
+        )
     return "\n".join(lines)
 
 
@@ -96,9 +98,16 @@ def _select(invariants, editor: Editor) -> tuple[list[Invariant], list[str]]:
     return chosen, skipped
 
 
-def check_editor(editor_factory: Callable[[], Editor], *, model: str = "tiny-llama",
-                 invariants: Sequence[str | Invariant] | None = None, max_examples: int = 5, max_edits: int = 3,
-                 seed: int = 0, shrink: bool = True) -> Report:
+def check_editor(
+    editor_factory: Callable[[], Editor],
+    *,
+    model: str = "tiny-llama",
+    invariants: Sequence[str | Invariant] | None = None,
+    max_examples: int = 5,
+    max_edits: int = 3,
+    seed: int = 0,
+    shrink: bool = True,
+) -> Report:
     """Check the editors ``editor_factory()`` makes against ``invariants`` (all that apply by default).
 
     Each invariant is a hypothesis property over drawn edit streams, run on fresh copies
@@ -125,14 +134,22 @@ def check_editor(editor_factory: Callable[[], Editor], *, model: str = "tiny-lla
     return report
 
 
-def _run_invariant(inv: Invariant, subject: EditorUnderTest, max_examples: int, max_edits: int, seed: int,
-                   phases: list) -> Failure | None:
+def _run_invariant(
+    inv: Invariant, subject: EditorUnderTest, max_examples: int, max_edits: int, seed: int, phases: list
+) -> Failure | None:
     hyp = hypothesis()
     last: dict = {}
 
     @hyp.seed(seed)
-    @hyp.settings(max_examples=max_examples, deadline=None, database=None, phases=phases,
-                  verbosity=hyp.Verbosity.quiet, suppress_health_check=list(hyp.HealthCheck), print_blob=False)
+    @hyp.settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        phases=phases,
+        verbosity=hyp.Verbosity.quiet,
+        suppress_health_check=list(hyp.HealthCheck),
+        print_blob=False,
+    )
     @hyp.given(inv.examples(max_edits))
     def property_(stream):
         try:

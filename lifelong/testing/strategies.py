@@ -42,18 +42,39 @@ def facts(draw, subjects: Sequence[str] = SUBJECTS, relations: Sequence[Relation
         other = draw(st.sampled_from([s for s in subjects if s != subject] or list(subjects)))
         answer = draw(st.sampled_from(relation.candidates))
         neighborhood = (Neighbor(relation.template.replace("{}", other), answer),)
-    return Fact(id=f"{subject}/{relation.id}", subject=subject, relation=relation, target_true=true,
-                target_new=new, neighborhood=neighborhood)
+    return Fact(
+        id=f"{subject}/{relation.id}",
+        subject=subject,
+        relation=relation,
+        target_true=true,
+        target_new=new,
+        neighborhood=neighborhood,
+    )
 
 
-def _edit(fact: Fact, edit_id: str, timestamp: datetime.datetime, *, true: str | None, new: str,
-          paraphrases: bool, chain: ChainLink | None = None) -> Edit:
+def _edit(
+    fact: Fact,
+    edit_id: str,
+    timestamp: datetime.datetime,
+    *,
+    true: str | None,
+    new: str,
+    paraphrases: bool,
+    chain: ChainLink | None = None,
+) -> Edit:
     r = fact.relation
     return Edit(
-        id=edit_id, timestamp=timestamp, subject=fact.subject, relation_id=r.id, prompt=r.template,
-        target_new=new, target_true=true,
+        id=edit_id,
+        timestamp=timestamp,
+        subject=fact.subject,
+        relation_id=r.id,
+        prompt=r.template,
+        target_new=new,
+        target_true=true,
         paraphrases=tuple(p.replace("{}", fact.subject) for p in r.paraphrases) if paraphrases else (),
-        neighborhood=fact.neighborhood, candidates=r.candidates, chain=chain,
+        neighborhood=fact.neighborhood,
+        candidates=r.candidates,
+        chain=chain,
     )
 
 
@@ -66,8 +87,9 @@ def edits(draw, edit_id: str = "e0", timestamp: datetime.datetime = _EPOCH) -> E
 
 
 @st.composite
-def edit_streams(draw, *, min_edits: int = 1, max_edits: int = 4, max_batch: int = 2, rounds: bool = True,
-                 conflicts: bool = True) -> EditStream:
+def edit_streams(
+    draw, *, min_edits: int = 1, max_edits: int = 4, max_batch: int = 2, rounds: bool = True, conflicts: bool = True
+) -> EditStream:
     """An :class:`EditStream` of ``min_edits``..``max_edits`` edits in steps of 1..``max_batch`` edits, one day apart.
 
     With ``rounds``, it may contain round edits (o → o* at one step, o* → o at a later one,
@@ -92,12 +114,20 @@ def edit_streams(draw, *, min_edits: int = 1, max_edits: int = 4, max_batch: int
         if kind == "plain":
             episodes.append([(fact, fact.target_true, fact.target_new, None)])
         elif kind == "round":
-            episodes.append([(fact, fact.target_true, fact.target_new, "round-out"),
-                             (fact, fact.target_new, fact.target_true, "round-back")])
+            episodes.append(
+                [
+                    (fact, fact.target_true, fact.target_new, "round-out"),
+                    (fact, fact.target_new, fact.target_true, "round-back"),
+                ]
+            )
         else:
             second = draw(st.sampled_from([o for o in fact.relation.candidates if o != fact.target_new]))
-            episodes.append([(fact, fact.target_true, fact.target_new, "conflict-e1"),
-                             (fact, fact.target_new, second, "conflict-e2")])
+            episodes.append(
+                [
+                    (fact, fact.target_true, fact.target_new, "conflict-e1"),
+                    (fact, fact.target_new, second, "conflict-e2"),
+                ]
+            )
     # Order: every episode's first edit in drawn order; each second edit goes after its first.
     order: list[tuple[int, int]] = [(i, 0) for i in range(len(episodes))]
     for i, episode in enumerate(episodes):
@@ -115,8 +145,17 @@ def edit_streams(draw, *, min_edits: int = 1, max_edits: int = 4, max_batch: int
         in_step.append((i, part))
         fact, true, new, role = episodes[i][part]
         chain = ChainLink(f"c{i}", role) if role else None
-        out.append(_edit(fact, f"e{n}", _EPOCH + datetime.timedelta(days=step - 1), true=true, new=new,
-                         paraphrases=paraphrases, chain=chain))
+        out.append(
+            _edit(
+                fact,
+                f"e{n}",
+                _EPOCH + datetime.timedelta(days=step - 1),
+                true=true,
+                new=new,
+                paraphrases=paraphrases,
+                chain=chain,
+            )
+        )
     return EditStream(out, name="hypothesis")
 
 
@@ -128,5 +167,3 @@ def tiny_model_specs(families: Sequence[str] = ("tiny-llama", "tiny-gpt2"), seed
 def tiny_models(families: Sequence[str] = ("tiny-llama", "tiny-gpt2"), seeds: Sequence[int] = (0,)):
     """Freshly loaded seeded tiny models (a new :class:`LoadedModel` per draw, so edits never leak)."""
     return tiny_model_specs(families, seeds).map(fresh_model)
-
-
