@@ -8,6 +8,8 @@ directory; later loads read the cache (well under 2 s).
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.metadata
 import os
 import shutil
@@ -159,6 +161,21 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _without_transformers_bars():
+    """Local safetensors load in well under a second: transformers' own bar there is noise, and in a
+    notebook without ipywidgets its tqdm.auto bar prints an 'IProgress not found' warning."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf_dir(directory: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -176,14 +193,15 @@ def _load_hf_dir(directory: Path):
             "supported families are " + ", ".join(sorted(FAMILIES))
         )
     # safetensors only: never unpickle weights from a directory we did not write.
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory,
-        config=config,
-        dtype=torch.float32,
-        use_safetensors=True,
-        trust_remote_code=False,
-        output_loading_info=True,
-    )
+    with _without_transformers_bars():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            config=config,
+            dtype=torch.float32,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
     # A weight the files lack would be left at its random initialisation: refuse rather than run on it.
     problems = [
         (kind.replace("_keys", ""), list(info.get(kind) or ()))

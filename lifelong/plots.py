@@ -1,4 +1,6 @@
-"""Pictures of a run, written as PNGs under ``DIR/plots/``."""
+"""Pictures of a run. Each ``*_figure`` function returns a matplotlib ``Figure`` (built without pyplot,
+so it leaves the caller's backend alone and displays inline in a notebook); the ``plot_*`` functions
+write those figures as PNGs under ``DIR/plots/``."""
 
 from __future__ import annotations
 
@@ -47,26 +49,39 @@ def wrapped(title: str, inches: float) -> str:
     return "\n".join(textwrap.wrap(title, width=max(20, int(inches * 10.5))))
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(**kwargs):
+    """A bare ``Figure``: not registered with pyplot, so nothing needs closing and no backend is chosen."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    return Figure(**kwargs)
 
-    return plt
+
+def _title(run: RunDir) -> str:
+    return f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
 
 
 def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
-    """Retained fraction over steps (shaded: 95% Wilson band over the edits at each step), and the
-    retention matrix as a heat map; in ``directory`` (default: the run's ``plots/``)."""
-    plt = _pyplot()
-    results = run.results()
-    title = f"{run.manifest()['identity']['editor']} on {run.manifest()['identity']['model']}"
+    """The dashboard, the retention curve, the retention matrix and (with chain rows) the chains figure,
+    as PNGs in ``directory`` (default: the run's ``plots/``)."""
     directory = Path(directory) if directory is not None else run.plots_dir
     directory.mkdir(parents=True, exist_ok=True)
     written = [plot_dashboard(run, directory)]
+    written.append(_save(retention_figure(run), directory / "retention.png"))
+    m = retention_matrix(run.results(), "es")
+    if len(m.steps) and len(m.edit_ids):
+        written.append(plot_retention_matrix(m, _title(run), directory / "retention_matrix.png"))
+    chains = plot_chains(run, directory)
+    if chains is not None:
+        written.append(chains)
+    return written
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def retention_figure(run: RunDir):
+    """Retained fraction over steps (shaded: 95% Wilson band over the edits at each step) and the
+    efficacy at each edit's own step, for the ES and exact protocols."""
+    results = run.results()
+    fig = new_figure(figsize=(7, 4))
+    ax = fig.subplots()
     for protocol, style in (("es", "-o"), ("exact", "--s")):
         m = retention_matrix(results, protocol)
         if len(m.steps):
@@ -85,20 +100,11 @@ def plot_run(run: RunDir, directory: Path | None = None) -> list[Path]:
     ax.set_xlabel("stream step")
     ax.set_ylabel("fraction of edits so far")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"Retention — {title}")
+    ax.set_title(f"Retention — {_title(run)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    written.append(_save(fig, directory / "retention.png"))
-    plt.close(fig)
-
-    m = retention_matrix(results, "es")
-    if len(m.steps) and len(m.edit_ids):
-        written.append(plot_retention_matrix(m, title, directory / "retention_matrix.png"))
-    chains = plot_chains(run, directory)
-    if chains is not None:
-        written.append(chains)
-    return written
+    return fig
 
 
 MATRIX_COLUMNS = 60  # more edits than this are binned: each column then shows a bin's share of edits holding
@@ -120,19 +126,25 @@ def matrix_cells(values: np.ndarray, columns: int = MATRIX_COLUMNS) -> tuple[np.
 
 
 def plot_retention_matrix(m, title: str, path: Path) -> Path:
+    """:func:`retention_matrix_figure` written to ``path``."""
+    return _save(retention_matrix_figure(m, title), path)
+
+
+def retention_matrix_figure(m, title: str):
     """A[t, i]: a row per probed step only (steps between probes are not painted: nothing was measured
     there), a column per edit labelled by its id (binned beyond MATRIX_COLUMNS edits), blank where
     edit i was not made yet; two colours for held / lost, or a share-held scale for bins."""
-    plt = _pyplot()
+    from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     cells, spans = matrix_cells(m.values)
     binned = len(spans) < len(m.edit_ids)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(m.steps) + 1.5)))
+    fig = new_figure(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(m.steps) + 1.5)))
+    ax = fig.subplots()
     masked = np.ma.masked_invalid(cells)
     if binned:
-        mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=plt.get_cmap("RdYlGn"), vmin=0, vmax=1)
+        mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=colormaps["RdYlGn"], vmin=0, vmax=1)
         fig.colorbar(mesh, ax=ax, label="share of the bin's edits holding")
     else:
         ax.imshow(
@@ -161,12 +173,16 @@ def plot_retention_matrix(m, title: str, path: Path) -> Path:
     ax.set_ylabel("probed step")
     ax.set_title(f"Retention matrix A[t, i] (ES), rows: probed steps only — {title}", fontsize=9)
     fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
+    """:func:`chains_figure` written as ``chains.png``; None without chain rows."""
+    fig = chains_figure(run)
+    return None if fig is None else _save(fig, Path(directory or run.plots_dir) / "chains.png")
+
+
+def chains_figure(run: RunDir):
     """Distortion (and conflict magnitude) over steps from the chain probe's rows; None without them.
 
     Dots: each chain at its completion step; solid line: running mean of those; dashed line: the mean
@@ -185,9 +201,9 @@ def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
     ]
     if not panels:
         return None
-    plt = _pyplot()
     ident = run.manifest()["identity"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    fig = new_figure(figsize=(6.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels):
         done = rows.filter((pl.col("metric") == metric) & pl.col("protocol").str.starts_with("completion")).sort("step")
         steps, values = done["step"].to_numpy(), done["value"].to_numpy()
@@ -207,12 +223,11 @@ def plot_chains(run: RunDir, directory: Path | None = None) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Chains — {ident['editor']} on {ident['model']}, stream {ident['stream']}", fontsize=10)
     fig.tight_layout()
-    path = _save(fig, Path(directory or run.plots_dir) / "chains.png")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # cleaned up by a resume if left behind
     fig.savefig(tmp, dpi=120, format="png")
     tmp.replace(path)
@@ -401,17 +416,22 @@ def _mark_collapse(ax, step: int | None, color="crimson", label: str | None = "c
 
 
 def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
-    """One PNG with every general-ability panel this run has, the collapse step marked on each."""
+    """:func:`dashboard_figure` written as ``dashboard.png`` in ``directory`` (default: the run's ``plots/``)."""
+    return _save(dashboard_figure(run), Path(directory or run.plots_dir) / "dashboard.png")
+
+
+def dashboard_figure(run: RunDir):
+    """Every general-ability panel this run has, the collapse step marked on each."""
     from probes.perplexity import collapse_step
 
-    plt = _pyplot()
     results = run.results()
     ident = run.manifest()["identity"]
     panels = _panels(results)
     threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    fig = new_figure(figsize=(6.2 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     items = (run.load_reference() or {}).get("downstream", {}).get("items")
     collapse = collapse_step(results)
     for ax, name in zip(axes.flat, panels):
@@ -430,11 +450,7 @@ def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
     title = f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, {steps} steps — {note}"
     fig.suptitle(wrapped(title, 6.2 * cols), fontsize=11)
     fig.tight_layout()
-    directory = Path(directory or run.plots_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = _save(fig, directory / "dashboard.png")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def run_labels(runs: list[RunDir]) -> list[str]:
@@ -471,12 +487,16 @@ def _draw_quality(ax, tables, groups, names, single) -> None:
 
 
 def plot_compare(runs: list[RunDir], path: Path) -> Path:
+    """:func:`compare_figure` written to ``path``."""
+    return _save(compare_figure(runs), Path(path))
+
+
+def compare_figure(runs: list[RunDir]):
     """Several runs overlaid, one colour per configuration (seeds of one configuration share it and its
     legend entry), one panel per measure any of them has."""
     from lifelong.summary import configuration_labels, configurations
     from probes.perplexity import collapse_step
 
-    plt = _pyplot()
     tables = [r.results() for r in runs]
     groups = configurations(runs)
     group_of = {i: j for j, g in enumerate(groups) for i in g}
@@ -493,7 +513,8 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
     quality = any((t["probe"] == "edit_quality").any() for t in tables)
     cols = 2 if len(panels) + quality > 1 else 1
     rows = (len(panels) + quality + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    fig = new_figure(figsize=(6.2 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     if quality:
         _draw_quality(axes.flat[len(panels)], tables, groups, names, single)
     for ax, name in zip(axes.flat, panels):
@@ -524,8 +545,4 @@ def plot_compare(runs: list[RunDir], path: Path) -> Path:
     on = models[0] if len(models) == 1 else f"{' / '.join(models)} (different models!)"
     fig.suptitle(wrapped(f"{' vs '.join(dict.fromkeys(labels))} on {on}{note}", 6.2 * cols), fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig

@@ -276,3 +276,29 @@ def test_retention_matrix_paints_only_measured_cells(tmp_path):
     assert binned.shape == (2, MATRIX_COLUMNS) and spans[0][0] == 0 and spans[-1][1] == 209
     a, b = spans[0]
     assert binned[0, 0] == pytest.approx(np.nanmean(wide[0, a : b + 1]))
+
+
+def test_figures_are_returned_without_touching_the_backend(two_runs):
+    """The ``*_figure`` functions give matplotlib Figures (what a notebook displays inline) and leave the
+    caller's backend and pyplot's figure list alone; the PNG writers save those same figures."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from lifelong.plots import compare_figure, dashboard_figure, retention_figure, retention_matrix_figure
+    from probes.metrics import retention_matrix
+
+    backend = matplotlib.get_backend()
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
+    runs = [RunDir(p) for p in two_runs]
+    dashboard = dashboard_figure(runs[1])
+    retention = retention_figure(runs[1])
+    matrix = retention_matrix_figure(retention_matrix(runs[1].results(), "es"), "t")
+    compare = compare_figure(runs)
+    for fig in (dashboard, retention, matrix, compare):
+        assert isinstance(fig, Figure)
+    assert len([a for a in dashboard.axes if a.axison]) == len(_panels(runs[1].results()))
+    assert "Retention" in retention.axes[0].get_title()
+    assert len(compare.axes[0].get_lines()) >= 2  # both runs drawn on the first panel
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == open_before

@@ -38,6 +38,12 @@ def test_compare_notebook_executes(tmp_path, stream_file, monkeypatch):
     assert "ft: 3 steps" in outputs and "rome: 3 steps" in outputs
     assert "perplexity ratio to θ0 at last step" in outputs
     assert (tmp_path / "nb" / "compare.png").stat().st_size > 10_000
+    shown = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert len(shown) == 3, "the compare figure and one dashboard per run are displayed inline as figures"
+    warned = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "IProgress" not in warned and "Loading weights" not in warned
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the comparison and one dashboard per editor
     assert "after its step" in outputs and "θ0" in outputs  # the before/after view
