@@ -45,10 +45,54 @@ def test_combine_and_paired_difference():
     assert (d.low, d.high) == (pytest.approx(2 / 3 - half), pytest.approx(2 / 3 + half))
 
 
+def test_documented_intervals_are_read_back_and_compared():
+    doc = "\n".join(
+        [
+            "| claim | the paper's figure | ours | verdict |",
+            "| GRACE | x | grace: ES 1 [1.000, 1.000] n=3 | **holds** |",  # the summary table: not read
+            "## GRACE keeps locality (`--claims grace`)",
+            "| figure | mean [95% CI] n=seeds | items |",
+            "|---|---|---|",
+            "| grace: ES at own step | 0.9889 [0.941, 1.037] n=3 | 30 prompts per seed |",
+            "| grace: PS exact at own step | 0.1667 [-0.165, 0.498] n=3 | 30 prompts per seed |",
+            "## KN hurts (`--claims kn`)",
+            "| kn: perplexity ratio at step 5 | 1.129e+15 [7508, 1.699e+26] n=3 | ratio |",
+            "| kn: not a figure | n/a n=0 | |",
+        ]
+    )
+    got = R.documented_intervals(doc)
+    assert got == {
+        ("grace", "grace: ES at own step"): (0.9889, 0.941, 1.037),
+        ("grace", "grace: PS exact at own step"): (0.1667, -0.165, 0.498),
+        ("kn", "kn: perplexity ratio at step 5"): (1.129e15, 7508.0, 1.699e26),
+    }
+    claims = [c for c in R.CLAIMS if c.key in ("grace", "kn")]
+    results = {
+        "grace": (
+            [
+                ("grace: ES at own step", Estimate(0.95, 3, 0.9, 1.0), ""),
+                ("grace: PS exact at own step", Estimate(0.6, 3, 0.5, 0.7), ""),
+            ],
+            "holds",
+            "",
+        ),
+        "kn": ([("kn: perplexity ratio at step 5", Estimate(2e10, 3, 1.0, 1e20), "")], "holds", ""),
+    }
+    lines = R.compare_with(got, results, claims)
+    assert lines[-1] == "2 of 3 figures of this run fall inside the documented 95% intervals."
+    assert sum("**no**" in line for line in lines) == 1 and "PS exact" in next(row for row in lines if "**no**" in row)
+
+
 def test_scale_items_and_bad_arguments(capsys):
     arm = R.CLAIMS[0].arms[0]
     assert arm.count("items=4") == 4 and arm.count("quick") == arm.items["quick"]
-    for argv in (["--scale", "huge"], ["--claims", "nope"], ["--seeds", "0"]):
+    for argv in (
+        ["--scale", "huge"],
+        ["--claims", "nope"],
+        ["--seeds", "0"],
+        ["--first-seed", "-1"],
+        ["--compare-to", "no/such.md"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             R.main(argv + ["--report-only"])
         assert exit_info.value.code == 2
@@ -94,3 +138,17 @@ def test_small_reproduction_end_to_end(tmp_path):
 
     R.main(args + ["--report-only"])
     assert figures(out.read_text()) == figures(doc)
+
+    # A rerun on new seeds, set against the first document's intervals.
+    again = tmp_path / "again.md"
+    swap = {str(out): str(again), str(readme): "", "grace,round": "grace"}  # GRACE alone: quick
+    rerun = [swap.get(a, a) for a in args]
+    R.main(rerun + ["--first-seed", "2", "--compare-to", str(out)])
+    text = again.read_text()
+    assert "--first-seed 2" in text and f"## Against {out}" in text
+    assert (tmp_path / "work" / "items=2").is_dir() and any(
+        p.name.endswith("seed3") for p in (tmp_path / "work" / "items=2").iterdir()
+    )
+    summary = next(line for line in text.splitlines() if "fall inside the documented 95% intervals" in line)
+    inside, total = (int(w) for w in summary.split()[0:3:2])
+    assert total >= 3 and 0 <= inside <= total
