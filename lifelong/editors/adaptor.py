@@ -15,6 +15,7 @@ import torch
 
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, each_edit
+from lifelong.editors.hooks import Hooks, stop_before
 from lifelong.models import LoadedModel
 from probes.model_access import Codec
 from streams import Edit
@@ -34,7 +35,7 @@ class AdaptorEditor(Editor):
 
     def __init__(self, params=None):
         super().__init__(params)
-        self._handles: list = []
+        self._hooks = Hooks()  # installed by bind, kept until release
         self._bound_to = None
         self._mask: torch.Tensor | None = None  # attention mask of the body's current forward
 
@@ -51,9 +52,8 @@ class AdaptorEditor(Editor):
         return self
 
     def _attach(self, lm: LoadedModel) -> None:
-        module = lm.adapter.out_proj(self.params.layer)
-        self._handles.append(module.register_forward_hook(self._hook))
-        self._handles.append(lm.adapter.body().register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+        self._hooks.on_output(lm.adapter.out_proj(self.params.layer), self._hook)
+        self._hooks.on_input(lm.adapter.body(), self._remember_mask, with_kwargs=True)
 
     def _remember_mask(self, module, args, kwargs):
         self._mask = kwargs.get("attention_mask")
@@ -66,9 +66,8 @@ class AdaptorEditor(Editor):
         return mask[:, -shape[1] :].bool().cpu()  # with a KV cache, the mask also covers past positions
 
     def release(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._bound_to = [], None
+        self._hooks.remove()
+        self._bound_to = None
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return []  # no weight is ever changed
@@ -87,10 +86,6 @@ class AdaptorEditor(Editor):
         raise NotImplementedError
 
 
-class _Stop(Exception):
-    pass
-
-
 class UpperLayers:
     """Answer logits of a collated batch computed from layer ``start`` up.
 
@@ -102,21 +97,9 @@ class UpperLayers:
 
     def __init__(self, lm: LoadedModel, start: int, batch):
         self.lm, self.start, self.batch = lm, start, batch
-        captured: dict = {}
-
-        def grab(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _Stop
-
-        handle = lm.adapter.layer(start).register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                lm.adapter.body()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        self.args, self.kwargs = captured["args"], captured["kwargs"]
+        with torch.no_grad(), stop_before(lm.adapter.layer(start)) as seen:
+            lm.adapter.body()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+        self.args, self.kwargs = seen[0]
 
     def answer_logits(self) -> torch.Tensor:
         hidden = self.args[0]

@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.delta import Delta, ParamChange
 from lifelong.machine import choose_dtype
 from lifelong.models import LoadedModel
 from probes.options import parse_options
@@ -80,6 +80,33 @@ def each_edit(batch: Sequence[Edit], what: str) -> Sequence[Edit]:
     from probes.bars import bar
 
     return bar(batch, desc=f"  {what}", unit="edit", leave=False)
+
+
+class Snapshot:
+    """The values of some parameters before an editor's step, for re-applying the step as one Delta.
+
+    Editors that change weights as they go (optimiser steps, one fact after another) end the step
+    with :meth:`restore_and_apply`: the weights go back to these values and the step's whole change
+    is added through :meth:`Delta.apply`, the very float operations a checkout (base + deltas) repeats,
+    so the edited model and its checkout are bitwise equal."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        self.model = model
+        self.values = {name: model.get_parameter(name).detach().clone() for name in names}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The value ``name`` had when the snapshot was taken."""
+        return self.values[name]
+
+    def restore_and_apply(self, changes: dict[str, ParamChange]) -> Delta:
+        """Put every snapshotted parameter back, then apply ``changes`` (computed from the edited
+        weights beforehand) as one :class:`Delta`, which is returned."""
+        with torch.no_grad():
+            for name, value in self.values.items():
+                self.model.get_parameter(name).copy_(value)
+        delta = Delta(changes)
+        delta.apply(self.model)
+        return delta
 
 
 class Editor(ABC):

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta, ParamChange
-from lifelong.editors.base import Editor, resolve_layer
+from lifelong.editors.base import Editor, Snapshot, resolve_layer
 from lifelong.models import LoadedModel
 from probes.scorer import Scorer
 from streams import Edit
@@ -48,7 +48,8 @@ class FTEditor(Editor):
         p = self.params
         name = self.scope(lm)[0]
         weight = lm.model.get_parameter(name)
-        before = weight.detach().clone()
+        snapshot = Snapshot(lm.model, [name])
+        before = snapshot[name]
         scorer = Scorer(lm.model, lm.tokenizer)
         data = scorer.collate([scorer.encode(e.rendered_prompt, e.target_new) for e in batch])
         counts = torch.bincount(torch.as_tensor(data.owner), minlength=len(batch)).to(lm.device)
@@ -71,10 +72,7 @@ class FTEditor(Editor):
             weight.requires_grad_(False)
             weight.grad = None
 
-        # Re-apply the change through the Delta so that checkout repeats the same float ops.
+        # The trained change, re-applied through a Delta from the weights before it (bitwise checkout).
         with torch.no_grad():
             change = weight.detach() - before
-            weight.copy_(before)
-        delta = Delta({name: ParamChange(dense=change)})
-        delta.apply(lm.model)
-        return delta
+        return snapshot.restore_and_apply({name: ParamChange(dense=change)})

@@ -42,8 +42,9 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from lifelong.delta import Delta, ParamChange
-from lifelong.editors.base import Editor, each_edit
+from lifelong.editors.base import Editor, Snapshot, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
+from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
 from probes.model_access import Codec
@@ -138,18 +139,11 @@ def layer_attribution(
 
     unembed = lm.adapter.unembedding()
     targets = torch.tensor(answer, device=device)[row_token]
-    handles = [
-        lm.adapter.layer(layer).register_forward_pre_hook(widen, with_kwargs=True),
-        lm.adapter.out_proj(layer).register_forward_pre_hook(scale),
-    ]
-    try:
-        with torch.enable_grad():
-            hidden = body(input_ids=suffix, cache=cache, use_cache=cache is not None).last_hidden_state
-            probs = unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
-            (grad,) = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, torch.enable_grad():
+        hooks.on_input(lm.adapter.layer(layer), widen, with_kwargs=True).on_input(lm.adapter.out_proj(layer), scale)
+        hidden = body(input_ids=suffix, cache=cache, use_cache=cache is not None).last_hidden_state
+        probs = unembed(hidden[rows, row_token]).float().softmax(-1).gather(1, targets[:, None])[:, 0]
+        (grad,) = torch.autograd.grad(probs[: n_tok * steps].sum(), state["scaled"])
     base = state["base"].float()
     mean_grad = grad[: n_tok * steps].float().view(n_tok, steps, -1).mean(1)
     return LayerAttribution(
@@ -269,7 +263,7 @@ class KNEditor(Editor):
         if not batch:
             return Delta.empty()
         names = {layer: lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)}
-        before = {layer: lm.model.get_parameter(name).detach().clone() for layer, name in names.items()}
+        snapshot = Snapshot(lm.model, list(names.values()))
         touched: dict[int, set[int]] = {}
         for edit in each_edit(batch, "neurons located and moved"):  # each sees the previous one's change
             layers, mask, _ = self.neurons(lm, edit)
@@ -286,16 +280,13 @@ class KNEditor(Editor):
                         column = column * signs[layer][index].to(weight.dtype)[None, :]
                     weight[:, index] += column
                     touched.setdefault(layer, set()).update(index.tolist())
-        # Re-apply the step as one sparse delta from the weights before it, so checkout repeats the same ops.
+        # The step as one sparse delta from the weights before it (only the touched columns).
         changes = {}
         with torch.no_grad():
             for layer, cols in sorted(touched.items()):
                 param = lm.model.get_parameter(names[layer])
                 dim = 0 if lm.adapter.spec.transposed else 1  # neuron columns of (out, in) are rows of (in, out)
                 index = torch.tensor(sorted(cols), device=param.device)
-                values = param.index_select(dim, index) - before[layer].index_select(dim, index)
-                param.copy_(before[layer])
+                values = param.index_select(dim, index) - snapshot[names[layer]].index_select(dim, index)
                 changes[names[layer]] = ParamChange(index=index, values=values, dim=dim, shape=tuple(param.shape))
-        delta = Delta(changes)
-        delta.apply(lm.model)
-        return delta
+        return snapshot.restore_and_apply(changes)

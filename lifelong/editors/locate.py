@@ -9,15 +9,15 @@ frozen (so backward computes no weight gradients).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
+from lifelong.editors.hooks import capture, first_input, stop_after
 from lifelong.editors.upper import (
     FusedLlamaStack,
     UpperStack,
@@ -72,15 +72,9 @@ def contexts(edit: Edit, templates: Sequence[str]) -> list[str]:
     return [t.replace("{}", edit.rendered_prompt) for t in templates]
 
 
-@contextmanager
-def capture_keys(adapter: ArchAdapter, layer: int) -> Iterator[list[torch.Tensor]]:
+def capture_keys(adapter: ArchAdapter, layer: int) -> ContextManager[list[torch.Tensor]]:
     """Collect the inputs of layer ``layer``'s MLP output projection during forwards."""
-    seen: list[torch.Tensor] = []
-    handle = adapter.out_proj(layer).register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
-    try:
-        yield seen
-    finally:
-        handle.remove()
+    return capture(adapter.out_proj(layer), first_input)
 
 
 def padded_batch(lm: LoadedModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,25 +186,9 @@ class ValueFit:
     scale: torch.Tensor | None = None  # the vector scaling the clamp and the norm term, float64
 
 
-class _StopForward(Exception):
-    """Ends a pass once the layers it needs have run."""
-
-
-@contextmanager
-def _stop_after(adapter: ArchAdapter, layer: int, seen: dict) -> Iterator[None]:
-    """Within the block, a forward pass ends after layer ``layer``, whose output goes to seen["residual"]."""
-
-    def stop(mod, args, out):
-        seen["residual"] = layer_output(out).detach().clone()
-        raise _StopForward
-
-    handle = adapter.layer(layer).register_forward_hook(stop)
-    try:
-        yield
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+def _residual(mod, args, out) -> torch.Tensor:
+    """A :func:`~lifelong.editors.hooks.stop_after` pick: the residual stream leaving a layer."""
+    return layer_output(out).detach().clone()
 
 
 class SuffixBatch:
@@ -255,10 +233,9 @@ class SuffixBatch:
                 if prefix_layers is None:
                     self.body(input_ids=prefix.to(device), cache=cache, use_cache=True)
                 else:
-                    seen: dict[str, torch.Tensor] = {}
-                    with _stop_after(lm.adapter, prefix_layers - 1, seen):
+                    with stop_after(lm.adapter.layer(prefix_layers - 1), _residual) as seen:
                         self.body(input_ids=prefix.to(device), cache=cache, use_cache=True)
-                    self.prefix_residual = seen["residual"]
+                    self.prefix_residual = seen[0]
             self.cache = cache
 
     def forward_kwargs(self, cache) -> dict:
@@ -358,18 +335,17 @@ def optimize_value(
     targets = torch.tensor(list(target) * n, device=lm.device)
     answers = len(targets)
 
-    seen: dict[str, torch.Tensor] = {}
-
     def keep_keys(mod, args, out):  # the subject token is the suffix's first position
-        seen["keys"], seen["original"] = args[0][:n, 0].detach().double(), out[0, 0].detach().clone()
+        return args[0][:n, 0].detach().double(), out[0, 0].detach().clone()
 
-    handle = lm.adapter.out_proj(layer).register_forward_hook(keep_keys)
-    try:  # the layers above run in the optimisation loop
-        with torch.no_grad(), _stop_after(lm.adapter, layer, seen):
-            batch.hidden()
-    finally:
-        handle.remove()
-    original, residual = seen["original"], seen["residual"]
+    # One pass up to the layer: the layers above run in the optimisation loop.
+    with (
+        torch.no_grad(),
+        capture(lm.adapter.out_proj(layer), keep_keys) as kept,
+        stop_after(lm.adapter.layer(layer), _residual) as residuals,
+    ):
+        batch.hidden()
+    (keys, original), residual = kept[-1], residuals[0]
     anchor = (original if scale == "mlp_output" else residual[0, 0]).detach().clone()  # row 0: the bare prompt
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
@@ -410,7 +386,7 @@ def optimize_value(
         value=original + delta.detach().double(),
         original=original,
         steps=taken,
-        keys=seen["keys"],
+        keys=keys,
         scale=anchor.double(),
         **terms,
     )

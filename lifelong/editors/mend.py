@@ -71,6 +71,7 @@ from lifelong.delta import Delta, atomic_save_tensors
 from lifelong.durable import publish
 from lifelong.editors.base import Editor
 from lifelong.editors.base import parse_layers
+from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import lowrank_change
 from lifelong.models import LoadedModel, cache_root
 from probes.scorer import Scorer
@@ -256,23 +257,19 @@ def edit_gradient_factors(
     data = _ids_mask(scorer, pairs)
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, target in enumerate(targets):
 
-        def hook(mod, args, out, i=i):
-            inputs[i] = args[0].detach()
-            # δ = ∂loss/∂(this zero added to the output)
-            outputs[i] = torch.zeros_like(out, requires_grad=True)
-            return out + outputs[i]
+    def zero(mod, args, out, i):
+        inputs[i] = args[0].detach()
+        # δ = ∂loss/∂(this zero added to the output)
+        outputs[i] = torch.zeros_like(out, requires_grad=True)
+        return outputs[i]
 
-        handles.append(lm.adapter.mlp_proj(*target).register_forward_hook(hook))
-    try:
+    with Hooks() as hooks:
+        for i, target in enumerate(targets):
+            hooks.add_to_output(lm.adapter.mlp_proj(*target), lambda mod, args, out, i=i: zero(mod, args, out, i))
         with torch.enable_grad():
             loss = _mean_nll(scorer, data, len(pairs))
             grads = torch.autograd.grad(loss, [outputs[i] for i in range(len(targets))])
-    finally:
-        for h in handles:
-            h.remove()
     real = data.mask.bool()
     return [(inputs[i][real], g[real]) for i, g in enumerate(grads)]
 
@@ -282,15 +279,10 @@ def lowrank_added(
     lm: LoadedModel, targets: Sequence[tuple[int, str]], factors: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> Iterator[None]:
     """Forwards inside run with W + left @ right.T at each weight, as x @ right @ left.T (differentiable)."""
-    handles = [
-        lm.adapter.mlp_proj(*target).register_forward_hook(lambda mod, args, out, f=f: out + (args[0] @ f[1]) @ f[0].T)
-        for target, f in zip(targets, factors)
-    ]
-    try:
+    with Hooks() as hooks:
+        for target, f in zip(targets, factors):
+            hooks.add_to_output(lm.adapter.mlp_proj(*target), lambda mod, args, out, f=f: (args[0] @ f[1]) @ f[0].T)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------- training

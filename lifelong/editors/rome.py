@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from lifelong.delta import Delta
-from lifelong.editors.base import Editor, each_edit, resolve_layer
+from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
 from lifelong.editors.locate import UpperStacks, ValueParams, fit_value, lowrank_change
 from lifelong.models import LoadedModel
@@ -93,7 +93,7 @@ class ROMEEditor(Editor):
         self.prepare(lm)
         name = self.scope(lm)[0]
         param = lm.model.get_parameter(name)
-        before = param.detach().clone()
+        snapshot = Snapshot(lm.model, [name])
         lefts, rights = [], []
         for edit in each_edit(batch, "rank-one updates"):  # one fact after another: each sees the previous one's change
             left, right, _, _ = self.rank_one(lm, edit)
@@ -101,13 +101,8 @@ class ROMEEditor(Editor):
             rights.append(right)
             single = Delta({name: lowrank_change(lm.adapter, left, right, param.dtype)})
             single.apply(lm.model)
-        # Re-apply the whole step as one delta, so checkout repeats the same float ops.
-        with torch.no_grad():
-            param.copy_(before)
         change = lowrank_change(lm.adapter, torch.stack(lefts, 1), torch.stack(rights, 1), param.dtype)
-        delta = Delta({name: change})
-        delta.apply(lm.model)
-        return delta
+        return snapshot.restore_and_apply({name: change})  # the whole step as one delta
 
 
 class RROMEEditor(ROMEEditor):
