@@ -17,7 +17,7 @@ import torch
 from lifelong.delta import Delta, ParamChange
 from lifelong.machine import choose_dtype
 from lifelong.models import LoadedModel
-from probes.options import parse_options
+from probes.options import check_range, parse_options
 from streams import Edit
 from streams.errors import UserError
 
@@ -29,6 +29,17 @@ class HyperparameterError(UserError):
 def parse_overrides(params_cls: type, overrides: dict[str, str] | None, editor: str):
     """Build ``params_cls`` from string overrides (CLI ``--set key=value``), converting types."""
     return parse_options(params_cls, overrides, editor, HyperparameterError, "hyperparameter", "editor")
+
+
+def validate_params(params, editor: str) -> None:
+    """Every setting's declared range (probes.options' tables: the same check ``--set`` gets, so
+    Params built in Python are held to it too), then the Params class's own ``validate(editor)``."""
+    if dataclasses.is_dataclass(params):
+        for f in dataclasses.fields(params):
+            check_range(f.name, getattr(params, f.name), f"{editor}.{f.name}", HyperparameterError)
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        validate(editor)
 
 
 def default_layer(num_layers: int) -> int:
@@ -119,6 +130,10 @@ class Editor(ABC):
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
+        # The one place settings are checked: at construction, before any model is loaded. A Params
+        # class checks what it can without a model in ``validate(editor)``; bind() checks only what
+        # needs the model (layer ranges, the model's weights).
+        validate_params(self.params, getattr(self, "name", type(self).__name__))
 
     @abstractmethod
     def scope(self, lm: LoadedModel) -> list[str]:

@@ -48,6 +48,12 @@ class GRACEParams:
     query: str = "last"  # last: one query per row, its last token (original); every: every position
     same_key: str = "split"  # split: the original's rule at d = 0 too; relabel: the entry takes the new label
 
+    def validate(self, editor: str) -> None:
+        if self.query not in ("last", "every"):
+            raise UserError(f"{editor}: query must be last or every, got '{self.query}'")
+        if self.same_key not in ("split", "relabel"):
+            raise UserError(f"{editor}: same_key must be split or relabel, got '{self.same_key}'")
+
 
 class GRACEEditor(AdaptorEditor):
     name = "grace"
@@ -56,10 +62,6 @@ class GRACEEditor(AdaptorEditor):
 
     def __init__(self, params=None):
         super().__init__(params)
-        if self.params.query not in ("last", "every"):
-            raise UserError(f"grace: query must be last or every, got '{self.params.query}'")
-        if self.params.same_key not in ("split", "relabel"):
-            raise UserError(f"grace: same_key must be split or relabel, got '{self.params.same_key}'")
         self.reset()
         self._training: tuple[int, torch.Tensor] | None = None  # (entry, value being trained)
         self._query_at: int | None = None  # while training: the edit prompt's last position (the key's)

@@ -36,6 +36,7 @@ The delta is sparse: only the touched columns are stored.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -65,6 +66,14 @@ class KNParams:
     max_neurons: int = 0  # keep at most this many (highest mean attribution); 0: no cap
 
     RULE_SCALES: ClassVar[dict[str, tuple[float, float]]] = {"toolkit": (2.0, 2.0), "paper": (1.0, 8.0)}
+
+    def validate(self, editor: str) -> None:
+        if self.ig_steps < 1:
+            raise UserError(f"{editor}: ig_steps must be at least 1 (got {self.ig_steps})")
+        if self.rule not in self.RULE_SCALES:
+            raise UserError(f"{editor}: rule must be 'toolkit' or 'paper' (got {self.rule!r})")
+        if self.prompts not in ("edit", "paraphrases"):
+            raise UserError(f"{editor}: prompts must be 'edit' or 'paraphrases' (got {self.prompts!r})")
 
     def scales(self) -> tuple[float, float]:
         """(erase, amplify): the given weights, else the rule's."""
@@ -176,13 +185,10 @@ class KNEditor(Editor):
     Params = KNParams
 
     def bind(self, lm: LoadedModel) -> "KNEditor":
-        parse_layers(self.params.layers, lm.num_layers, self.name)
-        if self.params.ig_steps < 1:
-            raise UserError(f"{self.name}: ig_steps must be at least 1 (got {self.params.ig_steps})")
-        if self.params.rule not in KNParams.RULE_SCALES:
-            raise UserError(f"{self.name}: rule must be 'toolkit' or 'paper' (got {self.params.rule!r})")
-        if self.params.prompts not in ("edit", "paraphrases"):
-            raise UserError(f"{self.name}: prompts must be 'edit' or 'paraphrases' (got {self.params.prompts!r})")
+        # the resolved layers go to the manifest ("all" or "" name different layers on different models)
+        layers = parse_layers(self.params.layers, lm.num_layers, self.name)
+        erase, amplify = self.params.scales()
+        self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), erase=erase, amplify=amplify)
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:

@@ -122,7 +122,6 @@ class MEMITEditor(Editor):
         if weight is None:
             weight = default_mom2_weight(lm.adapter.out_proj_weight_view(layers[0]).shape[1])
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), mom2_weight=weight)
-        self.params.validate(self.name)
         return self
 
     def layers(self, lm: LoadedModel) -> list[int]:

@@ -62,6 +62,14 @@ class MemoryParams:
     top_k: int = 1  # retrieved edits placed in the prompt, best last (nearest the question)
     template: str = "Fact: {fact}\nQuestion: "  # how one retrieved edit is written before the prompt
 
+    def validate(self, editor: str) -> None:
+        if self.retriever not in ("lexical", "hidden"):
+            raise UserError(f"{editor}: retriever must be lexical or hidden, got '{self.retriever}'")
+        if self.top_k < 1:
+            raise UserError(f"{editor}: top_k must be at least 1, got {self.top_k}")
+        if "{fact}" not in self.template:
+            raise UserError(f"{editor}: template must contain {{fact}}")
+
 
 class MemoryEditor(Editor):
     name = "memory"
@@ -71,12 +79,6 @@ class MemoryEditor(Editor):
 
     def __init__(self, params=None):
         super().__init__(params)
-        if self.params.retriever not in ("lexical", "hidden"):
-            raise UserError(f"memory: retriever must be lexical or hidden, got '{self.params.retriever}'")
-        if self.params.top_k < 1:
-            raise UserError(f"memory: top_k must be at least 1, got {self.params.top_k}")
-        if "{fact}" not in self.params.template:
-            raise UserError("memory: template must contain {fact}")
         if self.params.threshold is None:
             threshold = 1.0 if self.params.retriever == "lexical" else 0.9
             self.params = dataclasses.replace(self.params, threshold=threshold)

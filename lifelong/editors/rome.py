@@ -50,7 +50,6 @@ class ROMEEditor(Editor):
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
         layer = resolve_layer(self.params.layer, lm, self.name)
-        self.params.validate(self.name)
         self.params = dataclasses.replace(self.params, layer=layer)
         return self
 

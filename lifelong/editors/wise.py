@@ -90,6 +90,22 @@ class WISEParams:
     stop_delta: float = 1e-4  # ... and changed by at most this over the last step (EarlyStopMeter)
     seed: int = 0  # seeds the shards' masks
 
+    def validate(self, editor: str) -> None:
+        if not 0 < self.mask_ratio <= 1 or not 0 < self.density <= 1:
+            raise UserError(f"{editor}: mask_ratio and density must be in (0, 1]")
+        if self.save_freq < 1 or self.merge_freq < self.save_freq or self.merge_freq % self.save_freq:
+            raise UserError(
+                f"{editor}: merge_freq ({self.merge_freq}) must be a positive multiple of save_freq ({self.save_freq})"
+            )
+        if self.variant not in ("merge", "retrieve"):
+            raise UserError(f"{editor}: variant must be merge or retrieve, got '{self.variant}'")
+        if self.activation not in ("model", "none"):
+            raise UserError(f"{editor}: activation must be model or none, got '{self.activation}'")
+        if self.irrelevant not in ("pool", "neighborhood"):
+            raise UserError(f"{editor}: irrelevant must be pool or neighborhood, got '{self.irrelevant}'")
+        if not 0 <= self.templates <= len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS):
+            raise UserError(f"{editor}: templates must be in 0..{len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS)}")
+
 
 def mlp_activation(lm: LoadedModel):
     """The model's MLP activation function (transformers' ACT2FN by the config's name)."""
@@ -141,21 +157,6 @@ class WISEEditor(AdaptorEditor):
 
     def __init__(self, params=None):
         super().__init__(params)
-        p = self.params
-        if not 0 < p.mask_ratio <= 1 or not 0 < p.density <= 1:
-            raise UserError("wise: mask_ratio and density must be in (0, 1]")
-        if p.save_freq < 1 or p.merge_freq < p.save_freq or p.merge_freq % p.save_freq:
-            raise UserError(
-                f"wise: merge_freq ({p.merge_freq}) must be a positive multiple of save_freq ({p.save_freq})"
-            )
-        if p.variant not in ("merge", "retrieve"):
-            raise UserError(f"wise: variant must be merge or retrieve, got '{p.variant}'")
-        if p.activation not in ("model", "none"):
-            raise UserError(f"wise: activation must be model or none, got '{p.activation}'")
-        if p.irrelevant not in ("pool", "neighborhood"):
-            raise UserError(f"wise: irrelevant must be pool or neighborhood, got '{p.irrelevant}'")
-        if not 0 <= p.templates <= len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS):
-            raise UserError(f"wise: templates must be in 0..{len(TEMPLATE_STARTS) * len(TEMPLATE_LENGTHS)}")
         self.reset()
         self._training: torch.Tensor | None = None  # the open shard's Δ while it is trained
         self._last = None  # (base output, output change, real-token mask) of the last training forward
