@@ -9,6 +9,7 @@ handled here, in :meth:`ArchAdapter.out_proj_weight_view` and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -49,6 +50,11 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A projection's weight (``nn.Module`` types attribute access as ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
+
+
 class ArchAdapter:
     """Names and handles of the editable modules of one loaded model."""
 
@@ -64,10 +70,10 @@ class ArchAdapter:
 
     @property
     def num_layers(self) -> int:
-        return len(_get(self.model, self.spec.layers))
+        return len(cast(nn.ModuleList, _get(self.model, self.spec.layers)))
 
     def layer(self, index: int) -> nn.Module:
-        return _get(self.model, self.spec.layers)[index]
+        return cast(nn.ModuleList, _get(self.model, self.spec.layers))[index]
 
     def out_proj_name(self, index: int) -> str:
         """Module path of layer ``index``'s MLP output projection."""
@@ -84,7 +90,7 @@ class ArchAdapter:
 
         It is a view of the live parameter, so in-place changes to it edit the model.
         """
-        weight = self.out_proj(index).weight
+        weight = _weight(self.out_proj(index))
         return weight.T if self.spec.transposed else weight
 
     def as_stored(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -109,15 +115,16 @@ class ArchAdapter:
 
     def mlp_weight_view(self, index: int, kind: str) -> torch.Tensor:
         """Layer ``index``'s MLP projection ``kind`` as an (out, in) view of the live weight."""
-        weight = self.mlp_proj(index, kind).weight
+        weight = _weight(self.mlp_proj(index, kind))
         return weight.T if self.spec.transposed else weight
 
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.spec.final_norm)
 
     def unembedding(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        # a transformers model's method; nn.Module types attribute access as Tensor | Module
+        return self.model.get_output_embeddings()  # type: ignore[operator]
 
     def body(self) -> nn.Module:
         """The model without its LM head: returns final-normed hidden states."""
-        return getattr(self.model, self.model.base_model_prefix)
+        return getattr(self.model, cast(str, self.model.base_model_prefix))

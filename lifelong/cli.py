@@ -433,8 +433,14 @@ def cmd_models(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lifelong", description="Sequential lifelong knowledge-editing simulator")
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser, which also holds the ``replay`` subcommand's (see ``replay_parser`` below)."""
+
+    replay_parser: argparse.ArgumentParser
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="lifelong", description="Sequential lifelong knowledge-editing simulator")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
 

@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SCALARS = {
+SCALARS: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "editor": str,
     "stream": str,

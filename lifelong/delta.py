@@ -59,28 +59,34 @@ class ParamChange:
             self._check_sparse()
 
     def _check_sparse(self) -> None:
-        if any(x is None for x in (self.index, self.values, self.dim, self.shape)):
+        if self.index is None or self.values is None or self.dim is None or self.shape is None:
             raise ValueError("a sparse ParamChange needs index, values, dim and shape")
-        self.dim = int(self.dim)
-        self.shape = tuple(int(n) for n in self.shape)
-        self.index = self.index.to(torch.long)
-        if self.index.dim() != 1 or len(self.shape) != self.values.dim() or not 0 <= self.dim < len(self.shape):
-            raise ValueError(f"sparse ParamChange: index must be 1-D and dim {self.dim} within shape {self.shape}")
-        expected = list(self.shape)
-        expected[self.dim] = len(self.index)
-        if list(self.values.shape) != expected:
+        self.dim = dim = int(self.dim)
+        self.shape = shape = tuple(int(n) for n in self.shape)
+        self.index = index = self.index.to(torch.long)
+        values = self.values
+        if index.dim() != 1 or len(shape) != values.dim() or not 0 <= dim < len(shape):
+            raise ValueError(f"sparse ParamChange: index must be 1-D and dim {dim} within shape {shape}")
+        expected = list(shape)
+        expected[dim] = len(index)
+        if list(values.shape) != expected:
             raise ValueError(
-                f"sparse ParamChange: values have shape {tuple(self.values.shape)}, "
-                f"expected {tuple(expected)} for {len(self.index)} slices of {self.shape}"
+                f"sparse ParamChange: values have shape {tuple(values.shape)}, "
+                f"expected {tuple(expected)} for {len(index)} slices of {shape}"
             )
-        if len(self.index) and (
-            self.index.min() < 0
-            or self.index.max() >= self.shape[self.dim]
-            or not bool((self.index[1:] > self.index[:-1]).all())
-        ):
-            raise ValueError(
-                f"sparse ParamChange: index must be sorted, unique and within 0..{self.shape[self.dim] - 1}"
-            )
+        if len(index) and (index.min() < 0 or index.max() >= shape[dim] or not bool((index[1:] > index[:-1]).all())):
+            raise ValueError(f"sparse ParamChange: index must be sorted, unique and within 0..{shape[dim] - 1}")
+
+    def _sparse_parts(self) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
+        """A sparse change's index, values, dim and shape, as ``_check_sparse`` normalized them."""
+        index, values, dim, shape = self.index, self.values, self.dim, self.shape
+        assert index is not None and values is not None and isinstance(dim, int) and isinstance(shape, tuple)
+        return index, values, dim, shape
+
+    def _low_rank_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A low-rank change's u and v (``__post_init__`` refuses one without both)."""
+        assert self.u is not None and self.v is not None
+        return self.u, self.v
 
     @property
     def sparse(self) -> bool:
@@ -90,9 +96,11 @@ class ParamChange:
         if self.dense is not None:
             return self.dense
         if self.sparse:  # zeros elsewhere: x + 0 == x, so adding this is bitwise the sparse add
-            full = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-            return full.index_copy_(self.dim, self.index.to(self.values.device), self.values)
-        return self.u @ self.v.T
+            index, values, dim, shape = self._sparse_parts()
+            full = torch.zeros(shape, dtype=values.dtype, device=values.device)
+            return full.index_copy_(dim, index.to(values.device), values)
+        u, v = self._low_rank_parts()
+        return u @ v.T
 
     @property
     def rank(self) -> int | None:
@@ -102,13 +110,10 @@ class ParamChange:
         if self.dense is not None:
             return {_DENSE: self.dense}
         if self.sparse:
-            return {
-                _INDEX: self.index,
-                _VALUES: self.values,
-                _DIM: torch.tensor(self.dim),
-                "shape": torch.tensor(self.shape),
-            }
-        return {_U: self.u, _V: self.v}
+            index, values, dim, shape = self._sparse_parts()
+            return {_INDEX: index, _VALUES: values, _DIM: torch.tensor(dim), "shape": torch.tensor(shape)}
+        u, v = self._low_rank_parts()
+        return {_U: u, _V: v}
 
     @torch.no_grad()
     def add_to(self, param: torch.Tensor, sign: float = 1.0) -> None:
@@ -117,14 +122,13 @@ class ParamChange:
             update = self.materialize().to(device=param.device, dtype=param.dtype)
             param.add_(update) if sign > 0 else param.sub_(update)
             return
-        if tuple(param.shape) != self.shape:
-            raise ValueError(
-                f"sparse change of shape {self.shape} applied to a parameter of shape {tuple(param.shape)}"
-            )
-        index = self.index.to(param.device)
-        values = self.values.to(device=param.device, dtype=param.dtype)
-        current = param.index_select(self.dim, index)
-        param.index_copy_(self.dim, index, current + values if sign > 0 else current - values)
+        index, values, dim, shape = self._sparse_parts()
+        if tuple(param.shape) != shape:
+            raise ValueError(f"sparse change of shape {shape} applied to a parameter of shape {tuple(param.shape)}")
+        index = index.to(param.device)
+        values = values.to(device=param.device, dtype=param.dtype)
+        current = param.index_select(dim, index)
+        param.index_copy_(dim, index, current + values if sign > 0 else current - values)
 
 
 @dataclass
@@ -187,7 +191,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        # an ndarray is a buffer, but numpy's stubs do not declare it one (they do only for Python >= 3.12)
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # type: ignore[arg-type]
     return h.hexdigest()
 
 

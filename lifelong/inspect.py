@@ -11,8 +11,10 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from lifelong.run import RunDir, RunConfig
+from streams import Edit
 from streams.errors import UserError
 
 
@@ -55,7 +57,7 @@ def read_config_with_stream(run: RunDir, manifest: dict, stream: str) -> dict:
     return options_from_manifest(run.manifest_path, moved)
 
 
-def choose_edits(steps, edit_ids: list[str] | None, count: int) -> list[tuple[int, object]]:
+def choose_edits(steps: Sequence[Sequence[Edit]], edit_ids: list[str] | None, count: int) -> list[tuple[int, Edit]]:
     """(step, edit) pairs: the named edits, or ``count`` spread evenly over the run's edits."""
     placed = [(k, e) for k, batch in enumerate(steps, start=1) for e in batch]
     if edit_ids:
@@ -78,7 +80,7 @@ def before_after(
     tokens: int = 12,
     device: str = "cpu",
     stream: str | None = None,
-) -> tuple[list[tuple[int, object]], list[Continuation], list[int]]:
+) -> tuple[list[tuple[int, Edit]], list[Continuation], list[int]]:
     """The chosen (step, edit) pairs, their continuations at θ0, their own step and the last
     completed step, and those steps in order."""
     from lifelong.replay import checkout, prepare_stream_and_facts, scorer_for

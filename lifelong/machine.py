@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -207,7 +207,7 @@ class ComputeThreads:
     def __init__(self, policy: ThreadPolicy, registry: RunRegistry | None = None):
         self.policy, self.registry = policy, registry or RunRegistry()
         self.current = torch.get_num_threads()
-        self._stack = None
+        self._stack: AbstractContextManager[RunRegistry] | None = None  # the registration, while entered
 
     def __enter__(self) -> "ComputeThreads":
         self._previous = torch.get_num_threads()
@@ -225,6 +225,7 @@ class ComputeThreads:
 
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self._previous)
+        assert self._stack is not None  # __exit__ follows __enter__
         self._stack.__exit__(*exc)
 
     def describe(self) -> dict:

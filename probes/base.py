@@ -96,6 +96,7 @@ class Schedule:
 
     def __init__(self, spec: str = "every:1"):
         kind, _, arg = spec.partition(":")
+        self.every: int | None  # the period; set for kind "every" only
         if kind == "every" and arg.isdigit() and int(arg) >= 1:
             self.every = int(arg)
         elif kind in ("log", "end", "chains") and not arg:
@@ -110,6 +111,7 @@ class Schedule:
         if self.kind == "chains":
             return ctx is not None and bool(ctx.completing_chains())
         if self.kind == "every":
+            assert self.every is not None
             return step % self.every == 0
         if self.kind == "log":
             return step >= 1 and math.log2(step).is_integer()
@@ -150,7 +152,11 @@ class Probe:
 
     def config(self) -> dict:
         out = {"name": self.name, "schedule": self.schedule.spec}
-        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        options = (
+            dataclasses.asdict(self.options)
+            if dataclasses.is_dataclass(self.options) and not isinstance(self.options, type)
+            else {}
+        )
         return {**out, "options": options} if options else out
 
 

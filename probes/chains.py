@@ -162,7 +162,7 @@ def chain_plans(steps: Sequence[tuple[Edit, ...]], facts: Sequence[Edit] = ()) -
     tied = {f.chain.chain_id: f for f in facts if f.chain is not None and f.chain.role == "tied-fact"}
     plans: dict[str, Plan] = {}
     for cid, items in members.items():
-        roles = [e.chain.role for _, e in items]
+        roles = [e.chain.role for _, e in items if e.chain is not None]  # all of them: grouped by chain
         if roles[-1] == "round-back" and len(roles) >= 2 and set(roles[:-1]) == {"round-out"}:
             plans[cid] = _round_plan(cid, items)
         elif roles == ["conflict-e1", "conflict-e2"]:
@@ -253,11 +253,11 @@ class ChainProbe(Probe):
         """θ0: P of every object in each round chain's Obj, and of each tied fact."""
         plans = self.plans(ctx)
         rounds = [p for p in plans.values() if isinstance(p, RoundPlan)]
-        tied = [p for p in plans.values() if isinstance(p, ConflictPlan) and p.tied is not None]
-        values = self.score_queries(ctx, [q for p in rounds for q in p.queries()] + [p.tied for p in tied])
+        tied = [(p.chain_id, p.tied) for p in plans.values() if isinstance(p, ConflictPlan) and p.tied is not None]
+        values = self.score_queries(ctx, [q for p in rounds for q in p.queries()] + [q for _, q in tied])
         reference = {
             "round_p0": {p.chain_id: [values[(p.prompts, o)] for o in p.objects] for p in rounds},
-            "tied_p0": {p.chain_id: values[p.tied] for p in tied},
+            "tied_p0": {cid: values[q] for cid, q in tied},
         }
         return reference, []
 
@@ -305,7 +305,8 @@ class ChainProbe(Probe):
 
     def _anchor_values(self, ctx: ProbeContext, plans: Sequence[Plan], live) -> dict[str, dict[Query, float]]:
         """θa / θm values: remembered from the anchor step, read live when it is now, else checked out."""
-        out, wanted = {}, defaultdict(list)
+        out: dict[str, dict[Query, float]] = {}
+        wanted: defaultdict[int, list[Query]] = defaultdict(list)
         for p in plans:
             if p.anchor_step == ctx.step:
                 out[p.chain_id] = {q: live[q] for q in p.anchor_queries()}
@@ -321,7 +322,7 @@ class ChainProbe(Probe):
 
     def _failure_rate(self, ctx: ProbeContext, done: list[RoundPlan], protocol: str) -> Row:
         """FR over every round chain completed so far, from its completion IR (recomputed if forgotten)."""
-        missing = defaultdict(list)
+        missing: defaultdict[int, list[Query]] = defaultdict(list)
         for p in done:
             if p.chain_id not in self._ir:
                 missing[p.end_step] += p.queries()

@@ -140,7 +140,11 @@ class DownstreamProbe(Probe):
 
     def prepare(self, ctx: ProbeContext):
         scores = self.scores(ctx)
-        reference = {**scores, "mean": _mean(scores), "items": {n: len(v) for n, v in self.tasks.items()}}
+        reference: dict[str, dict[str, float]] = {
+            **scores,
+            "mean": _mean(scores),
+            "items": {n: len(v) for n, v in self.tasks.items()},
+        }
         return reference, self._rows(scores, reference)
 
     def measure(self, ctx: ProbeContext) -> list[Row]:

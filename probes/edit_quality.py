@@ -149,7 +149,8 @@ def capped(edits: Sequence[Edit], sample: int | None, seed: int) -> list[Edit]:
 
 def superseded_ids(edits: Sequence[Edit]) -> set[str]:
     """Ids of the edits (in stream order) whose (subject, relation) a later one of them edits again."""
-    seen, out = {}, set()
+    seen: dict[tuple[str, str], str] = {}
+    out: set[str] = set()
     for e in edits:
         key = (e.subject, e.relation_id)
         if key in seen:

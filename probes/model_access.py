@@ -78,7 +78,10 @@ class Codec:
         width = max(len(p) + len(a) for p, a in encoded)
         ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        rows, cols, targets, owner = [], [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        targets: list[int] = []
+        owner: list[int] = []
         for r, (prompt, answer) in enumerate(encoded):
             seq = prompt + answer
             ids[r, : len(seq)] = torch.tensor(seq)

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -159,4 +160,4 @@ def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None
         & (pl.col("protocol") == protocol)
         & (pl.col("value") > 0.5)
     )
-    return int(hit["step"].min()) if hit.height else None
+    return int(cast(int, hit["step"].min())) if hit.height else None

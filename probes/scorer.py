@@ -121,7 +121,9 @@ class Scorer:
     def _batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Group indices (longest first) so that rows × padded length stays under the budget."""
         order = np.argsort(-lengths, kind="stable")
-        batches, current, width = [], [], 0
+        batches: list[np.ndarray] = []
+        current: list[int] = []
+        width = 0
         for i in order:
             width = max(width, int(lengths[i])) if current else int(lengths[i])
             if current and width * (len(current) + 1) > self.max_batch_tokens:
@@ -218,7 +220,8 @@ class Scorer:
         ids = torch.full((len(pairs), steps), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(pairs), width + steps), dtype=torch.long)
         positions = torch.zeros((len(pairs), steps), dtype=torch.long)
-        rows, cols = [], []
+        rows: list[int] = []
+        cols: list[int] = []
         for r, (p, a) in enumerate(pairs):
             m = len(a) - 1
             ids[r, :m] = torch.tensor(a[:m])

@@ -193,23 +193,29 @@ CONLL_SHOT = (
 
 def conll_entities(tokens: Sequence[str], tags: Sequence[str]) -> list[tuple[str, str]]:
     """(text, type) spans from BIO (or IOB1) tags: a span starts at B-X, or at I-X after a different type."""
-    spans, current, kind = [], [], None
+    spans: list[tuple[str, str]] = []
+    current: list[str] = []  # the open span's tokens; non-empty only while kind is a label
+    kind: str | None = None
     for tok, tag in zip(tokens, tags):
         prefix, _, label = tag.partition("-")
         if prefix == "I" and kind == label:
             current.append(tok)
             continue
         if current:
+            assert kind is not None
             spans.append((" ".join(current), kind))
         current, kind = ([tok], label) if prefix in ("B", "I") else ([], None)
     if current:
+        assert kind is not None
         spans.append((" ".join(current), kind))
     return spans
 
 
 def read_conll03(path: Path) -> list[Generate]:
     """CoNLL-03 4-column lines (token POS chunk NER), sentences split by blank lines."""
-    items, tokens, tags = [], [], []
+    items: list[Generate] = []
+    tokens: list[str] = []
+    tags: list[str] = []
     lines = path.read_text(encoding="utf-8").splitlines() + [""]
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from .errors import UserError
 
@@ -135,7 +135,7 @@ class Edit:
             raise EditError("edit id is empty")
         label = f"edit {self.id!r}"
 
-        def fail(reason: str) -> None:
+        def fail(reason: str) -> NoReturn:
             raise EditError(f"{label}: {reason}")
 
         if not isinstance(self.timestamp, datetime.datetime):
@@ -216,7 +216,7 @@ class Edit:
         edit_id = d.get("id") if isinstance(d, dict) else None
         label = f"edit {edit_id!r}" if isinstance(edit_id, str) and not _is_blank(edit_id) else "edit"
 
-        def fail(reason: str) -> None:
+        def fail(reason: str) -> NoReturn:
             raise EditError(f"{where}{label}: {reason}")
 
         if not isinstance(d, dict):
@@ -259,7 +259,7 @@ class Edit:
             raise EditError(f"{where}{err}") from None
 
 
-def parse_neighbors(items: Any, fail: Callable[[str], None], label: str = "") -> list[Neighbor]:
+def parse_neighbors(items: Any, fail: Callable[[str], NoReturn], label: str = "") -> list[Neighbor]:
     """Neighbors from JSON objects ``{"prompt", "answer"}``; ``fail`` reports a bad one (and raises)."""
     prefix = f"{label}: " if label else ""
     neighbors = []

@@ -26,7 +26,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def load_fact_set(path: str | os.PathLike | None = None) -> FactSet:
 
 
 def _parse_fact_set(data: Any, path: Path) -> FactSet:
-    def fail(reason: str) -> None:
+    def fail(reason: str) -> NoReturn:
         raise FactSetError(f"{path}: {reason}")
 
     if not isinstance(data, dict):
@@ -152,7 +152,7 @@ def _parse_fact_set(data: Any, path: Path) -> FactSet:
     return FactSet(data["name"], data["description"], relations, tuple(facts))
 
 
-def _check_keys(item: Any, label: str, allowed: set[str], fail) -> None:
+def _check_keys(item: Any, label: str, allowed: set[str], fail: Callable[[str], NoReturn]) -> None:
     if not isinstance(item, dict):
         fail(f"{label}: expected a JSON object")
     unknown = sorted(set(item) - allowed)
@@ -163,14 +163,14 @@ def _check_keys(item: Any, label: str, allowed: set[str], fail) -> None:
         fail(f"{label}: missing field(s) {', '.join(map(repr, missing))}")
 
 
-def _strings(value: Any, label: str, field: str, fail) -> tuple[str, ...]:
+def _strings(value: Any, label: str, field: str, fail: Callable[[str], NoReturn]) -> tuple[str, ...]:
     """A list of non-empty strings, as a tuple."""
     if not isinstance(value, list) or not all(isinstance(s, str) and s.strip() for s in value):
         fail(f"{label}: {field} must be a list of non-empty strings")
     return tuple(value)
 
 
-def _parse_relation(item: Any, index: int, fail) -> Relation:
+def _parse_relation(item: Any, index: int, fail: Callable[[str], NoReturn]) -> Relation:
     rel_id = item.get("id") if isinstance(item, dict) else None
     label = f"relation {rel_id!r}" if isinstance(rel_id, str) else f"relations[{index}]"
     _check_keys(item, label, _RELATION_KEYS, fail)
@@ -191,7 +191,7 @@ def _parse_relation(item: Any, index: int, fail) -> Relation:
     return Relation(rel_id, template, paraphrases, candidates)
 
 
-def _parse_fact(item: Any, index: int, relations: dict[str, Relation], fail) -> Fact:
+def _parse_fact(item: Any, index: int, relations: dict[str, Relation], fail: Callable[[str], NoReturn]) -> Fact:
     fact_id = item.get("id") if isinstance(item, dict) else None
     label = f"fact {fact_id!r}" if isinstance(fact_id, str) else f"facts[{index}]"
     _check_keys(item, label, _FACT_KEYS, fail)
@@ -268,7 +268,7 @@ def builtin_chains_stream(seed: int = 0, gap: int = CHAIN_GAP, between: int = CH
     firsts: dict[tuple[str, str], str] = {}  # (s, r) -> its first fact, the one chained
     for f in extra.facts:
         firsts.setdefault((f.subject, f.relation.id), f"round-{f.id}")
-    rounds = [c for c in round_chains(extra, seed=seed) if c[0].chain.chain_id in firsts.values()]
+    rounds = [c for c in round_chains(extra, seed=seed) if c[0].chain and c[0].chain.chain_id in firsts.values()]
     reverse = reverse_chains([by_id[i] for i in CHAIN_REVERSE_FACTS], CHAIN_REVERSE_INVERSE, relations, seed=seed)
     composite = composite_chains([by_id[i] for i in CHAIN_COMPOSITE_FACTS], CHAIN_COMPOSITE_RULES, relations, seed=seed)
     conflicts = [c for pair in zip(reverse, composite) for c in pair]

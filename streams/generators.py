@@ -47,7 +47,7 @@ def _other_objects(fact: Fact, exclude: Sequence[str], n: int, rng: np.random.Ge
 
 def plain_edits(facts: FactSet | Iterable[Fact], prefix: str = "plain") -> list[Chain]:
     """Each fact as a one-edit chain ``<prefix>-<fact id>`` with role ``plain``."""
-    out = []
+    out: list[Chain] = []
     for f in _facts(facts):
         cid = f"{prefix}-{f.id}"
         out.append((_edit(f, cid, f.target_true, f.target_new, ChainLink(cid, "plain")),))
@@ -124,7 +124,7 @@ def coverage_chains(facts: FactSet | Iterable[Fact], seed: int = 0, prefix: str 
     Facts whose relation has fewer than 3 candidates are left out.
     """
     rng = np.random.default_rng(seed)
-    chains = []
+    chains: list[Chain] = []
     for f in _facts(facts):
         extra = _other_objects(f, (f.target_true, f.target_new), 1, rng)
         if extra is None:
@@ -159,7 +159,7 @@ def reverse_chains(
             raise ValueError("pass relations= (id -> Relation) when facts is not a FactSet")
         relations = facts.relations
     rng = np.random.default_rng(seed)
-    chains = []
+    chains: list[Chain] = []
     for f in _facts(facts):
         r2 = relations.get(inverse.get(f.relation.id, ""))
         if r2 is None:
@@ -207,7 +207,7 @@ def composite_chains(
     rng = np.random.default_rng(seed)
     items = _facts(facts)
     by_subject: dict[tuple[str, str], Fact] = {(f.subject, f.relation.id): f for f in items}
-    chains = []
+    chains: list[Chain] = []
     for r_t, r1, r2_id in rules:
         r2 = relations.get(r2_id)
         if r2 is None:
@@ -248,7 +248,7 @@ def multihop_chains(facts: FactSet | Iterable[Fact], prefix: str = "multihop") -
     by_subject: dict[str, list[Fact]] = {}
     for f in items:
         by_subject.setdefault(f.subject, []).append(f)
-    chains = []
+    chains: list[Chain] = []
     for f1 in items:
         for f2 in by_subject.get(f1.target_new, []):
             cid = f"{prefix}-{f1.id}-{f2.id}"

@@ -79,7 +79,7 @@ class _Builder:
             specs = make()
             if not specs:
                 raise _Skip("no edit in record")
-            built = []
+            built: list[Edit] = []
             for spec in specs:
                 if spec["id"] in self.ids or any(e.id == spec["id"] for e in built):
                     raise _Skip(f"duplicate edit id {spec['id']!r}")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, overload
@@ -29,7 +30,7 @@ class StreamFormatError(UserError):
     """A stream file that cannot be loaded; the message is one line, ``path:line: reason``."""
 
 
-class EditStream:
+class EditStream(Sequence[Edit]):
     """An ordered, timestamped sequence of edits (sorted by timestamp, stable for ties).
 
     Edit ids are unique within a stream, so results can be keyed by edit id.

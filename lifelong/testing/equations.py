@@ -6,17 +6,23 @@ for AlphaEdit; :func:`register_equation` adds more.
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 import torch
 
 from lifelong.editors.base import Editor
 from lifelong.testing.invariants import EditorUnderTest, Invariant, InvariantViolation, _invariant
 from streams import EditStream
 
+_E = TypeVar("_E", bound=Editor)
+
 
 def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
     """ROME/r-ROME: after apply, the edited projection maps the edit's key k to v*: ‖W'k + b − v*‖/‖v*‖ < 1e-4."""
+    from lifelong.editors.rome import ROMEEditor
+
     lm = subject.fresh_model()
-    editor = subject.fresh_editor(lm)
+    editor = _expect(subject.fresh_editor(lm), ROMEEditor, "rome_writes_key_value")
     layer = editor.params.layer
     for step, edit in enumerate(stream, start=1):  # one edit per step: the equation holds for the last one
         from lifelong.replay import step_seed
@@ -25,7 +31,7 @@ def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
         _, _, key, value = editor.rank_one(lm, edit)
         subject.apply(editor, lm, [edit], step)
         weight = lm.adapter.out_proj_weight_view(layer).double()
-        bias = lm.adapter.out_proj(layer).bias
+        bias = cast("torch.Tensor | None", lm.adapter.out_proj(layer).bias)
         out = weight @ key + (bias.double() if bias is not None else 0)
         err = ((out - value).norm() / value.norm()).item()
         if not err < 1e-4:
@@ -35,8 +41,10 @@ def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
 def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: EditStream) -> None:
     """AlphaEdit: each step's change maps the preserved keys (C's eigenvectors outside the
     null space, by the editor's nullspace_rule) to ~0, so outputs on preserved knowledge stay unchanged."""
+    from lifelong.editors.memit import AlphaEditEditor
+
     lm = subject.fresh_model()
-    editor = subject.fresh_editor(lm)
+    editor = _expect(subject.fresh_editor(lm), AlphaEditEditor, "alphaedit_preserves_nullspace_outputs")
     for step, batch in enumerate(stream.steps(), start=1):
         delta = subject.apply(editor, lm, batch, step)
         for layer in editor.layers(lm):
@@ -51,6 +59,13 @@ def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: Edit
 
 EQUATIONS: dict[type, dict[str, Invariant]] = {}
 """Editor-specific equation checks: editor class -> {name: Invariant}; subclasses inherit them."""
+
+
+def _expect(editor: Editor, cls: type[_E], check: str) -> _E:
+    """``editor`` as the class ``check`` is registered for (it reads that class's internals)."""
+    if not isinstance(editor, cls):
+        raise TypeError(f"{check} checks a {cls.__name__} (or a subclass), not {type(editor).__name__}")
+    return editor
 
 
 def register_equation(editor_cls: type, invariant: Invariant) -> Invariant:

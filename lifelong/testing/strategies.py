@@ -37,7 +37,7 @@ def facts(draw, subjects: Sequence[str] = SUBJECTS, relations: Sequence[Relation
     relation = draw(st.sampled_from(relations))
     subject = draw(st.sampled_from(subjects))
     true, new = draw(st.lists(st.sampled_from(relation.candidates), min_size=2, max_size=2, unique=True))
-    neighborhood = ()
+    neighborhood: tuple[Neighbor, ...] = ()
     if draw(st.booleans()):
         other = draw(st.sampled_from([s for s in subjects if s != subject] or list(subjects)))
         answer = draw(st.sampled_from(relation.candidates))
@@ -102,7 +102,8 @@ def edit_streams(
         raise ValueError(f"need 1 <= min_edits <= max_edits, got {min_edits} and {max_edits}")
     wanted = draw(st.lists(st.sampled_from(kinds), min_size=min_edits, max_size=max_edits))
     # Episodes: each is a list of (fact, true, new, role) in the order they must happen.
-    episodes, budget = [], max_edits
+    episodes: list[list[tuple[Fact, str, str, str | None]]] = []
+    budget = max_edits
     for kind in wanted:
         if budget == 0:
             break
@@ -136,7 +137,9 @@ def edit_streams(
             at = draw(st.integers(first + 1, len(order)))
             order.insert(at, (i, 1))
     # Steps: an edit may join the previous step unless that step is full or holds its chain's first edit.
-    out, step, in_step = [], 0, []
+    out: list[Edit] = []
+    in_step: list[tuple[int, int]] = []
+    step = 0
     paraphrases = draw(st.booleans())
     for n, (i, part) in enumerate(order):
         joins = bool(in_step) and len(in_step) < max_batch and (i, 0) not in in_step and draw(st.booleans())
