@@ -1,4 +1,4 @@
-"""Dataset readers (streams/readers.py): small records written here, and the real files when present."""
+"""Dataset readers (streams/readers/): small records written here, and the real files when present."""
 
 from __future__ import annotations
 
