@@ -9,12 +9,15 @@ handled here, in :meth:`ArchAdapter.out_proj_weight_view` and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from streams.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class UnsupportedArchitectureError(UserError):
@@ -120,6 +123,16 @@ class ArchAdapter:
 
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.spec.final_norm)
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The model's transformers config (``nn.Module`` types attribute access as ``Tensor | Module``)."""
+        return cast("PretrainedConfig", self.model.config)
+
+    def embedding(self) -> nn.Module:
+        """The input (token) embedding."""
+        # a transformers model's method; nn.Module types attribute access as Tensor | Module
+        return self.model.get_input_embeddings()  # type: ignore[operator]
 
     def unembedding(self) -> nn.Module:
         # a transformers model's method; nn.Module types attribute access as Tensor | Module

@@ -198,4 +198,5 @@ class Editor(ABC):
 
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
-        return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+        params = self.params
+        return dataclasses.asdict(params) if dataclasses.is_dataclass(params) and not isinstance(params, type) else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 import torch
 from probes.bars import bar as progress_bar
@@ -50,7 +51,7 @@ _SEEDS = (
 def model_key(lm: LoadedModel) -> str:
     """Identifies the model by name, config and a sample of every weight (64 KiB each)."""
     h = hashlib.sha256(lm.name.encode())
-    h.update(lm.model.config.to_json_string(use_diff=False).encode())
+    h.update(lm.adapter.config.to_json_string(use_diff=False).encode())
     for name, p in lm.model.named_parameters():
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes()[:65536])
@@ -140,7 +141,8 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
             first = sum(sizes[:c])
             starts = [lm.tokenizer(_SEEDS[(first + i) % len(_SEEDS)]).input_ids[-1:] for i in range(sizes[c])]
             ids = torch.tensor(starts, device=lm.device)
-            out = lm.model.generate(
+            # a transformers model's method; nn.Module types attribute access as Tensor | Module
+            out = lm.model.generate(  # type: ignore[operator]
                 ids,
                 attention_mask=torch.ones_like(ids),
                 do_sample=True,
@@ -161,8 +163,8 @@ def compute_second_moments(
     lm: LoadedModel, layers: list[int], rows: list[list[int]], batch_size: int = 8
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] for several layers in one pass over the token rows."""
-    body = getattr(lm.model, lm.model.base_model_prefix)
-    totals = {layer: 0.0 for layer in layers}
+    body = lm.adapter.body()
+    totals: dict[int, torch.Tensor | float] = {layer: 0.0 for layer in layers}
     count = 0
     desc = f"key statistics, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))} (cached)"
     bar = progress_bar(total=sum(len(r) for r in rows), desc=desc, unit="tok", unit_scale=True)
@@ -177,7 +179,8 @@ def compute_second_moments(
         count += ids.numel()
         bar.update(ids.numel())
     bar.close()
-    return {layer: total / count for layer, total in totals.items()}
+    # a tensor once a row is read (with no rows, count is 0 and this raises ZeroDivisionError as before)
+    return {layer: cast(torch.Tensor, total) / count for layer, total in totals.items()}
 
 
 def key_second_moments(

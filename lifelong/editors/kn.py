@@ -233,12 +233,14 @@ class KNEditor(Editor):
         return signs
 
     def _embedding(self, lm: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
-        table = lm.model.get_input_embeddings().weight
+        # a transformers model's method; nn.Module types attribute access as Tensor | Module
+        table: torch.Tensor = lm.model.get_input_embeddings().weight  # type: ignore[operator]
         return table[torch.tensor(list(ids), device=table.device)].mean(0).detach()
 
     def _toolkit_embedding(self, lm: LoadedModel, ids: Sequence[int], weight: float) -> torch.Tensor:
         """E(answer) of the toolkit rule: weight·e(t) for one token, Σ_j e(t_j) (each once) for more."""
-        table = lm.model.get_input_embeddings().weight
+        # a transformers model's method; nn.Module types attribute access as Tensor | Module
+        table: torch.Tensor = lm.model.get_input_embeddings().weight  # type: ignore[operator]
         rows = table[torch.tensor(list(ids), device=table.device)].detach()
         return weight * rows[0] if len(ids) == 1 else rows.sum(0)
 

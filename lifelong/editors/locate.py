@@ -10,7 +10,7 @@ frozen (so backward computes no weight gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ContextManager, Sequence
+from typing import ContextManager, Sequence, cast
 
 import torch
 from transformers import DynamicCache
@@ -228,7 +228,7 @@ class SuffixBatch:
         self.positions = (torch.tensor(lookup)[:, None] + torch.arange(suffix_len)[None]).to(device)
         self.cache, self.prefix_residual = None, None
         if self.prefix_len:
-            cache = DynamicCache(config=lm.model.config)
+            cache = DynamicCache(config=lm.adapter.config)
             with torch.no_grad():
                 if prefix_layers is None:
                     self.body(input_ids=prefix.to(device), cache=cache, use_cache=True)
@@ -314,7 +314,7 @@ def optimize_value(
     prompts = [tuple(lm.tokenizer(t).input_ids) for t in texts]
     lookup = [subject_token_index(lm.tokenizer, t, edit.subject) for t in texts]
     n = len(texts) - 1
-    stack = stack or UpperStack(lm.adapter, layer + 1, lm.model.dtype)
+    stack = stack or UpperStack(lm.adapter, layer + 1, cast(torch.dtype, lm.model.dtype))
     # The last target token predicts nothing: leave it out of the sequences. The KL prompt is
     # read at the subject's last token, which nothing after it can affect (causal): it ends there,
     # so its " is a" does not lengthen every row's suffix.
@@ -350,7 +350,7 @@ def optimize_value(
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
     unembed = lm.adapter.unembedding()
-    target_rows = unembed.weight.detach()[targets].float()  # for the exact target logits
+    target_rows = cast(torch.Tensor, unembed.weight).detach()[targets].float()  # for the exact target logits
     target_bias = getattr(unembed, "bias", None)
     target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
     delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)

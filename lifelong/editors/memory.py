@@ -167,6 +167,7 @@ class MemoryEditor(Editor):
                     overlap = len(subject & q) / len(subject) if subject else 0.0
                     out[i, j] = overlap + 0.1 * len(text & q) / max(1, len(text | q))
             return out
+        assert lm is not None  # only the lexical retriever scores without a model
         return (self.embed(lm, prompts) @ self._record_keys(lm).T).double()
 
     def _signature(self) -> tuple:
@@ -263,7 +264,8 @@ class _LexicalIndex:
 
     def __init__(self, records: list[dict], threshold: float):
         self.records, self.threshold = records, threshold
-        self.count, self.last = 0, None
+        self.count = 0
+        self.last: dict | None = None
         self.words: list[tuple[set[str], set[str]]] = []
         self.postings: dict[str, list[int]] = {}
         self.always: list[int] = []  # records every prompt must be scored against (none for sane thresholds)

@@ -61,7 +61,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypedDict, cast
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import lowrank_change
 from lifelong.models import LoadedModel, cache_root
 from probes.scorer import Scorer
-from streams import Edit, EditStream
+from streams import Edit
 from streams.errors import MissingFileError, UserError
 
 DEFAULT_TRAIN_DATA = "dataset:zsre_mend"  # MEND's own zsRE training sample; disjoint from the built-in facts
@@ -124,6 +124,10 @@ def target_param_name(lm: LoadedModel, target: tuple[int, str]) -> str:
 
 class RunningNorm(nn.Module):
     """Per-feature mean and standard deviation accumulated while training (Chan et al.'s merge), frozen after."""
+
+    count: torch.Tensor  # buffers, registered in __init__
+    mean: torch.Tensor
+    m2: torch.Tensor
 
     def __init__(self, dim: int):
         super().__init__()
@@ -210,7 +214,7 @@ class Hypernetwork(nn.Module):
         if shared:
             keys = list(dict.fromkeys(self.shapes))
             self.group = [keys.index(s) for s in self.shapes]
-            self.mode = [self.shapes[:i].count(s) for i, s in enumerate(self.shapes)]
+            self.mode: list[int | None] = [self.shapes[:i].count(s) for i, s in enumerate(self.shapes)]
             self.transforms = nn.ModuleList(
                 GradientTransform(*key, rank, seed + g, n_modes=self.shapes.count(key)) for g, key in enumerate(keys)
             )
@@ -222,7 +226,7 @@ class Hypernetwork(nn.Module):
         self.log_lr = nn.Parameter(torch.full((len(self.targets),), math.log(edit_lr)))
 
     def transform(self, i: int) -> GradientTransform:
-        return self.transforms[self.group[i]]
+        return cast(GradientTransform, self.transforms[self.group[i]])  # ModuleList items are typed Module
 
     def factors(self, i: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(left (out, N), right (in, N)) with ΔW = left @ right.T = −α Σ_t δ̃_t ũ_tᵀ for N token rows."""
@@ -369,9 +373,15 @@ def _edit_pairs(edit: Edit) -> list[tuple[str, str]]:
     return [(text, edit.target_new) for text in (edit.rendered_prompt, *edit.paraphrases)]
 
 
+class StepLosses(TypedDict):
+    total: torch.Tensor  # with its graph: call backward through it
+    edit: float
+    loc: float
+
+
 def training_step(
     lm: LoadedModel, net: Hypernetwork, batch: Sequence[Edit], loc_pairs: Sequence[tuple[str, str]], config: TrainConfig
-) -> dict[str, float]:
+) -> StepLosses:
     """MEND's loss for one batch of edits; returns its parts (call backward through the returned total)."""
     scorer = Scorer(lm.model, lm.tokenizer)
     grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new) for e in batch])
@@ -396,7 +406,10 @@ def heldout_success(lm: LoadedModel, net: Hypernetwork, edits: Sequence[Edit]) -
     success) on the prompt (``es``) and on its paraphrases (``gen``), the share of prompts with every
     target token right (``exact``), and the prompt's mean target-token NLL (``nll``)."""
     scorer = Scorer(lm.model, lm.tokenizer)
-    es, gen, exact, nll = [], [], [], []
+    es: list[float] = []
+    gen: list[float] = []
+    exact: list[float] = []
+    nll: list[float] = []
     for e in edits:
         grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new)])
         with torch.no_grad():
@@ -424,7 +437,7 @@ CURVE_FIELDS = (
 )
 
 
-def read_curve(path: Path) -> list[dict[str, float]]:
+def read_curve(path: Path) -> list[dict[str, float | None]]:
     """Rows of a ``curve.csv`` (empty cells: not evaluated at that step) as floats (None when empty)."""
     import csv
 
@@ -497,7 +510,8 @@ def build_hypernetwork(
 ) -> Hypernetwork:
     """An untrained (identity) hypernetwork for ``kinds`` of ``layers``: shared per shape, except ``down`` alone."""
     targets = edit_targets(layers, kinds)
-    shapes = [tuple(lm.adapter.mlp_weight_view(*t).shape[::-1]) for t in targets]  # (d_in, d_out)
+    views = [lm.adapter.mlp_weight_view(*t) for t in targets]  # (out, in)
+    shapes = [(v.shape[1], v.shape[0]) for v in views]  # (d_in, d_out)
     return Hypernetwork(targets, shapes, rank, edit_lr, seed, shared=tuple(kinds) != LEGACY_PARAMS)
 
 
@@ -543,7 +557,7 @@ def train_hypernetwork(
     setup = {k: v for k, v in asdict(config).items() if k not in _NOT_IDENTITY}
     if not config.holdout:
         del setup["holdout"]  # as before holdout existed, so such checkpoints still resume
-    identity = {
+    identity: dict[str, Any] = {
         "model": model_key(lm),
         "layers": list(layers),
         "data": data,
@@ -566,7 +580,8 @@ def train_hypernetwork(
                 f"{ckpt}: checkpoint at step {done}, past the {config.steps} steps asked for; "
                 f"ask for {done} steps to finish there"
             )
-    curve = [row for row in read_curve(curve_path) if row["step"] <= done] if done else []
+    # every row has its step
+    curve = [row for row in read_curve(curve_path) if cast(float, row["step"]) <= done] if done else []
 
     def evaluate(row: dict) -> None:
         if heldout:
@@ -746,7 +761,7 @@ class MENDEditor(Editor):
             out["hypernet_steps"] = self._meta["steps"]
         return out
 
-    def check_stream(self, stream: EditStream) -> None:
+    def check_stream(self, stream: Sequence[Edit]) -> None:
         """Refuse an evaluation stream that shares a (subject, prompt) with the training records."""
         if self._net is None:
             raise RuntimeError("MENDEditor.check_stream needs bind(lm) first")
@@ -768,6 +783,7 @@ class MENDEditor(Editor):
             return Delta.empty()
         self.bind(lm)
         net = self._net
+        assert net is not None  # bind() loads it or raises
         grads = edit_gradient_factors(lm, net.targets, [(e.rendered_prompt, e.target_new) for e in batch])
         changes = {}
         with torch.no_grad():
@@ -775,6 +791,6 @@ class MENDEditor(Editor):
                 left, right = net.factors(i, u, delta)
                 name = target_param_name(lm, target)
                 changes[name] = lowrank_change(lm.adapter, left, right, lm.model.get_parameter(name).dtype)
-        delta = Delta(changes)
-        delta.apply(lm.model)
-        return delta
+        out = Delta(changes)
+        out.apply(lm.model)
+        return out

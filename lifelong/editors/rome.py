@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -79,7 +79,7 @@ class ROMEEditor(Editor):
         k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
         k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
         weight = lm.adapter.out_proj_weight_view(p.layer).double()
-        bias = lm.adapter.out_proj(p.layer).bias
+        bias = cast("torch.Tensor | None", lm.adapter.out_proj(p.layer).bias)
         current = weight @ k_x + (bias.double() if bias is not None else 0)
         inverse = self._inverse(lm)
         u = inverse @ k_avg if inverse is not None else k_avg

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -55,6 +55,14 @@ def _swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[No
             setattr(owner, attr, module)
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)  # nn.Module types attribute access as Tensor | Module
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return cast("torch.Tensor | None", module.bias)
+
+
 def _zero_positions(module: nn.Embedding) -> nn.Embedding:
     zero = nn.Embedding(
         module.num_embeddings, module.embedding_dim, device=module.weight.device, dtype=module.weight.dtype
@@ -72,25 +80,31 @@ class UpperStack:
     def __init__(self, adapter: ArchAdapter, start: int, dtype: torch.dtype):
         self.adapter, self.start, self.dtype = adapter, start, dtype
         self.body = adapter.body()
-        prefix = adapter.model.base_model_prefix + "."
+        prefix = cast(str, adapter.model.base_model_prefix) + "."
         self.layers_path = adapter.spec.layers.removeprefix(prefix)  # relative to the body
         self.positions_path = (adapter.spec.positions or "").removeprefix(prefix) or None
-        self.head = adapter.model.get_output_embeddings()
+        self.head = adapter.unembedding()
         self._copy: nn.Module | None = None
         self._copy_head: nn.Module | None = None
         self._copy_key: tuple | None = None
 
-    def _replacements(self, layers: list[nn.Module], positions: nn.Module | None) -> dict[str, nn.Module]:
+    def _replacements(
+        self, layers: list[nn.Module], positions: tuple[str, nn.Embedding] | None
+    ) -> dict[str, nn.Module]:
         out: dict[str, nn.Module] = {self.layers_path: nn.ModuleList(layers)}
         if positions is not None:
-            out[self.positions_path] = _zero_positions(positions)
+            path, module = positions
+            out[path] = _zero_positions(module)
         return out
 
     def _live_layers(self) -> list[nn.Module]:
-        return list(self.body.get_submodule(self.layers_path))[self.start :]
+        return list(cast(nn.ModuleList, self.body.get_submodule(self.layers_path)))[self.start :]
 
-    def _positions(self) -> nn.Module | None:
-        return self.body.get_submodule(self.positions_path) if self.positions_path else None
+    def _positions(self) -> tuple[str, nn.Embedding] | None:
+        """The learned absolute position embedding (GPT-2's wpe, an nn.Embedding) with its path, if any."""
+        if not self.positions_path:
+            return None
+        return self.positions_path, cast(nn.Embedding, self.body.get_submodule(self.positions_path))
 
     def _version(self) -> tuple:
         """Identity and version of every weight the copy is made of (a changed weight forces a rebuild)."""
@@ -109,7 +123,7 @@ class UpperStack:
         if self._copy is None or self._copy_key != key:
             # Copy the body with only the upper layers in it (and no token embedding: the
             # stack is always fed inputs_embeds), then convert the copy.
-            embed = self.adapter.model.get_input_embeddings()
+            embed = self.adapter.embedding()
             embed_path = next(name for name, m in self.body.named_modules() if m is embed)
             with _swapped(self.body, {self.layers_path: nn.ModuleList(self._live_layers()), embed_path: nn.Identity()}):
                 body = copy.deepcopy(self.body)
@@ -117,7 +131,7 @@ class UpperStack:
                 param.data = param.data.to(self.dtype)
             if self.positions_path:
                 with torch.no_grad():
-                    body.get_submodule(self.positions_path).weight.zero_()
+                    _weight(body.get_submodule(self.positions_path)).zero_()
             # The output embedding too: in float32 its product with a few rows is bound by
             # reading its (vocab × d) weight, twice per step (forward and backward).
             head = copy.deepcopy(self.head)
@@ -136,7 +150,9 @@ class UpperStack:
         if not self.converted:
             return self.head(hidden)
         self._converted()
-        return self._copy_head(hidden.to(self.dtype))
+        head = self._copy_head
+        assert head is not None  # _converted() builds it with the body copy
+        return head(hidden.to(self.dtype))
 
     def cast_cache(self, cache):
         """The prefix KV cache in the compute dtype (a copy; layers below ``start`` are never read)."""
@@ -206,7 +222,7 @@ FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 
 def fused_supported(adapter: ArchAdapter) -> bool:
     """Whether :class:`FusedLlamaStack` computes this model's layers exactly as the model does."""
-    config = adapter.model.config
+    config = adapter.config
     return (
         adapter.family in FUSED_FAMILIES
         and getattr(config, "hidden_act", None) == "silu"
@@ -222,18 +238,22 @@ class _FusedLayer:
     by 1/√head_dim (so neither costs an operation per step)."""
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype, scale: float):
-        attn, mlp = layer.self_attn, layer.mlp
-        norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
+        m = layer.get_submodule
+        q, k, v, o = m("self_attn.q_proj"), m("self_attn.k_proj"), m("self_attn.v_proj"), m("self_attn.o_proj")
+        norm1, norm2 = _weight(m("input_layernorm")), _weight(m("post_attention_layernorm"))
+        qkv = torch.cat([_weight(q) * scale, _weight(k), _weight(v)])
         self.qkv = (qkv * norm1).to(dtype)
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        biases = [_bias(q), _bias(k), _bias(v)]  # all three or none (attention_bias)
         self.qkv_bias = (
-            torch.cat([biases[0] * scale, biases[1], biases[2]]).to(dtype) if biases[0] is not None else None
+            torch.cat([biases[0] * scale, cast(torch.Tensor, biases[1]), cast(torch.Tensor, biases[2])]).to(dtype)
+            if biases[0] is not None
+            else None
         )
-        self.o = attn.o_proj.weight.to(dtype)
-        self.o_bias = attn.o_proj.bias.to(dtype) if attn.o_proj.bias is not None else None
-        self.gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * norm2).to(dtype)
-        self.down = mlp.down_proj.weight.to(dtype)
+        o_bias = _bias(o)
+        self.o = _weight(o).to(dtype)
+        self.o_bias = o_bias.to(dtype) if o_bias is not None else None
+        self.gate_up = (torch.cat([_weight(m("mlp.gate_proj")), _weight(m("mlp.up_proj"))]) * norm2).to(dtype)
+        self.down = _weight(m("mlp.down_proj")).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -352,10 +372,11 @@ class FusedLlamaStack(UpperStack):
 
     def __init__(self, adapter: ArchAdapter, start: int, dtype: torch.dtype):
         super().__init__(adapter, start, dtype)
-        config = adapter.model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.eps = config.rms_norm_eps
+        config = adapter.config
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps: float = config.rms_norm_eps
         self.window = getattr(config, "sliding_window", None)
         self._shape = _Shape(self.kv_heads, self.heads // self.kv_heads, self.head_dim, self.eps, dtype)
         self._fused: list[_FusedLayer] | None = None
@@ -367,10 +388,11 @@ class FusedLlamaStack(UpperStack):
         if self._fused is None or self._fused_key != key:
             scale = self.head_dim**-0.5
             self._fused = [_FusedLayer(layer, self.dtype, scale) for layer in self._live_layers()]
-            self._final_norm = self.adapter.final_norm().weight.detach().float()
-            head = self.head.weight.detach()
+            self._final_norm = _weight(self.adapter.final_norm()).detach().float()
+            head = _weight(self.head).detach()
             self._head = head.to(self.dtype) if self.converted else head
-            self._head_bias = self.head.bias.detach().to(self._head.dtype) if self.head.bias is not None else None
+            head_bias = _bias(self.head)
+            self._head_bias = head_bias.detach().to(self._head.dtype) if head_bias is not None else None
             self._fused_key = key
         return self._fused
 
@@ -382,7 +404,7 @@ class FusedLlamaStack(UpperStack):
         """cos and signed sin, (n, T, 1, head_dim) in the compute dtype: rotate_half(x)·sin
         equals roll(x, head_dim/2)·(sign·sin), one copy instead of a split, a negation and a cat."""
         probe = torch.zeros(1, dtype=torch.float32, device=position_ids.device)
-        cos, sin = self.body.rotary_emb(probe, position_ids)
+        cos, sin = self.body.get_submodule("rotary_emb")(probe, position_ids)
         half = self.head_dim // 2
         sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(sin)
         return cos.to(self.dtype)[:, :, None, :], (sin * sign).to(self.dtype)[:, :, None, :]
@@ -438,6 +460,7 @@ class FusedLlamaStack(UpperStack):
         prefix_residual: torch.Tensor | None = None,
     ):
         layers = self._layers()
+        prefix: Sequence[tuple[torch.Tensor, torch.Tensor] | None]
         with torch.no_grad():
             if prefix_residual is not None:
                 prefix = self._prefix_kv(layers, prefix_residual)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -159,7 +159,8 @@ class WISEEditor(AdaptorEditor):
         super().__init__(params)
         self.reset()
         self._training: torch.Tensor | None = None  # the open shard's Δ while it is trained
-        self._last = None  # (base output, output change, real-token mask) of the last training forward
+        # (base output, output change, real-token mask) of the last training forward
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._bypass = False  # True: the hook passes everything through (template generation)
         self._act = None  # the model's MLP activation (None: activation=none)
         self._templates: list[str] | None = None
@@ -205,7 +206,8 @@ class WISEEditor(AdaptorEditor):
                     for start in TEMPLATE_STARTS:
                         ids = lm.tokenizer(start, return_tensors="pt").input_ids.to(lm.device)
                         pad = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
-                        out = lm.model.generate(
+                        # a transformers model's method; nn.Module types attribute access as Tensor | Module
+                        out = lm.model.generate(  # type: ignore[operator]
                             input_ids=ids,
                             attention_mask=torch.ones_like(ids),
                             max_new_tokens=length,
@@ -213,7 +215,8 @@ class WISEEditor(AdaptorEditor):
                             num_beams=1,
                             pad_token_id=pad,
                         )
-                        text = lm.tokenizer.decode(out[0], skip_special_tokens=True)
+                        # one sequence decodes to one string (the stubs type decode for batches too)
+                        text = cast(str, lm.tokenizer.decode(out[0], skip_special_tokens=True))
                         prefixes.append(text.replace("{", "{{").replace("}", "}}"))
         finally:
             self._bypass = False
@@ -377,6 +380,7 @@ class WISEEditor(AdaptorEditor):
                 lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
                 row_nll = torch.zeros(rows, device=lp.device).index_add(0, owner[in_rows], -lp[in_rows]) / per_row
                 nll = row_nll.mean()
+                assert self._last is not None  # recorded by the forward just run
                 base, change, real = self._last
                 dist = act_distance(base, change, real, self._act)
                 inside, outside = dist[:rows], dist[rows:]
@@ -389,6 +393,7 @@ class WISEEditor(AdaptorEditor):
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                assert delta.grad is not None  # filled by the backward just run
                 delta.grad.mul_(mask)  # the shard's random gradient mask
                 optimizer.step()
                 losses.append(loss.item())
