@@ -852,16 +852,20 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=None,
         help="a REPRODUCTION.md: say which of this invocation's figures fall inside its intervals "
-        "(use with --out elsewhere and --readme '')",
+        "(use with --out elsewhere; the README is then left alone unless --readme names it)",
     )
     ap.add_argument("--claims", default="all", help="comma-separated claim keys: " + ",".join(c.key for c in CLAIMS))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce", help="where the runs live (resumed)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
-    ap.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose reproduce block is rewritten")
+    ap.add_argument(
+        "--readme", default=None, help="README whose reproduce block is rewritten (default: the project's, '' for none)"
+    )
     ap.add_argument("--report-only", action="store_true", help="write the document from finished runs; run nothing")
     ap.add_argument("--threads", default=None)
     args = ap.parse_args(argv)
+    if args.readme is None:  # a rerun compared with the document must not overwrite the README's table
+        args.readme = "" if args.compare_to is not None else str(ROOT / "README.md")
     if args.scale not in ("quick", "standard") and not (
         args.scale.startswith("items=") and args.scale[6:].isdigit() and int(args.scale[6:]) > 0
     ):

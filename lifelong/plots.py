@@ -126,6 +126,23 @@ def matrix_cells(values: np.ndarray, columns: int = MATRIX_COLUMNS) -> tuple[np.
     return binned, spans
 
 
+MATRIX_ROWS = 60  # more probed steps than this are binned too (a 10,000-step run probed every 10 has 1,000)
+
+
+def bin_rows(cells: np.ndarray, rows: int = MATRIX_ROWS) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``cells`` with its rows (probed steps) binned when there are more than ``rows``: each bin is the
+    mean of its measured cells (NaN where none was measured); and each row's (first, last) index."""
+    n = cells.shape[0]
+    if n <= rows:
+        return cells, [(i, i) for i in range(n)]
+    edges = np.linspace(0, n, rows + 1).round().astype(int)
+    spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bin with nothing measured in a column: NaN
+        binned = np.stack([np.nanmean(cells[a : b + 1], axis=0) for a, b in spans], axis=0)
+    return binned, spans
+
+
 def plot_retention_matrix(m, title: str, path: Path) -> Path:
     """:func:`retention_matrix_figure` written to ``path``."""
     return _save(retention_matrix_figure(m, title), path)
@@ -140,8 +157,10 @@ def retention_matrix_figure(m, title: str):
     from matplotlib.patches import Patch
 
     cells, spans = matrix_cells(m.values)
-    binned = len(spans) < len(m.edit_ids)
-    fig = new_figure(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(m.steps) + 1.5)))
+    cells, row_spans = bin_rows(cells)
+    rows_binned = len(row_spans) < len(m.steps)
+    binned = len(spans) < len(m.edit_ids) or rows_binned
+    fig = new_figure(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(row_spans) + 1.5)))
     ax = fig.subplots()
     masked = np.ma.masked_invalid(cells)
     if binned:
@@ -165,13 +184,17 @@ def retention_matrix_figure(m, title: str):
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
         )
-    ax.set_yticks(range(len(m.steps)), [str(s) for s in m.steps], fontsize=7)
-    every = max(1, len(spans) // 30)  # at most ~30 labels
+    every_row = max(1, len(row_spans) // 30)  # at most ~30 labels on either axis
+    row_ticks = list(range(0, len(row_spans), every_row))
+    first, last = ([m.steps[row_spans[j][k]] for j in row_ticks] for k in (0, 1))
+    ax.set_yticks(row_ticks, [f"{a}" if not rows_binned else f"{a}-{b}" for a, b in zip(first, last)], fontsize=7)
+    columns_binned = len(spans) < len(m.edit_ids)
+    every = max(1, len(spans) // 30)
     ticks = list(range(0, len(spans), every))
-    labels = [m.edit_ids[spans[j][0]] if not binned else f"{spans[j][0] + 1}-{spans[j][1] + 1}" for j in ticks]
+    labels = [m.edit_ids[spans[j][0]] if not columns_binned else f"{spans[j][0] + 1}-{spans[j][1] + 1}" for j in ticks]
     ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
-    ax.set_xlabel("edit id, in stream order" if not binned else "edits (by position in the stream), binned")
-    ax.set_ylabel("probed step")
+    ax.set_xlabel("edit id, in stream order" if not columns_binned else "edits (by position in the stream), binned")
+    ax.set_ylabel("probed step" if not rows_binned else "probed steps, binned")
     ax.set_title(f"Retention matrix A[t, i] (ES), rows: probed steps only — {title}", fontsize=9)
     fig.tight_layout()
     return fig

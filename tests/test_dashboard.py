@@ -278,6 +278,39 @@ def test_retention_matrix_paints_only_measured_cells(tmp_path):
     assert binned[0, 0] == pytest.approx(np.nanmean(wide[0, a : b + 1]))
 
 
+def test_retention_matrix_stays_readable_at_thousands_of_probes():
+    """1,000 probed steps (10,000 edits probed every 10) bin into MATRIX_ROWS rows, each the mean of its
+    measured cells (an edit not yet made in part of a bin counts only where measured), and the figure
+    keeps a bounded size: before row binning it was 30,180 pixels tall."""
+    import numpy as np
+
+    from lifelong.plots import MATRIX_ROWS, bin_rows, retention_matrix_figure
+    from probes.metrics import RetentionMatrix
+
+    steps, edits = 1000, 120
+    rng = np.random.default_rng(0)
+    values = (rng.random((steps, edits)) < 0.7).astype(float)
+    made = (np.arange(steps)[:, None] + 1) * edits // steps > np.arange(edits)[None, :]
+    values[~made] = np.nan
+    cells, spans = bin_rows(values)
+    assert cells.shape == (MATRIX_ROWS, edits) and spans[0][0] == 0 and spans[-1][1] == steps - 1
+    a, b = spans[-1]
+    assert cells[-1, 0] == pytest.approx(np.nanmean(values[a : b + 1, 0]))
+    assert np.isnan(cells[0, -1])  # the last edit is made in the last bin only
+    assert bin_rows(values[:40])[0].shape == (40, edits)  # few probes: untouched
+
+    m = RetentionMatrix(
+        steps=np.arange(10, 10 * steps + 1, 10),
+        edit_ids=[f"e{i}" for i in range(edits)],
+        own_step=np.arange(edits) * steps // edits * 10 + 10,
+        values=values,
+        own_score=np.ones(edits),
+    )
+    fig = retention_matrix_figure(m, "t")
+    width, height = fig.get_size_inches() * fig.dpi
+    assert height < 2500 and width < 2500
+
+
 def test_figures_are_returned_without_touching_the_backend(two_runs):
     """The ``*_figure`` functions give matplotlib Figures (what a notebook displays inline) and leave the
     caller's backend and pyplot's figure list alone; the PNG writers save those same figures."""

@@ -141,9 +141,14 @@ def test_small_reproduction_end_to_end(tmp_path):
 
     # A rerun on new seeds, set against the first document's intervals.
     again = tmp_path / "again.md"
-    swap = {str(out): str(again), str(readme): "", "grace,round": "grace"}  # GRACE alone: quick
+    swap = {str(out): str(again), "grace,round": "grace"}  # GRACE alone: quick
     rerun = [swap.get(a, a) for a in args]
+    i = rerun.index("--readme")
+    del rerun[i : i + 2]  # with --compare-to, no README is rewritten unless one is named
+    project_readme = R.ROOT / "README.md"
+    before = project_readme.read_text()
     R.main(rerun + ["--first-seed", "2", "--compare-to", str(out)])
+    assert project_readme.read_text() == before
     text = again.read_text()
     assert "--first-seed 2" in text and f"## Against {out}" in text
     assert (tmp_path / "work" / "items=2").is_dir() and any(
