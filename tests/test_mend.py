@@ -19,8 +19,6 @@ from lifelong.editors.mend import (
     OverlapError,
     RunningNorm,
     TrainConfig,
-    _ids_mask,
-    _mean_nll,
     build_hypernetwork,
     edit_gradient_factors,
     edit_targets,
@@ -30,6 +28,7 @@ from lifelong.editors.mend import (
     read_curve,
     train_hypernetwork,
 )
+from lifelong.editors.mend.network import _ids_mask, _mean_nll
 from lifelong.models import load_model
 from probes.scorer import Scorer
 from streams import EditStream

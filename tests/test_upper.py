@@ -12,7 +12,8 @@ from lifelong.editors.locate import (
     optimize_value,
     subject_token_index,
 )
-from lifelong.editors.upper import FusedLlamaStack, UpperStack, compute_dtype, fused_supported, layer_output
+from lifelong.editors.upper import UpperStack, compute_dtype, layer_output
+from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
 from tests.conftest import make_edits
 
 

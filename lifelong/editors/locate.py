@@ -18,14 +18,8 @@ from transformers import DynamicCache
 from lifelong.arch import ArchAdapter
 from lifelong.delta import ParamChange
 from lifelong.editors.hooks import capture, first_input, stop_after
-from lifelong.editors.upper import (
-    FusedLlamaStack,
-    UpperStack,
-    compute_dtype,
-    fused_supported,
-    layer_output,
-    suffix_pass_kwargs,
-)
+from lifelong.editors.upper import UpperStack, compute_dtype, layer_output, suffix_pass_kwargs
+from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
 from lifelong.machine import check_dtype_setting
 from lifelong.models import LoadedModel
 from probes.model_access import Codec
