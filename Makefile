@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint kit-check setup clean
 
 demo: $(STAMP)
 	$(VENV)/bin/lifelong replay --stream builtin-chains --steps 60 --probe-every 5 --out runs/demo \
@@ -21,6 +21,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m mypy
 
+# The testing kit on a plain install (not editable, no dev extra): what a user of check_editor gets.
+KIT_VENV := build/kit-venv
+kit-check:
+	rm -rf $(KIT_VENV)
+	$(PYTHON) -m venv $(KIT_VENV)
+	$(KIT_VENV)/bin/pip install --quiet "torch>=2.13,<2.14"
+	$(KIT_VENV)/bin/pip install --quiet ".[testing]"
+	cd /tmp && $(abspath $(KIT_VENV))/bin/python -c "from lifelong.testing import check_editor; print('kit imports on a plain install')"
+
 setup: $(STAMP)
 
 # The torch bound admits the CPU build (2.13.0+cpu) and keeps pip off multi-GB CUDA wheels;
@@ -33,4 +42,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build
