@@ -111,19 +111,25 @@ def retention_figure(run: RunDir):
 MATRIX_COLUMNS = 60  # more edits than this are binned: each column then shows a bin's share of edits holding
 
 
+def _bin_axis(values: np.ndarray, bins: int, axis: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``values`` with ``axis`` cut into ``bins`` runs of consecutive entries when longer, each the mean
+    of its measured (non-NaN) cells, NaN where none was; and each bin's (first, last) index."""
+    n = values.shape[axis]
+    if n <= bins:
+        return values, [(i, i) for i in range(n)]
+    edges = np.linspace(0, n, bins + 1).round().astype(int)
+    spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bin with nothing measured: NaN
+        parts = [np.nanmean(np.take(values, range(a, b + 1), axis=axis), axis=axis) for a, b in spans]
+    return np.stack(parts, axis=axis), spans
+
+
 def matrix_cells(values: np.ndarray, columns: int = MATRIX_COLUMNS) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The retention matrix as painted: one row per probed step, one column per edit, or per bin of
     consecutive edits (their mean, NaN where none was made yet) when there are more than ``columns``;
     and each column's (first, last) edit index."""
-    n = values.shape[1]
-    if n <= columns:
-        return values, [(i, i) for i in range(n)]
-    edges = np.linspace(0, n, columns + 1).round().astype(int)
-    spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a bin no edit of which was made yet: NaN
-        binned = np.stack([np.nanmean(values[:, a : b + 1], axis=1) for a, b in spans], axis=1)
-    return binned, spans
+    return _bin_axis(values, columns, axis=1)
 
 
 MATRIX_ROWS = 60  # more probed steps than this are binned too (a 10,000-step run probed every 10 has 1,000)
@@ -132,15 +138,7 @@ MATRIX_ROWS = 60  # more probed steps than this are binned too (a 10,000-step ru
 def bin_rows(cells: np.ndarray, rows: int = MATRIX_ROWS) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """``cells`` with its rows (probed steps) binned when there are more than ``rows``: each bin is the
     mean of its measured cells (NaN where none was measured); and each row's (first, last) index."""
-    n = cells.shape[0]
-    if n <= rows:
-        return cells, [(i, i) for i in range(n)]
-    edges = np.linspace(0, n, rows + 1).round().astype(int)
-    spans = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a bin with nothing measured in a column: NaN
-        binned = np.stack([np.nanmean(cells[a : b + 1], axis=0) for a, b in spans], axis=0)
-    return binned, spans
+    return _bin_axis(cells, rows, axis=0)
 
 
 def plot_retention_matrix(m, title: str, path: Path) -> Path:
