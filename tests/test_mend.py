@@ -31,7 +31,7 @@ from lifelong.editors.mend import (
     train_hypernetwork,
 )
 from lifelong.models import load_model
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import EditStream
 from tests.conftest import make_edits
 

@@ -27,8 +27,8 @@ from lifelong.editors.upper import (
     suffix_pass_kwargs,
 )
 from lifelong.machine import check_dtype_setting
+from lifelong.model_access import Codec
 from lifelong.models import LoadedModel
-from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 
