@@ -36,7 +36,7 @@ def main() -> None:
     from lifelong.models import load_model
     from lifelong.editors import make_editor
     from lifelong.delta import DeltaStore
-    from probes.scorer import Scorer, answer_token_ids
+    from lifelong.scorer import Scorer, answer_token_ids
     from streams import load_stream
 
     print(runtime_header())

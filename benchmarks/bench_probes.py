@@ -47,7 +47,7 @@ def probe_pairs(edits) -> list[tuple[str, str]]:
 
 
 def throughput(lm, edits) -> None:
-    from probes.scorer import Scorer
+    from lifelong.scorer import Scorer
 
     pairs = probe_pairs(edits)
     scorer = Scorer(lm.model, lm.tokenizer)

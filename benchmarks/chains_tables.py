@@ -24,7 +24,7 @@ import torch
 from lifelong.models import load_model
 from lifelong.replay import replay
 from lifelong.run import RunConfig
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import EditStream, layout, read_dataset
 from streams.generators import chains_of
 

@@ -29,7 +29,7 @@ def main() -> None:
 
     from lifelong.editors import make_editor
     from lifelong.models import load_model
-    from probes.scorer import Scorer
+    from lifelong.scorer import Scorer
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

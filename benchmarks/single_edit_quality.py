@@ -24,7 +24,7 @@ import torch
 
 from lifelong.editors import make_editor
 from lifelong.models import load_model
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import load_stream
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,7 +22,7 @@ from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel
-from probes.scorer import answer_token_ids
+from lifelong.scorer import answer_token_ids
 from streams import Edit
 
 

@@ -21,14 +21,15 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from lifelong.bars import bar as progress_bar
+from lifelong.bars import showing as bars_showing
 from lifelong.delta import DeltaStore, KeepPolicy
 from lifelong.editors import Editor, make_editor
 from lifelong.machine import ComputeThreads, cpu_description, thread_policy
 from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
-from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, Scorer, make_probe
-from probes.bars import bar as progress_bar
-from probes.bars import showing as bars_showing
+from lifelong.scorer import Scorer
+from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes.base import chain_ends
 from streams import EditStream, load_stream
 from streams.errors import UserError
@@ -77,7 +78,7 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
 def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
     """Refuse, naming the edit, a prompt that with its answer is longer than the model's context
     (scored anyway it would fail, or be read past the positions the model was trained on)."""
-    from probes.scorer import answer_token_ids
+    from lifelong.scorer import answer_token_ids
 
     limit = context_length(lm.model)
     if limit is None:

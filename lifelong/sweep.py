@@ -624,7 +624,7 @@ def run_sweep(
     """Run every cell of ``spec`` not yet done into sweep directory ``out`` (see the module's docstring)."""
     from tqdm import tqdm
 
-    from probes.bars import bar as progress_bar
+    from lifelong.bars import bar as progress_bar
 
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")

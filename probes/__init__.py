@@ -1,16 +1,18 @@
-"""What is measured: the batched scorer, probes and suites, metrics (docs/METRICS.md).
+"""What is measured: probes and suites, metrics (docs/METRICS.md).
 
-``probes`` may import ``streams`` (the Edit type) but never ``lifelong``.
+``probes`` may import ``streams`` (the Edit type) and, of ``lifelong``, only the modules it shares
+with the editors, which import nothing else of ``lifelong``: the model interface
+(``lifelong.scorer``, ``lifelong.model_access``), option parsing (``lifelong.options``) and progress
+bars (``lifelong.bars``). ``tests/test_scorer.py`` checks both halves.
 """
 
+from lifelong.options import OptionError, parse_options, split_spec
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
 from probes.chains import ChainProbe
 from probes.downstream import DownstreamProbe
 from probes.edit_quality import EditQualityProbe, RetentionProbe
-from probes.options import OptionError, parse_options, split_spec
 from probes.perplexity import PerplexityProbe
 from probes.weight_drift import WeightDriftProbe
-from probes.scorer import Scorer, Scores
 from streams.errors import MissingFileError, UserError
 
 # The probe registry: every probe is listed here, and only here.
@@ -44,7 +46,6 @@ __all__ = [
     "PROBES",
     "ChainProbe",
     "EditQualityProbe",
-    "OptionError",
     "UnknownProbeError",
     "make_probe",
     "Probe",
@@ -53,6 +54,4 @@ __all__ = [
     "RetentionProbe",
     "Row",
     "Schedule",
-    "Scorer",
-    "Scores",
 ]

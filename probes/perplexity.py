@@ -22,11 +22,10 @@ from typing import cast
 import numpy as np
 import polars as pl
 
+from lifelong.scorer import Scorer
 from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO
 from streams.errors import MissingFileError, UserError
-from probes.model_access import token_nll  # noqa: F401  (re-exported: it lived here)
-from probes.scorer import Scorer
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
 WIKITEXT = "wikitext/wikitext-2-raw_test.txt"

@@ -25,10 +25,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# Greedy generation lives with the other model operations; probes call it through
-# ``Scorer.generate``, which applies the editor's prompt rewriter. Re-exported for callers.
-from probes.model_access import generate  # noqa: F401
-
 from streams.errors import MissingFileError, UserError
 
 TASK_DIR = Path(__file__).resolve().parent / "data" / "tasks"

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from lifelong.models import load_model
 from lifelong.replay import checkout, replay
 from lifelong.run import RunConfig
-from probes import ProbeContext, Schedule, Scorer, Scores, make_probe
+from lifelong.scorer import Scorer, Scores
+from probes import ProbeContext, Schedule, make_probe
 from probes import distortion as dm
 from probes.base import chain_ends
 from probes.chains import ChainProbe, ConflictPlan, RoundPlan, chain_plans

@@ -547,7 +547,7 @@ def test_a_step_of_several_edits_shows_its_own_progress_unless_quiet(capsys, mon
     """Inside a long step (a batch of edits, several probes due) a transient bar moves; --quiet's
     TQDM_DISABLE silences it even though it is set after tqdm was imported."""
     from lifelong.editors.base import each_edit
-    from probes.bars import bar
+    from lifelong.bars import bar
 
     list(each_edit(["a", "b", "c"], "z* fits"))
     assert "z* fits" in capsys.readouterr().err
@@ -645,7 +645,8 @@ def test_the_user_facing_errors_are_user_errors_and_still_value_errors():
     from lifelong.models import ModelLoadError
     from lifelong.run import RunDirError
     from lifelong.sweep import SpecError
-    from probes import OptionError, UnknownProbeError
+    from lifelong.options import OptionError
+    from probes import UnknownProbeError
     from probes.tasks import TaskDataError
     from streams import EditError, FactSetError, MissingFileError, StreamFormatError, UserError
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from lifelong.model_access import generate
 from lifelong.models import load_model
-from probes import OptionError, ProbeContext, Scorer, make_probe
-from probes.scorer import Scores
+from lifelong.options import OptionError
+from lifelong.scorer import Scorer, Scores
+from probes import ProbeContext, make_probe
 from probes.tasks import (
     BUILTIN_TASKS,
     DATA_TASKS,
@@ -24,7 +26,6 @@ from probes.tasks import (
     entity_counts,
     exact_match,
     f1_from_counts,
-    generate,
     last_number,
     load_task,
     normalize_answer,

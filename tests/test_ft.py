@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lifelong.editors import HyperparameterError, UnknownEditorError, make_editor
-from probes import Scorer
+from lifelong.scorer import Scorer
 from tests.conftest import TINY_FT, make_edits
 
 

@@ -15,8 +15,11 @@ from lifelong.models import load_model
 from lifelong.replay import replay
 from lifelong.run import RunConfig
 from lifelong.summary import summary_table
-from probes import OptionError, Scorer, make_probe
-from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences, token_nll
+from lifelong.model_access import token_nll
+from lifelong.options import OptionError
+from lifelong.scorer import Scorer
+from probes import make_probe
+from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences
 from tests.conftest import SHARED_DATA, TINY_FT
 
 TEXT = (

@@ -14,7 +14,7 @@ from lifelong.editors.grace import GRACEEditor, GRACEParams
 from lifelong.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 

@@ -8,7 +8,7 @@ import torch
 from lifelong.delta import DeltaStore
 from lifelong.editors import make_editor
 from lifelong.editors.kn import attribution, layer_attribution, parse_layers, select_neurons
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 
 FAST_KN = {"layers": "1-2", "ig_steps": "6"}
 PAPER_KN = {**FAST_KN, "rule": "paper", "prompts": "paraphrases"}  # the paper's rule and selection

@@ -11,7 +11,7 @@ from lifelong.editors import make_editor
 from lifelong.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, snapshot
 from tests.conftest import make_edits
 
@@ -132,7 +132,7 @@ def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     """The downstream probe's generation path asks the model through the scorer, so the memory's
     rewriter applies there too (it did not: generation read the model past the rewriter)."""
     from probes import ProbeContext, make_probe
-    from probes.model_access import generate
+    from lifelong.model_access import generate
     from probes.tasks import Generate
 
     e = make_edits(4)[3]

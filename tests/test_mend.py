@@ -30,7 +30,7 @@ from lifelong.editors.mend import (
 )
 from lifelong.editors.mend.network import _ids_mask, _mean_nll
 from lifelong.models import load_model
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import EditStream
 from tests.conftest import make_edits
 

@@ -114,7 +114,8 @@ def test_retention_probe_reports_superseded_edits():
     from dataclasses import replace
 
     from lifelong.models import load_model
-    from probes import ProbeContext, Scorer
+    from lifelong.scorer import Scorer
+    from probes import ProbeContext
     from probes.edit_quality import RetentionProbe, superseded_ids
     from tests.conftest import make_edits
 

@@ -8,8 +8,8 @@ import torch
 from lifelong.models import load_model
 from lifelong.replay import default_suite, replay
 from lifelong.run import RunConfig
-from probes import PROBES, OptionError, Probe, Row, UnknownProbeError, make_probe
-from probes.options import split_spec
+from lifelong.options import OptionError, split_spec
+from probes import PROBES, Probe, Row, UnknownProbeError, make_probe
 from tests.conftest import TINY_FT
 
 

@@ -72,7 +72,8 @@ def test_sampled_interval_covers_the_exact_fraction_at_about_its_rate():
 
 
 def _ctx(lm, history):
-    from probes import ProbeContext, Scorer
+    from lifelong.scorer import Scorer
+    from probes import ProbeContext
 
     return ProbeContext(
         step=len(history), timestamp=None, batch=history[-1], history=history, scorer=Scorer(lm.model, lm.tokenizer)

@@ -21,7 +21,7 @@ from lifelong.editors.wise import (
     ties_merge,
 )
 from lifelong.models import load_model
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 

@@ -14,8 +14,8 @@ import sys
 from collections import Counter
 
 from lifelong.models import load_model
+from lifelong.scorer import Scorer
 from probes.fact_check import check_fact_set
-from probes.scorer import Scorer
 from streams import load_fact_set
 
 

@@ -16,8 +16,8 @@ import torch
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, each_edit
 from lifelong.editors.hooks import Hooks, stop_before
+from lifelong.model_access import Codec
 from lifelong.models import LoadedModel
-from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 

@@ -17,7 +17,7 @@ import torch
 from lifelong.delta import Delta, ParamChange
 from lifelong.machine import choose_dtype
 from lifelong.models import LoadedModel
-from probes.options import check_range, parse_options
+from lifelong.options import check_range, parse_options
 from streams import Edit
 from streams.errors import UserError
 
@@ -32,7 +32,7 @@ def parse_overrides(params_cls: type, overrides: dict[str, str] | None, editor: 
 
 
 def validate_params(params, editor: str) -> None:
-    """Every setting's declared range (probes.options' tables: the same check ``--set`` gets, so
+    """Every setting's declared range (lifelong.options' tables: the same check ``--set`` gets, so
     Params built in Python are held to it too), then the Params class's own ``validate(editor)``."""
     if dataclasses.is_dataclass(params):
         for f in dataclasses.fields(params):
@@ -88,7 +88,7 @@ def each_edit(batch: Sequence[Edit], what: str) -> Sequence[Edit]:
     ``--quiet`` (TQDM_DISABLE) like every bar."""
     if len(batch) < 2:
         return batch
-    from probes.bars import bar
+    from lifelong.bars import bar
 
     return bar(batch, desc=f"  {what}", unit="edit", leave=False)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from probes.bars import bar as progress_bar
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from lifelong.bars import bar as progress_bar
 from lifelong.delta import atomic_save_tensors, load_tensors
 from lifelong.editors.locate import capture_keys
 from lifelong.models import LoadedModel, cache_root

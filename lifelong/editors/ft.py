@@ -17,7 +17,7 @@ import torch
 from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, Snapshot, resolve_layer
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import Edit
 
 

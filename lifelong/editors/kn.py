@@ -47,8 +47,8 @@ from lifelong.editors.base import Editor, Snapshot, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import capture_keys
+from lifelong.model_access import Codec
 from lifelong.models import LoadedModel
-from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 

@@ -21,8 +21,8 @@ from lifelong.editors.hooks import capture, first_input, stop_after
 from lifelong.editors.upper import UpperStack, compute_dtype, layer_output, suffix_pass_kwargs
 from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
 from lifelong.machine import check_dtype_setting
+from lifelong.model_access import Codec
 from lifelong.models import LoadedModel
-from probes.model_access import Codec
 from streams import Edit
 from streams.errors import UserError
 

@@ -13,7 +13,7 @@ from torch import nn
 from lifelong.editors.base import parse_layers
 from lifelong.editors.hooks import Hooks
 from lifelong.models import LoadedModel
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams.errors import UserError
 
 

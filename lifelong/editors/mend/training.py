@@ -29,7 +29,7 @@ from lifelong.editors.mend.network import (
     resolve_params,
 )
 from lifelong.models import LoadedModel, cache_root
-from probes.scorer import Scorer
+from lifelong.scorer import Scorer
 from streams import Edit
 from streams.errors import UserError
 
@@ -264,7 +264,7 @@ def train_hypernetwork(
     ``params`` None: every MLP projection. A checkpoint is written every ``config.checkpoint_every``
     steps, so a killed run resumes where it stopped; batches are drawn from (seed, step), so
     resuming gives the same result. The learning curve goes to ``curve.csv`` in the same directory."""
-    from probes.bars import bar as progress_bar
+    from lifelong.bars import bar as progress_bar
 
     kinds = resolve_params(params, lm.adapter)
     records = load_training_records(data, limit)

@@ -1,5 +1,7 @@
 """Typed options from strings: editor hyperparameters (``--set key=value``) and probe options
-(``--probe name:key=value,...``) are dataclasses filled from the command line's strings."""
+(``--probe name:key=value,...``) are dataclasses filled from the command line's strings.
+
+Shared by the editor base class and ``probes``; it imports nothing of ``lifelong`` or ``probes``."""
 
 from __future__ import annotations
 
