@@ -9,9 +9,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint kit-check setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/lifelong replay --stream builtin-chains --steps 60 --probe-every 5 --out runs/demo \
-		--probe perplexity:schedule=every:10,max_tokens=2048 --probe downstream:schedule=every:20,items=20 \
-		--probe chains
+	$(VENV)/bin/lifelong replay --stream builtin-chains --steps 20 --probe-every 5 --out runs/demo \
+		--probe perplexity:schedule=every:5,max_tokens=1024,max_sentences=32 \
+		--probe downstream:schedule=every:10,items=10 --probe chains
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

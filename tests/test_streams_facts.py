@@ -281,7 +281,7 @@ def test_packaged_builtin_facts():
 
 def test_builtin_chains_stream():
     """builtin-chains: the built-in facts with 6 round chains over facts with several true objects and
-    4 conflict chains (2 reverse, 2 composite) laid in, every chain complete by step 53."""
+    4 conflict chains (2 reverse, 2 composite) laid in, every chain complete by step 32."""
     from probes.base import chain_ends
     from probes.chains import chain_kinds
 
@@ -293,7 +293,10 @@ def test_builtin_chains_stream():
     steps = [tuple(b) for b in applied.steps()]
     kinds = chain_kinds(steps, tied)
     assert sorted(kinds.values()) == ["composite"] * 2 + ["reverse"] * 2 + ["round"] * 6
-    assert max(chain_ends(steps)) == 53 and len(chain_ends(steps)) == 10
+    assert max(chain_ends(steps)) == 32 and len(chain_ends(steps)) == 10
+    # The demo's 20 steps complete 3 round chains and 3 conflicts (2 reverse, 1 composite).
+    early = chain_kinds(steps[:20], tied)
+    assert sorted(early.values()) == ["composite", "reverse", "reverse", "round", "round", "round"]
     rounds = [e for e in s if e.chain is not None and e.chain.role == "round-out"]
     for e in rounds:  # Obj = candidates without the new object: the true objects, o first
         obj = [c for c in e.candidates if c != e.target_new]
@@ -313,6 +316,29 @@ def test_builtin_chains_stream():
     assert plain == [i for i in base if i in set(plain)] and len(base) - len(plain) == 6
     assert len(chained) == 6 * 2 + 2 * 2 + 2 * 3
     assert list(s) == list(streams.builtin_chains_stream())  # fixed seed: the same stream every time
+
+
+def test_make_demo_probes_every_dashboard_panel_and_completes_chains():
+    """`make demo`: perplexity, downstream and chain probes, and enough steps of builtin-chains for
+    round chains (the distortion panel) and conflicts to complete."""
+    import re
+    import shlex
+
+    from probes.chains import chain_kinds
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe is not None
+    args = shlex.split(recipe.group(1).replace("\\\n", " "))
+    assert args[args.index("--stream") + 1] == "builtin-chains"
+    probes = {args[i + 1].split(":", 1)[0] for i, a in enumerate(args) if a == "--probe"}
+    assert {"perplexity", "downstream", "chains"} <= probes
+    n = int(args[args.index("--steps") + 1])
+    s = load_stream("builtin-chains")
+    tied = [e for e in s if e.chain is not None and e.chain.role == "tied-fact"]
+    steps = [tuple(b) for b in EditStream([e for e in s if e not in tied]).steps()][:n]
+    kinds = list(chain_kinds(steps, tied).values())  # the chains complete within the n steps
+    assert {"round", "reverse", "composite"} <= set(kinds) and kinds.count("round") >= 2
 
 
 def test_builtin_stream_unchanged_by_builtin_chains():
