@@ -348,11 +348,22 @@ class RunDir:
         parts = [self.part_path(s) for s in range(done + 1)]
         return pl.concat([_read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
 
-    def consolidate(self) -> pl.DataFrame:
-        """Join the completed steps' parts into ``results.parquet`` and return the table."""
-        table = self.joined_parts()
-        atomic_write_parquet(table, self.results_path)
-        return table
+    def consolidate(self) -> None:
+        """Join the completed steps' parts into ``results.parquet``. Streamed from the part files
+        to the output: joining 10,000 parts in memory (1.3 M rows) left the process 250 MiB
+        larger for good (allocator retention); streaming costs ~40 MiB."""
+        done = self.completed_step()
+        self.check_parts(done)
+        parts = [self.part_path(s) for s in range(done + 1)]
+        tmp = temporary_path(self.results_path)
+        try:
+            pl.scan_parquet(parts, schema=RESULT_SCHEMA).sink_parquet(tmp)
+        except Exception:
+            tmp.unlink(missing_ok=True)
+            for part in parts:  # name the damaged part (the streamed error does not)
+                _read_parquet(part)
+            raise
+        publish(tmp, self.results_path)
 
     def results(self) -> pl.DataFrame:
         """The results table: ``results.parquet`` if current, else joined from the parts. Never

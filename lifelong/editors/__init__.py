@@ -12,6 +12,10 @@ from lifelong.names import EDITOR_CLASSES, installed_editors, is_class_path, unk
 from streams.errors import UserError
 
 
+class UnknownEditorError(UserError):
+    pass
+
+
 def _load(path: str) -> type[Editor]:
     module, _, cls = path.partition(":")
     try:
@@ -26,10 +30,6 @@ def _load(path: str) -> type[Editor]:
 EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_CLASSES.items()}
 """Every built-in editor by name (from :data:`lifelong.names.EDITOR_CLASSES`), plus any added by
 :func:`register_editor`; installed packages' editors join on first use (:func:`editor_class`)."""
-
-
-class UnknownEditorError(UserError):
-    pass
 
 
 def register_editor(cls: type[Editor], name: str | None = None) -> type[Editor]:
