@@ -177,31 +177,8 @@ def replay(
     ``exporters`` (:mod:`lifelong.export`) receive each step's rows as they are written (the caller closes them).
     """
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
-    with ComputeThreads(policy) as compute:
-        return _replay(
-            config,
-            out,
-            lm=lm,
-            editor=editor,
-            progress=progress,
-            stop_after=stop_after,
-            compute=compute,
-            exporters=exporters,
-        )
-
-
-def _replay(
-    config: RunConfig,
-    out: Path | str,
-    *,
-    lm: LoadedModel | None,
-    editor: Editor | None,
-    progress: bool,
-    stop_after: int | None,
-    compute: ComputeThreads,
-    exporters: Sequence = (),
-) -> ReplayResult:
-    with ExitStack() as held, bars_showing(progress):  # held: the run's writer lock, once inputs are validated
+    # held: the run's writer lock, taken once the inputs are validated, released on any exit
+    with ComputeThreads(policy) as compute, ExitStack() as held, bars_showing(progress):
         return _replay_locked(
             config,
             out,

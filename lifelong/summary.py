@@ -388,29 +388,21 @@ def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.Dat
     seeds ± a 95% t interval, n = seeds). ``labels`` name single runs (default: their editors)."""
     groups = configurations(runs)
     names = configuration_labels(runs, groups)
-    joined = None
-    for name, g in zip(names, groups):
-        if len(g) == 1:
-            table = _columns(summary_table(runs[g[0]]), labels[g[0]] if labels else name)
-        else:
-            table = _seed_table([summary_lines(runs[i]) for i in g], name)
-        joined = (
-            table
-            if joined is None
-            else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
-        )
-    if joined is None:
-        raise ValueError("no runs to put side by side")
-    return joined
+    tables = [
+        _columns(summary_table(runs[g[0]]), labels[g[0]] if labels else name)
+        if len(g) == 1
+        else _seed_table([summary_lines(runs[i]) for i in g], name)
+        for name, g in zip(names, groups)
+    ]
+    return _side_by_side(tables)
 
 
 def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str]) -> pl.DataFrame:
     """Configurations side by side (``groups`` of ``runs``, e.g. from :func:`configurations`, named by ``names``):
     measure, protocol, then value, n, low, high per configuration: the mean of each summary figure over its
     seeds ± a 95% t interval, n = seeds (a configuration of one seed: its value, n = 1, no interval)."""
-    joined = None
-    for name, g in zip(names, groups):
-        table = _seed_table([summary_lines(runs[i]) for i in g], name).select(
+    tables = [
+        _seed_table([summary_lines(runs[i]) for i in g], name).select(
             "measure",
             "protocol",
             pl.col(f"{name} seed mean").alias(name),
@@ -418,13 +410,18 @@ def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str
             pl.col(f"{name} seed low").alias(f"{name} low"),
             pl.col(f"{name} seed high").alias(f"{name} high"),
         )
-        joined = (
-            table
-            if joined is None
-            else joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
-        )
-    if joined is None:
+        for name, g in zip(names, groups)
+    ]
+    return _side_by_side(tables)
+
+
+def _side_by_side(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """Outer-join per-entry tables on (measure, protocol), keeping the first table's row order."""
+    if not tables:
         raise ValueError("no runs to put side by side")
+    joined = tables[0]
+    for table in tables[1:]:
+        joined = joined.join(table, on=["measure", "protocol"], how="full", coalesce=True, maintain_order="left")
     return joined
 
 
