@@ -22,7 +22,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .edit import UTC, ChainLink, Edit, to_utc
-from .facts import Fact, FactSet
+from .facts import Fact, FactSet, Relation
 from .stream import EditStream
 
 Chain = tuple[Edit, ...]
@@ -170,20 +170,25 @@ def reverse_chains(
         o2_new = pool[int(rng.integers(len(pool)))]
         cid = f"{prefix}-{f.id}"
         e1 = _edit(f, f"{cid}-e1", f.target_true, f.target_new, ChainLink(cid, "conflict-e1"))
-        e2 = Edit(
-            id=f"{cid}-e2",
-            timestamp=_EPOCH,
-            subject=f.target_new,
-            relation_id=r2.id,
-            prompt=r2.template,
-            target_new=o2_new,
-            target_true=f.subject,
-            paraphrases=tuple(p.replace("{}", f.target_new) for p in r2.paraphrases),
-            candidates=r2.candidates,
-            chain=ChainLink(cid, "conflict-e2"),
-        )
+        e2 = _second_edit(cid, f.target_new, r2, new=o2_new, old=f.subject)
         chains.append((e1, e2))
     return chains
+
+
+def _second_edit(cid: str, subject: str, relation: Relation, *, new: str, old: str) -> Edit:
+    """A conflict chain's e2: ``relation``(``subject``) from ``old`` to ``new``, on the relation's own prompts."""
+    return Edit(
+        id=f"{cid}-e2",
+        timestamp=_EPOCH,
+        subject=subject,
+        relation_id=relation.id,
+        prompt=relation.template,
+        target_new=new,
+        target_true=old,
+        paraphrases=tuple(p.replace("{}", subject) for p in relation.paraphrases),
+        candidates=relation.candidates,
+        chain=ChainLink(cid, "conflict-e2"),
+    )
 
 
 def composite_chains(
@@ -223,18 +228,7 @@ def composite_chains(
             cid = f"{prefix}-{tied.id}-{f1.id}"
             kf = _edit(tied, f"{cid}-tied", None, tied.target_true, ChainLink(cid, "tied-fact"))
             e1 = _edit(f1, f"{cid}-e1", f1.target_true, f1.target_new, ChainLink(cid, "conflict-e1"))
-            e2 = Edit(
-                id=f"{cid}-e2",
-                timestamp=_EPOCH,
-                subject=tied.subject,
-                relation_id=r2.id,
-                prompt=r2.template,
-                target_new=o2_new,
-                target_true=f1.target_new,
-                paraphrases=tuple(p.replace("{}", tied.subject) for p in r2.paraphrases),
-                candidates=r2.candidates,
-                chain=ChainLink(cid, "conflict-e2"),
-            )
+            e2 = _second_edit(cid, tied.subject, r2, new=o2_new, old=f1.target_new)
             chains.append((kf, e1, e2))
     return chains
 
