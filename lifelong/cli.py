@@ -162,19 +162,28 @@ def expand_sweeps(dirs: list[str]) -> list[str]:
 
 
 def cmd_show(args) -> int:
-    from lifelong.run import RunDir
     from lifelong.summary import format_summary, summary_json
     from lifelong.sweep import format_sweep, is_sweep_dir
 
     if is_sweep_dir(args.dir):
-        if args.json:
-            raise UserError(f"{args.dir} is a sweep: show --json takes one of its cells (DIR/cells/NAME)")
+        if args.json or args.step is not None:
+            raise UserError(f"{args.dir} is a sweep: show --json and --step take one of its cells (DIR/cells/NAME)")
         print(format_sweep(args.dir))
     elif args.json:
-        print(json.dumps(summary_json(RunDir(args.dir)), indent=1, default=str))
+        print(json.dumps(summary_json(_run_at(args.dir, args.step)), indent=1, default=str))
     else:
-        print(format_summary(RunDir(args.dir)))
+        print(format_summary(_run_at(args.dir, args.step)))
     return 0
+
+
+def _run_at(path, step: int | None):
+    """The run directory, or a read-only view of it as it stood after ``step`` (``--step``)."""
+    from lifelong.run import RunAsOf, RunDir
+
+    if step is None:
+        return RunDir(path)
+    RunDir(path).manifest()  # a one-line error for a directory that is not a run
+    return RunAsOf(path, step)
 
 
 def _writable(directory: Path) -> Path:
@@ -208,13 +217,12 @@ def cmd_plot(args) -> int:
 
 def cmd_compare(args) -> int:
     from lifelong.plots import plot_compare, run_labels
-    from lifelong.run import RunDir
     from lifelong.summary import compare_table, configuration_labels, configurations, format_table
 
     dirs = expand_sweeps(args.dirs)
     if len(dirs) < 2:
         raise UserError("compare needs at least two run directories (or a sweep directory with two done cells)")
-    runs = [RunDir(d) for d in dirs]
+    runs = [_run_at(d, args.step) for d in dirs]
     for run in runs:
         run.manifest()  # a one-line error for a directory that is not a run
         if run.completed_step() < 1:
@@ -523,6 +531,7 @@ def build_parser() -> _Parser:
         action="store_true",
         help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)",
     )
+    p.add_argument("--step", type=int, default=None, help="the run as it stood after this step (default: now)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(
@@ -539,6 +548,9 @@ def build_parser() -> _Parser:
         "dirs", nargs="+", metavar="DIR", help="run directories; a sweep directory stands for its done cells"
     )
     p.add_argument("--out", default="compare", help="where compare.png and compare.csv go (default: ./compare)")
+    p.add_argument(
+        "--step", type=int, default=None, help="every run as it stood after this step (runs of different lengths)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

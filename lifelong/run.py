@@ -377,6 +377,35 @@ class RunDir:
         return self.joined_parts()
 
 
+class RunAsOf(RunDir):
+    """A read-only view of a run as it stood after ``step``: its results, progress and timings up to
+    that step (``show --step``, ``compare --step``: runs of different lengths compared at one step).
+    Rows a run writes only at its last step are absent unless ``step`` is that step."""
+
+    def __init__(self, path: Path | str, step: int):
+        super().__init__(path)
+        done = RunDir(path).completed_step()
+        if step < 0 or step > done:
+            raise RunDirError(f"{self.path}: --step {step}: the run has completed steps 0..{done}")
+        self.step = step
+
+    def _progress_file(self) -> dict:
+        progress = super()._progress_file()
+
+        def keep(per_step: dict) -> dict:
+            return {k: v for k, v in per_step.items() if int(k) <= self.step}
+
+        return {
+            **progress,
+            "completed_step": self.step,
+            "timestamps": keep(progress["timestamps"]),
+            "seconds": keep(progress["seconds"]),
+        }
+
+    def results(self) -> pl.DataFrame:
+        return super().results().filter(pl.col("step") <= self.step)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

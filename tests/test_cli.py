@@ -691,3 +691,39 @@ def test_a_config_manifest_missing_a_key_is_one_line(capsys, tmp_path):
     manifest.write_text(json.dumps({"identity": {"editor": "ft", "stream": "builtin"}}))  # no model
     line = error_line(capsys, "replay", "--config", str(manifest), "--out", str(tmp_path / "x"))
     assert line == f"lifelong: error: config {manifest}: not a run manifest (KeyError: 'model')"
+
+
+def test_show_and_compare_at_a_step_match_the_run_as_it_stood_then(capsys, tmp_path, stream_file):
+    """`show --step K` of a finished run gives the summary the run had when it stopped after K
+    (a killed copy is the reference); `compare --step` sets runs of different lengths side by side."""
+    from lifelong.replay import replay
+    from lifelong.run import RunAsOf, RunConfig, RunDirError
+    from lifelong.summary import summary_table
+
+    cfg = RunConfig(model="tiny-llama", stream=str(stream_file), steps=4, probe_every=1, editor_overrides=dict(TINY_FT))
+    whole = replay(cfg, tmp_path / "whole", progress=False).run
+    stopped = replay(cfg, tmp_path / "stopped", progress=False, stop_after=2).run
+    assert stopped.completed_step() == 2
+
+    def figures(run):
+        table = summary_table(run).filter(~pl.col("measure").str.starts_with("seconds"))  # timings differ
+        return table.sort(["measure", "protocol"])
+
+    at_two = RunAsOf(whole.path, 2)
+    assert figures(at_two).equals(figures(stopped))
+    assert not figures(whole).equals(figures(stopped))  # the whole run has moved on: the view is needed
+    assert at_two.progress()["completed_step"] == 2 and set(at_two.progress()["seconds"]) == {"0", "1", "2"}
+
+    code, out, _ = run_cli(capsys, "show", str(whole.path), "--step", "2")
+    assert code == 0 and "steps 2/4" in out
+    code, out, err = run_cli(
+        capsys, "compare", str(whole.path), str(stopped.path), "--step", "2", "--out", str(tmp_path / "c")
+    )
+    assert code == 0, err
+    columns = pl.read_csv(tmp_path / "c" / "compare.csv").columns
+    assert len(columns) == 2 + 4 * 2
+
+    with pytest.raises(RunDirError, match="--step 3: the run has completed steps 0..2"):
+        RunAsOf(stopped.path, 3)
+    code, _, err = run_cli(capsys, "show", str(stopped.path), "--step", "9")
+    assert code == 2 and "--step 9" in err and len(err.strip().splitlines()) == 1
