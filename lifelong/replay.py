@@ -25,7 +25,7 @@ from lifelong.bars import bar as progress_bar
 from lifelong.bars import showing as bars_showing
 from lifelong.delta import DeltaStore, KeepPolicy
 from lifelong.editors import Editor, make_editor
-from lifelong.machine import ComputeThreads, cpu_description, thread_policy
+from lifelong.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
 from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
 from lifelong.scorer import Scorer
@@ -331,6 +331,7 @@ def _replay_locked(
             exporter.write(step, written)
         run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps))
         store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
+        release_free_memory()  # the step's freed tensors' pages go back to the OS: resident memory stays flat
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]
         if retained:
             bar.set_postfix(retained=f"{retained[0]:.2f}")
