@@ -158,7 +158,15 @@ def retention_matrix_figure(m, title: str):
     cells, row_spans = bin_rows(cells)
     rows_binned = len(row_spans) < len(m.steps)
     binned = len(spans) < len(m.edit_ids) or rows_binned
-    fig = new_figure(figsize=(max(7.0, 0.18 * len(spans) + 2), max(3.0, 0.25 * len(row_spans) + 1.5)))
+    columns_binned = len(spans) < len(m.edit_ids)
+    every = max(1, len(spans) // 30)
+    ticks = list(range(0, len(spans), every))
+    labels = [m.edit_ids[spans[j][0]] if not columns_binned else f"{spans[j][0] + 1}-{spans[j][1] + 1}" for j in ticks]
+    # Height: the rows (at least 1.5 in, so a few probed steps stay visible) plus the rotated edit ids
+    # under them (~0.06 in per character at 6 pt), which otherwise squeeze the rows to slivers.
+    label_height = 0.06 * max((len(label) for label in labels), default=0)
+    height = max(1.5, 0.25 * len(row_spans)) + label_height + 1.2
+    fig = new_figure(figsize=(max(7.0, 0.18 * len(spans) + 2), height))
     ax = fig.subplots()
     masked = np.ma.masked_invalid(cells)
     if binned:
@@ -186,10 +194,6 @@ def retention_matrix_figure(m, title: str):
     row_ticks = list(range(0, len(row_spans), every_row))
     first, last = ([m.steps[row_spans[j][k]] for j in row_ticks] for k in (0, 1))
     ax.set_yticks(row_ticks, [f"{a}" if not rows_binned else f"{a}-{b}" for a, b in zip(first, last)], fontsize=7)
-    columns_binned = len(spans) < len(m.edit_ids)
-    every = max(1, len(spans) // 30)
-    ticks = list(range(0, len(spans), every))
-    labels = [m.edit_ids[spans[j][0]] if not columns_binned else f"{spans[j][0] + 1}-{spans[j][1] + 1}" for j in ticks]
     ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
     ax.set_xlabel("edit id, in stream order" if not columns_binned else "edits (by position in the stream), binned")
     ax.set_ylabel("probed step" if not rows_binned else "probed steps, binned")
