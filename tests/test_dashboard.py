@@ -311,7 +311,6 @@ def test_retention_matrix_stays_readable_at_thousands_of_probes():
     assert height < 2500 and width < 2500
 
 
-
 def test_retention_matrix_rows_are_not_squeezed_by_long_edit_ids():
     """Four probed steps under 45-character edit ids (the demo's chain ids): the rotated ids took
     most of a 3-inch figure and left the rows a 0.6-inch sliver; the rows keep at least 1.5 in."""
@@ -333,6 +332,7 @@ def test_retention_matrix_rows_are_not_squeezed_by_long_edit_ids():
     fig.canvas.draw()
     (ax,) = fig.axes
     assert ax.get_window_extent().height / fig.dpi >= 1.5
+
 
 def test_figures_are_returned_without_touching_the_backend(two_runs):
     """The ``*_figure`` functions give matplotlib Figures (what a notebook displays inline) and leave the
