@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from lifelong.stats import Estimate, format_estimate, over_seeds  # noqa: E402
+from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 WIKITEXT = DATA / "wikitext" / "wikitext-2-raw_test.txt"
@@ -57,11 +57,15 @@ class Arm:
     overrides: dict[str, str] = field(default_factory=dict)
     probes: tuple[str, ...] = ()
     probe_every: int = 5  # retention schedule
-    batch: int | None = None  # edits per step (None: one)
+    batch: dict[str, int] | None = None  # edits per step by scale (None: one)
 
     def count(self, scale: str) -> int:
         """Items per seed at ``scale``; a scale of the form ``items=N`` gives every arm N (smoke tests)."""
         return int(scale.split("=", 1)[1]) if scale.startswith("items=") else self.items[scale]
+
+    def batch_at(self, scale: str) -> int | None:
+        """Edits per step at ``scale`` (smoke tests, ``items=N``: the quick scale's)."""
+        return None if self.batch is None else self.batch["quick" if scale.startswith("items=") else scale]
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Claim:
     figures: Callable[[dict[str, list[pl.DataFrame]]], list[tuple[str, Estimate, str]]]
     verdict: Callable[[dict[str, Estimate]], tuple[str, str]]  # figures by label -> (verdict, why)
     headline: tuple[str, ...] = ()  # the figures shown in the summary table (default: the first three)
+    max_seeds: dict[str, int] = field(default_factory=dict)  # by scale: fewer seeds where one run takes hours
     cite: str = ""  # the paper's figure, short, for the summary table (default: ``paper`` up to its first colon)
     note: str = ""
 
@@ -110,6 +115,32 @@ def retained_last(results: pl.DataFrame) -> float:
     from probes.metrics import retention_summary
 
     return retention_summary(results, "es").get("retained_fraction", math.nan)
+
+
+def retained_items(results: pl.DataFrame) -> np.ndarray:
+    """Per edit, whether it held (ES) at the last probed step; NaN where not measured (superseded)."""
+    from probes.metrics import retention_matrix
+
+    m = retention_matrix(results, "es")
+    return m.values[-1] if len(m.steps) else np.array([])
+
+
+def retained_estimate(runs: list[pl.DataFrame]) -> Estimate:
+    """The retained fraction at the last step: over seeds (t interval), or with one seed over its
+    edits (Wilson), so a run too long to repeat still carries an interval."""
+    return rate(retained_items(runs[0])) if len(runs) == 1 else per_seed(runs, retained_last)
+
+
+def retained_difference(a: list[pl.DataFrame], b: list[pl.DataFrame]) -> Estimate:
+    """a − b in retained fraction: paired by seed (t interval), or with one seed over the edits
+    (Newcombe's interval for two proportions; the same edits in both, so it is conservative)."""
+    if len(a) == 1 and len(b) == 1:
+        x, y = (v[~np.isnan(v)] for v in (retained_items(a[0]), retained_items(b[0])))
+        if not len(x) or not len(y):
+            return Estimate(math.nan, 0)
+        low, high = newcombe_difference(float(x.sum()), len(x), float(y.sum()), len(y))
+        return Estimate(float(x.mean() - y.mean()), min(len(x), len(y)), low, high, "newcombe")
+    return paired_difference([retained_last(r) for r in a], [retained_last(r) for r in b])
 
 
 def ppl_ratio(step: int | None = None) -> Callable[[pl.DataFrame], float]:
@@ -341,7 +372,13 @@ def _alpha_figures(runs):
                 f"{items_per_seed(runs[arm], own_step_values('edit_quality', 'efficacy', 'es'))} edits per seed",
             )
         )
-        out.append((f"{arm}: retained fraction at last step", per_seed(runs[arm], retained_last), ""))
+        out.append(
+            (
+                f"{arm}: retained fraction at last step",
+                retained_estimate(runs[arm]),
+                "one seed: interval over its edits" if len(runs[arm]) == 1 else "",
+            )
+        )
         out.append(
             (
                 f"{arm}: perplexity ratio at last step",
@@ -352,8 +389,8 @@ def _alpha_figures(runs):
     out.append(
         (
             "alphaedit − memit: retained fraction",
-            paired_difference([retained_last(r) for r in runs["alphaedit"]], [retained_last(r) for r in runs["memit"]]),
-            "paired by seed",
+            retained_difference(runs["alphaedit"], runs["memit"]),
+            "one seed: Newcombe interval over the edits" if len(runs["memit"]) == 1 else "paired by seed",
         )
     )
     out.append(
@@ -475,7 +512,8 @@ SEQ = {"quick": 20, "standard": 40}  # sequential edits per seed
 FEW = {"quick": 10, "standard": 20}
 CHAINS = {"quick": 8, "standard": 20}
 CONFLICTS = {"quick": 6, "standard": 15}
-BATCHED = {"quick": 30, "standard": 300}  # MEMIT/AlphaEdit edits per seed, in batches of 10
+BATCHED = {"quick": 30, "standard": 300}  # MEMIT/AlphaEdit edits per seed, in batches of BATCH
+BATCH = {"quick": 10, "standard": 100}  # standard: the AlphaEdit paper's batches of 100
 ADAPTOR = {"quick": 30, "standard": 100}
 
 # What each paper reports, from its own text (tables read as images only are not quoted).
@@ -579,8 +617,8 @@ CLAIMS = (
         "94.70/85.82/60.50, AlphaEdit 99.50/93.95/66.39; fluency LLaMA3 437.43 (MEMIT) vs 622.49 (AlphaEdit), "
         "635.23 unedited",
         (
-            Arm("memit", "memit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
-            Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=10),
+            Arm("memit", "memit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=BATCH),
+            Arm("alphaedit", "alphaedit", "counterfact", BATCHED, probes=(PPL,), probe_every=1, batch=BATCH),
         ),
         _alpha_figures,
         _alpha_verdict,
@@ -588,7 +626,11 @@ CLAIMS = (
             "AlphaEdit Table 1 (LLaMA3-8B, 2,000 edits): Eff. 65.65 (MEMIT) vs 98.90; fluency 437 vs 622 (635 unedited)"
         ),
         headline=("alphaedit − memit: retained fraction", "memit / alphaedit: perplexity ratio"),
-        note="batches of 10, not the paper's 100: a batch of 100 takes ~10 min per step on a 2-core CPU",
+        note=(
+            "standard scale: the paper's batches of 100, 300 edits (3 steps), one seed: one step of 100 edits "
+            "takes 23-28 min on one core, so a run takes over an hour; quick scale: batches of 10"
+        ),
+        max_seeds={"standard": 1},
     ),
     Claim(
         "corpus",
@@ -666,7 +708,7 @@ def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: 
         editor=arm.editor,
         editor_overrides=dict(arm.overrides),
         stream=str(path),
-        batch_size=arm.batch,
+        batch_size=arm.batch_at(scale),
         probe_every=arm.probe_every,
         seed=seed,
         probes=list(arm.probes),
@@ -680,7 +722,9 @@ def run_arm(lm, base: dict, arm: Arm, scale: str, seed: int, work: Path, model: 
 
 
 def run_dir(work: Path, scale: str, arm: Arm, seed: int) -> Path:
-    return work / scale / f"{arm.editor}-{arm.key}-{arm.source}{arm.count(scale)}-seed{seed}"
+    batch = arm.batch_at(scale)
+    name = f"{arm.editor}-{arm.key}-{arm.source}{arm.count(scale)}{f'-batch{batch}' if batch else ''}-seed{seed}"
+    return work / scale / name
 
 
 def stored_results(work: Path, scale: str, arm: Arm, seed: int) -> pl.DataFrame | None:
@@ -764,14 +808,15 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
             details.append(
                 f"- arm `{arm.key}`: editor `{arm.editor}`{f' ({opts})' if opts else ''}, "
                 f"{arm.count(args.scale)} {'chains' if arm.source in ('round', 'reverse', 'composite') else 'edits'} "
-                f"of {arm.source} per seed, batch {arm.batch or 1}, probes {', '.join(arm.probes) or 'default'}"
+                f"of {arm.source} per seed, batch {arm.batch_at(args.scale) or 1}, "
+                f"probes {', '.join(arm.probes) or 'default'}"
             )
         if claim.note:
             details.append(f"- note: {claim.note}")
         details += [
             "",
             f"Verdict: **{verdict}** ({why}). Compute so far: "
-            f"{run_minutes(args.work, args.scale, claim, seed_range(args)):.0f} min of edits and probes.",
+            f"{run_minutes(args.work, args.scale, claim, seed_range(args, claim)):.0f} min of edits and probes.",
             "",
         ]
         if figures:
@@ -780,8 +825,10 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
     return "\n".join(lines + details) + "\n", "\n".join(summary)
 
 
-def seed_range(args) -> range:
-    return range(args.first_seed, args.first_seed + args.seeds)
+def seed_range(args, claim: Claim | None = None) -> range:
+    """The seeds a claim runs: ``--seeds`` from ``--first-seed``, capped by the claim's ``max_seeds``."""
+    seeds = args.seeds if claim is None else min(args.seeds, claim.max_seeds.get(args.scale, args.seeds))
+    return range(args.first_seed, args.first_seed + seeds)
 
 
 ESTIMATE = re.compile(r"^(?P<mean>\S+) \[(?P<low>[^,\]]+), (?P<high>[^\]]+)\] n=(?P<n>\d+)$")
@@ -895,7 +942,7 @@ def main(argv: list[str] | None = None) -> None:
     for claim in claims:
         runs: dict[str, list[pl.DataFrame]] = {}
         for arm in claim.arms:
-            for seed in seed_range(args):
+            for seed in seed_range(args, claim):
                 stored = stored_results(args.work, args.scale, arm, seed)
                 if stored is None and not args.report_only:
                     if lm is None:
@@ -911,7 +958,7 @@ def main(argv: list[str] | None = None) -> None:
                         break
                 if stored is not None:
                     runs.setdefault(arm.key, []).append(stored)
-        results[claim.key] = claim_rows(claim, runs, args.seeds)
+        results[claim.key] = claim_rows(claim, runs, len(seed_range(args, claim)))
     device = "cpu" if lm is None else lm.device
     doc, table = render(claims, results, args, time.perf_counter() - t0, runtime_header(device))
     if args.compare_to is not None:

@@ -45,6 +45,35 @@ def test_combine_and_paired_difference():
     assert (d.low, d.high) == (pytest.approx(2 / 3 - half), pytest.approx(2 / 3 + half))
 
 
+def test_alphaedit_claim_runs_the_papers_batches_at_standard_scale_with_one_seed(monkeypatch, tmp_path):
+    """Standard scale: batches of 100 (the AlphaEdit paper's), one seed (a run takes over an hour),
+    and the retained-fraction figures then carry intervals over the edits instead of over seeds."""
+    import argparse
+
+    import numpy as np
+
+    from lifelong.stats import newcombe_difference, wilson
+
+    claim = next(c for c in R.CLAIMS if c.key == "alphaedit")
+    assert [a.batch_at("standard") for a in claim.arms] == [100, 100]
+    assert [a.batch_at("quick") for a in claim.arms] == [10, 10]
+    assert claim.arms[0].batch_at("items=4") == 10  # smoke tests run the quick scale's batches
+    args = argparse.Namespace(seeds=3, first_seed=5, scale="standard")
+    assert list(R.seed_range(args, claim)) == [5]
+    assert list(R.seed_range(argparse.Namespace(seeds=3, first_seed=5, scale="quick"), claim)) == [5, 6, 7]
+    assert R.run_dir(tmp_path, "standard", claim.arms[1], 0).name == "alphaedit-alphaedit-counterfact300-batch100-seed0"
+
+    held = {"a": np.array([1.0] * 280 + [0.0] * 20), "m": np.array([1.0] * 240 + [0.0] * 58 + [np.nan] * 2)}
+    monkeypatch.setattr(R, "retained_items", lambda frame: held[frame])
+    one = R.retained_estimate(["m"])
+    assert (one.value, one.n) == (pytest.approx(240 / 298), 298)
+    assert (one.low, one.high) == pytest.approx(wilson(240, 298))
+    d = R.retained_difference(["a"], ["m"])
+    assert d.value == pytest.approx(280 / 300 - 240 / 298)
+    assert (d.low, d.high) == pytest.approx(newcombe_difference(280, 300, 240, 298))
+    assert d.low > 0  # 0.93 against 0.81: the interval clears 0
+
+
 def test_documented_intervals_are_read_back_and_compared():
     doc = "\n".join(
         [
