@@ -14,7 +14,9 @@ the document from the runs already made (missing ones are reported as such, neve
     python benchmarks/reproduce.py --report-only        # the document from the finished runs
 
 The README's result table between ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` is
-rewritten from the same figures (``--readme ''`` leaves it alone).
+rewritten from the same figures when the document written is ``docs/REPRODUCTION.md`` (``--readme
+''`` leaves it alone; ``--out`` elsewhere, or ``--compare-to``, leaves it alone unless ``--readme``
+names it).
 """
 
 from __future__ import annotations
@@ -906,13 +908,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce", help="where the runs live (resumed)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
     ap.add_argument(
-        "--readme", default=None, help="README whose reproduce block is rewritten (default: the project's, '' for none)"
+        "--readme",
+        default=None,
+        help="README whose reproduce block is rewritten (default: the project's when --out is "
+        "docs/REPRODUCTION.md and there is no --compare-to; '' for none)",
     )
     ap.add_argument("--report-only", action="store_true", help="write the document from finished runs; run nothing")
     ap.add_argument("--threads", default=None)
     args = ap.parse_args(argv)
-    if args.readme is None:  # a rerun compared with the document must not overwrite the README's table
-        args.readme = "" if args.compare_to is not None else str(ROOT / "README.md")
+    if args.readme is None:  # only the project's own document rewrites the README's table (not a
+        # rerun compared with it, nor a partial run written elsewhere)
+        writes_project_doc = args.out.resolve() == (ROOT / "docs" / "REPRODUCTION.md").resolve()
+        args.readme = str(ROOT / "README.md") if writes_project_doc and args.compare_to is None else ""
     if args.scale not in ("quick", "standard") and not (
         args.scale.startswith("items=") and args.scale[6:].isdigit() and int(args.scale[6:]) > 0
     ):

@@ -180,6 +180,8 @@ def test_small_reproduction_end_to_end(tmp_path):
     assert project_readme.read_text() == before
     text = again.read_text()
     assert "--first-seed 2" in text and f"## Against {out}" in text
+    R.main(rerun + ["--first-seed", "2", "--report-only"])  # --out elsewhere: the README is not the target
+    assert project_readme.read_text() == before
     assert (tmp_path / "work" / "items=2").is_dir() and any(
         p.name.endswith("seed3") for p in (tmp_path / "work" / "items=2").iterdir()
     )
