@@ -180,10 +180,7 @@ def _run_at(path, step: int | None):
     """The run directory, or a read-only view of it as it stood after ``step`` (``--step``)."""
     from lifelong.run import RunAsOf, RunDir
 
-    if step is None:
-        return RunDir(path)
-    RunDir(path).manifest()  # a one-line error for a directory that is not a run
-    return RunAsOf(path, step)
+    return RunDir(path) if step is None else RunAsOf(path, step)
 
 
 def _writable(directory: Path) -> Path:
