@@ -904,6 +904,12 @@ def main(argv: list[str] | None = None) -> None:
         "(use with --out elsewhere; the README is then left alone unless --readme names it)",
     )
     ap.add_argument("--claims", default="all", help="comma-separated claim keys: " + ",".join(c.key for c in CLAIMS))
+    ap.add_argument(
+        "--arms",
+        default="",
+        help="comma-separated arm keys to run (the claims' other arms are only read, never run): "
+        "one claim's arms split across processes or machines sharing --work",
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce", help="where the runs live (resumed)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
@@ -940,6 +946,10 @@ def main(argv: list[str] | None = None) -> None:
     if not DATA.is_dir() and not args.report_only:
         ap.error(f"the data sets are not at {DATA}: the reproduction reads CounterFact, zsRE and Pitfalls from there")
     claims = [known[k] for k in wanted]
+    only_arms = {k.strip() for k in args.arms.split(",") if k.strip()}
+    unknown_arms = only_arms - {arm.key for claim in claims for arm in claim.arms}
+    if unknown_arms:
+        ap.error(f"--arms {', '.join(sorted(unknown_arms))}: no such arm in the chosen claims")
 
     from lifelong.machine import runtime_header
 
@@ -951,7 +961,8 @@ def main(argv: list[str] | None = None) -> None:
         for arm in claim.arms:
             for seed in seed_range(args, claim):
                 stored = stored_results(args.work, args.scale, arm, seed)
-                if stored is None and not args.report_only:
+                runnable = not only_arms or arm.key in only_arms
+                if stored is None and runnable and not args.report_only:
                     if lm is None:
                         from lifelong.models import load_model
 
