@@ -61,7 +61,11 @@ def test_alphaedit_claim_runs_the_papers_batches_at_standard_scale_with_one_seed
     args = argparse.Namespace(seeds=3, first_seed=5, scale="standard")
     assert list(R.seed_range(args, claim)) == [5]
     assert list(R.seed_range(argparse.Namespace(seeds=3, first_seed=5, scale="quick"), claim)) == [5, 6, 7]
-    assert R.run_dir(tmp_path, "standard", claim.arms[1], 0).name == "alphaedit-alphaedit-counterfact300-batch100-seed0"
+    assert R.run_dir(tmp_path, "standard", claim.arms[1], 0).name == (
+        "alphaedit-alphaedit-counterfact-easyedit1000-batch100-seed0"  # more edits than the ROME sample's 500
+    )
+    assert R.run_dir(tmp_path, "quick", claim.arms[1], 0).name == "alphaedit-alphaedit-counterfact30-batch10-seed0"
+    assert claim.arms[0].source_at("items=4") == "counterfact"  # smoke tests draw from the quick scale's set
 
     held = {"a": np.array([1.0] * 280 + [0.0] * 20), "m": np.array([1.0] * 240 + [0.0] * 58 + [np.nan] * 2)}
     monkeypatch.setattr(R, "retained_items", lambda frame: held[frame])
@@ -121,11 +125,13 @@ def test_scale_items_and_bad_arguments(capsys):
         ["--seeds", "0"],
         ["--first-seed", "-1"],
         ["--compare-to", "no/such.md"],
+        ["--claims", "alphaedit", "--arms", "rome"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             R.main(argv + ["--report-only"])
         assert exit_info.value.code == 2
-    assert "unknown claim" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown claim" in err and "--arms rome: no such arm" in err
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
@@ -188,3 +194,29 @@ def test_small_reproduction_end_to_end(tmp_path):
     summary = next(line for line in text.splitlines() if "fall inside the documented 95% intervals" in line)
     inside, total = (int(w) for w in summary.split()[0:3:2])
     assert total >= 3 and 0 <= inside <= total
+
+
+def test_arms_runs_only_the_named_arms(monkeypatch, tmp_path, capsys):
+    """--arms: the other arms of the claim are read if finished, never run (two processes can share
+    one claim's --work)."""
+    import types
+
+    import lifelong.models
+
+    ran = []
+
+    def fake_run_arm(lm, base, arm, scale, seed, work, model, threads):
+        ran.append(arm.key)
+        raise RuntimeError("not in this test")
+
+    fake_lm = types.SimpleNamespace(model=types.SimpleNamespace(named_parameters=lambda: []), device="cpu")
+    monkeypatch.setattr(lifelong.models, "load_model", lambda name: fake_lm)
+    monkeypatch.setattr(R, "run_arm", fake_run_arm)
+    monkeypatch.setattr(R, "DATA", tmp_path)
+    out = tmp_path / "doc.md"
+    R.main(
+        ["--claims", "alphaedit", "--arms", "alphaedit", "--scale", "quick", "--seeds", "1"]
+        + ["--work", str(tmp_path / "work"), "--out", str(out)]
+    )
+    assert ran == ["alphaedit"]
+    assert out.is_file() and "alphaedit seed 0: not run" in capsys.readouterr().err
