@@ -68,7 +68,7 @@ def test_alphaedit_claim_runs_the_papers_batches_at_standard_scale_with_one_seed
     assert claim.arms[0].source_at("items=4") == "counterfact"  # smoke tests draw from the quick scale's set
 
     held = {"a": np.array([1.0] * 280 + [0.0] * 20), "m": np.array([1.0] * 240 + [0.0] * 58 + [np.nan] * 2)}
-    monkeypatch.setattr(R, "retained_items", lambda frame: held[frame])
+    monkeypatch.setattr(R, "retained_items", lambda frame, protocol="es": held[frame])
     one = R.retained_estimate(["m"])
     assert (one.value, one.n) == (pytest.approx(240 / 298), 298)
     assert (one.low, one.high) == pytest.approx(wilson(240, 298))
