@@ -220,3 +220,5 @@ def test_arms_runs_only_the_named_arms(monkeypatch, tmp_path, capsys):
     )
     assert ran == ["alphaedit"]
     assert out.is_file() and "alphaedit seed 0: not run" in capsys.readouterr().err
+    # the document names the command that regenerates it, its claims and its file included
+    assert f"--scale quick --seeds 1 --claims alphaedit --out {out.resolve()}`" in out.read_text()
