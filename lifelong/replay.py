@@ -329,7 +329,7 @@ def _replay_locked(
         run.write_rows(step, written)
         for exporter in exporters:
             exporter.write(step, written)
-        run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps))
+        run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps), editor.step_report())
         store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
         release_free_memory()  # the step's freed tensors' pages go back to the OS: resident memory stays flat
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]

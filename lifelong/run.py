@@ -268,8 +268,9 @@ class RunDir:
 
     def progress(self) -> dict:
         """completed_step, total_steps, and per completed step its timestamp and timings (from
-        steps.jsonl; runs from before it kept them in progress.json itself)."""
-        progress = self._progress_file()
+        steps.jsonl; runs from before it kept them in progress.json itself) and the editor's report
+        on it (``editor``: step -> dict, for editors that give one)."""
+        progress = {**self._progress_file(), "editor": {}}
         done = progress["completed_step"]
         if self.step_log_path.is_file():
             lines = self.step_log_path.read_bytes().split(b"\n")
@@ -286,17 +287,20 @@ class RunDir:
                 if step <= done:  # a later line for the same step (a redone step) wins
                     progress["timestamps"][str(step)] = entry.get("timestamp")
                     progress["seconds"][str(step)] = entry.get("seconds") or {}
+                    if entry.get("editor"):
+                        progress["editor"][str(step)] = entry["editor"]
         return progress
 
     def completed_step(self) -> int:
         return self._progress_file()["completed_step"]
 
-    def mark_complete(self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int) -> None:
-        """Record ``step`` as complete: its line in steps.jsonl first, then progress.json (the commit)."""
-        append_line(
-            self.step_log_path,
-            json.dumps({"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}),
-        )
+    def mark_complete(
+        self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int, editor: dict | None = None
+    ) -> None:
+        """Record ``step`` as complete: its line in steps.jsonl first (with the editor's report on
+        the step, when it gives one), then progress.json (the commit)."""
+        line = {"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}
+        append_line(self.step_log_path, json.dumps({**line, **({"editor": editor} if editor else {})}))
         progress = self._progress_file()
         progress["completed_step"] = step
         progress["total_steps"] = total

@@ -207,6 +207,7 @@ def summary_lines(run: RunDir) -> list[Line]:
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})
+    lines += fit_lines(progress.get("editor", {}))
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
         lines += [
@@ -216,6 +217,25 @@ def summary_lines(run: RunDir) -> list[Line]:
             ),
         ]
     return lines
+
+
+def fit_lines(reports: dict[str, dict]) -> list[Line]:
+    """How the v*/z* fits of ROME, MEMIT and AlphaEdit ended, over the run's steps: the share that
+    met the stop rule (the rest ran to the step cap) and their mean final loss."""
+    fits = [r for r in reports.values() if r.get("v_fits")]
+    if not fits:
+        return []
+    total = sum(r["v_fits"] for r in fits)
+    stopped = sum(r["v_stopped"] for r in fits)
+
+    def mean(key: str) -> float:  # over fits, each step's mean weighted by its fits
+        return sum(r[key] * r["v_fits"] for r in fits) / total
+
+    return [
+        rate_line("v* fits that met the stop loss", "fit", np.array([1.0] * stopped + [0.0] * (total - stopped))),
+        plain_line("v* fits: mean final loss", "fit", mean("v_loss_mean"), total),
+        plain_line("v* fits: mean steps taken", "fit", mean("v_steps_mean"), total),
+    ]
 
 
 def lines_table(lines: list[Line]) -> pl.DataFrame:

@@ -237,3 +237,36 @@ def test_memit_z_is_scaled_by_the_layer_output(tiny):
     torch.testing.assert_close(fit.scale, h, atol=1e-5, rtol=1e-5)
     assert delta.norm().item() == pytest.approx(0.01 * h.norm().item(), rel=1e-5)  # the clamp binds
     assert fit.penalty == pytest.approx(0.5 * delta.norm().item() / h.norm().item() ** 2, rel=1e-5)
+
+
+def test_replay_records_how_the_z_fits_ended(tmp_path, stream_file):
+    """Each step's line in steps.jsonl carries the editor's report on its z* fits (how many met the
+    stop loss, steps and final loss), and `show` sums them over the run with an interval."""
+    import json
+
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from lifelong.summary import format_summary
+
+    config = RunConfig(
+        model="tiny-llama",
+        editor="memit",
+        editor_overrides=dict(FAST),
+        stream=str(stream_file),
+        steps=2,
+        batch_size=2,
+        probes=["edit_quality"],
+    )
+    result = replay(config, tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert "editor" not in lines[0]  # step 0 probes θ0 only
+    reports = [line["editor"] for line in lines[1:]]
+    assert [r["v_fits"] for r in reports] == [2, 2] and all(r["v_step_cap"] == 5 for r in reports)
+    for r in reports:
+        assert 0 <= r["v_stopped"] <= 2 and 1 <= r["v_steps_mean"] <= 5 and r["v_loss_mean"] <= r["v_loss_max"]
+        # a fit that did not meet the stop loss ran every step it was allowed
+        if r["v_stopped"] == 0:
+            assert r["v_steps_mean"] == 5 and r["v_loss_mean"] >= 0.05
+    assert result.run.progress()["editor"] == {"1": reports[0], "2": reports[1]}
+    text = format_summary(result.run)
+    assert "v* fits that met the stop loss" in text and "n=4" in text.split("v* fits that met the stop loss")[1][:80]

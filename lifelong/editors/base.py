@@ -185,6 +185,11 @@ class Editor(ABC):
         """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training
         records, for a trained editor); called by the replay after ``bind``. Default: any stream."""
 
+    def step_report(self) -> dict:
+        """Figures about the last ``apply`` (e.g. how its v* fits ended), written with the step's
+        line in ``steps.jsonl`` under ``editor``; {} (nothing written) by default."""
+        return {}
+
     def numerics(self, lm: LoadedModel) -> dict:
         """Each compute-precision setting (a ``*_dtype`` hyperparameter, e.g. ``v_dtype=auto``) as
         it resolves on ``lm``'s device, with the reason: recorded in run manifests."""

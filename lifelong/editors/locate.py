@@ -180,6 +180,43 @@ class ValueFit:
     scale: torch.Tensor | None = None  # the vector scaling the clamp and the norm term, float64
 
 
+class FitLog:
+    """The v*/z* fits of an editor's last step, summarised for the step's line in ``steps.jsonl``:
+    whether the fits met the stop rule or ran to their step cap shows how an edit came about
+    (and, across machines, whether a compute precision changed it)."""
+
+    def __init__(self):
+        self.fits: list[ValueFit] = []
+
+    def clear(self) -> None:
+        self.fits = []
+
+    def add(self, fit: ValueFit) -> ValueFit:
+        self.fits.append(fit)
+        return fit
+
+    def summary(self, params: "ValueParams") -> dict[str, float | int]:
+        """Counts and means over the step's fits ({} when there were none). ``v_stopped``: fits
+        whose loss named by ``stop_on`` fell below ``stop_loss``; the rest ran all ``v_steps``."""
+        if not self.fits:
+            return {}
+        on_total = params.stop_on == "total"
+        stopped = sum(1 for f in self.fits if (f.loss if on_total else f.nll) < params.stop_loss)
+
+        def mean(values: list[float]) -> float:
+            return float(f"{sum(values) / len(values):.4g}")
+
+        return {
+            "v_fits": len(self.fits),
+            "v_stopped": stopped,
+            "v_step_cap": params.v_steps,
+            "v_steps_mean": mean([float(f.steps) for f in self.fits]),
+            "v_loss_mean": mean([f.loss for f in self.fits]),
+            "v_loss_max": float(f"{max(f.loss for f in self.fits):.4g}"),
+            "v_nll_mean": mean([f.nll for f in self.fits]),
+        }
+
+
 def _residual(mod, args, out) -> torch.Tensor:
     """A :func:`~lifelong.editors.hooks.stop_after` pick: the residual stream leaving a layer."""
     return layer_output(out).detach().clone()

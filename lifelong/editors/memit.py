@@ -33,6 +33,7 @@ from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
     KEY_AVERAGES,
+    FitLog,
     UpperStacks,
     ValueParams,
     average_key,
@@ -115,6 +116,7 @@ class MEMITEditor(Editor):
         super().__init__(params)
         self._second_moments: dict[int, torch.Tensor] = {}
         self._stacks = UpperStacks()
+        self._fits = FitLog()
 
     def bind(self, lm: LoadedModel) -> "MEMITEditor":
         layers = parse_layers(self.params.layers, lm.num_layers, self.name)
@@ -163,7 +165,11 @@ class MEMITEditor(Editor):
         rows = torch.arange(len(edits), device=lm.device)
         return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
 
+    def step_report(self) -> dict:
+        return self._fits.summary(self.params)
+
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        self._fits.clear()
         if not batch:
             return Delta.empty()
         self.prepare(lm)
@@ -173,7 +179,7 @@ class MEMITEditor(Editor):
         templates = p.context_templates(self.name)
         deltas = []
         for edit in each_edit(batch, "z* fits"):  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = fit_value(lm, last, edit, p, self.name, self._stacks)
+            fit = self._fits.add(fit_value(lm, last, edit, p, self.name, self._stacks))
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 

@@ -23,7 +23,7 @@ import torch
 from lifelong.delta import Delta
 from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
-from lifelong.editors.locate import UpperStacks, ValueParams, fit_value, lowrank_change
+from lifelong.editors.locate import FitLog, UpperStacks, ValueParams, fit_value, lowrank_change
 from lifelong.models import LoadedModel
 from streams import Edit
 
@@ -47,6 +47,7 @@ class ROMEEditor(Editor):
         super().__init__(params)
         self._inverse_cache: dict[int, torch.Tensor] = {}
         self._stacks = UpperStacks()
+        self._fits = FitLog()
 
     def bind(self, lm: LoadedModel) -> "ROMEEditor":
         layer = resolve_layer(self.params.layer, lm, self.name)
@@ -75,7 +76,7 @@ class ROMEEditor(Editor):
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
         p = self.params
-        fit = fit_value(lm, p.layer, edit, p, self.name, self._stacks)
+        fit = self._fits.add(fit_value(lm, p.layer, edit, p, self.name, self._stacks))
         k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
         k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
         weight = lm.adapter.out_proj_weight_view(p.layer).double()
@@ -86,7 +87,11 @@ class ROMEEditor(Editor):
         right = u / (u @ k_x)
         return fit.value - current, right, k_x, fit.value
 
+    def step_report(self) -> dict:
+        return self._fits.summary(self.params)
+
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
+        self._fits.clear()
         if not batch:
             return Delta.empty()
         self.prepare(lm)
