@@ -8,6 +8,10 @@ object on the edit prompt: the ROME sample's records first, then the EasyEdit sp
 
     python benchmarks/single_edit_quality.py --editors rome,r-rome,ft --builtin 20 --counterfact 20
 
+ES carries its 95% Wilson interval; for ROME, r-ROME, MEMIT and AlphaEdit, "stop" is the share of
+v*/z* fits that met the stop loss (the rest ran to the step cap), which shows whether a compute
+precision (``--set v_dtype=float32`` against ``bfloat16``) changes how the fits end.
+
 Adaptor editors (GRACE, WISE, the in-context memory) get a fresh editor per edit and
 are scored through their prompt rewriter; their probe-time overhead is printed as the
 ratio of scoring time with the edit in place to scoring the same pairs on the base model.
@@ -25,6 +29,7 @@ import torch
 from lifelong.editors import make_editor
 from lifelong.models import load_model
 from lifelong.scorer import Scorer
+from lifelong.stats import wilson
 from streams import load_stream
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -89,14 +94,17 @@ def main() -> None:
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     counterfact = known_counterfact(scorer, args.counterfact)
     sets = {"builtin": list(load_stream("builtin"))[: args.builtin], **counterfact}
-    print(f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'PS':>7}{'NS':>7}{'s/edit':>8}{'probe x':>9}")
+    print(
+        f"{'editor':<11}{'set':<13}{'n':>4}{'ES':>7}{'ES 95% CI':>16}{'PS':>7}{'NS':>7}{'stop':>6}"
+        f"{'s/edit':>8}{'probe x':>9}"
+    )
     for name in args.editors.split(","):
         editor = make_editor(name, overrides).bind(lm)
-        pooled = []  # CounterFact rows of every source, for one line over all of them
+        pooled, pooled_stops = [], []  # CounterFact rows of every source, for one line over all of them
         for set_name, edits in sets.items():
             if not edits:
                 continue
-            rows, times, overhead = [], [], []
+            rows, times, overhead, stops = [], [], [], []
             for edit in edits:
                 with torch.no_grad():
                     for n, p in lm.model.named_parameters():
@@ -107,23 +115,31 @@ def main() -> None:
                 t0 = time.perf_counter()
                 editor.apply(lm, [edit])
                 times.append(time.perf_counter() - t0)
+                report = editor.step_report()
+                if report.get("v_fits"):
+                    stops.append(report["v_stopped"] / report["v_fits"])
                 edited = Scorer(lm.model, lm.tokenizer, rewrite=editor.prompt_rewriter(lm))
                 rows.append(quality(edited, edit))
                 if editor.adaptor:
                     overhead.append(probe_overhead(lm, editor, edited, edit))
             ratio = f"{np.mean(overhead):>9.2f}" if overhead else f"{'':>9}"
-            print(row_line(name, set_name, rows, f"{np.mean(times):>8.2f}{ratio}"), flush=True)
+            print(row_line(name, set_name, rows, stops, f"{np.mean(times):>8.2f}{ratio}"), flush=True)
             if set_name.startswith("cf-"):
                 pooled += rows
+                pooled_stops += stops
         if len(counterfact) > 1:
-            print(row_line(name, "cf-all", pooled, ""), flush=True)
+            print(row_line(name, "cf-all", pooled, pooled_stops, ""), flush=True)
         editor.release()
 
 
-def row_line(editor: str, set_name: str, rows: list, extra: str) -> str:
-    """One table line: mean ES / PS / NS over ``rows`` (NaN-skipping: a record may lack paraphrases)."""
+def row_line(editor: str, set_name: str, rows: list, stops: list, extra: str) -> str:
+    """One table line: mean ES (with its Wilson interval) / PS / NS over ``rows`` (NaN-skipping: a
+    record may lack paraphrases), and the share of v* fits that met the stop loss ('-': no fits)."""
     es, ps, ns = np.nanmean(np.array(rows), axis=0)
-    return f"{editor:<11}{set_name:<13}{len(rows):>4}{es:>7.2f}{ps:>7.2f}{ns:>7.2f}{extra}"
+    low, high = wilson(float(np.nansum(np.array(rows)[:, 0])), len(rows))
+    stop = f"{np.mean(stops):>6.2f}" if stops else f"{'-':>6}"
+    interval = f"[{low:.2f}, {high:.2f}]"
+    return f"{editor:<11}{set_name:<13}{len(rows):>4}{es:>7.2f}{interval:>16}{ps:>7.2f}{ns:>7.2f}{stop}{extra}"
 
 
 def probe_overhead(lm, editor, edited: Scorer, edit, repeats: int = 3) -> float:
