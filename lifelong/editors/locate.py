@@ -186,13 +186,13 @@ class FitLog:
     (and, across machines, whether a compute precision changed it)."""
 
     def __init__(self):
-        self.fits: list[ValueFit] = []
+        self.fits: list[tuple[int, float, float]] = []  # (steps, loss, nll): not the fits' tensors
 
     def clear(self) -> None:
         self.fits = []
 
     def add(self, fit: ValueFit) -> ValueFit:
-        self.fits.append(fit)
+        self.fits.append((fit.steps, fit.loss, fit.nll))
         return fit
 
     def summary(self, params: "ValueParams") -> dict[str, float | int]:
@@ -201,7 +201,7 @@ class FitLog:
         if not self.fits:
             return {}
         on_total = params.stop_on == "total"
-        stopped = sum(1 for f in self.fits if (f.loss if on_total else f.nll) < params.stop_loss)
+        stopped = sum(1 for _, loss, nll in self.fits if (loss if on_total else nll) < params.stop_loss)
 
         def mean(values: list[float]) -> float:
             return float(f"{sum(values) / len(values):.4g}")
@@ -210,10 +210,10 @@ class FitLog:
             "v_fits": len(self.fits),
             "v_stopped": stopped,
             "v_step_cap": params.v_steps,
-            "v_steps_mean": mean([float(f.steps) for f in self.fits]),
-            "v_loss_mean": mean([f.loss for f in self.fits]),
-            "v_loss_max": float(f"{max(f.loss for f in self.fits):.4g}"),
-            "v_nll_mean": mean([f.nll for f in self.fits]),
+            "v_steps_mean": mean([float(steps) for steps, _, _ in self.fits]),
+            "v_loss_mean": mean([loss for _, loss, _ in self.fits]),
+            "v_loss_max": float(f"{max(loss for _, loss, _ in self.fits):.4g}"),
+            "v_nll_mean": mean([nll for _, _, nll in self.fits]),
         }
 
 
