@@ -38,11 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate  # noqa: E402
+from lifelong.stats import (  # noqa: E402
+    Estimate,
+    format_estimate,
+    mover_difference,
+    newcombe_difference,
+    over_seeds,
+    rate,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 WIKITEXT = DATA / "wikitext" / "wikitext-2-raw_test.txt"
 PPL = "perplexity:max_tokens=2048"  # the perplexity probe on 2,048 tokens of its built-in corpus
+PPL_CHUNKS = 2048 // 128  # its chunks (the probe's 128 tokens each): the n of a one-seed ratio's interval
 
 
 # ----------------------------------------------------------------------------- what is run
@@ -155,8 +163,9 @@ def retained_difference(a: list[pl.DataFrame], b: list[pl.DataFrame], protocol: 
     return paired_difference([retained_last(r, protocol) for r in a], [retained_last(r, protocol) for r in b])
 
 
-def ppl_ratio(step: int | None = None) -> Callable[[pl.DataFrame], float]:
-    """Perplexity ratio to θ0 at ``step`` (None: the last step the probe ran)."""
+def ppl_ratio(step: int | None = None, metric: str = "ratio") -> Callable[[pl.DataFrame], float]:
+    """Perplexity ratio to θ0 at ``step`` (None: the last step the probe ran); ``metric`` ratio_low or
+    ratio_high: that step's interval over the corpus's chunks (NaN where the run has none)."""
 
     def measure(results: pl.DataFrame) -> float:
         rows = results.filter(
@@ -164,7 +173,17 @@ def ppl_ratio(step: int | None = None) -> Callable[[pl.DataFrame], float]:
         ).sort("step")
         if step is not None:
             rows = rows.filter(pl.col("step") <= step)
-        return float(rows["value"][-1]) if rows.height else math.nan
+        if not rows.height:
+            return math.nan
+        if metric == "ratio":
+            return float(rows["value"][-1])
+        at = results.filter(
+            (pl.col("probe") == "perplexity")
+            & (pl.col("metric") == metric)
+            & (pl.col("protocol") == "corpus")
+            & (pl.col("step") == rows["step"][-1])
+        )
+        return float(at["value"][0]) if at.height else math.nan
 
     return measure
 
@@ -242,12 +261,26 @@ def geometric(values: list[float]) -> Estimate:
 
 
 def ratio_per_seed(runs: list[pl.DataFrame], step: int | None = None) -> Estimate:
+    """The geometric mean over seeds; one seed: its ratio with the interval over the corpus's chunks."""
+    if len(runs) == 1:
+        value, low, high = (ppl_ratio(step, m)(runs[0]) for m in ("ratio", "ratio_low", "ratio_high"))
+        if not (math.isnan(low) or math.isnan(high)):
+            return Estimate(value, PPL_CHUNKS, low, high, "t over chunks")
     return geometric([ppl_ratio(step)(r) for r in runs])
 
 
-def paired_ratio(a: list[float], b: list[float]) -> Estimate:
-    """Geometric mean over seeds of a / b (same seed, same edits), t interval on the log scale."""
-    return geometric([x / y for x, y in zip(a, b) if x > 0 and y > 0])
+def paired_ratio(a: list[pl.DataFrame], b: list[pl.DataFrame], step: int | None = None) -> Estimate:
+    """a / b in perplexity ratio: the geometric mean over seeds of a / b (same seed, same edits), t
+    interval on the log scale. One seed: MOVER over the two runs' intervals on the log scale (both read
+    the same chunks, so their errors correlate and this interval errs wide)."""
+    ra, rb = [ppl_ratio(step)(r) for r in a], [ppl_ratio(step)(r) for r in b]
+    if len(a) == 1 and len(b) == 1:
+        ea, eb = ratio_per_seed(a, step), ratio_per_seed(b, step)
+        if ea.method and eb.method and ea.value > 0 and eb.value > 0:
+            logs = [math.log(x) for x in (ea.value, ea.low, ea.high, eb.value, eb.low, eb.high)]
+            low, high = mover_difference(*logs)
+            return Estimate(ea.value / eb.value, PPL_CHUNKS, math.exp(low), math.exp(high), "MOVER over chunks (log)")
+    return geometric([x / y for x, y in zip(ra, rb) if x > 0 and y > 0])
 
 
 def paired_difference(a: list[float], b: list[float]) -> Estimate:
@@ -305,10 +338,12 @@ def _rome_memit_figures(runs):
                 "share of earlier edits still preferred over the true object",
             )
         )
-    rome = [ppl_ratio()(r) for r in runs["rome"]]
-    memit = [ppl_ratio()(r) for r in runs["memit"]]
     out.append(
-        ("rome / memit: perplexity ratio at last step", paired_ratio(rome, memit), "paired by seed; geometric mean")
+        (
+            "rome / memit: perplexity ratio at last step",
+            paired_ratio(runs["rome"], runs["memit"]),
+            "paired by seed; geometric mean",
+        )
     )
     return out
 
@@ -396,7 +431,9 @@ def _alpha_figures(runs):
             (
                 f"{arm}: perplexity ratio at last step",
                 ratio_per_seed(runs[arm]),
-                "ratio to θ0; geometric mean over seeds",
+                "ratio to θ0; geometric mean over seeds"
+                if len(runs[arm]) > 1
+                else "one seed: interval over the corpus's chunks",
             )
         )
     for protocol, label in (("es", ""), ("exact", " (exact match; reported, not in the rule)")):
@@ -410,8 +447,8 @@ def _alpha_figures(runs):
     out.append(
         (
             "memit / alphaedit: perplexity ratio",
-            paired_ratio([ppl_ratio()(r) for r in runs["memit"]], [ppl_ratio()(r) for r in runs["alphaedit"]]),
-            "paired by seed; geometric mean",
+            paired_ratio(runs["memit"], runs["alphaedit"]),
+            "paired by seed; geometric mean" if len(runs["memit"]) > 1 else "one seed: MOVER over the corpus's chunks",
         )
     )
     return out
@@ -815,7 +852,10 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         "",
         "Every figure is the mean over seeds with its 95% t interval and n = seeds (perplexity ratios: the geometric "
         "mean, the interval taken on their logarithms, since a collapsed model's ratio spans orders of magnitude; "
-        "a claim run with one seed gives its rates over the edits instead, Wilson or Newcombe, n = edits); "
+        "a claim run with one seed gives its rates over the edits instead, Wilson or Newcombe, n = edits, and "
+        f"its perplexity ratios over the corpus's {PPL_CHUNKS} chunks of 128 tokens, a t interval, and MOVER for "
+        "a ratio of two runs: that interval says how much the figure depends on the text read, not on the "
+        "edits drawn); "
         "each seed is its own run on its "
         "own sample of edits drawn from the data set (CounterFact: the ROME sample of 500, or EasyEdit's "
         "10,000-record split where an arm needs more edits; zsRE: the KnowEdit test "

@@ -7,6 +7,9 @@
   always prints the same interval.
 - Means over seeds (one value per run of one configuration): Student t interval, n = seeds.
 - Difference of two rates measured on separate item samples: Newcombe's hybrid score interval.
+- A ratio of sums over clusters (a corpus's mean token NLL over its chunks): t interval of the
+  linearised ratio estimator, n = clusters; and the difference of two such figures from their
+  own intervals (MOVER, the rule behind Newcombe's).
 
 Which kind a set of values is gets decided from the values themselves: all in {0, 1} means Wilson.
 """
@@ -93,15 +96,41 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     return (mean - half, mean + half)
 
 
+def mover_difference(
+    a: float, a_low: float, a_high: float, b: float, b_low: float, b_high: float
+) -> tuple[float, float]:
+    """Interval of a − b from each estimate's own interval (MOVER: Zou & Donner 2008), for estimates
+    from independent samples; where both come from the same items and are positively correlated,
+    as two runs scored on one corpus, it errs wide."""
+    d = a - b
+    return (d - math.sqrt((a - a_low) ** 2 + (b_high - b) ** 2), d + math.sqrt((a_high - a) ** 2 + (b - b_low) ** 2))
+
+
 def newcombe_difference(k1: float, n1: int, k2: float, n2: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Newcombe's hybrid score interval (method 10) of k1/n1 − k2/n2 for two independent samples."""
+    """Newcombe's hybrid score interval (method 10) of k1/n1 − k2/n2 for two independent samples:
+    MOVER over the two Wilson intervals."""
     if n1 <= 0 or n2 <= 0:
         return (math.nan, math.nan)
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson(k1, n1, confidence)
-    l2, u2 = wilson(k2, n2, confidence)
-    d = p1 - p2
-    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+    return mover_difference(k1 / n1, *wilson(k1, n1, confidence), k2 / n2, *wilson(k2, n2, confidence))
+
+
+def ratio_interval(totals, counts, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Σ totals / Σ counts over n clusters (chunks of a corpus: each its summed token NLL and its token
+    count) with a t interval over the clusters, n − 1 degrees of freedom. The standard error is the
+    linearised ratio estimator's, sqrt(n/(n−1) Σ (t_c − r·c_c)²) / Σ c_c; with equal counts it is the
+    t interval of the clusters' means. NaN bounds for fewer than two clusters."""
+    from scipy.stats import t
+
+    x, c = np.asarray(totals, dtype=float), np.asarray(counts, dtype=float)
+    if not len(x) or c.sum() <= 0:
+        return (math.nan, math.nan, math.nan)
+    r = float(x.sum() / c.sum())
+    if len(x) < 2:
+        return (r, math.nan, math.nan)
+    n = len(x)
+    se = math.sqrt(n / (n - 1) * float(((x - r * c) ** 2).sum())) / float(c.sum())
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return (r, r - half, r + half)
 
 
 def is_binary(values) -> bool:

@@ -255,9 +255,21 @@ def _last(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> floa
     """The value at the last step the probe ran (NaN if never). A change against θ0 (ratio, diff) counts
     only steps after an edit: a run stopped before its first probed edit step has none yet."""
     rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
-    if metric in (mt.RATIO, mt.DIFF):
+    if metric in (mt.RATIO, mt.RATIO_LOW, mt.RATIO_HIGH, mt.DIFF):
         rows = rows.filter(pl.col("step") > 0)
     return float(rows.sort("step")["value"][-1]) if rows.height else float("nan")
+
+
+def _ratio_line(results: pl.DataFrame, reference: dict, protocol: str) -> Line:
+    """The perplexity ratio at the last step; the corpus variant with its interval over the corpus's
+    chunks (n = chunks) where the probe recorded one."""
+    measure = "perplexity ratio to θ0 at last step"
+    ratio = _last(results, mt.PERPLEXITY_PROBE, mt.RATIO, protocol)
+    low, high = (_last(results, mt.PERPLEXITY_PROBE, m, protocol) for m in (mt.RATIO_LOW, mt.RATIO_HIGH))
+    if math.isnan(ratio) or math.isnan(low) or math.isnan(high):
+        return plain_line(measure, protocol, ratio)
+    chunks = reference.get(mt.PERPLEXITY_PROBE, {}).get("chunks")
+    return Line(measure, protocol, Estimate(ratio, chunks, low, high, "t over chunks"))
 
 
 def _downstream_lines(down: pl.DataFrame, reference: dict) -> list[Line]:
@@ -305,9 +317,7 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
                         protocol,
                         _last(results.filter(pl.col("step") == 0), "perplexity", "perplexity", protocol),
                     ),
-                    plain_line(
-                        "perplexity ratio to θ0 at last step", protocol, _last(results, "perplexity", "ratio", protocol)
-                    ),
+                    _ratio_line(results, reference or {}, protocol),
                     plain_line(
                         f"perplexity collapse step (ratio >= {threshold:g})",
                         protocol,

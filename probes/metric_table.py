@@ -35,6 +35,7 @@ CONFLICT_SCORE_EXPLICIT, CONFLICT_SCORE_IMPLICIT = "conflict_score_explicit", "c
 CONFLICT_MAGNITUDE, TIED_FACT_DAMAGE = "conflict_magnitude", "tied_fact_damage"
 # perplexity, weight_drift, downstream (§5)
 PERPLEXITY, RATIO, OVER_THRESHOLD = "perplexity", "ratio", "over_threshold"
+RATIO_LOW, RATIO_HIGH = "ratio_low", "ratio_high"
 FROBENIUS, RELATIVE, TOUCHED = "frobenius", "relative", "touched"
 SCORE, DIFF, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, VALID = "score", "diff", "gold_logprob", "gold_logprob_diff", "valid"
 ROUGE1, ROUGE2, ROUGE_L = "rouge1", "rouge2", "rougeL"
@@ -94,6 +95,8 @@ METRICS: dict[tuple[str, str], Metric] = _table(
     # exp of a mean token NLL, which is >= 0
     Metric(PERPLEXITY_PROBE, PERPLEXITY, 1, INF, "reference-corpus perplexity (corpus, sentence_mean)"),
     Metric(PERPLEXITY_PROBE, RATIO, 0, INF, "perplexity / perplexity at θ0"),
+    Metric(PERPLEXITY_PROBE, RATIO_LOW, 0, INF, "corpus: the ratio's 95% interval over the corpus's chunks, low end"),
+    Metric(PERPLEXITY_PROBE, RATIO_HIGH, 0, INF, "corpus: the ratio's 95% interval over the corpus's chunks, high end"),
     Metric(PERPLEXITY_PROBE, OVER_THRESHOLD, 0, 1, "ratio at or above the collapse threshold, 0 or 1"),
     Metric(WEIGHT_DRIFT, FROBENIUS, 0, INF, "‖W_t − W_0‖_F per scope parameter and in total"),
     Metric(WEIGHT_DRIFT, RELATIVE, 0, INF, "‖W_t − W_0‖_F / ‖W_0‖_F per scope parameter", nan=True),

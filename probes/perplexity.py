@@ -2,7 +2,10 @@
 
 Two named variants (protocols):
 - ``corpus``: exp of the mean token NLL over the corpus cut into fixed chunks of
-  ``chunk_tokens`` tokens (each chunk read from a BOS token), the same chunks every step;
+  ``chunk_tokens`` tokens (each chunk read from a BOS token), the same chunks every step. Its
+  ratio to θ0 carries a 95% interval over the chunks (``ratio_low``, ``ratio_high``: a t interval
+  of the mean token-NLL change, chunks as clusters): how much the figure depends on which text
+  was read, for the edits this run made (it says nothing about other seeds' edits);
 - ``sentence_mean``: the mean over sentences of each sentence's own perplexity, every
   sentence read alone from a BOS token (the per-sentence variant of Yang et al. 2024).
 
@@ -24,7 +27,8 @@ import polars as pl
 
 from lifelong.scorer import Scorer
 from probes.base import Probe, ProbeContext, Row
-from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO
+from lifelong.stats import ratio_interval
+from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO, RATIO_HIGH, RATIO_LOW
 from streams.errors import MissingFileError, UserError
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
@@ -114,13 +118,17 @@ class PerplexityProbe(Probe):
 
     def perplexities(self, scorer: Scorer) -> dict[str, float]:
         """Both variants on the model behind ``scorer`` (its rolling NLL: no prompt rewriting)."""
+        return self.score(scorer)[0]
+
+    def score(self, scorer: Scorer) -> tuple[dict[str, float], list[float]]:
+        """:meth:`perplexities` and each corpus chunk's summed token NLL (for the ratio's interval)."""
         chunks, sentences = self.rows_for(scorer.codec.tokenizer)
         total, count = scorer.rolling_nll(chunks + sentences)
         n = len(chunks)
         out = {"corpus": float(np.exp(total[:n].sum() / count[:n].sum()))}
         if len(sentences):
             out["sentence_mean"] = float(np.mean(np.exp(total[n:] / np.maximum(count[n:], 1))))
-        return out
+        return out, [float(x) for x in total[:n]]
 
     def _rows(self, values: dict[str, float], base: dict[str, float]) -> list[Row]:
         rows = []
@@ -133,8 +141,22 @@ class PerplexityProbe(Probe):
             ]
         return rows
 
+    def _interval_rows(self, chunk_nll: list[float], base_nll: list[float] | None, tokenizer) -> list[Row]:
+        """The corpus ratio's interval over chunks: the change in each chunk's summed NLL against θ0's,
+        over its token count. No rows for a run begun before θ0's chunks were recorded."""
+        if not base_nll or len(base_nll) != len(chunk_nll):
+            return []
+        counts = [len(c) - 1 for c in self.rows_for(tokenizer)[0]]
+        _, low, high = ratio_interval(np.subtract(chunk_nll, base_nll), counts)
+        if np.isnan(low):
+            return []
+        return [
+            Row(self.name, RATIO_LOW, "corpus", float(np.exp(low))),
+            Row(self.name, RATIO_HIGH, "corpus", float(np.exp(high))),
+        ]
+
     def prepare(self, ctx: ProbeContext):
-        values = self.perplexities(ctx.scorer)
+        values, chunk_nll = self.score(ctx.scorer)
         chunks, sentences = self.rows_for(ctx.scorer.codec.tokenizer)
         reference = {
             **values,
@@ -143,12 +165,17 @@ class PerplexityProbe(Probe):
             "sentences": len(sentences),
             "tokens": int(sum(len(c) - 1 for c in chunks)),
             "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16],
+            "chunk_nll": chunk_nll,  # θ0's summed NLL per chunk: the ratio's interval pairs each step's with these
         }
-        return reference, self._rows(values, values)
+        rows = self._rows(values, values) + self._interval_rows(chunk_nll, chunk_nll, ctx.scorer.codec.tokenizer)
+        return reference, rows
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
-        values = self.perplexities(ctx.scorer)
-        return self._rows(values, ctx.reference)
+        values, chunk_nll = self.score(ctx.scorer)
+        base = {p: ctx.reference[p] for p in values}
+        return self._rows(values, base) + self._interval_rows(
+            chunk_nll, ctx.reference.get("chunk_nll"), ctx.scorer.codec.tokenizer
+        )
 
 
 def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None:

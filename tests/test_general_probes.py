@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
+from scipy.stats import t as student_t
 
 from lifelong.delta import Delta, ParamChange
 from lifelong.editors.base import Editor
@@ -198,6 +201,28 @@ def test_scrambled_layer_crosses_the_threshold_and_collapse_step_is_reported(tra
     table = {(m, p): v for m, p, v in summary_table(result.run).select("measure", "protocol", "value").iter_rows()}
     assert table[("perplexity collapse step (ratio >= 2)", "corpus")] == 3
     assert table[("perplexity ratio to θ0 at last step", "corpus")] == pytest.approx(ratio["value"][-1])
+
+    # The corpus ratio's interval over chunks, recomputed by hand from θ0's and the last step's chunks.
+    bounds = {
+        m: rows.filter((pl.col("metric") == m) & (pl.col("protocol") == "corpus")).sort("step")["value"].to_list()
+        for m in ("ratio_low", "ratio_high")
+    }
+    assert bounds["ratio_low"][0] == bounds["ratio_high"][0] == 1.0  # θ0 against itself
+    assert all(lo <= r <= hi for lo, r, hi in zip(bounds["ratio_low"], ratio["value"], bounds["ratio_high"]))
+    probe = make_probe(f"perplexity:chunk_tokens=64,corpus={text_file}")
+    chunks = probe.rows_for(lm.tokenizer)[0]
+    theta0 = result.run.load_reference()["perplexity"]["chunk_nll"]
+    now, _ = token_nll(lm.model, chunks, pad_id=0)
+    d, c = np.subtract(now, theta0), np.array([len(x) - 1 for x in chunks])  # per chunk: NLL change, tokens
+    r = d.sum() / c.sum()
+    half = student_t.ppf(0.975, len(c) - 1) * math.sqrt(len(c) / (len(c) - 1) * ((d - r * c) ** 2).sum()) / c.sum()
+    assert math.exp(r) == pytest.approx(ratio["value"][-1], rel=1e-4)
+    assert bounds["ratio_low"][-1] == pytest.approx(math.exp(r - half), rel=1e-4)
+    assert bounds["ratio_high"][-1] == pytest.approx(math.exp(r + half), rel=1e-4)
+    line = summary_table(result.run).filter(
+        (pl.col("measure") == "perplexity ratio to θ0 at last step") & (pl.col("protocol") == "corpus")
+    )
+    assert line["n"][0] == len(chunks) and line["low"][0] == pytest.approx(bounds["ratio_low"][-1])
 
     drift = results.filter(pl.col("probe") == "weight_drift")
     touched = drift.filter((pl.col("metric") == "touched") & (pl.col("protocol") == "total")).sort("step")

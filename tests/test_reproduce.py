@@ -135,6 +135,34 @@ def test_scale_items_and_bad_arguments(capsys):
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_one_seed_perplexity_ratios_carry_the_interval_over_chunks():
+    """One seed: an arm's ratio with the probe's interval over the corpus's chunks, and a ratio of two
+    arms by MOVER on the log scale, by hand."""
+    import polars as pl
+
+    def run(ratio, low, high):
+        rows = [(0, "ratio", 1.0), (0, "ratio_low", 1.0), (0, "ratio_high", 1.0)]
+        rows += [(10, "ratio", ratio), (10, "ratio_low", low), (10, "ratio_high", high)]
+        return pl.DataFrame(
+            [{"probe": "perplexity", "protocol": "corpus", "step": s, "metric": m, "value": v} for s, m, v in rows]
+        )
+
+    memit, alpha = run(1.9, 1.7, 2.2), run(1.6, 1.5, 1.75)
+    e = R.ratio_per_seed([memit])
+    assert (e.value, e.low, e.high, e.n) == (1.9, 1.7, 2.2, R.PPL_CHUNKS)
+    d = R.paired_ratio([memit], [alpha])
+    lm, la = math.log(1.9 / 1.6), math.hypot(math.log(1.9 / 1.7), math.log(1.75 / 1.6))
+    hm = math.hypot(math.log(2.2 / 1.9), math.log(1.6 / 1.5))
+    assert d.value == pytest.approx(1.9 / 1.6)
+    assert (d.low, d.high) == (pytest.approx(math.exp(lm - la)), pytest.approx(math.exp(lm + hm)))
+    assert R.above(d, 1.0) == "yes"  # 1.19 [1.03, 1.39]: above 1
+    # A run from before the probe recorded intervals: the ratio alone, no interval.
+    old = memit.filter(pl.col("metric") == "ratio")
+    assert R.ratio_per_seed([old]).low is None and R.paired_ratio([old], [alpha]).low is None
+    # Several seeds: the geometric mean over seeds as before.
+    assert R.ratio_per_seed([memit, alpha]).value == pytest.approx(math.sqrt(1.9 * 1.6))
+
+
 def test_small_reproduction_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- reproduce:begin -->\nSTALE TABLE\n<!-- reproduce:end -->\nrest\n")

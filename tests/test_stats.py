@@ -10,9 +10,11 @@ from lifelong.stats import (
     bootstrap_mean,
     format_estimate,
     is_binary,
+    mover_difference,
     newcombe_difference,
     over_seeds,
     rate,
+    ratio_interval,
     t_interval,
     wilson,
 )
@@ -61,6 +63,25 @@ def test_newcombe_difference_hand_worked():
     # Newcombe (1998) example: 56/70 − 48/80 = 0.2, hybrid score interval [0.0524, 0.3339]
     low, high = newcombe_difference(56, 70, 48, 80)
     assert low == pytest.approx(0.0524, abs=5e-4) and high == pytest.approx(0.3339, abs=5e-4)
+
+
+def test_mover_difference_hand_worked():
+    # 0.5 [0.4, 0.7] − 0.2 [0.1, 0.25]: low 0.3 − sqrt(0.1² + 0.05²), high 0.3 + sqrt(0.2² + 0.1²)
+    low, high = mover_difference(0.5, 0.4, 0.7, 0.2, 0.1, 0.25)
+    assert low == pytest.approx(0.3 - math.sqrt(0.0125)) and high == pytest.approx(0.3 + math.sqrt(0.05))
+
+
+def test_ratio_interval_hand_worked():
+    # Equal counts: the t interval of the clusters' means. Means 1, 2, 3 over 10 tokens each.
+    r, low, high = ratio_interval([10.0, 20.0, 30.0], [10, 10, 10])
+    assert r == pytest.approx(2.0)
+    assert (low, high) == pytest.approx(t_interval([1.0, 2.0, 3.0]))
+    # Unequal counts: r = 12 / 5 = 2.4; residuals t − r·c = 2 − 2.4, 10 − 9.6 = −0.4, 0.4;
+    # se = sqrt(2/1 · 0.32) / 5 = 0.16; t(0.975, 1) = 12.706.
+    r, low, high = ratio_interval([2.0, 10.0], [1, 4])
+    assert r == pytest.approx(2.4)
+    assert (low, high) == pytest.approx((2.4 - 12.706 * 0.16, 2.4 + 12.706 * 0.16), abs=1e-3)
+    assert math.isnan(ratio_interval([3.0], [2])[1]) and ratio_interval([3.0], [2])[0] == 1.5
 
 
 def test_format_estimate():
