@@ -41,10 +41,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from lifelong.stats import (  # noqa: E402
     Estimate,
     format_estimate,
-    mover_difference,
     newcombe_difference,
     over_seeds,
     rate,
+    ratio_interval,
 )
 
 DATA = ROOT.parent / "shared" / "data"
@@ -269,17 +269,34 @@ def ratio_per_seed(runs: list[pl.DataFrame], step: int | None = None) -> Estimat
     return geometric([ppl_ratio(step)(r) for r in runs])
 
 
+def chunk_nll(results: pl.DataFrame, step: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(each corpus chunk's summed NLL at ``step`` — None: the last step probed —, its tokens), in chunk
+    order; None for a run from before the probe recorded chunks."""
+    rows = results.filter((pl.col("probe") == "perplexity") & (pl.col("protocol") == "corpus"))
+    nll = rows.filter((pl.col("metric") == "chunk_nll") & (pl.col("step") > 0))
+    if step is not None:
+        nll = nll.filter(pl.col("step") <= step)
+    tokens = rows.filter(pl.col("metric") == "chunk_tokens")
+    if not nll.height or not tokens.height:
+        return None
+    at = nll.filter(pl.col("step") == nll["step"].max())
+    order = lambda frame: frame.sort(pl.col("edit_id").str.split(":").list.get(1).cast(pl.Int64))  # noqa: E731
+    return order(at)["value"].to_numpy(), order(tokens)["value"].to_numpy()
+
+
 def paired_ratio(a: list[pl.DataFrame], b: list[pl.DataFrame], step: int | None = None) -> Estimate:
     """a / b in perplexity ratio: the geometric mean over seeds of a / b (same seed, same edits), t
-    interval on the log scale. One seed: MOVER over the two runs' intervals on the log scale (both read
-    the same chunks, so their errors correlate and this interval errs wide)."""
+    interval on the log scale. One seed each: paired over the corpus's chunks (both runs read the same
+    chunks, from the same θ0), the t interval of the linearised ratio of their NLL differences."""
     ra, rb = [ppl_ratio(step)(r) for r in a], [ppl_ratio(step)(r) for r in b]
     if len(a) == 1 and len(b) == 1:
-        ea, eb = ratio_per_seed(a, step), ratio_per_seed(b, step)
-        if ea.method and eb.method and ea.value > 0 and eb.value > 0:
-            logs = [math.log(x) for x in (ea.value, ea.low, ea.high, eb.value, eb.low, eb.high)]
-            low, high = mover_difference(*logs)
-            return Estimate(ea.value / eb.value, PPL_CHUNKS, math.exp(low), math.exp(high), "MOVER over chunks (log)")
+        ca, cb = chunk_nll(a[0], step), chunk_nll(b[0], step)
+        if ca is not None and cb is not None and len(ca[0]) == len(cb[0]):
+            log_ratio, low, high = ratio_interval(ca[0] - cb[0], ca[1])
+            if not math.isnan(low):
+                return Estimate(
+                    math.exp(log_ratio), len(ca[0]), math.exp(low), math.exp(high), "t over chunks (paired)"
+                )
     return geometric([x / y for x, y in zip(ra, rb) if x > 0 and y > 0])
 
 
@@ -448,7 +465,7 @@ def _alpha_figures(runs):
         (
             "memit / alphaedit: perplexity ratio",
             paired_ratio(runs["memit"], runs["alphaedit"]),
-            "paired by seed; geometric mean" if len(runs["memit"]) > 1 else "one seed: MOVER over the corpus's chunks",
+            "paired by seed; geometric mean" if len(runs["memit"]) > 1 else "one seed: paired over the corpus's chunks",
         )
     )
     return out
@@ -853,8 +870,8 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         "Every figure is the mean over seeds with its 95% t interval and n = seeds (perplexity ratios: the geometric "
         "mean, the interval taken on their logarithms, since a collapsed model's ratio spans orders of magnitude; "
         "a claim run with one seed gives its rates over the edits instead, Wilson or Newcombe, n = edits, and "
-        f"its perplexity ratios over the corpus's {PPL_CHUNKS} chunks of 128 tokens, a t interval, and MOVER for "
-        "a ratio of two runs: that interval says how much the figure depends on the text read, not on the "
+        f"its perplexity ratios a t interval over the corpus's {PPL_CHUNKS} chunks of 128 tokens, paired by chunk "
+        "for a ratio of two runs: that interval says how much the figure depends on the text read, not on the "
         "edits drawn); "
         "each seed is its own run on its "
         "own sample of edits drawn from the data set (CounterFact: the ROME sample of 500, or EasyEdit's "

@@ -36,6 +36,7 @@ CONFLICT_MAGNITUDE, TIED_FACT_DAMAGE = "conflict_magnitude", "tied_fact_damage"
 # perplexity, weight_drift, downstream (§5)
 PERPLEXITY, RATIO, OVER_THRESHOLD = "perplexity", "ratio", "over_threshold"
 RATIO_LOW, RATIO_HIGH = "ratio_low", "ratio_high"
+CHUNK_NLL, CHUNK_TOKENS = "chunk_nll", "chunk_tokens"
 FROBENIUS, RELATIVE, TOUCHED = "frobenius", "relative", "touched"
 SCORE, DIFF, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, VALID = "score", "diff", "gold_logprob", "gold_logprob_diff", "valid"
 ROUGE1, ROUGE2, ROUGE_L = "rouge1", "rouge2", "rougeL"
@@ -97,6 +98,10 @@ METRICS: dict[tuple[str, str], Metric] = _table(
     Metric(PERPLEXITY_PROBE, RATIO, 0, INF, "perplexity / perplexity at θ0"),
     Metric(PERPLEXITY_PROBE, RATIO_LOW, 0, INF, "corpus: the ratio's 95% interval over the corpus's chunks, low end"),
     Metric(PERPLEXITY_PROBE, RATIO_HIGH, 0, INF, "corpus: the ratio's 95% interval over the corpus's chunks, high end"),
+    Metric(PERPLEXITY_PROBE, CHUNK_NLL, 0, INF, "corpus: one chunk's summed token NLL (edit_id chunk:I), nats"),
+    Metric(
+        PERPLEXITY_PROBE, CHUNK_TOKENS, 1, INF, "corpus: one chunk's scored tokens (edit_id chunk:I; θ0's rows only)"
+    ),
     Metric(PERPLEXITY_PROBE, OVER_THRESHOLD, 0, 1, "ratio at or above the collapse threshold, 0 or 1"),
     Metric(WEIGHT_DRIFT, FROBENIUS, 0, INF, "‖W_t − W_0‖_F per scope parameter and in total"),
     Metric(WEIGHT_DRIFT, RELATIVE, 0, INF, "‖W_t − W_0‖_F / ‖W_0‖_F per scope parameter", nan=True),

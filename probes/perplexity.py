@@ -5,7 +5,9 @@ Two named variants (protocols):
   ``chunk_tokens`` tokens (each chunk read from a BOS token), the same chunks every step. Its
   ratio to θ0 carries a 95% interval over the chunks (``ratio_low``, ``ratio_high``: a t interval
   of the mean token-NLL change, chunks as clusters): how much the figure depends on which text
-  was read, for the edits this run made (it says nothing about other seeds' edits);
+  was read, for the edits this run made (it says nothing about other seeds' edits). Each chunk's
+  summed NLL is a row (``chunk_nll``, edit_id ``chunk:I``; its token count ``chunk_tokens`` at θ0),
+  so two runs over the same corpus can be compared chunk by chunk (a paired interval);
 - ``sentence_mean``: the mean over sentences of each sentence's own perplexity, every
   sentence read alone from a BOS token (the per-sentence variant of Yang et al. 2024).
 
@@ -28,7 +30,16 @@ import polars as pl
 from lifelong.scorer import Scorer
 from probes.base import Probe, ProbeContext, Row
 from lifelong.stats import ratio_interval
-from probes.metric_table import OVER_THRESHOLD, PERPLEXITY, PERPLEXITY_PROBE, RATIO, RATIO_HIGH, RATIO_LOW
+from probes.metric_table import (
+    CHUNK_NLL,
+    CHUNK_TOKENS,
+    OVER_THRESHOLD,
+    PERPLEXITY,
+    PERPLEXITY_PROBE,
+    RATIO,
+    RATIO_HIGH,
+    RATIO_LOW,
+)
 from streams.errors import MissingFileError, UserError
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "data" / "reference_corpus.txt"
@@ -155,6 +166,13 @@ class PerplexityProbe(Probe):
             Row(self.name, RATIO_HIGH, "corpus", float(np.exp(high))),
         ]
 
+    def _chunk_rows(self, chunk_nll: list[float], tokenizer, with_tokens: bool = False) -> list[Row]:
+        rows = [Row(self.name, CHUNK_NLL, "corpus", v, chunk_id(i)) for i, v in enumerate(chunk_nll)]
+        if with_tokens:
+            counts = [len(c) - 1 for c in self.rows_for(tokenizer)[0]]
+            rows += [Row(self.name, CHUNK_TOKENS, "corpus", float(n), chunk_id(i)) for i, n in enumerate(counts)]
+        return rows
+
     def prepare(self, ctx: ProbeContext):
         values, chunk_nll = self.score(ctx.scorer)
         chunks, sentences = self.rows_for(ctx.scorer.codec.tokenizer)
@@ -167,15 +185,21 @@ class PerplexityProbe(Probe):
             "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16],
             "chunk_nll": chunk_nll,  # θ0's summed NLL per chunk: the ratio's interval pairs each step's with these
         }
-        rows = self._rows(values, values) + self._interval_rows(chunk_nll, chunk_nll, ctx.scorer.codec.tokenizer)
-        return reference, rows
+        tokenizer = ctx.scorer.codec.tokenizer
+        rows = self._rows(values, values) + self._interval_rows(chunk_nll, chunk_nll, tokenizer)
+        return reference, rows + self._chunk_rows(chunk_nll, tokenizer, with_tokens=True)
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         values, chunk_nll = self.score(ctx.scorer)
         base = {p: ctx.reference[p] for p in values}
-        return self._rows(values, base) + self._interval_rows(
-            chunk_nll, ctx.reference.get("chunk_nll"), ctx.scorer.codec.tokenizer
-        )
+        tokenizer = ctx.scorer.codec.tokenizer
+        rows = self._rows(values, base) + self._interval_rows(chunk_nll, ctx.reference.get("chunk_nll"), tokenizer)
+        return rows + self._chunk_rows(chunk_nll, tokenizer)
+
+
+def chunk_id(i: int) -> str:
+    """A corpus chunk's key in the results' edit_id column (the item a row is about)."""
+    return f"chunk:{i}"
 
 
 def collapse_step(results: pl.DataFrame, protocol: str = "corpus") -> int | None:

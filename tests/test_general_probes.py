@@ -219,6 +219,12 @@ def test_scrambled_layer_crosses_the_threshold_and_collapse_step_is_reported(tra
     assert math.exp(r) == pytest.approx(ratio["value"][-1], rel=1e-4)
     assert bounds["ratio_low"][-1] == pytest.approx(math.exp(r - half), rel=1e-4)
     assert bounds["ratio_high"][-1] == pytest.approx(math.exp(r + half), rel=1e-4)
+    # Each chunk's NLL is a row (and its tokens at θ0): the same figures, read from the results.
+    last = rows.filter((pl.col("metric") == "chunk_nll") & (pl.col("step") == 6)).sort("edit_id")
+    tokens = rows.filter(pl.col("metric") == "chunk_tokens")
+    assert last.height == len(chunks) and set(tokens["step"]) == {0} and tokens["value"].sum() == c.sum()
+    by_id = dict(zip(last["edit_id"], last["value"]))
+    assert [by_id[f"chunk:{i}"] for i in range(len(chunks))] == pytest.approx(list(now), rel=1e-5)
     line = summary_table(result.run).filter(
         (pl.col("measure") == "perplexity ratio to θ0 at last step") & (pl.col("protocol") == "corpus")
     )

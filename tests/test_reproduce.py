@@ -137,30 +137,42 @@ def test_scale_items_and_bad_arguments(capsys):
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 def test_one_seed_perplexity_ratios_carry_the_interval_over_chunks():
     """One seed: an arm's ratio with the probe's interval over the corpus's chunks, and a ratio of two
-    arms by MOVER on the log scale, by hand."""
+    arms paired chunk by chunk, by hand."""
     import polars as pl
 
-    def run(ratio, low, high):
-        rows = [(0, "ratio", 1.0), (0, "ratio_low", 1.0), (0, "ratio_high", 1.0)]
-        rows += [(10, "ratio", ratio), (10, "ratio_low", low), (10, "ratio_high", high)]
+    base = [100.0, 120.0, 90.0, 110.0]  # θ0's summed NLL per chunk, 50 tokens each
+
+    def run(nll, low, high):
+        ratio = math.exp((sum(nll) - sum(base)) / 200)
+        rows = [(0, "ratio", None, 1.0), (0, "ratio_low", None, 1.0), (0, "ratio_high", None, 1.0)]
+        rows += [(0, "chunk_nll", f"chunk:{i}", v) for i, v in enumerate(base)]
+        rows += [(0, "chunk_tokens", f"chunk:{i}", 50.0) for i in range(4)]
+        rows += [(10, "ratio", None, ratio), (10, "ratio_low", None, low), (10, "ratio_high", None, high)]
+        rows += [(10, "chunk_nll", f"chunk:{i}", v) for i, v in enumerate(nll)]
         return pl.DataFrame(
-            [{"probe": "perplexity", "protocol": "corpus", "step": s, "metric": m, "value": v} for s, m, v in rows]
+            [
+                {"probe": "perplexity", "protocol": "corpus", "step": s, "metric": m, "edit_id": e, "value": v}
+                for s, m, e, v in rows
+            ]
         )
 
-    memit, alpha = run(1.9, 1.7, 2.2), run(1.6, 1.5, 1.75)
+    memit, alpha = run([130.0, 150.0, 100.0, 140.0], 1.05, 1.5), run([110.0, 125.0, 95.0, 118.0], 1.0, 1.1)
     e = R.ratio_per_seed([memit])
-    assert (e.value, e.low, e.high, e.n) == (1.9, 1.7, 2.2, R.PPL_CHUNKS)
+    assert (e.low, e.high, e.n) == (1.05, 1.5, R.PPL_CHUNKS)
+    # Paired: per chunk memit − alphaedit = 20, 25, 5, 22 nats over 50 tokens: means 0.4, 0.5, 0.1, 0.44,
+    # mean 0.36, sd 0.17814 (equal chunks: the t interval of the means), t(0.975, 3) = 3.18245.
     d = R.paired_ratio([memit], [alpha])
-    lm, la = math.log(1.9 / 1.6), math.hypot(math.log(1.9 / 1.7), math.log(1.75 / 1.6))
-    hm = math.hypot(math.log(2.2 / 1.9), math.log(1.6 / 1.5))
-    assert d.value == pytest.approx(1.9 / 1.6)
-    assert (d.low, d.high) == (pytest.approx(math.exp(lm - la)), pytest.approx(math.exp(lm + hm)))
-    assert R.above(d, 1.0) == "yes"  # 1.19 [1.03, 1.39]: above 1
-    # A run from before the probe recorded intervals: the ratio alone, no interval.
+    half = 3.182446305284263 * 0.1781385228784985 / 2
+    assert d.n == 4 and d.value == pytest.approx(math.exp(0.36))
+    assert (d.low, d.high) == (pytest.approx(math.exp(0.36 - half)), pytest.approx(math.exp(0.36 + half)))
+    assert d.value == pytest.approx(R.ppl_ratio()(memit) / R.ppl_ratio()(alpha))
+    # A run from before the probe recorded chunks: the ratios alone, no interval.
     old = memit.filter(pl.col("metric") == "ratio")
     assert R.ratio_per_seed([old]).low is None and R.paired_ratio([old], [alpha]).low is None
     # Several seeds: the geometric mean over seeds as before.
-    assert R.ratio_per_seed([memit, alpha]).value == pytest.approx(math.sqrt(1.9 * 1.6))
+    assert R.ratio_per_seed([memit, alpha]).value == pytest.approx(
+        math.sqrt(R.ppl_ratio()(memit) * R.ppl_ratio()(alpha))
+    )
 
 
 def test_small_reproduction_end_to_end(tmp_path):
