@@ -448,9 +448,7 @@ def _alpha_figures(runs):
             (
                 f"{arm}: perplexity ratio at last step",
                 ratio_per_seed(runs[arm]),
-                "ratio to θ0; geometric mean over seeds"
-                if len(runs[arm]) > 1
-                else "one seed: interval over the corpus's chunks",
+                ratio_note(ratio_per_seed(runs[arm]), "ratio to θ0; geometric mean over seeds"),
             )
         )
     for protocol, label in (("es", ""), ("exact", " (exact match; reported, not in the rule)")):
@@ -461,14 +459,16 @@ def _alpha_figures(runs):
                 "one seed: Newcombe interval over the edits" if len(runs["memit"]) == 1 else "paired by seed",
             )
         )
-    out.append(
-        (
-            "memit / alphaedit: perplexity ratio",
-            paired_ratio(runs["memit"], runs["alphaedit"]),
-            "paired by seed; geometric mean" if len(runs["memit"]) > 1 else "one seed: paired over the corpus's chunks",
-        )
-    )
+    paired = paired_ratio(runs["memit"], runs["alphaedit"])
+    out.append(("memit / alphaedit: perplexity ratio", paired, ratio_note(paired, "paired by seed; geometric mean")))
     return out
+
+
+def ratio_note(e: Estimate, many_seeds: str) -> str:
+    """What a perplexity ratio's interval is over (``many_seeds`` where it is over seeds)."""
+    if e.method.startswith("t over chunks"):
+        return f"one seed: {'paired' if 'paired' in e.method else 'interval'} over the corpus's chunks"
+    return many_seeds if e.method else "no interval (one seed, from before the probe recorded chunks)"
 
 
 def _alpha_verdict(f):

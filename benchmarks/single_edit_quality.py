@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lifelong.editors import make_editor
+from lifelong.machine import runtime_header
 from lifelong.models import load_model
 from lifelong.scorer import Scorer
 from lifelong.stats import wilson
@@ -90,6 +91,7 @@ def main() -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
 
     lm = load_model("smollm2-135m")
+    print(runtime_header(lm.device))
     scorer = Scorer(lm.model, lm.tokenizer)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     counterfact = known_counterfact(scorer, args.counterfact)
