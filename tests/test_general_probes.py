@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,3 +281,40 @@ def test_ratio_at_last_step_is_not_the_theta0_value_before_any_edit_step():
     later = pl.concat([results, pl.DataFrame([{**row, "step": 5, "metric": "ratio", "value": 1.5}])])
     lines = {ln.measure: ln.estimate.value for ln in general_ability_lines(later) if ln.protocol == "corpus"}
     assert lines["perplexity ratio to θ0 at last step"] == 1.5
+
+
+def test_perplexity_at_step_re_measures_what_the_probe_recorded(tmp_path, stream_file, text_file, capsys):
+    """benchmarks/perplexity_at_step.py reads a kept step back from its deltas: on the run's own corpus
+    it prints the ratio and interval the probe recorded, and the paired ratio of two runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "ppl_at_step", BUILTIN_CORPUS.parents[2] / "benchmarks" / "perplexity_at_step.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    recorded = {}
+    for lr in ("0.05", "0.2"):
+        cfg = RunConfig(
+            model="tiny-llama",
+            stream=str(stream_file),
+            steps=3,
+            editor_overrides={**TINY_FT, "lr": lr},
+            probes=[f"perplexity:schedule=every:1,chunk_tokens=64,corpus={text_file}"],
+        )
+        run = replay(cfg, tmp_path / f"ft{lr}", progress=False).run
+        rows = run.results().filter((pl.col("step") == 3) & (pl.col("protocol") == "corpus"))
+        recorded[lr] = {m: v for m, v in zip(rows["metric"], rows["value"]) if m.startswith("ratio")}
+    tool.main(
+        [str(tmp_path / "ft0.05"), str(tmp_path / "ft0.2"), f"--corpus={text_file}", "--chunk-tokens=64", "--threads=1"]
+    )
+    out = capsys.readouterr().out
+    for lr, r in recorded.items():
+        line = next(x for x in out.splitlines() if x.startswith(f"ft{lr} step 3: "))
+        value, low, high = (float(v) for v in re.findall(r"[\d.]+(?:e[+-]?\d+)?", line.split("θ0 ")[1])[:3])
+        assert value == pytest.approx(r["ratio"], rel=1e-3)
+        assert (low, high) == (pytest.approx(r["ratio_low"], abs=2e-3), pytest.approx(r["ratio_high"], abs=2e-3))
+    paired = next(x for x in out.splitlines() if "ft0.05 / ft0.2" in x)
+    assert float(paired.split(": ")[1].split()[0]) == pytest.approx(
+        recorded["0.05"]["ratio"] / recorded["0.2"]["ratio"], rel=1e-3
+    )

@@ -140,14 +140,15 @@ def test_probes_reach_the_model_only_through_the_scorer():
 
 def test_probes_import_only_the_modules_of_lifelong_they_share_with_editors():
     """Imports go one way (docs/DESIGN.md §2): of ``lifelong``, probes use only the model interface,
-    option parsing and progress bars, and those import neither ``probes`` nor the rest of ``lifelong``."""
+    option parsing, progress bars and the intervals of ``lifelong.stats``, and those import neither
+    ``probes`` nor the rest of ``lifelong``."""
     import ast
     from pathlib import Path
 
     import lifelong
     import probes
 
-    shared = {"lifelong.scorer", "lifelong.model_access", "lifelong.options", "lifelong.bars"}
+    shared = {"lifelong.scorer", "lifelong.model_access", "lifelong.options", "lifelong.bars", "lifelong.stats"}
 
     def imported(path: Path) -> set[str]:
         names = set()
