@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         print(runtime_header())
         base = load_model(identities[0]["model"])
         _, theta0 = probe.score(Scorer(base.model, base.tokenizer))
-        counts = np.array([len(c) - 1 for c in probe.rows_for(base.tokenizer)[0]], dtype=float)
+        counts = np.array(probe.chunk_tokens(base.tokenizer), dtype=float)
         theta0_nll = np.array(theta0)
         print(
             f"corpus {probe.path.name}: {len(counts)} chunks, {int(counts.sum())} tokens; "

@@ -288,7 +288,6 @@ def paired_ratio(a: list[pl.DataFrame], b: list[pl.DataFrame], step: int | None 
     """a / b in perplexity ratio: the geometric mean over seeds of a / b (same seed, same edits), t
     interval on the log scale. One seed each: paired over the corpus's chunks (both runs read the same
     chunks, from the same θ0), the t interval of the linearised ratio of their NLL differences."""
-    ra, rb = [ppl_ratio(step)(r) for r in a], [ppl_ratio(step)(r) for r in b]
     if len(a) == 1 and len(b) == 1:
         ca, cb = chunk_nll(a[0], step), chunk_nll(b[0], step)
         if ca is not None and cb is not None and len(ca[0]) == len(cb[0]):
@@ -297,6 +296,7 @@ def paired_ratio(a: list[pl.DataFrame], b: list[pl.DataFrame], step: int | None 
                 return Estimate(
                     math.exp(log_ratio), len(ca[0]), math.exp(low), math.exp(high), "t over chunks (paired)"
                 )
+    ra, rb = [ppl_ratio(step)(r) for r in a], [ppl_ratio(step)(r) for r in b]
     return geometric([x / y for x, y in zip(ra, rb) if x > 0 and y > 0])
 
 
@@ -444,11 +444,12 @@ def _alpha_figures(runs):
                     "one seed: interval over its edits" if len(runs[arm]) == 1 else "",
                 )
             )
+        ratio = ratio_per_seed(runs[arm])
         out.append(
             (
                 f"{arm}: perplexity ratio at last step",
-                ratio_per_seed(runs[arm]),
-                ratio_note(ratio_per_seed(runs[arm]), "ratio to θ0; geometric mean over seeds"),
+                ratio,
+                ratio_note(ratio, "ratio to θ0; geometric mean over seeds"),
             )
         )
     for protocol, label in (("es", ""), ("exact", " (exact match; reported, not in the rule)")):

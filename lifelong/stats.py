@@ -8,8 +8,7 @@
 - Means over seeds (one value per run of one configuration): Student t interval, n = seeds.
 - Difference of two rates measured on separate item samples: Newcombe's hybrid score interval.
 - A ratio of sums over clusters (a corpus's mean token NLL over its chunks): t interval of the
-  linearised ratio estimator, n = clusters; and the difference of two such figures from their
-  own intervals (MOVER, the rule behind Newcombe's).
+  linearised ratio estimator, n = clusters.
 
 Which kind a set of values is gets decided from the values themselves: all in {0, 1} means Wilson.
 """
@@ -100,8 +99,7 @@ def mover_difference(
     a: float, a_low: float, a_high: float, b: float, b_low: float, b_high: float
 ) -> tuple[float, float]:
     """Interval of a − b from each estimate's own interval (MOVER: Zou & Donner 2008), for estimates
-    from independent samples; where both come from the same items and are positively correlated,
-    as two runs scored on one corpus, it errs wide."""
+    from independent samples (Newcombe's interval is MOVER over two Wilson intervals)."""
     d = a - b
     return (d - math.sqrt((a - a_low) ** 2 + (b_high - b) ** 2), d + math.sqrt((a_high - a) ** 2 + (b - b_low) ** 2))
 

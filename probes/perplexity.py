@@ -127,6 +127,10 @@ class PerplexityProbe(Probe):
             self._encoded[key] = (chunks, sent_rows)
         return self._encoded[key]
 
+    def chunk_tokens(self, tokenizer) -> list[int]:
+        """Each corpus chunk's scored tokens (its BOS is context, not scored)."""
+        return [len(c) - 1 for c in self.rows_for(tokenizer)[0]]
+
     def perplexities(self, scorer: Scorer) -> dict[str, float]:
         """Both variants on the model behind ``scorer`` (its rolling NLL: no prompt rewriting)."""
         return self.score(scorer)[0]
@@ -157,8 +161,7 @@ class PerplexityProbe(Probe):
         over its token count. No rows for a run begun before θ0's chunks were recorded."""
         if not base_nll or len(base_nll) != len(chunk_nll):
             return []
-        counts = [len(c) - 1 for c in self.rows_for(tokenizer)[0]]
-        _, low, high = ratio_interval(np.subtract(chunk_nll, base_nll), counts)
+        _, low, high = ratio_interval(np.subtract(chunk_nll, base_nll), self.chunk_tokens(tokenizer))
         if np.isnan(low):
             return []
         return [
@@ -169,7 +172,7 @@ class PerplexityProbe(Probe):
     def _chunk_rows(self, chunk_nll: list[float], tokenizer, with_tokens: bool = False) -> list[Row]:
         rows = [Row(self.name, CHUNK_NLL, "corpus", v, chunk_id(i)) for i, v in enumerate(chunk_nll)]
         if with_tokens:
-            counts = [len(c) - 1 for c in self.rows_for(tokenizer)[0]]
+            counts = self.chunk_tokens(tokenizer)
             rows += [Row(self.name, CHUNK_TOKENS, "corpus", float(n), chunk_id(i)) for i, n in enumerate(counts)]
         return rows
 
@@ -181,7 +184,7 @@ class PerplexityProbe(Probe):
             "threshold": self.options.threshold,
             "chunks": len(chunks),
             "sentences": len(sentences),
-            "tokens": int(sum(len(c) - 1 for c in chunks)),
+            "tokens": int(sum(self.chunk_tokens(ctx.scorer.codec.tokenizer))),
             "corpus_sha256": hashlib.sha256(self.text.encode()).hexdigest()[:16],
             "chunk_nll": chunk_nll,  # θ0's summed NLL per chunk: the ratio's interval pairs each step's with these
         }
@@ -191,9 +194,10 @@ class PerplexityProbe(Probe):
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         values, chunk_nll = self.score(ctx.scorer)
-        base = {p: ctx.reference[p] for p in values}
         tokenizer = ctx.scorer.codec.tokenizer
-        rows = self._rows(values, base) + self._interval_rows(chunk_nll, ctx.reference.get("chunk_nll"), tokenizer)
+        rows = self._rows(values, ctx.reference) + self._interval_rows(
+            chunk_nll, ctx.reference.get("chunk_nll"), tokenizer
+        )
         return rows + self._chunk_rows(chunk_nll, tokenizer)
 
 
