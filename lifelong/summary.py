@@ -543,8 +543,8 @@ def format_summary(run: RunDir) -> str:
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
     notes: tuple[str, ...] = (
         "intervals: Wilson over items for 0/1 outcomes, bootstrap over items (2,000 resamples, seeded) for "
-        "continuous values;",
-        "n: the items (edits, chains, task items) or steps a figure is over.",
+        "continuous values, t over the corpus's chunks for the corpus perplexity ratio;",
+        "n: the items (edits, chains, task items, corpus chunks) or steps a figure is over.",
     )
     drawn = run.results().filter((pl.col("probe") == mt.RETENTION_PROBE) & (pl.col("metric") == mt.SAMPLE_POPULATION))
     if drawn.height:
