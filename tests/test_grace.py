@@ -197,3 +197,46 @@ def test_a_step_saves_only_the_codebook_rows_it_changed(tmp_path, stream_file):
     for name in GRACEEditor.ROWS:
         assert torch.equal(getattr(live, name), getattr(whole, name))
     assert len(live) == int(states[-1]["size"]) >= 1
+
+
+def _reference_lookup(g, queries):
+    """The rule measured on every key (the lookup before the screen): exact distances, first of ties."""
+    dist, idx = torch.cdist(queries.float(), g.keys, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    return dist <= g.eps[idx], idx
+
+
+@pytest.mark.parametrize("width", [16, 128, 1536])
+def test_screened_lookup_equals_measuring_every_key(width):
+    """The matmul-form screen only drops keys that cannot be nearest: on near-ties, duplicated keys and
+    queries placed exactly on a radius, hits and indices are bitwise those of the exact scan."""
+    gen = torch.Generator().manual_seed(width)
+    g = GRACEEditor(GRACEParams(eps_init=1.0))
+    centres = torch.randn(40, width, generator=gen) * 4 + 20  # clustered keys, far from the origin
+    keys = centres[torch.randint(0, 40, (900,), generator=gen)] + torch.randn(900, width, generator=gen) * 0.05
+    keys[500:520] = keys[100:120]  # exact duplicates: the older must win
+    g.keys, g.eps = keys, torch.rand(900, generator=gen) * 0.3
+    g.labels = torch.zeros(900, dtype=torch.long)
+    assert len(g) >= g.SCAN_FROM
+    q = torch.cat(
+        [
+            keys[torch.randint(0, 900, (200,), generator=gen)] + torch.randn(200, width, generator=gen) * 0.02,
+            keys[100:120],  # on duplicated keys
+            (keys[:50] + keys[50:100]) / 2,  # halfway between two keys
+            torch.randn(50, width, generator=gen) * 4 + 20,
+        ]
+    )
+    want_hit, want_idx = _reference_lookup(g, q)
+    # radii set to the exact nearest distance of some queries: d ≤ ε must still decide the same way
+    d = torch.cdist(q, g.keys, compute_mode="donot_use_mm_for_euclid_dist")
+    dist, idx = d.min(1)
+    g.eps[idx[:100]] = dist[:100]
+    g.eps[idx[100:140]] = torch.nextafter(dist[100:140], torch.tensor(0.0))  # one float below
+    want_hit, want_idx = _reference_lookup(g, q)
+    g._keys_cache = None
+    hit, got_idx = g.lookup(q)
+    assert torch.equal(got_idx, want_idx) and torch.equal(hit, want_hit)
+    assert 0 < int(want_hit.sum()) < len(q)
+    for i in range(0, len(q), 37):  # the float64 nearest of the add rule
+        ref = (g.keys.double() - q[i].double()[None]).norm(dim=1)
+        assert g.nearest(q[i]) == (float(ref.min()), int(ref.argmin()))
+    assert len(g._scan(q[:1])) < len(g) // 4  # the screen does rule most keys out

@@ -72,6 +72,7 @@ class GRACEEditor(AdaptorEditor):
         self.values = torch.zeros(0, 0)
         self.eps = torch.zeros(0)
         self.labels = torch.zeros(0, dtype=torch.long)
+        self._keys_cache: tuple | None = None  # see _key_matrix
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -123,6 +124,7 @@ class GRACEEditor(AdaptorEditor):
             for name in self.ROWS:
                 getattr(self, name)[index] = state[name].to(getattr(self, name).dtype)
         self._step = {}
+        self._keys_cache = None  # rows were written in place
 
     def _grow(self, size: int, state: dict[str, torch.Tensor]) -> None:
         """Extend the codebook to ``size`` rows (zeros, overwritten by the step's rows)."""
@@ -159,12 +161,17 @@ class GRACEEditor(AdaptorEditor):
 
     # -- the codebook rules
     def nearest(self, key: torch.Tensor) -> tuple[float, int]:
-        """Distance to and index of the nearest codebook key (inf, -1 when empty)."""
+        """Distance to and index of the nearest codebook key (inf, -1 when empty); float64, the first
+        (oldest) of equally near keys. Only the keys :meth:`_scan` keeps are measured, which gives the
+        same answer as measuring every key."""
         if not len(self):
             return float("inf"), -1
-        d = (self.keys.double() - key.double()[None]).norm(dim=1)
+        key = key.detach().float().cpu()
+        cols = self._scan(key[None])
+        keys = self.keys if cols is None else self.keys[cols]
+        d = (keys.double() - key.double()[None]).norm(dim=1)
         i = int(d.argmin())
-        return float(d[i]), i
+        return float(d[i]), i if cols is None else int(cols[i])
 
     def add(self, key: torch.Tensor, value: torch.Tensor, label: str) -> int:
         """Insert (key, value) for ``label`` by GRACE's add / expand / split rules; returns the entry to train."""
@@ -199,16 +206,53 @@ class GRACEEditor(AdaptorEditor):
         """For (n, d_in) queries: whether each is within its nearest key's radius, and that key's index
         (the first, i.e. oldest, of equally near keys, as the original's ``min``).
 
-        One vectorised distance computation (no Python loop over keys), linear in the keys, and
-        deliberately not the matmul form ||q||² + ||k||² − 2q·k: that one is BLAS-fast but loses digits
-        to cancellation, which can move a query across a radius (d ≤ ε decides a hit) or change which
-        of two equally near keys wins. Measured on one thread (width 576, random keys; a scorer batch
-        of 32 queries, per query): 100 keys 0.06 ms, 1,000 keys 0.55 ms, 10,000 keys 5.6 ms (the
-        matmul form: 0.006, 0.04, 0.8 ms). ``nearest`` (one per edit, float64) takes 0.09, 8 and 77 ms."""
-        keys = self.keys.to(queries.device)
-        d = torch.cdist(queries.float(), keys, compute_mode="donot_use_mm_for_euclid_dist")
-        dist, idx = d.min(1)
+        The decision uses the subtraction form of the distance (``cdist`` without the matmul shortcut):
+        the matmul form ||q||² + ||k||² − 2q·k loses digits to cancellation, which can move a query
+        across a radius (d ≤ ε decides a hit) or change which of two equally near keys wins. That form
+        is only used, through :meth:`_scan`, to rule keys out; the survivors are measured exactly, so
+        hits and indices are bitwise those of measuring every key (tests/test_grace.py checks it)."""
+        queries = queries.float()
+        cols = self._scan(queries)
+        keys = self._key_matrix(queries.device)[0]
+        keys = keys if cols is None else keys[cols]
+        dist, idx = torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+        if cols is not None:
+            idx = cols[idx]
         return dist <= self.eps.to(queries.device)[idx], idx
+
+    # Below this many keys every key is measured exactly: the screen would save nothing.
+    SCAN_FROM = 256
+
+    def _scan(self, queries: torch.Tensor) -> torch.Tensor | None:
+        """Indices (ascending) of the keys that may be nearest to some query, or None for all keys.
+
+        One BLAS product gives every squared distance in the matmul form; its error is bounded by
+        (d + 4)·u·(|q| + |k|)² (u = 2⁻²⁴; the bound on a float32 dot product of length d, doubled), and
+        the exact subtraction form's relative error on d² by the same (d + 4)·u, doubled. A key whose
+        matmul-form distance exceeds the smallest one by more than those bounds allow cannot be the
+        nearest under the exact form, so it is dropped. What remains is usually a handful of keys."""
+        n = len(self)
+        if n < self.SCAN_FROM:
+            return None
+        keys, sq, k_max = self._key_matrix(queries.device)
+        q_sq = (queries * queries).sum(1)
+        d2 = torch.addmm(q_sq[:, None] + sq[None], queries, keys.T, alpha=-2.0)
+        gamma = 2 * (queries.shape[1] + 4) * 2.0**-24
+        err = gamma * (q_sq.sqrt() + k_max) ** 2  # the matmul form's error bound, per query
+        lowest = d2.min(1).values.clamp_min(0)
+        limit = (lowest + err) * (1 + 4 * gamma) + err
+        return (d2 <= limit[:, None]).any(0).nonzero()[:, 0]
+
+    def _key_matrix(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The keys on ``device`` (float32), their squared norms and the largest norm; cached until the
+        keys change (a new tensor, or :meth:`load_step_states` writing rows in place)."""
+        cache = self._keys_cache
+        if cache is None or cache[0] is not self.keys or cache[1] != device:
+            keys = self.keys.to(device, torch.float32)
+            sq = (keys * keys).sum(1)
+            k_max = float(sq.max().sqrt()) if len(sq) else 0.0
+            cache = self._keys_cache = (self.keys, device, keys, sq, k_max)
+        return cache[2], cache[3], cache[4]
 
     def _hook(self, module, args, out):
         if not len(self) or self._bypass:
