@@ -66,6 +66,7 @@ class GRACEEditor(AdaptorEditor):
         self._training: tuple[int, torch.Tensor] | None = None  # (entry, value being trained)
         self._query_at: int | None = None  # while training: the edit prompt's last position (the key's)
         self._bypass = False  # True: the hook passes everything through (warm-value computation)
+        self._touched: set[int] = set()  # codebook rows written since apply() began
 
     def reset(self) -> None:
         self.keys = torch.zeros(0, 0)
@@ -78,28 +79,22 @@ class GRACEEditor(AdaptorEditor):
         return self.keys.shape[0]
 
     # -- state
-    # A step saves only the codebook entries it added or changed (rows of keys, values, eps and labels
+    # A step saves only the codebook entries it added or wrote (rows of keys, values, eps and labels
     # with their indices) and the codebook's size: run directories grow linearly with the edits.
     incremental_state = True
     ROWS = ("keys", "values", "eps", "labels")
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
-        before = {name: getattr(self, name).clone() for name in self.ROWS}
+        n0 = len(self)
+        self._touched = set()  # rows add() and edit_one() write: no copy of the whole codebook
         delta = super().apply(lm, batch)
-        n0, n = len(before["eps"]), len(self)
-        changed = torch.zeros(n, dtype=torch.bool)
-        changed[n0:] = True
-        for name in self.ROWS:
-            if n0:
-                old, new = before[name], getattr(self, name)[:n0]
-                changed[:n0] |= (old != new).reshape(n0, -1).any(1)
-        index = changed.nonzero()[:, 0]
+        index = torch.tensor(sorted(self._touched | set(range(n0, len(self)))), dtype=torch.long)
         self._step = (
             {}
             if not len(index)
             else {
                 "index": index,
-                "size": torch.tensor(n),
+                "size": torch.tensor(len(self)),
                 **{name: getattr(self, name)[index].clone() for name in self.ROWS},
             }
         )
@@ -179,6 +174,7 @@ class GRACEEditor(AdaptorEditor):
         eps0, y = self.params.eps_init, label_id(label)
         d, i = self.nearest(key)
         if i >= 0 and d <= float(self.eps[i]) + eps0:
+            self._touch(i)
             if int(self.labels[i]) == y:  # same label: expand the nearest ball to cover the key
                 if d > float(self.eps[i]):
                     self.eps[i] = d
@@ -191,6 +187,10 @@ class GRACEEditor(AdaptorEditor):
             return len(self) - 1
         self._append(key, value, eps0, y)
         return len(self) - 1
+
+    def _touch(self, entry: int) -> None:
+        """Note a row this step writes (saved in the step's state; see :meth:`apply`)."""
+        self._touched.add(entry)
 
     def _append(self, key, value, eps, y) -> None:
         if not len(self):
@@ -322,4 +322,5 @@ class GRACEEditor(AdaptorEditor):
         finally:
             self._training, self._query_at = None, None
         self.values[entry] = value.detach().float().cpu()
+        self._touch(entry)
         return entry
