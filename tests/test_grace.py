@@ -15,6 +15,7 @@ from lifelong.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
 from lifelong.scorer import Scorer
+from streams.errors import UserError
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 
@@ -153,8 +154,16 @@ def test_state_round_trip_through_store(tmp_path):
     assert len(other) == 0
 
 
-def test_resume_and_checkout_equal_live(tmp_path, stream_file):
-    cfg = RunConfig(model="tiny-llama", editor="grace", stream=str(stream_file), probe_every=2, editor_overrides=SET)
+@pytest.mark.parametrize("index, scan_from", [("exact", 256), ("exact", 1), ("hnsw", 1)])
+def test_resume_and_checkout_equal_live(tmp_path, stream_file, monkeypatch, index, scan_from):
+    """Also with the screen (or the graph index) in use from the first key on."""
+    if index == "hnsw":
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(GRACEEditor, "SCAN_FROM", scan_from)
+    overrides = {**SET, "index": index}
+    cfg = RunConfig(
+        model="tiny-llama", editor="grace", stream=str(stream_file), probe_every=2, editor_overrides=overrides
+    )
     lm = load_model("tiny-llama")
     full = replay(cfg, tmp_path / "full", lm=lm, progress=False)
     replay(cfg, tmp_path / "resumed", progress=False, stop_after=3)
@@ -240,3 +249,52 @@ def test_screened_lookup_equals_measuring_every_key(width):
         ref = (g.keys.double() - q[i].double()[None]).norm(dim=1)
         assert g.nearest(q[i]) == (float(ref.min()), int(ref.argmin()))
     assert len(g._scan(q[:1])) < len(g) // 4  # the screen does rule most keys out
+
+
+def _codebook(n, width, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = GRACEEditor(GRACEParams(eps_init=1.0, index="hnsw"))
+    centres = torch.randn(30, width, generator=gen) * 3
+    g.keys = centres[torch.randint(0, 30, (n,), generator=gen)] + torch.randn(n, width, generator=gen)
+    g.eps, g.labels = 1.5 + torch.rand(n, generator=gen) * 2, torch.zeros(n, dtype=torch.long)
+    q = g.keys[torch.randint(0, n, (300,), generator=gen)] + torch.randn(300, width, generator=gen) * 0.3
+    return g, torch.cat([q, torch.randn(100, width, generator=gen) * 3])
+
+
+def test_graph_index_decisions_and_rebuild():
+    """index=hnsw: its candidates are measured exactly, so on a codebook where the graph finds the nearest
+    key its hits and indices are the exact rule's; a graph rebuilt from a loaded state (as after checkout)
+    answers exactly as the one grown key by key during the run."""
+    pytest.importorskip("faiss")
+    g, q = _codebook(1200, 64, 0)
+    g._graph = None
+    want_hit, want_idx = _reference_lookup(g, q)
+    hit, idx = g.lookup(q)
+    assert torch.equal(hit, want_hit) and torch.equal(idx, want_idx)
+    assert 0 < int(hit.sum()) < len(q)
+    grown = GRACEEditor(GRACEParams(index="hnsw"))  # keys arrive in steps, a lookup between steps
+    for stop in (300, 700, 1200):
+        grown.keys, grown.eps, grown.labels = g.keys[:stop], g.eps[:stop], g.labels[:stop]
+        grown.lookup(q[:5])
+    rebuilt = GRACEEditor(GRACEParams(index="hnsw"))
+    rebuilt.load_state_dict({**g.state_dict(), "values": torch.zeros(1200, 1)})
+    for a, b in zip(grown.lookup(q), rebuilt.lookup(q)):
+        assert torch.equal(a, b)
+    assert grown._graph.ntotal == rebuilt._graph.ntotal == 1200
+
+
+def test_graph_index_needs_faiss(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(UserError, match="index=hnsw needs the faiss-cpu package"):
+        make_editor("grace", {"index": "hnsw"})
+    with pytest.raises(UserError, match="index must be exact or hnsw"):
+        make_editor("grace", {"index": "kd"})

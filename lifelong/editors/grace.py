@@ -26,7 +26,7 @@ value changes nothing). The base weights never change; the codebook is editor st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -47,12 +47,22 @@ class GRACEParams:
     stop_loss: float = 0.05  # stop once the target's mean token NLL is below this
     query: str = "last"  # last: one query per row, its last token (original); every: every position
     same_key: str = "split"  # split: the original's rule at d = 0 too; relabel: the entry takes the new label
+    index: str = "exact"  # exact: the nearest key for certain (original); hnsw: a graph index's candidates (faiss)
 
     def validate(self, editor: str) -> None:
         if self.query not in ("last", "every"):
             raise UserError(f"{editor}: query must be last or every, got '{self.query}'")
         if self.same_key not in ("split", "relabel"):
             raise UserError(f"{editor}: same_key must be split or relabel, got '{self.same_key}'")
+        if self.index not in ("exact", "hnsw"):
+            raise UserError(f"{editor}: index must be exact or hnsw, got '{self.index}'")
+        if self.index == "hnsw":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise UserError(
+                    f"{editor}: index=hnsw needs the faiss-cpu package: pip install 'lifelong-editing[index]'"
+                ) from None
 
 
 class GRACEEditor(AdaptorEditor):
@@ -74,6 +84,7 @@ class GRACEEditor(AdaptorEditor):
         self.eps = torch.zeros(0)
         self.labels = torch.zeros(0, dtype=torch.long)
         self._keys_cache: tuple | None = None  # see _key_matrix
+        self._graph: Any = None  # index=hnsw: a faiss graph over the keys, see _graph_index
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -119,7 +130,7 @@ class GRACEEditor(AdaptorEditor):
             for name in self.ROWS:
                 getattr(self, name)[index] = state[name].to(getattr(self, name).dtype)
         self._step = {}
-        self._keys_cache = None  # rows were written in place
+        self._keys_cache = self._graph = None  # rows were written in place
 
     def _grow(self, size: int, state: dict[str, torch.Tensor]) -> None:
         """Extend the codebook to ``size`` rows (zeros, overwritten by the step's rows)."""
@@ -152,6 +163,7 @@ class GRACEEditor(AdaptorEditor):
         if missing:
             raise ValueError(f"grace: state lacks {sorted(missing)}")
         self.keys, self.values = state["keys"].float().clone(), state["values"].float().clone()
+        self._keys_cache = self._graph = None
         self.eps, self.labels = state["eps"].float().clone(), state["labels"].long().clone()
 
     # -- the codebook rules
@@ -212,6 +224,8 @@ class GRACEEditor(AdaptorEditor):
         is only used, through :meth:`_scan`, to rule keys out; the survivors are measured exactly, so
         hits and indices are bitwise those of measuring every key (tests/test_grace.py checks it)."""
         queries = queries.float()
+        if self.params.index == "hnsw" and len(self) >= self.SCAN_FROM:
+            return self._graph_lookup(queries)
         cols = self._scan(queries)
         keys = self._key_matrix(queries.device)[0]
         keys = keys if cols is None else keys[cols]
@@ -242,6 +256,41 @@ class GRACEEditor(AdaptorEditor):
         lowest = d2.min(1).values.clamp_min(0)
         limit = (lowest + err) * (1 + 4 * gamma) + err
         return (d2 <= limit[:, None]).any(0).nonzero()[:, 0]
+
+    def _graph_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index=hnsw``: a faiss HNSW graph over the keys proposes ``GRAPH_CANDIDATES`` keys per query,
+        which are measured exactly (the oldest of equally near ones wins). Cost per query grows about
+        logarithmically with the keys; the answer is the exact rule's unless the nearest key is not
+        among the candidates (benchmarks/grace_lookup.py measures how often decisions agree)."""
+        graph = self._graph_index()
+        k = min(self.GRAPH_CANDIDATES, len(self))
+        _, found = graph.search(queries.detach().cpu().numpy(), k)
+        cand = torch.from_numpy(found).long().clamp_min(0).sort(1).values.to(queries.device)
+        keys = self._key_matrix(queries.device)[0]
+        d = torch.cdist(queries[:, None, :], keys[cand], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+        dist, j = d.min(1)
+        idx = cand.gather(1, j[:, None])[:, 0]
+        return dist <= self.eps.to(queries.device)[idx], idx
+
+    # faiss HNSW settings: graph degree, build and search breadths, candidates measured exactly per query
+    GRAPH_M, GRAPH_EF_BUILD, GRAPH_EF_SEARCH, GRAPH_CANDIDATES = 32, 200, 128, 16
+
+    def _graph_index(self):
+        """The HNSW graph over the keys, extended with keys appended since. Keys are inserted one at a
+        time in codebook order, whether live or rebuilt after a checkout, so the graph (and so every
+        answer) is the same either way."""
+        import faiss
+
+        graph = self._graph
+        if graph is None or graph.ntotal > len(self):
+            graph = self._graph = faiss.IndexHNSWFlat(self.keys.shape[1], self.GRAPH_M)
+            graph.hnsw.efConstruction = self.GRAPH_EF_BUILD
+            graph.hnsw.efSearch = self.GRAPH_EF_SEARCH
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        keys = self.keys.detach().float().cpu().numpy()
+        for row in range(graph.ntotal, len(self)):
+            graph.add(keys[row : row + 1])
+        return graph
 
     def _key_matrix(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The keys on ``device`` (float32), their squared norms and the largest norm; cached until the
