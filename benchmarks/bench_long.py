@@ -2,13 +2,17 @@
 
 Replays one editor over a long stream in a single process, stopping at 25%, 50% and 100% of its
 steps, and prints at each: seconds per step over the last stretch (edit and probe apart), the
-resident memory now, and the bytes the run directory holds; then the growth ratios between the
-stretches. Linear growth in steps shows as a time-per-step ratio near 1 and disk/memory ratios
-near the steps' ratio (2 from 25% to 50%, 2 from 50% to 100%) or below.
+items the probes scored per step and the probe milliseconds per item, the resident memory now, and
+the bytes the run directory holds; then the growth ratios between the stretches. Linear growth in
+steps shows as a time-per-step ratio near 1 and disk/memory ratios near the steps' ratio (2 from
+25% to 50%, 2 from 50% to 100%) or below. Items per step can grow on their own (the retention probe
+also scores the superseded edits it holds, more as a stream re-edits facts); probe ms per item is
+the cost of scoring one. ``--report RUN`` reprints a finished run's stretches from its records.
 
     python benchmarks/bench_long.py --editor memory --model tiny-llama --steps 10000
     python benchmarks/bench_long.py --editor ft --steps 400 --keep-deltas every:100
     python benchmarks/bench_long.py --editor alphaedit --steps 3 --batch-size 100
+    python benchmarks/bench_long.py --report runs/long-grace
 
 The stream is CounterFact's 10,000 EasyEdit records from ../shared/data (its load time and skipped
 records are printed), or with ``--stream builtin-cycle`` the built-in facts repeated (ids made
@@ -35,6 +39,24 @@ def rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak: only where /proc is missing
+
+
+def scored_items(run_dir: Path, first: int, last: int) -> int:
+    """Per-item rows the probes wrote for steps first..last (protocol ``exact``: one per edit scored).
+    The retention probe scores its sample of live edits and, apart, the superseded ones it holds, so its
+    work per probe grows as the stream re-edits facts (up to twice its cap)."""
+    import polars as pl
+
+    from lifelong.run import RunDir
+
+    rows = (
+        RunDir(run_dir)
+        .results()
+        .filter(
+            pl.col("step").is_between(first, last) & (pl.col("protocol") == "exact") & pl.col("edit_id").is_not_null()
+        )
+    )
+    return rows.height
 
 
 def dir_bytes(path: Path) -> int:
@@ -71,7 +93,17 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", default="1")
     ap.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="print the stretches of a finished run from its records (no replay; no wall time or memory)",
+    )
     args = ap.parse_args()
+    if args.report is not None:
+        report(args.report)
+        return
 
     from lifelong.cli import _parse_set as parse_set_items
     from lifelong.machine import ComputeThreads, runtime_header, thread_policy
@@ -110,7 +142,10 @@ def main() -> None:
         f"{args.editor} on {args.model}, {len(steps)} steps, retention every {args.probe_every}, "
         f"--keep-deltas {args.keep_deltas}\n"
     )
-    print(f"{'to step':>8} {'s/step':>8} {'edit s':>8} {'probe s':>8} {'RSS MiB':>8} {'disk MiB':>9}")
+    print(
+        f"{'to step':>8} {'s/step':>8} {'edit s':>8} {'probe s':>8} {'items':>7} {'probe ms/item':>14} "
+        f"{'RSS MiB':>8} {'disk MiB':>9}"
+    )
     done, rows = 0, []
     for mark in marks:
         t0 = time.perf_counter()
@@ -123,13 +158,14 @@ def main() -> None:
             "per_step": wall / (mark - done),
             "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
             "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
+            "items": scored_items(out, done + 1, mark) / len(stretch),
             "rss": rss_mib(),
             "disk": dir_bytes(out) / 2**20,
         }
         rows.append(row)
         print(
-            f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['rss']:>8.0f} "
-            f"{row['disk']:>9.1f}"
+            f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['items']:>7.1f} "
+            f"{per_item_ms(row):>14.3f} {row['rss']:>8.0f} {row['disk']:>9.1f}"
         )
         done = mark
     print("\ngrowth between stretches (steps ratio in brackets):")
@@ -137,10 +173,46 @@ def main() -> None:
         ratio = b["step"] / a["step"]
         print(
             f"  {a['step']} -> {b['step']} (×{ratio:.1f}): s/step ×{b['per_step'] / a['per_step']:.2f}, "
-            f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, RSS ×{b['rss'] / a['rss']:.2f}, "
+            f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, items/step ×{b['items'] / a['items']:.2f}, "
+            f"probe ms/item ×{per_item_ms(b) / per_item_ms(a):.2f}, RSS ×{b['rss'] / a['rss']:.2f}, "
             f"disk ×{b['disk'] / max(a['disk'], 1e-9):.2f}"
         )
     print(f"\nrun directory: {out}")
+
+
+def per_item_ms(row: dict) -> float:
+    return 1e3 * row["probe"] / max(row["items"], 1e-9)
+
+
+def report(run_dir: Path) -> None:
+    """The stretches (25%, 50%, 100% of the steps done) of a finished run, from its recorded per-step
+    edit and probe seconds and its result rows."""
+    from lifelong.run import RunDir
+
+    run = RunDir(run_dir)
+    seconds, last = run.progress()["seconds"], run.completed_step()
+    identity = run.manifest()["identity"]
+    print(f"{identity['editor']} on {identity['model']}, {last} steps done ({run_dir}); from its records\n")
+    print(f"{'to step':>8} {'edit s':>8} {'probe s':>8} {'items':>7} {'probe ms/item':>14}")
+    done, rows = 0, []
+    for mark in sorted({max(1, round(last * f)) for f in (0.25, 0.5, 1.0)}):
+        stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
+        row = {
+            "step": mark,
+            "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
+            "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
+            "items": scored_items(run_dir, done + 1, mark) / len(stretch),
+        }
+        rows.append(row)
+        print(f"{mark:>8} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['items']:>7.1f} {per_item_ms(row):>14.3f}")
+        done = mark
+    print("\ngrowth between stretches:")
+    for a, b in zip(rows, rows[1:]):
+        print(
+            f"  {a['step']} -> {b['step']}: edit s/step ×{b['edit'] / max(a['edit'], 1e-9):.2f}, probe s/step "
+            f"×{b['probe'] / max(a['probe'], 1e-9):.2f}, items/step ×{b['items'] / a['items']:.2f}, "
+            f"probe ms/item ×{per_item_ms(b) / per_item_ms(a):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -241,7 +241,6 @@ def test_screened_lookup_equals_measuring_every_key(width):
     g.eps[idx[:100]] = dist[:100]
     g.eps[idx[100:140]] = torch.nextafter(dist[100:140], torch.tensor(0.0))  # one float below
     want_hit, want_idx = _reference_lookup(g, q)
-    g._keys_cache = None
     hit, got_idx = g.lookup(q)
     assert torch.equal(got_idx, want_idx) and torch.equal(hit, want_hit)
     assert 0 < int(want_hit.sum()) < len(q)
@@ -298,3 +297,32 @@ def test_graph_index_needs_faiss(monkeypatch):
         make_editor("grace", {"index": "hnsw"})
     with pytest.raises(UserError, match="index must be exact or hnsw"):
         make_editor("grace", {"index": "kd"})
+
+
+def test_training_forwards_look_the_key_up_once(monkeypatch):
+    """An edit's training forwards send the same query every step, so the codebook is searched once per
+    edit, and the value trained is the same as when every forward searches."""
+    lm = load_model("tiny-llama")
+    edits = make_edits(3)
+    trained = []
+    for memo in (True, False):
+        editor = make_editor("grace", {**SET, "max_steps": "5", "stop_loss": "0"}).bind(lm)
+        calls = []
+        real = GRACEEditor.lookup
+
+        def counted(self, queries, real=real, calls=calls):
+            calls.append(len(queries))
+            return real(self, queries)
+
+        monkeypatch.setattr(GRACEEditor, "lookup", counted)
+        if not memo:
+            monkeypatch.setattr(GRACEEditor, "_lookup_once", lambda self, q: self.lookup(q))
+        editor.apply(lm, edits)
+        monkeypatch.undo()
+        trained.append(editor.values.clone())
+        if memo:
+            assert len(calls) == 3  # one per edit (its own key is in the codebook when training starts)
+        else:
+            assert len(calls) == 3 * 5
+        editor.release()
+    assert torch.equal(trained[0], trained[1])
