@@ -158,10 +158,10 @@ def main() -> None:
             "per_step": wall / (mark - done),
             "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
             "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
-            "items": scored_items(out, done + 1, mark) / len(stretch),
-            "rss": rss_mib(),
+            "rss": rss_mib(),  # before reading the results below, whose memory is the benchmark's, not the run's
             "disk": dir_bytes(out) / 2**20,
         }
+        row["items"] = scored_items(out, done + 1, mark) / len(stretch)
         rows.append(row)
         print(
             f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['items']:>7.1f} "
