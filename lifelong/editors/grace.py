@@ -24,11 +24,12 @@ value changes nothing). The base weights never change; the codebook is editor st
 
 Finding the nearest key (``index``). ``exact`` (default, the original's answer): one BLAS product
 screens the keys with a bounded error and only the few that may be nearest are measured exactly, so
-hits and indices are those of measuring every key, at a cost still linear in the keys but about 16×
-smaller at 10,000 keys of SmolLM2 (``benchmarks/grace_lookup.py``). ``hnsw``: a faiss HNSW graph
-proposes 16 keys per query, measured exactly; its cost grows about logarithmically, and its answer
-differs from the exact one only when the nearest key is not among the 16 (measured: never, in 1,024
-probe queries against 10,228 SmolLM2 keys). The add rule's ``nearest`` is always exact.
+hits and indices are those of measuring every key, at a cost still linear in the keys but 11–14×
+smaller on 1,000–13,555 keys of SmolLM2 (``benchmarks/grace_lookup.py``). ``hnsw``: a faiss HNSW graph
+proposes 16 keys per query, measured exactly; its cost grows well below linearly (×1.2–1.6 per
+doubling of the keys, measured), and its answer differs from the exact one only when the nearest key
+is not among the 16 (measured: never in 1,024 probe queries against up to 13,555 SmolLM2 keys; for
+one edit of 10,000 in a tiny-model run). The add rule's ``nearest`` is always exact.
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ class GRACEEditor(AdaptorEditor):
         the matmul form ||q||² + ||k||² − 2q·k loses digits to cancellation, which can move a query
         across a radius (d ≤ ε decides a hit) or change which of two equally near keys wins. That form
         is only used, through :meth:`_scan`, to rule keys out; the survivors are measured exactly, so
-        hits and indices are bitwise those of measuring every key (tests/test_grace.py checks it)."""
+        hits and indices are bitwise those of measuring every key (tests/test_grace.py checks it).
+        With ``index=hnsw`` the candidates come from a graph instead (:meth:`_graph_lookup`)."""
         queries = queries.float()
         if self.params.index == "hnsw" and len(self) >= self.SCAN_FROM:
             return self._graph_lookup(queries)
@@ -268,8 +270,8 @@ class GRACEEditor(AdaptorEditor):
 
     def _graph_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``index=hnsw``: a faiss HNSW graph over the keys proposes ``GRAPH_CANDIDATES`` keys per query,
-        which are measured exactly (the oldest of equally near ones wins). Cost per query grows about
-        logarithmically with the keys; the answer is the exact rule's unless the nearest key is not
+        which are measured exactly (the oldest of equally near ones wins). Cost per query grows well
+        below linearly with the keys; the answer is the exact rule's unless the nearest key is not
         among the candidates (benchmarks/grace_lookup.py measures how often decisions agree)."""
         graph = self._graph_index()
         k = min(self.GRAPH_CANDIDATES, len(self))
