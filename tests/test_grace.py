@@ -234,7 +234,6 @@ def test_screened_lookup_equals_measuring_every_key(width):
             torch.randn(50, width, generator=gen) * 4 + 20,
         ]
     )
-    want_hit, want_idx = _reference_lookup(g, q)
     # radii set to the exact nearest distance of some queries: d ≤ ε must still decide the same way
     d = torch.cdist(q, g.keys, compute_mode="donot_use_mm_for_euclid_dist")
     dist, idx = d.min(1)
@@ -266,7 +265,6 @@ def test_graph_index_decisions_and_rebuild():
     answers exactly as the one grown key by key during the run."""
     pytest.importorskip("faiss")
     g, q = _codebook(1200, 64, 0)
-    g._graph = None
     want_hit, want_idx = _reference_lookup(g, q)
     hit, idx = g.lookup(q)
     assert torch.equal(hit, want_hit) and torch.equal(idx, want_idx)
