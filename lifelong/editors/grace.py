@@ -196,7 +196,7 @@ class GRACEEditor(AdaptorEditor):
         eps0, y = self.params.eps_init, label_id(label)
         d, i = self.nearest(key)
         if i >= 0 and d <= float(self.eps[i]) + eps0:
-            self._touch(i)
+            self._touched.add(i)  # a row this step writes: saved in its state
             if int(self.labels[i]) == y:  # same label: expand the nearest ball to cover the key
                 if d > float(self.eps[i]):
                     self.eps[i] = d
@@ -209,10 +209,6 @@ class GRACEEditor(AdaptorEditor):
             return len(self) - 1
         self._append(key, value, eps0, y)
         return len(self) - 1
-
-    def _touch(self, entry: int) -> None:
-        """Note a row this step writes (saved in the step's state; see :meth:`apply`)."""
-        self._touched.add(entry)
 
     def _append(self, key, value, eps, y) -> None:
         if not len(self):
@@ -395,5 +391,5 @@ class GRACEEditor(AdaptorEditor):
         finally:
             self._training, self._query_at, self._training_lookup = None, None, None
         self.values[entry] = value.detach().float().cpu()
-        self._touch(entry)
+        self._touched.add(entry)
         return entry
