@@ -108,7 +108,7 @@ def main() -> None:
     from lifelong.cli import _parse_set as parse_set_items
     from lifelong.machine import ComputeThreads, runtime_header, thread_policy
     from lifelong.replay import prepare_stream_and_facts, replay
-    from lifelong.run import RunConfig, RunDir
+    from lifelong.run import RunConfig
 
     with ComputeThreads(thread_policy(args.threads)):
         print(runtime_header())
@@ -151,17 +151,9 @@ def main() -> None:
         t0 = time.perf_counter()
         replay(config, out, progress=False, stop_after=mark - done, threads=args.threads)
         wall = time.perf_counter() - t0
-        seconds = RunDir(out).progress()["seconds"]
-        stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
-        row = {
-            "step": mark,
-            "per_step": wall / (mark - done),
-            "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
-            "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
-            "rss": rss_mib(),  # before reading the results below, whose memory is the benchmark's, not the run's
-            "disk": dir_bytes(out) / 2**20,
-        }
-        row["items"] = scored_items(out, done + 1, mark) / len(stretch)
+        # resident memory first: reading the results (in stretch_row) is the benchmark's memory, not the run's
+        rss, disk = rss_mib(), dir_bytes(out) / 2**20
+        row = {**stretch_row(out, done, mark), "per_step": wall / (mark - done), "rss": rss, "disk": disk}
         rows.append(row)
         print(
             f"{mark:>8} {row['per_step']:>8.3f} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['items']:>7.1f} "
@@ -173,46 +165,56 @@ def main() -> None:
         ratio = b["step"] / a["step"]
         print(
             f"  {a['step']} -> {b['step']} (×{ratio:.1f}): s/step ×{b['per_step'] / a['per_step']:.2f}, "
-            f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, items/step ×{b['items'] / a['items']:.2f}, "
-            f"probe ms/item ×{per_item_ms(b) / per_item_ms(a):.2f}, RSS ×{b['rss'] / a['rss']:.2f}, "
+            f"{probe_growth(a, b)}, RSS ×{b['rss'] / a['rss']:.2f}, "
             f"disk ×{b['disk'] / max(a['disk'], 1e-9):.2f}"
         )
     print(f"\nrun directory: {out}")
+
+
+def stretch_row(run_dir: Path, done: int, mark: int) -> dict:
+    """Steps done+1..mark of a run, from its records: mean edit and probe seconds per step, and the
+    items its probes scored per step."""
+    from lifelong.run import RunDir
+
+    seconds = RunDir(run_dir).progress()["seconds"]
+    stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
+    return {
+        "step": mark,
+        "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
+        "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
+        "items": scored_items(run_dir, done + 1, mark) / len(stretch),
+    }
 
 
 def per_item_ms(row: dict) -> float:
     return 1e3 * row["probe"] / max(row["items"], 1e-9)
 
 
+def probe_growth(a: dict, b: dict) -> str:
+    return (
+        f"probe s/step ×{b['probe'] / max(a['probe'], 1e-9):.2f}, items/step ×{b['items'] / a['items']:.2f}, "
+        f"probe ms/item ×{per_item_ms(b) / per_item_ms(a):.2f}"
+    )
+
+
 def report(run_dir: Path) -> None:
-    """The stretches (25%, 50%, 100% of the steps done) of a finished run, from its recorded per-step
-    edit and probe seconds and its result rows."""
+    """The stretches (25%, 50%, 100% of the steps done) of a finished run, from its records."""
     from lifelong.run import RunDir
 
     run = RunDir(run_dir)
-    seconds, last = run.progress()["seconds"], run.completed_step()
-    identity = run.manifest()["identity"]
+    last, identity = run.completed_step(), run.manifest()["identity"]
     print(f"{identity['editor']} on {identity['model']}, {last} steps done ({run_dir}); from its records\n")
     print(f"{'to step':>8} {'edit s':>8} {'probe s':>8} {'items':>7} {'probe ms/item':>14}")
     done, rows = 0, []
     for mark in sorted({max(1, round(last * f)) for f in (0.25, 0.5, 1.0)}):
-        stretch = [seconds[str(k)] for k in range(done + 1, mark + 1)]
-        row = {
-            "step": mark,
-            "edit": sum(s.get("edit", 0.0) for s in stretch) / len(stretch),
-            "probe": sum(s.get("probe", 0.0) for s in stretch) / len(stretch),
-            "items": scored_items(run_dir, done + 1, mark) / len(stretch),
-        }
+        row = stretch_row(run_dir, done, mark)
         rows.append(row)
         print(f"{mark:>8} {row['edit']:>8.3f} {row['probe']:>8.3f} {row['items']:>7.1f} {per_item_ms(row):>14.3f}")
         done = mark
     print("\ngrowth between stretches:")
     for a, b in zip(rows, rows[1:]):
-        print(
-            f"  {a['step']} -> {b['step']}: edit s/step ×{b['edit'] / max(a['edit'], 1e-9):.2f}, probe s/step "
-            f"×{b['probe'] / max(a['probe'], 1e-9):.2f}, items/step ×{b['items'] / a['items']:.2f}, "
-            f"probe ms/item ×{per_item_ms(b) / per_item_ms(a):.2f}"
-        )
+        edit = b["edit"] / max(a["edit"], 1e-9)
+        print(f"  {a['step']} -> {b['step']}: edit s/step ×{edit:.2f}, {probe_growth(a, b)}")
 
 
 if __name__ == "__main__":
