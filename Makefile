@@ -20,6 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/lint-imports
 
 # The testing kit on a plain install (not editable, no dev extra): what a user of check_editor gets.
 KIT_VENV := build/kit-venv

@@ -18,7 +18,7 @@ import torch
 
 from lifelong.replay import checkout, scorer_for
 from lifelong.run import RunDir
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from streams import load_stream
 
 

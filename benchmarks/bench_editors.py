@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifelong.machine import runtime_header
+from lifelong.core.machine import runtime_header
 
 from bench_locate import forward_yardstick, restore  # benchmarks/ is on sys.path when run as a script
 
@@ -26,9 +26,9 @@ def main() -> None:
     ap.add_argument("--editors", default=None, help="comma-separated (default: every registered editor)")
     args = ap.parse_args()
 
-    from lifelong.delta import DeltaStore
+    from lifelong.core.delta import DeltaStore
     from lifelong.editors import EDITORS, make_editor
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

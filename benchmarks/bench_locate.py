@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from lifelong.machine import ComputeThreads, choose_dtype, runtime_header, thread_policy
+from lifelong.core.machine import ComputeThreads, choose_dtype, runtime_header, thread_policy
 
 
 def timed(fn):
@@ -106,7 +106,7 @@ def run(args) -> None:
     from lifelong.editors import make_editor
     from lifelong.editors.covariance import MODEL_SAMPLE, _token_rows, compute_second_moments
     from lifelong.editors.memit import default_layers
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

@@ -106,7 +106,7 @@ def main() -> None:
         return
 
     from lifelong.cli import _parse_set as parse_set_items
-    from lifelong.machine import ComputeThreads, runtime_header, thread_policy
+    from lifelong.core.machine import ComputeThreads, runtime_header, thread_policy
     from lifelong.replay import prepare_stream_and_facts, replay
     from lifelong.run import RunConfig
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lifelong.machine import runtime_header
+from lifelong.core.machine import runtime_header
 
 
 def rss_mib() -> float:
@@ -47,7 +47,7 @@ def probe_pairs(edits) -> list[tuple[str, str]]:
 
 
 def throughput(lm, edits) -> None:
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
 
     pairs = probe_pairs(edits)
     scorer = Scorer(lm.model, lm.tokenizer)
@@ -90,7 +90,7 @@ def throughput(lm, edits) -> None:
 
 
 def replay_growth(editor: str, steps: int) -> None:
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
     from lifelong.replay import replay
     from lifelong.run import RunConfig
     from streams import EditStream, load_stream
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--skip-replay", action="store_true")
     args = ap.parse_args()
 
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
     from streams import load_stream
 
     print(runtime_header())

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifelong.machine import available_cores, runtime_header
+from lifelong.core.machine import available_cores, runtime_header
 from lifelong.replay import replay
 from lifelong.sweep import load_spec, run_sweep
 
@@ -34,7 +34,7 @@ from lifelong.sweep import load_spec, run_sweep
 def _warm(model: str) -> int:
     """What a worker process does once: import torch and this package, load the model a first time."""
     import lifelong.replay  # noqa: F401
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     load_model(model)
     return os.getpid()
@@ -66,7 +66,7 @@ def main() -> None:
         )
         spec = load_spec(spec_path)
 
-        from lifelong.models import load_model
+        from lifelong.core.models import load_model
 
         load_model(args.model)  # the model's one-time conversion is cached before anything is timed
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifelong.machine import THREADS_ENV, available_cores, runtime_header
+from lifelong.core.machine import THREADS_ENV, available_cores, runtime_header
 from lifelong.run import RunDir
 
 

@@ -21,10 +21,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 from lifelong.replay import replay
 from lifelong.run import RunConfig
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from streams import EditStream, layout, read_dataset
 from streams.generators import chains_of
 

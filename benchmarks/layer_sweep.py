@@ -28,8 +28,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lifelong.editors import make_editor
-    from lifelong.models import load_model
-    from lifelong.scorer import Scorer
+    from lifelong.core.models import load_model
+    from lifelong.core.scorer import Scorer
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

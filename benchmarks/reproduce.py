@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from lifelong.stats import (  # noqa: E402
+from lifelong.core.stats import (  # noqa: E402
     Estimate,
     format_estimate,
     newcombe_difference,
@@ -1043,7 +1043,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown_arms:
         ap.error(f"--arms {', '.join(sorted(unknown_arms))}: no such arm in the chosen claims")
 
-    from lifelong.machine import runtime_header
+    from lifelong.core.machine import runtime_header
 
     t0 = time.perf_counter()
     lm = base = None
@@ -1056,7 +1056,7 @@ def main(argv: list[str] | None = None) -> None:
                 runnable = not only_arms or arm.key in only_arms
                 if stored is None and runnable and not args.report_only:
                     if lm is None:
-                        from lifelong.models import load_model
+                        from lifelong.core.models import load_model
 
                         lm = load_model(args.model)
                         base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

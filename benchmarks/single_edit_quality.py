@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from lifelong.editors import make_editor
-from lifelong.machine import runtime_header
-from lifelong.models import load_model
-from lifelong.scorer import Scorer
-from lifelong.stats import wilson
+from lifelong.core.machine import runtime_header
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
+from lifelong.core.stats import wilson
 from streams import load_stream
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

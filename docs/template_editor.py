@@ -18,11 +18,11 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta, ParamChange
+from lifelong.core.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, resolve_layer
 from lifelong.editors.locate import capture_keys
-from lifelong.models import LoadedModel
-from lifelong.scorer import answer_token_ids
+from lifelong.core.models import LoadedModel
+from lifelong.core.scorer import answer_token_ids
 from streams import Edit
 
 

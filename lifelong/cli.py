@@ -63,7 +63,7 @@ def quiet_bars(quiet: bool):
 def check_replay_args(args) -> None:
     """What can be refused before torch and transformers are imported (a typo ends in a second, not
     after a minute of loading): names, numbers, the stream's spelling and whether its file exists."""
-    from lifelong.names import unknown_editor, unknown_probe
+    from lifelong.core.names import unknown_editor, unknown_probe
 
     problem = unknown_editor(args.editor) or next(filter(None, map(unknown_probe, args.probe or [])), None)
     if problem:
@@ -75,14 +75,14 @@ def check_replay_args(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1 (got {args.steps})")
     _parse_set(args.set)
-    from lifelong.keep import KeepPolicy
+    from lifelong.core.keep import KeepPolicy
 
     KeepPolicy.parse(args.keep_deltas)
     from lifelong.export import check_export_spec
 
     for spec in args.export or []:
         check_export_spec(spec)
-    from streams.facts import check_stream_spec
+    from streams.catalog import check_stream_spec
 
     check_stream_spec(args.stream)
 
@@ -258,7 +258,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_checkout(args) -> int:
-    from lifelong.models import check_checkout_target, save_model_dir
+    from lifelong.core.models import check_checkout_target, save_model_dir
     from lifelong.replay import checkout
     from lifelong.run import RunDir
 
@@ -318,8 +318,8 @@ def cmd_train_mend(args) -> int:
         resolve_params,
         train_hypernetwork,
     )
-    from lifelong.machine import ComputeThreads, thread_policy
-    from lifelong.models import load_model
+    from lifelong.core.machine import ComputeThreads, thread_policy
+    from lifelong.core.models import load_model
 
     policy = thread_policy(args.threads)
     with quiet_bars(args.quiet):
@@ -392,7 +392,7 @@ def _setting_lines(cls: type, indent: str, prefix: str = "") -> list[str]:
 
 def cmd_editors(args) -> int:
     from lifelong.editors import EDITORS, editor_class
-    from lifelong.names import installed_editors
+    from lifelong.core.names import installed_editors
 
     for name in sorted({*EDITORS, *installed_editors()}):
         cls = editor_class(name)
@@ -431,7 +431,7 @@ def cmd_probes(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from lifelong.models import available_models
+    from lifelong.core.models import available_models
 
     for name, description in available_models():
         print(f"{name:<14}{description}")

@@ -21,14 +21,14 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from lifelong.bars import bar as progress_bar
-from lifelong.bars import showing as bars_showing
-from lifelong.delta import DeltaStore, KeepPolicy
+from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import showing as bars_showing
+from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.editors import Editor, make_editor
-from lifelong.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
-from lifelong.models import LoadedModel, context_length, load_model, weights_fingerprint
+from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
+from lifelong.core.models import LoadedModel, context_length, load_model, weights_fingerprint
 from lifelong.run import RunConfig, RunDir, identity_of
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes.base import chain_ends
 from streams import EditStream, load_stream
@@ -78,7 +78,7 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
 def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
     """Refuse, naming the edit, a prompt that with its answer is longer than the model's context
     (scored anyway it would fail, or be read past the positions the model was trained on)."""
-    from lifelong.scorer import answer_token_ids
+    from lifelong.core.scorer import answer_token_ids
 
     limit = context_length(lm.model)
     if limit is None:
@@ -173,7 +173,7 @@ def replay(
     stay on it: to reuse it for another run, pass ``editor`` and call its ``release()``); ``editor`` runs
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
     ``stop_after`` ends the call after that many new steps, as a kill would (for tests);
-    ``threads`` fixes the compute threads (default: see :func:`lifelong.machine.thread_policy`);
+    ``threads`` fixes the compute threads (default: see :func:`lifelong.core.machine.thread_policy`);
     ``exporters`` (:mod:`lifelong.export`) receive each step's rows as they are written (the caller closes them).
     """
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
@@ -392,8 +392,8 @@ def checkout(
         editor.bind(lm)
         lm.editor = editor
     store.checkout(lm.model, step)
-    if lm.editor is not None:
-        lm.editor.load_step_states(store.step_states(step, lm.editor.incremental_state))
+    if cls.adaptor:
+        editor.load_step_states(store.step_states(step, editor.incremental_state))
     return lm
 
 

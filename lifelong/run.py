@@ -11,7 +11,7 @@ Layout::
     DIR/plots/                 PNGs
 
 Every file is written under a temporary name, flushed to disk and renamed (and the
-directory flushed: :mod:`lifelong.durable`), so a killed run or a power cut leaves only
+directory flushed: :mod:`lifelong.core.durable`), so a killed run or a power cut leaves only
 whole files; a step counts once ``progress.json`` says it is complete.
 """
 
@@ -31,7 +31,7 @@ from typing import Iterator
 import polars as pl
 from polars.datatypes import DataTypeClass
 
-from lifelong.durable import append_line, make_dirs, publish
+from lifelong.core.durable import append_line, make_dirs, publish
 from streams.errors import UserError
 
 RESULT_SCHEMA: dict[str, DataTypeClass | pl.DataType] = {
@@ -67,10 +67,12 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     probes: list[str] = field(default_factory=list)  # extra probes: "name" or "name:key=value,..."
-    # Which steps stay available for checkout (lifelong.delta.KeepPolicy): storage, not results; part
+    # Which steps stay available for checkout (lifelong.core.delta.KeepPolicy): storage, not results; part
     # of the identity only when not "all", so a run resumes under the policy it started with.
     keep_deltas: str = "all"
-    dtype: str = "float32"  # the weights' dtype as loaded (lifelong.models.LOAD_DTYPES); in the identity unless float32
+    dtype: str = (
+        "float32"  # the weights' dtype as loaded (lifelong.core.models.LOAD_DTYPES); in the identity unless float32
+    )
 
 
 def is_temporary(name: str) -> bool:

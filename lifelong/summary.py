@@ -1,6 +1,6 @@
 """The run summary table printed by ``lifelong show`` and at the end of ``lifelong replay``.
 
-Every rate over items carries its n and a 95% interval (``lifelong.stats``): Wilson where the items are
+Every rate over items carries its n and a 95% interval (``lifelong.core.stats``): Wilson where the items are
 0/1 outcomes, a seeded bootstrap over items where they are continuous. Counts, corpus-level figures
 (perplexity) and timings carry their n where one exists and no interval.
 
@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from lifelong.run import RunDir
-from lifelong.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate, sampled_wilson
+from lifelong.core.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate, sampled_wilson
 from probes import metric_table as mt
 from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 

@@ -142,7 +142,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     """Check a spec's TOML text and make its cells; a bad spec raises :class:`SpecError` naming the key.
     Relative stream files and model directories are taken from ``base`` (the spec file's folder)."""
     from lifelong.editors import UnknownEditorError, editor_class, parse_overrides
-    from lifelong.models import DEFAULT_MODEL, TINY_MODELS
+    from lifelong.core.models import DEFAULT_MODEL, TINY_MODELS
     from lifelong.replay import default_suite, prepare_stream_and_facts
 
     def bad(key: str, message: str) -> SpecError:
@@ -562,7 +562,7 @@ def ray_session(address: str | None, device: str) -> Iterator[Any]:
 
     import ray
 
-    from lifelong.machine import available_cores
+    from lifelong.core.machine import available_cores
 
     owned = not ray.is_initialized()
     if owned:
@@ -624,7 +624,7 @@ def run_sweep(
     """Run every cell of ``spec`` not yet done into sweep directory ``out`` (see the module's docstring)."""
     from tqdm import tqdm
 
-    from lifelong.bars import bar as progress_bar
+    from lifelong.core.bars import bar as progress_bar
 
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")

@@ -1,12 +1,11 @@
 """What is measured: probes and suites, metrics (docs/METRICS.md).
 
-``probes`` may import ``streams`` (the Edit type) and, of ``lifelong``, only the modules it shares
-with the editors, which import nothing else of ``lifelong``: the model interface
-(``lifelong.scorer``, ``lifelong.model_access``), option parsing (``lifelong.options``) and progress
-bars (``lifelong.bars``). ``tests/test_scorer.py`` checks both halves.
+``probes`` stands on ``lifelong.core`` (the scorer and model access, options, stats, progress bars)
+and ``streams`` alone; it never imports the editors or the engine (the import contract in
+pyproject.toml, checked by ``make lint``).
 """
 
-from lifelong.options import OptionError, parse_options, split_spec
+from lifelong.core.options import OptionError, parse_options, split_spec
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
 from probes.chains import ChainProbe
 from probes.downstream import DownstreamProbe

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from streams import Edit
 from streams.errors import UserError
 
@@ -163,7 +163,7 @@ class Probe:
 def _probe_bar(due: Sequence["Probe"]):
     """A transient bar naming the probe that runs, when several are due (perplexity and downstream
     probes take minutes on a CPU); silent for one, and under --quiet (TQDM_DISABLE)."""
-    from lifelong.bars import bar
+    from lifelong.core.bars import bar
 
     return bar(total=len(due), unit="probe", leave=False, show=len(due) >= 2)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from streams import FactSet
 
 

@@ -27,9 +27,9 @@ from typing import cast
 import numpy as np
 import polars as pl
 
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from probes.base import Probe, ProbeContext, Row
-from lifelong.stats import ratio_interval
+from lifelong.core.stats import ratio_interval
 from probes.metric_table import (
     CHUNK_NLL,
     CHUNK_TOKENS,

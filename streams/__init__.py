@@ -14,18 +14,8 @@ The JSONL format is documented in ``streams/FORMAT.md``.
 
 from .edit import ROLES, ChainLink, Edit, EditError, Neighbor
 from .errors import MissingFileError, UserError
-from .facts import (
-    STREAMS,
-    Fact,
-    FactSet,
-    FactSetError,
-    Relation,
-    builtin_chains_stream,
-    builtin_stream,
-    list_streams,
-    load_fact_set,
-    load_stream,
-)
+from .catalog import STREAMS, builtin_chains_stream, list_streams, load_stream
+from .facts import Fact, FactSet, FactSetError, Relation, builtin_stream, load_fact_set
 from .generators import (
     chains_of,
     composite_chains,

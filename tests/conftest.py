@@ -38,7 +38,7 @@ def make_edits(n: int = 6, start: int = 0) -> list[Edit]:
 def registered_test_session():
     """The test session counts as a lifelong run on this machine, so that replays started beside
     it (and it beside them) share the cores instead of each taking all of them."""
-    from lifelong.machine import RunRegistry
+    from lifelong.core.machine import RunRegistry
 
     with RunRegistry().registered() as registry:
         yield registry
@@ -51,7 +51,7 @@ def one_thread_for_tiny_models(request, monkeypatch, registered_test_session):
     of the cores (replays inside a test follow LIFELONG_THREADS)."""
     import torch
 
-    from lifelong.machine import THREADS_ENV, thread_policy
+    from lifelong.core.machine import THREADS_ENV, thread_policy
 
     threads = torch.get_num_threads()
     if request.node.get_closest_marker("slow"):
@@ -77,7 +77,7 @@ def stream_file(tmp_path) -> Path:
 
 @pytest.fixture(params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     return load_model(request.param)
 

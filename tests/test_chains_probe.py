@@ -13,10 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 from lifelong.replay import checkout, replay
 from lifelong.run import RunConfig
-from lifelong.scorer import Scorer, Scores
+from lifelong.core.scorer import Scorer, Scores
 from probes import ProbeContext, Schedule, make_probe
 from probes import distortion as dm
 from probes.base import chain_ends

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lifelong.editors import covariance
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     return load_model("smollm2-135m")
 
@@ -38,7 +38,7 @@ def fresh(smollm, base_state):
 def test_every_builtin_fact_is_known_before_editing(fresh):
     """Each fact: exact greedy match of the true object, and it beats every other candidate;
     each neighborhood prompt is answered exactly too."""
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
     from probes.fact_check import check_fact_set
     from streams import load_fact_set
 
@@ -78,7 +78,7 @@ def test_rome_single_edits_take_hold(fresh, smollm, base_state, name):
     import torch
 
     from lifelong.editors import make_editor
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
     from streams import load_stream
 
     editor = make_editor(name, {"mom2": "false"}).bind(smollm)
@@ -101,7 +101,7 @@ def test_one_kn_edit_keeps_perplexity(fresh):
     (~70 s on a busy core; most of it is the integrated gradients over 30 layers)."""
     from lifelong.editors import make_editor
     from probes.perplexity import PerplexityProbe
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
     from streams import load_stream
 
     probe = PerplexityProbe(options=PerplexityProbe.Options(max_tokens=256, max_sentences=0))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lifelong.delta import Delta, DeltaStore, ParamChange
+from lifelong.core.delta import Delta, DeltaStore, ParamChange
 
 
 def _weights(tiny):
@@ -159,7 +159,7 @@ def _flip_last_data_byte(path):
     ],
 )
 def test_damaged_delta_or_state_is_named_on_resume_and_checkout(tmp_path, stream_file, editor, overrides, damaged):
-    from lifelong.delta import DamagedFileError
+    from lifelong.core.delta import DamagedFileError
     from lifelong.replay import checkout, replay
     from lifelong.run import RunConfig
 
@@ -175,7 +175,7 @@ def test_damaged_delta_or_state_is_named_on_resume_and_checkout(tmp_path, stream
 
 
 def test_truncated_delta_is_named(tmp_path):
-    from lifelong.delta import DamagedFileError, Delta, ParamChange
+    from lifelong.core.delta import DamagedFileError, Delta, ParamChange
 
     path = tmp_path / "step_000001.safetensors"
     Delta({"w": ParamChange(dense=torch.ones(3, 3))}).save(path)

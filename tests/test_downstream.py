@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.model_access import generate
-from lifelong.models import load_model
-from lifelong.options import OptionError
-from lifelong.scorer import Scorer, Scores
+from lifelong.core.model_access import generate
+from lifelong.core.models import load_model
+from lifelong.core.options import OptionError
+from lifelong.core.scorer import Scorer, Scores
 from probes import ProbeContext, make_probe
 from probes.tasks import (
     BUILTIN_TASKS,

@@ -56,7 +56,7 @@ def test_every_editor_with_checks_is_exercised():
 
 @pytest.mark.parametrize("name", sorted(EDITORS))
 def test_bind_records_every_model_dependent_default(name):
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     lm = load_model("tiny-llama")
     editor = make_editor(name)

@@ -16,7 +16,7 @@ def test_each_write_is_flushed_before_its_rename_and_its_directory_after(tmp_pat
     import polars as pl
     import torch
 
-    from lifelong.delta import atomic_save_tensors
+    from lifelong.core.delta import atomic_save_tensors
     from lifelong.run import atomic_write_parquet, atomic_write_text
 
     events = []
@@ -74,7 +74,7 @@ real_replace = os.replace
 
 # Warm up what every child would otherwise import and initialise again (no thread pool starts).
 from lifelong.editors import make_editor
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 from lifelong.replay import default_suite, prepare_stream_and_facts
 
 lm = load_model(config.model)

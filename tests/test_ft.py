@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lifelong.editors import HyperparameterError, UnknownEditorError, make_editor
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from tests.conftest import TINY_FT, make_edits
 
 
@@ -33,7 +33,7 @@ def test_ft_empty_batch_changes_nothing(tiny):
 
 
 def test_ft_is_deterministic():
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     results = []
     for _ in range(2):

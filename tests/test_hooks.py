@@ -115,7 +115,7 @@ def test_input_rewrite_with_kwargs(toy):
 
 
 def test_snapshot_restores_then_applies_the_delta_once(toy):
-    from lifelong.delta import ParamChange
+    from lifelong.core.delta import ParamChange
 
     name = "layers.0.weight"
     weight = toy.get_parameter(name)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lifelong.delta import DeltaStore
+from lifelong.core.delta import DeltaStore
 from lifelong.editors import make_editor
 from lifelong.editors.kn import attribution, layer_attribution, parse_layers, select_neurons
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 
 FAST_KN = {"layers": "1-2", "ig_steps": "6"}
 PAPER_KN = {**FAST_KN, "rule": "paper", "prompts": "paraphrases"}  # the paper's rule and selection
@@ -158,7 +158,7 @@ def test_toolkit_answer_embedding():
 def test_edit_without_a_recorded_old_answer(edits):
     from dataclasses import replace
 
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     lm = load_model("tiny-llama")
     editor = make_editor("kn", FAST_KN).bind(lm)

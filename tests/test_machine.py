@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifelong import machine
-from lifelong.machine import ComputeThreads, RunRegistry, choose_dtype, thread_policy
+from lifelong.core import machine
+from lifelong.core.machine import ComputeThreads, RunRegistry, choose_dtype, thread_policy
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_bad_thread_counts_are_refused(clean_thread_env, monkeypatch, bad):
 def test_affinity_mask_bounds_the_cores():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this OS")
-    code = "from lifelong.machine import available_cores; print(available_cores())"
+    code = "from lifelong.core.machine import available_cores; print(available_cores())"
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip("taskset is not available")
@@ -132,7 +132,7 @@ def test_cpu_description_names_model_and_features():
 def test_release_free_memory_gives_freed_heap_pages_back():
     """Freed tensors' heap pages stay resident under glibc until trimmed (what made resident memory
     climb over a long replay); release_free_memory, called after every step, hands them back."""
-    from lifelong.machine import release_free_memory
+    from lifelong.core.machine import release_free_memory
 
     def rss_mib() -> float:
         for line in Path("/proc/self/status").read_text().splitlines():

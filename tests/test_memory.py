@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from lifelong.cli import main
 from lifelong.editors import make_editor
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
-from lifelong.scorer import Scorer
+from lifelong.core.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, snapshot
 from tests.conftest import make_edits
 
@@ -114,7 +114,7 @@ def test_weights_state_resume_checkout(tmp_path, stream_file, capsys):
 def test_a_step_saves_only_the_records_it_added(tmp_path, stream_file):
     import json
 
-    from lifelong.delta import DeltaStore
+    from lifelong.core.delta import DeltaStore
 
     run = replay(
         RunConfig(model="tiny-llama", editor="memory", stream=str(stream_file), steps=4), tmp_path / "m", progress=False
@@ -132,7 +132,7 @@ def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     """The downstream probe's generation path asks the model through the scorer, so the memory's
     rewriter applies there too (it did not: generation read the model past the rewriter)."""
     from probes import ProbeContext, make_probe
-    from lifelong.model_access import generate
+    from lifelong.core.model_access import generate
     from probes.tasks import Generate
 
     e = make_edits(4)[3]

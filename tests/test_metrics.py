@@ -113,8 +113,8 @@ def test_retention_probe_reports_superseded_edits():
     supersession), Country1 at step 2. After step 3 the first edit is scored as ``superseded``."""
     from dataclasses import replace
 
-    from lifelong.models import load_model
-    from lifelong.scorer import Scorer
+    from lifelong.core.models import load_model
+    from lifelong.core.scorer import Scorer
     from probes import ProbeContext
     from probes.edit_quality import RetentionProbe, superseded_ids
     from tests.conftest import make_edits

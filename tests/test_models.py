@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from lifelong.arch import ArchAdapter, UnsupportedArchitectureError
-from lifelong.models import ModelLoadError, load_model, save_model_dir, tiny_model
+from lifelong.core.arch import ArchAdapter, UnsupportedArchitectureError
+from lifelong.core.models import ModelLoadError, load_model, save_model_dir, tiny_model
 
 
 def test_tiny_models_are_seeded(tiny):
@@ -92,7 +92,7 @@ def test_weights_missing_from_the_files_are_refused(tmp_path, damage):
 
 
 def test_fingerprint_follows_every_weight(tiny):
-    from lifelong.models import weights_fingerprint
+    from lifelong.core.models import weights_fingerprint
 
     before = weights_fingerprint(tiny.model)
     assert weights_fingerprint(tiny.model) == before
@@ -104,7 +104,7 @@ def test_fingerprint_follows_every_weight(tiny):
 
 def test_a_model_in_memory_runs_as_loaded(tmp_path, stream_file):
     """LoadedModel.from_hf: a transformers model built elsewhere replays as the registered one does."""
-    from lifelong.models import LoadedModel
+    from lifelong.core.models import LoadedModel
     from lifelong.replay import replay
     from lifelong.run import RunConfig
     from tests.conftest import TINY_FT

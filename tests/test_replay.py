@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from lifelong.models import load_model
+from lifelong.core.models import load_model
 from lifelong.replay import checkout, replay
 from lifelong.run import RunConfig, RunDirError
 from tests.conftest import TINY_FT
@@ -189,7 +189,7 @@ def test_missing_result_part_is_named_not_dropped(tmp_path, stream_file):
 
 
 def test_resume_and_checkout_refuse_other_base_weights(tmp_path, stream_file):
-    from lifelong.models import save_model_dir
+    from lifelong.core.models import save_model_dir
 
     model_dir = tmp_path / "model"
     first = load_model("tiny-llama")
@@ -268,7 +268,7 @@ def test_a_model_reused_after_releasing_the_editor_keeps_no_hooks(tmp_path, stre
 
 
 def test_keep_policy_rules():
-    from lifelong.delta import KeepPolicy
+    from lifelong.core.delta import KeepPolicy
 
     assert [k for k in range(1, 11) if KeepPolicy.parse("every:3").keeps(k, 10)] == [3, 6, 9, 10]
     assert [k for k in range(1, 11) if KeepPolicy.parse("last:3").keeps(k, 10)] == [8, 9, 10]
@@ -284,7 +284,7 @@ def test_keep_policy_rules():
 def test_kept_steps_check_out_bitwise_and_resume_exactly(tmp_path, stream_file, full_run, policy):
     """Under a retention policy, disk holds the kept steps and the latest one; each kept step checks
     out bitwise equal to the run that keeps all; a killed run resumes to the same results."""
-    from lifelong.delta import DeltaStore, KeepPolicy, StepNotKept
+    from lifelong.core.delta import DeltaStore, KeepPolicy, StepNotKept
 
     cfg = config(stream_file, keep_deltas=policy)
     lm = load_model("tiny-llama")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lifelong.stats import Estimate
+from lifelong.core.stats import Estimate
+from streams.readers import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -52,7 +53,7 @@ def test_alphaedit_claim_runs_the_papers_batches_at_standard_scale_with_one_seed
 
     import numpy as np
 
-    from lifelong.stats import newcombe_difference, wilson
+    from lifelong.core.stats import newcombe_difference, wilson
 
     claim = next(c for c in R.CLAIMS if c.key == "alphaedit")
     assert [a.batch_at("standard") for a in claim.arms] == [100, 100]
@@ -175,6 +176,8 @@ def test_one_seed_perplexity_ratios_carry_the_interval_over_chunks():
     )
 
 
+@pytest.mark.data
+@pytest.mark.skipif(not default_data_dir().is_dir(), reason="the reproduction reads ../shared/data (or $LIFELONG_DATA)")
 def test_small_reproduction_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- reproduce:begin -->\nSTALE TABLE\n<!-- reproduce:end -->\nrest\n")
@@ -241,7 +244,7 @@ def test_arms_runs_only_the_named_arms(monkeypatch, tmp_path, capsys):
     one claim's --work)."""
     import types
 
-    import lifelong.models
+    import lifelong.core.models
 
     ran = []
 
@@ -250,7 +253,7 @@ def test_arms_runs_only_the_named_arms(monkeypatch, tmp_path, capsys):
         raise RuntimeError("not in this test")
 
     fake_lm = types.SimpleNamespace(model=types.SimpleNamespace(named_parameters=lambda: []), device="cpu")
-    monkeypatch.setattr(lifelong.models, "load_model", lambda name: fake_lm)
+    monkeypatch.setattr(lifelong.core.models, "load_model", lambda name: fake_lm)
     monkeypatch.setattr(R, "run_arm", fake_run_arm)
     monkeypatch.setattr(R, "DATA", tmp_path)
     out = tmp_path / "doc.md"

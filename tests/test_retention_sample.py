@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from lifelong.stats import sampled_wilson, wilson
+from lifelong.core.stats import sampled_wilson, wilson
 from probes.edit_quality import RetentionOptions, RetentionProbe, capped, panel_rank
 from tests.conftest import TINY_FT, make_edits
 
@@ -72,7 +72,7 @@ def test_sampled_interval_covers_the_exact_fraction_at_about_its_rate():
 
 
 def _ctx(lm, history):
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
     from probes import ProbeContext
 
     return ProbeContext(
@@ -81,7 +81,7 @@ def _ctx(lm, history):
 
 
 def test_probe_scores_every_edit_under_the_cap_and_exactly_sample_above_it():
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     lm = load_model("tiny-llama")
     edits = make_edits(7)
@@ -107,7 +107,7 @@ def test_probe_scores_every_edit_under_the_cap_and_exactly_sample_above_it():
 def test_summary_of_a_sampled_run_keeps_intervals_and_does_not_count_unsampled_edits_as_forgotten(
     tmp_path, stream_file
 ):
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
     from lifelong.replay import replay
     from lifelong.run import RunConfig
     from lifelong.summary import format_summary, summary_lines

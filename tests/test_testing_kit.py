@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lifelong.delta import Delta, ParamChange
+from lifelong.core.delta import Delta, ParamChange
 from lifelong.editors import EDITORS, make_editor
 from lifelong.editors.base import Editor
 from lifelong.testing import (
@@ -64,7 +64,7 @@ def private_cache(tmp_path, monkeypatch):
 def tiny_mend_hypernet(private_cache):
     """A MEND hypernetwork for tiny-llama trained a few steps on the built-in facts, in the private cache."""
     from lifelong.editors.mend import TrainConfig, resolve_layers, train_hypernetwork
-    from lifelong.models import load_model
+    from lifelong.core.models import load_model
 
     lm = load_model("tiny-llama")
     return train_hypernetwork(

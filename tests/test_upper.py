@@ -141,8 +141,8 @@ def llama_family_model(family: str):
     fused stack's folding of norm weights and biases is exercised."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from lifelong.arch import ArchAdapter
-    from lifelong.models import LoadedModel, byte_tokenizer
+    from lifelong.core.arch import ArchAdapter
+    from lifelong.core.models import LoadedModel, byte_tokenizer
 
     tokenizer = byte_tokenizer()
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]

@@ -20,8 +20,8 @@ from lifelong.editors.wise import (
     mlp_activation,
     ties_merge,
 )
-from lifelong.models import load_model
-from lifelong.scorer import Scorer
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 

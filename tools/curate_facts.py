@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections import Counter
 
-from lifelong.models import load_model
-from lifelong.scorer import Scorer
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
 from probes.fact_check import check_fact_set
 from streams import load_fact_set
 

@@ -1,4 +1,4 @@
-"""The editor registry: the built-in editors of :mod:`lifelong.names` (the one list), editors that
+"""The editor registry: the built-in editors of :mod:`lifelong.core.names` (the one list), editors that
 installed packages declare in the ``lifelong.editors`` entry-point group, and editors registered at
 run time with :func:`register_editor`. An editor class can also be named by its path,
 ``module.path:Class``, anywhere a name is accepted (``--editor``, sweeps, :func:`make_editor`)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
-from lifelong.names import EDITOR_CLASSES, installed_editors, is_class_path, unknown_editor
+from lifelong.core.names import EDITOR_CLASSES, installed_editors, is_class_path, unknown_editor
 from streams.errors import UserError
 
 
@@ -28,7 +28,7 @@ def _load(path: str) -> type[Editor]:
 
 
 EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_CLASSES.items()}
-"""Every built-in editor by name (from :data:`lifelong.names.EDITOR_CLASSES`), plus any added by
+"""Every built-in editor by name (from :data:`lifelong.core.names.EDITOR_CLASSES`), plus any added by
 :func:`register_editor`; installed packages' editors join on first use (:func:`editor_class`)."""
 
 

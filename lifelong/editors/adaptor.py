@@ -13,11 +13,11 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, each_edit
 from lifelong.editors.hooks import Hooks, stop_before
-from lifelong.model_access import Codec
-from lifelong.models import LoadedModel
+from lifelong.core.model_access import Codec
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

@@ -1,7 +1,7 @@
 """The editor contract (docs/DESIGN.md §3) and typed hyperparameters.
 
 An editor changes the live model in place for one batch of edits and returns the
-:class:`~lifelong.delta.Delta` of exactly what it changed. Anything it carries
+:class:`~lifelong.core.delta.Delta` of exactly what it changed. Anything it carries
 from step to step (accumulated keys, a codebook, cached statistics) goes through
 ``state_dict``/``load_state_dict`` so runs can resume and check out any step.
 """
@@ -14,10 +14,10 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from lifelong.delta import Delta, ParamChange
-from lifelong.machine import choose_dtype
-from lifelong.models import LoadedModel
-from lifelong.options import check_range, parse_options
+from lifelong.core.delta import Delta, ParamChange
+from lifelong.core.machine import choose_dtype
+from lifelong.core.models import LoadedModel
+from lifelong.core.options import check_range, parse_options
 from streams import Edit
 from streams.errors import UserError
 
@@ -32,7 +32,7 @@ def parse_overrides(params_cls: type, overrides: dict[str, str] | None, editor: 
 
 
 def validate_params(params, editor: str) -> None:
-    """Every setting's declared range (lifelong.options' tables: the same check ``--set`` gets, so
+    """Every setting's declared range (lifelong.core.options' tables: the same check ``--set`` gets, so
     Params built in Python are held to it too), then the Params class's own ``validate(editor)``."""
     if dataclasses.is_dataclass(params):
         for f in dataclasses.fields(params):
@@ -88,7 +88,7 @@ def each_edit(batch: Sequence[Edit], what: str) -> Sequence[Edit]:
     ``--quiet`` (TQDM_DISABLE) like every bar."""
     if len(batch) < 2:
         return batch
-    from lifelong.bars import bar
+    from lifelong.core.bars import bar
 
     return bar(batch, desc=f"  {what}", unit="edit", leave=False)
 

@@ -17,10 +17,10 @@ from typing import cast
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lifelong.bars import bar as progress_bar
-from lifelong.delta import atomic_save_tensors, load_tensors
+from lifelong.core.bars import bar as progress_bar
+from lifelong.core.delta import atomic_save_tensors, load_tensors
 from lifelong.editors.locate import capture_keys
-from lifelong.models import LoadedModel, cache_root
+from lifelong.core.models import LoadedModel, cache_root
 from streams.errors import MissingFileError, UserError
 
 MODEL_SAMPLE = "model-sample"

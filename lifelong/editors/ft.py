@@ -14,10 +14,10 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta, ParamChange
+from lifelong.core.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, Snapshot, resolve_layer
-from lifelong.models import LoadedModel
-from lifelong.scorer import Scorer
+from lifelong.core.models import LoadedModel
+from lifelong.core.scorer import Scorer
 from streams import Edit
 
 

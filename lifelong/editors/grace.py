@@ -40,9 +40,9 @@ from typing import Any, Sequence
 import torch
 
 from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index, target_nll
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.locate import capture_keys
-from lifelong.models import LoadedModel
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

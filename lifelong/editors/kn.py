@@ -42,13 +42,13 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from lifelong.delta import Delta, ParamChange
+from lifelong.core.delta import Delta, ParamChange
 from lifelong.editors.base import Editor, Snapshot, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import capture_keys
-from lifelong.model_access import Codec
-from lifelong.models import LoadedModel
+from lifelong.core.model_access import Codec
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

@@ -15,14 +15,14 @@ from typing import ContextManager, Sequence, cast
 import torch
 from transformers import DynamicCache
 
-from lifelong.arch import ArchAdapter
-from lifelong.delta import ParamChange
+from lifelong.core.arch import ArchAdapter
+from lifelong.core.delta import ParamChange
 from lifelong.editors.hooks import capture, first_input, stop_after
 from lifelong.editors.upper import UpperStack, compute_dtype, layer_output, suffix_pass_kwargs
 from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
-from lifelong.machine import check_dtype_setting
-from lifelong.model_access import Codec
-from lifelong.models import LoadedModel
+from lifelong.core.machine import check_dtype_setting
+from lifelong.core.model_access import Codec
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 
@@ -137,7 +137,7 @@ class ValueParams:
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
     # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
-    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.machine).
+    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.core.machine).
     # The update itself is always solved in float64.
     v_dtype: str = "auto"
     # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, default_layer, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
@@ -42,7 +42,7 @@ from lifelong.editors.locate import (
     padded_batch,
     subject_token_index,
 )
-from lifelong.models import LoadedModel
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

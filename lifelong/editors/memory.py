@@ -41,10 +41,10 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor
 from lifelong.editors.locate import padded_batch
-from lifelong.models import LoadedModel
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

@@ -20,11 +20,11 @@ from typing import Sequence, cast
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
 from lifelong.editors.locate import FitLog, UpperStacks, ValueParams, fit_value, lowrank_change
-from lifelong.models import LoadedModel
+from lifelong.core.models import LoadedModel
 from streams import Edit
 
 

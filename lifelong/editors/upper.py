@@ -10,7 +10,7 @@ KV cache and final norm) with the layer list cut to l+1..; a learned absolute po
 embedding (GPT-2's ``wpe``) is zeroed there, since the residual already holds it.
 It can run in a lower-precision compute dtype (bfloat16 halves the time of the
 matmuls on CPUs with AVX512-BF16 or AMX, and costs 30–70× on CPUs without them:
-``auto`` chooses, see :mod:`lifelong.machine`): a converted copy of the upper stack,
+``auto`` chooses, see :mod:`lifelong.core.machine`): a converted copy of the upper stack,
 rebuilt only when one of its weights changes.
 
 This module runs any supported family through its own layers; Llama-family models have a
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lifelong.arch import ArchAdapter
-from lifelong.machine import choose_dtype
+from lifelong.core.arch import ArchAdapter
+from lifelong.core.machine import choose_dtype
 
 
 def compute_dtype(name: str, editor: str, device: torch.device | str = "cpu") -> torch.dtype:

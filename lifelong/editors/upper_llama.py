@@ -11,7 +11,7 @@ from typing import Sequence, cast
 import torch
 from torch import nn
 
-from lifelong.arch import ArchAdapter
+from lifelong.core.arch import ArchAdapter
 from lifelong.editors.upper import UpperStack, _bias, _weight
 
 

@@ -45,8 +45,8 @@ from typing import Sequence, cast
 import torch
 
 from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
-from lifelong.model_access import Codec
-from lifelong.models import LoadedModel
+from lifelong.core.model_access import Codec
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
-from lifelong.delta import Delta, DeltaStore
+from lifelong.core.delta import Delta, DeltaStore
 from lifelong.editors.base import Editor
-from lifelong.models import LoadedModel, load_model
+from lifelong.core.models import LoadedModel, load_model
 from probes.metric_table import CHAINS, DISTORTION_JS, IGNORE_RATE, METRICS, out_of_range
 from streams import Edit, EditStream
 
@@ -158,7 +158,7 @@ def checkout_equals_live(subject: EditorUnderTest, stream: EditStream) -> None:
     """checkout(run, k) rebuilt from base + deltas equals the live model after k replayed steps (bitwise),
     and scores the stream's prompts as the live model and editor do (adaptors, prompt memories)."""
     from lifelong.replay import checkout, scorer_for
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
 
     steps = len(stream.steps())
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
@@ -297,7 +297,7 @@ def _check_distortion(subject: EditorUnderTest, stream: EditStream, live: Loaded
     """JS(q_θb ‖ q_θ0) on each edit's candidates, and IR for round edits, within the chain probe's ranges."""
     import numpy as np
 
-    from lifelong.scorer import Scorer
+    from lifelong.core.scorer import Scorer
     from probes.distortion import ignore_rate, js_divergence
 
     base = subject.fresh_model()

@@ -111,7 +111,7 @@ def check_editor(
     """Check the editors ``editor_factory()`` makes against ``invariants`` (all that apply by default).
 
     Each invariant is a hypothesis property over drawn edit streams, run on fresh copies
-    of ``model`` (a :func:`lifelong.models.load_model` spec) with ``max_examples`` examples of
+    of ``model`` (a :func:`lifelong.core.models.load_model` spec) with ``max_examples`` examples of
     at most ``max_edits`` edits;
     ``seed`` fixes both hypothesis's draws and torch's per-step seeds. A failing example is
     shrunk to a minimal stream (``shrink=False`` skips that) and printed in the report.

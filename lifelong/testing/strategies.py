@@ -9,7 +9,7 @@ import datetime
 from typing import Sequence
 
 from lifelong.testing._requires import INSTALL_HINT
-from lifelong.testing.invariants import fresh_model
+from lifelong.core.models import load_model
 from streams import ChainLink, Edit, EditStream, Fact, Neighbor
 from streams.facts import Relation
 
@@ -163,10 +163,10 @@ def edit_streams(
 
 
 def tiny_model_specs(families: Sequence[str] = ("tiny-llama", "tiny-gpt2"), seeds: Sequence[int] = (0,)):
-    """Model specs ``tiny-llama:SEED`` / ``tiny-gpt2:SEED`` that :func:`lifelong.models.load_model` understands."""
+    """Model specs ``tiny-llama:SEED`` / ``tiny-gpt2:SEED`` that :func:`lifelong.core.models.load_model` understands."""
     return st.sampled_from([f"{f}:{s}" if s else f for f in families for s in seeds])
 
 
 def tiny_models(families: Sequence[str] = ("tiny-llama", "tiny-gpt2"), seeds: Sequence[int] = (0,)):
     """Freshly loaded seeded tiny models (a new :class:`LoadedModel` per draw, so edits never leak)."""
-    return tiny_model_specs(families, seeds).map(fresh_model)
+    return tiny_model_specs(families, seeds).map(load_model)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from lifelong.delta import Delta
+from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor
 from lifelong.editors.locate import lowrank_change
 from lifelong.editors.mend.network import (
@@ -21,7 +21,7 @@ from lifelong.editors.mend.network import (
     target_param_name,
 )
 from lifelong.editors.mend.training import hypernet_dir, load_hypernetwork, model_key, record_keys
-from lifelong.models import LoadedModel
+from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import MissingFileError, UserError
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from lifelong.editors.base import parse_layers
 from lifelong.editors.hooks import Hooks
-from lifelong.models import LoadedModel
-from lifelong.scorer import Scorer
+from lifelong.core.models import LoadedModel
+from lifelong.core.scorer import Scorer
 from streams.errors import UserError
 
 

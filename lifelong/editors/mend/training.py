@@ -15,8 +15,8 @@ from typing import Any, Sequence, TypedDict, cast
 import numpy as np
 import torch
 
-from lifelong.delta import atomic_save_tensors
-from lifelong.durable import publish
+from lifelong.core.delta import atomic_save_tensors
+from lifelong.core.durable import publish
 from lifelong.editors.mend.network import (
     LEGACY_PARAMS,
     Hypernetwork,
@@ -28,8 +28,8 @@ from lifelong.editors.mend.network import (
     lowrank_added,
     resolve_params,
 )
-from lifelong.models import LoadedModel, cache_root
-from lifelong.scorer import Scorer
+from lifelong.core.models import LoadedModel, cache_root
+from lifelong.core.scorer import Scorer
 from streams import Edit
 from streams.errors import UserError
 
@@ -264,7 +264,7 @@ def train_hypernetwork(
     ``params`` None: every MLP projection. A checkpoint is written every ``config.checkpoint_every``
     steps, so a killed run resumes where it stopped; batches are drawn from (seed, step), so
     resuming gives the same result. The learning curve goes to ``curve.csv`` in the same directory."""
-    from lifelong.bars import bar as progress_bar
+    from lifelong.core.bars import bar as progress_bar
 
     kinds = resolve_params(params, lm.adapter)
     records = load_training_records(data, limit)

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lifelong.durable import make_dirs, publish
-from lifelong.keep import KeepPolicy
+from lifelong.core.durable import make_dirs, publish
+from lifelong.core.keep import KeepPolicy
 from streams.errors import MissingFileError, UserError
 
 _DENSE, _U, _V, _INDEX, _VALUES, _DIM = "dense", "u", "v", "index", "values", "dim"

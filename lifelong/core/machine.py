@@ -311,7 +311,7 @@ def measure_bfloat16_speedup() -> float:
 def bfloat16_speedup() -> float:
     """:func:`measure_bfloat16_speedup`, measured once per (CPU, torch version, threads) and
     cached under the project's cache directory."""
-    from lifelong.models import cache_root
+    from lifelong.core.models import cache_root
 
     cpu = cpu_description()
     key = (

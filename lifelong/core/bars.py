@@ -2,8 +2,7 @@
 
 tqdm reads ``TQDM_*`` variables once, when it is imported, so setting ``TQDM_DISABLE`` later (as
 ``--quiet`` does, and sweep workers) would not reach bars made after. :func:`bar` reads it at each
-call. Editors, the replay loop, sweeps and probe suites all use it; ``probes`` may import it, as it
-imports nothing else of ``lifelong`` (see ``probes/__init__.py``).
+call. Editors, the replay loop, sweeps and probe suites all use it.
 """
 
 from __future__ import annotations

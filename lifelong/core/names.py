@@ -3,7 +3,7 @@
 The command line checks ``--editor`` and ``--probe`` against these before it imports anything
 heavy, so a typo is refused in well under two seconds. The editor registry
 (:data:`lifelong.editors.EDITORS`) is built from :data:`EDITOR_CLASSES`; the probe registry
-lives in ``probes`` (which must not import ``lifelong``), and ``tests/test_cli.py`` checks that
+lives in ``probes`` (which stands on ``lifelong.core`` alone), and ``tests/test_cli.py`` checks that
 :data:`PROBE_NAMES` lists exactly its probes.
 """
 

@@ -1,4 +1,4 @@
-"""The low-level operations behind :class:`lifelong.scorer.Scorer`, the one handle probes have on a model.
+"""The low-level operations behind :class:`lifelong.core.scorer.Scorer`, the one handle probes have on a model.
 
 - :class:`Codec`: the tokenizer side only (prompt and answer ids, the pad id, padded batches). It
   needs no model, so editors that only tokenize build one of these instead of a whole scorer.

