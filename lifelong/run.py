@@ -182,7 +182,17 @@ class RunDir:
         if not self.exists():
             self._refuse_foreign_files()
         make_dirs(self.path)
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        # A link in a run directory would have a write here land on its target (a user's file).
+        links = sorted(p.name for p in self.path.iterdir() if p.is_symlink())
+        if links:
+            raise RunDirError(
+                f"{self.path}: {', '.join(links)} is a symbolic link; a run directory holds only files it "
+                "wrote (nothing was changed)"
+            )
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:  # ELOOP: the lock became a link after the check above
+            raise RunDirError(f"{self.path / LOCK_NAME}: cannot open the writer lock ({e.strerror})") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -100,6 +100,14 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
         assert sorted(p.name for p in (target if target.is_dir() else target.parent).iterdir()) == before
     assert (victim / "notes.txt").read_text() == "mine" and (out_dir / "manifest.json").is_file()
 
+    # A file the user put into an earlier checkout's directory since: refused by name, nothing lost.
+    (tmp_path / "m2" / "my-notes.md").write_text("mine")
+    before = sorted(p.name for p in (tmp_path / "m2").iterdir())
+    code, _, err = run_cli(capsys, "checkout", str(out_dir), "--step", "1", "--out", str(tmp_path / "m2"))
+    assert code == 2 and "holds my-notes.md, which 'lifelong checkout' did not write" in err
+    assert sorted(p.name for p in (tmp_path / "m2").iterdir()) == before
+    assert (tmp_path / "m2" / "my-notes.md").read_text() == "mine"
+
 
 @pytest.mark.parametrize("command", ["editors", "streams", "probes", "models"])
 def test_listings(command, capsys):

@@ -375,3 +375,26 @@ def test_retention_sample_is_in_the_identity_only_where_it_acts(tmp_path, stream
     )
     retention = next(p for p in capped.run.manifest()["identity"]["probes"] if p["name"] == "retention")
     assert retention["options"]["sample"] == 3
+
+
+def test_symlinks_in_a_run_directory_are_refused_and_their_targets_untouched(tmp_path, stream_file, full_run):
+    """A `.lock` or log that is a link would have our writes land on its target (a user's file)."""
+    from lifelong.core.durable import append_line
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("mine")
+    run_dir = full_run.run.path
+    for name in (".lock", "steps.jsonl"):
+        saved = run_dir / f"{name}.saved"
+        (run_dir / name).rename(saved)
+        (run_dir / name).symlink_to(victim)
+        with pytest.raises(RunDirError, match=rf"{name} is a symbolic link"):
+            replay(config(stream_file), run_dir, progress=False)
+        assert victim.read_text() == "mine"
+        (run_dir / name).unlink()
+        saved.rename(run_dir / name)
+    link = tmp_path / "log.jsonl"
+    link.symlink_to(victim)
+    with pytest.raises(OSError):
+        append_line(link, "{}")
+    assert victim.read_text() == "mine"

@@ -45,7 +45,8 @@ def append_line(path: Path | str, line: str) -> None:
     first, so every line before the new one is whole."""
     path = Path(path)
     existed = path.exists()
-    with open(path, "a+b") as f:
+    # O_NOFOLLOW: a log that is a link is refused (ELOOP), never followed to a user's file.
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a+b") as f:
         size = f.seek(0, os.SEEK_END)
         if size:
             f.seek(max(0, size - 65536))

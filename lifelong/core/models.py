@@ -281,17 +281,34 @@ CHECKOUT_MARKER = ".lifelong-checkout"  # in every directory `lifelong checkout`
 
 def check_checkout_target(target: Path) -> None:
     """Refuse to write a checkout over anything but nothing, an empty directory or an earlier
-    checkout (which carries :data:`CHECKOUT_MARKER`): a user's files are never deleted."""
+    checkout holding only the files it wrote (its :data:`CHECKOUT_MARKER` lists them): a user's
+    files are never deleted, also not ones added to an earlier checkout's directory since."""
     target = Path(target)
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
         raise UserError(f"{target} exists and is not a directory; choose another --out (nothing was changed)")
-    if any(target.iterdir()) and not (target / CHECKOUT_MARKER).is_file():
+    entries = {p.name for p in target.iterdir()}
+    if not entries:
+        return
+    marker = target / CHECKOUT_MARKER
+    if not marker.is_file() or marker.is_symlink():
         raise UserError(
             f"{target} is not empty and was not written by 'lifelong checkout'; choose another --out "
             "(nothing was changed)"
         )
+    foreign = sorted(entries - checkout_files(marker.read_text()) - {CHECKOUT_MARKER})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"{target} holds {shown}, which 'lifelong checkout' did not write; move them or choose another "
+            "--out (nothing was changed)"
+        )
+
+
+def checkout_files(marker_text: str) -> set[str]:
+    """The names a checkout wrote, as its marker lists them (``file: NAME`` lines)."""
+    return {line[len("file: ") :] for line in marker_text.splitlines() if line.startswith("file: ")}
 
 
 def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None = None) -> Path:
@@ -311,7 +328,9 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     if marker is not None:
-        (tmp / CHECKOUT_MARKER).write_text(marker)
+        written = "".join(f"file: {p.name}\n" for p in sorted(tmp.iterdir()))
+        (tmp / CHECKOUT_MARKER).write_text(marker.rstrip("\n") + "\n" + written)
+        check_checkout_target(target)  # again, just before replacing: only a checkout's own files go
     if target.exists():
         shutil.rmtree(target)
     publish(tmp, target)  # every file flushed before the rename, the rename before returning
