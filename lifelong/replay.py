@@ -26,7 +26,14 @@ from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.editors import Editor, make_editor
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
-from lifelong.core.models import LoadedModel, context_length, load_model, weights_fingerprint
+from lifelong.core.models import (
+    LoadedModel,
+    config_fingerprint,
+    context_length,
+    load_model,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from lifelong.run import RunConfig, RunDir, identity_of
 from lifelong.core.scorer import Scorer
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
@@ -236,6 +243,8 @@ def _replay_locked(
             probes=probes_identity(suite, len(stream)),
             model_family=lm.adapter.family,
             base_weights=base_fingerprint,
+            base_config=config_fingerprint(lm.model),
+            base_tokenizer=tokenizer_fingerprint(lm.tokenizer),
             stream=stream_label(config.stream),
         )
     )
@@ -377,11 +386,16 @@ def checkout(
     if not 0 <= step <= done:
         raise UserError(f"{run.path}: step {step} is not available (completed steps: 0..{max(done, 0)})")
     lm = load_model(identity["model"], device, identity.get("dtype", "float32"))
-    if identity.get("base_weights") not in (None, weights_fingerprint(lm.model)):
-        raise UserError(
-            f"{run.path}: the weights of model '{identity['model']}' are not the ones this run "
-            "started from (their fingerprint differs); a checkout on them would be wrong"
-        )
+    for key, what, now in (
+        ("base_weights", "weights", lambda: weights_fingerprint(lm.model)),
+        ("base_config", "configuration", lambda: config_fingerprint(lm.model)),
+        ("base_tokenizer", "tokenizer", lambda: tokenizer_fingerprint(lm.tokenizer)),
+    ):
+        if identity.get(key) not in (None, now()):  # None: a run of an earlier format did not record it
+            raise UserError(
+                f"{run.path}: the {what} of model '{identity['model']}' are not the ones this run "
+                "started from (their fingerprint differs); a checkout on them would be wrong"
+            )
     # A freshly loaded model is the base: apply deltas (or copy a snapshot) only.
     store = DeltaStore(run.deltas_dir, {}, identity.get("keep_deltas"))
     # The run's editor class, refused when it cannot be loaded here (it may act outside the weights);

@@ -46,7 +46,18 @@ RESULT_SCHEMA: dict[str, DataTypeClass | pl.DataType] = {
 }
 
 
+# The run directory's format, written into each new manifest. Format 1 (no "format" key) predates
+# the model configuration and tokenizer fingerprints in the identity; such a run still resumes.
+RUN_FORMAT = 2
+_IDENTITY_KEYS_SINCE = {2: ("base_config", "base_tokenizer")}
+
 LOCK_NAME = ".lock"  # held by the process writing to a run directory (see RunDir.writer_lock)
+
+
+def identity_for_format(identity: dict, run_format: int) -> dict:
+    """``identity`` as a run directory of ``run_format`` recorded it: keys added by later formats left out."""
+    later = {k for fmt, keys in _IDENTITY_KEYS_SINCE.items() if fmt > run_format for k in keys}
+    return {k: v for k, v in identity.items() if k not in later}
 
 
 class RunDirError(UserError):
@@ -212,6 +223,7 @@ class RunDir:
         """Create the run, or check that an existing one was started with the same identity."""
         if self.exists():
             manifest = self.manifest()
+            identity = identity_for_format(identity, manifest.get("format", 1))
             if manifest["identity"] != identity:
                 diffs = [
                     k
@@ -229,6 +241,7 @@ class RunDir:
             "run_id": run_id(identity),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "identity": identity,
+            "format": RUN_FORMAT,
             "versions": package_versions(),
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))

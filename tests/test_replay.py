@@ -398,3 +398,44 @@ def test_symlinks_in_a_run_directory_are_refused_and_their_targets_untouched(tmp
     with pytest.raises(OSError):
         append_line(link, "{}")
     assert victim.read_text() == "mine"
+
+
+def test_resume_and_checkout_refuse_a_changed_model_config_or_tokenizer(tmp_path, stream_file):
+    """Same weights, other numbers: rms_norm_eps changed in config.json, or another tokenizer."""
+    import json
+
+    from lifelong.core.models import save_model_dir
+
+    model_dir = tmp_path / "model"
+    lm = load_model("tiny-llama")
+    save_model_dir(lm.model, lm.tokenizer, model_dir)
+    cfg = RunConfig(model=str(model_dir), stream=str(stream_file), probe_every=2, editor_overrides=dict(TINY_FT))
+    replay(cfg, tmp_path / "r", progress=False, stop_after=1)
+    config_path = model_dir / "config.json"
+    original = config_path.read_text()
+    config_path.write_text(json.dumps({**json.loads(original), "rms_norm_eps": 1e-3}))
+    with pytest.raises(RunDirError, match=r"differs in: base_config\)"):
+        replay(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="configuration of model .* not the ones this run started from"):
+        checkout(tmp_path / "r", 1)
+    config_path.write_text(original)
+    tokenizer_path = model_dir / "tokenizer.json"
+    tok = json.loads(tokenizer_path.read_text())
+    tok["normalizer"] = {"type": "Lowercase"}
+    tokenizer_path.write_text(json.dumps(tok))
+    with pytest.raises(RunDirError, match=r"differs in: base_tokenizer\)"):
+        replay(cfg, tmp_path / "r", progress=False)
+
+
+def test_a_run_of_the_first_format_still_resumes(tmp_path, stream_file):
+    """A manifest without "format" (written before the config/tokenizer fingerprints) resumes as before."""
+    import json
+
+    run_dir = tmp_path / "old"
+    replay(config(stream_file), run_dir, progress=False, stop_after=2)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["format"] == 2 and {"base_config", "base_tokenizer"} <= set(manifest["identity"])
+    del manifest["format"], manifest["identity"]["base_config"], manifest["identity"]["base_tokenizer"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = replay(config(stream_file), run_dir, progress=False)
+    assert result.run.completed_step() > 2

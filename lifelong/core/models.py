@@ -9,8 +9,9 @@ directory; later loads read the cache (well under 2 s).
 from __future__ import annotations
 
 import contextlib
-
+import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -96,6 +97,35 @@ def weights_fingerprint(model: nn.Module) -> str:
     from lifelong.core.delta import tensors_digest
 
     return tensors_digest(dict(model.named_parameters()))
+
+
+# Config entries that say how or where a model was loaded, not what it computes.
+_LOAD_ONLY_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "name_or_path", "_commit_hash", "torch_dtype", "dtype"}
+)
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's configuration (norm epsilon, rope settings, sizes …) less where and how it
+    was loaded: a run resumed or checked out on a changed ``config.json`` would compute other numbers."""
+    config = {
+        k: v for k, v in model.config.to_dict().items() if k not in _LOAD_ONLY_CONFIG_KEYS and not k.startswith("_attn")
+    }
+    return hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what the tokenizer maps text to: its full definition for a fast tokenizer (vocabulary,
+    merges, normaliser, pre-tokenizer, post-processor), else its vocabulary; plus special tokens and the
+    chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps(
+        {"special": tokenizer.special_tokens_map, "chat_template": getattr(tokenizer, "chat_template", None)},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.blake2b((body + extra).encode(), digest_size=16).hexdigest()
 
 
 def cache_root() -> Path:
