@@ -108,9 +108,8 @@ _LOAD_ONLY_CONFIG_KEYS = frozenset(
 def config_fingerprint(model: nn.Module) -> str:
     """A hash of the model's configuration (norm epsilon, rope settings, sizes …) less where and how it
     was loaded: a run resumed or checked out on a changed ``config.json`` would compute other numbers."""
-    config = {
-        k: v for k, v in model.config.to_dict().items() if k not in _LOAD_ONLY_CONFIG_KEYS and not k.startswith("_attn")
-    }
+    settings: dict[str, Any] = getattr(model, "config").to_dict()  # noqa: B009 (nn.Module types attributes as tensors)
+    config = {k: v for k, v in settings.items() if k not in _LOAD_ONLY_CONFIG_KEYS and not k.startswith("_attn")}
     return hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
