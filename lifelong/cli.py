@@ -21,7 +21,6 @@ from pathlib import Path
 from lifelong.export import EXPORT_HELP
 from streams.errors import UserError
 
-DEFAULT_STEPS_NOTE = "default: the whole stream"
 THREADS_HELP = (
     "compute threads (default: $LIFELONG_THREADS, else OMP_NUM_THREADS if set, else the usable cores "
     "shared among the lifelong runs alive on this machine)"
@@ -68,12 +67,10 @@ def check_replay_args(args) -> None:
     problem = unknown_editor(args.editor) or next(filter(None, map(unknown_probe, args.probe or [])), None)
     if problem:
         raise UserError(problem)
-    if args.probe_every < 1:
-        raise UserError(f"--probe-every must be at least 1 (probe retention every K steps), got {args.probe_every}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (edits per step), got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {args.steps})")
+    from lifelong.run import RunConfig
+    from lifelong.settings import check_values
+
+    check_values(RunConfig, vars(args))
     _parse_set(args.set)
     from lifelong.core.keep import KeepPolicy
 
@@ -91,22 +88,13 @@ def cmd_replay(args) -> int:
     check_replay_args(args)
     from lifelong.plots import plot_run
     from lifelong.replay import replay
-    from lifelong.run import RunConfig
+    from lifelong.run import RUN_SETTINGS, RunConfig
     from lifelong.summary import format_summary
 
     config = RunConfig(
-        model=args.model,
-        editor=args.editor,
+        **{s.name: getattr(args, s.name) for s in RUN_SETTINGS if s.form == "flag"},
         editor_overrides=_parse_set(args.set),
-        stream=args.stream,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        probe_every=args.probe_every,
-        seed=args.seed,
-        device=args.device,
         probes=list(args.probe or []),
-        keep_deltas=args.keep_deltas,
-        dtype=args.dtype,
     )
     out = Path(args.out) if args.out else _default_out(args)
     from lifelong.export import make_exporter
@@ -214,7 +202,7 @@ def cmd_plot(args) -> int:
 
 def cmd_compare(args) -> int:
     from lifelong.plots import plot_compare, run_labels
-    from lifelong.summary import compare_table, configuration_labels, configurations, format_table
+    from lifelong.summary import compare_table, configuration_labels, configurations, format_table, group_note
 
     dirs = expand_sweeps(args.dirs)
     if len(dirs) < 2:
@@ -248,6 +236,9 @@ def cmd_compare(args) -> int:
                 "sample (Wilson/bootstrap, rates over items only); 'seed mean' = mean over seeds ± 95% t "
                 "interval, n = seeds"
             )
+            note = group_note(runs, group)
+            if note:
+                print(f"{label}: {note}")
     print(format_table(table))
     print(
         "\neach cell: value [95% interval] n; intervals over items: Wilson for 0/1 outcomes, bootstrap "
@@ -418,10 +409,12 @@ def cmd_streams(args) -> int:
 
 
 def cmd_probes(args) -> int:
-    from probes import PROBES
+    from lifelong.core.names import installed_probes
+    from probes import PROBES, probe_class
 
-    for name, cls in sorted(PROBES.items()):
-        print(f"{name:<14}{cls.description}")
+    for name in sorted({*PROBES, *installed_probes()}):
+        cls = probe_class(name)
+        print(f"{name:<14}{cls.description}" + ("" if name in PROBES else "  (installed)"))
         schedule = cls.default_schedule
         if name == "retention":
             schedule += " (a replay uses every:K from --probe-every)"
@@ -452,24 +445,14 @@ def build_parser() -> _Parser:
     p = sub.add_parser(
         "replay", formatter_class=defaults, help="replay an edit stream through an editor, probing after each step"
     )
-    p.add_argument("--model", default="smollm2-135m", help="registered model name or local HF directory")
-    p.add_argument("--editor", default="ft", help="editor name (see 'lifelong editors')")
-    p.add_argument("--stream", default="builtin", help="stream name (see 'lifelong streams') or a .jsonl file")
-    p.add_argument("--steps", type=int, default=None, help=f"replay the first N steps ({DEFAULT_STEPS_NOTE})")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="edits per step (default: one step per distinct timestamp)"
-    )
-    p.add_argument("--probe-every", type=int, default=5, help="probe retention every K steps and at the end")
+    from lifelong.run import RUN_SETTINGS
+
+    for setting in RUN_SETTINGS:  # the declared settings (lifelong/run.py, lifelong/settings.py)
+        if setting.form == "flag":
+            p.add_argument(
+                setting.flag, type=setting.kind, default=setting.default, choices=setting.choices, help=setting.meaning
+            )
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-EDITOR-STREAM-seedS)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without "
-        "native support: see 'Machines' in the README)",
-    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="editor hyperparameter override")
     p.add_argument(
         "--probe",
@@ -478,13 +461,6 @@ def build_parser() -> _Parser:
         help="an extra probe (see 'lifelong probes'), e.g. perplexity:schedule=every:5",
     )
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument(
-        "--keep-deltas",
-        default="all",
-        metavar="POLICY",
-        help="steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step "
-        "is always kept, so resume stays exact. Bounds disk on long runs",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--export", action="append", metavar="SPEC", help=f"stream step-level figures to a tracker: {EXPORT_HELP}"

@@ -1,8 +1,9 @@
 """Replay settings from a file: a TOML config, or a run's ``manifest.json`` to repeat that run.
 
-A TOML config names any of the replay options (``model``, ``editor``, ``stream``, ``steps``,
-``batch_size``, ``probe_every``, ``seed``, ``device``, ``probes`` as a list of ``--probe`` strings,
-``out``, ``threads``, ``keep_deltas``) and the editor's settings in a ``[set]`` table::
+A TOML config names any of the replay's declared settings by name (``model``, ``editor``, ``stream``,
+``steps``, ``batch_size``, ``sample``, ``seed`` …: see ``lifelong replay --help``; ``lifelong/run.py``
+declares them), ``probes`` as a list of ``--probe`` strings, ``out`` and ``threads``, and the editor's
+settings in a ``[set]`` table::
 
     model = "smollm2-135m"
     editor = "rome"
@@ -24,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from lifelong.run import RUN_SETTINGS, RunConfig
+from lifelong.settings import IN_IDENTITY, check_values
 from streams.errors import MissingFileError, UserError
 
 if sys.version_info >= (3, 11):
@@ -31,19 +34,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+# The replay's declared flag settings (lifelong/run.py) plus the two options that are not run settings.
 SCALARS: dict[str, type | tuple[type, ...]] = {
-    "model": str,
-    "editor": str,
-    "stream": str,
-    "steps": int,
-    "batch_size": int,
-    "probe_every": int,
-    "seed": int,
-    "device": str,
+    **{s.name: s.kind for s in RUN_SETTINGS if s.form == "flag"},
     "out": str,
     "threads": (int, str),
-    "keep_deltas": str,
-    "dtype": str,
 }
 
 
@@ -66,6 +61,7 @@ def read_config(path: str | Path) -> dict:
         if key in SCALARS:
             if not isinstance(value, SCALARS[key]) or isinstance(value, bool):
                 raise UserError(f"config {path}: key '{key}' must be {_kind(SCALARS[key])}, got {value!r}")
+            check_values(RunConfig, {key: value}, f"config {path}: key ")
             out[key] = value
         elif key == "probes":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -103,27 +99,28 @@ def _manifest_options(path: Path, manifest: dict, ident: dict) -> dict:
     stream = next((s["stream"] for s in reversed(sessions) if s.get("stream")), ident["stream"])
     if stream.endswith(".jsonl") and not Path(stream).is_file():
         raise UserError(f"config {path}: the run's stream file {stream} is not here; give it with --stream")
+    # A setting always in the identity must be there (else this is no manifest of a replay).
     out = {
-        "model": ident["model"],
-        "editor": ident["editor"],
-        "stream": stream,
-        "steps": ident.get("steps"),
-        "batch_size": ident.get("batch_size"),
-        "probe_every": ident["probe_every"],
-        "seed": ident["seed"],
-        "device": ident.get("device", "cpu"),
-        "keep_deltas": ident.get("keep_deltas", "all"),
-        "dtype": ident.get("dtype", "float32"),
-        "set": [f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
-        "probe": [probe_spec(p) for p in ident.get("probes") or []],
+        s.name: ident[s.name] if s.identity == IN_IDENTITY else ident.get(s.name, s.default)
+        for s in RUN_SETTINGS
+        if s.form == "flag"
     }
+    out.update(
+        stream=stream,
+        set=[f"{k}={_text(v)}" for k, v in (ident.get("editor_overrides") or {}).items()],
+        probe=[probe_spec(p) for p in ident.get("probes") or []],
+    )
     return out
 
 
 def probe_spec(probe: dict) -> str:
     """A probe's ``--probe`` string from its recorded configuration (name, schedule, options)."""
     options = {"schedule": probe["schedule"], **(probe.get("options") or {})}
-    return probe["name"] + ":" + ",".join(f"{k}={_text(v)}" for k, v in options.items() if v is not None)
+    return (
+        (probe.get("source") or probe["name"])
+        + ":"
+        + ",".join(f"{k}={_text(v)}" for k, v in options.items() if v is not None)
+    )
 
 
 def _text(value) -> str:

@@ -278,8 +278,9 @@ def _series(results, probe: str, metric: str, protocol: str | None = None, edit_
     return agg["step"].to_numpy(), agg["value"].to_numpy()
 
 
-def _panels(results) -> list[str]:
-    """Which dashboard panels this run has data for, in a fixed order."""
+def _panels(results, outside: dict | None = None) -> list[str]:
+    """Which dashboard panels this run has data for, in a fixed order; then one per probe not built in
+    (``outside``: name -> class, from :func:`lifelong.summary.outside_probes`)."""
     probes = set(results["probe"].unique())
     has_js = mt.DISTORTION_JS in set(results["metric"].unique())
     return [
@@ -292,7 +293,7 @@ def _panels(results) -> list[str]:
             ("weight_drift", "weight_drift" in probes),
         )
         if present
-    ]
+    ] + [name for name in outside or {} if name in probes]
 
 
 def _draw_panel(
@@ -304,10 +305,16 @@ def _draw_panel(
     detail: bool = True,
     threshold: float = 2.0,
     items: dict | None = None,
+    outside: dict | None = None,
 ) -> None:
-    """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only."""
+    """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only;
+    a probe not built in draws its own (``outside``: name -> class)."""
     one = lambda protocol: protocol if detail else label  # noqa: E731  (legend entry of one line)
-    if name == "retention":
+    if outside and name in outside:
+        import polars as pl
+
+        outside[name].plot_panel(ax, results.filter(pl.col("probe") == name), color=color, label=label)
+    elif name == "retention":
         for protocol, style in (("es", "-"), ("exact", "--")):
             m = retention_matrix(results, protocol)
             if len(m.steps) and (detail or protocol == "es"):
@@ -447,12 +454,15 @@ def plot_dashboard(run: RunDir, directory: Path | None = None) -> Path:
 
 
 def dashboard_figure(run: RunDir):
-    """Every general-ability panel this run has, the collapse step marked on each."""
+    """Every general-ability panel this run has, the collapse step marked on each, and a panel for each
+    probe not built in."""
+    from lifelong.summary import outside_probes
     from probes.perplexity import collapse_step
 
     results = run.results()
     ident = run.manifest()["identity"]
-    panels = _panels(results)
+    outside = outside_probes(run)
+    panels = _panels(results, outside)
     threshold = (run.load_reference() or {}).get("perplexity", {}).get("threshold", 2.0)
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
@@ -461,7 +471,7 @@ def dashboard_figure(run: RunDir):
     items = (run.load_reference() or {}).get("downstream", {}).get("items")
     collapse = collapse_step(results)
     for ax, name in zip(axes.flat, panels):
-        _draw_panel(ax, name, results, threshold=threshold, items=items)
+        _draw_panel(ax, name, results, threshold=threshold, items=items, outside=outside)
         _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], int(cast(int, results["step"].max())))

@@ -9,6 +9,7 @@ run gives the same results as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import hashlib
 import sys
 import time
@@ -35,6 +36,7 @@ from lifelong.core.models import (
     weights_fingerprint,
 )
 from lifelong.run import RunConfig, RunDir, identity_of
+from lifelong.settings import normalised_number_text
 from lifelong.core.scorer import Scorer
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes.base import chain_ends
@@ -53,6 +55,21 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+# Edits one step may hold: a step's edits are scored and held in memory together (a step of 300,000
+# edits grew past 20 GB); EMMET's largest published batch is 10,000.
+MAX_EDITS_PER_STEP = 10_000
+
+
+def normalised_overrides(editor_class: type[Editor], overrides: dict[str, str]) -> dict[str, str]:
+    """Editor overrides with each number spelled one way, by the type its setting declares."""
+    hints = typing.get_type_hints(editor_class.Params)
+    out = {}
+    for key, raw in overrides.items():
+        kinds = [a for a in typing.get_args(hints.get(key)) if a is not type(None)] or [hints.get(key)]
+        out[key] = normalised_number_text(raw, kinds[0]) if isinstance(raw, str) else raw
+    return out
+
+
 def split_facts(stream: EditStream) -> tuple[EditStream, tuple]:
     """(the edits to apply, the tied-fact records): tied facts are probed, never applied."""
     tied = tuple(e for e in stream if e.chain is not None and e.chain.role == "tied-fact")
@@ -63,9 +80,13 @@ def split_facts(stream: EditStream) -> tuple[EditStream, tuple]:
 
 
 def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple, str]:
-    """The stream cut to ``config.steps`` steps, those steps (tied-fact records left out), the tied-fact
-    records for probes, and the whole stream's hash."""
+    """The stream (its seeded sample with ``config.sample``) cut to ``config.steps`` steps, those steps
+    (tied-fact records left out), the tied-fact records for probes, and the (sampled) stream's hash."""
     full = load_stream(config.stream)
+    if config.sample is not None:  # the seed draws which edits (whole chains, tied facts with them)
+        if not 1 <= config.sample <= len(full):
+            raise UserError(f"--sample must be between 1 and the stream's {len(full)} edits (got {config.sample})")
+        full = full.sample(config.sample, config.seed)
     stream, facts = split_facts(full)
     if not len(stream):
         raise UserError(
@@ -79,7 +100,15 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
         if config.steps > available:
             raise UserError(f"stream '{config.stream}' has {available} steps; --steps {config.steps} asks for more")
         stream = stream.head_steps(config.steps, config.batch_size)
-    return stream, stream.steps(config.batch_size), facts, full.content_hash()
+    steps = stream.steps(config.batch_size)
+    largest = max(range(len(steps)), key=lambda k: len(steps[k]))
+    if len(steps[largest]) > MAX_EDITS_PER_STEP:
+        raise UserError(
+            f"stream '{config.stream}': step {largest + 1} holds {len(steps[largest]):,} edits (edits that share a "
+            f"timestamp form one step); a step may hold at most {MAX_EDITS_PER_STEP:,}: give --batch-size to split "
+            "the stream into steps of that many edits"
+        )
+    return stream, steps, facts, full.content_hash()
 
 
 def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
@@ -223,6 +252,9 @@ def _replay_locked(
         editor = make_editor(config.editor, config.editor_overrides)
     elif config.editor != editor.name:
         config = dataclasses.replace(config, editor=editor.name)
+    typed_overrides = config.editor_overrides
+    # One spelling per number (2e-2 and 0.02 are one run); a run of format 1 recorded them as typed.
+    config = dataclasses.replace(config, editor_overrides=normalised_overrides(type(editor), typed_overrides))
     suite = default_suite(config)
     lm = lm or load_model(config.model, config.device, config.dtype)
     base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
@@ -246,7 +278,8 @@ def _replay_locked(
             base_config=config_fingerprint(lm.model),
             base_tokenizer=tokenizer_fingerprint(lm.tokenizer),
             stream=stream_label(config.stream),
-        )
+        ),
+        legacy={"editor_overrides": typed_overrides},
     )
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step(), config.stream))
@@ -293,10 +326,10 @@ def _replay_locked(
         references, rows = suite.prepare(ctx)
         run.save_reference(references)
         written = rows_for(0, None, rows)
-        run.write_rows(0, written)
+        digest = run.write_rows(0, written)
         for exporter in exporters:
             exporter.write(0, written)
-        run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps))
+        run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps), results=digest)
         done = 0
     elif done > 0:
         if progress:
@@ -335,10 +368,12 @@ def _replay_locked(
         rows = suite.run(ctx, references)
         t2 = time.perf_counter()
         written = rows_for(step, timestamp, rows)
-        run.write_rows(step, written)
+        digest = run.write_rows(step, written)
         for exporter in exporters:
             exporter.write(step, written)
-        run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps), editor.step_report())
+        run.mark_complete(
+            step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps), editor.step_report(), results=digest
+        )
         store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
         release_free_memory()  # the step's freed tensors' pages go back to the OS: resident memory stays flat
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]

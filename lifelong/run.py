@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +32,7 @@ import polars as pl
 from polars.datatypes import DataTypeClass
 
 from lifelong.core.durable import append_line, make_dirs, publish
+from lifelong.settings import UNLESS_DEFAULT, declare, settings_of
 from streams.errors import UserError
 
 RESULT_SCHEMA: dict[str, DataTypeClass | pl.DataType] = {
@@ -54,10 +55,12 @@ _IDENTITY_KEYS_SINCE = {2: ("base_config", "base_tokenizer")}
 LOCK_NAME = ".lock"  # held by the process writing to a run directory (see RunDir.writer_lock)
 
 
-def identity_for_format(identity: dict, run_format: int) -> dict:
-    """``identity`` as a run directory of ``run_format`` recorded it: keys added by later formats left out."""
+def identity_for_format(identity: dict, run_format: int, legacy: dict | None = None) -> dict:
+    """``identity`` as a run directory of ``run_format`` recorded it: keys added by later formats left out,
+    and for format 1 the ``legacy`` values (the editor overrides as typed, before numbers were normalised)."""
     later = {k for fmt, keys in _IDENTITY_KEYS_SINCE.items() if fmt > run_format for k in keys}
-    return {k: v for k, v in identity.items() if k not in later}
+    old = {**identity, **(legacy or {})} if run_format < 2 else identity
+    return {k: v for k, v in old.items() if k not in later}
 
 
 class RunDirError(UserError):
@@ -66,24 +69,58 @@ class RunDirError(UserError):
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run's results (the CLI's replay options)."""
+    """Everything that determines a run's results: the replay's settings, each declared once
+    (:mod:`lifelong.settings`); the CLI, TOML configs, manifests and sweep specs are generated from them."""
 
-    model: str = "smollm2-135m"
-    editor: str = "ft"
-    editor_overrides: dict[str, str] = field(default_factory=dict)
-    stream: str = "builtin"
-    steps: int | None = None  # None: the whole stream
-    batch_size: int | None = None  # None: one step per distinct timestamp
-    probe_every: int = 5  # retention schedule; edit quality runs every step
-    seed: int = 0
-    device: str = "cpu"
-    probes: list[str] = field(default_factory=list)  # extra probes: "name" or "name:key=value,..."
-    # Which steps stay available for checkout (lifelong.core.delta.KeepPolicy): storage, not results; part
-    # of the identity only when not "all", so a run resumes under the policy it started with.
-    keep_deltas: str = "all"
-    dtype: str = (
-        "float32"  # the weights' dtype as loaded (lifelong.core.models.LOAD_DTYPES); in the identity unless float32
+    model: str = declare("smollm2-135m", "registered model name or local Hugging Face directory", str, sweep="special")
+    editor: str = declare("ft", "editor name (see 'lifelong editors')", str, sweep="swept")
+    editor_overrides: dict[str, str] = declare({}, "editor hyperparameter overrides", dict, form="set", sweep="swept")
+    stream: str = declare(
+        "builtin", "stream name (see 'lifelong streams'), dataset:NAME or a .jsonl file", str, sweep="special"
     )
+    steps: int | None = declare(
+        None, "replay the first N steps (default: the whole stream)", int, optional=True, least=1
+    )
+    batch_size: int | None = declare(
+        None, "edits per step; without it, one step per distinct timestamp", int, optional=True, least=1
+    )
+    probe_every: int = declare(5, "probe retention every K steps and at the end", int, least=1)
+    seed: int = declare(
+        0,
+        "seeds torch at every step (stochastic editors, sampled probes) and, with --sample, draws the edits",
+        int,
+        least=0,
+        sweep="swept",
+    )
+    sample: int | None = declare(
+        None,
+        "replay N edits drawn by the seed from the stream (whole chains, kept in stream order); without it "
+        "runs that differ only in seed edit the same edits",
+        int,
+        optional=True,
+        least=1,
+        identity=UNLESS_DEFAULT,
+    )
+    device: str = declare("cpu", "cpu, cuda or cuda:N", str)
+    probes: list[str] = declare([], "extra probes: NAME or NAME:KEY=VALUE,...", list, form="probe", sweep="swept")
+    # Storage, not results; in the identity only when not "all", so a run resumes under the policy it began with.
+    keep_deltas: str = declare(
+        "all",
+        "steps kept for checkout: all, every:K, last:N or log (1, 2, 4, ...); the latest step is always kept, "
+        "so resume stays exact. Bounds disk on long runs",
+        str,
+        identity=UNLESS_DEFAULT,
+    )
+    dtype: str = declare(
+        "float32",
+        "the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without native support)",
+        str,
+        choices=("float32", "bfloat16", "float16"),
+        identity=UNLESS_DEFAULT,
+    )
+
+
+RUN_SETTINGS = settings_of(RunConfig)
 
 
 def is_temporary(name: str) -> bool:
@@ -103,10 +140,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     publish(tmp, path)
 
 
-def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> str:
+    """Write ``df`` to ``path`` atomically; returns the file's digest (:func:`file_digest`)."""
     tmp = temporary_path(path)
     df.write_parquet(tmp)
+    digest = file_digest(tmp)
     publish(tmp, path)
+    return digest
+
+
+def file_digest(path: Path) -> str:
+    """A hash of a file's bytes: a results file is checked against it before it is parsed, so a flipped
+    bit is refused by name instead of becoming a wrong value (or a crash in the parquet reader)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -157,6 +209,7 @@ class RunDir:
     step_log_path = property(lambda self: self.path / "steps.jsonl")
     reference_path = property(lambda self: self.path / "reference.json")
     results_path = property(lambda self: self.path / "results.parquet")
+    results_digest_path = property(lambda self: self.path / "results.parquet.digest")
     parts_dir = property(lambda self: self.path / "results")
     deltas_dir = property(lambda self: self.path / "deltas")
     plots_dir = property(lambda self: self.path / "plots")
@@ -219,11 +272,12 @@ class RunDir:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def start(self, identity: dict) -> dict:
-        """Create the run, or check that an existing one was started with the same identity."""
+    def start(self, identity: dict, legacy: dict | None = None) -> dict:
+        """Create the run, or check that an existing one was started with the same identity (``legacy``:
+        identity values as a format-1 run recorded them, see :func:`identity_for_format`)."""
         if self.exists():
             manifest = self.manifest()
-            identity = identity_for_format(identity, manifest.get("format", 1))
+            identity = identity_for_format(identity, manifest.get("format", 1), legacy)
             if manifest["identity"] != identity:
                 diffs = [
                     k
@@ -295,7 +349,7 @@ class RunDir:
         """completed_step, total_steps, and per completed step its timestamp and timings (from
         steps.jsonl; runs from before it kept them in progress.json itself) and the editor's report
         on it (``editor``: step -> dict, for editors that give one)."""
-        progress = {**self._progress_file(), "editor": {}}
+        progress = {**self._progress_file(), "editor": {}, "results": {}}
         done = progress["completed_step"]
         if self.step_log_path.is_file():
             lines = self.step_log_path.read_bytes().split(b"\n")
@@ -314,17 +368,27 @@ class RunDir:
                     progress["seconds"][str(step)] = entry.get("seconds") or {}
                     if entry.get("editor"):
                         progress["editor"][str(step)] = entry["editor"]
+                    if entry.get("results"):
+                        progress["results"][str(step)] = entry["results"]
         return progress
 
     def completed_step(self) -> int:
         return self._progress_file()["completed_step"]
 
     def mark_complete(
-        self, step: int, timestamp: datetime | None, seconds: dict[str, float], total: int, editor: dict | None = None
+        self,
+        step: int,
+        timestamp: datetime | None,
+        seconds: dict[str, float],
+        total: int,
+        editor: dict | None = None,
+        results: str | None = None,
     ) -> None:
         """Record ``step`` as complete: its line in steps.jsonl first (with the editor's report on
-        the step, when it gives one), then progress.json (the commit)."""
+        the step, when it gives one, and the digest of its result part), then progress.json (the commit)."""
         line = {"step": step, "timestamp": timestamp.isoformat() if timestamp else None, "seconds": seconds}
+        if results is not None:
+            line["results"] = results
         append_line(self.step_log_path, json.dumps({**line, **({"editor": editor} if editor else {})}))
         progress = self._progress_file()
         progress["completed_step"] = step
@@ -350,8 +414,14 @@ class RunDir:
     def part_path(self, step: int) -> Path:
         return self.parts_dir / f"step_{step:06d}.parquet"
 
-    def write_rows(self, step: int, rows: list[dict]) -> None:
-        atomic_write_parquet(pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row"), self.part_path(step))
+    def write_rows(self, step: int, rows: list[dict]) -> str:
+        """Write step ``step``'s result part; returns its digest, which :meth:`mark_complete` records."""
+        return atomic_write_parquet(pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row"), self.part_path(step))
+
+    def part_digests(self) -> dict[int, str]:
+        """The digest of each completed step's result part, as its line in steps.jsonl records it (steps
+        of runs from before the digests have none, and are read unchecked)."""
+        return {int(k): v for k, v in self.progress()["results"].items()}
 
     def check_parts(self, step: int) -> None:
         """Refuse, naming the file, when a result part of steps 0..``step`` is missing (every
@@ -373,7 +443,9 @@ class RunDir:
     def joined_parts(self) -> pl.DataFrame:
         """The completed steps' parts as one table (read only)."""
         parts = self._completed_parts()
-        return pl.concat([_read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=RESULT_SCHEMA)
+        digests = self.part_digests()
+        tables = [_read_parquet(p, digests.get(step)) for step, p in enumerate(parts)]
+        return pl.concat(tables) if tables else pl.DataFrame(schema=RESULT_SCHEMA)
 
     def _completed_parts(self) -> list[Path]:
         """The result parts of steps 0..completed, refused (naming the file) if one is missing."""
@@ -386,6 +458,9 @@ class RunDir:
         to the output: joining 10,000 parts in memory (1.3 M rows) left the process 236 MiB
         larger for good (allocator retention); streaming costs 42 MiB (docs/BENCHMARKS.md)."""
         parts = self._completed_parts()
+        digests = self.part_digests()
+        for step, part in enumerate(parts):  # checked before the stream reads them (it names no file)
+            _check_digest(part, digests.get(step))
         tmp = temporary_path(self.results_path)
         try:
             pl.scan_parquet(parts, schema=RESULT_SCHEMA).sink_parquet(tmp)
@@ -394,6 +469,7 @@ class RunDir:
             for part in parts:  # name the damaged part (the streamed error does not)
                 _read_parquet(part)
             raise
+        atomic_write_text(self.results_digest_path, file_digest(tmp))  # before the table it vouches for
         publish(tmp, self.results_path)
 
     def results(self) -> pl.DataFrame:
@@ -404,7 +480,8 @@ class RunDir:
         if self.results_path.is_file() and (
             not self.progress_path.is_file() or self.results_path.stat().st_mtime >= self.progress_path.stat().st_mtime
         ):
-            return _read_parquet(self.results_path)
+            digest = self.results_digest_path.read_text().strip() if self.results_digest_path.is_file() else None
+            return _read_parquet(self.results_path, digest)
         return self.joined_parts()
 
 
@@ -456,10 +533,21 @@ def _read_json(path: Path, what: str):
         raise RunDirError(f"{path}: damaged {what}, cannot be read ({reason})") from None
 
 
-def _read_parquet(path: Path) -> pl.DataFrame:
+def _check_digest(path: Path, digest: str | None) -> None:
+    if digest is not None and path.is_file() and file_digest(path) != digest:
+        raise RunDirError(
+            f"{path}: damaged results file (its bytes do not match the digest recorded when it was written)"
+        )
+
+
+def _read_parquet(path: Path, digest: str | None = None) -> pl.DataFrame:
+    """A results table, checked against its recorded digest first (None: an older run's, unchecked)."""
+    _check_digest(path, digest)
     try:
         return pl.read_parquet(path)
-    except Exception as err:  # polars raises several kinds for a truncated or garbled file
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # polars raises several kinds for a garbled file, a panic among them
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RunDirError(f"{path}: damaged results file, cannot be read ({reason})") from None
 
@@ -474,7 +562,7 @@ def run_id(identity: dict) -> str:
 def identity_of(config: RunConfig, **resolved) -> dict:
     """The fields that must match for a directory to be resumed."""
     identity = {**asdict(config), **resolved}
-    for key, default in (("keep_deltas", "all"), ("dtype", "float32")):  # runs from before these options lack them
-        if identity.get(key) == default:
-            del identity[key]
+    for s in RUN_SETTINGS:
+        if s.identity == UNLESS_DEFAULT and identity.get(s.name) == s.default:
+            del identity[s.name]
     return identity

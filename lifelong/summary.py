@@ -19,7 +19,19 @@ import numpy as np
 import polars as pl
 
 from lifelong.run import RunDir
-from lifelong.core.stats import Estimate, format_estimate, newcombe_difference, over_seeds, rate, sampled_wilson
+from lifelong.core.stats import (
+    NON_NEGATIVE,
+    SHARE,
+    Estimate,
+    Line,
+    format_estimate,
+    newcombe_difference,
+    over_seeds,
+    plain_line,
+    rate,
+    rate_line,
+    sampled_wilson,
+)
 from probes import metric_table as mt
 from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 
@@ -31,25 +43,6 @@ SCHEMA = {
     "low": pl.Float64,
     "high": pl.Float64,
 }
-
-
-@dataclass
-class Line:
-    """One headline figure; ``items`` holds its per-item values where it is a mean over items (for pooling)."""
-
-    measure: str
-    protocol: str
-    estimate: Estimate
-    items: np.ndarray | None = None
-
-
-def rate_line(measure: str, protocol: str, values) -> Line:
-    items = np.asarray(values, dtype=float)
-    return Line(measure, protocol, rate(items), items[~np.isnan(items)])
-
-
-def plain_line(measure: str, protocol: str, value: float, n: int | None = None) -> Line:
-    return Line(measure, protocol, Estimate(float(value), n))
 
 
 def item_values(results: pl.DataFrame, probe: str, metric: str, protocol: str, own_step: bool = True) -> np.ndarray:
@@ -161,7 +154,7 @@ def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
     lines = [
         _last_retained(m, protocol, last)
         if len(last)
-        else plain_line("retained fraction at last step", protocol, ret["retained_fraction"]),
+        else plain_line("retained fraction at last step", protocol, ret["retained_fraction"], bounds=SHARE),
         Line(
             "retainability",
             protocol,
@@ -173,13 +166,15 @@ def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
                 "bootstrap" if not math.isnan(low) else "",
             ),
         ),
-        plain_line("edits forgotten (count)", protocol, ret["forgotten"], int(took.sum())),
+        plain_line("edits forgotten (count)", protocol, ret["forgotten"], int(took.sum()), NON_NEGATIVE),
         rate_line("edits forgotten (share of those that took hold)", protocol, forgot[took].astype(float)),
-        plain_line("median steps to forget", protocol, ret["median_steps_to_forget"], int(forgot.sum())),
+        plain_line("median steps to forget", protocol, ret["median_steps_to_forget"], int(forgot.sum()), NON_NEGATIVE),
     ]
     if ret["superseded"]:
         lines.append(
-            plain_line("edits superseded by a later edit (count)", protocol, ret["superseded"], len(m.edit_ids))
+            plain_line(
+                "edits superseded by a later edit (count)", protocol, ret["superseded"], len(m.edit_ids), NON_NEGATIVE
+            )
         )
     return lines
 
@@ -207,16 +202,46 @@ def summary_lines(run: RunDir) -> list[Line]:
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})
+    for name, cls in outside_probes(run).items():  # probes not built in: their own summary lines
+        lines += cls.summary_lines(results.filter(pl.col("probe") == name), (run.load_reference() or {}).get(name))
     lines += fit_lines(progress.get("editor", {}))
     seconds = [v for k, v in progress["seconds"].items() if int(k) > 0]
     if seconds:
         lines += [
-            plain_line("seconds per step: edit", "wall", sum(s["edit"] for s in seconds) / len(seconds), len(seconds)),
             plain_line(
-                "seconds per step: probes", "wall", sum(s["probe"] for s in seconds) / len(seconds), len(seconds)
+                "seconds per step: edit",
+                "wall",
+                sum(s["edit"] for s in seconds) / len(seconds),
+                len(seconds),
+                NON_NEGATIVE,
+            ),
+            plain_line(
+                "seconds per step: probes",
+                "wall",
+                sum(s["probe"] for s in seconds) / len(seconds),
+                len(seconds),
+                NON_NEGATIVE,
             ),
         ]
     return lines
+
+
+def outside_probes(run: RunDir) -> dict:
+    """The probes of a run that are not built in, by the name their rows carry: their classes as the run
+    named them (an installed entry point or ``module.path:Class``), or the base class's generic summary
+    and panel where that class cannot be loaded here."""
+    from lifelong.core.names import PROBE_CLASSES
+    from probes import Probe, UnknownProbeError, probe_class
+
+    out: dict = {}
+    for probe in run.manifest()["identity"].get("probes") or []:
+        if probe["name"] in PROBE_CLASSES:
+            continue
+        try:
+            out[probe["name"]] = probe_class(probe.get("source") or probe["name"])
+        except UnknownProbeError:
+            out[probe["name"]] = type(probe["name"], (Probe,), {"name": probe["name"]})
+    return out
 
 
 def fit_lines(reports: dict[str, dict]) -> list[Line]:
@@ -233,8 +258,8 @@ def fit_lines(reports: dict[str, dict]) -> list[Line]:
 
     return [
         rate_line("v* fits that met the stop loss", "fit", np.array([1.0] * stopped + [0.0] * (total - stopped))),
-        plain_line("v* fits: mean final loss", "fit", mean("v_loss_mean"), total),
-        plain_line("v* fits: mean steps taken", "fit", mean("v_steps_mean"), total),
+        plain_line("v* fits: mean final loss", "fit", mean("v_loss_mean"), total, NON_NEGATIVE),
+        plain_line("v* fits: mean steps taken", "fit", mean("v_steps_mean"), total, NON_NEGATIVE),
     ]
 
 
@@ -267,9 +292,9 @@ def _ratio_line(results: pl.DataFrame, reference: dict, protocol: str) -> Line:
     ratio = _last(results, mt.PERPLEXITY_PROBE, mt.RATIO, protocol)
     low, high = (_last(results, mt.PERPLEXITY_PROBE, m, protocol) for m in (mt.RATIO_LOW, mt.RATIO_HIGH))
     if math.isnan(ratio) or math.isnan(low) or math.isnan(high):
-        return plain_line(measure, protocol, ratio)
+        return plain_line(measure, protocol, ratio, bounds=NON_NEGATIVE)
     chunks = reference.get(mt.PERPLEXITY_PROBE, {}).get("chunks")
-    return Line(measure, protocol, Estimate(ratio, chunks, low, high, "t over chunks"))
+    return Line(measure, protocol, Estimate(ratio, chunks, low, high, "t over chunks"), bounds=NON_NEGATIVE)
 
 
 def _downstream_lines(down: pl.DataFrame, reference: dict) -> list[Line]:
@@ -294,7 +319,9 @@ def _downstream_lines(down: pl.DataFrame, reference: dict) -> list[Line]:
         lines += [
             base,
             drift,
-            plain_line("downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task), n),
+            plain_line(
+                "downstream drift at last step (ratio)", task, _last(down, "downstream", "ratio", task), n, NON_NEGATIVE
+            ),
         ]
     return lines
 
@@ -316,12 +343,14 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
                         "perplexity at θ0",
                         protocol,
                         _last(results.filter(pl.col("step") == 0), "perplexity", "perplexity", protocol),
+                        bounds=NON_NEGATIVE,
                     ),
                     _ratio_line(results, reference or {}, protocol),
                     plain_line(
                         f"perplexity collapse step (ratio >= {threshold:g})",
                         protocol,
                         float("nan") if step is None else float(step),
+                        bounds=NON_NEGATIVE,
                     ),
                 ]
     if "downstream" in probes:
@@ -332,8 +361,14 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
                 "weight drift ||W_t - W_0||_F at last step",
                 "total",
                 _last(results, "weight_drift", "frobenius", "total"),
+                bounds=NON_NEGATIVE,
             ),
-            plain_line("parameters touched at last step", "total", _last(results, "weight_drift", "touched", "total")),
+            plain_line(
+                "parameters touched at last step",
+                "total",
+                _last(results, "weight_drift", "touched", "total"),
+                bounds=NON_NEGATIVE,
+            ),
         ]
     return lines
 
@@ -350,7 +385,10 @@ def configurations(runs: list[RunDir]) -> list[list[int]]:
     import json
 
     for i, run in enumerate(runs):
-        ident = {k: v for k, v in run.manifest()["identity"].items() if k != "seed"}
+        ident = run.manifest()["identity"]
+        # A seed that draws the sample draws the stream's content too: those figures are the seed's.
+        drawn = ("seed", "stream_hash", "stream_edits", "stream_steps") if ident.get("sample") else ("seed",)
+        ident = {k: v for k, v in ident.items() if k not in drawn}
         groups.setdefault(json.dumps(ident, sort_keys=True, default=str), []).append(i)
     return list(groups.values())
 
@@ -370,9 +408,71 @@ def _columns(table: pl.DataFrame, name: str) -> pl.DataFrame:
     return table.rename({"value": name, "n": f"{name} n", "low": f"{name} low", "high": f"{name} high"})
 
 
-def _seed_table(per_run: list[list[Line]], name: str) -> pl.DataFrame:
+@dataclass
+class SeedUnits:
+    """Which runs of a configuration are independent units: ``distinct`` lists the runs that are not a
+    repeat of an earlier one (the same edits and every figure equal: the seed varied nothing), and
+    ``disjoint`` says whether their edits are disjoint, so that their items may be pooled as one sample."""
+
+    distinct: list[int]
+    disjoint: bool
+    repeats: dict[int, int]  # run -> the earlier run it repeats
+
+    def note(self, seeds: list[int]) -> str:
+        """One line on what was counted, for the tables' footnotes ('' when every run counted as given)."""
+        parts = [f"seed {seeds[r]} repeats seed {seeds[first]} exactly" for r, first in self.repeats.items()]
+        if parts:
+            parts[-1] += " (same edits, same figures): counted once"
+        if not self.disjoint:
+            parts.append("seeds edited some of the same edits: items not pooled (the seed mean is over runs)")
+        return "; ".join(parts)
+
+
+def seed_units(per_run: list[list[Line]], edit_sets: list[frozenset]) -> SeedUnits:
+    """Compare a configuration's runs (:class:`SeedUnits`); timings (protocol ``wall``) are left out of the
+    comparison, as two runs of the same work still take different times."""
+
+    def figures(lines: list[Line]) -> tuple:
+        return tuple((ln.measure, ln.protocol, ln.estimate.value) for ln in lines if ln.protocol != "wall")
+
+    distinct: list[int] = []
+    repeats: dict[int, int] = {}
+    for i, lines in enumerate(per_run):
+        same = next(
+            (j for j in distinct if edit_sets[j] == edit_sets[i] and _equal(figures(per_run[j]), figures(lines))), None
+        )
+        if same is None:
+            distinct.append(i)
+        else:
+            repeats[i] = same
+    seen: set = set()
+    disjoint = True
+    for i in distinct:
+        disjoint = disjoint and not (seen & edit_sets[i])
+        seen |= edit_sets[i]
+    return SeedUnits(distinct, disjoint, repeats)
+
+
+def _equal(a: tuple, b: tuple) -> bool:
+    """Figure tuples equal, NaN equal to NaN."""
+    return len(a) == len(b) and all(
+        x[:2] == y[:2] and (x[2] == y[2] or (math.isnan(x[2]) and math.isnan(y[2]))) for x, y in zip(a, b)
+    )
+
+
+def edited_ids(run: RunDir) -> frozenset:
+    """The ids of the edits a run applied (its edit-quality rows)."""
+    results = run.results()
+    rows = results.filter(pl.col("probe") == "edit_quality")
+    return frozenset(rows["edit_id"].drop_nulls().unique().to_list())
+
+
+def _seed_table(per_run: list[list[Line]], name: str, units: SeedUnits | None = None) -> pl.DataFrame:
     """One configuration over seeds: the pooled item-level figure (items of every seed together; only for
-    rates over items) and the mean over seeds with a t interval (n = seeds)."""
+    rates over items, and only when the seeds' edits are disjoint) and the mean over seeds with a t interval
+    cut to the quantity's range (n = seeds that are distinct units: a run repeating another counts once)."""
+    if units is not None:
+        per_run = [per_run[i] for i in units.distinct]
     keys: list[tuple[str, str]] = []
     found: dict[tuple[str, str], list[Line]] = {}
     for lines in per_run:
@@ -385,11 +485,11 @@ def _seed_table(per_run: list[list[Line]], name: str) -> pl.DataFrame:
     rows = []
     for key in keys:
         lines = found[key]
-        if all(ln.items is not None for ln in lines):
+        if all(ln.items is not None for ln in lines) and (units is None or units.disjoint):
             pooled = rate(np.concatenate([ln.items for ln in lines]))
         else:
             pooled = Estimate(math.nan)
-        seeds = over_seeds([ln.estimate.value for ln in lines])
+        seeds = over_seeds([ln.estimate.value for ln in lines], lines[0].bounds)
         rows.append(
             (*key, pooled.value, pooled.n, pooled.low, pooled.high, seeds.value, seeds.n, seeds.low, seeds.high)
         )
@@ -421,10 +521,22 @@ def compare_table(runs: list[RunDir], labels: list[str] | None = None) -> pl.Dat
     tables = [
         _columns(summary_table(runs[g[0]]), labels[g[0]] if labels else name)
         if len(g) == 1
-        else _seed_table([summary_lines(runs[i]) for i in g], name)
+        else _group_table(runs, g, name)
         for name, g in zip(names, groups)
     ]
     return _side_by_side(tables)
+
+
+def _group_table(runs: list[RunDir], group: list[int], name: str) -> pl.DataFrame:
+    per_run = [summary_lines(runs[i]) for i in group]
+    return _seed_table(per_run, name, seed_units(per_run, [edited_ids(runs[i]) for i in group]))
+
+
+def group_note(runs: list[RunDir], group: list[int]) -> str:
+    """The footnote of a configuration replayed with several seeds: repeats counted once, items not pooled."""
+    per_run = [summary_lines(runs[i]) for i in group]
+    units = seed_units(per_run, [edited_ids(runs[i]) for i in group])
+    return units.note([runs[i].manifest()["identity"]["seed"] for i in group])
 
 
 def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str]) -> pl.DataFrame:
@@ -432,7 +544,7 @@ def seed_mean_table(runs: list[RunDir], groups: list[list[int]], names: list[str
     measure, protocol, then value, n, low, high per configuration: the mean of each summary figure over its
     seeds ± a 95% t interval, n = seeds (a configuration of one seed: its value, n = 1, no interval)."""
     tables = [
-        _seed_table([summary_lines(runs[i]) for i in g], name).select(
+        _group_table(runs, g, name).select(
             "measure",
             "protocol",
             pl.col(f"{name} seed mean").alias(name),

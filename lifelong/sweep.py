@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from lifelong.run import RunConfig, RunDir, atomic_write_parquet, atomic_write_text
+from lifelong.run import RUN_SETTINGS, RunConfig, RunDir, atomic_write_parquet, atomic_write_text
 from streams.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -57,19 +57,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SPEC_KEYS = (
-    "model",
-    "stream",
-    "steps",
-    "probe_every",
-    "batch_size",
-    "device",
-    "editors",
-    "seeds",
-    "probes",
-    "retries",
-    "set",
-)
+# One value for every cell: the replay's declared settings a sweep takes as they are (lifelong/run.py).
+SCALAR_SETTINGS = tuple(s for s in RUN_SETTINGS if s.sweep == "scalar")
+SPEC_KEYS = ("model", "stream", *(s.name for s in SCALAR_SETTINGS), "editors", "seeds", "probes", "retries", "set")
 RETRIES = 2  # submissions again of a cell whose task raised (worker deaths: Ray's max_retries below)
 WORKER_RETRIES = 2  # Ray re-runs of a task whose worker process died
 STATES = ("pending", "running", "done", "failed")
@@ -184,13 +174,16 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     streams = [str((base / s).resolve()) if s.endswith(".jsonl") and not Path(s).is_absolute() else s for s in streams]
     if len(set(streams)) < len(streams):
         raise bad("stream", "lists a stream twice")
-    steps = whole("steps", None, 1)
-    probe_every = whole("probe_every", 5, 1)
-    batch_size = whole("batch_size", None, 1)
+    scalars = {}
+    for setting in SCALAR_SETTINGS:
+        try:
+            scalars[setting.name] = setting.check(raw.get(setting.name, setting.default), setting.name)
+        except UserError as err:
+            raise bad(setting.name, str(err).split(" ", 1)[1]) from None
+    probe_every = scalars["probe_every"]
     retries = whole("retries", RETRIES, 0)
-    device = raw.get("device", "cpu")
-    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
-        raise bad("device", f"must be 'cpu' or 'cuda', got {device!r}")
+    if not (scalars["device"] == "cpu" or scalars["device"].startswith("cuda")):
+        raise bad("device", f"must be 'cpu' or 'cuda', got {scalars['device']!r}")
     editors = raw.get("editors")
     if editors is None:
         raise bad("editors", "is required: a list of editor names (see 'lifelong editors')")
@@ -247,9 +240,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     lengths = {}
     for stream in streams:
         try:
-            lengths[stream] = len(
-                prepare_stream_and_facts(RunConfig(stream=stream, steps=steps, batch_size=batch_size))[1]
-            )
+            lengths[stream] = len(prepare_stream_and_facts(RunConfig(stream=stream, **scalars))[1])
         except (ValueError, FileNotFoundError, OSError) as err:
             raise bad("steps" if "--steps" in str(err) else "stream", str(err)) from None
 
@@ -270,12 +261,9 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
                         editor=editor,
                         editor_overrides=overrides,
                         stream=stream,
-                        steps=steps,
-                        batch_size=batch_size,
-                        probe_every=probe_every,
                         seed=seed,
-                        device=device,
                         probes=list(probes),
+                        **scalars,
                     )
                     cells.append(
                         Cell("-".join(parts + [f"seed{seed}"]), editor, stream, seed, chosen, config, lengths[stream])
@@ -287,10 +275,7 @@ def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec
     spec_values = {
         "model": model,
         "stream": streams,
-        "steps": steps,
-        "probe_every": probe_every,
-        "batch_size": batch_size,
-        "device": device,
+        **scalars,
         "editors": editors,
         "seeds": seeds,
         "probes": list(probes),
@@ -767,7 +752,7 @@ def _last_retained(run: RunDir) -> str:
 def format_sweep(path: Path | str) -> str:
     """``lifelong show`` of a sweep: the spec in one line, one line per cell, then each configuration's
     summary figures as the mean over its seeds ± a 95% t interval (n = seeds)."""
-    from lifelong.summary import configurations, format_table, seed_mean_table
+    from lifelong.summary import configurations, format_table, group_note, seed_mean_table
 
     sweep = SweepDir(path)
     state = sweep.state()
@@ -786,9 +771,12 @@ def format_sweep(path: Path | str) -> str:
         groups = configurations(runs)
         names = [done[g[0]]["id"].rsplit("-seed", 1)[0] for g in groups]
         table = seed_mean_table(runs, groups, names)
+        notes = [f"{name}: {note}" for name, g in zip(names, groups) if len(g) > 1 and (note := group_note(runs, g))]
         out += [
             "",
-            "mean over seeds [95% t interval] n = seeds, per configuration (done cells only):",
+            "mean over seeds [95% t interval, cut to the quantity's range] n = seeds that are distinct runs, "
+            "per configuration (done cells only):",
+            *notes,
             "",
             format_table(table),
         ]

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
+import polars as pl
+
 from lifelong.core.scorer import Scorer
+from lifelong.core.stats import Line, plain_line, rate_line
 from streams import Edit
 from streams.errors import UserError
+
+UNBOUNDED = (-math.inf, math.inf)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,11 @@ class Probe:
     description: str = ""
     Options: type = NoOptions
     default_schedule: str = "every:1"
+    source: str | None = None  # how a probe not built in was named (entry point or module:Class)
+    # The metrics this probe writes, each with its range and meaning (probes.metric_table.Metric). The
+    # built-in probes' are in metric_table.METRICS; a probe of your own declares its own here, and
+    # `lifelong show` and the dashboard read ranges and meanings from it.
+    metrics: tuple = ()
 
     def __init__(self, schedule: Schedule | str | None = None, options=None):
         schedule = self.default_schedule if schedule is None else schedule
@@ -150,8 +160,53 @@ class Probe:
     def measure(self, ctx: ProbeContext) -> list[Row]:
         raise NotImplementedError
 
+    @classmethod
+    def summary_lines(cls, rows: pl.DataFrame, reference: dict | None = None) -> list[Line]:
+        """The headline figures of this probe's ``rows`` (a run's results, this probe's only) for
+        ``lifelong show``: by default, each (metric, protocol) at the last step it was measured, as a rate
+        with its interval over items where the rows are per item, else its value. Override to say more."""
+        lines = []
+        bounds = {m.name: (m.low, m.high) for m in cls.metrics}
+        for (metric, protocol), group in rows.group_by(["metric", "protocol"], maintain_order=True):
+            last = group.filter(pl.col("step") == group["step"].max())
+            measure = f"{cls.name}: {metric} at last step"
+            if last["edit_id"].null_count() < last.height:
+                line = rate_line(measure, str(protocol), last["value"].to_numpy())
+                lines.append(dataclasses.replace(line, bounds=bounds.get(str(metric), line.bounds)))
+            else:
+                lines.append(
+                    plain_line(
+                        measure,
+                        str(protocol),
+                        float(last["value"].to_numpy().mean()),
+                        last.height,
+                        bounds.get(str(metric), UNBOUNDED),
+                    )
+                )
+        return lines
+
+    @classmethod
+    def plot_panel(cls, ax, rows: pl.DataFrame, color=None, label: str | None = None) -> None:
+        """Draw this probe's ``rows`` on a dashboard panel: by default, each (metric, protocol)'s mean over
+        items per step. Override for a better picture."""
+        for j, ((metric, protocol), group) in enumerate(rows.group_by(["metric", "protocol"], maintain_order=True)):
+            per_step = group.group_by("step").agg(pl.col("value").mean()).sort("step")
+            name = f"{metric} ({protocol})"
+            ax.plot(
+                per_step["step"].to_numpy(),
+                per_step["value"].to_numpy(),
+                ["-", "--", ":", "-."][j % 4],
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{label}: {name}" if label else name,
+            )
+        ax.set_title(cls.description or cls.name, fontsize=9)
+
     def config(self) -> dict:
         out = {"name": self.name, "schedule": self.schedule.spec}
+        if self.source is not None:
+            out["source"] = self.source
         options = (
             dataclasses.asdict(self.options)
             if dataclasses.is_dataclass(self.options) and not isinstance(self.options, type)

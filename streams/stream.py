@@ -155,6 +155,25 @@ class EditStream(Sequence[Edit]):
         moved = [replace(self.edits[j], timestamp=slot) for j, slot in zip(order, slots)]
         return EditStream(moved, name=self.name)
 
+    def sample(self, n: int, seed: int) -> EditStream:
+        """``n`` edits drawn with ``numpy.random.default_rng(seed)``, kept in stream order with their
+        timestamps. A chain is drawn whole (its edits share a chain id), so round edits and conflicts stay
+        complete; units that would overshoot ``n`` are passed over, so the sample holds at most ``n``
+        edits (exactly ``n`` when single edits remain to fill it)."""
+        if not 1 <= n <= len(self.edits):
+            raise ValueError(f"a sample of {n} edits from a stream of {len(self.edits)}: expected 1..{len(self.edits)}")
+        units: dict[str, list[int]] = {}
+        for i, e in enumerate(self.edits):
+            units.setdefault(f"chain:{e.chain.chain_id}" if e.chain is not None else f"edit:{i}", []).append(i)
+        groups = list(units.values())
+        chosen: list[int] = []
+        for u in np.random.default_rng(seed).permutation(len(groups)):
+            if len(chosen) + len(groups[u]) <= n:
+                chosen += groups[u]
+            if len(chosen) == n:
+                break
+        return EditStream([self.edits[i] for i in sorted(chosen)], name=self.name)
+
     def retimed(self, start: datetime.datetime, interval: datetime.timedelta) -> EditStream:
         """Same edits, same order, at regular times ``start, start + interval, ...``.
 

@@ -146,7 +146,15 @@ def test_compare_overlays_runs_and_writes_one_table(two_runs, tmp_path, capsys):
     assert f"n={es['ft (a) n'][0]}" in out
 
 
-def test_compare_aggregates_seeds_of_one_configuration(tmp_path, stream_file, capsys):
+def test_compare_aggregates_seeds_of_one_configuration(tmp_path, capsys):
+    """Two seeds, each drawing its own 3 of 12 edits (--sample): disjoint samples, pooled as one."""
+    from streams import EditStream
+    from tests.conftest import make_edits
+
+    stream_file = tmp_path / "twelve.jsonl"
+    EditStream(make_edits(12)).to_jsonl(stream_file)
+    drawn = [{e.id for e in EditStream(make_edits(12)).sample(3, seed)} for seed in (0, 1)]
+    assert not drawn[0] & drawn[1]  # the seeds chosen draw disjoint samples
     sets = [f"--set={k}={v}" for k, v in TINY_FT.items()]
     for seed in (0, 1):
         assert (
@@ -163,6 +171,8 @@ def test_compare_aggregates_seeds_of_one_configuration(tmp_path, stream_file, ca
                     "3",
                     "--seed",
                     str(seed),
+                    "--sample",
+                    "3",
                     "--out",
                     str(tmp_path / f"s{seed}"),
                     "--quiet",
@@ -198,6 +208,7 @@ def test_compare_aggregates_seeds_of_one_configuration(tmp_path, stream_file, ca
     assert es[f"{name} seed mean"] == pytest.approx((per_seed[0].mean() + per_seed[1].mean()) / 2)
     assert es[f"{name} pooled low"] <= es[f"{name} pooled"] <= es[f"{name} pooled high"]
     assert "2 runs differ only in seed (0, 1)" in out and "pooled" in out and "seed mean" in out
+    assert "counted once" not in out and "not pooled" not in out
 
 
 def test_compare_errors(two_runs, tmp_path, capsys):

@@ -1,3 +1,5 @@
+import dataclasses
+import os
 import shutil
 
 import polars as pl
@@ -7,7 +9,9 @@ import torch
 from lifelong.core.models import load_model
 from lifelong.replay import checkout, replay
 from lifelong.run import RunConfig, RunDirError
-from tests.conftest import TINY_FT
+from streams import EditStream
+from streams.errors import UserError
+from tests.conftest import TINY_FT, make_edits
 
 
 def config(stream_file, **kw):
@@ -439,3 +443,43 @@ def test_a_run_of_the_first_format_still_resumes(tmp_path, stream_file):
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     result = replay(config(stream_file), run_dir, progress=False)
     assert result.run.completed_step() > 2
+
+
+def test_a_step_of_too_many_edits_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Edits sharing one timestamp form one step; a step past the limit (300,000 edits once grew past 20 GB)
+    is refused in one line that names the way out, and --batch-size splits it."""
+    import lifelong.replay as engine
+
+    edits = [dataclasses.replace(e, timestamp=make_edits(1)[0].timestamp) for e in make_edits(5)]
+    path = tmp_path / "one-step.jsonl"
+    EditStream(edits).to_jsonl(path)
+    monkeypatch.setattr(engine, "MAX_EDITS_PER_STEP", 4)
+    with pytest.raises(UserError, match=r"step 1 holds 5 edits .* at most 4: give --batch-size"):
+        replay(config(path), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    assert replay(config(path, batch_size=4, steps=1), tmp_path / "r2", progress=False).total_steps == 1
+
+
+def test_a_flipped_bit_in_any_results_file_is_refused_by_name(tmp_path, stream_file, full_run):
+    """Every byte of every result part and of the consolidated table: a flip is refused naming the file
+    (before: some flips silently changed a value, a column name, or escaped as a parquet-reader panic)."""
+    import random
+
+    from lifelong.run import RunDir
+
+    run = RunDir(full_run.run.path)
+    files = [run.results_path, run.part_path(0), run.part_path(2)]
+    rng = random.Random(0)
+    for path in files:
+        original = path.read_bytes()
+        for offset in sorted(rng.sample(range(len(original)), 12)) + [0, len(original) - 1]:
+            damaged = bytearray(original)
+            damaged[offset] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(damaged))
+            if path == run.results_path:
+                run.progress_path.touch()  # results.parquet stays current: os.utime keeps it newer below
+                os.utime(run.results_path)
+            with pytest.raises(RunDirError, match=rf"{path.name}: damaged results file"):
+                run.results() if path == run.results_path else run.joined_parts()
+        path.write_bytes(original)
+    assert run.results().height == full_run.run.results().height

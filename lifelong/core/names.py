@@ -2,9 +2,10 @@
 
 The command line checks ``--editor`` and ``--probe`` against these before it imports anything
 heavy, so a typo is refused in well under two seconds. The editor registry
-(:data:`lifelong.editors.EDITORS`) is built from :data:`EDITOR_CLASSES`; the probe registry
-lives in ``probes`` (which stands on ``lifelong.core`` alone), and ``tests/test_cli.py`` checks that
-:data:`PROBE_NAMES` lists exactly its probes.
+(:data:`lifelong.editors.EDITORS`) is built from :data:`EDITOR_CLASSES` and the probe registry
+(:data:`probes.PROBES`) from :data:`PROBE_CLASSES`. Editors and probes of installed packages join
+through the entry-point groups ``lifelong.editors`` and ``lifelong.probes``, and either kind can be
+named by where its class lives (``module.path:Class``).
 """
 
 from __future__ import annotations
@@ -22,16 +23,35 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "memory": "lifelong.editors.memory:MemoryEditor",
 }
 
+PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"
+    "edit_quality": "probes.edit_quality:EditQualityProbe",
+    "retention": "probes.edit_quality:RetentionProbe",
+    "chains": "probes.chains:ChainProbe",
+    "perplexity": "probes.perplexity:PerplexityProbe",
+    "weight_drift": "probes.weight_drift:WeightDriftProbe",
+    "downstream": "probes.downstream:DownstreamProbe",
+}
+
 ENTRY_POINT_GROUP = "lifelong.editors"  # an installed package's editors: name = "module:Class"
+PROBE_ENTRY_POINT_GROUP = "lifelong.probes"  # and its probes
+
+
+def _installed(group: str, builtin: dict[str, str]) -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=group) if ep.name not in builtin}
 
 
 def installed_editors() -> dict[str, str]:
     """Editors that installed packages declare in the ``lifelong.editors`` entry-point group
     (``[project.entry-points."lifelong.editors"] mine = "mypkg.editor:MyEditor"``), read from
     package metadata without importing them; a built-in name cannot be taken over."""
-    from importlib.metadata import entry_points
+    return _installed(ENTRY_POINT_GROUP, EDITOR_CLASSES)
 
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in EDITOR_CLASSES}
+
+def installed_probes() -> dict[str, str]:
+    """Probes that installed packages declare in the ``lifelong.probes`` entry-point group, likewise."""
+    return _installed(PROBE_ENTRY_POINT_GROUP, PROBE_CLASSES)
 
 
 def is_class_path(name: str) -> bool:
@@ -40,7 +60,18 @@ def is_class_path(name: str) -> bool:
     return bool(sep) and all(part.isidentifier() for part in module.split(".")) and cls.isidentifier()
 
 
-PROBE_NAMES: tuple[str, ...] = ("chains", "downstream", "edit_quality", "perplexity", "retention", "weight_drift")
+PROBE_NAMES: tuple[str, ...] = tuple(sorted(PROBE_CLASSES))
+
+
+def probe_name(spec: str) -> tuple[str, str]:
+    """(the probe's name, the rest) of a ``--probe`` spec: ``name[:options]`` or
+    ``module.path:Class[:options]`` (options are ``key=value`` items, so a bare identifier after the
+    first colon is a class name)."""
+    head, sep, rest = spec.strip().partition(":")
+    cls, sep2, options = rest.partition(":")
+    if sep and head not in PROBE_CLASSES and cls.isidentifier() and is_class_path(f"{head}:{cls}"):
+        return f"{head}:{cls}", options if sep2 else ""
+    return head, rest
 
 
 def unknown_editor(name: str) -> str | None:
@@ -58,7 +89,13 @@ def unknown_editor(name: str) -> str | None:
 
 def unknown_probe(spec: str) -> str | None:
     """The one-line refusal for a ``--probe`` spec naming no registered probe, else None."""
-    name = spec.split(":", 1)[0].strip()
-    if name in PROBE_NAMES:
+    name = probe_name(spec)[0]
+    if name in PROBE_NAMES or is_class_path(name):
         return None
-    return f"unknown probe '{name}': expected one of {', '.join(sorted(PROBE_NAMES))}"
+    known = {**PROBE_CLASSES, **installed_probes()}
+    if name in known:
+        return None
+    return (
+        f"unknown probe '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class for a "
+        "probe class of your own"
+    )

@@ -151,13 +151,16 @@ def rate(values, seed: int = 0) -> Estimate:
     return Estimate(float(x.mean()), len(x), _num(low), _num(high), "bootstrap" if len(x) > 1 else "")
 
 
-def over_seeds(values) -> Estimate:
-    """Mean over seeds (one figure per run) with a t interval, n = seeds with a figure."""
+def over_seeds(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
+    """Mean over seeds (one figure per run) with a t interval, n = seeds with a figure. The interval is cut
+    to the quantity's range ``bounds`` (a mean cannot leave it, so the cut interval covers it as often)."""
     x = np.asarray([v for v in values if v is not None], dtype=float)
     x = x[~np.isnan(x)]
     if not len(x):
         return Estimate(math.nan, 0)
     low, high = t_interval(x)
+    if len(x) > 1:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
     return Estimate(float(x.mean()), len(x), _num(low), _num(high), "t" if len(x) > 1 else "")
 
 
@@ -181,3 +184,33 @@ def format_estimate(e: Estimate) -> str:
 def _short(x: float) -> str:
     x = 0.0 if abs(x) < 1e-12 else x  # float noise around zero
     return f"{x:.3f}" if x == 0 or 0.001 <= abs(x) < 10 else f"{x:.4g}"
+
+
+# ---------------------------------------------------------------------- headline figures
+
+
+@dataclass
+class Line:
+    """One headline figure of a run (``lifelong show``); ``items`` holds its per-item values where it is a
+    mean over items (for pooling over seeds). Probes make them too (:meth:`probes.Probe.summary_lines`)."""
+
+    measure: str
+    protocol: str
+    estimate: Estimate
+    items: np.ndarray | None = None
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # the quantity's range: no interval leaves it
+
+
+SHARE = (0.0, 1.0)
+NON_NEGATIVE = (0.0, math.inf)
+
+
+def rate_line(measure: str, protocol: str, values) -> Line:
+    items = np.asarray(values, dtype=float)
+    return Line(measure, protocol, rate(items), items[~np.isnan(items)], SHARE)
+
+
+def plain_line(
+    measure: str, protocol: str, value: float, n: int | None = None, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> Line:
+    return Line(measure, protocol, Estimate(float(value), n), bounds=bounds)
