@@ -20,6 +20,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "grace": "lifelong.editors.grace:GRACEEditor",
     "wise": "lifelong.editors.wise:WISEEditor",
     "memory": "lifelong.editors.memory:MemoryEditor",
+    "ultraedit": "lifelong.editors.ultraedit:UltraEditEditor",
 }
 
 ENTRY_POINT_GROUP = "lifelong.editors"  # an installed package's editors: name = "module:Class"
