@@ -210,19 +210,19 @@ class UltraEditEditor(Editor):
                 groups.append((role, parse_layers(layers, lm.num_layers, self.name)))
             except UserError as err:
                 raise UserError(f"{self.name}: modules '{spec}': {str(err).removeprefix(self.name + ': ')}") from None
+        pairs = [(role, layer) for role, layers in groups for layer in layers]
+        if len(set(pairs)) != len(pairs):
+            raise UserError(f"{self.name}: modules '{spec}' names a module twice")
         return groups
 
     def modules(self, lm: LoadedModel) -> list[str]:
         """The edited modules' paths, in the order the normaliser takes them in (the config's order)."""
-        names = [lm.adapter.mlp_proj_name(layer, role) for role, layers in self._groups(lm) for layer in layers]
-        if len(set(names)) != len(names):
-            raise UserError(f"{self.name}: modules '{self.params.modules}' names a module twice")
-        return names
+        return [lm.adapter.mlp_proj_name(layer, role) for role, layers in self._groups(lm) for layer in layers]
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return [name + ".weight" for name in self.modules(lm)]
 
-    def _shape(self, lm: LoadedModel, module: str) -> tuple[int, int]:
+    def shape(self, lm: LoadedModel, module: str) -> tuple[int, int]:
         """(d_k, d_v): the Linear's (in, out) features, as the original's get_shape (util.py:38-41)."""
         weight = lm.model.get_parameter(module + ".weight")
         d_out, d_in = weight.shape[::-1] if lm.adapter.spec.transposed else weight.shape
@@ -276,6 +276,10 @@ class UltraEditEditor(Editor):
 
     # -- the solve
 
+    def normaliser(self, shape: tuple[int, int]) -> Normaliser | None:
+        """The normaliser of weights of ``shape`` ((d_k, d_v)), None before any step edited one."""
+        return self._norms.get(shape_key(shape))
+
     def _normaliser(self, shape: tuple[int, int], device: torch.device) -> Normaliser:
         """The normaliser of weights of ``shape`` on ``device`` (made empty for a shape not seen yet)."""
         key = shape_key(shape)
@@ -317,7 +321,7 @@ class UltraEditEditor(Editor):
         if not batch:
             return Delta.empty()
         names = self.modules(lm)
-        shapes = {name: self._shape(lm, name) for name in names}
+        shapes = {name: self.shape(lm, name) for name in names}
         rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
         losses = []
         for encoded in self.sub_batches(lm, batch):  # every sub-batch on the same (this step's) weights
