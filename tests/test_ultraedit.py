@@ -76,7 +76,9 @@ class PlainNormaliser:
     """nets.py:16-24, transcribed in float64 (the m·unbiased-variance term included)."""
 
     def __init__(self, size):
-        self.n, self.mean, self.var = 0.0, torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+        self.n = 0.0
+        self.mean = torch.zeros(size, dtype=torch.float64)
+        self.var = torch.zeros(size, dtype=torch.float64)
 
     def update(self, x):
         m = x.shape[0]

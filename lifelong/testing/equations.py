@@ -58,7 +58,8 @@ def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: Edit
 
 
 def ultraedit_solves_ridge(subject: EditorUnderTest, stream: EditStream) -> None:
-    """UltraEdit: each step's ΔW = solve(KᵀK + λI, KᵀV)ᵀ, V = −lr·‖k̂‖²·ĝ from the normaliser that includes the step (rel. error < 1e-3)."""
+    """UltraEdit: each step's ΔW = solve(KᵀK + λI, KᵀV)ᵀ (relative error < 1e-3), V = −lr·‖k̂‖²·ĝ
+    normalised by the statistics that include the step; K, G recomputed on the weights before it."""
     from lifelong.editors.ultraedit import UltraEditEditor
 
     lm = subject.fresh_model()
