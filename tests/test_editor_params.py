@@ -27,6 +27,11 @@ BAD = [
     ("kn", "ig_steps", "0"),
     ("kn", "rule", "mine"),
     ("kn", "prompts", "all"),
+    ("ultraedit", "solve", "cholesky"),
+    ("ultraedit", "ridge", "0"),
+    ("ultraedit", "eps", "-1"),
+    ("ultraedit", "sub_batch", "0"),
+    ("ultraedit", "modules", "sideways_proj:1"),
 ]
 
 

@@ -21,6 +21,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "grace": "lifelong.editors.grace:GRACEEditor",
     "wise": "lifelong.editors.wise:WISEEditor",
     "memory": "lifelong.editors.memory:MemoryEditor",
+    "ultraedit": "lifelong.editors.ultraedit:UltraEditEditor",
 }
 
 PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"

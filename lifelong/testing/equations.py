@@ -1,7 +1,7 @@
 """Editor-specific equation checks (:data:`EQUATIONS`): registered per editor class, or an editor's own.
 
 ``rome_writes_key_value`` is registered for ROME and r-ROME, ``alphaedit_preserves_nullspace_outputs``
-for AlphaEdit; :func:`register_equation` adds more.
+for AlphaEdit, ``ultraedit_solves_ridge`` for UltraEdit; :func:`register_equation` adds more.
 """
 
 from __future__ import annotations
@@ -57,6 +57,39 @@ def alphaedit_preserves_nullspace_outputs(subject: EditorUnderTest, stream: Edit
                 raise InvariantViolation(f"step {step}, layer {layer}: ‖ΔW·K₀‖/(‖ΔW‖‖K₀‖) = {leak:.3g} ≥ 1e-6")
 
 
+def ultraedit_solves_ridge(subject: EditorUnderTest, stream: EditStream) -> None:
+    """UltraEdit: each step's ΔW = solve(KᵀK + λI, KᵀV)ᵀ (relative error < 1e-3), V = −lr·‖k̂‖²·ĝ
+    normalised by the statistics that include the step; K, G recomputed on the weights before it."""
+    from lifelong.editors.ultraedit import UltraEditEditor
+
+    lm = subject.fresh_model()
+    editor = _expect(subject.fresh_editor(lm), UltraEditEditor, "ultraedit_solves_ridge")
+    p = editor.params
+    for step, batch in enumerate(stream.steps(), start=1):
+        names = editor.modules(lm)
+        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
+        for encoded in editor.sub_batches(lm, batch):  # on the weights the step starts from
+            _, captured = editor.collect(lm, encoded)
+            for name in names:
+                rows[name].append(captured[name])
+        delta = subject.apply(editor, lm, batch, step)
+        for name in names:
+            keys = torch.cat([k for k, _ in rows[name]]).double()
+            grads = torch.cat([g for _, g in rows[name]]).double()
+            norm = editor.normaliser(editor.shape(lm, name))
+            assert norm is not None
+            z = (torch.cat([keys, grads], -1) - norm.mean.double()) / (norm.std.double() + p.eps)
+            k_hat, g_hat = z.split([keys.shape[1], grads.shape[1]], -1)
+            v = -p.lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat
+            eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
+            expected = torch.linalg.solve(keys.T @ keys + p.ridge * eye, keys.T @ v).T  # (out, in)
+            change = delta.changes[name + ".weight"].materialize().double()
+            change = change.T if lm.adapter.spec.transposed else change
+            err = ((change - expected).norm() / expected.norm()).item()
+            if not err < 1e-3:
+                raise InvariantViolation(f"step {step}, {name}: ‖ΔW − solve(KᵀK + λI, KᵀV)ᵀ‖/‖·‖ = {err:.3g} ≥ 1e-3")
+
+
 EQUATIONS: dict[type, dict[str, Invariant]] = {}
 """Editor-specific equation checks: editor class -> {name: Invariant}; subclasses inherit them."""
 
@@ -88,6 +121,9 @@ def _register_builtin_equations() -> None:
     from lifelong.editors.memit import AlphaEditEditor
 
     register_equation(AlphaEditEditor, _invariant(alphaedit_preserves_nullspace_outputs))
+    from lifelong.editors.ultraedit import UltraEditEditor
+
+    register_equation(UltraEditEditor, _invariant(ultraedit_solves_ridge))
 
 
 _register_builtin_equations()
