@@ -633,25 +633,42 @@ def apply_config(args, parser: argparse.ArgumentParser, argv: list[str]) -> None
             setattr(args, key, value)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a kill, a job scheduler's stop), raised where the program is, as Ctrl-C would be."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if getattr(args, "config", None):
             apply_config(args, parser.replay_parser, argv)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(
             "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
             "re-run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except (UserError, OSError) as err:  # the user's input, or the user's file system (permissions, a full disk)
         print(f"lifelong: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     # Anything else is a bug (ours or an editor's): it propagates with its traceback, exit status 1.
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(text: str) -> str:

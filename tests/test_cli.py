@@ -735,3 +735,35 @@ def test_show_and_compare_at_a_step_match_the_run_as_it_stood_then(capsys, tmp_p
         RunAsOf(stopped.path, 3)
     code, _, err = run_cli(capsys, "show", str(stopped.path), "--step", "9")
     assert code == 2 and "--step 9" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_ends_with_the_interrupted_line_and_the_run_resumes(tmp_path):
+    """A kill (SIGTERM) says what Ctrl-C says, exits 143, and a re-run of the command finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lifelong.run import RunDir
+    from streams import EditStream
+    from tests.conftest import TINY_FT, make_edits
+
+    stream = tmp_path / "long.jsonl"
+    EditStream(make_edits(60)).to_jsonl(stream)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "lifelong.cli", "replay", "--model", "tiny-llama", "--stream", str(stream)]
+    argv += ["--probe-every", "30", "--threads", "1", "--quiet", "--out", str(out)]
+    argv += [f"--set={k}={v}" for k, v in TINY_FT.items()]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "steps.jsonl").is_file() or RunDir(out).completed_step() < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted: completed steps" in err and "Traceback" not in err
+    done = RunDir(out).completed_step()
+    assert 2 <= done < 60
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    assert RunDir(out).completed_step() == 60
