@@ -62,9 +62,14 @@ def quiet_bars(quiet: bool):
 def check_replay_args(args) -> None:
     """What can be refused before torch and transformers are imported (a typo ends in a second, not
     after a minute of loading): names, numbers, the stream's spelling and whether its file exists."""
-    from lifelong.core.names import unknown_editor, unknown_probe
+    from lifelong.core.names import unavailable_device, unknown_editor, unknown_model, unknown_probe
 
-    problem = unknown_editor(args.editor) or next(filter(None, map(unknown_probe, args.probe or [])), None)
+    problem = (
+        unknown_model(args.model)
+        or unavailable_device(args.device)
+        or unknown_editor(args.editor)
+        or next(filter(None, map(unknown_probe, args.probe or [])), None)
+    )
     if problem:
         raise UserError(problem)
     from lifelong.run import RunConfig

@@ -160,7 +160,8 @@ def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_
 
 
 def test_typos_are_refused_before_torch_is_imported():
-    """A mistyped editor, probe or stream is refused without importing torch (in a fresh interpreter)."""
+    """A mistyped editor, probe, stream, model or device is refused without importing torch (in a fresh
+    interpreter), with the nearest name suggested."""
     import subprocess
     import sys
 
@@ -177,6 +178,9 @@ def test_typos_are_refused_before_torch_is_imported():
         ["--stream", "dataset:nope"],
         ["--steps", "0"],
         ["--set", "lr"],
+        ["--model", "smollm2"],
+        ["--device", "gpu"],
+        ["--sample", "0"],
     ):
         code = (
             "import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
@@ -767,3 +771,21 @@ def test_sigterm_ends_with_the_interrupted_line_and_the_run_resumes(tmp_path):
     assert 2 <= done < 60
     assert subprocess.run(argv, capture_output=True).returncode == 0
     assert RunDir(out).completed_step() == 60
+
+
+def test_refusals_suggest_the_nearest_name(capsys, tmp_path):
+    from lifelong.core.names import unavailable_device
+
+    for argv, expected in (
+        (["--model", "smollm2"], "unknown model 'smollm2' (did you mean 'smollm2-135m'?)"),
+        (["--editor", "alphedit"], "unknown editor 'alphedit' (did you mean 'alphaedit'?)"),
+        (["--probe", "perplexty"], "unknown probe 'perplexty' (did you mean 'perplexity'?)"),
+        (
+            ["--model", "tiny-llama", "--editor", "rome", "--set", "v_l=1"],
+            "no hyperparameter 'v_l' (did you mean 'v_lr'?)",
+        ),
+    ):
+        assert main(["replay", *argv, "--out", str(tmp_path / "r")]) == 2
+        assert expected in capsys.readouterr().err
+    assert "did you mean 'cpu'" in unavailable_device("gpu") and unavailable_device("cuda:x")
+    assert not (tmp_path / "r").exists()

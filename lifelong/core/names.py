@@ -10,6 +10,45 @@ named by where its class lives (``module.path:Class``).
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")  # seeded random models for tests: NAME or NAME:SEED
+
+
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a mistyped ``name``, else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_model(spec: str) -> str | None:
+    """The one-line refusal for a ``--model`` that is neither registered nor a directory, else None."""
+    if spec == DEFAULT_MODEL or os.path.isdir(spec):
+        return None
+    family, _, seed = spec.partition(":")
+    if family in TINY_MODELS and (not seed or seed.isdigit()):
+        return None
+    known = (DEFAULT_MODEL, *TINY_MODELS)
+    return (
+        f"unknown model '{spec}'{did_you_mean(spec, known)}: expected {', '.join(known)} or a local Hugging Face "
+        "directory (no such directory here)"
+    )
+
+
+def unavailable_device(device: str) -> str | None:
+    """The refusal for a ``--device`` that cannot be right here, decided without importing torch: a
+    malformed name, or CUDA on a machine without an NVIDIA driver. torch decides the rest when it loads."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        hint = did_you_mean(device, ("cpu", "cuda", "mps"))
+        return f"unknown device '{device}'{hint}: expected cpu, cuda, cuda:N or mps"
+    if device.startswith("cuda") and not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidia0"):
+        return f"device '{device}' requested but this machine has no NVIDIA driver (so no CUDA)"
+    return None
+
+
 EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "ft": "lifelong.editors.ft:FTEditor",
     "rome": "lifelong.editors.rome:ROMEEditor",
@@ -83,8 +122,8 @@ def unknown_editor(name: str) -> str | None:
     if name in known:
         return None
     return (
-        f"unknown editor '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class "
-        "for an editor class of your own"
+        f"unknown editor '{name}'{did_you_mean(name, known)}: expected one of {', '.join(sorted(known))}, or "
+        "module.path:Class for an editor class of your own"
     )
 
 
@@ -97,6 +136,7 @@ def unknown_probe(spec: str) -> str | None:
     if name in known:
         return None
     return (
-        f"unknown probe '{name}': expected one of {', '.join(sorted(known))}, or module.path:Class for a "
+        f"unknown probe '{name}'{did_you_mean(name, known)}: expected one of {', '.join(sorted(known))}, or "
+        "module.path:Class for a "
         "probe class of your own"
     )

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import typing
 
+from lifelong.core.names import did_you_mean
 from streams.errors import UserError
 
 
@@ -31,7 +32,7 @@ def parse_options(
     for key, raw in (overrides or {}).items():
         if key not in names:
             expected = f"expected one of {', '.join(names)}" if names else f"it takes no {noun}s"
-            raise error(f"{kind} '{owner}' has no {noun} '{key}': {expected}")
+            raise error(f"{kind} '{owner}' has no {noun} '{key}'{did_you_mean(key, names)}: {expected}")
         values[key] = convert(raw, hints[key], f"{owner}.{key}", error)
         check_range(key, values[key], f"{owner}.{key}", error)
     return cls(**values)
