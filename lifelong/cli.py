@@ -159,11 +159,21 @@ def cmd_show(args) -> int:
     from lifelong.sweep import format_sweep, is_sweep_dir
 
     if is_sweep_dir(args.dir):
-        if args.json or args.step is not None:
-            raise UserError(f"{args.dir} is a sweep: show --json and --step take one of its cells (DIR/cells/NAME)")
+        if args.json or args.output_path or args.step is not None:
+            raise UserError(
+                f"{args.dir} is a sweep: show --json, --output-path and --step take one of its cells (DIR/cells/NAME)"
+            )
         print(format_sweep(args.dir))
-    elif args.json:
-        print(json.dumps(summary_json(_run_at(args.dir, args.step)), indent=1, default=str))
+    elif args.json or args.output_path:
+        text = json.dumps(summary_json(_run_at(args.dir, args.step)), indent=1, default=str)
+        if args.output_path:
+            from lifelong.run import atomic_write_text
+
+            target = Path(args.output_path)
+            if target.is_dir():
+                raise UserError(f"--output-path {target} is a directory; give a file name")
+            atomic_write_text(target, text + "\n")
+        print(text)
     else:
         print(format_summary(_run_at(args.dir, args.step)))
     return 0
@@ -510,6 +520,9 @@ def build_parser() -> _Parser:
         help="the summary as JSON (results with n and 95%% intervals, config, versions, machine)",
     )
     p.add_argument("--step", type=int, default=None, help="the run as it stood after this step (default: now)")
+    p.add_argument(
+        "--output-path", default=None, metavar="FILE", help="also write the JSON record to FILE (implies --json)"
+    )
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(

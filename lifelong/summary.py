@@ -581,9 +581,61 @@ def format_table(table: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# Each headline figure's stable identifier (probe/metric@when, ASCII; the protocol is the key below it)
+# and whether a higher value is better (None: neither, e.g. counts and timings).
+MEASURE_KEYS: dict[str, tuple[str, bool | None]] = {
+    "pre-edit efficacy (θ0)": ("edit_quality/efficacy@theta0", None),
+    "efficacy at own step": ("edit_quality/efficacy@own_step", True),
+    "generalization (paraphrases)": ("edit_quality/generalization@own_step", True),
+    "locality (neighborhood)": ("edit_quality/locality@own_step", True),
+    "retained fraction at last step": ("retention/retained_fraction@last", True),
+    "retainability": ("retention/retainability", True),
+    "edits forgotten (count)": ("retention/forgotten_count@last", False),
+    "edits forgotten (share of those that took hold)": ("retention/forgotten_share@last", False),
+    "median steps to forget": ("retention/median_steps_to_forget", True),
+    "edits superseded by a later edit (count)": ("retention/superseded_count@last", None),
+    "round success (Succ)": ("chains/round_success", True),
+    "distortion D (JS, nats)": ("chains/distortion_js", False),
+    "distortion (Pitfalls variant)": ("chains/distortion_js_pitfalls", False),
+    "ignore rate (IR)": ("chains/ignore_rate", False),
+    "failure rate (FR)": ("chains/failure_rate", False),
+    "conflict score explicit (CS)": ("chains/conflict_score_explicit", True),
+    "conflict score implicit (CS)": ("chains/conflict_score_implicit", True),
+    "conflict magnitude (CM)": ("chains/conflict_magnitude", None),
+    "tied fact damage (TFD)": ("chains/tied_fact_damage", False),
+    "perplexity at θ0": ("perplexity/perplexity@theta0", None),
+    "perplexity ratio to θ0 at last step": ("perplexity/ratio@last", False),
+    "downstream score at θ0": ("downstream/score@theta0", None),
+    "downstream drift at last step (difference)": ("downstream/diff@last", True),
+    "downstream drift at last step (ratio)": ("downstream/ratio@last", True),
+    "weight drift ||W_t - W_0||_F at last step": ("weight_drift/frobenius@last", None),
+    "parameters touched at last step": ("weight_drift/touched@last", None),
+    "v* fits that met the stop loss": ("editor/v_fits_stopped", True),
+    "v* fits: mean final loss": ("editor/v_fit_loss", False),
+    "v* fits: mean steps taken": ("editor/v_fit_steps", None),
+    "seconds per step: edit": ("timing/edit_seconds_per_step", False),
+    "seconds per step: probes": ("timing/probe_seconds_per_step", False),
+}
+
+
+def measure_key(measure: str) -> tuple[str, bool | None]:
+    """(stable identifier, higher is better) of a headline figure; figures named at run time (a probe of
+    one's own: ``NAME: METRIC at last step``; the collapse step with its threshold) get theirs by rule."""
+    if measure in MEASURE_KEYS:
+        return MEASURE_KEYS[measure]
+    if measure.startswith("perplexity collapse step"):
+        return "perplexity/collapse_step", True
+    probe, sep, rest = measure.partition(": ")
+    if sep and rest.endswith(" at last step"):
+        return f"{probe}/{rest[: -len(' at last step')]}@last", None
+    slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in measure.lower()).strip("_")
+    return f"other/{'_'.join(filter(None, slug.split('_')))}", None
+
+
 def summary_json(run: RunDir) -> dict:
     """The run as one machine-readable record, shaped like lm-evaluation-harness's results file:
-    ``results`` (measure -> protocol -> value, n, 95% interval and how it was made), ``config`` (the
+    ``results`` (stable identifier ``probe/metric@when`` -> protocol -> the measure's wording, whether higher
+    is better, value, n, 95% interval and how it was made: :data:`MEASURE_KEYS`), ``config`` (the
     run's identity), ``versions`` (packages and the code's git commit, as recorded when the run
     started), progress and the machine of the last session."""
     manifest, progress = run.manifest(), run.progress()
@@ -595,7 +647,10 @@ def summary_json(run: RunDir) -> dict:
     if progress["completed_step"] >= 0:
         for line in summary_lines(run):
             e = line.estimate
-            results.setdefault(line.measure, {})[line.protocol] = {
+            key, higher = measure_key(line.measure)
+            results.setdefault(key, {})[line.protocol] = {
+                "measure": line.measure,
+                "higher_is_better": higher,
                 "value": number(e.value),
                 "n": e.n,
                 "low": number(e.low),

@@ -66,7 +66,11 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     code, out, _ = run_cli(capsys, "show", "--json", str(out_dir))
     record = json.loads(out)
     assert code == 0 and record["config"]["seed"] == 3 and record["progress"]["completed_step"] == 4
-    cell = record["results"]["efficacy at own step"]["es"]
+    cell = record["results"]["edit_quality/efficacy@own_step"]["es"]
+    assert cell["measure"] == "efficacy at own step" and cell["higher_is_better"] is True
+    assert all(key.isascii() and "/" in key and not key.startswith("other/") for key in record["results"])
+    assert run_cli(capsys, "show", str(out_dir), "--output-path", str(tmp_path / "summary.json"))[0] == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["results"] == record["results"]
     assert (
         cell["n"] == 4
         and cell["interval"] == "wilson"
