@@ -361,12 +361,18 @@ def test_bad_v_dtype_is_refused(capsys, tmp_path, stream_file):
         ("lr=inf", "ft.lr: must be a finite number, got inf"),
         ("lr=nan", "ft.lr: must be a finite number, got nan"),
         ("lr=0", "ft.lr: must be greater than 0, got 0.0"),
+        ("alphaedit:nullspace_threshold=-1", "alphaedit.nullspace_threshold: must be greater than 0, got -1.0"),
+        ("rome:cov_corpus=/no/such.txt", "covariance corpus '/no/such.txt': expected 'model-sample'"),
+        ("memit:cov_corpus=/no/such/dir", "covariance corpus '/no/such/dir'"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_anything_is_written(capsys, tmp_path, stream_file, setting, message):
+    editor, _, setting = setting.rpartition(":")
     line = error_line(
         capsys,
         "replay",
+        "--editor",
+        editor or "ft",
         "--model",
         "tiny-llama",
         "--stream",

@@ -66,7 +66,7 @@ _NOT_NEGATIVE = (
     "max_tokens",
     "items",
 )
-_POSITIVE = ("lr", "v_lr", "edit_lr")
+_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold")
 
 
 def check_range(name: str, value, where: str, error: type[ValueError] = OptionError) -> None:

@@ -30,7 +30,7 @@ import torch
 from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, default_layer, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
-from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment, key_second_moments
+from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
     KEY_AVERAGES,
     FitLog,
@@ -65,6 +65,8 @@ class MEMITParams(ValueParams):
 
     def validate(self, editor: str) -> None:
         super().validate(editor)
+        if self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused now, not after the run began
+            corpus_files(self.cov_corpus)
         if self.key_average not in KEY_AVERAGES:
             raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, got '{self.key_average}'")
 

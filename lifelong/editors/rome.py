@@ -22,7 +22,7 @@ import torch
 
 from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
-from lifelong.editors.covariance import MODEL_SAMPLE, key_second_moment
+from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment
 from lifelong.editors.locate import FitLog, UpperStacks, ValueParams, fit_value, lowrank_change
 from lifelong.core.models import LoadedModel
 from streams import Edit
@@ -35,6 +35,11 @@ class ROMEParams(ValueParams):
     cov_corpus: str = MODEL_SAMPLE  # text for C: "model-sample" (seeded text from the model) or a .txt file/dir
     cov_tokens: int = 20000  # tokens of that text C is estimated from
     cov_reg: float = 1e-3  # ridge added to C, relative to its mean diagonal
+
+    def validate(self, editor: str) -> None:
+        super().validate(editor)
+        if self.mom2 and self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused before the run begins
+            corpus_files(self.cov_corpus)
 
 
 class ROMEEditor(Editor):
