@@ -3,7 +3,10 @@
 - :class:`Codec`: the tokenizer side only (prompt and answer ids, the pad id, padded batches). It
   needs no model, so editors that only tokenize build one of these instead of a whole scorer.
 - :func:`token_nll`: summed NLL over token-id rows (perplexity);
-- :func:`generate`: greedy continuations cut to their first line (generation tasks).
+- :func:`greedy_ids`: batched greedy decoding (left padding, KV cache, per-row budgets and stop rules),
+  under :func:`generate` (continuations cut to their first line: generation tasks) and
+  :func:`generate_answers` (answers under the authors' natural stop or a token budget, with their ids:
+  generation-based edit evaluation, docs/METRICS.md §6).
 
 Probes call these through the scorer (``Scorer.rolling_nll``, ``Scorer.generate``), which is
 where an editor's prompt rewriter is applied; the functions themselves see the model as it is.
@@ -138,15 +141,186 @@ def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int =
     return total, count
 
 
-class _FirstLineDone:
-    """Stops a row once it holds a newline after some text (leading newlines do not count)."""
+# The authors' natural stop (WanliYoung/Revisit-Editing-Evaluation, easyeditor/evaluate/evaluate_utils.py:120-129):
+# generation ends at a ".", a newline or the EOS string (and at an EOS id), capped at 50 new tokens.
+NATURAL_STOPS = (".", "\n")
+AUTHORS_MAX_NEW_TOKENS = 50
+# The authors' QA instruction context ("qa_inst", evaluate_utils.py:106-107).
+QA_INSTRUCTION = "Please answer the question:\n\nQ: {question}\nA:"
+CONTEXTS = ("question", "qa", "chat")
 
-    def __init__(self, tokenizer, width: int):
-        self.tokenizer, self.width = tokenizer, width
+
+def stop_strings(tokenizer) -> tuple[str, ...]:
+    """The natural stop strings for ``tokenizer``: ".", newline, and its EOS string, in the authors' order."""
+    eos = tokenizer.eos_token
+    return NATURAL_STOPS + ((eos,) if eos else ())
+
+
+def strip_stop(text: str, suffixes: Sequence[str]) -> str:
+    """The authors' post-processing (evaluate_utils.py:138-143): one pass over ``suffixes`` in order,
+    each removed once from the end if the text ends with it; no whitespace strip."""
+    for suffix in suffixes:
+        if suffix and text.endswith(suffix):
+            text = text[: -len(suffix)]
+    return text
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def in_context(tokenizer, context: str, questions: Sequence[str]) -> list[str]:
+    """``questions`` as the model is asked them under ``context`` (one of :data:`CONTEXTS`):
+    ``question`` as is, ``qa`` in the authors' QA instruction, ``chat`` in the tokenizer's own chat
+    template as one user turn with the assistant's turn opened (the authors hard-code a Llama-2-chat
+    string instead: docs/METRICS.md §6). Refused for ``chat`` when the tokenizer has no template."""
+    if context == "question":
+        return list(questions)
+    if context == "qa":
+        return [QA_INSTRUCTION.format(question=q) for q in questions]
+    if context == "chat":
+        if not has_chat_template(tokenizer):
+            raise ValueError("the tokenizer has no chat template")
+        return [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+            for q in questions
+        ]
+    raise ValueError(f"unknown context '{context}': expected one of {', '.join(CONTEXTS)}")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One greedy answer: its text after the stop-suffix strip, and the new token ids up to and
+    including the token that stopped it (the authors' WILD locality compares these ids)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+class _RowStops:
+    """Per-row stopping for batched ``model.generate``: a row is done at an EOS id, at its own token
+    budget, or when ``stopped(text of its new tokens)`` says so. Records each row's length at the
+    step it stopped; HF then pads the row, and the caller cuts it there."""
+
+    def __init__(self, tokenizer, width: int, budgets: Sequence[int], eos_ids: set[int], stopped, skip_special: bool):
+        self.tokenizer, self.width, self.budgets, self.eos_ids = tokenizer, width, list(budgets), eos_ids
+        self.stopped, self.skip_special = stopped, skip_special
+        self.length: list[int | None] = [None] * len(budgets)
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+        new = input_ids[:, self.width :]
+        n = new.shape[1]
+        live = [r for r, length in enumerate(self.length) if length is None]
+        last = new[:, -1].tolist()
+        texts: list[str] = []
+        if self.stopped is not None and live:  # only rows still running are decoded
+            texts = self.tokenizer.batch_decode(new[live], skip_special_tokens=self.skip_special)
+        for k, r in enumerate(live):
+            if last[r] in self.eos_ids or n >= self.budgets[r] or (texts and self.stopped(texts[k])):
+                self.length[r] = n
+        return torch.tensor([length is not None for length in self.length], device=input_ids.device)
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and the model's generation config's (one id or several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(config) if isinstance(config, (list, tuple)) else ({config} if config is not None else set())
+    return ids
+
+
+def greedy_ids(
+    model,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    stopped=None,
+    eos_ids: set[int] | None = None,
+    skip_special: bool = False,
+    max_batch_tokens: int = 4096,
+) -> list[tuple[int, ...]]:
+    """Greedy new-token ids for each prompt (token ids), cut where the row stopped (see :class:`_RowStops`).
+
+    Prompts are sorted by length and batched (at most ``max_batch_tokens`` padded prompt + budget
+    tokens per batch), left-padded with an attention mask, and decoded with the KV cache by
+    ``model.generate``, which takes the positions from the mask: the answers are those of one
+    prompt at a time without padding (tests/test_generation.py checks it token for token).
+    """
+    from transformers import StoppingCriteriaList
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = eos_ids_of(model, tokenizer) if eos_ids is None else eos_ids
+    device = next(model.parameters()).device
+    out: list[tuple[int, ...]] = [()] * len(encoded)
+    order = np.argsort([-len(e) for e in encoded], kind="stable")
+    start = 0
+    with torch.inference_mode():
+        while start < len(order):
+            width = len(encoded[order[start]])
+            size = max(1, max_batch_tokens // (width + max(budgets)))
+            idx = order[start : start + size]
+            start += size
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(encoded[i]) :] = torch.tensor(list(encoded[i]), dtype=torch.long)
+                mask[r, width - len(encoded[i]) :] = 1
+            row_budgets = [budgets[i] for i in idx]
+            stops = _RowStops(tokenizer, width, row_budgets, eos, stopped, skip_special)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max(row_budgets),
+                eos_token_id=sorted(eos) or None,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                stopping_criteria=StoppingCriteriaList([stops]),
+            )
+            new = gen[:, width:].tolist()
+            for r, i in enumerate(idx):
+                length = stops.length[r]
+                out[i] = tuple(new[r][: length if length is not None else len(new[r])])
+    return out
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    budgets: Sequence[int],
+    stops: Sequence[str] | None,
+    max_batch_tokens: int = 4096,
+) -> list[Generated]:
+    """Greedy answers to ``prompts`` (already in their context), each with its own token budget.
+
+    ``stops``: stop once the new text, decoded with special tokens, contains one of these strings
+    (HF ``stop_strings`` semantics: a token that completes one anywhere in it ends the answer, so
+    "St. Louis" stops at "St."); None: only EOS and the budget stop it. The text is decoded
+    without skipping special tokens and stripped of one trailing ".", newline and EOS string,
+    in that order, as the authors do (the ids keep the stop token).
+    """
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} budgets for {len(prompts)} prompts")
+    if any(b < 1 for b in budgets):
+        raise ValueError("every token budget must be at least 1")
+    if not prompts:
+        return []
+    encoded = [tokenizer(p).input_ids for p in prompts]  # special tokens added, as the authors' tok(prompt)
+    stopped = None
+    if stops:
+        stop_set = tuple(stops)
+        stopped = lambda text: any(s in text for s in stop_set)  # noqa: E731
+    ids = greedy_ids(model, tokenizer, encoded, budgets, stopped, max_batch_tokens=max_batch_tokens)
+    suffixes = stop_strings(tokenizer)
+    return [Generated(strip_stop(tokenizer.decode(list(i)), suffixes), i) for i in ids]
+
+
+def _first_line_done(text: str) -> bool:
+    """A newline after some text (leading newlines do not count)."""
+    return "\n" in text.lstrip()
 
 
 def generate(
@@ -157,39 +331,20 @@ def generate(
     max_batch_tokens: int = 4096,
     max_prompt_tokens: int = 768,
 ) -> list[str]:
-    """Greedy continuations, cut to their first non-empty line; prompts left-padded and batched by length."""
-    from transformers import StoppingCriteriaList
-
+    """Greedy continuations, cut to their first non-empty line; prompts left-padded and batched by length
+    (:func:`greedy_ids`, stopping at the tokenizer's EOS or a completed first line)."""
+    if not prompts:
+        return []
     encoded = [tokenizer(p).input_ids[-max_prompt_tokens:] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(prompts)
-    order = np.argsort([-len(e) for e in encoded], kind="stable")
-    start = 0
-    with torch.inference_mode():
-        while start < len(order):
-            width = len(encoded[order[start]])
-            size = max(1, max_batch_tokens // (width + max_new_tokens))
-            idx = order[start : start + size]
-            start += size
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                stopping_criteria=StoppingCriteriaList([_FirstLineDone(tokenizer, width)]),
-            )
-            for r, i in enumerate(idx):
-                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                out[i] = text.strip().split("\n", 1)[0].strip()
-    return out
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids = greedy_ids(
+        model,
+        tokenizer,
+        encoded,
+        [max_new_tokens] * len(prompts),
+        _first_line_done,
+        eos_ids=eos,
+        skip_special=True,
+        max_batch_tokens=max_batch_tokens,
+    )
+    return [tokenizer.decode(list(i), skip_special_tokens=True).strip().split("\n", 1)[0].strip() for i in ids]
