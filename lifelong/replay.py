@@ -285,6 +285,8 @@ def _replay_locked(
         run.save_reference(references)
         written = rows_for(0, None, rows)
         run.write_rows(0, written)
+        if ctx.generations:
+            run.write_generations(0, run_id, ctx.generations)
         for exporter in exporters:
             exporter.write(0, written)
         run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps))
@@ -327,6 +329,8 @@ def _replay_locked(
         t2 = time.perf_counter()
         written = rows_for(step, timestamp, rows)
         run.write_rows(step, written)
+        if ctx.generations:
+            run.write_generations(step, run_id, ctx.generations)
         for exporter in exporters:
             exporter.write(step, written)
         run.mark_complete(step, timestamp, {"edit": t_edit, "probe": t2 - t1}, len(steps), editor.step_report())

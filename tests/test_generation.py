@@ -3,6 +3,9 @@ authors' stop rules, and the generation protocols of the edit-quality and retent
 
 from __future__ import annotations
 
+import re
+import string
+
 import pytest
 import torch
 
@@ -99,3 +102,180 @@ def test_contexts(tiny):
         assert in_context(tok, "chat", ["Who?"]) == ["<user>Who?<assistant>"]
     finally:
         tok.chat_template = None
+
+
+# ---------------------------------------------------------------------- the probes' generation protocols
+
+
+def test_normalised_exact_and_contains():
+    from probes.generation import gen_contains, gen_exact, normalize
+
+    assert normalize("  The  Eiffel-Tower!") == "eiffeltower"  # punctuation goes before articles and spaces
+    assert gen_exact(" Paris", "paris") == gen_exact("The Paris.", "Paris") == 1.0
+    assert gen_exact("Paris is nice", "Paris") == 0.0
+    assert gen_contains("It is Paris, France", "Paris") == 1.0
+    assert gen_contains("Parisian", "Paris") == 0.0  # whole words only
+    assert gen_contains("the", "the") == 1.0 and gen_contains("a", "the") == 1.0  # both normalise to ''
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("edit_quality:generation=poem", "probe 'edit_quality': generation: unknown context 'poem'"),
+        ("edit_quality:generation=qa+qa", "a context is given twice"),
+        ("edit_quality:generation=+", "unknown context '+'"),
+        ("retention:generation=qa,stop=never", "stop: unknown stop rule 'never': expected natural, tokens, answer"),
+        ("edit_quality:generation=qa,max_new_tokens=0", "max_new_tokens must be at least 1"),
+        ("edit_quality:generation=qa,answer_margin=-1", "answer_margin must not be negative"),
+        ("retention:generation=qa,generation_sample=0", "generation_sample must be at least 1"),
+        ("edit_quality:generation_sample=3", "has no option 'generation_sample'"),
+    ],
+)
+def test_bad_generation_options_are_one_line_errors(spec, message):
+    from probes import make_probe
+    from streams.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        make_probe(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_generation_is_off_by_default_and_out_of_the_identity():
+    """Runs without generation keep their probe configuration, so their identity and run id."""
+    from probes import make_probe
+
+    assert make_probe("edit_quality").config() == {"name": "edit_quality", "schedule": "every:1"}
+    assert make_probe("retention").config()["options"] == {"fraction": 1.0, "seed": 0, "sample": 500}
+    on = make_probe("edit_quality:generation=question+qa,stop=answer,answer_margin=2").config()
+    assert on["options"] == {"generation": "question+qa", "stop": "answer", "max_new_tokens": 50, "answer_margin": 2}
+    assert [s.name for s in make_probe("edit_quality:generation=question+qa").options.settings()] == ["question", "qa"]
+    names = [
+        make_probe(f"edit_quality:generation=qa,{o}").options.settings()[0].name
+        for o in ("stop=tokens", "max_new_tokens=9")
+    ]
+    assert names == ["qa/tokens50", "qa/natural9"]
+
+
+GEN_PROBES = [
+    "edit_quality:generation=question+qa+chat",
+    "retention:schedule=every:2,generation=question+qa,generation_sample=3",
+]
+
+
+def _replay(path, stream_file, stop_after=None):
+    from lifelong.core.models import load_model
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+    from tests.conftest import TINY_FT
+
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), editor_overrides=dict(TINY_FT), probes=GEN_PROBES)
+    with pytest.warns(UserWarning, match="'chat' skipped: the tokenizer has no chat template"):
+        return replay(config, path, lm=load_model("tiny-llama"), progress=False, stop_after=stop_after).run
+
+
+def test_a_replay_scores_generation_protocols_keeps_the_answers_and_resumes(tmp_path, stream_file):
+    import polars as pl
+
+    from probes.generation import rescore
+
+    run = _replay(tmp_path / "run", stream_file)
+    results = run.results()
+    gen = results.filter(pl.col("protocol").str.starts_with("gen_"))
+    got = {(m, p) for m, p in gen.select("metric", "protocol").unique().iter_rows()}
+    for setting in ("question", "qa"):  # chat: skipped, the tiny tokenizer has no template
+        for metric in ("efficacy", "generalization", "locality"):
+            assert (metric, f"gen_exact@{setting}") in got and (metric, f"gen_contains@{setting}") in got
+        assert ("locality", f"gen_unchanged@{setting}") in got
+        assert ("retained_fraction", f"gen_exact@{setting}") in got
+    assert not any("chat" in p for _, p in got)
+    # step 0: θ0's efficacy by generation, like the teacher-forced rows
+    assert gen.filter((pl.col("step") == 0) & (pl.col("metric") == "efficacy")).height == 6 * 2 * 2
+    # retention generated for a sample of 3 of the edits so far, and says so
+    last = results.filter((pl.col("step") == 6) & (pl.col("protocol") == "gen_exact@qa"))
+    assert last.filter(pl.col("metric") == "retention").height == 3
+    meta = {m: v for m, v in last.filter(pl.col("edit_id").is_null()).select("metric", "value").iter_rows()}
+    assert meta["sample_size"] == 3 and meta["sample_population"] == 6
+
+    # The stored answers re-score the run: every per-edit generation row, recomputed without the model.
+    answers = run.generations()
+    assert answers.height and set(answers["setting"]) == {"question", "qa"}
+    assert all(len(i) >= 1 for i in answers["ids"])
+    stored = gen.filter(pl.col("edit_id").is_not_null()).select(
+        "step", "probe", "metric", "protocol", "edit_id", "value"
+    )
+    again = rescore(answers)
+    assert stored.sort(stored.columns).equals(again.sort(again.columns))
+
+    # Killed after two steps and resumed: the same rows and answers as the uninterrupted run.
+    part = _replay(tmp_path / "part", stream_file, stop_after=2)
+    assert part.completed_step() == 2
+    resumed = _replay(tmp_path / "part", stream_file)
+    key = ["step", "probe", "metric", "protocol", "edit_id"]
+    assert resumed.results().sort(key).equals(results.sort(key))
+    assert resumed.generations().equals(answers)
+
+
+def test_a_damaged_generations_part_is_refused(tmp_path, stream_file):
+    import polars as pl
+
+    from lifelong.run import GENERATIONS_DIGEST, RunDirError
+
+    run = _replay(tmp_path / "run", stream_file)
+    part = run.generation_path(3)
+    df = pl.read_parquet(part)
+    digest = pl.read_parquet_metadata(part)[GENERATIONS_DIGEST]
+    df.with_columns(pl.lit("Rome").alias("text")).write_parquet(part, metadata={GENERATIONS_DIGEST: digest})
+    with pytest.raises(RunDirError, match="step_000003.parquet: damaged file"):
+        run.generations()
+
+
+def test_teacher_forcing_passes_where_generation_fails(tiny):
+    """A hand-built case on a real (tiny) model: the answer is the first two tokens of the model's own
+    greedy answer (e.g. "f!"), so each of its tokens is the argmax given the gold prefix (teacher-forced
+    exact = 1), but the model goes on writing the same word (the next token is a letter or digit: "f!w…"),
+    so what it says is not the answer: gen_exact = gen_contains = 0. Cut to the answer's length, as truncated
+    generation does, it would pass: the length leak the paper names."""
+    from datetime import datetime, timezone
+
+    from lifelong.core.scorer import Scorer
+    from probes import EditQualityProbe, ProbeContext, make_probe
+    from streams import Edit
+
+    from probes.generation import normalize
+
+    tok = tiny.tokenizer
+    subjects = [f"Item{i}" for i in range(2000)]
+    prompts = [f"The code of {s} is" for s in subjects]
+    starts = model_access.greedy_ids(tiny.model, tok, [tok(p).input_ids for p in prompts], [3] * len(prompts))
+    printable = set(string.ascii_letters + string.digits + string.punctuation) - {"."}
+
+    def fits(ids) -> bool:  # two printable tokens that name something, and a third that lengthens the word
+        chars = [tok.decode([t]) for t in ids]
+        head = "".join(chars[:2])
+        return len(ids) == 3 and set(chars) <= printable and bool(normalize(head)) and chars[2].isalnum()
+
+    found = [k for k, ids in enumerate(starts) if fits(ids)]
+    assert found, "no prompt whose greedy answer fits: pick more subjects"
+    k = found[0]
+    answer = tok.decode(list(starts[k][:2]))
+    edit = Edit(
+        id="e",
+        timestamp=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        subject=subjects[k],
+        relation_id="code",
+        prompt="The code of {} is",
+        target_new=answer,
+        target_true="zz",
+    )
+    assert edit.rendered_prompt == prompts[k]
+    scorer = Scorer(tiny.model, tok)
+
+    def rows(probe: EditQualityProbe) -> dict[str, float]:
+        ctx = ProbeContext(step=1, timestamp=None, batch=(edit,), history=[(edit,)], scorer=scorer)
+        return {r.protocol: r.value for r in probe.measure(ctx) if r.metric == "efficacy"}
+
+    natural = rows(make_probe("edit_quality:generation=question+qa"))
+    assert natural["exact"] == 1.0  # teacher forcing: the edit "holds"
+    assert natural["gen_exact@question"] == 0.0 and natural["gen_contains@question"] == 0.0
+    truncated = rows(make_probe("edit_quality:generation=question,stop=answer"))
+    assert truncated["gen_exact@question/answer+0"] == 1.0  # cut to the answer's length, it passes
