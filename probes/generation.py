@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from lifelong.core.model_access import AUTHORS_MAX_NEW_TOKENS, CONTEXTS, has_chat_template, stop_strings
+from lifelong.core.model_access import AUTHORS_MAX_NEW_TOKENS, CONTEXTS
 from lifelong.core.options import OptionError
 from probes.base import GeneratedAnswer, ProbeContext, Row
 from probes.metric_table import EFFICACY, GEN_CONTAINS, GEN_EXACT, GEN_UNCHANGED, GENERALIZATION, LOCALITY
@@ -85,10 +85,6 @@ class Setting:
         """New tokens allowed: the fixed budget, or (``answer``) the gold answer's tokens plus the margin."""
         return ctx.scorer.answer_length(answer) + self.answer_margin if self.stop == "answer" else self.max_new_tokens
 
-    def stops(self, ctx: ProbeContext) -> tuple[str, ...] | None:
-        """The natural stop strings, or None: ``tokens`` and ``answer`` stop only at EOS and the budget."""
-        return stop_strings(ctx.scorer.tokenizer) if self.stop == "natural" else None
-
 
 @dataclass
 class GenerationOptions:
@@ -141,7 +137,7 @@ def usable(ctx: ProbeContext, settings: Sequence[Setting]) -> list[Setting]:
     """The settings this model can run: ``chat`` is skipped, with a warning, when the tokenizer has no template."""
     out = []
     for s in settings:
-        if s.context == "chat" and not has_chat_template(ctx.scorer.tokenizer):
+        if s.context == "chat" and not ctx.scorer.has_chat_template:
             warnings.warn("generation context 'chat' skipped: the tokenizer has no chat template", stacklevel=2)
             continue
         out.append(s)
@@ -164,9 +160,9 @@ def answer(ctx: ProbeContext, probe: str, setting: Setting, asks: Sequence[Ask])
     them in ``ctx.generations``."""
     keys = [(a.question, setting.budget(ctx, a.answer)) for a in asks]
     unique = list(dict.fromkeys(keys))
-    got = ctx.scorer.generate_answers(
-        [q for q, _ in unique], setting.context, [b for _, b in unique], setting.stops(ctx)
-    )
+    # natural: the authors' stop strings end an answer; tokens and answer: only EOS and the budget
+    natural = setting.stop == "natural"
+    got = ctx.scorer.generate_answers([q for q, _ in unique], setting.context, [b for _, b in unique], natural)
     by_key = dict(zip(unique, got))
     out = [
         GeneratedAnswer(probe, a.metric, setting.name, a.edit_id, a.item, a.question, a.answer, g.text, g.ids)

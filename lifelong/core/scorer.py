@@ -85,13 +85,20 @@ class Scorer:
         return model_access.generate(self.model, self.tokenizer, self.shown(prompts), max_new_tokens, **kwargs)
 
     def generate_answers(
-        self, questions: Sequence[str], context: str, budgets: Sequence[int], stops: Sequence[str] | None
+        self, questions: Sequence[str], context: str, budgets: Sequence[int], natural_stop: bool = True
     ) -> list[model_access.Generated]:
         """Greedy answers to ``questions`` (:func:`model_access.generate_answers`): each question as the
         model sees it (an in-context memory's rewrite goes inside the context, where the question is),
-        then put in ``context`` (:func:`model_access.in_context`)."""
+        then put in ``context`` (:func:`model_access.in_context`). ``natural_stop``: the authors' stop
+        strings end an answer (".", newline, EOS string); otherwise only EOS and the budget do."""
         prompts = model_access.in_context(self.tokenizer, context, self.shown(questions))
+        stops = model_access.stop_strings(self.tokenizer) if natural_stop else None
         return model_access.generate_answers(self.model, self.tokenizer, prompts, budgets, stops)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template (the ``chat`` context needs one)."""
+        return model_access.has_chat_template(self.tokenizer)
 
     def answer_length(self, answer: str) -> int:
         """Tokens of ``answer`` as it is scored (" " + answer): the unit of an answer-length budget."""
