@@ -206,6 +206,19 @@ def test_a_replay_scores_generation_protocols_keeps_the_answers_and_resumes(tmp_
     again = rescore(answers)
     assert stored.sort(stored.columns).equals(again.sort(again.columns))
 
+    # show leads with the strictest retained fraction beside ES, naming both
+    from lifelong.summary import format_summary, retention_headline, summary_table
+
+    headline = format_summary(run).split("\n\n")[1]
+    table = summary_table(run).filter(pl.col("measure") == "retained fraction at last step")
+    value = dict(zip(table["protocol"], table["value"]))
+    strictest = min(("gen_exact@qa", "gen_exact@question"), key=lambda p: (value[p], p))
+    assert headline.startswith("retained at the last step: ES ") and f"strictest, {strictest} " in headline
+    assert "the greedy answer, normalised, is the new target" in headline
+    teacher_forced = retention_headline(table.filter(~pl.col("protocol").str.starts_with("gen_")))
+    assert teacher_forced is not None and "strictest, exact " in teacher_forced and "teacher-forced" in teacher_forced
+    assert retention_headline(table.filter(pl.col("protocol") != "es")) is None
+
     # Killed after two steps and resumed: the same rows and answers as the uninterrupted run.
     part = _replay(tmp_path / "part", stream_file, stop_after=2)
     assert part.completed_step() == 2
