@@ -210,7 +210,8 @@ class RetentionProbe(_GenerationOptionsProbe):
     name = RETENTION_PROBE
     description = (
         "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
-        "edits superseded by a later edit of their subject and relation reported apart"
+        "edits superseded by a later edit of their subject and relation reported apart; "
+        "with generation=CONTEXTS also by generated answers (gen_exact, gen_contains)"
     )
     Options = RetentionOptions
 
