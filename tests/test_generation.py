@@ -292,3 +292,20 @@ def test_teacher_forcing_passes_where_generation_fails(tiny):
     assert natural["gen_exact@question"] == 0.0 and natural["gen_contains@question"] == 0.0
     truncated = rows(make_probe("edit_quality:generation=question,stop=answer"))
     assert truncated["gen_exact@question/answer+0"] == 1.0  # cut to the answer's length, it passes
+
+
+def test_the_scorer_asks_the_rewritten_question_inside_the_context(tiny):
+    """An in-context memory rewrites the question; the context (here the QA instruction) wraps the rewrite."""
+    from lifelong.core.scorer import Scorer
+
+    rewrite = lambda prompts: [f"Fact: Paris is in Italy. {p}" for p in prompts]  # noqa: E731
+    got = Scorer(tiny.model, tiny.tokenizer, rewrite=rewrite).generate_answers(["Where is Paris?"], "qa", [6])
+    want = generate_answers(
+        tiny.model,
+        tiny.tokenizer,
+        [QA_INSTRUCTION.format(question="Fact: Paris is in Italy. Where is Paris?")],
+        [6],
+        stop_strings(tiny.tokenizer),
+    )
+    plain = Scorer(tiny.model, tiny.tokenizer).generate_answers(["Where is Paris?"], "qa", [6], natural_stop=False)
+    assert got == want and len(plain[0].ids) == 6 and plain != want
