@@ -129,6 +129,7 @@ def test_normalised_exact_and_contains():
         ("edit_quality:generation=qa,answer_margin=-1", "answer_margin must not be negative"),
         ("retention:generation=qa,generation_sample=0", "generation_sample must be at least 1"),
         ("edit_quality:generation_sample=3", "has no option 'generation_sample'"),
+        ("edit_quality:generation=question,qa", "(bad item 'qa'; several values of one key are joined with '+')"),
     ],
 )
 def test_bad_generation_options_are_one_line_errors(spec, message):
