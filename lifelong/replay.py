@@ -117,7 +117,30 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     if twice:
         raise UserError(f"probe '{twice[0]}' is given twice")
     defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
-    return ProbeSuite([p for p in defaults if p.name not in names] + extra)
+    suite = ProbeSuite([p for p in defaults if p.name not in names] + extra)
+    check_generation_settings(suite)
+    return suite
+
+
+def check_generation_settings(suite: ProbeSuite) -> None:
+    """Refuse retention generation settings that edit quality does not also run: the retention matrix
+    of a protocol starts from each edit's score at its own step (docs/METRICS.md §3, §6)."""
+    by_name = {p.name: p for p in suite.probes}
+    quality, retention = by_name.get(EditQualityProbe.name), by_name.get(RetentionProbe.name)
+    if quality is None or retention is None:
+        return
+    own = {s.name for s in quality.options.settings()}
+    missing = [s for s in retention.options.settings() if s.name not in own]
+    if missing:
+        opts = retention.options
+        spec = f"generation={'+'.join(s.context for s in missing)}"
+        for key, default in (("stop", "natural"), ("max_new_tokens", 50), ("answer_margin", 0)):
+            if getattr(opts, key) != default:
+                spec += f",{key}={getattr(opts, key)}"
+        raise UserError(
+            f"probe 'retention': generation setting '{missing[0].name}' is not run by edit_quality, whose "
+            f"own-step scores retention starts from: add --probe edit_quality:{spec}"
+        )
 
 
 def probes_identity(suite: ProbeSuite, edits: int) -> list[dict]:

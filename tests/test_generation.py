@@ -310,3 +310,19 @@ def test_the_scorer_asks_the_rewritten_question_inside_the_context(tiny):
     )
     plain = Scorer(tiny.model, tiny.tokenizer).generate_answers(["Where is Paris?"], "qa", [6], natural_stop=False)
     assert got == want and len(plain[0].ids) == 6 and plain != want
+
+
+def test_retention_generation_needs_the_same_setting_in_edit_quality():
+    from lifelong.replay import default_suite
+    from lifelong.run import RunConfig
+    from streams.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape("generation setting 'question' is not run by edit_quality")) as err:
+        default_suite(RunConfig(probes=["retention:generation=question+qa"], steps=1))
+    assert "--probe edit_quality:generation=question+qa" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match=re.escape("'question/tokens50' is not run by edit_quality, whose own-step")):
+        default_suite(
+            RunConfig(probes=["edit_quality:generation=question", "retention:generation=question,stop=tokens"])
+        )
+    suite = default_suite(RunConfig(probes=["edit_quality:generation=question+qa", "retention:generation=qa"]))
+    assert [p.name for p in suite.probes] == ["edit_quality", "retention"]
