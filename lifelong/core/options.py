@@ -103,7 +103,7 @@ def convert(raw, annotation, where: str, error: type[ValueError] = OptionError):
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``name:key=value,key=value`` -> (name, {key: value}); values may contain ':' but not ','."""
     name, _, rest = spec.partition(":")
-    options = {}
+    options: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
