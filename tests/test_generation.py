@@ -189,6 +189,9 @@ def test_a_replay_scores_generation_protocols_keeps_the_answers_and_resumes(tmp_
         assert ("locality", f"gen_unchanged@{setting}") in got
         assert ("retained_fraction", f"gen_exact@{setting}") in got
     assert not any("chat" in p for _, p in got)
+    from probes.metric_table import out_of_range
+
+    assert out_of_range(gen.select("probe", "metric", "protocol", "edit_id", "step", "value").iter_rows()) == []
     # step 0: θ0's efficacy by generation, like the teacher-forced rows
     assert gen.filter((pl.col("step") == 0) & (pl.col("metric") == "efficacy")).height == 6 * 2 * 2
     # retention generated for a sample of 3 of the edits so far, and says so
