@@ -222,15 +222,24 @@ MEANING = {
 
 
 def retention_headline(table: pl.DataFrame) -> str | None:
-    """One line that puts the strictest retained fraction the run has (a generation protocol's exact
-    match, the lowest of its settings; else teacher-forced ``exact``) beside ES, saying which is which:
-    ES alone flatters an editor (issue #38). None when the run has no ES retention figure."""
+    """One line that puts the strictest retained fraction the run has beside ES, saying which is which:
+    ES alone flatters an editor (issue #38). The strictest is a generation protocol's exact match — in
+    the authors' default context (``gen_exact@question``) when the run has it, else the lowest of its
+    settings — or, without generation, teacher-forced ``exact``. (A chat model answers in sentences, so
+    ``gen_exact@chat`` is near 0 whatever the editor did: the lowest is not always the most telling.)
+    None when the run has no ES retention figure."""
     rows = {p: (v, n, lo, hi) for m, p, v, n, lo, hi in table.iter_rows() if m == HEADLINE}
     if "es" not in rows:
         return None
     generated = [p for p in rows if p.startswith(f"{mt.GEN_EXACT}@") and rows[p][0] is not None]
     generated = [p for p in generated if not math.isnan(rows[p][0])]
-    strictest = min(generated, key=lambda p: (rows[p][0], p)) if generated else ("exact" if "exact" in rows else None)
+    default = f"{mt.GEN_EXACT}@question"
+    if default in generated:
+        strictest: str | None = default
+    elif generated:
+        strictest = min(generated, key=lambda p: (rows[p][0], p))
+    else:
+        strictest = "exact" if "exact" in rows else None
     parts = [f"ES {_cell(*rows['es'])} ({MEANING['es']})"]
     if strictest is not None:
         meaning = MEANING[strictest.split("@", 1)[0]]
