@@ -80,7 +80,7 @@ def test_an_installed_packages_editor_runs_from_the_cli(installed_package, tmp_p
         str(tmp_path / "x"),
         cwd=tmp_path,
     )
-    assert typo.returncode == 2 and "unknown editor 'mnie': expected one of " in typo.stderr
+    assert typo.returncode == 2 and "unknown editor 'mnie' (did you mean 'mine'?): expected one of " in typo.stderr
     assert "mine" in typo.stderr.split("expected one of ")[1] and not (tmp_path / "x").exists()
 
 
