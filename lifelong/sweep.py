@@ -131,158 +131,200 @@ def _scalar(value) -> bool:
 def parse_spec(text: str, where: str = "spec", base: Path | None = None) -> Spec:
     """Check a spec's TOML text and make its cells; a bad spec raises :class:`SpecError` naming the key.
     Relative stream files and model directories are taken from ``base`` (the spec file's folder)."""
-    from lifelong.editors import UnknownEditorError, editor_class, parse_overrides
-    from lifelong.core.models import DEFAULT_MODEL, TINY_MODELS
-    from lifelong.replay import default_suite, prepare_stream_and_facts
-
-    def bad(key: str, message: str) -> SpecError:
-        return SpecError(f"{where}: key '{key}': {message}")
-
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{where}: not valid TOML: {err}") from None
+    spec = _SpecReader(raw, where, base or Path.cwd())
     unknown = [k for k in raw if k not in SPEC_KEYS]
     if unknown:
-        raise bad(unknown[0], f"unknown key (expected one of {', '.join(SPEC_KEYS)})")
-
-    def whole(key: str, default, least: int):
-        value = raw.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise bad(key, f"must be a whole number ≥ {least}, got {value!r}")
-        return value
-
-    base = base or Path.cwd()
-    model = raw.get("model", DEFAULT_MODEL)
-    if not isinstance(model, str) or not model:
-        raise bad("model", f"must be a model name or directory, got {model!r}")
-    if model != DEFAULT_MODEL and model.split(":")[0] not in TINY_MODELS:
-        directory = Path(model).expanduser()
-        directory = directory if directory.is_absolute() else base / directory
-        if not directory.is_dir():
-            raise bad(
-                "model",
-                f"'{model}' is neither a registered model ({DEFAULT_MODEL}, {', '.join(TINY_MODELS)}) nor a directory",
+        raise spec.bad(unknown[0], f"unknown key (expected one of {', '.join(SPEC_KEYS)})")
+    model, streams, scalars = spec.model(), spec.streams(), spec.scalars()
+    retries = spec.whole("retries", RETRIES, 0)
+    editors, seeds = spec.editors(), spec.seeds()
+    probes = spec.probes(scalars["probe_every"])
+    grids = spec.grids(editors)
+    lengths = spec.stream_lengths(streams, scalars)
+    cells = [
+        Cell("-".join(parts + [f"seed{seed}"]), editor, stream, seed, chosen, config, lengths[stream])
+        for editor in editors
+        for stream in streams
+        for chosen, overrides, parts in _grid_points(editor, stream, *grids.get(editor, ({}, {})))
+        for seed in seeds
+        for config in [
+            RunConfig(
+                model=model,
+                editor=editor,
+                editor_overrides=overrides,
+                stream=stream,
+                seed=seed,
+                probes=list(probes),
+                **scalars,
             )
-        model = str(directory.resolve())
-    streams = raw.get("stream", "builtin")
-    streams = [streams] if isinstance(streams, str) else streams
-    if not isinstance(streams, list) or not streams or not all(isinstance(s, str) and s for s in streams):
-        raise bad("stream", "must be a stream name, a .jsonl file, or a non-empty list of them")
-    streams = [str((base / s).resolve()) if s.endswith(".jsonl") and not Path(s).is_absolute() else s for s in streams]
-    if len(set(streams)) < len(streams):
-        raise bad("stream", "lists a stream twice")
-    scalars = {}
-    for setting in SCALAR_SETTINGS:
-        try:
-            scalars[setting.name] = setting.check(raw.get(setting.name, setting.default), setting.name)
-        except UserError as err:
-            raise bad(setting.name, str(err).split(" ", 1)[1]) from None
-    probe_every = scalars["probe_every"]
-    retries = whole("retries", RETRIES, 0)
-    if not (scalars["device"] == "cpu" or scalars["device"].startswith("cuda")):
-        raise bad("device", f"must be 'cpu' or 'cuda', got {scalars['device']!r}")
-    editors = raw.get("editors")
-    if editors is None:
-        raise bad("editors", "is required: a list of editor names (see 'lifelong editors')")
-    if not isinstance(editors, list) or not editors or not all(isinstance(e, str) for e in editors):
-        raise bad("editors", "must be a non-empty list of editor names")
-    for e in editors:
-        try:
-            editor_class(e)
-        except UnknownEditorError as err:
-            raise bad("editors", str(err)) from None
-    if len(set(editors)) < len(editors):
-        raise bad("editors", "lists an editor twice")
-    seeds = raw.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
-    ):
-        raise bad("seeds", f"must be a non-empty list of whole numbers ≥ 0, got {seeds!r}")
-    if len(set(seeds)) < len(seeds):
-        raise bad("seeds", "lists a seed twice")
-    probes = raw.get("probes", [])
-    if not isinstance(probes, list) or not all(isinstance(p, str) for p in probes):
-        raise bad("probes", 'must be a list of probe specs as --probe takes them, e.g. "perplexity:schedule=every:5"')
-    try:
-        default_suite(RunConfig(probes=list(probes), probe_every=probe_every))
-    except ValueError as err:
-        raise bad("probes", str(err)) from None
-    settings = raw.get("set", {})
-    if not isinstance(settings, dict):
-        raise bad("set", "must be tables [set.EDITOR] of settings")
-    grids: dict[str, tuple[dict, dict]] = {}  # editor -> (fixed settings, swept settings)
-    for editor, table in settings.items():
-        key = f"set.{editor}"
-        if editor not in editors:
-            raise bad(key, f"editor '{editor}' is not in editors")
-        if not isinstance(table, dict):
-            raise bad(key, "must be a table of settings, e.g. layer = [5, 6]")
-        fixed: dict[str, Any] = {}
-        swept: dict[str, list] = {}
-        for name, value in table.items():
-            values = value if isinstance(value, list) else [value]
-            if not values or not all(_scalar(v) for v in values):
-                raise bad(f"{key}.{name}", f"must be a value or a non-empty list of values, got {value!r}")
-            if len({_as_override(v) for v in values}) < len(values):
-                raise bad(f"{key}.{name}", "lists a value twice")
-            for v in values:
-                try:
-                    parse_overrides(editor_class(editor).Params, {name: _as_override(v)}, editor)
-                except ValueError as err:
-                    raise bad(f"{key}.{name}", str(err)) from None
-            (swept if isinstance(value, list) else fixed)[name] = values if isinstance(value, list) else value
-        grids[editor] = (fixed, swept)
-    lengths = {}
-    for stream in streams:
-        try:
-            lengths[stream] = len(prepare_stream_and_facts(RunConfig(stream=stream, **scalars))[1])
-        except (ValueError, FileNotFoundError, OSError) as err:
-            raise bad("steps" if "--steps" in str(err) else "stream", str(err)) from None
-
-    cells = []
-    for editor in editors:
-        fixed, swept = grids.get(editor, ({}, {}))
-        names = sorted(swept)
-        for stream in streams:
-            for combo in itertools.product(*(swept[n] for n in names)):
-                chosen = dict(zip(names, combo))
-                overrides = {k: _as_override(v) for k, v in {**fixed, **chosen}.items()}
-                for seed in seeds:
-                    parts = [editor, _stream_slug(stream)] + [
-                        f"{n}={_slug(_as_override(v))}" for n, v in chosen.items()
-                    ]
-                    config = RunConfig(
-                        model=model,
-                        editor=editor,
-                        editor_overrides=overrides,
-                        stream=stream,
-                        seed=seed,
-                        probes=list(probes),
-                        **scalars,
-                    )
-                    cells.append(
-                        Cell("-".join(parts + [f"seed{seed}"]), editor, stream, seed, chosen, config, lengths[stream])
-                    )
+        ]
+    ]
     ids = [c.id for c in cells]
     twice = next((i for i in ids if ids.count(i) > 1), None)
     if twice:
-        raise bad("stream", f"two cells would share the name '{twice}' (streams with one file name?)")
-    spec_values = {
-        "model": model,
-        "stream": streams,
-        **scalars,
-        "editors": editors,
-        "seeds": seeds,
-        "probes": list(probes),
-        "retries": retries,
-        "set": settings,
-    }
-    return Spec(spec_values, cells)
+        raise spec.bad("stream", f"two cells would share the name '{twice}' (streams with one file name?)")
+    values = {"model": model, "stream": streams, **scalars, "editors": editors, "seeds": seeds}
+    return Spec({**values, "probes": list(probes), "retries": retries, "set": raw.get("set", {})}, cells)
+
+
+def _grid_points(editor: str, stream: str, fixed: dict, swept: dict):
+    """(the swept settings chosen, every override as text, the cell name's parts) per point of a grid."""
+    names = sorted(swept)
+    for combo in itertools.product(*(swept[n] for n in names)):
+        chosen = dict(zip(names, combo))
+        overrides = {k: _as_override(v) for k, v in {**fixed, **chosen}.items()}
+        parts = [editor, _stream_slug(stream)] + [f"{n}={_slug(_as_override(v))}" for n, v in chosen.items()]
+        yield chosen, overrides, parts
+
+
+class _SpecReader:
+    """Reads one key of a parsed sweep spec at a time, each refused in one line naming the key."""
+
+    def __init__(self, raw: dict, where: str, base: Path):
+        self.raw, self.where, self.base = raw, where, base
+
+    def bad(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{self.where}: key '{key}': {message}")
+
+    def whole(self, key: str, default, least: int):
+        value = self.raw.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise self.bad(key, f"must be a whole number ≥ {least}, got {value!r}")
+        return value
+
+    def model(self) -> str:
+        from lifelong.core.names import DEFAULT_MODEL, TINY_MODELS
+
+        model = self.raw.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or not model:
+            raise self.bad("model", f"must be a model name or directory, got {model!r}")
+        if model == DEFAULT_MODEL or model.split(":")[0] in TINY_MODELS:
+            return model
+        directory = Path(model).expanduser()
+        directory = directory if directory.is_absolute() else self.base / directory
+        if not directory.is_dir():
+            known = f"{DEFAULT_MODEL}, {', '.join(TINY_MODELS)}"
+            raise self.bad("model", f"'{model}' is neither a registered model ({known}) nor a directory")
+        return str(directory.resolve())
+
+    def streams(self) -> list[str]:
+        streams = self.raw.get("stream", "builtin")
+        streams = [streams] if isinstance(streams, str) else streams
+        if not isinstance(streams, list) or not streams or not all(isinstance(s, str) and s for s in streams):
+            raise self.bad("stream", "must be a stream name, a .jsonl file, or a non-empty list of them")
+        base = self.base
+        streams = [
+            str((base / s).resolve()) if s.endswith(".jsonl") and not Path(s).is_absolute() else s for s in streams
+        ]
+        if len(set(streams)) < len(streams):
+            raise self.bad("stream", "lists a stream twice")
+        return streams
+
+    def scalars(self) -> dict[str, Any]:
+        """The replay's declared settings a sweep takes as one value (lifelong/run.py), checked as declared."""
+        scalars = {}
+        for setting in SCALAR_SETTINGS:
+            try:
+                scalars[setting.name] = setting.check(self.raw.get(setting.name, setting.default), setting.name)
+            except UserError as err:
+                raise self.bad(setting.name, str(err).split(" ", 1)[1]) from None
+        if not (scalars["device"] == "cpu" or scalars["device"].startswith("cuda")):
+            raise self.bad("device", f"must be 'cpu' or 'cuda', got {scalars['device']!r}")
+        return scalars
+
+    def editors(self) -> list[str]:
+        from lifelong.editors import UnknownEditorError, editor_class
+
+        editors = self.raw.get("editors")
+        if editors is None:
+            raise self.bad("editors", "is required: a list of editor names (see 'lifelong editors')")
+        if not isinstance(editors, list) or not editors or not all(isinstance(e, str) for e in editors):
+            raise self.bad("editors", "must be a non-empty list of editor names")
+        for e in editors:
+            try:
+                editor_class(e)
+            except UnknownEditorError as err:
+                raise self.bad("editors", str(err)) from None
+        if len(set(editors)) < len(editors):
+            raise self.bad("editors", "lists an editor twice")
+        return editors
+
+    def seeds(self) -> list[int]:
+        seeds = self.raw.get("seeds", [0])
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        ):
+            raise self.bad("seeds", f"must be a non-empty list of whole numbers ≥ 0, got {seeds!r}")
+        if len(set(seeds)) < len(seeds):
+            raise self.bad("seeds", "lists a seed twice")
+        return seeds
+
+    def probes(self, probe_every: int) -> list[str]:
+        from lifelong.replay import default_suite
+
+        probes = self.raw.get("probes", [])
+        if not isinstance(probes, list) or not all(isinstance(p, str) for p in probes):
+            raise self.bad(
+                "probes", 'must be a list of probe specs as --probe takes them, e.g. "perplexity:schedule=every:5"'
+            )
+        try:
+            default_suite(RunConfig(probes=list(probes), probe_every=probe_every))
+        except ValueError as err:
+            raise self.bad("probes", str(err)) from None
+        return probes
+
+    def grids(self, editors: list[str]) -> dict[str, tuple[dict, dict]]:
+        """editor -> (fixed settings, swept settings) from the ``[set.EDITOR]`` tables."""
+        settings = self.raw.get("set", {})
+        if not isinstance(settings, dict):
+            raise self.bad("set", "must be tables [set.EDITOR] of settings")
+        grids = {}
+        for editor, table in settings.items():
+            key = f"set.{editor}"
+            if editor not in editors:
+                raise self.bad(key, f"editor '{editor}' is not in editors")
+            if not isinstance(table, dict):
+                raise self.bad(key, "must be a table of settings, e.g. layer = [5, 6]")
+            fixed: dict[str, Any] = {}
+            swept: dict[str, list] = {}
+            for name, value in table.items():
+                self._check_setting(editor, f"{key}.{name}", name, value)
+                (swept if isinstance(value, list) else fixed)[name] = value
+            grids[editor] = (fixed, swept)
+        return grids
+
+    def _check_setting(self, editor: str, key: str, name: str, value) -> None:
+        from lifelong.editors import editor_class, parse_overrides
+
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_scalar(v) for v in values):
+            raise self.bad(key, f"must be a value or a non-empty list of values, got {value!r}")
+        if len({_as_override(v) for v in values}) < len(values):
+            raise self.bad(key, "lists a value twice")
+        for v in values:
+            try:
+                parse_overrides(editor_class(editor).Params, {name: _as_override(v)}, editor)
+            except ValueError as err:
+                raise self.bad(key, str(err)) from None
+
+    def stream_lengths(self, streams: list[str], scalars: dict) -> dict[str, int]:
+        from lifelong.replay import prepare_stream_and_facts
+
+        lengths = {}
+        for stream in streams:
+            try:
+                lengths[stream] = len(prepare_stream_and_facts(RunConfig(stream=stream, **scalars))[1])
+            except (ValueError, FileNotFoundError, OSError) as err:
+                raise self.bad("steps" if "--steps" in str(err) else "stream", str(err)) from None
+        return lengths
 
 
 def load_spec(path: Path | str) -> Spec:
