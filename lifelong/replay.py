@@ -153,7 +153,30 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     if twice:
         raise UserError(f"probe '{twice[0]}' is given twice")
     defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
-    return ProbeSuite([p for p in defaults if p.name not in names] + extra)
+    suite = ProbeSuite([p for p in defaults if p.name not in names] + extra)
+    check_generation_settings(suite)
+    return suite
+
+
+def check_generation_settings(suite: ProbeSuite) -> None:
+    """Refuse retention generation settings that edit quality does not also run: the retention matrix
+    of a protocol starts from each edit's score at its own step (docs/METRICS.md §3, §6)."""
+    by_name = {p.name: p for p in suite.probes}
+    quality, retention = by_name.get(EditQualityProbe.name), by_name.get(RetentionProbe.name)
+    if quality is None or retention is None:
+        return
+    own = {s.name for s in quality.options.settings()}
+    missing = [s for s in retention.options.settings() if s.name not in own]
+    if missing:
+        opts = retention.options
+        spec = f"generation={'+'.join(s.context for s in missing)}"
+        for key, default in (("stop", "natural"), ("max_new_tokens", 50), ("answer_margin", 0)):
+            if getattr(opts, key) != default:
+                spec += f",{key}={getattr(opts, key)}"
+        raise UserError(
+            f"probe 'retention': generation setting '{missing[0].name}' is not run by edit_quality, whose "
+            f"own-step scores retention starts from: add --probe edit_quality:{spec}"
+        )
 
 
 def probes_identity(suite: ProbeSuite, edits: int) -> list[dict]:
@@ -327,6 +350,8 @@ def _replay_locked(
         run.save_reference(references)
         written = rows_for(0, None, rows)
         digest = run.write_rows(0, written)
+        if ctx.generations:
+            run.write_generations(0, run_id, ctx.generations)
         for exporter in exporters:
             exporter.write(0, written)
         run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps), results=digest)
@@ -369,6 +394,8 @@ def _replay_locked(
         t2 = time.perf_counter()
         written = rows_for(step, timestamp, rows)
         digest = run.write_rows(step, written)
+        if ctx.generations:
+            run.write_generations(step, run_id, ctx.generations)
         for exporter in exporters:
             exporter.write(step, written)
         run.mark_complete(

@@ -179,6 +179,69 @@ def retention_lines(results: pl.DataFrame, protocol: str) -> list[Line]:
     return lines
 
 
+def generation_protocols(results: pl.DataFrame, probe: str, score: str | None = None) -> list[str]:
+    """The generation protocols (``gen_…@SETTING``, docs/METRICS.md §6) of ``probe``'s rows, sorted;
+    only those of ``score`` when given."""
+    prefix = f"{score}@" if score else "gen_"
+    found = results.filter((pl.col("probe") == probe) & pl.col("protocol").str.starts_with(prefix))["protocol"]
+    return sorted(set(found.to_list()))
+
+
+GENERATION_MEASURES = (
+    ("efficacy at own step", mt.EFFICACY),
+    ("generalization (paraphrases)", mt.GENERALIZATION),
+    ("locality (neighborhood)", mt.LOCALITY),
+)
+
+
+def generation_lines(results: pl.DataFrame) -> list[Line]:
+    """Edit quality at each edit's own step under every generation protocol the run has, setting by
+    setting (retention under the generation protocols goes with the other retention lines: gen_exact only)."""
+    lines = []
+    protocols = generation_protocols(results, mt.EDIT_QUALITY)
+    for setting in dict.fromkeys(p.split("@", 1)[1] for p in protocols):
+        for measure, metric in GENERATION_MEASURES:
+            for score in (mt.GEN_EXACT, mt.GEN_CONTAINS, mt.GEN_UNCHANGED):
+                values = item_values(results, mt.EDIT_QUALITY, metric, f"{score}@{setting}")
+                if len(values):
+                    lines.append(rate_line(measure, f"{score}@{setting}", values))
+    return lines
+
+
+HEADLINE = "retained fraction at last step"
+MEANING = {
+    "es": "the new target's probability beats the old one's",
+    "exact": "teacher-forced: each answer token is the argmax given the gold prefix",
+    mt.GEN_EXACT: "the greedy answer, normalised, is the new target",
+}
+
+
+def retention_headline(table: pl.DataFrame) -> str | None:
+    """One line that puts the strictest retained fraction the run has beside ES, saying which is which:
+    ES alone flatters an editor (issue #38). The strictest is a generation protocol's exact match — in
+    the authors' default context (``gen_exact@question``) when the run has it, else the lowest of its
+    settings — or, without generation, teacher-forced ``exact``. (A chat model answers in sentences, so
+    ``gen_exact@chat`` is near 0 whatever the editor did: the lowest is not always the most telling.)
+    None when the run has no ES retention figure."""
+    rows = {p: (v, n, lo, hi) for m, p, v, n, lo, hi in table.iter_rows() if m == HEADLINE}
+    if "es" not in rows:
+        return None
+    generated = [p for p in rows if p.startswith(f"{mt.GEN_EXACT}@") and rows[p][0] is not None]
+    generated = [p for p in generated if not math.isnan(rows[p][0])]
+    default = f"{mt.GEN_EXACT}@question"
+    if default in generated:
+        strictest: str | None = default
+    elif generated:
+        strictest = min(generated, key=lambda p: (rows[p][0], p))
+    else:
+        strictest = "exact" if "exact" in rows else None
+    parts = [f"ES {_cell(*rows['es'])} ({MEANING['es']})"]
+    if strictest is not None:
+        meaning = MEANING[strictest.split("@", 1)[0]]
+        parts.append(f"strictest, {strictest} {_cell(*rows[strictest])} ({meaning})")
+    return "retained at the last step: " + "; ".join(parts)
+
+
 def summary_lines(run: RunDir) -> list[Line]:
     """The headline figures of one run, each with its n and interval where it has them."""
     results = run.results()
@@ -198,7 +261,8 @@ def summary_lines(run: RunDir) -> list[Line]:
             "locality (neighborhood)", "unchanged", item_values(results, "edit_quality", "locality", "unchanged")
         ),
     ]
-    for protocol in ("es", "exact"):
+    lines += generation_lines(results)
+    for protocol in ("es", "exact", *generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_EXACT)):
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})
@@ -705,7 +769,9 @@ def format_summary(run: RunDir) -> str:
     table = summary_table(run)
     width = max(len(m) for m in table["measure"]) + 2
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
-    lines = [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
+    headline = retention_headline(table)
+    lines = [headline, ""] if headline else []
+    lines += [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
     for measure, protocol, *figure in table.iter_rows():
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")
     notes: tuple[str, ...] = (

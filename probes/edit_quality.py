@@ -2,7 +2,9 @@
 
 Protocols: ``es`` / ``ps`` / ``ns`` are CounterFact's pairwise comparisons of mean
 token NLL; ``exact`` is teacher-forced token exact match; ``unchanged`` asks whether
-the argmax answer tokens on a neighborhood prompt are those of θ0.
+the argmax answer tokens on a neighborhood prompt are those of θ0. With the ``generation``
+option, both probes also judge edits by what the model generates (``gen_exact@CONTEXT`` …,
+:mod:`probes.generation`, docs/METRICS.md §6).
 
 Superseded edits (docs/METRICS.md §3): an edit whose (subject, relation) a later edit of the stream
 has changed (round-back, coverage, a newer dated fact) is no longer expected to hold. From the
@@ -22,6 +24,13 @@ from typing import Sequence
 import numpy as np
 
 from probes.base import Probe, ProbeContext, Row
+from probes.generation import (
+    GenerationOptions,
+    efficacy_generation_rows,
+    identity_options,
+    neighbor_reference,
+    quality_generation_rows,
+)
 from probes.metric_table import (
     EDIT_QUALITY,
     EFFICACY,
@@ -29,6 +38,8 @@ from probes.metric_table import (
     LOCALITY,
     RETAINED_FRACTION,
     RETENTION,
+    GEN_CONTAINS,
+    GEN_EXACT,
     RETENTION_PROBE,
     SAMPLE_POPULATION,
     SAMPLE_SIZE,
@@ -61,19 +72,42 @@ def efficacy_rows(probe: str, metric: str, ctx: ProbeContext, edits: Sequence[Ed
     return rows
 
 
-class EditQualityProbe(Probe):
+@dataclass
+class EditQualityOptions(GenerationOptions):
+    def __post_init__(self):
+        self.check_generation(EDIT_QUALITY)
+
+
+class _GenerationOptionsProbe(Probe):
+    def config(self) -> dict:
+        out = super().config()
+        options = identity_options(out.pop("options", {}))
+        return {**out, "options": options} if options else out
+
+
+class EditQualityProbe(_GenerationOptionsProbe):
     """Efficacy, generalization and locality of each edit, right after its own step."""
 
     name = EDIT_QUALITY
-    description = "efficacy (ES, exact), paraphrase generalization (PS, exact), neighborhood locality (NS, unchanged)"
+    description = (
+        "efficacy (ES, exact), paraphrase generalization (PS, exact), neighborhood locality (NS, unchanged); "
+        "with generation=CONTEXTS also by generated answers (gen_exact, gen_contains, gen_unchanged)"
+    )
+    Options = EditQualityOptions
 
     def prepare(self, ctx: ProbeContext):
-        """θ0: each neighborhood prompt's argmax answer tokens, and every edit's pre-edit efficacy."""
+        """θ0: each neighborhood prompt's argmax answer tokens (and generated ids, per generation
+        setting), and every edit's pre-edit efficacy."""
         edits = ctx.upcoming
         neighbors = sorted({(n.prompt, n.answer) for e in edits for n in e.neighborhood})
         scores = ctx.scorer.score(neighbors)
-        reference = {"neighbor_argmax": {f"{p}\x1f{a}": list(t) for (p, a), t in zip(neighbors, scores.argmax)}}
-        return reference, efficacy_rows(self.name, EFFICACY, ctx, edits)
+        reference: dict = {"neighbor_argmax": {f"{p}\x1f{a}": list(t) for (p, a), t in zip(neighbors, scores.argmax)}}
+        rows = efficacy_rows(self.name, EFFICACY, ctx, edits)
+        settings = self.options.settings()
+        if settings:
+            reference["neighbor_generated"] = neighbor_reference(self.name, ctx, settings)
+            rows += efficacy_generation_rows(self.name, EFFICACY, ctx, edits, settings)
+        return reference, rows
 
     def measure(self, ctx: ProbeContext) -> list[Row]:
         edits = ctx.batch
@@ -100,11 +134,15 @@ class EditQualityProbe(Probe):
                     for n in e.neighborhood
                 ]
                 rows.append(Row(self.name, LOCALITY, "unchanged", float(np.mean(same)), e.id))
+        settings = self.options.settings()
+        if settings:
+            reference = ctx.reference.get("neighbor_generated", {})
+            rows += quality_generation_rows(self.name, ctx, edits, settings, reference)
         return rows
 
 
 @dataclass
-class RetentionOptions:
+class RetentionOptions(GenerationOptions):
     # Probe a seeded panel of past edits: an edit belongs to it when a hash of (seed, edit id)
     # falls below this fraction, so the panel is the same at every probed step and grows with
     # the stream; 1.0 probes every edit so far. Entries probed are exact, the rest are absent.
@@ -116,8 +154,15 @@ class RetentionOptions:
     # rows too; the summary gives a 95% Wilson interval). Default 500: exact up to 500 edits.
     # none: no cap.
     sample: int | None = 500
+    # Cap on the edits whose answers are generated per probed step (generation costs up to
+    # max_new_tokens decoding steps per edit): the generation_sample edits of smallest hash rank,
+    # a subset of the teacher-forced sample. none: the same edits as `sample`.
+    generation_sample: int | None = None
 
     def __post_init__(self):
+        self.check_generation(RETENTION_PROBE)
+        if self.generation_sample is not None and self.generation_sample < 1:
+            raise UserError(f"retention: generation_sample must be at least 1 (or none), got {self.generation_sample}")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"retention: fraction must be in (0, 1], got {self.fraction}")
         if self.sample is not None and self.sample < 1:
@@ -159,13 +204,14 @@ def superseded_ids(edits: Sequence[Edit]) -> set[str]:
     return out
 
 
-class RetentionProbe(Probe):
+class RetentionProbe(_GenerationOptionsProbe):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = RETENTION_PROBE
     description = (
         "efficacy of every edit so far (ES, exact) and the retained fraction, on a schedule; "
-        "edits superseded by a later edit of their subject and relation reported apart"
+        "edits superseded by a later edit of their subject and relation reported apart; "
+        "with generation=CONTEXTS also by generated answers (gen_exact, gen_contains)"
     )
     Options = RetentionOptions
 
@@ -177,16 +223,22 @@ class RetentionProbe(Probe):
         panel = [e for e in so_far if in_panel(e.id, opts.fraction, opts.seed)]
         live = [e for e in panel if e.id not in replaced]
         eligible = [e for e in so_far if e.id not in replaced]
+        old = [e for e in panel if e.id in replaced]
         rows = efficacy_rows(self.name, RETENTION, ctx, capped(live, opts.sample, opts.seed))
-        rows += efficacy_rows(
-            self.name, SUPERSEDED, ctx, capped([e for e in panel if e.id in replaced], opts.sample, opts.seed)
-        )
-        for protocol in ("es", "exact"):
+        rows += efficacy_rows(self.name, SUPERSEDED, ctx, capped(old, opts.sample, opts.seed))
+        settings = opts.settings()
+        protocols = ["es", "exact"] + [s.protocol(score) for s in settings for score in (GEN_EXACT, GEN_CONTAINS)]
+        if settings:
+            # The smallest-rank edits of the same panel: a subset of the teacher-forced sample.
+            cap = min(x for x in (opts.sample, opts.generation_sample, len(so_far)) if x is not None)
+            rows += efficacy_generation_rows(self.name, RETENTION, ctx, capped(live, cap, opts.seed), settings)
+            rows += efficacy_generation_rows(self.name, SUPERSEDED, ctx, capped(old, cap, opts.seed), settings)
+        for protocol in protocols:
             values = [r.value for r in rows if r.protocol == protocol and r.metric == RETENTION]
             if values:
                 rows.append(Row(self.name, RETAINED_FRACTION, protocol, float(np.mean(values))))
             # The edits the fraction estimates over (ES needs an old target to compare with).
-            population = sum(protocol == "exact" or e.target_true is not None for e in eligible)
+            population = sum(protocol != "es" or e.target_true is not None for e in eligible)
             if values and len(values) < population:  # a sample: say so, with its n and what it is drawn from
                 rows.append(Row(self.name, SAMPLE_SIZE, protocol, float(len(values))))
                 rows.append(Row(self.name, SAMPLE_POPULATION, protocol, float(population)))

@@ -28,6 +28,8 @@ EDIT_QUALITY, RETENTION_PROBE, CHAINS, PERPLEXITY_PROBE, WEIGHT_DRIFT, DOWNSTREA
 EFFICACY, GENERALIZATION, LOCALITY = "efficacy", "generalization", "locality"
 RETENTION, SUPERSEDED, RETAINED_FRACTION = "retention", "superseded", "retained_fraction"
 SAMPLE_SIZE, SAMPLE_POPULATION = "sample_size", "sample_population"
+# Generation protocols of those metrics (docs/METRICS.md §6), each written SCORE@SETTING (probes.generation).
+GEN_EXACT, GEN_CONTAINS, GEN_UNCHANGED = "gen_exact", "gen_contains", "gen_unchanged"
 # chains (§4)
 ROUND_SUCCESS, DISTORTION_JS, DISTORTION_JS_PITFALLS = "round_success", "distortion_js", "distortion_js_pitfalls"
 IGNORE_RATE, FAILURE_RATE = "ignore_rate", "failure_rate"
@@ -75,12 +77,28 @@ def _table(*metrics: Metric) -> dict[tuple[str, str], Metric]:
 
 
 METRICS: dict[tuple[str, str], Metric] = _table(
-    Metric(EDIT_QUALITY, EFFICACY, 0, 1, "new target beats the old one (es) / is the greedy answer (exact), 0 or 1"),
-    Metric(EDIT_QUALITY, GENERALIZATION, 0, 1, "share of paraphrases where the edit holds (ps, exact)"),
-    Metric(EDIT_QUALITY, LOCALITY, 0, 1, "share of neighborhood prompts left as they were (ns, unchanged)"),
-    Metric(RETENTION_PROBE, RETENTION, 0, 1, "an earlier edit's efficacy after a later step, 0 or 1"),
+    Metric(
+        EDIT_QUALITY,
+        EFFICACY,
+        0,
+        1,
+        "new target beats the old one (es) / is the greedy answer (exact) / is what the model generates "
+        "(gen_exact@…) or is in it (gen_contains@…), 0 or 1",
+    ),
+    Metric(EDIT_QUALITY, GENERALIZATION, 0, 1, "share of paraphrases where the edit holds (ps, exact, gen_*@…)"),
+    Metric(
+        EDIT_QUALITY,
+        LOCALITY,
+        0,
+        1,
+        "share of neighborhood prompts left as they were (ns, unchanged; gen_unchanged@…: the generated "
+        "ids are θ0's) or still answered right (gen_exact@…, gen_contains@…)",
+    ),
+    Metric(
+        RETENTION_PROBE, RETENTION, 0, 1, "an earlier edit's efficacy after a later step (es, exact, gen_*@…), 0 or 1"
+    ),
     Metric(RETENTION_PROBE, SUPERSEDED, 0, 1, "efficacy of an edit a later edit of its subject and relation replaced"),
-    Metric(RETENTION_PROBE, RETAINED_FRACTION, 0, 1, "mean retention over the edits made so far"),
+    Metric(RETENTION_PROBE, RETAINED_FRACTION, 0, 1, "mean retention over the edits made so far, per protocol"),
     Metric(RETENTION_PROBE, SAMPLE_SIZE, 1, math.inf, "edits scored when the retained fraction is a sample's"),
     Metric(RETENTION_PROBE, SAMPLE_POPULATION, 1, math.inf, "edits that sample is drawn from"),
     Metric(CHAINS, ROUND_SUCCESS, 0, 1, "round edit: ½·(o* took at a) + ½·(o is back at b); 0, ½ or 1"),
@@ -119,6 +137,15 @@ METRICS: dict[tuple[str, str], Metric] = _table(
 """(probe, metric) -> :class:`Metric`, for every metric the built-in probes emit."""
 
 
+GENERATION_PROTOCOLS: dict[str, str] = {
+    GEN_EXACT: "normalised generated answer equals the gold answer (the authors' exact match), 0 or 1 per prompt",
+    GEN_CONTAINS: "the normalised gold answer occurs, as whole words, in the normalised generated answer",
+    GEN_UNCHANGED: "locality only: the generated token ids equal θ0's (the authors' WILD locality rule)",
+}
+"""Score -> meaning, for the generation protocols ``SCORE@SETTING`` of efficacy, generalization, locality,
+retention, superseded and retained_fraction (all in [0, 1]; averaged over paraphrases or neighbours)."""
+
+
 def out_of_range(rows) -> list[str]:
     """One line per row whose value its table entry does not admit; rows of metrics not in the table pass.
 
@@ -132,4 +159,4 @@ def out_of_range(rows) -> list[str]:
     return bad
 
 
-__all__ = ["METRICS", "Metric", "out_of_range"]
+__all__ = ["GENERATION_PROTOCOLS", "METRICS", "Metric", "out_of_range"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -332,21 +333,20 @@ def test_generation_skips_leading_newlines_and_stops_after_the_first_line():
     ids = lm.tokenizer("\n\nab\ncd").input_ids
 
     class Scripted(torch.nn.Module):
-        """Emits '\n\nab\ncd' then end-of-text; counts how many tokens it was asked for."""
+        """Emits '\n\nab\ncd' then end-of-text, one token per forward pass; counts how many tokens it
+        was asked for."""
 
         def __init__(self):
             super().__init__()
             self.inner = lm.model
             self.calls = 0
 
-        def generate(self, input_ids, max_new_tokens, stopping_criteria, **kw):
-            out = input_ids
-            for t in ids[:max_new_tokens]:
-                out = torch.cat([out, torch.full((len(out), 1), t)], 1)
-                self.calls += 1
-                if stopping_criteria(out, None).all():
-                    break
-            return out
+        def forward(self, input_ids, **kw):
+            token = ids[self.calls] if self.calls < len(ids) else lm.tokenizer.eos_token_id
+            self.calls += 1
+            logits = torch.zeros((len(input_ids), input_ids.shape[1], len(lm.tokenizer)))
+            logits[:, -1, token] = 1.0
+            return SimpleNamespace(logits=logits, cache=SimpleNamespace(batch_select_indices=lambda rows: None))
 
     model = Scripted()
     assert generate(model, lm.tokenizer, ["Q:"], max_new_tokens=10) == ["ab"]

@@ -132,6 +132,7 @@ def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     """The downstream probe's generation path asks the model through the scorer, so the memory's
     rewriter applies there too (it did not: generation read the model past the rewriter)."""
     from probes import ProbeContext, make_probe
+    from lifelong.core import model_access
     from lifelong.core.model_access import generate
     from probes.tasks import Generate
 
@@ -139,19 +140,18 @@ def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     item = Generate(e.rendered_prompt, (e.target_new,), "em")
     probe = make_probe("downstream:tasks=facts,items=1,max_new_tokens=8")
     probe.tasks = {"facts": [item]}
-    seen: list[list[str]] = []  # prompts and continuations model.generate was given and produced
-    original = lm.model.generate
+    seen: list[list[str]] = []  # prompts and continuations the greedy decoder was given and produced
+    original = model_access.greedy_ids
 
-    def spy(input_ids, **kwargs):
-        out = original(input_ids=input_ids, **kwargs)
-        width = input_ids.shape[1]
+    def spy(model, tokenizer, encoded, budgets, *args, **kwargs):
+        out = original(model, tokenizer, encoded, budgets, *args, **kwargs)
         seen.append(
-            [lm.tokenizer.decode(row, skip_special_tokens=True) for row in input_ids]
-            + [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+            [tokenizer.decode(row, skip_special_tokens=True) for row in encoded]
+            + [tokenizer.decode(row, skip_special_tokens=True) for row in out]
         )
         return out
 
-    monkeypatch.setattr(lm.model, "generate", spy)
+    monkeypatch.setattr(model_access, "greedy_ids", spy)
     for rewrite in (None, memory.prompt_rewriter(lm)):
         probe.scores(
             ProbeContext(

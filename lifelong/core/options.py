@@ -104,10 +104,11 @@ def convert(raw, annotation, where: str, error: type[ValueError] = OptionError):
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``name:key=value,key=value`` -> (name, {key: value}); values may contain ':' but not ','."""
     name, _, rest = spec.partition(":")
-    options = {}
+    options: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise OptionError(f"'{spec}': expected name:key=value,key=value (bad item '{item}')")
+            hint = "; several values of one key are joined with '+'" if options and not sep else ""
+            raise OptionError(f"'{spec}': expected name:key=value,key=value (bad item '{item}'{hint})")
         options[key.strip()] = value.strip()
     return name.strip(), options

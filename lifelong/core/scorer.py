@@ -8,7 +8,7 @@ Sequences are bucketed by length, right-padded, and run through the model body o
 the unembedding is applied only at the positions that predict answer tokens, since
 computing it everywhere costs about a fifth of the model's FLOPs.
 
-Probes use the model only through a scorer's methods (``score``, ``generate``,
+Probes use the model only through a scorer's methods (``score``, ``generate``, ``generate_answers``,
 ``rolling_nll``, ``weights``), so an editor's prompt rewriter reaches every probe that asks
 the model a question; the tokenizer-only part is :class:`lifelong.core.model_access.Codec`.
 This module and ``model_access`` import nothing else of ``lifelong``, so ``probes`` can use them.
@@ -83,6 +83,26 @@ class Scorer:
         """Greedy continuations of the prompts as the model sees them (:func:`model_access.generate`):
         a generation task asks the model a question just as a scored prompt does."""
         return model_access.generate(self.model, self.tokenizer, self.shown(prompts), max_new_tokens, **kwargs)
+
+    def generate_answers(
+        self, questions: Sequence[str], context: str, budgets: Sequence[int], natural_stop: bool = True
+    ) -> list[model_access.Generated]:
+        """Greedy answers to ``questions`` (:func:`model_access.generate_answers`): each question as the
+        model sees it (an in-context memory's rewrite goes inside the context, where the question is),
+        then put in ``context`` (:func:`model_access.in_context`). ``natural_stop``: the authors' stop
+        strings end an answer (".", newline, EOS string); otherwise only EOS and the budget do."""
+        prompts = model_access.in_context(self.tokenizer, context, self.shown(questions))
+        stops = model_access.stop_strings(self.tokenizer) if natural_stop else None
+        return model_access.generate_answers(self.model, self.tokenizer, prompts, budgets, stops)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template (the ``chat`` context needs one)."""
+        return model_access.has_chat_template(self.tokenizer)
+
+    def answer_length(self, answer: str) -> int:
+        """Tokens of ``answer`` as it is scored (" " + answer): the unit of an answer-length budget."""
+        return len(self.codec.answer_ids(answer))
 
     def rolling_nll(self, rows: list[list[int]], max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Summed NLL and scored-token count per token-id row (:func:`model_access.token_nll`).
