@@ -495,7 +495,7 @@ def build_parser() -> _Parser:
         formatter_class=defaults,
         help="run every combination of a TOML spec (editors x streams x seeds x settings) on Ray",
     )
-    p.add_argument("spec", metavar="SPEC.toml", help="the sweep spec (see README, 'Sweeps')")
+    p.add_argument("spec", metavar="SPEC.toml", help="the sweep spec (see docs/SWEEPS.md)")
     p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume it)")
     p.add_argument(
         "--address",

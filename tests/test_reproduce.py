@@ -222,15 +222,15 @@ def test_small_reproduction_end_to_end(tmp_path):
     swap = {str(out): str(again), "grace,round": "grace"}  # GRACE alone: quick
     rerun = [swap.get(a, a) for a in args]
     i = rerun.index("--readme")
-    del rerun[i : i + 2]  # with --compare-to, no README is rewritten unless one is named
-    project_readme = R.ROOT / "README.md"
-    before = project_readme.read_text()
+    del rerun[i : i + 2]  # with --compare-to, no page is rewritten unless one is named
+    project_page = R.FINDINGS
+    before = project_page.read_text()
     R.main(rerun + ["--first-seed", "2", "--compare-to", str(out)])
-    assert project_readme.read_text() == before
+    assert project_page.read_text() == before
     text = again.read_text()
     assert "--first-seed 2" in text and f"## Against {out}" in text
-    R.main(rerun + ["--first-seed", "2", "--report-only"])  # --out elsewhere: the README is not the target
-    assert project_readme.read_text() == before
+    R.main(rerun + ["--first-seed", "2", "--report-only"])  # --out elsewhere: the page is not the target
+    assert project_page.read_text() == before
     assert (tmp_path / "work" / "items=2").is_dir() and any(
         p.name.endswith("seed3") for p in (tmp_path / "work" / "items=2").iterdir()
     )
@@ -265,3 +265,26 @@ def test_arms_runs_only_the_named_arms(monkeypatch, tmp_path, capsys):
     assert out.is_file() and "alphaedit seed 0: not run" in capsys.readouterr().err
     # the document names the command that regenerates it, its claims and its file included
     assert f"--scale quick --seeds 1 --claims alphaedit --out {out.resolve()}`" in out.read_text()
+
+
+def test_findings_page_holds_the_reproduce_block():
+    """The page the reproduction rewrites by default has its markers, and its link reaches the document."""
+    text = R.FINDINGS.read_text()
+    assert text.count("<!-- reproduce:begin -->") == 1 and text.count("<!-- reproduce:end -->") == 1
+    assert "(REPRODUCTION.md)" in text.split("<!-- reproduce:begin -->", 1)[1]
+    assert (R.FINDINGS.parent / "REPRODUCTION.md").is_file()
+    assert "<!-- reproduce:begin -->" not in (R.ROOT / "README.md").read_text()
+
+
+def test_update_page_links_the_document_from_the_page(tmp_path):
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text("intro\n<!-- reproduce:begin -->\nold\n<!-- reproduce:end -->\nrest\n")
+    R.update_page(page, "| t |", tmp_path / "out" / "R.md")
+    text = page.read_text()
+    assert "](../out/R.md)" in text and "| t |" in text and "old" not in text
+    assert text.startswith("intro\n") and text.endswith("rest\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no block\n")
+    with pytest.raises(SystemExit, match="no <!-- reproduce:begin -->"):
+        R.update_page(bare, "| t |", tmp_path / "R.md")

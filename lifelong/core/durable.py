@@ -8,7 +8,7 @@ the directory after it, and :func:`make_dirs` flushes each directory it creates 
 Since the replay loop publishes a step's delta and rows before the ``progress.json`` that marks
 the step complete, a step that ``progress.json`` names as complete is on disk whole.
 
-The cost was measured on a tiny-model replay (see README "What a run promises").
+The cost was measured on a tiny-model replay (see docs/RUNS.md, "What a run promises").
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from streams.errors import UserError
 @dataclass
 class GRACEParams:
     layer: int | None = None  # None: 4/5 of the depth (layer 24 of 30 for SmolLM2)
-    eps_init: float = 6.0  # initial deferral radius (L2, key units); see README for how it was chosen
+    eps_init: float = 6.0  # initial deferral radius (L2, key units); see docs/EDITORS.md for how it was chosen
     lr: float = 1.0  # Adam on the value, as the paper's edit_lr
     max_steps: int = 100  # the paper's n_iter
     stop_loss: float = 0.05  # stop once the target's mean token NLL is below this

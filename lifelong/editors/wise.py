@@ -1,7 +1,7 @@
 """WISE: a side memory for one FFN output projection, with routing, sharding and merging (Wang et al. 2024).
 
 Defaults follow the public WISE code (EasyEdit ``easyeditor/models/wise``, ``hparams/WISE``);
-our earlier choices remain as settings (README, "Editors that leave the weights alone").
+our earlier choices remain as settings (docs/EDITORS.md, "Editors that leave the weights alone").
 
 Edits go into a copy W' of layer ``layer``'s MLP output projection W (the main memory
 stays untouched). Δact(x) is the mean over x's tokens of ‖σ(W'x) − σ(Wx)‖, σ being the
