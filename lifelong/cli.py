@@ -300,6 +300,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    for flag, value in (("--tokens", args.tokens), ("--edits", args.edits)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     from lifelong.inspect import before_after, format_before_after
 
     chosen, rows, _ = before_after(
@@ -386,21 +389,30 @@ def field_notes(cls: type) -> dict[str, str]:
 
 
 def _setting_lines(cls: type, indent: str, prefix: str = "") -> list[str]:
-    """One line per field of ``cls``: ``prefix``name=default, its type, and its source comment."""
+    """One line per field of ``cls``: ``prefix``name=default, its type and declared range, and its source comment."""
+    from lifelong.core.options import range_text
+
     notes = field_notes(cls)
     lines = []
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind += f", {range_text(f.name)}" if range_text(f.name) else ""
         note = notes.get(f.name, "")
         lines.append(f"{indent}{prefix}{f.name}={f.default!r}  [{kind}]" + (f"  {note}" if note else ""))
     return lines
 
 
 def cmd_editors(args) -> int:
+    from lifelong.core.names import did_you_mean, installed_editors
     from lifelong.editors import EDITORS, editor_class
-    from lifelong.core.names import installed_editors
 
-    for name in sorted({*EDITORS, *installed_editors()}):
+    names = sorted({*EDITORS, *installed_editors()})
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        raise UserError(
+            f"unknown editor '{unknown[0]}'{did_you_mean(unknown[0], names)}: expected one of {', '.join(names)}"
+        )
+    for name in args.names or names:
         cls = editor_class(name)
         print(f"{name:<11} {cls.description}")
         print("\n".join(_setting_lines(cls.Params, " " * 12, "--set ")))
@@ -424,10 +436,16 @@ def cmd_streams(args) -> int:
 
 
 def cmd_probes(args) -> int:
-    from lifelong.core.names import installed_probes
+    from lifelong.core.names import did_you_mean, installed_probes
     from probes import PROBES, probe_class
 
-    for name in sorted({*PROBES, *installed_probes()}):
+    names = sorted({*PROBES, *installed_probes()})
+    unknown = [n for n in args.names if n not in names]
+    if unknown:
+        raise UserError(
+            f"unknown probe '{unknown[0]}'{did_you_mean(unknown[0], names)}: expected one of {', '.join(names)}"
+        )
+    for name in args.names or names:
         cls = probe_class(name)
         print(f"{name:<14}{cls.description}" + ("" if name in PROBES else "  (installed)"))
         schedule = cls.default_schedule
@@ -615,12 +633,15 @@ def build_parser() -> _Parser:
     p.set_defaults(func=cmd_train_mend)
 
     for name, func, text in (
-        ("editors", cmd_editors, "list editors and their hyperparameters"),
+        ("editors", cmd_editors, "list editors and their hyperparameters (or only the NAMEs given)"),
         ("streams", cmd_streams, "list built-in streams"),
-        ("probes", cmd_probes, "list probes"),
+        ("probes", cmd_probes, "list probes and their options (or only the NAMEs given)"),
         ("models", cmd_models, "list models"),
     ):
-        sub.add_parser(name, help=text).set_defaults(func=func)
+        listing = sub.add_parser(name, help=text)
+        listing.set_defaults(func=func)
+        if name in ("editors", "probes"):
+            listing.add_argument("names", nargs="*", metavar="NAME")
     return parser
 
 

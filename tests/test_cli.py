@@ -799,3 +799,15 @@ def test_refusals_suggest_the_nearest_name(capsys, tmp_path):
         assert expected in capsys.readouterr().err
     assert "did you mean 'cpu'" in unavailable_device("gpu") and unavailable_device("cuda:x")
     assert not (tmp_path / "r").exists()
+
+
+def test_listings_take_names_and_show_ranges(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "editors", "rome")
+    assert code == 0 and out.startswith("rome ") and "memit" not in out
+    assert "--set v_lr=0.5  [float, > 0]" in out and "--set v_steps=20  [int, ≥ 1]" in out
+    code, out, _ = run_cli(capsys, "probes", "retention")
+    assert code == 0 and out.startswith("retention") and "perplexity" not in out.split("\n", 1)[0]
+    code, _, err = run_cli(capsys, "editors", "rmoe")
+    assert code == 2 and "unknown editor 'rmoe' (did you mean 'rome'?)" in err
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path), "--tokens", "-1")
+    assert code == 2 and "--tokens must be at least 1, got -1" in err

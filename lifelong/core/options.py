@@ -69,6 +69,15 @@ _NOT_NEGATIVE = (
 _POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold")
 
 
+def range_text(name: str) -> str:
+    """The declared range of a setting as the listings print it (``≥ 1``, ``≥ 0``, ``> 0``), or ''."""
+    if name in _AT_LEAST_ONE:
+        return "≥ 1"
+    if name in _NOT_NEGATIVE:
+        return "≥ 0"
+    return "> 0" if name in _POSITIVE else ""
+
+
 def check_range(name: str, value, where: str, error: type[ValueError] = OptionError) -> None:
     """Refuse a setting outside its declared range (see the tables above), naming it."""
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float)):
