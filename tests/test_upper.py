@@ -335,3 +335,22 @@ def test_unknown_value_rules_are_refused(tiny):
         make_editor("memit", {"v_scale": "residual"}).bind(tiny)
     with pytest.raises(ValueError, match="stop_on must be one of"):
         optimize_value(tiny, 1, make_edits(1)[0], CONTEXT_TEMPLATES[:1], stop_on="kl")
+
+
+@pytest.mark.parametrize("scale, stop_on", [("mlp_output", "total"), ("layer_output", "nll")])
+def test_optimize_value_equals_its_plain_reference(tiny, scale, stop_on):
+    """The fast v*/z* fit (cached prefix, suffix-only steps, upper stack) computes what the paper's procedure,
+    written plainly in lifelong.editors.value_reference, computes: the same δ after the same steps."""
+    from lifelong.editors.value_reference import optimize_value_reference
+
+    edit = make_edits(1)[0]
+    settings = dict(steps=6, stop_loss=1e-4, scale=scale, stop_on=stop_on, kl_factor=0.5, weight_decay=0.5)
+    fast = fit_float32(tiny, edit, **settings)
+    plain = optimize_value_reference(tiny, 1, edit, CONTEXT_TEMPLATES[:3], **settings)
+    assert fast.steps == plain.steps
+    # float32 rounding differs between a cached prefix and a whole forward: a few 1e-6
+    torch.testing.assert_close(fast.original, plain.original, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.keys[0], plain.keys[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.value, plain.value, rtol=1e-3, atol=1e-4)
+    assert fast.nll == pytest.approx(plain.nll, rel=1e-4) and fast.kl == pytest.approx(plain.kl, rel=1e-3, abs=1e-7)
+    assert (fast.value - fast.original).norm() > 0  # δ moved: the comparison is not of two zeros
