@@ -23,7 +23,8 @@ its tokenizer is the default model's where ``--tokenizer DIR`` (or the cache) ha
 test tokenizer. The table's header says which.
 
 ``--dry-run`` runs every step on the tiny test model (tiny-llama) with tiny settings on the CPU (the
-tests with ``LIFELONG_TEST_DEVICE=cpu``): the script's whole logic, in well under a minute of work.
+tests with ``LIFELONG_TEST_DEVICE=cpu``): the script's whole logic, in about a minute on a busy 2-core
+machine (~30 s of CPU).
 
     python benchmarks/device_check.py [--device cuda] [--out FILE] [--steps 2] [--dry-run]
 
