@@ -56,13 +56,14 @@ DTYPES = ("float32", "bfloat16")
 STEPS = ("tests", "replay", "resume", "cost")  # every step the script runs, in order
 CORPUS = ROOT / "probes" / "data" / "reference_corpus.txt"
 
-# Fixed settings on the real (or random 135M) model: the editors' defaults, but key statistics over a
-# reduced 5,000 tokens of the reference corpus (the editors' default samples 20,000 tokens of text from
-# the model itself: minutes of generation that the check does not need to time).
+# Fixed settings on the real (or random 135M) model: the editors' defaults, but key statistics over
+# 2,048 tokens (16 rows of 128) of the reference corpus, which holds 2,297 tokens of the default model's
+# tokenizer (the editors' default samples 20,000 tokens of text from the model itself: generation that the
+# check does not need to time; bench_scale.py uses the same statistics on the same architecture).
 FULL = {
-    "rome": {"cov_tokens": "5000", "cov_corpus": str(CORPUS)},
-    "memit": {"cov_tokens": "5000", "cov_corpus": str(CORPUS)},
-    "alphaedit": {"cov_tokens": "5000", "cov_corpus": str(CORPUS)},
+    "rome": {"cov_tokens": "2048", "cov_corpus": str(CORPUS)},
+    "memit": {"cov_tokens": "2048", "cov_corpus": str(CORPUS)},
+    "alphaedit": {"cov_tokens": "2048", "cov_corpus": str(CORPUS)},
     "ultraedit": {},
     "grace": {},
     "wise": {},
@@ -399,7 +400,7 @@ def step_cost(check: Check) -> None:
             if (editor, dtype) in check.edit_seconds:
                 edit = check.edit_seconds[(editor, dtype)]
                 check.rows.append(
-                    Row("cost", f"{editor}: one edit", dtype, "ok", f"{edit:.3f} s", f"{edit / forward:.1f}")
+                    Row("cost", f"{editor}: one edit", dtype, "ok", f"{edit:.3f} s", f"{edit / forward:.2f}")
                 )
             else:
                 check.rows.append(Row("cost", f"{editor}: one edit", dtype, "no figure: no replay of it completed"))
@@ -413,15 +414,17 @@ def pick_model(args, work: Path) -> tuple[str, str]:
     """(model spec, what it is)."""
     if args.dry_run:
         return "tiny-llama", "tiny-llama (dry run: seeded random 4-layer Llama, byte tokenizer)"
-    if args.model != "auto":
+    if args.model not in ("auto", "random"):
         return args.model, args.model
     from lifelong.core.models import DEFAULT_MODEL, ModelLoadError, _default_model_dir
 
-    try:
-        _default_model_dir()
-        return DEFAULT_MODEL, f"{DEFAULT_MODEL} (the default model, trained weights)"
-    except ModelLoadError as err:
-        reason = str(err)
+    reason = "asked for (--model random)"
+    if args.model == "auto":
+        try:
+            _default_model_dir()
+            return DEFAULT_MODEL, f"{DEFAULT_MODEL} (the default model, trained weights)"
+        except ModelLoadError as err:
+            reason = f"the default model is not here: {err}"
     from family import loaded_family_model
 
     from lifelong.core.models import save_model_dir
@@ -429,10 +432,7 @@ def pick_model(args, work: Path) -> tuple[str, str]:
     lm, tokenizer = loaded_family_model("135m", seed=0, tokenizer_dir=args.tokenizer)
     target = work / "smollm2-135m-random"
     save_model_dir(lm.model, lm.tokenizer, target)
-    return str(target), (
-        f"random-weight SmolLM2-135M architecture (benchmarks/family.py, seed 0; {tokenizer}), because "
-        f"the default model is not here: {reason}"
-    )
+    return str(target), f"random-weight SmolLM2-135M architecture (benchmarks/family.py, seed 0; {tokenizer}): {reason}"
 
 
 def render(check: Check, header: str) -> str:
@@ -480,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda where available, else cpu")
     ap.add_argument("--dry-run", action="store_true", help="every step on tiny-llama, tiny settings, on the CPU")
     ap.add_argument("--out", default=None, help="file for the table (default: $OUT/device_check.txt if $OUT is set)")
-    ap.add_argument("--model", default="auto", help="auto: the default model, else a random one of its architecture")
+    ap.add_argument(
+        "--model",
+        default="auto",
+        help="auto: the default model where it loads, else (and with 'random') a random-weight one of its architecture",
+    )
     ap.add_argument("--tokenizer", default=None, help="a directory with the default model's tokenizer.json")
     ap.add_argument("--editors", default=",".join(EDITORS))
     ap.add_argument("--steps", type=int, default=2, help="steps of each short replay")
