@@ -74,7 +74,7 @@ class ROMEEditor(Editor):
             return None
         if p.layer not in self._inverse_cache:
             c = key_second_moment(lm, p.layer, p.cov_corpus, p.cov_tokens)
-            c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+            c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
             self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.device)
         return self._inverse_cache[p.layer]
 
