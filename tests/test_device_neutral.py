@@ -49,6 +49,7 @@ DEVICE_LITERALS = {
     "lifelong/sweep.py": (5, "a sweep's device setting is checked by name, and GPUs are asked of Ray for 'cuda' cells"),
     "lifelong/editors/upper.py": (1, "compute_dtype's device default, passed on to machine.choose_dtype"),
     "lifelong/core/delta.py": (1, "deltas are saved from host memory (safetensors writes CPU tensors)"),
+    "lifelong/core/names.py": (4, "a --device refused by its name before torch is imported (no tensor is made)"),
     # the normaliser is restored from a step file on the host and moved to the edited weight's device at its
     # first use (UltraEditEditor._normaliser); the class's device default is the same host
     "lifelong/editors/ultraedit.py": (2, "the normaliser's state loads on the host, moved on first use"),
@@ -78,7 +79,11 @@ PRECISION = {
     "lifelong/core/machine.py": (7, "the precision helpers themselves"),
     "lifelong/core/models.py": (4, "weights load in float32 (GGUF dequantisation, tiny models)"),
     "lifelong/core/scorer.py": (3, "log-probabilities summed in float32/float64 (answers' NLL over tokens)"),
-    "lifelong/core/model_access.py": (2, "corpus NLL summed in float64"),
+    "lifelong/core/model_access.py": (3, "corpus NLL summed in float64; greedy decoding's argmax over float32 logits"),
+    "lifelong/editors/value_reference.py": (
+        6,
+        "the plain v*/z* reference computes in float32/float64 as locate.py does",
+    ),
     "lifelong/editors/locate.py": (
         12,
         "v*/z* fits in float32 whatever the weights' dtype; rank-one factors in float64 as ROME/MEMIT do",
