@@ -84,6 +84,7 @@ def test_memit_prune_bounds_the_accumulated_update_over_steps():
         for name in base:
             base[name] = (base[name][0], 0.05)
         editor.apply(lm, make_edits(2, start=2 * step))
+        assert editor.step_report()["prune_compressed"] == len(editor.scope(lm))  # both matrices, this step
         before, proposed, _ = calls[-1]
         for name in editor.scope(lm):
             accumulated = before[name] + proposed[name] - w0[name]
@@ -175,6 +176,9 @@ def test_memit_nas_fits_carry_the_anchor_norm():
     editor.apply(lm, make_edits(3))
     (anchor,) = editor.nas_anchors().values()
     assert len(fits) == 3 and all(anchored(fit, anchor) for fit in fits)
+    report = editor.step_report()
+    assert report["nas_anchor"] == anchor and report["v_fits"] == 3
+    assert report["nas_dropped"] == sum(torch.equal(fit.value, fit.original) for fit in fits)
     assert any(math.isclose(float(fit.value.norm()), anchor, rel_tol=1e-9) for fit in fits)
 
 
@@ -188,6 +192,29 @@ def test_memit_with_each_stabiliser_passes_check_editor(mode):
     )
     report.raise_if_failed()
     assert {"checkout_equals_live", "resume_same_results"} <= set(report.passed)
+
+
+@pytest.mark.parametrize(
+    "name, mode", [("rome", "prune"), ("r-rome", "rect"), ("alphaedit", "nas"), ("alphaedit", "prune")]
+)
+def test_every_locate_and_edit_editor_composes(name, mode):
+    overrides = {**ROME_FAST} if "rome" in name else {**FAST, "nullspace_threshold": "0.5"}
+    report = check_editor(
+        lambda: make_editor(name, {**overrides, "stabilise": mode}),
+        model="tiny-llama",
+        max_examples=1,
+        max_edits=2,
+        invariants=["checkout_equals_live", "delta_matches_change"],
+    )
+    report.raise_if_failed()
+    from lifelong.core.models import load_model
+
+    editor = make_editor(name, {**overrides, "stabilise": mode})
+    delta = editor.apply(load_model("tiny-llama"), make_edits(1))
+    if mode == "nas":  # the hook ran: low-rank factors of v* at the anchor norm
+        assert "nas_anchor" in editor.step_report() and all(c.rank for c in delta.changes.values())
+    else:  # the hook ran: the stabilised change is dense
+        assert all(c.dense is not None for c in delta.changes.values())
 
 
 def test_rome_with_nas_still_writes_key_value():
@@ -232,7 +259,8 @@ def test_memit_none_is_bitwise_the_plain_editor():
         ({"stabilise": "nass"}, "memit: stabilise must be one of none, nas, prune, rect, got 'nass'"),
         ({"rect_percent": "0"}, "memit: rect_percent must be in (0, 100], got 0.0"),
         ({"nas_trim": "1.5"}, "memit: nas_trim must be in (0, 1], got 1.5"),
-        ({"nas_samples": "0"}, "memit: nas_samples must be at least 1, got 0"),
+        ({"nas_samples": "0"}, "memit.nas_samples: must be at least 1, got 0"),
+        ({"nas_skip": "0"}, "memit.nas_skip: must be greater than 0, got 0.0"),
     ],
 )
 def test_a_bad_value_is_refused_in_one_line(overrides, message):

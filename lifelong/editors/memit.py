@@ -173,7 +173,7 @@ class MEMITEditor(Stabilised, Editor):
         return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
 
     def step_report(self) -> dict:
-        return self._fits.summary(self.params)
+        return {**self._fits.summary(self.params), **self.stabiliser_report()}
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._fits.clear()

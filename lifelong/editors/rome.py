@@ -98,7 +98,7 @@ class ROMEEditor(Stabilised, Editor):
         return fit.value - current, right, k_x, fit.value
 
     def step_report(self) -> dict:
-        return self._fits.summary(self.params)
+        return {**self._fits.summary(self.params), **self.stabiliser_report()}
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._fits.clear()

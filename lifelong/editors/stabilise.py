@@ -49,26 +49,21 @@ NAS_EPS = 1e-10  # scale_vector_to_norm's eps (util/vstar_stats.py:35)
 class StabiliseParams:
     """The stabiliser of a locate-and-edit editor and each one's settings at its authors' defaults."""
 
-    stabilise: str = "none"  # "none", "nas", "prune" or "rect"
+    stabilise: str = "none"  # "none", "nas", "prune" or "rect" (docs/EDITORS.md, Stabilisers)
     nas_samples: int = 1000  # NAS: θ0 fits the anchor is averaged over (nas_restart, NAS_hparams.py:42)
-    nas_trim: float = 0.95  # NAS: the anchor drops norms above this quantile (_NAS_OUTLIER_UPPER_QUANTILE)
+    nas_trim: float = 0.95  # NAS, in (0, 1]: the anchor drops norms above this quantile (_NAS_OUTLIER_UPPER_QUANTILE)
     nas_skip: float = 2.0  # NAS: a v* longer than nas_skip × anchor is dropped (compute_z.py:222)
-    rect_percent: float = 40.0  # RECT: percent of entries kept, by relative change (k_percent)
-    rect_eps: float = 1e-8  # RECT: ε in |ΔW| / (|W| + ε) (epsilon)
+    rect_percent: float = 40.0  # RECT, in (0, 100]: percent of entries kept, by relative change (k_percent)
+    rect_eps: float = 1e-8  # RECT: ε in |ΔW / (W + ε)| (epsilon)
 
     def validate(self, editor: str) -> None:
+        """nas_samples ≥ 1, nas_skip > 0 and rect_eps ≥ 0 are declared ranges (lifelong.core.options)."""
         if self.stabilise not in STABILISERS:
             raise UserError(f"{editor}: stabilise must be one of {', '.join(STABILISERS)}, got '{self.stabilise}'")
-        if self.nas_samples < 1:
-            raise UserError(f"{editor}: nas_samples must be at least 1, got {self.nas_samples}")
         if not 0 < self.nas_trim <= 1:
             raise UserError(f"{editor}: nas_trim must be in (0, 1], got {self.nas_trim}")
-        if not self.nas_skip > 0:
-            raise UserError(f"{editor}: nas_skip must be above 0, got {self.nas_skip}")
         if not 0 < self.rect_percent <= 100:
             raise UserError(f"{editor}: rect_percent must be in (0, 100], got {self.rect_percent}")
-        if not self.rect_eps >= 0:
-            raise UserError(f"{editor}: rect_eps must be at least 0, got {self.rect_eps}")
         super().validate(editor)  # type: ignore[misc]  # the next Params class in the MRO (ValueParams)
 
 
@@ -131,7 +126,8 @@ class Stabilised:
     def _stabiliser_state(self) -> dict:
         if "_stab" not in self.__dict__:
             # anchors: layer -> NAS anchor; base: param name -> (W₀ float64, σ_max(W₀))
-            self.__dict__["_stab"] = {"anchors": {}, "base": {}}
+            # report: what the stabiliser did since the last step report
+            self.__dict__["_stab"] = {"anchors": {}, "base": {}, "report": {}}
         return self.__dict__["_stab"]
 
     def nas_layers(self, lm: LoadedModel) -> list[int]:
@@ -174,8 +170,13 @@ class Stabilised:
         if self.params.stabilise != "nas":
             return fit
         self.prepare_stabiliser(lm)
-        anchor = self._stabiliser_state()["anchors"][layer]
-        return dataclasses.replace(fit, value=nas_value(fit.value, fit.original, anchor, self.params.nas_skip))
+        state = self._stabiliser_state()
+        anchor = state["anchors"][layer]
+        value = nas_value(fit.value, fit.original, anchor, self.params.nas_skip)
+        report = state["report"]
+        report["nas_anchor"] = anchor
+        report["nas_dropped"] = report.get("nas_dropped", 0) + int(value is fit.original)
+        return dataclasses.replace(fit, value=value)
 
     def stabilise_changes(
         self, lm: LoadedModel, before: Snapshot, changes: dict[str, ParamChange]
@@ -194,6 +195,22 @@ class Stabilised:
             else:
                 w0, bound = self._stabiliser_state()["base"][name]
                 w0 = w0.to(previous.device)
-                applied = w0 + prune_spectrum(previous + proposed - w0, bound) - previous
+                accumulated = previous + proposed - w0
+                self._count_compressed(accumulated, bound)
+                applied = w0 + prune_spectrum(accumulated, bound) - previous
             out[name] = ParamChange(dense=applied.to(before[name].dtype).contiguous())
         return out
+
+    def _count_compressed(self, accumulated: torch.Tensor, bound: float) -> None:
+        report = self._stabiliser_state()["report"]
+        top = float(torch.linalg.matrix_norm(accumulated, ord=2))
+        report["prune_sigma_max"] = max(report.get("prune_sigma_max", 0.0), top)  # over the step's matrices
+        report["prune_compressed"] = report.get("prune_compressed", 0) + int(top > bound)
+
+    def stabiliser_report(self) -> dict:
+        """For the step's line in steps.jsonl, since the last report: NAS's anchor and how many fits
+        it dropped (‖v*‖ > nas_skip × anchor); PRUNE's largest σ of an accumulated update and how
+        many matrices it compressed ({} without a stabiliser, or for RECT)."""
+        state = self._stabiliser_state()
+        report, state["report"] = state["report"], {}
+        return report
