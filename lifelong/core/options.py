@@ -52,6 +52,7 @@ _AT_LEAST_ONE = (
     "cov_tokens",
     "save_freq",
     "merge_freq",
+    "nas_samples",
 )
 _NOT_NEGATIVE = (
     "norm_constraint",
@@ -65,8 +66,9 @@ _NOT_NEGATIVE = (
     "cov_reg",
     "max_tokens",
     "items",
+    "rect_eps",
 )
-_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold")
+_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip")
 
 
 def range_text(name: str) -> str:
