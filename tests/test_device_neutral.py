@@ -80,6 +80,7 @@ PRECISION = {
     "lifelong/core/models.py": (4, "weights load in float32 (GGUF dequantisation, tiny models)"),
     "lifelong/core/scorer.py": (3, "log-probabilities summed in float32/float64 (answers' NLL over tokens)"),
     "lifelong/core/model_access.py": (3, "corpus NLL summed in float64; greedy decoding's argmax over float32 logits"),
+    "lifelong/editors/stabilise.py": (3, "PRUNE's SVD and W₀ in float64; NAS rescales v* in float64 as the fits are"),
     "lifelong/editors/value_reference.py": (
         6,
         "the plain v*/z* reference computes in float32/float64 as locate.py does",
