@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -304,11 +305,18 @@ class RunDir:
                     for k in sorted(set(identity) | set(manifest["identity"]))
                     if identity.get(k) != manifest["identity"].get(k)
                 ]
-                raise RunDirError(
-                    f"{self.path} holds a different run (differs in: {', '.join(diffs)}); "
-                    "choose another --out or delete it"
+                if not self._clear_unstarted():
+                    raise RunDirError(
+                        f"{self.path} holds a different run (differs in: {', '.join(diffs)}); "
+                        "choose another --out or delete it"
+                    )
+                print(
+                    f"note: {self.path} held a run that never completed an edit step (it differed in: "
+                    f"{', '.join(diffs)}); it is replaced by this one",
+                    file=sys.stderr,
                 )
-            return manifest
+            else:
+                return manifest
         for p in self._refuse_foreign_files():
             p.unlink()
         manifest = {
@@ -320,6 +328,38 @@ class RunDir:
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
+
+    # What a run writes at its top level: a run that completed no edit step holds only these (and is
+    # replaced by a corrected command, as a refusal after its manifest was written would leave it).
+    _RUN_ENTRIES = frozenset(
+        {
+            "manifest.json",
+            "progress.json",
+            "steps.jsonl",
+            "reference.json",
+            "results",
+            "deltas",
+            "generations",
+            "plots",
+            "results.parquet",
+            "results.parquet.digest",
+            LOCK_NAME,
+        }
+    )
+
+    def _clear_unstarted(self) -> bool:
+        """Remove a run that completed no edit step (a failed or interrupted start), when the directory
+        holds nothing a run does not write; returns whether it did."""
+        if self.completed_step() >= 1:
+            return False
+        entries = list(self.path.iterdir())
+        if any(e.name not in self._RUN_ENTRIES and not is_temporary(e.name) for e in entries):
+            return False
+        for entry in entries:
+            if entry.name == LOCK_NAME:
+                continue  # held by this process
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return True
 
     def record_session(self, info: dict) -> None:
         """Append what this session of the run brings (machine, threads, resolved precisions) to the

@@ -483,3 +483,18 @@ def test_a_flipped_bit_in_any_results_file_is_refused_by_name(tmp_path, stream_f
                 run.results() if path == run.results_path else run.joined_parts()
         path.write_bytes(original)
     assert run.results().height == full_run.run.results().height
+
+
+def test_a_run_that_never_completed_an_edit_step_is_replaced_by_a_corrected_command(tmp_path, stream_file, capsys):
+    """AlphaEdit's defaults on a tiny model are refused in prepare, after the manifest is written; the
+    corrected command replaces that run instead of being refused as 'a different run'. A run with a
+    completed edit step, or a file a run does not write, is never replaced."""
+    out = tmp_path / "r"
+    base = dict(model="tiny-llama", editor="alphaedit", stream=str(stream_file), steps=1)
+    with pytest.raises(UserError, match="no eigenvalue below"):
+        replay(RunConfig(**base), out, progress=False)
+    assert (out / "manifest.json").is_file()
+    fixed = replay(RunConfig(**base, editor_overrides={"nullspace_threshold": "10"}), out, progress=False)
+    assert fixed.run.completed_step() == 1 and "never completed an edit step" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match="holds a different run"):
+        replay(RunConfig(**base, editor_overrides={"nullspace_threshold": "20"}), out, progress=False)
