@@ -62,11 +62,13 @@ _NOT_NEGATIVE = (
     "eps_init",
     "l2",
     "mom2_weight",
+    "emmet_lambda",
+    "update_norm_lambda",
     "cov_reg",
     "max_tokens",
     "items",
 )
-_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold")
+_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "mom2_update_weight")
 
 
 def range_text(name: str) -> str:
