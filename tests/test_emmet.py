@@ -13,6 +13,7 @@ from lifelong.editors.locate import average_key, fit_value
 from lifelong.replay import checkout, replay, step_seed
 from lifelong.run import RunConfig
 from lifelong.testing import check_editor
+from lifelong.testing.equations import invariants_for
 from streams import EditStream
 from streams.errors import UserError
 from tests.conftest import make_edits
@@ -163,3 +164,4 @@ def test_passes_the_kit():
     )
     report.raise_if_failed()
     assert "emmet_writes_every_key" in report.passed
+    assert "emmet_writes_every_key" not in invariants_for(make_editor("memit"))  # EMMET's own, not its base's
