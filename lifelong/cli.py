@@ -402,17 +402,22 @@ def _setting_lines(cls: type, indent: str, prefix: str = "") -> list[str]:
     return lines
 
 
+def _listed(kind: str, names: list[str], asked: list[str]) -> list[str]:
+    """The names a listing shows: those ``asked`` for (each refused in one line when unknown), else all."""
+    from lifelong.core.names import did_you_mean
+
+    unknown = [n for n in asked if n not in names]
+    if unknown:
+        hint = did_you_mean(unknown[0], names)
+        raise UserError(f"unknown {kind} '{unknown[0]}'{hint}: expected one of {', '.join(names)}")
+    return asked or names
+
+
 def cmd_editors(args) -> int:
-    from lifelong.core.names import did_you_mean, installed_editors
+    from lifelong.core.names import installed_editors
     from lifelong.editors import EDITORS, editor_class
 
-    names = sorted({*EDITORS, *installed_editors()})
-    unknown = [n for n in args.names if n not in names]
-    if unknown:
-        raise UserError(
-            f"unknown editor '{unknown[0]}'{did_you_mean(unknown[0], names)}: expected one of {', '.join(names)}"
-        )
-    for name in args.names or names:
+    for name in _listed("editor", sorted({*EDITORS, *installed_editors()}), args.names):
         cls = editor_class(name)
         print(f"{name:<11} {cls.description}")
         print("\n".join(_setting_lines(cls.Params, " " * 12, "--set ")))
@@ -436,16 +441,10 @@ def cmd_streams(args) -> int:
 
 
 def cmd_probes(args) -> int:
-    from lifelong.core.names import did_you_mean, installed_probes
+    from lifelong.core.names import installed_probes
     from probes import PROBES, probe_class
 
-    names = sorted({*PROBES, *installed_probes()})
-    unknown = [n for n in args.names if n not in names]
-    if unknown:
-        raise UserError(
-            f"unknown probe '{unknown[0]}'{did_you_mean(unknown[0], names)}: expected one of {', '.join(names)}"
-        )
-    for name in args.names or names:
+    for name in _listed("probe", sorted({*PROBES, *installed_probes()}), args.names):
         cls = probe_class(name)
         print(f"{name:<14}{cls.description}" + ("" if name in PROBES else "  (installed)"))
         schedule = cls.default_schedule

@@ -5,9 +5,14 @@ and ``streams`` alone; it never imports the editors or the engine (the import co
 pyproject.toml, checked by ``make lint``).
 """
 
-import importlib
-
-from lifelong.core.names import PROBE_CLASSES, installed_probes, is_class_path, probe_name, unknown_probe
+from lifelong.core.names import (
+    PROBE_CLASSES,
+    installed_probes,
+    is_class_path,
+    load_class,
+    probe_name,
+    unknown_probe,
+)
 from lifelong.core.options import OptionError, parse_options, split_spec
 from probes.base import Probe, ProbeContext, ProbeSuite, Row, Schedule
 from probes.chains import ChainProbe
@@ -23,14 +28,7 @@ class UnknownProbeError(UserError):
 
 
 def _load(path: str) -> type[Probe]:
-    module, _, cls = path.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as err:
-        raise UnknownProbeError(f"probe class {path}: cannot be loaded ({err})") from None
-    if not (isinstance(found, type) and issubclass(found, Probe)):
-        raise UnknownProbeError(f"probe class {path}: not a subclass of probes.Probe")
-    return found
+    return load_class(path, Probe, UnknownProbeError, "probe", "probes.Probe")
 
 
 PROBES: dict[str, type[Probe]] = {name: _load(path) for name, path in PROBE_CLASSES.items()}

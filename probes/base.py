@@ -248,11 +248,19 @@ class ProbeSuite:
         self.probes = list(probes)
 
     def prepare(self, ctx: ProbeContext) -> tuple[dict[str, dict], list[Row]]:
+        """θ0's references and step-0 rows of every probe, under a bar naming the probe at work (on the
+        default model with generation or downstream probes this takes minutes, and showed nothing)."""
+        from lifelong.core.bars import bar
+
         references, rows = {}, []
+        progress = bar(total=len(self.probes), unit="probe", leave=False, desc="θ0 references")
         for probe in self.probes:
+            progress.set_description_str(f"θ0 references: {probe.name}")
             ref, probe_rows = probe.prepare(ctx)
             references[probe.name] = ref
             rows.extend(probe_rows)
+            progress.update()
+        progress.close()
         return references, rows
 
     def run(self, ctx: ProbeContext, references: dict[str, dict]) -> list[Row]:

@@ -72,7 +72,7 @@ def test_cuda_request_without_cuda_is_clear():
         load_model("tiny-llama", device="cuda")
 
 
-@pytest.mark.parametrize("damage", ["drop_one", "empty", "extra"])
+@pytest.mark.parametrize("damage", ["drop_one", "empty", "extra", "wrong_shape", "garbled"])
 def test_weights_missing_from_the_files_are_refused(tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
@@ -83,10 +83,17 @@ def test_weights_missing_from_the_files_are_refused(tmp_path, damage):
         tensors.pop(next(k for k in tensors if "mlp.down_proj" in k))
     elif damage == "empty":
         tensors = {}
+    elif damage == "wrong_shape":
+        tensors[next(k for k in tensors if "mlp.down_proj" in k)] = torch.zeros(3, 5)
     else:
         tensors["model.layers.0.mlp.spare.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(path), metadata={"format": "pt"})
-    kind = {"drop_one": "1 missing", "empty": "missing", "extra": "1 unexpected"}[damage]
+    if damage == "garbled":  # a cut file: refused in one line naming the directory, not a traceback
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+        with pytest.raises(ModelLoadError, match="the weights cannot be loaded"):
+            load_model(str(tmp_path / "m"))
+        return
+    kind = {"drop_one": "1 missing", "empty": "missing", "extra": "1 unexpected", "wrong_shape": "1 mismatched"}[damage]
     with pytest.raises(ModelLoadError, match=f"do not match the config.*{kind}.*randomly initialised"):
         load_model(str(tmp_path / "m"))
 

@@ -215,19 +215,24 @@ def context_length(model: nn.Module) -> int | None:
 @contextlib.contextmanager
 def _without_transformers_bars():
     """Local safetensors load in well under a second: transformers' own bar there is noise, and in a
-    notebook without ipywidgets its tqdm.auto bar prints an 'IProgress not found' warning."""
+    notebook without ipywidgets its tqdm.auto bar prints an 'IProgress not found' warning. Its loading
+    report is silenced too: a mismatch is refused in one line of ours instead."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_on:
             hf_logging.enable_progress_bar()
 
 
 def _load_hf_dir(directory: Path):
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(directory) / "config.json").is_file():
@@ -246,14 +251,19 @@ def _load_hf_dir(directory: Path):
     # safetensors only: never unpickle weights from a directory we did not write.
     with _without_transformers_bars():
         # output_loading_info=True makes it return (model, loading info); transformers types only the model
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            directory,
-            config=config,
-            dtype=torch.float32,
-            use_safetensors=True,
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
+        try:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                directory,
+                config=config,
+                dtype=torch.float32,
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below as mismatched keys, in one line
+            )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # damaged or incomplete weight files
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"{directory}: the weights cannot be loaded ({reason})") from None
     model, info = loaded
     # A weight the files lack would be left at its random initialisation: refuse rather than run on it.
     problems = [

@@ -115,29 +115,39 @@ def probe_name(spec: str) -> tuple[str, str]:
     return head, rest
 
 
-def unknown_editor(name: str) -> str | None:
-    """The one-line refusal for an editor name that is not registered, else None."""
-    if name in EDITOR_CLASSES or is_class_path(name):
+def _unknown(kind: str, name: str, builtin: dict[str, str], installed) -> str | None:
+    """The one-line refusal for a ``kind`` name that is neither built in, installed nor a class path."""
+    if name in builtin or is_class_path(name):
         return None
-    known = {**EDITOR_CLASSES, **installed_editors()}
+    known = {**builtin, **installed()}
     if name in known:
         return None
     return (
-        f"unknown editor '{name}'{did_you_mean(name, known)}: expected one of {', '.join(sorted(known))}, or "
-        "module.path:Class for an editor class of your own"
+        f"unknown {kind} '{name}'{did_you_mean(name, known)}: expected one of {', '.join(sorted(known))}, or "
+        f"module.path:Class for {'an' if kind[0] in 'aeiou' else 'a'} {kind} class of your own"
     )
+
+
+def unknown_editor(name: str) -> str | None:
+    """The one-line refusal for an editor name that is not registered, else None."""
+    return _unknown("editor", name, EDITOR_CLASSES, installed_editors)
 
 
 def unknown_probe(spec: str) -> str | None:
     """The one-line refusal for a ``--probe`` spec naming no registered probe, else None."""
-    name = probe_name(spec)[0]
-    if name in PROBE_NAMES or is_class_path(name):
-        return None
-    known = {**PROBE_CLASSES, **installed_probes()}
-    if name in known:
-        return None
-    return (
-        f"unknown probe '{name}'{did_you_mean(name, known)}: expected one of {', '.join(sorted(known))}, or "
-        "module.path:Class for a "
-        "probe class of your own"
-    )
+    return _unknown("probe", probe_name(spec)[0], PROBE_CLASSES, installed_probes)
+
+
+def load_class(path: str, base: type, error: type[Exception], kind: str, public: str) -> type:
+    """The class at ``module.path:Class``, which must subclass ``base`` (``public``: its public name, for
+    the message); else ``error`` in one line."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise error(f"{kind} class {path}: cannot be loaded ({err})") from None
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise error(f"{kind} class {path}: not a subclass of {public}")
+    return found

@@ -52,6 +52,7 @@ _AT_LEAST_ONE = (
     "cov_tokens",
     "save_freq",
     "merge_freq",
+    "nas_samples",
 )
 _NOT_NEGATIVE = (
     "norm_constraint",
@@ -67,8 +68,9 @@ _NOT_NEGATIVE = (
     "cov_reg",
     "max_tokens",
     "items",
+    "rect_eps",
 )
-_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "mom2_update_weight")
+_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip", "mom2_update_weight")
 
 
 def range_text(name: str) -> str:

@@ -249,7 +249,7 @@ class Scorer:
             ids[r, :m] = torch.tensor(a[:m])
             mask[r, : len(p)] = 1
             mask[r, width : width + m] = 1
-            positions[r] = len(p) + torch.arange(steps)
+            positions[r] = len(p) + torch.arange(steps, device=positions.device)
             rows += [r] * m
             cols += range(m)
         hidden = self.body(

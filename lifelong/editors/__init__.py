@@ -5,10 +5,9 @@ run time with :func:`register_editor`. An editor class can also be named by its 
 
 from __future__ import annotations
 
-import importlib
 
 from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
-from lifelong.core.names import EDITOR_CLASSES, installed_editors, is_class_path, unknown_editor
+from lifelong.core.names import EDITOR_CLASSES, installed_editors, is_class_path, load_class, unknown_editor
 from streams.errors import UserError
 
 
@@ -17,14 +16,7 @@ class UnknownEditorError(UserError):
 
 
 def _load(path: str) -> type[Editor]:
-    module, _, cls = path.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as err:
-        raise UnknownEditorError(f"editor class {path}: cannot be loaded ({err})") from None
-    if not (isinstance(found, type) and issubclass(found, Editor)):
-        raise UnknownEditorError(f"editor class {path}: not a subclass of lifelong.editors.Editor")
-    return found
+    return load_class(path, Editor, UnknownEditorError, "editor", "lifelong.editors.Editor")
 
 
 EDITORS: dict[str, type[Editor]] = {name: _load(path) for name, path in EDITOR_CLASSES.items()}

@@ -150,10 +150,10 @@ class GRACEEditor(AdaptorEditor):
             self.values = torch.zeros(size, state["values"].shape[1])
             self.eps, self.labels = torch.zeros(size), torch.zeros(size, dtype=torch.long)
             return
-        self.keys = torch.cat([self.keys, torch.zeros(extra, self.keys.shape[1])])
-        self.values = torch.cat([self.values, torch.zeros(extra, self.values.shape[1])])
-        self.eps = torch.cat([self.eps, torch.zeros(extra)])
-        self.labels = torch.cat([self.labels, torch.zeros(extra, dtype=torch.long)])
+        self.keys = torch.cat([self.keys, torch.zeros(extra, self.keys.shape[1], device=self.keys.device)])
+        self.values = torch.cat([self.values, torch.zeros(extra, self.values.shape[1], device=self.values.device)])
+        self.eps = torch.cat([self.eps, torch.zeros(extra, device=self.eps.device)])
+        self.labels = torch.cat([self.labels, torch.zeros(extra, dtype=torch.long, device=self.labels.device)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not len(self):
@@ -216,8 +216,8 @@ class GRACEEditor(AdaptorEditor):
         else:
             self.keys = torch.cat([self.keys, key[None]])
             self.values = torch.cat([self.values, value[None]])
-        self.eps = torch.cat([self.eps, torch.tensor([eps], dtype=torch.float32)])
-        self.labels = torch.cat([self.labels, torch.tensor([y], dtype=torch.long)])
+        self.eps = torch.cat([self.eps, torch.tensor([eps], dtype=torch.float32, device=self.eps.device)])
+        self.labels = torch.cat([self.labels, torch.tensor([y], dtype=torch.long, device=self.labels.device)])
 
     # -- inference
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +328,7 @@ class GRACEEditor(AdaptorEditor):
         else:  # each row's last real token
             real = self.token_mask(x.shape[:2])
             present = real.any(1)
-            cols = (real.long() * torch.arange(1, length + 1)).argmax(1)
+            cols = (real.long() * torch.arange(1, length + 1, device=real.device)).argmax(1)
         cols, present = cols.to(x.device), present.to(x.device)
         hit, idx = self._lookup_once(x[torch.arange(rows, device=x.device), cols])
         hit = hit & present

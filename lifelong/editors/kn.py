@@ -120,7 +120,9 @@ def layer_attribution(
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
     # Rows: (token t, step k) for the IG steps, then one α = 1 and one α = 0 row per token.
     row_token = torch.cat([torch.arange(n_tok).repeat_interleave(steps), torch.arange(n_tok), torch.arange(n_tok)])
-    row_alpha = torch.cat([alphas.repeat(n_tok), torch.ones(n_tok), torch.zeros(n_tok)])
+    row_alpha = torch.cat(
+        [alphas.repeat(n_tok), torch.ones(n_tok, device=alphas.device), torch.zeros(n_tok, device=alphas.device)]
+    )
     n_rows = len(row_token)
     row_token, row_alpha = row_token.to(device), row_alpha.to(device)
     rows = torch.arange(n_rows, device=device)

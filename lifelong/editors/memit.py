@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from lifelong.core.delta import Delta
-from lifelong.editors.base import Editor, default_layer, each_edit
+from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
@@ -43,12 +43,13 @@ from lifelong.editors.locate import (
     subject_token_index,
 )
 from lifelong.core.models import LoadedModel
+from lifelong.editors.stabilise import CHANGE_STABILISERS, StabiliseParams, Stabilised
 from streams import Edit
 from streams.errors import UserError
 
 
 @dataclass
-class MEMITParams(ValueParams):
+class MEMITParams(StabiliseParams, ValueParams):
     """MEMIT's settings where they differ from ROME's (hparams/MEMIT/*.json, memit_main.py):
     z* clamped to 0.75 × the norm of the residual stream leaving the layer, which also scales its
     norm term (compute_z), over 6 context templates (the bare prompt and 5 prefixed ones, as
@@ -109,7 +110,7 @@ def parse_layers(spec: str | None, num_layers: int, editor: str = "memit") -> li
     return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
-class MEMITEditor(Editor):
+class MEMITEditor(Stabilised, Editor):
     name = "memit"
     description = "MEMIT: batched least-squares updates spread over a range of MLP output projections"
     Params = MEMITParams
@@ -141,6 +142,10 @@ class MEMITEditor(Editor):
         if missing:  # one pass over the corpus for every layer still missing
             stats = key_second_moments(lm, missing, self.params.cov_corpus, self.params.cov_tokens)
             self._second_moments.update({layer: c.to(lm.device) for layer, c in stats.items()})
+        self.prepare_stabiliser(lm)
+
+    def nas_layers(self, lm: LoadedModel) -> list[int]:
+        return self.layers(lm)[-1:]
 
     def second_moment(self, lm: LoadedModel, layer: int) -> torch.Tensor:
         if layer not in self._second_moments:
@@ -168,7 +173,7 @@ class MEMITEditor(Editor):
         return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
 
     def step_report(self) -> dict:
-        return self._fits.summary(self.params)
+        return {**self._fits.summary(self.params), **self.stabiliser_report()}
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._fits.clear()
@@ -179,9 +184,11 @@ class MEMITEditor(Editor):
         layers = self.layers(lm)
         last = layers[-1]
         templates = p.context_templates(self.name)
+        # PRUNE/RECT: the layers are solved as MEMIT does, then the step is redone from these weights
+        before = Snapshot(lm.model, self.scope(lm)) if p.stabilise in CHANGE_STABILISERS else None
         deltas = []
         for edit in each_edit(batch, "z* fits"):  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = self._fits.add(fit_value(lm, last, edit, p, self.name, self._stacks))
+            fit = self._fits.add(self.stabilise_fit(lm, last, fit_value(lm, last, edit, p, self.name, self._stacks)))
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 
@@ -194,6 +201,8 @@ class MEMITEditor(Editor):
             changes[name] = lowrank_change(lm.adapter, u, v, lm.model.get_parameter(name).dtype)
             Delta({name: changes[name]}).apply(lm.model)  # each parameter gets exactly this one add
             self.remember(layer, keys)
+        if before is not None:
+            return before.restore_and_apply(self.stabilise_changes(lm, before, changes))
         return Delta(changes)
 
 

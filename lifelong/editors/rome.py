@@ -24,12 +24,13 @@ from lifelong.core.delta import Delta
 from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment
 from lifelong.editors.locate import FitLog, UpperStacks, ValueParams, fit_value, lowrank_change
+from lifelong.editors.stabilise import StabiliseParams, Stabilised
 from lifelong.core.models import LoadedModel
 from streams import Edit
 
 
 @dataclass
-class ROMEParams(ValueParams):
+class ROMEParams(StabiliseParams, ValueParams):
     layer: int | None = None  # None: num_layers // 5 (layer 6 of SmolLM2's 30)
     mom2: bool = True  # covariance adjustment (C = E[kkᵀ]); False: C = I
     cov_corpus: str = MODEL_SAMPLE  # text for C: "model-sample" (seeded text from the model) or a .txt file/dir
@@ -42,7 +43,7 @@ class ROMEParams(ValueParams):
             corpus_files(self.cov_corpus)
 
 
-class ROMEEditor(Editor):
+class ROMEEditor(Stabilised, Editor):
     name = "rome"
     description = "ROME: rank-one update of one MLP output projection (key of the bare prompt in the residual)"
     Params = ROMEParams
@@ -66,6 +67,10 @@ class ROMEEditor(Editor):
     def prepare(self, lm: LoadedModel) -> None:
         self.bind(lm)
         self._inverse(lm)
+        self.prepare_stabiliser(lm)
+
+    def nas_layers(self, lm: LoadedModel) -> list[int]:
+        return [self.bind(lm).params.layer]
 
     def _inverse(self, lm: LoadedModel) -> torch.Tensor | None:
         """(C + reg·I)⁻¹ in float64, computed once per layer (None without the adjustment)."""
@@ -74,14 +79,14 @@ class ROMEEditor(Editor):
             return None
         if p.layer not in self._inverse_cache:
             c = key_second_moment(lm, p.layer, p.cov_corpus, p.cov_tokens)
-            c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+            c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
             self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.device)
         return self._inverse_cache[p.layer]
 
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
         p = self.params
-        fit = self._fits.add(fit_value(lm, p.layer, edit, p, self.name, self._stacks))
+        fit = self._fits.add(self.stabilise_fit(lm, p.layer, fit_value(lm, p.layer, edit, p, self.name, self._stacks)))
         k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
         k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
         weight = lm.adapter.out_proj_weight_view(p.layer).double()
@@ -93,7 +98,7 @@ class ROMEEditor(Editor):
         return fit.value - current, right, k_x, fit.value
 
     def step_report(self) -> dict:
-        return self._fits.summary(self.params)
+        return {**self._fits.summary(self.params), **self.stabiliser_report()}
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._fits.clear()
@@ -111,7 +116,7 @@ class ROMEEditor(Editor):
             single = Delta({name: lowrank_change(lm.adapter, left, right, param.dtype)})
             single.apply(lm.model)
         change = lowrank_change(lm.adapter, torch.stack(lefts, 1), torch.stack(rights, 1), param.dtype)
-        return snapshot.restore_and_apply({name: change})  # the whole step as one delta
+        return snapshot.restore_and_apply(self.stabilise_changes(lm, snapshot, {name: change}))  # one delta
 
 
 class RROMEEditor(ROMEEditor):

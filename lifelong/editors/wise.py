@@ -183,6 +183,7 @@ class WISEEditor(AdaptorEditor):
 
     def mask(self, shard: int, shape) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.params.seed * 1_000_003 + shard)
+        # host: a CPU generator draws the same mask on every device (moved to the weight where applied)
         return torch.rand(tuple(shape), generator=g) < self.params.mask_ratio
 
     def bind(self, lm: LoadedModel) -> "WISEEditor":
