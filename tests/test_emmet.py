@@ -165,3 +165,19 @@ def test_passes_the_kit():
     report.raise_if_failed()
     assert "emmet_writes_every_key" in report.passed
     assert "emmet_writes_every_key" not in invariants_for(make_editor("memit"))  # EMMET's own, not its base's
+
+
+def test_composes_with_a_stabiliser():
+    """EMMET takes the stabiliser setting of every locate-and-edit editor (lifelong.editors.stabilise)."""
+    report = check_editor(
+        lambda: make_editor("emmet", {**FAST, "stabilise": "rect"}),
+        model="tiny-llama",
+        max_examples=1,
+        max_edits=2,
+        invariants=["checkout_equals_live", "delta_matches_change"],
+    )
+    report.raise_if_failed()
+    editor = make_editor("emmet", {**FAST, "stabilise": "rect"})
+    assert editor.hyperparameters()["stabilise"] == "rect"
+    delta = editor.apply(load_model("tiny-llama"), make_edits(2))
+    assert all(c.dense is not None for c in delta.changes.values())  # RECT's masked update is dense

@@ -35,6 +35,7 @@ from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files
 from lifelong.editors.locate import KEY_AVERAGES, ValueParams
 from lifelong.editors.memit import MEMITEditor
+from lifelong.editors.stabilise import StabiliseParams
 from streams import Edit
 from streams.errors import UserError
 
@@ -43,8 +44,9 @@ SOURCE_LAYER, SOURCE_DEPTH = 5, 32  # llama2-7b.json:2-4: layer 5 of Llama-2-7B'
 
 
 @dataclass
-class EMMETParams(ValueParams):
-    """EMMET's settings (hparams/EMMET/llama2-7b.json; emmet_main.py for how each is used)."""
+class EMMETParams(StabiliseParams, ValueParams):
+    """EMMET's settings (hparams/EMMET/llama2-7b.json; emmet_main.py for how each is used), and the
+    stabiliser any locate-and-edit editor takes (``--set stabilise=nas``; lifelong.editors.stabilise)."""
 
     v_steps: int = 25  # v_num_grad_steps (llama2-7b.json:8)
     v_weight_decay: float = 1e-3  # llama2-7b.json:11
