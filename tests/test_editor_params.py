@@ -16,6 +16,8 @@ BAD = [
     ("rome", "stop_on", "sometimes"),
     ("memit", "key_average", "median"),
     ("alphaedit", "nullspace_rule", "loose"),
+    ("emmet", "emmet_lambda", "-1"),
+    ("emmet", "mom2_update_weight", "0"),
     ("grace", "query", "first"),
     ("grace", "same_key", "merge"),
     ("memory", "retriever", "dense"),

@@ -55,6 +55,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "r-rome": "lifelong.editors.rome:RROMEEditor",
     "memit": "lifelong.editors.memit:MEMITEditor",
     "alphaedit": "lifelong.editors.memit:AlphaEditEditor",
+    "emmet": "lifelong.editors.emmet:EMMETEditor",
     "kn": "lifelong.editors.kn:KNEditor",
     "mend": "lifelong.editors.mend:MENDEditor",
     "grace": "lifelong.editors.grace:GRACEEditor",

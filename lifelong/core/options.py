@@ -63,12 +63,14 @@ _NOT_NEGATIVE = (
     "eps_init",
     "l2",
     "mom2_weight",
+    "emmet_lambda",
+    "update_norm_lambda",
     "cov_reg",
     "max_tokens",
     "items",
     "rect_eps",
 )
-_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip")
+_POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip", "mom2_update_weight")
 
 
 def range_text(name: str) -> str:

@@ -1,7 +1,8 @@
 """Editor-specific equation checks (:data:`EQUATIONS`): registered per editor class, or an editor's own.
 
 ``rome_writes_key_value`` is registered for ROME and r-ROME, ``alphaedit_preserves_nullspace_outputs``
-for AlphaEdit, ``ultraedit_solves_ridge`` for UltraEdit; :func:`register_equation` adds more.
+for AlphaEdit, ``ultraedit_solves_ridge`` for UltraEdit, ``emmet_writes_every_key`` for EMMET;
+:func:`register_equation` adds more.
 """
 
 from __future__ import annotations
@@ -90,6 +91,40 @@ def ultraedit_solves_ridge(subject: EditorUnderTest, stream: EditStream) -> None
                 raise InvariantViolation(f"step {step}, {name}: ‖ΔW − solve(KᵀK + λI, KᵀV)ᵀ‖/‖·‖ = {err:.3g} ≥ 1e-3")
 
 
+def emmet_writes_every_key(subject: EditorUnderTest, stream: EditStream) -> None:
+    """EMMET: each step's change writes every key of the batch: ΔW k̄ᵢ = rᵢ for all i, as
+    ΔW K = R (D + λI)⁻¹ D with D = KᵀC⁻¹K (λ only for batches; λ = 0 gives ΔW K = R exactly),
+    relative error < 1e-4. K (grouped template-averaged keys) and R (each edit's fitted z* − h,
+    over the layers of the range) are recomputed here on the weights before the step, at the
+    range's first layer, and C from the key statistics with the editor's weight and ridge."""
+    from lifelong.editors.emmet import EMMETEditor
+    from lifelong.editors.locate import average_key, fit_value
+    from lifelong.replay import step_seed
+
+    lm = subject.fresh_model()
+    editor = _expect(subject.fresh_editor(lm), EMMETEditor, "emmet_writes_every_key")
+    p = editor.params
+    for step, batch in enumerate(stream.steps(), start=1):
+        layers = editor.layers(lm)
+        first, templates = layers[0], p.context_templates(editor.name)
+        keys = torch.stack([average_key(lm, first, e, templates, p.key_average) for e in batch], 1)
+        torch.manual_seed(step_seed(subject.seed, step))  # the seed apply will see: the same z*
+        fits = [fit_value(lm, layers[-1], e, p, editor.name) for e in batch]
+        residual = torch.stack([f.value - f.original for f in fits], 1) / len(layers)
+        delta = subject.apply(editor, lm, batch, step)
+        c = editor.second_moment(lm, first).double() * p.mom2_update_weight
+        c = c + p.update_norm_lambda * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        d = keys.T @ torch.linalg.solve(c, keys)
+        ridge = p.emmet_lambda if len(batch) > 1 else 0.0
+        eye = torch.eye(len(batch), dtype=d.dtype, device=d.device)
+        expected = residual @ torch.linalg.solve(d + ridge * eye, d)  # R (D + λI)⁻¹ D (D symmetric)
+        change = delta.changes[lm.adapter.out_proj_param_name(first)].materialize().double()
+        change = change.T if lm.adapter.spec.transposed else change  # (out, in)
+        err = ((change @ keys - expected).norm() / expected.norm()).item()
+        if not err < 1e-4:
+            raise InvariantViolation(f"step {step}, layer {first}: ‖ΔW K − R (D + λI)⁻¹ D‖/‖·‖ = {err:.3g} ≥ 1e-4")
+
+
 EQUATIONS: dict[type, dict[str, Invariant]] = {}
 """Editor-specific equation checks: editor class -> {name: Invariant}; subclasses inherit them."""
 
@@ -124,6 +159,9 @@ def _register_builtin_equations() -> None:
     from lifelong.editors.ultraedit import UltraEditEditor
 
     register_equation(UltraEditEditor, _invariant(ultraedit_solves_ridge))
+    from lifelong.editors.emmet import EMMETEditor
+
+    register_equation(EMMETEditor, _invariant(emmet_writes_every_key))
 
 
 _register_builtin_equations()
