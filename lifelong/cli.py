@@ -76,7 +76,12 @@ def check_replay_args(args) -> None:
     from lifelong.settings import check_values
 
     check_values(RunConfig, vars(args))
-    _parse_set(args.set)
+    from lifelong.core.names import unknown_setting
+
+    for key in _parse_set(args.set):
+        problem = unknown_setting(args.editor, key)
+        if problem:
+            raise UserError(problem)
     from lifelong.core.keep import KeepPolicy
 
     KeepPolicy.parse(args.keep_deltas)

@@ -185,6 +185,7 @@ def test_typos_are_refused_before_torch_is_imported():
         ["--model", "smollm2"],
         ["--device", "gpu"],
         ["--sample", "0"],
+        ["--editor", "rome", "--set", "v_l=1"],
     ):
         code = (
             "import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
@@ -811,3 +812,17 @@ def test_listings_take_names_and_show_ranges(capsys, tmp_path):
     assert code == 2 and "unknown editor 'rmoe' (did you mean 'rome'?)" in err
     code, _, err = run_cli(capsys, "inspect", str(tmp_path), "--tokens", "-1")
     assert code == 2 and "--tokens must be at least 1, got -1" in err
+
+
+def test_the_editor_settings_index_is_current():
+    """lifelong/core/editor_settings.json (the fast --set check's index) lists each built-in editor's
+    settings as its Params declares them; regenerate it with tools/write_editor_settings.py."""
+    import dataclasses
+    import importlib.resources
+
+    from lifelong.core.names import EDITOR_CLASSES, EDITOR_SETTINGS_FILE
+    from lifelong.editors import editor_class
+
+    stored = json.loads((importlib.resources.files("lifelong.core") / EDITOR_SETTINGS_FILE).read_text())
+    live = {name: [f.name for f in dataclasses.fields(editor_class(name).Params)] for name in sorted(EDITOR_CLASSES)}
+    assert stored == live, "stale: run python tools/write_editor_settings.py"

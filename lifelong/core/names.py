@@ -151,3 +151,26 @@ def load_class(path: str, base: type, error: type[Exception], kind: str, public:
     if not (isinstance(found, type) and issubclass(found, base)):
         raise error(f"{kind} class {path}: not a subclass of {public}")
     return found
+
+
+# The settings of each built-in editor, by name, written by tools/write_editor_settings.py from the
+# editors' Params (tests/test_cli.py fails when it is stale): the command line refuses a mistyped
+# --set before torch is imported, in well under two seconds, instead of after loading every editor.
+EDITOR_SETTINGS_FILE = "editor_settings.json"
+
+
+def unknown_setting(editor: str, key: str) -> str | None:
+    """The one-line refusal for ``--set key=…`` that a built-in editor does not have, else None (an
+    editor not built in is checked when it is loaded)."""
+    import importlib.resources
+    import json
+
+    if editor not in EDITOR_CLASSES:
+        return None
+    settings = json.loads((importlib.resources.files("lifelong.core") / EDITOR_SETTINGS_FILE).read_text())
+    names = settings.get(editor)
+    if names is None or key in names:
+        return None
+    return (
+        f"editor '{editor}' has no hyperparameter '{key}'{did_you_mean(key, names)}: expected one of {', '.join(names)}"
+    )
