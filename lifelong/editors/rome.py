@@ -93,10 +93,10 @@ class ROMEParams(ValueParams):
     # or one of HPARAMS_FILES' names. After bind() it names the file the values came from.
     hparams: str = "family"
     layer: int | None = None  # None: the file's (Llama: 5); "none": num_layers // 5 (6 of SmolLM2's 30)
-    mom2: bool | None = None  # covariance adjustment (C = E[kkᵀ]); False: C = I
-    v_steps: int | None = None
-    v_lr: float | None = None
-    v_weight_decay: float | None = None
+    mom2: bool | None = None  # covariance adjustment (C = E[kkᵀ]); False: C = I. None: the file's (Llama: off)
+    v_steps: int | None = None  # None: the file's v_num_grad_steps (Llama: 25; GPT-2 XL, GPT-J: 20)
+    v_lr: float | None = None  # None: the file's (0.5 in each)
+    v_weight_decay: float | None = None  # None: the file's (Llama: 1e-3; GPT-2 XL, GPT-J: 0.5)
     # Context templates: "generated" (sampled from the model θ0 after EasyEdit's five start words),
     # "generated-eot" (after the end-of-text token, as kmeng01/rome), "fixed21" (21 fixed sentences).
     context: str | None = None
