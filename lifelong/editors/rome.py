@@ -10,6 +10,10 @@ The original implementation takes k_x = the key of the bare prompt while u uses 
 averaged key; r-ROME uses k_x = k̄ in every part, which avoids the "disabling edits"
 that collapse models in sequential use. A batch is edited one fact after another
 within the step; the step's delta holds the rank-one factors side by side.
+
+Settings left unset follow the hparams file the originals publish for the model's family
+(``HPARAMS_FILES``; Llama-family models: EasyEdit's llama-7b.yaml), and the context templates are
+generated from the model θ0 as the original does (``locate.generated_templates``).
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ class ROMEEditor(Editor):
         self._stacks = UpperStacks()
         self._fits = FitLog()
         self._templates: tuple[str, ...] | None = None
+        self._templates_for: torch.nn.Module | None = None  # the model they were generated from
 
     family_files = ROME_FAMILY_FILES
 
@@ -154,12 +159,13 @@ class ROMEEditor(Editor):
         p = self.params
         if p.context == "fixed21":
             return p.context_templates(self.name)
-        if self._templates is None:
+        if self._templates is None or self._templates_for is not lm.model:
             starts = GENERATION_STARTS["kmeng" if p.context == "generated-eot" else "easyedit"]
             eot = lm.tokenizer.eos_token if p.context == "generated-eot" else None
             if eot is not None:  # kmeng01/rome's "<|endoftext|>", spelled as this model's end-of-text token
                 starts = (eot,)
             self._templates = generated_templates(lm, p.context_seed, starts)
+            self._templates_for = lm.model
         return self._templates[: p.templates]
 
     def scope(self, lm: LoadedModel) -> list[str]:
