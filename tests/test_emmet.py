@@ -75,7 +75,7 @@ def test_the_authors_lambda_regularises_batches_only(tiny):
 
 def test_a_batch_of_one_is_r_rome_with_the_same_key_and_residual(tiny):
     emmet = make_editor("emmet", FAST).bind(tiny)
-    rrome = make_editor("r-rome", {"layer": "1", "cov_tokens": "1024", "cov_reg": "0"}).bind(tiny)
+    rrome = make_editor("r-rome", {"layer": "1", "cov_tokens": "1024", "cov_reg": "0", "mom2": "true"}).bind(tiny)
     m = tiny.adapter.out_proj_weight_view(1).shape[1]
     d = tiny.adapter.out_proj_weight_view(1).shape[0]
     gen = torch.Generator().manual_seed(0)

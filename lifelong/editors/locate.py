@@ -53,6 +53,76 @@ CONTEXT_TEMPLATES = (
 )
 
 
+# Context templates generated from the model, as ROME's originals do (zjunlp/EasyEdit
+# easyeditor/models/rome/rome_main.py:160-183 ``get_context_templates`` with util/generate.py:78-176
+# ``generate_fast``; kmeng01/rome rome/rome_main.py:150-178): for each (length, count) of
+# ``context_template_length_params``, ``count`` top-k (k = 5) samples from the model, spread
+# evenly over the start strings, each ``length`` tokens long in all (start included); a sample
+# becomes the prefix "<sample>. " of its template, braces removed.
+GENERATION_STARTS = {
+    "easyedit": ("The", "Therefore", "Because", "I", "You"),  # EasyEdit rome_main.py:170
+    "kmeng": ("<|endoftext|>",),  # kmeng01/rome rome_main.py:165 (GPT-2's end-of-text token)
+}
+LENGTH_PARAMS = ((5, 10), (10, 10))  # the hparams files' context_template_length_params
+
+
+@torch.no_grad()
+def sample_continuations(
+    lm: LoadedModel, starts: Sequence[str], per_start: int, length: int, generator: torch.Generator, top_k: int = 5
+) -> list[str]:
+    """``per_start`` samples after each of ``starts``, ``length`` tokens in all, by top-k sampling:
+    the algorithm of EasyEdit's ``generate_fast`` (util/generate.py:78-176), one batch, one
+    ``multinomial`` draw per position over every row, a row taking its draw when its text ends
+    there. Decoded without special tokens, NFKD-normalised, blank lines joined (as there)."""
+    import unicodedata
+
+    rows = [s for s in starts for _ in range(per_start)]
+    encoded = [list(lm.tokenizer(s).input_ids) for s in rows]
+    pad = Codec(lm.tokenizer).pad_id
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, e in enumerate(encoded):
+        ids[r, : len(e)], mask[r, : len(e)] = torch.tensor(e), 1
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    cache = DynamicCache(config=lm.adapter.config)
+    begin, done = 0, int(mask.sum(1).min())  # each pass caches positions [begin, done)
+    while ids.shape[1] < length:
+        out = lm.model(input_ids=ids[:, begin:done], attention_mask=mask[:, :done], cache=cache, use_cache=True)
+        cache = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1, :], dim=1)
+        top = torch.topk(probs, top_k, dim=1).indices
+        top_probs = torch.gather(probs, 1, top)
+        top_probs = top_probs / top_probs.sum(1)[:, None]
+        drawn = torch.gather(top, 1, torch.multinomial(top_probs, 1, generator=generator))
+        if done == ids.shape[1]:
+            ids = torch.cat([ids, torch.full_like(ids[:, :1], pad)], 1)
+            mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
+        ends = mask.sum(1)  # a row whose text ends at ``done`` takes this draw
+        for r in range(len(rows)):
+            if int(ends[r]) == done and done < length:
+                ids[r, done], mask[r, done] = drawn[r, 0], 1
+        begin, done = done, done + 1
+    texts = [lm.tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+    return [unicodedata.normalize("NFKD", str(t)).replace("\n\n", " ").replace("<|endoftext|>", "") for t in texts]
+
+
+def generated_templates(
+    lm: LoadedModel,
+    seed: int,
+    starts: Sequence[str] = GENERATION_STARTS["easyedit"],
+    length_params: Sequence[tuple[int, int]] = LENGTH_PARAMS,
+) -> tuple[str, ...]:
+    """``"{}"`` and one template ``"<sample>. {}"`` per sample of :func:`sample_continuations`
+    (EasyEdit rome_main.py:166-167), the samples drawn from a generator seeded with ``seed`` (the
+    originals draw from torch's global generator; seeded alike they give the same samples)."""
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    samples: list[str] = []
+    for length, count in length_params:
+        samples += sample_continuations(lm, starts, max(1, count // len(starts)), length, generator)
+    return ("{}",) + tuple(s.replace("{", "").replace("}", "") + ". {}" for s in samples)
+
+
 def subject_token_index(tokenizer, text: str, subject: str) -> int:
     """Index of the subject's last token in ``tokenizer(text)`` (its last occurrence in text)."""
     end = text.rfind(subject)
@@ -126,10 +196,12 @@ SCALE_VECTORS = ("mlp_output", "layer_output")
 class ValueParams:
     """Hyperparameters of the v* (ROME) / z* (MEMIT) optimisation, at the papers' defaults."""
 
-    v_steps: int = 20  # loss evaluations (the originals' v_num_grad_steps: a gradient step after each but the last)
-    v_lr: float = 0.5  # Adam learning rate on δ
+    # v_steps, v_lr and v_weight_decay: None takes the model family's published value (ROME and
+    # r-ROME fill it in bind(); see rome.HPARAMS_FILES); MEMIT and AlphaEdit keep GPT-2 XL's.
+    v_steps: int | None = 20  # loss evaluations (v_num_grad_steps: a gradient step after each but the last)
+    v_lr: float | None = 0.5  # Adam learning rate on δ
     kl_factor: float = 0.0625  # weight of KL(p_δ ‖ p_0) on "{subject} is a"
-    v_weight_decay: float = 0.5  # weight of the norm term ‖δ‖ / ‖scale vector‖²
+    v_weight_decay: float | None = 0.5  # weight of the norm term ‖δ‖ / ‖scale vector‖²
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm × ‖scale vector‖
     stop_loss: float = 0.05  # early stop once the loss named by stop_on falls below this
     stop_on: str = "total"  # "total": NLL + KL + norm terms (the originals); "nll": the target NLL alone
@@ -149,6 +221,12 @@ class ValueParams:
         if not 1 <= self.templates <= len(CONTEXT_TEMPLATES):
             raise UserError(f"{editor}: templates must be between 1 and {len(CONTEXT_TEMPLATES)}")
         return CONTEXT_TEMPLATES[: self.templates]
+
+    def settled(self, editor: str) -> tuple[int, float, float]:
+        """(v_steps, v_lr, v_weight_decay), refused while one is still None (not bound to a model)."""
+        if self.v_steps is None or self.v_lr is None or self.v_weight_decay is None:
+            raise UserError(f"{editor}: v_steps, v_lr and v_weight_decay must be set (bind the editor to a model)")
+        return self.v_steps, self.v_lr, self.v_weight_decay
 
     def validate(self, editor: str) -> None:
         """Refuse a bad template count or compute dtype before any work."""
@@ -209,7 +287,7 @@ class FitLog:
         return {
             "v_fits": len(self.fits),
             "v_stopped": stopped,
-            "v_step_cap": params.v_steps,
+            "v_step_cap": params.settled("fits")[0],
             "v_steps_mean": mean([float(steps) for steps, _, _ in self.fits]),
             "v_loss_mean": mean([loss for _, loss, _ in self.fits]),
             "v_loss_max": float(f"{max(loss for _, loss, _ in self.fits):.4g}"),
@@ -440,19 +518,27 @@ class UpperStacks:
 
 
 def fit_value(
-    lm: LoadedModel, layer: int, edit: Edit, params: ValueParams, editor: str, stacks: UpperStacks | None = None
+    lm: LoadedModel,
+    layer: int,
+    edit: Edit,
+    params: ValueParams,
+    editor: str,
+    stacks: UpperStacks | None = None,
+    templates: Sequence[str] | None = None,
 ) -> ValueFit:
-    """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks)."""
+    """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks;
+    ``templates``: the context templates, by default the fixed ones of ``params.context_templates``)."""
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
+    steps, lr, weight_decay = params.settled(editor)
     return optimize_value(
         lm,
         layer,
         edit,
-        params.context_templates(editor),
-        steps=params.v_steps,
-        lr=params.v_lr,
+        params.context_templates(editor) if templates is None else templates,
+        steps=steps,
+        lr=lr,
         kl_factor=params.kl_factor,
-        weight_decay=params.v_weight_decay,
+        weight_decay=weight_decay,
         clamp_norm=params.clamp_norm,
         stop_loss=params.stop_loss,
         stop_on=params.stop_on,

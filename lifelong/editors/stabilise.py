@@ -159,8 +159,15 @@ class Stabilised:
         edits = list(builtin_stream())
         if p.nas_samples < len(edits):
             edits = random.Random(0).sample(edits, p.nas_samples)
-        norms = [float(fit_value(lm, layer, e, p, self.name, self._stacks).value.norm()) for e in edits]
+        templates = self.value_templates(lm)
+        norms = [float(fit_value(lm, layer, e, p, self.name, self._stacks, templates).value.norm()) for e in edits]
         return trimmed_mean(norms, p.nas_trim)
+
+    def value_templates(self, lm: LoadedModel):
+        """The context templates the editor's own fits use (ROME's may be generated from θ0); None: the
+        fixed ones of its settings."""
+        templates = getattr(self, "context_templates", None)
+        return templates(lm) if callable(templates) else None
 
     def nas_anchors(self) -> dict[int, float]:
         return dict(self._stabiliser_state()["anchors"])
