@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from lifelong.core.scorer import Scorer
 from lifelong.replay import checkout, scorer_for
 from lifelong.run import RunDir
-from lifelong.core.scorer import Scorer
 from streams import load_stream
 
 

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifelong.core.machine import runtime_header
-
 from bench_locate import forward_yardstick, restore  # benchmarks/ is on sys.path when run as a script
+
+from lifelong.core.machine import runtime_header
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lifelong.core.delta import DeltaStore
-    from lifelong.editors import EDITORS, make_editor
     from lifelong.core.models import load_model
+    from lifelong.editors import EDITORS, make_editor
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

@@ -33,10 +33,10 @@ def main() -> None:
     ap.add_argument("--skip-first-load", action="store_true", help="do not time the GGUF conversion")
     args = ap.parse_args()
 
-    from lifelong.core.models import load_model
-    from lifelong.editors import make_editor
     from lifelong.core.delta import DeltaStore
+    from lifelong.core.models import load_model
     from lifelong.core.scorer import Scorer, answer_token_ids
+    from lifelong.editors import make_editor
     from streams import load_stream
 
     print(runtime_header())

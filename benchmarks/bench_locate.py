@@ -103,10 +103,10 @@ def main() -> None:
 
 
 def run(args) -> None:
+    from lifelong.core.models import load_model
     from lifelong.editors import make_editor
     from lifelong.editors.covariance import MODEL_SAMPLE, _token_rows, compute_second_moments
     from lifelong.editors.memit import default_layers
-    from lifelong.core.models import load_model
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

@@ -94,7 +94,6 @@ def forward_seconds(lm, repeats: int) -> float:
 def child(args) -> dict:
     """One (size, editor) in this process; returns what it measured."""
     import torch
-
     from family import loaded_family_model, parameter_count
 
     from lifelong.core.machine import release_free_memory
@@ -237,7 +236,6 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     import torch
-
     from family import check_against_default
 
     from lifelong.core.machine import describe_cpu_line

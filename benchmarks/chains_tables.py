@@ -22,9 +22,9 @@ import polars as pl
 import torch
 
 from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
 from lifelong.replay import replay
 from lifelong.run import RunConfig
-from lifelong.core.scorer import Scorer
 from streams import EditStream, layout, read_dataset
 from streams.generators import chains_of
 

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lifelong.editors.adaptor import default_adaptor_layer  # noqa: E402
-from lifelong.editors.grace import GRACEEditor, GRACEParams  # noqa: E402
-from lifelong.editors.locate import keys_at  # noqa: E402
 from lifelong.core.machine import runtime_header  # noqa: E402
 from lifelong.core.models import load_model  # noqa: E402
 from lifelong.core.stats import wilson  # noqa: E402
+from lifelong.editors.adaptor import default_adaptor_layer  # noqa: E402
+from lifelong.editors.grace import GRACEEditor, GRACEParams  # noqa: E402
+from lifelong.editors.locate import keys_at  # noqa: E402
 from streams import load_stream  # noqa: E402
 
 

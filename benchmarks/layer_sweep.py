@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-
 from bench_locate import restore  # benchmarks/ is on sys.path when run as a script
 from single_edit_quality import quality
 
@@ -27,9 +26,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=value for the editor")
     args = ap.parse_args()
 
-    from lifelong.editors import make_editor
     from lifelong.core.models import load_model
     from lifelong.core.scorer import Scorer
+    from lifelong.editors import make_editor
     from streams import load_stream
 
     lm = load_model("smollm2-135m")

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from lifelong.core.machine import ComputeThreads, runtime_header, thread_policy  # noqa: E402
 from lifelong.core.models import load_model  # noqa: E402
-from lifelong.replay import checkout, scorer_for  # noqa: E402
-from lifelong.run import RunDir  # noqa: E402
 from lifelong.core.scorer import Scorer  # noqa: E402
 from lifelong.core.stats import ratio_interval  # noqa: E402
+from lifelong.replay import checkout, scorer_for  # noqa: E402
+from lifelong.run import RunDir  # noqa: E402
 from probes import make_probe  # noqa: E402
 from streams.errors import UserError  # noqa: E402
 

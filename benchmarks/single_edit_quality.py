@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lifelong.editors import make_editor
 from lifelong.core.machine import runtime_header
 from lifelong.core.models import load_model
 from lifelong.core.scorer import Scorer
 from lifelong.core.stats import wilson
+from lifelong.editors import make_editor
 from streams import load_stream
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

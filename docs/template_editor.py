@@ -13,16 +13,16 @@ it shows every part of the contract (docs/EDITORS.md) in a few lines, and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta, ParamChange
-from lifelong.editors.base import Editor, resolve_layer
-from lifelong.editors.locate import capture_keys
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import answer_token_ids
+from lifelong.editors.base import Editor, resolve_layer
+from lifelong.editors.locate import capture_keys
 from streams import Edit
 
 
@@ -39,7 +39,7 @@ class NudgeEditor(Editor):
     description = "template: rank-one nudge of one MLP output projection toward the new answer's embedding"
     Params = NudgeParams
 
-    def bind(self, lm: LoadedModel) -> "NudgeEditor":
+    def bind(self, lm: LoadedModel) -> NudgeEditor:
         # Fill model-dependent defaults once; the replay records the resolved values in the manifest.
         self.params = dataclasses.replace(self.params, layer=resolve_layer(self.params.layer, lm, self.name))
         return self

@@ -323,6 +323,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train_mend(args) -> int:
+    from lifelong.core.machine import ComputeThreads, thread_policy
+    from lifelong.core.models import load_model
     from lifelong.editors.mend import (
         TrainConfig,
         format_curve,
@@ -332,8 +334,6 @@ def cmd_train_mend(args) -> int:
         resolve_params,
         train_hypernetwork,
     )
-    from lifelong.core.machine import ComputeThreads, thread_policy
-    from lifelong.core.models import load_model
 
     policy = thread_policy(args.threads)
     with quiet_bars(args.quiet):

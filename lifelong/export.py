@@ -11,8 +11,9 @@ Exporters are optional and off by default; they never change what a run computes
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from streams.errors import UserError
 

@@ -9,11 +9,11 @@ and an adaptor editor's state and prompt rewriting), so the view shows what the 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from lifelong.run import RunDir, RunConfig
+from lifelong.run import RunConfig, RunDir
 from streams import Edit
 from streams.errors import UserError
 

@@ -11,8 +11,8 @@ from typing import cast
 
 import numpy as np
 
-from lifelong.run import RunDir
 from lifelong.core.stats import Estimate, rate, sampled_wilson
+from lifelong.run import RunDir
 from probes import metric_table as mt
 from probes.metrics import retained_fraction, retention_matrix
 from streams.errors import UserError

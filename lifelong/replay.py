@@ -9,15 +9,15 @@ run gives the same results as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import typing
 import hashlib
 import sys
 import time
+import typing
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -25,7 +25,6 @@ from tqdm import tqdm
 from lifelong.core.bars import bar as progress_bar
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
-from lifelong.editors import Editor, make_editor
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
 from lifelong.core.models import (
     LoadedModel,
@@ -35,9 +34,10 @@ from lifelong.core.models import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from lifelong.core.scorer import Scorer
+from lifelong.editors import Editor, make_editor
 from lifelong.run import RunConfig, RunDir, identity_of
 from lifelong.settings import normalised_number_text
-from lifelong.core.scorer import Scorer
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes.base import chain_ends
 from streams import EditStream, load_stream

@@ -25,12 +25,12 @@ import os
 import platform
 import shutil
 import sys
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import polars as pl
 from polars.datatypes import DataTypeClass
@@ -185,10 +185,8 @@ def file_digest(path: Path) -> str:
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("lifelong-editing", "torch", "transformers", "polars", "numpy", "safetensors"):
-        try:
+        with suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     commit = git_commit()
     if commit:
         out["git"] = commit

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from lifelong.run import RunDir
 from lifelong.core.stats import (
     NON_NEGATIVE,
     SHARE,
@@ -32,6 +31,7 @@ from lifelong.core.stats import (
     rate_line,
     sampled_wilson,
 )
+from lifelong.run import RunDir
 from probes import metric_table as mt
 from probes.metrics import forgotten_at, observed, retention_matrix, retention_summary
 

@@ -43,11 +43,12 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lifelong.run import RUN_SETTINGS, RunConfig, RunDir, atomic_write_parquet, atomic_write_text
 from streams.errors import UserError
@@ -491,7 +492,6 @@ def run_cell(config: dict, path: str, threads: int, crash_marker: str | None = N
     """Replay one cell into its run directory (resuming it); returns its completed and total steps."""
     os.environ["TQDM_DISABLE"] = "1"  # no bars in workers, the one-time ones included
     from lifelong.replay import replay
-
     from lifelong.run import RunDirError
 
     cfg = RunConfig(**config)

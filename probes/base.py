@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import polars as pl
 
@@ -233,7 +234,7 @@ class Probe:
         return {**out, "options": options} if options else out
 
 
-def _probe_bar(due: Sequence["Probe"]):
+def _probe_bar(due: Sequence[Probe]):
     """A transient bar naming the probe that runs, when several are due (perplexity and downstream
     probes take minutes on a CPU); silent for one, and under --quiet (TQDM_DISABLE)."""
     from lifelong.core.bars import bar

@@ -24,8 +24,8 @@ computed in :meth:`ChainProbe.prepare` and kept in the run's reference file.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -34,12 +34,12 @@ from probes.generation import (
 from probes.metric_table import (
     EDIT_QUALITY,
     EFFICACY,
+    GEN_CONTAINS,
+    GEN_EXACT,
     GENERALIZATION,
     LOCALITY,
     RETAINED_FRACTION,
     RETENTION,
-    GEN_CONTAINS,
-    GEN_EXACT,
     RETENTION_PROBE,
     SAMPLE_POPULATION,
     SAMPLE_SIZE,

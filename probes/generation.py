@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 import string
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import polars as pl

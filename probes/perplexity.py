@@ -28,8 +28,8 @@ import numpy as np
 import polars as pl
 
 from lifelong.core.scorer import Scorer
-from probes.base import Probe, ProbeContext, Row
 from lifelong.core.stats import ratio_interval
+from probes.base import Probe, ProbeContext, Row
 from probes.metric_table import (
     CHUNK_NLL,
     CHUNK_TOKENS,

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import re
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

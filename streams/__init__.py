@@ -12,9 +12,9 @@ without loading a model.
 The JSONL format is documented in ``streams/FORMAT.md``.
 """
 
+from .catalog import STREAMS, builtin_chains_stream, list_streams, load_stream
 from .edit import ROLES, ChainLink, Edit, EditError, Neighbor
 from .errors import MissingFileError, UserError
-from .catalog import STREAMS, builtin_chains_stream, list_streams, load_stream
 from .facts import Fact, FactSet, FactSetError, Relation, builtin_stream, load_fact_set
 from .generators import (
     chains_of,

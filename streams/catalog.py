@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.resources
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import MissingFileError, UserError
 from .facts import builtin_stream, load_fact_set

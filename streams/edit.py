@@ -14,8 +14,9 @@ where it enters the program, with a one-line message that names its source.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from .errors import UserError
 

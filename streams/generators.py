@@ -16,8 +16,8 @@ data has its own, read by ``streams.readers.read_pitfalls_conflict``).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 

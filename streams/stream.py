@@ -15,10 +15,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator, overload
+from typing import overload
 
 import numpy as np
 

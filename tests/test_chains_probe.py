@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer, Scores
 from lifelong.replay import checkout, replay
 from lifelong.run import RunConfig
-from lifelong.core.scorer import Scorer, Scores
 from probes import ProbeContext, Schedule, make_probe
 from probes import distortion as dm
 from probes.base import chain_ends

@@ -51,8 +51,8 @@ def test_replay_show_plot_checkout(tmp_path, stream_file, capsys):
     code, out, _ = run_cli(capsys, "show", str(out_dir))
     assert code == 0 and "steps 4/4" in out
     # every rate over edits carries its n and a 95% interval (issue #15)
-    from lifelong.run import RunDir
     from lifelong.core.stats import wilson
+    from lifelong.run import RunDir
     from lifelong.summary import summary_table
 
     table = summary_table(RunDir(out_dir))
@@ -171,8 +171,8 @@ def test_typos_are_refused_before_torch_is_imported():
     import subprocess
     import sys
 
-    from lifelong.editors import EDITORS
     from lifelong.core.names import EDITOR_CLASSES, PROBE_NAMES
+    from lifelong.editors import EDITORS
     from probes import PROBES
 
     assert sorted(PROBE_NAMES) == sorted(PROBES) and sorted(EDITOR_CLASSES) == sorted(EDITORS)
@@ -571,8 +571,8 @@ def test_an_error_echoing_a_line_break_or_a_stray_byte_stays_one_line(capsys, st
 def test_a_step_of_several_edits_shows_its_own_progress_unless_quiet(capsys, monkeypatch):
     """Inside a long step (a batch of edits, several probes due) a transient bar moves; --quiet's
     TQDM_DISABLE silences it even though it is set after tqdm was imported."""
-    from lifelong.editors.base import each_edit
     from lifelong.core.bars import bar
+    from lifelong.editors.base import each_edit
 
     list(each_edit(["a", "b", "c"], "z* fits"))
     assert "z* fits" in capsys.readouterr().err
@@ -665,12 +665,12 @@ def test_a_user_mistake_found_deep_is_still_one_line(capsys, monkeypatch, tmp_pa
 def test_the_user_facing_errors_are_user_errors_and_still_value_errors():
     from lifelong.core.arch import UnsupportedArchitectureError
     from lifelong.core.delta import DamagedFileError, StepNotKept
+    from lifelong.core.models import ModelLoadError
+    from lifelong.core.options import OptionError
     from lifelong.editors import HyperparameterError, UnknownEditorError
     from lifelong.editors.mend import OverlapError
-    from lifelong.core.models import ModelLoadError
     from lifelong.run import RunDirError
     from lifelong.sweep import SpecError
-    from lifelong.core.options import OptionError
     from probes import UnknownProbeError
     from probes.tasks import TaskDataError
     from streams import EditError, FactSetError, MissingFileError, StreamFormatError, UserError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lifelong.editors import covariance
 from lifelong.core.models import load_model
+from lifelong.editors import covariance
 
 
 @pytest.fixture

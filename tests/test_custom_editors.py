@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lifelong.editors import EDITORS, UnknownEditorError, make_editor, register_editor
 from lifelong.core.names import unknown_editor
+from lifelong.editors import EDITORS, UnknownEditorError, make_editor, register_editor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -47,8 +47,8 @@ def replay(capsys, stream_file, out, lr="0.05"):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from tests.conftest import make_edits
     from streams import EditStream
+    from tests.conftest import make_edits
 
     base = tmp_path_factory.mktemp("dash")
     stream = base / "s.jsonl"

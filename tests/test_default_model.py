@@ -77,8 +77,8 @@ def test_rome_single_edits_take_hold(fresh, smollm, base_state, name):
     the covariance path is checked on tiny models)."""
     import torch
 
-    from lifelong.editors import make_editor
     from lifelong.core.scorer import Scorer
+    from lifelong.editors import make_editor
     from streams import load_stream
 
     editor = make_editor(name, {"mom2": "false"}).bind(smollm)
@@ -99,9 +99,9 @@ def test_one_kn_edit_keeps_perplexity(fresh):
     on 2048 tokens; the paper-scale rule (−1·e + 8·e) gives ~10¹⁶. Every layer is attributed, as by
     default: with layers 20-29 only, 0.2 × their own max admits more neurons and the ratio was 27
     (~70 s on a busy core; most of it is the integrated gradients over 30 layers)."""
+    from lifelong.core.scorer import Scorer
     from lifelong.editors import make_editor
     from probes.perplexity import PerplexityProbe
-    from lifelong.core.scorer import Scorer
     from streams import load_stream
 
     probe = PerplexityProbe(options=PerplexityProbe.Options(max_tokens=256, max_sentences=0))

@@ -22,6 +22,7 @@ from probes.tasks import (
     TASK_DIR,
     Choice,
     Generate,
+    TaskDataError,
     choice_predictions,
     conll_entities,
     entity_counts,
@@ -42,7 +43,6 @@ from probes.tasks import (
     read_sst2,
     rouge_scores,
     score_generations,
-    TaskDataError,
 )
 from tests.conftest import SHARED_DATA
 
@@ -126,7 +126,7 @@ def test_gsm8k_final_number():
 
 
 def test_entity_spans_and_f1():
-    tokens = "EU rejects German call to boycott British lamb . Peter Blackburn".split()
+    tokens = ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", ".", "Peter", "Blackburn"]
     tags = ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O", "B-PER", "I-PER"]
     assert conll_entities(tokens, tags) == [
         ("EU", "ORG"),
@@ -291,7 +291,7 @@ def test_builtin_facts_are_not_touched_by_the_builtin_stream():
     stream = load_stream("builtin")
     subjects = {e.subject.lower() for e in stream}
     relations = {e.relation_id for e in stream}
-    facts = [json.loads(line) for line in open(TASK_DIR / "facts.jsonl")]
+    facts = [json.loads(line) for line in (TASK_DIR / "facts.jsonl").read_text().splitlines() if line.strip()]
     assert not {f["subject"].lower() for f in facts} & subjects
     assert not {f["relation"] for f in facts} & relations
     edited_prompts = {e.rendered_prompt.lower() for e in stream} | {p.lower() for e in stream for p in e.paraphrases}

@@ -142,7 +142,7 @@ def _tensor_file(path: Path) -> tuple:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k).contiguous() for k in f.keys()}
+        tensors = {k: f.get_tensor(k).contiguous() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         return f.metadata(), {
             k: (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
             for k, t in tensors.items()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lifelong.editors import HyperparameterError, UnknownEditorError, make_editor
 from lifelong.core.scorer import Scorer
+from lifelong.editors import HyperparameterError, UnknownEditorError, make_editor
 from tests.conftest import TINY_FT, make_edits
 
 

@@ -14,14 +14,14 @@ import torch
 from scipy.stats import t as student_t
 
 from lifelong.core.delta import Delta, ParamChange
-from lifelong.editors.base import Editor
+from lifelong.core.model_access import token_nll
 from lifelong.core.models import load_model
+from lifelong.core.options import OptionError
+from lifelong.core.scorer import Scorer
+from lifelong.editors.base import Editor
 from lifelong.replay import replay
 from lifelong.run import RunConfig
 from lifelong.summary import summary_table
-from lifelong.core.model_access import token_nll
-from lifelong.core.options import OptionError
-from lifelong.core.scorer import Scorer
 from probes import make_probe
 from probes.perplexity import BUILTIN_CORPUS, PerplexityProbe, collapse_step, split_sentences
 from tests.conftest import SHARED_DATA, TINY_FT

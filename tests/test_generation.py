@@ -262,9 +262,8 @@ def test_teacher_forcing_passes_where_generation_fails(tiny):
 
     from lifelong.core.scorer import Scorer
     from probes import EditQualityProbe, ProbeContext, make_probe
-    from streams import Edit
-
     from probes.generation import normalize
+    from streams import Edit
 
     tok = tiny.tokenizer
     subjects = [f"Item{i}" for i in range(2000)]

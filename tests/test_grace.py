@@ -8,13 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifelong.core.delta import DeltaStore
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
 from lifelong.editors import make_editor
 from lifelong.editors.adaptor import label_id
 from lifelong.editors.grace import GRACEEditor, GRACEParams
-from lifelong.core.models import load_model
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
-from lifelong.core.scorer import Scorer
 from streams.errors import UserError
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits

@@ -32,17 +32,15 @@ def toy():
 
 
 def test_handles_removed_after_the_block_even_on_error(toy):
-    with pytest.raises(RuntimeError, match="boom"):
-        with Hooks() as hooks:
-            hooks.on_output(toy.layers[0], lambda m, a, o: None).on_input(toy.layers[1], lambda m, a: None)
-            assert hook_count(toy) == len(hooks) == 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Hooks() as hooks:
+        hooks.on_output(toy.layers[0], lambda m, a, o: None).on_input(toy.layers[1], lambda m, a: None)
+        assert hook_count(toy) == len(hooks) == 2
+        raise RuntimeError("boom")
     assert hook_count(toy) == 0
     for helper in (capture(toy.layers[0]), stop_after(toy.layers[1]), stop_before(toy.layers[2])):
-        with pytest.raises(RuntimeError, match="boom"):
-            with helper:
-                assert hook_count(toy) == 1
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), helper:
+            assert hook_count(toy) == 1
+            raise RuntimeError("boom")
         assert hook_count(toy) == 0
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from lifelong.inspect import before_after, choose_edits, format_before_after
 from lifelong.core.model_access import generate
 from lifelong.core.models import load_model
+from lifelong.inspect import before_after, choose_edits, format_before_after
 from lifelong.replay import replay
 from lifelong.run import RunConfig
 from tests.conftest import TINY_FT

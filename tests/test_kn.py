@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lifelong.core.delta import DeltaStore
+from lifelong.core.scorer import Scorer
 from lifelong.editors import make_editor
 from lifelong.editors.kn import attribution, layer_attribution, parse_layers, select_neurons
-from lifelong.core.scorer import Scorer
 
 FAST_KN = {"layers": "1-2", "ig_steps": "6"}
 PAPER_KN = {**FAST_KN, "rule": "paper", "prompts": "paraphrases"}  # the paper's rule and selection

@@ -7,11 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lifelong.cli import main
-from lifelong.editors import make_editor
 from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
+from lifelong.editors import make_editor
 from lifelong.replay import checkout, replay, scorer_for
 from lifelong.run import RunConfig
-from lifelong.core.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, snapshot
 from tests.conftest import make_edits
 
@@ -131,9 +131,9 @@ def test_a_step_saves_only_the_records_it_added(tmp_path, stream_file):
 def test_memory_reaches_generation_tasks(lm, memory, monkeypatch):
     """The downstream probe's generation path asks the model through the scorer, so the memory's
     rewriter applies there too (it did not: generation read the model past the rewriter)."""
-    from probes import ProbeContext, make_probe
     from lifelong.core import model_access
     from lifelong.core.model_access import generate
+    from probes import ProbeContext, make_probe
     from probes.tasks import Generate
 
     e = make_edits(4)[3]

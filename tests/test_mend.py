@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from lifelong.cli import main
-from lifelong.editors import make_editor
 from lifelong.core.delta import atomic_save_tensors
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
+from lifelong.editors import make_editor
 from lifelong.editors.mend import (
     GradientTransform,
     MENDEditor,
@@ -29,8 +31,6 @@ from lifelong.editors.mend import (
     train_hypernetwork,
 )
 from lifelong.editors.mend.network import _ids_mask, _mean_nll
-from lifelong.core.models import load_model
-from lifelong.core.scorer import Scorer
 from streams import EditStream
 from tests.conftest import make_edits
 

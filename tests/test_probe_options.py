@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lifelong.core.models import load_model
+from lifelong.core.options import OptionError, split_spec
 from lifelong.replay import default_suite, replay
 from lifelong.run import RunConfig
-from lifelong.core.options import OptionError, split_spec
 from probes import PROBES, Probe, Row, UnknownProbeError, make_probe
 from tests.conftest import TINY_FT
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lifelong.core.delta import Delta
+from lifelong.core.scorer import Scorer
 from lifelong.editors import make_editor
 from lifelong.editors.covariance import key_second_moment
 from lifelong.editors.locate import lowrank_change, subject_token_index
-from lifelong.core.scorer import Scorer
 from tests.conftest import make_edits
 
 FAST = {"v_steps": "8", "templates": "4", "layer": "1"}

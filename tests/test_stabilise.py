@@ -150,8 +150,9 @@ def test_rome_nas_writes_a_value_of_the_anchor_norm():
     editor.prepare(lm)
     (anchor,) = editor.nas_anchors().values()
     # the anchor: the mean ‖v*‖ of θ0 fits (4 samples: floor(0.05·4) = 0 dropped)
-    from streams.facts import builtin_stream
     import random
+
+    from streams.facts import builtin_stream
 
     sample = random.Random(0).sample(list(builtin_stream()), 4)
     templates = editor.value_templates(lm)  # ROME's own: generated from θ0 under the family's file

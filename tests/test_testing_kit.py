@@ -63,8 +63,8 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_mend_hypernet(private_cache):
     """A MEND hypernetwork for tiny-llama trained a few steps on the built-in facts, in the private cache."""
-    from lifelong.editors.mend import TrainConfig, resolve_layers, train_hypernetwork
     from lifelong.core.models import load_model
+    from lifelong.editors.mend import TrainConfig, resolve_layers, train_hypernetwork
 
     lm = load_model("tiny-llama")
     return train_hypernetwork(

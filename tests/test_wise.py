@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lifelong.core.models import load_model
+from lifelong.core.scorer import Scorer
 from lifelong.editors import make_editor
-import math
-
 from lifelong.editors.wise import (
     IRRELEVANT,
     WISEEditor,
@@ -20,8 +22,6 @@ from lifelong.editors.wise import (
     mlp_activation,
     ties_merge,
 )
-from lifelong.core.models import load_model
-from lifelong.core.scorer import Scorer
 from tests.adaptor_helpers import assert_weights_equal, logits, snapshot
 from tests.conftest import make_edits
 

@@ -138,7 +138,7 @@ class Delta:
     changes: dict[str, ParamChange] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls) -> "Delta":
+    def empty(cls) -> Delta:
         return cls({})
 
     def __bool__(self) -> bool:
@@ -171,7 +171,7 @@ class Delta:
         atomic_save_tensors(tensors, Path(path), meta)
 
     @classmethod
-    def load(cls, path: Path) -> "Delta":
+    def load(cls, path: Path) -> Delta:
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in load_tensors(path).items():
             name, _, kind = key.rpartition("::")
@@ -213,7 +213,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get(DIGEST_KEY)
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as err:  # safetensors raises several kinds for a truncated or garbled file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DamagedFileError(f"{path}: damaged file, cannot be read ({reason})") from None
@@ -237,15 +237,15 @@ class DeltaStore:
     Editors whose state is saved incrementally keep every step's state (each is one step's increment).
     """
 
-    def __init__(self, directory: Path, base: dict[str, torch.Tensor], policy: "KeepPolicy | str | None" = None):
+    def __init__(self, directory: Path, base: dict[str, torch.Tensor], policy: KeepPolicy | str | None = None):
         self.directory = make_dirs(directory)
         self.base = {name: t.detach().clone() for name, t in base.items()}
         self.policy = KeepPolicy.parse(policy)
 
     @classmethod
     def for_scope(
-        cls, directory: Path, model: nn.Module, scope: list[str], policy: "KeepPolicy | str | None" = None
-    ) -> "DeltaStore":
+        cls, directory: Path, model: nn.Module, scope: list[str], policy: KeepPolicy | str | None = None
+    ) -> DeltaStore:
         params = dict(model.named_parameters())
         missing = [name for name in scope if name not in params]
         if missing:

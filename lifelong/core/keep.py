@@ -22,7 +22,7 @@ class KeepPolicy:
     KINDS = ("all", "every", "last", "log")
 
     @classmethod
-    def parse(cls, spec: "str | KeepPolicy | None") -> "KeepPolicy":
+    def parse(cls, spec: str | KeepPolicy | None) -> KeepPolicy:
         if isinstance(spec, KeepPolicy):
             return spec
         text = (spec or "all").strip()

@@ -22,10 +22,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -190,7 +190,7 @@ class RunRegistry:
         return max(1, count)
 
     @contextmanager
-    def registered(self) -> Iterator["RunRegistry"]:
+    def registered(self) -> Iterator[RunRegistry]:
         self.directory.mkdir(parents=True, exist_ok=True)
         entry = self.directory / f"{os.getpid()}.pid"
         entry.write_text(str(os.getpid()))
@@ -210,7 +210,7 @@ class ComputeThreads:
         self.current = torch.get_num_threads()
         self._stack: AbstractContextManager[RunRegistry] | None = None  # the registration, while entered
 
-    def __enter__(self) -> "ComputeThreads":
+    def __enter__(self) -> ComputeThreads:
         self._previous = torch.get_num_threads()
         self._stack = self.registry.registered()
         self._stack.__enter__()

@@ -14,9 +14,9 @@ where an editor's prompt rewriter is applied; the functions themselves see the m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch

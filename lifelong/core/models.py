@@ -72,7 +72,7 @@ class LoadedModel:
         return self.adapter.num_layers
 
     @classmethod
-    def from_hf(cls, model: nn.Module, tokenizer, name: str | None = None) -> "LoadedModel":
+    def from_hf(cls, model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
         """Wrap a transformers causal LM already in memory (and its tokenizer) for replay, editors and
         probes: frozen and in eval mode, on the device its weights are on. Its family must be a
         supported one (``lifelong models``). ``name`` labels runs (default: the config's name_or_path).

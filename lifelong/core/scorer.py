@@ -16,8 +16,8 @@ This module and ``model_access`` import nothing else of ``lifelong``, so ``probe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -5,9 +5,8 @@ run time with :func:`register_editor`. An editor class can also be named by its 
 
 from __future__ import annotations
 
-
-from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from lifelong.core.names import EDITOR_CLASSES, installed_editors, is_class_path, load_class, unknown_editor
+from lifelong.editors.base import Editor, HyperparameterError, parse_overrides
 from streams.errors import UserError
 
 

@@ -9,15 +9,15 @@ after binding (resume, checkout) takes effect at once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta
-from lifelong.editors.base import Editor, each_edit
-from lifelong.editors.hooks import Hooks, stop_before
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
+from lifelong.editors.base import Editor, each_edit
+from lifelong.editors.hooks import Hooks, stop_before
 from streams import Edit
 from streams.errors import UserError
 
@@ -39,7 +39,7 @@ class AdaptorEditor(Editor):
         self._bound_to = None
         self._mask: torch.Tensor | None = None  # attention mask of the body's current forward
 
-    def bind(self, lm: LoadedModel) -> "AdaptorEditor":
+    def bind(self, lm: LoadedModel) -> AdaptorEditor:
         layer = self.params.layer
         layer = default_adaptor_layer(lm.num_layers) if layer is None else layer
         if not 0 <= layer < lm.num_layers:

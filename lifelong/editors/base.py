@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -163,7 +164,7 @@ class Editor(ABC):
         """Restore from saved step states: steps 1..k when ``incremental_state``, else step k only."""
         self.load_state_dict(states[-1] if states else {})
 
-    def bind(self, lm: LoadedModel) -> "Editor":
+    def bind(self, lm: LoadedModel) -> Editor:
         """Fill model-dependent defaults (e.g. ``layer=None``) for ``lm``; returns self."""
         return self
 

@@ -19,8 +19,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lifelong.core.bars import bar as progress_bar
 from lifelong.core.delta import atomic_save_tensors, load_tensors
-from lifelong.editors.locate import capture_keys
 from lifelong.core.models import LoadedModel, cache_root
+from lifelong.editors.locate import capture_keys
 from streams.errors import MissingFileError, UserError
 
 MODEL_SAMPLE = "model-sample"

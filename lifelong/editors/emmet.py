@@ -24,8 +24,8 @@ mom2_update_weight 1, update_norm_lambda 0, emmet_lambda 0.1. docs/EDITORS.md li
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -86,7 +86,7 @@ class EMMETEditor(MEMITEditor):
         super().__init__(params)
         self._pseudo_inverse: list[int] = []  # layers whose D fell back to the pseudo-inverse in the last step
 
-    def bind(self, lm: LoadedModel) -> "EMMETEditor":
+    def bind(self, lm: LoadedModel) -> EMMETEditor:
         layers = self.layers(lm)
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)))
         return self

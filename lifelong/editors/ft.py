@@ -9,15 +9,15 @@ Training stops early once every edit's target NLL is below ``stop_loss``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta, ParamChange
-from lifelong.editors.base import Editor, Snapshot, resolve_layer
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import Scorer
+from lifelong.editors.base import Editor, Snapshot, resolve_layer
 from streams import Edit
 
 
@@ -35,7 +35,7 @@ class FTEditor(Editor):
     description = "constrained fine-tuning (FT-L) of one MLP output projection, Adam, L-inf bound, early stop"
     Params = FTParams
 
-    def bind(self, lm: LoadedModel) -> "FTEditor":
+    def bind(self, lm: LoadedModel) -> FTEditor:
         self.params = dataclasses.replace(self.params, layer=resolve_layer(self.params.layer, lm, self.name))
         return self
 

@@ -34,15 +34,16 @@ one edit of 10,000 in a tiny-model run). The add rule's ``nearest`` is always ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index, target_nll
 from lifelong.core.delta import Delta
-from lifelong.editors.locate import capture_keys
 from lifelong.core.models import LoadedModel
+from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, edit_batch, label_id, last_prompt_index, target_nll
+from lifelong.editors.locate import capture_keys
 from streams import Edit
 from streams.errors import UserError
 

@@ -9,8 +9,9 @@ functions have PyTorch's signatures: ``fn(module, args, out)`` after a forward,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,18 +29,18 @@ class Hooks:
     def __init__(self):
         self._handles: list = []
 
-    def on_output(self, module: nn.Module, fn: Callable) -> "Hooks":
+    def on_output(self, module: nn.Module, fn: Callable) -> Hooks:
         """``fn(module, args, out)`` after each forward of ``module``; a non-None return replaces the output."""
         self._handles.append(module.register_forward_hook(fn))
         return self
 
-    def on_input(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> "Hooks":
+    def on_input(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> Hooks:
         """``fn(module, args)`` before each forward of ``module`` (``fn(module, args, kwargs)`` with ``with_kwargs``);
         a non-None return replaces the inputs (``args``, or ``(args, kwargs)`` with ``with_kwargs``)."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
         return self
 
-    def add_to_output(self, module: nn.Module, fn: Callable) -> "Hooks":
+    def add_to_output(self, module: nn.Module, fn: Callable) -> Hooks:
         """The output of ``module`` becomes ``out + fn(module, args, out)`` (differentiable)."""
         return self.on_output(module, lambda mod, args, out: out + fn(mod, args, out))
 
@@ -52,7 +53,7 @@ class Hooks:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -37,18 +37,19 @@ The delta is sparse: only the touched columns are stored.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar
 
 import torch
 
 from lifelong.core.delta import Delta, ParamChange
+from lifelong.core.model_access import Codec
+from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor, Snapshot, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.hooks import Hooks
 from lifelong.editors.locate import capture_keys
-from lifelong.core.model_access import Codec
-from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 
@@ -61,8 +62,8 @@ class KNParams:
     prompts: str = "edit"  # "edit": the edit prompt's coarse neurons (toolkit); "paraphrases": shared ones (paper)
     share: float = 0.7  # p (prompts=paraphrases): keep neurons found in more than this fraction of the prompts
     rule: str = "toolkit"  # value update: "toolkit" (EasyEdit, ±2·e) or "paper" (−1·ē(y) + 8·ē(y′), signed)
-    erase: Optional[float] = None  # weight of the old answer's embedding; None: the rule's (toolkit 2, paper 1)
-    amplify: Optional[float] = None  # weight of the new answer's embedding; None: the rule's (toolkit 2, paper 8)
+    erase: float | None = None  # weight of the old answer's embedding; None: the rule's (toolkit 2, paper 1)
+    amplify: float | None = None  # weight of the new answer's embedding; None: the rule's (toolkit 2, paper 8)
     max_neurons: int = 0  # keep at most this many (highest mean attribution); 0: no cap
 
     RULE_SCALES: ClassVar[dict[str, tuple[float, float]]] = {"toolkit": (2.0, 2.0), "paper": (1.0, 8.0)}
@@ -186,7 +187,7 @@ class KNEditor(Editor):
     )
     Params = KNParams
 
-    def bind(self, lm: LoadedModel) -> "KNEditor":
+    def bind(self, lm: LoadedModel) -> KNEditor:
         # the resolved layers go to the manifest ("all" or "" name different layers on different models)
         layers = parse_layers(self.params.layers, lm.num_layers, self.name)
         erase, amplify = self.params.scales()

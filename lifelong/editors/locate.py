@@ -9,20 +9,22 @@ frozen (so backward computes no weight gradients).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Sequence, cast
+from typing import cast
 
 import torch
 from transformers import DynamicCache
 
 from lifelong.core.arch import ArchAdapter
 from lifelong.core.delta import ParamChange
-from lifelong.editors.hooks import capture, first_input, stop_after
-from lifelong.editors.upper import UpperStack, compute_dtype, layer_output, suffix_pass_kwargs
-from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
 from lifelong.core.machine import check_dtype_setting
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
+from lifelong.editors.hooks import capture, first_input, stop_after
+from lifelong.editors.upper import UpperStack, compute_dtype, layer_output, suffix_pass_kwargs
+from lifelong.editors.upper_llama import FusedLlamaStack, fused_supported
 from streams import Edit
 from streams.errors import UserError
 
@@ -136,7 +138,7 @@ def contexts(edit: Edit, templates: Sequence[str]) -> list[str]:
     return [t.replace("{}", edit.rendered_prompt) for t in templates]
 
 
-def capture_keys(adapter: ArchAdapter, layer: int) -> ContextManager[list[torch.Tensor]]:
+def capture_keys(adapter: ArchAdapter, layer: int) -> AbstractContextManager[list[torch.Tensor]]:
     """Collect the inputs of layer ``layer``'s MLP output projection during forwards."""
     return capture(adapter.out_proj(layer), first_input)
 
@@ -273,7 +275,7 @@ class FitLog:
         self.fits.append((fit.steps, fit.loss, fit.nll))
         return fit
 
-    def summary(self, params: "ValueParams") -> dict[str, float | int]:
+    def summary(self, params: ValueParams) -> dict[str, float | int]:
         """Counts and means over the step's fits ({} when there were none). ``v_stopped``: fits
         whose loss named by ``stop_on`` fell below ``stop_loss``; the rest ran all ``v_steps``."""
         if not self.fits:

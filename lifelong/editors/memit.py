@@ -22,12 +22,13 @@ with the bare prompt weighing ½ and the prefixed templates ½ (compute_ks).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta
+from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment, key_second_moments
@@ -42,8 +43,7 @@ from lifelong.editors.locate import (
     padded_batch,
     subject_token_index,
 )
-from lifelong.core.models import LoadedModel
-from lifelong.editors.stabilise import CHANGE_STABILISERS, StabiliseParams, Stabilised
+from lifelong.editors.stabilise import CHANGE_STABILISERS, Stabilised, StabiliseParams
 from streams import Edit
 from streams.errors import UserError
 
@@ -121,7 +121,7 @@ class MEMITEditor(Stabilised, Editor):
         self._stacks = UpperStacks()
         self._fits = FitLog()
 
-    def bind(self, lm: LoadedModel) -> "MEMITEditor":
+    def bind(self, lm: LoadedModel) -> MEMITEditor:
         layers = parse_layers(self.params.layers, lm.num_layers, self.name)
         weight = self.params.mom2_weight
         if weight is None:
@@ -224,7 +224,7 @@ class AlphaEditEditor(MEMITEditor):
 
     incremental_state = True
 
-    def bind(self, lm: LoadedModel) -> "AlphaEditEditor":
+    def bind(self, lm: LoadedModel) -> AlphaEditEditor:
         super().bind(lm)
         if self.params.nullspace_threshold is None:
             self.params = dataclasses.replace(

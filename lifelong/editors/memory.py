@@ -36,15 +36,15 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta
+from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor
 from lifelong.editors.locate import padded_batch
-from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import UserError
 

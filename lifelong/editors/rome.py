@@ -19,12 +19,14 @@ generated from the model θ0 as the original does (``locate.generated_templates`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import cast
 
 import torch
 
 from lifelong.core.delta import Delta
+from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment
 from lifelong.editors.locate import (
@@ -36,11 +38,9 @@ from lifelong.editors.locate import (
     generated_templates,
     lowrank_change,
 )
-from lifelong.editors.stabilise import StabiliseParams, Stabilised
-from lifelong.core.models import LoadedModel
+from lifelong.editors.stabilise import Stabilised, StabiliseParams
 from streams import Edit
 from streams.errors import UserError
-
 
 # The originals publish one hyperparameter file per model. A setting left at None takes the value
 # of the file for the model's family (``hparams=family``); the file's name is recorded in its place.
@@ -151,7 +151,7 @@ class ROMEEditor(Stabilised, Editor):
 
     family_files = ROME_FAMILY_FILES
 
-    def bind(self, lm: LoadedModel) -> "ROMEEditor":
+    def bind(self, lm: LoadedModel) -> ROMEEditor:
         self.params = family_hparams(self.params, lm, self.family_files, self.name)
         return self
 

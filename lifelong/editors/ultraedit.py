@@ -38,8 +38,8 @@ every one of those layers (SmolLM2-135M has 30), else mapped to its depth (see
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,7 @@ class Normaliser:
         return {f: getattr(self, f).detach().cpu().clone() for f in self.FIELDS}
 
     @classmethod
-    def from_tensors(cls, values: dict[str, torch.Tensor], device: torch.device | str) -> "Normaliser":
+    def from_tensors(cls, values: dict[str, torch.Tensor], device: torch.device | str) -> Normaliser:
         out = cls(values["mean"].numel(), device)
         for f in cls.FIELDS:
             setattr(out, f, values[f].to(device=device, dtype=torch.float32).clone())
@@ -190,7 +190,7 @@ class UltraEditEditor(Editor):
 
     # -- modules
 
-    def bind(self, lm: LoadedModel) -> "UltraEditEditor":
+    def bind(self, lm: LoadedModel) -> UltraEditEditor:
         self.params = dataclasses.replace(self.params, modules=_spell(self._groups(lm)))
         return self
 

@@ -20,8 +20,9 @@ faster hand-written stack in :mod:`lifelong.editors.upper_llama`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, cast
+from typing import cast
 
 import torch
 from torch import nn

@@ -5,15 +5,15 @@ exactly as their own layers do."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import cast
 
 import torch
 from torch import nn
 
 from lifelong.core.arch import ArchAdapter
 from lifelong.editors.upper import UpperStack, _bias, _weight
-
 
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 

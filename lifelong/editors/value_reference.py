@@ -6,7 +6,7 @@ recomputed, a fused upper stack); ``tests/test_upper.py`` holds the two equal. N
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -39,14 +39,15 @@ goes to the memory with the largest Δact above its threshold.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import cast
 
 import torch
 
-from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
+from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
 from streams import Edit
 from streams.errors import UserError
 
@@ -186,7 +187,7 @@ class WISEEditor(AdaptorEditor):
         # host: a CPU generator draws the same mask on every device (moved to the weight where applied)
         return torch.rand(tuple(shape), generator=g) < self.params.mask_ratio
 
-    def bind(self, lm: LoadedModel) -> "WISEEditor":
+    def bind(self, lm: LoadedModel) -> WISEEditor:
         super().bind(lm)
         self._act = mlp_activation(lm) if self.params.activation == "model" else None
         return self

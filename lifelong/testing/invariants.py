@@ -8,15 +8,16 @@ an invariant draws its streams from is built only when :func:`lifelong.testing.c
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from lifelong.core.delta import Delta, DeltaStore
-from lifelong.editors.base import Editor
 from lifelong.core.models import LoadedModel, load_model
+from lifelong.editors.base import Editor
 from probes.metric_table import CHAINS, DISTORTION_JS, IGNORE_RATE, METRICS, out_of_range
 from streams import Edit, EditStream
 
@@ -29,13 +30,13 @@ def fresh_model(spec: str = "tiny-llama") -> LoadedModel:
     return load_model(spec)
 
 
-def _any_streams(max_edits: int) -> "SearchStrategy":
+def _any_streams(max_edits: int) -> SearchStrategy:
     from lifelong.testing.strategies import edit_streams
 
     return edit_streams(max_edits=max_edits)
 
 
-def _several_steps(max_edits: int) -> "SearchStrategy":
+def _several_steps(max_edits: int) -> SearchStrategy:
     """Streams of at least two steps (one edit each), so that there is a step to kill or check out."""
     from lifelong.testing.strategies import edit_streams
 
@@ -55,9 +56,9 @@ class Invariant:
     """
 
     name: str
-    check: Callable[["EditorUnderTest", EditStream], None]
+    check: Callable[[EditorUnderTest, EditStream], None]
     description: str = ""
-    examples: Callable[[int], "SearchStrategy"] = _any_streams
+    examples: Callable[[int], SearchStrategy] = _any_streams
     """Given the largest stream size wanted, the strategy of example streams."""
 
 
@@ -157,8 +158,8 @@ def revert_restores_base(subject: EditorUnderTest, stream: EditStream) -> None:
 def checkout_equals_live(subject: EditorUnderTest, stream: EditStream) -> None:
     """checkout(run, k) rebuilt from base + deltas equals the live model after k replayed steps (bitwise),
     and scores the stream's prompts as the live model and editor do (adaptors, prompt memories)."""
-    from lifelong.replay import checkout, scorer_for
     from lifelong.core.scorer import Scorer
+    from lifelong.replay import checkout, scorer_for
 
     steps = len(stream.steps())
     with tempfile.TemporaryDirectory(prefix="lifelong-kit-") as tmp:
@@ -318,7 +319,7 @@ def _check_distortion(subject: EditorUnderTest, stream: EditStream, live: Loaded
                     raise InvariantViolation(f"ignore_rate = {rate} not in [0, 1] for round edit {edit.id}")
 
 
-def _invariant(fn: Callable, examples: Callable[[int], "SearchStrategy"] | None = None) -> Invariant:
+def _invariant(fn: Callable, examples: Callable[[int], SearchStrategy] | None = None) -> Invariant:
     doc = (fn.__doc__ or "").strip().splitlines()[0]
     return Invariant(fn.__name__, fn, doc, examples) if examples else Invariant(fn.__name__, fn, doc)
 

@@ -3,8 +3,8 @@ collects a :class:`Report`, with a shrunk failing stream for each failure."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from lifelong.editors.base import Editor
 from lifelong.testing._requires import hypothesis
@@ -74,7 +74,7 @@ class Report:
         lines += [str(f) for f in self.failures]
         return "\n".join(lines)
 
-    def raise_if_failed(self) -> "Report":
+    def raise_if_failed(self) -> Report:
         if self.failures:
             raise AssertionError(str(self))
         return self

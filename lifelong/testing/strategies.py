@@ -6,10 +6,10 @@ Short strings keep byte-tokenized prompts short, so every drawn example runs in 
 from __future__ import annotations
 
 import datetime
-from typing import Sequence
+from collections.abc import Sequence
 
-from lifelong.testing._requires import INSTALL_HINT
 from lifelong.core.models import load_model
+from lifelong.testing._requires import INSTALL_HINT
 from streams import ChainLink, Edit, EditStream, Fact, Neighbor
 from streams.facts import Relation
 

@@ -22,7 +22,7 @@ One module per dataset family: ``common`` (ReadReport and the shared helpers),
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .common import ReadReport
 from .counterfact import read_counterfact_easyedit, read_counterfact_rome

@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..edit import UTC, Edit, EditError, Neighbor
 from ..errors import UserError

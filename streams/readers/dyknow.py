@@ -6,8 +6,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..edit import UTC
 from ..errors import UserError

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from lifelong.core.delta import Delta
+from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor
 from lifelong.editors.locate import lowrank_change
 from lifelong.editors.mend.network import (
@@ -21,7 +22,6 @@ from lifelong.editors.mend.network import (
     target_param_name,
 )
 from lifelong.editors.mend.training import hypernet_dir, load_hypernetwork, model_key, record_keys
-from lifelong.core.models import LoadedModel
 from streams import Edit
 from streams.errors import MissingFileError, UserError
 
@@ -71,7 +71,7 @@ class MENDEditor(Editor):
             return Path(self.params.hypernet)
         return hypernet_dir(lm, self.layers(lm), self.params.train_data, self.kinds(lm)) / "hypernet.safetensors"
 
-    def bind(self, lm: LoadedModel) -> "MENDEditor":
+    def bind(self, lm: LoadedModel) -> MENDEditor:
         layers, kinds = self.layers(lm), self.kinds(lm)
         # the resolved edited weights go to the manifest: layers and params by role, edited_weights by name
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), params=",".join(kinds))

@@ -4,16 +4,17 @@ factors it reads and the edited forwards its output runs (shared by training and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence, cast
+from typing import cast
 
 import torch
 from torch import nn
 
-from lifelong.editors.base import parse_layers
-from lifelong.editors.hooks import Hooks
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import Scorer
+from lifelong.editors.base import parse_layers
+from lifelong.editors.hooks import Hooks
 from streams.errors import UserError
 
 

@@ -8,15 +8,18 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
 
 from lifelong.core.delta import atomic_save_tensors
 from lifelong.core.durable import publish
+from lifelong.core.models import LoadedModel, cache_root
+from lifelong.core.scorer import Scorer
 from lifelong.editors.mend.network import (
     LEGACY_PARAMS,
     Hypernetwork,
@@ -28,8 +31,6 @@ from lifelong.editors.mend.network import (
     lowrank_added,
     resolve_params,
 )
-from lifelong.core.models import LoadedModel, cache_root
-from lifelong.core.scorer import Scorer
 from streams import Edit
 from streams.errors import UserError
 
