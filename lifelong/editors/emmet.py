@@ -32,9 +32,9 @@ import torch
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
 from lifelong.editors.base import parse_layers as parse_layer_spec
-from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files
-from lifelong.editors.locate import KEY_AVERAGES, ValueParams
-from lifelong.editors.memit import MEMITEditor
+from lifelong.editors.covariance import MODEL_SAMPLE
+from lifelong.editors.locate import ValueParams
+from lifelong.editors.memit import MEMITEditor, check_key_settings
 from lifelong.editors.stabilise import StabiliseParams
 from streams import Edit
 from streams.errors import UserError
@@ -63,10 +63,7 @@ class EMMETParams(StabiliseParams, ValueParams):
 
     def validate(self, editor: str) -> None:
         super().validate(editor)
-        if self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused now, not after the run began
-            corpus_files(self.cov_corpus)
-        if self.key_average not in KEY_AVERAGES:
-            raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, got '{self.key_average}'")
+        check_key_settings(self, editor)
 
 
 def default_layers(num_layers: int) -> list[int]:

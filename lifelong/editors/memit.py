@@ -66,10 +66,7 @@ class MEMITParams(StabiliseParams, ValueParams):
 
     def validate(self, editor: str) -> None:
         super().validate(editor)
-        if self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused now, not after the run began
-            corpus_files(self.cov_corpus)
-        if self.key_average not in KEY_AVERAGES:
-            raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, got '{self.key_average}'")
+        check_key_settings(self, editor)
 
 
 NULLSPACE_RULES = {"absolute": 2e-2, "relative": 1e-2}  # rule -> its default threshold
@@ -98,6 +95,15 @@ def default_mom2_weight(key_width: int) -> float:
     s/(1+s) of its residual, s ≈ kᵀ(λC)⁻¹k ≈ m/λ (E[kᵀC⁻¹k] = m); scaling λ with m keeps that
     share: on SmolLM2 (m = 1536) λ = 15000 left ES at 0.40 on 10 built-in facts."""
     return 15000.0 * key_width / 16384
+
+
+def check_key_settings(params, editor: str) -> None:
+    """The checks MEMIT's and EMMET's settings share: the covariance corpus exists (refused before the
+    run begins) and the key average is one MEMIT knows."""
+    if params.cov_corpus != MODEL_SAMPLE:
+        corpus_files(params.cov_corpus)
+    if params.key_average not in KEY_AVERAGES:
+        raise UserError(f"{editor}: key_average must be one of {', '.join(KEY_AVERAGES)}, got '{params.key_average}'")
 
 
 def default_layers(num_layers: int) -> list[int]:
