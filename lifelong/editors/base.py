@@ -58,6 +58,26 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     return layer
 
 
+def from_hparams_file(params, lm: LoadedModel, family_files: dict[str, str], files: dict[str, dict], editor: str):
+    """``params`` with every setting left at None taken from an original's hparams file: the one
+    ``family_files`` names for ``lm``'s family when ``params.hparams`` is "family" (a family without
+    one gets "none", this project's own defaults), else the file ``params.hparams`` names. The file's
+    name replaces "family" in ``hparams`` (so the manifest records it) and the layer is resolved for
+    ``lm``; a file's layer beyond a smaller model of the family gives way to num_layers // 5."""
+    name = family_files.get(lm.adapter.family, "none") if params.hparams == "family" else params.hparams
+    filled = {k: v for k, v in files[name].items() if getattr(params, k) is None}
+    if filled.get("layer") is not None and filled["layer"] >= lm.num_layers:
+        filled["layer"] = None
+    params = dataclasses.replace(params, hparams=name, **filled)
+    return dataclasses.replace(params, layer=resolve_layer(params.layer, lm, editor))
+
+
+def check_hparams_name(hparams: str, files: dict[str, dict], editor: str) -> None:
+    """Refuse an ``hparams`` setting that is neither "family" nor a known file's name."""
+    if hparams != "family" and hparams not in files:
+        raise HyperparameterError(f"{editor}: hparams must be 'family' or one of {', '.join(files)}, got '{hparams}'")
+
+
 def parse_layers(
     spec: str | int | None, num_layers: int, editor: str, default: Callable[[int], list[int]] | None = None
 ) -> list[int]:

@@ -18,7 +18,6 @@ generated from the model θ0 as the original does (``locate.generated_templates`
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -27,7 +26,7 @@ import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
+from lifelong.editors.base import Editor, Snapshot, check_hparams_name, each_edit, from_hparams_file
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment
 from lifelong.editors.locate import (
     GENERATION_STARTS,
@@ -114,25 +113,16 @@ class ROMEParams(StabiliseParams, ValueParams):
         super().validate(editor)
         if self.mom2 is not False and self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused before the run
             corpus_files(self.cov_corpus)
-        if self.hparams != "family" and self.hparams not in HPARAMS_FILES:
-            raise UserError(
-                f"{editor}: hparams must be 'family' or one of {', '.join(HPARAMS_FILES)}, got '{self.hparams}'"
-            )
+        check_hparams_name(self.hparams, HPARAMS_FILES, editor)
         if self.context is not None and self.context not in CONTEXTS:
             raise UserError(f"{editor}: context must be one of {', '.join(CONTEXTS)}, got '{self.context}'")
 
 
 def family_hparams(params: ROMEParams, lm: LoadedModel, files: dict[str, str], editor: str) -> ROMEParams:
     """``params`` with every family setting left at None taken from its hparams file (see
-    HPARAMS_FILES), the file's name in ``hparams``, and the layer resolved for ``lm``. A file's
-    layer beyond a smaller model of the family gives way to num_layers // 5."""
-    name = files.get(lm.adapter.family, "none") if params.hparams == "family" else params.hparams
-    values = HPARAMS_FILES[name]
-    filled = {k: values[k] for k in FAMILY_SETTINGS if getattr(params, k) is None and k in values}
-    if filled.get("layer") is not None and filled["layer"] >= lm.num_layers:
-        filled["layer"] = None
-    params = dataclasses.replace(params, hparams=name, **filled)
-    return dataclasses.replace(params, layer=resolve_layer(params.layer, lm, editor))
+    HPARAMS_FILES and ``from_hparams_file``)."""
+    tables = {name: {k: v for k, v in values.items() if k in FAMILY_SETTINGS} for name, values in HPARAMS_FILES.items()}
+    return from_hparams_file(params, lm, files, tables, editor)
 
 
 class ROMEEditor(Stabilised, Editor):
