@@ -594,7 +594,6 @@ def build_parser() -> _Parser:
 
     p = sub.add_parser(
         "judge",
-        formatter_class=defaults,
         help="grade a run's stored generated answers with an LLM judge (any OpenAI-compatible chat endpoint; "
         "the Mirage paper's prompt): protocol gen_judge@SETTING, resumable",
     )
@@ -606,9 +605,11 @@ def build_parser() -> _Parser:
         help="the judge model (default: $LIFELONG_JUDGE_MODEL, else gpt-4o-mini, the authors'); the API key is "
         "read from $LIFELONG_JUDGE_KEY, else $OPENAI_API_KEY (never from the command line, which others can see)",
     )
-    p.add_argument("--workers", type=int, default=1, help="requests at a time")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
-    p.add_argument("--retries", type=int, default=5, help="retries of a 429, 5xx or timed-out request, with backoff")
+    p.add_argument("--workers", type=int, default=1, help="requests at a time (default: 1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply (default: 60)")
+    p.add_argument(
+        "--retries", type=int, default=5, help="retries of a 429, 5xx or timed-out request, with backoff (default: 5)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_judge)
 
