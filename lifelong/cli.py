@@ -304,6 +304,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    from lifelong.judging import describe, judge_run
+    from lifelong.run import RunDir
+    from probes.judge import ChatJudge
+
+    judge = ChatJudge.from_environment(args.judge, args.judge_model, timeout=args.timeout, retries=args.retries)
+    report = judge_run(RunDir(args.dir), judge, workers=args.workers, progress=not args.quiet)
+    print(describe(RunDir(args.dir), report, judge.name))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     for flag, value in (("--tokens", args.tokens), ("--edits", args.edits)):
         if value < 1:
@@ -580,6 +591,27 @@ def build_parser() -> _Parser:
     p.add_argument("dir")
     p.add_argument("--to", required=True, metavar="SPEC", help=EXPORT_HELP)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "judge",
+        help="grade a run's stored generated answers with an LLM judge (any OpenAI-compatible chat endpoint; "
+        "the Mirage paper's prompt): protocol gen_judge@SETTING, resumable",
+    )
+    p.add_argument("dir")
+    p.add_argument("--judge", metavar="URL", default=None, help="the API's base URL (default: $LIFELONG_JUDGE_URL)")
+    p.add_argument(
+        "--judge-model",
+        default=None,
+        help="the judge model (default: $LIFELONG_JUDGE_MODEL, else gpt-4o-mini, the authors'); the API key is "
+        "read from $LIFELONG_JUDGE_KEY, else $OPENAI_API_KEY (never from the command line, which others can see)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="requests at a time (default: 1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply (default: 60)")
+    p.add_argument(
+        "--retries", type=int, default=5, help="retries of a 429, 5xx or timed-out request, with backoff (default: 5)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser(
         "inspect",

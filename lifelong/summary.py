@@ -201,7 +201,7 @@ def generation_lines(results: pl.DataFrame) -> list[Line]:
     protocols = generation_protocols(results, mt.EDIT_QUALITY)
     for setting in dict.fromkeys(p.split("@", 1)[1] for p in protocols):
         for measure, metric in GENERATION_MEASURES:
-            for score in (mt.GEN_EXACT, mt.GEN_CONTAINS, mt.GEN_UNCHANGED):
+            for score in (mt.GEN_EXACT, mt.GEN_CONTAINS, mt.GEN_UNCHANGED, mt.GEN_JUDGE):
                 values = item_values(results, mt.EDIT_QUALITY, metric, f"{score}@{setting}")
                 if len(values):
                     lines.append(rate_line(measure, f"{score}@{setting}", values))
@@ -262,7 +262,8 @@ def summary_lines(run: RunDir) -> list[Line]:
         ),
     ]
     lines += generation_lines(results)
-    for protocol in ("es", "exact", *generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_EXACT)):
+    judged = generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_JUDGE)  # lifelong judge's, when run
+    for protocol in ("es", "exact", *generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_EXACT), *judged):
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})

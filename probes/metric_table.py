@@ -30,6 +30,7 @@ RETENTION, SUPERSEDED, RETAINED_FRACTION = "retention", "superseded", "retained_
 SAMPLE_SIZE, SAMPLE_POPULATION = "sample_size", "sample_population"
 # Generation protocols of those metrics (docs/METRICS.md §6), each written SCORE@SETTING (probes.generation).
 GEN_EXACT, GEN_CONTAINS, GEN_UNCHANGED = "gen_exact", "gen_contains", "gen_unchanged"
+GEN_JUDGE = "gen_judge"  # written after the run, by `lifelong judge` (probes.judge)
 # chains (§4)
 ROUND_SUCCESS, DISTORTION_JS, DISTORTION_JS_PITFALLS = "round_success", "distortion_js", "distortion_js_pitfalls"
 IGNORE_RATE, FAILURE_RATE = "ignore_rate", "failure_rate"
@@ -141,6 +142,7 @@ GENERATION_PROTOCOLS: dict[str, str] = {
     GEN_EXACT: "normalised generated answer equals the gold answer (the authors' exact match), 0 or 1 per prompt",
     GEN_CONTAINS: "the normalised gold answer occurs, as whole words, in the normalised generated answer",
     GEN_UNCHANGED: "locality only: the generated token ids equal θ0's (the authors' WILD locality rule)",
+    GEN_JUDGE: "an LLM judge (`lifelong judge`, the authors' prompt) calls the generated answer correct",
 }
 """Score -> meaning, for the generation protocols ``SCORE@SETTING`` of efficacy, generalization, locality,
 retention, superseded and retained_fraction (all in [0, 1]; averaged over paraphrases or neighbours)."""
