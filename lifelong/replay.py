@@ -421,9 +421,11 @@ def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "from_step": max(from_step, 0),
         "device": str(lm.device),
+        "device_map": lm.device_map,  # --device auto: module path -> GPU (None on one device)
         "cpu": cpu_description(),
         "threads": compute.describe(),
         "numerics": editor.numerics(lm),
+        "precision": editor.precision(lm),  # the weights' dtype and each sensitive part's
         "stream": source,
     }
 

@@ -136,7 +136,7 @@ class RunConfig:
         least=1,
         identity=UNLESS_DEFAULT,
     )
-    device: str = declare("cpu", "cpu, cuda or cuda:N", str)
+    device: str = declare("cpu", "cpu, cuda, cuda:N or auto (layers spread over the visible GPUs)", str)
     probes: list[str] = declare([], "extra probes: NAME or NAME:KEY=VALUE,...", list, form="probe", sweep="swept")
     # Storage, not results; in the identity only when not "all", so a run resumes under the policy it began with.
     keep_deltas: str = declare(

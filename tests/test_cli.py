@@ -436,8 +436,8 @@ def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_
         (["--stream", str(tied)], "holds only tied facts (2 edits with chain role tied-fact"),
         (["--set", "lr=-1"], "ft.lr: must be greater than 0, got -1.0"),
         (["--set", "lr=nan"], "ft.lr: must be a finite number, got nan"),
-        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
-        (["--device", "meta"], "unknown device 'meta': expected cpu, cuda, cuda:N or mps"),
+        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N, mps or auto"),
+        (["--device", "meta"], "unknown device 'meta': expected cpu, cuda, cuda:N, mps or auto"),
         (
             ["--stream", str(long)],
             "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "

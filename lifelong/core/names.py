@@ -41,9 +41,9 @@ def unknown_model(spec: str) -> str | None:
 def unavailable_device(device: str) -> str | None:
     """The refusal for a ``--device`` that cannot be right here, decided without importing torch: a
     malformed name, or CUDA on a machine without an NVIDIA driver. torch decides the rest when it loads."""
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        hint = did_you_mean(device, ("cpu", "cuda", "mps"))
-        return f"unknown device '{device}'{hint}: expected cpu, cuda, cuda:N or mps"
+    if not re.fullmatch(r"cpu|mps|auto|cuda(:\d+)?", device):
+        hint = did_you_mean(device, ("cpu", "cuda", "mps", "auto"))
+        return f"unknown device '{device}'{hint}: expected cpu, cuda, cuda:N, mps or auto"
     if device.startswith("cuda") and not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidia0"):
         return f"device '{device}' requested but this machine has no NVIDIA driver (so no CUDA)"
     return None

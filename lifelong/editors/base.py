@@ -222,6 +222,19 @@ class Editor(ABC):
             if f.name.endswith("_dtype")
         }
 
+    # The method's numerically sensitive parts and the dtype each is computed in whatever the weights'
+    # (as the originals do): a dtype name, or the name of a ``*_dtype`` setting, resolved on the model.
+    precision_parts: ClassVar[dict[str, str]] = {}
+
+    def precision(self, lm: LoadedModel) -> dict[str, str]:
+        """The dtype of the weights and of each of :attr:`precision_parts` as this editor computes it
+        on ``lm`` (settings such as ``v_dtype=auto`` as they resolve): recorded in run manifests."""
+        resolved = {name: info["dtype"] for name, info in self.numerics(lm).items()}
+        weights = next(lm.model.parameters()).dtype
+        out = {"weights": str(weights).removeprefix("torch.")}
+        out.update({part: resolved.get(dtype, dtype) for part, dtype in self.precision_parts.items()})
+        return out
+
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""
         params = self.params

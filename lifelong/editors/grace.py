@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -79,6 +79,7 @@ class GRACEEditor(AdaptorEditor):
     name = "grace"
     description = "GRACE codebook adaptor on one MLP output projection (keys, trained values, deferral radii)"
     Params = GRACEParams
+    precision_parts: ClassVar[dict[str, str]] = {"codebook": "float32", "key_distances": "float32"}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -378,7 +379,7 @@ class GRACEEditor(AdaptorEditor):
         entry = self.add(key, warm, edit.target_new)
 
         upper = UpperLayers(lm, p.layer, batch)
-        value = self.values[entry].clone().to(lm.device).requires_grad_(True)
+        value = self.values[entry].clone().to(lm.layer_device(p.layer)).requires_grad_(True)
         optimizer = torch.optim.Adam([value], lr=p.lr)
         self._training, self._query_at = (entry, value), position
         try:

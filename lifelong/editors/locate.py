@@ -154,8 +154,9 @@ def keys_at(lm: LoadedModel, layer: int, texts: Sequence[str], indices: Sequence
     ids, mask = padded_batch(lm, texts)
     with capture_keys(lm.adapter, layer) as seen:
         lm.adapter.body()(input_ids=ids, attention_mask=mask, use_cache=False)
-    rows = torch.arange(len(texts), device=lm.device)
-    return seen[0][rows, torch.tensor(list(indices), device=lm.device)].double()
+    keys = seen[0]  # on the layer's device
+    rows = torch.arange(len(texts), device=keys.device)
+    return keys[rows, torch.tensor(list(indices), device=keys.device)].double()
 
 
 KEY_AVERAGES = ("uniform", "grouped")
@@ -439,11 +440,16 @@ def optimize_value(
 
     # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's
     # subject token: every row that needs logits goes through one unembedding.
-    rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=lm.device)
+    # Under --device auto the stack's hidden states leave on the final norm's GPU and the logits on the
+    # output embedding's: each index tensor is made where it is used (one device otherwise).
+    unembed = lm.adapter.unembedding()
+    out_device = cast(torch.Tensor, lm.adapter.final_norm().weight).device
+    head_device = cast(torch.Tensor, unembed.weight).device
+    rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=out_device)
     cols = torch.tensor(
-        [len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0], device=lm.device
+        [len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0], device=out_device
     )
-    targets = torch.tensor(list(target) * n, device=lm.device)
+    targets = torch.tensor(list(target) * n, device=head_device)
     answers = len(targets)
 
     def keep_keys(mod, args, out):  # the subject token is the suffix's first position
@@ -460,11 +466,10 @@ def optimize_value(
     anchor = (original if scale == "mlp_output" else residual[0, 0]).detach().clone()  # row 0: the bare prompt
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
-    unembed = lm.adapter.unembedding()
     target_rows = cast(torch.Tensor, unembed.weight).detach()[targets].float()  # for the exact target logits
     target_bias = getattr(unembed, "bias", None)
     target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
-    delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
+    delta = torch.zeros(original.shape[0], device=residual.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * anchor.norm()
     taken, kl_ref = 0, None
@@ -472,7 +477,7 @@ def optimize_value(
     for taken in range(1, steps + 1):
         shifted = residual.clone()
         shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
-        hidden = upper(shifted)[rows, cols]
+        hidden = upper(shifted)[rows, cols].to(head_device)
         logits = stack.logits(hidden)
         exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
         nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target

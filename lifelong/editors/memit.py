@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -120,6 +121,11 @@ class MEMITEditor(Stabilised, Editor):
     name = "memit"
     description = "MEMIT: batched least-squares updates spread over a range of MLP output projections"
     Params = MEMITParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        "covariance": "float64",  # key_second_moments, the originals' double
+        "solve": "float64",
+        "z_fit": "v_dtype",  # the layers above the top edited one while z* is fitted
+    }
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -147,7 +153,7 @@ class MEMITEditor(Stabilised, Editor):
         missing = [layer for layer in self.layers(lm) if layer not in self._second_moments]
         if missing:  # one pass over the corpus for every layer still missing
             stats = key_second_moments(lm, missing, self.params.cov_corpus, self.params.cov_tokens)
-            self._second_moments.update({layer: c.to(lm.device) for layer, c in stats.items()})
+            self._second_moments.update({layer: c.to(lm.layer_device(layer)) for layer, c in stats.items()})
         self.prepare_stabiliser(lm)
 
     def nas_layers(self, lm: LoadedModel) -> list[int]:
@@ -157,7 +163,7 @@ class MEMITEditor(Stabilised, Editor):
         if layer not in self._second_moments:
             self._second_moments[layer] = key_second_moment(
                 lm, layer, self.params.cov_corpus, self.params.cov_tokens
-            ).to(lm.device)
+            ).to(lm.layer_device(layer))
         return self._second_moments[layer]
 
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
@@ -175,8 +181,9 @@ class MEMITEditor(Stabilised, Editor):
         with torch.no_grad():
             out = lm.adapter.body()(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         index = [subject_token_index(lm.tokenizer, e.rendered_prompt, e.subject) for e in edits]
-        rows = torch.arange(len(edits), device=lm.device)
-        return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
+        hidden = out.hidden_states[layer + 1]  # on the layer's device (its own GPU under --device auto)
+        rows = torch.arange(len(edits), device=hidden.device)
+        return hidden[rows, torch.tensor(index, device=hidden.device)].double().T
 
     def step_report(self) -> dict:
         return {**self._fits.summary(self.params), **self.stabiliser_report()}
@@ -201,7 +208,7 @@ class MEMITEditor(Stabilised, Editor):
         changes = {}
         for position, layer in enumerate(layers):
             keys = torch.stack([average_key(lm, layer, e, templates, p.key_average) for e in batch], 1)  # m × n
-            residual = (targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)
+            residual = ((targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)).to(keys.device)
             u, v = self.solve(lm, layer, keys, residual)
             name = lm.adapter.out_proj_param_name(layer)
             changes[name] = lowrank_change(lm.adapter, u, v, lm.model.get_parameter(name).dtype)
@@ -219,6 +226,11 @@ class AlphaEditEditor(MEMITEditor):
         "(C's singular values below 2e-2), past edits' keys kept"
     )
     Params = AlphaEditParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        **MEMITEditor.precision_parts,
+        "null_space_projector": "float64",  # eigh of C in float64
+        "past_keys": "float64",  # Σ Kₚ Kₚᵀ
+    }
 
     def __init__(self, params=None):
         super().__init__(params)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 
@@ -129,6 +129,19 @@ class ROMEEditor(Stabilised, Editor):
     name = "rome"
     description = "ROME: rank-one update of one MLP output projection (key of the bare prompt in the residual)"
     Params = ROMEParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        "covariance": "float64",  # key_second_moment (layer_stats' double)
+        "inverse": "float64",  # (C + reg·I)⁻¹, rome_main.py's get_inv_cov
+        "rank_one_update": "float64",
+        "v_fit": "v_dtype",  # the layers above the edited one while v* is fitted
+    }
+
+    def precision(self, lm: LoadedModel) -> dict[str, str]:
+        out = super().precision(lm)
+        if not self.params.mom2:  # no covariance adjustment: neither is computed
+            del out["covariance"], out["inverse"]
+        return out
+
     averaged_key_everywhere = False
 
     def __init__(self, params=None):
@@ -182,7 +195,7 @@ class ROMEEditor(Stabilised, Editor):
         if p.layer not in self._inverse_cache:
             c = key_second_moment(lm, p.layer, p.cov_corpus, p.cov_tokens)
             c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.device)
+            self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.layer_device(p.layer))
         return self._inverse_cache[p.layer]
 
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,11 @@ class UltraEditEditor(Editor):
         "lifelong normaliser (training-free)"
     )
     Params = UltraEditParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        "normaliser": "float32",  # running mean/var of [K ‖ G] (util.py:140-166)
+        "keys_and_gradients": "float32",
+        "ridge_solve": "float32",
+    }
 
     def __init__(self, params=None):
         super().__init__(params)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 
@@ -155,6 +155,7 @@ class WISEEditor(AdaptorEditor):
     name = "wise"
     description = "WISE side memory on one FFN output projection: masked shards, activation routing, TIES merging"
     Params = WISEParams
+    precision_parts: ClassVar[dict[str, str]] = {"side_memory": "float32", "activation_scores": "float32"}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -358,7 +359,7 @@ class WISEEditor(AdaptorEditor):
         weight = lm.adapter.out_proj_weight_view(p.layer)
         if self.current is None:
             self.current = torch.zeros(weight.shape)
-        mask = self.mask(self.shard_index, weight.shape).to(lm.device)
+        mask = self.mask(self.shard_index, weight.shape).to(weight.device)
         codec = Codec(lm.tokenizer)
         templates = self.context_templates(lm)
         encoded = [codec.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates]
@@ -370,7 +371,7 @@ class WISEEditor(AdaptorEditor):
         in_rows = owner < rows
         per_row = torch.bincount(owner[in_rows], minlength=rows).clamp(min=1).float()
 
-        delta = self.current.clone().to(lm.device).requires_grad_(True)
+        delta = self.current.clone().to(weight.device).requires_grad_(True)
         optimizer = torch.optim.SGD([delta], lr=p.lr, weight_decay=1e-5)
         self._training, self._view = delta, None
         losses: list[float] = []
