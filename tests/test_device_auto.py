@@ -134,7 +134,6 @@ def test_layer_device_is_the_out_projection_weights():
 # masks, and losses of the whole model's logits (accelerate returns those there). A float buffer, a
 # fitted delta or a statistic is placed by its layer (``lm.layer_device``, ``weight.device``).
 LM_DEVICE_BUFFERS = {
-    "lifelong/editors/ft.py": (2, "the per-edit loss of the whole model's logits, and its counts, on lm.device"),
     "lifelong/editors/locate.py": (2, "the token ids and mask of the sampled context templates"),
     "lifelong/editors/wise.py": (1, "the token ids of the sampled context templates"),
     # not spread-aware: under --device auto its per-layer parts would need the layers' devices (docs/MACHINES.md)
