@@ -816,6 +816,23 @@ def test_listings_take_names_and_show_ranges(capsys, tmp_path):
     assert code == 2 and "--tokens must be at least 1, got -1" in err
 
 
+def test_every_built_in_probe_option_has_a_meaning(capsys):
+    """Each option of each built-in probe has a note (its meaning, with its range where it has one),
+    and ``lifelong probes NAME`` prints it after the type."""
+    import dataclasses
+
+    from lifelong.cli import field_notes
+    from probes import PROBES, probe_class
+
+    for name in PROBES:
+        options = probe_class(name).Options
+        notes = field_notes(options)
+        missing = [f.name for f in dataclasses.fields(options) if not notes.get(f.name, "").strip()]
+        assert not missing, f"probe {name}: options without a meaning: {missing}"
+    _, out, _ = run_cli(capsys, "probes", "perplexity")
+    assert "chunk_tokens=128  [int]  tokens per chunk" in out and "threshold=2.0  [float]  collapse" in out
+
+
 def test_the_editor_settings_index_is_current():
     """lifelong/core/editor_settings.json (the fast --set check's index) lists each built-in editor's
     settings as its Params declares them; regenerate it with tools/write_editor_settings.py."""
