@@ -1,6 +1,7 @@
 """The command line: the documented commands work, and bad input ends in one clear line."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -162,7 +163,16 @@ def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_
     replay(config, tmp_path / "r", stop_after=1, progress=False)
     capsys.readouterr()
     replay(config, tmp_path / "r", stop_after=1, progress=True)
-    assert "resuming" in capsys.readouterr().err
+    assert f"resuming {tmp_path / 'r'} at step 2 of " in capsys.readouterr().err
+
+
+def test_a_resume_line_says_where_it_carries_on_and_what_is_left():
+    from lifelong.replay import resume_line
+
+    steps = [["a"], ["b", "c"], ["d"], ["e", "f", "g"]]
+    assert resume_line(Path("r"), 2, steps) == "resuming r at step 3 of 4 (edit 4): 2 steps, 4 edits left"
+    assert resume_line(Path("r"), 3, steps) == "resuming r at step 4 of 4 (edit 5): 1 step, 3 edits left"
+    assert resume_line(Path("r"), 4, steps) == "resuming r: all 4 steps are done"
 
 
 def test_typos_are_refused_before_torch_is_imported():
