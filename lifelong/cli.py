@@ -381,11 +381,13 @@ def field_notes(cls: type) -> dict[str, str]:
     """What each field of a dataclass means, from its source: the field's trailing ``# comment``, else
     the comment block right above it; a subclass's note wins over its bases'."""
     import inspect
+    import textwrap
 
     notes: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            lines = inspect.getsource(klass).splitlines()
+            # dedented: a class nested in a probe (``Probe.Options``) has its fields one level deeper
+            lines = textwrap.dedent(inspect.getsource(klass)).splitlines()
         except (OSError, TypeError):
             continue
         above: list[str] = []

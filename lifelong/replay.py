@@ -358,7 +358,7 @@ def _replay_locked(
         done = 0
     elif done > 0:
         if progress:
-            tqdm.write(f"resuming {run.path} after step {done} of {len(steps)}", file=sys.stderr)
+            tqdm.write(resume_line(run.path, done, steps), file=sys.stderr)
         store.checkout(lm.model, done)
         editor.load_step_states(store.step_states(done, editor.incremental_state))
 
@@ -410,6 +410,18 @@ def _replay_locked(
     if run.completed_step() == len(steps):
         run.consolidate()
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
+
+
+def resume_line(path: Path, done: int, steps: Sequence[Sequence]) -> str:
+    """The line a resumed run prints: where it carries on and what is left, in steps and edits."""
+    left = len(steps) - done
+    edits = sum(len(batch) for batch in steps[done:])
+    if not left:
+        return f"resuming {path}: all {len(steps)} steps are done"
+    return (
+        f"resuming {path} at step {done + 1} of {len(steps)} (edit {sum(len(b) for b in steps[:done]) + 1}): "
+        f"{left} step{'s' if left != 1 else ''}, {edits} edit{'s' if edits != 1 else ''} left"
+    )
 
 
 def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int, stream: str) -> dict:

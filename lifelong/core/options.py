@@ -67,6 +67,7 @@ _NOT_NEGATIVE = (
     "update_norm_lambda",
     "cov_reg",
     "max_tokens",
+    "max_sentences",
     "items",
     "rect_eps",
 )

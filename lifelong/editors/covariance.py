@@ -10,14 +10,17 @@ It is computed once per (model, layer, corpus, token count) and cached under
 from __future__ import annotations
 
 import hashlib
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import cast
 
 import torch
+from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import quiet as bars_quiet
 from lifelong.core.delta import atomic_save_tensors, load_tensors
 from lifelong.core.models import LoadedModel, cache_root
 from lifelong.editors.hooks import stop_after
@@ -121,6 +124,15 @@ class _TickPerPosition(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def sampling_resume_line(partial: Path, done: int, sizes: list[int]) -> str:
+    """The line an interrupted text sampling prints when it carries on from ``partial``."""
+    kept = sum(sizes[:done])
+    return (
+        f"resuming text sampling for key statistics from {partial} at chunk {done + 1} of {len(sizes)}: "
+        f"{kept} rows kept, {sum(sizes) - kept} of {sum(sizes)} left"
+    )
+
+
 def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: Path) -> list[list[int]]:
     """``n_rows`` sequences of ``seq_len`` tokens sampled from the model (top-k 50), in balanced
     chunks each seeded from (seed, chunk): finished chunks are kept in ``partial`` as they
@@ -131,6 +143,8 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     done = next((c for c in range(chunks + 1) if sum(sizes[:c]) == len(rows)), None)
     if done is None:  # not a chunk boundary: not ours, start afresh
         rows, done = [], 0
+    if done and not bars_quiet():
+        tqdm.write(sampling_resume_line(partial, done, sizes), file=sys.stderr)
     desc = "sampling text for key statistics (once per model, cached)"
     with (
         torch.random.fork_rng(devices=[]),

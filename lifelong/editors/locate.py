@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from lifelong.core.arch import ArchAdapter
+from lifelong.core.bars import bar as progress_bar
 from lifelong.core.delta import ParamChange
 from lifelong.core.machine import check_dtype_setting
 from lifelong.core.model_access import Codec
@@ -474,29 +475,35 @@ def optimize_value(
     limit = clamp_norm * anchor.norm()
     taken, kl_ref = 0, None
     terms = {"nll": float("nan"), "kl": float("nan"), "penalty": float("nan"), "loss": float("nan")}
-    for taken in range(1, steps + 1):
-        shifted = residual.clone()
-        shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
-        hidden = upper(shifted)[rows, cols].to(head_device)
-        logits = stack.logits(hidden)
-        exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
-        nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
-        kl_now = logits[answers:].float().log_softmax(-1)  # (1, vocab): one KL prompt, as "batchmean" expects
-        if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
-            kl_ref = kl_now.detach()
-        # kl_div(input, target) = Σ p_target (log p_target − input): KL(p_δ ‖ p_0), the originals' order.
-        kl = torch.nn.functional.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
-        penalty = weight_decay * delta.norm() / anchor.norm() ** 2
-        loss = nll + kl_factor * kl + penalty
-        terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
-        if terms["loss" if stop_on == "total" else "nll"] < stop_loss or taken == steps:
-            break  # the last evaluation takes no step: the terms above are those of the δ returned
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
+    # A transient bar under the step's: a one-edit step spends nearly all its time in this loop, and
+    # the step bar would not move for the whole fit. Off with the other bars (--quiet, progress=False).
+    watched = "loss" if stop_on == "total" else "nll"
+    with progress_bar(total=steps, desc="  v* fit", unit="it", leave=False) as fit_bar:
+        for taken in range(1, steps + 1):
+            shifted = residual.clone()
+            shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
+            hidden = upper(shifted)[rows, cols].to(head_device)
+            logits = stack.logits(hidden)
+            exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
+            nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
+            kl_now = logits[answers:].float().log_softmax(-1)  # (1, vocab): one KL prompt, as "batchmean" expects
+            if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
+                kl_ref = kl_now.detach()
+            # kl_div(input, target) = Σ p_target (log p_target − input): KL(p_δ ‖ p_0), the originals' order.
+            kl = torch.nn.functional.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
+            penalty = weight_decay * delta.norm() / anchor.norm() ** 2
+            loss = nll + kl_factor * kl + penalty
+            terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
+            fit_bar.set_postfix_str(f"{watched} {terms[watched]:.3g} (stops below {stop_loss:g})", refresh=False)
+            fit_bar.update()  # redraws at most every 0.1 s (tqdm's mininterval)
+            if terms[watched] < stop_loss or taken == steps:
+                break  # the last evaluation takes no step: the terms above are those of the δ returned
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
     original = original.double()
     return ValueFit(
         value=original + delta.detach().double(),
