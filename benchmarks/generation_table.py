@@ -115,7 +115,7 @@ def strictest_gap(forced: dict[str, float], generated: dict[str, dict[str, float
     return best or Estimate(math.nan, 0)
 
 
-def report(work: Path, editors: list[str], edits: int) -> str:
+def report(work: Path, editors: list[str], edits: int, model: str) -> str:
     from lifelong.run import RunDir
 
     columns = ("editor", "measure", "teacher-forced (ES/PS)", "exact", "gen@question", "gen@qa", "gen@chat")
@@ -131,7 +131,7 @@ def report(work: Path, editors: list[str], edits: int) -> str:
             continue
         lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(run, editor)]
     note = (
-        f"{edits} CounterFact edits in sequence, one per step, on the default model; generation greedy, the "
+        f"{edits} CounterFact edits in sequence, one per step, on {model}; generation greedy, the "
         "authors' stop; n = edits; intervals: Wilson for shares, paired bootstrap over edits for the gap."
     )
     if missing:
@@ -165,7 +165,7 @@ def main() -> None:
             done = subprocess.run(replay_command(editor, args.edits, out, args.model), env=env, cwd=ROOT)
             if done.returncode:
                 print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
-    text = report(args.work, editors, args.edits)
+    text = report(args.work, editors, args.edits, args.model)
     print(text)
     if args.page:
         write_page(args.page, text)
