@@ -163,6 +163,11 @@ def test_each_preset_is_named_in_the_manifest_and_on_every_row(tmp_path, lm, spe
         assert sorted(set(steps)) == [2, 4]
     steps = {"immediate": 4, "retention@2": 4, "counterfact-rome": 4, "zsre-toolkit:B=2": 2, "alphaedit-final:B=3": 2}
     assert manifest["identity"]["stream_steps"] == steps[spec] and "edit_quality" in probes
+    from lifelong.summary import format_summary
+
+    shown = format_summary(run)
+    assert f"preset {canonical}" in shown
+    assert ("final_quality: efficacy at last step" in shown) == ("final_quality" in probes)
 
 
 def test_a_run_without_a_preset_keeps_its_identity_and_rows_say_none(tmp_path, lm):
