@@ -181,12 +181,18 @@ def apply_preset(config: RunConfig) -> tuple[RunConfig, PresetChoice | None]:
             raise UserError(f"{flag} {given} conflicts with --preset {choice.spec}, which sets it to {value}")
         changes[key] = value
     specs = _probe_specs(choice)
-    ours = {s.partition(":")[0] for s in specs}
+    from probes import make_probe
+
+    wanted = {s.partition(":")[0]: make_probe(s).config() for s in specs}
+    have = set()
     for spec in config.probes:
         name = spec.partition(":")[0]
-        if name in ours and spec not in specs:  # the preset's own spec: a config it was applied to before
+        # The preset's own probe, however spelled (a config it was applied to before, a manifest's
+        # probes): kept as it is. Any other setting of a probe the preset sets is a conflict.
+        if name in wanted and make_probe(spec).config() != wanted[name]:
             raise UserError(f"--probe {spec} conflicts with --preset {choice.spec}, which sets probe '{name}'")
-    changes["probes"] = [*config.probes, *(s for s in specs if s not in config.probes)]
+        have.add(name)
+    changes["probes"] = [*config.probes, *(s for s in specs if s.partition(":")[0] not in have)]
     return dataclasses.replace(config, **changes), choice
 
 

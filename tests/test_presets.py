@@ -280,3 +280,19 @@ def test_the_command_line_refuses_a_conflicting_flag_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--batch-size 5 conflicts with --preset alphaedit-final:B=100" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_preset_run_is_repeated_from_its_manifest_as_the_same_run(tmp_path):
+    """``--config MANIFEST`` gives the preset's probes back in their recorded spelling: the same probes, no conflict."""
+    import json
+
+    from lifelong import cli
+
+    EditStream(make_edits(2)).to_jsonl(tmp_path / "s.jsonl")
+    common = ["--stream", str(tmp_path / "s.jsonl"), "--quiet"]
+    first = ["replay", "--model", "tiny-llama", *common, "--set", "layer=1", "--set", "max_steps=2"]
+    assert cli.main([*first, "--preset", "zsre-toolkit:B=2", "--out", str(tmp_path / "a")]) == 0
+    again = ["replay", "--config", str(tmp_path / "a" / "manifest.json"), *common, "--out", str(tmp_path / "b")]
+    assert cli.main(again) == 0
+    ids = [json.loads((tmp_path / d / "manifest.json").read_text())["run_id"] for d in "ab"]
+    assert ids[0] == ids[1]
