@@ -140,8 +140,8 @@ def _probe_specs(choice: PresetChoice) -> list[str]:
     name = choice.preset.name
     if name == "immediate":
         return ["retention:schedule=end"]
-    if name == "retention@k":
-        return []
+    if name == "retention@k":  # as the default suite's, named so that another retention probe is refused
+        return [f"retention:schedule=every:{choice.options['k']}"]
     if name == "counterfact-rome":
         return ["fluency", "retention:schedule=end"]
     if name == "zsre-toolkit":

@@ -107,6 +107,8 @@ def test_parse_and_conflicts():
     assert config.batch_size == 100 and config.preset == "alphaedit-final:B=100"
     assert "final_quality" in config.probes and apply_preset(config)[0] == config  # applying twice changes nothing
     assert apply_preset(RunConfig(preset="retention@3"))[0].probe_every == 3
+    with pytest.raises(UserError, match="--probe retention:schedule=every:2 conflicts with --preset retention@3"):
+        apply_preset(RunConfig(preset="retention@3", probes=["retention:schedule=every:2"]))
     with pytest.raises(UserError, match="--batch-size 4 conflicts with --preset counterfact-rome:B=1"):
         apply_preset(RunConfig(preset="counterfact-rome", batch_size=4))
     with pytest.raises(UserError, match="--probe fluency:edits=all conflicts with --preset counterfact-rome"):
