@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -40,7 +41,8 @@ def _parse_set(values: list[str]) -> dict[str, str]:
 def _default_out(args) -> Path:
     stream = Path(args.stream).stem if args.stream.endswith(".jsonl") else args.stream
     model = Path(args.model).name if Path(args.model).is_dir() else args.model
-    return Path("runs") / f"{model}-{args.editor}-{stream}-seed{args.seed}"
+    preset = "-" + re.sub(r"[^A-Za-z0-9@.-]+", "_", args.preset) if getattr(args, "preset", None) else ""
+    return Path("runs") / f"{model}-{args.editor}-{stream}-seed{args.seed}{preset}"
 
 
 @contextmanager
@@ -116,6 +118,12 @@ def cmd_replay(args) -> int:
     finally:
         for exporter in exporters:
             exporter.close()
+    if result.sequences is not None:  # a preset of independent sequences (wise-t): a directory of runs
+        from lifelong.presets import format_sequence_figures
+
+        print(format_sequence_figures(result.sequences))
+        print(f"\nruns: {out.resolve()}/sequence_*  (figures: {out.resolve()}/preset.json)")
+        return 0
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0

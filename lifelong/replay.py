@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 import typing
@@ -36,7 +37,8 @@ from lifelong.core.models import (
 )
 from lifelong.core.scorer import Scorer
 from lifelong.editors import Editor, make_editor
-from lifelong.run import RunConfig, RunDir, identity_of
+from lifelong.presets import PresetChoice, apply_preset, sequence_figures
+from lifelong.run import RunConfig, RunDir, atomic_write_text, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes.base import chain_ends
@@ -49,6 +51,9 @@ class ReplayResult:
     run: RunDir
     steps_run: int  # steps executed by this call (0 if the run was already complete)
     total_steps: int
+    # A preset of independent sequences (wise-t): the figures averaged over them (preset.json), and
+    # ``run`` is the last sequence's run.
+    sequences: dict | None = None
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -238,6 +243,11 @@ def replay(
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
     # held: the run's writer lock, taken once the inputs are validated, released on any exit
     with ComputeThreads(policy) as compute, ExitStack() as held, bars_showing(progress):
+        config, choice = apply_preset(config)  # a bad preset, or a flag that conflicts with it, is refused here
+        if choice is not None and choice.sequence_length is not None:
+            return _replay_sequences(
+                config, choice, Path(out), lm=lm, editor=editor, progress=progress, compute=compute, exporters=exporters
+            )
         return _replay_locked(
             config,
             out,
@@ -262,7 +272,11 @@ def _replay_locked(
     compute: ComputeThreads,
     held: ExitStack,
     exporters: Sequence = (),
+    restore_base: bool = False,
 ) -> ReplayResult:
+    """The replay itself, under the run's writer lock. ``restore_base``: when the call ends, release
+    the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
+    another independent sequence: :func:`_replay_sequences`)."""
     keep = KeepPolicy.parse(config.keep_deltas)
     config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
     if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
@@ -323,6 +337,7 @@ def _replay_locked(
                 "protocol": r.protocol,
                 "edit_id": r.edit_id,
                 "value": r.value,
+                "preset": config.preset,
             }
             for r in rows
         ]
@@ -409,6 +424,9 @@ def _replay_locked(
     bar.close()
     if run.completed_step() == len(steps):
         run.consolidate()
+    if restore_base:
+        editor.release()
+        store.revert_to_base(lm.model)
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
 
 
@@ -422,6 +440,80 @@ def resume_line(path: Path, done: int, steps: Sequence[Sequence]) -> str:
         f"resuming {path} at step {done + 1} of {len(steps)} (edit {sum(len(b) for b in steps[:done]) + 1}): "
         f"{left} step{'s' if left != 1 else ''}, {edits} edit{'s' if edits != 1 else ''} left"
     )
+
+
+SEQUENCES_FILE = "preset.json"
+
+
+def _replay_sequences(
+    config: RunConfig,
+    choice: PresetChoice,
+    out: Path,
+    *,
+    lm: LoadedModel | None,
+    editor: Editor | None,
+    progress: bool,
+    compute: ComputeThreads,
+    exporters: Sequence = (),
+) -> ReplayResult:
+    """A protocol of independent sequences (WISE's T protocol): the stream's edits cut, in order, into
+    floor(N/T) sequences of T edits (at most ``sequences`` of them; the remaining edits are left out and
+    counted), each replayed as its own run in ``out/sequence_NNN`` on the same loaded model, from θ0:
+    after each sequence the parameters the editor changed are put back to θ0 bitwise (the delta store's
+    base) and the model's weights fingerprint is checked against θ0's. ``out/preset.json`` gets each
+    sequence's figures and their mean over sequences (n = sequences, 95% t interval cut to [0, 1]).
+    A sequence whose run is already complete is not replayed again (resume)."""
+    T = choice.sequence_length
+    assert T is not None
+    if RunDir(out).exists():
+        raise UserError(
+            f"{out} is the run directory of a single run; --preset {choice.spec} writes a directory of runs"
+        )
+    stream, _steps, _facts, _hash = prepare_stream_and_facts(config)
+    edits = list(stream)
+    count = len(edits) // T
+    cap = choice.options.get("sequences")
+    if cap is not None:
+        count = min(count, cap)
+    if count < 1:
+        raise UserError(f"--preset {choice.spec}: the stream has {len(edits)} edits, fewer than one sequence of {T}")
+    lm = lm or load_model(config.model, config.device, config.dtype)
+    theta0 = weights_fingerprint(lm.model)
+    runs, ran, total = [], 0, 0
+    for i in range(count):
+        part = EditStream(edits[i * T : (i + 1) * T], name=f"sequence_{i + 1:03d}")
+        path = out / "streams" / f"sequence_{i + 1:03d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.to_jsonl(path)
+        sub = dataclasses.replace(config, stream=str(path), sample=None, steps=None)
+        run = RunDir(out / f"sequence_{i + 1:03d}")
+        total += T
+        if run.exists() and run.completed_step() == run.progress()["total_steps"] == T:
+            runs.append(run)
+            continue
+        fresh = make_editor(config.editor, config.editor_overrides) if editor is None else type(editor)(editor.params)
+        with ExitStack() as held:
+            result = _replay_locked(
+                sub,
+                run.path,
+                lm=lm,
+                editor=fresh,
+                progress=progress,
+                stop_after=None,
+                compute=compute,
+                held=held,
+                exporters=exporters,
+                restore_base=True,
+            )
+        if weights_fingerprint(lm.model) != theta0:
+            raise RuntimeError(f"{run.path}: the model's weights are not θ0's after the sequence was rolled back")
+        runs.append(result.run)
+        ran += result.steps_run
+    summary = sequence_figures(choice, [r.results() for r in runs], [str(r.path.name) for r in runs])
+    summary["edits_in_stream"] = len(edits)
+    summary["edits_left_out"] = len(edits) - count * T
+    atomic_write_text(out / SEQUENCES_FILE, json.dumps(summary, indent=2))
+    return ReplayResult(run=runs[-1], steps_run=ran, total_steps=total, sequences=summary)
 
 
 def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int, stream: str) -> dict:

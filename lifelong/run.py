@@ -50,6 +50,9 @@ RESULT_SCHEMA: dict[str, DataTypeClass | pl.DataType] = {
     "protocol": pl.String,
     "edit_id": pl.String,
     "value": pl.Float64,
+    # The run's paper preset (lifelong.presets), on every row; null for a run without one, and for
+    # rows of runs from before the column (read with it added).
+    "preset": pl.String,
 }
 
 
@@ -151,6 +154,15 @@ class RunConfig:
         "the model weights' dtype (float16 on a GPU only; bfloat16 is slow on CPUs without native support)",
         str,
         choices=("float32", "bfloat16", "float16"),
+        identity=UNLESS_DEFAULT,
+    )
+    preset: str | None = declare(
+        None,
+        "a paper's evaluation protocol, NAME[:KEY=VALUE,...]: immediate, retention@K, counterfact-rome[:B=1], "
+        "zsre-toolkit[:B=1], alphaedit-final[:B=100], wise-t:T=N[,sequences=M] (docs/METRICS.md, Paper presets); "
+        "it sets --batch-size, --probe-every and probes, and refuses flags that conflict",
+        str,
+        optional=True,
         identity=UNLESS_DEFAULT,
     )
 
@@ -569,7 +581,7 @@ class RunDir:
             _check_digest(part, digests.get(step))
         tmp = temporary_path(self.results_path)
         try:
-            pl.scan_parquet(parts, schema=RESULT_SCHEMA).sink_parquet(tmp)
+            pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert").sink_parquet(tmp)
         except Exception:
             tmp.unlink(missing_ok=True)
             for part in parts:  # name the damaged part (the streamed error does not)
@@ -694,12 +706,15 @@ def _read_parquet(path: Path, digest: str | None = None) -> pl.DataFrame:
     """A results table, checked against its recorded digest first (None: an older run's, unchecked)."""
     _check_digest(path, digest)
     try:
-        return pl.read_parquet(path)
+        df = pl.read_parquet(path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # polars raises several kinds for a garbled file, a panic among them
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RunDirError(f"{path}: damaged results file, cannot be read ({reason})") from None
+    if "preset" not in df.columns and set(df.columns) == set(RESULT_SCHEMA) - {"preset"}:
+        df = df.with_columns(pl.lit(None, pl.String).alias("preset"))  # a results table from before the column
+    return df
 
 
 def _write_checked(df: pl.DataFrame, path: Path, metadata: dict[str, str] | None = None) -> None:

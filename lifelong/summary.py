@@ -267,6 +267,11 @@ def summary_lines(run: RunDir) -> list[Line]:
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})
+    for name in (mt.FINAL_QUALITY, mt.FLUENCY):  # the paper presets' probes: their generic lines
+        if name in set(results["probe"]):
+            from probes import PROBES
+
+            lines += PROBES[name].summary_lines(results.filter(pl.col("probe") == name))
     for name, cls in outside_probes(run).items():  # probes not built in: their own summary lines
         lines += cls.summary_lines(results.filter(pl.col("probe") == name), (run.load_reference() or {}).get(name))
     lines += fit_lines(progress.get("editor", {}))
@@ -745,7 +750,8 @@ def format_summary(run: RunDir) -> str:
         f"model {ident['model']}  editor {ident['editor']} ({hp})",
         f"stream {ident['stream']} [{ident.get('stream_hash', '?')}]  "
         f"steps {max(progress['completed_step'], 0)}/{ident.get('stream_steps', '?')}  "
-        f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}",
+        f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}"
+        + (f"  preset {ident['preset']} (docs/METRICS.md §7)" if ident.get("preset") else ""),
         "",
     ]
     sessions = manifest.get("sessions") or []

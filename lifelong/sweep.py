@@ -237,6 +237,18 @@ class _SpecReader:
                 raise self.bad(setting.name, str(err).split(" ", 1)[1]) from None
         if not (scalars["device"] == "cpu" or scalars["device"].startswith("cuda")):
             raise self.bad("device", f"must be 'cpu' or 'cuda', got {scalars['device']!r}")
+        if scalars["preset"] is not None:  # its batching and schedule, so cells count their steps as they run
+            from lifelong.presets import apply_preset
+
+            try:
+                applied, choice = apply_preset(RunConfig(**scalars))
+            except UserError as err:
+                raise self.bad("preset", str(err)) from None
+            if choice is not None and choice.sequence_length is not None:
+                raise self.bad(
+                    "preset", f"{choice.spec} writes a directory of runs, not one run per cell: use lifelong replay"
+                )
+            scalars.update({k: getattr(applied, k) for k in ("preset", "batch_size", "probe_every")})
         return scalars
 
     def editors(self) -> list[str]:

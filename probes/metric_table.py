@@ -23,6 +23,7 @@ EDIT_QUALITY, RETENTION_PROBE, CHAINS, PERPLEXITY_PROBE, WEIGHT_DRIFT, DOWNSTREA
     "weight_drift",
     "downstream",
 )
+FINAL_QUALITY, FLUENCY = "final_quality", "fluency"  # the paper presets' probes (probes/paper.py)
 
 # edit_quality and retention (docs/METRICS.md §2, §3)
 EFFICACY, GENERALIZATION, LOCALITY = "efficacy", "generalization", "locality"
@@ -43,6 +44,7 @@ CHUNK_NLL, CHUNK_TOKENS = "chunk_nll", "chunk_tokens"
 FROBENIUS, RELATIVE, TOUCHED = "frobenius", "relative", "touched"
 SCORE, DIFF, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, VALID = "score", "diff", "gold_logprob", "gold_logprob_diff", "valid"
 ROUGE1, ROUGE2, ROUGE_L = "rouge1", "rouge2", "rougeL"
+NGRAM_ENTROPY = "ngram_entropy"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,18 @@ METRICS: dict[tuple[str, str], Metric] = _table(
     Metric(
         RETENTION_PROBE, RETENTION, 0, 1, "an earlier edit's efficacy after a later step (es, exact, gen_*@…), 0 or 1"
     ),
+    Metric(FINAL_QUALITY, EFFICACY, 0, 1, "on the final model: es, exact (0 or 1), token_acc (share of tokens)"),
+    Metric(FINAL_QUALITY, GENERALIZATION, 0, 1, "on the final model: share of paraphrases (ps, exact) / tokens"),
+    Metric(
+        FINAL_QUALITY,
+        LOCALITY,
+        0,
+        1,
+        "on the final model: share of neighbours left as they were (ns, unchanged), of answer tokens equal to "
+        "θ0's argmax (token_acc) or to the neighbour's answer (token_acc_gold)",
+    ),
+    # ROME's weights 2/3 and 4/3 average to at most (2/3 + 4/3)/2 · log2(#n-grams): no finite bound.
+    Metric(FLUENCY, NGRAM_ENTROPY, 0, INF, "ROME's weighted 2-/3-gram entropy of generated text, bits"),
     Metric(RETENTION_PROBE, SUPERSEDED, 0, 1, "efficacy of an edit a later edit of its subject and relation replaced"),
     Metric(RETENTION_PROBE, RETAINED_FRACTION, 0, 1, "mean retention over the edits made so far, per protocol"),
     Metric(RETENTION_PROBE, SAMPLE_SIZE, 1, math.inf, "edits scored when the retained fraction is a sample's"),

@@ -71,6 +71,8 @@ PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "perplexity": "probes.perplexity:PerplexityProbe",
     "weight_drift": "probes.weight_drift:WeightDriftProbe",
     "downstream": "probes.downstream:DownstreamProbe",
+    "fluency": "probes.paper:FluencyProbe",  # the paper presets' (lifelong/presets.py)
+    "final_quality": "probes.paper:FinalQualityProbe",
 }
 
 ENTRY_POINT_GROUP = "lifelong.editors"  # an installed package's editors: name = "module:Class"
