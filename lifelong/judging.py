@@ -81,7 +81,7 @@ def judge_run(run: RunDir, judge: Judge, *, workers: int = 1, progress: bool = T
     verdicts = {k: known[k][0] for k in keys}
     own = run.own_results()
     rows = judged_rows(answers, verdicts, own)
-    stamps = own.select("step", "run_id", "timestamp").unique("step", keep="first")
+    stamps = own.select("step", "run_id", "timestamp", "preset").unique("step", keep="first")  # the run's own
     rows = rows.join(stamps, on="step", how="left")
     run.write_judged_results(rows, through, judge.name)
     replies = [known[k][1] for k in keys]
