@@ -600,3 +600,65 @@ def test_an_interrupt_while_the_program_ends_says_so(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 130, done.stderr
     assert done.stdout.strip() and done.stderr.strip() == INTERRUPTED_LINE, done.stderr
+
+
+# -- a step's memory, estimated before it starts (#37) ---------------------------------------------
+
+
+def test_a_step_estimated_beyond_the_available_memory_is_refused_before_it_starts(
+    tmp_path, capsys, monkeypatch, uninterrupted
+):
+    """Too little memory for the largest step: refused in one line naming the step, the estimate, the
+    memory available and the remedy, before the run directory exists. Memory taken away during a
+    run: the step is refused before anything of it is written, and the run then resumes bitwise."""
+    import lifelong.replay
+    from lifelong.cli import main
+    from lifelong.run import RunDir
+
+    stream, expected = uninterrupted
+    out = tmp_path / "run"
+    monkeypatch.setattr(lifelong.replay, "available_memory", lambda device: 2**20)
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "step 1 (1 edits): its memory is estimated at " in err and "more than the 1 MiB available on cpu" in err
+    assert "--batch-size" in err and not out.exists(), err
+
+    calls = [0]
+
+    def taken_away(device):  # plenty for the check before the run and step 1's, then 1 MiB
+        calls[0] += 1
+        return 2**40 if calls[0] <= 2 else 2**20
+
+    monkeypatch.setattr(lifelong.replay, "available_memory", taken_away)
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    assert code == 2 and err.startswith("lifelong: error: step 2 (1 edits): its memory is estimated"), err
+    run = RunDir(out)
+    assert run.completed_step() == 1
+    assert not (run.deltas_dir / "step_000002.safetensors").exists() and not run.part_path(2).exists()
+    monkeypatch.undo()
+    _assert_resumes_bitwise(capsys, stream, out, expected)
+
+
+def test_the_step_memory_estimate_grows_with_the_edits_and_their_texts():
+    """The estimate counts each edit (at least its fixed share, so a 300,000-edit step, which grew past
+    20 GB, is estimated beyond 18 GiB) and its texts' length; a one-edit step is estimated small."""
+    import dataclasses
+
+    from lifelong.core.memory import PER_EDIT_BYTES, step_estimate
+    from lifelong.core.models import load_model
+    from lifelong.editors import make_editor
+    from tests.conftest import make_edits
+
+    lm = load_model("tiny-llama")
+    editor = make_editor("ft", dict(_QUICK_FT))
+    scope = editor.scope(lm)
+    one, many = step_estimate(lm.model, scope, make_edits(1)), step_estimate(lm.model, scope, make_edits(101))
+    per_edit = (many - one) / 100
+    assert PER_EDIT_BYTES < per_edit < 4 * PER_EDIT_BYTES
+    assert one + 300_000 * per_edit > 18 * 2**30
+    assert one < 64 * 2**20
+    long = [dataclasses.replace(e, paraphrases=("x " * 500 + "{}",)) for e in make_edits(1)]
+    assert step_estimate(lm.model, scope, long) > one + 900 * 8  # 8 bytes a byte of text (as token ids)
+    assert editor.memory_estimate(lm, make_edits(1)) == one  # an editor's default is the generic estimate
