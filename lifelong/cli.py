@@ -78,9 +78,10 @@ def check_replay_args(args) -> None:
 
     check_values(RunConfig, vars(args))
     from lifelong.core.names import unknown_setting
+    from lifelong.core.options import quick_setting_problem
 
-    for key in _parse_set(args.set):
-        problem = unknown_setting(args.editor, key)
+    for key, raw in _parse_set(args.set).items():
+        problem = unknown_setting(args.editor, key) or quick_setting_problem(args.editor, key, raw)
         if problem:
             raise UserError(problem)
     from lifelong.core.keep import KeepPolicy
