@@ -15,10 +15,11 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lifelong.core.durable import writing
 from lifelong.export import EXPORT_HELP
 from streams.errors import UserError
 
@@ -79,9 +80,10 @@ def check_replay_args(args) -> None:
 
     check_values(RunConfig, vars(args))
     from lifelong.core.names import unknown_setting
+    from lifelong.core.options import quick_setting_problem
 
-    for key in _parse_set(args.set):
-        problem = unknown_setting(args.editor, key)
+    for key, raw in _parse_set(args.set).items():
+        problem = unknown_setting(args.editor, key) or quick_setting_problem(args.editor, key, raw)
         if problem:
             raise UserError(problem)
     from lifelong.core.keep import KeepPolicy
@@ -127,7 +129,8 @@ def cmd_replay(args) -> int:
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
-    plots = plot_run(result.run)
+    with writing(result.run.plots_dir):  # a full disk: one error naming the directory
+        plots = plot_run(result.run)
     print(format_summary(result.run))
     print(f"\nrun directory: {result.run.path.resolve()}")
     print(f"plots: {', '.join(str(p.resolve()) for p in plots)}")
@@ -247,7 +250,8 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     table = compare_table(runs, labels)
     out.mkdir(parents=True, exist_ok=True)
-    table.write_csv(out / "compare.csv")
+    with writing(out / "compare.csv"):
+        table.write_csv(out / "compare.csv")
     figure = plot_compare(runs, out / "compare.png")
     for key, what in (
         ("stream_hash", "replayed different streams"),
@@ -726,7 +730,56 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+INTERRUPTED = (
+    "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
+    "re-run the same command to resume"
+)
+
+
+def _interrupted(stop: KeyboardInterrupt) -> int:
+    print(INTERRUPTED, file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status. Called without ``argv`` (as the ``lifelong`` program),
+    it ends the process itself once the command is done (see :func:`_end_program`)."""
+    import threading
+
+    program = argv is None and threading.current_thread() is threading.main_thread()
+    try:
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt as stop:  # one that came while the handlers below ran
+            code = _interrupted(stop)
+        if program:
+            _end_program(code)
+    except KeyboardInterrupt as stop:  # while the program was ending
+        code = _interrupted(stop)
+        if program:
+            _end_program(code)
+    return code
+
+
+def _end_program(code: int) -> None:
+    """Flush the output, run the exit handlers and end the process now. The interpreter's own teardown
+    (freeing torch, transformers and the model, seconds long) runs no Python code, so an interrupt
+    arriving there would kill the process bare (exit -2, no 'interrupted' line): it is skipped. Files
+    are all written and flushed to disk by then (lifelong.core.durable)."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():  # as the interpreter would: non-daemon threads finish first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     import signal
     import threading
 
@@ -741,12 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             apply_config(args, parser.replay_parser, argv)
         return args.func(args)
     except KeyboardInterrupt as stop:
-        print(
-            "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
-            "re-run the same command to resume",
-            file=sys.stderr,
-        )
-        return 143 if isinstance(stop, Terminated) else 130
+        return _interrupted(stop)
     except (UserError, OSError) as err:  # the user's input, or the user's file system (permissions, a full disk)
         print(f"lifelong: error: {one_line(str(err))}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from lifelong.core.bars import bar as progress_bar
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
+from lifelong.core.memory import available_memory, gib
 from lifelong.core.models import (
     LoadedModel,
     config_fingerprint,
@@ -114,6 +115,21 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
             "the stream into steps of that many edits"
         )
     return stream, steps, facts, full.content_hash()
+
+
+def check_step_memory(step: int, editor: Editor, lm: LoadedModel, batch: Sequence) -> None:
+    """Refuse step ``step`` before it starts when the editor's estimate of its memory exceeds what is
+    available on the model's device (:mod:`lifelong.core.memory`)."""
+    available = available_memory(lm.device)
+    if available is None:  # not readable here: nothing to compare with
+        return
+    need = editor.memory_estimate(lm, batch)
+    if need > available:
+        raise UserError(
+            f"step {step} ({len(batch):,} edits): its memory is estimated at {gib(need)} beyond the model, "
+            f"more than the {gib(available)} available on {lm.device}; give --batch-size K for smaller steps, "
+            "lower the editor's batch settings with --set, or free memory (nothing of the step was written)"
+        )
 
 
 def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
@@ -298,6 +314,8 @@ def _replay_locked(
     check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
     editor.check_stream(stream)
+    largest = max(range(len(steps)), key=lambda k: len(steps[k]))
+    check_step_memory(largest + 1, editor, lm, steps[largest])  # the largest step, before anything is written
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
     held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
@@ -384,6 +402,7 @@ def _replay_locked(
     for step in bar:
         compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]
+        check_step_memory(step, editor, lm, batch)  # again: other processes may have taken memory since
         timestamp = batch[-1].timestamp
         torch.manual_seed(step_seed(config.seed, step))
         t0 = time.perf_counter()

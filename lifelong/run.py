@@ -37,7 +37,7 @@ from pathlib import Path
 import polars as pl
 from polars.datatypes import DataTypeClass
 
-from lifelong.core.durable import append_line, make_dirs, publish
+from lifelong.core.durable import append_line, make_dirs, publish, write_failure, writing
 from lifelong.settings import UNLESS_DEFAULT, declare, settings_of
 from streams.errors import UserError
 
@@ -183,15 +183,17 @@ def temporary_path(path: Path) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = temporary_path(path)
-    tmp.write_text(text)
+    with writing(path, tmp):  # a full disk: one error naming the file, no temporary left
+        tmp.write_text(text)
     publish(tmp, path)
 
 
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> str:
     """Write ``df`` to ``path`` atomically; returns the file's digest (:func:`file_digest`)."""
     tmp = temporary_path(path)
-    df.write_parquet(tmp)
-    digest = file_digest(tmp)
+    with writing(path, tmp):
+        df.write_parquet(tmp)
+        digest = file_digest(tmp)
     publish(tmp, path)
     return digest
 
@@ -311,8 +313,9 @@ class RunDir:
                     f"{self.path}: another process (pid {holder}) is writing to this run; "
                     "wait for it to end or choose another --out"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            with writing(self.path / LOCK_NAME):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -524,7 +527,8 @@ class RunDir:
         df = pl.DataFrame(rows, schema=GENERATION_SCHEMA, orient="row")
         path = self.generation_path(step)
         tmp = temporary_path(path)
-        df.write_parquet(tmp, metadata={GENERATIONS_DIGEST: _rows_digest(df)})
+        with writing(path, tmp):
+            df.write_parquet(tmp, metadata={GENERATIONS_DIGEST: _rows_digest(df)})
         publish(tmp, path)
 
     def generations(self) -> pl.DataFrame:
@@ -580,14 +584,16 @@ class RunDir:
         for step, part in enumerate(parts):  # checked before the stream reads them (it names no file)
             _check_digest(part, digests.get(step))
         tmp = temporary_path(self.results_path)
-        try:
-            pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert").sink_parquet(tmp)
-        except Exception:
-            tmp.unlink(missing_ok=True)
-            for part in parts:  # name the damaged part (the streamed error does not)
-                _read_parquet(part)
-            raise
-        atomic_write_text(self.results_digest_path, file_digest(tmp))  # before the table it vouches for
+        with writing(self.results_path, tmp):
+            try:
+                pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert").sink_parquet(tmp)
+            except Exception as err:
+                if write_failure(err) is None:
+                    tmp.unlink(missing_ok=True)
+                    for part in parts:  # name the damaged part (the streamed error does not)
+                        _read_parquet(part)
+                raise
+            atomic_write_text(self.results_digest_path, file_digest(tmp))  # before the table it vouches for
         publish(tmp, self.results_path)
 
     def results(self) -> pl.DataFrame:
@@ -720,7 +726,8 @@ def _read_parquet(path: Path, digest: str | None = None) -> pl.DataFrame:
 def _write_checked(df: pl.DataFrame, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``df`` durably, with the digest of its rows in the file's metadata (:func:`_checked_rows`)."""
     tmp = temporary_path(path)
-    df.write_parquet(tmp, metadata={GENERATIONS_DIGEST: _rows_digest(df), **(metadata or {})})
+    with writing(path, tmp):
+        df.write_parquet(tmp, metadata={GENERATIONS_DIGEST: _rows_digest(df), **(metadata or {})})
     publish(tmp, path)
 
 

@@ -198,6 +198,9 @@ def test_typos_are_refused_before_torch_is_imported():
         ["--device", "gpu"],
         ["--sample", "0"],
         ["--editor", "rome", "--set", "v_l=1"],
+        ["--editor", "alphaedit", "--set", "nullspace_threshold=-1"],  # a declared range
+        ["--editor", "memit", "--set", "cov_tokens=0"],
+        ["--editor", "rome", "--set", "cov_corpus=no-such-corpus.txt"],  # a missing corpus file
     ):
         code = (
             "import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "

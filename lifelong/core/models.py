@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lifelong.core.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
-from lifelong.core.durable import publish
+from lifelong.core.durable import publish, writing
 from lifelong.core.names import DEFAULT_MODEL, TINY_MODELS
 from streams.errors import UserError
 
@@ -425,20 +425,22 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None
     from safetensors.torch import save_model
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    config = clean_config(model.config)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(tmp)
-    # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    if marker is not None:
-        written = "".join(f"file: {p.name}\n" for p in sorted(tmp.iterdir()))
-        (tmp / CHECKOUT_MARKER).write_text(marker.rstrip("\n") + "\n" + written)
-        check_checkout_target(target)  # again, just before replacing: only a checkout's own files go
+    # A full disk: one error naming the directory, the temporary one removed (the target untouched).
+    with writing(target, tmp):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        config = clean_config(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        if marker is not None:
+            written = "".join(f"file: {p.name}\n" for p in sorted(tmp.iterdir()))
+            (tmp / CHECKOUT_MARKER).write_text(marker.rstrip("\n") + "\n" + written)
+            check_checkout_target(target)  # again, just before replacing: only a checkout's own files go
     if target.exists():
         shutil.rmtree(target)
     publish(tmp, target)  # every file flushed before the rename, the rename before returning

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")  # seeded random models for tests: NAME or NAME:SEED
@@ -176,3 +177,24 @@ def unknown_setting(editor: str, key: str) -> str | None:
     return (
         f"editor '{editor}' has no hyperparameter '{key}'{did_you_mean(key, names)}: expected one of {', '.join(names)}"
     )
+
+
+# The key-statistics corpus that samples text from the model itself (lifelong.editors.covariance); any
+# other cov_corpus is a text file or a directory of them, checked here so that the command line
+# refuses a missing one before torch is imported.
+MODEL_SAMPLE = "model-sample"
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    """The text files of a covariance corpus (a file, or a directory's ``*.txt``), refused when missing."""
+    from streams.errors import MissingFileError
+
+    path = Path(corpus)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if files:
+            return files
+        raise MissingFileError(f"{corpus}: no .txt files in this directory")
+    raise MissingFileError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")

@@ -17,6 +17,7 @@ import torch
 
 from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.machine import choose_dtype
+from lifelong.core.memory import step_estimate
 from lifelong.core.models import LoadedModel
 from lifelong.core.options import check_range, parse_options
 from streams import Edit
@@ -201,6 +202,12 @@ class Editor(ABC):
 
     def release(self) -> None:
         """Detach whatever ``bind`` attached to a model (hooks); editors without any need nothing."""
+
+    def memory_estimate(self, lm: LoadedModel, batch: Sequence[Edit]) -> int:
+        """Bytes a step applying ``batch`` may hold at its peak beyond the model, checked against the
+        memory available before the step starts. Generic and conservative (:mod:`lifelong.core.memory`);
+        an editor that knows its own cost may override it (it must stay cheap: no forward pass)."""
+        return step_estimate(lm.model, self.scope(lm), batch)
 
     def check_stream(self, stream: Sequence[Edit]) -> None:
         """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training

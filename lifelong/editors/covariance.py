@@ -23,11 +23,11 @@ from lifelong.core.bars import bar as progress_bar
 from lifelong.core.bars import quiet as bars_quiet
 from lifelong.core.delta import atomic_save_tensors, load_tensors
 from lifelong.core.models import LoadedModel, cache_root
+from lifelong.core.names import MODEL_SAMPLE, corpus_files
 from lifelong.editors.hooks import stop_after
 from lifelong.editors.locate import capture_keys
-from streams.errors import MissingFileError, UserError
+from streams.errors import UserError
 
-MODEL_SAMPLE = "model-sample"
 _SEEDS = (
     "The",
     "In",
@@ -71,18 +71,6 @@ def corpus_key(corpus: str) -> str:
     for f in files:
         h.update(f.read_bytes())
     return "text-" + h.hexdigest()[:16]
-
-
-def corpus_files(corpus: str) -> list[Path]:
-    path = Path(corpus)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if files:
-            return files
-        raise MissingFileError(f"{corpus}: no .txt files in this directory")
-    raise MissingFileError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")
 
 
 def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
