@@ -17,7 +17,7 @@ import torch
 from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import Scorer
-from lifelong.editors.base import Editor, Snapshot, resolve_layer
+from lifelong.editors.base import Editor, Snapshot, resolve_layer, resolved
 from streams import Edit
 
 
@@ -30,7 +30,7 @@ class FTParams:
     stop_loss: float = 0.05  # stop when every edit's mean target NLL is below this
 
 
-class FTEditor(Editor):
+class FTEditor(Editor[FTParams]):
     name = "ft"
     description = "constrained fine-tuning (FT-L) of one MLP output projection, Adam, L-inf bound, early stop"
     Params = FTParams
@@ -39,8 +39,13 @@ class FTEditor(Editor):
         self.params = dataclasses.replace(self.params, layer=resolve_layer(self.params.layer, lm, self.name))
         return self
 
+    @property
+    def layer(self) -> int:
+        """The layer edited, as ``bind`` resolved it."""
+        return resolved(self.params.layer, self.name, "layer")
+
     def scope(self, lm: LoadedModel) -> list[str]:
-        return [lm.adapter.out_proj_param_name(self.bind(lm).params.layer)]
+        return [lm.adapter.out_proj_param_name(self.bind(lm).layer)]
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:
