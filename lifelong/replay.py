@@ -39,7 +39,7 @@ from lifelong.editors import Editor, make_editor
 from lifelong.run import RunConfig, RunDir, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
-from probes.base import chain_ends
+from probes.base import Probe, chain_ends
 from streams import EditStream, load_stream
 from streams.errors import UserError
 
@@ -152,7 +152,7 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"probe '{twice[0]}' is given twice")
-    defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
+    defaults: list[Probe] = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
     suite = ProbeSuite([p for p in defaults if p.name not in names] + extra)
     check_generation_settings(suite)
     return suite

@@ -1,5 +1,6 @@
-"""Editors' params are typed: mypy refuses a misspelt setting (``params.no_such_setting``), and reads a
-setting that bind() resolves (``layer: int | None``) through a typed accessor."""
+"""Editors' params and probes' options are typed: mypy refuses a misspelt setting
+(``params.no_such_setting``), and reads a setting that bind() resolves (``layer: int | None``) through a
+typed accessor."""
 
 import importlib.util
 import os
@@ -19,6 +20,8 @@ from lifelong.editors.grace import GRACEEditor
 from lifelong.editors.memit import AlphaEditEditor, MEMITEditor
 from lifelong.editors.memory import MemoryEditor
 from lifelong.editors.rome import ROMEEditor
+from probes.chains import ChainProbe
+from probes.perplexity import PerplexityProbe
 
 
 def fine(rome: ROMEEditor, alpha: AlphaEditEditor, emmet: EMMETEditor, grace: GRACEEditor, ft: FTEditor,
@@ -31,18 +34,28 @@ def fine(rome: ROMEEditor, alpha: AlphaEditEditor, emmet: EMMETEditor, grace: GR
     retrieval: float = memory.threshold + 0.0
 
 
+def probes_fine(ppl: PerplexityProbe, chains: ChainProbe) -> None:
+    collapse: float = ppl.options.threshold
+    every: int = chains.options.remeasure
+
+
 def misspelt(rome: ROMEEditor, memit: MEMITEditor, alpha: AlphaEditEditor, grace: GRACEEditor) -> None:
     rome.params.no_such_setting  # refused
     memit.params.nullspace_threshold  # refused: AlphaEdit's setting, not MEMIT's
     alpha.params.no_such_setting  # refused
     grace.params.no_such_setting  # refused
     layer: int = grace.params.layer  # refused: int | None until bind() resolves it
+
+
+def probes_misspelt(ppl: PerplexityProbe, chains: ChainProbe) -> None:
+    ppl.options.no_such_setting  # refused
+    chains.options.no_such_setting  # refused
 """
 
 
 @pytest.mark.slow  # mypy reads torch's stubs: seconds with the project's cache warm, a minute or more cold
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="needs mypy (the dev extra)")
-def test_mypy_refuses_a_setting_an_editor_does_not_have(tmp_path):
+def test_mypy_refuses_a_setting_an_editor_or_probe_does_not_have(tmp_path):
     snippet = tmp_path / "snippet.py"
     snippet.write_text(SNIPPET)
     # The project's mypy settings and cache, and this checkout's lifelong (MYPYPATH) before any installed one.
@@ -57,6 +70,6 @@ def test_mypy_refuses_a_setting_an_editor_does_not_have(tmp_path):
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     lines = sorted(int(m[1]) for m in (re.match(r".*snippet\.py:(\d+):", e) for e in errors) if m)
     refused = [i for i, line in enumerate(SNIPPET.splitlines(), start=1) if "# refused" in line]
-    assert len(refused) == 5 and lines == refused, done.stdout + done.stderr
-    assert sum('has no attribute "no_such_setting"' in e for e in errors) == 3
+    assert len(refused) == 7 and lines == refused, done.stdout + done.stderr
+    assert sum('has no attribute "no_such_setting"' in e for e in errors) == 5
     assert '"MEMITParams" has no attribute "nullspace_threshold"' in done.stdout
