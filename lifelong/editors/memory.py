@@ -22,8 +22,7 @@ under any |S| − m + 1 of them (the longest are indexed). Only those candidates
 exhaustive scorer's arithmetic, ordering and ties, so the retrieved records are exactly the same; a
 threshold ≤ 0.1 makes every record a candidate, and retrieval then scores them all. ``hidden`` keeps
 the records' keys as one cached matrix: linear in the records, but one matmul per batch of prompts.
-Measured on one core (records "CountryN Land", prompts naming one of them): 1,000 records, 9 ms per
-query exhaustive, 12 µs indexed; 5,000 records, 54 ms and 15 µs.
+The measured cost per query, indexed and exhaustive, is in docs/BENCHMARKS.md.
 
 Lexical is the default by measurement (20 built-in facts in memory, SmolLM2): it found the
 right edit for every prompt and paraphrase and retrieved anything for 10% of neighborhood
