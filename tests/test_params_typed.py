@@ -73,3 +73,13 @@ def test_mypy_refuses_a_setting_an_editor_or_probe_does_not_have(tmp_path):
     assert len(refused) == 7 and lines == refused, done.stdout + done.stderr
     assert sum('has no attribute "no_such_setting"' in e for e in errors) == 5
     assert '"MEMITParams" has no attribute "nullspace_threshold"' in done.stdout
+
+
+def test_a_setting_resolved_by_bind_is_refused_before_bind_in_one_line():
+    from lifelong.editors.ft import FTEditor, FTParams
+    from lifelong.editors.memory import MemoryEditor
+
+    with pytest.raises(RuntimeError, match=r"^ft: 'layer' is resolved by bind\(lm\): bind the editor"):
+        _ = FTEditor().layer
+    assert FTEditor(FTParams(layer=3)).layer == 3
+    assert MemoryEditor().threshold == 1.0  # resolved from the retriever at construction
