@@ -78,6 +78,7 @@ class EMMETEditor(MEMITEditor):
         "projection (every key of the batch written; exactly with emmet_lambda=0)"
     )
     Params = EMMETParams  # type: ignore[assignment]  # MEMIT's step, not its λ or layer range: its own settings
+    params: EMMETParams  # type: ignore[assignment]
 
     def __init__(self, params=None):
         super().__init__(params)

@@ -212,12 +212,12 @@ class ValueParams:
     v_scale: str = "mlp_output"  # the vector of SCALE_VECTORS scaling the clamp and the norm term
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
-    # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
-    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.core.machine).
+    # bfloat16 where the device runs it natively and fast (faster on CPUs with AVX512-BF16/AMX, far
+    # slower emulated without them; docs/BENCHMARKS.md), else float32 (lifelong.core.machine).
     # The update itself is always solved in float64.
     v_dtype: str = "auto"
     # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)
-    # through hand-fused layers with the same arithmetic (ROME on SmolLM2: 2.99 against 4.68 s per edit)
+    # through hand-fused layers with the same arithmetic, in less time (docs/BENCHMARKS.md),
     # and other families through their own; "model" always runs the model's own layers.
     v_stack: str = "fused"
 

@@ -30,7 +30,7 @@ import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit
+from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit, resolved
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
@@ -117,10 +117,11 @@ def parse_layers(spec: str | None, num_layers: int, editor: str = "memit") -> li
     return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
-class MEMITEditor(Stabilised, Editor):
+class MEMITEditor(Stabilised, Editor[MEMITParams]):
     name = "memit"
     description = "MEMIT: batched least-squares updates spread over a range of MLP output projections"
     Params = MEMITParams
+    params: MEMITParams  # the Stabilised mixin's StabiliseParams, narrowed
     precision_parts: ClassVar[dict[str, str]] = {
         "covariance": "float64",  # key_second_moments, the originals' double
         "solve": "float64",
@@ -143,6 +144,11 @@ class MEMITEditor(Stabilised, Editor):
 
     def layers(self, lm: LoadedModel) -> list[int]:
         return parse_layers(self.params.layers, lm.num_layers, self.name)
+
+    @property
+    def mom2_weight(self) -> float:
+        """λ of λC + KKᵀ, as ``bind`` resolved it."""
+        return resolved(self.params.mom2_weight, self.name, "mom2_weight")
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return [lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)]
@@ -169,7 +175,7 @@ class MEMITEditor(Stabilised, Editor):
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
         """Factors (U, V), ΔW = U Vᵀ, for keys K (m × n) and residuals Rₗ (d × n), in float64."""
         c = self.second_moment(lm, layer)
-        a = self.params.mom2_weight * c + keys @ keys.T
+        a = self.mom2_weight * c + keys @ keys.T
         return residual, torch.linalg.solve(a, keys)  # Δ = Rₗ Kᵀ A⁻¹ = Rₗ (A⁻¹ K)ᵀ (A symmetric)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
@@ -226,6 +232,7 @@ class AlphaEditEditor(MEMITEditor):
         "(C's singular values below 2e-2), past edits' keys kept"
     )
     Params = AlphaEditParams
+    params: AlphaEditParams
     precision_parts: ClassVar[dict[str, str]] = {
         **MEMITEditor.precision_parts,
         "null_space_projector": "float64",  # eigh of C in float64

@@ -30,14 +30,14 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from lifelong.core.delta import ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Snapshot
-from lifelong.editors.locate import UpperStacks, ValueFit, fit_value
+from lifelong.editors.locate import UpperStacks, ValueFit, ValueParams, fit_value
 from streams.errors import UserError
 
 STABILISERS = ("none", "nas", "prune", "rect")
@@ -119,7 +119,7 @@ class Stabilised:
     on each v*/z* fit before its solve, and :meth:`stabilise_changes` on a step's proposed changes
     (against a :class:`Snapshot` of the weights before the step) before applying them as one Delta."""
 
-    params: Any  # the editor's Params: a StabiliseParams and a ValueParams
+    params: StabiliseParams  # the editor's Params: a StabiliseParams and a ValueParams (each editor narrows it)
     name: ClassVar[str]
     _stacks: UpperStacks
 
@@ -156,6 +156,8 @@ class Stabilised:
         from streams.facts import builtin_stream
 
         p = self.params
+        if not isinstance(p, ValueParams):  # the mixin fits values with the editor's own settings
+            raise TypeError(f"{self.name}: a stabilised editor's Params must be ValueParams too")
         edits = list(builtin_stream())
         if p.nas_samples < len(edits):
             edits = random.Random(0).sample(edits, p.nas_samples)

@@ -46,7 +46,7 @@ class OverlapError(UserError):
     """The evaluation stream shares records with the hypernetwork's training data."""
 
 
-class MENDEditor(Editor):
+class MENDEditor(Editor[MENDParams]):
     name = "mend"
     description = "MEND: a trained hypernetwork maps the edit's rank-one gradient factors to a low-rank update"
     Params = MENDParams
