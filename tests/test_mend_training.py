@@ -212,6 +212,7 @@ def test_manifest_and_show_carry_how_the_hypernetwork_was_trained(tmp_path, monk
     line = "trained to a validation plateau: stopped after 3 steps (custom training), val es 0.4"
     hyper = make_editor("mend", {"hypernet": str(path), "layers": "1-3"}).bind(lm).hyperparameters()
     assert hyper["hypernet_training"].startswith(line) and "n=2, at step 1" in hyper["hypernet_training"]
+    assert hyper["training"] == "custom"  # the given file's settings, not the default's name
     stream = tmp_path / "eval.jsonl"
     EditStream(make_edits(1, start=100)).to_jsonl(stream)
     run = tmp_path / "run"

@@ -108,6 +108,8 @@ class MENDEditor(Editor):
                 f"{_describe(edit_targets(layers, kinds))}"
             )
         self._net, self._meta = net, meta
+        if self.params.hypernet and "training" in meta:  # a given file: record the settings it was trained with
+            self.params = dataclasses.replace(self.params, training=meta["training"]["preset"])
         return self
 
     def hyperparameters(self) -> dict:
