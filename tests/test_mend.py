@@ -155,6 +155,8 @@ def test_training_resumes_to_the_same_result(tmp_path):
             progress=False,
         )
     resumed = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False)
+    steps = [line.split(",")[0] for line in (tmp_path / "b" / "curve.csv").read_text().splitlines()[1:]]
+    assert steps == ["0", "1", "2", "3", "4"]  # integers, also after the resume
     a, meta = load_hypernetwork(whole, lm.device)
     b, _ = load_hypernetwork(resumed, lm.device)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

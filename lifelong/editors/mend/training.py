@@ -330,7 +330,9 @@ def _write_curve(path: Path, rows: Sequence[dict]) -> None:
         writer = csv.DictWriter(f, CURVE_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_FIELDS})
+            out = {k: ("" if row.get(k) is None else row[k]) for k in CURVE_FIELDS}
+            out["step"] = int(row["step"])  # read back as a float on resume; written as the integer it is
+            writer.writerow(out)
     os.replace(tmp, path)
 
 
