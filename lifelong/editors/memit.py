@@ -39,7 +39,6 @@ from lifelong.editors.locate import (
     UpperStacks,
     ValueParams,
     average_key,
-    fit_value,
     lowrank_change,
     padded_batch,
     subject_token_index,
@@ -176,6 +175,8 @@ class MEMITEditor(Stabilised, Editor[MEMITParams]):
         """Factors (U, V), ΔW = U Vᵀ, for keys K (m × n) and residuals Rₗ (d × n), in float64."""
         c = self.second_moment(lm, layer)
         a = self.mom2_weight * c + keys @ keys.T
+        if self.norm_weight():  # ENCORE: + α‖Δ‖²_F in the objective, + α·I here
+            a = a + self.norm_weight() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
         return residual, torch.linalg.solve(a, keys)  # Δ = Rₗ Kᵀ A⁻¹ = Rₗ (A⁻¹ K)ᵀ (A symmetric)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
@@ -207,7 +208,7 @@ class MEMITEditor(Stabilised, Editor[MEMITParams]):
         before = Snapshot(lm.model, self.scope(lm)) if p.stabilise in CHANGE_STABILISERS else None
         deltas = []
         for edit in each_edit(batch, "z* fits"):  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = self._fits.add(self.stabilise_fit(lm, last, fit_value(lm, last, edit, p, self.name, self._stacks)))
+            fit = self._fits.add(self.stabilised_fit(lm, last, edit))
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 
@@ -289,7 +290,8 @@ class AlphaEditEditor(MEMITEditor):
         """AlphaEdit's ΔWᵀ = (P(K Kᵀ + Kₚ Kₚᵀ) + L2·I)⁻¹ P K Rᵀ, as factors (U, V) with ΔW = U Vᵀ."""
         proj = self.projector(lm, layer)
         past = self._past_cov.get(layer)
-        a = keys @ keys.T @ proj + self.params.l2 * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+        ridge = self.params.l2 + self.norm_weight()  # ENCORE's α‖ΔP‖²_F joins AlphaEdit's own L2‖ΔP‖²_F
+        a = keys @ keys.T @ proj + ridge * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
         if past is not None:
             a = a + past.to(device=proj.device, dtype=proj.dtype) @ proj
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ

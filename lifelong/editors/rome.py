@@ -33,7 +33,6 @@ from lifelong.editors.locate import (
     FitLog,
     UpperStacks,
     ValueParams,
-    fit_value,
     generated_templates,
     lowrank_change,
 )
@@ -114,6 +113,11 @@ class ROMEParams(StabiliseParams, ValueParams):
         if self.mom2 is not False and self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused before the run
             corpus_files(self.cov_corpus)
         check_hparams_name(self.hparams, HPARAMS_FILES, editor)
+        if self.stabilise == "encore":
+            raise UserError(
+                f"{editor}: stabilise=encore needs a least-squares solve (memit, alphaedit, emmet); "
+                "the authors define it on MEMIT, not on ROME's equality-constrained update"
+            )
         if self.context is not None and self.context not in CONTEXTS:
             raise UserError(f"{editor}: context must be one of {', '.join(CONTEXTS)}, got '{self.context}'")
 
@@ -206,11 +210,8 @@ class ROMEEditor(Stabilised, Editor[ROMEParams]):
 
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
-        p = self.params
         templates = self.context_templates(lm)
-        fit = self._fits.add(
-            self.stabilise_fit(lm, self.layer, fit_value(lm, self.layer, edit, p, self.name, self._stacks, templates))
-        )
+        fit = self._fits.add(self.stabilised_fit(lm, self.layer, edit, templates))
         k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
         k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
         weight = lm.adapter.out_proj_weight_view(self.layer).double()
