@@ -58,7 +58,7 @@ from benchmarks.reproduction.report import (  # noqa: E402, F401
     seed_range,
     update_page,
 )
-from benchmarks.reproduction.runner import run_arm, run_dir, stored_results  # noqa: E402, F401
+from benchmarks.reproduction.runner import BaseModel, run_arm, run_dir, stored_results  # noqa: E402, F401
 
 DATA = ROOT.parent / "shared" / "data"
 CLAIMS_FILE = ROOT / "benchmarks" / "claims.toml"
@@ -143,30 +143,27 @@ def main(argv: list[str] | None = None) -> None:
     from lifelong.core.machine import runtime_header
 
     t0 = time.perf_counter()
-    lm = base = None
+    model = BaseModel(args.model)  # loaded on first use: to check a stored run's identity, or to run
     results = {}
     for claim in claims:
         runs: dict[str, list[pl.DataFrame]] = {}
         for arm in claim.arms:
             for seed in seed_range(args, claim):
-                stored = stored_results(args.work, args.scale, arm, seed)
+                stored = stored_results(args.work, args.scale, arm, seed, model)
                 runnable = not only_arms or arm.key in only_arms
                 if stored is None and runnable and not args.report_only:
-                    if lm is None:
-                        from lifelong.core.models import load_model
-
-                        lm = load_model(args.model)
-                        base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
                     print(f"[{claim.key}] {arm.key} seed {seed}", flush=True)
                     try:
-                        stored = run_arm(lm, base, arm, args.scale, seed, args.work, args.model, args.threads)
+                        stored = run_arm(
+                            model.lm, model.base, arm, args.scale, seed, args.work, args.model, args.threads
+                        )
                     except Exception as err:  # one arm that cannot run (e.g. MEND untrained) is reported, not fatal
                         print(f"[{claim.key}] {arm.key} seed {seed}: not run: {err}", file=sys.stderr, flush=True)
                         break
                 if stored is not None:
                     runs.setdefault(arm.key, []).append(stored)
         results[claim.key] = claim_rows(claim, runs, len(seed_range(args, claim)))
-    device = "cpu" if lm is None else lm.device
+    device = model.lm.device if model.loaded else "cpu"
     doc, table = render(claims, results, args, time.perf_counter() - t0, runtime_header(device))
     if args.compare_to is not None:
         comparison = compare_with(documented_intervals(args.compare_to.read_text()), results, claims)

@@ -277,6 +277,70 @@ def replay(
         )
 
 
+@dataclass
+class RunPlan:
+    """A run's inputs read and checked before the model loads: the config as the run records it."""
+
+    config: RunConfig
+    editor: Editor
+    stream: EditStream
+    steps: list
+    facts: tuple
+    stream_hash: str
+    suite: ProbeSuite
+    legacy: dict  # identity values as a format-1 run recorded them (identity_for_format)
+
+
+def plan_inputs(config: RunConfig, editor: Editor | None = None) -> RunPlan:
+    """Read the stream, make the editor and the probe suite, with one spelling per setting."""
+    keep = KeepPolicy.parse(config.keep_deltas)
+    config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
+    if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
+        raise UserError(
+            f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
+            "which needs every step kept; use --keep-deltas all"
+        )
+    stream, steps, facts, full_hash = prepare_stream_and_facts(config)
+    if editor is None:
+        editor = make_editor(config.editor, config.editor_overrides)
+    elif config.editor != editor.name:
+        config = dataclasses.replace(config, editor=editor.name)
+    typed_overrides = config.editor_overrides
+    # One spelling per number (2e-2 and 0.02 are one run); a run of format 1 recorded them as typed.
+    config = dataclasses.replace(config, editor_overrides=normalised_overrides(type(editor), typed_overrides))
+    return RunPlan(
+        config=config,
+        editor=editor,
+        stream=stream,
+        steps=steps,
+        facts=facts,
+        stream_hash=full_hash if facts else stream.content_hash(),
+        suite=default_suite(config),
+        legacy={"editor_overrides": typed_overrides},
+    )
+
+
+def planned_identity(plan: RunPlan, lm: LoadedModel, base_fingerprint: str) -> dict:
+    """The identity the planned run records (the editor bound to ``lm``; ``base_fingerprint``: θ0's
+    weights); a stored run with another identity is a different run."""
+    check_context(lm, plan.stream, plan.facts, plan.config.stream)
+    plan.editor.bind(lm)
+    plan.editor.check_stream(plan.stream)
+    return identity_of(
+        plan.config,
+        hyperparameters=plan.editor.hyperparameters(),
+        stream_hash=plan.stream_hash,
+        stream_edits=len(plan.stream),
+        stream_steps=len(plan.steps),
+        probes=probes_identity(plan.suite, len(plan.stream)),
+        model_family=lm.adapter.family,
+        base_weights=base_fingerprint,
+        base_config=config_fingerprint(lm.model),
+        base_tokenizer=tokenizer_fingerprint(lm.tokenizer),
+        stream=stream_label(plan.config.stream),
+    )
+
+
 def _replay_locked(
     config: RunConfig,
     out: Path | str,
@@ -293,49 +357,24 @@ def _replay_locked(
     """The replay itself, under the run's writer lock. ``restore_base``: when the call ends, release
     the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
     another independent sequence: :func:`_replay_sequences`)."""
-    keep = KeepPolicy.parse(config.keep_deltas)
-    config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
-    if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
-        raise UserError(
-            f"--keep-deltas {keep}: the chains probe checks out earlier steps of each chain, "
-            "which needs every step kept; use --keep-deltas all"
-        )
-    stream, steps, facts, full_hash = prepare_stream_and_facts(config)
-    if editor is None:
-        editor = make_editor(config.editor, config.editor_overrides)
-    elif config.editor != editor.name:
-        config = dataclasses.replace(config, editor=editor.name)
-    typed_overrides = config.editor_overrides
-    # One spelling per number (2e-2 and 0.02 are one run); a run of format 1 recorded them as typed.
-    config = dataclasses.replace(config, editor_overrides=normalised_overrides(type(editor), typed_overrides))
-    suite = default_suite(config)
+    plan = plan_inputs(config, editor)  # every input the model is not needed for, refused before it loads
+    config, editor, stream, steps, facts, suite = (
+        plan.config,
+        plan.editor,
+        plan.stream,
+        plan.steps,
+        plan.facts,
+        plan.suite,
+    )
     lm = lm or load_model(config.model, config.device, config.dtype)
-    base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
-    check_context(lm, stream, facts, config.stream)
-    editor.bind(lm)
-    editor.check_stream(stream)
+    identity = planned_identity(plan, lm, weights_fingerprint(lm.model))  # θ0's fingerprint: before any edit
     largest = max(range(len(steps)), key=lambda k: len(steps[k]))
     check_step_memory(largest + 1, editor, lm, steps[largest])  # the largest step, before anything is written
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
     held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
     # minutes): a run interrupted there resumes, and `lifelong show` can say where it stands.
-    manifest = run.start(
-        identity_of(
-            config,
-            hyperparameters=editor.hyperparameters(),
-            stream_hash=full_hash if facts else stream.content_hash(),
-            stream_edits=len(stream),
-            stream_steps=len(steps),
-            probes=probes_identity(suite, len(stream)),
-            model_family=lm.adapter.family,
-            base_weights=base_fingerprint,
-            base_config=config_fingerprint(lm.model),
-            base_tokenizer=tokenizer_fingerprint(lm.tokenizer),
-            stream=stream_label(config.stream),
-        ),
-        legacy={"editor_overrides": typed_overrides},
-    )
+    manifest = run.start(identity, legacy=plan.legacy)
     run.remove_stale_temporaries()  # half-written files of a killed writer (this one holds the lock)
     run.record_session(session_info(lm, editor, compute, run.completed_step(), config.stream))
     editor.prepare(lm)  # on θ0: before any checkout below

@@ -320,18 +320,21 @@ class RunDir:
         finally:
             os.close(fd)  # closing releases the lock
 
+    def identity_differences(self, identity: dict, legacy: dict | None = None) -> list[str]:
+        """The identity fields in which this stored run differs from ``identity`` (a planned run's,
+        as :func:`identity_of` gives it; ``legacy`` as for :meth:`start`)."""
+        manifest = self.manifest()
+        identity = identity_for_format(identity, manifest.get("format", 1), legacy)
+        stored = manifest["identity"]
+        return [k for k in sorted(set(identity) | set(stored)) if identity.get(k) != stored.get(k)]
+
     def start(self, identity: dict, legacy: dict | None = None) -> dict:
         """Create the run, or check that an existing one was started with the same identity (``legacy``:
         identity values as a format-1 run recorded them, see :func:`identity_for_format`)."""
         if self.exists():
             manifest = self.manifest()
-            identity = identity_for_format(identity, manifest.get("format", 1), legacy)
-            if manifest["identity"] != identity:
-                diffs = [
-                    k
-                    for k in sorted(set(identity) | set(manifest["identity"]))
-                    if identity.get(k) != manifest["identity"].get(k)
-                ]
+            diffs = self.identity_differences(identity, legacy)
+            if diffs:
                 if not self._clear_unstarted():
                     raise RunDirError(
                         f"{self.path} holds a different run (differs in: {', '.join(diffs)}); "

@@ -402,3 +402,39 @@ def test_a_rule_with_a_condition_is_judged_only_once_the_condition_holds():
     }
     assert claim.judge(won)[0] == "holds"
     assert claim.judge({**won, "memit: retained fraction at last step": Estimate(math.nan, 0)})[0] == "not run"
+
+
+def test_a_stale_stored_run_is_moved_aside_and_not_reported(tmp_path, capsys):
+    """A finished run is reused only while its identity is the one the arm plans now: changed settings,
+    or changed editor defaults (another version of the code), move it aside to be made again."""
+    from benchmarks.reproduction.claims import Arm
+    from benchmarks.reproduction.runner import BaseModel, run_arm, run_dir, stored_results
+    from lifelong.editors.ft import FTEditor
+    from streams import EditStream
+    from tests.conftest import make_edits
+
+    work, scale, seed = tmp_path / "work", "quick", 0
+    arm = Arm(key="a", editor="ft", source="counterfact", items={"quick": 2}, overrides={"max_steps": "2"})
+    (work / "streams").mkdir(parents=True)
+    EditStream(make_edits(2)).to_jsonl(work / "streams" / "counterfact-2-seed0.jsonl")
+    model = BaseModel("tiny-llama")
+    made = run_arm(model.lm, model.base, arm, scale, seed, work, "tiny-llama", 1)
+    stored = stored_results(work, scale, arm, seed, model)  # the model now holds the run's edits
+    assert stored is not None and stored.equals(made)
+
+    changed = Arm(key="a", editor="ft", source="counterfact", items={"quick": 2}, overrides={"max_steps": "3"})
+    assert run_dir(work, scale, changed, seed) == run_dir(work, scale, arm, seed)  # same directory name
+    assert stored_results(work, scale, changed, seed, model) is None
+    assert "a stale run (differs in: editor_overrides, hyperparameters)" in capsys.readouterr().out
+    assert not run_dir(work, scale, arm, seed).exists()
+    aside = run_dir(work, scale, arm, seed).with_name(run_dir(work, scale, arm, seed).name + ".stale-1")
+    assert aside.is_dir()
+
+    aside.rename(run_dir(work, scale, arm, seed))
+    original = FTEditor.hyperparameters
+    try:  # the same settings under other editor defaults: another version of the code made it
+        FTEditor.hyperparameters = lambda self: {**original(self), "objective": "changed"}
+        assert stored_results(work, scale, arm, seed, model) is None
+    finally:
+        FTEditor.hyperparameters = original
+    assert "differs in: hyperparameters)" in capsys.readouterr().out
