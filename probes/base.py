@@ -36,6 +36,23 @@ class Row:
     edit_id: str | None = None
 
 
+# Rows of several steps as a table, before the engine adds run_id, timestamp and preset (re-scored
+# generations, judged answers).
+STEP_ROW_SCHEMA: dict[str, Any] = {
+    "step": pl.Int64,
+    "probe": pl.String,
+    "metric": pl.String,
+    "protocol": pl.String,
+    "edit_id": pl.String,
+    "value": pl.Float64,
+}
+
+
+def step_rows_frame(rows: Sequence[tuple]) -> pl.DataFrame:
+    """(step, probe, metric, protocol, edit_id, value) tuples as a table of STEP_ROW_SCHEMA."""
+    return pl.DataFrame(list(rows), schema=STEP_ROW_SCHEMA, orient="row")
+
+
 @dataclass(frozen=True)
 class GeneratedAnswer:
     """One generated answer a probe scored (docs/METRICS.md §6), kept so the run can be re-scored

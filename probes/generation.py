@@ -28,7 +28,7 @@ import polars as pl
 
 from lifelong.core.model_access import AUTHORS_MAX_NEW_TOKENS, CONTEXTS
 from lifelong.core.options import OptionError
-from probes.base import GeneratedAnswer, ProbeContext, Row
+from probes.base import GeneratedAnswer, ProbeContext, Row, step_rows_frame
 from probes.metric_table import EFFICACY, GEN_CONTAINS, GEN_EXACT, GEN_UNCHANGED, GENERALIZATION, LOCALITY
 from streams import Edit
 
@@ -262,15 +262,4 @@ def rescore(generations: pl.DataFrame, exact=gen_exact, contains=gen_contains) -
             )
         for score, value in values.items():
             scored.setdefault((step, probe, metric, f"{score}@{setting}", edit_id), []).append(value)
-    return pl.DataFrame(
-        [(*key, float(np.mean(v))) for key, v in scored.items()],
-        schema={
-            "step": pl.Int64,
-            "probe": pl.String,
-            "metric": pl.String,
-            "protocol": pl.String,
-            "edit_id": pl.String,
-            "value": pl.Float64,
-        },
-        orient="row",
-    )
+    return step_rows_frame([(*key, float(np.mean(v))) for key, v in scored.items()])

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from probes.base import step_rows_frame
 from probes.metric_table import (
     GEN_EXACT,
     GEN_JUDGE,
@@ -337,18 +338,7 @@ def judged_rows(generations: pl.DataFrame, verdicts: Mapping[Key, bool], results
         judged = f"{GEN_JUDGE}@{protocol.split('@', 1)[1]}"
         if (step, probe, judged) in retained:
             rows.append((step, probe, metric, judged, None, value))
-    return pl.DataFrame(
-        rows,
-        schema={
-            "step": pl.Int64,
-            "probe": pl.String,
-            "metric": pl.String,
-            "protocol": pl.String,
-            "edit_id": pl.String,
-            "value": pl.Float64,
-        },
-        orient="row",
-    )
+    return step_rows_frame(rows)
 
 
 __all__ = [
