@@ -764,6 +764,9 @@ def format_summary(run: RunDir) -> str:
             + (f", {numerics}" if numerics else "")
             + ")",
         )
+        if last.get("precision"):  # sessions from before the record have none
+            parts = ", ".join(f"{part} {dtype}" for part, dtype in last["precision"].items())
+            head.insert(-1, f"precision: {parts}")
     if progress["completed_step"] < 0:
         return "\n".join(
             head

@@ -255,6 +255,10 @@ def test_manifest_records_the_precision_of_each_part(tmp_path, stream_file, edit
         assert precision[fit] == session["numerics"]["v_dtype"]["dtype"] in ("float32", "bfloat16")
     else:
         assert not {"v_fit", "z_fit"} & set(precision)
+    from lifelong.summary import format_summary
+
+    shown = next(line for line in format_summary(done.run).splitlines() if line.startswith("precision: "))
+    assert all(f"{part} {dtype}" in shown for part, dtype in precision.items())  # `lifelong show` says it too
 
 
 def test_rome_without_the_covariance_records_neither_part(tiny_llama):
