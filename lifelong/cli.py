@@ -349,13 +349,14 @@ def cmd_train_mend(args) -> int:
     from lifelong.core.machine import ComputeThreads, thread_policy
     from lifelong.core.models import load_model
     from lifelong.editors.mend import (
-        TrainConfig,
         format_curve,
         load_hypernetwork,
         read_curve,
         resolve_layers,
         resolve_params,
         train_hypernetwork,
+        training_preset,
+        training_summary,
     )
 
     policy = thread_policy(args.threads)
@@ -363,15 +364,18 @@ def cmd_train_mend(args) -> int:
         lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
     kinds = resolve_params(args.params or "", lm.adapter)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        rank=args.rank,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        holdout=args.holdout,
-        eval_every=args.eval_every or args.checkpoint_every,
-    )
+    given = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "holdout": args.holdout,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "stop_key": args.stop_key,
+    }
+    config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
     with ComputeThreads(policy), quiet_bars(args.quiet):
         path = train_hypernetwork(
             lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
@@ -384,7 +388,7 @@ def cmd_train_mend(args) -> int:
     print(
         f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
         f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
-        f"\n{path.resolve()}"
+        f"\n{training_summary(meta)}\n{path.resolve()}"
     )
     return 0
 
@@ -656,24 +660,42 @@ def build_parser() -> _Parser:
     )
     p.add_argument(
         "--data",
-        default="dataset:zsre_mend",
-        help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)",
+        default="split:counterfact",
+        help="training edits: comma-separated split:counterfact, split:zsre (a data set's training split, "
+        "less its evaluated records' subjects) or streams (builtin, dataset:NAME, file.jsonl)",
+    )
+    p.add_argument(
+        "--training",
+        default="published",
+        choices=["published", "cpu-small"],
+        help="settings: published (EasyEdit's MEND training file for Llama: lr 1e-6, lr_lr 1e-4, rank 1920, "
+        "1 edit x 10 accumulated, validation every 1000 steps, patience 30000, capped at 2000 steps) or "
+        "cpu-small (the former: 150 steps of 4 edits, lr 1e-3, lr_lr 1e-2, rank 64, no early stopping); "
+        "the options below override it",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
-    p.add_argument("--rank", type=int, default=64, help="rank of the hypernetwork's low-rank layers")
-    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="cap on training steps (iterations)")
+    p.add_argument("--batch-size", type=int, default=None, help="edits per training step")
+    p.add_argument("--rank", type=int, default=None, help="rank of the hypernetwork's low-rank layers")
+    p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
         "--holdout",
         type=int,
-        default=20,
-        help="keep the last N training records out, for the learning curve's held-out edit success",
+        default=None,
+        help="keep the last N training records out, as the validation set (learning curve, early stopping)",
+    )
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    p.add_argument(
+        "--patience", type=int, default=None, help="stop after N steps without a better validation (0: never)"
     )
     p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between held-out evaluations (default: --checkpoint-every)"
+        "--stop-key",
+        default=None,
+        choices=["es", "total", "nll"],
+        help="validation score for early stopping: es (the toolkit's edit/acc_val) or total (the original's "
+        "loss/total_edit_val)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--out", default=None, help="directory (default: the cache, keyed by model, layers, params and data)"
     )

@@ -42,7 +42,7 @@ from lifelong.presets import PresetChoice, apply_preset, sequence_figures
 from lifelong.run import RunConfig, RunDir, atomic_write_text, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
-from probes.base import chain_ends
+from probes.base import Probe, chain_ends
 from streams import EditStream, load_stream
 from streams.errors import UserError
 
@@ -173,7 +173,7 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"probe '{twice[0]}' is given twice")
-    defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
+    defaults: list[Probe] = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
     suite = ProbeSuite([p for p in defaults if p.name not in names] + extra)
     check_generation_settings(suite)
     return suite

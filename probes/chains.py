@@ -204,7 +204,7 @@ def _conflict_plan(cid: str, items: list[tuple[int, Edit]], tied: Edit | None) -
     )
 
 
-class ChainProbe(Probe):
+class ChainProbe(Probe[ChainOptions]):
     """Round-edit success, distortion, ignore/failure rate, conflict score and magnitude, tied-fact damage."""
 
     name = CHAINS

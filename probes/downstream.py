@@ -49,7 +49,7 @@ def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.replace(";", "+").split("+") if v.strip()]
 
 
-class DownstreamProbe(Probe):
+class DownstreamProbe(Probe["DownstreamProbe.Options"]):
     """Task scores and their drift from θ0 on a built-in suite or the shared-data task readers."""
 
     name = DOWNSTREAM

@@ -20,6 +20,7 @@ import hashlib
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -78,14 +79,17 @@ class EditQualityOptions(GenerationOptions):
         self.check_generation(EDIT_QUALITY)
 
 
-class _GenerationOptionsProbe(Probe):
+GO = TypeVar("GO", bound=GenerationOptions)
+
+
+class _GenerationOptionsProbe(Probe[GO]):
     def config(self) -> dict:
         out = super().config()
         options = identity_options(out.pop("options", {}))
         return {**out, "options": options} if options else out
 
 
-class EditQualityProbe(_GenerationOptionsProbe):
+class EditQualityProbe(_GenerationOptionsProbe[EditQualityOptions]):
     """Efficacy, generalization and locality of each edit, right after its own step."""
 
     name = EDIT_QUALITY
@@ -204,7 +208,7 @@ def superseded_ids(edits: Sequence[Edit]) -> set[str]:
     return out
 
 
-class RetentionProbe(_GenerationOptionsProbe):
+class RetentionProbe(_GenerationOptionsProbe[RetentionOptions]):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = RETENTION_PROBE

@@ -115,6 +115,7 @@ class FinalQualityProbe(EditQualityProbe):
     name = FINAL_QUALITY
     description = "every edit scored once on the final model (ES/PS/NS, exact; token_acc with token_acc=true)"
     Options = FinalQualityOptions
+    options: FinalQualityOptions  # EditQualityProbe's options, narrowed
     default_schedule = "end"
 
     def measure(self, ctx: ProbeContext) -> list[Row]:

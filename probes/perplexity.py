@@ -73,7 +73,7 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     return [p for p in parts if len(p.split()) >= min_words]
 
 
-class PerplexityProbe(Probe):
+class PerplexityProbe(Probe["PerplexityProbe.Options"]):
     """Reference-corpus perplexity (corpus-level and per-sentence mean), ratio to θ0, collapse flag."""
 
     name = PERPLEXITY_PROBE

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from probes.base import Probe, ProbeContext, Row
+from probes.base import NoOptions, Probe, ProbeContext, Row
 from probes.metric_table import FROBENIUS, RELATIVE, TOUCHED, WEIGHT_DRIFT
 
 
-class WeightDriftProbe(Probe):
+class WeightDriftProbe(Probe[NoOptions]):
     """‖W_t − W_0‖_F and entries changed, per scope parameter (edit_id = parameter name) and in total."""
 
     name = WEIGHT_DRIFT

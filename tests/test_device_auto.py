@@ -69,6 +69,7 @@ SPREAD = {
     "ultraedit": {"sub_batch": "2"},
     "grace": {"layer": "2", "eps_init": "1.0", "max_steps": "10"},
     "wise": {"layer": "2", "max_steps": "10", "lr": "0.5", "save_freq": "2", "merge_freq": "4"},
+    "memoir": {"layer": "2", "max_steps": "5", "templates": "2", "background": "pool", "irr_threshold": "0.9"},
 }
 
 

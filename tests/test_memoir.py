@@ -24,7 +24,7 @@ from tests.conftest import make_edits
 
 # Few steps, and a threshold that tells prompts apart on the tiny random model (its features overlap
 # more than a trained model's: two unrelated prompts share about half their columns there).
-SET = {"layer": "2", "max_steps": "8", "templates": "2", "irr_threshold": "0.9"}
+SET = {"layer": "2", "max_steps": "8", "templates": "2", "irr_threshold": "0.9", "background": "pool"}
 PROMPTS = ("The capital of {} is", "Quietly, {} sings about", "{} was founded by a man named")
 UNRELATED = ("zzzz qqq", "A b c d", "Hello world, this is unrelated", "x", "The weather is fine today.")
 
@@ -76,9 +76,32 @@ def test_each_edit_writes_exactly_its_prompts_mask_columns():
         before = editor.memory.clone()
     masks = editor.masks
     assert len(masks) == 3 and (masks.sum(1) == 37).all()
+    # the second edit, hashed elsewhere, leaves the first's own columns as the first left them
+    first = make_editor("memoir", {**SET, "weight_decay": "0"}).bind(lm)
+    first.apply(lm, distinct_edits()[:1])
+    only_first = masks[0] & ~masks[1] & ~masks[2]
+    assert only_first.any()
+    assert torch.equal(editor.memory[:, only_first], first.memory[:, only_first])
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
     editor.apply(lm, [distinct_edits()[0]])  # the same prompt again: its mask is not stored twice
     assert len(editor.masks) == 3 and editor.edits == 4
+
+
+def test_weight_decay_shrinks_the_other_columns_as_sgd_does():
+    """The original's SGD decays the whole memory: outside the mask, each step multiplies by 1 - lr·wd."""
+    lm = load_model("tiny-llama")
+    editor = make_editor("memoir", {**SET, "weight_decay": "0"}).bind(lm)
+    first, second = distinct_edits()[:2]
+    editor.apply(lm, [first])
+    before = editor.memory.clone()
+    editor.params = replace(editor.params, weight_decay=0.01)
+    editor.apply(lm, [second])
+    outside = ~editor.masks[1]
+    steps = editor.last_steps[0]
+    assert steps > 0
+    want = before[:, outside] * (1 - 0.01) ** steps
+    assert torch.allclose(editor.memory[:, outside], want, rtol=1e-5, atol=0)
+    assert not torch.equal(editor.memory[:, outside], before[:, outside])
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +129,102 @@ def test_an_edits_prompt_reads_its_own_mask(edited):
     texts = [e.rendered_prompt for e in distinct_edits()] + list(UNRELATED)
     logits(lm, texts)  # one padded batch: each row is routed on its own tokens
     assert editor.last_match[:3].tolist() == [0, 1, 2]
+
+
+def test_routing_is_the_best_overlap_at_or_above_the_threshold(edited):
+    """The authors' rule: the stored mask of largest overlap |m ∩ s| / top_k is read when that overlap
+    is ≥ irr_threshold; below it, nothing."""
+    lm, editor, _ = edited
+    saved = (editor.masks, editor.params)
+    text = UNRELATED[2]
+    own = editor.masks_for(editor.prompt_feature(lm, text)[None])[0]
+    on, off = own.nonzero().flatten(), (~own).nonzero().flatten()
+    k = editor.top_k
+
+    def stored_with(shared: int) -> torch.Tensor:
+        mask = torch.zeros_like(own)
+        mask[on[:shared]] = True
+        mask[off[: k - shared]] = True
+        return mask
+
+    try:
+        # overlaps 10/37 and 20/37: the second is the best
+        editor.masks = torch.stack([stored_with(10), stored_with(20)])
+        editor._version += 1
+        for threshold, want in ((20 / k, 1), (20 / k + 1e-6, -1), (0.0, 1)):
+            editor.params = replace(saved[1], irr_threshold=threshold)
+            logits(lm, [text])
+            assert editor.last_match.tolist() == [want], threshold
+    finally:
+        editor.masks, editor.params = saved
+        editor._version += 1
+
+
+def test_an_answers_later_tokens_read_through_the_prompts_mask(edited):
+    """The scorer runs a prompt, then the answer's later tokens over the prompt's KV cache; as in the
+    original's teacher-forced forward, every position reads M through the mask the prompt selected."""
+    from lifelong.core.scorer import Scorer
+
+    lm, editor, _ = edited
+    edit = distinct_edits()[1]
+    answer = " Nova and the river of the old town"
+    scorer = Scorer(lm.model, lm.tokenizer)
+    got = scorer.score([(edit.rendered_prompt, answer)]).logprob[0]
+    assert editor.last_match.tolist() == [1]  # the continuation pass took the prompt's route
+
+    # the reference: one forward of the base model over prompt + answer, M read through mask 1 everywhere
+    base = load_model("tiny-llama")
+    prompt_ids, answer_ids = scorer.encode(edit.rendered_prompt, answer)
+    assert len(answer_ids) > 3
+    ids = torch.tensor([prompt_ids + answer_ids])
+    mask = editor.masks[1].float()
+
+    def read(mod, args, out, memory=editor.memory):
+        return out + torch.nn.functional.linear(args[0].float() * mask, memory).to(out.dtype)
+
+    with torch.no_grad():
+        handle = base.adapter.out_proj(2).register_forward_hook(read)
+        try:
+            full = base.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        finally:
+            handle.remove()
+        plain = base.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(answer_ids) - 1)
+    want = sum(float(full[p, t]) for p, t in zip(positions, answer_ids))
+    unread = sum(float(plain[p, t]) for p, t in zip(positions, answer_ids))
+    assert abs(got - want) < 1e-3
+    assert abs(unread - want) > 1e-2  # the memory matters here, so a wrong route would be seen
+
+
+def test_generated_tokens_keep_the_prompts_route(edited):
+    from lifelong.core.model_access import generate
+
+    lm, editor, _ = edited
+    edit = distinct_edits()[2]
+    routes = []
+    original = editor._hook
+
+    def spy(module, args, out):
+        result = original(module, args, out)
+        routes.append(editor.last_match.tolist())
+        return result
+
+    editor._hooks.remove()
+    editor._bound_to = None
+    editor._hook = spy
+    try:
+        editor.bind(lm)
+        generate(lm.model, lm.tokenizer, [edit.rendered_prompt, UNRELATED[0]], max_new_tokens=4)
+    finally:
+        del editor._hook
+        editor._hooks.remove()
+        editor._bound_to = None
+        editor.bind(lm)
+    assert len(routes) > 1
+    first = routes[0]
+    assert 2 in first
+    # rows may be dropped as they finish; the edit's row keeps route 2 while it lives
+    assert all(2 in r or len(r) < len(first) for r in routes[1:])
 
 
 def test_unrelated_prompts_leave_the_output_unchanged(edited):

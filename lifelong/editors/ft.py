@@ -18,7 +18,7 @@ one chunk, stopping once every edit's NLL is below 0.05 (``stop_rule=every-edit`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -26,7 +26,7 @@ from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.model_access import Collated
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import Scorer
-from lifelong.editors.base import Editor, HyperparameterError, Snapshot, check_hparams_name, from_hparams_file
+from lifelong.editors.base import Editor, HyperparameterError, Snapshot, check_hparams_name, from_hparams_file, resolved
 from streams import Edit
 
 EASYEDIT = "zjunlp/EasyEdit@14cea82"
@@ -93,7 +93,21 @@ class FTParams:
                 raise HyperparameterError(f"{editor}: {setting} must be one of {', '.join(allowed)}, got '{value}'")
 
 
-class FTEditor(Editor):
+@dataclass(frozen=True)
+class FTSettings:
+    """FTParams as ``bind`` resolved them (every setting filled in from the hparams file)."""
+
+    layer: int
+    lr: float
+    max_steps: int
+    norm_constraint: float
+    stop_loss: float
+    batch_size: int
+    objective: str
+    stop_rule: str
+
+
+class FTEditor(Editor[FTParams]):
     name = "ft"
     description = "FT-L: fine-tuning of one MLP output projection, Adam, L-inf bound, loss at the last prompt token"
     Params = FTParams
@@ -102,14 +116,25 @@ class FTEditor(Editor):
         self.params = from_hparams_file(self.params, lm, FT_FAMILY_FILES, FT_FILES, self.name)
         return self
 
+    @property
+    def layer(self) -> int:
+        """The layer edited, as ``bind`` resolved it."""
+        return resolved(self.params.layer, self.name, "layer")
+
+    @property
+    def settings(self) -> FTSettings:
+        """The settings as ``bind`` resolved them."""
+        values = {f.name: resolved(getattr(self.params, f.name), self.name, f.name) for f in fields(FTSettings)}
+        return FTSettings(**values)
+
     def scope(self, lm: LoadedModel) -> list[str]:
-        return [lm.adapter.out_proj_param_name(self.bind(lm).params.layer)]
+        return [lm.adapter.out_proj_param_name(self.bind(lm).layer)]
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         if not batch:
             return Delta.empty()
         name = self.scope(lm)[0]
-        p = self.params
+        p = self.settings
         weight = lm.model.get_parameter(name)
         snapshot = Snapshot(lm.model, [name])
         before = snapshot[name]
@@ -129,7 +154,7 @@ class FTEditor(Editor):
         return snapshot.restore_and_apply({name: ParamChange(dense=change)})
 
     def _train(self, scorer: Scorer, chunks: list[Collated], weight: torch.Tensor, before: torch.Tensor, n: int):
-        p = self.params
+        p = self.settings
         optimizer = torch.optim.Adam([weight], lr=p.lr)
         for _ in range(p.max_steps):
             epoch_sum = 0.0
@@ -155,7 +180,7 @@ class FTEditor(Editor):
         logits = scorer.answer_logits(data)
         owner = torch.as_tensor(data.owner, device=logits.device)
         edits = int(data.owner.max()) + 1
-        if self.params.objective == "prompt_last":
+        if self.settings.objective == "prompt_last":
             # The first answer position of each edit is its last prompt token: read every target there.
             first = torch.full((edits,), len(owner), device=logits.device).scatter_reduce(
                 0, owner, torch.arange(len(owner), device=logits.device), "amin"

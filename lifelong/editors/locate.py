@@ -212,12 +212,12 @@ class ValueParams:
     v_scale: str = "mlp_output"  # the vector of SCALE_VECTORS scaling the clamp and the norm term
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
-    # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
-    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.core.machine).
+    # bfloat16 where the device runs it natively and fast (faster on CPUs with AVX512-BF16/AMX, far
+    # slower emulated without them; docs/BENCHMARKS.md), else float32 (lifelong.core.machine).
     # The update itself is always solved in float64.
     v_dtype: str = "auto"
     # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)
-    # through hand-fused layers with the same arithmetic (ROME on SmolLM2: 2.99 against 4.68 s per edit)
+    # through hand-fused layers with the same arithmetic, in less time (docs/BENCHMARKS.md),
     # and other families through their own; "model" always runs the model's own layers.
     v_stack: str = "fused"
 
@@ -260,6 +260,7 @@ class ValueFit:
     penalty: float = float("nan")  # final weight_decay × ‖δ‖ / ‖scale‖²
     loss: float = float("nan")  # final NLL + kl_factor × KL + penalty
     scale: torch.Tensor | None = None  # the vector scaling the clamp and the norm term, float64
+    argmax_hits: int = 0  # evaluations at which the target was the argmax at every answer position (MPES)
 
 
 class FitLog:
@@ -404,6 +405,7 @@ def optimize_value(
     stop_on: str = "total",
     scale: str = "mlp_output",
     stack: UpperStack | None = None,
+    stop_argmax: int = 0,
 ) -> ValueFit:
     """ROME's v* / MEMIT's z*: Adam on δ at the subject's last token for
 
@@ -415,7 +417,9 @@ def optimize_value(
     residual stream leaving the layer ("layer_output", MEMIT's compute_z), both at the bare
     prompt's subject token. As in the originals, at most ``steps`` evaluations with a gradient
     step after each but the last, stopping early once the loss named by ``stop_on`` ("total"
-    or "nll") is below ``stop_loss``.
+    or "nll") is below ``stop_loss``, or (``stop_argmax`` = k > 0, ENCORE's MPES) at the k-th
+    evaluation at which the target is the most probable token at every answer position of every
+    context template.
 
     One pass up to ``layer`` (prefix cached) gives the keys, v_orig and the residual
     stream leaving it; each step then adds δ there and runs only the suffix through the
@@ -473,7 +477,7 @@ def optimize_value(
     delta = torch.zeros(original.shape[0], device=residual.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * anchor.norm()
-    taken, kl_ref = 0, None
+    taken, kl_ref, hits = 0, None, 0
     terms = {"nll": float("nan"), "kl": float("nan"), "penalty": float("nan"), "loss": float("nan")}
     # A transient bar under the step's: a one-edit step spends nearly all its time in this loop, and
     # the step bar would not move for the whole fit. Off with the other bars (--quiet, progress=False).
@@ -496,7 +500,9 @@ def optimize_value(
             terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
             fit_bar.set_postfix_str(f"{watched} {terms[watched]:.3g} (stops below {stop_loss:g})", refresh=False)
             fit_bar.update()  # redraws at most every 0.1 s (tqdm's mininterval)
-            if terms[watched] < stop_loss or taken == steps:
+            if stop_argmax:
+                hits += int(_target_on_top(logits[:answers], exact, targets))
+            if terms[watched] < stop_loss or taken == steps or (stop_argmax and hits >= stop_argmax):
                 break  # the last evaluation takes no step: the terms above are those of the δ returned
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -511,8 +517,17 @@ def optimize_value(
         steps=taken,
         keys=keys,
         scale=anchor.double(),
+        argmax_hits=hits,
         **terms,
     )
+
+
+@torch.no_grad()
+def _target_on_top(logits: torch.Tensor, exact: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether each row's target (its exact logit) is at least every other token's logit."""
+    others = logits.detach().clone()
+    others[torch.arange(len(targets), device=others.device), targets] = float("-inf")
+    return bool((exact.detach() >= others.amax(-1)).all())
 
 
 class UpperStacks:
@@ -539,9 +554,11 @@ def fit_value(
     editor: str,
     stacks: UpperStacks | None = None,
     templates: Sequence[str] | None = None,
+    stop_argmax: int = 0,
 ) -> ValueFit:
     """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks;
-    ``templates``: the context templates, by default the fixed ones of ``params.context_templates``)."""
+    ``templates``: the context templates, by default the fixed ones of ``params.context_templates``;
+    ``stop_argmax``: MPES's count, 0 off)."""
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
     steps, lr, weight_decay = params.settled(editor)
     return optimize_value(
@@ -558,6 +575,7 @@ def fit_value(
         stop_on=params.stop_on,
         scale=params.v_scale,
         stack=stack,
+        stop_argmax=stop_argmax,
     )
 
 

@@ -17,8 +17,12 @@ different prompts write mostly different columns of M.
 At inference each row's mask is computed the same way from the tokens the row holds and compared
 with every stored mask: the largest overlap (shared columns / ``top_k``) at or above
 ``irr_threshold`` selects that stored mask, whose columns then read the row; below it the row gets
-nothing from M (its output is the base model's, bitwise). The weights never change: ``apply``
-returns an empty Delta and M, the masks, the permutation and the background mean are editor state.
+nothing from M (its output is the base model's, bitwise). As in the original, where a teacher-forced
+row is routed by its prompt's tokens and the answer's positions read through the same mask, a pass
+over a KV cache (an answer's later tokens, generated tokens) takes the route its prompt's pass took:
+the rows are recognised by the cache's first-layer keys over the prompt's positions. The weights
+never change: ``apply`` returns an empty Delta and M, the masks, the permutation and the background
+mean are editor state.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
 from lifelong.editors.adaptor import TEMPLATE_LENGTHS, TEMPLATE_STARTS, AdaptorEditor, UpperLayers, generated_prefixes
+from lifelong.editors.base import resolved
 from lifelong.editors.hooks import first_input, stop_after
 from streams import Edit
 from streams.errors import UserError
@@ -124,7 +129,32 @@ def top_hash(features: torch.Tensor, top_k: int, permutation: torch.Tensor) -> t
     return masks.scatter_(-1, permutation.to(features.device)[indices], True)
 
 
-class MEMOIREditor(AdaptorEditor):
+def first_keys(cache) -> torch.Tensor:
+    """A KV cache's first-layer keys, (rows, heads, positions, head dim)."""
+    return cache.layers[0].keys
+
+
+def carried_routes(keys: torch.Tensor, prompt_keys: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """Per row of a cache whose first-layer keys are ``keys``: the route of the prompt row whose keys
+    (``prompt_keys``, over the prompt pass's positions) its first positions equal bitwise, or -2 where
+    none does. Selecting and reordering a cache's rows copies them, so a row's keys stay equal."""
+    width = prompt_keys.shape[2]
+    out = torch.full((keys.shape[0],), -2, dtype=torch.long, device=routes.device)
+    if keys.shape[1:2] != prompt_keys.shape[1:2] or keys.shape[2] < width or keys.shape[3] != prompt_keys.shape[3]:
+        return out
+    now = keys[:, :, :width].flatten(1)
+    stored = prompt_keys.to(now.device).flatten(1)
+    # one value per position screens the candidates; the whole row decides
+    screen = (now[:, :: keys.shape[3]][:, None] == stored[:, :: keys.shape[3]][None]).all(-1)
+    for row, candidates in enumerate(screen):
+        for j in candidates.nonzero().flatten().tolist():
+            if torch.equal(now[row], stored[j]):
+                out[row] = routes[j]
+                break
+    return out
+
+
+class MEMOIREditor(AdaptorEditor[MEMOIRParams]):
     name = "memoir"
     description = "MEMOIR residual memory on one MLP output projection, written and read through TopHash prompt masks"
     Params = MEMOIRParams
@@ -140,6 +170,9 @@ class MEMOIREditor(AdaptorEditor):
         self._templates: list[str] | None = None
         self._templates_for = None
         self._on_device: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._past = None  # the KV cache the body's current forward continues, if any
+        self._pending: torch.Tensor | None = None  # routes of the current prompt pass, kept once it returns a cache
+        self._routes: tuple[torch.Tensor, torch.Tensor] | None = None  # (first-layer keys, routes) of that pass
         self.last_match = torch.zeros(0, dtype=torch.long)  # per row of the last forward: stored mask read, or -1
         self.last_steps: list[int] = []  # per edit of the last apply: training steps taken
 
@@ -148,21 +181,45 @@ class MEMOIREditor(AdaptorEditor):
         self.masks = torch.zeros(0, 0, dtype=torch.bool)  # (stored masks, in)
         self.edits = 0
         self._version = getattr(self, "_version", 0) + 1  # device copies are stale
+        self._routes = None  # routes taken under the former memory
 
     # -- binding, θ0 statistics
     def bind(self, lm: LoadedModel) -> MEMOIREditor:
         if self.params.layer is None:
             self.params = replace(self.params, layer=default_memoir_layer(lm.num_layers))
         super().bind(lm)
-        width = lm.adapter.out_proj_weight_view(self.params.layer).shape[1]
+        width = lm.adapter.out_proj_weight_view(self.layer).shape[1]
         top_k = default_top_k(width) if self.params.top_k is None else self.params.top_k
         if top_k > width:
-            raise UserError(f"memoir: top_k {top_k} exceeds the {width} input columns of layer {self.params.layer}")
+            raise UserError(f"memoir: top_k {top_k} exceeds the {width} input columns of layer {self.layer}")
         self.params = replace(self.params, top_k=top_k)
         if self.permutation is None or len(self.permutation) != width:
             # host: a CPU generator draws the same permutation on every device
             self.permutation = torch.randperm(width, generator=torch.Generator().manual_seed(self.params.seed))
         return self
+
+    @property
+    def top_k(self) -> int:
+        """Mask columns, as ``bind`` resolved them."""
+        return resolved(self.params.top_k, self.name, "top_k")
+
+    def _attach(self, lm: LoadedModel) -> None:
+        super()._attach(lm)
+        self._hooks.on_output(lm.adapter.body(), self._remember_routes)
+
+    def _remember_mask(self, module, args, kwargs):
+        super()._remember_mask(module, args, kwargs)
+        cache = kwargs.get("cache")
+        self._past = cache if cache is not None and cache.get_seq_length() > 0 else None
+        self._pending = None
+
+    def _remember_routes(self, module, args, out):
+        """After a prompt pass that returns a KV cache: its first-layer keys and routes, for the passes
+        that continue it."""
+        pending, self._pending = self._pending, None
+        cache = getattr(out, "cache", None)
+        if pending is not None:
+            self._routes = None if cache is None else (first_keys(cache).detach().clone(), pending)
 
     def prepare(self, lm: LoadedModel) -> None:
         self.bind(lm)
@@ -190,7 +247,7 @@ class MEMOIREditor(AdaptorEditor):
         ids = torch.tensor([Codec(lm.tokenizer).prompt_ids(text)], device=lm.device)
         self._bypass = True
         try:
-            with torch.no_grad(), stop_after(lm.adapter.out_proj(self.params.layer), first_input) as seen:
+            with torch.no_grad(), stop_after(lm.adapter.out_proj(self.layer), first_input) as seen:
                 lm.adapter.body()(input_ids=ids, use_cache=False)
         finally:
             self._bypass = False
@@ -203,8 +260,8 @@ class MEMOIREditor(AdaptorEditor):
             if self.background is None:
                 raise UserError("memoir: the background features are not computed yet (call prepare first)")
             features = features - self.background.to(features.device)
-        assert self.permutation is not None and self.params.top_k is not None  # set by bind
-        return top_hash(features, self.params.top_k, self.permutation)
+        assert self.permutation is not None  # drawn by bind
+        return top_hash(features, self.top_k, self.permutation)
 
     # -- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -258,15 +315,23 @@ class MEMOIREditor(AdaptorEditor):
         if self.memory is None or not len(self.masks):
             return out
         memory, stored = self._device_copies(x.device)
-        real = self.token_mask(x.shape[:2]).to(x.device)
-        masks = self.masks_for(pool_features(x, real, self.params.aggregate))
-        overlap = masks.float() @ stored.float().T / self.params.top_k  # (rows, stored)
-        best, match = overlap.max(1)
-        routed = (best >= self.params.irr_threshold) & real.any(1)
-        self.last_match = torch.where(routed, match, torch.full_like(match, -1)).cpu()
+        match = None
+        if self._past is not None and self._routes is not None:
+            match = carried_routes(first_keys(self._past), *self._routes)
+        if match is None or bool((match == -2).any()):  # a prompt pass, or a cache no prompt pass here made
+            real = self.token_mask(x.shape[:2]).to(x.device)
+            masks = self.masks_for(pool_features(x, real, self.params.aggregate))
+            overlap = masks.float() @ stored.float().T / self.top_k  # (rows, stored)
+            best, found = overlap.max(1)
+            own = torch.where((best >= self.params.irr_threshold) & real.any(1), found, torch.full_like(found, -1))
+            match = own if match is None else torch.where(match == -2, own, match)
+            if self._past is None:
+                self._pending = match
+        self.last_match = match.cpu()
+        routed = match >= 0
         if not bool(routed.any()):
             return out
-        change = F.linear(x.float() * stored[match][:, None, :], memory)
+        change = F.linear(x.float() * stored[match.clamp(min=0)][:, None, :], memory)
         return torch.where(routed[:, None, None], out + change.to(out.dtype), out)
 
     # -- editing
@@ -283,7 +348,7 @@ class MEMOIREditor(AdaptorEditor):
     def edit_one(self, lm: LoadedModel, edit: Edit) -> torch.Tensor:
         """Train M on ``edit`` through its prompt's mask and store the mask; returns the mask."""
         p = self.params
-        weight = lm.adapter.out_proj_weight_view(p.layer)
+        weight = lm.adapter.out_proj_weight_view(self.layer)
         if self.memory is None:
             self.memory = torch.zeros(weight.shape)
         mask = self.masks_for(self.prompt_feature(lm, edit.rendered_prompt)[None])[0].to(weight.device)
@@ -292,7 +357,7 @@ class MEMOIREditor(AdaptorEditor):
         batch = codec.collate(
             [codec.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates], lm.device
         )
-        upper = UpperLayers(lm, p.layer, batch)
+        upper = UpperLayers(lm, self.layer, batch)
         owner = torch.as_tensor(batch.owner, device=lm.device)
         # The original's label mask starts one position before the first target token, at a position
         # whose loss is 0: each row's mean is its target NLL summed over n + 1 positions.
@@ -304,20 +369,18 @@ class MEMOIREditor(AdaptorEditor):
         val, pre = 1e9, 0.0  # the original's EarlyStopMeter
         steps = 0
         try:
-            for steps in range(p.max_steps):
+            # the meter is checked before each step; the original computes that step's loss first, unused
+            while steps < p.max_steps and not (abs(val - pre) <= p.stop_delta and val <= p.stop_loss):
                 logits = upper.answer_logits()
                 lp = logits.log_softmax(-1).gather(1, batch.targets[:, None])[:, 0]
                 row_nll = torch.zeros(len(templates), device=lp.device).index_add(0, owner, -lp) / per_row
                 loss = row_nll.mean()
-                if abs(val - pre) <= p.stop_delta and val <= p.stop_loss:
-                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(memory, max_norm=p.clip_norm)
                 optimizer.step()
                 pre, val = val, loss.item()
-            else:
-                steps = p.max_steps
+                steps += 1
         finally:
             self._training = None
         self.memory = memory.detach().cpu()
@@ -328,8 +391,16 @@ class MEMOIREditor(AdaptorEditor):
             self.masks = torch.cat([self.masks, mask[None]])
         self.edits += 1
         self._version += 1
+        self._routes = None
         self.last_steps.append(steps)
         return mask
 
 
-__all__: Sequence[str] = ("MEMOIREditor", "MEMOIRParams", "default_memoir_layer", "default_top_k", "top_hash")
+__all__: Sequence[str] = (
+    "MEMOIREditor",
+    "MEMOIRParams",
+    "carried_routes",
+    "default_memoir_layer",
+    "default_top_k",
+    "top_hash",
+)

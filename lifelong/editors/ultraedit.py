@@ -176,7 +176,7 @@ def shape_key(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-class UltraEditEditor(Editor):
+class UltraEditEditor(Editor[UltraEditParams]):
     name = "ultraedit"
     description = (
         "UltraEdit: closed-form ridge shifts of MLP projections from answer-token keys and value gradients, "

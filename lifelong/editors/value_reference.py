@@ -98,5 +98,8 @@ def optimize_value_reference(
         steps=taken,
         keys=seen["key"].double()[None],
         scale=anchor.double(),
-        **terms,
+        nll=terms["nll"],
+        kl=terms["kl"],
+        penalty=terms["penalty"],
+        loss=terms["loss"],
     )

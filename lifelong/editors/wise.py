@@ -155,7 +155,7 @@ def margin_loss(inside: torch.Tensor, outside: torch.Tensor, alpha: float, beta:
     return positive_mean(gap) + positive_mean(outside - alpha) + positive_mean(beta - inside)
 
 
-class WISEEditor(AdaptorEditor):
+class WISEEditor(AdaptorEditor[WISEParams]):
     name = "wise"
     description = "WISE side memory on one FFN output projection: masked shards, activation routing, TIES merging"
     Params = WISEParams
@@ -343,7 +343,7 @@ class WISEEditor(AdaptorEditor):
     def edit_one(self, lm: LoadedModel, edit: Edit) -> float:
         """Train the open shard on ``edit``; close/merge shards on schedule. Returns the edit's Δact."""
         p = self.params
-        weight = lm.adapter.out_proj_weight_view(p.layer)
+        weight = lm.adapter.out_proj_weight_view(self.layer)
         if self.current is None:
             self.current = torch.zeros(weight.shape)
         mask = self.mask(self.shard_index, weight.shape).to(weight.device)
@@ -352,7 +352,7 @@ class WISEEditor(AdaptorEditor):
         encoded = [codec.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates]
         encoded.append(codec.encode(*self.irrelevant_pair(edit)))
         batch = codec.collate(encoded, lm.device)
-        upper = UpperLayers(lm, p.layer, batch)
+        upper = UpperLayers(lm, self.layer, batch)
         rows = len(templates)
         owner = torch.as_tensor(batch.owner, device=lm.device)
         in_rows = owner < rows
