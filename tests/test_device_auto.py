@@ -136,7 +136,7 @@ def test_layer_device_is_the_out_projection_weights():
 # fitted delta or a statistic is placed by its layer (``lm.layer_device``, ``weight.device``).
 LM_DEVICE_BUFFERS = {
     "lifelong/editors/locate.py": (2, "the token ids and mask of the sampled context templates"),
-    "lifelong/editors/wise.py": (1, "the token ids of the sampled context templates"),
+    "lifelong/editors/adaptor.py": (1, "the token ids of the sampled context templates (WISE, MEMOIR)"),
     # not spread-aware: under --device auto its per-layer parts would need the layers' devices (docs/MACHINES.md)
     "lifelong/editors/mend/training.py": (1, "MEND's hypernetwork, trained and kept on one device"),
 }
