@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import phase as progress_phase
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
@@ -309,8 +310,9 @@ def _replay_locked(
     # One spelling per number (2e-2 and 0.02 are one run); a run of format 1 recorded them as typed.
     config = dataclasses.replace(config, editor_overrides=normalised_overrides(type(editor), typed_overrides))
     suite = default_suite(config)
-    lm = lm or load_model(config.model, config.device, config.dtype)
-    base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
+    with progress_phase(f"loading model {config.model}", show=lm is None):
+        lm = lm or load_model(config.model, config.device, config.dtype)
+        base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
     check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
     editor.check_stream(stream)
