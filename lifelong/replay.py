@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import phase as progress_phase
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
@@ -358,16 +359,12 @@ def _replay_locked(
     the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
     another independent sequence: :func:`_replay_sequences`)."""
     plan = plan_inputs(config, editor)  # every input the model is not needed for, refused before it loads
-    config, editor, stream, steps, facts, suite = (
-        plan.config,
-        plan.editor,
-        plan.stream,
-        plan.steps,
-        plan.facts,
-        plan.suite,
-    )
-    lm = lm or load_model(config.model, config.device, config.dtype)
-    identity = planned_identity(plan, lm, weights_fingerprint(lm.model))  # θ0's fingerprint: before any edit
+    config, editor, suite = plan.config, plan.editor, plan.suite
+    stream, steps, facts = plan.stream, plan.steps, plan.facts
+    with progress_phase(f"loading model {config.model}", show=lm is None):
+        lm = lm or load_model(config.model, config.device, config.dtype)
+        base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
+    identity = planned_identity(plan, lm, base_fingerprint)
     largest = max(range(len(steps)), key=lambda k: len(steps[k]))
     check_step_memory(largest + 1, editor, lm, steps[largest])  # the largest step, before anything is written
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
