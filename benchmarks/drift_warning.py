@@ -1,0 +1,85 @@
+"""The collapse warning's threshold, measured: weight drift against perplexity step by step.
+
+Replays each editor on a model with the weight-drift and perplexity probes every step and prints,
+per step, the largest relative update max ‖W_t − W_0‖_F/‖W_0‖_F over the edited matrices, the
+largest norm ratio max ‖W_t‖_F/‖W_0‖_F and the corpus perplexity ratio to θ0; then, per editor,
+the first step where the perplexity ratio passes 2 and the largest relative update before it
+(docs/PROBES.md, "Collapse warning", reports a run of this).
+
+    python benchmarks/drift_warning.py --editors kn,mend,rome,memit --steps 20
+    python benchmarks/drift_warning.py --editors grace --steps 100 --set mend:hypernet=FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lifelong.core.machine import ComputeThreads, runtime_header, thread_policy  # noqa: E402
+from lifelong.replay import replay  # noqa: E402
+from lifelong.run import RunConfig  # noqa: E402
+
+
+def series(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> dict[int, float]:
+    rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol))
+    return dict(zip(rows["step"].to_list(), rows["value"].to_list()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--editors", default="kn,mend,rome,memit,grace")
+    ap.add_argument("--stream", default="builtin")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=1024, help="corpus tokens the perplexity probe reads")
+    ap.add_argument("--set", action="append", default=[], help="EDITOR:KEY=VALUE, an editor setting")
+    ap.add_argument("--threads", default=None)
+    args = ap.parse_args(argv)
+    overrides: dict[str, dict[str, str]] = {}
+    for spec in args.set:
+        editor, _, kv = spec.partition(":")
+        key, _, value = kv.partition("=")
+        overrides.setdefault(editor, {})[key] = value
+    with ComputeThreads(thread_policy(args.threads)), tempfile.TemporaryDirectory() as tmp:
+        print(runtime_header())
+        for name in args.editors.split(","):
+            config = RunConfig(
+                model=args.model,
+                editor=name,
+                editor_overrides=overrides.get(name, {}),
+                stream=args.stream,
+                steps=args.steps,
+                probe_every=args.steps,
+                probes=[
+                    f"perplexity:schedule=every:1,max_tokens={args.max_tokens},max_sentences=1",
+                    "weight_drift",
+                ],
+            )
+            results = replay(config, Path(tmp) / name, progress=False).run.results()
+            relative = series(results, "weight_drift", "relative", "max")
+            norm = series(results, "weight_drift", "norm_ratio", "max")
+            ppl = series(results, "perplexity", "ratio", "corpus")
+            print(f"\n{name} on {args.model}, {args.stream}, {args.steps} steps")
+            print(f"{'step':>5}{'max rel. update':>17}{'max norm ratio':>16}{'ppl ratio':>12}")
+            for step in sorted(ppl):
+                print(
+                    f"{step:>5}{relative.get(step, float('nan')):>17.4g}{norm.get(step, float('nan')):>16.6g}"
+                    f"{ppl[step]:>12.4g}"
+                )
+            burst = next((s for s in sorted(ppl) if ppl[s] > 2), None)
+            before = [relative[s] for s in relative if burst is None or s < burst]
+            print(
+                f"{name}: first step with perplexity ratio > 2: {burst}; largest relative update before it: "
+                f"{max(before):.4g}; at it: {relative.get(burst, float('nan')) if burst else float('nan'):.4g}"
+            )
+
+
+if __name__ == "__main__":
+    main()
