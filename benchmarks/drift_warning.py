@@ -1,13 +1,13 @@
 """The collapse warning's threshold, measured: weight drift against perplexity step by step.
 
 Replays each editor on a model with the weight-drift and perplexity probes every step and prints,
-per step, the largest relative update max ‖W_t − W_0‖_F/‖W_0‖_F over the edited matrices, the
-largest norm ratio max ‖W_t‖_F/‖W_0‖_F and the corpus perplexity ratio to θ0; then, per editor,
-the first step where the perplexity ratio passes 2 and the largest relative update before it
-(docs/PROBES.md, "Collapse warning", reports a run of this).
+per step, the relative updates ‖W_t − W_0‖_F/‖W_0‖_F summed over the edited matrices (the collapse
+warning's measure) and their largest, the largest norm ratio ‖W_t‖_F/‖W_0‖_F and the corpus
+perplexity ratio to θ0; then, per editor, the warning's step and the first step where the perplexity
+ratio passes 2 (docs/PROBES.md, "Collapse warning", reports runs of this).
 
     python benchmarks/drift_warning.py --editors kn,mend,rome,memit --steps 20
-    python benchmarks/drift_warning.py --editors grace --steps 100 --set mend:hypernet=FILE
+    python benchmarks/drift_warning.py --editors mend --set mend:hypernet=FILE --steps 20
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from lifelong.core.machine import ComputeThreads, runtime_header, thread_policy  # noqa: E402
 from lifelong.replay import replay  # noqa: E402
 from lifelong.run import RunConfig  # noqa: E402
+from probes.weight_drift import warning_step  # noqa: E402
 
 
 def series(results: pl.DataFrame, probe: str, metric: str, protocol: str) -> dict[int, float]:
@@ -63,21 +64,18 @@ def main(argv: list[str] | None = None) -> None:
                 ],
             )
             results = replay(config, Path(tmp) / name, progress=False).run.results()
-            relative = series(results, "weight_drift", "relative", "max")
+            summed = series(results, "weight_drift", "relative", "sum")
+            largest = series(results, "weight_drift", "relative", "max")
             norm = series(results, "weight_drift", "norm_ratio", "max")
             ppl = series(results, "perplexity", "ratio", "corpus")
             print(f"\n{name} on {args.model}, {args.stream}, {args.steps} steps")
-            print(f"{'step':>5}{'max rel. update':>17}{'max norm ratio':>16}{'ppl ratio':>12}")
-            for step in sorted(ppl):
-                print(
-                    f"{step:>5}{relative.get(step, float('nan')):>17.4g}{norm.get(step, float('nan')):>16.6g}"
-                    f"{ppl[step]:>12.4g}"
-                )
+            print(f"{'step':>5}{'sum rel. update':>17}{'largest':>10}{'max norm ratio':>16}{'ppl ratio':>12}")
+            for step in sorted(s for s in ppl if s > 0):
+                print(f"{step:>5}{summed[step]:>17.4g}{largest[step]:>10.4g}{norm[step]:>16.6g}{ppl[step]:>12.4g}")
             burst = next((s for s in sorted(ppl) if ppl[s] > 2), None)
-            before = [relative[s] for s in relative if burst is None or s < burst]
             print(
-                f"{name}: first step with perplexity ratio > 2: {burst}; largest relative update before it: "
-                f"{max(before):.4g}; at it: {relative.get(burst, float('nan')) if burst else float('nan'):.4g}"
+                f"{name}: collapse warning at step {warning_step(results)}; "
+                f"first step with perplexity ratio > 2: {burst}"
             )
 
 

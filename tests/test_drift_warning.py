@@ -24,7 +24,7 @@ from streams.errors import UserError
 from tests.conftest import make_edits
 from tests.test_general_probes import TEXT, train_to_repeat
 
-GRACE = {"layer": "2", "eps_init": "1.0", "max_steps": "5"}
+GRACE = {"layer": "2", "eps_init": "1.0", "max_steps": "1"}
 
 
 def _drift_rows(probe, base: dict, now: dict) -> dict:
