@@ -21,7 +21,7 @@ import torch
 from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import answer_token_ids
-from lifelong.editors.base import Editor, resolve_layer
+from lifelong.editors.base import Editor, resolve_layer, resolved
 from lifelong.editors.locate import capture_keys
 from streams import Edit
 
@@ -34,7 +34,7 @@ class NudgeParams:
     alpha: float = 1.0  # size of the nudge, in units of the output embedding
 
 
-class NudgeEditor(Editor):
+class NudgeEditor(Editor[NudgeParams]):  # Editor[...]: mypy knows self.params is a NudgeParams
     name = "nudge"
     description = "template: rank-one nudge of one MLP output projection toward the new answer's embedding"
     Params = NudgeParams
@@ -44,9 +44,14 @@ class NudgeEditor(Editor):
         self.params = dataclasses.replace(self.params, layer=resolve_layer(self.params.layer, lm, self.name))
         return self
 
+    @property
+    def layer(self) -> int:
+        """The layer as bind() resolved it: typed int, where the setting is int | None."""
+        return resolved(self.params.layer, self.name, "layer")
+
     def scope(self, lm: LoadedModel) -> list[str]:
         # Every parameter apply() may change; the kit checks that nothing else moves.
-        return [lm.adapter.out_proj_param_name(self.bind(lm).params.layer)]
+        return [lm.adapter.out_proj_param_name(self.bind(lm).layer)]
 
     @torch.no_grad()
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
@@ -56,7 +61,7 @@ class NudgeEditor(Editor):
         us, vs = [], []
         for edit in batch:
             ids = lm.tokenizer(edit.rendered_prompt, return_tensors="pt").input_ids.to(lm.device)
-            with capture_keys(lm.adapter, self.params.layer) as seen:
+            with capture_keys(lm.adapter, self.layer) as seen:
                 lm.model(input_ids=ids)
             key = seen[0][0, -1].float()
             target = answer_token_ids(lm.tokenizer, edit.target_new)[0]

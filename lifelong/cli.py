@@ -13,11 +13,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lifelong.core.durable import writing
 from lifelong.export import EXPORT_HELP
 from streams.errors import UserError
 
@@ -40,7 +42,8 @@ def _parse_set(values: list[str]) -> dict[str, str]:
 def _default_out(args) -> Path:
     stream = Path(args.stream).stem if args.stream.endswith(".jsonl") else args.stream
     model = Path(args.model).name if Path(args.model).is_dir() else args.model
-    return Path("runs") / f"{model}-{args.editor}-{stream}-seed{args.seed}"
+    preset = "-" + re.sub(r"[^A-Za-z0-9@.-]+", "_", args.preset) if getattr(args, "preset", None) else ""
+    return Path("runs") / f"{model}-{args.editor}-{stream}-seed{args.seed}{preset}"
 
 
 @contextmanager
@@ -77,9 +80,10 @@ def check_replay_args(args) -> None:
 
     check_values(RunConfig, vars(args))
     from lifelong.core.names import unknown_setting
+    from lifelong.core.options import quick_setting_problem
 
-    for key in _parse_set(args.set):
-        problem = unknown_setting(args.editor, key)
+    for key, raw in _parse_set(args.set).items():
+        problem = unknown_setting(args.editor, key) or quick_setting_problem(args.editor, key, raw)
         if problem:
             raise UserError(problem)
     from lifelong.core.keep import KeepPolicy
@@ -116,10 +120,17 @@ def cmd_replay(args) -> int:
     finally:
         for exporter in exporters:
             exporter.close()
+    if result.sequences is not None:  # a preset of independent sequences (wise-t): a directory of runs
+        from lifelong.presets import format_sequence_figures
+
+        print(format_sequence_figures(result.sequences))
+        print(f"\nruns: {out.resolve()}/sequence_*  (figures: {out.resolve()}/preset.json)")
+        return 0
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
-    plots = plot_run(result.run)
+    with writing(result.run.plots_dir):  # a full disk: one error naming the directory
+        plots = plot_run(result.run)
     print(format_summary(result.run))
     print(f"\nrun directory: {result.run.path.resolve()}")
     print(f"plots: {', '.join(str(p.resolve()) for p in plots)}")
@@ -239,7 +250,8 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     table = compare_table(runs, labels)
     out.mkdir(parents=True, exist_ok=True)
-    table.write_csv(out / "compare.csv")
+    with writing(out / "compare.csv"):
+        table.write_csv(out / "compare.csv")
     figure = plot_compare(runs, out / "compare.png")
     for key, what in (
         ("stream_hash", "replayed different streams"),
@@ -304,6 +316,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    from lifelong.judging import describe, judge_run
+    from lifelong.run import RunDir
+    from probes.judge import ChatJudge
+
+    judge = ChatJudge.from_environment(args.judge, args.judge_model, timeout=args.timeout, retries=args.retries)
+    report = judge_run(RunDir(args.dir), judge, workers=args.workers, progress=not args.quiet)
+    print(describe(RunDir(args.dir), report, judge.name))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     for flag, value in (("--tokens", args.tokens), ("--edits", args.edits)):
         if value < 1:
@@ -326,13 +349,14 @@ def cmd_train_mend(args) -> int:
     from lifelong.core.machine import ComputeThreads, thread_policy
     from lifelong.core.models import load_model
     from lifelong.editors.mend import (
-        TrainConfig,
         format_curve,
         load_hypernetwork,
         read_curve,
         resolve_layers,
         resolve_params,
         train_hypernetwork,
+        training_preset,
+        training_summary,
     )
 
     policy = thread_policy(args.threads)
@@ -340,15 +364,18 @@ def cmd_train_mend(args) -> int:
         lm = load_model(args.model, args.device)
     layers = resolve_layers(args.layers or "", lm.num_layers)
     kinds = resolve_params(args.params or "", lm.adapter)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        rank=args.rank,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        holdout=args.holdout,
-        eval_every=args.eval_every or args.checkpoint_every,
-    )
+    given = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "holdout": args.holdout,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "stop_key": args.stop_key,
+    }
+    config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
     with ComputeThreads(policy), quiet_bars(args.quiet):
         path = train_hypernetwork(
             lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
@@ -361,7 +388,7 @@ def cmd_train_mend(args) -> int:
     print(
         f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
         f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
-        f"\n{path.resolve()}"
+        f"\n{training_summary(meta)}\n{path.resolve()}"
     )
     return 0
 
@@ -370,11 +397,13 @@ def field_notes(cls: type) -> dict[str, str]:
     """What each field of a dataclass means, from its source: the field's trailing ``# comment``, else
     the comment block right above it; a subclass's note wins over its bases'."""
     import inspect
+    import textwrap
 
     notes: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            lines = inspect.getsource(klass).splitlines()
+            # dedented: a class nested in a probe (``Probe.Options``) has its fields one level deeper
+            lines = textwrap.dedent(inspect.getsource(klass)).splitlines()
         except (OSError, TypeError):
             continue
         above: list[str] = []
@@ -582,6 +611,27 @@ def build_parser() -> _Parser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "judge",
+        help="grade a run's stored generated answers with an LLM judge (any OpenAI-compatible chat endpoint; "
+        "the Mirage paper's prompt): protocol gen_judge@SETTING, resumable",
+    )
+    p.add_argument("dir")
+    p.add_argument("--judge", metavar="URL", default=None, help="the API's base URL (default: $LIFELONG_JUDGE_URL)")
+    p.add_argument(
+        "--judge-model",
+        default=None,
+        help="the judge model (default: $LIFELONG_JUDGE_MODEL, else gpt-4o-mini, the authors'); the API key is "
+        "read from $LIFELONG_JUDGE_KEY, else $OPENAI_API_KEY (never from the command line, which others can see)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="requests at a time (default: 1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply (default: 60)")
+    p.add_argument(
+        "--retries", type=int, default=5, help="retries of a 429, 5xx or timed-out request, with backoff (default: 5)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser(
         "inspect",
         formatter_class=defaults,
         help="before/after: greedy continuations of a few edits' prompt, paraphrase and neighbour "
@@ -610,24 +660,42 @@ def build_parser() -> _Parser:
     )
     p.add_argument(
         "--data",
-        default="dataset:zsre_mend",
-        help="training edits: comma-separated streams (builtin, dataset:NAME, file.jsonl)",
+        default="split:counterfact",
+        help="training edits: comma-separated split:counterfact, split:zsre (a data set's training split, "
+        "less its evaluated records' subjects) or streams (builtin, dataset:NAME, file.jsonl)",
+    )
+    p.add_argument(
+        "--training",
+        default="published",
+        choices=["published", "cpu-small"],
+        help="settings: published (EasyEdit's MEND training file for Llama: lr 1e-6, lr_lr 1e-4, rank 1920, "
+        "1 edit x 10 accumulated, validation every 1000 steps, patience 30000, capped at 2000 steps) or "
+        "cpu-small (the former: 150 steps of 4 edits, lr 1e-3, lr_lr 1e-2, rank 64, no early stopping); "
+        "the options below override it",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=4, help="edits per training step")
-    p.add_argument("--rank", type=int, default=64, help="rank of the hypernetwork's low-rank layers")
-    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="cap on training steps (iterations)")
+    p.add_argument("--batch-size", type=int, default=None, help="edits per training step")
+    p.add_argument("--rank", type=int, default=None, help="rank of the hypernetwork's low-rank layers")
+    p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
         "--holdout",
         type=int,
-        default=20,
-        help="keep the last N training records out, for the learning curve's held-out edit success",
+        default=None,
+        help="keep the last N training records out, as the validation set (learning curve, early stopping)",
+    )
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+    p.add_argument(
+        "--patience", type=int, default=None, help="stop after N steps without a better validation (0: never)"
     )
     p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between held-out evaluations (default: --checkpoint-every)"
+        "--stop-key",
+        default=None,
+        choices=["es", "total", "nll"],
+        help="validation score for early stopping: es (the toolkit's edit/acc_val) or total (the original's "
+        "loss/total_edit_val)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--out", default=None, help="directory (default: the cache, keyed by model, layers, params and data)"
     )
@@ -684,7 +752,56 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+INTERRUPTED = (
+    "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
+    "re-run the same command to resume"
+)
+
+
+def _interrupted(stop: KeyboardInterrupt) -> int:
+    print(INTERRUPTED, file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status. Called without ``argv`` (as the ``lifelong`` program),
+    it ends the process itself once the command is done (see :func:`_end_program`)."""
+    import threading
+
+    program = argv is None and threading.current_thread() is threading.main_thread()
+    try:
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt as stop:  # one that came while the handlers below ran
+            code = _interrupted(stop)
+        if program:
+            _end_program(code)
+    except KeyboardInterrupt as stop:  # while the program was ending
+        code = _interrupted(stop)
+        if program:
+            _end_program(code)
+    return code
+
+
+def _end_program(code: int) -> None:
+    """Flush the output, run the exit handlers and end the process now. The interpreter's own teardown
+    (freeing torch, transformers and the model, seconds long) runs no Python code, so an interrupt
+    arriving there would kill the process bare (exit -2, no 'interrupted' line): it is skipped. Files
+    are all written and flushed to disk by then (lifelong.core.durable)."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():  # as the interpreter would: non-daemon threads finish first
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     import signal
     import threading
 
@@ -699,12 +816,7 @@ def main(argv: list[str] | None = None) -> int:
             apply_config(args, parser.replay_parser, argv)
         return args.func(args)
     except KeyboardInterrupt as stop:
-        print(
-            "\ninterrupted: completed steps (and key-statistics text sampled so far) are saved; "
-            "re-run the same command to resume",
-            file=sys.stderr,
-        )
-        return 143 if isinstance(stop, Terminated) else 130
+        return _interrupted(stop)
     except (UserError, OSError) as err:  # the user's input, or the user's file system (permissions, a full disk)
         print(f"lifelong: error: {one_line(str(err))}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ write those figures as PNGs under ``DIR/plots/``."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import cast
 
 import numpy as np
 
-from lifelong.core.stats import Estimate, rate, sampled_wilson
+from lifelong.core.stats import Estimate, newcombe_difference, rate, sampled_wilson
 from lifelong.run import RunDir
 from probes import metric_table as mt
 from probes.metrics import retained_fraction, retention_matrix
@@ -20,14 +21,16 @@ from streams.errors import UserError
 BAND_ALPHA = 0.15
 
 
-def rate_band(rows, population=None) -> tuple[np.ndarray, np.ndarray]:
+def rate_band(rows, population=None, kinds: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per point, the 95% interval of a rate over that point's items (NaN = not measured): Wilson for 0/1
     items, bootstrap otherwise; NaN where a point has no interval. ``population`` (per point, NaN where
     the items are all there are): the items are a sample of that many, so Wilson with the finite-population
-    correction."""
+    correction. ``kinds`` collects the intervals' kinds ('Wilson', 'bootstrap'), for the labels."""
     low, high = [], []
     for k, row in enumerate(rows):
         e = rate(row)
+        if kinds is not None and e.method:
+            kinds.add(INTERVAL_NAMES.get(e.method, e.method))
         if population is not None and e.n is not None and not np.isnan(population[k]) and e.method == "wilson":
             lo, hi = sampled_wilson(e.value * e.n, e.n, int(population[k]))
             e = Estimate(e.value, e.n, lo, hi)
@@ -36,11 +39,45 @@ def rate_band(rows, population=None) -> tuple[np.ndarray, np.ndarray]:
     return np.array(low, dtype=float), np.array(high, dtype=float)
 
 
-def _band(ax, x, rows, color=None, population=None) -> None:
-    """Shade the 95% interval of a curve that is a rate over items at each step."""
-    low, high = rate_band(rows, population)
-    if len(x) and not np.all(np.isnan(low)):
-        ax.fill_between(np.asarray(x, dtype=float), low, high, color=color, alpha=BAND_ALPHA, lw=0)
+INTERVAL_NAMES = {"wilson": "Wilson", "bootstrap": "bootstrap", "t": "t"}
+
+
+def _band(ax, x, rows, color=None, population=None) -> set[str]:
+    """Shade the 95% interval of a curve that is a rate over items at each step (an error bar for a
+    single step); the kinds of interval drawn."""
+    kinds: set[str] = set()
+    low, high = rate_band(rows, population, kinds)
+    _shade(ax, x, low, high, color)
+    return kinds
+
+
+def _shade(ax, x, low, high, color=None) -> bool:
+    """A 95% band between ``low`` and ``high`` over ``x``, or an error bar where one step has it (a band
+    over one point draws nothing); False when there is no interval to draw."""
+    x, low, high = (np.asarray(a, dtype=float) for a in (x, low, high))
+    known = ~(np.isnan(low) | np.isnan(high))
+    if not known.any():
+        return False
+    if known.sum() == 1:
+        i = int(np.flatnonzero(known)[0])
+        middle, half = (low[i] + high[i]) / 2, (high[i] - low[i]) / 2  # the bar spans [low, high]
+        ax.errorbar([x[i]], [middle], yerr=[[half]], fmt="none", color=color, capsize=4)
+    else:
+        ax.fill_between(x, low, high, color=color, alpha=BAND_ALPHA, lw=0)
+    return True
+
+
+def interval_words(kinds: set[str], single: bool) -> str:
+    """'95% Wilson bands', '95% bootstrap interval', '95% Wilson or bootstrap bands': what a title names."""
+    what = " or ".join(sorted(kinds)) if kinds else "no"
+    return f"95% {what} {'interval' if single else 'bands'}" if kinds else "no interval"
+
+
+def integer_steps(ax) -> None:
+    """Step ticks at whole steps only (matplotlib would put one at 0.5 on a short run)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
 def wrapped(title: str, inches: float) -> str:
@@ -87,18 +124,13 @@ def retention_figure(run: RunDir):
         m = retention_matrix(results, protocol)
         if len(m.steps):
             color = "C0" if protocol == "es" else "C1"
-            ax.plot(
-                m.steps,
-                retained_fraction(m.values),
-                style,
-                ms=3,
-                color=color,
-                label=f"retained fraction ({protocol}, 95% band)",
-            )
-            _band(ax, m.steps, m.values, color, m.population)
+            (line,) = ax.plot(m.steps, retained_fraction(m.values), style, ms=3, color=color)
+            kinds = _band(ax, m.steps, m.values, color, m.population)
+            line.set_label(f"retained fraction ({protocol}, {interval_words(kinds, len(m.steps) == 1)})")
             own = [np.mean(m.own_score[m.own_step <= s]) for s in m.steps]
             ax.plot(m.steps, own, ":", color=color, label=f"efficacy at own step, mean so far ({protocol})")
     ax.set_xlabel("stream step")
+    _shared_steps([ax], int(cast(int, results["step"].max())))  # whole steps only, from θ0
     ax.set_ylabel("fraction of edits so far")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"Retention — {_title(run)}")
@@ -244,6 +276,7 @@ def chains_figure(run: RunDir):
         if later.height:
             ax.plot(later["step"], later["value"], "--s", ms=3, label="mean of re-measured chains")
         ax.set_xlabel("stream step")
+        integer_steps(ax)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -276,6 +309,66 @@ def _series(results, probe: str, metric: str, protocol: str | None = None, edit_
         return np.array([]), np.array([])
     agg = rows.group_by("step").agg(pl.col("value").mean()).sort("step")
     return agg["step"].to_numpy(), agg["value"].to_numpy()
+
+
+def ratio_band(results, steps, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """The perplexity ratio's 95% interval at ``steps`` (its ``ratio_low``/``ratio_high`` rows: a t
+    interval over the corpus's chunks), NaN where a step has none (θ0, the sentence_mean variant)."""
+    bounds = []
+    for metric in (mt.RATIO_LOW, mt.RATIO_HIGH):
+        at, values = _series(results, "perplexity", metric, protocol)
+        known = dict(zip(at.tolist(), values.tolist()))
+        bounds.append(np.array([known.get(int(step), np.nan) for step in steps], dtype=float))
+    return bounds[0], bounds[1]
+
+
+@functools.lru_cache(maxsize=64)
+def scored_zero_one(task: str) -> bool:
+    """Whether a downstream task scores each item 0 or 1 (choices, exact match, a number), so its score
+    is a proportion over its items; False for ROUGE and entity F1, and for a task whose file is absent."""
+    from probes.tasks import Choice, load_task
+
+    try:
+        first = load_task(task)[:1]
+    except UserError:
+        return False
+    return bool(first) and (isinstance(first[0], Choice) or getattr(first[0], "metric", "") in ("em", "number"))
+
+
+def downstream_band(results, steps, items: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """The 95% interval of the mean over tasks of score − score at θ0, at ``steps``: per task Newcombe's
+    interval of the difference of two proportions over its items, taken as unpaired (the same items at
+    both steps make the true interval narrower: this one is conservative), the tasks combined by MOVER
+    (independent tasks). NaN at θ0 (no difference) and wherever a task is not scored 0/1 or its item
+    count is unknown (a run begun before the reference kept it)."""
+    import polars as pl
+
+    nan = np.full(len(steps), np.nan)
+    scores = results.filter((pl.col("probe") == "downstream") & (pl.col("metric") == "score"))
+    tasks = sorted(set(scores["protocol"]) - {"mean"})
+    tasks = [t for t in tasks if t.split(";", 1)[0] != "mean"]
+    if (
+        not tasks
+        or not items
+        or not all(items.get(t.split(";", 1)[0]) and scored_zero_one(t.split(";", 1)[0]) for t in tasks)
+    ):
+        return nan, nan.copy()
+    per_task = {t: dict(zip(*_series(results, "downstream", "score", t))) for t in tasks}
+    low, high = nan.copy(), nan.copy()
+    for j, step in enumerate(int(x) for x in steps):
+        if step == 0 or not all(step in per_task[t] and 0 in per_task[t] for t in tasks):
+            continue
+        total, below, above = 0.0, 0.0, 0.0
+        for t in tasks:
+            n = int(items[t.split(";", 1)[0]])
+            now, base = round(per_task[t][step] * n), round(per_task[t][0] * n)
+            lo, hi = newcombe_difference(now, n, base, n)
+            d = (now - base) / n
+            total, below, above = total + d, below + (d - lo) ** 2, above + (hi - d) ** 2
+        k = len(tasks)
+        low[j] = max(-1.0, (total - np.sqrt(below)) / k)
+        high[j] = min(1.0, (total + np.sqrt(above)) / k)
+    return low, high
 
 
 def _panels(results, outside: dict | None = None) -> list[str]:
@@ -316,34 +409,35 @@ def _draw_panel(
 
         outside[name].plot_panel(ax, results.filter(pl.col("probe") == name), color=color, label=label)
     elif name == "retention":
+        kinds: set[str] = set()
+        single = True
         for protocol, style in (("es", "-"), ("exact", "--")):
             m = retention_matrix(results, protocol)
             if len(m.steps) and (detail or protocol == "es"):
                 (line,) = ax.plot(
                     m.steps, retained_fraction(m.values), style, marker="o", ms=3, color=color, label=one(protocol)
                 )
-                _band(ax, m.steps, m.values, line.get_color())
+                kinds |= _band(ax, m.steps, m.values, line.get_color())
+                single = single and len(m.steps) == 1
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("retained fraction of edits so far")
+        words = interval_words(kinds, single)
         ax.set_title(
-            "Retention (ES: new target beats old; exact: greedy match; 95% Wilson bands)"
+            f"Retention (ES: new target beats old; exact: greedy match; {words})"
             if detail
-            else "Retention (ES; 95% Wilson bands)",
+            else f"Retention (ES; {words})",
             fontsize=9,
         )
     elif name == "perplexity":
         for protocol, style in (("corpus", "-"), ("sentence_mean", "--")):
             steps, values = _series(results, "perplexity", "ratio", protocol)
             if len(steps) and (detail or protocol == "corpus"):
-                ax.plot(
-                    steps,
-                    values,
-                    style,
-                    marker="o",
-                    ms=3,
-                    color=color,
-                    label=f"{one(protocol)} (last {values[-1]:.3g}x)",
-                )
+                (line,) = ax.plot(steps, values, style, marker="o", ms=3, color=color)
+                low, high = ratio_band(results, steps, protocol)
+                shaded = _shade(ax, steps, low, high, line.get_color())
+                # only the corpus variant's rows carry an interval (chunks as clusters)
+                band = "95% t over chunks" if shaded else "no interval"
+                line.set_label(f"{one(protocol)} (last {values[-1]:.3g}x; {band})")
         shown = f"collapse threshold ({threshold:g}x)"
         ax.axhline(
             threshold,
@@ -383,16 +477,12 @@ def _draw_panel(
                     label=task,
                 )
         steps, values = _series(results, "downstream", "diff", "mean")
-        ax.plot(
-            steps,
-            values,
-            "-",
-            marker="o",
-            ms=4,
-            lw=2.2,
-            color=color or "black",
-            label="mean over tasks" if detail else label,
-        )
+        (line,) = ax.plot(steps, values, "-", marker="o", ms=4, lw=2.2, color=color or "black")
+        low, high = downstream_band(results, steps, items)
+        shaded = _shade(ax, steps, low, high, line.get_color())
+        band = "95% Newcombe per task, unpaired (conservative), MOVER over tasks" if shaded else "no interval"
+        if detail or (label and not label.startswith("_")):
+            line.set_label(f"{'mean over tasks' if detail else label} ({band})")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_ylabel("score − score at θ0")
         sizes = sorted(set((items or {}).values()))
@@ -439,11 +529,9 @@ def _draw_panel(
 
 def _shared_steps(axes, last_step: int) -> None:
     """Every panel on the same integer step axis, from θ0 (step 0) to the last step."""
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
         ax.set_xlim(-0.03 * max(last_step, 1), last_step * 1.03 + 0.1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        integer_steps(ax)
 
 
 def _chain_probe(results) -> str:
@@ -489,9 +577,12 @@ def dashboard_figure(run: RunDir):
         _mark_collapse(ax, warning, color="darkorange", label=f"collapse warning ({warning})")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], int(cast(int, results["step"].max())))
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     steps = max(run.completed_step(), 0)
+    spare = list(axes.flat)[len(panels) :]
+    for ax in spare:
+        ax.axis("off")
+    if spare:  # the grid's last cell: the run's headline figures rather than a blank
+        _headline_panel(spare[0], results, steps, items, collapse)
     note = (
         f"perplexity collapse at step {collapse}"
         if collapse is not None
@@ -505,6 +596,51 @@ def dashboard_figure(run: RunDir):
     return fig
 
 
+def headline_lines(results, steps: int, items: dict | None, collapse: int | None) -> list[str]:
+    """The run's headline figures, each with its 95% interval and n where it has one, for the dashboard's
+    spare cell: edit quality at each edit's own step, then the last probed value of each curve."""
+    from lifelong.core.stats import format_estimate
+    from lifelong.summary import item_values
+
+    lines = [f"{steps} step{'s' if steps != 1 else ''} done"]
+    for metric, protocol, short in QUALITY_BARS:
+        values = item_values(results, "edit_quality", metric, protocol)
+        if len(values):
+            e = rate(values)
+            lines.append(f"{short} at own step: {format_estimate(e)} ({INTERVAL_NAMES.get(e.method, 'no interval')})")
+    m = retention_matrix(results, "es")
+    if len(m.steps):
+        low, high = rate_band(m.values[-1:], m.population[-1:] if m.population is not None else None)
+        e = rate(m.values[-1])
+        e = Estimate(e.value, e.n, None if np.isnan(low[0]) else low[0], None if np.isnan(high[0]) else high[0])
+        lines.append(f"retained fraction (ES) at step {m.steps[-1]}: {format_estimate(e)}")
+    at, ratio = _series(results, "perplexity", "ratio", "corpus")
+    if len(at):
+        e = _last_estimate(ratio, *ratio_band(results, at[-1:], "corpus"))
+        lines.append(f"perplexity ratio (corpus) at step {at[-1]}: {format_estimate(e)}")
+        lines.append(f"collapse step: {collapse}" if collapse is not None else "no perplexity collapse")
+    at, diff = _series(results, "downstream", "diff", "mean")
+    if len(at):
+        e = _last_estimate(diff, *downstream_band(results, at[-1:], items))
+        lines.append(f"downstream drift (mean over tasks) at step {at[-1]}: {format_estimate(e)}")
+    at, drift = _series(results, "weight_drift", "frobenius", "total")
+    if len(at):
+        lines.append(f"weight drift ‖W_t − W_0‖_F at step {at[-1]}: {drift[-1]:.4g}")
+    return lines
+
+
+def _last_estimate(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> Estimate:
+    """The last value of a curve with its interval (``low``/``high``: one entry each, NaN for none)."""
+    known = not (np.isnan(low[0]) or np.isnan(high[0]))
+    return Estimate(float(values[-1]), None, float(low[0]) if known else None, float(high[0]) if known else None)
+
+
+def _headline_panel(ax, results, steps: int, items: dict | None, collapse: int | None) -> None:
+    ax.set_title("Headline figures (95% intervals)", fontsize=9)
+    text = "\n".join(headline_lines(results, steps, items, collapse))
+    ax.text(0.02, 0.95, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, family="monospace", wrap=True)
+
+
 def run_labels(runs: list[RunDir]) -> list[str]:
     """Editor names, with the directory name added where two runs share an editor."""
     editors = [r.manifest()["identity"]["editor"] for r in runs]
@@ -516,15 +652,19 @@ QUALITY_BARS = (("efficacy", "es", "ES"), ("generalization", "ps", "PS"), ("loca
 
 def _draw_quality(ax, tables, groups, names, single) -> None:
     """Edit quality at each edit's own step, one bar group per measure and one bar per configuration
-    (its seeds' items pooled), with a 95% Wilson interval."""
+    (its seeds' items pooled), with a 95% interval (Wilson for 0/1 items, else a bootstrap; the title
+    names those drawn)."""
     from lifelong.summary import item_values
 
     width = 0.8 / len(groups)
+    kinds: set[str] = set()
     for j, group in enumerate(groups):
         means, lows, highs = [], [], []
         for metric, protocol, _ in QUALITY_BARS:
             values = np.concatenate([item_values(tables[i], "edit_quality", metric, protocol) for i in group])
             e = rate(values)
+            if e.method:
+                kinds.add(INTERVAL_NAMES.get(e.method, e.method))
             means.append(e.value)
             lows.append(e.value - (e.low if e.low is not None else e.value))
             highs.append((e.high if e.high is not None else e.value) - e.value)
@@ -534,7 +674,9 @@ def _draw_quality(ax, tables, groups, names, single) -> None:
     ax.set_xticks(range(len(QUALITY_BARS)), [label for *_, label in QUALITY_BARS])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of prompts, at the edit's own step")
-    ax.set_title("Edit quality (95% Wilson intervals)", fontsize=9)
+    # named after the intervals drawn: Wilson for 0/1 items, a bootstrap for graded ones (stats.rate)
+    words = f"95% {' or '.join(sorted(kinds))} intervals" if kinds else "no interval"
+    ax.set_title(f"Edit quality ({words})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
 
 
@@ -583,6 +725,7 @@ def compare_figure(runs: list[RunDir]):
                     label=label if first else "_nolegend_",
                     detail=False,
                     threshold=threshold,
+                    items=(run.load_reference() or {}).get("downstream", {}).get("items"),
                 )
                 _mark_collapse(
                     ax, collapse_step(results), color=color, label=f"{label}: collapse" if first else "_nolegend_"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 import typing
@@ -26,6 +27,7 @@ from lifelong.core.bars import bar as progress_bar
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
+from lifelong.core.memory import available_memory, gib
 from lifelong.core.models import (
     LoadedModel,
     config_fingerprint,
@@ -36,11 +38,12 @@ from lifelong.core.models import (
 )
 from lifelong.core.scorer import Scorer
 from lifelong.editors import Editor, make_editor
-from lifelong.run import RunConfig, RunDir, identity_of
+from lifelong.presets import PresetChoice, apply_preset, sequence_figures
+from lifelong.run import RunConfig, RunDir, atomic_write_text, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
 from probes import metric_table as mt
-from probes.base import chain_ends
+from probes.base import Probe, chain_ends
 from probes.weight_drift import WARN_RELATIVE, warning_step, warning_text
 from streams import EditStream, load_stream
 from streams.errors import UserError
@@ -51,6 +54,9 @@ class ReplayResult:
     run: RunDir
     steps_run: int  # steps executed by this call (0 if the run was already complete)
     total_steps: int
+    # A preset of independent sequences (wise-t): the figures averaged over them (preset.json), and
+    # ``run`` is the last sequence's run.
+    sequences: dict | None = None
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -113,6 +119,21 @@ def prepare_stream_and_facts(config: RunConfig) -> tuple[EditStream, list, tuple
     return stream, steps, facts, full.content_hash()
 
 
+def check_step_memory(step: int, editor: Editor, lm: LoadedModel, batch: Sequence) -> None:
+    """Refuse step ``step`` before it starts when the editor's estimate of its memory exceeds what is
+    available on the model's device (:mod:`lifelong.core.memory`)."""
+    available = available_memory(lm.device)
+    if available is None:  # not readable here: nothing to compare with
+        return
+    need = editor.memory_estimate(lm, batch)
+    if need > available:
+        raise UserError(
+            f"step {step} ({len(batch):,} edits): its memory is estimated at {gib(need)} beyond the model, "
+            f"more than the {gib(available)} available on {lm.device}; give --batch-size K for smaller steps, "
+            "lower the editor's batch settings with --set, or free memory (nothing of the step was written)"
+        )
+
+
 def check_context(lm: LoadedModel, stream: EditStream, facts: tuple, spec: str) -> None:
     """Refuse, naming the edit, a prompt that with its answer is longer than the model's context
     (scored anyway it would fail, or be read past the positions the model was trained on)."""
@@ -154,7 +175,7 @@ def default_suite(config: RunConfig) -> ProbeSuite:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"probe '{twice[0]}' is given twice")
-    defaults = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
+    defaults: list[Probe] = [EditQualityProbe("every:1"), RetentionProbe(f"every:{config.probe_every}")]
     suite = ProbeSuite([p for p in defaults if p.name not in names] + extra)
     check_generation_settings(suite)
     return suite
@@ -245,6 +266,11 @@ def replay(
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
     # held: the run's writer lock, taken once the inputs are validated, released on any exit
     with ComputeThreads(policy) as compute, ExitStack() as held, bars_showing(progress):
+        config, choice = apply_preset(config)  # a bad preset, or a flag that conflicts with it, is refused here
+        if choice is not None and choice.sequence_length is not None:
+            return _replay_sequences(
+                config, choice, Path(out), lm=lm, editor=editor, progress=progress, compute=compute, exporters=exporters
+            )
         return _replay_locked(
             config,
             out,
@@ -269,7 +295,11 @@ def _replay_locked(
     compute: ComputeThreads,
     held: ExitStack,
     exporters: Sequence = (),
+    restore_base: bool = False,
 ) -> ReplayResult:
+    """The replay itself, under the run's writer lock. ``restore_base``: when the call ends, release
+    the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
+    another independent sequence: :func:`_replay_sequences`)."""
     keep = KeepPolicy.parse(config.keep_deltas)
     config = dataclasses.replace(config, keep_deltas=str(keep))  # one spelling per policy in the identity
     if not keep.keeps_all and any(spec.split(":", 1)[0] == "chains" for spec in config.probes):
@@ -291,6 +321,8 @@ def _replay_locked(
     check_context(lm, stream, facts, config.stream)
     editor.bind(lm)
     editor.check_stream(stream)
+    largest = max(range(len(steps)), key=lambda k: len(steps[k]))
+    check_step_memory(largest + 1, editor, lm, steps[largest])  # the largest step, before anything is written
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
     held.enter_context(run.writer_lock())  # one writer per run directory
     # The manifest comes before the editor's one-time preparation (key statistics can take
@@ -330,6 +362,7 @@ def _replay_locked(
                 "protocol": r.protocol,
                 "edit_id": r.edit_id,
                 "value": r.value,
+                "preset": config.preset,
             }
             for r in rows
         ]
@@ -365,7 +398,7 @@ def _replay_locked(
         done = 0
     elif done > 0:
         if progress:
-            tqdm.write(f"resuming {run.path} after step {done} of {len(steps)}", file=sys.stderr)
+            tqdm.write(resume_line(run.path, done, steps), file=sys.stderr)
         store.checkout(lm.model, done)
         editor.load_step_states(store.step_states(done, editor.incremental_state))
 
@@ -377,6 +410,7 @@ def _replay_locked(
     for step in bar:
         compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]
+        check_step_memory(step, editor, lm, batch)  # again: other processes may have taken memory since
         timestamp = batch[-1].timestamp
         torch.manual_seed(step_seed(config.seed, step))
         t0 = time.perf_counter()
@@ -421,6 +455,9 @@ def _replay_locked(
     bar.close()
     if run.completed_step() == len(steps):
         run.consolidate()
+    if restore_base:
+        editor.release()
+        store.revert_to_base(lm.model)
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
 
 
@@ -435,6 +472,92 @@ def _drift_warning(rows, references: dict, step: int, warned: bool, progress: bo
     return warned or fired
 
 
+def resume_line(path: Path, done: int, steps: Sequence[Sequence]) -> str:
+    """The line a resumed run prints: where it carries on and what is left, in steps and edits."""
+    left = len(steps) - done
+    edits = sum(len(batch) for batch in steps[done:])
+    if not left:
+        return f"resuming {path}: all {len(steps)} steps are done"
+    return (
+        f"resuming {path} at step {done + 1} of {len(steps)} (edit {sum(len(b) for b in steps[:done]) + 1}): "
+        f"{left} step{'s' if left != 1 else ''}, {edits} edit{'s' if edits != 1 else ''} left"
+    )
+
+
+SEQUENCES_FILE = "preset.json"
+
+
+def _replay_sequences(
+    config: RunConfig,
+    choice: PresetChoice,
+    out: Path,
+    *,
+    lm: LoadedModel | None,
+    editor: Editor | None,
+    progress: bool,
+    compute: ComputeThreads,
+    exporters: Sequence = (),
+) -> ReplayResult:
+    """A protocol of independent sequences (WISE's T protocol): the stream's edits cut, in order, into
+    floor(N/T) sequences of T edits (at most ``sequences`` of them; the remaining edits are left out and
+    counted), each replayed as its own run in ``out/sequence_NNN`` on the same loaded model, from θ0:
+    after each sequence the parameters the editor changed are put back to θ0 bitwise (the delta store's
+    base) and the model's weights fingerprint is checked against θ0's. ``out/preset.json`` gets each
+    sequence's figures and their mean over sequences (n = sequences, 95% t interval cut to [0, 1]).
+    A sequence whose run is already complete is not replayed again (resume)."""
+    T = choice.sequence_length
+    assert T is not None
+    if RunDir(out).exists():
+        raise UserError(
+            f"{out} is the run directory of a single run; --preset {choice.spec} writes a directory of runs"
+        )
+    stream, _steps, _facts, _hash = prepare_stream_and_facts(config)
+    edits = list(stream)
+    count = len(edits) // T
+    cap = choice.options.get("sequences")
+    if cap is not None:
+        count = min(count, cap)
+    if count < 1:
+        raise UserError(f"--preset {choice.spec}: the stream has {len(edits)} edits, fewer than one sequence of {T}")
+    lm = lm or load_model(config.model, config.device, config.dtype)
+    theta0 = weights_fingerprint(lm.model)
+    runs, ran, total = [], 0, 0
+    for i in range(count):
+        part = EditStream(edits[i * T : (i + 1) * T], name=f"sequence_{i + 1:03d}")
+        path = out / "streams" / f"sequence_{i + 1:03d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.to_jsonl(path)
+        sub = dataclasses.replace(config, stream=str(path), sample=None, steps=None)
+        run = RunDir(out / f"sequence_{i + 1:03d}")
+        total += T
+        if run.exists() and run.completed_step() == run.progress()["total_steps"] == T:
+            runs.append(run)
+            continue
+        fresh = make_editor(config.editor, config.editor_overrides) if editor is None else type(editor)(editor.params)
+        with ExitStack() as held:
+            result = _replay_locked(
+                sub,
+                run.path,
+                lm=lm,
+                editor=fresh,
+                progress=progress,
+                stop_after=None,
+                compute=compute,
+                held=held,
+                exporters=exporters,
+                restore_base=True,
+            )
+        if weights_fingerprint(lm.model) != theta0:
+            raise RuntimeError(f"{run.path}: the model's weights are not θ0's after the sequence was rolled back")
+        runs.append(result.run)
+        ran += result.steps_run
+    summary = sequence_figures(choice, [r.results() for r in runs], [str(r.path.name) for r in runs])
+    summary["edits_in_stream"] = len(edits)
+    summary["edits_left_out"] = len(edits) - count * T
+    atomic_write_text(out / SEQUENCES_FILE, json.dumps(summary, indent=2))
+    return ReplayResult(run=runs[-1], steps_run=ran, total_steps=total, sequences=summary)
+
+
 def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_step: int, stream: str) -> dict:
     """What this machine and session bring to a run, for its manifest: the CPU, device, threads
     and each compute-precision setting as resolved here (none of it changes what is computed,
@@ -444,9 +567,11 @@ def session_info(lm: LoadedModel, editor: Editor, compute: ComputeThreads, from_
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "from_step": max(from_step, 0),
         "device": str(lm.device),
+        "device_map": lm.device_map,  # --device auto: module path -> GPU (None on one device)
         "cpu": cpu_description(),
         "threads": compute.describe(),
         "numerics": editor.numerics(lm),
+        "precision": editor.precision(lm),  # the weights' dtype and each sensitive part's
         "stream": source,
     }
 

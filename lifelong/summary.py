@@ -201,7 +201,7 @@ def generation_lines(results: pl.DataFrame) -> list[Line]:
     protocols = generation_protocols(results, mt.EDIT_QUALITY)
     for setting in dict.fromkeys(p.split("@", 1)[1] for p in protocols):
         for measure, metric in GENERATION_MEASURES:
-            for score in (mt.GEN_EXACT, mt.GEN_CONTAINS, mt.GEN_UNCHANGED):
+            for score in (mt.GEN_EXACT, mt.GEN_CONTAINS, mt.GEN_UNCHANGED, mt.GEN_JUDGE):
                 values = item_values(results, mt.EDIT_QUALITY, metric, f"{score}@{setting}")
                 if len(values):
                     lines.append(rate_line(measure, f"{score}@{setting}", values))
@@ -262,10 +262,16 @@ def summary_lines(run: RunDir) -> list[Line]:
         ),
     ]
     lines += generation_lines(results)
-    for protocol in ("es", "exact", *generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_EXACT)):
+    judged = generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_JUDGE)  # lifelong judge's, when run
+    for protocol in ("es", "exact", *generation_protocols(results, mt.RETENTION_PROBE, mt.GEN_EXACT), *judged):
         lines += retention_lines(results, protocol)
     lines += chain_lines(results)
     lines += general_ability_lines(results, run.load_reference() or {})
+    for name in (mt.FINAL_QUALITY, mt.FLUENCY):  # the paper presets' probes: their generic lines
+        if name in set(results["probe"]):
+            from probes import PROBES
+
+            lines += PROBES[name].summary_lines(results.filter(pl.col("probe") == name))
     for name, cls in outside_probes(run).items():  # probes not built in: their own summary lines
         lines += cls.summary_lines(results.filter(pl.col("probe") == name), (run.load_reference() or {}).get(name))
     lines += fit_lines(progress.get("editor", {}))
@@ -808,7 +814,8 @@ def format_summary(run: RunDir) -> str:
         f"model {ident['model']}  editor {ident['editor']} ({hp})",
         f"stream {ident['stream']} [{ident.get('stream_hash', '?')}]  "
         f"steps {max(progress['completed_step'], 0)}/{ident.get('stream_steps', '?')}  "
-        f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}",
+        f"edits {ident.get('stream_edits', '?')}  seed {ident['seed']}"
+        + (f"  preset {ident['preset']} (docs/METRICS.md §7)" if ident.get("preset") else ""),
         "",
     ]
     sessions = manifest.get("sessions") or []

@@ -237,6 +237,18 @@ class _SpecReader:
                 raise self.bad(setting.name, str(err).split(" ", 1)[1]) from None
         if not (scalars["device"] == "cpu" or scalars["device"].startswith("cuda")):
             raise self.bad("device", f"must be 'cpu' or 'cuda', got {scalars['device']!r}")
+        if scalars["preset"] is not None:  # its batching and schedule, so cells count their steps as they run
+            from lifelong.presets import apply_preset
+
+            try:
+                applied, choice = apply_preset(RunConfig(**scalars))
+            except UserError as err:
+                raise self.bad("preset", str(err)) from None
+            if choice is not None and choice.sequence_length is not None:
+                raise self.bad(
+                    "preset", f"{choice.spec} writes a directory of runs, not one run per cell: use lifelong replay"
+                )
+            scalars.update({k: getattr(applied, k) for k in ("preset", "batch_size", "probe_every")})
         return scalars
 
     def editors(self) -> list[str]:
@@ -519,6 +531,52 @@ def run_cell(config: dict, path: str, threads: int, crash_marker: str | None = N
     return {"completed": result.run.completed_step(), "total": result.total_steps, "steps_run": result.steps_run}
 
 
+# -- the driver's view of running cells (workers draw no bars: their run directories show how they stand)
+
+START_HINT = 60.0  # seconds a submitted cell may show no sign of its worker before the bar says it waits
+STEP_HINT = 120.0  # seconds without a new step before the bar says how long ago the last one was
+SHOWN_CELLS = 2  # running cells described in the bar; the rest are counted
+HEARTBEAT = 2.0  # seconds between redraws of an unchanged bar (its elapsed time)
+
+
+def _span(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``2h03m``: a duration as the bar shows it."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def cell_activity(path: Path, steps: int, submitted: float, now: float) -> str:
+    """How a running cell stands, from its run directory (``submitted``, ``now``: wall-clock seconds):
+    ``starting`` until its worker writes there (then, after START_HINT, how long it has waited: a
+    worker short of CPU, or a task Ray has not placed yet), ``preparing`` before step 0 is done (key
+    statistics, θ0 probes), then the step it is on, with the time since the last one after STEP_HINT."""
+    run = RunDir(path)
+    stamps = [p.stat().st_mtime for p in (run.manifest_path, run.step_log_path) if p.is_file()]
+    # The replay rewrites its manifest when it starts (its session): older files are an earlier attempt's.
+    if not stamps or max(stamps) < submitted - 2.0:
+        waited = now - submitted
+        if waited < START_HINT:
+            return "starting"
+        return f"waiting {_span(waited)} to start (its worker may be short of CPU)"
+    done = run.completed_step()
+    if done < 0:
+        return f"preparing for {_span(now - max(stamps))} (key statistics, θ0 probes)"
+    where = f"on step {min(done + 1, steps)}/{steps}"
+    idle = now - max(stamps)
+    return where + (f", last step done {_span(idle)} ago" if idle >= STEP_HINT else "")
+
+
+def running_note(activities: list[tuple[str, str]]) -> str:
+    """The bar's note on running cells: the first SHOWN_CELLS as ``id: activity``, the rest counted."""
+    shown = [f"{cell}: {what}" for cell, what in activities[:SHOWN_CELLS]]
+    more = len(activities) - SHOWN_CELLS
+    return "; ".join(shown + ([f"+{more} more running"] if more > 0 else []))
+
+
 # -- the driver
 
 
@@ -699,18 +757,26 @@ def run_sweep(
                 total=total, initial=done_steps(), desc="sweep", unit="step", show=progress, dynamic_ncols=True
             )
 
-            shown: list = [None]
+            shown: list = [None, 0.0]
+            submitted: dict[str, float] = {}  # wall-clock time of each running cell's submission
 
             def show() -> None:
                 counts = {s: sum(c["state"] == s for c in state["cells"]) for s in STATES}
-                now = (done_steps(), counts)
-                if now == shown[0]:
+                now = time.time()
+                activities = [
+                    (c["id"], cell_activity(sweep.cell_dir(c["id"]), c["steps"], submitted[c["id"]], now))
+                    for c in running.values()
+                ]
+                seen = (done_steps(), counts, activities)
+                # Redrawn at least every HEARTBEAT seconds, unchanged or not: the elapsed time moves.
+                if seen == shown[0] and now - shown[1] < HEARTBEAT:
                     return
-                shown[0] = now
-                bar.n = now[0]
+                shown[0], shown[1] = seen, now
+                bar.n = seen[0]
+                note = running_note(activities)
                 bar.set_postfix_str(
                     f"cells {counts['done']}/{len(state['cells'])} done, {counts['running']} running, "
-                    f"{counts['failed']} failed",
+                    f"{counts['failed']} failed" + (f" | {note}" if note else ""),
                     refresh=False,
                 )
                 bar.refresh()
@@ -724,6 +790,7 @@ def run_sweep(
                         cell["state"] = "running"
                         ref = task.remote(cell["config"], str(sweep.cell_dir(cell["id"]).resolve()), per, crash)
                         running[ref] = cell
+                        submitted[cell["id"]] = time.time()
                         sweep.save(state)
                     ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
                     for ref in ready:

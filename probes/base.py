@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import polars as pl
 
@@ -150,11 +150,15 @@ class NoOptions:
     """Options of a probe that takes none."""
 
 
-class Probe:
+OptionsT = TypeVar("OptionsT")  # a probe's Options: ``class ChainProbe(Probe[ChainOptions])`` types ``self.options``
+
+
+class Probe(Generic[OptionsT]):
     """Base class: subclasses set ``name`` and implement ``measure`` (and ``prepare`` if they need θ0).
 
     A probe with settings declares them as the dataclass ``Options`` (typed, with defaults);
     ``--probe name:key=value,...`` on the command line fills it (see :func:`probes.make_probe`).
+    ``Probe[MyOptions]`` tells mypy what ``self.options`` is, so a misspelt setting is refused.
     """
 
     name: str = "probe"
@@ -167,10 +171,10 @@ class Probe:
     # `lifelong show` and the dashboard read ranges and meanings from it.
     metrics: tuple = ()
 
-    def __init__(self, schedule: Schedule | str | None = None, options=None):
+    def __init__(self, schedule: Schedule | str | None = None, options: OptionsT | None = None):
         schedule = self.default_schedule if schedule is None else schedule
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-        self.options = options if options is not None else self.Options()
+        self.options: OptionsT = options if options is not None else self.Options()
 
     def prepare(self, ctx: ProbeContext) -> tuple[dict[str, Any], list[Row]]:
         """θ0 reference values (JSON-able) and step-0 rows; runs once, before any edit."""

@@ -77,9 +77,14 @@ class ChainOptions:
     reference of tied-fact damage, ``theta0`` (the Pitfalls code's ``summarize.py``: (P_θ0 − P_θb) /
     P_θ0, default), ``thetam`` (the model right after e1, as the paper's equation) or ``both``."""
 
+    # re-measure completed chains every K steps after completion and at the last step (≥ 0; 0: never)
     remeasure: int = 0
-    ir_threshold: float = 0.5
+    ir_threshold: float = 0.5  # FR counts round chains whose ignore rate is above this (in [0, 1])
+    # meantok: per-token geometric mean exp(-mean NLL), as the Pitfalls code; seq: the whole answer's
+    # probability (token and sequence are read as these)
     prob: str = "meantok"
+    # tied-fact damage's reference: theta0 (the Pitfalls code's summarize.py, default), thetam (the
+    # model right after e1, the paper's equation) or both
     tfd_ref: str = "theta0"
 
     def __post_init__(self):
@@ -199,7 +204,7 @@ def _conflict_plan(cid: str, items: list[tuple[int, Edit]], tied: Edit | None) -
     )
 
 
-class ChainProbe(Probe):
+class ChainProbe(Probe[ChainOptions]):
     """Round-edit success, distortion, ignore/failure rate, conflict score and magnitude, tied-fact damage."""
 
     name = CHAINS

@@ -49,7 +49,7 @@ def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.replace(";", "+").split("+") if v.strip()]
 
 
-class DownstreamProbe(Probe):
+class DownstreamProbe(Probe["DownstreamProbe.Options"]):
     """Task scores and their drift from θ0 on a built-in suite or the shared-data task readers."""
 
     name = DOWNSTREAM
@@ -61,10 +61,10 @@ class DownstreamProbe(Probe):
 
     @dataclass
     class Options:
-        tasks: str = "+".join(BUILTIN_TASKS)  # '+'- or ';'-separated task names
+        tasks: str = "+".join(BUILTIN_TASKS)  # task names joined by '+' or ';' (see probes/tasks.py; at least one)
         items: int = 40  # first N items of each task (0: all)
-        choice_score: str = "mean"  # mean or sum token log-probability picks the choice
-        max_new_tokens: int = 0  # generation length (0: per-metric default)
+        choice_score: str = "mean"  # how a choice is picked: mean or sum of its token log-probabilities
+        max_new_tokens: int = 0  # new tokens a generated answer may take (≥ 0; 0: the metric's default for each task)
         protocol: str = "likelihood"  # likelihood (default) or seed (generation with validity; see the module doc)
 
     def __init__(self, schedule=None, options=None):
@@ -83,6 +83,8 @@ class DownstreamProbe(Probe):
             raise UserError(f"protocol must be likelihood or seed (got '{o.protocol}')")
         if o.items < 0:
             raise UserError(f"items must be 0 (all) or more (got {o.items})")
+        if o.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be 0 (each metric's default) or more (got {o.max_new_tokens})")
         # Read now: a missing file fails before the run starts.
         self.tasks = {}
         for name in self.task_names:

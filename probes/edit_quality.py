@@ -20,6 +20,7 @@ import hashlib
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -78,14 +79,17 @@ class EditQualityOptions(GenerationOptions):
         self.check_generation(EDIT_QUALITY)
 
 
-class _GenerationOptionsProbe(Probe):
+GO = TypeVar("GO", bound=GenerationOptions)
+
+
+class _GenerationOptionsProbe(Probe[GO]):
     def config(self) -> dict:
         out = super().config()
         options = identity_options(out.pop("options", {}))
         return {**out, "options": options} if options else out
 
 
-class EditQualityProbe(_GenerationOptionsProbe):
+class EditQualityProbe(_GenerationOptionsProbe[EditQualityOptions]):
     """Efficacy, generalization and locality of each edit, right after its own step."""
 
     name = EDIT_QUALITY
@@ -146,17 +150,17 @@ class RetentionOptions(GenerationOptions):
     # Probe a seeded panel of past edits: an edit belongs to it when a hash of (seed, edit id)
     # falls below this fraction, so the panel is the same at every probed step and grows with
     # the stream; 1.0 probes every edit so far. Entries probed are exact, the rest are absent.
-    fraction: float = 1.0
-    seed: int = 0
+    fraction: float = 1.0  # in (0, 1]
+    seed: int = 0  # the panel's and the sample's hash seed: another seed draws other edits
     # Cap on the past edits scored per probed step, so a long stream's probe cost stays bounded:
     # beyond it, the `sample` panel edits of smallest hash rank (stable from step to step) are
     # scored and the retained fraction is an estimate (its n and the edits it is drawn from are
     # rows too; the summary gives a 95% Wilson interval). Default 500: exact up to 500 edits.
-    # none: no cap.
+    # ≥ 1, or none: no cap.
     sample: int | None = 500
     # Cap on the edits whose answers are generated per probed step (generation costs up to
     # max_new_tokens decoding steps per edit): the generation_sample edits of smallest hash rank,
-    # a subset of the teacher-forced sample. none: the same edits as `sample`.
+    # a subset of the teacher-forced sample (≥ 1). none: the same edits as `sample`.
     generation_sample: int | None = None
 
     def __post_init__(self):
@@ -204,7 +208,7 @@ def superseded_ids(edits: Sequence[Edit]) -> set[str]:
     return out
 
 
-class RetentionProbe(_GenerationOptionsProbe):
+class RetentionProbe(_GenerationOptionsProbe[RetentionOptions]):
     """Row t of the retention matrix: every edit made so far (or a seeded panel of them), scored after step t."""
 
     name = RETENTION_PROBE

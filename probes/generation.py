@@ -97,9 +97,9 @@ class GenerationOptions:
     # natural: the authors' stop (".", newline, EOS) within max_new_tokens; tokens: max_new_tokens
     # only (EOS still ends it); answer: the gold answer's token count + answer_margin, no stop strings.
     stop: str = "natural"
-    # New tokens an answer may take under natural and tokens (the authors: 50).
+    # New tokens an answer may take under natural and tokens (≥ 1; the authors: 50).
     max_new_tokens: int = AUTHORS_MAX_NEW_TOKENS
-    # Under answer: tokens allowed beyond the gold answer's own count.
+    # Under answer: tokens allowed beyond the gold answer's own count (≥ 0).
     answer_margin: int = 0
 
     def check_generation(self, owner: str) -> None:

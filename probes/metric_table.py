@@ -23,6 +23,7 @@ EDIT_QUALITY, RETENTION_PROBE, CHAINS, PERPLEXITY_PROBE, WEIGHT_DRIFT, DOWNSTREA
     "weight_drift",
     "downstream",
 )
+FINAL_QUALITY, FLUENCY = "final_quality", "fluency"  # the paper presets' probes (probes/paper.py)
 
 # edit_quality and retention (docs/METRICS.md §2, §3)
 EFFICACY, GENERALIZATION, LOCALITY = "efficacy", "generalization", "locality"
@@ -30,6 +31,7 @@ RETENTION, SUPERSEDED, RETAINED_FRACTION = "retention", "superseded", "retained_
 SAMPLE_SIZE, SAMPLE_POPULATION = "sample_size", "sample_population"
 # Generation protocols of those metrics (docs/METRICS.md §6), each written SCORE@SETTING (probes.generation).
 GEN_EXACT, GEN_CONTAINS, GEN_UNCHANGED = "gen_exact", "gen_contains", "gen_unchanged"
+GEN_JUDGE = "gen_judge"  # written after the run, by `lifelong judge` (probes.judge)
 # chains (§4)
 ROUND_SUCCESS, DISTORTION_JS, DISTORTION_JS_PITFALLS = "round_success", "distortion_js", "distortion_js_pitfalls"
 IGNORE_RATE, FAILURE_RATE = "ignore_rate", "failure_rate"
@@ -43,6 +45,7 @@ FROBENIUS, RELATIVE, TOUCHED = "frobenius", "relative", "touched"
 NORM_RATIO, DRIFT_WARNING = "norm_ratio", "drift_warning"
 SCORE, DIFF, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, VALID = "score", "diff", "gold_logprob", "gold_logprob_diff", "valid"
 ROUGE1, ROUGE2, ROUGE_L = "rouge1", "rouge2", "rougeL"
+NGRAM_ENTROPY = "ngram_entropy"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,18 @@ METRICS: dict[tuple[str, str], Metric] = _table(
     Metric(
         RETENTION_PROBE, RETENTION, 0, 1, "an earlier edit's efficacy after a later step (es, exact, gen_*@…), 0 or 1"
     ),
+    Metric(FINAL_QUALITY, EFFICACY, 0, 1, "on the final model: es, exact (0 or 1), token_acc (share of tokens)"),
+    Metric(FINAL_QUALITY, GENERALIZATION, 0, 1, "on the final model: share of paraphrases (ps, exact) / tokens"),
+    Metric(
+        FINAL_QUALITY,
+        LOCALITY,
+        0,
+        1,
+        "on the final model: share of neighbours left as they were (ns, unchanged), of answer tokens equal to "
+        "θ0's argmax (token_acc) or to the neighbour's answer (token_acc_gold)",
+    ),
+    # ROME's weights 2/3 and 4/3 average to at most (2/3 + 4/3)/2 · log2(#n-grams): no finite bound.
+    Metric(FLUENCY, NGRAM_ENTROPY, 0, INF, "ROME's weighted 2-/3-gram entropy of generated text, bits"),
     Metric(RETENTION_PROBE, SUPERSEDED, 0, 1, "efficacy of an edit a later edit of its subject and relation replaced"),
     Metric(RETENTION_PROBE, RETAINED_FRACTION, 0, 1, "mean retention over the edits made so far, per protocol"),
     Metric(RETENTION_PROBE, SAMPLE_SIZE, 1, math.inf, "edits scored when the retained fraction is a sample's"),
@@ -151,6 +166,7 @@ GENERATION_PROTOCOLS: dict[str, str] = {
     GEN_EXACT: "normalised generated answer equals the gold answer (the authors' exact match), 0 or 1 per prompt",
     GEN_CONTAINS: "the normalised gold answer occurs, as whole words, in the normalised generated answer",
     GEN_UNCHANGED: "locality only: the generated token ids equal θ0's (the authors' WILD locality rule)",
+    GEN_JUDGE: "an LLM judge (`lifelong judge`, the authors' prompt) calls the generated answer correct",
 }
 """Score -> meaning, for the generation protocols ``SCORE@SETTING`` of efficacy, generalization, locality,
 retention, superseded and retained_fraction (all in [0, 1]; averaged over paraphrases or neighbours)."""

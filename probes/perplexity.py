@@ -73,7 +73,7 @@ def split_sentences(text: str, min_words: int = 3) -> list[str]:
     return [p for p in parts if len(p.split()) >= min_words]
 
 
-class PerplexityProbe(Probe):
+class PerplexityProbe(Probe["PerplexityProbe.Options"]):
     """Reference-corpus perplexity (corpus-level and per-sentence mean), ratio to θ0, collapse flag."""
 
     name = PERPLEXITY_PROBE
@@ -85,11 +85,11 @@ class PerplexityProbe(Probe):
 
     @dataclass
     class Options:
-        corpus: str = "builtin"  # builtin, wikitext (shared data) or a text file
-        chunk_tokens: int = 128  # tokens per chunk of the corpus variant (plus BOS)
+        corpus: str = "builtin"  # builtin, wikitext (shared data) or the path of a UTF-8 text file
+        chunk_tokens: int = 128  # tokens per chunk of the corpus variant, plus BOS (≥ 2)
         max_tokens: int = 8192  # cut the corpus to its first N tokens (0: all of it)
         max_sentences: int = 256  # first N sentences for the sentence_mean variant (0: all)
-        threshold: float = 2.0  # collapse: ratio to θ0 at or above this
+        threshold: float = 2.0  # collapse: perplexity ratio to θ0 at or above this (> 1)
 
     def __init__(self, schedule=None, options=None):
         super().__init__(schedule, options)

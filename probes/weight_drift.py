@@ -17,7 +17,7 @@ from streams.errors import UserError
 WARN_RELATIVE = 0.5
 
 
-class WeightDriftProbe(Probe):
+class WeightDriftProbe(Probe["WeightDriftProbe.Options"]):
     """‖W_t − W_0‖_F, ‖W_t‖_F/‖W_0‖_F and entries changed, per scope parameter (edit_id = parameter name),
     in total, as the largest over the matrices and (relative update) summed over them; the collapse warning
     when that sum reaches ``warn_relative``."""

@@ -1,6 +1,7 @@
 """The command line: the documented commands work, and bad input ends in one clear line."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -162,7 +163,16 @@ def test_quiet_silences_every_bar_and_a_resume_says_so(capsys, tmp_path, stream_
     replay(config, tmp_path / "r", stop_after=1, progress=False)
     capsys.readouterr()
     replay(config, tmp_path / "r", stop_after=1, progress=True)
-    assert "resuming" in capsys.readouterr().err
+    assert f"resuming {tmp_path / 'r'} at step 2 of " in capsys.readouterr().err
+
+
+def test_a_resume_line_says_where_it_carries_on_and_what_is_left():
+    from lifelong.replay import resume_line
+
+    steps = [["a"], ["b", "c"], ["d"], ["e", "f", "g"]]
+    assert resume_line(Path("r"), 2, steps) == "resuming r at step 3 of 4 (edit 4): 2 steps, 4 edits left"
+    assert resume_line(Path("r"), 3, steps) == "resuming r at step 4 of 4 (edit 5): 1 step, 3 edits left"
+    assert resume_line(Path("r"), 4, steps) == "resuming r: all 4 steps are done"
 
 
 def test_typos_are_refused_before_torch_is_imported():
@@ -188,6 +198,9 @@ def test_typos_are_refused_before_torch_is_imported():
         ["--device", "gpu"],
         ["--sample", "0"],
         ["--editor", "rome", "--set", "v_l=1"],
+        ["--editor", "alphaedit", "--set", "nullspace_threshold=-1"],  # a declared range
+        ["--editor", "memit", "--set", "cov_tokens=0"],
+        ["--editor", "rome", "--set", "cov_corpus=no-such-corpus.txt"],  # a missing corpus file
     ):
         code = (
             "import sys; from lifelong.cli import main; rc = main(['replay', *sys.argv[1:]]); "
@@ -436,8 +449,8 @@ def test_every_bad_input_is_refused_before_the_run_directory_exists(capsys, tmp_
         (["--stream", str(tied)], "holds only tied facts (2 edits with chain role tied-fact"),
         (["--set", "lr=-1"], "ft.lr: must be greater than 0, got -1.0"),
         (["--set", "lr=nan"], "ft.lr: must be a finite number, got nan"),
-        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
-        (["--device", "meta"], "unknown device 'meta': expected cpu, cuda, cuda:N or mps"),
+        (["--device", "bogus"], "unknown device 'bogus': expected cpu, cuda, cuda:N, mps or auto"),
+        (["--device", "meta"], "unknown device 'meta': expected cpu, cuda, cuda:N, mps or auto"),
         (
             ["--stream", str(long)],
             "edit 'e1': paraphrases[0] with its answer is 605 tokens, longer than the "
@@ -814,6 +827,23 @@ def test_listings_take_names_and_show_ranges(capsys, tmp_path):
     assert code == 2 and "unknown editor 'rmoe' (did you mean 'rome'?)" in err
     code, _, err = run_cli(capsys, "inspect", str(tmp_path), "--tokens", "-1")
     assert code == 2 and "--tokens must be at least 1, got -1" in err
+
+
+def test_every_built_in_probe_option_has_a_meaning(capsys):
+    """Each option of each built-in probe has a note (its meaning, with its range where it has one),
+    and ``lifelong probes NAME`` prints it after the type."""
+    import dataclasses
+
+    from lifelong.cli import field_notes
+    from probes import PROBES, probe_class
+
+    for name in PROBES:
+        options = probe_class(name).Options
+        notes = field_notes(options)
+        missing = [f.name for f in dataclasses.fields(options) if not notes.get(f.name, "").strip()]
+        assert not missing, f"probe {name}: options without a meaning: {missing}"
+    _, out, _ = run_cli(capsys, "probes", "perplexity")
+    assert "chunk_tokens=128  [int]  tokens per chunk" in out and "threshold=2.0  [float]  collapse" in out
 
 
 def test_the_editor_settings_index_is_current():

@@ -106,3 +106,60 @@ def test_reduced_precision_loads_and_edits_on_the_device(dtype):
     change = (weight.detach() - before).float()
     assert torch.isfinite(change).all() and change.abs().max() > 0
     assert all(v["dtype"] in ("float32", "bfloat16", "float16") for v in editor.numerics(lm).values())
+
+
+def _two_devices() -> list[str] | None:
+    """Two devices to spread the model over: cuda:0 and cuda:1, or the CPU twice (the dry run: the hooks
+    and the map run, the devices do not differ); None where CUDA has fewer than two GPUs."""
+    if torch.device(DEVICE).type != "cuda":
+        return [DEVICE, DEVICE]
+    return ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else None
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit", "ultraedit", "grace", "wise"])
+def test_a_model_spread_over_two_gpus_edits_as_on_one(editor, tmp_path, stream_file):
+    """``--device auto``'s placement over two GPUs (layers 0-1 on the first, 2-3 and the head on the
+    second): each editor's replay runs, keeps every weight on its GPU, leaves its buffers on the edited
+    layer's, and gives the one-device run's weights (float tolerance: kernels may differ by GPU)."""
+    from lifelong.core.models import load_model, spread_model, tiny_model
+    from lifelong.editors import make_editor
+    from lifelong.replay import replay
+    from lifelong.run import RunConfig
+
+    devices = _two_devices()
+    if devices is None:
+        pytest.skip("needs two CUDA devices")
+    config = RunConfig(
+        model="tiny-llama",
+        editor=editor,
+        editor_overrides=TINY[editor],
+        stream=str(stream_file),
+        steps=2,
+        probe_every=2,
+    )
+    one = load_model("tiny-llama", devices[0])
+    replay(config, tmp_path / "one", lm=one, progress=False, threads=1)
+    model, tokenizer = tiny_model("llama")
+    first, second = devices
+    mapping = {
+        "model.embed_tokens": first,
+        "model.layers.0": first,
+        "model.layers.1": first,
+        "model.layers.2": second,
+        "model.layers.3": second,
+        "model.norm": second,
+        "model.rotary_emb": second,
+        "lm_head": second,
+    }
+    spread = spread_model("tiny-llama", model, tokenizer, mapping)
+    instance = make_editor(editor, TINY[editor])
+    done = replay(config, tmp_path / "spread", lm=spread, editor=instance, progress=False, threads=1)
+    assert done.run.manifest()["sessions"][0]["device_map"] == mapping
+    buffers = {**getattr(instance, "_second_moments", {}), **getattr(instance, "_inverse_cache", {})}
+    for layer, buffer in buffers.items():  # key statistics and C⁻¹ on their layer's GPU
+        assert buffer.device == spread.layer_device(layer) == torch.device(mapping[f"model.layers.{layer}"]), layer
+    reference = {name: p.detach().to("cpu") for name, p in one.model.named_parameters()}
+    for name, p in spread.model.named_parameters():
+        where = next(d for module, d in mapping.items() if name.startswith(module + "."))
+        assert p.device == torch.device(where), name
+        assert torch.allclose(p.detach().to("cpu"), reference[name], rtol=1e-4, atol=1e-5), name

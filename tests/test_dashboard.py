@@ -372,3 +372,122 @@ def test_figures_are_returned_without_touching_the_backend(two_runs):
     assert "Retention" in retention.axes[0].get_title()
     assert len(compare.axes[0].get_lines()) >= 2  # both runs drawn on the first panel
     assert matplotlib.get_backend() == backend and plt.get_fignums() == open_before
+
+
+# -- intervals, ticks and the spare cell
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """One probed step; retention, perplexity and downstream: three panels in a 2 x 2 grid."""
+    from streams import EditStream
+    from tests.conftest import make_edits
+
+    base = tmp_path_factory.mktemp("one")
+    stream = base / "s.jsonl"
+    EditStream(make_edits()).to_jsonl(stream)
+    argv = ["replay", "--model", "tiny-llama", "--stream", str(stream), "--steps", "1", "--out", str(base / "r")]
+    argv += ["--quiet", *[f"--set={k}={v}" for k, v in TINY_FT.items()]]
+    argv += ["--probe", "perplexity:schedule=every:1,chunk_tokens=64,max_tokens=256,max_sentences=8"]
+    argv += ["--probe", "downstream:schedule=every:1,tasks=sentiment+facts,items=4"]
+    assert main(argv) == 0
+    return RunDir(base / "r")
+
+
+def _integer_ticks(ax) -> bool:
+    left, right = ax.get_xlim()
+    shown = [t for t in ax.get_xticks() if left <= t <= right]
+    return bool(shown) and all(float(t).is_integer() for t in shown)
+
+
+def test_a_single_probed_step_draws_an_interval_bar_and_no_cell_is_empty(one_step_run):
+    from matplotlib.collections import LineCollection
+
+    from lifelong.plots import dashboard_figure, retention_figure
+
+    fig = dashboard_figure(one_step_run)
+    assert len(fig.axes) == 4
+    drawn = [ax for ax in fig.axes if ax.get_lines() or ax.collections or ax.texts]
+    assert len(drawn) == 4, "the spare cell holds the headline figures"
+    retention, headline = fig.axes[0], fig.axes[3]
+    title = retention.get_title()
+    assert "95% Wilson interval" in title and "band" not in title
+    assert any(isinstance(c, LineCollection) for c in retention.collections), "an error bar at the one step"
+    text = headline.texts[0].get_text()
+    assert text.startswith("1 step done") and "ES at own step: " in text and "(Wilson)" in text
+    assert "perplexity ratio (corpus) at step 1: " in text and "downstream drift" in text
+    assert all(_integer_ticks(ax) for ax in fig.axes[:3])
+    figure = retention_figure(one_step_run)
+    assert _integer_ticks(figure.axes[0]), "no half-step ticks on retention.png"
+    assert all("95% Wilson interval" in t.get_text() for t in figure.axes[0].get_legend().get_texts()[::2])
+
+
+def test_perplexity_and_downstream_curves_carry_their_intervals(two_runs):
+    from matplotlib.collections import PolyCollection
+
+    from lifelong.plots import dashboard_figure, ratio_band
+
+    run = RunDir(two_runs[0])
+    fig = dashboard_figure(run)
+    panels = {ax.get_title().split(" (")[0]: ax for ax in fig.axes}
+    perplexity = panels["Perplexity ratio to θ0"]
+    labels = [t.get_text() for t in perplexity.get_legend().get_texts()]
+    assert any(label.startswith("corpus") and "95% t over chunks" in label for label in labels)
+    assert any(label.startswith("sentence_mean") and "no interval" in label for label in labels)
+    assert any(isinstance(c, PolyCollection) for c in perplexity.collections)
+    results = run.results()
+    rows = results.filter((pl.col("metric") == "ratio_low") & (pl.col("protocol") == "corpus")).sort("step")
+    low, _ = ratio_band(results, rows["step"].to_numpy(), "corpus")
+    assert low.tolist() == rows["value"].to_list()
+    downstream = next(ax for title, ax in panels.items() if title.startswith("Downstream"))
+    labels = [t.get_text() for t in downstream.get_legend().get_texts()]
+    assert any(label.startswith("mean over tasks (95% Newcombe") for label in labels)
+    assert any(isinstance(c, PolyCollection) for c in downstream.collections)
+    assert all(_integer_ticks(ax) for ax in fig.axes if ax.axison)
+
+
+def test_the_downstream_interval_is_newcombe_per_task_combined_by_mover():
+    import math
+
+    from lifelong.core.stats import newcombe_difference
+    from lifelong.plots import downstream_band
+
+    def row(step, task, value):
+        return {"step": step, "probe": "downstream", "metric": "score", "protocol": task, "value": value}
+
+    table = pl.DataFrame(
+        [row(0, "sentiment", 0.5), row(0, "facts", 0.75), row(2, "sentiment", 0.25), row(2, "facts", 0.75)]
+    )
+    low, high = downstream_band(table, [0, 2], {"sentiment": 4, "facts": 4})
+    (a_lo, a_hi), (b_lo, b_hi) = newcombe_difference(1, 4, 2, 4), newcombe_difference(3, 4, 3, 4)
+    assert math.isnan(low[0]) and math.isnan(high[0])  # θ0 against itself: no difference to bound
+    assert low[1] == pytest.approx((-0.25 - math.hypot(-0.25 - a_lo, 0 - b_lo)) / 2)
+    assert high[1] == pytest.approx((-0.25 + math.hypot(a_hi + 0.25, b_hi - 0)) / 2)
+    assert low[1] < -0.125 < high[1]
+    # a task not scored 0/1 per item (ROUGE), or item counts unknown: no interval rather than a wrong one
+    rouge = table.with_columns(pl.col("protocol").replace("facts", "samsum"))
+    assert math.isnan(downstream_band(rouge, [2], {"sentiment": 4, "samsum": 4})[0][0])
+    assert math.isnan(downstream_band(table, [2], None)[0][0])
+
+
+def test_the_edit_quality_panel_names_the_intervals_it_draws(two_runs):
+    """Wilson for 0/1 items, a bootstrap for graded ones: the title says which were drawn."""
+    from lifelong.plots import _draw_quality, compare_figure, new_figure
+
+    def quality(values: dict) -> pl.DataFrame:
+        return pl.DataFrame(
+            [
+                {"step": 1, "probe": "edit_quality", "metric": metric, "protocol": protocol, "value": v}
+                for (metric, protocol), items in values.items()
+                for v in items
+            ]
+        )
+
+    binary = {("efficacy", "es"): [0.0, 1.0, 1.0], ("generalization", "ps"): [1.0, 0.0], ("locality", "ns"): [1.0]}
+    graded = {**binary, ("generalization", "ps"): [0.2, 0.7, 0.9]}
+    for values, words in ((binary, "95% Wilson intervals"), (graded, "95% Wilson or bootstrap intervals")):
+        ax = new_figure().subplots()
+        _draw_quality(ax, [quality(values)], [[0]], ["a"], ["a"])
+        assert ax.get_title() == f"Edit quality ({words})"
+    fig = compare_figure([RunDir(p) for p in two_runs])
+    assert any(ax.get_title() == "Edit quality (95% Wilson intervals)" for ax in fig.axes)  # 0/1 items here

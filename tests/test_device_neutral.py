@@ -41,7 +41,11 @@ LEAVE_TORCH = {"numpy", "tolist", "item"}
 # 1. file: (literals allowed, reason)
 DEVICE_LITERALS = {
     "lifelong/core/machine.py": (4, "the device helpers: which precision a device runs natively"),
-    "lifelong/core/models.py": (5, "loading: the load_model default, float16 refused on a CPU, device checks"),
+    "lifelong/core/models.py": (
+        7,
+        "loading: the load_model default, float16 refused on a CPU, device checks; --device auto: the CPU "
+        "where no GPU is visible, and the dtype checked on the first GPU",
+    ),
     "lifelong/run.py": (1, "the --device setting's default"),
     "lifelong/cli.py": (3, "the --device option's default on checkout/inspect commands"),
     "lifelong/replay.py": (1, "checkout's device default (the CLI's)"),

@@ -385,10 +385,280 @@ def test_any_input_runs_or_is_refused_in_one_line_leaving_nothing(tmp_path, caps
     assert _tree(existing) == before
 
 
-def _good_stream(tmp_path: Path) -> Path:
+def _good_stream(tmp_path: Path, edits: int = 1) -> Path:
     from streams import EditStream
     from tests.conftest import make_edits
 
     path = tmp_path / "good.jsonl"
-    EditStream(make_edits(1)).to_jsonl(path)
+    EditStream(make_edits(edits)).to_jsonl(path)
     return path
+
+
+# -- a full disk at each kind of write, an interrupt at the end (#37) ------------------------------
+
+# Two steps of quick FT edits on the tiny model: the CLI command every case below runs and resumes.
+_QUICK_FT = {"layer": "1", "lr": "0.05", "norm_constraint": "0.05", "max_steps": "3"}
+
+
+def _replay_argv(stream: Path, out: Path) -> list[str]:
+    argv = ["replay", "--model", "tiny-llama", "--stream", str(stream), "--steps", "2", "--probe-every", "1"]
+    return [*argv, "--quiet", "--threads", "1", "--out", str(out), *[f"--set={k}={v}" for k, v in _QUICK_FT.items()]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(stream file, the state of an uninterrupted run of :func:`_replay_argv`), shared by the cases."""
+    from lifelong.cli import main
+
+    root = tmp_path_factory.mktemp("whole")
+    stream = _good_stream(root, edits=3)
+    assert main(_replay_argv(stream, root / "run")) == 0
+    return stream, _bitwise_state(root / "run", 2)
+
+
+def _assert_resumes_bitwise(capsys, stream: Path, out: Path, expected: dict) -> None:
+    """Re-running the command completes the run, equal bitwise to the uninterrupted one, and leaves no
+    temporary file behind."""
+    import torch
+
+    from lifelong.cli import main
+    from lifelong.run import is_temporary
+
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert not [p for p in out.rglob("*") if is_temporary(p.name)]
+    got = _bitwise_state(out, 2)
+    assert got["results"].equals(expected["results"])
+    assert got["deltas"] == expected["deltas"]
+    assert all(torch.equal(got["weights"][n], w) for n, w in expected["weights"].items())
+
+
+def _disk_full(what: str) -> BaseException:
+    """The error each writer raises on a full disk (the Rust ones carry the errno in their text)."""
+    import errno
+
+    from polars.exceptions import ComputeError
+    from safetensors import SafetensorError
+
+    text = "No space left on device (os error 28)"
+    return {
+        "os": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        "polars": ComputeError(f"parquet: File out of specification: underlying IO error: {text}"),
+        "safetensors": SafetensorError(f"Error while serializing: I/O error: {text}"),
+    }[what]
+
+
+def _resolve(owner: str):
+    """A module or a class, by its dotted name."""
+    import importlib
+
+    try:
+        return importlib.import_module(owner)
+    except ModuleNotFoundError:
+        module, _, name = owner.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+def _fd_name(fd) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+# (what, where the writer is, its attribute, which call fails: a name its arguments hold and the
+# how-many-th such call, the error, the file the message must name)
+_FULL_DISK = [
+    ("delta", "lifelong.core.delta", "save_file", "step_000002", 1, "safetensors", "deltas/step_000002.safetensors"),
+    ("result part", "polars.DataFrame", "write_parquet", "step_000002", 1, "polars", "results/step_000002.parquet"),
+    ("progress", "pathlib.Path", "write_text", "progress.json", 2, "os", "progress.json"),
+    ("consolidated table", "polars.LazyFrame", "sink_parquet", "results.parquet", 1, "polars", "results.parquet"),
+    ("step log (its flush)", "os", "fsync", "steps.jsonl", 2, "os", "steps.jsonl"),
+    ("manifest (its rename)", "os", "replace", "manifest.json", 2, "os", "manifest.json"),
+]
+
+
+@pytest.mark.parametrize("what,owner,attr,name,nth,kind,named", _FULL_DISK, ids=[c[0] for c in _FULL_DISK])
+def test_a_full_disk_at_a_write_is_one_line_naming_the_file_and_the_run_resumes(
+    tmp_path, capsys, monkeypatch, uninterrupted, what, owner, attr, name, nth, kind, named
+):
+    """#37: a write that fails for want of space (any OSError, or a writer library's error carrying
+    one) ends the command in one line naming the file and the system's reason, exit status 2, with no
+    temporary file left; the same command then resumes to the uninterrupted run's results, bitwise."""
+    from lifelong.cli import main
+    from lifelong.run import is_temporary
+
+    stream, expected = uninterrupted
+    target = _resolve(owner)
+    real = getattr(target, attr)
+    seen = [0]
+
+    def failing(*args, **kwargs):
+        names = [_fd_name(a) if attr == "fsync" else str(a) for a in args if isinstance(a, (str, os.PathLike, int))]
+        if any(name in n for n in names):
+            seen[0] += 1
+            if seen[0] == nth:
+                raise _disk_full(kind)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, failing)
+    out = tmp_path / "run"
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    monkeypatch.undo()
+    assert seen[0] == nth, f"the {what} write was never reached"
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("lifelong: error: cannot write "), err
+    assert f"{out / named}: No space left on device (ENOSPC)" in err, err
+    assert not [p for p in out.rglob("*") if is_temporary(p.name)], "a half-written temporary file was left"
+    _assert_resumes_bitwise(capsys, stream, out, expected)
+
+
+def test_a_full_disk_during_a_checkout_names_its_directory_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    from lifelong.cli import main
+
+    stream = _good_stream(tmp_path, edits=1)
+    argv = _replay_argv(stream, tmp_path / "run")
+    assert main([a if a != "2" else "1" for a in argv]) == 0  # one step
+
+    def full(*args, **kwargs):
+        raise _disk_full("safetensors")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    capsys.readouterr()
+    code = main(["checkout", str(tmp_path / "run"), "--step", "1", "--out", str(tmp_path / "model")])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write {tmp_path / 'model'}: No space left on device" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl", "run"]
+
+
+INTERRUPTED_LINE = (
+    "interrupted: completed steps (and key-statistics text sampled so far) are saved; re-run the same command to resume"
+)
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+# Where the end of a run can be interrupted: its last step's probes, the consolidation of its results,
+# the plots and the summary printed after it.
+_AT_THE_END = [
+    ("last probes", "probes.base.ProbeSuite", "run"),
+    ("consolidation", "lifelong.run.RunDir", "consolidate"),
+    ("plots", "lifelong.plots", "plot_run"),
+    ("summary", "lifelong.summary", "format_summary"),
+]
+
+
+@pytest.mark.parametrize("what,owner,attr", _AT_THE_END, ids=[c[0] for c in _AT_THE_END])
+def test_an_interrupt_at_the_end_of_a_run_says_so_and_the_run_resumes(
+    tmp_path, capsys, monkeypatch, uninterrupted, what, owner, attr
+):
+    """#37: Ctrl-C at any of the last stages prints the 'interrupted: ... saved' line (no traceback),
+    exits 130, and the same command then completes the run bitwise."""
+    from lifelong.cli import main
+
+    stream, expected = uninterrupted
+    target = _resolve(owner)
+    if what == "last probes":
+        real = target.run
+
+        def interrupt_last(self, ctx, references):
+            if ctx.is_last:
+                raise KeyboardInterrupt
+            return real(self, ctx, references)
+
+        monkeypatch.setattr(target, attr, interrupt_last)
+    else:
+        monkeypatch.setattr(target, attr, _interrupt)
+    out = tmp_path / "run"
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    monkeypatch.undo()
+    assert code == 130, err
+    assert err.strip() == INTERRUPTED_LINE, err
+    _assert_resumes_bitwise(capsys, stream, out, expected)
+
+
+def test_an_interrupt_while_the_program_ends_says_so(tmp_path):
+    """#37: the program ends itself once its command is done (before: the interpreter's seconds-long
+    teardown, where no Python handler runs, so a Ctrl-C there ended it bare, exit -2); a Ctrl-C while
+    it ends (here: while it waits for a thread) prints the 'interrupted' line and exits 130."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\nfrom lifelong import cli\n"
+        "def late():\n    time.sleep(1)\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(1)\n"
+        "threading.Thread(target=late).start()\nsys.argv = ['lifelong', 'streams']\ncli.main()\n"
+        "print('main returned', file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.strip() and done.stderr.strip() == INTERRUPTED_LINE, done.stderr
+
+
+# -- a step's memory, estimated before it starts (#37) ---------------------------------------------
+
+
+def test_a_step_estimated_beyond_the_available_memory_is_refused_before_it_starts(
+    tmp_path, capsys, monkeypatch, uninterrupted
+):
+    """Too little memory for the largest step: refused in one line naming the step, the estimate, the
+    memory available and the remedy, before the run directory exists. Memory taken away during a
+    run: the step is refused before anything of it is written, and the run then resumes bitwise."""
+    import lifelong.replay
+    from lifelong.cli import main
+    from lifelong.run import RunDir
+
+    stream, expected = uninterrupted
+    out = tmp_path / "run"
+    monkeypatch.setattr(lifelong.replay, "available_memory", lambda device: 2**20)
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "step 1 (1 edits): its memory is estimated at " in err and "more than the 1 MiB available on cpu" in err
+    assert "--batch-size" in err and not out.exists(), err
+
+    calls = [0]
+
+    def taken_away(device):  # plenty for the check before the run and step 1's, then 1 MiB
+        calls[0] += 1
+        return 2**40 if calls[0] <= 2 else 2**20
+
+    monkeypatch.setattr(lifelong.replay, "available_memory", taken_away)
+    code = main(_replay_argv(stream, out))
+    _, err = capsys.readouterr()
+    assert code == 2 and err.startswith("lifelong: error: step 2 (1 edits): its memory is estimated"), err
+    run = RunDir(out)
+    assert run.completed_step() == 1
+    assert not (run.deltas_dir / "step_000002.safetensors").exists() and not run.part_path(2).exists()
+    monkeypatch.undo()
+    _assert_resumes_bitwise(capsys, stream, out, expected)
+
+
+def test_the_step_memory_estimate_grows_with_the_edits_and_their_texts():
+    """The estimate counts each edit (at least its fixed share, so a 300,000-edit step, which grew past
+    20 GB, is estimated beyond 18 GiB) and its texts' length; a one-edit step is estimated small."""
+    import dataclasses
+
+    from lifelong.core.memory import PER_EDIT_BYTES, step_estimate
+    from lifelong.core.models import load_model
+    from lifelong.editors import make_editor
+    from tests.conftest import make_edits
+
+    lm = load_model("tiny-llama")
+    editor = make_editor("ft", dict(_QUICK_FT))
+    scope = editor.scope(lm)
+    one, many = step_estimate(lm.model, scope, make_edits(1)), step_estimate(lm.model, scope, make_edits(101))
+    per_edit = (many - one) / 100
+    assert PER_EDIT_BYTES < per_edit < 4 * PER_EDIT_BYTES
+    assert one + 300_000 * per_edit > 18 * 2**30
+    assert one < 64 * 2**20
+    long = [dataclasses.replace(e, paraphrases=("x " * 500 + "{}",)) for e in make_edits(1)]
+    assert step_estimate(lm.model, scope, long) > one + 900 * 8  # 8 bytes a byte of text (as token ids)
+    assert editor.memory_estimate(lm, make_edits(1)) == one  # an editor's default is the generic estimate

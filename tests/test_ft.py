@@ -62,3 +62,46 @@ def test_default_layer_is_resolved_per_model(tiny):
     editor = make_editor("ft").bind(tiny)
     assert editor.params.layer == tiny.num_layers // 5
     assert editor.hyperparameters()["layer"] == editor.params.layer
+
+
+def test_ft_defaults_follow_the_family_file(tiny):
+    from lifelong.editors.ft import FT_FAMILY_FILES, FT_FILES
+
+    p = make_editor("ft").bind(tiny).params
+    assert p.hparams == FT_FAMILY_FILES[tiny.adapter.family]  # recorded in the manifest's hyperparameters
+    published = FT_FILES[p.hparams]
+    assert (p.lr, p.max_steps, p.stop_loss) == (published["lr"], 25, 1e-2)
+    assert (p.objective, p.stop_rule, p.batch_size) == ("prompt_last", "epoch-mean", published["batch_size"])
+    assert p.layer == tiny.num_layers // 5  # the file's layer 21 is beyond the tiny model: depth-scaled
+    former = make_editor("ft", {"hparams": "none"}).bind(tiny).params
+    assert (former.lr, former.norm_constraint, former.stop_loss) == (1e-2, 1e-2, 0.05)
+    assert (former.objective, former.stop_rule) == ("target_new", "every-edit")
+    with pytest.raises(HyperparameterError, match="hparams must be 'family' or one of"):
+        make_editor("ft", {"hparams": "gpt2.json"})
+    with pytest.raises(HyperparameterError, match="objective must be one of prompt_last, target_new"):
+        make_editor("ft", {"objective": "last"})
+
+
+def test_prompt_last_reads_every_target_token_at_the_last_prompt_position(tiny):
+    """ROME's FT-L loss: mean over the target's tokens of -log p(token | prompt), all from the
+    distribution at the prompt's last position (kmeng01/rome baselines/ft/ft_main.py)."""
+    editor = make_editor("ft", {"objective": "prompt_last"}).bind(tiny)
+    edits = make_edits(2)
+    scorer = Scorer(tiny.model, tiny.tokenizer)
+    encoded = [scorer.encode(e.rendered_prompt, e.target_new) for e in edits]
+    with torch.no_grad():
+        got = editor._per_edit_nll(scorer, scorer.collate(encoded))
+        for k, (prompt, answer) in enumerate(encoded):
+            last = tiny.model(torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
+            assert len(answer) >= 1
+            assert got[k].item() == pytest.approx(-last[list(answer)].mean().item(), abs=1e-5)
+
+
+def test_norm_constraint_zero_is_no_bound_and_stop_loss_skips_steps(tiny):
+    edit = make_edits(1)[0]
+    free = make_editor("ft", {**TINY_FT, "norm_constraint": "0"})
+    change = free.apply(tiny, [edit]).changes[free.scope(tiny)[0]].dense
+    assert change.abs().max() > float(TINY_FT["norm_constraint"])  # unbounded, as the files' `false`
+    # A chunk whose loss is already below stop_loss takes no step (the original's rule).
+    idle = make_editor("ft", {**TINY_FT, "stop_loss": "1000"})
+    assert not idle.apply(tiny, [edit]).changes[idle.scope(tiny)[0]].dense.any()

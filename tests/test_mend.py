@@ -29,12 +29,18 @@ from lifelong.editors.mend import (
     model_key,
     read_curve,
     train_hypernetwork,
+    training_preset,
 )
 from lifelong.editors.mend.network import _ids_mask, _mean_nll
 from streams import EditStream
 from tests.conftest import make_edits
 
 LAYERS = [1, 2, 3]
+
+
+def small(**changes) -> TrainConfig:
+    """The former CPU training (cpu-small: rank 64, lr 1e-3, lr_lr 1e-2, 4 edits a step), no validation."""
+    return training_preset("cpu-small", **{"holdout": 0, **changes})
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +61,7 @@ def trained(tmp_path_factory):
             lm,
             LAYERS,
             str(data),
-            TrainConfig(steps=steps, checkpoint_every=10),
+            small(steps=steps, checkpoint_every=10),
             directory=work / f"h{steps}",
             progress=False,
         )
@@ -135,7 +141,7 @@ def test_training_resumes_to_the_same_result(tmp_path):
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(12)).to_jsonl(data)
     lm = load_model("tiny-llama")
-    config = TrainConfig(steps=4, checkpoint_every=1, rank=4)
+    config = small(steps=4, checkpoint_every=1, rank=4)
     whole = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "a", progress=False)
     partial = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False, stop_after=2)
     assert not partial.exists() and (tmp_path / "b" / "checkpoint.pt").exists()
@@ -144,19 +150,19 @@ def test_training_resumes_to_the_same_result(tmp_path):
             lm,
             LAYERS,
             str(data),
-            TrainConfig(steps=1, checkpoint_every=1, rank=4),
+            small(steps=1, checkpoint_every=1, rank=4),
             directory=tmp_path / "b",
             progress=False,
         )
     resumed = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "b", progress=False)
+    steps = [line.split(",")[0] for line in (tmp_path / "b" / "curve.csv").read_text().splitlines()[1:]]
+    assert steps == ["0", "1", "2", "3", "4"]  # integers, also after the resume
     a, meta = load_hypernetwork(whole, lm.device)
     b, _ = load_hypernetwork(resumed, lm.device)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert meta["steps"] == 4 and meta["train_ids"] == [e.id for e in make_edits(12)]
     with pytest.raises(ValueError, match="different training set-up"):
-        train_hypernetwork(
-            lm, LAYERS, str(data), TrainConfig(steps=4, rank=8), directory=tmp_path / "b", progress=False
-        )
+        train_hypernetwork(lm, LAYERS, str(data), small(steps=4, rank=8), directory=tmp_path / "b", progress=False)
 
 
 def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsys):
@@ -166,7 +172,7 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
     with pytest.raises(
         FileNotFoundError, match="run `lifelong train-mend --model tiny-llama --layers 1,2,3 --params gate,up,down"
     ):
-        make_editor("mend", {"train_data": str(data)}).bind(lm)
+        make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
     assert (
         main(
             [
@@ -179,6 +185,8 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
                 "2",
                 "--rank",
                 "4",
+                "--training",
+                "cpu-small",
                 "--holdout",
                 "2",
                 "--eval-every",
@@ -194,7 +202,7 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
     assert hypernet_dir(lm, [2, 3], str(data)) != path.parent and hypernet_dir(lm, LAYERS, "builtin") != path.parent
     assert hypernet_dir(lm, LAYERS, str(data), "down") != path.parent  # the edited weights are part of the key
     assert hypernet_dir(lm, LAYERS, str(data), "gate,up,down") == path.parent
-    editor = make_editor("mend", {"train_data": str(data)}).bind(lm)
+    editor = make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
     hyper = editor.hyperparameters()
     assert hyper["hypernet_steps"] == 2 and hyper["params"] == "gate,up,down"  # resolved, for the manifest
     assert hyper["layers"] == "1,2,3"
@@ -320,9 +328,7 @@ def test_untrained_hypernetwork_steps_along_minus_alpha_times_the_gradient(model
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model(model)
-    path = train_hypernetwork(
-        lm, LAYERS, str(data), TrainConfig(steps=0, rank=4), directory=tmp_path / "h", progress=False
-    )
+    path = train_hypernetwork(lm, LAYERS, str(data), small(steps=0, rank=4), directory=tmp_path / "h", progress=False)
     edit = make_edits(1, start=100)[0]
     grads = _plain_gradient(lm, edit)
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
@@ -369,7 +375,7 @@ def test_down_only_setting_keeps_the_former_key_format_and_still_loads(tmp_path)
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model("tiny-llama")
-    path = train_hypernetwork(lm, LAYERS, str(data), TrainConfig(steps=2, rank=4), params="down", progress=False)
+    path = train_hypernetwork(lm, LAYERS, str(data), small(steps=2, rank=4), params="down", progress=False)
     # the cache directory the down-only editor always had: key (model, layers, data), no params in it
     digest = hashlib.sha256(json.dumps([model_key(lm), LAYERS, str(data)]).encode()).hexdigest()[:12]
     assert path.parent.name == f"tiny-llama-L1_2_3-{digest}" and path.parent == hypernet_dir(
@@ -388,14 +394,14 @@ def test_down_only_setting_keeps_the_former_key_format_and_still_loads(tmp_path)
     for key in ("targets", "shapes", "heldout_ids"):
         del meta[key]
     atomic_save_tensors(tensors, path, {"lifelong_mend": json.dumps(meta)})
-    editor = make_editor("mend", {"train_data": str(data), "params": "down"}).bind(lm)
+    editor = make_editor("mend", {"train_data": str(data), "params": "down", "training": "cpu-small"}).bind(lm)
     assert editor.hyperparameters()["edited_weights"] == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     delta = editor.apply(lm, make_edits(1, start=100))
     assert sorted(delta.changes) == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
     assert all(torch.equal(p, base[n]) for n, p in lm.model.named_parameters() if n not in delta.changes)
     with pytest.raises(FileNotFoundError, match="--params gate,up,down"):  # the default does not pick it up
-        make_editor("mend", {"train_data": str(data)}).bind(lm)
+        make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
     with pytest.raises(ValueError, match="weights 1.down 2.down 3.down, not .* 1.gate 1.up 1.down"):
         make_editor("mend", {"hypernet": str(path), "layers": "1-3"}).bind(lm)
     with pytest.raises(ValueError, match=r"params must be comma-separated MLP projections of a gpt2 model \(up, d"):

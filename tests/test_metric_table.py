@@ -62,6 +62,8 @@ def test_every_metric_a_tiny_replay_emits_is_in_the_table_and_in_range(tmp_path)
                 "retention:schedule=every:3,sample=2",
                 "perplexity:schedule=every:3,max_tokens=256,max_sentences=8",
                 "downstream:schedule=every:9,items=2",
+                "fluency:schedule=every:9",  # the paper presets' probes (probes/paper.py)
+                "final_quality:token_acc=true",
             ],
         ),
         tmp_path / "full",

@@ -47,3 +47,16 @@ def test_compare_notebook_executes(tmp_path, stream_file, monkeypatch):
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the comparison and one dashboard per editor
     assert "after its step" in outputs and "θ0" in outputs  # the before/after view
+
+
+def test_saved_notebooks_hold_no_progress_bar_output():
+    """Saved outputs are read on GitHub and in the docs: no carriage returns, cursor-movement escape codes
+    or bar lines (strip them before committing a re-run notebook)."""
+    import re
+
+    for path in sorted(NOTEBOOK.parent.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                text = out.get("text", "") + "".join(str(v) for k, v in out.get("data", {}).items() if "text" in k)
+                assert not re.search(r"\x1b\[|\r|\d+%\|", text), f"{path.name}: progress-bar output: {text[:120]!r}"

@@ -31,7 +31,17 @@ def test_replay_writes_results_and_deltas(full_run):
     run = full_run.run
     assert full_run.total_steps == 6 and run.completed_step() == 6
     results = pl.read_parquet(run.results_path)
-    assert results.columns == ["run_id", "step", "timestamp", "probe", "metric", "protocol", "edit_id", "value"]
+    assert results.columns == [
+        "run_id",
+        "step",
+        "timestamp",
+        "probe",
+        "metric",
+        "protocol",
+        "edit_id",
+        "value",
+        "preset",
+    ]
     assert set(results["probe"]) == {"edit_quality", "retention"}
     assert sorted(set(results.filter(pl.col("probe") == "retention")["step"])) == [2, 4, 6]
     assert results.filter(pl.col("metric") == "retained_fraction")["value"].is_between(0, 1).all()

@@ -69,7 +69,7 @@ def test_alphaedit_claim_runs_the_papers_batches_at_standard_scale_with_one_seed
     assert claim.arms[0].source_at("items=4") == "counterfact"  # smoke tests draw from the quick scale's set
 
     held = {"a": np.array([1.0] * 280 + [0.0] * 20), "m": np.array([1.0] * 240 + [0.0] * 58 + [np.nan] * 2)}
-    monkeypatch.setattr(R, "retained_items", lambda frame, protocol="es": held[frame])
+    monkeypatch.setattr(R.measures, "retained_items", lambda frame, protocol="es": held[frame])
     one = R.retained_estimate(["m"])
     assert (one.value, one.n) == (pytest.approx(240 / 298), 298)
     assert (one.low, one.high) == pytest.approx(wilson(240, 298))
@@ -288,3 +288,117 @@ def test_update_page_links_the_document_from_the_page(tmp_path):
     bare.write_text("no block\n")
     with pytest.raises(SystemExit, match="no <!-- reproduce:begin -->"):
         R.update_page(bare, "| t |", tmp_path / "R.md")
+
+
+NEW_CLAIM = """
+[[claim]]
+id = "grace-paraphrase"
+title = "A claim written in the file alone"
+paper = "{wise_table}: GRACE Gen. 0.16 at T=10"
+# figures as tables (the project's file writes them inline, one a line): the same list either way
+[[claim.figures]]
+label = "g: PS at own step"
+kind = "own_step"
+arm = "g"
+probe = "edit_quality"
+metric = "generalization"
+protocol = "ps"
+unit = "prompts"
+[[claim.figures]]
+label = "g: retained fraction at last step"
+kind = "retained"
+arm = "g"
+[[claim.arm]]
+key = "g"
+editor = "grace"
+source = "zsre"
+items = { quick = 3, standard = 5 }
+overrides = { eps_init = "2.0" }
+[claim.rule]
+text = "rule: paraphrases held below 0.99"
+all_of = [{ figure = "g: PS at own step", below = 0.99 }]
+"""
+
+
+def claims_copy(tmp_path, extra: str = NEW_CLAIM):
+    path = tmp_path / "claims.toml"
+    path.write_text(R.CLAIMS_FILE.read_text() + extra)
+    return path
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not default_data_dir().is_dir(), reason="the reproduction reads ../shared/data (or $LIFELONG_DATA)")
+def test_a_claim_added_in_the_file_alone_is_run_and_judged(tmp_path):
+    path, out = claims_copy(tmp_path), tmp_path / "R.md"
+    R.main(
+        ["--claims-file", str(path), "--claims", "grace-paraphrase", "--model", "tiny-llama", "--scale", "items=2"]
+        + ["--seeds", "2", "--work", str(tmp_path / "work"), "--out", str(out), "--page", "", "--threads", "1"]
+    )
+    doc = out.read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| A claim written in the file alone"))
+    assert any(v in row for v in ("**holds**", "**does not hold**", "**inconclusive**")), row
+    assert "Wang et al., NeurIPS 2024" in doc  # {wise_table} filled from the file's [text]
+    assert "- arm `g`: editor `grace` (eps_init=2.0), 2 edits of zsre per seed" in doc
+    assert "| g: PS at own step | " in doc and "2 prompts per seed" in doc
+    assert "rule: paraphrases held below 0.99" in doc and f"--claims-file {path}" in doc
+    assert (tmp_path / "work" / "items=2" / "grace-g-zsre2-seed1").is_dir()
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (('kind = "retained"', 'kind = "retention"'), "kind 'retention': expected one of"),
+        (("below = 0.99", "under = 0.99"), "rule.all_of"),
+        (("below = 0.99", 'below = "low"'), "below must be a number"),
+        (('figure = "g: PS at own step"', 'figure = "g: PS"'), "no figure labelled 'g: PS'"),
+        (('editor = "grace"', 'editor = "grase"'), "editor 'grase': expected one of"),
+        (('eps_init = "2.0"', 'eps = "2.0"'), "editor 'grace' has no hyperparameter 'eps'"),
+        (('source = "zsre"', 'source = "zsrex"'), "source 'zsrex'"),
+        (("items = { quick = 3, standard = 5 }", 'items = "lots"'), "items = 'lots': no such entry in [sizes]"),
+        (("{wise_table}", "{wise}"), "no text named {wise}"),
+        (('kind = "retained"\narm = "g"', 'kind = "retained"\narm = "h"'), "arm 'h' is not an arm"),
+        (('protocol = "ps"', 'protocol = "ps"\nstep = 3'), "own_step figure takes no step"),
+        (('title = "A claim', 'titel = "A claim'), "unknown key(s) titel"),
+    ],
+)
+def test_a_malformed_claim_is_refused_in_one_line_naming_the_file_and_the_claim(tmp_path, change, problem):
+    path = claims_copy(tmp_path, NEW_CLAIM.replace(*change))
+    assert NEW_CLAIM.replace(*change) != NEW_CLAIM
+    with pytest.raises(R.ClaimsError) as err:
+        R.load_claims(path, R.DATA)
+    message = str(err.value)
+    assert message.startswith(f"{path}: claim 'grace-paraphrase': ") and problem in message and "\n" not in message
+    with pytest.raises(SystemExit, match="claim 'grace-paraphrase'"):  # the command: that line, no traceback
+        R.main(["--claims-file", str(path), "--report-only", "--out", str(tmp_path / "R.md")])
+
+
+def test_claims_file_errors_without_a_claim(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[claim]\n")
+    with pytest.raises(R.ClaimsError, match=r"bad.toml: not valid TOML"):
+        R.load_claims(bad, R.DATA)
+    with pytest.raises(R.ClaimsError, match=r"missing.toml: cannot be read"):
+        R.load_claims(tmp_path / "missing.toml", R.DATA)
+    with pytest.raises(R.ClaimsError, match=r"claim 'grace': a claim with this id comes earlier"):
+        R.load_claims(claims_copy(tmp_path, NEW_CLAIM.replace('"grace-paraphrase"', '"grace"')), R.DATA)
+
+
+def test_a_rule_with_a_condition_is_judged_only_once_the_condition_holds():
+    """AlphaEdit's rule from the file: not tested while MEMIT is at ceiling, judged once it has degraded."""
+    claim = next(c for c in R.CLAIMS if c.key == "alphaedit")
+    ceiling = {
+        "memit: retained fraction at last step": Estimate(1.0, 3, 0.95, 1.0),
+        "memit: perplexity ratio at last step": Estimate(1.0, 3, 0.99, 1.01),
+        "alphaedit − memit: retained fraction": Estimate(0.0, 3, -0.01, 0.01),
+        "memit / alphaedit: perplexity ratio": Estimate(1.0, 3, 0.99, 1.01),
+    }
+    assert claim.judge(ceiling)[0] == "not tested at this scale (MEMIT has not degraded yet)"
+    degraded = {**ceiling, "memit: perplexity ratio at last step": Estimate(3.0, 3, 2.0, 4.0)}
+    assert claim.judge(degraded)[0] == "inconclusive"
+    won = {
+        **degraded,
+        "alphaedit − memit: retained fraction": Estimate(0.3, 3, 0.2, 0.4),
+        "memit / alphaedit: perplexity ratio": Estimate(2.0, 3, 1.5, 2.5),
+    }
+    assert claim.judge(won)[0] == "holds"
+    assert claim.judge({**won, "memit: retained fraction at last step": Estimate(math.nan, 0)})[0] == "not run"

@@ -258,7 +258,7 @@ def test_memit_none_is_bitwise_the_plain_editor():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"stabilise": "nass"}, "memit: stabilise must be one of none, nas, prune, rect, got 'nass'"),
+        ({"stabilise": "nass"}, "memit: stabilise must be one of none, nas, prune, rect, encore, got 'nass'"),
         ({"rect_percent": "0"}, "memit: rect_percent must be in (0, 100], got 0.0"),
         ({"nas_trim": "1.5"}, "memit: nas_trim must be in (0, 1], got 1.5"),
         ({"nas_samples": "0"}, "memit.nas_samples: must be at least 1, got 0"),

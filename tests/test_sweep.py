@@ -16,7 +16,7 @@ import pytest
 from lifelong import cli
 from lifelong.cli import expand_sweeps
 from lifelong.replay import replay
-from lifelong.run import RunDir
+from lifelong.run import RunConfig, RunDir
 from lifelong.sweep import CRASH_ENV, SpecError, SweepDir, format_sweep, load_spec, parse_spec, run_sweep
 from streams import EditStream
 from tests.conftest import TINY_FT, make_edits
@@ -341,3 +341,105 @@ def test_an_address_where_nothing_answers_is_refused_in_one_line(tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith("lifelong: error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- what the sweep's bar says of running cells (workers draw no bars)
+
+
+def test_a_running_cells_activity_is_read_from_its_run_directory(tmp_path, stream_file):
+    import os
+
+    from lifelong.sweep import cell_activity, running_note
+
+    cell = tmp_path / "cell"
+    now = time.time()
+    assert cell_activity(cell, 3, now - 10, now) == "starting"
+    assert cell_activity(cell, 3, now - 400, now) == "waiting 6m40s to start (its worker may be short of CPU)"
+    config = RunConfig(model="tiny-llama", stream=str(stream_file), steps=3, editor_overrides=dict(TINY_FT))
+    replay(config, cell, stop_after=1, progress=False)
+    now = time.time()
+    assert cell_activity(cell, 3, now - 30, now) == "on step 2/3"
+    old = now - 300
+    for name in ("manifest.json", "steps.jsonl"):
+        os.utime(cell / name, (old, old))
+    assert cell_activity(cell, 3, now - 400, now) == "on step 2/3, last step done 5m00s ago"
+    # files older than the submission are an earlier attempt's: this one's worker has not begun
+    assert cell_activity(cell, 3, now - 100, now) == "waiting 1m40s to start (its worker may be short of CPU)"
+    (cell / "steps.jsonl").unlink()
+    (cell / "progress.json").unlink()
+    os.utime(cell / "manifest.json", (now - 75, now - 75))
+    assert cell_activity(cell, 3, now - 80, now) == "preparing for 1m15s (key statistics, θ0 probes)"
+    assert running_note([("a", "starting"), ("b", "on step 2/3"), ("c", "starting")]) == (
+        "a: starting; b: on step 2/3; +1 more running"
+    )
+    assert running_note([]) == ""
+
+
+class _LazyRef:
+    def __init__(self, fn, args):
+        self.fn, self.args, self.ran = fn, args, False
+
+    def run(self):
+        if not self.ran:
+            self.ran, self.ref = True, _Ref(self.fn, self.args)
+        return self.ref
+
+
+class _StarvedRay(_InlineRay):
+    """Tasks start only at the third wait: until then their workers wait for a CPU."""
+
+    waits = 0
+
+    def remote(self, fn):
+        task = _Task(fn)
+        task.remote = lambda *args: _LazyRef(fn, args)  # type: ignore[method-assign]
+        return task
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        self.waits += 1
+        if self.waits < 3:
+            return [], refs
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return super().get(ref.run())
+
+
+def test_the_sweep_bar_says_a_cell_waits_to_start(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import lifelong.core.bars as bars
+    import lifelong.sweep as sweep_module
+
+    @contextmanager
+    def starved(address, device):
+        yield _StarvedRay()
+
+    notes: list[str] = []
+    real = bars.bar
+
+    def recording(*args, **kwargs):
+        made = real(*args, **kwargs)
+        shown = made.set_postfix_str
+
+        def note(text="", refresh=True):
+            notes.append(text)
+            return shown(text, refresh=refresh)
+
+        made.set_postfix_str = note
+        return made
+
+    monkeypatch.setattr(sweep_module, "ray_session", starved)
+    monkeypatch.setattr(sweep_module, "START_HINT", 0.0)
+    monkeypatch.setattr(bars, "bar", recording)
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # run_cell sets it; restored after the test
+    text = (
+        SPEC.replace("seeds = [0, 1]", "seeds = [0]")
+        .replace('"ft", "memory"', '"ft"')
+        .replace("\nsteps = 3", "\nsteps = 1")
+    )
+    spec = load_spec(write_spec(tmp_path / "spec", text))
+    run_sweep(spec, tmp_path / "out", progress=True)
+    cell = spec.cells[0].id
+    assert notes[0].startswith(f"cells 0/1 done, 1 running, 0 failed | {cell}: waiting 0s to start")
+    assert notes[-1] == "cells 1/1 done, 0 running, 0 failed"

@@ -51,7 +51,10 @@ FAST = {
     },
     "memory": {},
     "kn": {"layers": "1-2", "ig_steps": "4"},
-    "mend": {"train_data": "builtin"},  # needs the hypernetwork of the tiny_mend_hypernet fixture
+    "mend": {
+        "train_data": "builtin",
+        "training": "cpu-small",
+    },  # needs the hypernetwork of the tiny_mend_hypernet fixture
 }
 
 
@@ -64,11 +67,15 @@ def private_cache(tmp_path, monkeypatch):
 def tiny_mend_hypernet(private_cache):
     """A MEND hypernetwork for tiny-llama trained a few steps on the built-in facts, in the private cache."""
     from lifelong.core.models import load_model
-    from lifelong.editors.mend import TrainConfig, resolve_layers, train_hypernetwork
+    from lifelong.editors.mend import resolve_layers, train_hypernetwork, training_preset
 
     lm = load_model("tiny-llama")
     return train_hypernetwork(
-        lm, resolve_layers("", lm.num_layers), "builtin", TrainConfig(steps=3, rank=8), progress=False
+        lm,
+        resolve_layers("", lm.num_layers),
+        "builtin",
+        training_preset("cpu-small", steps=3, rank=8, holdout=0),
+        progress=False,
     )
 
 

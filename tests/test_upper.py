@@ -354,3 +354,30 @@ def test_optimize_value_equals_its_plain_reference(tiny, scale, stop_on):
     torch.testing.assert_close(fast.value, plain.value, rtol=1e-3, atol=1e-4)
     assert fast.nll == pytest.approx(plain.nll, rel=1e-4) and fast.kl == pytest.approx(plain.kl, rel=1e-3, abs=1e-7)
     assert (fast.value - fast.original).norm() > 0  # δ moved: the comparison is not of two zeros
+
+
+@pytest.mark.parametrize("tiny", ["tiny-llama"], indirect=True)
+def test_value_fit_moves_a_transient_bar_once_per_evaluation(tiny, monkeypatch, capsys):
+    """A one-edit step spends its time in the v*/z* fit: its own bar advances at each evaluation,
+    shows the watched loss, leaves nothing behind, and is off when bars are (--quiet)."""
+    from lifelong.editors import locate
+
+    made, real = [], locate.progress_bar
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(locate, "progress_bar", recording)
+    edit = make_edits(1)[0]
+    fit = optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:2], steps=4, stop_loss=-1.0)  # never stops early
+    assert fit.steps == 4 and len(made) == 1
+    assert (made[0].n, made[0].total, made[0].leave) == (4, 4, False)
+    assert made[0].postfix.startswith("loss ") and "stops below -1" in made[0].postfix
+    assert "v* fit" in capsys.readouterr().err
+    early = optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:2], steps=4, stop_loss=1e9, stop_on="nll")
+    assert early.steps == 1 and made[1].n == 1 and made[1].postfix.startswith("nll ")
+    capsys.readouterr()
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    optimize_value(tiny, 1, edit, CONTEXT_TEMPLATES[:2], steps=2, stop_loss=-1.0)
+    assert made[2].disable and "v* fit" not in capsys.readouterr().err

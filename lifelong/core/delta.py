@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lifelong.core.durable import make_dirs, publish
+from lifelong.core.durable import make_dirs, publish, writing
 from lifelong.core.keep import KeepPolicy
 from streams.errors import MissingFileError, UserError
 
@@ -201,7 +201,8 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     The file carries a digest of its tensors, which :func:`load_tensors` checks."""
     make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)})
+    with writing(path, tmp):  # a full disk: one error naming the file (safetensors names none)
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)})
     publish(tmp, path)  # flushed before and after the rename: a power cut cannot leave it half-written
 
 

@@ -10,9 +10,10 @@ Two rules (docs/DESIGN.md §6), both measured here:
   and re-divides between steps). ``--threads N`` / ``LIFELONG_THREADS`` fix it; an
   ``OMP_NUM_THREADS`` already set is respected.
 - **Reduced precision only where the hardware runs it natively.** On a CPU without
-  AVX512-BF16 or AMX a bfloat16 matmul runs 30–70× slower than float32. ``auto`` picks
-  bfloat16 only where the CPU reports native support *and* a micro-benchmark, run once
-  per machine and cached, finds it faster; on CUDA where the device supports it.
+  AVX512-BF16 or AMX a bfloat16 matmul is emulated, far slower than float32
+  (docs/BENCHMARKS.md). ``auto`` picks bfloat16 only where the CPU reports native support
+  *and* a micro-benchmark, run once per machine and cached, finds it faster; on CUDA where
+  the device supports it.
 """
 
 from __future__ import annotations

@@ -223,8 +223,8 @@ def greedy_ids(
     tokens per batch), left-padded with an attention mask and positions counted from each row's
     first real token, and decoded with the KV cache. A finished row leaves the batch (its cache rows
     are dropped): answers are mostly a few tokens, and one long answer would otherwise keep the
-    whole batch decoding to the budget (with HF ``generate``, which cannot drop rows, batching 64
-    default-model prompts was only 2.8x faster than one at a time; docs/BENCHMARKS.md). The answers
+    whole batch decoding to the budget (with HF ``generate``, which cannot drop rows, batching gained
+    little over one prompt at a time; docs/BENCHMARKS.md). The answers
     are those of ``model.generate`` on one prompt at a time without padding (tests/test_generation.py
     checks it token for token on both tiny models).
     """

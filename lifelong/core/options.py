@@ -9,7 +9,7 @@ import dataclasses
 import math
 import typing
 
-from lifelong.core.names import did_you_mean
+from lifelong.core.names import EDITOR_CLASSES, MODEL_SAMPLE, corpus_files, did_you_mean
 from streams.errors import UserError
 
 
@@ -53,6 +53,7 @@ _AT_LEAST_ONE = (
     "save_freq",
     "merge_freq",
     "nas_samples",
+    "mpes_hits",
 )
 _NOT_NEGATIVE = (
     "norm_constraint",
@@ -67,8 +68,10 @@ _NOT_NEGATIVE = (
     "update_norm_lambda",
     "cov_reg",
     "max_tokens",
+    "max_sentences",
     "items",
     "rect_eps",
+    "encore_norm",
 )
 _POSITIVE = ("lr", "v_lr", "edit_lr", "nullspace_threshold", "nas_skip", "mom2_update_weight")
 
@@ -94,6 +97,28 @@ def check_range(name: str, value, where: str, error: type[ValueError] = OptionEr
         raise error(f"{where}: must not be negative, got {value}")
     if name in _POSITIVE and value <= 0:
         raise error(f"{where}: must be greater than 0, got {value}")
+
+
+def quick_setting_problem(editor: str, key: str, raw: str) -> str | None:
+    """The one-line refusal of ``--set key=raw`` for a built-in editor that the setting's name alone
+    decides (its declared range; a covariance corpus that does not exist), else None: the command line
+    asks it before torch and the editors are imported. The rest is checked when the editor is built."""
+    if editor not in EDITOR_CLASSES:
+        return None
+    try:
+        if key == "cov_corpus" and raw != MODEL_SAMPLE:
+            corpus_files(raw)
+        if key in (*_AT_LEAST_ONE, *_NOT_NEGATIVE, *_POSITIVE):
+            for kind in (int, float) if key in _AT_LEAST_ONE else (float,):  # counts are whole numbers
+                try:
+                    value = kind(raw)
+                except ValueError:
+                    continue
+                check_range(key, value, f"{editor}.{key}")
+                break
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def convert(raw, annotation, where: str, error: type[ValueError] = OptionError):

@@ -48,8 +48,8 @@ class Scorer:
     """A causal LM as probes see it: scores (prompt, answer) pairs by teacher forcing, generates
     greedy answers, reads a corpus's token NLL and the weights.
 
-    ``max_batch_tokens`` bounds padded tokens per forward pass; on a 2-core CPU 512 ran
-    the default model ~1.6x faster than 4096 (smaller activations stay in cache).
+    ``max_batch_tokens`` bounds padded tokens per forward pass; a small bound runs faster on a
+    CPU, where smaller activations stay in cache (docs/BENCHMARKS.md).
     ``rewrite`` (optional) maps a list of prompts to the prompts the model actually sees (an
     in-context memory prepends retrieved edits). It applies to :meth:`score` (answers are
     appended after the rewritten prompt, so their positions stay right) and :meth:`generate`,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor, each_edit
+from lifelong.editors.base import Editor, each_edit, resolved
 from lifelong.editors.hooks import Hooks, stop_before
 from streams import Edit
 from streams.errors import UserError
@@ -28,7 +29,19 @@ def default_adaptor_layer(num_layers: int) -> int:
     return (4 * num_layers) // 5
 
 
-class AdaptorEditor(Editor):
+class AdaptorParams(Protocol):
+    """What the adaptor machinery reads of its editor's Params: a dataclass with a ``layer``."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def layer(self) -> int | None: ...
+
+
+AP = TypeVar("AP", bound=AdaptorParams)
+
+
+class AdaptorEditor(Editor[AP]):
     """An editor acting through a forward hook on ``out_proj(layer)``; subclasses define ``_hook``."""
 
     adaptor = True
@@ -51,8 +64,13 @@ class AdaptorEditor(Editor):
             self._bound_to = lm.model
         return self
 
+    @property
+    def layer(self) -> int:
+        """The layer wrapped, as ``bind`` resolved it."""
+        return resolved(self.params.layer, self.name, "layer")
+
     def _attach(self, lm: LoadedModel) -> None:
-        self._hooks.on_output(lm.adapter.out_proj(self.params.layer), self._hook)
+        self._hooks.on_output(lm.adapter.out_proj(self.layer), self._hook)
         self._hooks.on_input(lm.adapter.body(), self._remember_mask, with_kwargs=True)
 
     def _remember_mask(self, module, args, kwargs):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 
 from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.machine import choose_dtype
+from lifelong.core.memory import step_estimate
 from lifelong.core.models import LoadedModel
 from lifelong.core.options import check_range, parse_options
 from streams import Edit
@@ -43,6 +44,17 @@ def validate_params(params, editor: str) -> None:
         validate(editor)
 
 
+T = TypeVar("T")
+
+
+def resolved(value: T | None, editor: str, setting: str) -> T:
+    """A setting whose None means "the model's default", as ``bind`` (or the constructor) resolved it;
+    a clear error where it is read before then. Typed accessors use it so mypy sees the resolved type."""
+    if value is None:
+        raise RuntimeError(f"{editor}: '{setting}' is resolved by bind(lm): bind the editor to a model first")
+    return value
+
+
 def default_layer(num_layers: int) -> int:
     """An early-middle layer, where causal tracing (ROME/MEMIT) finds factual recall in
     the MLPs, scaled to depth: layer 6 of SmolLM2's 30, which took 6/6 trial FT edits at
@@ -56,6 +68,26 @@ def resolve_layer(layer: int | None, lm: LoadedModel, editor: str) -> int:
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"{editor}: layer {layer} out of range for a {lm.num_layers}-layer model")
     return layer
+
+
+def from_hparams_file(params, lm: LoadedModel, family_files: dict[str, str], files: dict[str, dict], editor: str):
+    """``params`` with every setting left at None taken from an original's hparams file: the one
+    ``family_files`` names for ``lm``'s family when ``params.hparams`` is "family" (a family without
+    one gets "none", this project's own defaults), else the file ``params.hparams`` names. The file's
+    name replaces "family" in ``hparams`` (so the manifest records it) and the layer is resolved for
+    ``lm``; a file's layer beyond a smaller model of the family gives way to num_layers // 5."""
+    name = family_files.get(lm.adapter.family, "none") if params.hparams == "family" else params.hparams
+    filled = {k: v for k, v in files[name].items() if getattr(params, k) is None}
+    if filled.get("layer") is not None and filled["layer"] >= lm.num_layers:
+        filled["layer"] = None
+    params = dataclasses.replace(params, hparams=name, **filled)
+    return dataclasses.replace(params, layer=resolve_layer(params.layer, lm, editor))
+
+
+def check_hparams_name(hparams: str, files: dict[str, dict], editor: str) -> None:
+    """Refuse an ``hparams`` setting that is neither "family" nor a known file's name."""
+    if hparams != "family" and hparams not in files:
+        raise HyperparameterError(f"{editor}: hparams must be 'family' or one of {', '.join(files)}, got '{hparams}'")
 
 
 def parse_layers(
@@ -121,16 +153,23 @@ class Snapshot:
         return delta
 
 
-class Editor(ABC):
-    """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``."""
+P = TypeVar("P")  # an editor's Params: ``class ROMEEditor(Editor[ROMEParams])`` types ``self.params``
+
+
+class Editor(ABC, Generic[P]):
+    """Base class of every editor: subclasses set ``name``, ``Params`` and implement ``apply``.
+
+    ``self.params`` has the editor's Params type (``Editor[MyParams]``), so mypy refuses a misspelt
+    setting; a setting that ``bind`` resolves (``layer: int | None``) is read through a typed accessor
+    built on :func:`resolved` (e.g. ``FTEditor.layer``)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type]
     adaptor: ClassVar[bool] = False  # True: edits live outside the weights (hooks, prompts), in editor state
 
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
+    def __init__(self, params: P | None = None):
+        self.params: P = params if params is not None else self.Params()
         # The one place settings are checked: at construction, before any model is loaded. A Params
         # class checks what it can without a model in ``validate(editor)``; bind() checks only what
         # needs the model (layer ranges, the model's weights).
@@ -182,6 +221,12 @@ class Editor(ABC):
     def release(self) -> None:
         """Detach whatever ``bind`` attached to a model (hooks); editors without any need nothing."""
 
+    def memory_estimate(self, lm: LoadedModel, batch: Sequence[Edit]) -> int:
+        """Bytes a step applying ``batch`` may hold at its peak beyond the model, checked against the
+        memory available before the step starts. Generic and conservative (:mod:`lifelong.core.memory`);
+        an editor that knows its own cost may override it (it must stay cheap: no forward pass)."""
+        return step_estimate(lm.model, self.scope(lm), batch)
+
     def check_stream(self, stream: Sequence[Edit]) -> None:
         """Raise ValueError for a stream this editor must not be evaluated on (e.g. its own training
         records, for a trained editor); called by the replay after ``bind``. Default: any stream."""
@@ -201,6 +246,19 @@ class Editor(ABC):
             for f in dataclasses.fields(self.params)
             if f.name.endswith("_dtype")
         }
+
+    # The method's numerically sensitive parts and the dtype each is computed in whatever the weights'
+    # (as the originals do): a dtype name, or the name of a ``*_dtype`` setting, resolved on the model.
+    precision_parts: ClassVar[dict[str, str]] = {}
+
+    def precision(self, lm: LoadedModel) -> dict[str, str]:
+        """The dtype of the weights and of each of :attr:`precision_parts` as this editor computes it
+        on ``lm`` (settings such as ``v_dtype=auto`` as they resolve): recorded in run manifests."""
+        resolved = {name: info["dtype"] for name, info in self.numerics(lm).items()}
+        weights = next(lm.model.parameters()).dtype
+        out = {"weights": str(weights).removeprefix("torch.")}
+        out.update({part: resolved.get(dtype, dtype) for part, dtype in self.precision_parts.items()})
+        return out
 
     def hyperparameters(self) -> dict:
         """The hyperparameters recorded in run manifests ({} when ``Params`` is not a dataclass)."""

@@ -10,20 +10,24 @@ It is computed once per (model, layer, corpus, token count) and cached under
 from __future__ import annotations
 
 import hashlib
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import cast
 
 import torch
+from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import quiet as bars_quiet
 from lifelong.core.delta import atomic_save_tensors, load_tensors
 from lifelong.core.models import LoadedModel, cache_root
+from lifelong.core.names import MODEL_SAMPLE, corpus_files
+from lifelong.editors.hooks import stop_after
 from lifelong.editors.locate import capture_keys
-from streams.errors import MissingFileError, UserError
+from streams.errors import UserError
 
-MODEL_SAMPLE = "model-sample"
 _SEEDS = (
     "The",
     "In",
@@ -54,7 +58,8 @@ def model_key(lm: LoadedModel) -> str:
     h.update(lm.adapter.config.to_json_string(use_diff=False).encode())
     for name, p in lm.model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes()[:65536])
+        # the first 16,384 values (64 KiB in float32), without a float32 copy of a 7B-class matrix
+        h.update(p.detach().reshape(-1)[:16384].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -66,18 +71,6 @@ def corpus_key(corpus: str) -> str:
     for f in files:
         h.update(f.read_bytes())
     return "text-" + h.hexdigest()[:16]
-
-
-def corpus_files(corpus: str) -> list[Path]:
-    path = Path(corpus)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if files:
-            return files
-        raise MissingFileError(f"{corpus}: no .txt files in this directory")
-    raise MissingFileError(f"covariance corpus {corpus!r}: expected '{MODEL_SAMPLE}', a text file or a directory")
 
 
 def _token_rows(lm: LoadedModel, corpus: str, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
@@ -119,6 +112,15 @@ class _TickPerPosition(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def sampling_resume_line(partial: Path, done: int, sizes: list[int]) -> str:
+    """The line an interrupted text sampling prints when it carries on from ``partial``."""
+    kept = sum(sizes[:done])
+    return (
+        f"resuming text sampling for key statistics from {partial} at chunk {done + 1} of {len(sizes)}: "
+        f"{kept} rows kept, {sum(sizes) - kept} of {sum(sizes)} left"
+    )
+
+
 def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: Path) -> list[list[int]]:
     """``n_rows`` sequences of ``seq_len`` tokens sampled from the model (top-k 50), in balanced
     chunks each seeded from (seed, chunk): finished chunks are kept in ``partial`` as they
@@ -129,6 +131,8 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     done = next((c for c in range(chunks + 1) if sum(sizes[:c]) == len(rows)), None)
     if done is None:  # not a chunk boundary: not ours, start afresh
         rows, done = [], 0
+    if done and not bars_quiet():
+        tqdm.write(sampling_resume_line(partial, done, sizes), file=sys.stderr)
     desc = "sampling text for key statistics (once per model, cached)"
     with (
         torch.random.fork_rng(devices=[]),
@@ -158,13 +162,40 @@ def sample_rows(lm: LoadedModel, n_rows: int, seq_len: int, seed: int, partial: 
     return rows
 
 
+# The host memory the statistics take beyond their d × d float64 sums: the keys are turned into
+# float64 this many bytes at a time, so a 7B-class layer (d_in 11008-14336) needs no full float64
+# copy of a batch's keys (docs/MACHINES.md, memory planning).
+KEY_CHUNK_BYTES = 64 * 2**20
+
+
+def key_chunk_rows(width: int, budget: int = KEY_CHUNK_BYTES) -> int:
+    """Key rows of ``width`` whose float64 copy fits ``budget`` bytes (at least one)."""
+    return max(1, budget // (8 * width))
+
+
+def accumulate_second_moment(total: torch.Tensor | None, keys: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``total`` + Σ k kᵀ over the rows of ``keys`` (n × d), in float64 on the host, ``chunk`` rows
+    at a time; the sum is updated in place (no d × d temporary beside it)."""
+    for start in range(0, keys.shape[0], chunk):
+        part = _host_float64(keys[start : start + chunk])
+        total = part.T @ part if total is None else total.addmm_(part.T, part)
+    assert total is not None, "no key rows"  # callers pass at least one row
+    return total
+
+
+def _host_float64(keys: torch.Tensor) -> torch.Tensor:
+    """One chunk of keys on the host in float64 (the largest intermediate of the statistics)."""
+    return keys.cpu().double()
+
+
 @torch.no_grad()
 def compute_second_moments(
-    lm: LoadedModel, layers: list[int], rows: list[list[int]], batch_size: int = 8
+    lm: LoadedModel, layers: list[int], rows: list[list[int]], batch_size: int = 8, chunk_tokens: int | None = None
 ) -> dict[int, torch.Tensor]:
-    """E[k kᵀ] for several layers in one pass over the token rows."""
+    """E[k kᵀ] for several layers in one pass over the token rows; each batch's keys are summed
+    ``chunk_tokens`` rows at a time (default: :data:`KEY_CHUNK_BYTES` worth of float64 keys)."""
     body = lm.adapter.body()
-    totals: dict[int, torch.Tensor | float] = {layer: 0.0 for layer in layers}
+    totals: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     count = 0
     desc = f"key statistics, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))} (cached)"
     bar = progress_bar(total=sum(len(r) for r in rows), desc=desc, unit="tok", unit_scale=True)
@@ -172,14 +203,17 @@ def compute_second_moments(
         ids = torch.tensor(rows[start : start + batch_size], device=lm.device)
         with ExitStack() as stack:
             seen = {layer: stack.enter_context(capture_keys(lm.adapter, layer)) for layer in layers}
+            stack.enter_context(stop_after(lm.adapter.out_proj(max(layers))))  # the layers above are not needed
             body(input_ids=ids, use_cache=False)
         for layer in layers:
-            keys = seen[layer][0].reshape(-1, seen[layer][0].shape[-1]).double().cpu()
-            totals[layer] = totals[layer] + keys.T @ keys
+            keys = seen[layer][0].reshape(-1, seen[layer][0].shape[-1])
+            seen[layer].clear()
+            totals[layer] = accumulate_second_moment(totals[layer], keys, chunk_tokens or key_chunk_rows(keys.shape[1]))
         count += ids.numel()
         bar.update(ids.numel())
     bar.close()
-    # a tensor once a row is read (with no rows, count is 0 and this raises ZeroDivisionError as before)
+    if not count:
+        raise ZeroDivisionError("key statistics of no token rows")
     return {layer: cast(torch.Tensor, total) / count for layer, total in totals.items()}
 
 

@@ -78,6 +78,7 @@ class EMMETEditor(MEMITEditor):
         "projection (every key of the batch written; exactly with emmet_lambda=0)"
     )
     Params = EMMETParams  # type: ignore[assignment]  # MEMIT's step, not its λ or layer range: its own settings
+    params: EMMETParams  # type: ignore[assignment]
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -92,13 +93,15 @@ class EMMETEditor(MEMITEditor):
         return parse_layer_spec(self.params.layers, lm.num_layers, self.name, default_layers)
 
     def preserved_moment(self, lm: LoadedModel, layer: int) -> torch.Tensor:
-        """The C of the solve, float64: E[kkᵀ] × mom2_update_weight + update_norm_lambda · I."""
+        """The C of the solve, float64: E[kkᵀ] × mom2_update_weight + (update_norm_lambda + α) · I, α
+        ENCORE's norm weight under ``stabilise=encore`` (else 0)."""
         p = self.params
         c = self.second_moment(lm, layer).double()
         if p.mom2_update_weight != 1:
             c = c * p.mom2_update_weight
-        if p.update_norm_lambda != 0:
-            c = c + p.update_norm_lambda * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        ridge = p.update_norm_lambda + self.norm_weight()  # ENCORE's α‖Δ‖²_F: the same term as update_norm_lambda
+        if ridge != 0:
+            c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         return c
 
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):

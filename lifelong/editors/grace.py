@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -75,10 +75,11 @@ class GRACEParams:
                 ) from None
 
 
-class GRACEEditor(AdaptorEditor):
+class GRACEEditor(AdaptorEditor[GRACEParams]):
     name = "grace"
     description = "GRACE codebook adaptor on one MLP output projection (keys, trained values, deferral radii)"
     Params = GRACEParams
+    precision_parts: ClassVar[dict[str, str]] = {"codebook": "float32", "key_distances": "float32"}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -369,16 +370,16 @@ class GRACEEditor(AdaptorEditor):
         # value is the unadapted output at that key; neither needs the codebook searched.
         self._bypass = True
         try:
-            with torch.no_grad(), capture_keys(lm.adapter, p.layer) as seen:
+            with torch.no_grad(), capture_keys(lm.adapter, self.layer) as seen:
                 lm.adapter.body()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
                 key = seen[0][0, position]
-                warm = lm.adapter.out_proj(p.layer)(key[None])[0]
+                warm = lm.adapter.out_proj(self.layer)(key[None])[0]
         finally:
             self._bypass = False
         entry = self.add(key, warm, edit.target_new)
 
-        upper = UpperLayers(lm, p.layer, batch)
-        value = self.values[entry].clone().to(lm.device).requires_grad_(True)
+        upper = UpperLayers(lm, self.layer, batch)
+        value = self.values[entry].clone().to(lm.layer_device(self.layer)).requires_grad_(True)
         optimizer = torch.optim.Adam([value], lr=p.lr)
         self._training, self._query_at = (entry, value), position
         try:

@@ -179,7 +179,7 @@ def select_neurons(scores: Sequence[torch.Tensor], threshold: float, share: floa
     return coarse.mean(0) > share
 
 
-class KNEditor(Editor):
+class KNEditor(Editor[KNParams]):
     name = "kn"
     description = (
         "Knowledge Neurons: integrated-gradients neuron attribution, value vectors moved from the old "

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from lifelong.core.arch import ArchAdapter
+from lifelong.core.bars import bar as progress_bar
 from lifelong.core.delta import ParamChange
 from lifelong.core.machine import check_dtype_setting
 from lifelong.core.model_access import Codec
@@ -154,8 +155,9 @@ def keys_at(lm: LoadedModel, layer: int, texts: Sequence[str], indices: Sequence
     ids, mask = padded_batch(lm, texts)
     with capture_keys(lm.adapter, layer) as seen:
         lm.adapter.body()(input_ids=ids, attention_mask=mask, use_cache=False)
-    rows = torch.arange(len(texts), device=lm.device)
-    return seen[0][rows, torch.tensor(list(indices), device=lm.device)].double()
+    keys = seen[0]  # on the layer's device
+    rows = torch.arange(len(texts), device=keys.device)
+    return keys[rows, torch.tensor(list(indices), device=keys.device)].double()
 
 
 KEY_AVERAGES = ("uniform", "grouped")
@@ -210,12 +212,12 @@ class ValueParams:
     v_scale: str = "mlp_output"  # the vector of SCALE_VECTORS scaling the clamp and the norm term
     templates: int = 21  # context templates for k̄ and v* (the first is the bare prompt)
     # Compute dtype of the layers above the edited one during the optimisation: "auto" takes
-    # bfloat16 where the device runs it natively and fast (it about halves the time on CPUs with
-    # AVX512-BF16/AMX, and is 30-70x slower without them), else float32 (lifelong.core.machine).
+    # bfloat16 where the device runs it natively and fast (faster on CPUs with AVX512-BF16/AMX, far
+    # slower emulated without them; docs/BENCHMARKS.md), else float32 (lifelong.core.machine).
     # The update itself is always solved in float64.
     v_dtype: str = "auto"
     # The layers above the edited one: "fused" runs Llama-family models (Llama, Mistral, Qwen2)
-    # through hand-fused layers with the same arithmetic (ROME on SmolLM2: 2.99 against 4.68 s per edit)
+    # through hand-fused layers with the same arithmetic, in less time (docs/BENCHMARKS.md),
     # and other families through their own; "model" always runs the model's own layers.
     v_stack: str = "fused"
 
@@ -258,6 +260,7 @@ class ValueFit:
     penalty: float = float("nan")  # final weight_decay × ‖δ‖ / ‖scale‖²
     loss: float = float("nan")  # final NLL + kl_factor × KL + penalty
     scale: torch.Tensor | None = None  # the vector scaling the clamp and the norm term, float64
+    argmax_hits: int = 0  # evaluations at which the target was the argmax at every answer position (MPES)
 
 
 class FitLog:
@@ -402,6 +405,7 @@ def optimize_value(
     stop_on: str = "total",
     scale: str = "mlp_output",
     stack: UpperStack | None = None,
+    stop_argmax: int = 0,
 ) -> ValueFit:
     """ROME's v* / MEMIT's z*: Adam on δ at the subject's last token for
 
@@ -413,7 +417,9 @@ def optimize_value(
     residual stream leaving the layer ("layer_output", MEMIT's compute_z), both at the bare
     prompt's subject token. As in the originals, at most ``steps`` evaluations with a gradient
     step after each but the last, stopping early once the loss named by ``stop_on`` ("total"
-    or "nll") is below ``stop_loss``.
+    or "nll") is below ``stop_loss``, or (``stop_argmax`` = k > 0, ENCORE's MPES) at the k-th
+    evaluation at which the target is the most probable token at every answer position of every
+    context template.
 
     One pass up to ``layer`` (prefix cached) gives the keys, v_orig and the residual
     stream leaving it; each step then adds δ there and runs only the suffix through the
@@ -439,11 +445,16 @@ def optimize_value(
 
     # Answer positions of the rewriting prompts in suffix coordinates, then the KL prompt's
     # subject token: every row that needs logits goes through one unembedding.
-    rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=lm.device)
+    # Under --device auto the stack's hidden states leave on the final norm's GPU and the logits on the
+    # output embedding's: each index tensor is made where it is used (one device otherwise).
+    unembed = lm.adapter.unembedding()
+    out_device = cast(torch.Tensor, lm.adapter.final_norm().weight).device
+    head_device = cast(torch.Tensor, unembed.weight).device
+    rows = torch.tensor([r for r in range(n) for _ in target] + [n], device=out_device)
     cols = torch.tensor(
-        [len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0], device=lm.device
+        [len(prompts[r]) - 1 - lookup[r] + j for r in range(n) for j in range(len(target))] + [0], device=out_device
     )
-    targets = torch.tensor(list(target) * n, device=lm.device)
+    targets = torch.tensor(list(target) * n, device=head_device)
     answers = len(targets)
 
     def keep_keys(mod, args, out):  # the subject token is the suffix's first position
@@ -460,38 +471,45 @@ def optimize_value(
     anchor = (original if scale == "mlp_output" else residual[0, 0]).detach().clone()  # row 0: the bare prompt
     upper = stack.bind(batch.mask, batch.positions, batch.cache, batch.prefix_residual)
 
-    unembed = lm.adapter.unembedding()
     target_rows = cast(torch.Tensor, unembed.weight).detach()[targets].float()  # for the exact target logits
     target_bias = getattr(unembed, "bias", None)
     target_bias = target_bias.detach()[targets].float() if target_bias is not None else 0
-    delta = torch.zeros(original.shape[0], device=lm.device, dtype=residual.dtype, requires_grad=True)
+    delta = torch.zeros(original.shape[0], device=residual.device, dtype=residual.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=lr)
     limit = clamp_norm * anchor.norm()
-    taken, kl_ref = 0, None
+    taken, kl_ref, hits = 0, None, 0
     terms = {"nll": float("nan"), "kl": float("nan"), "penalty": float("nan"), "loss": float("nan")}
-    for taken in range(1, steps + 1):
-        shifted = residual.clone()
-        shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
-        hidden = upper(shifted)[rows, cols]
-        logits = stack.logits(hidden)
-        exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
-        nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
-        kl_now = logits[answers:].float().log_softmax(-1)  # (1, vocab): one KL prompt, as "batchmean" expects
-        if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
-            kl_ref = kl_now.detach()
-        # kl_div(input, target) = Σ p_target (log p_target − input): KL(p_δ ‖ p_0), the originals' order.
-        kl = torch.nn.functional.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
-        penalty = weight_decay * delta.norm() / anchor.norm() ** 2
-        loss = nll + kl_factor * kl + penalty
-        terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
-        if terms["loss" if stop_on == "total" else "nll"] < stop_loss or taken == steps:
-            break  # the last evaluation takes no step: the terms above are those of the δ returned
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
+    # A transient bar under the step's: a one-edit step spends nearly all its time in this loop, and
+    # the step bar would not move for the whole fit. Off with the other bars (--quiet, progress=False).
+    watched = "loss" if stop_on == "total" else "nll"
+    with progress_bar(total=steps, desc="  v* fit", unit="it", leave=False) as fit_bar:
+        for taken in range(1, steps + 1):
+            shifted = residual.clone()
+            shifted[:, 0] = shifted[:, 0] + delta  # every prompt, the KL one included, gets δ at its subject token
+            hidden = upper(shifted)[rows, cols].to(head_device)
+            logits = stack.logits(hidden)
+            exact = (hidden[:answers].float() * target_rows).sum(-1) + target_bias
+            nll = TargetNLL.apply(logits[:answers], exact, targets).mean()  # all prompts share the target
+            kl_now = logits[answers:].float().log_softmax(-1)  # (1, vocab): one KL prompt, as "batchmean" expects
+            if kl_ref is None:  # δ = 0 at the first step: the unedited distribution, through the same stack
+                kl_ref = kl_now.detach()
+            # kl_div(input, target) = Σ p_target (log p_target − input): KL(p_δ ‖ p_0), the originals' order.
+            kl = torch.nn.functional.kl_div(kl_ref, kl_now, log_target=True, reduction="batchmean")
+            penalty = weight_decay * delta.norm() / anchor.norm() ** 2
+            loss = nll + kl_factor * kl + penalty
+            terms = {"nll": nll.item(), "kl": kl.item(), "penalty": penalty.item(), "loss": loss.item()}
+            fit_bar.set_postfix_str(f"{watched} {terms[watched]:.3g} (stops below {stop_loss:g})", refresh=False)
+            fit_bar.update()  # redraws at most every 0.1 s (tqdm's mininterval)
+            if stop_argmax:
+                hits += int(_target_on_top(logits[:answers], exact, targets))
+            if terms[watched] < stop_loss or taken == steps or (stop_argmax and hits >= stop_argmax):
+                break  # the last evaluation takes no step: the terms above are those of the δ returned
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
     original = original.double()
     return ValueFit(
         value=original + delta.detach().double(),
@@ -499,8 +517,17 @@ def optimize_value(
         steps=taken,
         keys=keys,
         scale=anchor.double(),
+        argmax_hits=hits,
         **terms,
     )
+
+
+@torch.no_grad()
+def _target_on_top(logits: torch.Tensor, exact: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether each row's target (its exact logit) is at least every other token's logit."""
+    others = logits.detach().clone()
+    others[torch.arange(len(targets), device=others.device), targets] = float("-inf")
+    return bool((exact.detach() >= others.amax(-1)).all())
 
 
 class UpperStacks:
@@ -527,9 +554,11 @@ def fit_value(
     editor: str,
     stacks: UpperStacks | None = None,
     templates: Sequence[str] | None = None,
+    stop_argmax: int = 0,
 ) -> ValueFit:
     """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks;
-    ``templates``: the context templates, by default the fixed ones of ``params.context_templates``)."""
+    ``templates``: the context templates, by default the fixed ones of ``params.context_templates``;
+    ``stop_argmax``: MPES's count, 0 off)."""
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
     steps, lr, weight_decay = params.settled(editor)
     return optimize_value(
@@ -546,6 +575,7 @@ def fit_value(
         stop_on=params.stop_on,
         scale=params.v_scale,
         stack=stack,
+        stop_argmax=stop_argmax,
     )
 
 

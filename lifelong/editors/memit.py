@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit
+from lifelong.editors.base import Editor, Snapshot, default_layer, each_edit, resolved
 from lifelong.editors.base import parse_layers as parse_layer_spec
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment, key_second_moments
 from lifelong.editors.locate import (
@@ -38,7 +39,6 @@ from lifelong.editors.locate import (
     UpperStacks,
     ValueParams,
     average_key,
-    fit_value,
     lowrank_change,
     padded_batch,
     subject_token_index,
@@ -116,10 +116,16 @@ def parse_layers(spec: str | None, num_layers: int, editor: str = "memit") -> li
     return parse_layer_spec(spec, num_layers, editor, default_layers)
 
 
-class MEMITEditor(Stabilised, Editor):
+class MEMITEditor(Stabilised, Editor[MEMITParams]):
     name = "memit"
     description = "MEMIT: batched least-squares updates spread over a range of MLP output projections"
     Params = MEMITParams
+    params: MEMITParams  # the Stabilised mixin's StabiliseParams, narrowed
+    precision_parts: ClassVar[dict[str, str]] = {
+        "covariance": "float64",  # key_second_moments, the originals' double
+        "solve": "float64",
+        "z_fit": "v_dtype",  # the layers above the top edited one while z* is fitted
+    }
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -138,6 +144,11 @@ class MEMITEditor(Stabilised, Editor):
     def layers(self, lm: LoadedModel) -> list[int]:
         return parse_layers(self.params.layers, lm.num_layers, self.name)
 
+    @property
+    def mom2_weight(self) -> float:
+        """λ of λC + KKᵀ, as ``bind`` resolved it."""
+        return resolved(self.params.mom2_weight, self.name, "mom2_weight")
+
     def scope(self, lm: LoadedModel) -> list[str]:
         return [lm.adapter.out_proj_param_name(layer) for layer in self.layers(lm)]
 
@@ -147,7 +158,7 @@ class MEMITEditor(Stabilised, Editor):
         missing = [layer for layer in self.layers(lm) if layer not in self._second_moments]
         if missing:  # one pass over the corpus for every layer still missing
             stats = key_second_moments(lm, missing, self.params.cov_corpus, self.params.cov_tokens)
-            self._second_moments.update({layer: c.to(lm.device) for layer, c in stats.items()})
+            self._second_moments.update({layer: c.to(lm.layer_device(layer)) for layer, c in stats.items()})
         self.prepare_stabiliser(lm)
 
     def nas_layers(self, lm: LoadedModel) -> list[int]:
@@ -157,13 +168,15 @@ class MEMITEditor(Stabilised, Editor):
         if layer not in self._second_moments:
             self._second_moments[layer] = key_second_moment(
                 lm, layer, self.params.cov_corpus, self.params.cov_tokens
-            ).to(lm.device)
+            ).to(lm.layer_device(layer))
         return self._second_moments[layer]
 
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
         """Factors (U, V), ΔW = U Vᵀ, for keys K (m × n) and residuals Rₗ (d × n), in float64."""
         c = self.second_moment(lm, layer)
-        a = self.params.mom2_weight * c + keys @ keys.T
+        a = self.mom2_weight * c + keys @ keys.T
+        if self.norm_weight():  # ENCORE: + α‖Δ‖²_F in the objective, + α·I here
+            a = a + self.norm_weight() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
         return residual, torch.linalg.solve(a, keys)  # Δ = Rₗ Kᵀ A⁻¹ = Rₗ (A⁻¹ K)ᵀ (A symmetric)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
@@ -175,8 +188,9 @@ class MEMITEditor(Stabilised, Editor):
         with torch.no_grad():
             out = lm.adapter.body()(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         index = [subject_token_index(lm.tokenizer, e.rendered_prompt, e.subject) for e in edits]
-        rows = torch.arange(len(edits), device=lm.device)
-        return out.hidden_states[layer + 1][rows, torch.tensor(index, device=lm.device)].double().T
+        hidden = out.hidden_states[layer + 1]  # on the layer's device (its own GPU under --device auto)
+        rows = torch.arange(len(edits), device=hidden.device)
+        return hidden[rows, torch.tensor(index, device=hidden.device)].double().T
 
     def step_report(self) -> dict:
         return {**self._fits.summary(self.params), **self.stabiliser_report()}
@@ -194,14 +208,14 @@ class MEMITEditor(Stabilised, Editor):
         before = Snapshot(lm.model, self.scope(lm)) if p.stabilise in CHANGE_STABILISERS else None
         deltas = []
         for edit in each_edit(batch, "z* fits"):  # δ_i at the top layer of the range, on the unedited (this step) model
-            fit = self._fits.add(self.stabilise_fit(lm, last, fit_value(lm, last, edit, p, self.name, self._stacks)))
+            fit = self._fits.add(self.stabilised_fit(lm, last, edit))
             deltas.append(fit.value - fit.original)
         targets = self._hidden_at(lm, last, batch) + torch.stack(deltas, 1)
 
         changes = {}
         for position, layer in enumerate(layers):
             keys = torch.stack([average_key(lm, layer, e, templates, p.key_average) for e in batch], 1)  # m × n
-            residual = (targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)
+            residual = ((targets - self._hidden_at(lm, last, batch)) / (len(layers) - position)).to(keys.device)
             u, v = self.solve(lm, layer, keys, residual)
             name = lm.adapter.out_proj_param_name(layer)
             changes[name] = lowrank_change(lm.adapter, u, v, lm.model.get_parameter(name).dtype)
@@ -219,6 +233,12 @@ class AlphaEditEditor(MEMITEditor):
         "(C's singular values below 2e-2), past edits' keys kept"
     )
     Params = AlphaEditParams
+    params: AlphaEditParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        **MEMITEditor.precision_parts,
+        "null_space_projector": "float64",  # eigh of C in float64
+        "past_keys": "float64",  # Σ Kₚ Kₚᵀ
+    }
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -270,7 +290,8 @@ class AlphaEditEditor(MEMITEditor):
         """AlphaEdit's ΔWᵀ = (P(K Kᵀ + Kₚ Kₚᵀ) + L2·I)⁻¹ P K Rᵀ, as factors (U, V) with ΔW = U Vᵀ."""
         proj = self.projector(lm, layer)
         past = self._past_cov.get(layer)
-        a = keys @ keys.T @ proj + self.params.l2 * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+        ridge = self.params.l2 + self.norm_weight()  # ENCORE's α‖ΔP‖²_F joins AlphaEdit's own L2‖ΔP‖²_F
+        a = keys @ keys.T @ proj + ridge * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
         if past is not None:
             a = a + past.to(device=proj.device, dtype=proj.dtype) @ proj
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ

@@ -22,8 +22,7 @@ under any |S| − m + 1 of them (the longest are indexed). Only those candidates
 exhaustive scorer's arithmetic, ordering and ties, so the retrieved records are exactly the same; a
 threshold ≤ 0.1 makes every record a candidate, and retrieval then scores them all. ``hidden`` keeps
 the records' keys as one cached matrix: linear in the records, but one matmul per batch of prompts.
-Measured on one core (records "CountryN Land", prompts naming one of them): 1,000 records, 9 ms per
-query exhaustive, 12 µs indexed; 5,000 records, 54 ms and 15 µs.
+The measured cost per query, indexed and exhaustive, is in docs/BENCHMARKS.md.
 
 Lexical is the default by measurement (20 built-in facts in memory, SmolLM2): it found the
 right edit for every prompt and paraphrase and retrieved anything for 10% of neighborhood
@@ -43,7 +42,7 @@ import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor
+from lifelong.editors.base import Editor, resolved
 from lifelong.editors.locate import padded_batch
 from streams import Edit
 from streams.errors import UserError
@@ -71,7 +70,7 @@ class MemoryParams:
             raise UserError(f"{editor}: template must contain {{fact}}")
 
 
-class MemoryEditor(Editor):
+class MemoryEditor(Editor[MemoryParams]):
     name = "memory"
     description = "retrieval in-context memory: edits stored as text, retrieved into the prompt (IKE/SERAC-style)"
     Params = MemoryParams
@@ -88,6 +87,11 @@ class MemoryEditor(Editor):
         self._index: _LexicalIndex | None = None  # over self.records, extended or rebuilt on use
         self._keys: tuple[tuple, torch.Tensor] | None = None  # hidden: (signature, stacked record keys)
         self.candidate_evaluations = 0  # (prompt, record) scores computed by retrieval: its work, counted
+
+    @property
+    def threshold(self) -> float:
+        """The retrieval threshold, as the constructor resolved it from the retriever."""
+        return resolved(self.params.threshold, self.name, "threshold")
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return []
@@ -198,7 +202,7 @@ class MemoryEditor(Editor):
         """Per prompt, the indices of the retrieved records (best last), possibly none."""
         if not self.records:
             return [[] for _ in prompts]
-        if self.params.retriever == "lexical" and self.params.threshold - 0.1 > _SLACK:
+        if self.params.retriever == "lexical" and self.threshold - 0.1 > _SLACK:
             index = self._lexical_index()
             return [self._retrieve_indexed(index, prompt) for prompt in prompts]
         return self.retrieve_exhaustive(lm, prompts)
@@ -212,7 +216,7 @@ class MemoryEditor(Editor):
         out = []
         for row in scores:
             order = [int(j) for j in torch.argsort(row, descending=True, stable=True)[: self.params.top_k]]
-            out.append([j for j in reversed(order) if row[j] >= self.params.threshold])
+            out.append([j for j in reversed(order) if row[j] >= self.threshold])
         return out
 
     def _lexical_index(self) -> _LexicalIndex:
@@ -220,11 +224,11 @@ class MemoryEditor(Editor):
         if (
             index is None
             or index.records is not self.records
-            or index.threshold != self.params.threshold
+            or index.threshold != self.threshold
             or (index.count > len(self.records))
             or (index.count and self.records[index.count - 1] is not index.last)
         ):
-            index = self._index = _LexicalIndex(self.records, self.params.threshold)
+            index = self._index = _LexicalIndex(self.records, self.threshold)
         index.extend()  # records appended since
         return index
 
@@ -236,7 +240,7 @@ class MemoryEditor(Editor):
             # The exhaustive scorer's expression, so the float comparisons come out the same.
             score = (len(subject & q) / len(subject) if subject else 0.0) + 0.1 * len(text & q) / max(1, len(text | q))
             self.candidate_evaluations += 1
-            if score >= self.params.threshold:
+            if score >= self.threshold:
                 found.append((-score, j))
         # A stable descending sort breaks ties by position, as the exhaustive argsort does; the top_k
         # of all records, filtered by threshold, are the top_k of those reaching it.

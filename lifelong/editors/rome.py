@@ -18,23 +18,21 @@ generated from the model θ0 as the original does (``locate.generated_templates`
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 
 from lifelong.core.delta import Delta
 from lifelong.core.models import LoadedModel
-from lifelong.editors.base import Editor, Snapshot, each_edit, resolve_layer
+from lifelong.editors.base import Editor, Snapshot, check_hparams_name, each_edit, from_hparams_file, resolved
 from lifelong.editors.covariance import MODEL_SAMPLE, corpus_files, key_second_moment
 from lifelong.editors.locate import (
     GENERATION_STARTS,
     FitLog,
     UpperStacks,
     ValueParams,
-    fit_value,
     generated_templates,
     lowrank_change,
 )
@@ -114,9 +112,11 @@ class ROMEParams(StabiliseParams, ValueParams):
         super().validate(editor)
         if self.mom2 is not False and self.cov_corpus != MODEL_SAMPLE:  # a missing corpus is refused before the run
             corpus_files(self.cov_corpus)
-        if self.hparams != "family" and self.hparams not in HPARAMS_FILES:
+        check_hparams_name(self.hparams, HPARAMS_FILES, editor)
+        if self.stabilise == "encore":
             raise UserError(
-                f"{editor}: hparams must be 'family' or one of {', '.join(HPARAMS_FILES)}, got '{self.hparams}'"
+                f"{editor}: stabilise=encore needs a least-squares solve (memit, alphaedit, emmet); "
+                "the authors define it on MEMIT, not on ROME's equality-constrained update"
             )
         if self.context is not None and self.context not in CONTEXTS:
             raise UserError(f"{editor}: context must be one of {', '.join(CONTEXTS)}, got '{self.context}'")
@@ -124,21 +124,29 @@ class ROMEParams(StabiliseParams, ValueParams):
 
 def family_hparams(params: ROMEParams, lm: LoadedModel, files: dict[str, str], editor: str) -> ROMEParams:
     """``params`` with every family setting left at None taken from its hparams file (see
-    HPARAMS_FILES), the file's name in ``hparams``, and the layer resolved for ``lm``. A file's
-    layer beyond a smaller model of the family gives way to num_layers // 5."""
-    name = files.get(lm.adapter.family, "none") if params.hparams == "family" else params.hparams
-    values = HPARAMS_FILES[name]
-    filled = {k: values[k] for k in FAMILY_SETTINGS if getattr(params, k) is None and k in values}
-    if filled.get("layer") is not None and filled["layer"] >= lm.num_layers:
-        filled["layer"] = None
-    params = dataclasses.replace(params, hparams=name, **filled)
-    return dataclasses.replace(params, layer=resolve_layer(params.layer, lm, editor))
+    HPARAMS_FILES and ``from_hparams_file``)."""
+    tables = {name: {k: v for k, v in values.items() if k in FAMILY_SETTINGS} for name, values in HPARAMS_FILES.items()}
+    return from_hparams_file(params, lm, files, tables, editor)
 
 
-class ROMEEditor(Stabilised, Editor):
+class ROMEEditor(Stabilised, Editor[ROMEParams]):
     name = "rome"
     description = "ROME: rank-one update of one MLP output projection (key of the bare prompt in the residual)"
     Params = ROMEParams
+    params: ROMEParams  # the Stabilised mixin's StabiliseParams, narrowed
+    precision_parts: ClassVar[dict[str, str]] = {
+        "covariance": "float64",  # key_second_moment (layer_stats' double)
+        "inverse": "float64",  # (C + reg·I)⁻¹, rome_main.py's get_inv_cov
+        "rank_one_update": "float64",
+        "v_fit": "v_dtype",  # the layers above the edited one while v* is fitted
+    }
+
+    def precision(self, lm: LoadedModel) -> dict[str, str]:
+        out = super().precision(lm)
+        if not self.params.mom2:  # no covariance adjustment: neither is computed
+            del out["covariance"], out["inverse"]
+        return out
+
     averaged_key_everywhere = False
 
     def __init__(self, params=None):
@@ -171,9 +179,14 @@ class ROMEEditor(Stabilised, Editor):
             self._templates_for = lm.model
         return self._templates[: p.templates]
 
+    @property
+    def layer(self) -> int:
+        """The layer edited, as ``bind`` resolved it (the family file's, or the setting's)."""
+        return resolved(self.params.layer, self.name, "layer")
+
     def scope(self, lm: LoadedModel) -> list[str]:
         self.bind(lm)
-        return [lm.adapter.out_proj_param_name(self.params.layer)]
+        return [lm.adapter.out_proj_param_name(self.layer)]
 
     def prepare(self, lm: LoadedModel) -> None:
         self.bind(lm)
@@ -182,30 +195,27 @@ class ROMEEditor(Stabilised, Editor):
         self.prepare_stabiliser(lm)
 
     def nas_layers(self, lm: LoadedModel) -> list[int]:
-        return [self.bind(lm).params.layer]
+        return [self.bind(lm).layer]
 
     def _inverse(self, lm: LoadedModel) -> torch.Tensor | None:
         """(C + reg·I)⁻¹ in float64, computed once per layer (None without the adjustment)."""
         p = self.params
         if not p.mom2:
             return None
-        if p.layer not in self._inverse_cache:
-            c = key_second_moment(lm, p.layer, p.cov_corpus, p.cov_tokens)
+        if self.layer not in self._inverse_cache:
+            c = key_second_moment(lm, self.layer, p.cov_corpus, p.cov_tokens)
             c = c + p.cov_reg * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            self._inverse_cache[p.layer] = torch.linalg.inv(c).to(lm.device)
-        return self._inverse_cache[p.layer]
+            self._inverse_cache[self.layer] = torch.linalg.inv(c).to(lm.layer_device(self.layer))
+        return self._inverse_cache[self.layer]
 
     def rank_one(self, lm: LoadedModel, edit: Edit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(left, right, k_x, v*) in float64 with ΔW = left ⊗ right for one edit on the live model."""
-        p = self.params
         templates = self.context_templates(lm)
-        fit = self._fits.add(
-            self.stabilise_fit(lm, p.layer, fit_value(lm, p.layer, edit, p, self.name, self._stacks, templates))
-        )
+        fit = self._fits.add(self.stabilised_fit(lm, self.layer, edit, templates))
         k_avg = fit.keys.mean(0)  # over context templates; row 0 is the bare prompt
         k_x = k_avg if self.averaged_key_everywhere else fit.keys[0]
-        weight = lm.adapter.out_proj_weight_view(p.layer).double()
-        bias = cast("torch.Tensor | None", lm.adapter.out_proj(p.layer).bias)
+        weight = lm.adapter.out_proj_weight_view(self.layer).double()
+        bias = cast("torch.Tensor | None", lm.adapter.out_proj(self.layer).bias)
         current = weight @ k_x + (bias.double() if bias is not None else 0)
         inverse = self._inverse(lm)
         u = inverse @ k_avg if inverse is not None else k_avg

@@ -1,6 +1,6 @@
-"""Stabilisers for sequential locate-and-edit editors: NAS, PRUNE and RECT, as their authors code them.
+"""Stabilisers for sequential locate-and-edit editors: NAS, PRUNE, RECT and ENCORE, as their authors code them.
 
-Each composes with ROME, r-ROME, MEMIT and AlphaEdit through their ``stabilise`` setting
+Each composes with ROME, r-ROME, MEMIT, AlphaEdit and EMMET through their ``stabilise`` setting
 (``--set stabilise=nas``); the active one and its hyperparameters are editor hyperparameters, so
 they are part of the run's identity. The rules (docs/EDITORS.md, "Stabilisers", gives file:line):
 
@@ -17,6 +17,12 @@ they are part of the run's identity. The rules (docs/EDITORS.md, "Stabilisers", 
   ``rect_percent`` % of a step's entries by relative change |ΔW / (W + ε)| against the
   weights before the step, the rest set to zero. Also stored **dense** (the kept entries are
   scattered; a dense out × in tensor per edited matrix per step).
+- **ENCORE** (scalable-model-editing/encore ``encore/compute_z.py``, ``encore/encore_main.py``) has two
+  rules: MPES stops the v*/z* fit at the ``mpes_hits``-th evaluation at which the target is the most
+  probable token at every answer position of every context template; the norm term
+  ``encore_norm`` · ‖ΔW‖²_F joins the least-squares objective, so ``encore_norm`` · I joins the matrix
+  the editor inverts (MEMIT: λC + KKᵀ + αI; AlphaEdit: its L2 · I; EMMET: its C). Not for ROME and
+  r-ROME, whose equality-constrained update the authors do not constrain.
 
 Storage of PRUNE and RECT: on the default model (SmolLM2-135M, down_proj 576 × 1536) a dense step
 is 3.4 MiB per matrix in float32, 17 MiB over MEMIT's five layers, whatever the batch size (the
@@ -30,17 +36,17 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar, cast
 
 import torch
 
 from lifelong.core.delta import ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Snapshot
-from lifelong.editors.locate import UpperStacks, ValueFit, fit_value
+from lifelong.editors.locate import UpperStacks, ValueFit, ValueParams, fit_value
 from streams.errors import UserError
 
-STABILISERS = ("none", "nas", "prune", "rect")
+STABILISERS = ("none", "nas", "prune", "rect", "encore")
 CHANGE_STABILISERS = ("prune", "rect")  # those that act on the solved update (NAS acts on v* before it)
 NAS_EPS = 1e-10  # scale_vector_to_norm's eps (util/vstar_stats.py:35)
 
@@ -49,15 +55,18 @@ NAS_EPS = 1e-10  # scale_vector_to_norm's eps (util/vstar_stats.py:35)
 class StabiliseParams:
     """The stabiliser of a locate-and-edit editor and each one's settings at its authors' defaults."""
 
-    stabilise: str = "none"  # "none", "nas", "prune" or "rect" (docs/EDITORS.md, Stabilisers)
+    stabilise: str = "none"  # "none", "nas", "prune", "rect" or "encore" (docs/EDITORS.md, Stabilisers)
     nas_samples: int = 1000  # NAS: θ0 fits the anchor is averaged over (nas_restart, NAS_hparams.py:42)
     nas_trim: float = 0.95  # NAS, in (0, 1]: the anchor drops norms above this quantile (_NAS_OUTLIER_UPPER_QUANTILE)
     nas_skip: float = 2.0  # NAS: a v* longer than nas_skip × anchor is dropped (compute_z.py:222)
     rect_percent: float = 40.0  # RECT, in (0, 100]: percent of entries kept, by relative change (k_percent)
     rect_eps: float = 1e-8  # RECT: ε in |ΔW / (W + ε)| (epsilon)
+    mpes_hits: int = 2  # ENCORE: the fit stops at this many all-argmax evaluations (|prob_cutoff|, llama3-8b.json)
+    encore_norm: float = 20.0  # ENCORE: α of α‖ΔW‖²_F in the solve (update_norm_lambda, llama3-8b.json)
 
     def validate(self, editor: str) -> None:
-        """nas_samples ≥ 1, nas_skip > 0 and rect_eps ≥ 0 are declared ranges (lifelong.core.options)."""
+        """nas_samples ≥ 1, nas_skip > 0, rect_eps ≥ 0, mpes_hits ≥ 1 and encore_norm ≥ 0 are declared
+        ranges (lifelong.core.options)."""
         if self.stabilise not in STABILISERS:
             raise UserError(f"{editor}: stabilise must be one of {', '.join(STABILISERS)}, got '{self.stabilise}'")
         if not 0 < self.nas_trim <= 1:
@@ -119,7 +128,7 @@ class Stabilised:
     on each v*/z* fit before its solve, and :meth:`stabilise_changes` on a step's proposed changes
     (against a :class:`Snapshot` of the weights before the step) before applying them as one Delta."""
 
-    params: Any  # the editor's Params: a StabiliseParams and a ValueParams
+    params: StabiliseParams  # the editor's Params: a StabiliseParams and a ValueParams (each editor narrows it)
     name: ClassVar[str]
     _stacks: UpperStacks
 
@@ -156,6 +165,8 @@ class Stabilised:
         from streams.facts import builtin_stream
 
         p = self.params
+        if not isinstance(p, ValueParams):  # the mixin fits values with the editor's own settings
+            raise TypeError(f"{self.name}: a stabilised editor's Params must be ValueParams too")
         edits = list(builtin_stream())
         if p.nas_samples < len(edits):
             edits = random.Random(0).sample(edits, p.nas_samples)
@@ -168,6 +179,22 @@ class Stabilised:
         fixed ones of its settings."""
         templates = getattr(self, "context_templates", None)
         return templates(lm) if callable(templates) else None
+
+    def stabilised_fit(self, lm: LoadedModel, layer: int, edit, templates=None) -> ValueFit:
+        """The editor's v*/z* fit under its stabiliser: ENCORE's MPES stop rule in the fit, NAS's
+        rescale after it (:meth:`stabilise_fit`)."""
+        p = self.params
+        mpes = p.mpes_hits if p.stabilise == "encore" else 0
+        # the editors that mix this in have Params deriving from both ValueParams and StabiliseParams
+        fit = fit_value(lm, layer, edit, cast("ValueParams", p), self.name, self._stacks, templates, stop_argmax=mpes)
+        if mpes:
+            report = self._stabiliser_state()["report"]
+            report["mpes_stopped"] = report.get("mpes_stopped", 0) + int(fit.argmax_hits >= mpes)
+        return self.stabilise_fit(lm, layer, fit)
+
+    def norm_weight(self) -> float:
+        """α of ENCORE's α‖ΔW‖²_F, which adds α·I to the matrix the solve inverts (0 otherwise)."""
+        return float(self.params.encore_norm) if self.params.stabilise == "encore" else 0.0
 
     def nas_anchors(self) -> dict[int, float]:
         return dict(self._stabiliser_state()["anchors"])
@@ -217,7 +244,8 @@ class Stabilised:
     def stabiliser_report(self) -> dict:
         """For the step's line in steps.jsonl, since the last report: NAS's anchor and how many fits
         it dropped (‖v*‖ > nas_skip × anchor); PRUNE's largest σ of an accumulated update and how
-        many matrices it compressed ({} without a stabiliser, or for RECT)."""
+        many matrices it compressed; ENCORE's ``mpes_stopped``, the fits MPES stopped ({} without a
+        stabiliser, or for RECT)."""
         state = self._stabiliser_state()
         report, state["report"] = state["report"], {}
         return report

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -175,13 +176,18 @@ def shape_key(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-class UltraEditEditor(Editor):
+class UltraEditEditor(Editor[UltraEditParams]):
     name = "ultraedit"
     description = (
         "UltraEdit: closed-form ridge shifts of MLP projections from answer-token keys and value gradients, "
         "lifelong normaliser (training-free)"
     )
     Params = UltraEditParams
+    precision_parts: ClassVar[dict[str, str]] = {
+        "normaliser": "float32",  # running mean/var of [K ‖ G] (util.py:140-166)
+        "keys_and_gradients": "float32",
+        "ridge_solve": "float32",
+    }
 
     def __init__(self, params=None):
         super().__init__(params)

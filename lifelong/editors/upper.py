@@ -192,7 +192,7 @@ class UpperStack:
     def __call__(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final (normed) hidden states from ``hidden``, the residual stream entering layer ``start``."""
         # A few query tokens against a short cache: the plain attention kernel beats the flash
-        # one there (1.3 against 1.6 ms per layer, forward and backward, measured on SmolLM2).
+        # one there, forward and backward (the figures: docs/BENCHMARKS.md).
         with sdpa_kernel(SDPBackend.MATH):
             if not self.converted:
                 with _swapped(self.body, self._replacements(self._live_layers(), self._positions())):

@@ -96,8 +96,8 @@ def _layer_forward(
     k = qk[:, :, heads:].transpose(1, 2)
     v = v.view(n, t, kv, dim).transpose(1, 2)
     keys, values = (torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)) if prefix else (k, v)
-    # Scores as (keys × queries): softmax over a non-last dimension is several times faster on a
-    # CPU when the key axis is this short.
+    # Scores as (keys × queries): softmax over a non-last dimension is faster on a CPU when the
+    # key axis is this short (docs/BENCHMARKS.md).
     probs = torch.softmax(torch.matmul(keys, q.transpose(-1, -2)).float() + bias, -2)
     low = probs.to(dtype)
     out = torch.matmul(low.transpose(-1, -2), values)

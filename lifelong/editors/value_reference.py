@@ -40,7 +40,7 @@ def optimize_value_reference(
     target = Codec(lm.tokenizer).answer_ids(edit.target_new)
     texts = [*contexts(edit, templates), f"{edit.subject} is a"]  # the last: the KL prompt
     width = adapter.out_proj_weight_view(layer).shape[0]  # the MLP output's width (the residual stream's)
-    delta = torch.zeros(width, device=lm.device, requires_grad=True)
+    delta = torch.zeros(width, device=lm.layer_device(layer), requires_grad=True)
     at: list[int] = [0]  # the token δ is added at, for the prompt being run
 
     def delta_at_subject(module, args, out):  # added to the MLP output: it flows into the residual stream
@@ -98,5 +98,8 @@ def optimize_value_reference(
         steps=taken,
         keys=seen["key"].double()[None],
         scale=anchor.double(),
-        **terms,
+        nll=terms["nll"],
+        kl=terms["kl"],
+        penalty=terms["penalty"],
+        loss=terms["loss"],
     )

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 
@@ -151,10 +151,11 @@ def margin_loss(inside: torch.Tensor, outside: torch.Tensor, alpha: float, beta:
     return positive_mean(gap) + positive_mean(outside - alpha) + positive_mean(beta - inside)
 
 
-class WISEEditor(AdaptorEditor):
+class WISEEditor(AdaptorEditor[WISEParams]):
     name = "wise"
     description = "WISE side memory on one FFN output projection: masked shards, activation routing, TIES merging"
     Params = WISEParams
+    precision_parts: ClassVar[dict[str, str]] = {"side_memory": "float32", "activation_scores": "float32"}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -355,22 +356,22 @@ class WISEEditor(AdaptorEditor):
     def edit_one(self, lm: LoadedModel, edit: Edit) -> float:
         """Train the open shard on ``edit``; close/merge shards on schedule. Returns the edit's Δact."""
         p = self.params
-        weight = lm.adapter.out_proj_weight_view(p.layer)
+        weight = lm.adapter.out_proj_weight_view(self.layer)
         if self.current is None:
             self.current = torch.zeros(weight.shape)
-        mask = self.mask(self.shard_index, weight.shape).to(lm.device)
+        mask = self.mask(self.shard_index, weight.shape).to(weight.device)
         codec = Codec(lm.tokenizer)
         templates = self.context_templates(lm)
         encoded = [codec.encode(t.format(edit.rendered_prompt), edit.target_new) for t in templates]
         encoded.append(codec.encode(*self.irrelevant_pair(edit)))
         batch = codec.collate(encoded, lm.device)
-        upper = UpperLayers(lm, p.layer, batch)
+        upper = UpperLayers(lm, self.layer, batch)
         rows = len(templates)
         owner = torch.as_tensor(batch.owner, device=lm.device)
         in_rows = owner < rows
         per_row = torch.bincount(owner[in_rows], minlength=rows).clamp(min=1).float()
 
-        delta = self.current.clone().to(lm.device).requires_grad_(True)
+        delta = self.current.clone().to(weight.device).requires_grad_(True)
         optimizer = torch.optim.SGD([delta], lr=p.lr, weight_decay=1e-5)
         self._training, self._view = delta, None
         losses: list[float] = []

@@ -24,7 +24,7 @@ def rome_writes_key_value(subject: EditorUnderTest, stream: EditStream) -> None:
 
     lm = subject.fresh_model()
     editor = _expect(subject.fresh_editor(lm), ROMEEditor, "rome_writes_key_value")
-    layer = editor.params.layer
+    layer = editor.layer
     for step, edit in enumerate(stream, start=1):  # one edit per step: the equation holds for the last one
         from lifelong.replay import step_seed
 

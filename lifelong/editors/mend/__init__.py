@@ -9,7 +9,7 @@ the concatenation z = [u; δ] is normalised with running statistics from trainin
 
     h = z + ReLU(s₁ ⊙ (U₁V₁z + b₁) + t₁),   g(z) = h + s₂ ⊙ (U₂V₂h + b₂) + t₂,   [ũ_t; δ̃_t] = g(z_t),
 
-with low-rank U_iV_i (rank r) and U_i initialised to zero, so g starts as the identity.
+with low-rank U_iV_i (rank r = 1920, the original's) and U_i initialised to zero, so g starts as the identity.
 The update is W̃ = W − α_w Σ_t δ̃_t ũ_tᵀ with a learned step α_w per edited weight w
 (initialised to ``edit_lr`` = 1e-4, as the original's ``edit_lrs``); it is stored as its
 factors (−α_w δ̃, ũ), never as the dense product.
@@ -30,24 +30,29 @@ hypernetworks trained before keep loading under that setting.
 
 Differences from the original (``algs/mend.py``, ``nn.py``), named here:
 * the second layer of g has no ReLU (the original clamps every layer's output at 0 before
-  the residual); the low-rank layers have rank r = 64 by default (the original: 1920);
+  the residual);
 * the update is W − α δ̃ũᵀ with α > 0 (kept as log α); the original adds ``edit_lrs × g``;
 * normalisation statistics are merged per batch exactly (Chan et al.), not per token by
   Welford updates (the same numbers up to rounding), and they stop at the end of training;
-* training is a fixed number of steps of Adam on a CPU-sized budget (the original: up to
-  500k steps with early stopping on validation), with the edit loss on the prompt and its
-  paraphrases and the locality loss on neighborhood prompts, as below.
+* training stops at a cap sized for a CPU (``TrainConfig.steps``, 2,000 iterations) where the
+  toolkit allows 100,000; a hypernetwork that reached it says "stopped at the cap".
 
 Training (:func:`train_hypernetwork`, the ``lifelong train-mend`` command) minimises
-c_edit·L_edit + c_loc·L_loc over an editing dataset: L_edit is the new target's NLL
-on the edit prompt and its paraphrases after the update, L_loc the KL divergence of
-the unedited from the edited model's predictions on locality prompts. Only the
-hypernetworks and α learn; the model stays frozen. The result is cached under the
-cache root keyed by model, layers, edited weights and training data, with the training
-records' prompts, so that a replay can refuse an evaluation stream that overlaps them.
-Training writes its learning curve (per step: edit and locality loss; every
-``eval_every`` steps: edit success on ``holdout`` records kept out of training) to
-``curve.csv`` beside the hypernetwork.
+c_edit·L_edit + c_loc·L_loc over the training split of the edited data set (``split:counterfact``
+by default: the toolkit's CounterFact file less the subjects the reproduction edits): L_edit is
+the new target's NLL on the edit prompt and its paraphrases after the update, L_loc the KL
+divergence of the unedited from the edited model's predictions on locality prompts. Only the
+hypernetworks and α learn; the model stays frozen. The settings are the toolkit's for Llama
+models (``training=published``: lr 1e-6, lr_lr 1e-4, rank 1920, gradients of 10 one-edit
+iterations per Adam step clipped at 100, validation every 1,000 iterations on 500 held-out
+records, early stopping after 30,000 iterations without a better validation edit accuracy,
+keeping the best network); ``training=cpu-small`` is the former CPU configuration. The result
+is cached under the cache root keyed by model, layers, edited weights, training data and
+settings, with the training records' prompts, so that a replay can refuse an evaluation stream
+that overlaps them, and with how training ended (plateau or cap, steps, validation scores),
+which the run manifest and ``show`` print. Training writes its learning curve (per step: edit
+and locality loss; every ``eval_every`` steps: the validation scores) to ``curve.csv`` beside
+the hypernetwork.
 
 Modules: ``network`` (edited weights, the network, edit gradients), ``training`` (training loop,
 learning curve, cached hypernetwork files), ``editor`` (:class:`MENDEditor`). The registry's
@@ -65,6 +70,8 @@ from lifelong.editors.mend.network import (
     resolve_params,
 )
 from lifelong.editors.mend.training import (
+    TRAIN_SPLITS,
+    TRAINING_PRESETS,
     TrainConfig,
     format_curve,
     hypernet_dir,
@@ -72,6 +79,9 @@ from lifelong.editors.mend.training import (
     model_key,
     read_curve,
     train_hypernetwork,
+    training_preset,
+    training_split,
+    training_summary,
 )
 
 __all__ = [
@@ -92,4 +102,9 @@ __all__ = [
     "resolve_layers",
     "resolve_params",
     "train_hypernetwork",
+    "training_preset",
+    "training_split",
+    "training_summary",
+    "TRAIN_SPLITS",
+    "TRAINING_PRESETS",
 ]

@@ -21,11 +21,19 @@ from lifelong.editors.mend.network import (
     resolve_params,
     target_param_name,
 )
-from lifelong.editors.mend.training import hypernet_dir, load_hypernetwork, model_key, record_keys
+from lifelong.editors.mend.training import (
+    hypernet_dir,
+    load_hypernetwork,
+    model_key,
+    record_keys,
+    training_preset,
+    training_summary,
+)
 from streams import Edit
 from streams.errors import MissingFileError, UserError
 
-DEFAULT_TRAIN_DATA = "dataset:zsre_mend"  # MEND's own zsRE training sample; disjoint from the built-in facts
+# CounterFact's training split (the data set the reproduction edits), less the evaluated records' subjects
+DEFAULT_TRAIN_DATA = "split:counterfact"
 
 
 @dataclass
@@ -34,7 +42,8 @@ class MENDParams:
     # edited MLP weights of each layer: comma-separated gate, up, down; empty: all of them (gate,up,down
     # for Llama-style MLPs, up,down = c_fc,c_proj for GPT-2); "down": the former down-only editor
     params: str = ""
-    train_data: str = DEFAULT_TRAIN_DATA  # which trained hypernetwork to use (its training source)
+    train_data: str = DEFAULT_TRAIN_DATA  # the hypernetwork's training data: split:counterfact, split:zsre or streams
+    training: str = "published"  # its training settings: published (the toolkit's Llama file) or cpu-small (former)
     hypernet: str = ""  # an explicit hypernetwork file instead of the cached one
 
 
@@ -46,7 +55,7 @@ class OverlapError(UserError):
     """The evaluation stream shares records with the hypernetwork's training data."""
 
 
-class MENDEditor(Editor):
+class MENDEditor(Editor[MENDParams]):
     name = "mend"
     description = "MEND: a trained hypernetwork maps the edit's rank-one gradient factors to a low-rank update"
     Params = MENDParams
@@ -69,7 +78,10 @@ class MENDEditor(Editor):
     def hypernet_path(self, lm: LoadedModel) -> Path:
         if self.params.hypernet:
             return Path(self.params.hypernet)
-        return hypernet_dir(lm, self.layers(lm), self.params.train_data, self.kinds(lm)) / "hypernet.safetensors"
+        config = training_preset(self.params.training)
+        return (
+            hypernet_dir(lm, self.layers(lm), self.params.train_data, self.kinds(lm), config) / "hypernet.safetensors"
+        )
 
     def bind(self, lm: LoadedModel) -> MENDEditor:
         layers, kinds = self.layers(lm), self.kinds(lm)
@@ -84,7 +96,8 @@ class MENDEditor(Editor):
             raise MissingFileError(
                 f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
                 f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-mend --model {lm.name} "
-                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data}` first"
+                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data} "
+                f"--training {self.params.training}` first"
             )
         net, meta = load_hypernetwork(path, lm.device)
         other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
@@ -95,6 +108,8 @@ class MENDEditor(Editor):
                 f"{_describe(edit_targets(layers, kinds))}"
             )
         self._net, self._meta = net, meta
+        if self.params.hypernet and "training" in meta:  # a given file: record the settings it was trained with
+            self.params = dataclasses.replace(self.params, training=meta["training"]["preset"])
         return self
 
     def hyperparameters(self) -> dict:
@@ -104,6 +119,7 @@ class MENDEditor(Editor):
         if self._meta:  # what the run used: the hypernetwork's training set-up
             out["hypernet_identity"] = self._meta["identity"]
             out["hypernet_steps"] = self._meta["steps"]
+            out["hypernet_training"] = training_summary(self._meta)  # shown by `show` beside every MEND figure
         return out
 
     def check_stream(self, stream: Sequence[Edit]) -> None:

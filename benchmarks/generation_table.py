@@ -1,0 +1,175 @@
+"""Teacher forcing against generation, editor by editor (issue #38): one command, one table.
+
+Each editor replays the first ``--edits`` CounterFact records of the shared data, one edit per step,
+on the default model, with edit quality and end-of-run retention scored both ways: teacher-forced
+(ES/PS, ``exact``) and by the model's own greedy answers in each context (question, QA instruction,
+chat template), as "The Mirage of Model Editing" does. Per editor and measure it prints the figures
+with n and 95% intervals, and the gap between teacher-forced ES/PS and the strictest generated
+score on the same edits (a paired bootstrap over edits).
+
+Runs are ordinary run directories under ``--work`` and resume: stop the command and start it again
+to carry on; ``--report-only`` prints (and with ``--page``, writes) the table from what is finished.
+Each run is a ``lifelong replay`` subprocess at one compute thread, one at a time.
+
+    python benchmarks/generation_table.py [--edits 100] [--editors rome,memit,alphaedit,grace,wise,memory]
+    python benchmarks/generation_table.py --report-only --page docs/GENERATION.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lifelong.core.stats import Estimate, format_estimate, rate  # noqa: E402
+
+EDITORS = ("rome", "memit", "alphaedit", "grace", "wise", "memory")
+CONTEXTS = ("question", "qa", "chat")
+GENERATION = "+".join(CONTEXTS)
+BEGIN, END = "<!-- generation-table:begin -->", "<!-- generation-table:end -->"
+# (row label, probe, metric, teacher-forced protocol, step: "own" = the edit's own step, "last")
+MEASURES = (
+    ("efficacy, own step", "edit_quality", "efficacy", "es", "own"),
+    ("paraphrase, own step", "edit_quality", "generalization", "ps", "own"),
+    ("retained at end", "retention", "retention", "es", "last"),
+)
+
+
+def replay_command(editor: str, edits: int, out: Path, model: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lifelong.cli",
+        "replay",
+        "--model",
+        model,
+        "--editor",
+        editor,
+        "--stream",
+        "dataset:counterfact",
+        "--steps",
+        str(edits),
+        "--out",
+        str(out),
+        "--probe",
+        f"edit_quality:generation={GENERATION}",
+        "--probe",
+        f"retention:schedule=end,generation={GENERATION}",
+    ]
+
+
+def per_edit(results: pl.DataFrame, probe: str, metric: str, protocol: str, step: str) -> dict[str, float]:
+    """edit id -> value of one measure: at each edit's own step (the first step after θ0 that scored
+    it) or at the run's last step."""
+    rows = results.filter(
+        (pl.col("probe") == probe) & (pl.col("metric") == metric) & (pl.col("protocol") == protocol)
+    ).filter(pl.col("step") > 0)
+    if not rows.height:
+        return {}
+    if step == "last":
+        rows = rows.filter(pl.col("step") == rows["step"].max())
+    else:
+        rows = rows.sort("step").unique("edit_id", keep="first")
+    return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
+
+
+def table_rows(run: Path, editor: str) -> list[list[str]]:
+    from lifelong.run import RunDir
+
+    results = RunDir(run).results()
+    out = []
+    for label, probe, metric, forced, step in MEASURES:
+        forced_values = per_edit(results, probe, metric, forced, step)
+        cells = [editor, label, format_estimate(rate(list(forced_values.values())))]
+        exact = per_edit(results, probe, metric, "exact", step)
+        cells.append(format_estimate(rate(list(exact.values()))))
+        generated = {c: per_edit(results, probe, metric, f"gen_exact@{c}", step) for c in CONTEXTS}
+        cells += [format_estimate(rate(list(generated[c].values()))) if generated[c] else "n/a" for c in CONTEXTS]
+        cells.append(format_estimate(strictest_gap(forced_values, generated)))
+        out.append(cells)
+    return out
+
+
+def strictest_gap(forced: dict[str, float], generated: dict[str, dict[str, float]]) -> Estimate:
+    """Teacher-forced minus generated on the same edits, for the context that scores lowest (paired
+    bootstrap over edits; the difference of two shares stays in [-1, 1])."""
+    best: Estimate | None = None
+    for values in generated.values():
+        shared = sorted(set(forced) & set(values))
+        if not shared:
+            continue
+        diff = np.array([forced[k] - values[k] for k in shared], dtype=float)
+        estimate = rate(diff)
+        if best is None or estimate.value > best.value:
+            best = estimate
+    return best or Estimate(math.nan, 0)
+
+
+def report(work: Path, editors: list[str], edits: int, model: str) -> str:
+    from lifelong.run import RunDir
+
+    columns = ("editor", "measure", "teacher-forced (ES/PS)", "exact", "gen@question", "gen@qa", "gen@chat")
+    header = "| " + " | ".join([*columns, "gap: forced − strictest gen"]) + " |"
+    lines = [header, "|" + "---|" * 8]
+    missing = []
+    for editor in editors:
+        run = work / f"{editor}-{edits}"
+        progress = RunDir(run).progress() if RunDir(run).exists() else None
+        if not progress or progress["completed_step"] < (progress["total_steps"] or math.inf):
+            done = progress["completed_step"] if progress else 0
+            missing.append(f"{editor} ({done}/{edits} steps)")
+            continue
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(run, editor)]
+    note = (
+        f"{edits} CounterFact edits in sequence, one per step, on {model}; generation greedy, the "
+        "authors' stop; n = edits; intervals: Wilson for shares, paired bootstrap over edits for the gap."
+    )
+    if missing:
+        note += " Not finished (not in the table): " + ", ".join(missing) + "."
+    return "\n".join([note, "", *lines])
+
+
+def write_page(page: Path, text: str) -> None:
+    body = page.read_text() if page.exists() else f"# Teacher forcing against generation\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"{page}: no {BEGIN} ... {END} block to rewrite")
+    head, rest = body.split(BEGIN, 1)
+    page.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--editors", default=",".join(EDITORS))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "generation-table")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--page", type=Path, help="rewrite the table block of this page (e.g. docs/GENERATION.md)")
+    args = parser.parse_args()
+    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
+    if not args.report_only:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        for editor in editors:
+            out = args.work / f"{editor}-{args.edits}"
+            print(f"== {editor}: {out}", flush=True)
+            done = subprocess.run(replay_command(editor, args.edits, out, args.model), env=env, cwd=ROOT)
+            if done.returncode:
+                print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
+    text = report(args.work, editors, args.edits, args.model)
+    print(text)
+    if args.page:
+        write_page(args.page, text)
+
+
+if __name__ == "__main__":
+    main()
