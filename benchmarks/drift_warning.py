@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
         editor, _, kv = spec.partition(":")
         key, _, value = kv.partition("=")
         overrides.setdefault(editor, {})[key] = value
+    table = [
+        "| editor | steps | Σ at step 1 (largest matrix) | warning step: Σ, largest, norm ratio, ppl ratio "
+        "| first step with ppl ratio > 2: Σ, ppl ratio | ppl ratio at the last step |",
+        "|---|---|---|---|---|---|",
+    ]
     with ComputeThreads(thread_policy(args.threads)), tempfile.TemporaryDirectory() as tmp:
         print(runtime_header())
         for name in args.editors.split(","):
@@ -73,10 +78,25 @@ def main(argv: list[str] | None = None) -> None:
             for step in sorted(s for s in ppl if s > 0):
                 print(f"{step:>5}{summed[step]:>17.4g}{largest[step]:>10.4g}{norm[step]:>16.6g}{ppl[step]:>12.4g}")
             burst = next((s for s in sorted(ppl) if ppl[s] > 2), None)
-            print(
-                f"{name}: collapse warning at step {warning_step(results)}; "
-                f"first step with perplexity ratio > 2: {burst}"
-            )
+            warned = warning_step(results)
+            print(f"{name}: collapse warning at step {warned}; first step with perplexity ratio > 2: {burst}")
+            table.append(table_row(name, args.steps, warned, burst, summed, largest, norm, ppl))
+    print("\n" + "\n".join(table))
+
+
+def table_row(name, steps, warned, burst, summed, largest, norm, ppl) -> str:
+    """One editor's line of the docs' table (docs/PROBES.md, "Collapse warning")."""
+
+    def g(x: float) -> str:
+        return f"{x:.3g}"
+
+    at_warning = f"{warned}: {g(summed[warned])}, {g(largest[warned])}, {norm[warned]:.4f}, ×{g(ppl[warned])}"
+    at_burst = f"{burst}: {g(summed[burst])}, ×{g(ppl[burst])}" if burst is not None else "none"
+    last = max(ppl)
+    return (
+        f"| {name} | {steps} | {g(summed.get(1, 0.0))} ({g(largest.get(1, 0.0))}) | "
+        f"{at_warning if warned is not None else 'none'} | {at_burst} | ×{g(ppl[last])} |"
+    )
 
 
 if __name__ == "__main__":

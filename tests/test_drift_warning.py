@@ -4,6 +4,7 @@ run, and `show`, the dashboard and the replay's progress line carry it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from lifelong.core.models import load_model
-from lifelong.editors.mend.training import TrainConfig, train_hypernetwork
+from lifelong.editors.mend.training import TRAINING_PRESETS, train_hypernetwork
 from lifelong.replay import replay
 from lifelong.run import RunConfig
 from lifelong.summary import format_summary, summary_json
@@ -111,7 +112,7 @@ def test_mend_warns_no_later_than_its_perplexity_passes_2(work, tmp_path):
         load_model("tiny-llama"),
         [1, 2, 3],
         str(path / "train.jsonl"),
-        TrainConfig(steps=10, edit_lr=1e-2, checkpoint_every=10),
+        dataclasses.replace(TRAINING_PRESETS["cpu-small"], steps=10, edit_lr=1e-2, checkpoint_every=10),
         directory=tmp_path / "hypernet",
         progress=False,
     )
