@@ -90,12 +90,14 @@ def table_row(name, steps, warned, burst, summed, largest, norm, ppl) -> str:
     def g(x: float) -> str:
         return f"{x:.3g}"
 
-    at_warning = f"{warned}: {g(summed[warned])}, {g(largest[warned])}, {norm[warned]:.4f}, ×{g(ppl[warned])}"
+    at_warning = "none"
+    if warned is not None:
+        at_warning = f"{warned}: {g(summed[warned])}, {g(largest[warned])}, {norm[warned]:.4f}, ×{g(ppl[warned])}"
     at_burst = f"{burst}: {g(summed[burst])}, ×{g(ppl[burst])}" if burst is not None else "none"
     last = max(ppl)
     return (
         f"| {name} | {steps} | {g(summed.get(1, 0.0))} ({g(largest.get(1, 0.0))}) | "
-        f"{at_warning if warned is not None else 'none'} | {at_burst} | ×{g(ppl[last])} |"
+        f"{at_warning} | {at_burst} | ×{g(ppl[last])} |"
     )
 
 
