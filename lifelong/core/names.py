@@ -63,6 +63,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "wise": "lifelong.editors.wise:WISEEditor",
     "memory": "lifelong.editors.memory:MemoryEditor",
     "ultraedit": "lifelong.editors.ultraedit:UltraEditEditor",
+    "rledit": "lifelong.editors.rledit:RLEditEditor",
 }
 
 PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"
