@@ -423,6 +423,7 @@ def cmd_train_rledit(args) -> int:
         "holdout": args.holdout,
         "eval_every": args.eval_every,
         "patience": args.patience,
+        "stop_key": args.stop_key,
     }
     config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
     with ComputeThreads(policy), quiet_bars(args.quiet):
@@ -770,7 +771,7 @@ def build_parser() -> _Parser:
         choices=["published", "cpu-capped"],
         help="settings: published (the authors': one sequence of 400 steps of 20 edits, one Adam step, rank 1024) "
         "or cpu-capped (sequences of 8 steps of 5 edits, validated each epoch, stopped at a 3-epoch plateau "
-        "or 200 steps); "
+        "of the validation NLL or 200 steps); "
         "the options below override it",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
@@ -782,7 +783,10 @@ def build_parser() -> _Parser:
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--holdout", type=int, default=None, help="validation records (the last N), edited as a sequence")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between validations")
-    p.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better val ES (0: never)")
+    p.add_argument(
+        "--patience", type=int, default=None, help="stop after N epochs without a better validation (0: never)"
+    )
+    p.add_argument("--stop-key", default=None, choices=["es", "nll"], help="validation score early stopping watches")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="directory (default: the cache)")
     p.add_argument("--device", default="cpu")

@@ -10,6 +10,7 @@ import torch
 
 from lifelong.core.models import load_model
 from lifelong.editors import make_editor
+from lifelong.editors.mend import OverlapError
 from lifelong.editors.rledit import (
     RLEditNet,
     TrainConfig,
@@ -156,21 +157,26 @@ def test_training_resumes_to_the_same_network(tmp_path, trained):
     )
 
 
-def test_capped_training_stops_at_a_plateau_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "key, values, steps",
+    [("es", [0.1, 0.3, 0.2, 0.2, 0.9], 3), ("nll", [9.0, 5.0, 4.0, 4.5, 4.2, 1.0], 4)],
+)
+def test_capped_training_stops_at_a_plateau_and_says_so(tmp_path, monkeypatch, key, values, steps):
+    """Validation after each one-step epoch (the first, at step 0, is no candidate); patience 2 epochs."""
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(10)).to_jsonl(data)
-    scores = iter([0.1, 0.3, 0.2, 0.2, 0.9])
+    scores = iter(values)
     monkeypatch.setattr(
-        rl_training, "sequential_validation", lambda *a, **k: {"es": next(scores), "gen": 0.0, "ls": 1.0}
+        rl_training, "sequential_validation", lambda *a, **k: {"es": 0.0, "gen": 0.0, "ls": 1.0, key: next(scores)}
     )
-    config = TrainConfig(**{**TINY, "epochs": 8, "num_seq": 1}, holdout=2, patience=2)
-    path = train_hypernetwork(
-        load_model("tiny-llama"), LAYERS, str(data), config, directory=tmp_path / "h", progress=False
-    )
+    config = TrainConfig(**{**TINY, "epochs": 8, "num_seq": 1}, holdout=2, patience=2, stop_key=key)
+    lm = load_model("tiny-llama")
+    path = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "h", progress=False)
     _, meta = load_hypernetwork(path, torch.device("cpu"))
     summary = rl_training.training_summary(meta)
-    assert summary.startswith("trained to a validation plateau: stopped after 3 steps, 3 optimiser steps (custom")
-    assert "val es 0.3" in summary and "after epoch 1" in summary
+    assert summary.startswith(f"trained to a validation plateau (val {key}): stopped after {steps} steps, {steps} opt")
+    best = max(values[1 : steps + 1]) if key == "es" else min(values[1 : steps + 1])
+    assert f"val {key} {best:.3g}" in summary and f"after epoch {values.index(best)}" in summary
 
 
 def test_an_edit_applies_the_update_equation_and_the_check_fails_when_it_is_broken(trained, monkeypatch):
@@ -233,7 +239,7 @@ def test_the_normaliser_is_editor_state(trained):
     assert all(torch.equal(resumed.state_dict()[k], start[k]) for k in start)
 
 
-def test_manifest_and_show_carry_how_the_hypernetwork_was_trained(tmp_path, trained):
+def test_manifest_and_show_carry_how_the_hypernetwork_was_trained(tmp_path, trained, capsys):
     from lifelong.cli import main
     from lifelong.run import RunDir
     from lifelong.summary import format_summary
@@ -247,9 +253,9 @@ def test_manifest_and_show_carry_how_the_hypernetwork_was_trained(tmp_path, trai
     line = "ran its whole schedule: 6 steps, 2 optimiser steps (custom training), val es"
     assert RunDir(run).manifest()["identity"]["hyperparameters"]["hypernet_training"].startswith(line)
     assert f"hypernet_training={line}" in format_summary(RunDir(run))
-    clash = tmp_path / "clash.jsonl"
-    EditStream(make_edits(1, start=0)).to_jsonl(clash)  # a training record
-    with pytest.raises(Exception, match="overlaps the RLEdit hypernetwork's training records"):
-        editor = make_editor("rledit", {"hypernet": str(path), "layers": "1,2"}).bind(load_model("tiny-llama"))
-        editor.check_stream(make_edits(1, start=0))
-    assert main(["editors", "rledit"]) == 0
+    editor = make_editor("rledit", {"hypernet": str(path), "layers": "1,2"}).bind(load_model("tiny-llama"))
+    with pytest.raises(OverlapError, match="overlaps the RLEdit hypernetwork's training records"):
+        editor.check_stream(make_edits(1, start=0))  # a training record
+    capsys.readouterr()
+    assert main(["editors"]) == 0
+    assert "rledit" in capsys.readouterr().out

@@ -76,15 +76,25 @@ class TrainConfig:
     checkpoint_every: int = 10  # steps between checkpoints (and at every sequence's end)
     holdout: int = 100  # validation records: the last N, edited as one held-out sequence of n_edits batches
     eval_every: int = 1  # epochs between validations
-    patience: int = 0  # stop after this many epochs without a better validation es (0: never; keep the last)
+    patience: int = 0  # stop after this many epochs without a better validation score (0: never; keep the last)
+    stop_key: str = "es"  # the score early stopping watches: es (higher is better) or nll (lower is better)
 
 
 TRAINING_PRESETS: dict[str, TrainConfig] = {
     "published": TrainConfig(),
     # sized for a CPU: short sequences of 5 edits, 5 batches scored back, validated every epoch on 20
-    # held-out edits, stopped at a plateau of 3 epochs or at the cap of 200 steps
+    # held-out edits, stopped at a plateau of 3 epochs of the new target's NLL (validation ES stays 0 for
+    # the first epochs at the published rates, so an ES plateau would stop at once) or at 200 steps
     "cpu-capped": TrainConfig(
-        n_edits=5, num_seq=8, epochs=25, back_depth=5, steps=200, checkpoint_every=8, holdout=20, patience=3
+        n_edits=5,
+        num_seq=8,
+        epochs=25,
+        back_depth=5,
+        steps=200,
+        checkpoint_every=8,
+        holdout=20,
+        patience=3,
+        stop_key="nll",
     ),
 }
 
@@ -204,11 +214,15 @@ def sequential_validation(
 ) -> dict[str, float]:
     """Edit ``records`` in batches of ``n_edits`` with a copy of ``net`` (its normaliser moves as it edits),
     then score every edit: mean answer-token accuracy of the new target on its prompt (``es``) and
-    paraphrases (``gen``), of the true answer on its neighbourhood prompts (``ls``)."""
+    paraphrases (``gen``), of the true answer on its neighbourhood prompts (``ls``), as the authors'
+    sequential_valid; ours besides: the new target's mean NLL on the prompts (``nll``) and the share of
+    neighbourhood answer tokens whose top prediction is the unedited model's (``same``)."""
     net = copy.deepcopy(net)
     views = [lm.adapter.mlp_weight_view(*t) for t in net.targets]
     saved = [v.detach().clone() for v in views]
     scorer = Scorer(lm.model, lm.tokenizer)
+    near = [(n.prompt, n.answer) for e in records for n in e.neighborhood]
+    unedited = scorer.score(near).argmax if near else []
     try:
         with torch.no_grad():
             for s in range(0, len(records), config.n_edits):
@@ -216,26 +230,47 @@ def sequential_validation(
                 kd = keys_and_grads(lm, net, pairs, config.chunk)
                 for i, (k, d) in enumerate(kd):
                     views[i] += net.shift(i, k, d).T.to(views[i].dtype)
-            es = scorer.score([(e.rendered_prompt, e.target_new) for e in records]).token_acc
+            edit = scorer.score([(e.rendered_prompt, e.target_new) for e in records])
             para = [(p, e.target_new) for e in records for p in e.paraphrases]
-            near = [(n.prompt, n.answer) for e in records for n in e.neighborhood]
             gen = scorer.score(para).token_acc if para else np.array([])
-            ls = scorer.score(near).token_acc if near else np.array([])
+            after = scorer.score(near) if near else None
     finally:
         with torch.no_grad():
             for v, s0 in zip(views, saved):
                 v.copy_(s0)
     mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")  # noqa: E731
-    return {"es": mean(es), "gen": mean(gen), "ls": mean(ls)}
+    same = [a == b for x, y in zip(unedited, after.argmax if after else []) for a, b in zip(x, y)]
+    return {
+        "es": mean(edit.token_acc),
+        "gen": mean(gen),
+        "ls": mean(after.token_acc) if after else float("nan"),
+        "nll": mean(edit.nll),
+        "same": mean(same),
+    }
 
 
-CURVE_FIELDS = ("step", "epoch", "seconds", "gen_loss", "loc_loss", "total", "val_es", "val_gen", "val_ls")
+CURVE_FIELDS = (
+    "step",
+    "epoch",
+    "seconds",
+    "gen_loss",
+    "loc_loss",
+    "total",
+    "val_es",
+    "val_gen",
+    "val_ls",
+    "val_nll",
+    "val_same",
+)
 
 
 def format_curve(rows: Sequence[dict]) -> str:
     """One line per validation: step, epoch, the mean losses since the previous one, the validation scores."""
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"{'step':>6} {'epoch':>5} {'gen loss':>9} {'loc loss':>9} {'val ES':>7} {'val GS':>7} {'val LS':>7}"]
+    lines = [
+        f"{'step':>6} {'epoch':>5} {'gen loss':>9} {'loc loss':>9} {'val ES':>7} {'val GS':>7} {'val LS':>7} "
+        f"{'val NLL':>7} {'same':>5}"
+    ]
     window: list[dict] = []
     for row in rows:
         if row["step"]:
@@ -245,7 +280,8 @@ def format_curve(rows: Sequence[dict]) -> str:
             loc = float(np.mean([r["loc_loss"] for r in window])) if window else None
             lines.append(
                 f"{int(row['step']):>6} {fmt(row.get('epoch'), '.0f'):>5} {fmt(gen, '.3f'):>9} {fmt(loc, '.4f'):>9} "
-                f"{fmt(row['val_es'], '.3f'):>7} {fmt(row['val_gen'], '.3f'):>7} {fmt(row['val_ls'], '.3f'):>7}"
+                f"{fmt(row['val_es'], '.3f'):>7} {fmt(row['val_gen'], '.3f'):>7} {fmt(row['val_ls'], '.3f'):>7} "
+                f"{fmt(row.get('val_nll'), '.3f'):>7} {fmt(row.get('val_same'), '.2f'):>5}"
             )
             window = []
     return "\n".join(lines)
@@ -255,10 +291,10 @@ def training_summary(meta: dict) -> str:
     """How the hypernetwork was trained, in one line (carried by every RLEdit figure)."""
     t = meta["training"]
     val = t.get("val") or {}
-    scores = ", ".join(f"val {k} {val[k]:.3g}" for k in ("es", "gen", "ls") if val.get(k) is not None)
+    scores = ", ".join(f"val {k} {val[k]:.3g}" for k in ("es", "gen", "ls", "nll") if val.get(k) is not None)
     scores = f"{scores} (n={t['val_n']}, after epoch {t['val_epoch']})" if scores else "no validation"
     how = {
-        "plateau": f"trained to a validation plateau: stopped after {t['steps_run']} steps",
+        "plateau": f"trained to a validation plateau (val {t['stop_key']}): stopped after {t['steps_run']} steps",
         "cap": f"stopped at the cap after {t['steps_run']} of the schedule's {t['schedule']} steps",
         "schedule": f"ran its whole schedule: {t['steps_run']} steps",
     }[t["stopped"]]
@@ -268,6 +304,8 @@ def training_summary(meta: dict) -> str:
 def _check(config: TrainConfig, n_train: int) -> int:
     if min(config.n_edits, config.chunk, config.num_seq, config.epochs, config.back_depth, config.eval_every) < 1:
         raise UserError("rledit training: n_edits, chunk, num_seq, epochs, back_depth and eval_every must be >= 1")
+    if config.stop_key not in ("es", "nll"):
+        raise UserError(f"rledit training: stop_key must be es or nll, got '{config.stop_key}'")
     if config.patience and not config.holdout:
         raise UserError(f"rledit training: early stopping (patience {config.patience}) needs holdout records")
     length = min(config.num_seq, n_train // config.n_edits)
@@ -309,6 +347,7 @@ def _write_final(
             "schedule": schedule,
             "epochs_run": -(-done // length),
             "patience": config.patience,
+            "stop_key": config.stop_key,
             "val_n": len(heldout),
             "val_epoch": chosen["epoch"] if chosen else None,
             "val": chosen["val"] if chosen else None,
@@ -402,7 +441,9 @@ def train_hypernetwork(
         scores = sequential_validation(lm, net, heldout, config)
         row.update({f"val_{k}": v for k, v in scores.items()})
         last_val = {"epoch": epoch, "val": scores}
-        if epoch > 0 and config.patience and (best is None or scores["es"] > best["val"]["es"]):
+        sign = 1.0 if config.stop_key == "es" else -1.0
+        key = config.stop_key
+        if epoch > 0 and config.patience and (best is None or sign * scores[key] > sign * best["val"][key]):
             best = dict(last_val)
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
