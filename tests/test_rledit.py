@@ -72,6 +72,13 @@ def test_defaults_are_the_authors():
     lm = load_model("tiny-llama")
     assert resolve_params("", lm.adapter) == ("gate", "up")
     assert make_editor("rledit").params.training == "published"
+    meta = {
+        "identity": {"config": rl_training.config_identity(TrainConfig())},
+        "training": {"stopped": "schedule", "steps_run": 400, "epochs_run": 1, "preset": "published", "val_n": 0},
+    }
+    assert rl_training.training_summary(meta).startswith("ran the authors' whole schedule: 400 steps, 1 optimiser step")
+    meta["identity"]["config"]["num_seq"] = 8  # any other sequence is a cap, whatever its own schedule
+    assert rl_training.training_summary(meta).startswith("stopped at the cap after 400 steps (the authors' schedule")
     with pytest.raises(ValueError, match="training must be one of published, cpu-capped, got 'fast'"):
         training_preset("fast")
 
@@ -149,7 +156,7 @@ def test_training_resumes_to_the_same_network(tmp_path, trained):
     b, meta = load_hypernetwork(resumed, lm.device)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    assert meta["training"]["stopped"] == "schedule" and meta["steps"] == 6 and meta["training"]["epochs_run"] == 2
+    assert meta["training"]["stopped"] == "cap" and meta["steps"] == 6 and meta["training"]["epochs_run"] == 2
     rows = (tmp_path / "r" / "curve.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "4", "5", "6"]
     assert torch.equal(
@@ -174,7 +181,8 @@ def test_capped_training_stops_at_a_plateau_and_says_so(tmp_path, monkeypatch, k
     path = train_hypernetwork(lm, LAYERS, str(data), config, directory=tmp_path / "h", progress=False)
     _, meta = load_hypernetwork(path, torch.device("cpu"))
     summary = rl_training.training_summary(meta)
-    assert summary.startswith(f"trained to a validation plateau (val {key}): stopped after {steps} steps, {steps} opt")
+    assert summary.startswith(f"trained to a validation plateau (val {key}): stopped after {steps} steps (the authors'")
+    assert f"), {steps} optimiser steps, sequences of 1 steps of 2 edits (custom training)" in summary
     best = max(values[1 : steps + 1]) if key == "es" else min(values[1 : steps + 1])
     assert f"val {key} {best:.3g}" in summary and f"after epoch {values.index(best)}" in summary
 
@@ -250,7 +258,10 @@ def test_manifest_and_show_carry_how_the_hypernetwork_was_trained(tmp_path, trai
     run = tmp_path / "run"
     argv = ["replay", "--model", "tiny-llama", "--editor", "rledit", "--stream", str(stream), "--quiet"]
     assert main([*argv, "--set", f"hypernet={path}", "--set", "layers=1,2", "--out", str(run)]) == 0
-    line = "ran its whole schedule: 6 steps, 2 optimiser steps (custom training), val es"
+    line = (
+        "stopped at the cap after 6 steps (the authors' schedule: one sequence of 400 steps of 20 edits), "
+        "2 optimiser steps, sequences of 3 steps of 2 edits (custom training), val es"
+    )
     assert RunDir(run).manifest()["identity"]["hyperparameters"]["hypernet_training"].startswith(line)
     assert f"hypernet_training={line}" in format_summary(RunDir(run))
     editor = make_editor("rledit", {"hypernet": str(path), "layers": "1,2"}).bind(load_model("tiny-llama"))

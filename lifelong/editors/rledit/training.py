@@ -287,18 +287,32 @@ def format_curve(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+_SCHEDULE = ("num_seq", "n_edits", "chunk", "epochs", "back_depth")  # what makes the authors' schedule
+
+
+def is_authors_schedule(config: dict[str, Any]) -> bool:
+    """Whether the sequences and epochs of ``config`` (a config identity) are the authors'."""
+    published = asdict(TRAINING_PRESETS["published"])
+    return all(config.get(k) == published[k] for k in _SCHEDULE)
+
+
 def training_summary(meta: dict) -> str:
-    """How the hypernetwork was trained, in one line (carried by every RLEdit figure)."""
-    t = meta["training"]
+    """How the hypernetwork was trained, in one line (carried by every RLEdit figure): how training
+    ended, against the authors' schedule where it is not theirs, with its validation scores."""
+    t, config = meta["training"], meta["identity"]["config"]
     val = t.get("val") or {}
     scores = ", ".join(f"val {k} {val[k]:.3g}" for k in ("es", "gen", "ls", "nll") if val.get(k) is not None)
     scores = f"{scores} (n={t['val_n']}, after epoch {t['val_epoch']})" if scores else "no validation"
+    ended = "cap" if t["stopped"] == "schedule" and not is_authors_schedule(config) else t["stopped"]
+    authors = "the authors' schedule: one sequence of 400 steps of 20 edits"
     how = {
-        "plateau": f"trained to a validation plateau (val {t['stop_key']}): stopped after {t['steps_run']} steps",
-        "cap": f"stopped at the cap after {t['steps_run']} of the schedule's {t['schedule']} steps",
-        "schedule": f"ran its whole schedule: {t['steps_run']} steps",
-    }[t["stopped"]]
-    return f"{how}, {t['epochs_run']} optimiser steps ({t['preset']} training), {scores}"
+        "plateau": f"trained to a validation plateau (val {t.get('stop_key', 'es')}): stopped after "
+        f"{t['steps_run']} steps ({authors})",
+        "cap": f"stopped at the cap after {t['steps_run']} steps ({authors})",
+        "schedule": f"ran the authors' whole schedule: {t['steps_run']} steps",
+    }[ended]
+    shape = f"sequences of {config['num_seq']} steps of {config['n_edits']} edits"
+    return f"{how}, {t['epochs_run']} optimiser steps, {shape} ({t['preset']} training), {scores}"
 
 
 def _check(config: TrainConfig, n_train: int) -> int:
@@ -520,7 +534,7 @@ def train_hypernetwork(
         if config.patience and best_state is not None:
             net.load_state_dict(best_state)  # the network of the best validation
         chosen = best if config.patience and best is not None else last_val
-        ended = stopped or ("schedule" if cap == schedule else "cap")
+        ended = stopped or ("schedule" if cap == schedule and is_authors_schedule(identity["config"]) else "cap")
         _write_final(final, net, config, identity, records, heldout, chosen, ended, done, seconds, schedule, length)
     return final
 
