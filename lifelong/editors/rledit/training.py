@@ -534,7 +534,7 @@ def train_hypernetwork(
         if config.patience and best_state is not None:
             net.load_state_dict(best_state)  # the network of the best validation
         chosen = best if config.patience and best is not None else last_val
-        ended = stopped or ("schedule" if cap == schedule and is_authors_schedule(identity["config"]) else "cap")
+        ended = stopped or ("schedule" if cap == schedule and is_authors_schedule(config_identity(config)) else "cap")
         _write_final(final, net, config, identity, records, heldout, chosen, ended, done, seconds, schedule, length)
     return final
 
