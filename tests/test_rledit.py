@@ -116,6 +116,8 @@ def test_a_step_backpropagates_the_objective_over_the_last_back_depth_batches():
     out = rl_training.sequence_step(lm, net, history, config)
     assert all(p.grad is not None for p in net.parameters())  # L_t reaches the network through ΔW
     assert any(float(p.grad.abs().sum()) > 0 for p in net.parameters())
+    # the blocks start at B = 0 and the authors' clamp(0) passes the gradient there (a ReLU would not)
+    assert all(float(block.b.grad.abs().sum()) > 0 for block in net.net(0).blocks)
     scorer_ce, scorer_kl = [], []
     from lifelong.core.scorer import Scorer
 

@@ -104,7 +104,8 @@ class Block(nn.Module):
         self.shift = nn.Parameter(torch.zeros(n_modes, size))
 
     def forward(self, y: torch.Tensor, mode: int) -> torch.Tensor:
-        x = torch.relu(y @ self.a @ self.b + self.bias)
+        # clamp, not relu: its gradient at 0 is 1, so B (zero at first) learns (the authors' x.clamp(0))
+        x = (y @ self.a @ self.b + self.bias).clamp(min=0)
         return y + self.scale[mode] * x + self.shift[mode]
 
 
