@@ -5,9 +5,11 @@ the time to the first update of each progress bar of a first ROME run on the def
    waits for, the interpreter's start included), three times; the median wall time is printed
    with whether it is within 2 s, the exit status and the line it printed.
 2. Bars: one ROME replay of a 2-edit stream (the first two edits of the built-in stream) on the
-   default model; its stderr is read as it comes and every bar line timestamped, so each bar's
-   first appearance and first advance (its count above where it started) are printed, with the end
-   of each replay step. Key statistics are read from the cache when it holds them (say so below).
+   default model; its stderr (a pseudo-terminal, as a user's: status lines show only on a terminal)
+   is read as it comes and every bar and status line timestamped, so each one's first appearance
+   and first advance (its count, or a status's elapsed time, above where it started) are printed,
+   then the last line's time and the exit's. Key statistics are read from the cache when it holds
+   them (say so below).
 
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/bench_refusals.py [--skip-bars] [--repeats 3]
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import selectors
 import statistics
 import subprocess
 import sys
@@ -82,47 +83,70 @@ def make_tiny_run(scratch: Path) -> Path:
 BAR = re.compile(r"^\s*(?P<desc>[^\r\n|]*?):\s+(?:\d+%\|[^|]*\|\s*)?(?P<n>[\d.]+[kMG]?)(?:/[\d.]+[kMG]?)?(?:it|\s|\[)")
 
 
+# A status line (lifelong.core.bars.phase): "DESC: 00:03 elapsed".
+STATUS = re.compile(r"^\s*(?P<desc>[^\r\n|]*?):\s+(?P<t>\d+:\d\d(?::\d\d)?) elapsed")
+
+
+def seconds(clock: str) -> float:
+    total = 0.0
+    for part in clock.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
 def count(text: str) -> float:
     scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1], 1)
     return float(text.rstrip("kMG")) * scale
 
 
-def bar_phases(scratch: Path) -> tuple[list[tuple[str, float, float | None]], float, int]:
-    """(per bar description: seconds to its first appearance and to its first advance), the total
-    seconds and the exit status of a ROME replay of two edits on the default model."""
+def bar_phases(scratch: Path) -> tuple[list[tuple[str, float, float | None]], float, float, float, int]:
+    """(per bar or status description: seconds to its first appearance and to its first advance), the
+    seconds to the last line, the longest wait without a new line (from the start, between lines, from
+    the last line to the exit), the total seconds and the exit status of a ROME replay of two edits on
+    the default model, its stderr a pseudo-terminal."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
     from streams import EditStream, load_stream
 
     stream = scratch / "two.jsonl"
     EditStream(list(load_stream("builtin"))[:2]).to_jsonl(stream)
     argv = cli("replay", "--editor", "rome", "--stream", str(stream), "--threads", "1", "--out", str(scratch / "rome"))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # a terminal 160 columns wide
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=ENV, cwd=ROOT)
-    assert proc.stderr is not None
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stderr, selectors.EVENT_READ)
+    proc = subprocess.Popen(argv, stderr=slave, stdout=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    os.close(slave)
     seen: dict[str, list] = {}  # desc -> [first seen, first count, first advance]
-    pending = b""
+    pending, last, silence = b"", 0.0, 0.0
     while True:
-        if not selector.select(timeout=1.0):
-            if proc.poll() is not None:
-                break
-            continue
-        chunk = os.read(proc.stderr.fileno(), 65536)
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
         if not chunk:
             break
         now = time.perf_counter() - t0
         pending += chunk
         *pieces, pending = re.split(rb"[\r\n]", pending)
         for piece in pieces:
-            match = BAR.match(piece.decode(errors="replace"))
+            text = piece.decode(errors="replace")
+            status = STATUS.match(text)
+            match = status or BAR.match(text)
             if not match:
                 continue
-            desc, n = match.group("desc").strip(), count(match.group("n"))
+            silence, last = max(silence, now - last), now
+            desc = match.group("desc").strip()
+            n = seconds(match.group("t")) if status else count(match.group("n"))
             entry = seen.setdefault(desc, [now, n, None])
             if entry[2] is None and n > entry[1]:
                 entry[2] = now
+    os.close(master)
     code = proc.wait()
-    return [(d, e[0], e[2]) for d, e in seen.items()], time.perf_counter() - t0, code
+    total = time.perf_counter() - t0
+    return [(d, e[0], e[2]) for d, e in seen.items()], last, max(silence, total - last), total, code
 
 
 def main() -> None:
@@ -145,8 +169,11 @@ def main() -> None:
                 ok = "yes" if seconds <= LIMIT_S else "**no**"
                 print(f"| {label} | {seconds:.2f} | {ok} | {code} | `{shown}` |", flush=True)
         if not args.skip_bars:
-            phases, total, code = bar_phases(scratch)
-            print(f"\nROME, 2 edits, default model: exit {code}, {total:.1f} s in all")
+            phases, last, silence, total, code = bar_phases(scratch)
+            print(
+                f"\nROME, 2 edits, default model: exit {code}, {total:.1f} s in all, last line at {last:.1f} s, "
+                f"longest wait without a new line {silence:.1f} s"
+            )
             print("\n| bar | first shown (s) | first advance (s) |\n|---|---|---|")
             for desc, shown, advanced in phases:
                 print(

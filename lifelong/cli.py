@@ -100,10 +100,11 @@ def check_replay_args(args) -> None:
 
 def cmd_replay(args) -> int:
     check_replay_args(args)
-    from lifelong.plots import plot_run
-    from lifelong.replay import replay
+    from lifelong.core.bars import phase
+
+    with quiet_bars(args.quiet), phase("starting: importing torch and transformers"):
+        from lifelong.replay import replay  # seconds on a busy machine: said, not waited on without a word
     from lifelong.run import RUN_SETTINGS, RunConfig
-    from lifelong.summary import format_summary
 
     config = RunConfig(
         **{s.name: getattr(args, s.name) for s in RUN_SETTINGS if s.form == "flag"},
@@ -129,9 +130,14 @@ def cmd_replay(args) -> int:
     if result.run.completed_step() < result.total_steps:
         print(f"stopped at step {result.run.completed_step()} of {result.total_steps}; re-run to resume")
         return 0
-    with writing(result.run.plots_dir):  # a full disk: one error naming the directory
-        plots = plot_run(result.run)
-    print(format_summary(result.run))
+    with quiet_bars(args.quiet), phase("writing the plots and the summary"):
+        from lifelong.plots import plot_run  # matplotlib: imported only now, after the run
+        from lifelong.summary import format_summary
+
+        with writing(result.run.plots_dir):  # a full disk: one error naming the directory
+            plots = plot_run(result.run)
+        summary = format_summary(result.run)
+    print(summary)
     print(f"\nrun directory: {result.run.path.resolve()}")
     print(f"plots: {', '.join(str(p.resolve()) for p in plots)}")
     return 0

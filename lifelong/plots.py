@@ -399,6 +399,7 @@ def _draw_panel(
     threshold: float = 2.0,
     items: dict | None = None,
     outside: dict | None = None,
+    warn_relative: float | None = None,
 ) -> None:
     """One panel of one run; ``detail`` draws every protocol/task (dashboard), else the headline line only;
     a probe not built in draws its own (``outside``: name -> class)."""
@@ -509,10 +510,19 @@ def _draw_panel(
         ax.set_ylabel("JS divergence (nats)")
         ax.set_title("Knowledge distortion D_JS after round/conflict chains", fontsize=9)
     elif name == "weight_drift":
-        steps, values = _series(results, "weight_drift", "frobenius", "total")
-        ax.plot(steps, values, "-", color=color, label=label or "all edited matrices")
-        ax.set_ylabel(r"$\|W_t - W_0\|_F$")
-        ax.set_title("Weight drift from θ0", fontsize=9)
+        steps, values = _series(results, mt.WEIGHT_DRIFT, mt.RELATIVE, "sum")
+        if detail and warn_relative is not None and len(steps):  # the collapse warning's measure and threshold
+            ax.plot(steps, values, "-", marker="o", ms=3, color=color or "C0", label="summed over the edited matrices")
+            largest = _series(results, mt.WEIGHT_DRIFT, mt.RELATIVE, "max")
+            ax.plot(*largest, ":", marker="o", ms=3, color=color or "C0", label="largest matrix")
+            ax.axhline(warn_relative, color="darkorange", ls=":", lw=1.2, label=f"warning ({warn_relative:g})")
+            ax.set_ylabel(r"$\|W_t - W_0\|_F / \|W_0\|_F$")
+            ax.set_title("Weight drift from θ0 (relative update)", fontsize=9)
+        else:
+            steps, values = _series(results, "weight_drift", "frobenius", "total")
+            ax.plot(steps, values, "-", color=color, label=label or "all edited matrices")
+            ax.set_ylabel(r"$\|W_t - W_0\|_F$")
+            ax.set_title("Weight drift from θ0", fontsize=9)
     ax.set_xlabel("stream step")
     ax.grid(alpha=0.3)
 
@@ -546,6 +556,7 @@ def dashboard_figure(run: RunDir):
     probe not built in."""
     from lifelong.summary import outside_probes
     from probes.perplexity import collapse_step
+    from probes.weight_drift import warning_step
 
     results = run.results()
     ident = run.manifest()["identity"]
@@ -558,9 +569,12 @@ def dashboard_figure(run: RunDir):
     axes = fig.subplots(rows, cols, squeeze=False)
     items = (run.load_reference() or {}).get("downstream", {}).get("items")
     collapse = collapse_step(results)
+    warning = warning_step(results)
+    warn_relative = (run.load_reference() or {}).get(mt.WEIGHT_DRIFT, {}).get("warn_relative")
     for ax, name in zip(axes.flat, panels):
-        _draw_panel(ax, name, results, threshold=threshold, items=items, outside=outside)
+        _draw_panel(ax, name, results, threshold=threshold, items=items, outside=outside, warn_relative=warn_relative)
         _mark_collapse(ax, collapse, label=f"collapse step ({collapse})")
+        _mark_collapse(ax, warning, color="darkorange", label=f"collapse warning ({warning})")
         ax.legend(fontsize=7, loc="best")
     _shared_steps(list(axes.flat)[: len(panels)], int(cast(int, results["step"].max())))
     steps = max(run.completed_step(), 0)
@@ -574,6 +588,8 @@ def dashboard_figure(run: RunDir):
         if collapse is not None
         else ("no perplexity collapse" if "perplexity" in panels else "perplexity not probed")
     )
+    if warning is not None:
+        note += f"; collapse warning (weight drift) at step {warning}"
     title = f"{ident['editor']} on {ident['model']}, stream {Path(str(ident['stream'])).name}, {steps} steps — {note}"
     fig.suptitle(wrapped(title, 6.2 * cols), fontsize=11)
     fig.tight_layout()

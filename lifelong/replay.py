@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from lifelong.core.bars import bar as progress_bar
+from lifelong.core.bars import phase as progress_phase
 from lifelong.core.bars import showing as bars_showing
 from lifelong.core.delta import DeltaStore, KeepPolicy
 from lifelong.core.machine import ComputeThreads, cpu_description, release_free_memory, thread_policy
@@ -42,7 +43,9 @@ from lifelong.presets import PresetChoice, apply_preset, sequence_figures
 from lifelong.run import RunConfig, RunDir, atomic_write_text, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
+from probes import metric_table as mt
 from probes.base import Probe, chain_ends
+from probes.weight_drift import WARN_RELATIVE, warning_step, warning_text
 from streams import EditStream, load_stream
 from streams.errors import UserError
 
@@ -203,12 +206,17 @@ def check_generation_settings(suite: ProbeSuite) -> None:
 def probes_identity(suite: ProbeSuite, edits: int) -> list[dict]:
     """The suite's configuration as a run records it. Retention's ``sample`` cap is left out when the
     stream has no more edits than the cap: it changes nothing then, and runs from before the cap
-    existed (all exact) keep resuming."""
+    existed (all exact) keep resuming. Weight drift's default warning threshold is left out for the
+    same reason (runs from before the collapse warning)."""
     out = suite.config()
     for probe in out:
         options = probe.get("options") or {}
         if probe["name"] == "retention" and options.get("sample") is not None and edits <= options["sample"]:
             del options["sample"]
+        if probe["name"] == mt.WEIGHT_DRIFT and options.get("warn_relative") == WARN_RELATIVE:
+            del options["warn_relative"]
+            if not options:
+                del probe["options"]
     return out
 
 
@@ -358,16 +366,12 @@ def _replay_locked(
     the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
     another independent sequence: :func:`_replay_sequences`)."""
     plan = plan_inputs(config, editor)  # every input the model is not needed for, refused before it loads
-    config, editor, stream, steps, facts, suite = (
-        plan.config,
-        plan.editor,
-        plan.stream,
-        plan.steps,
-        plan.facts,
-        plan.suite,
-    )
-    lm = lm or load_model(config.model, config.device, config.dtype)
-    identity = planned_identity(plan, lm, weights_fingerprint(lm.model))  # θ0's fingerprint: before any edit
+    config, editor, suite = plan.config, plan.editor, plan.suite
+    stream, steps, facts = plan.stream, plan.steps, plan.facts
+    with progress_phase(f"loading model {config.model}", show=lm is None):
+        lm = lm or load_model(config.model, config.device, config.dtype)
+        base_fingerprint = weights_fingerprint(lm.model)  # before any edit: the run's base model θ0
+    identity = planned_identity(plan, lm, base_fingerprint)
     largest = max(range(len(steps)), key=lambda k: len(steps[k]))
     check_step_memory(largest + 1, editor, lm, steps[largest])  # the largest step, before anything is written
     run = RunDir(out)  # nothing of it exists before this point: every input above was refused first
@@ -438,6 +442,7 @@ def _replay_locked(
     if stop_after is not None:
         todo = todo[:stop_after]
     bar = progress_bar(todo, show=progress, desc=f"replay {config.editor}", unit="step", initial=done, total=len(steps))
+    warned = done > 0 and warning_step(run.results()) is not None  # a resumed run warned already
     for step in bar:
         compute.rebalance()  # other runs may have started or ended since the last step
         batch = steps[step - 1]
@@ -477,8 +482,12 @@ def _replay_locked(
         store.prune(step, editor.incremental_state)  # only now: until marked complete, step - 1 is the resume point
         release_free_memory()  # the step's freed tensors' pages go back to the OS: resident memory stays flat
         retained = [r.value for r in rows if r.metric == "retained_fraction" and r.protocol == "es"]
-        if retained:
-            bar.set_postfix(retained=f"{retained[0]:.2f}")
+        warned = _drift_warning(rows, references, step, warned, progress)
+        postfix = {"retained": f"{retained[0]:.2f}"} if retained else {}
+        if warned:  # the bar keeps saying so after the warning's own line has scrolled away
+            postfix["drift"] = "WARNING"
+        if postfix:
+            bar.set_postfix(postfix)
     bar.close()
     if run.completed_step() == len(steps):
         run.consolidate()
@@ -486,6 +495,17 @@ def _replay_locked(
         editor.release()
         store.revert_to_base(lm.model)
     return ReplayResult(run=run, steps_run=len(todo), total_steps=len(steps))
+
+
+def _drift_warning(rows, references: dict, step: int, warned: bool, progress: bool) -> bool:
+    """Print the weight-drift probe's collapse warning the first time it fires (docs/PROBES.md); True once
+    it has."""
+    relative = [r.value for r in rows if r.probe == mt.WEIGHT_DRIFT and r.metric == mt.RELATIVE and r.protocol == "sum"]
+    fired = any(r.probe == mt.WEIGHT_DRIFT and r.metric == mt.DRIFT_WARNING and r.value > 0.5 for r in rows)
+    if fired and not warned and progress:
+        tau = references.get(mt.WEIGHT_DRIFT, {}).get("warn_relative", float("nan"))
+        tqdm.write(warning_text(step, relative[0] if relative else float("nan"), tau), file=sys.stderr)
+    return warned or fired
 
 
 def resume_line(path: Path, done: int, steps: Sequence[Sequence]) -> str:

@@ -440,7 +440,63 @@ def general_ability_lines(results: pl.DataFrame, reference: dict | None = None) 
                 bounds=NON_NEGATIVE,
             ),
         ]
+        lines += _drift_warning_lines(results, (reference or {}).get("weight_drift", {}))
     return lines
+
+
+def _drift_warning_lines(results: pl.DataFrame, reference: dict) -> list[Line]:
+    """The relative updates' sum and largest, the largest norm ratio over the edited matrices and the
+    collapse warning's step; none for a run from before the probe wrote them."""
+    from probes.weight_drift import warning_step
+
+    if not results.filter((pl.col("metric") == mt.DRIFT_WARNING) & (pl.col("probe") == mt.WEIGHT_DRIFT)).height:
+        return []
+    step = warning_step(results)
+    tau = reference.get("warn_relative", math.nan)
+    return [
+        plain_line(
+            "weight drift: relative updates summed at last step",
+            "sum",
+            _last(results, mt.WEIGHT_DRIFT, mt.RELATIVE, "sum"),
+            bounds=NON_NEGATIVE,
+        ),
+        plain_line(
+            "weight drift: largest relative update at last step",
+            "max",
+            _last(results, mt.WEIGHT_DRIFT, mt.RELATIVE, "max"),
+            bounds=NON_NEGATIVE,
+        ),
+        plain_line(
+            "weight drift: largest ||W_t||/||W_0|| at last step",
+            "max",
+            _last(results, mt.WEIGHT_DRIFT, mt.NORM_RATIO, "max"),
+            bounds=NON_NEGATIVE,
+        ),
+        plain_line(
+            f"collapse warning step (relative updates' sum >= {tau:g})",
+            "sum",
+            math.nan if step is None else float(step),
+            bounds=NON_NEGATIVE,
+        ),
+    ]
+
+
+def drift_warning(run: RunDir) -> str | None:
+    """The collapse warning of a run whose weight-drift probe warned (None: it did not, or did not run)."""
+    from probes.weight_drift import warning_step, warning_text
+
+    results = run.results()
+    step = warning_step(results)
+    if step is None:
+        return None
+    at = results.filter(
+        (pl.col("probe") == mt.WEIGHT_DRIFT)
+        & (pl.col("metric") == mt.RELATIVE)
+        & (pl.col("protocol") == "sum")
+        & (pl.col("step") == step)
+    )
+    tau = (run.load_reference() or {}).get(mt.WEIGHT_DRIFT, {}).get("warn_relative", math.nan)
+    return warning_text(step, float(at["value"][0]) if at.height else math.nan, tau)
 
 
 def _cell(value, n, low, high) -> str:
@@ -680,6 +736,12 @@ MEASURE_KEYS: dict[str, tuple[str, bool | None]] = {
     "downstream drift at last step (ratio)": ("downstream/ratio@last", True),
     "weight drift ||W_t - W_0||_F at last step": ("weight_drift/frobenius@last", None),
     "parameters touched at last step": ("weight_drift/touched@last", None),
+    "weight drift: relative updates summed at last step": (
+        "weight_drift/relative_sum@last",
+        False,
+    ),
+    "weight drift: largest relative update at last step": ("weight_drift/relative_max@last", False),
+    "weight drift: largest ||W_t||/||W_0|| at last step": ("weight_drift/norm_ratio_max@last", None),
     "v* fits that met the stop loss": ("editor/v_fits_stopped", True),
     "v* fits: mean final loss": ("editor/v_fit_loss", False),
     "v* fits: mean steps taken": ("editor/v_fit_steps", None),
@@ -695,6 +757,8 @@ def measure_key(measure: str) -> tuple[str, bool | None]:
         return MEASURE_KEYS[measure]
     if measure.startswith("perplexity collapse step"):
         return "perplexity/collapse_step", True
+    if measure.startswith("collapse warning step"):
+        return "weight_drift/warning_step", True
     probe, sep, rest = measure.partition(": ")
     if sep and rest.endswith(" at last step"):
         return f"{probe}/{rest[: -len(' at last step')]}@last", None
@@ -781,6 +845,9 @@ def format_summary(run: RunDir) -> str:
     pw = max(11, max(len(p) for p in table["protocol"]) + 2)
     headline = retention_headline(table)
     lines = [headline, ""] if headline else []
+    warning = drift_warning(run)
+    if warning:
+        lines += [warning, ""]
     lines += [f"{'measure':<{width}}{'protocol':<{pw}}value [95% interval] n", "-" * (width + pw + 30)]
     for measure, protocol, *figure in table.iter_rows():
         lines.append(f"{measure:<{width}}{protocol:<{pw}}{_cell(*figure)}")

@@ -270,18 +270,20 @@ class ProbeSuite:
         self.probes = list(probes)
 
     def prepare(self, ctx: ProbeContext) -> tuple[dict[str, dict], list[Row]]:
-        """θ0's references and step-0 rows of every probe, under a bar naming the probe at work (on the
-        default model with generation or downstream probes this takes minutes, and showed nothing)."""
+        """θ0's references and step-0 rows of every probe, under a bar naming the probe at work and
+        counting the items it has scored or generated, batch by batch (on the default model with
+        generation or downstream probes one probe's references take minutes)."""
         from lifelong.core.bars import bar
 
         references, rows = {}, []
-        progress = bar(total=len(self.probes), unit="probe", leave=False, desc="θ0 references")
-        for probe in self.probes:
-            progress.set_description_str(f"θ0 references: {probe.name}")
-            ref, probe_rows = probe.prepare(ctx)
-            references[probe.name] = ref
-            rows.extend(probe_rows)
-            progress.update()
+        progress = bar(unit=" items", leave=False, desc="θ0 references")
+        reporting = getattr(ctx.scorer, "reporting", None)  # a scorer of one's own (tests' tables) may not report
+        with reporting(progress.update) if reporting is not None else nullcontext():
+            for k, probe in enumerate(self.probes, start=1):
+                progress.set_description_str(f"θ0 references {k}/{len(self.probes)}: {probe.name}")
+                ref, probe_rows = probe.prepare(ctx)
+                references[probe.name] = ref
+                rows.extend(probe_rows)
         progress.close()
         return references, rows
 

@@ -42,6 +42,7 @@ PERPLEXITY, RATIO, OVER_THRESHOLD = "perplexity", "ratio", "over_threshold"
 RATIO_LOW, RATIO_HIGH = "ratio_low", "ratio_high"
 CHUNK_NLL, CHUNK_TOKENS = "chunk_nll", "chunk_tokens"
 FROBENIUS, RELATIVE, TOUCHED = "frobenius", "relative", "touched"
+NORM_RATIO, DRIFT_WARNING = "norm_ratio", "drift_warning"
 SCORE, DIFF, GOLD_LOGPROB, GOLD_LOGPROB_DIFF, VALID = "score", "diff", "gold_logprob", "gold_logprob_diff", "valid"
 ROUGE1, ROUGE2, ROUGE_L = "rouge1", "rouge2", "rougeL"
 NGRAM_ENTROPY = "ngram_entropy"
@@ -137,7 +138,16 @@ METRICS: dict[tuple[str, str], Metric] = _table(
     ),
     Metric(PERPLEXITY_PROBE, OVER_THRESHOLD, 0, 1, "ratio at or above the collapse threshold, 0 or 1"),
     Metric(WEIGHT_DRIFT, FROBENIUS, 0, INF, "‖W_t − W_0‖_F per scope parameter and in total"),
-    Metric(WEIGHT_DRIFT, RELATIVE, 0, INF, "‖W_t − W_0‖_F / ‖W_0‖_F per scope parameter", nan=True),
+    Metric(
+        WEIGHT_DRIFT,
+        RELATIVE,
+        0,
+        INF,
+        "‖W_t − W_0‖_F / ‖W_0‖_F per scope parameter, the largest (max) and their sum (sum)",
+        nan=True,
+    ),
+    Metric(WEIGHT_DRIFT, NORM_RATIO, 0, INF, "‖W_t‖_F / ‖W_0‖_F per scope parameter, and the largest (max)", nan=True),
+    Metric(WEIGHT_DRIFT, DRIFT_WARNING, 0, 1, "collapse warning: the relative updates' sum ≥ warn_relative, 0 or 1"),
     Metric(WEIGHT_DRIFT, TOUCHED, 0, INF, "entries that differ from θ0 (a count)"),
     Metric(DOWNSTREAM, SCORE, 0, 1, "task score: accuracy, exact match, ROUGE-L or entity F1"),
     Metric(DOWNSTREAM, DIFF, -1, 1, "score − score at θ0", nan=True),

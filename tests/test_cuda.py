@@ -35,6 +35,7 @@ TINY = {
     "ultraedit": {"sub_batch": "2"},
     "grace": {"layer": "2", "eps_init": "1.0", "max_steps": "10"},
     "wise": {"layer": "2", "max_steps": "10", "lr": "0.5", "save_freq": "2", "merge_freq": "4"},
+    "memoir": {"layer": "2", "max_steps": "5", "templates": "2", "background": "pool", "irr_threshold": "0.9"},
 }
 
 
@@ -116,7 +117,7 @@ def _two_devices() -> list[str] | None:
     return ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else None
 
 
-@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit", "ultraedit", "grace", "wise"])
+@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit", "ultraedit", "grace", "wise", "memoir"])
 def test_a_model_spread_over_two_gpus_edits_as_on_one(editor, tmp_path, stream_file):
     """``--device auto``'s placement over two GPUs (layers 0-1 on the first, 2-3 and the head on the
     second): each editor's replay runs, keeps every weight on its GPU, leaves its buffers on the edited

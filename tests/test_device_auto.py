@@ -69,6 +69,7 @@ SPREAD = {
     "ultraedit": {"sub_batch": "2"},
     "grace": {"layer": "2", "eps_init": "1.0", "max_steps": "10"},
     "wise": {"layer": "2", "max_steps": "10", "lr": "0.5", "save_freq": "2", "merge_freq": "4"},
+    "memoir": {"layer": "2", "max_steps": "5", "templates": "2", "background": "pool", "irr_threshold": "0.9"},
 }
 
 
@@ -135,7 +136,7 @@ def test_layer_device_is_the_out_projection_weights():
 # fitted delta or a statistic is placed by its layer (``lm.layer_device``, ``weight.device``).
 LM_DEVICE_BUFFERS = {
     "lifelong/editors/locate.py": (2, "the token ids and mask of the sampled context templates"),
-    "lifelong/editors/wise.py": (1, "the token ids of the sampled context templates"),
+    "lifelong/editors/adaptor.py": (1, "the token ids of the sampled context templates (WISE, MEMOIR)"),
     # not spread-aware: under --device auto its per-layer parts would need the layers' devices (docs/MACHINES.md)
     "lifelong/editors/mend/training.py": (1, "MEND's hypernetwork, trained and kept on one device"),
 }

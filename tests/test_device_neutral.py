@@ -74,6 +74,11 @@ HOST_COPIES = {
         "the side memory's routing record and the step's delta kept on the host for the step file",
     ),  # noqa: E501
     "lifelong/editors/memit.py": (1, "AlphaEdit's accumulated keys, kept on the host for the step file"),
+    "lifelong/editors/memoir.py": (
+        4,
+        "MEMOIR's memory, masks and background mean are host editor state (copied to the layer's device per"
+        " forward); the last forward's routes are kept for inspection",
+    ),
     "lifelong/editors/covariance.py": (1, "key statistics accumulate in float64 on the host and are cached on disk"),
     "lifelong/editors/adaptor.py": (1, "the attention mask's rows as a host bool mask for the hook's bookkeeping"),
     "lifelong/editors/memory.py": (1, "the memory's retrieval vectors are kept on the host with its records"),
@@ -106,6 +111,10 @@ PRECISION = {
         "WISE's side memory and its merge weights in float32; activation scores in float64",
     ),
     "lifelong/editors/kn.py": (5, "integrated-gradient attributions in float32"),
+    "lifelong/editors/memoir.py": (
+        9,
+        "MEMOIR's memory, prompt features and mask overlaps in float32 whatever the weights' dtype",
+    ),
     "lifelong/editors/memory.py": (3, "retrieval similarities in float32/float64"),
     "lifelong/editors/mend/network.py": (4, "MEND's running statistics in float64"),
     "lifelong/editors/rledit/network.py": (3, "RLEdit's keys, gradients and normaliser eps in float32 (the authors')"),

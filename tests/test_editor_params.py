@@ -34,6 +34,8 @@ BAD = [
     ("ultraedit", "eps", "-1"),
     ("ultraedit", "sub_batch", "0"),
     ("ultraedit", "modules", "sideways_proj:1"),
+    ("memoir", "irr_threshold", "1.5"),
+    ("memoir", "aggregate", "max"),
 ]
 
 

@@ -137,6 +137,38 @@ def test_memit_encore_solve_satisfies_its_normal_equations_and_shrinks_the_updat
     assert torch.equal(none.solve(lm, 2, keys, residual)[1], v0)
 
 
+def test_memit_encore_keeps_past_edits_keys_in_its_solve(lm):
+    """ENCORE's add_prev_edits (encore_main.py: cov += SEQ_CACHE, then SEQ_CACHE += KKᵀ): a step's solve
+    preserves every earlier step's keys, Δ(λC + KₚKₚᵀ + αI) + (ΔK − R)Kᵀ = 0; plain MEMIT keeps none."""
+    encore = make_editor("memit", ENCORE)
+    encore.apply(lm, make_edits(2))
+    assert set(encore.step_state()) == {f"past_keys.{layer}" for layer in encore.layers(lm)}
+    past = {layer: cov.clone() for layer, cov in encore._past_cov.items()}
+    first = encore.step_state()["past_keys.2"].double()
+    assert torch.allclose(past[2], first @ first.T)
+    c, keys, residual = random_problem(lm, encore, 2, seed=1)
+    u, v = encore.solve(lm, 2, keys, residual)
+    delta = u @ v.T
+    lam, alpha = encore.params.mom2_weight, encore.params.encore_norm
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    gradient = delta @ (lam * c + past[2] + alpha * eye) + (delta @ keys - residual) @ keys.T
+    assert gradient.norm() <= 1e-9 * (residual @ keys.T).norm()
+    encore._past_cov = {}  # without the term the solve differs: the test can fail
+    u1, v1 = encore.solve(lm, 2, keys, residual)
+    assert not torch.allclose(u1 @ v1.T, delta)
+    plain = make_editor("memit", FAST)
+    plain.apply(lm, make_edits(1))
+    assert plain.step_state() == {} and plain.state_dict() == {}
+
+
+def test_only_the_active_stabilisers_settings_are_recorded():
+    """A run's hyperparameters (its identity) name the active stabiliser's settings alone."""
+    plain = make_editor("memit", FAST).hyperparameters()
+    assert plain["stabilise"] == "none" and not {"nas_samples", "rect_percent", "mpes_hits", "encore_norm"} & set(plain)
+    hp = make_editor("memit", {**FAST, "stabilise": "nas"}).hyperparameters()
+    assert hp["nas_samples"] == 4 and not {"rect_percent", "mpes_hits"} & set(hp)
+
+
 def test_alphaedit_encore_adds_alpha_to_its_ridge(lm):
     overrides = {"nullspace_threshold": "0.5"}
     encore = make_editor("alphaedit", {**ENCORE, **overrides})

@@ -438,3 +438,33 @@ def test_a_stale_stored_run_is_moved_aside_and_not_reported(tmp_path, capsys):
     finally:
         FTEditor.hyperparameters = original
     assert "differs in: hyperparameters)" in capsys.readouterr().out
+
+
+def test_downstream_change_figures_the_score_change_at_its_step_within_its_range():
+    """The KN and MEND claims' downstream figure: the generated (seed protocol) mean score change to θ0 at
+    step 5, or the last probed step before it, a t interval over seeds cut to [-1, 1]."""
+    import polars as pl
+
+    from benchmarks.reproduction.claims import KINDS, Figure
+    from probes import make_probe
+
+    def run(at5: float, at10: float) -> pl.DataFrame:
+        rows = [(0, "downstream", "diff", "mean;seed", 0.0), (5, "downstream", "diff", "mean;seed", at5)]
+        rows += [(10, "downstream", "diff", "mean;seed", at10), (5, "downstream", "diff", "mean", 0.3)]
+        return pl.DataFrame(rows, schema=["step", "probe", "metric", "protocol", "value"], orient="row")
+
+    runs = {"kn": [run(-0.9, -0.95), run(-0.1, -0.95), run(-0.5, -0.95)]}
+    fig = Figure(label="d", kind="downstream_change", arm="kn", protocol="mean;seed", step=5)
+    e, _ = KINDS["downstream_change"].compute(fig, runs)
+    assert e.n == 3 and e.value == pytest.approx(-0.5) and e.low == -1.0 and 0 < e.high < 1  # cut below: -1
+    e7, _ = KINDS["downstream_change"].compute(
+        Figure(label="d", kind="downstream_change", arm="kn", protocol="mean;seed", step=7), runs
+    )
+    assert e7.value == pytest.approx(-0.5)  # the last probed step at or before 7
+    last, _ = KINDS["downstream_change"].compute(
+        Figure(label="d", kind="downstream_change", arm="kn", protocol="mean;seed"), runs
+    )
+    assert last.value == pytest.approx(-0.95)
+    for claim in ("kn", "mend"):  # the claims' probe spec is one the replay accepts
+        spec = next(a for c in R.CLAIMS if c.key == claim for a in c.arms).probes[1]
+        assert make_probe(spec).options.protocol == "seed"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from lifelong.core.stats import Estimate
+from lifelong.core.stats import Estimate, over_seeds
 
 from . import measures as m
 
@@ -132,6 +132,12 @@ def _perplexity_ratio(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     return e, m.ratio_note(e, fig.note)
 
 
+def _downstream_change(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
+    r = runs[fig.arm]
+    values = [m.downstream_change(fig.protocol, fig.step)(run) for run in r]
+    return over_seeds(values, bounds=(-1.0, 1.0)), _one_seed(r, fig.note, "one seed: no interval")
+
+
 def _retained_difference(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     a, b = runs[fig.arm], runs[fig.control]
     e = m.retained_difference(a, b, fig.protocol)
@@ -175,6 +181,13 @@ KINDS = {
         (),
         ("step", "note"),
         "perplexity to θ0 at step (default: the last probed); geometric mean over seeds",
+    ),
+    "downstream_change": Kind(
+        _downstream_change,
+        ("protocol",),
+        ("step", "note"),
+        "downstream score − θ0's for protocol (a task or mean, e.g. mean;seed) at step (default: the last "
+        "probed); t interval over seeds, within [-1, 1]",
     ),
     "retained_difference": Kind(
         _retained_difference,

@@ -100,6 +100,21 @@ def ppl_ratio(step: int | None = None, metric: str = "ratio") -> Callable[[pl.Da
     return measure
 
 
+def downstream_change(protocol: str, step: int | None = None) -> Callable[[pl.DataFrame], float]:
+    """The downstream probe's score change to θ0 (``diff``) for ``protocol`` (a task or ``mean``, with the
+    protocol's tag, e.g. ``mean;seed``) at ``step`` (None: the last step it ran; else the last at or before)."""
+
+    def measure(results: pl.DataFrame) -> float:
+        rows = results.filter(
+            (pl.col("probe") == "downstream") & (pl.col("metric") == "diff") & (pl.col("protocol") == protocol)
+        ).sort("step")
+        if step is not None:
+            rows = rows.filter(pl.col("step") <= step)
+        return float(rows["value"][-1]) if rows.height else math.nan
+
+    return measure
+
+
 def chain_rows(results: pl.DataFrame, metric: str) -> pl.DataFrame:
     """A chain metric's rows at completion (tied-fact damage: against θ0, the chain probe's default)."""
     return results.filter(

@@ -14,7 +14,7 @@ where an editor's prompt rewriter is applied; the functions themselves see the m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,11 +111,18 @@ class Codec:
         return ids.to(device), mask.to(device)
 
 
-def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def token_nll(
+    model,
+    rows: list[list[int]],
+    pad_id: int,
+    max_batch_tokens: int = 512,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL of tokens 1.. of each id row (token 0 is context only) and the count of scored tokens.
 
     Rows are batched by length (longest first, at most ``max_batch_tokens`` padded tokens per pass).
     Right padding: the pad id never reaches a real position (causal attention), only its cost.
+    ``on_batch(n)`` is told each batch's rows as it completes (a progress bar).
     """
     lengths = np.array([len(r) for r in rows])
     total = np.zeros(len(rows))
@@ -138,6 +145,8 @@ def token_nll(model, rows: list[list[int]], pad_id: int, max_batch_tokens: int =
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
             total[idx] = nll.sum(1).double().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
     return total, count
 
 
@@ -214,6 +223,7 @@ def greedy_ids(
     eos_ids: set[int] | None = None,
     skip_special: bool = False,
     max_batch_tokens: int = 4096,
+    on_batch: Callable[[int], object] | None = None,
 ) -> list[tuple[int, ...]]:
     """Greedy new-token ids for each prompt (token ids). A row ends at an EOS id (kept), at its own
     token budget, or once ``stopped(text of its new tokens)`` is true (decoded with or without
@@ -226,7 +236,7 @@ def greedy_ids(
     whole batch decoding to the budget (with HF ``generate``, which cannot drop rows, batching gained
     little over one prompt at a time; docs/BENCHMARKS.md). The answers
     are those of ``model.generate`` on one prompt at a time without padding (tests/test_generation.py
-    checks it token for token on both tiny models).
+    checks it token for token on both tiny models). ``on_batch(n)`` is told each batch's prompts as it completes.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = eos_ids_of(model, tokenizer) if eos_ids is None else eos_ids
@@ -249,6 +259,8 @@ def greedy_ids(
         )
         for r, i in enumerate(idx):
             out[i] = tuple(answers[r])
+        if on_batch is not None:
+            on_batch(len(idx))
     return out
 
 
@@ -301,6 +313,7 @@ def generate_answers(
     budgets: Sequence[int],
     stops: Sequence[str] | None,
     max_batch_tokens: int = 4096,
+    on_batch: Callable[[int], object] | None = None,
 ) -> list[Generated]:
     """Greedy answers to ``prompts`` (already in their context), each with its own token budget.
 
@@ -321,7 +334,7 @@ def generate_answers(
     if stops:
         stop_set = tuple(stops)
         stopped = lambda text: any(s in text for s in stop_set)  # noqa: E731
-    ids = greedy_ids(model, tokenizer, encoded, budgets, stopped, max_batch_tokens=max_batch_tokens)
+    ids = greedy_ids(model, tokenizer, encoded, budgets, stopped, max_batch_tokens=max_batch_tokens, on_batch=on_batch)
     suffixes = stop_strings(tokenizer)
     return [Generated(strip_stop(tokenizer.decode(list(i)), suffixes), i) for i in ids]
 

@@ -61,6 +61,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "mend": "lifelong.editors.mend:MENDEditor",
     "grace": "lifelong.editors.grace:GRACEEditor",
     "wise": "lifelong.editors.wise:WISEEditor",
+    "memoir": "lifelong.editors.memoir:MEMOIREditor",
     "memory": "lifelong.editors.memory:MemoryEditor",
     "ultraedit": "lifelong.editors.ultraedit:UltraEditEditor",
     "rledit": "lifelong.editors.rledit:RLEditEditor",

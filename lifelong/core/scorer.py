@@ -16,7 +16,8 @@ This module and ``model_access`` import nothing else of ``lifelong``, so ``probe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,18 @@ class Scorer:
         self.unembed = model.get_output_embeddings()
         self.codec = Codec(tokenizer)
         self.pad_id = self.codec.pad_id
+        # Told the items each forward batch of score, rolling_nll and generate_answers completes
+        # (:meth:`reporting`): a probe suite's bar advances within a probe, not only between probes.
+        self.progress: Callable[[int], object] | None = None
+
+    @contextmanager
+    def reporting(self, progress: Callable[[int], object]):
+        """Within the block, ``progress(n)`` is called as each batch of ``n`` items is scored or generated."""
+        saved, self.progress = self.progress, progress
+        try:
+            yield
+        finally:
+            self.progress = saved
 
     def encode(self, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return self.codec.encode(prompt, answer)
@@ -93,7 +106,9 @@ class Scorer:
         strings end an answer (".", newline, EOS string); otherwise only EOS and the budget do."""
         prompts = model_access.in_context(self.tokenizer, context, self.shown(questions))
         stops = model_access.stop_strings(self.tokenizer) if natural_stop else None
-        return model_access.generate_answers(self.model, self.tokenizer, prompts, budgets, stops)
+        return model_access.generate_answers(
+            self.model, self.tokenizer, prompts, budgets, stops, on_batch=self.progress
+        )
 
     @property
     def has_chat_template(self) -> bool:
@@ -113,7 +128,7 @@ class Scorer:
         name an edited subject), so corpus perplexity measures the model itself. Hooks an editor
         put on the model (GRACE, WISE) act here as everywhere.
         """
-        return model_access.token_nll(self.model, rows, self.pad_id, max_batch_tokens)
+        return model_access.token_nll(self.model, rows, self.pad_id, max_batch_tokens, on_batch=self.progress)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's parameters by name, as they are now (read, never changed)."""
@@ -190,6 +205,8 @@ class Scorer:
             pair_ids = np.array([i for p in batch_prompts for i in pairs_of[p]])
             owner, position, lp, arg = self._answer_tokens(batch_prompts, [encoded[i] for i in pair_ids])
             parts.append((pair_ids[owner], position, lp, arg))
+            if self.progress is not None:
+                self.progress(len(pair_ids))
         owner, position, lp, arg = (np.concatenate(x) for x in zip(*parts))
         order = np.lexsort((position, owner))  # each pair's tokens together, in answer order
         owner, lp, arg = owner[order], lp[order], arg[order]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import torch
 
@@ -140,6 +140,37 @@ def target_nll(upper: UpperLayers) -> torch.Tensor:
     return -logits.log_softmax(-1).gather(1, upper.batch.targets[:, None]).mean()
 
 
+# The WISE/MEMOIR code's context-template starts and the new tokens generated after each (5 and 10).
+TEMPLATE_STARTS = ("I", "You", "Because", "Yes", "Q: ")
+TEMPLATE_LENGTHS = (5, 10)
+
+
+def generated_prefixes(lm: LoadedModel) -> list[str]:
+    """Greedy continuations of :data:`TEMPLATE_STARTS` by ``lm`` (5, then 10 new tokens each), with
+    braces doubled for ``str.format``: the context prefixes the WISE and MEMOIR code train on (their
+    ``get_context_templates`` with ``length_params=[[5,5],[10,5]]``, one beam). The caller bypasses
+    its own hook while this runs."""
+    prefixes = []
+    pad = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
+    with torch.no_grad():
+        for length in TEMPLATE_LENGTHS:
+            for start in TEMPLATE_STARTS:
+                ids = lm.tokenizer(start, return_tensors="pt").input_ids.to(lm.device)
+                # a transformers model's method; nn.Module types attribute access as Tensor | Module
+                out = lm.model.generate(  # type: ignore[operator]
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=length,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                )
+                # one sequence decodes to one string (the stubs type decode for batches too)
+                text = cast(str, lm.tokenizer.decode(out[0], skip_special_tokens=True))
+                prefixes.append(text.replace("{", "{{").replace("}", "}}"))
+    return prefixes
+
+
 def label_id(text: str) -> int:
     """A stable 63-bit id of a label string (state must be tensors)."""
     import hashlib
@@ -151,4 +182,11 @@ def last_prompt_index(lm: LoadedModel, edit: Edit) -> int:
     return len(Codec(lm.tokenizer).prompt_ids(edit.rendered_prompt)) - 1
 
 
-__all__: Sequence[str] = ("AdaptorEditor", "default_adaptor_layer", "edit_batch", "target_nll", "label_id")
+__all__: Sequence[str] = (
+    "AdaptorEditor",
+    "default_adaptor_layer",
+    "edit_batch",
+    "generated_prefixes",
+    "target_nll",
+    "label_id",
+)

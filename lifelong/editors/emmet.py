@@ -104,6 +104,9 @@ class EMMETEditor(MEMITEditor):
             c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         return c
 
+    def keeps_past_keys(self) -> bool:
+        return False  # EMMET's solve has no past-keys term; ENCORE's is MEMIT's (MEMITEditor.keeps_past_keys)
+
     def solve(self, lm: LoadedModel, layer: int, keys: torch.Tensor, residual: torch.Tensor):
         """Factors (U, V) with ΔW = U Vᵀ = R D⁻¹ Kᵀ C⁻¹: U = R (d × n), V = C⁻¹ K D⁻¹ (m × n), float64."""
         keys, residual = keys.double(), residual.double()

@@ -9,7 +9,7 @@ frozen (so backward computes no weight gradients).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import cast
@@ -71,12 +71,19 @@ LENGTH_PARAMS = ((5, 10), (10, 10))  # the hparams files' context_template_lengt
 
 @torch.no_grad()
 def sample_continuations(
-    lm: LoadedModel, starts: Sequence[str], per_start: int, length: int, generator: torch.Generator, top_k: int = 5
+    lm: LoadedModel,
+    starts: Sequence[str],
+    per_start: int,
+    length: int,
+    generator: torch.Generator,
+    top_k: int = 5,
+    on_pass: Callable[[], object] | None = None,
 ) -> list[str]:
     """``per_start`` samples after each of ``starts``, ``length`` tokens in all, by top-k sampling:
     the algorithm of EasyEdit's ``generate_fast`` (util/generate.py:78-176), one batch, one
     ``multinomial`` draw per position over every row, a row taking its draw when its text ends
-    there. Decoded without special tokens, NFKD-normalised, blank lines joined (as there)."""
+    there. Decoded without special tokens, NFKD-normalised, blank lines joined (as there). ``on_pass``
+    is called after each forward pass (:func:`sampling_passes` of them), for a progress bar."""
     import unicodedata
 
     rows = [s for s in starts for _ in range(per_start)]
@@ -106,8 +113,17 @@ def sample_continuations(
             if int(ends[r]) == done and done < length:
                 ids[r, done], mask[r, done] = drawn[r, 0], 1
         begin, done = done, done + 1
+        if on_pass is not None:
+            on_pass()
     texts = [lm.tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
     return [unicodedata.normalize("NFKD", str(t)).replace("\n\n", " ").replace("<|endoftext|>", "") for t in texts]
+
+
+def sampling_passes(lm: LoadedModel, starts: Sequence[str], length: int) -> int:
+    """The forward passes :func:`sample_continuations` makes: one per position from the shortest
+    start's end to ``length``, none when the longest start already reaches it."""
+    sizes = [len(lm.tokenizer(s).input_ids) for s in starts]
+    return length - min(sizes) if max(sizes) < length else 0
 
 
 def generated_templates(
@@ -115,14 +131,22 @@ def generated_templates(
     seed: int,
     starts: Sequence[str] = GENERATION_STARTS["easyedit"],
     length_params: Sequence[tuple[int, int]] = LENGTH_PARAMS,
+    who: str = "",
 ) -> tuple[str, ...]:
     """``"{}"`` and one template ``"<sample>. {}"`` per sample of :func:`sample_continuations`
     (EasyEdit rome_main.py:166-167), the samples drawn from a generator seeded with ``seed`` (the
-    originals draw from torch's global generator; seeded alike they give the same samples)."""
+    originals draw from torch's global generator; seeded alike they give the same samples). A bar
+    named after ``who`` (the editor) counts the sampling passes: on a CPU under load they take a while."""
     generator = torch.Generator(device=lm.device).manual_seed(seed)
+    per_start = [max(1, count // len(starts)) for _, count in length_params]
+    total = sum(n * len(starts) for n in per_start)
+    passes = sum(sampling_passes(lm, starts, length) for length, _ in length_params)
+    desc = f"{who + ': ' if who else ''}generating {total} context templates from θ0"
+    bar = progress_bar(total=passes, desc=desc, unit="pass", leave=False)
     samples: list[str] = []
-    for length, count in length_params:
-        samples += sample_continuations(lm, starts, max(1, count // len(starts)), length, generator)
+    for (length, _), n in zip(length_params, per_start):
+        samples += sample_continuations(lm, starts, n, length, generator, on_pass=bar.update)
+    bar.close()
     return ("{}",) + tuple(s.replace("{", "").replace("}", "") + ". {}" for s in samples)
 
 

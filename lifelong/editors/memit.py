@@ -132,6 +132,18 @@ class MEMITEditor(Stabilised, Editor[MEMITParams]):
         self._second_moments: dict[int, torch.Tensor] = {}
         self._stacks = UpperStacks()
         self._fits = FitLog()
+        # layer -> Σ Kₚ Kₚᵀ over every past edit's keys (m × m, float64), for the solves that keep them
+        # (keeps_past_keys): all the update needs of them; its size does not grow with the edits.
+        self._past_cov: dict[int, torch.Tensor] = {}
+        self._step_keys: dict[int, torch.Tensor] = {}  # layer -> (m × edits of the last step): what a step saves
+
+    # A step saves only the keys it added (none without past keys): restoring step k sums steps 1..k.
+    incremental_state = True
+
+    def keeps_past_keys(self) -> bool:
+        """Whether the solve keeps past edits' keys: ENCORE's add_prev_edits (encore/encore_main.py, the
+        SEQ_CACHE term of the sequential case) on MEMIT."""
+        return self.params.stabilise == "encore"
 
     def bind(self, lm: LoadedModel) -> MEMITEditor:
         layers = parse_layers(self.params.layers, lm.num_layers, self.name)
@@ -177,10 +189,53 @@ class MEMITEditor(Stabilised, Editor[MEMITParams]):
         a = self.mom2_weight * c + keys @ keys.T
         if self.norm_weight():  # ENCORE: + α‖Δ‖²_F in the objective, + α·I here
             a = a + self.norm_weight() * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        past = self._past_cov.get(layer) if self.keeps_past_keys() else None
+        if past is not None:  # ENCORE: past edits' keys preserved beside C's (cov += SEQ_CACHE)
+            a = a + past.to(device=a.device, dtype=a.dtype)
         return residual, torch.linalg.solve(a, keys)  # Δ = Rₗ Kᵀ A⁻¹ = Rₗ (A⁻¹ K)ᵀ (A symmetric)
 
     def remember(self, layer: int, keys: torch.Tensor) -> None:
-        """Hook for editors that accumulate the keys of past edits (AlphaEdit)."""
+        """Keep this step's keys of ``layer`` for the later solves (AlphaEdit; MEMIT under ENCORE)."""
+        if not self.keeps_past_keys():
+            return
+        keys = keys.detach().cpu()
+        self._step_keys[layer] = keys
+        self._add_keys(layer, keys)
+
+    def _add_keys(self, layer: int, keys: torch.Tensor) -> None:
+        keys = keys.double()
+        past = self._past_cov.get(layer)
+        self._past_cov[layer] = keys @ keys.T if past is None else past + keys @ keys.T
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"past_cov.{layer}": cov for layer, cov in self._past_cov.items()}
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        """Only the keys this step added: a run's saved state grows linearly with its edits, and
+        restoring step k sums steps 1..k's keys into Σ Kₚ Kₚᵀ."""
+        return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._step_keys.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """A whole state: Σ Kₚ Kₚᵀ per layer (``past_cov.L``), or the key lists that runs before the
+        compact state saved (``past_keys.L``, summed here)."""
+        unknown = [k for k in state if not k.startswith(("past_keys.", "past_cov."))]
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected state entries {unknown}")
+        self._past_cov, self._step_keys = {}, {}
+        for name, value in state.items():
+            kind, layer = name.split(".", 1)
+            if kind == "past_cov":
+                self._past_cov[int(layer)] = value.double()
+            else:
+                self._add_keys(int(layer), value)
+
+    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
+        self._past_cov, self._step_keys = {}, {}
+        for state in states:  # in step order, as the run added them
+            for name, keys in state.items():
+                if not name.startswith("past_keys."):
+                    raise ValueError(f"{self.name}: unexpected step state entry {name}")
+                self._add_keys(int(name.split(".", 1)[1]), keys)
 
     def _hidden_at(self, lm: LoadedModel, layer: int, edits: Sequence[Edit]) -> torch.Tensor:
         """Residual stream after ``layer`` at each bare prompt's subject token, (d × n) float64."""
@@ -197,6 +252,7 @@ class MEMITEditor(Stabilised, Editor[MEMITParams]):
 
     def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
         self._fits.clear()
+        self._step_keys = {}
         if not batch:
             return Delta.empty()
         self.prepare(lm)
@@ -243,12 +299,9 @@ class AlphaEditEditor(MEMITEditor):
     def __init__(self, params=None):
         super().__init__(params)
         self._projectors: dict[int, torch.Tensor] = {}
-        # layer -> Σ Kₚ Kₚᵀ over every past edit's keys (m × m, float64): all the update needs of
-        # them, as the original's cache_c; its size does not grow with the number of edits.
-        self._past_cov: dict[int, torch.Tensor] = {}
-        self._step_keys: dict[int, torch.Tensor] = {}  # layer -> (m × edits of the last step): what a step saves
 
-    incremental_state = True
+    def keeps_past_keys(self) -> bool:
+        return True  # AlphaEdit's Kₚ Kₚᵀ term (the original's cache_c)
 
     def bind(self, lm: LoadedModel) -> AlphaEditEditor:
         super().bind(lm)
@@ -296,47 +349,3 @@ class AlphaEditEditor(MEMITEditor):
             a = a + past.to(device=proj.device, dtype=proj.dtype) @ proj
         # Δ = Rₗ Kᵀ P A⁻¹ = Rₗ (A⁻ᵀ P K)ᵀ
         return residual, torch.linalg.solve(a.T, proj @ keys)
-
-    def apply(self, lm: LoadedModel, batch: Sequence[Edit]) -> Delta:
-        self._step_keys = {}
-        return super().apply(lm, batch)
-
-    def remember(self, layer: int, keys: torch.Tensor) -> None:
-        keys = keys.detach().cpu()
-        self._step_keys[layer] = keys
-        self._add_keys(layer, keys)
-
-    def _add_keys(self, layer: int, keys: torch.Tensor) -> None:
-        keys = keys.double()
-        past = self._past_cov.get(layer)
-        self._past_cov[layer] = keys @ keys.T if past is None else past + keys @ keys.T
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"past_cov.{layer}": cov for layer, cov in self._past_cov.items()}
-
-    def step_state(self) -> dict[str, torch.Tensor]:
-        """Only the keys this step added: a run's saved state grows linearly with its edits, and
-        restoring step k sums steps 1..k's keys into Σ Kₚ Kₚᵀ."""
-        return {f"past_keys.{layer}": keys.contiguous() for layer, keys in self._step_keys.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """A whole state: Σ Kₚ Kₚᵀ per layer (``past_cov.L``), or the key lists that runs before the
-        compact state saved (``past_keys.L``, summed here)."""
-        unknown = [k for k in state if not k.startswith(("past_keys.", "past_cov."))]
-        if unknown:
-            raise ValueError(f"alphaedit: unexpected state entries {unknown}")
-        self._past_cov, self._step_keys = {}, {}
-        for name, value in state.items():
-            kind, layer = name.split(".", 1)
-            if kind == "past_cov":
-                self._past_cov[int(layer)] = value.double()
-            else:
-                self._add_keys(int(layer), value)
-
-    def load_step_states(self, states: list[dict[str, torch.Tensor]]) -> None:
-        self._past_cov, self._step_keys = {}, {}
-        for state in states:  # in step order, as the run added them
-            for name, keys in state.items():
-                if not name.startswith("past_keys."):
-                    raise ValueError(f"alphaedit: unexpected step state entry {name}")
-                self._add_keys(int(name.split(".", 1)[1]), keys)

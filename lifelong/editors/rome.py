@@ -175,7 +175,7 @@ class ROMEEditor(Stabilised, Editor[ROMEParams]):
             eot = lm.tokenizer.eos_token if p.context == "generated-eot" else None
             if eot is not None:  # kmeng01/rome's "<|endoftext|>", spelled as this model's end-of-text token
                 starts = (eot,)
-            self._templates = generated_templates(lm, p.context_seed, starts)
+            self._templates = generated_templates(lm, p.context_seed, starts, who=self.name)
             self._templates_for = lm.model
         return self._templates[: p.templates]
 

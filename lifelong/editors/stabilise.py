@@ -21,7 +21,8 @@ they are part of the run's identity. The rules (docs/EDITORS.md, "Stabilisers", 
   rules: MPES stops the v*/z* fit at the ``mpes_hits``-th evaluation at which the target is the most
   probable token at every answer position of every context template; the norm term
   ``encore_norm`` · ‖ΔW‖²_F joins the least-squares objective, so ``encore_norm`` · I joins the matrix
-  the editor inverts (MEMIT: λC + KKᵀ + αI; AlphaEdit: its L2 · I; EMMET: its C). Not for ROME and
+  the editor inverts (MEMIT: λC + KKᵀ + αI; AlphaEdit: its L2 · I; EMMET: its C); and on MEMIT past
+  edits' keys are preserved (Σ KₚKₚᵀ joins the matrix, the authors' add_prev_edits). Not for ROME and
   r-ROME, whose equality-constrained update the authors do not constrain.
 
 Storage of PRUNE and RECT: on the default model (SmolLM2-135M, down_proj 576 × 1536) a dense step
@@ -47,7 +48,16 @@ from lifelong.editors.locate import UpperStacks, ValueFit, ValueParams, fit_valu
 from streams.errors import UserError
 
 STABILISERS = ("none", "nas", "prune", "rect", "encore")
-CHANGE_STABILISERS = ("prune", "rect")  # those that act on the solved update (NAS acts on v* before it)
+CHANGE_STABILISERS = ("prune", "rect")
+# Each stabiliser's own settings: a run's recorded hyperparameters (its identity) hold only the active one's,
+# so a stabiliser added later, or a default of one not in use, leaves other runs' identities alone.
+STABILISER_SETTINGS = {
+    "none": (),
+    "nas": ("nas_samples", "nas_trim", "nas_skip"),
+    "prune": (),
+    "rect": ("rect_percent", "rect_eps"),
+    "encore": ("mpes_hits", "encore_norm"),
+}  # those that act on the solved update (NAS acts on v* before it)
 NAS_EPS = 1e-10  # scale_vector_to_norm's eps (util/vstar_stats.py:35)
 
 
@@ -179,6 +189,13 @@ class Stabilised:
         fixed ones of its settings."""
         templates = getattr(self, "context_templates", None)
         return templates(lm) if callable(templates) else None
+
+    def hyperparameters(self) -> dict:
+        """The editor's hyperparameters with the active stabiliser's settings only (see STABILISER_SETTINGS)."""
+        out = super().hyperparameters()  # type: ignore[misc]  # the editor class this is mixed into
+        unused = {f.name for f in dataclasses.fields(StabiliseParams)} - {"stabilise"}
+        unused -= set(STABILISER_SETTINGS[self.params.stabilise])
+        return {k: v for k, v in out.items() if k not in unused}
 
     def stabilised_fit(self, lm: LoadedModel, layer: int, edit, templates=None) -> ValueFit:
         """The editor's v*/z* fit under its stabiliser: ENCORE's MPES stop rule in the fit, NAS's

@@ -41,13 +41,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import ClassVar
 
 import torch
 
 from lifelong.core.model_access import Codec
 from lifelong.core.models import LoadedModel
-from lifelong.editors.adaptor import AdaptorEditor, UpperLayers, label_id
+from lifelong.editors.adaptor import (
+    TEMPLATE_LENGTHS,
+    TEMPLATE_STARTS,
+    AdaptorEditor,
+    UpperLayers,
+    generated_prefixes,
+    label_id,
+)
 from streams import Edit
 from streams.errors import UserError
 
@@ -63,9 +70,6 @@ IRRELEVANT = (
     "Water boils faster when the pot has a lid on it.",
 )
 
-# The original's context-template starts and (new tokens, count) per length.
-TEMPLATE_STARTS = ("I", "You", "Because", "Yes", "Q: ")
-TEMPLATE_LENGTHS = (5, 10)
 LONG_ROW = 100  # the original pools Δact with the max instead of the mean over rows longer than this
 
 
@@ -201,26 +205,9 @@ class WISEEditor(AdaptorEditor[WISEParams]):
         by this model (5 and 10 new tokens), computed once per model with the adaptor bypassed."""
         if self._templates is not None and self._templates_for is lm.model:
             return self._templates
-        prefixes = []
         self._bypass = True
         try:
-            with torch.no_grad():
-                for length in TEMPLATE_LENGTHS:
-                    for start in TEMPLATE_STARTS:
-                        ids = lm.tokenizer(start, return_tensors="pt").input_ids.to(lm.device)
-                        pad = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
-                        # a transformers model's method; nn.Module types attribute access as Tensor | Module
-                        out = lm.model.generate(  # type: ignore[operator]
-                            input_ids=ids,
-                            attention_mask=torch.ones_like(ids),
-                            max_new_tokens=length,
-                            do_sample=False,
-                            num_beams=1,
-                            pad_token_id=pad,
-                        )
-                        # one sequence decodes to one string (the stubs type decode for batches too)
-                        text = cast(str, lm.tokenizer.decode(out[0], skip_special_tokens=True))
-                        prefixes.append(text.replace("{", "{{").replace("}", "}}"))
+            prefixes = generated_prefixes(lm)
         finally:
             self._bypass = False
         self._templates = ["{}"] + [p + " {}" for p in prefixes[: self.params.templates]]
