@@ -399,6 +399,58 @@ def cmd_train_mend(args) -> int:
     return 0
 
 
+def cmd_train_rledit(args) -> int:
+    from lifelong.core.machine import ComputeThreads, thread_policy
+    from lifelong.core.models import load_model
+    from lifelong.editors.mend import read_curve
+    from lifelong.editors.rledit import (
+        format_curve,
+        load_hypernetwork,
+        resolve_layers,
+        resolve_params,
+        train_hypernetwork,
+        training_preset,
+        training_summary,
+    )
+
+    policy = thread_policy(args.threads)
+    with quiet_bars(args.quiet):
+        lm = load_model(args.model, args.device)
+    layers = resolve_layers(args.layers or "", lm.num_layers)
+    kinds = resolve_params(args.params or "", lm.adapter)
+    given = {
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "num_seq": args.num_seq,
+        "n_edits": args.n_edits,
+        "rank": args.rank,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "holdout": args.holdout,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "stop_key": args.stop_key,
+    }
+    config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
+    with ComputeThreads(policy), quiet_bars(args.quiet):
+        path = train_hypernetwork(
+            lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
+        )
+    curve = read_curve(path.parent / "curve.csv")
+    if curve:
+        print(f"training curve ({path.parent / 'curve.csv'}; losses averaged since the previous validation):")
+        print(format_curve(curve))
+    if not path.is_file():
+        print(f"training stopped before its end; run the same command again to resume ({path.parent})")
+        return 0
+    _, meta = load_hypernetwork(path, lm.device)
+    print(
+        f"RLEdit hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
+        f"{meta['steps']} steps, {meta['seconds']:.0f} s of training\n{training_summary(meta)}\n{path.resolve()}"
+    )
+    return 0
+
+
 def field_notes(cls: type) -> dict[str, str]:
     """What each field of a dataclass means, from its source: the field's trailing ``# comment``, else
     the comment block right above it; a subclass's note wins over its bases'."""
@@ -709,6 +761,44 @@ def build_parser() -> _Parser:
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_mend)
+
+    p = sub.add_parser(
+        "train-rledit",
+        formatter_class=defaults,
+        help="train (or resume) RLEdit's hypernetwork over edit sequences; cached by model, layers, params and data",
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default=None, help="edited layers (default: the nine before the last)")
+    p.add_argument("--params", default=None, help="edited MLP projections, comma-separated (default: gate,up)")
+    p.add_argument("--data", default="split:counterfact", help="training edits, as for train-mend")
+    p.add_argument(
+        "--training",
+        default="published",
+        choices=["published", "cpu-capped"],
+        help="settings: published (the authors': one sequence of 400 steps of 20 edits, one Adam step, rank 1024) "
+        "or cpu-capped (sequences of 8 steps of 5 edits, validated each epoch, stopped at a 3-epoch plateau "
+        "of the validation NLL or 200 steps); "
+        "the options below override it",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
+    p.add_argument("--steps", type=int, default=None, help="cap on sequence steps (0: the whole schedule)")
+    p.add_argument("--epochs", type=int, default=None, help="training sequences (one Adam step each)")
+    p.add_argument("--num-seq", type=int, default=None, help="steps per training sequence")
+    p.add_argument("--n-edits", type=int, default=None, help="edits per step")
+    p.add_argument("--rank", type=int, default=None, help="rank of the hypernetwork's blocks")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--holdout", type=int, default=None, help="validation records (the last N), edited as a sequence")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between validations")
+    p.add_argument(
+        "--patience", type=int, default=None, help="stop after N epochs without a better validation (0: never)"
+    )
+    p.add_argument("--stop-key", default=None, choices=["es", "nll"], help="validation score early stopping watches")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="directory (default: the cache)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_rledit)
 
     for name, func, text in (
         ("editors", cmd_editors, "list editors and their hyperparameters (or only the NAMEs given)"),

@@ -79,13 +79,26 @@ def tiny_mend_hypernet(private_cache):
     )
 
 
+@pytest.fixture
+def tiny_rledit_hypernet(private_cache, tmp_path):
+    """An RLEdit hypernetwork for tiny-llama trained over one short sequence of the built-in facts."""
+    from lifelong.core.models import load_model
+    from lifelong.editors.rledit import TrainConfig, resolve_layers, train_hypernetwork
+
+    lm = load_model("tiny-llama")
+    config = TrainConfig(n_edits=2, chunk=2, num_seq=2, rank=4, n_blocks=1, holdout=0)
+    layers = resolve_layers("", lm.num_layers)
+    return train_hypernetwork(lm, layers, "builtin", config, directory=tmp_path / "rledit", progress=False)
+
+
 @pytest.mark.parametrize("name", sorted(EDITORS))
 def test_builtin_editor_passes_every_invariant(name, request):
+    overrides = FAST.get(name, {})
     if name == "mend":
         request.getfixturevalue("tiny_mend_hypernet")
-    report = check_editor(
-        lambda: make_editor(name, FAST.get(name, {})), model="tiny-llama", max_examples=3, max_edits=3
-    )
+    if name == "rledit":  # a given file: the cache key holds the training settings
+        overrides = {"hypernet": str(request.getfixturevalue("tiny_rledit_hypernet"))}
+    report = check_editor(lambda: make_editor(name, overrides), model="tiny-llama", max_examples=3, max_edits=3)
     report.raise_if_failed()
     assert set(INVARIANTS) <= set(report.passed)
     if name in ("rome", "r-rome"):

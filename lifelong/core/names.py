@@ -64,6 +64,7 @@ EDITOR_CLASSES: dict[str, str] = {  # name -> "module:Class"
     "memoir": "lifelong.editors.memoir:MEMOIREditor",
     "memory": "lifelong.editors.memory:MemoryEditor",
     "ultraedit": "lifelong.editors.ultraedit:UltraEditEditor",
+    "rledit": "lifelong.editors.rledit:RLEditEditor",
 }
 
 PROBE_CLASSES: dict[str, str] = {  # name -> "module:Class"

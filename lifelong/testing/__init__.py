@@ -39,7 +39,8 @@ Editor-specific equations apply only to the editors they are registered for
 through an optional ``testing_invariants()`` method returning :class:`Invariant` s;
 ``rome_writes_key_value`` (‖W'k + b − v*‖/‖v*‖ < 1e-4) is registered for ROME and r-ROME,
 ``alphaedit_preserves_nullspace_outputs`` (ΔW maps preserved keys to ~0) for AlphaEdit,
-``ultraedit_solves_ridge`` (ΔW = solve(KᵀK + λI, KᵀV)ᵀ with the running normaliser) for UltraEdit.
+``ultraedit_solves_ridge`` (ΔW = solve(KᵀK + λI, KᵀV)ᵀ with the running normaliser) for UltraEdit,
+``rledit_applies_hypernetwork`` (ΔWᵀ = (KᵀK + e^λI)⁻¹KᵀV through the trained network) for RLEdit.
 A later editor adds its own, e.g. GRACE "identity outside the codebook radii"::
 
     register_equation(MyEditor, Invariant("my_equation", my_check, "what it checks"))

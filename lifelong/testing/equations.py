@@ -1,7 +1,8 @@
 """Editor-specific equation checks (:data:`EQUATIONS`): registered per editor class, or an editor's own.
 
 ``rome_writes_key_value`` is registered for ROME and r-ROME, ``alphaedit_preserves_nullspace_outputs``
-for AlphaEdit, ``ultraedit_solves_ridge`` for UltraEdit, ``emmet_writes_every_key`` for EMMET;
+for AlphaEdit, ``ultraedit_solves_ridge`` for UltraEdit, ``emmet_writes_every_key`` for EMMET,
+``rledit_applies_hypernetwork`` for RLEdit;
 :func:`register_equation` adds more.
 """
 
@@ -91,6 +92,44 @@ def ultraedit_solves_ridge(subject: EditorUnderTest, stream: EditStream) -> None
                 raise InvariantViolation(f"step {step}, {name}: ‖ΔW − solve(KᵀK + λI, KᵀV)ᵀ‖/‖·‖ = {err:.3g} ≥ 1e-3")
 
 
+def rledit_applies_hypernetwork(subject: EditorUnderTest, stream: EditStream) -> None:
+    """RLEdit: each step's ΔWᵀ = (KᵀK + e^λ I)⁻¹ KᵀV with V_i = −η (k_i·k̃_i) d̃_i, [k̃; d̃] the blocks
+    y + s ⊙ ReLU(yAB + b) + t applied to [k; d] normalised by the statistics that include the step,
+    restated here in float64 (relative error < 1e-3); K, D recomputed on the weights before the step."""
+    import copy
+
+    from lifelong.editors.rledit import RLEditEditor, keys_and_grads
+    from lifelong.editors.rledit.network import Block
+
+    lm = subject.fresh_model()
+    editor = _expect(subject.fresh_editor(lm), RLEditEditor, "rledit_applies_hypernetwork")
+    for step, batch in enumerate(stream.steps(), start=1):
+        editor.bind(lm)
+        net = copy.deepcopy(editor._net)
+        assert net is not None
+        pairs = [(e.rendered_prompt, e.target_new) for e in batch]
+        rows = keys_and_grads(lm, net, pairs, editor._meta["chunk"])  # the copy's statistics move as apply's will
+        delta = subject.apply(editor, lm, batch, step)
+        for i, (target, (keys, grads)) in enumerate(zip(net.targets, rows)):
+            g, m = net.net(i), net.mode[i]
+            keys, grads = keys.double(), grads.double()
+            eps = torch.finfo(torch.float32).eps
+            y = (torch.cat([keys, grads], -1) - g.normaliser.mean.double()) / (g.normaliser.std.double() + eps)
+            for block in cast("list[Block]", list(g.blocks)):
+                a, b, bias = block.a.double(), block.b.double(), block.bias.double()
+                y = y + block.scale[m].double() * torch.relu(y @ a @ b + bias) + block.shift[m].double()
+            pk, pd = y[:, : keys.shape[1]], y[:, keys.shape[1] :]
+            v = -g.lr[m].double() * (keys * pk).sum(-1, keepdim=True) * pd
+            eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
+            expected = torch.linalg.solve(keys.T @ keys + g.lamda[m].double().exp() * eye, keys.T @ v).T  # (out, in)
+            name = lm.adapter.mlp_proj_name(*target) + ".weight"
+            change = delta.changes[name].materialize().double()
+            change = change.T if lm.adapter.spec.transposed else change
+            err = ((change - expected).norm() / expected.norm()).item()
+            if not err < 1e-3:
+                raise InvariantViolation(f"step {step}, {name}: ‖ΔW − (KᵀK + e^λI)⁻¹KᵀV‖/‖·‖ = {err:.3g} ≥ 1e-3")
+
+
 def emmet_writes_every_key(subject: EditorUnderTest, stream: EditStream) -> None:
     """EMMET: each step's change writes every key of the batch: ΔW k̄ᵢ = rᵢ for all i, as
     ΔW K = R (D + λI)⁻¹ D with D = KᵀC⁻¹K (λ only for batches; λ = 0 gives ΔW K = R exactly),
@@ -162,6 +201,9 @@ def _register_builtin_equations() -> None:
     from lifelong.editors.emmet import EMMETEditor
 
     register_equation(EMMETEditor, _invariant(emmet_writes_every_key))
+    from lifelong.editors.rledit import RLEditEditor
+
+    register_equation(RLEditEditor, _invariant(rledit_applies_hypernetwork))
 
 
 _register_builtin_equations()

@@ -322,15 +322,16 @@ def read_curve(path: Path) -> list[dict[str, float | None]]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _write_curve(path: Path, rows: Sequence[dict]) -> None:
+def _write_curve(path: Path, rows: Sequence[dict], fields: Sequence[str] = CURVE_FIELDS) -> None:
+    """Write ``rows`` (``fields`` of each; empty where absent) to ``path`` atomically (RLEdit's curve too)."""
     import csv
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, CURVE_FIELDS)
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for row in rows:
-            out = {k: ("" if row.get(k) is None else row[k]) for k in CURVE_FIELDS}
+            out = {k: ("" if row.get(k) is None else row[k]) for k in fields}
             out["step"] = int(row["step"])  # read back as a float on resume; written as the integer it is
             writer.writerow(out)
     os.replace(tmp, path)
