@@ -352,24 +352,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train_mend(args) -> int:
-    from lifelong.core.machine import ComputeThreads, thread_policy
-    from lifelong.core.models import load_model
-    from lifelong.editors.mend import (
-        format_curve,
-        load_hypernetwork,
-        read_curve,
-        resolve_layers,
-        resolve_params,
-        train_hypernetwork,
-        training_preset,
-        training_summary,
-    )
+    from lifelong.editors import mend
 
-    policy = thread_policy(args.threads)
-    with quiet_bars(args.quiet):
-        lm = load_model(args.model, args.device)
-    layers = resolve_layers(args.layers or "", lm.num_layers)
-    kinds = resolve_params(args.params or "", lm.adapter)
     given = {
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -381,43 +365,12 @@ def cmd_train_mend(args) -> int:
         "patience": args.patience,
         "stop_key": args.stop_key,
     }
-    config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
-    with ComputeThreads(policy), quiet_bars(args.quiet):
-        path = train_hypernetwork(
-            lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
-        )
-    curve = read_curve(path.parent / "curve.csv")
-    if curve:
-        print(f"learning curve ({path.parent / 'curve.csv'}; losses averaged since the previous evaluation):")
-        print(format_curve(curve))
-    _, meta = load_hypernetwork(path, lm.device)
-    print(
-        f"MEND hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
-        f"{meta['steps']} steps, {meta['seconds']:.0f} s of training, {len(meta['train_ids'])} training records"
-        f"\n{training_summary(meta)}\n{path.resolve()}"
-    )
-    return 0
+    return _train_hypernetwork(args, mend, given, "MEND")
 
 
 def cmd_train_rledit(args) -> int:
-    from lifelong.core.machine import ComputeThreads, thread_policy
-    from lifelong.core.models import load_model
-    from lifelong.editors.mend import read_curve
-    from lifelong.editors.rledit import (
-        format_curve,
-        load_hypernetwork,
-        resolve_layers,
-        resolve_params,
-        train_hypernetwork,
-        training_preset,
-        training_summary,
-    )
+    from lifelong.editors import rledit
 
-    policy = thread_policy(args.threads)
-    with quiet_bars(args.quiet):
-        lm = load_model(args.model, args.device)
-    layers = resolve_layers(args.layers or "", lm.num_layers)
-    kinds = resolve_params(args.params or "", lm.adapter)
     given = {
         "steps": args.steps,
         "epochs": args.epochs,
@@ -431,22 +384,40 @@ def cmd_train_rledit(args) -> int:
         "patience": args.patience,
         "stop_key": args.stop_key,
     }
-    config = training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
+    return _train_hypernetwork(args, rledit, given, "RLEdit")
+
+
+def _train_hypernetwork(args, method, given: dict, label: str) -> int:
+    """Train (or resume) a hypernetwork editor's network: ``method`` is its package (mend or rledit, each
+    with resolve_layers, resolve_params, training_preset, train_hypernetwork, load_hypernetwork,
+    format_curve and training_summary); ``given`` the training settings set on the command line."""
+    from lifelong.core.machine import ComputeThreads, thread_policy
+    from lifelong.core.models import load_model
+    from lifelong.editors.mend import read_curve
+
+    policy = thread_policy(args.threads)
+    with quiet_bars(args.quiet):
+        lm = load_model(args.model, args.device)
+    layers = method.resolve_layers(args.layers or "", lm.num_layers)
+    kinds = method.resolve_params(args.params or "", lm.adapter)
+    config = method.training_preset(args.training, **{k: v for k, v in given.items() if v is not None})
     with ComputeThreads(policy), quiet_bars(args.quiet):
-        path = train_hypernetwork(
+        path = method.train_hypernetwork(
             lm, layers, args.data, config, params=kinds, directory=args.out, limit=args.limit, progress=not args.quiet
         )
     curve = read_curve(path.parent / "curve.csv")
     if curve:
-        print(f"training curve ({path.parent / 'curve.csv'}; losses averaged since the previous validation):")
-        print(format_curve(curve))
+        print(f"learning curve ({path.parent / 'curve.csv'}; losses averaged since the previous evaluation):")
+        print(method.format_curve(curve))
     if not path.is_file():
         print(f"training stopped before its end; run the same command again to resume ({path.parent})")
         return 0
-    _, meta = load_hypernetwork(path, lm.device)
+    _, meta = method.load_hypernetwork(path, lm.device)
+    records = f", {len(meta['train_ids'])} training records" if "train_ids" in meta else ""
     print(
-        f"RLEdit hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
-        f"{meta['steps']} steps, {meta['seconds']:.0f} s of training\n{training_summary(meta)}\n{path.resolve()}"
+        f"{label} hypernetwork for {args.model} layers {','.join(map(str, layers))}, params {','.join(kinds)}: "
+        f"{meta['steps']} steps, {meta['seconds']:.0f} s of training{records}"
+        f"\n{method.training_summary(meta)}\n{path.resolve()}"
     )
     return 0
 
@@ -731,11 +702,8 @@ def build_parser() -> _Parser:
         "cpu-small (the former: 150 steps of 4 edits, lr 1e-3, lr_lr 1e-2, rank 64, no early stopping); "
         "the options below override it",
     )
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
-    p.add_argument("--steps", type=int, default=None, help="cap on training steps (iterations)")
+    _hypernetwork_training_args(p, "cap on training steps (iterations)", "rank of the hypernetwork's low-rank layers")
     p.add_argument("--batch-size", type=int, default=None, help="edits per training step")
-    p.add_argument("--rank", type=int, default=None, help="rank of the hypernetwork's low-rank layers")
-    p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
         "--holdout",
         type=int,
@@ -753,13 +721,7 @@ def build_parser() -> _Parser:
         help="validation score for early stopping: es (the toolkit's edit/acc_val) or total (the original's "
         "loss/total_edit_val)",
     )
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--out", default=None, help="directory (default: the cache, keyed by model, layers, params and data)"
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p.set_defaults(func=cmd_train_mend)
 
     p = sub.add_parser(
@@ -780,24 +742,17 @@ def build_parser() -> _Parser:
         "of the validation NLL or 200 steps); "
         "the options below override it",
     )
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
-    p.add_argument("--steps", type=int, default=None, help="cap on sequence steps (0: the whole schedule)")
     p.add_argument("--epochs", type=int, default=None, help="training sequences (one Adam step each)")
     p.add_argument("--num-seq", type=int, default=None, help="steps per training sequence")
     p.add_argument("--n-edits", type=int, default=None, help="edits per step")
-    p.add_argument("--rank", type=int, default=None, help="rank of the hypernetwork's blocks")
-    p.add_argument("--checkpoint-every", type=int, default=None)
+    _hypernetwork_training_args(p, "cap on sequence steps (0: the whole schedule)", "rank of the hypernetwork's blocks")
     p.add_argument("--holdout", type=int, default=None, help="validation records (the last N), edited as a sequence")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between validations")
     p.add_argument(
         "--patience", type=int, default=None, help="stop after N epochs without a better validation (0: never)"
     )
     p.add_argument("--stop-key", default=None, choices=["es", "nll"], help="validation score early stopping watches")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default=None, help="directory (default: the cache)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p.set_defaults(func=cmd_train_rledit)
 
     for name, func, text in (
@@ -811,6 +766,21 @@ def build_parser() -> _Parser:
         if name in ("editors", "probes"):
             listing.add_argument("names", nargs="*", metavar="NAME")
     return parser
+
+
+def _hypernetwork_training_args(p: argparse.ArgumentParser, steps_help: str, rank_help: str) -> None:
+    """The options train-mend and train-rledit share."""
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training records")
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--rank", type=int, default=None, help=rank_help)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--out", default=None, help="directory (default: the cache, keyed by model, layers, params, data and settings)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

@@ -51,6 +51,42 @@ def _describe(targets: Sequence[tuple[int, str]]) -> str:
     return " ".join(f"{layer}.{kind}" for layer, kind in targets)
 
 
+def refuse_training_overlap(method: str, command: str, meta: dict, stream: Sequence[Edit]) -> None:
+    """Refuse an evaluation stream that shares a (subject, prompt) with a hypernetwork's training records."""
+    trained = set(meta["train_keys"])
+    clashes = [e for e in stream if record_keys(e) & trained]
+    if clashes:
+        e = clashes[0]
+        raise OverlapError(
+            f"evaluation stream overlaps the {method} hypernetwork's training records "
+            f"({meta['identity']['data']}): {len(clashes)} of {len(stream)} edits share a subject+prompt, "
+            f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or {command} on other data"
+        )
+
+
+def checked_hypernetwork(method: str, command: str, lm: LoadedModel, layers, kinds, params, path: Path, load, targets):
+    """(network, its metadata) from ``path``, refused in one line when absent (naming the ``lifelong
+    command`` that trains it) or trained for other weights or, unless given by file, another model.
+    ``params`` carries train_data, training and hypernet; ``load(path, device)`` reads the file; ``targets``:
+    the (layer, projection) list the editor edits, in its network's order."""
+    if not path.is_file():
+        spec = ",".join(map(str, layers))
+        raise MissingFileError(
+            f"no trained {method} hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
+            f"data '{params.train_data}' (looked in {path}): run `lifelong {command} --model {lm.name} "
+            f"--layers {spec} --params {','.join(kinds)} --data {params.train_data} "
+            f"--training {params.training}` first"
+        )
+    net, meta = load(path, lm.device)
+    other_model = not params.hypernet and meta["identity"]["model"] != model_key(lm)
+    if net.targets != targets or other_model:
+        raise UserError(
+            f"{path}: {method} hypernetwork trained for model {meta['identity']['model']} weights "
+            f"{_describe(net.targets)}, not {model_key(lm)} weights {_describe(targets)}"
+        )
+    return net, meta
+
+
 class OverlapError(UserError):
     """The evaluation stream shares records with the hypernetwork's training data."""
 
@@ -91,22 +127,9 @@ class MENDEditor(Editor[MENDParams]):
         if self._net is not None:
             return self
         path = self.hypernet_path(lm)
-        if not path.is_file():
-            spec = ",".join(map(str, layers))
-            raise MissingFileError(
-                f"no trained MEND hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
-                f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-mend --model {lm.name} "
-                f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data} "
-                f"--training {self.params.training}` first"
-            )
-        net, meta = load_hypernetwork(path, lm.device)
-        other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
-        if net.targets != edit_targets(layers, kinds) or other_model:
-            raise UserError(
-                f"{path}: hypernetwork trained for model {meta['identity']['model']} weights "
-                f"{_describe(net.targets)}, not {model_key(lm)} weights "
-                f"{_describe(edit_targets(layers, kinds))}"
-            )
+        net, meta = checked_hypernetwork(
+            "MEND", "train-mend", lm, layers, kinds, self.params, path, load_hypernetwork, edit_targets(layers, kinds)
+        )
         self._net, self._meta = net, meta
         if self.params.hypernet and "training" in meta:  # a given file: record the settings it was trained with
             self.params = dataclasses.replace(self.params, training=meta["training"]["preset"])
@@ -126,15 +149,7 @@ class MENDEditor(Editor[MENDParams]):
         """Refuse an evaluation stream that shares a (subject, prompt) with the training records."""
         if self._net is None:
             raise RuntimeError("MENDEditor.check_stream needs bind(lm) first")
-        trained = set(self._meta["train_keys"])
-        clashes = [e for e in stream if record_keys(e) & trained]
-        if clashes:
-            e = clashes[0]
-            raise OverlapError(
-                f"evaluation stream overlaps the MEND hypernetwork's training records "
-                f"({self._meta['identity']['data']}): {len(clashes)} of {len(stream)} edits share a subject+prompt, "
-                f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or train-mend on other data"
-            )
+        refuse_training_overlap("MEND", "train-mend", self._meta, stream)
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return [target_param_name(lm, t) for t in self.targets(lm)]

@@ -12,8 +12,7 @@ import torch
 from lifelong.core.delta import Delta, ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Editor
-from lifelong.editors.mend.editor import OverlapError
-from lifelong.editors.mend.training import record_keys
+from lifelong.editors.mend.editor import checked_hypernetwork, refuse_training_overlap
 from lifelong.editors.rledit.network import (
     Hypernetwork,
     edit_targets,
@@ -25,12 +24,10 @@ from lifelong.editors.rledit.network import (
 from lifelong.editors.rledit.training import (
     hypernet_dir,
     load_hypernetwork,
-    model_key,
     training_preset,
     training_summary,
 )
 from streams import Edit
-from streams.errors import MissingFileError, UserError
 
 
 @dataclass
@@ -75,21 +72,10 @@ class RLEditEditor(Editor[RLEditParams]):
         self.params = dataclasses.replace(self.params, layers=",".join(map(str, layers)), params=",".join(kinds))
         if self._net is None:
             path = self.hypernet_path(lm)
-            if not path.is_file():
-                spec = ",".join(map(str, layers))
-                raise MissingFileError(
-                    f"no trained RLEdit hypernetwork for model '{lm.name}', layers {spec}, params {','.join(kinds)}, "
-                    f"data '{self.params.train_data}' (looked in {path}): run `lifelong train-rledit --model {lm.name} "
-                    f"--layers {spec} --params {','.join(kinds)} --data {self.params.train_data} "
-                    f"--training {self.params.training}` first"
-                )
-            net, meta = load_hypernetwork(path, lm.device)
-            other_model = not self.params.hypernet and meta["identity"]["model"] != model_key(lm)
-            if net.targets != edit_targets(layers, kinds) or other_model:
-                raise UserError(
-                    f"{path}: RLEdit hypernetwork trained for model {meta['identity']['model']} weights "
-                    f"{net.targets}, not {model_key(lm)} weights {edit_targets(layers, kinds)}"
-                )
+            targets = edit_targets(layers, kinds)
+            net, meta = checked_hypernetwork(
+                "RLEdit", "train-rledit", lm, layers, kinds, self.params, path, load_hypernetwork, targets
+            )
             self._net, self._meta, self._initial = net, meta, net.normaliser_state()
             if self.params.hypernet:  # a given file: record the settings it was trained with
                 self.params = dataclasses.replace(self.params, training=meta["training"]["preset"])
@@ -128,15 +114,7 @@ class RLEditEditor(Editor[RLEditParams]):
         """Refuse an evaluation stream that shares a (subject, prompt) with the training records."""
         if self._net is None:
             raise RuntimeError("RLEditEditor.check_stream needs bind(lm) first")
-        trained = set(self._meta["train_keys"])
-        clashes = [e for e in stream if record_keys(e) & trained]
-        if clashes:
-            e = clashes[0]
-            raise OverlapError(
-                f"evaluation stream overlaps the RLEdit hypernetwork's training records "
-                f"({self._meta['identity']['data']}): {len(clashes)} of {len(stream)} edits share a subject+prompt, "
-                f"e.g. {e.id} {e.rendered_prompt!r}; evaluate on other records or train-rledit on other data"
-            )
+        refuse_training_overlap("RLEdit", "train-rledit", self._meta, stream)
 
     def scope(self, lm: LoadedModel) -> list[str]:
         return [target_param_name(lm, t) for t in edit_targets(self.layers(lm), self.kinds(lm))]

@@ -23,7 +23,7 @@ from lifelong.core.models import LoadedModel
 from lifelong.core.scorer import Scorer
 from lifelong.editors.base import parse_layers
 from lifelong.editors.hooks import Hooks
-from streams.errors import UserError
+from lifelong.editors.mend.network import resolve_params as resolve_mlp_params
 
 _EPS = torch.finfo(torch.float32).eps  # the authors' normaliser eps (float32)
 
@@ -41,18 +41,9 @@ def resolve_layers(spec: str | None, num_layers: int) -> list[int]:
 def resolve_params(spec: str | Sequence[str] | None, adapter) -> tuple[str, ...]:
     """The edited MLP projections: by default gate and up (the authors' Llama modules), up alone for
     MLPs without a gate."""
-    kinds = adapter.mlp_kinds()
     if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return tuple(k for k in kinds if k in ("gate", "up"))
-    names = [x.strip() for x in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [x for x in names if x]
-    bad = [x for x in names if x not in kinds]
-    if bad or not names:
-        raise UserError(
-            f"rledit: params must be comma-separated MLP projections of a {adapter.family} model "
-            f"({', '.join(kinds)}), got '{spec}'"
-        )
-    return tuple(k for k in kinds if k in names)
+        return tuple(k for k in adapter.mlp_kinds() if k in ("gate", "up"))
+    return resolve_mlp_params(spec, adapter, "rledit")
 
 
 def edit_targets(layers: Sequence[int], kinds: Sequence[str]) -> list[tuple[int, str]]:
