@@ -139,6 +139,7 @@ LM_DEVICE_BUFFERS = {
     "lifelong/editors/adaptor.py": (1, "the token ids of the sampled context templates (WISE, MEMOIR)"),
     # not spread-aware: under --device auto its per-layer parts would need the layers' devices (docs/MACHINES.md)
     "lifelong/editors/mend/training.py": (1, "MEND's hypernetwork, trained and kept on one device"),
+    "lifelong/editors/rledit/training.py": (1, "RLEdit's hypernetwork, trained and kept on one device"),
 }
 
 

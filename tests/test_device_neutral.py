@@ -47,7 +47,10 @@ DEVICE_LITERALS = {
         "where no GPU is visible, and the dtype checked on the first GPU",
     ),
     "lifelong/run.py": (1, "the --device setting's default"),
-    "lifelong/cli.py": (4, "the --device option's default on checkout/inspect/train-rledit commands"),
+    "lifelong/cli.py": (
+        3,
+        "the --device option's default on the checkout, inspect and train-mend/train-rledit commands",
+    ),
     "lifelong/replay.py": (1, "checkout's device default (the CLI's)"),
     "lifelong/inspect.py": (1, "inspect's device default (the CLI's)"),
     "lifelong/sweep.py": (5, "a sweep's device setting is checked by name, and GPUs are asked of Ray for 'cuda' cells"),
