@@ -468,3 +468,30 @@ def test_downstream_change_figures_the_score_change_at_its_step_within_its_range
     for claim in ("kn", "mend"):  # the claims' probe spec is one the replay accepts
         spec = next(a for c in R.CLAIMS if c.key == claim for a in c.arms).probes[1]
         assert make_probe(spec).options.protocol == "seed"
+
+
+def test_a_stored_run_that_cannot_be_checked_is_not_reused(tmp_path, capsys, monkeypatch):
+    """A finished run whose planned identity cannot be made (e.g. MEND's hypernetwork file is gone) is
+    reported in one line and not reused, rather than ending the reproduction in a traceback."""
+    from benchmarks.reproduction import runner
+    from benchmarks.reproduction.claims import Arm
+    from streams import EditStream
+    from streams.errors import MissingFileError
+    from tests.conftest import make_edits
+
+    work, scale, seed = tmp_path / "work", "quick", 0
+    arm = Arm(key="a", editor="ft", source="counterfact", items={"quick": 2}, overrides={"max_steps": "2"})
+    (work / "streams").mkdir(parents=True)
+    EditStream(make_edits(2)).to_jsonl(work / "streams" / "counterfact-2-seed0.jsonl")
+    model = runner.BaseModel("tiny-llama")
+    runner.run_arm(model.lm, model.base, arm, scale, seed, work, "tiny-llama", 1)
+
+    def missing(*args):
+        raise MissingFileError("no trained hypernetwork (looked in X)")
+
+    monkeypatch.setattr(runner, "identity_differences", missing)
+    assert runner.stored_results(work, scale, arm, seed, model) is None
+    assert "cannot check that it is the run its arm plans now, not reused: no trained hypernetwork" in (
+        capsys.readouterr().out
+    )
+    assert runner.run_dir(work, scale, arm, seed).is_dir()  # nothing moved or lost

@@ -133,7 +133,13 @@ def stored_results(work: Path, scale: str, arm: Arm, seed: int, model: BaseModel
     progress = run.progress()
     if progress["total_steps"] is None or progress["completed_step"] < progress["total_steps"]:
         return None
-    differs = identity_differences(run, arm_config(arm, scale, seed, work, model.name), model)
+    from streams.errors import UserError
+
+    try:
+        differs = identity_differences(run, arm_config(arm, scale, seed, work, model.name), model)
+    except UserError as err:  # e.g. MEND's hypernetwork file is gone: the run cannot be checked, so not reused
+        print(f"{path}: cannot check that it is the run its arm plans now, not reused: {err}", flush=True)
+        return None
     if differs:
         aside = next(p for k in range(1, 10**6) if not (p := path.with_name(f"{path.name}.stale-{k}")).exists())
         path.rename(aside)
