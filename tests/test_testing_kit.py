@@ -50,6 +50,8 @@ FAST = {
         "merge_freq": "2",
     },
     "memory": {},
+    # the background mean from WISE's fixed sentences: the default (zsRE loc texts) reads ../shared/data
+    "memoir": {"layer": "2", "max_steps": "8", "background": "pool"},
     "kn": {"layers": "1-2", "ig_steps": "4"},
     "mend": {
         "train_data": "builtin",
