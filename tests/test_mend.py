@@ -3,7 +3,6 @@ the edited weights (gate, up and down by default; down alone as before) and the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -26,7 +25,6 @@ from lifelong.editors.mend import (
     edit_targets,
     hypernet_dir,
     load_hypernetwork,
-    model_key,
     read_curve,
     train_hypernetwork,
     training_preset,
@@ -121,7 +119,7 @@ def test_gradient_transform_starts_as_the_identity_and_normalises():
     assert torch.equal(out_u, u) and torch.equal(out_d, d)  # nothing seen yet: no normalisation either
     net.norm_u.update(u[:3])
     net.norm_u.update(u[3:])
-    expected = (u - u.mean(0)) / (u.std(0) + 1e-8)
+    expected = (u - u.mean(0)) / (u.std(0) + 1e-7)
     assert torch.allclose(net(u, d)[0], expected, atol=1e-5)
     assert torch.linalg.matrix_rank(net.u1 @ net.v1).item() == 0
     with torch.no_grad():
@@ -196,13 +194,17 @@ def test_cached_by_model_layers_and_data_and_found_by_the_editor(tmp_path, capsy
         )
         == 0
     )
-    path = hypernet_dir(lm, LAYERS, str(data)) / "hypernet.safetensors"
+    config = training_preset("cpu-small", rank=4, holdout=2, eval_every=1)
+    path = hypernet_dir(lm, LAYERS, str(data), None, config) / "hypernet.safetensors"
     out = capsys.readouterr().out
     assert str(path.resolve()) in out and "held-out ES" in out
-    assert hypernet_dir(lm, [2, 3], str(data)) != path.parent and hypernet_dir(lm, LAYERS, "builtin") != path.parent
-    assert hypernet_dir(lm, LAYERS, str(data), "down") != path.parent  # the edited weights are part of the key
-    assert hypernet_dir(lm, LAYERS, str(data), "gate,up,down") == path.parent
-    editor = make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
+    assert hypernet_dir(lm, [2, 3], str(data), None, config) != path.parent
+    assert hypernet_dir(lm, LAYERS, "builtin", None, config) != path.parent
+    assert hypernet_dir(lm, LAYERS, str(data), "down", config) != path.parent  # the edited weights are in the key
+    assert hypernet_dir(lm, LAYERS, str(data), "gate,up,down", config) == path.parent
+    with pytest.raises(FileNotFoundError):  # cpu-small at its own rank (not 4) is another network
+        make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
+    editor = make_editor("mend", {"hypernet": str(path)}).bind(lm)
     hyper = editor.hyperparameters()
     assert hyper["hypernet_steps"] == 2 and hyper["params"] == "gate,up,down"  # resolved, for the manifest
     assert hyper["layers"] == "1,2,3"
@@ -362,8 +364,8 @@ def test_update_is_minus_alpha_times_transformed_factors_per_weight(trained):
         g = net.transforms[net.group[i]]
         z = torch.cat([g.norm_u(by_hand[target]), g.norm_delta(d)], -1)  # the network written out
         m = net.mode[i]
-        h = z + torch.relu((z @ g.v1.T @ g.u1.T + g.b1) * g.scale1[m] + g.shift1[m])
-        out = h + (h @ g.v2.T @ g.u2.T + g.b2) * g.scale2[m] + g.shift2[m]
+        h = z + ((z @ g.v1.T @ g.u1.T + g.b1) * g.scale1[m] + g.shift1[m]).clamp(min=0)
+        out = h + ((h @ g.v2.T @ g.u2.T + g.b2) * g.scale2[m] + g.shift2[m]).clamp(min=0)
         u_t, d_t = out[:, : g.d_in], out[:, g.d_in :]
         expected = -net.log_lr[i].exp() * torch.einsum("to,ti->oi", d_t, u_t)
         name = lm.adapter.mlp_proj_name(*target) + ".weight"
@@ -371,41 +373,50 @@ def test_update_is_minus_alpha_times_transformed_factors_per_weight(trained):
         assert torch.equal(lm.model.get_parameter(name), base[name] + delta.changes[name].materialize())
 
 
-def test_down_only_setting_keeps_the_former_key_format_and_still_loads(tmp_path):
+def test_down_only_setting_trains_one_network_per_layer_and_a_former_network_file_is_refused(tmp_path):
     data = tmp_path / "train.jsonl"
     EditStream(make_edits(8)).to_jsonl(data)
     lm = load_model("tiny-llama")
-    path = train_hypernetwork(lm, LAYERS, str(data), small(steps=2, rank=4), params="down", progress=False)
-    # the cache directory the down-only editor always had: key (model, layers, data), no params in it
-    digest = hashlib.sha256(json.dumps([model_key(lm), LAYERS, str(data)]).encode()).hexdigest()[:12]
-    assert path.parent.name == f"tiny-llama-L1_2_3-{digest}" and path.parent == hypernet_dir(
-        lm, LAYERS, str(data), "down"
-    )
-    # a file as the former editor wrote it: one unshared network per layer, metadata without targets/params
+    config = small(steps=2, rank=4)
+    path = train_hypernetwork(lm, LAYERS, str(data), config, params="down", progress=False)
+    assert path.parent == hypernet_dir(lm, LAYERS, str(data), "down", config)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    tensors = load_file(str(path))  # one unshared network per layer, no per-weight scale/shift
     assert sorted({k.split(".")[1] for k in tensors if k.startswith("transforms.")}) == ["0", "1", "2"]
     assert tensors["log_lr"].shape == (3,) and "transforms.0.scale1" not in tensors
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["lifelong_mend"])
-    assert "params" not in meta["identity"]
-    for key in ("targets", "shapes", "heldout_ids"):
-        del meta[key]
-    atomic_save_tensors(tensors, path, {"lifelong_mend": json.dumps(meta)})
-    editor = make_editor("mend", {"train_data": str(data), "params": "down", "training": "cpu-small"}).bind(lm)
+    editor = make_editor("mend", {"hypernet": str(path), "params": "down"}).bind(lm)
     assert editor.hyperparameters()["edited_weights"] == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     delta = editor.apply(lm, make_edits(1, start=100))
     assert sorted(delta.changes) == [f"model.layers.{x}.mlp.down_proj.weight" for x in LAYERS]
     assert all(torch.equal(p, base[n]) for n, p in lm.model.named_parameters() if n not in delta.changes)
-    with pytest.raises(FileNotFoundError, match="--params gate,up,down"):  # the default does not pick it up
-        make_editor("mend", {"train_data": str(data), "training": "cpu-small"}).bind(lm)
     with pytest.raises(ValueError, match="weights 1.down 2.down 3.down, not .* 1.gate 1.up 1.down"):
         make_editor("mend", {"hypernet": str(path), "layers": "1-3"}).bind(lm)
     with pytest.raises(ValueError, match=r"params must be comma-separated MLP projections of a gpt2 model \(up, d"):
         make_editor("mend", {"params": "gate"}).bind(load_model("tiny-gpt2"))
+    # a file written before the network's form was recorded (ReLU, then nothing): refused in one line
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lifelong_mend"])
+    assert meta["identity"]["network"] == "clamp"
+    del meta["identity"]["network"]
+    atomic_save_tensors(tensors, path, {"lifelong_mend": json.dumps(meta)})
+    with pytest.raises(ValueError, match="former gradient network .* train it again with `lifelong train-mend`"):
+        make_editor("mend", {"hypernet": str(path), "params": "down"}).bind(lm)
+
+
+def test_both_layers_clamp_so_the_zero_initialised_factors_learn():
+    """The original clamps each layer at 0 (gradient 1 at the zero start); a ReLU there has gradient 0,
+    and the first layer's u and b would never move."""
+    torch.manual_seed(0)
+    net = GradientTransform(d_in=5, d_out=3, rank=2, n_modes=2)
+    out_u, out_d = net(torch.randn(7, 5), torch.randn(7, 3), mode=1)
+    (out_u.square().sum() + out_d.sum()).backward()
+    for name in ("u1", "b1", "u2", "b2"):
+        assert getattr(net, name).grad.abs().sum() > 0, name
+    assert net.shift1.grad[1].abs().sum() > 0 and net.shift1.grad[0].abs().sum() == 0  # only the mode used
+    assert net.v1.abs().mean() > 0.5  # v ~ N(0, 1), unscaled, as the original's LRLinear
 
 
 def test_untrained_network_is_the_identity_in_every_mode():

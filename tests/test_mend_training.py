@@ -187,11 +187,14 @@ def test_accumulated_iterations_take_one_optimiser_step(tmp_path):
     assert load_hypernetwork(path, lm.device)[1]["identity"]["config"]["accumulate"] == 2
 
 
-def test_cache_is_keyed_on_the_training_settings_and_the_former_key_is_kept_for_cpu_small(tmp_path):
+def test_cache_is_keyed_on_the_training_settings_and_the_network_form(tmp_path, monkeypatch):
     lm = load_model("tiny-llama")
     published = hypernet_dir(lm, LAYERS, "split:counterfact", None, TrainConfig())
     cpu_small = hypernet_dir(lm, LAYERS, "split:counterfact", None, training_preset("cpu-small"))
-    assert published != cpu_small and cpu_small == hypernet_dir(lm, LAYERS, "split:counterfact")
+    assert published != cpu_small and published == hypernet_dir(lm, LAYERS, "split:counterfact")
+    with monkeypatch.context() as patch:
+        patch.setattr("lifelong.editors.mend.training.NETWORK_FORM", "other")
+        assert hypernet_dir(lm, LAYERS, "split:counterfact", None, TrainConfig()) != published
     assert hypernet_dir(lm, LAYERS, "split:counterfact", None, TrainConfig(rank=64)) != published
     assert hypernet_dir(lm, LAYERS, "split:counterfact", None, TrainConfig(steps=10)) == published  # the cap: no
     with pytest.raises(FileNotFoundError, match="--data split:counterfact --training published` first"):

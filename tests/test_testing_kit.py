@@ -53,10 +53,7 @@ FAST = {
     # the background mean from WISE's fixed sentences: the default (zsRE loc texts) reads ../shared/data
     "memoir": {"layer": "2", "max_steps": "8", "background": "pool"},
     "kn": {"layers": "1-2", "ig_steps": "4"},
-    "mend": {
-        "train_data": "builtin",
-        "training": "cpu-small",
-    },  # needs the hypernetwork of the tiny_mend_hypernet fixture
+    "mend": {},  # given the hypernetwork of the tiny_mend_hypernet fixture
 }
 
 
@@ -96,9 +93,9 @@ def tiny_rledit_hypernet(private_cache, tmp_path):
 @pytest.mark.parametrize("name", sorted(EDITORS))
 def test_builtin_editor_passes_every_invariant(name, request):
     overrides = FAST.get(name, {})
-    if name == "mend":
-        request.getfixturevalue("tiny_mend_hypernet")
-    if name == "rledit":  # a given file: the cache key holds the training settings
+    if name == "mend":  # given files: the cache keys hold the training settings
+        overrides = {"hypernet": str(request.getfixturevalue("tiny_mend_hypernet"))}
+    if name == "rledit":
         overrides = {"hypernet": str(request.getfixturevalue("tiny_rledit_hypernet"))}
     report = check_editor(lambda: make_editor(name, overrides), model="tiny-llama", max_examples=3, max_edits=3)
     report.raise_if_failed()

@@ -25,12 +25,13 @@ per-weight conditioning is the original's ``n_modes`` scale and shift (s, t: one
 weight of that shape, initialised to 1 and 0) on each layer's pre-activation.
 
 ``params=down`` is this editor as it was before: the down projections only, one unshared
-network per layer and no per-weight scale/shift. Its cache key is the former one, so
-hypernetworks trained before keep loading under that setting.
+network per layer and no per-weight scale/shift.
+
+The gradient network is the original's ``IDMLP`` of two ``LRLinear`` layers, each
+x + clamp(u v x + b, 0) (``NETWORK_FORM = "clamp"``, recorded in every trained file and its cache
+key); files trained with the former form (ReLU, then nothing) are refused.
 
 Differences from the original (``algs/mend.py``, ``nn.py``), named here:
-* the second layer of g has no ReLU (the original clamps every layer's output at 0 before
-  the residual);
 * the update is W − α δ̃ũᵀ with α > 0 (kept as log α); the original adds ``edit_lrs × g``;
 * normalisation statistics are merged per batch exactly (Chan et al.), not per token by
   Welford updates (the same numbers up to rounding), and they stop at the end of training;

@@ -29,6 +29,11 @@ def resolve_layers(spec: str | None, num_layers: int, editor: str = "mend") -> l
 
 
 LEGACY_PARAMS = ("down",)  # the former editor: down projections only, one unshared network per layer
+# The gradient network's form, recorded in every trained file and in the cache key: "clamp" is the
+# original's (each layer clamped at 0 before its residual, v ~ N(0, 1)). Files without it were
+# trained with ReLU in the first layer and nothing in the second, whose first layer never learned
+# (ReLU's gradient at the zero start is 0), and are refused.
+NETWORK_FORM = "clamp"
 
 
 def resolve_params(spec: str | Sequence[str] | None, adapter, editor: str = "mend") -> tuple[str, ...]:
@@ -87,22 +92,25 @@ class RunningNorm(nn.Module):
         if self.count < 2:  # nothing seen yet: leave the input as it is
             return x
         std = (self.m2 / (self.count - 1)).sqrt().to(x.dtype)
-        return (x - self.mean.to(x.dtype)) / (std + 1e-8)
+        return (x - self.mean.to(x.dtype)) / (std + 1e-7)  # the original's ε
 
 
 class GradientTransform(nn.Module):
-    """g_ℓ: [u; δ] -> [ũ; δ̃] through a normalised, low-rank, identity-initialised two-layer MLP."""
+    """g_ℓ: [u; δ] -> [ũ; δ̃] through a normalised, low-rank, identity-initialised two-layer MLP,
+    as the original's ``IDMLP`` of two ``LRLinear`` layers: x + clamp(u v x + b, 0) each, with
+    u = 0 and v ~ N(0, 1) at the start and rank min(rank, width)."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, seed: int = 0, n_modes: int | None = None):
         super().__init__()
         self.d_in, self.d_out, self.n_modes = d_in, d_out, n_modes
         width = d_in + d_out
+        rank = min(rank, width)
         gen = torch.Generator().manual_seed(seed)
         self.norm_u, self.norm_delta = RunningNorm(d_in), RunningNorm(d_out)
-        self.v1 = nn.Parameter(torch.randn(rank, width, generator=gen) / math.sqrt(width))
+        self.v1 = nn.Parameter(torch.randn(rank, width, generator=gen))
         self.u1 = nn.Parameter(torch.zeros(width, rank))
         self.b1 = nn.Parameter(torch.zeros(width))
-        self.v2 = nn.Parameter(torch.randn(rank, width, generator=gen) / math.sqrt(width))
+        self.v2 = nn.Parameter(torch.randn(rank, width, generator=gen))
         self.u2 = nn.Parameter(torch.zeros(width, rank))
         self.b2 = nn.Parameter(torch.zeros(width))
         if n_modes is not None:  # the original's mode_scale / mode_shift embeddings, one row per shared weight
@@ -120,11 +128,12 @@ class GradientTransform(nn.Module):
         a = z @ self.v1.T @ self.u1.T + self.b1
         if mode is not None:
             a = a * self.scale1[mode] + self.shift1[mode]
-        h = z + torch.relu(a)
+        # clamp, not relu: at the zero start relu's gradient is 0 and u, b would never learn
+        h = z + a.clamp(min=0)
         b = h @ self.v2.T @ self.u2.T + self.b2
         if mode is not None:
             b = b * self.scale2[mode] + self.shift2[mode]
-        g = h + b
+        g = h + b.clamp(min=0)
         return g[..., : self.d_in], g[..., self.d_in :]
 
 

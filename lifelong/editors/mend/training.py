@@ -22,6 +22,7 @@ from lifelong.core.models import LoadedModel, cache_root
 from lifelong.core.scorer import Scorer
 from lifelong.editors.mend.network import (
     LEGACY_PARAMS,
+    NETWORK_FORM,
     Hypernetwork,
     _ids_mask,
     _mean_nll,
@@ -111,10 +112,6 @@ def config_identity(config: TrainConfig) -> dict[str, Any]:
     return setup
 
 
-def _is_former(config: TrainConfig | None) -> bool:
-    return config is None or all(getattr(config, k) == v for k, v in _FORMER.items())
-
-
 def _prompt_key(subject: str, prompt: str) -> str:
     text = json.dumps([subject.strip().lower(), " ".join(prompt.lower().split())])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -195,22 +192,17 @@ def hypernet_dir(
     params: str | Sequence[str] | None = None,
     config: TrainConfig | None = None,
 ) -> Path:
-    """Cache directory of the hypernetwork for (model, layers, edited weights, training data, training settings).
+    """Cache directory of the hypernetwork for (model, layers, edited weights, training data,
+    training settings, gradient network form).
 
-    ``params`` None or empty: every MLP projection (the default). ``params=down`` keeps the
-    key and name the down-only editor had, so its trained hypernetworks are found again; so does
-    a ``config`` without accumulation, clipping or early stopping (``cpu-small`` and the former
-    training: their settings are checked against the checkpoint's instead)."""
+    ``params`` None or empty: every MLP projection (the default); ``config`` None: the published
+    training. Keys before the network's form was recorded are not produced: the networks they name
+    were trained with the former form and are refused."""
     kinds = resolve_params(params, lm.adapter)
+    config = config or training_preset("published")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key(lm)).name)
-    name = f"{safe}-L{'_'.join(map(str, layers))}"
-    parts: list[Any] = [model_key(lm), list(layers), data]
-    if kinds != LEGACY_PARAMS:
-        parts.append(list(kinds))
-        name += "-" + "_".join(kinds)
-    if not _is_former(config):
-        assert config is not None
-        parts.append(config_identity(config))
+    name = f"{safe}-L{'_'.join(map(str, layers))}-" + "_".join(kinds)
+    parts: list[Any] = [model_key(lm), list(layers), data, list(kinds), config_identity(config), NETWORK_FORM]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "mend" / f"{name}-{digest}"
 
@@ -499,6 +491,7 @@ def train_hypernetwork(
         "limit": limit,
         "content": content,
         "config": config_identity(config),
+        "network": NETWORK_FORM,
     }
     if kinds != LEGACY_PARAMS:
         identity["params"] = list(kinds)
@@ -629,6 +622,11 @@ def load_hypernetwork(path: Path, device: torch.device) -> tuple[Hypernetwork, d
         meta = json.loads((f.metadata() or {}).get("lifelong_mend", "{}"))
     if not meta:
         raise UserError(f"{path}: not a MEND hypernetwork file")
+    if meta["identity"].get("network") != NETWORK_FORM:
+        raise UserError(
+            f"{path}: MEND hypernetwork trained with the former gradient network (ReLU in its first layer, "
+            "nothing in its second, where the original clamps both at 0); train it again with `lifelong train-mend`"
+        )
     tensors = load_file(str(path))
     rank = tensors["transforms.0.v1"].shape[0]
     kinds = tuple(meta["identity"].get("params", LEGACY_PARAMS))  # files from before params existed: down only
