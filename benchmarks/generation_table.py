@@ -9,7 +9,8 @@ score on the same edits (a paired bootstrap over edits).
 
 Runs are ordinary run directories under ``--work`` and resume: stop the command and start it again
 to carry on; ``--report-only`` prints (and with ``--page``, writes) the table from what is finished.
-Each run is a ``lifelong replay`` subprocess at one compute thread, one at a time.
+Each run is a ``lifelong replay`` subprocess at one compute thread, one at a time; θ0's references
+(minutes of generation) are computed once and copied by the other editors' runs (``--references-from``).
 
     python benchmarks/generation_table.py [--edits 100] [--editors rome,memit,alphaedit,grace,wise,memory]
     python benchmarks/generation_table.py --report-only --page docs/GENERATION.md
@@ -45,7 +46,8 @@ MEASURES = (
 )
 
 
-def replay_command(editor: str, edits: int, out: Path, model: str) -> list[str]:
+def replay_command(editor: str, edits: int, out: Path, model: str, references: Path | None = None) -> list[str]:
+    borrow = ["--references-from", str(references)] if references else []
     return [
         sys.executable,
         "-m",
@@ -65,7 +67,20 @@ def replay_command(editor: str, edits: int, out: Path, model: str) -> list[str]:
         f"edit_quality:generation={GENERATION}",
         "--probe",
         f"retention:schedule=end,generation={GENERATION}",
+        *borrow,
     ]
+
+
+def references_source(work: Path, editors: list[str], edits: int, editor: str) -> Path | None:
+    """Another editor's run of this table whose step 0 is complete: θ0's references are the same for
+    every editor, and the replay copies them from it (refusing, with a note, when they differ)."""
+    from lifelong.run import RunDir
+
+    for other in editors:
+        run = RunDir(work / f"{other}-{edits}")
+        if other != editor and run.exists() and run.completed_step() >= 0:
+            return run.path
+    return None
 
 
 def per_edit(results: pl.DataFrame, probe: str, metric: str, protocol: str, step: str) -> dict[str, float]:
@@ -162,7 +177,9 @@ def main() -> None:
         for editor in editors:
             out = args.work / f"{editor}-{args.edits}"
             print(f"== {editor}: {out}", flush=True)
-            done = subprocess.run(replay_command(editor, args.edits, out, args.model), env=env, cwd=ROOT)
+            source = references_source(args.work, editors, args.edits, editor)
+            command = replay_command(editor, args.edits, out, args.model, source)
+            done = subprocess.run(command, env=env, cwd=ROOT)
             if done.returncode:
                 print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
     text = report(args.work, editors, args.edits, args.model)

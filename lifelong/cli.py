@@ -117,7 +117,14 @@ def cmd_replay(args) -> int:
     exporters = [make_exporter(spec) for spec in args.export or []]
     try:
         with quiet_bars(args.quiet):
-            result = replay(config, out, progress=not args.quiet, threads=args.threads, exporters=exporters)
+            result = replay(
+                config,
+                out,
+                progress=not args.quiet,
+                threads=args.threads,
+                exporters=exporters,
+                references_from=args.references_from,
+            )
     finally:
         for exporter in exporters:
             exporter.close()
@@ -557,6 +564,13 @@ def build_parser() -> _Parser:
     )
     p.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--references-from",
+        default=None,
+        metavar="RUN",
+        help="copy step 0 (θ0's references, rows, generated answers) from this finished run of the same stream, "
+        "model and probes with another editor, instead of computing it; refused with a note when they differ",
+    )
     p.add_argument(
         "--export", action="append", metavar="SPEC", help=f"stream step-level figures to a tracker: {EXPORT_HELP}"
     )

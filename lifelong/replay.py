@@ -40,6 +40,7 @@ from lifelong.core.models import (
 from lifelong.core.scorer import Scorer
 from lifelong.editors import Editor, make_editor
 from lifelong.presets import PresetChoice, apply_preset, sequence_figures
+from lifelong.references import CHECK_KEY, borrow, theta0_check
 from lifelong.run import RunConfig, RunDir, atomic_write_text, identity_of
 from lifelong.settings import normalised_number_text
 from probes import EditQualityProbe, ProbeContext, ProbeSuite, RetentionProbe, make_probe
@@ -254,6 +255,7 @@ def replay(
     stop_after: int | None = None,
     threads: int | str | None = None,
     exporters: Sequence = (),
+    references_from: Path | str | None = None,
 ) -> ReplayResult:
     """Replay ``config``'s stream into run directory ``out`` (resuming it if it exists).
 
@@ -262,13 +264,17 @@ def replay(
     an editor instance (e.g. an unregistered one) instead of ``config.editor`` by name;
     ``stop_after`` ends the call after that many new steps, as a kill would (for tests);
     ``threads`` fixes the compute threads (default: see :func:`lifelong.core.machine.thread_policy`);
-    ``exporters`` (:mod:`lifelong.export`) receive each step's rows as they are written (the caller closes them).
+    ``exporters`` (:mod:`lifelong.export`) receive each step's rows as they are written (the caller closes them);
+    ``references_from``: a finished run of the same stream, model and probes whose step 0 (θ0's references,
+    rows and generations) this run copies instead of computing it (:mod:`lifelong.references`).
     """
     policy = thread_policy(threads)  # a bad value is refused before anything is loaded
     # held: the run's writer lock, taken once the inputs are validated, released on any exit
     with ComputeThreads(policy) as compute, ExitStack() as held, bars_showing(progress):
         config, choice = apply_preset(config)  # a bad preset, or a flag that conflicts with it, is refused here
         if choice is not None and choice.sequence_length is not None:
+            if references_from:
+                raise UserError("--references-from: not with a preset of independent sequences (each has its θ0 step)")
             return _replay_sequences(
                 config, choice, Path(out), lm=lm, editor=editor, progress=progress, compute=compute, exporters=exporters
             )
@@ -282,6 +288,7 @@ def replay(
             compute=compute,
             held=held,
             exporters=exporters,
+            references_from=references_from,
         )
 
 
@@ -361,6 +368,7 @@ def _replay_locked(
     held: ExitStack,
     exporters: Sequence = (),
     restore_base: bool = False,
+    references_from: Path | str | None = None,
 ) -> ReplayResult:
     """The replay itself, under the run's writer lock. ``restore_base``: when the call ends, release
     the editor and put every parameter it may change back to θ0, bitwise (the model is reused for
@@ -410,24 +418,30 @@ def _replay_locked(
     references = run.load_reference()
     if done < 0 or references is None:  # step 0: θ0 references and rows, on the base model
         t0 = time.perf_counter()
-        ctx = ProbeContext(
-            step=0,
-            timestamp=None,
-            batch=(),
-            history=[],
-            scorer=scorer,
-            upcoming=tuple(stream),
-            base_params=store.base,
-            steps=steps,
-            facts=facts,
-            chain_end_steps=ends,
-        )
-        references, rows = suite.prepare(ctx)
-        run.save_reference(references)
-        written = rows_for(0, None, rows)
+        check = theta0_check(scorer, stream)
+        borrowed = borrow(references_from, identity, check, run_id) if references_from else None
+        if borrowed is not None:  # copied from a finished run that differs only in its editor
+            references, written, generations = borrowed.references, borrowed.rows, borrowed.generations
+            run.record_references_source(Path(str(references_from)).resolve(), borrowed.source_run_id)
+        else:
+            ctx = ProbeContext(
+                step=0,
+                timestamp=None,
+                batch=(),
+                history=[],
+                scorer=scorer,
+                upcoming=tuple(stream),
+                base_params=store.base,
+                steps=steps,
+                facts=facts,
+                chain_end_steps=ends,
+            )
+            references, rows = suite.prepare(ctx)
+            written, generations = rows_for(0, None, rows), ctx.generations
+        run.save_reference({**references, CHECK_KEY: check})
         digest = run.write_rows(0, written)
-        if ctx.generations:
-            run.write_generations(0, run_id, ctx.generations)
+        if generations:
+            run.write_generations(0, run_id, generations)
         for exporter in exporters:
             exporter.write(0, written)
         run.mark_complete(0, None, {"probe": time.perf_counter() - t0}, len(steps), results=digest)

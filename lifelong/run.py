@@ -408,6 +408,12 @@ class RunDir:
         sessions.append(info)
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
 
+    def record_references_source(self, source: Path, source_run_id: str) -> None:
+        """Say in the manifest that step 0 was copied from the run at ``source`` (``--references-from``)."""
+        manifest = self.manifest()
+        manifest["references_from"] = {"path": str(source), "run_id": source_run_id}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove the temporary files (``.NAME.tmp-PID``) that writers which are no longer alive
         left anywhere in the run directory (a kill between a write and its rename); returns them."""
