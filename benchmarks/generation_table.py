@@ -71,14 +71,14 @@ def replay_command(editor: str, edits: int, out: Path, model: str, references: P
     ]
 
 
-def references_source(work: Path, editors: list[str], edits: int, editor: str) -> Path | None:
-    """Another editor's run of this table whose step 0 is complete: θ0's references are the same for
+def references_source(runs: list[Path], out: Path) -> Path | None:
+    """One of ``runs`` other than ``out`` whose step 0 is complete: θ0's references are the same for
     every editor, and the replay copies them from it (refusing, with a note, when they differ)."""
     from lifelong.run import RunDir
 
-    for other in editors:
-        run = RunDir(work / f"{other}-{edits}")
-        if other != editor and run.exists() and run.completed_step() >= 0:
+    for path in runs:
+        run = RunDir(path)
+        if path != out and run.exists() and run.completed_step() >= 0:
             return run.path
     return None
 
@@ -154,12 +154,15 @@ def report(work: Path, editors: list[str], edits: int, model: str) -> str:
     return "\n".join([note, "", *lines])
 
 
-def write_page(page: Path, text: str) -> None:
-    body = page.read_text() if page.exists() else f"# Teacher forcing against generation\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in body or END not in body:
-        raise SystemExit(f"{page}: no {BEGIN} ... {END} block to rewrite")
-    head, rest = body.split(BEGIN, 1)
-    page.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+def write_page(
+    page: Path, text: str, begin: str = BEGIN, end: str = END, title: str = "# Teacher forcing against generation"
+) -> None:
+    """Rewrite the block between ``begin`` and ``end`` of ``page`` (made with ``title`` when absent)."""
+    body = page.read_text() if page.exists() else f"{title}\n\n{begin}\n{end}\n"
+    if begin not in body or end not in body:
+        raise SystemExit(f"{page}: no {begin} ... {end} block to rewrite")
+    head, rest = body.split(begin, 1)
+    page.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -177,7 +180,7 @@ def main() -> None:
         for editor in editors:
             out = args.work / f"{editor}-{args.edits}"
             print(f"== {editor}: {out}", flush=True)
-            source = references_source(args.work, editors, args.edits, editor)
+            source = references_source([args.work / f"{e}-{args.edits}" for e in editors], out)
             command = replay_command(editor, args.edits, out, args.model, source)
             done = subprocess.run(command, env=env, cwd=ROOT)
             if done.returncode:

@@ -1,0 +1,381 @@
+"""Editors built for long streams, side by side over 1,000 CounterFact edits (issue #39): one command,
+one page (docs/LIFELONG.md).
+
+Each arm replays the first ``--edits`` CounterFact records of the shared data in batches of
+``--batch`` (default 1,000 in batches of 100: ten steps) on the default model, with after every
+step: the step's edit quality (ES/PS/NS), the retention of every edit so far (the forgetting
+curve), the perplexity ratio on the first 16,384 WikiText-2 tokens (t interval over its 128-token
+chunks) and the edited weights' norm growth. WISE, at about a minute per edit here, runs over the
+first ``--wise-edits`` (200). The page gives, per arm, those figures with n and 95% intervals,
+seconds per edit as a ratio to a 1,024-token forward measured in this command's process, and one
+verdict per claim of the authors, each by the rule in :data:`CLAIMS`, fixed before any run.
+
+Runs are ordinary run directories under ``--work`` and resume: stop the command and start it again
+to carry on; ``--arms`` picks arms (two commands with disjoint arms can run side by side, each at one
+thread); ``--report-only`` writes the page from what is finished. θ0's references are computed once
+and copied by the other arms' runs (``--references-from``).
+
+    python benchmarks/lifelong_table.py [--arms memit,alphaedit,...] [--work runs/lifelong-table]
+    python benchmarks/lifelong_table.py --report-only --page docs/LIFELONG.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from generation_table import references_source, write_page  # noqa: E402
+
+from lifelong.core.stats import Estimate, format_estimate, rate, t_interval  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    editor: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    wise: bool = False  # over --wise-edits only
+
+
+ARMS = (
+    Arm("memit", "memit"),
+    Arm("alphaedit", "alphaedit"),
+    Arm("emmet", "emmet"),
+    Arm("ultraedit", "ultraedit"),
+    Arm("rledit", "rledit", {"training": "cpu-capped"}),
+    Arm("memoir", "memoir"),
+    Arm("grace", "grace"),
+    Arm("memit+nas", "memit", {"stabilise": "nas"}),
+    Arm("memit+prune", "memit", {"stabilise": "prune"}),
+    Arm("alphaedit+nas", "alphaedit", {"stabilise": "nas"}),
+    Arm("alphaedit+prune", "alphaedit", {"stabilise": "prune"}),
+    Arm("wise", "wise", wise=True),
+)
+PPL_TOKENS = 16384
+PROBES = (
+    "edit_quality",
+    "retention:schedule=every:1",
+    f"perplexity:corpus=wikitext,max_tokens={PPL_TOKENS},schedule=every:1",
+    "weight_drift",
+)
+BEGIN, END = "<!-- lifelong-table:begin -->", "<!-- lifelong-table:end -->"
+
+# The authors' claims and the rules that decide them, fixed before the runs (docs/LIFELONG.md repeats
+# them). Each compares an arm with its measured control on the same edits, never with 0.
+NON_INFERIORITY = 0.05  # retained-ES margin: "≥" holds when the difference's interval stays above −0.05
+CHEAPER = 0.5  # "a fraction of its cost": seconds per edit at most half the control's
+CLAIMS = (
+    (
+        "UltraEdit ≥ AlphaEdit on retention, at a fraction of its cost (UltraEdit paper)",
+        "ultraedit",
+        "alphaedit",
+        "retained ES at the end, UltraEdit − AlphaEdit, paired over the same edits (bootstrap): supported "
+        f"when its 95% interval lies above −{NON_INFERIORITY} and UltraEdit's seconds per edit are at most "
+        f"{CHEAPER} × AlphaEdit's; contradicted when the interval lies below −{NON_INFERIORITY} or UltraEdit "
+        "costs more per edit; otherwise inconclusive",
+    ),
+    (
+        "NAS lengthens MEMIT's horizon (the NAS paper)",
+        "memit+nas",
+        "memit",
+        "retained ES at the end, MEMIT+NAS − MEMIT, paired (bootstrap): supported when the interval lies "
+        "above 0, contradicted below 0, otherwise inconclusive; not testable when MEMIT itself retains "
+        "≥ 0.95 of its edits (no horizon reached)",
+    ),
+    (
+        "PRUNE keeps perplexity (the PRUNE paper), on MEMIT",
+        "memit+prune",
+        "memit",
+        "log perplexity ratio at the end, MEMIT+PRUNE − MEMIT, paired over the corpus's chunks (t): "
+        "supported when the interval lies below 0, contradicted above 0, otherwise inconclusive; not "
+        "testable when MEMIT's own ratio is ≤ 1.05",
+    ),
+    (
+        "PRUNE keeps perplexity (the PRUNE paper), on AlphaEdit",
+        "alphaedit+prune",
+        "alphaedit",
+        "as for MEMIT, AlphaEdit+PRUNE − AlphaEdit",
+    ),
+)
+
+
+def replay_command(arm: Arm, edits: int, batch: int, out: Path, model: str, references: Path | None) -> list[str]:
+    sets = [x for k, v in arm.overrides.items() for x in ("--set", f"{k}={v}")]
+    probes = [x for p in PROBES for x in ("--probe", p)]
+    borrow = ["--references-from", str(references)] if references else []
+    return [
+        sys.executable,
+        "-m",
+        "lifelong.cli",
+        "replay",
+        "--model",
+        model,
+        "--editor",
+        arm.editor,
+        *sets,
+        "--stream",
+        "dataset:counterfact",
+        "--batch-size",
+        str(batch),
+        "--steps",
+        str(math.ceil(edits / batch)),
+        "--probe-every",
+        "1",
+        *probes,
+        "--out",
+        str(out),
+        "--quiet",
+        *borrow,
+    ]
+
+
+def measure_forward(work: Path, model: str) -> float:
+    """Seconds of a 1,024-token forward in this process (one thread), appended to ``forward.jsonl``."""
+    import torch
+    from bench_scale import forward_seconds
+
+    from lifelong.core.models import load_model
+
+    torch.set_num_threads(1)
+    seconds = forward_seconds(load_model(model), repeats=5)
+    with (work / "forward.jsonl").open("a") as f:
+        f.write(json.dumps({"model": model, "threads": 1, "seconds": seconds}) + "\n")
+    return seconds
+
+
+def forward_yardstick(work: Path) -> float:
+    path = work / "forward.jsonl"
+    values = [json.loads(line)["seconds"] for line in path.read_text().splitlines()] if path.is_file() else []
+    return float(np.median(values)) if values else math.nan
+
+
+# ------------------------------------------------------------------------------------------------ reading runs
+
+
+def _rows(results: pl.DataFrame, probe: str, metric: str, protocol: str | None = None) -> pl.DataFrame:
+    rows = results.filter((pl.col("probe") == probe) & (pl.col("metric") == metric))
+    return rows.filter(pl.col("protocol") == protocol) if protocol is not None else rows
+
+
+def own_step(results: pl.DataFrame, metric: str, protocol: str) -> dict[str, float]:
+    rows = _rows(results, "edit_quality", metric, protocol).filter(pl.col("step") > 0)
+    rows = rows.sort("step").unique("edit_id", keep="first")
+    return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
+
+
+def retained(results: pl.DataFrame, protocol: str, step: int | None = None) -> dict[str, float]:
+    """edit id -> retained (0/1) at ``step`` (default: the last)."""
+    rows = _rows(results, "retention", "retention", protocol)
+    step = int(rows["step"].max()) if step is None else step
+    rows = rows.filter(pl.col("step") == step)
+    return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
+
+
+def chunk_log_ppl(results: pl.DataFrame, step: int) -> dict[str, float]:
+    """corpus chunk -> mean token NLL at ``step`` (its log perplexity)."""
+    tokens = _rows(results, "perplexity", "chunk_tokens").filter(pl.col("step") == 0)
+    count = dict(zip(tokens["edit_id"].to_list(), tokens["value"].to_list(), strict=True))
+    nll = _rows(results, "perplexity", "chunk_nll").filter(pl.col("step") == step)
+    return {k: v / count[k] for k, v in zip(nll["edit_id"].to_list(), nll["value"].to_list(), strict=True)}
+
+
+def scalar(results: pl.DataFrame, probe: str, metric: str, step: int, protocol: str | None = None) -> float:
+    rows = _rows(results, probe, metric, protocol).filter(pl.col("step") == step)
+    return float(rows["value"][0]) if rows.height else math.nan
+
+
+@dataclass
+class ArmResult:
+    arm: Arm
+    results: pl.DataFrame
+    last: int
+    edits: int
+    seconds_per_edit: float
+
+
+def load_arm(work: Path, arm: Arm) -> ArmResult | str:
+    """The finished arm's results, or why it is not in the table."""
+    from lifelong.run import RunDir
+
+    run = RunDir(work / arm.name)
+    if not run.exists():
+        return f"{arm.name} (not started)"
+    progress = run.progress()
+    done, total = progress["completed_step"], progress["total_steps"]
+    if total is None:
+        return f"{arm.name} (stopped before its first step)"
+    if done < total:
+        return f"{arm.name} ({max(done, 0)}/{total} steps)"
+    results = run.results()
+    edits = len(own_step(results, "efficacy", "es"))
+    seconds = sum(float(s.get("edit", 0.0)) for s in progress["seconds"].values())
+    return ArmResult(arm, results, done, edits, seconds / max(edits, 1))
+
+
+def _interval(values: list[float]) -> Estimate:
+    low, high = t_interval(values)
+    return Estimate(float(np.mean(values)), len(values), low, high, "t")
+
+
+def _paired(a: dict[str, float], b: dict[str, float]) -> list[float]:
+    shared = sorted(set(a) & set(b))
+    return [a[k] - b[k] for k in shared]
+
+
+def curve(result: ArmResult, points: int = 5) -> str:
+    steps = sorted({int(s) for s in _rows(result.results, "retention", "retention", "es")["step"]} - {0})
+    picks = [steps[int(i)] for i in np.unique(np.linspace(0, len(steps) - 1, min(points, len(steps))).round())]
+    batch = result.edits / max(result.last, 1)
+    shares = [np.mean(list(retained(result.results, "es", s).values())) for s in picks]
+    return " → ".join(f"{share:.2f}@{round(s * batch)}" for share, s in zip(shares, picks))
+
+
+def arm_row(result: ArmResult, forward: float) -> list[str]:
+    r = result.results
+    ratio = scalar(r, "perplexity", "ratio", result.last, "corpus")
+    low = scalar(r, "perplexity", "ratio_low", result.last, "corpus")
+    high = scalar(r, "perplexity", "ratio_high", result.last, "corpus")
+    chunks = len(chunk_log_ppl(r, result.last))
+    norm = scalar(r, "weight_drift", "norm_ratio", result.last, protocol="max")
+    return [
+        result.arm.name,
+        str(result.edits),
+        format_estimate(rate(list(own_step(r, "efficacy", "es").values()))),
+        format_estimate(rate(list(own_step(r, "generalization", "ps").values()))),
+        format_estimate(rate(list(own_step(r, "locality", "ns").values()))),
+        format_estimate(rate(list(retained(r, "es").values()))),
+        format_estimate(rate(list(retained(r, "exact").values()))),
+        curve(result),
+        format_estimate(Estimate(ratio, chunks, low, high, "t")),
+        f"{norm:.4f}" if not math.isnan(norm) else "n/a",
+        f"{result.seconds_per_edit:.3g} s ({result.seconds_per_edit / forward:.3g}×)" if forward == forward else "n/a",
+    ]
+
+
+def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
+    """(figure, verdict) of one claim by its rule."""
+    title, test, control = claim[0], claim[1], claim[2]
+    if test not in arms or control not in arms:
+        return "not run", "no verdict: an arm is not finished"
+    a, b = arms[test], arms[control]
+    if "PRUNE" in title:
+        base = scalar(b.results, "perplexity", "ratio", b.last, "corpus")
+        diff = _interval(_paired(chunk_log_ppl(a.results, a.last), chunk_log_ppl(b.results, b.last)))
+        figure = f"Δ log ppl ratio {format_estimate(diff)}; {control} ratio {base:.3g}"
+        if base <= 1.05:
+            return figure, f"not testable: {control}'s perplexity ratio is {base:.3g} (≤ 1.05)"
+        return figure, _sided(diff, "below")
+    diff = rate(_paired(retained(a.results, "es"), retained(b.results, "es")))
+    figure = f"Δ retained ES {format_estimate(diff)}"
+    if "NAS" in title:
+        kept = float(np.mean(list(retained(b.results, "es").values())))
+        if kept >= 0.95:
+            return figure, f"not testable: {control} retains {kept:.2f} of its edits"
+        return figure, _sided(diff, "above")
+    cost = a.seconds_per_edit / b.seconds_per_edit
+    figure += f"; cost ratio {cost:.2f}"
+    assert diff.low is not None and diff.high is not None
+    if diff.low > -NON_INFERIORITY and cost <= CHEAPER:
+        return figure, "supported"
+    if diff.high < -NON_INFERIORITY or cost > 1:
+        return figure, "contradicted"
+    return figure, "inconclusive"
+
+
+def _sided(diff: Estimate, claimed: str) -> str:
+    """Supported when the difference's interval lies wholly on the ``claimed`` side of 0 ("above" or
+    "below"), contradicted when it lies wholly on the other, otherwise inconclusive."""
+    if diff.low is None or diff.high is None:
+        return "inconclusive (no interval)"
+    above, below = diff.low > 0, diff.high < 0
+    if (above and claimed == "above") or (below and claimed == "below"):
+        return "supported"
+    return "contradicted" if above or below else "inconclusive"
+
+
+def report(work: Path, model: str, edits: int, batch: int, wise_edits: int) -> str:
+    forward = forward_yardstick(work)
+    loaded = {arm.name: load_arm(work, arm) for arm in ARMS}
+    arms = {k: v for k, v in loaded.items() if isinstance(v, ArmResult)}
+    missing = [v for v in loaded.values() if isinstance(v, str)]
+    columns = (
+        "arm",
+        "edits",
+        "ES own step",
+        "PS own step",
+        "NS own step",
+        "retained ES at end",
+        "retained exact at end",
+        "forgetting curve (retained ES @ edits)",
+        f"perplexity ratio at end ({PPL_TOKENS:,} WikiText-2 tokens)",
+        "max ‖W_t‖/‖W_0‖ at end",
+        "s / edit (× 1,024-token forward)",
+    )
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(arm_row(a, forward)) + " |" for a in arms.values()]
+    claims = ["| claim | figure | verdict |", "|---|---|---|"]
+    for claim in CLAIMS:
+        figure, said = verdict(claim, arms)
+        claims.append(f"| {claim[0]} | {figure} | {said} |")
+    note = (
+        f"{edits:,} CounterFact edits in batches of {batch} on {model} (WISE: the first {wise_edits}); "
+        f"n = edits (own step, retained) or corpus chunks (perplexity); intervals: Wilson for shares, t over "
+        f"chunks for the perplexity ratio; a 1,024-token forward took {forward * 1000:.0f} ms here (median of "
+        "this command's measurements, one thread). One run per arm, one seed."
+    )
+    if missing:
+        note += " Not finished (not in the table): " + ", ".join(missing) + "."
+    return "\n".join([note, "", *lines, "", *claims])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--wise-edits", type=int, default=200)
+    parser.add_argument("--arms", default=",".join(a.name for a in ARMS))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "lifelong-table")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--page", type=Path, help="rewrite the table block of this page (e.g. docs/LIFELONG.md)")
+    args = parser.parse_args()
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(names) - {a.name for a in ARMS})
+    if unknown:
+        raise SystemExit(f"unknown arms: {', '.join(unknown)} (known: {', '.join(a.name for a in ARMS)})")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        measure_forward(args.work, args.model)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        runs = [args.work / a.name for a in ARMS]
+        by_name = {a.name: a for a in ARMS}
+        for arm in (by_name[n] for n in names):  # in the order given
+            out = args.work / arm.name
+            print(f"== {arm.name}: {out}", flush=True)
+            edits = args.wise_edits if arm.wise else args.edits
+            command = replay_command(arm, edits, args.batch, out, args.model, references_source(runs, out))
+            done = subprocess.run(command, env=env, cwd=ROOT)
+            if done.returncode:
+                print(f"{arm.name}: replay exited with {done.returncode}; its run resumes when this is run again")
+    text = report(args.work, args.model, args.edits, args.batch, args.wise_edits)
+    print(text)
+    if args.page:
+        write_page(args.page, text, BEGIN, END, "# Editors over long streams")
+
+
+if __name__ == "__main__":
+    main()
