@@ -1,7 +1,7 @@
 """Editors built for long streams, side by side over 1,000 CounterFact edits (issue #39): one command,
 one page (docs/LIFELONG.md).
 
-Each arm replays the first ``--edits`` CounterFact records of the shared data in batches of
+Each arm replays the first ``--edits`` records of the toolkit's CounterFact file (10,000 records) in batches of
 ``--batch`` (default 1,000 in batches of 100: ten steps) on the default model, with after every
 step: the step's edit quality (ES/PS/NS), the retention of every edit so far (the forgetting
 curve), the perplexity ratio on the first 16,384 WikiText-2 tokens (t interval over its 128-token
@@ -65,6 +65,8 @@ ARMS = (
     Arm("alphaedit+prune", "alphaedit", {"stabilise": "prune"}),
     Arm("wise", "wise", wise=True),
 )
+# CounterFact as the editing toolkit ships it (10,000 records; ROME's file has 500)
+STREAM = "dataset:counterfact_easyedit"
 PPL_TOKENS = 16384
 PROBES = (
     "edit_quality",
@@ -128,7 +130,7 @@ def replay_command(arm: Arm, edits: int, batch: int, out: Path, model: str, refe
         arm.editor,
         *sets,
         "--stream",
-        "dataset:counterfact",
+        STREAM,
         "--batch-size",
         str(batch),
         "--steps",
@@ -180,7 +182,7 @@ def own_step(results: pl.DataFrame, metric: str, protocol: str) -> dict[str, flo
 def retained(results: pl.DataFrame, protocol: str, step: int | None = None) -> dict[str, float]:
     """edit id -> retained (0/1) at ``step`` (default: the last)."""
     rows = _rows(results, "retention", "retention", protocol)
-    step = int(rows["step"].max()) if step is None else step
+    step = max(rows["step"].to_list()) if step is None else step
     rows = rows.filter(pl.col("step") == step)
     return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
 
