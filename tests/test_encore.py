@@ -29,12 +29,13 @@ def lm():
 # -- MPES: the stop rule --------------------------------------------------------------------------
 
 
-def test_target_on_top_needs_every_row():
+def test_target_on_top_is_per_row():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]], dtype=torch.bfloat16)
     targets = torch.tensor([1, 2])
-    assert not _target_on_top(logits, torch.tensor([2.0, 1.0]), targets)  # row 1: token 0 (3.0) above
-    assert _target_on_top(logits, torch.tensor([2.0, 3.5]), targets)  # the exact logit replaces the row's own
-    assert _target_on_top(logits, torch.tensor([2.0, 3.0]), targets)  # a tie counts (as argmax's first index may)
+    on_top = _target_on_top(logits, torch.tensor([2.0, 1.0]), targets)
+    assert on_top.tolist() == [True, False]  # row 1: token 0 (3.0) above
+    assert _target_on_top(logits, torch.tensor([2.0, 3.5]), targets).all()  # the exact logit replaces the row's own
+    assert _target_on_top(logits, torch.tensor([2.0, 3.0]), targets).all()  # a tie counts (as argmax's first index)
 
 
 class Scheduled(UpperStack):
@@ -81,6 +82,41 @@ def test_mpes_stops_at_the_first_evaluation_where_every_prompt_has_the_target_on
     # the fit up to the stop is the plain fit's: same δ after the same number of evaluations
     capped = scheduled_fit(lm, schedule, hits=0, steps=4)
     assert torch.equal(first.value, capped.value)
+
+
+def test_the_authors_mpes_count_is_exactly_five_positions_after_the_first_prompt():
+    """compute_z.py: num_correct (positions on top, the first prompt left out) == 5; ours: every position."""
+    from lifelong.editors.locate import mpes_hit
+
+    def rows(*flags):
+        return torch.tensor(flags, dtype=torch.bool)
+
+    # six prompts (the bare one first), one-token answer
+    assert mpes_hit(rows(1, 1, 1, 1, 1, 1), 1, "authors") and mpes_hit(rows(1, 1, 1, 1, 1, 1), 1)
+    assert mpes_hit(rows(0, 1, 1, 1, 1, 1), 1, "authors") and not mpes_hit(rows(0, 1, 1, 1, 1, 1), 1)
+    assert not mpes_hit(rows(1, 0, 1, 1, 1, 1), 1, "authors")
+    # two-token answer: every position right is 10 of them, not the authors' 5; five of ten is a hit
+    assert not mpes_hit(rows(*[1] * 12), 2, "authors") and mpes_hit(rows(*[1] * 12), 2)
+    assert mpes_hit(rows(1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0), 2, "authors")
+
+
+def test_memit_encore_passes_its_mpes_count_to_its_fits(lm):
+    editor = make_editor("memit", {**ENCORE, "mpes_count": "authors"})
+    rules = []
+    import lifelong.editors.stabilise as stabilise
+
+    inner = stabilise.fit_value
+
+    def spy(*args, **kwargs):
+        rules.append(kwargs["argmax_rule"])
+        return inner(*args, **kwargs)
+
+    stabilise.fit_value = spy
+    try:
+        editor.apply(lm, make_edits(1))
+    finally:
+        stabilise.fit_value = inner
+    assert rules == ["authors"] and editor.hyperparameters()["mpes_count"] == "authors"
 
 
 def test_memit_encore_passes_mpes_hits_to_its_fits(lm):
@@ -164,7 +200,13 @@ def test_memit_encore_keeps_past_edits_keys_in_its_solve(lm):
 def test_only_the_active_stabilisers_settings_are_recorded():
     """A run's hyperparameters (its identity) name the active stabiliser's settings alone."""
     plain = make_editor("memit", FAST).hyperparameters()
-    assert plain["stabilise"] == "none" and not {"nas_samples", "rect_percent", "mpes_hits", "encore_norm"} & set(plain)
+    assert plain["stabilise"] == "none" and not {
+        "nas_samples",
+        "rect_percent",
+        "mpes_hits",
+        "mpes_count",
+        "encore_norm",
+    } & set(plain)
     hp = make_editor("memit", {**FAST, "stabilise": "nas"}).hyperparameters()
     assert hp["nas_samples"] == 4 and not {"rect_percent", "mpes_hits"} & set(hp)
 
@@ -214,7 +256,7 @@ def test_encore_composes_and_resumes_bitwise(name):
 @pytest.mark.parametrize("name", ["memit", "alphaedit", "emmet"])
 def test_encore_settings_are_in_the_hyperparameters(name):
     hp = make_editor(name, {"stabilise": "encore"}).hyperparameters()
-    assert (hp["stabilise"], hp["mpes_hits"], hp["encore_norm"]) == ("encore", 2, 20.0)
+    assert (hp["stabilise"], hp["mpes_hits"], hp["mpes_count"], hp["encore_norm"]) == ("encore", 2, "all", 20.0)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +266,7 @@ def test_encore_settings_are_in_the_hyperparameters(name):
         ("r-rome", {"stabilise": "encore"}, "r-rome: stabilise=encore needs a least-squares solve"),
         ("memit", {"mpes_hits": "0"}, "memit.mpes_hits: must be at least 1, got 0"),
         ("memit", {"encore_norm": "-1"}, "memit.encore_norm: must not be negative, got -1.0"),
+        ("memit", {"mpes_count": "some"}, "memit: mpes_count must be one of all, authors, got 'some'"),
     ],
 )
 def test_a_bad_encore_setting_is_refused_in_one_line(name, overrides, message):

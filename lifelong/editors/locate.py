@@ -430,6 +430,7 @@ def optimize_value(
     scale: str = "mlp_output",
     stack: UpperStack | None = None,
     stop_argmax: int = 0,
+    argmax_rule: str = "all",
 ) -> ValueFit:
     """ROME's v* / MEMIT's z*: Adam on δ at the subject's last token for
 
@@ -443,7 +444,7 @@ def optimize_value(
     step after each but the last, stopping early once the loss named by ``stop_on`` ("total"
     or "nll") is below ``stop_loss``, or (``stop_argmax`` = k > 0, ENCORE's MPES) at the k-th
     evaluation at which the target is the most probable token at every answer position of every
-    context template.
+    context template (``argmax_rule`` "all"; "authors": :func:`mpes_hit`'s count of the authors).
 
     One pass up to ``layer`` (prefix cached) gives the keys, v_orig and the residual
     stream leaving it; each step then adds δ there and runs only the suffix through the
@@ -525,7 +526,7 @@ def optimize_value(
             fit_bar.set_postfix_str(f"{watched} {terms[watched]:.3g} (stops below {stop_loss:g})", refresh=False)
             fit_bar.update()  # redraws at most every 0.1 s (tqdm's mininterval)
             if stop_argmax:
-                hits += int(_target_on_top(logits[:answers], exact, targets))
+                hits += int(mpes_hit(_target_on_top(logits[:answers], exact, targets), len(target), argmax_rule))
             if terms[watched] < stop_loss or taken == steps or (stop_argmax and hits >= stop_argmax):
                 break  # the last evaluation takes no step: the terms above are those of the δ returned
             optimizer.zero_grad(set_to_none=True)
@@ -547,11 +548,26 @@ def optimize_value(
 
 
 @torch.no_grad()
-def _target_on_top(logits: torch.Tensor, exact: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Whether each row's target (its exact logit) is at least every other token's logit."""
+def _target_on_top(logits: torch.Tensor, exact: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, whether its target (its exact logit) is at least every other token's logit."""
     others = logits.detach().clone()
     others[torch.arange(len(targets), device=others.device), targets] = float("-inf")
-    return bool((exact.detach() >= others.amax(-1)).all())
+    return exact.detach() >= others.amax(-1)
+
+
+MPES_RULES = ("all", "authors")
+MPES_AUTHORS_COUNT = 5  # compute_z.py: `num_correct == 5`
+
+
+def mpes_hit(on_top: torch.Tensor, answer_tokens: int, rule: str = "all") -> bool:
+    """Whether one evaluation counts towards ENCORE's MPES stop. ``on_top``: per answer position of
+    every context prompt (the bare prompt's first), whether the target is the argmax there.
+    "all": at every position of every prompt. "authors": as the authors' compute_z.py, the count of
+    positions on top over the prompts after the first equals 5 (all of them for their five context
+    prompts and a one-token answer; for a longer answer a count of exactly 5 of its positions)."""
+    if rule == "authors":
+        return int(on_top[answer_tokens:].sum().item()) == MPES_AUTHORS_COUNT
+    return bool(on_top.all())
 
 
 class UpperStacks:
@@ -579,10 +595,11 @@ def fit_value(
     stacks: UpperStacks | None = None,
     templates: Sequence[str] | None = None,
     stop_argmax: int = 0,
+    argmax_rule: str = "all",
 ) -> ValueFit:
     """:func:`optimize_value` with an editor's :class:`ValueParams` (``stacks``: reused upper stacks;
     ``templates``: the context templates, by default the fixed ones of ``params.context_templates``;
-    ``stop_argmax``: MPES's count, 0 off)."""
+    ``stop_argmax``: MPES's count, 0 off; ``argmax_rule``: what counts, see :func:`mpes_hit`)."""
     stack = (stacks or UpperStacks()).get(lm, layer, params.v_dtype, editor, params.v_stack)
     steps, lr, weight_decay = params.settled(editor)
     return optimize_value(
@@ -600,6 +617,7 @@ def fit_value(
         scale=params.v_scale,
         stack=stack,
         stop_argmax=stop_argmax,
+        argmax_rule=argmax_rule,
     )
 
 

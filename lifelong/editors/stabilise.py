@@ -44,7 +44,7 @@ import torch
 from lifelong.core.delta import ParamChange
 from lifelong.core.models import LoadedModel
 from lifelong.editors.base import Snapshot
-from lifelong.editors.locate import UpperStacks, ValueFit, ValueParams, fit_value
+from lifelong.editors.locate import MPES_RULES, UpperStacks, ValueFit, ValueParams, fit_value
 from streams.errors import UserError
 
 STABILISERS = ("none", "nas", "prune", "rect", "encore")
@@ -56,7 +56,7 @@ STABILISER_SETTINGS = {
     "nas": ("nas_samples", "nas_trim", "nas_skip"),
     "prune": (),
     "rect": ("rect_percent", "rect_eps"),
-    "encore": ("mpes_hits", "encore_norm"),
+    "encore": ("mpes_hits", "mpes_count", "encore_norm"),
 }  # those that act on the solved update (NAS acts on v* before it)
 NAS_EPS = 1e-10  # scale_vector_to_norm's eps (util/vstar_stats.py:35)
 
@@ -72,6 +72,9 @@ class StabiliseParams:
     rect_percent: float = 40.0  # RECT, in (0, 100]: percent of entries kept, by relative change (k_percent)
     rect_eps: float = 1e-8  # RECT: ε in |ΔW / (W + ε)| (epsilon)
     mpes_hits: int = 2  # ENCORE: the fit stops at this many all-argmax evaluations (|prob_cutoff|, llama3-8b.json)
+    # ENCORE: what makes an evaluation a hit: "all" positions of every prompt on top, or "authors":
+    # compute_z.py's count of positions on top, over the prompts after the first, equal to 5
+    mpes_count: str = "all"
     encore_norm: float = 20.0  # ENCORE: α of α‖ΔW‖²_F in the solve (update_norm_lambda, llama3-8b.json)
 
     def validate(self, editor: str) -> None:
@@ -81,6 +84,8 @@ class StabiliseParams:
             raise UserError(f"{editor}: stabilise must be one of {', '.join(STABILISERS)}, got '{self.stabilise}'")
         if not 0 < self.nas_trim <= 1:
             raise UserError(f"{editor}: nas_trim must be in (0, 1], got {self.nas_trim}")
+        if self.mpes_count not in MPES_RULES:
+            raise UserError(f"{editor}: mpes_count must be one of {', '.join(MPES_RULES)}, got '{self.mpes_count}'")
         if not 0 < self.rect_percent <= 100:
             raise UserError(f"{editor}: rect_percent must be in (0, 100], got {self.rect_percent}")
         super().validate(editor)  # type: ignore[misc]  # the next Params class in the MRO (ValueParams)
@@ -203,7 +208,17 @@ class Stabilised:
         p = self.params
         mpes = p.mpes_hits if p.stabilise == "encore" else 0
         # the editors that mix this in have Params deriving from both ValueParams and StabiliseParams
-        fit = fit_value(lm, layer, edit, cast("ValueParams", p), self.name, self._stacks, templates, stop_argmax=mpes)
+        fit = fit_value(
+            lm,
+            layer,
+            edit,
+            cast("ValueParams", p),
+            self.name,
+            self._stacks,
+            templates,
+            stop_argmax=mpes,
+            argmax_rule=p.mpes_count,
+        )
         if mpes:
             report = self._stabiliser_state()["report"]
             report["mpes_stopped"] = report.get("mpes_stopped", 0) + int(fit.argmax_hits >= mpes)
