@@ -46,29 +46,21 @@ MEASURES = (
 )
 
 
+def replay_argv(model: str, editor: str, stream: str, out: Path, options: list[str]) -> list[str]:
+    """A ``lifelong replay`` subprocess's command line (also benchmarks/lifelong_table.py's)."""
+    cli = [sys.executable, "-m", "lifelong.cli", "replay"]
+    return [*cli, "--model", model, "--editor", editor, "--stream", stream, "--out", str(out), *options]
+
+
 def replay_command(editor: str, edits: int, out: Path, model: str, references: Path | None = None) -> list[str]:
     borrow = ["--references-from", str(references)] if references else []
-    return [
-        sys.executable,
-        "-m",
-        "lifelong.cli",
-        "replay",
-        "--model",
-        model,
-        "--editor",
-        editor,
-        "--stream",
-        "dataset:counterfact",
-        "--steps",
-        str(edits),
-        "--out",
-        str(out),
+    probes = [
         "--probe",
         f"edit_quality:generation={GENERATION}",
         "--probe",
         f"retention:schedule=end,generation={GENERATION}",
-        *borrow,
     ]
+    return replay_argv(model, editor, "dataset:counterfact", out, ["--steps", str(edits), *probes, *borrow])
 
 
 def references_source(runs: list[Path], out: Path) -> Path | None:

@@ -38,7 +38,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from generation_table import references_source, write_page  # noqa: E402
+from generation_table import references_source, replay_argv, write_page  # noqa: E402
 
 from lifelong.core.stats import Estimate, format_estimate, rate, t_interval  # noqa: E402
 
@@ -119,30 +119,8 @@ def replay_command(arm: Arm, edits: int, batch: int, out: Path, model: str, refe
     sets = [x for k, v in arm.overrides.items() for x in ("--set", f"{k}={v}")]
     probes = [x for p in PROBES for x in ("--probe", p)]
     borrow = ["--references-from", str(references)] if references else []
-    return [
-        sys.executable,
-        "-m",
-        "lifelong.cli",
-        "replay",
-        "--model",
-        model,
-        "--editor",
-        arm.editor,
-        *sets,
-        "--stream",
-        STREAM,
-        "--batch-size",
-        str(batch),
-        "--steps",
-        str(math.ceil(edits / batch)),
-        "--probe-every",
-        "1",
-        *probes,
-        "--out",
-        str(out),
-        "--quiet",
-        *borrow,
-    ]
+    steps = ["--batch-size", str(batch), "--steps", str(math.ceil(edits / batch)), "--probe-every", "1"]
+    return replay_argv(model, arm.editor, STREAM, out, [*sets, *steps, *probes, "--quiet", *borrow])
 
 
 def measure_forward(work: Path, model: str) -> float:

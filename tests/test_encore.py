@@ -100,42 +100,30 @@ def test_the_authors_mpes_count_is_exactly_five_positions_after_the_first_prompt
     assert mpes_hit(rows(1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0), 2, "authors")
 
 
-def test_memit_encore_passes_its_mpes_count_to_its_fits(lm):
+def fit_settings(editor, lm, edits, monkeypatch) -> list[dict]:
+    """The keyword settings of every v*/z* fit ``editor`` makes while applying ``edits``."""
+    import lifelong.editors.stabilise as stabilise
+
+    seen, inner = [], stabilise.fit_value
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(stabilise, "fit_value", spy)
+    editor.apply(lm, edits)
+    return seen
+
+
+def test_memit_encore_passes_its_mpes_count_to_its_fits(lm, monkeypatch):
     editor = make_editor("memit", {**ENCORE, "mpes_count": "authors"})
-    rules = []
-    import lifelong.editors.stabilise as stabilise
-
-    inner = stabilise.fit_value
-
-    def spy(*args, **kwargs):
-        rules.append(kwargs["argmax_rule"])
-        return inner(*args, **kwargs)
-
-    stabilise.fit_value = spy
-    try:
-        editor.apply(lm, make_edits(1))
-    finally:
-        stabilise.fit_value = inner
-    assert rules == ["authors"] and editor.hyperparameters()["mpes_count"] == "authors"
+    seen = fit_settings(editor, lm, make_edits(1), monkeypatch)
+    assert [s["argmax_rule"] for s in seen] == ["authors"] and editor.hyperparameters()["mpes_count"] == "authors"
 
 
-def test_memit_encore_passes_mpes_hits_to_its_fits(lm):
+def test_memit_encore_passes_mpes_hits_to_its_fits(lm, monkeypatch):
     editor = make_editor("memit", {**ENCORE, "mpes_hits": "3"})
-    seen = []
-    import lifelong.editors.stabilise as stabilise
-
-    inner = stabilise.fit_value
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["stop_argmax"])
-        return inner(*args, **kwargs)
-
-    stabilise.fit_value = spy
-    try:
-        editor.apply(lm, make_edits(2))
-    finally:
-        stabilise.fit_value = inner
-    assert seen == [3, 3]
+    assert [s["stop_argmax"] for s in fit_settings(editor, lm, make_edits(2), monkeypatch)] == [3, 3]
     report = editor.step_report()
     assert report["v_fits"] == 2 and 0 <= report["mpes_stopped"] <= 2
 
