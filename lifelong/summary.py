@@ -831,6 +831,9 @@ def format_summary(run: RunDir) -> str:
         if last.get("precision"):  # sessions from before the record have none
             parts = ", ".join(f"{part} {dtype}" for part, dtype in last["precision"].items())
             head.insert(-1, f"precision: {parts}")
+    source = manifest.get("references_from")
+    if source:  # replay --references-from
+        head.insert(-1, f"step 0 (θ0's references) copied from run {source['run_id']} ({source['path']})")
     if progress["completed_step"] < 0:
         return "\n".join(
             head

@@ -44,6 +44,9 @@ def test_a_borrowed_step_0_gives_the_run_computed_in_full(tmp_path, stream_file,
         "run_id": ft_run.manifest()["run_id"],
     }
     assert "references_from" not in computed.manifest()
+    from lifelong.summary import format_summary
+
+    assert f"step 0 (θ0's references) copied from run {ft_run.manifest()['run_id']}" in format_summary(borrowed)
     assert _rows(borrowed).equals(_rows(computed))  # every step, step 0 included
     assert set(borrowed.results().filter(pl.col("step") == 0)["run_id"]) == {borrowed.manifest()["run_id"]}
     assert borrowed.generations().drop("run_id").equals(computed.generations().drop("run_id"))
