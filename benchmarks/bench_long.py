@@ -12,6 +12,7 @@ the cost of scoring one. ``--report RUN`` reprints a finished run's stretches fr
     python benchmarks/bench_long.py --editor memory --model tiny-llama --steps 10000
     python benchmarks/bench_long.py --editor ft --steps 400 --keep-deltas every:100
     python benchmarks/bench_long.py --editor alphaedit --steps 3 --batch-size 100
+    python benchmarks/bench_long.py --editor ultraedit --steps 100 --batch-size 100 --probe retention:sample=200
     python benchmarks/bench_long.py --report runs/long-grace
 
 The stream is CounterFact's 10,000 EasyEdit records from ../shared/data (its load time and skipped
@@ -91,6 +92,13 @@ def main() -> None:
     ap.add_argument("--probe-every", type=int, default=10, help="retention schedule (every K steps)")
     ap.add_argument("--keep-deltas", default="all")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--probe",
+        action="append",
+        default=[],
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a probe as replay takes it, e.g. retention:sample=200 (a smaller sample of past edits per probed step)",
+    )
     ap.add_argument("--threads", default="1")
     ap.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
     ap.add_argument(
@@ -127,6 +135,7 @@ def main() -> None:
         batch_size=args.batch_size,
         probe_every=args.probe_every,
         keep_deltas=args.keep_deltas,
+        probes=list(args.probe),
     )
     t0 = time.perf_counter()
     _, steps, _, _ = prepare_stream_and_facts(config)

@@ -70,7 +70,7 @@ STREAM = "dataset:counterfact_easyedit"
 PPL_TOKENS = 16384
 PROBES = (
     "edit_quality",
-    "retention:schedule=every:1",
+    "retention:schedule=every:1,sample=none",  # every edit so far, not a sample: 1,000 teacher-forced scores
     f"perplexity:corpus=wikitext,max_tokens={PPL_TOKENS},schedule=every:1",
     "weight_drift",
 )
