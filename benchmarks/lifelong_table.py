@@ -192,6 +192,9 @@ def load_arm(work: Path, arm: Arm) -> ArmResult | str:
     from lifelong.run import RunDir
 
     run = RunDir(work / arm.name)
+    refusal = work / f"{arm.name}.refused"
+    if refusal.is_file():
+        return f"{arm.name} (refused: {refusal.read_text().strip().removeprefix('lifelong: error: ')})"
     if not run.exists():
         return f"{arm.name} (not started)"
     progress = run.progress()
@@ -348,9 +351,15 @@ def main() -> None:
             print(f"== {arm.name}: {out}", flush=True)
             edits = args.wise_edits if arm.wise else args.edits
             command = replay_command(arm, edits, args.batch, out, args.model, references_source(runs, out))
-            done = subprocess.run(command, env=env, cwd=ROOT)
+            done = subprocess.run(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            sys.stderr.write(done.stderr)  # --quiet: notes and errors only
+            refusal = args.work / f"{arm.name}.refused"
+            refusal.unlink(missing_ok=True)
             if done.returncode:
                 print(f"{arm.name}: replay exited with {done.returncode}; its run resumes when this is run again")
+                errors = [line for line in done.stderr.splitlines() if line.startswith("lifelong: error:")]
+                if errors:  # a refusal (e.g. RLEdit's hypernetwork trained on these edits): the table says why
+                    refusal.write_text(errors[-1] + "\n")
     text = report(args.work, args.model, args.edits, args.batch, args.wise_edits)
     print(text)
     if args.page:
