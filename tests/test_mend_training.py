@@ -13,6 +13,7 @@ import torch
 from lifelong.core.models import load_model
 from lifelong.editors import make_editor
 from lifelong.editors.mend import (
+    TRAIN_SPLITS,
     MENDParams,
     TrainConfig,
     hypernet_dir,
@@ -124,6 +125,11 @@ def test_training_split_is_the_edited_sets_training_records_and_never_an_evaluat
     editor.bind(lm).check_stream(evaluated)  # the evaluated edits are not among the training records
     with pytest.raises(ValueError, match="unknown MEND training split 'split:fever'"):
         training_split("fever")
+    monkeypatch.setitem(TRAIN_SPLITS, "counterfact-long", ("counterfact_easyedit", ("counterfact",), 4))
+    head = load_stream("dataset:counterfact_easyedit")[:4]  # a split that also leaves out the file's first records
+    long = training_split("counterfact-long")
+    assert sorted(e.id for e in long) == sorted(f"cfe-{i}" for i in range(4, 10))
+    assert not {e.subject for e in head} & {e.subject for e in long}
 
 
 @pytest.mark.skipif(not (default_data_dir() / "counterfact").is_dir(), reason="needs the shared data sets")

@@ -124,11 +124,14 @@ def record_keys(edit: Edit) -> set[str]:
 
 # Training splits: name -> (the data set trained on, the evaluated data sets whose subjects it leaves out).
 # CounterFact: the toolkit's 10,000-record counterfact-edit file less every record whose subject is in
-# the 500 ROME CounterFact records the reproduction edits; zsRE: MEND's zsRE training sample less the
-# subjects of the KnowEdit zsRE test split.
-TRAIN_SPLITS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "counterfact": ("counterfact_easyedit", ("counterfact",)),
-    "zsre": ("zsre_mend", ("zsre",)),
+# the 500 ROME CounterFact records the reproduction edits; counterfact-long: also less the subjects of
+# that file's first 1,000 records, which docs/LIFELONG.md (benchmarks/lifelong_table.py) edits; zsRE:
+# MEND's zsRE training sample less the subjects of the KnowEdit zsRE test split.
+# name -> (source data set, evaluated data sets, evaluated head of the source: its first N records)
+TRAIN_SPLITS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    "counterfact": ("counterfact_easyedit", ("counterfact",), 0),
+    "counterfact-long": ("counterfact_easyedit", ("counterfact",), 1000),
+    "zsre": ("zsre_mend", ("zsre",), 0),
 }
 SPLIT_PREFIX = "split:"
 _SPLIT_SEED = 20220425  # fixed: the validation records are the same whatever the training seed
@@ -149,8 +152,9 @@ def training_split(name: str) -> list[Edit]:
             f"unknown MEND training split '{SPLIT_PREFIX}{name}': expected one of "
             f"{', '.join(SPLIT_PREFIX + k for k in TRAIN_SPLITS)}"
         )
-    source, evaluated = TRAIN_SPLITS[name]
+    source, evaluated, head = TRAIN_SPLITS[name]
     held = [e for ev in evaluated for e in load_stream(f"dataset:{ev}")]
+    held += list(load_stream(f"dataset:{source}"))[:head]
     subjects = {_subject_key(e.subject) for e in held}
     keys = set().union(*(record_keys(e) for e in held)) if held else set()
     kept = [
