@@ -1,0 +1,74 @@
+"""benchmarks/lifelong_table.py's verdicts follow their stated rules, on hand-made results."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import lifelong_table as table  # noqa: E402
+
+CLAIMS = {claim[1]: claim for claim in table.CLAIMS}
+
+
+def _results(retained: list[int], chunk_nll: list[float] | None = None, ratio: float = 1.0) -> pl.DataFrame:
+    rows = [("retention", "retention", "es", f"e{i}", float(v)) for i, v in enumerate(retained)]
+    rows += [("edit_quality", "efficacy", "es", f"e{i}", 1.0) for i in range(len(retained))]
+    for i, nll in enumerate(chunk_nll or []):
+        rows.append(("perplexity", "chunk_nll", "corpus", f"chunk:{i}", nll))
+    rows.append(("perplexity", "ratio", "corpus", None, ratio))
+    tokens = [("perplexity", "chunk_tokens", "corpus", f"chunk:{i}", 100.0) for i in range(len(chunk_nll or []))]
+    schema = {"step": pl.Int64, "probe": pl.String, "metric": pl.String, "protocol": pl.String}
+    schema |= {"edit_id": pl.String, "value": pl.Float64}
+    return pl.DataFrame([(0, *r) for r in tokens] + [(2, *r) for r in rows], schema=schema, orient="row")
+
+
+def _arm(name: str, results: pl.DataFrame, seconds: float = 1.0):
+    return table.ArmResult(table.Arm(name, name), results, 2, 100, seconds)
+
+
+def test_ultraedit_claim_needs_retention_within_the_margin_and_half_the_cost():
+    alpha = _arm("alphaedit", _results([1] * 100), seconds=2.0)
+    same = _arm("ultraedit", _results([1] * 99 + [0]), seconds=0.5)
+    assert table.verdict(CLAIMS["ultraedit"], {"ultraedit": same, "alphaedit": alpha})[1] == "supported"
+    costly = _arm("ultraedit", _results([1] * 99 + [0]), seconds=1.5)  # retains, but 0.75 × the cost
+    assert table.verdict(CLAIMS["ultraedit"], {"ultraedit": costly, "alphaedit": alpha})[1] == "inconclusive"
+    worse = _arm("ultraedit", _results([1] * 50 + [0] * 50), seconds=0.5)
+    assert table.verdict(CLAIMS["ultraedit"], {"ultraedit": worse, "alphaedit": alpha})[1] == "contradicted"
+
+
+def test_nas_claim_is_decided_against_memit_and_untestable_without_forgetting():
+    memit = _arm("memit", _results([1] * 40 + [0] * 60))
+    better = _arm("memit+nas", _results([1] * 80 + [0] * 20))
+    figure, said = table.verdict(CLAIMS["memit+nas"], {"memit+nas": better, "memit": memit})
+    assert said == "supported" and figure.startswith("Δ retained ES 0.4")
+    worse = _arm("memit+nas", _results([1] * 10 + [0] * 90))
+    assert table.verdict(CLAIMS["memit+nas"], {"memit+nas": worse, "memit": memit})[1] == "contradicted"
+    kept = _arm("memit", _results([1] * 100))
+    assert table.verdict(CLAIMS["memit+nas"], {"memit+nas": better, "memit": kept})[1].startswith("not testable")
+
+
+def test_prune_claim_compares_log_perplexity_chunk_by_chunk():
+    memit = _arm("memit", _results([1] * 10, chunk_nll=[400.0 + i for i in range(16)], ratio=3.0))
+    lower = _arm("memit+prune", _results([1] * 10, chunk_nll=[300.0 + i for i in range(16)], ratio=1.1))
+    assert table.verdict(CLAIMS["memit+prune"], {"memit+prune": lower, "memit": memit})[1] == "supported"
+    higher = _arm("memit+prune", _results([1] * 10, chunk_nll=[500.0 + i for i in range(16)], ratio=5.0))
+    assert table.verdict(CLAIMS["memit+prune"], {"memit+prune": higher, "memit": memit})[1] == "contradicted"
+    fluent = _arm("memit", _results([1] * 10, chunk_nll=[400.0 + i for i in range(16)], ratio=1.01))
+    said = table.verdict(CLAIMS["memit+prune"], {"memit+prune": lower, "memit": fluent})[1]
+    assert said.startswith("not testable")
+
+
+def test_a_missing_arm_gets_no_verdict():
+    assert table.verdict(CLAIMS["memit+nas"], {}) == ("not run", "no verdict: an arm is not finished")
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0, 3.0]])
+def test_the_interval_helper_is_a_t_interval(values):
+    estimate = table._interval(values)
+    assert estimate.value == 2.0 and estimate.n == 3 and estimate.low < 2.0 < estimate.high
+    assert not math.isnan(estimate.low)
