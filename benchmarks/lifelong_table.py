@@ -56,6 +56,8 @@ ARMS = (
     Arm("alphaedit", "alphaedit"),
     Arm("emmet", "emmet"),
     Arm("ultraedit", "ultraedit"),
+    # a variant, not the authors': their lr (for 7-8B models) barely edits this model (docs/EDITORS.md)
+    Arm("ultraedit@lr1e-4", "ultraedit", {"lr": "1e-4"}),
     # trained on a split without these edits' subjects: `lifelong train-rledit --training cpu-capped
     # --data split:counterfact-long` first (the default split holds the first 1,000 records)
     Arm("rledit", "rledit", {"training": "cpu-capped", "train_data": "split:counterfact-long"}),
