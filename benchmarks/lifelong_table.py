@@ -161,6 +161,12 @@ def own_step(results: pl.DataFrame, metric: str, protocol: str) -> dict[str, flo
     return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
 
 
+def at_theta0(results: pl.DataFrame) -> dict[str, float]:
+    """edit id -> ES on the unedited model (what "took hold" is measured against)."""
+    rows = _rows(results, "edit_quality", "efficacy", "es").filter(pl.col("step") == 0)
+    return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
+
+
 def retained(results: pl.DataFrame, protocol: str, step: int | None = None) -> dict[str, float]:
     """edit id -> retained (0/1) at ``step`` (default: the last)."""
     rows = _rows(results, "retention", "retention", protocol)
@@ -241,6 +247,7 @@ def arm_row(result: ArmResult, forward: float) -> list[str]:
     return [
         result.arm.name,
         str(result.edits),
+        format_estimate(rate(list(at_theta0(r).values()))),
         format_estimate(rate(list(own_step(r, "efficacy", "es").values()))),
         format_estimate(rate(list(own_step(r, "generalization", "ps").values()))),
         format_estimate(rate(list(own_step(r, "locality", "ns").values()))),
@@ -302,6 +309,7 @@ def report(work: Path, model: str, edits: int, batch: int, wise_edits: int) -> s
     columns = (
         "arm",
         "edits",
+        "ES at θ0",
         "ES own step",
         "PS own step",
         "NS own step",
