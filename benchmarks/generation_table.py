@@ -157,14 +157,19 @@ def write_page(
     page.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
+def table_options(parser: argparse.ArgumentParser, work: str, page: str) -> None:
+    """The options every table benchmark takes (this one's and lifelong_table.py's)."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / work, help="where the runs go (they resume)")
+    parser.add_argument("--report-only", action="store_true", help="the table from the finished runs, no replay")
+    parser.add_argument("--page", type=Path, help=f"rewrite the table block of this page (e.g. {page})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--editors", default=",".join(EDITORS))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "generation-table")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--page", type=Path, help="rewrite the table block of this page (e.g. docs/GENERATION.md)")
+    table_options(parser, "generation-table", "docs/GENERATION.md")
     args = parser.parse_args()
     editors = [e.strip() for e in args.editors.split(",") if e.strip()]
     if not args.report_only:

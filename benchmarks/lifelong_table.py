@@ -38,7 +38,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from generation_table import references_source, replay_argv, write_page  # noqa: E402
+from generation_table import references_source, replay_argv, table_options, write_page  # noqa: E402
 
 from lifelong.core.stats import Estimate, format_estimate, rate, t_interval  # noqa: E402
 
@@ -343,10 +343,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--wise-edits", type=int, default=200)
     parser.add_argument("--arms", default=",".join(a.name for a in ARMS))
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "lifelong-table")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--page", type=Path, help="rewrite the table block of this page (e.g. docs/LIFELONG.md)")
+    table_options(parser, "lifelong-table", "docs/LIFELONG.md")
     args = parser.parse_args()
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(names) - {a.name for a in ARMS})
