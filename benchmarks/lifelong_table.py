@@ -215,8 +215,11 @@ def load_arm(work: Path, arm: Arm) -> ArmResult | str:
         return f"{arm.name} ({max(done, 0)}/{total} steps)"
     results = run.results()
     edits = len(own_step(results, "efficacy", "es"))
-    seconds = sum(float(s.get("edit", 0.0)) for s in progress["seconds"].values())
-    return ArmResult(arm, results, done, edits, seconds / max(edits, 1))
+    # the median step's editing seconds per edit: wall time, so a step during which the process was
+    # paused or starved by other work (it happens on a shared machine) does not set the figure
+    per_step = [float(t["edit"]) for t in progress["seconds"].values() if "edit" in t]
+    batch = edits / max(len(per_step), 1)
+    return ArmResult(arm, results, done, edits, float(np.median(per_step)) / batch if per_step else math.nan)
 
 
 def _interval(values: list[float]) -> Estimate:
