@@ -153,13 +153,13 @@ def training_split(name: str) -> list[Edit]:
             f"{', '.join(SPLIT_PREFIX + k for k in TRAIN_SPLITS)}"
         )
     source, evaluated, head = TRAIN_SPLITS[name]
-    held = [e for ev in evaluated for e in load_stream(f"dataset:{ev}")]
-    held += list(load_stream(f"dataset:{source}"))[:head]
+    records = list(load_stream(f"dataset:{source}"))
+    held = [e for ev in evaluated for e in load_stream(f"dataset:{ev}")] + records[:head]
     subjects = {_subject_key(e.subject) for e in held}
     keys = set().union(*(record_keys(e) for e in held)) if held else set()
     kept = [
         e
-        for e in load_stream(f"dataset:{source}")
+        for e in records
         if _subject_key(e.subject) not in subjects and not record_keys(e) & keys
     ]
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(kept))
