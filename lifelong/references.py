@@ -65,10 +65,7 @@ def borrow(source: Path | str, identity: dict, check: list[float], run_id: str) 
         _refused(source, "no run there")
         return None
     manifest = run.manifest()
-    theirs = manifest["identity"]
-    differs = [
-        k for k in sorted(set(identity) | set(theirs)) if k not in EDITOR_FIELDS and identity.get(k) != theirs.get(k)
-    ]
+    differs = [k for k in run.identity_differences(identity) if k not in EDITOR_FIELDS]
     if differs:
         _refused(source, f"its run differs in {', '.join(differs)}")
         return None
