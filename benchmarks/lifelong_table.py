@@ -40,7 +40,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from generation_table import references_source, replay_argv, table_options, write_page  # noqa: E402
 
-from lifelong.core.stats import Estimate, format_estimate, rate, t_interval  # noqa: E402
+from lifelong.core.stats import Estimate, format_estimate, over_seeds, rate  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -222,11 +222,6 @@ def load_arm(work: Path, arm: Arm) -> ArmResult | str:
     return ArmResult(arm, results, done, edits, float(np.median(per_step)) / batch if per_step else math.nan)
 
 
-def _interval(values: list[float]) -> Estimate:
-    low, high = t_interval(values)
-    return Estimate(float(np.mean(values)), len(values), low, high, "t")
-
-
 def _paired(a: dict[str, float], b: dict[str, float]) -> list[float]:
     shared = sorted(set(a) & set(b))
     return [a[k] - b[k] for k in shared]
@@ -271,7 +266,7 @@ def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
     a, b = arms[test], arms[control]
     if "PRUNE" in title:
         base = scalar(b.results, "perplexity", "ratio", b.last, "corpus")
-        diff = _interval(_paired(chunk_log_ppl(a.results, a.last), chunk_log_ppl(b.results, b.last)))
+        diff = over_seeds(_paired(chunk_log_ppl(a.results, a.last), chunk_log_ppl(b.results, b.last)))
         figure = f"Δ log ppl ratio {format_estimate(diff)}; {control} ratio {base:.3g}"
         if base <= 1.05:
             return figure, f"not testable: {control}'s perplexity ratio is {base:.3g} (≤ 1.05)"

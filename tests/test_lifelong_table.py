@@ -69,6 +69,6 @@ def test_a_missing_arm_gets_no_verdict():
 
 @pytest.mark.parametrize("values", [[1.0, 2.0, 3.0]])
 def test_the_interval_helper_is_a_t_interval(values):
-    estimate = table._interval(values)
+    estimate = table.over_seeds(values)  # the chunks' mean log-ratio difference and its t interval
     assert estimate.value == 2.0 and estimate.n == 3 and estimate.low < 2.0 < estimate.high
     assert not math.isnan(estimate.low)
