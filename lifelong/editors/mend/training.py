@@ -157,11 +157,7 @@ def training_split(name: str) -> list[Edit]:
     held = [e for ev in evaluated for e in load_stream(f"dataset:{ev}")] + records[:head]
     subjects = {_subject_key(e.subject) for e in held}
     keys = set().union(*(record_keys(e) for e in held)) if held else set()
-    kept = [
-        e
-        for e in records
-        if _subject_key(e.subject) not in subjects and not record_keys(e) & keys
-    ]
+    kept = [e for e in records if _subject_key(e.subject) not in subjects and not record_keys(e) & keys]
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(kept))
     return [kept[int(i)] for i in order]
 
