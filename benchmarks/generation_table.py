@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import run_archive  # noqa: E402
+
 from lifelong.core.stats import Estimate, format_estimate, rate  # noqa: E402
 
 EDITORS = ("rome", "memit", "alphaedit", "grace", "wise", "memory")
@@ -90,10 +92,12 @@ def per_edit(results: pl.DataFrame, probe: str, metric: str, protocol: str, step
     return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
 
 
-def table_rows(run: Path, editor: str) -> list[list[str]]:
-    from lifelong.run import RunDir
+def kept_rows(results: pl.DataFrame) -> pl.DataFrame:
+    """The rows this table reads (what an archived run keeps): edit quality and retention."""
+    return results.filter(pl.col("probe").is_in(["edit_quality", "retention"]))
 
-    results = RunDir(run).results()
+
+def table_rows(results: pl.DataFrame, editor: str) -> list[list[str]]:
     out = []
     for label, probe, metric, forced, step in MEASURES:
         forced_values = per_edit(results, probe, metric, forced, step)
@@ -122,25 +126,30 @@ def strictest_gap(forced: dict[str, float], generated: dict[str, dict[str, float
     return best or Estimate(math.nan, 0)
 
 
-def report(work: Path, editors: list[str], edits: int, model: str) -> str:
+def report(work: Path, editors: list[str], edits: int, model: str, store: Path | None = None) -> str:
+    """The table from the finished runs under ``work`` (archived under ``store``), or from ``store``'s
+    archive where ``work`` has none."""
     from lifelong.run import RunDir
 
     columns = ("editor", "measure", "teacher-forced (ES/PS)", "exact", "gen@question", "gen@qa", "gen@chat")
     header = "| " + " | ".join([*columns, "gap: forced − strictest gen"]) + " |"
     lines = [header, "|" + "---|" * 8]
-    missing = []
+    missing, commits = [], {}
     for editor in editors:
-        run = work / f"{editor}-{edits}"
-        progress = RunDir(run).progress() if RunDir(run).exists() else None
-        if not progress or progress["completed_step"] < (progress["total_steps"] or math.inf):
-            done = progress["completed_step"] if progress else 0
+        run = RunDir(work / f"{editor}-{edits}")
+        stored = run_archive.finished(run, store / f"{editor}-{edits}" if store is not None else None, kept_rows)
+        if stored is None:
+            done = max(run.completed_step(), 0) if run.exists() else 0
             missing.append(f"{editor} ({done}/{edits} steps)")
             continue
-        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(run, editor)]
+        commits.setdefault(stored.commit, []).append(editor)
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(stored.results, editor)]
     note = (
         f"{edits} CounterFact edits in sequence, one per step, on {model}; generation greedy, the "
         "authors' stop; n = edits; intervals: Wilson for shares, paired bootstrap over edits for the gap."
     )
+    if commits:
+        note += " Measured at commit " + "; ".join(f"{c}: {', '.join(e)}" for c, e in commits.items()) + "."
     if missing:
         note += " Not finished (not in the table): " + ", ".join(missing) + "."
     return "\n".join([note, "", *lines])
@@ -163,6 +172,13 @@ def table_options(parser: argparse.ArgumentParser, work: str, page: str) -> None
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / work, help="where the runs go (they resume)")
     parser.add_argument("--report-only", action="store_true", help="the table from the finished runs, no replay")
     parser.add_argument("--page", type=Path, help=f"rewrite the table block of this page (e.g. {page})")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=run_archive.RESULTS / work,
+        help="where finished runs' figures are kept (in the repository) and read from when --work lacks them",
+    )
+    parser.add_argument("--no-archive", action="store_true", help="neither write nor read the archive")
 
 
 def main() -> None:
@@ -182,7 +198,7 @@ def main() -> None:
             done = subprocess.run(command, env=env, cwd=ROOT)
             if done.returncode:
                 print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
-    text = report(args.work, editors, args.edits, args.model)
+    text = report(args.work, editors, args.edits, args.model, None if args.no_archive else args.archive)
     print(text)
     if args.page:
         write_page(args.page, text)

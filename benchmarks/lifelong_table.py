@@ -38,6 +38,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import run_archive  # noqa: E402
 from generation_table import references_source, replay_argv, table_options, write_page  # noqa: E402
 
 from lifelong.core.stats import Estimate, format_estimate, over_seeds, rate  # noqa: E402
@@ -195,31 +196,57 @@ class ArmResult:
     last: int
     edits: int
     seconds_per_edit: float
+    forward: float = math.nan  # a 1,024-token forward's seconds on the machine that ran it
+    commit: str = "unknown"  # the commit that measured it
 
 
-def load_arm(work: Path, arm: Arm) -> ArmResult | str:
-    """The finished arm's results, or why it is not in the table."""
+def kept_rows(results: pl.DataFrame) -> pl.DataFrame:
+    """The rows this table reads (what an archived arm keeps): θ0's ES and each step's edit quality, the
+    ES and exact retention of every step, θ0's chunk sizes and the last step's chunk NLLs, and every
+    step's perplexity ratio and weight drift."""
+    last = results["step"].max()
+    probe, metric, protocol, step = pl.col("probe"), pl.col("metric"), pl.col("protocol"), pl.col("step")
+    quality = (probe == "edit_quality") & ((step > 0) | ((metric == "efficacy") & (protocol == "es")))
+    retention = (probe == "retention") & (metric == "retention") & protocol.is_in(["es", "exact"])
+    chunks = (probe == "perplexity") & (
+        ((metric == "chunk_tokens") & (step == 0)) | ((metric == "chunk_nll") & (step == last))
+    )
+    summary = (probe == "perplexity") & metric.is_in(["ratio", "ratio_low", "ratio_high"])
+    drift = (probe == "weight_drift") & (metric == "norm_ratio")
+    return results.filter(quality | retention | chunks | summary | drift)
+
+
+def arm_result(arm: Arm, results: pl.DataFrame, progress: dict, forward: float, commit: str) -> ArmResult:
+    edits = len(own_step(results, "efficacy", "es"))
+    # the median step's editing seconds per edit: wall time, so a step during which the process was
+    # paused or starved by other work (it happens on a shared machine) does not set the figure
+    per_step = [float(t["edit"]) for t in progress["seconds"].values() if "edit" in t]
+    batch = edits / max(len(per_step), 1)
+    seconds = float(np.median(per_step)) / batch if per_step else math.nan
+    return ArmResult(arm, results, progress["completed_step"], edits, seconds, forward, commit)
+
+
+def load_arm(work: Path, arm: Arm, store: Path | None = None) -> ArmResult | str:
+    """The finished arm's results, or why it is not in the table. A finished run under ``work`` is read
+    (and archived under ``store`` with the forward yardstick measured beside it); without one, the arm's
+    archive under ``store`` is."""
     from lifelong.run import RunDir
 
     run = RunDir(work / arm.name)
     refusal = work / f"{arm.name}.refused"
     if refusal.is_file():
         return f"{arm.name} (refused: {refusal.read_text().strip().removeprefix('lifelong: error: ')})"
-    if not run.exists():
+    extra = {"forward_seconds": forward_yardstick(work), "forward": "1,024-token forward, one thread, median"}
+    stored = run_archive.finished(run, store / arm.name if store is not None else None, kept_rows, extra)
+    if stored is not None:
+        forward = float(stored.extra.get("forward_seconds", math.nan))
+        return arm_result(arm, stored.results, stored.progress, forward, stored.commit)
+    progress = run.progress() if run.exists() else None
+    if progress is None:
         return f"{arm.name} (not started)"
-    progress = run.progress()
-    done, total = progress["completed_step"], progress["total_steps"]
-    if total is None:
+    if progress["total_steps"] is None:
         return f"{arm.name} (stopped before its first step)"
-    if done < total:
-        return f"{arm.name} ({max(done, 0)}/{total} steps)"
-    results = run.results()
-    edits = len(own_step(results, "efficacy", "es"))
-    # the median step's editing seconds per edit: wall time, so a step during which the process was
-    # paused or starved by other work (it happens on a shared machine) does not set the figure
-    per_step = [float(t["edit"]) for t in progress["seconds"].values() if "edit" in t]
-    batch = edits / max(len(per_step), 1)
-    return ArmResult(arm, results, done, edits, float(np.median(per_step)) / batch if per_step else math.nan)
+    return f"{arm.name} ({max(progress['completed_step'], 0)}/{progress['total_steps']} steps)"
 
 
 def _paired(a: dict[str, float], b: dict[str, float]) -> list[float]:
@@ -235,7 +262,7 @@ def curve(result: ArmResult, points: int = 5) -> str:
     return " → ".join(f"{share:.2f}@{round(s * batch)}" for share, s in zip(shares, picks))
 
 
-def arm_row(result: ArmResult, forward: float) -> list[str]:
+def arm_row(result: ArmResult) -> list[str]:
     r = result.results
     ratio = scalar(r, "perplexity", "ratio", result.last, "corpus")
     low = scalar(r, "perplexity", "ratio_low", result.last, "corpus")
@@ -254,8 +281,18 @@ def arm_row(result: ArmResult, forward: float) -> list[str]:
         curve(result),
         format_estimate(Estimate(ratio, chunks, low, high, "t")),
         f"{norm:.4f}" if not math.isnan(norm) else "n/a",
-        f"{result.seconds_per_edit:.3g} s ({result.seconds_per_edit / forward:.3g}×)" if forward == forward else "n/a",
+        _cost(result),
+        result.commit,
     ]
+
+
+def _cost(result: ArmResult) -> str:
+    if math.isnan(result.seconds_per_edit):
+        return "n/a"
+    if math.isnan(result.forward):
+        return f"{result.seconds_per_edit:.3g} s"
+    seconds, forward = result.seconds_per_edit, result.forward
+    return f"{seconds:.3g} s ({seconds / forward:.3g}× of {forward:.3g} s)"
 
 
 def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
@@ -299,9 +336,8 @@ def _sided(diff: Estimate, claimed: str) -> str:
     return "contradicted" if above or below else "inconclusive"
 
 
-def report(work: Path, model: str, edits: int, batch: int, wise_edits: int) -> str:
-    forward = forward_yardstick(work)
-    loaded = {arm.name: load_arm(work, arm) for arm in ARMS}
+def report(work: Path, model: str, edits: int, batch: int, wise_edits: int, store: Path | None = None) -> str:
+    loaded = {arm.name: load_arm(work, arm, store) for arm in ARMS}
     arms = {k: v for k, v in loaded.items() if isinstance(v, ArmResult)}
     missing = [v for v in loaded.values() if isinstance(v, str)]
     columns = (
@@ -316,10 +352,11 @@ def report(work: Path, model: str, edits: int, batch: int, wise_edits: int) -> s
         "forgetting curve (retained ES @ edits)",
         f"perplexity ratio at end ({PPL_TOKENS:,} WikiText-2 tokens)",
         "max ‖W_t‖/‖W_0‖ at end",
-        "s / edit (× 1,024-token forward)",
+        "s / edit (× a 1,024-token forward)",
+        "measured at commit",
     )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(arm_row(a, forward)) + " |" for a in arms.values()]
+    lines += ["| " + " | ".join(arm_row(a)) + " |" for a in arms.values()]
     claims = ["| claim | figure | verdict |", "|---|---|---|"]
     for claim in CLAIMS:
         figure, said = verdict(claim, arms)
@@ -327,8 +364,9 @@ def report(work: Path, model: str, edits: int, batch: int, wise_edits: int) -> s
     note = (
         f"{edits:,} CounterFact edits in batches of {batch} on {model} (WISE: the first {wise_edits}); "
         f"n = edits (own step, retained) or corpus chunks (perplexity); intervals: Wilson for shares, t over "
-        f"chunks for the perplexity ratio; a 1,024-token forward took {forward * 1000:.0f} ms here (median of "
-        "this command's measurements, one thread). One run per arm, one seed."
+        "chunks for the perplexity ratio. Seconds per edit are given as a ratio to a 1,024-token forward "
+        "measured at one thread on the machine that ran the arm (the median of that machine's measurements), "
+        "since arms may run on different machines. One run per arm, one seed."
     )
     if missing:
         note += " Not finished (not in the table): " + ", ".join(missing) + "."
@@ -367,7 +405,8 @@ def main() -> None:
                 errors = [line for line in done.stderr.splitlines() if line.startswith("lifelong: error:")]
                 if errors:  # a refusal (e.g. RLEdit's hypernetwork trained on these edits): the table says why
                     refusal.write_text(errors[-1] + "\n")
-    text = report(args.work, args.model, args.edits, args.batch, args.wise_edits)
+    store = None if args.no_archive else args.archive
+    text = report(args.work, args.model, args.edits, args.batch, args.wise_edits, store)
     print(text)
     if args.page:
         write_page(args.page, text, BEGIN, END, "# Editors over long streams")

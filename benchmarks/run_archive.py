@@ -1,0 +1,83 @@
+"""Finished runs' figures kept in the repository, so that a table gathers arms measured in different
+sessions (a machine's run directories do not outlive it; an arm of the long tables takes hours).
+
+An archived run is two files beside each other under ``benchmarks/results/<table>/``: ``NAME.parquet``,
+the rows of its results table that the table reads (a filter each table gives), and ``NAME.json``, its
+manifest (identity, versions with the commit that measured it, sessions) and its progress (completed
+and total steps, each step's timings). A table reads a finished run directory first and archives it;
+where none is on the machine, it reads the archive and says which commit measured the figures.
+
+    archive(RunDir(path), dest, keep, extra)  ->  dest.parquet, dest.json
+    load(dest)                                ->  Archived(results, manifest, progress, extra) or None
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+COLUMNS = ("step", "probe", "metric", "protocol", "edit_id", "value")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Archived:
+    results: pl.DataFrame
+    manifest: dict
+    progress: dict
+    extra: dict  # what the table adds (e.g. a yardstick measured on the same machine)
+
+    @property
+    def commit(self) -> str:
+        """The commit that measured it (short), ``+dirty`` kept; "unknown" for a run outside a checkout."""
+        commit = self.manifest.get("versions", {}).get("git") or "unknown"
+        head, _, dirty = commit.partition("+")
+        return head[:7] + (f"+{dirty}" if dirty else "")
+
+
+def is_finished(progress: dict) -> bool:
+    total = progress.get("total_steps")
+    return total is not None and progress.get("completed_step", -1) >= total
+
+
+def archive(run, dest: Path, keep: Callable[[pl.DataFrame], pl.DataFrame], extra: dict | None = None) -> Archived:
+    """Write the finished ``run``'s kept rows, manifest and ``extra`` to ``dest``.parquet/.json (replacing
+    an older archive of the same name) and return what was written."""
+    progress = run.progress()
+    if not is_finished(progress):
+        raise ValueError(f"{run.path}: not finished ({progress.get('completed_step')}/{progress.get('total_steps')})")
+    results = keep(run.results()).select(COLUMNS).sort("step", "probe", "metric", "protocol", "edit_id")
+    manifest = run.manifest()
+    kept = {k: manifest[k] for k in ("identity", "versions", "sessions", "created", "run_id") if k in manifest}
+    steps = {k: progress[k] for k in ("completed_step", "total_steps", "seconds", "timestamps") if k in progress}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    results.write_parquet(dest.with_suffix(".parquet"), compression="zstd", compression_level=19)
+    stored = {"manifest": kept, "progress": steps, "extra": extra or {}}
+    dest.with_suffix(".json").write_text(json.dumps(stored, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return Archived(results, kept, steps, extra or {})
+
+
+def load(dest: Path) -> Archived | None:
+    """The archive at ``dest`` (.parquet and .json), or None when there is none."""
+    table, meta = dest.with_suffix(".parquet"), dest.with_suffix(".json")
+    if not (table.is_file() and meta.is_file()):
+        return None
+    stored = json.loads(meta.read_text())
+    return Archived(pl.read_parquet(table), stored["manifest"], stored["progress"], stored.get("extra", {}))
+
+
+def finished(run, dest: Path | None, keep: Callable[[pl.DataFrame], pl.DataFrame], extra: dict | None = None):
+    """A finished run's kept figures: from ``run`` (a RunDir) when it is finished there, archived to
+    ``dest`` first and read back (so that a fresh run and an archived one give the same figures); else
+    from the archive at ``dest``; else None. ``dest`` None: the run only, never archived."""
+    progress = run.progress() if run.exists() else None
+    if progress is not None and is_finished(progress):
+        if dest is None:
+            manifest = run.manifest()
+            return Archived(keep(run.results()).select(COLUMNS), manifest, progress, extra or {})
+        archive(run, dest, keep, extra)
+    return load(dest) if dest is not None else None
