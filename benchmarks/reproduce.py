@@ -7,7 +7,10 @@ corpus; a new claim is a table there, no code): the paper's figure, ours as the 
 items behind each seed's figure, and a verdict by a rule stated in the row. Runs are ordinary run
 directories under ``--work`` and resume: an interrupted reproduction carries on where it stopped, and
 ``--report-only`` rewrites the document from the runs already made (missing ones are reported as such,
-never guessed).
+never guessed). Finished runs are archived in ``benchmarks/results/reproduction/`` (``--archive``) and read
+from there where ``--work`` has none, while their identity is the one their arm plans now. The chain
+claims run each chain as its own run from θ0 (``units = "chains"``) against a control made from the
+same chains (``transform``), paired by chain.
 
     python benchmarks/reproduce.py                      # standard scale (hours on a 2-core CPU)
     python benchmarks/reproduce.py --scale quick        # fewer edits per seed (about an hour)
@@ -62,6 +65,7 @@ from benchmarks.reproduction.runner import BaseModel, run_arm, run_dir, stored_r
 
 DATA = ROOT.parent / "shared" / "data"
 CLAIMS_FILE = ROOT / "benchmarks" / "claims.toml"
+ARCHIVE = ROOT / "benchmarks" / "results" / "reproduction"  # finished runs, kept in the repository
 FINDINGS = ROOT / "docs" / "FINDINGS.md"  # the page whose reproduce block is rewritten with docs/REPRODUCTION.md
 CLAIMS = load_claims(CLAIMS_FILE, DATA)
 
@@ -106,6 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--report-only", action="store_true", help="write the document from finished runs; run nothing")
     ap.add_argument("--threads", default=None)
+    ap.add_argument(
+        "--archive",
+        type=Path,
+        default=ARCHIVE,
+        help="where finished runs are kept (in the repository) and read from when --work lacks them, "
+        "each only while its identity is the one its arm plans now",
+    )
+    ap.add_argument("--no-archive", action="store_true", help="neither write nor read the archive")
     args = ap.parse_args(argv)
     if args.readme is None:  # only the project's own document rewrites the findings page's table (not a
         # rerun compared with it, nor a partial run written elsewhere)
@@ -143,13 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     from lifelong.core.machine import runtime_header
 
     t0 = time.perf_counter()
+    archive = None if args.no_archive else args.archive
     model = BaseModel(args.model)  # loaded on first use: to check a stored run's identity, or to run
     results = {}
     for claim in claims:
         runs: dict[str, list[pl.DataFrame]] = {}
         for arm in claim.arms:
             for seed in seed_range(args, claim):
-                stored = stored_results(args.work, args.scale, arm, seed, model)
+                stored = stored_results(args.work, args.scale, arm, seed, model, archive)
                 runnable = not only_arms or arm.key in only_arms
                 if stored is None and runnable and not args.report_only:
                     print(f"[{claim.key}] {arm.key} seed {seed}", flush=True)

@@ -2,7 +2,7 @@
 sessions (a machine's run directories do not outlive it; an arm of the long tables takes hours).
 
 An archived run is two files beside each other under ``benchmarks/results/<table>/``: ``NAME.parquet``,
-the rows of its results table that the table reads (a filter each table gives), and ``NAME.json``, its
+the rows of its results table that the table reads (a filter each table gives; every column), and ``NAME.json``, its
 manifest (identity, versions with the commit that measured it, sessions) and its progress (completed
 and total steps, each step's timings). A table reads a finished run directory first and archives it;
 where none is on the machine, it reads the archive and says which commit measured the figures.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import polars as pl
 
-COLUMNS = ("step", "probe", "metric", "protocol", "edit_id", "value")
+COLUMNS = ("step", "probe", "metric", "protocol", "edit_id", "value")  # what every results table has
+MANIFEST_KEYS = ("format", "identity", "versions", "sessions", "created", "run_id")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -50,15 +51,25 @@ def archive(run, dest: Path, keep: Callable[[pl.DataFrame], pl.DataFrame], extra
     progress = run.progress()
     if not is_finished(progress):
         raise ValueError(f"{run.path}: not finished ({progress.get('completed_step')}/{progress.get('total_steps')})")
-    results = keep(run.results()).select(COLUMNS).sort("step", "probe", "metric", "protocol", "edit_id")
+    results = keep(run.results()).sort(*COLUMNS[:5])
     manifest = run.manifest()
-    kept = {k: manifest[k] for k in ("identity", "versions", "sessions", "created", "run_id") if k in manifest}
+    kept = {k: manifest[k] for k in MANIFEST_KEYS if k in manifest}
     steps = {k: progress[k] for k in ("completed_step", "total_steps", "seconds", "timestamps") if k in progress}
     dest.parent.mkdir(parents=True, exist_ok=True)
     results.write_parquet(dest.with_suffix(".parquet"), compression="zstd", compression_level=19)
     stored = {"manifest": kept, "progress": steps, "extra": extra or {}}
     dest.with_suffix(".json").write_text(json.dumps(stored, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return Archived(results, kept, steps, extra or {})
+
+
+def identity_differences(stored: Archived, identity: dict, legacy: dict | None = None) -> list[str]:
+    """The identity fields in which an archived run differs from ``identity`` (a planned run's), read as
+    :meth:`lifelong.run.RunDir.identity_differences` reads a run directory's."""
+    from lifelong.run import identity_for_format
+
+    planned = identity_for_format(identity, stored.manifest.get("format", 1), legacy)
+    recorded = stored.manifest.get("identity", {})
+    return [k for k in sorted(set(planned) | set(recorded)) if planned.get(k) != recorded.get(k)]
 
 
 def load(dest: Path) -> Archived | None:
@@ -78,6 +89,6 @@ def finished(run, dest: Path | None, keep: Callable[[pl.DataFrame], pl.DataFrame
     if progress is not None and is_finished(progress):
         if dest is None:
             manifest = run.manifest()
-            return Archived(keep(run.results()).select(COLUMNS), manifest, progress, extra or {})
+            return Archived(keep(run.results()), manifest, progress, extra or {})
         archive(run, dest, keep, extra)
     return load(dest) if dest is not None else None

@@ -25,6 +25,13 @@ def load_reproduce():
 R = load_reproduce()
 
 
+@pytest.fixture(autouse=True)
+def archive_outside_the_repository(tmp_path, monkeypatch):
+    """The command's default archive is the repository's benchmarks/results/reproduction: tests keep theirs
+    in their own folder."""
+    monkeypatch.setattr(R, "ARCHIVE", tmp_path / "archive")
+
+
 def test_above_and_below_read_the_whole_interval():
     assert R.above(Estimate(0.3, 3, 0.1, 0.5), 0.0) == "yes"
     assert R.above(Estimate(0.3, 3, -0.1, 0.5), 0.0) == "?"

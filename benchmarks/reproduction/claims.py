@@ -38,6 +38,14 @@ DATASETS = {
     "composite": "pitfalls_composite",
 }
 CHAIN_SOURCES = ("round", "reverse", "composite")
+# What an arm's units are: "seeds" (one run per seed, each on its own sample) or "chains" (each chain of
+# the sample its own run from θ0, the weights put back after it, as the Pitfalls code applies them).
+UNITS = ("seeds", "chains")
+# Controls made from the chains themselves (runner.TRANSFORM_FUNCTIONS): the same chains, measured alike.
+TRANSFORMS = {
+    "noop-round": "each round chain o → o* → o as o → o → o (re-asserting o: the round trip without o*)",
+    "unrelated-e2": "each conflict chain's e2 replaced by another chain's (an unrelated edit after e1)",
+}
 
 
 class ClaimsError(ValueError):
@@ -59,6 +67,8 @@ class Arm:
     probes: tuple[str, ...] = ()
     probe_every: int = 5  # retention schedule
     batch: dict[str, int] | None = None  # edits per step by scale (None: one)
+    units: str = "seeds"  # UNITS: "chains" runs each chain from θ0 as its own run
+    transform: str = ""  # a TRANSFORMS key: the chains made into a control's
 
     def count(self, scale: str) -> int:
         """Items per seed at ``scale``; a scale of the form ``items=N`` gives every arm N (smoke tests)."""
@@ -122,6 +132,15 @@ def _chain(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     return m.per_seed(r, m.chain_mean(fig.metric)), _items(fig, r, m.chain_count(fig.count or fig.metric))
 
 
+def _chain_units(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
+    return m.chain_unit_estimate(runs[fig.arm], fig.metric), fig.note or "n = chains, each its own run from θ0"
+
+
+def _chain_units_difference(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
+    e = m.chain_unit_difference(runs[fig.arm], runs[fig.control], fig.metric)
+    return e, fig.note or f"{fig.arm} − {fig.control}, paired by chain (each its own run from θ0)"
+
+
 def _retained(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     r = runs[fig.arm]
     return m.retained_estimate(r, fig.protocol), _one_seed(r, fig.note, "one seed: interval over its edits")
@@ -169,6 +188,20 @@ KINDS = {
         ("metric",),
         ("count", "unit", "note"),
         "mean over chains of a chain metric at completion (failure_rate: after the last chain); over seeds",
+    ),
+    "chain_units": Kind(
+        _chain_units,
+        ("metric",),
+        ("note",),
+        "a chain metric at completion, one value per chain, each chain its own run from θ0 (an arm with "
+        'units = "chains"); n = chains, Wilson for 0/1 figures, else a percentile bootstrap',
+    ),
+    "chain_units_difference": Kind(
+        _chain_units_difference,
+        ("metric", "control"),
+        ("note",),
+        "arm − control in a chain metric, paired by chain (the control: the same chains transformed, e.g. "
+        "noop-round); n = chains, percentile bootstrap",
     ),
     "retained": Kind(
         _retained,
@@ -265,7 +298,7 @@ class Claim:
 # ----------------------------------------------------------------------------- reading the file
 
 CLAIM_KEYS = {"id", "title", "paper", "cite", "note", "headline", "max_seeds", "arm", "figures", "rule"}
-ARM_KEYS = {"key", "editor", "source", "items", "overrides", "probes", "probe_every", "batch"}
+ARM_KEYS = {"key", "editor", "source", "items", "overrides", "probes", "probe_every", "batch", "units", "transform"}
 FIGURE_KEYS = {"label", "kind", "arm", "control", "probe", "metric", "protocol", "step", "count", "unit", "note"}
 RULE_KEYS = {"text", "all_of", "tested_when_any", "untested"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -344,6 +377,13 @@ class _Reader:
         every = t.get("probe_every", 5)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise self.fail(f"{what}: probe_every must be an integer ≥ 1, not {every!r}")
+        units, transform = t.get("units", "seeds"), t.get("transform", "")
+        if units not in UNITS:
+            raise self.fail(f"{what}: units {units!r}: expected one of {', '.join(UNITS)}")
+        if transform and transform not in TRANSFORMS:
+            raise self.fail(f"{what}: transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
+        if (units == "chains" or transform) and not all(s in CHAIN_SOURCES for s in sources):
+            raise self.fail(f"{what}: units 'chains' and transforms need a chain data set ({', '.join(CHAIN_SOURCES)})")
         return Arm(
             key=self.text(t["key"], "arm key"),
             editor=editor,
@@ -353,6 +393,8 @@ class _Reader:
             probes=tuple(probes),
             probe_every=every,
             batch=None if "batch" not in t else self.by_scale(t["batch"], f"{what}: batch"),
+            units=units,
+            transform=transform,
         )
 
     def figure(self, table: object, arms: set[str], i: int) -> Figure:

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import numpy as np
 import polars as pl
 
-from lifelong.core.stats import Estimate, newcombe_difference, over_seeds, rate, ratio_interval
+from lifelong.core.stats import Estimate, bootstrap_mean, newcombe_difference, over_seeds, rate, ratio_interval
 
 PPL_CHUNKS = 2048 // 128  # the perplexity probe's chunks of 128 tokens on 2,048: the n of a one-seed ratio's interval
+UNIT = "unit"  # the column naming a chain-unit arm's chain (each its own run from θ0) in the arm's results
 
 
 def per_seed(runs: list[pl.DataFrame], measure: Callable[[pl.DataFrame], float]) -> Estimate:
@@ -139,6 +140,37 @@ def chain_mean(metric: str) -> Callable[[pl.DataFrame], float]:
 
 def chain_count(metric: str) -> Callable[[pl.DataFrame], np.ndarray]:
     return lambda results: chain_rows(results, metric)["value"].to_numpy()
+
+
+def chain_units(runs: list[pl.DataFrame], metric: str) -> dict[str, float]:
+    """chain -> a chain metric at its completion in the chain's own run from θ0 (failure_rate: that run's
+    row, 1 when its round edit failed), over every seed's runs of a chain-unit arm. A chain drawn by two
+    seeds counts once: the same chain from θ0 gives the same figure, not a second independent unit."""
+    out: dict[str, float] = {}
+    for results in runs:
+        if UNIT not in results.columns:
+            raise ValueError('a chain-unit figure needs an arm whose units are chains (units = "chains")')
+        rows = chain_rows(results, metric)
+        for (unit,), group in rows.group_by(UNIT, maintain_order=True):
+            out.setdefault(str(unit), float(group["value"].mean()))
+    return out
+
+
+def chain_unit_estimate(runs: list[pl.DataFrame], metric: str) -> Estimate:
+    """The mean over chains with n = chains: Wilson for 0/1 figures, else a percentile bootstrap (it
+    stays within the values' range, so within the quantity's)."""
+    return rate(list(chain_units(runs, metric).values()))
+
+
+def chain_unit_difference(a: list[pl.DataFrame], b: list[pl.DataFrame], metric: str) -> Estimate:
+    """a − b paired by chain (the control arm holds the same chains, transformed), n = chains with both;
+    a percentile bootstrap over chains."""
+    x, y = chain_units(a, metric), chain_units(b, metric)
+    diffs = [x[k] - y[k] for k in x if k in y and not (math.isnan(x[k]) or math.isnan(y[k]))]
+    if diffs and set(diffs) <= {0.0, 1.0}:  # a difference is not a share: no Wilson interval for it
+        low, high = bootstrap_mean(diffs)
+        return Estimate(float(np.mean(diffs)), len(diffs), low, high, "bootstrap" if len(diffs) > 1 else "")
+    return rate(diffs)
 
 
 def above(e: Estimate, threshold: float) -> str:

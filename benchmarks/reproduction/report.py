@@ -13,7 +13,7 @@ import polars as pl
 
 from lifelong.core.stats import format_estimate
 
-from .claims import CHAIN_SOURCES, Claim
+from .claims import CHAIN_SOURCES, TRANSFORMS, Claim
 from .measures import PPL_CHUNKS
 from .runner import run_minutes
 
@@ -70,7 +70,12 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         "for a ratio of two runs: that interval says how much the figure depends on the text read, not on the "
         "edits drawn); "
         "each seed is its own run on its "
-        "own sample of edits drawn from the data set (CounterFact: the ROME sample of 500, or EasyEdit's "
+        "own sample of edits drawn from the data set. The chain claims (round edits, conflicts) take chains as "
+        "their units instead: each chain of one sample is its own run from θ0, the weights put back after it (the "
+        "Pitfalls code's protocol), n = chains, Wilson intervals for 0/1 figures and percentile bootstrap "
+        "intervals otherwise (they stay within the quantity's range), and their rules read the difference to a "
+        "control made from the same chains, paired by chain "
+        "(data sets: CounterFact, the ROME sample of 500, or EasyEdit's "
         "10,000-record split where an arm needs more edits; zsRE: the KnowEdit test "
         "split; Pitfalls: the GPT-2 XL files). Verdicts follow the rule in each row; 'inconclusive' means the "
         "interval spans the rule's threshold (more seeds or edits would decide). The originals were measured on "
@@ -79,10 +84,10 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
         "",
         f"Wall time of this invocation: {seconds / 60:.1f} min (runs already finished are read, not rerun).",
         "",
-        "| claim | the paper's figure | ours (mean [95% CI] n=seeds) | verdict |",
+        "| claim | the paper's figure | ours (mean [95% CI] n=units) | verdict |",
         "|---|---|---|---|",
     ]
-    summary = ["| claim | ours (mean [95% CI] n=seeds) | verdict |", "|---|---|---|"]
+    summary = ["| claim | ours (mean [95% CI] n=units) | verdict |", "|---|---|---|"]
     details = []
     for claim in claims:
         figures, verdict, why = results[claim.key]
@@ -99,19 +104,25 @@ def render(claims: list[Claim], results: dict, args, seconds: float, header: str
                 f"{arm.count(args.scale)} {'chains' if source in CHAIN_SOURCES else 'edits'} "
                 f"of {source} per seed, batch {arm.batch_at(args.scale) or 1}, "
                 f"probes {', '.join(arm.probes) or 'default'}"
+                + (", each chain its own run from θ0" if arm.units == "chains" else "")
+                + (f"; control: {TRANSFORMS[arm.transform]}" if arm.transform else "")
             )
         if claim.note:
             details.append(f"- note: {claim.note}")
+        minutes = run_minutes(args.work, args.scale, claim, seed_range(args, claim), _archive(args), args.model)
         details += [
             "",
-            f"Verdict: **{verdict}** ({why}). Compute so far: "
-            f"{run_minutes(args.work, args.scale, claim, seed_range(args, claim)):.0f} min of edits and probes.",
+            f"Verdict: **{verdict}** ({why}). Compute so far: {minutes:.0f} min of edits and probes.",
             "",
         ]
         if figures:
-            details += ["| figure | mean [95% CI] n=seeds | items |", "|---|---|---|"]
+            details += ["| figure | mean [95% CI] n=units | items |", "|---|---|---|"]
             details += [f"| {label} | {format_estimate(e)} | {items} |" for label, e, items in figures]
     return "\n".join(lines + details) + "\n", "\n".join(summary)
+
+
+def _archive(args) -> Path | None:
+    return None if getattr(args, "no_archive", True) else getattr(args, "archive", None)
 
 
 def seed_range(args, claim: Claim | None = None) -> range:
