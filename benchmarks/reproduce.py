@@ -65,6 +65,7 @@ from benchmarks.reproduction.runner import BaseModel, run_arm, run_dir, stored_r
 
 DATA = ROOT.parent / "shared" / "data"
 CLAIMS_FILE = ROOT / "benchmarks" / "claims.toml"
+DEFAULT_SEEDS = {"standard": 20, "quick": 3}  # seeds per claim by scale (items=N: the quick scale's)
 ARCHIVE = ROOT / "benchmarks" / "results" / "reproduction"  # finished runs, kept in the repository
 FINDINGS = ROOT / "docs" / "FINDINGS.md"  # the page whose reproduce block is rewritten with docs/REPRODUCTION.md
 CLAIMS = load_claims(CLAIMS_FILE, DATA)
@@ -75,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--scale", default="standard", help="quick, standard, or items=N (N items per seed in every arm: a smoke test)"
     )
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per claim (each its own sample and run): default 20 at the standard scale (the independent "
+        "units of a verdict: at least 20), 3 at the quick one and at items=N; a claim's max_seeds caps it",
+    )
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here (a rerun on new seeds: e.g. 3)")
     ap.add_argument(
         "--compare-to",
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         args.scale.startswith("items=") and args.scale[6:].isdigit() and int(args.scale[6:]) > 0
     ):
         ap.error(f"--scale {args.scale!r}: expected quick, standard or items=N with N ≥ 1")
+    if args.seeds is None:
+        args.seeds = DEFAULT_SEEDS.get(args.scale, DEFAULT_SEEDS["quick"])
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
     if args.first_seed < 0:

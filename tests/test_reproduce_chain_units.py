@@ -126,3 +126,14 @@ def test_a_run_kept_in_the_archive_is_read_on_another_machine_while_its_identity
     assert runner.stored_results(tmp_path / "fresh2", "quick", changed, 0, model, archive) is None
     assert "an archived run made by other settings (differs in: editor_overrides" in capsys.readouterr().out
     assert runner.stored_results(tmp_path / "fresh3", "quick", chain_arm, 0, model, None) is None
+
+
+def test_intervals_over_seeds_stay_within_each_quantitys_range():
+    unbounded = iter([1.0, 1.0, 0.9])
+    assert m.per_seed([None] * 3, lambda r: next(unbounded)).high > 1.0  # a t interval over 3 seeds leaves [0, 1] ...
+    values = iter([1.0, 1.0, 0.9])
+    share = m.per_seed([None] * 3, lambda r: next(values), m.SHARE)
+    assert share.high == 1.0 and share.low < share.value  # ... cut to the share's range it does not
+    assert m.paired_difference([1.0, 1.0, 0.1], [0.0, 0.0, 0.0]).high == 1.0
+    low, high = m.CHAIN_RANGES["distortion_js"]
+    assert (low, high) == (0.0, math.log(2))

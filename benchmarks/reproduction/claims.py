@@ -123,13 +123,14 @@ def _one_seed(runs: list[pl.DataFrame], note: str, one: str) -> str:
 
 def _own_step(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     r = runs[fig.arm]
-    e = m.per_seed(r, m.own_step_mean(fig.probe, fig.metric, fig.protocol))
+    e = m.per_seed(r, m.own_step_mean(fig.probe, fig.metric, fig.protocol), m.SHARE)  # ES/PS/NS, exact: shares
     return e, _items(fig, r, m.own_step_values(fig.probe, fig.metric, fig.protocol))
 
 
 def _chain(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
     r = runs[fig.arm]
-    return m.per_seed(r, m.chain_mean(fig.metric)), _items(fig, r, m.chain_count(fig.count or fig.metric))
+    bounds = m.CHAIN_RANGES.get(fig.metric, (-math.inf, math.inf))
+    return m.per_seed(r, m.chain_mean(fig.metric), bounds), _items(fig, r, m.chain_count(fig.count or fig.metric))
 
 
 def _chain_units(fig: Figure, runs: Runs) -> tuple[Estimate, str]:
@@ -181,7 +182,8 @@ KINDS = {
         _own_step,
         ("probe", "metric", "protocol"),
         ("unit", "note"),
-        "mean over a run's edits of probe/metric/protocol at each edit's own step; t interval over seeds",
+        "mean over a run's edits of probe/metric/protocol at each edit's own step (a share); t interval over "
+        "seeds, cut to [0, 1]",
     ),
     "chain": Kind(
         _chain,

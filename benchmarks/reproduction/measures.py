@@ -15,9 +15,27 @@ PPL_CHUNKS = 2048 // 128  # the perplexity probe's chunks of 128 tokens on 2,048
 UNIT = "unit"  # the column naming a chain-unit arm's chain (each its own run from θ0) in the arm's results
 
 
-def per_seed(runs: list[pl.DataFrame], measure: Callable[[pl.DataFrame], float]) -> Estimate:
-    """One figure per seed's run, then their mean with a t interval (n = seeds)."""
-    return over_seeds([measure(r) for r in runs])
+SHARE = (0.0, 1.0)
+# Each chain metric's range (probes/distortion.py): a t interval over seeds is cut to it.
+CHAIN_RANGES = {
+    "round_success": SHARE,
+    "distortion_js": (0.0, math.log(2)),
+    "distortion_js_pitfalls": (0.0, math.inf),
+    "ignore_rate": SHARE,
+    "failure_rate": SHARE,
+    "conflict_score_explicit": SHARE,
+    "conflict_score_implicit": SHARE,
+    "conflict_magnitude": (-1.0, 1.0),
+    "tied_fact_damage": (-math.inf, 1.0),
+}
+
+
+def per_seed(
+    runs: list[pl.DataFrame], measure: Callable[[pl.DataFrame], float], bounds=(-math.inf, math.inf)
+) -> Estimate:
+    """One figure per seed's run, then their mean with a t interval (n = seeds) cut to ``bounds``, the
+    quantity's range."""
+    return over_seeds([measure(r) for r in runs], bounds=bounds)
 
 
 def items_per_seed(runs: list[pl.DataFrame], values: Callable[[pl.DataFrame], np.ndarray]) -> str:
@@ -61,7 +79,7 @@ def retained_estimate(runs: list[pl.DataFrame], protocol: str = "es") -> Estimat
     edits (Wilson), so a run too long to repeat still carries an interval."""
     if len(runs) == 1:
         return rate(retained_items(runs[0], protocol))
-    return per_seed(runs, lambda r: retained_last(r, protocol))
+    return per_seed(runs, lambda r: retained_last(r, protocol), SHARE)
 
 
 def retained_difference(a: list[pl.DataFrame], b: list[pl.DataFrame], protocol: str = "es") -> Estimate:
@@ -253,8 +271,8 @@ def paired_ratio(a: list[pl.DataFrame], b: list[pl.DataFrame], step: int | None 
 
 
 def paired_difference(a: list[float], b: list[float]) -> Estimate:
-    """Mean over seeds of a − b (same seed, same edits), t interval."""
-    return over_seeds([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))])
+    """Mean over seeds of a − b (same seed, same edits), t interval cut to [−1, 1] (a difference of shares)."""
+    return over_seeds([x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))], bounds=(-1.0, 1.0))
 
 
 def ratio_note(e: Estimate, many_seeds: str) -> str:
