@@ -70,13 +70,28 @@ def test_chain_units_count_a_chain_drawn_twice_once_and_pair_by_chain():
         m.chain_units([seed0.drop(m.UNIT)], "distortion_js")
 
 
-def test_zero_one_chain_figures_get_wilson_and_their_differences_a_bootstrap():
+def test_zero_one_chain_figures_get_wilson_and_their_differences_newcombes_paired_interval():
     fails = _unit_rows({f"c{i}": float(i % 2) for i in range(20)}, "failure_rate")
     e = m.chain_unit_estimate([fails], "failure_rate")
     assert e.method == "wilson" and e.n == 20 and e.value == 0.5
     never = _unit_rows({f"c{i}": 0.0 for i in range(20)}, "failure_rate")
     d = m.chain_unit_difference([fails], [never], "failure_rate")
-    assert d.method == "bootstrap" and d.n == 20 and 0.0 <= d.low < 0.5 < d.high <= 1.0
+    assert d.method == "newcombe paired" and d.n == 20 and 0.0 < d.low < 0.5 < d.high < 1.0
+    # every pair agreeing (3 chains, the same FR in both arms): not a zero-width interval at 0
+    same = _unit_rows({"c1": 1.0, "c2": 1.0, "c3": 0.0}, "failure_rate")
+    tie = m.chain_unit_difference([same], [same], "failure_rate")
+    assert tie.value == 0 and tie.low < -0.4 and tie.high > 0.4
+
+
+def test_newcombes_paired_interval_by_hand():
+    from lifelong.core.stats import newcombe_paired_difference
+
+    # Cavo et al. 2012 as in Fagerland, Lydersen & Laake's book (chapter 8): 59 / 6 / 16 / 80, −0.0621
+    # [−0.1186, −0.0046]
+    low, high = newcombe_paired_difference(59, 6, 16, 80)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
+    assert newcombe_paired_difference(0, 0, 0, 3) == pytest.approx((-0.5615, 0.5615), abs=1e-4)  # Wilson(0, 3)
+    assert newcombe_paired_difference(0, 5, 0, 0) == pytest.approx((0.3855, 1.0), abs=1e-4)  # √(2·0.4345²) below 1
 
 
 @pytest.fixture

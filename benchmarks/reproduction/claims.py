@@ -203,7 +203,7 @@ KINDS = {
         ("metric", "control"),
         ("note",),
         "arm − control in a chain metric, paired by chain (the control: the same chains transformed, e.g. "
-        "noop-round); n = chains, percentile bootstrap",
+        "noop-round); n = chains, Newcombe's paired interval for 0/1 figures, else a percentile bootstrap",
     ),
     "retained": Kind(
         _retained,

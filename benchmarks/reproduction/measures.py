@@ -9,7 +9,14 @@ from collections.abc import Callable
 import numpy as np
 import polars as pl
 
-from lifelong.core.stats import Estimate, bootstrap_mean, newcombe_difference, over_seeds, rate, ratio_interval
+from lifelong.core.stats import (
+    Estimate,
+    newcombe_difference,
+    newcombe_paired_difference,
+    over_seeds,
+    rate,
+    ratio_interval,
+)
 
 PPL_CHUNKS = 2048 // 128  # the perplexity probe's chunks of 128 tokens on 2,048: the n of a one-seed ratio's interval
 UNIT = "unit"  # the column naming a chain-unit arm's chain (each its own run from θ0) in the arm's results
@@ -181,14 +188,15 @@ def chain_unit_estimate(runs: list[pl.DataFrame], metric: str) -> Estimate:
 
 
 def chain_unit_difference(a: list[pl.DataFrame], b: list[pl.DataFrame], metric: str) -> Estimate:
-    """a − b paired by chain (the control arm holds the same chains, transformed), n = chains with both;
-    a percentile bootstrap over chains."""
+    """a − b paired by chain (the control arm holds the same chains, transformed), n = chains with both:
+    for 0/1 figures (FR, CS) Newcombe's paired interval, else a percentile bootstrap over chains."""
     x, y = chain_units(a, metric), chain_units(b, metric)
-    diffs = [x[k] - y[k] for k in x if k in y and not (math.isnan(x[k]) or math.isnan(y[k]))]
-    if diffs and set(diffs) <= {0.0, 1.0}:  # a difference is not a share: no Wilson interval for it
-        low, high = bootstrap_mean(diffs)
-        return Estimate(float(np.mean(diffs)), len(diffs), low, high, "bootstrap" if len(diffs) > 1 else "")
-    return rate(diffs)
+    pairs = [(x[k], y[k]) for k in x if k in y and not (math.isnan(x[k]) or math.isnan(y[k]))]
+    if pairs and all(v in (0.0, 1.0) for pair in pairs for v in pair):
+        count = lambda first, second: sum(1 for p in pairs if p == (first, second))  # noqa: E731
+        low, high = newcombe_paired_difference(count(1.0, 1.0), count(1.0, 0.0), count(0.0, 1.0), count(0.0, 0.0))
+        return Estimate(float(np.mean([p - q for p, q in pairs])), len(pairs), low, high, "newcombe paired")
+    return rate([p - q for p, q in pairs])
 
 
 def above(e: Estimate, threshold: float) -> str:

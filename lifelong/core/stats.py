@@ -112,6 +112,28 @@ def newcombe_difference(k1: float, n1: int, k2: float, n2: int, confidence: floa
     return mover_difference(k1 / n1, *wilson(k1, n1, confidence), k2 / n2, *wilson(k2, n2, confidence))
 
 
+def newcombe_paired_difference(
+    both: int, first_only: int, second_only: int, neither: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Newcombe's interval (1998, method 10: Wilson margins, square and add, with the phi correction) for the
+    difference p1 − p2 of two proportions measured on the same units: ``both`` units with 1 in both
+    measurements, ``first_only``/``second_only`` with 1 in one, ``neither``. It stays within [−1, 1] and,
+    unlike a bootstrap, is not zero-width when every pair agrees."""
+    n = both + first_only + second_only + neither
+    if n <= 0:
+        return (math.nan, math.nan)
+    p1, p2 = (both + first_only) / n, (both + second_only) / n
+    l1, u1 = wilson(both + first_only, n, confidence)
+    l2, u2 = wilson(both + second_only, n, confidence)
+    margins = (both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither)
+    agreement = both * neither - first_only * second_only
+    corrected = agreement - n / 2 if agreement > n / 2 else agreement if agreement < 0 else 0.0
+    phi = corrected / math.sqrt(margins) if margins > 0 else 0.0
+    below = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    above = math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
+    return (max(p1 - p2 - below, -1.0), min(p1 - p2 + above, 1.0))
+
+
 def ratio_interval(totals, counts, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """Σ totals / Σ counts over n clusters (chunks of a corpus: each its summed token NLL and its token
     count) with a t interval over the clusters, n − 1 degrees of freedom. The standard error is the
