@@ -502,3 +502,18 @@ def test_a_stored_run_that_cannot_be_checked_is_not_reused(tmp_path, capsys, mon
         capsys.readouterr().out
     )
     assert runner.run_dir(work, scale, arm, seed).is_dir()  # nothing moved or lost
+
+
+def test_every_headline_retention_figure_has_its_exact_match_figure_beside_it():
+    """#38: the reproduction's headlines do not show ES retention alone: the strictest protocol the runs
+    record (exact match: every answer token the greedy one) stands beside it."""
+    for claim in R.CLAIMS:
+        shown = [f for f in claim.figures if f.label in (claim.headline or [g.label for g in claim.figures[:3]])]
+        for fig in shown:
+            if fig.kind in ("retained", "retained_difference") and fig.protocol == "es":
+                strict = [
+                    g
+                    for g in shown
+                    if (g.kind, g.arm, g.control, g.protocol) == (fig.kind, fig.arm, fig.control, "exact")
+                ]
+                assert strict, f"{claim.key}: {fig.label} has no exact-match figure beside it in the headline"
