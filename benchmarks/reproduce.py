@@ -71,6 +71,30 @@ FINDINGS = ROOT / "docs" / "FINDINGS.md"  # the page whose reproduce block is re
 CLAIMS = load_claims(CLAIMS_FILE, DATA)
 
 
+def claim_runs(
+    claim, args, model: BaseModel, archive: Path | None, only_arms: set[str]
+) -> dict[str, list[pl.DataFrame]]:
+    """Each arm's results per seed: read when finished (under --work or in the archive), else run (unless
+    --report-only, or the arm is not among --arms). An arm that cannot run is reported and left out."""
+    runs: dict[str, list[pl.DataFrame]] = {}
+    for arm in claim.arms:
+        for seed in seed_range(args, claim):
+            stored = stored_results(args.work, args.scale, arm, seed, model, archive)
+            runnable = not only_arms or arm.key in only_arms
+            if stored is None and runnable and not args.report_only:
+                print(f"[{claim.key}] {arm.key} seed {seed}", flush=True)
+                try:
+                    stored = run_arm(model.lm, model.base, arm, args.scale, seed, args.work, args.model, args.threads)
+                    if archive is not None:  # archived as soon as made, and read back as a later reader would
+                        stored = stored_results(args.work, args.scale, arm, seed, model, archive)
+                except Exception as err:  # one arm that cannot run (e.g. MEND untrained) is reported, not fatal
+                    print(f"[{claim.key}] {arm.key} seed {seed}: not run: {err}", file=sys.stderr, flush=True)
+                    break
+            if stored is not None:
+                runs.setdefault(arm.key, []).append(stored)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -168,22 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     model = BaseModel(args.model)  # loaded on first use: to check a stored run's identity, or to run
     results = {}
     for claim in claims:
-        runs: dict[str, list[pl.DataFrame]] = {}
-        for arm in claim.arms:
-            for seed in seed_range(args, claim):
-                stored = stored_results(args.work, args.scale, arm, seed, model, archive)
-                runnable = not only_arms or arm.key in only_arms
-                if stored is None and runnable and not args.report_only:
-                    print(f"[{claim.key}] {arm.key} seed {seed}", flush=True)
-                    try:
-                        stored = run_arm(
-                            model.lm, model.base, arm, args.scale, seed, args.work, args.model, args.threads
-                        )
-                    except Exception as err:  # one arm that cannot run (e.g. MEND untrained) is reported, not fatal
-                        print(f"[{claim.key}] {arm.key} seed {seed}: not run: {err}", file=sys.stderr, flush=True)
-                        break
-                if stored is not None:
-                    runs.setdefault(arm.key, []).append(stored)
+        runs = claim_runs(claim, args, model, archive, only_arms)
         results[claim.key] = claim_rows(claim, runs, len(seed_range(args, claim)))
     device = model.lm.device if model.loaded else "cpu"
     doc, table = render(claims, results, args, time.perf_counter() - t0, runtime_header(device))

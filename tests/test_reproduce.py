@@ -210,6 +210,8 @@ def test_small_reproduction_end_to_end(tmp_path):
     R.main(args)
     doc = out.read_text()
     assert doc.count("n=2") >= 6
+    archived = tmp_path / "archive" / "tiny-llama" / "items=2"  # every run archived as soon as it was made
+    assert {p.name for p in archived.iterdir()} >= {"grace-grace-zsre2-seed0.parquet", "rome-rome-round2-seed0"}
     for title in ("GRACE keeps locality", "Round edits"):
         row = next(line for line in doc.splitlines() if line.startswith(f"| {title}"))
         assert any(v in row for v in ("**holds**", "**does not hold**", "**inconclusive**")), row
