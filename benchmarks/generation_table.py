@@ -196,6 +196,10 @@ def main() -> None:
             source = references_source([args.work / f"{e}-{args.edits}" for e in editors], out)
             command = replay_command(editor, args.edits, out, args.model, source)
             done = subprocess.run(command, env=env, cwd=ROOT)
+            if not done.returncode and not args.no_archive:  # archived as soon as it is finished
+                from lifelong.run import RunDir
+
+                run_archive.finished(RunDir(out), args.archive / out.name, kept_rows)
             if done.returncode:
                 print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
     text = report(args.work, editors, args.edits, args.model, None if args.no_archive else args.archive)

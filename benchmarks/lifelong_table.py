@@ -400,6 +400,8 @@ def main() -> None:
             sys.stderr.write(done.stderr)  # --quiet: notes and errors only
             refusal = args.work / f"{arm.name}.refused"
             refusal.unlink(missing_ok=True)
+            if not done.returncode and not args.no_archive:
+                load_arm(args.work, arm, args.archive)  # archived as soon as it is finished
             if done.returncode:
                 print(f"{arm.name}: replay exited with {done.returncode}; its run resumes when this is run again")
                 errors = [line for line in done.stderr.splitlines() if line.startswith("lifelong: error:")]
