@@ -65,16 +65,25 @@ def replay_command(editor: str, edits: int, out: Path, model: str, references: P
     return replay_argv(model, editor, "dataset:counterfact", out, ["--steps", str(edits), *probes, *borrow])
 
 
-def references_source(runs: list[Path], out: Path) -> Path | None:
-    """One of ``runs`` other than ``out`` whose step 0 is complete: θ0's references are the same for
-    every editor, and the replay copies them from it (refusing, with a note, when they differ)."""
+def references_source(runs: list[Path], out: Path, kit: Path | None = None) -> Path | None:
+    """One of ``runs`` other than ``out`` whose step 0 is complete, else the archived θ0 ``kit`` when there
+    is one: θ0's references are the same for every editor, and the replay copies them from it (refusing,
+    with a note, when they differ)."""
     from lifelong.run import RunDir
 
     for path in runs:
         run = RunDir(path)
         if path != out and run.exists() and run.completed_step() >= 0:
             return run.path
-    return None
+    return kit if kit is not None and RunDir(kit).exists() else None
+
+
+def keep_theta0(run, store: Path) -> None:
+    """Archive ``run``'s step 0 as the table's θ0 kit (once: θ0 is every editor's)."""
+    from lifelong.run import RunDir
+
+    if not RunDir(store / run_archive.THETA0).exists() and run.exists() and run.completed_step() >= 0:
+        run_archive.theta0_kit(run, store / run_archive.THETA0)
 
 
 def per_edit(results: pl.DataFrame, probe: str, metric: str, protocol: str, step: str) -> dict[str, float]:
@@ -138,6 +147,8 @@ def report(work: Path, editors: list[str], edits: int, model: str, store: Path |
     for editor in editors:
         run = RunDir(work / f"{editor}-{edits}")
         stored = run_archive.finished(run, store / f"{editor}-{edits}" if store is not None else None, kept_rows)
+        if stored is not None and store is not None:
+            keep_theta0(run, store)
         if stored is None:
             done = max(run.completed_step(), 0) if run.exists() else 0
             missing.append(f"{editor} ({done}/{edits} steps)")
@@ -193,13 +204,15 @@ def main() -> None:
         for editor in editors:
             out = args.work / f"{editor}-{args.edits}"
             print(f"== {editor}: {out}", flush=True)
-            source = references_source([args.work / f"{e}-{args.edits}" for e in editors], out)
+            kit = None if args.no_archive else args.archive / run_archive.THETA0
+            source = references_source([args.work / f"{e}-{args.edits}" for e in editors], out, kit)
             command = replay_command(editor, args.edits, out, args.model, source)
             done = subprocess.run(command, env=env, cwd=ROOT)
             if not done.returncode and not args.no_archive:  # archived as soon as it is finished
                 from lifelong.run import RunDir
 
                 run_archive.finished(RunDir(out), args.archive / out.name, kept_rows)
+                keep_theta0(RunDir(out), args.archive)
             if done.returncode:
                 print(f"{editor}: replay exited with {done.returncode}; its run resumes when this is run again")
     text = report(args.work, editors, args.edits, args.model, None if args.no_archive else args.archive)

@@ -92,3 +92,32 @@ def finished(run, dest: Path | None, keep: Callable[[pl.DataFrame], pl.DataFrame
             return Archived(keep(run.results()), manifest, progress, extra or {})
         archive(run, dest, keep, extra)
     return load(dest) if dest is not None else None
+
+
+THETA0 = "theta0"  # the folder of a table's θ0 kit, beside its archived runs
+
+
+def theta0_kit(run, dest: Path) -> Path:
+    """Copy the finished step 0 of ``run`` (a RunDir) to ``dest`` as a run directory of that step alone:
+    its manifest, θ0's references, step 0's result and generation parts, and progress and step log cut to
+    step 0. ``replay --references-from dest`` then borrows θ0 from it on a machine without the run (and,
+    as from any run, refuses it when the identities or θ0 checks differ)."""
+    import shutil
+
+    if run.completed_step() < 0:
+        raise ValueError(f"{run.path}: step 0 is not complete")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run.manifest_path, dest / run.manifest_path.name)
+    shutil.copy2(run.reference_path, dest / run.reference_path.name)
+    for part in (run.part_path(0), run.generation_path(0)):
+        if part.is_file():
+            target = dest / part.relative_to(run.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(part, target)
+    lines = run.step_log_path.read_text().splitlines() if run.step_log_path.is_file() else []
+    first = [line for line in lines if line.strip() and json.loads(line).get("step") == 0]
+    (dest / run.step_log_path.name).write_text("".join(line + "\n" for line in first[:1]))
+    progress = run.progress()
+    cut = {"completed_step": 0, "total_steps": progress["total_steps"], "timestamps": {}, "seconds": {}}
+    (dest / run.progress_path.name).write_text(json.dumps(cut) + "\n")
+    return dest

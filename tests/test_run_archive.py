@@ -98,3 +98,32 @@ def test_the_lifelong_archive_keeps_only_what_the_table_reads():
     assert kept.height == 7
     assert not kept.filter(pl.col("protocol") == "gen_exact@qa").height
     assert kept.filter(pl.col("metric") == "chunk_nll")["step"].to_list() == [1]
+
+
+def test_a_theta0_kit_stands_for_the_run_it_came_from(tmp_path, stream_file):
+    """The archived step 0 alone is borrowed like the whole run: a run that takes θ0 from the kit equals
+    one that computes it, row for row (generations and references included)."""
+    probes = ["edit_quality:generation=question+qa", "retention:schedule=end,generation=question"]
+    config = RunConfig(
+        model="tiny-llama", stream=str(stream_file), editor="ft", editor_overrides=dict(TINY_FT), probes=probes
+    )
+    source = replay(config, tmp_path / "ft", progress=False).run
+    kit = run_archive.theta0_kit(source, tmp_path / "store" / run_archive.THETA0)
+    assert sorted(p.name for p in kit.iterdir()) == sorted(
+        ["manifest.json", "progress.json", "reference.json", "results", "generations", "steps.jsonl"]
+    )
+    assert RunDir(kit).completed_step() == 0
+    grace = RunConfig(
+        model="tiny-llama",
+        stream=str(stream_file),
+        editor="grace",
+        editor_overrides={"layer": "2", "eps_init": "1.0", "max_steps": "10"},
+        probes=probes,
+    )
+    computed = replay(grace, tmp_path / "computed", progress=False).run
+    borrowed = replay(grace, tmp_path / "borrowed", progress=False, references_from=kit).run
+    assert borrowed.manifest()["references_from"]["run_id"] == source.manifest()["run_id"]
+    key = ["step", "probe", "metric", "protocol", "edit_id"]
+    assert borrowed.results().drop("run_id").sort(key).equals(computed.results().drop("run_id").sort(key))
+    assert generation_table.references_source([tmp_path / "absent"], tmp_path / "x", kit) == kit
+    assert generation_table.references_source([tmp_path / "absent"], tmp_path / "x", None) is None
