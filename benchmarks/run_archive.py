@@ -69,7 +69,11 @@ def identity_differences(stored: Archived, identity: dict, legacy: dict | None =
 
     planned = identity_for_format(identity, stored.manifest.get("format", 1), legacy)
     recorded = stored.manifest.get("identity", {})
-    return [k for k in sorted(set(planned) | set(recorded)) if planned.get(k) != recorded.get(k)]
+    differs = [k for k in sorted(set(planned) | set(recorded)) if planned.get(k) != recorded.get(k)]
+    # a stream file is named by its path, which holds the checkout's location: the same content (its hash)
+    # under another checkout or work folder is the same stream
+    same_content = planned.get("stream_hash") is not None and planned.get("stream_hash") == recorded.get("stream_hash")
+    return [k for k in differs if not (k == "stream" and same_content)]
 
 
 def load(dest: Path) -> Archived | None:

@@ -127,3 +127,14 @@ def test_a_theta0_kit_stands_for_the_run_it_came_from(tmp_path, stream_file):
     assert borrowed.results().drop("run_id").sort(key).equals(computed.results().drop("run_id").sort(key))
     assert generation_table.references_source([tmp_path / "absent"], tmp_path / "x", kit) == kit
     assert generation_table.references_source([tmp_path / "absent"], tmp_path / "x", None) is None
+
+
+def test_an_archived_identity_names_its_stream_by_content_not_by_the_checkouts_path(tmp_path, finished_run):
+    stored = run_archive.archive(finished_run, tmp_path / "store" / "ft", generation_table.kept_rows)
+    identity = dict(stored.manifest["identity"])
+    assert run_archive.identity_differences(stored, identity) == []
+    moved = {**identity, "stream": "/elsewhere/checkout/runs/streams/same.jsonl"}  # same file, another place
+    assert run_archive.identity_differences(stored, moved) == []
+    other = {**moved, "stream_hash": "0" * 16}  # another content
+    assert run_archive.identity_differences(stored, other) == ["stream", "stream_hash"]
+    assert run_archive.identity_differences(stored, {**identity, "seed": 7}) == ["seed"]
