@@ -239,7 +239,7 @@ def _stored_run(path: Path, config, model: BaseModel, dest: Path | None) -> pl.D
 
     run = RunDir(path)
     progress = run.progress() if run.exists() else None
-    if progress is None or progress["total_steps"] is None or progress["completed_step"] < progress["total_steps"]:
+    if progress is None or not run_archive.is_finished(progress):
         stored = run_archive.load(dest) if dest is not None else None
         if stored is None:
             return None
