@@ -182,7 +182,11 @@ def table_options(parser: argparse.ArgumentParser, work: str, page: str) -> None
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / work, help="where the runs go (they resume)")
     parser.add_argument("--report-only", action="store_true", help="the table from the finished runs, no replay")
-    parser.add_argument("--page", type=Path, help=f"rewrite the table block of this page (e.g. {page})")
+    parser.add_argument(
+        "--page",
+        type=lambda text: Path(text) if text else None,  # '' = no page, as in reproduce.py
+        help=f"rewrite the table block of this page (e.g. {page}); '' or absent: print only",
+    )
     parser.add_argument(
         "--archive",
         type=Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -72,3 +73,12 @@ def test_the_interval_helper_is_a_t_interval(values):
     estimate = table.over_seeds(values)  # the chunks' mean log-ratio difference and its t interval
     assert estimate.value == 2.0 and estimate.n == 3 and estimate.low < 2.0 < estimate.high
     assert not math.isnan(estimate.low)
+
+
+def test_an_empty_page_option_means_no_page():
+    """`--page ''` prints only, as in reproduce.py (Path('') would be '.', a directory to write into)."""
+    parser = argparse.ArgumentParser()
+    table.table_options(parser, "lifelong-table", "docs/LIFELONG.md")
+    assert parser.parse_args(["--page", ""]).page is None
+    assert parser.parse_args([]).page is None
+    assert parser.parse_args(["--page", "docs/LIFELONG.md"]).page == Path("docs/LIFELONG.md")
