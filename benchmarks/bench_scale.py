@@ -80,13 +80,20 @@ def forward_seconds(lm, repeats: int) -> float:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, min(len(lm.tokenizer), 49152) - 1, (8, 128), generator=gen)
+    ids = torch.randint(100, min(len(lm.tokenizer), 49152) - 1, (8, 128), generator=gen).to(lm.device)
+
+    def synchronise() -> None:  # a GPU's forward returns before it is done
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
+
     times = []
     with torch.no_grad():
         lm.model(input_ids=ids[:, :16])  # warm-up: kernel choice, first allocations
         for _ in range(repeats):
+            synchronise()
             t = time.perf_counter()
             lm.model(input_ids=ids)
+            synchronise()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 

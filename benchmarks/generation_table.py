@@ -48,13 +48,16 @@ MEASURES = (
 )
 
 
-def replay_argv(model: str, editor: str, stream: str, out: Path, options: list[str]) -> list[str]:
+def replay_argv(model: str, editor: str, stream: str, out: Path, options: list[str], device: str = "cpu") -> list[str]:
     """A ``lifelong replay`` subprocess's command line (also benchmarks/lifelong_table.py's)."""
     cli = [sys.executable, "-m", "lifelong.cli", "replay"]
-    return [*cli, "--model", model, "--editor", editor, "--stream", stream, "--out", str(out), *options]
+    run = ["--model", model, "--editor", editor, "--stream", stream, "--out", str(out), "--device", device]
+    return [*cli, *run, *options]
 
 
-def replay_command(editor: str, edits: int, out: Path, model: str, references: Path | None = None) -> list[str]:
+def replay_command(
+    editor: str, edits: int, out: Path, model: str, references: Path | None = None, device: str = "cpu"
+) -> list[str]:
     borrow = ["--references-from", str(references)] if references else []
     probes = [
         "--probe",
@@ -62,7 +65,7 @@ def replay_command(editor: str, edits: int, out: Path, model: str, references: P
         "--probe",
         f"retention:schedule=end,generation={GENERATION}",
     ]
-    return replay_argv(model, editor, "dataset:counterfact", out, ["--steps", str(edits), *probes, *borrow])
+    return replay_argv(model, editor, "dataset:counterfact", out, ["--steps", str(edits), *probes, *borrow], device)
 
 
 def references_source(runs: list[Path], out: Path, kit: Path | None = None) -> Path | None:
@@ -194,6 +197,12 @@ def table_options(parser: argparse.ArgumentParser, work: str, page: str) -> None
         help="where finished runs' figures are kept (in the repository) and read from when --work lacks them",
     )
     parser.add_argument("--no-archive", action="store_true", help="neither write nor read the archive")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the replays run (cpu, cuda, cuda:N; a run's identity and manifest record it): e.g. a lent "
+        "GPU for the arms that take hours on a CPU",
+    )
 
 
 def main() -> None:
@@ -210,7 +219,7 @@ def main() -> None:
             print(f"== {editor}: {out}", flush=True)
             kit = None if args.no_archive else args.archive / run_archive.THETA0
             source = references_source([args.work / f"{e}-{args.edits}" for e in editors], out, kit)
-            command = replay_command(editor, args.edits, out, args.model, source)
+            command = replay_command(editor, args.edits, out, args.model, source, args.device)
             done = subprocess.run(command, env=env, cwd=ROOT)
             if not done.returncode and not args.no_archive:  # archived as soon as it is finished
                 from lifelong.run import RunDir

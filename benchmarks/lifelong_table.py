@@ -92,8 +92,8 @@ CLAIMS = (
         "alphaedit",
         "retained ES at the end, UltraEdit − AlphaEdit, paired over the same edits (bootstrap): supported "
         f"when its 95% interval lies above −{NON_INFERIORITY} and UltraEdit's seconds per edit are at most "
-        f"{CHEAPER} × AlphaEdit's; contradicted when the interval lies below −{NON_INFERIORITY} or UltraEdit "
-        "costs more per edit; otherwise inconclusive",
+        f"{CHEAPER} × AlphaEdit's (each in forwards of the machine that ran it); contradicted when the "
+        f"interval lies below −{NON_INFERIORITY} or UltraEdit costs more per edit; otherwise inconclusive",
     ),
     (
         "NAS lengthens MEMIT's horizon (the NAS paper)",
@@ -120,31 +120,37 @@ CLAIMS = (
 )
 
 
-def replay_command(arm: Arm, edits: int, batch: int, out: Path, model: str, references: Path | None) -> list[str]:
+def replay_command(
+    arm: Arm, edits: int, batch: int, out: Path, model: str, references: Path | None, device: str = "cpu"
+) -> list[str]:
     sets = [x for k, v in arm.overrides.items() for x in ("--set", f"{k}={v}")]
     probes = [x for p in PROBES for x in ("--probe", p)]
     borrow = ["--references-from", str(references)] if references else []
     steps = ["--batch-size", str(batch), "--steps", str(math.ceil(edits / batch)), "--probe-every", "1"]
-    return replay_argv(model, arm.editor, STREAM, out, [*sets, *steps, *probes, "--quiet", *borrow])
+    return replay_argv(model, arm.editor, STREAM, out, [*sets, *steps, *probes, "--quiet", *borrow], device)
 
 
-def measure_forward(work: Path, model: str) -> float:
-    """Seconds of a 1,024-token forward in this process (one thread), appended to ``forward.jsonl``."""
+def measure_forward(work: Path, model: str, device: str = "cpu") -> float:
+    """Seconds of a 1,024-token forward in this process (one thread) on ``device``, appended to
+    ``forward.jsonl``."""
     import torch
     from bench_scale import forward_seconds
 
     from lifelong.core.models import load_model
 
     torch.set_num_threads(1)
-    seconds = forward_seconds(load_model(model), repeats=5)
+    seconds = forward_seconds(load_model(model, device=device), repeats=5)
     with (work / "forward.jsonl").open("a") as f:
-        f.write(json.dumps({"model": model, "threads": 1, "seconds": seconds}) + "\n")
+        f.write(json.dumps({"model": model, "threads": 1, "device": device, "seconds": seconds}) + "\n")
     return seconds
 
 
-def forward_yardstick(work: Path) -> float:
+def forward_yardstick(work: Path, device: str = "cpu") -> float:
+    """The median of the forwards measured under ``work`` on ``device`` (records without one: the CPU's),
+    so that an arm run on a GPU is set against a GPU's forward, and a CPU arm against the CPU's."""
     path = work / "forward.jsonl"
-    values = [json.loads(line)["seconds"] for line in path.read_text().splitlines()] if path.is_file() else []
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    values = [r["seconds"] for r in records if r.get("device", "cpu") == device]
     return float(np.median(values)) if values else math.nan
 
 
@@ -198,6 +204,7 @@ class ArmResult:
     seconds_per_edit: float
     forward: float = math.nan  # a 1,024-token forward's seconds on the machine that ran it
     commit: str = "unknown"  # the commit that measured it
+    device: str = "cpu"  # where it ran (the run's identity)
 
 
 def kept_rows(results: pl.DataFrame) -> pl.DataFrame:
@@ -216,14 +223,16 @@ def kept_rows(results: pl.DataFrame) -> pl.DataFrame:
     return results.filter(quality | retention | chunks | summary | drift)
 
 
-def arm_result(arm: Arm, results: pl.DataFrame, progress: dict, forward: float, commit: str) -> ArmResult:
+def arm_result(
+    arm: Arm, results: pl.DataFrame, progress: dict, forward: float, commit: str, device: str = "cpu"
+) -> ArmResult:
     edits = len(own_step(results, "efficacy", "es"))
     # the median step's editing seconds per edit: wall time, so a step during which the process was
     # paused or starved by other work (it happens on a shared machine) does not set the figure
     per_step = [float(t["edit"]) for t in progress["seconds"].values() if "edit" in t]
     batch = edits / max(len(per_step), 1)
     seconds = float(np.median(per_step)) / batch if per_step else math.nan
-    return ArmResult(arm, results, progress["completed_step"], edits, seconds, forward, commit)
+    return ArmResult(arm, results, progress["completed_step"], edits, seconds, forward, commit, device)
 
 
 def load_arm(work: Path, arm: Arm, store: Path | None = None) -> ArmResult | str:
@@ -236,11 +245,14 @@ def load_arm(work: Path, arm: Arm, store: Path | None = None) -> ArmResult | str
     refusal = work / f"{arm.name}.refused"
     if refusal.is_file():
         return f"{arm.name} (refused: {refusal.read_text().strip().removeprefix('lifelong: error: ')})"
-    extra = {"forward_seconds": forward_yardstick(work), "forward": "1,024-token forward, one thread, median"}
+    device = run.manifest().get("identity", {}).get("device", "cpu") if run.exists() else "cpu"
+    forward = f"1,024-token forward, one thread, median, on {device}"
+    extra = {"forward_seconds": forward_yardstick(work, device), "forward": forward}
     stored = run_archive.finished(run, store / arm.name if store is not None else None, kept_rows, extra)
     if stored is not None:
         forward = float(stored.extra.get("forward_seconds", math.nan))
-        return arm_result(arm, stored.results, stored.progress, forward, stored.commit)
+        device = stored.manifest.get("identity", {}).get("device", "cpu")
+        return arm_result(arm, stored.results, stored.progress, forward, stored.commit, device)
     progress = run.progress() if run.exists() else None
     if progress is None:
         return f"{arm.name} (not started)"
@@ -282,7 +294,7 @@ def arm_row(result: ArmResult) -> list[str]:
         format_estimate(Estimate(ratio, chunks, low, high, "t")),
         f"{norm:.4f}" if not math.isnan(norm) else "n/a",
         _cost(result),
-        result.commit,
+        result.commit if result.device == "cpu" else f"{result.commit} on {result.device}",
     ]
 
 
@@ -293,6 +305,13 @@ def _cost(result: ArmResult) -> str:
         return f"{result.seconds_per_edit:.3g} s"
     seconds, forward = result.seconds_per_edit, result.forward
     return f"{seconds:.3g} s ({seconds / forward:.3g}× of {forward:.3g} s)"
+
+
+def relative_cost(result: ArmResult) -> float:
+    """Seconds per edit in forwards of the machine that ran the arm (plain seconds where no forward was
+    measured): arms run on different machines are compared on this scale."""
+    forward = result.forward if result.forward > 0 else 1.0  # NaN fails the comparison too
+    return result.seconds_per_edit / forward
 
 
 def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
@@ -315,7 +334,7 @@ def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
         if kept >= 0.95:
             return figure, f"not testable: {control} retains {kept:.2f} of its edits"
         return figure, _sided(diff, "above")
-    cost = a.seconds_per_edit / b.seconds_per_edit
+    cost = relative_cost(a) / relative_cost(b)
     figure += f"; cost ratio {cost:.2f}"
     assert diff.low is not None and diff.high is not None
     if diff.low > -NON_INFERIORITY and cost <= CHEAPER:
@@ -365,8 +384,9 @@ def report(work: Path, model: str, edits: int, batch: int, wise_edits: int, stor
         f"{edits:,} CounterFact edits in batches of {batch} on {model} (WISE: the first {wise_edits}); "
         f"n = edits (own step, retained) or corpus chunks (perplexity); intervals: Wilson for shares, t over "
         "chunks for the perplexity ratio. Seconds per edit are given as a ratio to a 1,024-token forward "
-        "measured at one thread on the machine that ran the arm (the median of that machine's measurements), "
-        "since arms may run on different machines. One run per arm, one seed."
+        "measured at one thread on the machine and device that ran the arm (the median of that machine's "
+        "measurements), since arms may run on different machines; cost ratios compare these ratios. One run "
+        "per arm, one seed."
     )
     if missing:
         note += " Not finished (not in the table): " + ", ".join(missing) + "."
@@ -387,7 +407,7 @@ def main() -> None:
         raise SystemExit(f"unknown arms: {', '.join(unknown)} (known: {', '.join(a.name for a in ARMS)})")
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        measure_forward(args.work, args.model)
+        measure_forward(args.work, args.model, args.device)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         runs = [args.work / a.name for a in ARMS]
         by_name = {a.name: a for a in ARMS}
@@ -395,7 +415,8 @@ def main() -> None:
             out = args.work / arm.name
             print(f"== {arm.name}: {out}", flush=True)
             edits = args.wise_edits if arm.wise else args.edits
-            command = replay_command(arm, edits, args.batch, out, args.model, references_source(runs, out))
+            source = references_source(runs, out)
+            command = replay_command(arm, edits, args.batch, out, args.model, source, args.device)
             done = subprocess.run(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
             sys.stderr.write(done.stderr)  # --quiet: notes and errors only
             refusal = args.work / f"{arm.name}.refused"

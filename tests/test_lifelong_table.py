@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -82,3 +83,30 @@ def test_an_empty_page_option_means_no_page():
     assert parser.parse_args(["--page", ""]).page is None
     assert parser.parse_args([]).page is None
     assert parser.parse_args(["--page", "docs/LIFELONG.md"]).page == Path("docs/LIFELONG.md")
+
+
+def test_cost_is_compared_in_forwards_of_each_arms_machine():
+    """An AlphaEdit arm run on a machine 10 × slower is not 10 × costlier: seconds per edit are set
+    against each machine's own forward before the cost ratio is taken."""
+    alpha = table.ArmResult(table.Arm("alphaedit", "alphaedit"), _results([1] * 100), 2, 100, 20.0, forward=10.0)
+    ultra = table.ArmResult(table.Arm("ultraedit", "ultraedit"), _results([1] * 100), 2, 100, 1.5, forward=1.0)
+    figure, said = table.verdict(CLAIMS["ultraedit"], {"ultraedit": ultra, "alphaedit": alpha})
+    assert "cost ratio 0.75" in figure and said == "inconclusive"  # 1.5 / (20 / 10), not 1.5 / 20
+    fast = table.ArmResult(table.Arm("ultraedit", "ultraedit"), _results([1] * 100), 2, 100, 0.5, forward=1.0)
+    assert table.verdict(CLAIMS["ultraedit"], {"ultraedit": fast, "alphaedit": alpha})[1] == "supported"
+
+
+def test_the_forward_yardstick_is_the_arms_devices(tmp_path):
+    records = [("cpu", 2.0), ("cpu", 4.0), ("cuda", 0.01), (None, 3.0)]  # None: written before devices were
+    lines = [json.dumps({"seconds": s} | ({"device": d} if d else {})) for d, s in records]
+    (tmp_path / "forward.jsonl").write_text("\n".join(lines) + "\n")
+    assert table.forward_yardstick(tmp_path) == 3.0
+    assert table.forward_yardstick(tmp_path, "cuda") == 0.01
+    assert math.isnan(table.forward_yardstick(tmp_path, "cuda:1"))
+
+
+def test_replays_run_on_the_device_asked_for():
+    arm = table.Arm("memit+nas", "memit", {"stabilise": "nas"})
+    argv = table.replay_command(arm, 1000, 100, Path("out"), "smollm2-135m", None, "cuda")
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--set") + 1] == "stabilise=nas"
+    assert table.replay_command(arm, 1000, 100, Path("out"), "smollm2-135m", None).count("cpu") == 1
