@@ -307,11 +307,12 @@ def _cost(result: ArmResult) -> str:
     return f"{seconds:.3g} s ({seconds / forward:.3g}× of {forward:.3g} s)"
 
 
-def relative_cost(result: ArmResult) -> float:
-    """Seconds per edit in forwards of the machine that ran the arm (plain seconds where no forward was
-    measured): arms run on different machines are compared on this scale."""
-    forward = result.forward if result.forward > 0 else 1.0  # NaN fails the comparison too
-    return result.seconds_per_edit / forward
+def cost_ratio(a: ArmResult, b: ArmResult) -> float:
+    """``a``'s seconds per edit over ``b``'s, each in forwards of the machine that ran it (arms run on
+    different machines); in plain seconds unless both forwards were measured, never mixing the two."""
+    if a.forward > 0 and b.forward > 0:  # NaN fails the comparison
+        return (a.seconds_per_edit / a.forward) / (b.seconds_per_edit / b.forward)
+    return a.seconds_per_edit / b.seconds_per_edit
 
 
 def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
@@ -334,7 +335,7 @@ def verdict(claim, arms: dict[str, ArmResult]) -> tuple[str, str]:
         if kept >= 0.95:
             return figure, f"not testable: {control} retains {kept:.2f} of its edits"
         return figure, _sided(diff, "above")
-    cost = relative_cost(a) / relative_cost(b)
+    cost = cost_ratio(a, b)
     figure += f"; cost ratio {cost:.2f}"
     assert diff.low is not None and diff.high is not None
     if diff.low > -NON_INFERIORITY and cost <= CHEAPER:
