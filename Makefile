@@ -13,8 +13,13 @@ demo: $(STAMP)
 		--probe perplexity:schedule=every:5,max_tokens=1024,max_sentences=32 \
 		--probe downstream:schedule=every:10,items=10 --probe chains
 
+# One pytest worker per usable core (at most 4): most tests run a tiny model at one thread, so a
+# single process leaves the other cores idle; tests on the real model share the cores through the
+# run registry (lifelong.core.machine). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
