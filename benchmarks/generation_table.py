@@ -119,6 +119,9 @@ def table_rows(results: pl.DataFrame, editor: str) -> list[list[str]]:
         generated = {c: per_edit(results, probe, metric, f"gen_exact@{c}", step) for c in CONTEXTS}
         cells += [format_estimate(rate(list(generated[c].values()))) if generated[c] else "n/a" for c in CONTEXTS]
         cells.append(format_estimate(strictest_gap(forced_values, generated)))
+        # the lenient score beside the strict one: an answer that holds the new object among other words
+        contains = {c: per_edit(results, probe, metric, f"gen_contains@{c}", step) for c in CONTEXTS}
+        cells += [format_estimate(rate(list(contains[c].values()))) if contains[c] else "n/a" for c in CONTEXTS]
         out.append(cells)
     return out
 
@@ -143,9 +146,10 @@ def report(work: Path, editors: list[str], edits: int, model: str, store: Path |
     archive where ``work`` has none."""
     from lifelong.run import RunDir
 
-    columns = ("editor", "measure", "teacher-forced (ES/PS)", "exact", "gen@question", "gen@qa", "gen@chat")
-    header = "| " + " | ".join([*columns, "gap: forced − strictest gen"]) + " |"
-    lines = [header, "|" + "---|" * 8]
+    columns = ("editor", "measure", "teacher-forced (ES/PS)", "exact", *(f"gen@{c}" for c in CONTEXTS))
+    contains = [f"contains@{c}" for c in CONTEXTS]
+    header = "| " + " | ".join([*columns, "gap: forced − strictest gen", *contains]) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1 + len(contains))]
     missing, commits = [], {}
     for editor in editors:
         run = RunDir(work / f"{editor}-{edits}")
@@ -160,7 +164,8 @@ def report(work: Path, editors: list[str], edits: int, model: str, store: Path |
         lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(stored.results, editor)]
     note = (
         f"{edits} CounterFact edits in sequence, one per step, on {model}; generation greedy, the "
-        "authors' stop; n = edits; intervals: Wilson for shares, paired bootstrap over edits for the gap."
+        "authors' stop; gen@: normalised exact match of the answer, contains@: the normalised answer holds "
+        "the new object; n = edits; intervals: Wilson for shares, paired bootstrap over edits for the gap."
     )
     if commits:
         note += " Measured at commit " + "; ".join(f"{c}: {', '.join(e)}" for c, e in commits.items()) + "."

@@ -138,3 +138,26 @@ def test_an_archived_identity_names_its_stream_by_content_not_by_the_checkouts_p
     other = {**moved, "stream_hash": "0" * 16}  # another content
     assert run_archive.identity_differences(stored, other) == ["stream", "stream_hash"]
     assert run_archive.identity_differences(stored, {**identity, "seed": 7}) == ["seed"]
+
+
+def test_generation_table_rows_put_the_lenient_score_beside_the_strict_one():
+    """Hand-worked: four edits scored at their own step (1, 2), with the answers' exact and contains
+    scores per context; the cells are each score's share over the edits, with n."""
+    rows = []
+    for edit, step in (("a", 1), ("b", 1), ("c", 2), ("d", 2)):
+        forced = {"es": 1.0, "exact": 1.0}
+        exact = {"question": 1.0 if edit == "a" else 0.0, "qa": 0.0, "chat": 0.0}
+        contains = {"question": 1.0, "qa": 0.0, "chat": 0.0 if edit == "d" else 1.0}
+        scores = {**forced, **{f"gen_exact@{c}": v for c, v in exact.items()}}
+        scores |= {f"gen_contains@{c}": v for c, v in contains.items()}
+        for protocol, value in scores.items():
+            rows.append(("edit_quality", "efficacy", protocol, edit, step, value))
+    results = pl.DataFrame(rows, schema=["probe", "metric", "protocol", "edit_id", "step", "value"], orient="row")
+    efficacy = generation_table.table_rows(results, "x")[0]
+    assert efficacy[:2] == ["x", "efficacy, own step"]
+    assert efficacy[4].startswith("0.25 [") and efficacy[4].endswith("n=4")  # gen@question: edit a only
+    assert efficacy[6].startswith("0 [")  # gen@chat
+    assert efficacy[7].startswith("1 [")  # the gap: forced 1 − the lowest context (qa or chat, 0)
+    assert [c.split(" ")[0] for c in efficacy[8:]] == ["1", "0", "0.75"]  # contains@question, @qa, @chat
+    header = generation_table.report(Path("/nonexistent"), [], 4, "tiny-llama").splitlines()[2]
+    assert header.count("|") == len(efficacy) + 1 and "contains@chat" in header
