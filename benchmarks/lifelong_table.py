@@ -164,7 +164,7 @@ def _rows(results: pl.DataFrame, probe: str, metric: str, protocol: str | None =
 
 def own_step(results: pl.DataFrame, metric: str, protocol: str) -> dict[str, float]:
     rows = _rows(results, "edit_quality", metric, protocol).filter(pl.col("step") > 0)
-    rows = rows.sort("step").unique("edit_id", keep="first")
+    rows = rows.sort("step").unique("edit_id", keep="first").sort("edit_id")  # fixed order: reproducible bootstrap
     return dict(zip(rows["edit_id"].to_list(), rows["value"].to_list(), strict=True))
 
 

@@ -159,5 +159,14 @@ def test_generation_table_rows_put_the_lenient_score_beside_the_strict_one():
     assert efficacy[6].startswith("0 [")  # gen@chat
     assert efficacy[7].startswith("1 [")  # the gap: forced 1 − the lowest context (qa or chat, 0)
     assert [c.split(" ")[0] for c in efficacy[8:]] == ["1", "0", "0.75"]  # contains@question, @qa, @chat
+    ps = [("edit_quality", "generalization", "ps", e, 1, v) for e, v in zip("abcdefgh", (0, 0.5, 1, 0.5, 1, 1, 0, 0.5))]
+    with_ps = pl.concat([results, pl.DataFrame(ps, schema=results.schema, orient="row")])
+    paraphrase = generation_table.table_rows(with_ps, "x")[1]
+    assert paraphrase[2].split(" ")[0] == "0.5625" and "n=8" in paraphrase[2]
+    # the seeded bootstrap sees the edits in one order, whatever the rows' order (or polars' hashing) gives
+    for step in ("own", "last"):
+        for frame in (with_ps, with_ps.reverse()):
+            keys = list(generation_table.per_edit(frame, "edit_quality", "generalization", "ps", step))
+            assert keys == sorted(keys) == list("abcdefgh")
     header = generation_table.report(Path("/nonexistent"), [], 4, "tiny-llama").splitlines()[2]
     assert header.count("|") == len(efficacy) + 1 and "contains@chat" in header
